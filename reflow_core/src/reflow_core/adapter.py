@@ -1,0 +1,53 @@
+"""Helpers for storage adapter authors: ids, cursors, time.
+
+Everything a backend needs that is not specific to its store lives here, so
+the id format and cursor encoding are the same on every backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from datetime import UTC, datetime
+
+from .errors import ConfigError
+
+__all__ = ["decode_cursor", "encode_cursor", "new_run_id", "utcnow"]
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_run_id() -> str:
+    """A new run id: 26 characters, ULID layout (48-bit millisecond time, 80
+    random bits, Crockford base32), so ids sort roughly by creation time."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def utcnow() -> datetime:
+    """The local clock as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+def encode_cursor(created_at: datetime, run_id: str) -> str:
+    """An opaque keyset cursor for the position just after ``(created_at, run_id)``."""
+    raw = f"{created_at.astimezone(UTC).isoformat()}|{run_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Inverse of :func:`encode_cursor`; a malformed cursor raises :class:`ConfigError`."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, sep, run_id = raw.partition("|")
+        created = datetime.fromisoformat(stamp)
+        if not sep or not run_id or created.tzinfo is None:
+            raise ValueError(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"malformed list cursor {cursor!r}", option="cursor") from exc
+    return created, run_id

@@ -1,0 +1,337 @@
+"""Every error Reflow raises, under one root.
+
+Each class carries a stable ``code`` string (safe to match on, log and store)
+and structured fields for the details. The tree::
+
+    ReflowError
+    ├── ConfigError                  invalid engine, workflow or backend configuration
+    │   └── DuplicateStepError       two steps of one workflow share a name
+    ├── ValidationError              workflow input rejected by its validator
+    ├── SerializationError           a value is not plain data (names the path)
+    ├── WorkflowNotFoundError        no workflow registered under that name
+    ├── RunNotFoundError             no run with that id
+    ├── IdempotencyConflictError     same key, different input
+    ├── LeaseExpiredError            a worker lost its lease on a run
+    ├── StorageError                 the backend failed; the driver error is ``__cause__``
+    │   ├── BackendNotFoundError     no backend installed for a URL scheme
+    │   └── SchemaVersionError       the database was written by a newer Reflow
+    └── RunError                     a run ended without a result
+        ├── StepError                a step failed for good (``step``, ``attempts``)
+        │   └── StepTimeoutError     an attempt ran past its timeout
+        ├── ReclaimLimitError        the run kept losing its worker and was given up
+        ├── RunFailedError           raised by ``Engine.result`` for a failed run
+        └── RunCancelledError        raised by ``Engine.result`` for a cancelled run
+
+Errors that describe a stored run (``RunError`` and subclasses) can be turned
+into the plain ``ErrorInfo`` mapping that storage keeps, and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, TypedDict
+
+__all__ = [
+    "BackendNotFoundError",
+    "ConfigError",
+    "DuplicateStepError",
+    "ErrorInfo",
+    "IdempotencyConflictError",
+    "LeaseExpiredError",
+    "ReclaimLimitError",
+    "ReflowError",
+    "RunCancelledError",
+    "RunError",
+    "RunFailedError",
+    "RunNotFoundError",
+    "SchemaVersionError",
+    "SerializationError",
+    "StepError",
+    "StepTimeoutError",
+    "StorageError",
+    "ValidationError",
+    "WorkflowNotFoundError",
+]
+
+
+class ErrorInfo(TypedDict, total=False):
+    """The plain-data form of a run's failure, as storage keeps it.
+
+    ``code`` is the ``ReflowError.code`` of the error (``"step_failed"`` for an
+    exception raised by user code), ``type`` the qualified class name of the
+    original exception, ``message`` its text, ``step`` the step it came from.
+    """
+
+    code: str
+    type: str
+    message: str
+    step: str | None
+    attempts: int
+
+
+class ReflowError(Exception):
+    """Root of every error Reflow raises.
+
+    ``code`` is stable across releases; match on it (or on the class), never on
+    the message.
+    """
+
+    code: ClassVar[str] = "reflow_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(ReflowError, ValueError):
+    """Configuration that can never work: zero concurrency, a negative lease,
+    a heartbeat not shorter than the lease, an unparseable duration."""
+
+    code = "config_error"
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+class DuplicateStepError(ConfigError):
+    """A workflow definition names the same step twice."""
+
+    code = "duplicate_step"
+
+    def __init__(self, workflow: str, step: str) -> None:
+        super().__init__(f"workflow {workflow!r} already has a step named {step!r}", option="name")
+        self.workflow = workflow
+        self.step = step
+
+
+class ValidationError(ReflowError, ValueError):
+    """Workflow input (or an event payload) was rejected by its validator.
+
+    ``issues`` holds the validator's own findings: for pydantic, the list from
+    ``errors()``; for other validators, one entry with the message. Nothing was
+    written when this is raised.
+    """
+
+    code = "validation_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        workflow: str | None = None,
+        issues: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.workflow = workflow
+        self.issues: list[Mapping[str, Any]] = list(issues)
+
+
+class SerializationError(ReflowError, TypeError):
+    """A value is not plain data and cannot be stored.
+
+    ``path`` locates the offending value in JSONPath style, for example
+    ``$.items[3].price``.
+    """
+
+    code = "serialization_error"
+
+    def __init__(self, message: str, *, path: str = "$") -> None:
+        super().__init__(f"{message} at {path}")
+        self.path = path
+        self.reason = message
+
+
+class WorkflowNotFoundError(ReflowError, LookupError):
+    """No workflow with this name is registered on the engine."""
+
+    code = "workflow_not_found"
+
+    def __init__(self, workflow: str, known: Sequence[str] = ()) -> None:
+        hint = f"; registered: {', '.join(sorted(known))}" if known else "; none are registered"
+        super().__init__(f"no workflow named {workflow!r}{hint}")
+        self.workflow = workflow
+
+
+class RunNotFoundError(ReflowError, LookupError):
+    """No run with this id exists in the storage."""
+
+    code = "run_not_found"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with id {run_id!r}")
+        self.run_id = run_id
+
+
+class IdempotencyConflictError(ReflowError):
+    """A run with this idempotency key already exists with a different input."""
+
+    code = "idempotency_conflict"
+
+    def __init__(self, workflow: str, idempotency_key: str, existing_run_id: str) -> None:
+        super().__init__(
+            f"workflow {workflow!r} already has run {existing_run_id} for idempotency key "
+            f"{idempotency_key!r} with a different input"
+        )
+        self.workflow = workflow
+        self.idempotency_key = idempotency_key
+        self.existing_run_id = existing_run_id
+
+
+class LeaseExpiredError(ReflowError):
+    """This worker no longer holds the lease on a run; another may own it."""
+
+    code = "lease_expired"
+
+    def __init__(self, run_id: str, *, operation: str | None = None) -> None:
+        where = f" during {operation}" if operation else ""
+        super().__init__(f"lease on run {run_id} was lost{where}")
+        self.run_id = run_id
+        self.operation = operation
+
+
+class StorageError(ReflowError):
+    """The storage backend failed. The driver's own exception is ``__cause__``.
+
+    ``operation`` names the protocol operation that failed, ``backend`` the
+    URL scheme. Messages never contain credentials.
+    """
+
+    code = "storage_error"
+
+    def __init__(
+        self, message: str, *, operation: str | None = None, backend: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.operation = operation
+        self.backend = backend
+
+
+class BackendNotFoundError(StorageError, LookupError):
+    """No installed backend serves this URL scheme."""
+
+    code = "backend_not_found"
+
+    def __init__(self, scheme: str, installed: Sequence[str], provider: str | None) -> None:
+        listing = ", ".join(sorted(installed)) or "none"
+        hint = f"; install {provider!r} to use it" if provider else ""
+        super().__init__(
+            f"no Reflow storage backend for URL scheme {scheme!r}{hint} "
+            f"(installed backends: {listing})",
+            backend=scheme,
+        )
+        self.scheme = scheme
+        self.installed = sorted(installed)
+        self.provider = provider
+
+
+class SchemaVersionError(StorageError):
+    """The database schema was written by a newer Reflow than this one."""
+
+    code = "schema_version"
+
+
+class RunError(ReflowError):
+    """Base of errors that describe how a run ended without a result."""
+
+    code = "run_error"
+
+    def __init__(self, message: str, *, run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
+class StepError(RunError):
+    """A step failed for good: its retries were used up, or it raised a
+    non-retryable error. The user exception is ``__cause__`` when it happened
+    in this process."""
+
+    code = "step_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: str,
+        attempts: int = 1,
+        run_id: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(message, run_id=run_id)
+        self.step = step
+        self.attempts = attempts
+        self.error_type = error_type
+
+
+class StepTimeoutError(StepError):
+    """One attempt of a step ran past its ``timeout``."""
+
+    code = "step_timeout"
+
+    def __init__(self, step: str, timeout: float, *, attempts: int = 1) -> None:
+        super().__init__(
+            f"step {step!r} timed out after {timeout:g}s", step=step, attempts=attempts
+        )
+        self.timeout = timeout
+
+
+class ReclaimLimitError(RunError):
+    """The run's lease lapsed more times than ``max_reclaims`` allows.
+
+    A run that kills or hangs every worker that takes it is failed with this
+    error instead of crash-looping the fleet.
+    """
+
+    code = "reclaim_limit"
+
+    def __init__(self, run_id: str, reclaims: int, limit: int) -> None:
+        super().__init__(
+            f"run {run_id} lost its worker {reclaims} times (limit {limit}); "
+            "it may crash or hang every worker that takes it",
+            run_id=run_id,
+        )
+        self.reclaims = reclaims
+        self.limit = limit
+
+
+class RunFailedError(RunError):
+    """The run failed. ``info`` is the stored failure, ``step`` its step."""
+
+    code = "run_failed"
+
+    def __init__(self, run_id: str, info: ErrorInfo) -> None:
+        step = info.get("step")
+        where = f" at step {step!r}" if step else ""
+        super().__init__(
+            f"run {run_id} failed{where}: {info.get('message', '')}", run_id=run_id
+        )
+        self.info = info
+        self.step = step
+        self.error_code = info.get("code", "step_failed")
+
+
+class RunCancelledError(RunError):
+    """The run was cancelled before it finished."""
+
+    code = "run_cancelled"
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id} was cancelled", run_id=run_id)
+
+
+def error_info(exc: BaseException, *, step: str | None = None, attempts: int | None = None) -> ErrorInfo:
+    """Describe ``exc`` as plain data for storage."""
+    code = exc.code if isinstance(exc, ReflowError) else "step_failed"
+    cause = exc.__cause__ if isinstance(exc, StepError) and exc.__cause__ is not None else exc
+    info: ErrorInfo = {
+        "code": code,
+        "type": f"{type(cause).__module__}.{type(cause).__qualname__}",
+        "message": str(cause) or type(cause).__name__,
+        "step": step,
+    }
+    if attempts is not None:
+        info["attempts"] = attempts
+    return info

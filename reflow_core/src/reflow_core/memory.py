@@ -1,0 +1,449 @@
+"""``memory://``: the in-memory backend built into reflow-core.
+
+It keeps everything in one process and loses it on exit: for tests, demos and
+workflows that need no durability. It implements the full protocol and passes
+the same conformance suite as every other backend; each operation runs
+without awaiting, so it is atomic with respect to the event loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal
+
+from .adapter import decode_cursor, encode_cursor, new_run_id, utcnow
+from .errors import ConfigError, IdempotencyConflictError, StorageError
+from .storage import (
+    TERMINAL_STATUSES,
+    ClaimedRun,
+    CreateResult,
+    EventTake,
+    Lease,
+    NewRun,
+    RunPage,
+    RunRecord,
+    RunStatus,
+    ScheduleRecord,
+    ScheduleSpec,
+    StepRecord,
+    WaitResult,
+)
+
+__all__ = ["MemoryStorage"]
+
+
+@dataclass(slots=True)
+class _Run:
+    record: RunRecord
+    steps: dict[str, StepRecord] = field(default_factory=dict)
+    events: dict[str, deque[str]] = field(default_factory=dict)
+    event_ids: set[str] = field(default_factory=set)
+
+
+class MemoryStorage:
+    """The in-memory backend. ``clock`` returns the storage's *now* (aware
+    UTC); tests pass a virtual clock to move time without sleeping."""
+
+    def __init__(self, *, clock: Callable[[], datetime] | None = None) -> None:
+        self._clock = clock or utcnow
+        self._runs: dict[str, _Run] = {}
+        self._idem: dict[tuple[str, str], str] = {}
+        self._schedules: dict[str, ScheduleRecord] = {}
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"MemoryStorage(runs={len(self._runs)})"
+
+    # -- helpers -----------------------------------------------------------
+
+    def _check_open(self, operation: str) -> None:
+        if self._closed:
+            raise StorageError("storage is closed", operation=operation, backend="memory")
+
+    def _live(self, lease: Lease, now: datetime) -> _Run | None:
+        entry = self._runs.get(lease.run_id)
+        if entry is None:
+            return None
+        rec = entry.record
+        if rec.status != "running" or rec.lease_epoch != lease.epoch:
+            return None
+        if rec.lease_expires_at is None or rec.lease_expires_at <= now:
+            return None
+        return entry
+
+    def _update(self, entry: _Run, now: datetime, **changes: object) -> None:
+        entry.record = dataclasses.replace(entry.record, updated_at=now, **changes)  # type: ignore[arg-type]
+
+    def _store_step(self, entry: _Run, step: StepRecord, now: datetime) -> None:
+        entry.steps[step.name] = dataclasses.replace(step, completed_at=now)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def initialize(self) -> None:
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+
+    # -- runs --------------------------------------------------------------
+
+    async def create_run(self, new: NewRun) -> CreateResult:
+        self._check_open("create_run")
+        if new.idempotency_key is not None:
+            existing_id = self._idem.get((new.workflow, new.idempotency_key))
+            if existing_id is not None:
+                existing = self._runs[existing_id].record
+                if existing.input != new.input:
+                    raise IdempotencyConflictError(
+                        new.workflow, new.idempotency_key, existing.id
+                    )
+                return CreateResult(existing, created=False)
+        now = self._clock()
+        run_id = new.run_id or new_run_id()
+        if run_id in self._runs:
+            raise StorageError(f"run id {run_id!r} already exists", operation="create_run")
+        record = RunRecord(
+            id=run_id,
+            workflow=new.workflow,
+            status="pending",
+            input=new.input,
+            output=None,
+            error=None,
+            idempotency_key=new.idempotency_key,
+            attempts=0,
+            reclaims=0,
+            lease_epoch=0,
+            created_at=now,
+            updated_at=now,
+            wake_at=now,
+        )
+        self._runs[run_id] = _Run(record)
+        if new.idempotency_key is not None:
+            self._idem[(new.workflow, new.idempotency_key)] = run_id
+        return CreateResult(record, created=True)
+
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+        """Sort key of a claimable run (lapsed leases first), or None."""
+        if rec.status == "running":
+            if rec.lease_expires_at is not None and rec.lease_expires_at <= now:
+                return (0, rec.lease_expires_at)
+            return None
+        if rec.status in ("pending", "sleeping", "waiting"):
+            if rec.wake_at is not None and rec.wake_at <= now:
+                return (1, rec.wake_at)
+        return None
+
+    async def claim_runs(
+        self, workflows: Collection[str], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]:
+        self._check_open("claim_runs")
+        if limit <= 0:
+            return []
+        now = self._clock()
+        wanted = set(workflows)
+        due: list[tuple[tuple[int, datetime], str]] = []
+        for run_id, entry in self._runs.items():
+            rec = entry.record
+            if rec.workflow not in wanted:
+                continue
+            key = self._due(rec, now)
+            if key is not None:
+                due.append((key, run_id))
+        due.sort()
+        claimed: list[ClaimedRun] = []
+        for (kind, _), run_id in due[:limit]:
+            entry = self._runs[run_id]
+            reclaimed = kind == 0
+            rec = entry.record
+            self._update(
+                entry,
+                now,
+                status="running",
+                lease_epoch=rec.lease_epoch + 1,
+                attempts=rec.attempts + 1,
+                reclaims=rec.reclaims + (1 if reclaimed else 0),
+                lease_expires_at=now + lease,
+                wake_at=None,
+            )
+            claimed.append(
+                ClaimedRun(
+                    run=entry.record,
+                    lease=Lease(run_id, entry.record.lease_epoch),
+                    steps=dict(entry.steps),
+                    reclaimed=reclaimed,
+                )
+            )
+        return claimed
+
+    async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
+        self._check_open("heartbeat_run")
+        now = self._clock()
+        entry = self._live(lease, now)
+        if entry is None:
+            return False
+        self._update(entry, now, lease_expires_at=now + extend)
+        return True
+
+    async def save_step_result(self, lease: Lease, step: StepRecord, extend: timedelta) -> bool:
+        self._check_open("save_step_result")
+        now = self._clock()
+        entry = self._live(lease, now)
+        if entry is None:
+            return False
+        self._store_step(entry, step, now)
+        self._update(entry, now, lease_expires_at=now + extend)
+        return True
+
+    async def finish_run(
+        self,
+        lease: Lease,
+        status: Literal["completed", "failed"],
+        *,
+        output: str | None = None,
+        error: str | None = None,
+        step: StepRecord | None = None,
+    ) -> bool:
+        self._check_open("finish_run")
+        now = self._clock()
+        entry = self._live(lease, now)
+        if entry is None:
+            return False
+        if step is not None:
+            self._store_step(entry, step, now)
+        self._update(
+            entry,
+            now,
+            status=status,
+            output=output,
+            error=error,
+            lease_expires_at=None,
+            wake_at=None,
+            waiting_for=None,
+        )
+        return True
+
+    async def update_run_status(
+        self,
+        run_id: str,
+        status: Literal["pending", "cancelled", "failed"],
+        *,
+        lease: Lease | None = None,
+        error: str | None = None,
+    ) -> bool:
+        self._check_open("update_run_status")
+        now = self._clock()
+        if lease is not None:
+            if lease.run_id != run_id:
+                return False
+            entry = self._live(lease, now)
+        else:
+            entry = self._runs.get(run_id)
+            if entry is not None and entry.record.status in TERMINAL_STATUSES:
+                entry = None
+        if entry is None:
+            return False
+        if status == "pending":
+            if lease is None:
+                raise ConfigError("handing a run back to pending requires its lease")
+            self._update(entry, now, status="pending", lease_expires_at=None, wake_at=now)
+        else:
+            self._update(
+                entry,
+                now,
+                status=status,
+                error=error,
+                lease_expires_at=None,
+                wake_at=None,
+                waiting_for=None,
+            )
+        return True
+
+    async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
+        self._check_open("sleep_run")
+        now = self._clock()
+        entry = self._live(lease, now)
+        if entry is None:
+            return None
+        existing = entry.steps.get(step)
+        if existing is not None and existing.status == "sleeping" and existing.wake_at:
+            wake_at = existing.wake_at
+        else:
+            wake_at = now + duration
+            self._store_step(entry, StepRecord(step, "sleeping", wake_at=wake_at), now)
+        self._update(entry, now, status="sleeping", wake_at=wake_at, lease_expires_at=None)
+        return wake_at
+
+    async def wait_run(
+        self, lease: Lease, step: str, event: str, timeout: timedelta | None
+    ) -> WaitResult | None:
+        self._check_open("wait_run")
+        now = self._clock()
+        entry = self._live(lease, now)
+        if entry is None:
+            return None
+        existing = entry.steps.get(step)
+        if existing is not None and existing.status == "waiting":
+            deadline = existing.wake_at
+        else:
+            deadline = None if timeout is None else now + timeout
+            self._store_step(entry, StepRecord(step, "waiting", wake_at=deadline), now)
+        if entry.events.get(event):
+            self._update(entry, now, waiting_for=None)
+            return WaitResult(ready=True, deadline=deadline)
+        self._update(
+            entry,
+            now,
+            status="waiting",
+            waiting_for=event,
+            wake_at=deadline,
+            lease_expires_at=None,
+        )
+        return WaitResult(ready=False, deadline=deadline)
+
+    async def deliver_event(
+        self, run_id: str, event: str, payload: str, *, event_id: str | None = None
+    ) -> bool:
+        self._check_open("deliver_event")
+        entry = self._runs.get(run_id)
+        if entry is None or entry.record.status in TERMINAL_STATUSES:
+            return False
+        if event_id is not None:
+            if event_id in entry.event_ids:
+                return True
+            entry.event_ids.add(event_id)
+        entry.events.setdefault(event, deque()).append(payload)
+        now = self._clock()
+        if entry.record.status == "waiting" and entry.record.waiting_for == event:
+            self._update(entry, now, wake_at=now)
+        return True
+
+    async def take_event(self, lease: Lease, step: str, event: str) -> EventTake | None:
+        self._check_open("take_event")
+        now = self._clock()
+        entry = self._live(lease, now)
+        if entry is None:
+            return None
+        existing = entry.steps.get(step)
+        if existing is not None and existing.status == "completed":
+            return EventTake(found=True, payload=existing.output)
+        queue = entry.events.get(event)
+        if not queue:
+            return EventTake(found=False)
+        payload = queue.popleft()
+        self._store_step(entry, StepRecord(step, "completed", output=payload), now)
+        self._update(entry, now, waiting_for=None)
+        return EventTake(found=True, payload=payload)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        self._check_open("get_run")
+        entry = self._runs.get(run_id)
+        return None if entry is None else entry.record
+
+    async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
+        self._check_open("get_step_results")
+        entry = self._runs.get(run_id)
+        return {} if entry is None else dict(entry.steps)
+
+    async def list_runs(
+        self,
+        *,
+        status: Collection[RunStatus] | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> RunPage:
+        self._check_open("list_runs")
+        if limit < 1:
+            raise ConfigError(f"limit must be at least 1, got {limit}", option="limit")
+        after = decode_cursor(cursor) if cursor is not None else None
+        statuses = None if status is None else set(status)
+        rows = sorted(
+            (e.record for e in self._runs.values()),
+            key=lambda r: (r.created_at, r.id),
+            reverse=True,
+        )
+        page: list[RunRecord] = []
+        more = False
+        for rec in rows:
+            if statuses is not None and rec.status not in statuses:
+                continue
+            if workflow is not None and rec.workflow != workflow:
+                continue
+            if after is not None and (rec.created_at, rec.id) >= after:
+                continue
+            if len(page) == limit:
+                more = True
+                break
+            page.append(rec)
+        next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more else None
+        return RunPage(page, next_cursor)
+
+    async def requeue_run(self, run_id: str) -> bool:
+        self._check_open("requeue_run")
+        entry = self._runs.get(run_id)
+        if entry is None or entry.record.status not in ("failed", "cancelled"):
+            return False
+        now = self._clock()
+        entry.steps = {k: v for k, v in entry.steps.items() if v.status != "failed"}
+        self._update(
+            entry,
+            now,
+            status="pending",
+            error=None,
+            reclaims=0,
+            wake_at=now,
+            waiting_for=None,
+            lease_expires_at=None,
+        )
+        return True
+
+    # -- schedules ---------------------------------------------------------
+
+    async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        self._check_open("upsert_schedule")
+        now = self._clock()
+        old = self._schedules.get(spec.key)
+        keep = old is not None and old.recurrence == spec.recurrence
+        record = ScheduleRecord(
+            key=spec.key,
+            workflow=spec.workflow,
+            input=spec.input,
+            recurrence=spec.recurrence,
+            next_run_at=old.next_run_at if keep and old else spec.next_run_at,
+            created_at=old.created_at if old else now,
+            updated_at=now,
+        )
+        self._schedules[spec.key] = record
+        return record
+
+    async def delete_schedule(self, key: str) -> bool:
+        self._check_open("delete_schedule")
+        return self._schedules.pop(key, None) is not None
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        self._check_open("list_schedules")
+        return [self._schedules[k] for k in sorted(self._schedules)]
+
+    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+        self._check_open("due_schedules")
+        now = self._clock()
+        due = [s for s in self._schedules.values() if s.next_run_at <= now]
+        due.sort(key=lambda s: (s.next_run_at, s.key))
+        return due[:limit]
+
+    async def claim_schedule_slot(
+        self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
+    ) -> RunRecord | None:
+        self._check_open("claim_schedule_slot")
+        sched = self._schedules.get(key)
+        if sched is None or sched.next_run_at != slot:
+            return None
+        result = await self.create_run(run)
+        self._schedules[key] = dataclasses.replace(
+            sched, next_run_at=next_run_at, updated_at=self._clock()
+        )
+        return result.run

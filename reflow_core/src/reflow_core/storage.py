@@ -1,0 +1,442 @@
+"""The storage protocol: the whole contract between the engine and a backend.
+
+A backend is any object with the methods of :class:`Storage`. The engine never
+reaches past them, so an adapter for another database is one class. The
+``reflow-conformance`` suite checks an adapter against everything written here.
+
+Four principles hold for every operation:
+
+1. **Leases are judged by the storage's clock.** The engine passes durations
+   (lease length, sleep length, wait timeout), never its own timestamps. A
+   backend computes every deadline from its own notion of *now* (the database
+   server's clock for networked stores, the local clock for embedded ones), so
+   workers whose clocks disagree never steal a live lease.
+2. **Every write on a claimed run is fenced by its lease.** A claim hands out
+   a :class:`Lease` whose ``epoch`` grows by one on every claim of that run.
+   A fenced operation checks, atomically with its write, that the run is still
+   ``running`` under that same epoch and that the lease has not lapsed by the
+   storage clock; if not, it writes nothing and returns ``False`` (or
+   ``None``). Cancelling a run from outside also breaks the fence.
+3. **Few round trips.** Claims are batched and return the runs' saved steps, so
+   a claimed run needs no further read. Saving a step also renews the lease,
+   so a step costs one write in the steady state; the last step and the run's
+   completion are one atomic write (:meth:`Storage.finish_run`). A backend may
+   group concurrent calls into one transaction or pipeline, as long as every
+   caller learns its own outcome.
+4. **Plain data only.** Inputs, outputs, errors and payloads reach the backend
+   as text produced by :func:`reflow_core.codec.encode` (canonical, tagged
+   JSON) and must come back as text that decodes to an equal value. Backends
+   never pickle and never evaluate stored data.
+
+Statuses and transitions::
+
+    pending ──claim──▶ running ──finish_run──▶ completed | failed
+       ▲                 │  │ ├─sleep_run──▶ sleeping ──(wake_at passes)──▶ claimable
+       │                 │  │ └─wait_run───▶ waiting ──(event or timeout)──▶ claimable
+       │                 │  └─update_run_status(pending, lease)──▶ pending (handed back)
+       │                 └─(lease lapses)──▶ claimable again, as a reclaim
+       └──requeue_run── failed | cancelled        any non-terminal ──cancel──▶ cancelled
+
+Time values are timezone-aware UTC datetimes. Durations are ``timedelta``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Literal, Protocol, TypeAlias, runtime_checkable
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "ClaimedRun",
+    "CreateResult",
+    "EventTake",
+    "Lease",
+    "NewRun",
+    "RunPage",
+    "RunRecord",
+    "RunStatus",
+    "ScheduleRecord",
+    "ScheduleSpec",
+    "StepRecord",
+    "StepStatus",
+    "Storage",
+    "WaitResult",
+]
+
+RunStatus: TypeAlias = Literal[
+    "pending", "running", "sleeping", "waiting", "completed", "failed", "cancelled"
+]
+"""The lifecycle state of a run."""
+
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+"""Statuses a run never leaves on its own (only :meth:`Storage.requeue_run` does)."""
+
+StepStatus: TypeAlias = Literal["completed", "failed", "skipped", "sleeping", "waiting"]
+"""``completed``/``skipped`` steps are never run again; ``failed`` records are
+dropped by a requeue; ``sleeping``/``waiting`` mark a sleep or wait that was
+reached and carry its fixed deadline in ``wake_at``."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run to create. ``input`` is encoded text from :func:`reflow_core.codec.encode`."""
+
+    workflow: str
+    input: str
+    idempotency_key: str | None = None
+    run_id: str | None = None
+    """Optional id chosen by the caller; the backend generates a unique one if ``None``."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunRecord:
+    """A run as stored. ``input``/``output``/``error`` are encoded text.
+
+    ``attempts`` counts claims of the run (every claim is an attempt);
+    ``reclaims`` counts the claims that took over a lapsed lease (the previous
+    worker vanished). ``lease_epoch`` is the fencing token of the latest claim.
+    """
+
+    id: str
+    workflow: str
+    status: RunStatus
+    input: str
+    output: str | None
+    error: str | None
+    idempotency_key: str | None
+    attempts: int
+    reclaims: int
+    lease_epoch: int
+    created_at: datetime
+    updated_at: datetime
+    wake_at: datetime | None = None
+    """When a sleeping run, or a waiting run with a timeout, becomes claimable."""
+    waiting_for: str | None = None
+    """The event name a waiting run waits for."""
+    lease_expires_at: datetime | None = None
+    """For a running run: when its lease lapses by the storage clock."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """A saved step. ``output``/``error`` are encoded text or ``None``."""
+
+    name: str
+    status: StepStatus
+    output: str | None = None
+    error: str | None = None
+    attempts: int = 1
+    wake_at: datetime | None = None
+    """For ``sleeping``/``waiting`` records: the deadline fixed when first reached."""
+    completed_at: datetime | None = None
+    """Set by the backend when it stores the record; ignored on input."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Proof of a claim: the fencing token every write on the run must present."""
+
+    run_id: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRun:
+    """One run handed out by :meth:`Storage.claim_runs`, with its saved steps."""
+
+    run: RunRecord
+    lease: Lease
+    steps: Mapping[str, StepRecord]
+    reclaimed: bool = False
+    """True if this claim took over a lapsed lease from another worker."""
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    """What :meth:`Storage.create_run` did: ``created`` is False for an idempotent hit."""
+
+    run: RunRecord
+    created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunPage:
+    """One page of :meth:`Storage.list_runs`; ``next_cursor`` is ``None`` on the last page."""
+
+    runs: Sequence[RunRecord]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventTake:
+    """The outcome of :meth:`Storage.take_event`.
+
+    ``found`` is False when no event is buffered; ``payload`` is encoded text.
+    """
+
+    found: bool
+    payload: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WaitResult:
+    """The outcome of :meth:`Storage.wait_run`."""
+
+    ready: bool
+    """True if a matching event is already buffered: the run keeps its lease."""
+    deadline: datetime | None
+    """The wait's fixed timeout deadline, or ``None`` for no timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleSpec:
+    """A schedule to register. ``recurrence`` is an opaque canonical string
+    chosen by the engine (for example ``"every:3600"`` or ``"cron:0 * * * *"``);
+    the backend only compares it for equality. ``input`` is encoded text."""
+
+    key: str
+    workflow: str
+    input: str
+    recurrence: str
+    next_run_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRecord:
+    """A stored schedule."""
+
+    key: str
+    workflow: str
+    input: str
+    recurrence: str
+    next_run_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """The operations every Reflow backend provides. All are coroutines.
+
+    Errors: a backend raises :class:`~reflow_core.errors.StorageError` (with
+    the driver's exception as ``__cause__``) when the store fails, and never
+    lets a driver exception escape. Outcomes that are part of the contract
+    (a lost lease, a missing run) are return values, not exceptions.
+    """
+
+    async def initialize(self) -> None:
+        """Connect and create or migrate the schema. Idempotent and safe when
+        several processes call it at once. Refuses, with
+        :class:`~reflow_core.errors.StorageError`, a store that holds something
+        other than Reflow data, and with
+        :class:`~reflow_core.errors.SchemaVersionError` a schema newer than the
+        code; in both cases it modifies nothing."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections. Idempotent. Other operations may not be called after it."""
+        ...
+
+    async def create_run(self, new: NewRun) -> CreateResult:
+        """Create a ``pending`` run, claimable at once.
+
+        With an ``idempotency_key``, at most one run exists per
+        ``(workflow, idempotency_key)``, even under concurrent calls from many
+        processes. If one exists and its ``input`` text equals ``new.input``,
+        return it with ``created=False`` and change nothing; if the inputs
+        differ, raise :class:`~reflow_core.errors.IdempotencyConflictError`.
+        Keys of different workflows never collide. The returned record has
+        ``attempts == reclaims == lease_epoch == 0``.
+        """
+        ...
+
+    async def claim_runs(
+        self, workflows: Collection[str], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]:
+        """Claim up to ``limit`` claimable runs of the given workflows.
+
+        Claimable means: ``pending``; ``sleeping`` or ``waiting`` with
+        ``wake_at`` at or before now; or ``running`` with a lapsed lease.
+        Each claimed run becomes ``running`` with a new lease ending at
+        ``now + lease``, ``lease_epoch`` incremented, ``attempts`` incremented,
+        and ``reclaims`` incremented when the claim took over a lapsed lease
+        (``ClaimedRun.reclaimed``). ``waiting_for`` is kept and ``wake_at`` is
+        cleared. Runs with lapsed leases should be preferred, then the others
+        by due time, oldest first, so a backlog cannot starve a dead worker's runs.
+
+        No run is ever held by two live leases: concurrent claimers, in this
+        process or others, get disjoint runs. Each ``ClaimedRun`` carries the
+        run's saved steps so the caller needs no further read.
+        """
+        ...
+
+    async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
+        """Fenced: extend the lease to ``now + extend``.
+
+        Returns False, changing nothing, if the run is no longer ``running``
+        under ``lease.epoch`` (reclaimed, cancelled, finished or missing).
+        """
+        ...
+
+    async def save_step_result(self, lease: Lease, step: StepRecord, extend: timedelta) -> bool:
+        """Fenced: upsert ``step`` (by ``step.name``) and extend the lease to
+        ``now + extend``, atomically. Returns False, writing nothing, if the
+        lease is lost."""
+        ...
+
+    async def finish_run(
+        self,
+        lease: Lease,
+        status: Literal["completed", "failed"],
+        *,
+        output: str | None = None,
+        error: str | None = None,
+        step: StepRecord | None = None,
+    ) -> bool:
+        """Fenced: optionally upsert a last ``step``, then set the terminal
+        ``status`` with ``output`` or ``error`` and drop the lease, all in one
+        atomic write. Returns False, writing nothing, if the lease is lost."""
+        ...
+
+    async def update_run_status(
+        self,
+        run_id: str,
+        status: Literal["pending", "cancelled", "failed"],
+        *,
+        lease: Lease | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Move a run to ``status`` outside the normal step flow.
+
+        With a ``lease`` the write is fenced: ``pending`` hands a claimed run
+        back (lease dropped, claimable at once, not counted as a reclaim when
+        next claimed); ``failed`` or ``cancelled`` end it. Without a lease it
+        applies to any run that is not terminal (``cancel`` uses this), and
+        breaks the current holder's fence. Returns False if nothing changed:
+        the run is missing, terminal, or the lease was lost.
+        """
+        ...
+
+    async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
+        """Fenced: put the run to sleep at sleep step ``step``.
+
+        The first time a run reaches ``step``, the backend records a
+        ``sleeping`` step record with ``wake_at = now + duration``; later calls
+        for the same step keep that ``wake_at``, so a reclaimed run sleeps
+        once. The run becomes ``sleeping`` until ``wake_at`` with its lease
+        dropped (claimable once due, at once if already due). Returns the
+        ``wake_at``, or ``None`` if the lease is lost.
+        """
+        ...
+
+    async def wait_run(
+        self, lease: Lease, step: str, event: str, timeout: timedelta | None
+    ) -> WaitResult | None:
+        """Fenced: make the run wait for event ``event`` at wait step ``step``.
+
+        The first time, records a ``waiting`` step record whose ``wake_at`` is
+        ``now + timeout`` (or ``None``); later calls keep it. If an event named
+        ``event`` is already buffered for the run, the run stays ``running``
+        under its lease and the call returns ``WaitResult(ready=True, ...)``:
+        take it now. Otherwise the run becomes ``waiting`` (``waiting_for =
+        event``, ``wake_at`` = the deadline) with its lease dropped, and the
+        call returns ``WaitResult(ready=False, ...)``. Either way ``deadline``
+        is the fixed deadline. Returns ``None`` if the lease is lost.
+        """
+        ...
+
+    async def deliver_event(
+        self, run_id: str, event: str, payload: str, *, event_id: str | None = None
+    ) -> bool:
+        """Buffer an event for a run, durably, in arrival order.
+
+        If the run is ``waiting`` for ``event``, it becomes claimable at once.
+        With an ``event_id``, a second delivery with the same id is a no-op
+        that returns True (safe retries). Returns False, storing nothing, if
+        the run is missing or terminal.
+        """
+        ...
+
+    async def take_event(self, lease: Lease, step: str, event: str) -> EventTake | None:
+        """Fenced: consume the oldest buffered ``event`` for the run and save
+        it as the ``completed`` result of wait step ``step``, atomically.
+
+        If ``step`` is already completed, returns its saved payload and
+        consumes nothing (a retried take is harmless). Events of other names
+        and other runs are never touched. Returns ``EventTake(found=False)``
+        when nothing is buffered, ``None`` if the lease is lost.
+        """
+        ...
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        """The run, or ``None`` if there is no run with that id."""
+        ...
+
+    async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
+        """The run's saved steps by name (empty for a missing run)."""
+        ...
+
+    async def list_runs(
+        self,
+        *,
+        status: Collection[RunStatus] | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> RunPage:
+        """Runs, newest first, filtered by status and workflow, ``limit`` at most.
+
+        Pagination is keyset on ``(created_at, id)``: following ``next_cursor``
+        visits every matching run exactly once, even when runs share a creation
+        time. Cursors are opaque strings; a malformed one raises
+        :class:`~reflow_core.errors.ConfigError`.
+        """
+        ...
+
+    async def requeue_run(self, run_id: str) -> bool:
+        """Make a ``failed`` or ``cancelled`` run ``pending`` again.
+
+        Completed and skipped step records are kept; ``failed`` ones are
+        dropped; ``error`` and ``reclaims`` are reset. Returns False, changing
+        nothing, for a missing run or one in another status.
+        """
+        ...
+
+    async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        """Create or replace the schedule ``spec.key``.
+
+        If a schedule with that key exists with the same ``recurrence``, its
+        ``next_run_at`` is kept (re-registering does not reset the cadence)
+        and its workflow and input are updated; otherwise ``spec`` is stored
+        as given.
+        """
+        ...
+
+    async def delete_schedule(self, key: str) -> bool:
+        """Delete a schedule. Returns False if there was none with that key."""
+        ...
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Every schedule, ordered by key."""
+        ...
+
+    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+        """Schedules whose ``next_run_at`` is at or before now, earliest first."""
+        ...
+
+    async def claim_schedule_slot(
+        self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
+    ) -> RunRecord | None:
+        """Fire one slot of a schedule, exactly once across all workers.
+
+        Atomically: if schedule ``key`` still has ``next_run_at == slot``, set
+        it to ``next_run_at`` and create ``run`` (whose idempotency key the
+        engine derives from the slot, so a retry after a crash finds the same
+        run). Returns the run, or ``None`` if another worker fired this slot
+        first or the schedule is gone.
+        """
+        ...
+
