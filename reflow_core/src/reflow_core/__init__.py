@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .codec import JSONValue
+from .context import CancelSignal, StepContext
+from .engine import Engine, Run, StepResult
 from .errors import (
     BackendNotFoundError,
     ConfigError,
@@ -17,6 +19,7 @@ from .errors import (
     RunNotFoundError,
     SchemaVersionError,
     SerializationError,
+    StepCancelledError,
     StepError,
     StepTimeoutError,
     StorageError,
@@ -27,13 +30,16 @@ from .memory import MemoryStorage
 from .registry import available_backends, open_storage
 from .retry import Retry
 from .storage import Storage
+from .workflow import Workflow, workflow
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotFoundError",
+    "CancelSignal",
     "ConfigError",
     "DuplicateStepError",
+    "Engine",
     "IdempotencyConflictError",
     "JSONValue",
     "LeaseExpiredError",
@@ -41,19 +47,25 @@ __all__ = [
     "ReclaimLimitError",
     "ReflowError",
     "Retry",
+    "Run",
     "RunCancelledError",
     "RunError",
     "RunFailedError",
     "RunNotFoundError",
     "SchemaVersionError",
     "SerializationError",
+    "StepCancelledError",
+    "StepContext",
     "StepError",
+    "StepResult",
     "StepTimeoutError",
     "Storage",
     "StorageError",
     "ValidationError",
+    "Workflow",
     "WorkflowNotFoundError",
     "__version__",
     "available_backends",
     "open_storage",
+    "workflow",
 ]

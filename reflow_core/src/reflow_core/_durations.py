@@ -56,6 +56,8 @@ def to_seconds(value: Duration, *, option: str = "duration", allow_zero: bool = 
     return seconds
 
 
-def to_timedelta(value: Duration, *, option: str = "duration", allow_zero: bool = True) -> timedelta:
+def to_timedelta(
+    value: Duration, *, option: str = "duration", allow_zero: bool = True
+) -> timedelta:
     """Like :func:`to_seconds`, as a ``timedelta``."""
     return timedelta(seconds=to_seconds(value, option=option, allow_zero=allow_zero))

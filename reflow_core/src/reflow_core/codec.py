@@ -32,7 +32,7 @@ from .errors import SerializationError
 __all__ = ["JSONValue", "check_plain", "decode", "encode"]
 
 JSONValue: TypeAlias = (
-    "None | bool | int | float | str | datetime | list[JSONValue] | dict[str, JSONValue]"
+    "bool | int | float | str | datetime | list[JSONValue] | dict[str, JSONValue] | None"
 )
 
 _DATETIME = "$datetime"
@@ -82,7 +82,8 @@ def _to_json(value: object, path: str) -> Any:
             return {_ESCAPE: out}
         return out
     if kind is list:
-        return [_to_json(item, _child(path, i)) for i, item in enumerate(value)]  # type: ignore[attr-defined]
+        items: list[object] = value  # type: ignore[assignment]
+        return [_to_json(item, _child(path, i)) for i, item in enumerate(items)]
     if kind is datetime:
         return {_DATETIME: _datetime_text(value)}  # type: ignore[arg-type]
     raise SerializationError(

@@ -12,6 +12,7 @@ and structured fields for the details. The tree::
     ├── RunNotFoundError             no run with that id
     ├── IdempotencyConflictError     same key, different input
     ├── LeaseExpiredError            a worker lost its lease on a run
+    ├── StepCancelledError           raised inside a step by ``ctx.signal.raise_if_cancelled()``
     ├── StorageError                 the backend failed; the driver error is ``__cause__``
     │   ├── BackendNotFoundError     no backend installed for a URL scheme
     │   └── SchemaVersionError       the database was written by a newer Reflow
@@ -46,6 +47,7 @@ __all__ = [
     "RunNotFoundError",
     "SchemaVersionError",
     "SerializationError",
+    "StepCancelledError",
     "StepError",
     "StepTimeoutError",
     "StorageError",
@@ -193,6 +195,22 @@ class LeaseExpiredError(ReflowError):
         self.operation = operation
 
 
+class StepCancelledError(ReflowError):
+    """Raised inside a step handler by ``ctx.signal.raise_if_cancelled()``.
+
+    ``reason`` says why: ``"cancelled"`` (the run was cancelled),
+    ``"lease_lost"`` (another worker may own the run now), ``"timeout"`` (this
+    attempt ran past its timeout) or ``"shutdown"`` (the engine is stopping and
+    hands the run back). The engine never records it as a step failure.
+    """
+
+    code = "step_cancelled"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"step cancelled: {reason}")
+        self.reason = reason
+
+
 class StorageError(ReflowError):
     """The storage backend failed. The driver's own exception is ``__cause__``.
 
@@ -305,9 +323,7 @@ class RunFailedError(RunError):
     def __init__(self, run_id: str, info: ErrorInfo) -> None:
         step = info.get("step")
         where = f" at step {step!r}" if step else ""
-        super().__init__(
-            f"run {run_id} failed{where}: {info.get('message', '')}", run_id=run_id
-        )
+        super().__init__(f"run {run_id} failed{where}: {info.get('message', '')}", run_id=run_id)
         self.info = info
         self.step = step
         self.error_code = info.get("code", "step_failed")
@@ -322,7 +338,9 @@ class RunCancelledError(RunError):
         super().__init__(f"run {run_id} was cancelled", run_id=run_id)
 
 
-def error_info(exc: BaseException, *, step: str | None = None, attempts: int | None = None) -> ErrorInfo:
+def error_info(
+    exc: BaseException, *, step: str | None = None, attempts: int | None = None
+) -> ErrorInfo:
     """Describe ``exc`` as plain data for storage."""
     code = exc.code if isinstance(exc, ReflowError) else "step_failed"
     cause = exc.__cause__ if isinstance(exc, StepError) and exc.__cause__ is not None else exc

@@ -98,9 +98,7 @@ class MemoryStorage:
             if existing_id is not None:
                 existing = self._runs[existing_id].record
                 if existing.input != new.input:
-                    raise IdempotencyConflictError(
-                        new.workflow, new.idempotency_key, existing.id
-                    )
+                    raise IdempotencyConflictError(new.workflow, new.idempotency_key, existing.id)
                 return CreateResult(existing, created=False)
         now = self._clock()
         run_id = new.run_id or new_run_id()
@@ -132,9 +130,9 @@ class MemoryStorage:
             if rec.lease_expires_at is not None and rec.lease_expires_at <= now:
                 return (0, rec.lease_expires_at)
             return None
-        if rec.status in ("pending", "sleeping", "waiting"):
-            if rec.wake_at is not None and rec.wake_at <= now:
-                return (1, rec.wake_at)
+        due = rec.status in ("pending", "sleeping", "waiting")
+        if due and rec.wake_at is not None and rec.wake_at <= now:
+            return (1, rec.wake_at)
         return None
 
     async def claim_runs(

@@ -54,7 +54,9 @@ class Retry:
         if not self.factor >= 1.0:
             raise ConfigError(f"Retry.factor must be >= 1, got {self.factor}", option="factor")
         if not 0.0 <= self.jitter <= 1.0:
-            raise ConfigError(f"Retry.jitter must be within [0, 1], got {self.jitter}", option="jitter")
+            raise ConfigError(
+                f"Retry.jitter must be within [0, 1], got {self.jitter}", option="jitter"
+            )
         object.__setattr__(self, "_initial", to_seconds(self.initial_delay, option="initial_delay"))
         object.__setattr__(
             self,

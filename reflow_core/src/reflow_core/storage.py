@@ -439,4 +439,3 @@ class Storage(Protocol):
         first or the schedule is gone.
         """
         ...
-

@@ -1,0 +1,112 @@
+"""What a step handler receives: :class:`StepContext` and its :class:`CancelSignal`."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from .errors import StepCancelledError
+
+__all__ = ["CancelSignal", "StepContext"]
+
+InputT_co = TypeVar("InputT_co", covariant=True)
+PrevT_co = TypeVar("PrevT_co", covariant=True)
+
+
+class CancelSignal:
+    """Tells a running step that it should stop, from any thread.
+
+    Async handlers are also cancelled the asyncio way (``CancelledError`` at
+    their next ``await``); plain ``def`` handlers run in a worker thread that
+    cannot be interrupted, so they should poll :attr:`cancelled`, call
+    :meth:`raise_if_cancelled` between units of work, or block on
+    :meth:`wait` instead of ``time.sleep``. A result returned after the
+    signal fired is discarded.
+    """
+
+    __slots__ = ("_event", "_reason", "_waiters")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._reason: str | None = None
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the step has been asked to stop."""
+        return self._event.is_set()
+
+    @property
+    def reason(self) -> str | None:
+        """Why: ``"cancelled"``, ``"lease_lost"``, ``"timeout"`` or ``"shutdown"``."""
+        return self._reason
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block the calling thread until cancelled or ``timeout`` seconds pass.
+
+        Returns True if cancelled. Use it as an interruptible ``time.sleep``.
+        """
+        return self._event.wait(timeout)
+
+    async def wait_async(self) -> None:
+        """Wait, without blocking the event loop, until cancelled."""
+        if self.cancelled:
+            return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._waiters.append((loop, fut))
+        try:
+            await fut
+        finally:
+            self._waiters = [w for w in self._waiters if w[1] is not fut]
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`~reflow_core.errors.StepCancelledError` if cancelled."""
+        if self._event.is_set():
+            raise StepCancelledError(self._reason or "cancelled")
+
+    def _fire(self, reason: str) -> None:
+        if self._event.is_set():
+            return
+        self._reason = reason
+        self._event.set()
+        for loop, fut in list(self._waiters):
+            loop.call_soon_threadsafe(_resolve, fut)
+
+    def __repr__(self) -> str:
+        state = f"cancelled ({self._reason})" if self.cancelled else "active"
+        return f"<CancelSignal {state}>"
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext(Generic[InputT_co, PrevT_co]):
+    """Everything a step handler may read about its run.
+
+    ``input`` is the validated workflow input; ``prev`` the output of the
+    previous step (the input, for the first step); ``steps`` the outputs of
+    the steps completed so far, by name (read-only); ``attempt`` counts from 1
+    within this step's retries.
+    """
+
+    run_id: str
+    workflow: str
+    step: str
+    attempt: int
+    input: InputT_co
+    prev: PrevT_co
+    steps: Mapping[str, Any]
+    signal: CancelSignal
+
+    def __repr__(self) -> str:
+        return (
+            f"StepContext(run_id={self.run_id!r}, workflow={self.workflow!r}, "
+            f"step={self.step!r}, attempt={self.attempt})"
+        )

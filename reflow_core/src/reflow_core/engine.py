@@ -1,0 +1,688 @@
+"""The engine: enqueues runs, claims them, runs their steps, persists each result.
+
+One :class:`Engine` is a worker (it claims and runs workflows) and a client
+(it enqueues, inspects and cancels runs). Any number of engines may share one
+storage, in one process or many; the storage's leases decide who runs what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Self
+
+from . import codec
+from ._durations import Duration, to_seconds
+from .context import CancelSignal, StepContext
+from .errors import (
+    ConfigError,
+    ErrorInfo,
+    ReclaimLimitError,
+    ReflowError,
+    RunNotFoundError,
+    SerializationError,
+    StepCancelledError,
+    StepError,
+    StepTimeoutError,
+    ValidationError,
+    WorkflowNotFoundError,
+    error_info,
+)
+from .registry import open_storage
+from .storage import (
+    ClaimedRun,
+    Lease,
+    NewRun,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+    Storage,
+)
+from .workflow import StepDefinition, Workflow, to_plain_input
+
+__all__ = ["Engine", "Run", "StepResult"]
+
+logger = logging.getLogger("reflow.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """A saved step, decoded."""
+
+    name: str
+    status: StepStatus
+    output: Any
+    error: ErrorInfo | None
+    attempts: int
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run, decoded. ``steps`` is filled by :meth:`Engine.get_run_status`."""
+
+    id: str
+    workflow: str
+    status: RunStatus
+    input: Any
+    output: Any
+    error: ErrorInfo | None
+    idempotency_key: str | None
+    attempts: int
+    reclaims: int
+    created_at: datetime
+    updated_at: datetime
+    wake_at: datetime | None = None
+    steps: Mapping[str, StepResult] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, record: RunRecord, steps: Mapping[str, StepRecord] | None = None) -> Run:
+        return cls(
+            id=record.id,
+            workflow=record.workflow,
+            status=record.status,
+            input=codec.decode(record.input),
+            output=None if record.output is None else codec.decode(record.output),
+            error=None if record.error is None else codec.decode(record.error),
+            idempotency_key=record.idempotency_key,
+            attempts=record.attempts,
+            reclaims=record.reclaims,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            wake_at=record.wake_at,
+            steps={
+                name: StepResult(
+                    name=s.name,
+                    status=s.status,
+                    output=None if s.output is None else codec.decode(s.output),
+                    error=None if s.error is None else codec.decode(s.error),
+                    attempts=s.attempts,
+                    completed_at=s.completed_at,
+                )
+                for name, s in (steps or {}).items()
+            },
+        )
+
+
+class _LeaseLost(Exception):
+    """Internal: a fenced write was refused; stop working on the run."""
+
+
+@dataclass(slots=True)
+class _InFlight:
+    lease: Lease
+    renewed_at: float
+    task: asyncio.Task[None] | None = None
+    signal: CancelSignal = field(default_factory=CancelSignal)
+    stop_reason: str | None = None
+
+    def interrupt(self, reason: str) -> None:
+        """Stop the run: fire the current attempt's signal and cancel the task."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.signal._fire(reason)
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+def _positive(value: Duration, option: str) -> float:
+    return to_seconds(value, option=option, allow_zero=False)
+
+
+class Engine:
+    """Runs workflows durably on a storage backend.
+
+    ``storage`` is a storage object or a URL for :func:`~reflow_core.open_storage`.
+    ``concurrency`` bounds the runs in flight in this engine; ``lease`` is how
+    long a claim lasts without renewal; ``heartbeat`` how often a long step
+    renews it (default a third of the lease; it must be shorter than the
+    lease). ``poll_interval`` is how often an idle engine looks for work
+    enqueued elsewhere. A run whose lease lapsed more than ``max_reclaims``
+    times (its worker died or hung each time) is failed with
+    :class:`~reflow_core.errors.ReclaimLimitError`. ``drain_timeout`` is how
+    long :meth:`stop` lets in-flight runs finish before handing them back.
+
+    Use it as an async context manager: entering initializes the storage and
+    starts the worker, leaving stops it and closes the storage (pass
+    ``close_storage=False`` to keep it open).
+    """
+
+    def __init__(
+        self,
+        *,
+        storage: Storage | str,
+        workflows: Iterable[Workflow[Any, Any]] = (),
+        concurrency: int = 10,
+        lease: Duration = "30s",
+        heartbeat: Duration | None = None,
+        poll_interval: Duration = "1s",
+        claim_batch: int | None = None,
+        max_reclaims: int = 5,
+        drain_timeout: Duration = "10s",
+        close_storage: bool = True,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(
+                f"concurrency must be a positive int, got {concurrency!r}", option="concurrency"
+            )
+        lease_s = _positive(lease, "lease")
+        heartbeat_s = lease_s / 3 if heartbeat is None else _positive(heartbeat, "heartbeat")
+        if heartbeat_s >= lease_s:
+            raise ConfigError(
+                f"heartbeat ({heartbeat_s:g}s) must be shorter than the lease ({lease_s:g}s), "
+                "or a slow renewal lets another worker take the run",
+                option="heartbeat",
+            )
+        if claim_batch is not None and (
+            isinstance(claim_batch, bool) or not isinstance(claim_batch, int) or claim_batch < 1
+        ):
+            raise ConfigError(
+                f"claim_batch must be a positive int, got {claim_batch!r}", option="claim_batch"
+            )
+        if isinstance(max_reclaims, bool) or not isinstance(max_reclaims, int) or max_reclaims < 0:
+            raise ConfigError(
+                f"max_reclaims must be an int >= 0, got {max_reclaims!r}", option="max_reclaims"
+            )
+        self._storage: Storage = open_storage(storage) if isinstance(storage, str) else storage
+        self._workflows: dict[str, Workflow[Any, Any]] = {}
+        for wf in workflows:
+            self.register(wf)
+        self._concurrency = concurrency
+        self._lease = timedelta(seconds=lease_s)
+        self._heartbeat = heartbeat_s
+        self._poll = _positive(poll_interval, "poll_interval")
+        self._claim_batch = claim_batch or concurrency
+        self._max_reclaims = max_reclaims
+        self._drain_timeout = to_seconds(drain_timeout, option="drain_timeout")
+        self._close_storage = close_storage
+
+        self._inflight: dict[str, _InFlight] = {}
+        self._initialized = False
+        self._init_lock = asyncio.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._heartbeater: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._stopping = False
+        self._more_work = False
+
+    # -- configuration -----------------------------------------------------
+
+    def register(self, wf: Workflow[Any, Any]) -> None:
+        """Register a workflow so this engine runs it and can enqueue it by name."""
+        if not isinstance(wf, Workflow):
+            raise ConfigError(
+                f"workflows must be built with workflow(), got {type(wf).__name__}",
+                option="workflows",
+            )
+        if not wf.steps:
+            raise ConfigError(f"workflow {wf.name!r} has no steps", option="workflows")
+        existing = self._workflows.get(wf.name)
+        if existing is not None and existing is not wf:
+            raise ConfigError(f"two different workflows are named {wf.name!r}", option="workflows")
+        self._workflows[wf.name] = wf
+
+    @property
+    def storage(self) -> Storage:
+        """The storage this engine runs on."""
+        return self._storage
+
+    @property
+    def running(self) -> bool:
+        """True while the worker started by :meth:`start` is running."""
+        return self._dispatcher is not None and not self._dispatcher.done()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Engine storage={type(self._storage).__name__} workflows={sorted(self._workflows)} "
+            f"in_flight={len(self._inflight)}/{self._concurrency}>"
+        )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def _ensure_initialized(self) -> None:
+        if self._initialized:
+            return
+        async with self._init_lock:
+            if not self._initialized:
+                await self._storage.initialize()
+                self._initialized = True
+
+    def _ensure_background(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self._concurrency + 4, thread_name_prefix="reflow-step"
+            )
+        if self._heartbeater is None or self._heartbeater.done():
+            self._heartbeater = asyncio.create_task(self._heartbeat_loop(), name="reflow-heartbeat")
+
+    async def start(self) -> None:
+        """Initialize the storage and start working: keep up to ``concurrency``
+        runs in flight, refilling a freed slot at once while work is waiting."""
+        if self.running:
+            return
+        await self._ensure_initialized()
+        self._stopping = False
+        self._ensure_background()
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="reflow-dispatch")
+
+    async def stop(self, timeout: Duration | None = None) -> None:
+        """Stop claiming, let in-flight runs finish for up to ``timeout``
+        (default ``drain_timeout``), then hand the rest back to the storage.
+
+        Handed-back runs are ``pending`` again, keep their saved steps, and are
+        never marked failed; any engine can pick them up.
+        """
+        grace = self._drain_timeout if timeout is None else to_seconds(timeout, option="timeout")
+        self._stopping = True
+        self._wake.set()
+        self._slot_freed.set()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+            self._dispatcher = None
+        tasks = [s.task for s in self._inflight.values() if s.task is not None]
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for state in list(self._inflight.values()):
+            state.interrupt("shutdown")
+        tasks = [s.task for s in self._inflight.values() if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+        if self._heartbeater is not None:
+            self._heartbeater.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeater
+            self._heartbeater = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.stop()
+        finally:
+            if self._close_storage:
+                await self._storage.close()
+                self._initialized = False
+
+    # -- client API ----------------------------------------------------------
+
+    def _resolve(self, wf: Workflow[Any, Any] | str) -> Workflow[Any, Any]:
+        if isinstance(wf, Workflow):
+            return wf
+        found = self._workflows.get(wf)
+        if found is None:
+            raise WorkflowNotFoundError(wf, list(self._workflows))
+        return found
+
+    async def enqueue(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Run:
+        """Create a run of ``workflow`` (an object or a registered name).
+
+        The input is validated first: a :class:`~reflow_core.errors.ValidationError`
+        or :class:`~reflow_core.errors.SerializationError` means nothing was
+        written. With ``idempotency_key``, enqueueing again with an equal input
+        returns the existing run; a different input raises
+        :class:`~reflow_core.errors.IdempotencyConflictError`. Keys are scoped
+        per workflow.
+        """
+        wf = self._resolve(workflow)
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not idempotency_key
+        ):
+            raise ConfigError(
+                "idempotency_key must be a non-empty string", option="idempotency_key"
+            )
+        raw = to_plain_input(input)
+        wf.validate_input(raw)
+        text = codec.encode(raw)
+        await self._ensure_initialized()
+        result = await self._storage.create_run(
+            NewRun(workflow=wf.name, input=text, idempotency_key=idempotency_key)
+        )
+        if result.created and wf.name in self._workflows:
+            self._wake.set()
+        return Run.from_record(result.run)
+
+    async def get_run(self, run_id: str) -> Run | None:
+        """The run without its steps, or ``None`` if there is none."""
+        await self._ensure_initialized()
+        record = await self._storage.get_run(run_id)
+        return None if record is None else Run.from_record(record)
+
+    async def get_run_status(self, run_id: str) -> Run:
+        """The run and its saved steps. Raises :class:`RunNotFoundError`."""
+        await self._ensure_initialized()
+        record = await self._storage.get_run(run_id)
+        if record is None:
+            raise RunNotFoundError(run_id)
+        steps = await self._storage.get_step_results(run_id)
+        return Run.from_record(record, steps)
+
+    async def cancel(self, run_id: str) -> bool:
+        """Cancel a run that has not finished. Returns False if it is missing or
+        already finished. A step running in this engine is interrupted at
+        once; a worker elsewhere stops at its next heartbeat or write."""
+        await self._ensure_initialized()
+        error = codec.encode({"code": "run_cancelled", "message": "cancelled", "step": None})
+        changed = await self._storage.update_run_status(run_id, "cancelled", error=error)
+        state = self._inflight.get(run_id)
+        if changed and state is not None:
+            state.interrupt("cancelled")
+        return changed
+
+    # -- worker ------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Claim one batch (up to the free slots), run it to the end, and
+        return how many runs were processed. For tests and scripts; it does
+        not need :meth:`start`."""
+        await self._ensure_initialized()
+        self._ensure_background()
+        claimed = await self._claim()
+        tasks = [self._spawn(c) for c in claimed]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return len(claimed)
+
+    async def _claim(self) -> list[ClaimedRun]:
+        free = self._concurrency - len(self._inflight)
+        if free <= 0 or not self._workflows:
+            return []
+        limit = min(free, self._claim_batch)
+        claimed = await self._storage.claim_runs(list(self._workflows), limit, self._lease)
+        self._more_work = len(claimed) == limit
+        return claimed
+
+    def _spawn(self, claimed: ClaimedRun) -> asyncio.Task[None]:
+        state = _InFlight(lease=claimed.lease, renewed_at=time.monotonic())
+        self._inflight[claimed.run.id] = state
+        task = asyncio.create_task(
+            self._run_claimed(claimed, state), name=f"reflow-run-{claimed.run.id}"
+        )
+        state.task = task
+        return task
+
+    async def _dispatch_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            if len(self._inflight) >= self._concurrency:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            self._wake.clear()
+            try:
+                claimed = await self._claim()
+                failures = 0
+            except ReflowError as exc:
+                failures += 1
+                delay = min(self._poll * 2 ** min(failures, 6), 30.0)
+                logger.warning("claim failed (%s); retrying in %.1fs", exc, delay)
+                await self._idle(delay)
+                continue
+            for c in claimed:
+                self._spawn(c)
+            if not self._more_work:
+                # The queue looked empty: wait for local work or the next poll.
+                await self._idle(self._poll * random.uniform(0.9, 1.1))
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [s for s in self._inflight.values() if now - s.renewed_at >= self._heartbeat]
+            if due:
+                await asyncio.gather(*(self._renew(s) for s in due))
+            pending = [s.renewed_at + self._heartbeat for s in self._inflight.values()]
+            wait = min(pending, default=now + self._heartbeat) - time.monotonic()
+            await asyncio.sleep(min(max(wait, 0.01), self._heartbeat))
+
+    async def _renew(self, state: _InFlight) -> None:
+        started = time.monotonic()
+        try:
+            ok = await self._storage.heartbeat_run(state.lease, self._lease)
+        except ReflowError as exc:
+            logger.warning("heartbeat for run %s failed: %s", state.lease.run_id, exc)
+            return
+        if ok:
+            state.renewed_at = max(state.renewed_at, started)
+        elif state.stop_reason is None and state.task is not None and not state.task.done():
+            logger.warning(
+                "lease on run %s was lost; stopping its step and writing nothing more",
+                state.lease.run_id,
+            )
+            state.interrupt("lease_lost")
+
+    # -- running one run ---------------------------------------------------
+
+    async def _run_claimed(self, claimed: ClaimedRun, state: _InFlight) -> None:
+        run_id = claimed.run.id
+        try:
+            await self._drive(claimed, state)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if state.stop_reason is None or task is None:
+                raise
+            task.uncancel()
+            if state.stop_reason == "shutdown":
+                with contextlib.suppress(ReflowError):
+                    await self._storage.update_run_status(run_id, "pending", lease=state.lease)
+        except _LeaseLost:
+            logger.warning("lease on run %s was lost; another worker may own it", run_id)
+        except ReflowError as exc:
+            # Storage trouble mid-run: the lease will lapse and the run is reclaimed.
+            logger.error("run %s stopped: %s", run_id, exc)
+        except Exception:  # an engine bug; never let it kill the worker
+            logger.exception("run %s stopped by an unexpected error", run_id)
+        finally:
+            self._inflight.pop(run_id, None)
+            if self._more_work:
+                self._wake.set()
+            self._slot_freed.set()
+
+    def _fence(self, ok: bool) -> None:
+        if not ok:
+            raise _LeaseLost
+
+    async def _fail(
+        self, lease: Lease, exc: BaseException, *, step: str | None, attempts: int = 1
+    ) -> None:
+        info = error_info(exc, step=step, attempts=attempts)
+        text = codec.encode(dict(info))
+        record = None if step is None else StepRecord(step, "failed", error=text, attempts=attempts)
+        self._fence(await self._storage.finish_run(lease, "failed", error=text, step=record))
+
+    async def _drive(self, claimed: ClaimedRun, state: _InFlight) -> None:
+        run = claimed.run
+        lease = claimed.lease
+        wf = self._workflows.get(run.workflow)
+        if wf is None:  # claimed only for our workflows; be safe anyway
+            await self._storage.update_run_status(run.id, "pending", lease=lease)
+            return
+        if claimed.reclaimed and run.reclaims > self._max_reclaims:
+            await self._fail(
+                lease, ReclaimLimitError(run.id, run.reclaims, self._max_reclaims), step=None
+            )
+            return
+        try:
+            typed_input = wf.validate_input(codec.decode(run.input))
+        except (ValidationError, SerializationError) as exc:
+            await self._fail(lease, exc, step=None)
+            return
+
+        outputs: dict[str, Any] = {}
+        prev: Any = typed_input
+        last = len(wf.steps) - 1
+        for index, step in enumerate(wf.steps):
+            saved = claimed.steps.get(step.name)
+            if saved is not None and saved.status == "completed":
+                prev = None if saved.output is None else codec.decode(saved.output)
+                outputs[step.name] = prev
+                continue
+            if saved is not None and saved.status == "skipped":
+                continue
+            try:
+                result, attempts = await self._run_step(
+                    wf, step, run.id, typed_input, prev, outputs, state
+                )
+                text = codec.encode(result)
+            except StepError as exc:
+                await self._fail(lease, exc, step=step.name, attempts=exc.attempts)
+                return
+            except SerializationError as exc:
+                await self._fail(lease, exc, step=step.name)
+                return
+            record = StepRecord(step.name, "completed", output=text, attempts=attempts)
+            if index == last:
+                self._fence(
+                    await self._storage.finish_run(lease, "completed", output=text, step=record)
+                )
+                return
+            started = time.monotonic()
+            self._fence(await self._storage.save_step_result(lease, record, self._lease))
+            state.renewed_at = max(state.renewed_at, started)
+            prev = codec.decode(text)
+            outputs[step.name] = prev
+        # Every step was already saved (the definition lost a trailing step?):
+        # finish with the last output.
+        self._fence(await self._storage.finish_run(lease, "completed", output=codec.encode(prev)))
+
+    async def _run_step(
+        self,
+        wf: Workflow[Any, Any],
+        step: StepDefinition,
+        run_id: str,
+        typed_input: Any,
+        prev: Any,
+        outputs: dict[str, Any],
+        state: _InFlight,
+    ) -> tuple[Any, int]:
+        attempt = 0
+        view = _ReadOnly(outputs)
+        while True:
+            attempt += 1
+            signal = CancelSignal()
+            state.signal = signal
+            if state.stop_reason is not None:
+                signal._fire(state.stop_reason)
+            ctx: StepContext[Any, Any] = StepContext(
+                run_id=run_id,
+                workflow=wf.name,
+                step=step.name,
+                attempt=attempt,
+                input=typed_input,
+                prev=prev,
+                steps=view,
+                signal=signal,
+            )
+            try:
+                return await self._invoke(step, ctx, signal), attempt
+            except asyncio.CancelledError:
+                raise
+            except StepCancelledError:
+                if state.stop_reason is not None:
+                    raise asyncio.CancelledError from None
+                error: BaseException = StepError(
+                    f"step {step.name!r} raised StepCancelledError outside a cancellation",
+                    step=step.name,
+                    attempts=attempt,
+                )
+            except StepTimeoutError as exc:
+                error = exc
+            except Exception as exc:  # user code failed
+                error = exc
+            if attempt >= step.retry.max_attempts:
+                if isinstance(error, StepTimeoutError):
+                    error.attempts = attempt
+                    raise error
+                if isinstance(error, StepError):
+                    raise error
+                raise StepError(
+                    f"step {step.name!r} failed after {attempt} attempt(s): "
+                    f"{type(error).__name__}: {error}",
+                    step=step.name,
+                    attempts=attempt,
+                    run_id=run_id,
+                    error_type=type(error).__qualname__,
+                ) from error
+            await asyncio.sleep(step.retry.delay(attempt))
+
+    async def _invoke(
+        self, step: StepDefinition, ctx: StepContext[Any, Any], signal: CancelSignal
+    ) -> Any:
+        timeout = step.timeout
+        if step.is_async:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await step.handler(ctx)
+            except TimeoutError:
+                signal._fire("timeout")
+                raise StepTimeoutError(step.name, timeout or 0.0) from None
+        loop = asyncio.get_running_loop()
+        assert self._executor is not None
+        future = loop.run_in_executor(self._executor, step.handler, ctx)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            signal._fire("timeout")
+            raise StepTimeoutError(step.name, timeout or 0.0) from None
+        except asyncio.CancelledError:
+            signal._fire("cancelled")
+            raise
+        if signal.cancelled:
+            raise StepCancelledError(signal.reason or "cancelled")
+        if asyncio.iscoroutine(result):
+            async with asyncio.timeout(timeout):
+                return await result
+        return result
+
+
+class _ReadOnly(Mapping[str, Any]):
+    """A read-only live view of the completed steps' outputs."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"StepOutputs({self._data!r})"
