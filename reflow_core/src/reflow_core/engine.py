@@ -153,7 +153,8 @@ class Engine:
 
     Use it as an async context manager: entering initializes the storage and
     starts the worker, leaving stops it and closes the storage (pass
-    ``close_storage=False`` to keep it open).
+    ``close_storage=False`` to keep it open). With ``worker=False`` entering
+    starts no worker: the engine only enqueues, inspects and cancels runs.
     """
 
     def __init__(
@@ -169,6 +170,7 @@ class Engine:
         max_reclaims: int = 5,
         drain_timeout: Duration = "10s",
         close_storage: bool = True,
+        worker: bool = True,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(
@@ -204,6 +206,7 @@ class Engine:
         self._max_reclaims = max_reclaims
         self._drain_timeout = to_seconds(drain_timeout, option="drain_timeout")
         self._close_storage = close_storage
+        self._worker = worker
 
         self._inflight: dict[str, _InFlight] = {}
         self._initialized = False
@@ -310,7 +313,10 @@ class Engine:
             self._executor = None
 
     async def __aenter__(self) -> Self:
-        await self.start()
+        if self._worker:
+            await self.start()
+        else:
+            await self._ensure_initialized()
         return self
 
     async def __aexit__(

@@ -1,0 +1,42 @@
+"""The builder's generics let a type checker follow ``prev`` from step to step.
+
+Runs mypy (strict) on a correct workflow, which must pass, and on workflows
+that misuse ``prev``, which must fail with the error that names the misuse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mypy import api
+
+CASES = Path(__file__).parent / "typing_cases"
+
+
+def _mypy(name: str) -> tuple[str, int]:
+    stdout, stderr, status = api.run(
+        ["--strict", "--no-incremental", "--show-error-codes", str(CASES / name)]
+    )
+    return stdout + stderr, status
+
+
+@pytest.mark.slow
+def test_correct_chain_type_checks() -> None:
+    out, status = _mypy("good.py")
+    assert status == 0, out
+    assert 'Revealed type is "reflow_core.workflow.Workflow[good.Order, None]"' in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("bad.py", 'Argument 2 to "step" of "Workflow" has incompatible type'),
+        ("bad_prev_attr.py", '"int" has no attribute "upper"'),
+    ],
+)
+def test_misused_prev_is_rejected(case: str, expected: str) -> None:
+    out, status = _mypy(case)
+    assert status == 1, out
+    assert expected in out, out
