@@ -16,7 +16,14 @@ import pluggy
 
 from .storage import Storage
 
-__all__ = ["PROJECT_NAME", "Register", "StorageFactory", "hookimpl", "hookspec"]
+__all__ = [
+    "PROJECT_NAME",
+    "Register",
+    "StorageFactory",
+    "hookimpl",
+    "hookspec",
+    "reflow_register_backends",
+]
 
 PROJECT_NAME = "reflow"
 
