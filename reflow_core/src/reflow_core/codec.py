@@ -112,9 +112,20 @@ def _parse_datetime(text: str) -> datetime:
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise SerializationError(f"unknown time zone {key!r}") from exc
     value = datetime.fromisoformat(text)
-    if zone is not None:
-        value = value.astimezone(zone)
-    return value
+    if zone is None:
+        return value
+    # Keep the wall time and pick the fold whose offset was stored, so a time
+    # in a DST gap or overlap comes back exactly as it was written.
+    offset = value.utcoffset()
+    for fold in (0, 1):
+        candidate = value.replace(tzinfo=zone, fold=fold)
+        if candidate.utcoffset() == offset:
+            return candidate
+    return value.astimezone(zone)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise SerializationError(f"stored value contains {name}, which is not JSON")
 
 
 def _from_json(value: Any) -> Any:
@@ -138,7 +149,7 @@ def decode(text: str | bytes) -> Any:
     Raises :class:`SerializationError` for text that is not valid tagged JSON.
     """
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_refuse_constant)
         # Tags always contain "$"; text without one needs no second pass.
         if (b"$" in text) if isinstance(text, bytes) else ("$" in text):
             return _from_json(value)

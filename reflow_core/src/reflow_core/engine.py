@@ -124,13 +124,19 @@ class _InFlight:
     task: asyncio.Task[None] | None = None
     signal: CancelSignal = field(default_factory=CancelSignal)
     stop_reason: str | None = None
+    started: bool = False
 
     def interrupt(self, reason: str) -> None:
-        """Stop the run: fire the current attempt's signal and cancel the task."""
+        """Stop the run: fire the current attempt's signal and cancel the task.
+
+        A task that has not started yet is not cancelled (its coroutine would
+        never run, so it could neither free its slot nor hand the run back);
+        it sees ``stop_reason`` when it starts and stops at once.
+        """
         if self.stop_reason is None:
             self.stop_reason = reason
         self.signal._fire(reason)
-        if self.task is not None and not self.task.done():
+        if self.started and self.task is not None and not self.task.done():
             self.task.cancel()
 
 
@@ -291,6 +297,11 @@ class Engine:
         self._wake.set()
         self._slot_freed.set()
         if self._dispatcher is not None:
+            # Let a claim in progress complete instead of cancelling it: the
+            # storage may already have handed its runs over, and they must be
+            # handed back below, not left leased to nobody. The loop exits at
+            # its next check of _stopping; a claim that outlasts a lease is moot.
+            await asyncio.wait({self._dispatcher}, timeout=self._lease.total_seconds())
             self._dispatcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
@@ -493,7 +504,10 @@ class Engine:
 
     async def _run_claimed(self, claimed: ClaimedRun, state: _InFlight) -> None:
         run_id = claimed.run.id
+        state.started = True
         try:
+            if state.stop_reason is not None:  # interrupted before it started
+                raise asyncio.CancelledError
             await self._drive(claimed, state)
         except asyncio.CancelledError:
             task = asyncio.current_task()

@@ -217,10 +217,14 @@ def open_storage(url: str, /, **options: Any) -> Storage:
     for a scheme no installed backend serves, naming the package to install.
     """
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(
-            f"storage URL must look like 'scheme://...', got {redact_url(str(url))!r}",
-            option="url",
+        # Echo only what precedes the first ':' of a malformed URL: the rest
+        # may hold a password that redact_url cannot find without a netloc.
+        shown = (
+            f"a value starting with {str(url).split(':', 1)[0]!r}"
+            if isinstance(url, str)
+            else (f"a {type(url).__name__}")
         )
+        raise ConfigError(f"storage URL must look like 'scheme://...', got {shown}", option="url")
     scheme = url.split("://", 1)[0]
     return default_registry().get(scheme).factory(url, **options)
 

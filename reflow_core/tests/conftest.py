@@ -1,0 +1,201 @@
+"""Shared fixtures for the engine tests.
+
+* ``async def`` tests run on a fresh event loop with :func:`asyncio.run` (no
+  pytest-asyncio needed), bounded by a per-test timeout so a hang fails fast.
+* ``backend`` is parametrized over every backend available in this checkout:
+  ``memory`` always, ``sqlite`` once ``reflow_sqlite.SQLiteStorage`` imports.
+  ``db`` is the test's database on it and ``storage`` one uninitialized
+  storage on ``db``; every storage opened through ``db`` is closed after the
+  test, on the test's own loop.
+* Any error logged by the engine for an unexpected exception, and any
+  exception asyncio reports as never retrieved, fails the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+
+def _use_the_installed_package() -> None:
+    """Undo a shadowing by pytest's importlib import mode.
+
+    This file's module name is ``reflow_core.tests.conftest`` (its path from
+    the rootdir), so pytest imports the distribution directory ``reflow_core/``
+    as a namespace package named ``reflow_core`` first, hiding the installed
+    package of the same name. Put the installed package back in its place.
+    """
+    module = sys.modules.get("reflow_core")
+    if module is not None and getattr(module, "__file__", None) is None:
+        tests = sys.modules.get("reflow_core.tests")
+        del sys.modules["reflow_core"]
+        real = importlib.import_module("reflow_core")
+        if tests is not None:
+            real.tests = tests  # type: ignore[attr-defined]
+
+
+_use_the_installed_package()
+
+from reflow_core import MemoryStorage, open_storage  # noqa: E402
+from reflow_core.storage import Storage  # noqa: E402
+
+ASYNC_TEST_TIMEOUT = 30.0
+"""Seconds an ``async def`` test may run before it is failed as hung."""
+
+
+def _sqlite_import_error() -> str | None:
+    try:
+        module = importlib.import_module("reflow_sqlite")
+        module.SQLiteStorage  # noqa: B018 - the attribute is what we need
+    except Exception as exc:  # any failure means the backend is not ready
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+_SQLITE_MISSING = _sqlite_import_error()
+
+BACKENDS = [
+    pytest.param("memory", id="memory"),
+    pytest.param(
+        "sqlite",
+        id="sqlite",
+        marks=pytest.mark.skipif(
+            _SQLITE_MISSING is not None,
+            reason=f"reflow_sqlite.SQLiteStorage does not import yet ({_SQLITE_MISSING})",
+        ),
+    ),
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "allow_error_logs: the test expects the engine to log errors"
+    )
+
+
+class FakeClock:
+    """A storage clock that only moves when told to (thread-safe to read)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class Database:
+    """The test's database on one backend. :meth:`connect` opens a storage on
+    it: for sqlite a new connection to the same file each time (as another
+    worker process would), for memory the one shared in-process store."""
+
+    def __init__(self, backend: str, directory: Path) -> None:
+        self.backend = backend
+        self.path = directory / "t.db"
+        self.opened: list[Storage] = []
+        self._memory: MemoryStorage | None = None
+
+    def connect(self, *, clock: Callable[[], datetime] | None = None) -> Storage:
+        """A new, uninitialized storage on this database (closed after the test)."""
+        if self.backend == "memory":
+            if self._memory is None:
+                self._memory = MemoryStorage(clock=clock)
+                self.opened.append(self._memory)
+            return self._memory
+        if self.backend == "sqlite":
+            options = {} if clock is None else {"clock": clock}
+            store = open_storage(f"sqlite:///{self.path}", **options)
+            self.opened.append(store)
+            return store
+        raise AssertionError(f"unknown backend {self.backend!r}")
+
+    async def aclose(self) -> None:
+        for store in self.opened:
+            await store.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The name of the backend under test."""
+    return str(request.param)
+
+
+@pytest.fixture
+def db(backend: str, tmp_path: Path) -> Database:
+    """The test's database on the backend under test."""
+    return Database(backend, tmp_path)
+
+
+@pytest.fixture
+def storage(db: Database) -> Storage:
+    """An uninitialized storage of the backend under test (closed after the test)."""
+    return db.connect()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """A storage clock that moves only when the test advances it."""
+    return FakeClock()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run ``async def`` tests with :func:`asyncio.run`."""
+    func = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(func):
+        return None
+    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    database = pyfuncitem.funcargs.get("db")
+
+    async def main() -> None:
+        try:
+            async with asyncio.timeout(ASYNC_TEST_TIMEOUT):
+                await func(**kwargs)
+        finally:
+            if isinstance(database, Database):
+                await database.aclose()
+
+    asyncio.run(main())
+    return True
+
+
+class _ErrorCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def _no_unexpected_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test in which the engine hit an unexpected exception, or asyncio
+    dropped a task's exception: both mean a bug that no assertion would see."""
+    collector = _ErrorCollector()
+    loggers = [logging.getLogger("reflow"), logging.getLogger("asyncio")]
+    for lg in loggers:
+        lg.addHandler(collector)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeHandler(collector)
+    if request.node.get_closest_marker("allow_error_logs"):
+        return
+    bad = [
+        f"{r.name}: {r.getMessage()}"
+        for r in collector.records
+        if r.name == "asyncio" or r.exc_info is not None
+    ]
+    assert not bad, "unexpected errors were logged:\n" + "\n".join(bad)
