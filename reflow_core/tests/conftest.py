@@ -17,35 +17,14 @@ import asyncio
 import importlib
 import inspect
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-
-def _use_the_installed_package() -> None:
-    """Undo a shadowing by pytest's importlib import mode.
-
-    This file's module name is ``reflow_core.tests.conftest`` (its path from
-    the rootdir), so pytest imports the distribution directory ``reflow_core/``
-    as a namespace package named ``reflow_core`` first, hiding the installed
-    package of the same name. Put the installed package back in its place.
-    """
-    module = sys.modules.get("reflow_core")
-    if module is not None and getattr(module, "__file__", None) is None:
-        tests = sys.modules.get("reflow_core.tests")
-        del sys.modules["reflow_core"]
-        real = importlib.import_module("reflow_core")
-        if tests is not None:
-            real.tests = tests  # type: ignore[attr-defined]
-
-
-_use_the_installed_package()
-
-from reflow_core import MemoryStorage, open_storage  # noqa: E402
-from reflow_core.storage import Storage  # noqa: E402
+from reflow_core import MemoryStorage, open_storage
+from reflow_core.storage import Storage
 
 ASYNC_TEST_TIMEOUT = 30.0
 """Seconds an ``async def`` test may run before it is failed as hung."""

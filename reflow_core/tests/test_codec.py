@@ -96,9 +96,10 @@ def test_plain_data_round_trips(value: Any) -> None:
 def test_encoding_is_canonical_and_stable(value: Any) -> None:
     text = codec.encode(value)
     assert codec.encode(codec.decode(text)) == text
-    # The text is valid, whitespace-free JSON with sorted keys.
+    # The text is valid, whitespace-free, ASCII-only JSON with sorted keys.
     parsed = json.loads(text)
-    assert json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=False) == text
+    assert json.dumps(parsed, sort_keys=True, separators=(",", ":")) == text
+    assert text.isascii()
 
 
 @pytest.mark.parametrize(
@@ -113,6 +114,7 @@ def test_encoding_is_canonical_and_stable(value: Any) -> None:
         -0.0,
         "",
         "héllo ✓",
+        "nul \x00 and a lone surrogate \ud800",
         [],
         {},
         {"nested": [{"a": [1, [2, [3]]]}]},
@@ -168,8 +170,10 @@ def test_equal_dicts_encode_to_equal_text() -> None:
     assert codec.encode(a) == codec.encode(b) == '{"a":{"x":null,"y":[1,2]},"b":1}'
 
 
-def test_non_ascii_text_is_kept_verbatim() -> None:
-    assert codec.encode({"name": "Zoë ✓"}) == '{"name":"Zoë ✓"}'
+def test_non_ascii_text_is_escaped_to_ascii_and_restored() -> None:
+    text = codec.encode({"name": "Zoë ✓", "nul": "\x00", "half": "\ud83d"})
+    assert text == '{"half":"\\ud83d","name":"Zo\\u00eb \\u2713","nul":"\\u0000"}'
+    assert codec.decode(text) == {"name": "Zoë ✓", "nul": "\x00", "half": "\ud83d"}
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,10 @@ and ``dict`` with ``str`` keys, plus :class:`datetime.datetime`. Anything else
 example ``$.items[3].price``. Nothing is ever pickled: stored data is not
 trusted code.
 
-The text is canonical: keys sorted, no whitespace. Equal values therefore
-encode to equal text, which is what idempotency checks compare.
+The text is canonical and ASCII-only: keys sorted, no whitespace, every
+non-ASCII character escaped. Equal values therefore encode to equal text,
+which is what idempotency checks compare, and any store that keeps text
+(even one that refuses NUL or lone surrogates) keeps it exactly.
 
 Tags are one-key objects whose key starts with ``$``:
 
@@ -38,8 +40,10 @@ JSONValue: TypeAlias = (
 _DATETIME = "$datetime"
 _ESCAPE = "$escape"
 
+# ASCII-only text: every character outside ASCII (NUL and lone surrogates
+# included) is a \u escape, so any store that takes text can keep it exactly.
 _encoder = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+    ensure_ascii=True, allow_nan=False, sort_keys=True, separators=(",", ":")
 )
 
 

@@ -1,0 +1,109 @@
+"""The database layout and its forward-only migrations.
+
+A Reflow database is marked by ``PRAGMA application_id`` (:data:`APPLICATION_ID`)
+and carries its schema version in ``PRAGMA user_version``. ``MIGRATIONS[n]`` turns
+version ``n`` into version ``n + 1``; released entries are never edited, only
+appended to, so every database can be brought forward from any older version.
+
+Timestamps are integer microseconds since the Unix epoch, UTC: they compare as
+plain integers in indexes and convert to and from :class:`datetime.datetime`
+without loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["APPLICATION_ID", "MIGRATIONS", "SCHEMA_VERSION"]
+
+APPLICATION_ID = 0x52464C57
+"""``PRAGMA application_id`` of every Reflow database: the bytes ``RFLW``."""
+
+_V1: Sequence[str] = (
+    """
+    CREATE TABLE runs (
+        id               TEXT    PRIMARY KEY,
+        workflow         TEXT    NOT NULL,
+        status           TEXT    NOT NULL CHECK (status IN (
+                             'pending', 'running', 'sleeping', 'waiting',
+                             'completed', 'failed', 'cancelled')),
+        input            TEXT    NOT NULL,
+        output           TEXT,
+        error            TEXT,
+        idempotency_key  TEXT,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        reclaims         INTEGER NOT NULL DEFAULT 0,
+        lease_epoch      INTEGER NOT NULL DEFAULT 0,
+        created_at       INTEGER NOT NULL,
+        updated_at       INTEGER NOT NULL,
+        wake_at          INTEGER,
+        waiting_for      TEXT,
+        lease_expires_at INTEGER,
+        UNIQUE (workflow, idempotency_key)
+    )
+    """,
+    # Claimable by due time: pending (due when created or handed back),
+    # sleeping, and waiting with a deadline or a delivered event. Completed
+    # runs are not in this index, so claims stay fast as history piles up.
+    """
+    CREATE INDEX runs_due ON runs (wake_at, id)
+        WHERE status IN ('pending', 'sleeping', 'waiting')
+    """,
+    # Running runs by lease expiry, to find lapsed leases.
+    """
+    CREATE INDEX runs_lease ON runs (lease_expires_at, id)
+        WHERE status = 'running'
+    """,
+    "CREATE INDEX runs_created ON runs (created_at, id)",
+    "CREATE INDEX runs_workflow_created ON runs (workflow, created_at, id)",
+    """
+    CREATE TABLE steps (
+        run_id       TEXT    NOT NULL,
+        name         TEXT    NOT NULL,
+        status       TEXT    NOT NULL CHECK (status IN (
+                         'completed', 'failed', 'skipped', 'sleeping', 'waiting')),
+        output       TEXT,
+        error        TEXT,
+        attempts     INTEGER NOT NULL,
+        wake_at      INTEGER,
+        completed_at INTEGER NOT NULL,
+        PRIMARY KEY (run_id, name)
+    )
+    """,
+    # Events are kept after they are taken (taken_at is set) so that a
+    # redelivery with the same event_id stays a no-op forever.
+    """
+    CREATE TABLE events (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        run_id     TEXT    NOT NULL,
+        name       TEXT    NOT NULL,
+        payload    TEXT    NOT NULL,
+        event_id   TEXT,
+        created_at INTEGER NOT NULL,
+        taken_at   INTEGER,
+        UNIQUE (run_id, event_id)
+    )
+    """,
+    """
+    CREATE INDEX events_buffered ON events (run_id, name, id)
+        WHERE taken_at IS NULL
+    """,
+    """
+    CREATE TABLE schedules (
+        key         TEXT    PRIMARY KEY,
+        workflow    TEXT    NOT NULL,
+        input       TEXT    NOT NULL,
+        recurrence  TEXT    NOT NULL,
+        next_run_at INTEGER NOT NULL,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL
+    )
+    """,
+    "CREATE INDEX schedules_due ON schedules (next_run_at, key)",
+)
+
+MIGRATIONS: Sequence[Sequence[str]] = (_V1,)
+"""``MIGRATIONS[n]``: the statements that take schema version ``n`` to ``n + 1``."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+"""The schema version this code writes; a newer one in a file is refused."""

@@ -1,0 +1,112 @@
+"""Fixtures for the SQLite backend tests.
+
+* ``async def`` tests run on a fresh event loop with :func:`asyncio.run`,
+  bounded by a timeout so a hang fails fast.
+* ``clock`` is a storage clock that moves only when the test advances it.
+* ``opener`` opens storages on the test's database file (a new connection each
+  time, as another worker process would have); every storage it opened is
+  closed after the test, on the test's own loop. ``driver`` picks how
+  transactions reach the database: ``"hook"`` (one call on aiosqlite's worker
+  thread) or ``"public"`` (aiosqlite's public coroutines); modules that
+  override the fixture run under both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reflow_sqlite import SQLiteStorage
+
+ASYNC_TEST_TIMEOUT = 30.0
+
+
+class FakeClock:
+    """A storage clock that only moves when told to (safe to read from any thread)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+class Opener:
+    """Opens initialized storages on one database file and closes them afterwards."""
+
+    def __init__(self, path: Path, clock: FakeClock, driver: str) -> None:
+        self.path = path
+        self.clock = clock
+        self.driver = driver
+        self.opened: list[SQLiteStorage] = []
+
+    def build(self, path: Path | None = None, **options: Any) -> SQLiteStorage:
+        """An uninitialized storage (closed after the test)."""
+        options.setdefault("clock", self.clock)
+        store = SQLiteStorage(path or self.path, **options)
+        store._use_private_hook = self.driver == "hook"
+        self.opened.append(store)
+        return store
+
+    async def __call__(self, path: Path | None = None, **options: Any) -> SQLiteStorage:
+        """An initialized storage (closed after the test)."""
+        store = self.build(path, **options)
+        await store.initialize()
+        return store
+
+    async def aclose(self) -> None:
+        for store in self.opened:
+            await store.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The storage clock of every storage the ``opener`` opens, unless overridden."""
+    return FakeClock()
+
+
+@pytest.fixture
+def driver() -> str:
+    """How transactions reach the database; modules may parametrize it."""
+    return "hook"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """The test's database file."""
+    return tmp_path / "reflow.db"
+
+
+@pytest.fixture
+def opener(db_path: Path, clock: FakeClock, driver: str) -> Opener:
+    """Opens storages on ``db_path``."""
+    return Opener(db_path, clock, driver)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run ``async def`` tests with :func:`asyncio.run`, closing their storages."""
+    func = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(func):
+        return None
+    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    openers = [value for value in pyfuncitem.funcargs.values() if isinstance(value, Opener)]
+
+    async def main() -> None:
+        try:
+            async with asyncio.timeout(ASYNC_TEST_TIMEOUT):
+                await func(**kwargs)
+        finally:
+            for item in openers:
+                await item.aclose()
+
+    asyncio.run(main())
+    return True

@@ -1,0 +1,28 @@
+"""The README's demo runs and shows what it claims: a worker killed mid-step,
+the run resumed elsewhere, the card charged exactly once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).parents[2] / "examples" / "order_demo.py"
+
+
+@pytest.mark.slow
+def test_order_demo(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(DEMO), "--db", str(tmp_path / "demo.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "worker 1 was killed by signal 9" in out
+    assert ": completed, claimed 2 times, reclaimed 1" in out
+    assert "the payment ledger has 1 charge(s)" in out
+    for step in ("charge", "pack", "ship", "email"):
+        assert f"step {step:<7} completed" in out
