@@ -5,7 +5,7 @@ other (as the engine does with 25 runs in flight). Prints saves per second
 and the mean latency of one save for each mode and ``synchronous`` level, and
 the time of a claim of 10 runs with many completed runs in the file.
 
-    uv run python reflow_sqlite/benchmarks/bench_group_commit.py
+    uv run python benchmarks/sqlite_group_commit.py
 """
 
 from __future__ import annotations
