@@ -335,7 +335,10 @@ async def test_pending_without_lease_is_refused(opener) -> None:
     run = (await store.create_run(NewRun("wf", "{}"))).run
     with pytest.raises(ConfigError, match="requires its lease"):
         await store.update_run_status(run.id, "pending")
-    assert not await store.update_run_status("missing", "pending")
+    with pytest.raises(ConfigError, match="requires its lease"):
+        await store.update_run_status("missing", "pending")
+    with pytest.raises(ConfigError, match="not 'completed'"):
+        await store.update_run_status(run.id, "completed")  # type: ignore[arg-type]
     assert await store.get_run(run.id) == run
 
 

@@ -12,8 +12,9 @@ import time
 from datetime import UTC, datetime
 
 from .errors import ConfigError
+from .storage import Lease
 
-__all__ = ["decode_cursor", "encode_cursor", "new_run_id", "utcnow"]
+__all__ = ["check_status_update", "decode_cursor", "encode_cursor", "new_run_id", "utcnow"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -51,3 +52,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"malformed list cursor {cursor!r}", option="cursor") from exc
     return created, run_id
+
+
+def check_status_update(status: str, lease: Lease | None) -> None:
+    """Refuse arguments :meth:`Storage.update_run_status` never accepts, before
+    touching the store: an unknown target status, or ``pending`` without a lease."""
+    if status not in ("pending", "cancelled", "failed"):
+        raise ConfigError(
+            f"update_run_status moves a run to 'pending', 'cancelled' or 'failed', not {status!r}",
+            option="status",
+        )
+    if status == "pending" and lease is None:
+        raise ConfigError("handing a run back to 'pending' requires its lease", option="lease")

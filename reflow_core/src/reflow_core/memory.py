@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from .adapter import decode_cursor, encode_cursor, new_run_id, utcnow
+from .adapter import check_status_update, decode_cursor, encode_cursor, new_run_id, utcnow
 from .errors import ConfigError, IdempotencyConflictError, StorageError
 from .storage import (
     TERMINAL_STATUSES,
@@ -233,6 +233,7 @@ class MemoryStorage:
         error: str | None = None,
     ) -> bool:
         self._check_open("update_run_status")
+        check_status_update(status, lease)
         now = self._clock()
         if lease is not None:
             if lease.run_id != run_id:
@@ -245,8 +246,6 @@ class MemoryStorage:
         if entry is None:
             return False
         if status == "pending":
-            if lease is None:
-                raise ConfigError("handing a run back to pending requires its lease")
             self._update(entry, now, status="pending", lease_expires_at=None, wake_at=now)
         else:
             self._update(

@@ -37,7 +37,9 @@ Statuses and transitions::
        │                 └─(lease lapses)──▶ claimable again, as a reclaim
        └──requeue_run── failed | cancelled        any non-terminal ──cancel──▶ cancelled
 
-Time values are timezone-aware UTC datetimes. Durations are ``timedelta``.
+Time values are timezone-aware UTC datetimes, kept to at least millisecond
+precision (the engine passes schedule slots in whole milliseconds, so they
+compare exactly after a round trip). Durations are ``timedelta``.
 """
 
 from __future__ import annotations
@@ -316,7 +318,10 @@ class Storage(Protocol):
         next claimed); ``failed`` or ``cancelled`` end it. Without a lease it
         applies to any run that is not terminal (``cancel`` uses this), and
         breaks the current holder's fence. Returns False if nothing changed:
-        the run is missing, terminal, or the lease was lost.
+        the run is missing, terminal, or the lease was lost. Raises
+        :class:`~reflow_core.errors.ConfigError`, touching nothing, for
+        ``pending`` without a lease or any other target status
+        (:func:`reflow_core.adapter.check_status_update` does this check).
         """
         ...
 
@@ -326,9 +331,10 @@ class Storage(Protocol):
         The first time a run reaches ``step``, the backend records a
         ``sleeping`` step record with ``wake_at = now + duration``; later calls
         for the same step keep that ``wake_at``, so a reclaimed run sleeps
-        once. The run becomes ``sleeping`` until ``wake_at`` with its lease
-        dropped (claimable once due, at once if already due). Returns the
-        ``wake_at``, or ``None`` if the lease is lost.
+        once; a record of ``step`` with any other status is replaced. The run
+        becomes ``sleeping`` until ``wake_at`` with its lease dropped
+        (claimable once due, at once if already due). Returns the ``wake_at``,
+        or ``None`` if the lease is lost.
         """
         ...
 
@@ -338,7 +344,8 @@ class Storage(Protocol):
         """Fenced: make the run wait for event ``event`` at wait step ``step``.
 
         The first time, records a ``waiting`` step record whose ``wake_at`` is
-        ``now + timeout`` (or ``None``); later calls keep it. If an event named
+        ``now + timeout`` (or ``None``); later calls keep it, and a record of
+        ``step`` with any other status is replaced. If an event named
         ``event`` is already buffered for the run, the run stays ``running``
         under its lease and the call returns ``WaitResult(ready=True, ...)``:
         take it now. Otherwise the run becomes ``waiting`` (``waiting_for =
@@ -354,9 +361,10 @@ class Storage(Protocol):
         """Buffer an event for a run, durably, in arrival order.
 
         If the run is ``waiting`` for ``event``, it becomes claimable at once.
-        With an ``event_id``, a second delivery with the same id is a no-op
-        that returns True (safe retries). Returns False, storing nothing, if
-        the run is missing or terminal.
+        With an ``event_id``, a second delivery with the same id to the same
+        run is a no-op that returns True (safe retries), for as long as the
+        run exists, even after the first was taken. Returns False, storing
+        nothing, if the run is missing or terminal.
         """
         ...
 

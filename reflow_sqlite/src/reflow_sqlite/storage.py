@@ -34,7 +34,13 @@ from urllib.parse import parse_qsl, unquote
 
 import aiosqlite
 
-from reflow_core.adapter import decode_cursor, encode_cursor, new_run_id, utcnow
+from reflow_core.adapter import (
+    check_status_update,
+    decode_cursor,
+    encode_cursor,
+    new_run_id,
+    utcnow,
+)
 from reflow_core.errors import (
     ConfigError,
     IdempotencyConflictError,
@@ -164,7 +170,6 @@ _SQL_END_UNFENCED = (
     "UPDATE runs SET status = ?, error = ?, lease_expires_at = NULL, wake_at = NULL, "
     f"waiting_for = NULL, updated_at = ? WHERE id = ? AND {_NOT_TERMINAL} RETURNING 1"
 )
-_SQL_IS_ACTIVE = f"SELECT 1 FROM runs WHERE id = ? AND {_NOT_TERMINAL}"
 _SQL_SLEEP = (
     "UPDATE runs SET status = 'sleeping', wake_at = ?, lease_expires_at = NULL, "
     f"updated_at = ? WHERE {_FENCE} RETURNING 1"
@@ -426,11 +431,6 @@ def _update_status_script(
     now: int, run_id: str, status: str, lease: Lease | None, error: str | None
 ) -> Script[bool]:
     if lease is None:
-        if status == "pending":
-            rows = yield (_SQL_IS_ACTIVE, (run_id,))
-            if rows:
-                raise ConfigError("handing a run back to pending requires its lease")
-            return False
         rows = yield (_SQL_END_UNFENCED, (status, error, now, run_id))
     elif status == "pending":
         rows = yield (_SQL_HAND_BACK, (now, now, run_id, lease.epoch, now))
@@ -1227,6 +1227,7 @@ class SQLiteStorage:
     ) -> bool:
         """Hand a run back (``pending``, with its lease) or end it (``failed``/``cancelled``)."""
         self._connection("update_run_status")
+        check_status_update(status, lease)
         if lease is not None and lease.run_id != run_id:
             return False
         return await self._call(
