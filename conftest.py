@@ -12,5 +12,5 @@ from __future__ import annotations
 
 import importlib
 
-for _name in ("reflow_core", "reflow_sqlite"):
+for _name in ("reflow_core", "reflow_sqlite", "reflow_conformance"):
     importlib.import_module(_name)

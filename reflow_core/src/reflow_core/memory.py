@@ -4,11 +4,16 @@ It keeps everything in one process and loses it on exit: for tests, demos and
 workflows that need no durability. It implements the full protocol and passes
 the same conformance suite as every other backend; each operation runs
 without awaiting, so it is atomic with respect to the event loop.
+
+``memory://`` opens a private store. ``memory://NAME`` opens the named store
+of this process, shared by every storage opened with the same name (as two
+connections to one database would be), until the process exits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -44,19 +49,44 @@ class _Run:
     event_ids: set[str] = field(default_factory=set)
 
 
-class MemoryStorage:
-    """The in-memory backend. ``clock`` returns the storage's *now* (aware
-    UTC); tests pass a virtual clock to move time without sleeping."""
+@dataclass(slots=True)
+class _State:
+    runs: dict[str, _Run] = field(default_factory=dict)
+    idem: dict[tuple[str, str], str] = field(default_factory=dict)
+    schedules: dict[str, ScheduleRecord] = field(default_factory=dict)
 
-    def __init__(self, *, clock: Callable[[], datetime] | None = None) -> None:
+
+_named: dict[str, _State] = {}
+_named_lock = threading.Lock()
+
+
+class MemoryStorage:
+    """The in-memory backend.
+
+    ``name`` selects a named store shared by every ``MemoryStorage`` of this
+    process opened with that name; without it the store is private. ``clock``
+    returns the storage's *now* (aware UTC); tests pass a virtual clock to
+    move time without sleeping.
+    """
+
+    def __init__(
+        self, *, name: str | None = None, clock: Callable[[], datetime] | None = None
+    ) -> None:
+        if name is None:
+            state = _State()
+        else:
+            with _named_lock:
+                state = _named.setdefault(name, _State())
+        self._name = name
         self._clock = clock or utcnow
-        self._runs: dict[str, _Run] = {}
-        self._idem: dict[tuple[str, str], str] = {}
-        self._schedules: dict[str, ScheduleRecord] = {}
+        self._runs = state.runs
+        self._idem = state.idem
+        self._schedules = state.schedules
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"MemoryStorage(runs={len(self._runs)})"
+        label = f"name={self._name!r}, " if self._name is not None else ""
+        return f"MemoryStorage({label}runs={len(self._runs)})"
 
     # -- helpers -----------------------------------------------------------
 

@@ -71,6 +71,9 @@ class _MemoryPlugin:
         from .memory import MemoryStorage
 
         def factory(url: str, /, **options: Any) -> Storage:
+            name = url.split("://", 1)[1].strip("/")
+            if name:
+                options.setdefault("name", name)
             return MemoryStorage(**options)
 
         register("memory", factory, description="in-process, not durable (reflow-core)")

@@ -1,0 +1,24 @@
+"""The storage contract's tests.
+
+Run them with ``pytest --pyargs reflow_conformance.suite --reflow-storage=...``,
+or import them into one of your test modules to run them there with your own
+``reflow_storage_factory`` fixture::
+
+    from reflow_conformance.suite import *  # noqa: F403
+
+Each module lists its test classes in ``__all__``.
+"""
+
+from __future__ import annotations
+
+from .test_claims import *  # noqa: F403
+from .test_codec import *  # noqa: F403
+from .test_events import *  # noqa: F403
+from .test_leases import *  # noqa: F403
+from .test_listing import *  # noqa: F403
+from .test_processes import *  # noqa: F403
+from .test_runs import *  # noqa: F403
+from .test_schedules import *  # noqa: F403
+from .test_sleep_wait import *  # noqa: F403
+from .test_stateful import *  # noqa: F403
+from .test_steps import *  # noqa: F403

@@ -1,0 +1,32 @@
+"""Bind the conformance suite to this repository's backends: memory and SQLite."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from reflow_conformance import AdapterFactory
+from reflow_core import open_storage
+
+BACKENDS = ["memory", "sqlite"]
+
+
+@pytest.fixture(scope="session")
+def _sqlite_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("conformance")
+
+
+@pytest.fixture(params=BACKENDS)
+def reflow_storage_factory(request: pytest.FixtureRequest, _sqlite_dir: Path) -> AdapterFactory:
+    if request.param == "memory":
+        url = f"memory://conformance-{uuid.uuid4().hex}"
+        return AdapterFactory(make=lambda: open_storage(url), name="memory")
+    url = f"sqlite:///{_sqlite_dir}/suite.db"
+    return AdapterFactory(
+        make=lambda: open_storage(url),
+        target=url,
+        capabilities=frozenset({"multiprocess"}),
+        name="sqlite",
+    )
