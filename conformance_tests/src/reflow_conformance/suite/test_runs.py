@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
+from reflow_conformance import promises as P
+from reflow_conformance.harness import Harness, promise
 from reflow_core import codec
 from reflow_core.errors import IdempotencyConflictError
 from reflow_core.storage import NewRun, Storage
 
-from .. import promises as P
-from ..harness import Harness, promise
 from ._util import create
 
 pytestmark = pytest.mark.reflow_conformance
