@@ -12,10 +12,11 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
@@ -32,6 +33,7 @@ from .errors import (
     StepCancelledError,
     StepError,
     StepTimeoutError,
+    StorageError,
     ValidationError,
     WorkflowNotFoundError,
     error_info,
@@ -52,6 +54,9 @@ from .workflow import StepDefinition, Workflow, to_plain_input
 __all__ = ["Engine", "Run", "StepResult"]
 
 logger = logging.getLogger("reflow.engine")
+
+_WRITE_RETRY_PAUSES = (0.05, 0.25, 1.0)
+"""Pauses between retries of a fenced write that failed with a StorageError."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,13 +539,44 @@ class Engine:
         if not ok:
             raise _LeaseLost
 
+    async def _fenced(self, write: Callable[[], Awaitable[bool]], run_id: str) -> None:
+        """Make a fenced write, retrying transient storage errors, and stop the
+        run if the lease is lost.
+
+        Retrying is safe: every fenced write is an idempotent upsert, and one
+        that landed before its reply was lost is refused the second time
+        (the run is no longer running under this lease), which only stops a
+        run that has already moved on. Giving up leaves the run to be
+        reclaimed once its lease lapses.
+        """
+        for attempt, pause in enumerate((*_WRITE_RETRY_PAUSES, None)):
+            try:
+                ok = await write()
+            except StorageError as exc:
+                if pause is None:
+                    raise
+                logger.warning(
+                    "write for run %s failed (%s); retry %d in %.2fs",
+                    run_id,
+                    exc,
+                    attempt + 1,
+                    pause,
+                )
+                await asyncio.sleep(pause)
+                continue
+            self._fence(ok)
+            return
+
     async def _fail(
         self, lease: Lease, exc: BaseException, *, step: str | None, attempts: int = 1
     ) -> None:
         info = error_info(exc, step=step, attempts=attempts)
         text = codec.encode(dict(info))
         record = None if step is None else StepRecord(step, "failed", error=text, attempts=attempts)
-        self._fence(await self._storage.finish_run(lease, "failed", error=text, step=record))
+        await self._fenced(
+            lambda: self._storage.finish_run(lease, "failed", error=text, step=record),
+            lease.run_id,
+        )
 
     async def _drive(self, claimed: ClaimedRun, state: _InFlight) -> None:
         run = claimed.run
@@ -584,18 +620,24 @@ class Engine:
                 return
             record = StepRecord(step.name, "completed", output=text, attempts=attempts)
             if index == last:
-                self._fence(
-                    await self._storage.finish_run(lease, "completed", output=text, step=record)
+                await self._fenced(
+                    partial(self._storage.finish_run, lease, "completed", output=text, step=record),
+                    run.id,
                 )
                 return
             started = time.monotonic()
-            self._fence(await self._storage.save_step_result(lease, record, self._lease))
+            await self._fenced(
+                partial(self._storage.save_step_result, lease, record, self._lease), run.id
+            )
             state.renewed_at = max(state.renewed_at, started)
             prev = codec.decode(text)
             outputs[step.name] = prev
         # Every step was already saved (the definition lost a trailing step?):
         # finish with the last output.
-        self._fence(await self._storage.finish_run(lease, "completed", output=codec.encode(prev)))
+        final = codec.encode(prev)
+        await self._fenced(
+            lambda: self._storage.finish_run(lease, "completed", output=final), run.id
+        )
 
     async def _run_step(
         self,
