@@ -46,9 +46,15 @@ STABLE_CODES = {
     "ReclaimLimitError": "reclaim_limit",
     "RunFailedError": "run_failed",
     "RunCancelledError": "run_cancelled",
+    "EventNotDeclaredError": "event_not_declared",
+    "ParallelCompleteError": "parallel_complete",
+    "WaitTimeoutError": "wait_timeout",
 }
 
 PARENTS = {
+    "EventNotDeclaredError": "ReflowError",
+    "ParallelCompleteError": "ReflowError",
+    "WaitTimeoutError": "RunError",
     "ConfigError": "ReflowError",
     "DuplicateStepError": "ConfigError",
     "ValidationError": "ReflowError",

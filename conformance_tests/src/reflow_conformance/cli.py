@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     can rewrite its assertions (this process has imported the package already).
     """
     args = build_args(sys.argv[1:] if argv is None else argv)
-    return subprocess.call([sys.executable, "-m", "pytest", *args])
+    return subprocess.call([sys.executable, "-m", "pytest", *args])  # noqa: S603 - our own pytest
 
 
 if __name__ == "__main__":

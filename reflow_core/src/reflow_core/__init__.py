@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from .codec import JSONValue
-from .context import CancelSignal, StepContext
-from .engine import Engine, Run, StepResult
+from .context import CancelSignal, FailureContext, StepContext
+from .engine import Clock, Engine, Run, RunList, StepResult, SystemClock
 from .errors import (
     BackendNotFoundError,
     ConfigError,
     DuplicateStepError,
+    EventNotDeclaredError,
     IdempotencyConflictError,
     LeaseExpiredError,
+    ParallelCompleteError,
     ReclaimLimitError,
     ReflowError,
     RunCancelledError,
@@ -24,44 +26,69 @@ from .errors import (
     StepTimeoutError,
     StorageError,
     ValidationError,
+    WaitTimeoutError,
     WorkflowNotFoundError,
+)
+from .events import (
+    Event,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    StepCompleted,
+    StepSkipped,
+    StepStarted,
 )
 from .memory import MemoryStorage
 from .registry import available_backends, open_storage
 from .retry import Retry
 from .storage import Storage
-from .workflow import Workflow, workflow
+from .workflow import Branch, Workflow, workflow
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendNotFoundError",
+    "Branch",
     "CancelSignal",
+    "Clock",
     "ConfigError",
     "DuplicateStepError",
     "Engine",
+    "Event",
+    "EventNotDeclaredError",
+    "FailureContext",
     "IdempotencyConflictError",
     "JSONValue",
     "LeaseExpiredError",
     "MemoryStorage",
+    "ParallelCompleteError",
     "ReclaimLimitError",
     "ReflowError",
     "Retry",
     "Run",
     "RunCancelledError",
+    "RunCompleted",
     "RunError",
+    "RunFailed",
     "RunFailedError",
+    "RunList",
     "RunNotFoundError",
+    "RunStarted",
     "SchemaVersionError",
     "SerializationError",
     "StepCancelledError",
+    "StepCompleted",
     "StepContext",
     "StepError",
     "StepResult",
+    "StepSkipped",
+    "StepStarted",
     "StepTimeoutError",
     "Storage",
     "StorageError",
+    "SystemClock",
     "ValidationError",
+    "WaitTimeoutError",
     "Workflow",
     "WorkflowNotFoundError",
     "__version__",

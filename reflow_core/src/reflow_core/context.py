@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, NoReturn, TypeVar
 
-from .errors import StepCancelledError
+from .errors import ErrorInfo, ParallelCompleteError, StepCancelledError
 
-__all__ = ["CancelSignal", "StepContext"]
+__all__ = ["CancelSignal", "FailureContext", "StepContext"]
 
 InputT_co = TypeVar("InputT_co", covariant=True)
 PrevT_co = TypeVar("PrevT_co", covariant=True)
@@ -104,9 +104,50 @@ class StepContext(Generic[InputT_co, PrevT_co]):
     prev: PrevT_co
     steps: Mapping[str, Any]
     signal: CancelSignal
+    in_parallel: bool = field(default=False, repr=False)
+    """True inside a branch of ``.parallel(...)``."""
+
+    def complete(self, value: object = None) -> NoReturn:
+        """Finish the run now with ``value`` as its output; later steps never run.
+
+        ``value`` is saved as this step's output and the run's output in one
+        atomic write. Raises :class:`~reflow_core.errors.ParallelCompleteError`
+        inside a parallel branch.
+        """
+        if self.in_parallel:
+            raise ParallelCompleteError(self.step)
+        raise CompleteRun(value)
 
     def __repr__(self) -> str:
         return (
             f"StepContext(run_id={self.run_id!r}, workflow={self.workflow!r}, "
             f"step={self.step!r}, attempt={self.attempt})"
         )
+
+
+class CompleteRun(Exception):
+    """Raised by :meth:`StepContext.complete`; the engine finishes the run.
+
+    Catching it in a handler (``except Exception``) swallows the completion:
+    re-raise it, or call ``complete`` outside such a block.
+    """
+
+    def __init__(self, value: object) -> None:
+        super().__init__("run completed early")
+        self.value = value
+
+
+@dataclass(frozen=True, slots=True)
+class FailureContext(Generic[InputT_co]):
+    """What an ``on_failure`` handler receives when a run has failed for good."""
+
+    run_id: str
+    workflow: str
+    step: str | None
+    """The step that failed, or ``None`` for a failure outside any step."""
+    error: ErrorInfo
+    """The stored failure: ``code``, ``type``, ``message``, ``step``."""
+    input: InputT_co
+    """The run's validated input (the raw stored input if it no longer validates)."""
+    exception: BaseException | None = None
+    """The exception, when the failure happened in this process."""

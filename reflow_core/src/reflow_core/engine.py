@@ -9,25 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
+import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
 from . import codec
 from ._durations import Duration, to_seconds
-from .context import CancelSignal, StepContext
+from .context import CancelSignal, CompleteRun, FailureContext, StepContext
 from .errors import (
     ConfigError,
     ErrorInfo,
+    EventNotDeclaredError,
+    ParallelCompleteError,
     ReclaimLimitError,
     ReflowError,
+    RunCancelledError,
+    RunFailedError,
     RunNotFoundError,
     SerializationError,
     StepCancelledError,
@@ -35,11 +41,23 @@ from .errors import (
     StepTimeoutError,
     StorageError,
     ValidationError,
+    WaitTimeoutError,
     WorkflowNotFoundError,
     error_info,
 )
-from .registry import open_storage
+from .events import (
+    Event,
+    Observers,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    StepCompleted,
+    StepSkipped,
+    StepStarted,
+)
+from .registry import DISABLE_AUTOLOAD_ENV, load_observer_entry_points, open_storage
 from .storage import (
+    TERMINAL_STATUSES,
     ClaimedRun,
     Lease,
     NewRun,
@@ -49,9 +67,16 @@ from .storage import (
     StepStatus,
     Storage,
 )
-from .workflow import StepDefinition, Workflow, to_plain_input
+from .workflow import (
+    ParallelDefinition,
+    SleepDefinition,
+    StepDefinition,
+    WaitDefinition,
+    Workflow,
+    to_plain_input,
+)
 
-__all__ = ["Engine", "Run", "StepResult"]
+__all__ = ["Clock", "Engine", "Run", "RunList", "StepResult", "SystemClock"]
 
 logger = logging.getLogger("reflow.engine")
 
@@ -127,7 +152,7 @@ class _InFlight:
     lease: Lease
     renewed_at: float
     task: asyncio.Task[None] | None = None
-    signal: CancelSignal = field(default_factory=CancelSignal)
+    signals: set[CancelSignal] = field(default_factory=set)
     stop_reason: str | None = None
     started: bool = False
 
@@ -140,9 +165,80 @@ class _InFlight:
         """
         if self.stop_reason is None:
             self.stop_reason = reason
-        self.signal._fire(reason)
+        for signal in list(self.signals):
+            signal._fire(reason)
         if self.started and self.task is not None and not self.task.done():
             self.task.cancel()
+
+
+@dataclass(slots=True)
+class _Execution:
+    """One claimed run being driven: its definition and what is known so far."""
+
+    record: RunRecord
+    lease: Lease
+    state: _InFlight
+    workflow: Workflow[Any, Any]
+    saved: dict[str, StepRecord]
+    input: Any = None
+    prev: Any = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    last: bool = False
+    _view: _ReadOnly = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._view = _ReadOnly(self.outputs)
+
+    def advance(self, step: str, value: Any) -> None:
+        self.outputs[step] = value
+        self.prev = value
+
+    def context(
+        self, step: str, attempt: int, signal: CancelSignal, *, in_parallel: bool = False
+    ) -> StepContext[Any, Any]:
+        return StepContext(
+            run_id=self.record.id,
+            workflow=self.record.workflow,
+            step=step,
+            attempt=attempt,
+            input=self.input,
+            prev=self.prev,
+            steps=self._view,
+            signal=signal,
+            in_parallel=in_parallel,
+        )
+
+
+class Clock:
+    """Where the engine gets the time and waits (retry back-off, polling).
+
+    The default is :class:`SystemClock`; :mod:`reflow_core.testing` uses a
+    virtual one so tests pass time instantly.
+    """
+
+    def now(self) -> datetime:
+        raise NotImplementedError
+
+    async def sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+
+class SystemClock(Clock):
+    """The real clock."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class RunList:
+    """One page of :meth:`Engine.list_runs`; pass ``next_cursor`` for the next."""
+
+    runs: list[Run]
+    next_cursor: str | None
 
 
 def _positive(value: Duration, option: str) -> float:
@@ -166,6 +262,11 @@ class Engine:
     starts the worker, leaving stops it and closes the storage (pass
     ``close_storage=False`` to keep it open). With ``worker=False`` entering
     starts no worker: the engine only enqueues, inspects and cancels runs.
+
+    ``plugins`` are observer plugins (see :mod:`reflow_core.hookspecs`);
+    observers announced through the ``reflow`` entry-point group are loaded
+    too unless ``load_entry_points=False``. ``clock`` replaces the real
+    clock for the engine's own waits (see :mod:`reflow_core.testing`).
     """
 
     def __init__(
@@ -182,6 +283,9 @@ class Engine:
         drain_timeout: Duration = "10s",
         close_storage: bool = True,
         worker: bool = True,
+        plugins: Iterable[object] = (),
+        load_entry_points: bool = True,
+        clock: Clock | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(
@@ -218,6 +322,12 @@ class Engine:
         self._drain_timeout = to_seconds(drain_timeout, option="drain_timeout")
         self._close_storage = close_storage
         self._worker = worker
+        self._clock: Clock = clock or SystemClock()
+        self._observers = Observers()
+        for plugin in plugins:
+            self._observers.register(plugin)
+        self._load_entry_points = load_entry_points and not os.environ.get(DISABLE_AUTOLOAD_ENV)
+        self._finished: dict[str, asyncio.Event] = {}
 
         self._inflight: dict[str, _InFlight] = {}
         self._initialized = False
@@ -269,6 +379,10 @@ class Engine:
             return
         async with self._init_lock:
             if not self._initialized:
+                if self._load_entry_points:
+                    for name, plugin in load_observer_entry_points():
+                        self._observers.register(plugin, name=name)
+                    self._load_entry_points = False
                 await self._storage.initialize()
                 self._initialized = True
 
@@ -327,6 +441,7 @@ class Engine:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        self._observers.close_streams()
 
     async def __aenter__(self) -> Self:
         if self._worker:
@@ -418,6 +533,130 @@ class Engine:
         if changed and state is not None:
             state.interrupt("cancelled")
         return changed
+
+    async def send_event(
+        self, run_id: str, event: str, payload: Any = None, *, event_id: str | None = None
+    ) -> bool:
+        """Send event ``event`` to a run; it becomes the ``prev`` of the step
+        after the run's ``wait_for_event(event)``.
+
+        An event sent before the run reaches the wait is kept and consumed
+        when it gets there. Returns False if the run is missing or finished.
+        Raises :class:`~reflow_core.errors.EventNotDeclaredError` if the run's
+        workflow never waits for ``event``, and
+        :class:`~reflow_core.errors.ValidationError` if the payload fails the
+        wait's schema (nothing is stored then). With ``event_id``, sending the
+        same id again is a no-op.
+        """
+        await self._ensure_initialized()
+        record = await self._storage.get_run(run_id)
+        if record is None or record.status in TERMINAL_STATUSES:
+            return False
+        wf = self._resolve(record.workflow)
+        wait = next(
+            (n for n in wf.steps if isinstance(n, WaitDefinition) and n.name == event), None
+        )
+        if wait is None:
+            raise EventNotDeclaredError(wf.name, event, wf.events)
+        raw = to_plain_input(payload)
+        wait.validate(wf.name, raw)
+        delivered = await self._storage.deliver_event(
+            run_id, event, codec.encode(raw), event_id=event_id
+        )
+        if delivered:
+            self._wake.set()
+        return delivered
+
+    async def resume(self, run_id: str) -> bool:
+        """Queue a failed or cancelled run again; its completed steps are kept
+        and it continues at its first unfinished step. Returns False for a
+        run that is missing or not failed or cancelled."""
+        await self._ensure_initialized()
+        requeued = await self._storage.requeue_run(run_id)
+        if requeued:
+            self._wake.set()
+        return requeued
+
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | Iterable[RunStatus] | None = None,
+        workflow: Workflow[Any, Any] | str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunList:
+        """Runs, newest first, optionally filtered by status(es) and workflow.
+
+        Pagination is exact: pass the returned ``next_cursor`` to get the next
+        page; every matching run appears exactly once.
+        """
+        await self._ensure_initialized()
+        statuses = [status] if isinstance(status, str) else None if status is None else list(status)
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        page = await self._storage.list_runs(
+            status=statuses, workflow=name, limit=limit, cursor=cursor
+        )
+        return RunList([Run.from_record(r) for r in page.runs], page.next_cursor)
+
+    async def result(self, run_id: str, *, timeout: Duration | None = None) -> Any:
+        """Wait for a run to finish and return its output.
+
+        Raises :class:`~reflow_core.errors.RunFailedError` (with the stored
+        failure) or :class:`~reflow_core.errors.RunCancelledError`, and
+        ``TimeoutError`` after ``timeout``. A run finished by this engine
+        wakes the waiter at once; one finished elsewhere is noticed by a
+        read that backs off to ``poll_interval``.
+        """
+        seconds = None if timeout is None else to_seconds(timeout, option="timeout")
+        await self._ensure_initialized()
+        finished = self._finished.setdefault(run_id, asyncio.Event())
+        pause = 0.01
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    record = await self._storage.get_run(run_id)
+                    if record is None:
+                        raise RunNotFoundError(run_id)
+                    if record.status == "completed":
+                        return None if record.output is None else codec.decode(record.output)
+                    if record.status == "failed":
+                        info: ErrorInfo = codec.decode(record.error) if record.error else {}
+                        raise RunFailedError(run_id, info)
+                    if record.status == "cancelled":
+                        raise RunCancelledError(run_id)
+                    finished.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(pause):
+                            await finished.wait()
+                    pause = min(pause * 2, self._poll)
+        finally:
+            if not finished.is_set():
+                self._finished.pop(run_id, None)
+
+    def stream(self, *, buffer_size: int | None = 1000) -> AsyncIterator[Event]:
+        """An async iterator of this engine's lifecycle events.
+
+        With a bounded ``buffer_size`` a slow consumer slows the engine down
+        (backpressure) instead of losing events; ``None`` means unbounded.
+        The iterator ends after :meth:`stop`, and unsubscribes when the
+        consumer leaves the loop.
+        """
+        return self._observers.stream(buffer_size)
+
+    def register_plugin(self, plugin: object, *, name: str | None = None) -> None:
+        """Register an observer plugin (see :mod:`reflow_core.hookspecs`)."""
+        self._observers.register(plugin, name=name)
+
+    async def _emit(self, event: Event) -> None:
+        await self._observers.publish(event)
+
+    async def _report(self, error: BaseException, where: str) -> None:
+        await self._observers.report(error, where)
+
+    def _notify_finished(self, run_id: str) -> None:
+        waiter = self._finished.get(run_id)
+        if waiter is not None:
+            waiter.set()
 
     # -- worker ------------------------------------------------------------
 
@@ -568,108 +807,305 @@ class Engine:
             return
 
     async def _fail(
-        self, lease: Lease, exc: BaseException, *, step: str | None, attempts: int = 1
+        self,
+        run: _Execution,
+        exc: BaseException,
+        *,
+        step: str | None,
+        attempts: int = 1,
     ) -> None:
         info = error_info(exc, step=step, attempts=attempts)
         text = codec.encode(dict(info))
         record = None if step is None else StepRecord(step, "failed", error=text, attempts=attempts)
+        lease = run.lease
         await self._fenced(
-            lambda: self._storage.finish_run(lease, "failed", error=text, step=record),
+            partial(self._storage.finish_run, lease, "failed", error=text, step=record),
             lease.run_id,
         )
+        await self._emit(RunFailed(run.record.id, run.record.workflow, info, step))
+        self._notify_finished(run.record.id)
+        await self._call_failure_handler(run, info, step, exc)
+
+    async def _call_failure_handler(
+        self, run: _Execution, info: ErrorInfo, step: str | None, exc: BaseException
+    ) -> None:
+        handler = run.workflow.failure_handler
+        if handler is None:
+            return
+        ctx = FailureContext(
+            run_id=run.record.id,
+            workflow=run.record.workflow,
+            step=step,
+            error=info,
+            input=run.input,
+            exception=exc,
+        )
+        try:
+            result = handler(ctx)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as error:
+            await self._report(error, f"on_failure handler of workflow {run.record.workflow!r}")
+
+    async def _complete(self, run: _Execution, output: str, step: StepRecord | None) -> None:
+        await self._fenced(
+            partial(self._storage.finish_run, run.lease, "completed", output=output, step=step),
+            run.record.id,
+        )
+        await self._emit(RunCompleted(run.record.id, run.record.workflow, codec.decode(output)))
+        self._notify_finished(run.record.id)
+
+    async def _save(self, run: _Execution, record: StepRecord) -> None:
+        started = time.monotonic()
+        await self._fenced(
+            partial(self._storage.save_step_result, run.lease, record, self._lease),
+            run.record.id,
+        )
+        run.state.renewed_at = max(run.state.renewed_at, started)
 
     async def _drive(self, claimed: ClaimedRun, state: _InFlight) -> None:
-        run = claimed.run
-        lease = claimed.lease
-        wf = self._workflows.get(run.workflow)
+        record = claimed.run
+        wf = self._workflows.get(record.workflow)
         if wf is None:  # claimed only for our workflows; be safe anyway
-            await self._storage.update_run_status(run.id, "pending", lease=lease)
+            await self._storage.update_run_status(record.id, "pending", lease=claimed.lease)
             return
-        if claimed.reclaimed and run.reclaims > self._max_reclaims:
-            await self._fail(
-                lease, ReclaimLimitError(run.id, run.reclaims, self._max_reclaims), step=None
-            )
-            return
+        run = _Execution(record, claimed.lease, state, wf, dict(claimed.steps))
         try:
-            typed_input = wf.validate_input(codec.decode(run.input))
+            run.input = run.prev = wf.validate_input(codec.decode(record.input))
         except (ValidationError, SerializationError) as exc:
-            await self._fail(lease, exc, step=None)
+            run.input = codec.decode(record.input) if isinstance(exc, ValidationError) else None
+            await self._fail(run, exc, step=None)
             return
-
-        outputs: dict[str, Any] = {}
-        prev: Any = typed_input
-        last = len(wf.steps) - 1
-        for index, step in enumerate(wf.steps):
-            saved = claimed.steps.get(step.name)
-            if saved is not None and saved.status == "completed":
-                prev = None if saved.output is None else codec.decode(saved.output)
-                outputs[step.name] = prev
-                continue
-            if saved is not None and saved.status == "skipped":
-                continue
-            try:
-                result, attempts = await self._run_step(
-                    wf, step, run.id, typed_input, prev, outputs, state
-                )
-                text = codec.encode(result)
-            except StepError as exc:
-                await self._fail(lease, exc, step=step.name, attempts=exc.attempts)
-                return
-            except SerializationError as exc:
-                await self._fail(lease, exc, step=step.name)
-                return
-            record = StepRecord(step.name, "completed", output=text, attempts=attempts)
-            if index == last:
-                await self._fenced(
-                    partial(self._storage.finish_run, lease, "completed", output=text, step=record),
-                    run.id,
-                )
-                return
-            started = time.monotonic()
-            await self._fenced(
-                partial(self._storage.save_step_result, lease, record, self._lease), run.id
+        if claimed.reclaimed and record.reclaims > self._max_reclaims:
+            error = ReclaimLimitError(record.id, record.reclaims, self._max_reclaims)
+            await self._fail(run, error, step=None)
+            return
+        if record.attempts == 1:
+            await self._emit(RunStarted(record.id, record.workflow, record.attempts, False))
+        else:
+            await self._emit(
+                RunStarted(record.id, record.workflow, record.attempts, claimed.reclaimed)
             )
-            state.renewed_at = max(state.renewed_at, started)
-            prev = codec.decode(text)
-            outputs[step.name] = prev
-        # Every step was already saved (the definition lost a trailing step?):
-        # finish with the last output.
-        final = codec.encode(prev)
-        await self._fenced(
-            lambda: self._storage.finish_run(lease, "completed", output=final), run.id
+        last = len(wf.steps) - 1
+        for index, node in enumerate(wf.steps):
+            run.last = index == last
+            if isinstance(node, StepDefinition):
+                done = await self._drive_step(run, node)
+            elif isinstance(node, SleepDefinition):
+                done = await self._drive_sleep(run, node)
+            elif isinstance(node, WaitDefinition):
+                done = await self._drive_wait(run, node)
+            else:
+                done = await self._drive_parallel(run, node)
+            if done:
+                return
+        # Every node was already saved (a trailing one was removed from the
+        # definition since): finish with the last output.
+        await self._complete(run, codec.encode(run.prev), None)
+
+    async def _pass_through(self, run: _Execution, record: StepRecord) -> bool:
+        """Save a step that leaves ``prev`` unchanged; finish if it was the last."""
+        if run.last:
+            await self._complete(run, codec.encode(run.prev), record)
+            return True
+        await self._save(run, record)
+        run.saved[record.name] = record
+        return False
+
+    async def _drive_step(self, run: _Execution, step: StepDefinition) -> bool:
+        saved = run.saved.get(step.name)
+        if saved is not None and saved.status == "completed":
+            run.advance(step.name, None if saved.output is None else codec.decode(saved.output))
+            return False
+        if saved is not None and saved.status == "skipped":
+            return False
+        if step.when is not None:
+            try:
+                go = bool(step.when(run.context(step.name, 1, CancelSignal())))
+            except Exception as exc:
+                await self._fail(
+                    run,
+                    StepError(
+                        f"the when= predicate of step {step.name!r} raised "
+                        f"{type(exc).__name__}: {exc}",
+                        step=step.name,
+                    ),
+                    step=step.name,
+                )
+                return True
+            if not go:
+                await self._emit(StepSkipped(run.record.id, run.record.workflow, step.name))
+                return await self._pass_through(run, StepRecord(step.name, "skipped"))
+        try:
+            result, attempts = await self._run_step(run, step)
+            text = codec.encode(result)
+        except CompleteRun as signal:
+            try:
+                text = codec.encode(signal.value)
+            except SerializationError as exc:
+                await self._fail(run, exc, step=step.name)
+                return True
+            record = StepRecord(step.name, "completed", output=text, attempts=1)
+            await self._emit(
+                StepCompleted(run.record.id, run.record.workflow, step.name, signal.value, 1)
+            )
+            await self._complete(run, text, record)
+            return True
+        except StepError as exc:
+            await self._fail(run, exc, step=step.name, attempts=exc.attempts)
+            return True
+        except SerializationError as exc:
+            await self._fail(run, exc, step=step.name)
+            return True
+        record = StepRecord(step.name, "completed", output=text, attempts=attempts)
+        value = codec.decode(text)
+        await self._emit(
+            StepCompleted(run.record.id, run.record.workflow, step.name, value, attempts)
         )
+        if run.last:
+            await self._complete(run, text, record)
+            return True
+        await self._save(run, record)
+        run.advance(step.name, value)
+        return False
+
+    async def _drive_sleep(self, run: _Execution, sleep: SleepDefinition) -> bool:
+        saved = run.saved.get(sleep.name)
+        if saved is not None and saved.status == "completed":
+            return False
+        if saved is not None and saved.status == "sleeping":
+            # Sleeping runs are claimed only once due: the sleep is over.
+            return await self._pass_through(run, StepRecord(sleep.name, "completed"))
+        wake_at = await self._storage.sleep_run(
+            run.lease, sleep.name, timedelta(seconds=sleep.seconds)
+        )
+        self._fence(wake_at is not None)
+        return True  # released; any engine resumes it once due
+
+    async def _drive_wait(self, run: _Execution, wait: WaitDefinition) -> bool:
+        saved = run.saved.get(wait.name)
+        if saved is None or saved.status != "completed":
+            taken = None
+            if saved is None or saved.status != "waiting":
+                timeout = None if wait.timeout is None else timedelta(seconds=wait.timeout)
+                result = await self._storage.wait_run(run.lease, wait.name, wait.name, timeout)
+                self._fence(result is not None)
+                assert result is not None
+                if not result.ready:
+                    return True  # released until the event or the timeout
+            taken = await self._storage.take_event(run.lease, wait.name, wait.name)
+            self._fence(taken is not None)
+            assert taken is not None
+            if not taken.found:
+                deadline = saved.wake_at if saved is not None else None
+                if deadline is None:  # woken without an event: wait again
+                    result = await self._storage.wait_run(run.lease, wait.name, wait.name, None)
+                    self._fence(result is not None)
+                    return True
+                await self._fail(
+                    run, WaitTimeoutError(wait.name, run_id=run.record.id), step=wait.name
+                )
+                return True
+            payload_text = taken.payload
+        else:
+            payload_text = saved.output
+        raw = None if payload_text is None else codec.decode(payload_text)
+        try:
+            value = wait.validate(run.record.workflow, raw)
+        except ValidationError as exc:
+            await self._fail(run, exc, step=wait.name)
+            return True
+        if saved is None or saved.status != "completed":
+            await self._emit(StepCompleted(run.record.id, run.record.workflow, wait.name, raw, 1))
+        run.advance(wait.name, value)
+        if run.last:
+            await self._complete(run, codec.encode(raw), None)
+            return True
+        return False
+
+    async def _drive_parallel(self, run: _Execution, group: ParallelDefinition) -> bool:
+        outputs: dict[str, Any] = {}
+        todo: list[StepDefinition] = []
+        for branch in group.branches:
+            saved = run.saved.get(branch.name)
+            if saved is not None and saved.status == "completed":
+                outputs[branch.name] = None if saved.output is None else codec.decode(saved.output)
+            else:
+                todo.append(branch)
+        tasks = {
+            asyncio.create_task(
+                self._run_branch(run, branch), name=f"reflow-branch-{branch.name}"
+            ): branch
+            for branch in todo
+        }
+        failure: tuple[StepDefinition, BaseException] | None = None
+        try:
+            pending = set(tasks)
+            while pending and failure is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    branch = tasks[task]
+                    exc = task.exception()
+                    if exc is None:
+                        outputs[branch.name] = task.result()
+                    elif failure is None:
+                        failure = (branch, exc)
+        finally:
+            for task in tasks:
+                if not task.done():
+                    task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+        if failure is not None:
+            branch, exc = failure
+            if isinstance(exc, _LeaseLost | asyncio.CancelledError):
+                raise exc
+            if isinstance(exc, StepError):
+                await self._fail(run, exc, step=branch.name, attempts=exc.attempts)
+            elif isinstance(exc, ReflowError):
+                await self._fail(run, exc, step=branch.name)
+            else:
+                raise exc
+            return True
+        value = {b.name: outputs[b.name] for b in group.branches}
+        for name, output in value.items():
+            run.outputs[name] = output
+        run.prev = value
+        if run.last:
+            await self._complete(run, codec.encode(value), None)
+            return True
+        return False
+
+    async def _run_branch(self, run: _Execution, branch: StepDefinition) -> Any:
+        try:
+            result, attempts = await self._run_step(run, branch, in_parallel=True)
+        except CompleteRun:  # complete() in a branch raises before this; be safe
+            raise ParallelCompleteError(branch.name) from None
+        text = codec.encode(result)
+        record = StepRecord(branch.name, "completed", output=text, attempts=attempts)
+        await self._save(run, record)
+        value = codec.decode(text)
+        await self._emit(
+            StepCompleted(run.record.id, run.record.workflow, branch.name, value, attempts)
+        )
+        return value
 
     async def _run_step(
-        self,
-        wf: Workflow[Any, Any],
-        step: StepDefinition,
-        run_id: str,
-        typed_input: Any,
-        prev: Any,
-        outputs: dict[str, Any],
-        state: _InFlight,
+        self, run: _Execution, step: StepDefinition, *, in_parallel: bool = False
     ) -> tuple[Any, int]:
         attempt = 0
-        view = _ReadOnly(outputs)
+        state = run.state
         while True:
             attempt += 1
             signal = CancelSignal()
-            state.signal = signal
+            state.signals.add(signal)
             if state.stop_reason is not None:
                 signal._fire(state.stop_reason)
-            ctx: StepContext[Any, Any] = StepContext(
-                run_id=run_id,
-                workflow=wf.name,
-                step=step.name,
-                attempt=attempt,
-                input=typed_input,
-                prev=prev,
-                steps=view,
-                signal=signal,
-            )
+            ctx = run.context(step.name, attempt, signal, in_parallel=in_parallel)
+            await self._emit(StepStarted(run.record.id, run.record.workflow, step.name, attempt))
             try:
                 return await self._invoke(step, ctx, signal), attempt
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, CompleteRun, ParallelCompleteError):
                 raise
             except StepCancelledError:
                 if state.stop_reason is not None:
@@ -683,6 +1119,8 @@ class Engine:
                 error = exc
             except Exception as exc:  # user code failed
                 error = exc
+            finally:
+                state.signals.discard(signal)
             if attempt >= step.retry.max_attempts:
                 if isinstance(error, StepTimeoutError):
                     error.attempts = attempt
@@ -694,10 +1132,10 @@ class Engine:
                     f"{type(error).__name__}: {error}",
                     step=step.name,
                     attempts=attempt,
-                    run_id=run_id,
+                    run_id=run.record.id,
                     error_type=type(error).__qualname__,
                 ) from error
-            await asyncio.sleep(step.retry.delay(attempt))
+            await self._clock.sleep(step.retry.delay(attempt))
 
     async def _invoke(
         self, step: StepDefinition, ctx: StepContext[Any, Any], signal: CancelSignal

@@ -9,6 +9,8 @@ and structured fields for the details. The tree::
     ├── ValidationError              workflow input rejected by its validator
     ├── SerializationError           a value is not plain data (names the path)
     ├── WorkflowNotFoundError        no workflow registered under that name
+    ├── EventNotDeclaredError        send_event names an event the workflow does not wait for
+    ├── ParallelCompleteError        ctx.complete() called inside a parallel branch
     ├── RunNotFoundError             no run with that id
     ├── IdempotencyConflictError     same key, different input
     ├── LeaseExpiredError            a worker lost its lease on a run
@@ -19,6 +21,7 @@ and structured fields for the details. The tree::
     └── RunError                     a run ended without a result
         ├── StepError                a step failed for good (``step``, ``attempts``)
         │   └── StepTimeoutError     an attempt ran past its timeout
+        ├── WaitTimeoutError         no event arrived before a wait's timeout
         ├── ReclaimLimitError        the run kept losing its worker and was given up
         ├── RunFailedError           raised by ``Engine.result`` for a failed run
         └── RunCancelledError        raised by ``Engine.result`` for a cancelled run
@@ -37,8 +40,10 @@ __all__ = [
     "ConfigError",
     "DuplicateStepError",
     "ErrorInfo",
+    "EventNotDeclaredError",
     "IdempotencyConflictError",
     "LeaseExpiredError",
+    "ParallelCompleteError",
     "ReclaimLimitError",
     "ReflowError",
     "RunCancelledError",
@@ -52,6 +57,7 @@ __all__ = [
     "StepTimeoutError",
     "StorageError",
     "ValidationError",
+    "WaitTimeoutError",
     "WorkflowNotFoundError",
 ]
 
@@ -156,6 +162,35 @@ class WorkflowNotFoundError(ReflowError, LookupError):
         hint = f"; registered: {', '.join(sorted(known))}" if known else "; none are registered"
         super().__init__(f"no workflow named {workflow!r}{hint}")
         self.workflow = workflow
+
+
+class EventNotDeclaredError(ReflowError, LookupError):
+    """``send_event`` named an event the run's workflow never waits for."""
+
+    code = "event_not_declared"
+
+    def __init__(self, workflow: str, event: str, declared: Sequence[str]) -> None:
+        listing = ", ".join(repr(name) for name in declared) or "none"
+        super().__init__(
+            f"workflow {workflow!r} does not wait for an event named {event!r} "
+            f"(it waits for: {listing})"
+        )
+        self.workflow = workflow
+        self.event = event
+
+
+class ParallelCompleteError(ReflowError):
+    """``ctx.complete()`` was called inside a parallel branch, where finishing
+    the whole run early has no single meaning. The run fails with this error."""
+
+    code = "parallel_complete"
+
+    def __init__(self, branch: str) -> None:
+        super().__init__(
+            f"ctx.complete() was called in parallel branch {branch!r}; "
+            "complete a run from a plain step instead"
+        )
+        self.branch = branch
 
 
 class RunNotFoundError(ReflowError, LookupError):
@@ -294,6 +329,16 @@ class StepTimeoutError(StepError):
             f"step {step!r} timed out after {timeout:g}s", step=step, attempts=attempts
         )
         self.timeout = timeout
+
+
+class WaitTimeoutError(RunError):
+    """A ``wait_for_event`` step's timeout passed before its event arrived."""
+
+    code = "wait_timeout"
+
+    def __init__(self, step: str, *, run_id: str | None = None) -> None:
+        super().__init__(f"no {step!r} event arrived before the wait's timeout", run_id=run_id)
+        self.step = step
 
 
 class ReclaimLimitError(RunError):

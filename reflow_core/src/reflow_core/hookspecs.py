@@ -1,10 +1,22 @@
 """Every pluggy hook specification of Reflow, in one place.
 
 Plugins are modules or objects with functions named after these specs and
-marked with :data:`hookimpl`. Installed distributions announce them under the
-``reflow`` entry-point group, one entry point per URL scheme they serve, named
-after the scheme (``sqlite = "reflow_sqlite.plugin"``), so opening a URL loads
-only the backend it needs.
+marked with :data:`hookimpl`. Two kinds:
+
+* **Backends** implement :func:`reflow_register_backends`. Installed
+  distributions announce them under the ``reflow`` entry-point group, one
+  entry point per URL scheme they serve, named after the scheme
+  (``sqlite = "reflow_sqlite.plugin"``), so opening a URL loads only the
+  backend it needs.
+* **Observers** implement the lifecycle hooks of :class:`LifecycleSpecs`
+  (logging, metrics, tracing). Register them on an engine
+  (``Engine(plugins=[...])``) or announce them under the same group with an
+  entry point whose name starts with ``observer-``; engines load those unless
+  created with ``load_entry_points=False`` or with
+  ``REFLOW_DISABLE_PLUGIN_AUTOLOAD`` set. Lifecycle hook implementations may
+  be ``async def`` or plain ``def``; they are called one after the other and
+  awaited in turn, and one that raises never affects a run: the error goes
+  to ``reflow_error``.
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from .storage import Storage
 
 __all__ = [
     "PROJECT_NAME",
+    "LifecycleSpecs",
     "Register",
     "StorageFactory",
     "hookimpl",
@@ -53,3 +66,43 @@ def reflow_register_backends(register: Register) -> None:
 
     Added in 0.1.
     """
+
+
+class LifecycleSpecs:
+    """The lifecycle hooks an observer plugin may implement.
+
+    Each receives the event dataclass from :mod:`reflow_core.events`. All were
+    added in 0.1.
+    """
+
+    @hookspec
+    def reflow_run_started(self, event: Any) -> None:
+        """A worker claimed a run and starts or resumes it
+        (:class:`~reflow_core.events.RunStarted`)."""
+
+    @hookspec
+    def reflow_step_started(self, event: Any) -> None:
+        """An attempt of a step or parallel branch starts
+        (:class:`~reflow_core.events.StepStarted`)."""
+
+    @hookspec
+    def reflow_step_completed(self, event: Any) -> None:
+        """A step produced its output (:class:`~reflow_core.events.StepCompleted`)."""
+
+    @hookspec
+    def reflow_step_skipped(self, event: Any) -> None:
+        """A step's ``when=`` predicate was false (:class:`~reflow_core.events.StepSkipped`)."""
+
+    @hookspec
+    def reflow_run_completed(self, event: Any) -> None:
+        """A run finished with an output (:class:`~reflow_core.events.RunCompleted`)."""
+
+    @hookspec
+    def reflow_run_failed(self, event: Any) -> None:
+        """A run failed for good (:class:`~reflow_core.events.RunFailed`)."""
+
+    @hookspec
+    def reflow_error(self, error: BaseException, where: str) -> None:
+        """Something that must not affect runs failed: a hook implementation,
+        an ``on_failure`` handler. ``where`` says what; ``error`` carries a
+        note naming the plugin. An exception raised here is only logged."""

@@ -186,7 +186,9 @@ class BackendRegistry:
     def installed_schemes(self) -> list[str]:
         """Schemes that are registered or announced by an installed entry point."""
         names = set(self._backends)
-        names.update(ep.name for ep in self._entry_points())
+        names.update(
+            ep.name for ep in self._entry_points() if not ep.name.startswith(OBSERVER_PREFIX)
+        )
         return sorted(names)
 
     def backends(self) -> list[BackendInfo]:
@@ -230,6 +232,32 @@ def open_storage(url: str, /, **options: Any) -> Storage:
         raise ConfigError(f"storage URL must look like 'scheme://...', got {shown}", option="url")
     scheme = url.split("://", 1)[0]
     return default_registry().get(scheme).factory(url, **options)
+
+
+OBSERVER_PREFIX = "observer-"
+
+
+def load_observer_entry_points() -> list[tuple[str, object]]:
+    """Load the observer plugins announced in the ``reflow`` entry-point group
+    (entry points named ``observer-...``). One that fails to load is skipped
+    with a warning."""
+    if os.environ.get(DISABLE_AUTOLOAD_ENV):
+        return []
+    loaded: list[tuple[str, object]] = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if not ep.name.startswith(OBSERVER_PREFIX):
+            continue
+        dist = ep.dist.name if ep.dist else "unknown distribution"
+        try:
+            loaded.append((f"{dist}:{ep.name}", ep.load()))
+        except Exception as exc:
+            warnings.warn(
+                f"Reflow plugin {ep.value!r} from {dist} failed to load and was skipped: "
+                f"{type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return loaded
 
 
 def available_backends() -> list[BackendInfo]:

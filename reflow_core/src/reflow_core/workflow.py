@@ -22,11 +22,20 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from ._durations import Duration, to_seconds
-from .context import StepContext
+from .context import FailureContext, StepContext
 from .errors import ConfigError, DuplicateStepError, ValidationError
 from .retry import NO_RETRY, Retry
 
-__all__ = ["StepDefinition", "Workflow", "workflow"]
+__all__ = [
+    "Branch",
+    "Node",
+    "ParallelDefinition",
+    "SleepDefinition",
+    "StepDefinition",
+    "WaitDefinition",
+    "Workflow",
+    "workflow",
+]
 
 T = TypeVar("T")
 InputT = TypeVar("InputT")
@@ -42,17 +51,66 @@ class SupportsValidatePython(Protocol[T_co]):
 
 
 Validator = Callable[[Any], Any]
+Predicate = Callable[[StepContext[Any, Any]], bool]
+FailureHandler = Callable[[FailureContext[Any]], Any]
 
 
 @dataclass(frozen=True, slots=True)
 class StepDefinition:
-    """One step of a workflow, as declared."""
+    """One step of a workflow (or one branch of a parallel group), as declared."""
 
     name: str
     handler: Callable[[StepContext[Any, Any]], Any]
     is_async: bool
     retry: Retry
     timeout: float | None
+    when: Predicate | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SleepDefinition:
+    """A durable sleep: the run is stored as sleeping, no process waits."""
+
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class WaitDefinition:
+    """A wait for the event ``name``, whose validated payload becomes ``prev``."""
+
+    name: str
+    validator: Validator
+    timeout: float | None
+
+    def validate(self, workflow: str, raw: Any) -> Any:
+        return _validate(
+            self.validator, raw, f"event {self.name!r} of workflow {workflow!r}", workflow
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelDefinition:
+    """Branches that run concurrently; ``prev`` after it is ``{branch: output}``."""
+
+    name: str
+    branches: tuple[StepDefinition, ...]
+
+
+Node = StepDefinition | SleepDefinition | WaitDefinition | ParallelDefinition
+"""Anything a workflow chains."""
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """A parallel branch with its own retry policy and timeout::
+
+    .parallel({"email": send_email, "invoice": Branch(make_invoice, retry=Retry(max_attempts=3))})
+    """
+
+    handler: Callable[[StepContext[Any, Any]], Any]
+    retry: Retry | None = None
+    timeout: Duration | None = None
 
 
 def _is_async_callable(fn: object) -> bool:
@@ -110,6 +168,53 @@ def _make_validator(schema: object, name: str) -> Validator:
     )
 
 
+def _validate(validator: Validator, raw: Any, what: str, workflow: str) -> Any:
+    try:
+        return validator(raw)
+    except ValidationError:
+        raise
+    except Exception as exc:
+        issues = _pydantic_issues(exc)
+        if issues is None:
+            issues = [{"type": type(exc).__name__, "msg": str(exc)}]
+        raise ValidationError(f"invalid {what}: {exc}", workflow=workflow, issues=issues) from exc
+
+
+def _define_step(
+    workflow: str,
+    name: str,
+    handler: object,
+    retry: object,
+    timeout: Duration | None,
+    when: object = None,
+) -> StepDefinition:
+    if not callable(handler):
+        raise ConfigError(
+            f"workflow {workflow!r}, step {name!r}: handler must be callable", option="handler"
+        )
+    if retry is not None and not isinstance(retry, Retry):
+        raise ConfigError(
+            f"workflow {workflow!r}, step {name!r}: retry must be a Retry", option="retry"
+        )
+    if when is not None and not callable(when):
+        raise ConfigError(
+            f"workflow {workflow!r}, step {name!r}: when must be callable", option="when"
+        )
+    seconds = (
+        None
+        if timeout is None
+        else to_seconds(timeout, option=f"step {name!r} timeout", allow_zero=False)
+    )
+    return StepDefinition(
+        name=name,
+        handler=cast(Callable[[StepContext[Any, Any]], Any], handler),
+        is_async=_is_async_callable(handler),
+        retry=retry or NO_RETRY,
+        timeout=seconds,
+        when=cast("Predicate | None", when),
+    )
+
+
 def to_plain_input(value: Any) -> Any:
     """A pydantic model or dataclass instance given as input, as plain data."""
     dump = getattr(value, "model_dump", None)
@@ -123,19 +228,21 @@ def to_plain_input(value: Any) -> Any:
 class Workflow(Generic[InputT, PrevT]):
     """An immutable, named chain of steps. Build one with :func:`workflow`."""
 
-    __slots__ = ("_name", "_schema", "_steps", "_validator")
+    __slots__ = ("_name", "_on_failure", "_schema", "_steps", "_validator")
 
     def __init__(
         self,
         name: str,
         schema: object,
         validator: Validator,
-        steps: tuple[StepDefinition, ...] = (),
+        steps: tuple[Node, ...] = (),
+        on_failure: FailureHandler | None = None,
     ) -> None:
         self._name = name
         self._schema = schema
         self._validator = validator
         self._steps = steps
+        self._on_failure = on_failure
 
     @property
     def name(self) -> str:
@@ -143,9 +250,19 @@ class Workflow(Generic[InputT, PrevT]):
         return self._name
 
     @property
-    def steps(self) -> tuple[StepDefinition, ...]:
-        """The steps, in order."""
+    def steps(self) -> tuple[Node, ...]:
+        """The steps, sleeps, waits and parallel groups, in order."""
         return self._steps
+
+    @property
+    def failure_handler(self) -> FailureHandler | None:
+        """The handler given to :meth:`on_failure`, if any."""
+        return self._on_failure
+
+    @property
+    def events(self) -> tuple[str, ...]:
+        """The names of the events this workflow waits for."""
+        return tuple(n.name for n in self._steps if isinstance(n, WaitDefinition))
 
     def __repr__(self) -> str:
         names = ", ".join(s.name for s in self._steps)
@@ -153,19 +270,33 @@ class Workflow(Generic[InputT, PrevT]):
 
     def validate_input(self, raw: Any) -> InputT:
         """Validate raw input, raising :class:`~reflow_core.errors.ValidationError`."""
-        try:
-            return cast(InputT, self._validator(raw))
-        except ValidationError:
-            raise
-        except Exception as exc:
-            issues = _pydantic_issues(exc)
-            if issues is None:
-                issues = [{"type": type(exc).__name__, "msg": str(exc)}]
-            raise ValidationError(
-                f"invalid input for workflow {self._name!r}: {exc}",
-                workflow=self._name,
-                issues=issues,
-            ) from exc
+        return cast(
+            InputT,
+            _validate(self._validator, raw, f"input for workflow {self._name!r}", self._name),
+        )
+
+    def _taken(self) -> set[str]:
+        names = set()
+        for node in self._steps:
+            names.add(node.name)
+            if isinstance(node, ParallelDefinition):
+                names.update(b.name for b in node.branches)
+        return names
+
+    def _check_name(self, name: object, taken: set[str] | None = None) -> str:
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(
+                f"workflow {self._name!r}: step names must be non-empty strings, got {name!r}",
+                option="name",
+            )
+        if name in (self._taken() if taken is None else taken):
+            raise DuplicateStepError(self._name, name)
+        return name
+
+    def _then(self, node: Node) -> Workflow[InputT, Any]:
+        return Workflow(
+            self._name, self._schema, self._validator, (*self._steps, node), self._on_failure
+        )
 
     @overload
     def step(
@@ -175,6 +306,7 @@ class Workflow(Generic[InputT, PrevT]):
         *,
         retry: Retry | None = None,
         timeout: Duration | None = None,
+        when: Callable[[StepContext[InputT, PrevT]], bool] | None = None,
     ) -> Workflow[InputT, OutT]: ...
 
     @overload
@@ -185,6 +317,7 @@ class Workflow(Generic[InputT, PrevT]):
         *,
         retry: Retry | None = None,
         timeout: Duration | None = None,
+        when: Callable[[StepContext[InputT, PrevT]], bool] | None = None,
     ) -> Workflow[InputT, OutT]: ...
 
     def step(
@@ -194,44 +327,124 @@ class Workflow(Generic[InputT, PrevT]):
         *,
         retry: Retry | None = None,
         timeout: Duration | None = None,
+        when: Callable[[StepContext[InputT, PrevT]], bool] | None = None,
     ) -> Workflow[InputT, Any]:
         """Append a step and return the new workflow.
 
         ``handler`` is an ``async def`` or a plain ``def`` (run in a worker
         thread) taking a :class:`StepContext`; its return value must be plain
         data. ``retry`` defaults to a single attempt; ``timeout`` bounds each
-        attempt. Raises :class:`~reflow_core.errors.DuplicateStepError` if the
-        name is taken.
+        attempt. ``when`` is a predicate on the context, evaluated once: if it
+        is false the step is skipped (the skip is saved, so a replay never
+        decides again) and ``prev`` passes through unchanged. Raises
+        :class:`~reflow_core.errors.DuplicateStepError` if the name is taken.
         """
-        if not isinstance(name, str) or not name.strip():
-            raise ConfigError(
-                f"workflow {self._name!r}: step name must be a non-empty string", option="name"
-            )
-        if any(s.name == name for s in self._steps):
-            raise DuplicateStepError(self._name, name)
-        if not callable(handler):
-            raise ConfigError(
-                f"workflow {self._name!r}, step {name!r}: handler must be callable",
-                option="handler",
-            )
-        if retry is not None and not isinstance(retry, Retry):
-            raise ConfigError(
-                f"workflow {self._name!r}, step {name!r}: retry must be a Retry",
-                option="retry",
-            )
+        self._check_name(name)
+        return self._then(_define_step(self._name, name, handler, retry, timeout, when))
+
+    def sleep(self, name: str, duration: Duration) -> Workflow[InputT, PrevT]:
+        """Append a durable sleep of ``duration``; ``prev`` passes through.
+
+        The run is stored as sleeping with its lease released, so no process
+        stays busy; any engine resumes it once due. The wake-up time is fixed
+        the first time the run reaches the sleep.
+        """
+        self._check_name(name)
+        seconds = to_seconds(duration, option=f"sleep {name!r} duration")
+        return self._then(SleepDefinition(name, seconds))
+
+    @overload
+    def wait_for_event(
+        self, name: str, *, schema: None = None, timeout: Duration | None = None
+    ) -> Workflow[InputT, Any]: ...
+
+    @overload
+    def wait_for_event(
+        self, name: str, *, schema: type[T], timeout: Duration | None = None
+    ) -> Workflow[InputT, T]: ...
+
+    @overload
+    def wait_for_event(
+        self, name: str, *, schema: SupportsValidatePython[T], timeout: Duration | None = None
+    ) -> Workflow[InputT, T]: ...
+
+    @overload
+    def wait_for_event(
+        self, name: str, *, schema: Callable[[Any], T], timeout: Duration | None = None
+    ) -> Workflow[InputT, T]: ...
+
+    def wait_for_event(
+        self, name: str, *, schema: object = None, timeout: Duration | None = None
+    ) -> Workflow[InputT, Any]:
+        """Append a wait for the event ``name`` (sent with ``Engine.send_event``).
+
+        The run is stored as waiting with its lease released. An event sent
+        before the run gets here is kept and consumed when it does. The
+        payload is validated by ``schema`` (as workflow input is) and becomes
+        the next step's ``prev``. Without an event before ``timeout``, the run
+        fails with :class:`~reflow_core.errors.WaitTimeoutError`.
+        """
+        self._check_name(name)
         seconds = (
             None
             if timeout is None
-            else to_seconds(timeout, option=f"step {name!r} timeout", allow_zero=False)
+            else to_seconds(timeout, option=f"wait {name!r} timeout", allow_zero=False)
         )
-        definition = StepDefinition(
-            name=name,
-            handler=cast(Callable[[StepContext[Any, Any]], Any], handler),
-            is_async=_is_async_callable(handler),
-            retry=retry or NO_RETRY,
-            timeout=seconds,
+        return self._then(WaitDefinition(name, _make_validator(schema, self._name), seconds))
+
+    def parallel(
+        self,
+        branches: Mapping[str, Callable[[StepContext[InputT, PrevT]], Any] | Branch],
+        *,
+        name: str | None = None,
+    ) -> Workflow[InputT, dict[str, Any]]:
+        """Append branches that run concurrently, each saved as its own step.
+
+        Each branch is a handler or a :class:`Branch` with its own retry and
+        timeout. The first branch to fail for good cancels the others and the
+        run fails naming it. After a crash only branches without a saved
+        result run again. The next step's ``prev`` is ``{branch: output}``.
+        """
+        if not isinstance(branches, Mapping) or not branches:
+            raise ConfigError(
+                f"workflow {self._name!r}: parallel() needs a non-empty mapping of branches",
+                option="branches",
+            )
+        taken = self._taken()
+        group = name if name is not None else "parallel(" + ",".join(branches) + ")"
+        self._check_name(group, taken)
+        taken.add(group)
+        defined = []
+        for branch_name, branch in branches.items():
+            self._check_name(branch_name, taken)
+            taken.add(branch_name)
+            spec = branch if isinstance(branch, Branch) else Branch(branch)
+            defined.append(
+                _define_step(self._name, branch_name, spec.handler, spec.retry, spec.timeout)
+            )
+        return self._then(ParallelDefinition(group, tuple(defined)))
+
+    def on_failure(
+        self, handler: Callable[[FailureContext[InputT]], Any]
+    ) -> Workflow[InputT, PrevT]:
+        """Call ``handler`` once when a run fails for good.
+
+        It receives a :class:`~reflow_core.context.FailureContext` (the error,
+        the failing step's name, the input); ``async def`` or plain ``def``.
+        An exception inside it is reported and never changes the run.
+        """
+        if not callable(handler):
+            raise ConfigError(
+                f"workflow {self._name!r}: on_failure handler must be callable",
+                option="on_failure",
+            )
+        return Workflow(
+            self._name,
+            self._schema,
+            self._validator,
+            self._steps,
+            cast(FailureHandler, handler),
         )
-        return Workflow(self._name, self._schema, self._validator, (*self._steps, definition))
 
 
 @overload

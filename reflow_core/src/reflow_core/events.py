@@ -1,0 +1,211 @@
+"""Lifecycle events: what :meth:`Engine.stream` yields and the hooks receive.
+
+Every event is a frozen dataclass with the run's id and workflow name. An
+engine publishes each one to its lifecycle hooks (plugins, see
+:mod:`reflow_core.hookspecs`), in registration order, then to every open
+stream. A failing hook never affects a run: the failure goes to the
+``reflow_error`` hook (and to the ``reflow.engine`` logger).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeAlias
+
+import pluggy
+
+from . import hookspecs
+from .errors import ConfigError, ErrorInfo
+
+__all__ = [
+    "Event",
+    "RunCompleted",
+    "RunFailed",
+    "RunStarted",
+    "StepCompleted",
+    "StepSkipped",
+    "StepStarted",
+]
+
+logger = logging.getLogger("reflow.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class RunStarted:
+    """A worker claimed the run and starts (or resumes) its steps."""
+
+    hook: ClassVar[str] = "reflow_run_started"
+    run_id: str
+    workflow: str
+    attempt: int
+    """How many times the run has been claimed, this time included."""
+    reclaimed: bool
+    """True if the previous worker's lease lapsed (it crashed or hung)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepStarted:
+    """An attempt of a step (or parallel branch) starts."""
+
+    hook: ClassVar[str] = "reflow_step_started"
+    run_id: str
+    workflow: str
+    step: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepCompleted:
+    """A step's output was produced (and is being saved with the run)."""
+
+    hook: ClassVar[str] = "reflow_step_completed"
+    run_id: str
+    workflow: str
+    step: str
+    output: Any
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepSkipped:
+    """A step's ``when=`` predicate was false; the skip is saved."""
+
+    hook: ClassVar[str] = "reflow_step_skipped"
+    run_id: str
+    workflow: str
+    step: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunCompleted:
+    """The run finished with an output."""
+
+    hook: ClassVar[str] = "reflow_run_completed"
+    run_id: str
+    workflow: str
+    output: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RunFailed:
+    """The run failed for good."""
+
+    hook: ClassVar[str] = "reflow_run_failed"
+    run_id: str
+    workflow: str
+    error: ErrorInfo
+    step: str | None
+
+
+Event: TypeAlias = RunStarted | StepStarted | StepCompleted | StepSkipped | RunCompleted | RunFailed
+"""Any lifecycle event."""
+
+
+class _Subscription:
+    __slots__ = ("closed", "queue", "wakeup")
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[object] = asyncio.Queue(size)
+        self.closed = False
+        self.wakeup = asyncio.Event()
+
+
+class Observers:
+    """An engine's lifecycle plugins and open streams."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs.LifecycleSpecs)
+        self._streams: list[_Subscription] = []
+
+    def register(self, plugin: object, name: str | None = None) -> None:
+        """Register a plugin object or module implementing lifecycle hooks."""
+        if self.pm.is_registered(plugin):
+            return
+        self.pm.register(plugin, name=name)
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(plugin)
+            raise ConfigError(f"plugin {name or plugin!r} is invalid: {exc}") from exc
+
+    @property
+    def active(self) -> bool:
+        """Whether anyone listens (lets the engine skip building events)."""
+        return bool(self._streams) or any(
+            getattr(self.pm.hook, name).get_hookimpls() for name in _EVENT_HOOKS
+        )
+
+    async def _call(self, name: str, kwargs: dict[str, Any]) -> list[BaseException]:
+        failures: list[BaseException] = []
+        caller = getattr(self.pm.hook, name)
+        # pluggy's own call order (last registered first), each awaited
+        # before the next starts; one failing never stops the others.
+        for impl in reversed(caller.get_hookimpls()):
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                exc.add_note(f"in {name} of plugin {impl.plugin_name}")
+                failures.append(exc)
+        return failures
+
+    async def publish(self, event: Event) -> None:
+        """Call the event's hook on every plugin, then feed every stream (a
+        full bounded stream makes this wait: backpressure)."""
+        for failure in await self._call(event.hook, {"event": event}):
+            await self.report(failure, f"{event.hook} hook")
+        for sub in list(self._streams):
+            if not sub.closed:
+                await sub.queue.put(event)
+                sub.wakeup.set()
+
+    async def report(self, error: BaseException, where: str) -> None:
+        """Send an error that must not affect runs to the ``reflow_error`` hook."""
+        logger.error("%s failed: %s: %s", where, type(error).__name__, error)
+        for failure in await self._call("reflow_error", {"error": error, "where": where}):
+            logger.error("reflow_error hook failed: %s: %s", type(failure).__name__, failure)
+
+    async def stream(self, buffer_size: int | None) -> AsyncIterator[Event]:
+        if buffer_size is not None and buffer_size < 1:
+            raise ConfigError(
+                f"buffer_size must be at least 1, got {buffer_size}", option="buffer_size"
+            )
+        sub = _Subscription(buffer_size or 0)
+        self._streams.append(sub)
+        try:
+            while True:
+                if not sub.queue.empty():
+                    yield sub.queue.get_nowait()  # type: ignore[misc]
+                    continue
+                if sub.closed:
+                    return
+                sub.wakeup.clear()
+                await sub.wakeup.wait()
+        finally:
+            sub.closed = True
+            if sub in self._streams:
+                self._streams.remove(sub)
+            while not sub.queue.empty():  # release a publisher blocked on a full buffer
+                sub.queue.get_nowait()
+
+    def close_streams(self) -> None:
+        """End every open stream after the events already buffered."""
+        for sub in self._streams:
+            sub.closed = True
+            sub.wakeup.set()
+
+
+_EVENT_HOOKS = (
+    "reflow_run_started",
+    "reflow_step_started",
+    "reflow_step_completed",
+    "reflow_step_skipped",
+    "reflow_run_completed",
+    "reflow_run_failed",
+)
