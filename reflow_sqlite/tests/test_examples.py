@@ -26,3 +26,20 @@ def test_order_demo(tmp_path: Path) -> None:
     assert "the payment ledger has 1 charge(s)" in out
     for step in ("charge", "pack", "ship", "email"):
         assert f"step {step:<7} completed" in out
+
+
+@pytest.mark.slow
+def test_approval_flow() -> None:
+    out = subprocess.run(
+        [sys.executable, str(DEMO.with_name("approval_flow.py"))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "big claim:     large claim audited: paid 1500 to ada" in out
+    assert "small claim:   {'book': 'ledger entry for grace', 'pay': 'paid 40 to grace'}" in out
+    assert "empty claim:   {'nothing_to_pay': True}" in out
+    assert "failed at step 'record': rejected by manager" in out
+    assert "'audit': 'skipped'" in out
+    assert "failure handler: [\"edsger: claim failed at 'record': rejected by manager\"]" in out
