@@ -41,6 +41,7 @@ from .events import (
 from .memory import MemoryStorage
 from .registry import available_backends, open_storage
 from .retry import Retry
+from .schedules import Schedule
 from .storage import Storage
 from .workflow import Branch, Workflow, workflow
 
@@ -74,6 +75,7 @@ __all__ = [
     "RunList",
     "RunNotFoundError",
     "RunStarted",
+    "Schedule",
     "SchemaVersionError",
     "SerializationError",
     "StepCancelledError",

@@ -135,6 +135,8 @@ class CompleteRun(Exception):
     def __init__(self, value: object) -> None:
         super().__init__("run completed early")
         self.value = value
+        self.attempts = 1
+        """The attempt of the step that called ``complete``; set by the engine."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ from .events import (
     StepStarted,
 )
 from .registry import DISABLE_AUTOLOAD_ENV, load_observer_entry_points, open_storage
+from .schedules import Schedule, Scheduler, parse_recurrence
 from .storage import (
     TERMINAL_STATUSES,
     ClaimedRun,
@@ -63,6 +64,7 @@ from .storage import (
     NewRun,
     RunRecord,
     RunStatus,
+    ScheduleSpec,
     StepRecord,
     StepStatus,
     Storage,
@@ -73,6 +75,7 @@ from .workflow import (
     StepDefinition,
     WaitDefinition,
     Workflow,
+    _is_async_callable,
     to_plain_input,
 )
 
@@ -82,6 +85,9 @@ logger = logging.getLogger("reflow.engine")
 
 _WRITE_RETRY_PAUSES = (0.05, 0.25, 1.0)
 """Pauses between retries of a fenced write that failed with a StorageError."""
+
+_SCHEDULE_BATCH = 100
+"""Due schedules fired per look; a full batch makes the dispatcher look again at once."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +333,8 @@ class Engine:
         for plugin in plugins:
             self._observers.register(plugin)
         self._load_entry_points = load_entry_points and not os.environ.get(DISABLE_AUTOLOAD_ENV)
-        self._finished: dict[str, asyncio.Event] = {}
+        self._finished: dict[str, set[asyncio.Event]] = {}
+        """The events of the ``result`` calls waiting on each run, one per call."""
 
         self._inflight: dict[str, _InFlight] = {}
         self._initialized = False
@@ -339,6 +346,7 @@ class Engine:
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._more_work = False
+        self._scheduler = Scheduler(interval=self._poll)
 
     # -- configuration -----------------------------------------------------
 
@@ -532,6 +540,8 @@ class Engine:
         state = self._inflight.get(run_id)
         if changed and state is not None:
             state.interrupt("cancelled")
+        if changed:
+            self._notify_finished(run_id)
         return changed
 
     async def send_event(
@@ -598,6 +608,67 @@ class Engine:
         )
         return RunList([Run.from_record(r) for r in page.runs], page.next_cursor)
 
+    async def schedule(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        input: Any = None,
+        *,
+        every: Duration | None = None,
+        cron: str | None = None,
+        key: str | None = None,
+    ) -> Schedule:
+        """Run ``workflow`` with ``input`` on a recurrence: ``every`` (a
+        duration; slots are whole multiples of it since the Unix epoch) or
+        ``cron`` (a five-field expression, UTC), exactly one of them.
+
+        The schedule is stored under ``key`` (default: the workflow's name),
+        so it survives restarts and every engine on the storage shares it;
+        engines started as workers that run the workflow fire it, once per
+        slot in all. Registering a key again replaces its workflow and input
+        and keeps its next slot if the recurrence is unchanged; a changed
+        recurrence starts over at its first slot after now. Slots missed while
+        no worker ran are skipped. See :mod:`reflow_core.schedules`.
+
+        Raises :class:`~reflow_core.errors.ConfigError` for an invalid
+        recurrence (naming the expression and why) or key, and
+        :class:`~reflow_core.errors.ValidationError` or
+        :class:`~reflow_core.errors.SerializationError` for invalid input;
+        nothing is stored then.
+        """
+        wf = self._resolve(workflow)
+        recurrence = parse_recurrence(every=every, cron=cron)
+        key = wf.name if key is None else key
+        if not isinstance(key, str) or not key:
+            raise ConfigError("a schedule key must be a non-empty string", option="key")
+        raw = to_plain_input(input)
+        wf.validate_input(raw)
+        text = codec.encode(raw)
+        await self._ensure_initialized()
+        record = await self._storage.upsert_schedule(
+            ScheduleSpec(
+                key=key,
+                workflow=wf.name,
+                input=text,
+                recurrence=recurrence.canonical,
+                next_run_at=recurrence.next_after(self._clock.now()),
+            )
+        )
+        self._scheduler.expect(key, record.next_run_at)
+        self._wake.set()
+        return Schedule.from_record(record)
+
+    async def unschedule(self, key: str) -> bool:
+        """Delete schedule ``key``: no slot after this fires. Runs it already
+        created are not touched. Returns False if there was no such schedule."""
+        await self._ensure_initialized()
+        self._scheduler.forget(key)
+        return await self._storage.delete_schedule(key)
+
+    async def list_schedules(self) -> list[Schedule]:
+        """Every stored schedule, of any workflow, ordered by key."""
+        await self._ensure_initialized()
+        return [Schedule.from_record(r) for r in await self._storage.list_schedules()]
+
     async def result(self, run_id: str, *, timeout: Duration | None = None) -> Any:
         """Wait for a run to finish and return its output.
 
@@ -609,11 +680,13 @@ class Engine:
         """
         seconds = None if timeout is None else to_seconds(timeout, option="timeout")
         await self._ensure_initialized()
-        finished = self._finished.setdefault(run_id, asyncio.Event())
+        finished = asyncio.Event()
+        self._finished.setdefault(run_id, set()).add(finished)
         pause = 0.01
         try:
             async with asyncio.timeout(seconds):
                 while True:
+                    finished.clear()  # before the read, so a finish during it is seen
                     record = await self._storage.get_run(run_id)
                     if record is None:
                         raise RunNotFoundError(run_id)
@@ -624,22 +697,25 @@ class Engine:
                         raise RunFailedError(run_id, info)
                     if record.status == "cancelled":
                         raise RunCancelledError(run_id)
-                    finished.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(pause):
                             await finished.wait()
                     pause = min(pause * 2, self._poll)
         finally:
-            if not finished.is_set():
-                self._finished.pop(run_id, None)
+            waiters = self._finished.get(run_id)
+            if waiters is not None:
+                waiters.discard(finished)
+                if not waiters:
+                    del self._finished[run_id]
 
     def stream(self, *, buffer_size: int | None = 1000) -> AsyncIterator[Event]:
         """An async iterator of this engine's lifecycle events.
 
-        With a bounded ``buffer_size`` a slow consumer slows the engine down
-        (backpressure) instead of losing events; ``None`` means unbounded.
-        The iterator ends after :meth:`stop`, and unsubscribes when the
-        consumer leaves the loop.
+        It is subscribed from this call on, read or not. With a bounded
+        ``buffer_size`` a slow consumer slows the engine down (backpressure)
+        instead of losing events; ``None`` means unbounded. The iterator ends
+        after :meth:`stop`, and unsubscribes when the consumer leaves the loop
+        or drops it.
         """
         return self._observers.stream(buffer_size)
 
@@ -654,18 +730,18 @@ class Engine:
         await self._observers.report(error, where)
 
     def _notify_finished(self, run_id: str) -> None:
-        waiter = self._finished.get(run_id)
-        if waiter is not None:
+        for waiter in self._finished.get(run_id, ()):
             waiter.set()
 
     # -- worker ------------------------------------------------------------
 
     async def tick(self) -> int:
-        """Claim one batch (up to the free slots), run it to the end, and
-        return how many runs were processed. For tests and scripts; it does
-        not need :meth:`start`."""
+        """Fire the due schedules of this engine's workflows, claim one batch
+        (up to the free slots), run it to the end, and return how many runs
+        were processed. For tests and scripts; it does not need :meth:`start`."""
         await self._ensure_initialized()
         self._ensure_background()
+        await self._fire_schedules(force=True)
         claimed = await self._claim()
         tasks = [self._spawn(c) for c in claimed]
         if tasks:
@@ -681,6 +757,25 @@ class Engine:
         self._more_work = len(claimed) == limit
         return claimed
 
+    async def _fire_schedules(self, *, force: bool = False) -> None:
+        """Fire due schedules of this engine's workflows: at most once per poll
+        interval, or sooner when a slot known here falls due, unless ``force``.
+        Storage trouble is logged and retried at a later look."""
+        if not self._workflows:
+            return
+        now = self._clock.now()
+        if not force and not self._scheduler.should_check(now):
+            return
+        try:
+            fired = await self._scheduler.fire_due(
+                self._storage, self._workflows, now, _SCHEDULE_BATCH
+            )
+        except ReflowError as exc:
+            logger.warning("firing schedules failed (%s); retrying at the next poll", exc)
+            return
+        if fired:
+            self._wake.set()
+
     def _spawn(self, claimed: ClaimedRun) -> asyncio.Task[None]:
         state = _InFlight(lease=claimed.lease, renewed_at=time.monotonic())
         self._inflight[claimed.run.id] = state
@@ -693,9 +788,13 @@ class Engine:
     async def _dispatch_loop(self) -> None:
         failures = 0
         while not self._stopping:
+            await self._fire_schedules()
             if len(self._inflight) >= self._concurrency:
+                # Wake up for due schedules even while every slot is busy.
                 self._slot_freed.clear()
-                await self._slot_freed.wait()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._schedule_wait(self._poll)):
+                        await self._slot_freed.wait()
                 continue
             self._wake.clear()
             try:
@@ -710,8 +809,12 @@ class Engine:
             for c in claimed:
                 self._spawn(c)
             if not self._more_work:
-                # The queue looked empty: wait for local work or the next poll.
-                await self._idle(self._poll * random.uniform(0.9, 1.1))
+                # The queue looked empty: wait for local work, the next poll
+                # or the next schedule slot known here.
+                await self._idle(self._schedule_wait(self._poll * random.uniform(0.9, 1.1)))
+
+    def _schedule_wait(self, seconds: float) -> float:
+        return self._scheduler.wait(self._clock.now(), seconds)
 
     async def _idle(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -841,7 +944,13 @@ class Engine:
             exception=exc,
         )
         try:
-            result = handler(ctx)
+            if _is_async_callable(handler):
+                result = handler(ctx)
+            else:
+                # In a worker thread, as a plain def step is: a slow handler
+                # must not stall the event loop and every run's heartbeat.
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self._executor, handler, ctx)
             if inspect.isawaitable(result):
                 await result
         except Exception as error:
@@ -903,6 +1012,14 @@ class Engine:
         # definition since): finish with the last output.
         await self._complete(run, codec.encode(run.prev), None)
 
+    def _passed_at_claim(self, run: _Execution, deadline: datetime | None) -> bool:
+        """Whether ``deadline`` had passed, by the storage's clock, when the
+        run was claimed (the claim made the lease end at claim time + lease)."""
+        expires = run.record.lease_expires_at
+        if deadline is None or expires is None:
+            return True
+        return deadline <= expires - self._lease
+
     async def _pass_through(self, run: _Execution, record: StepRecord) -> bool:
         """Save a step that leaves ``prev`` unchanged; finish if it was the last."""
         if run.last:
@@ -945,9 +1062,11 @@ class Engine:
             except SerializationError as exc:
                 await self._fail(run, exc, step=step.name)
                 return True
-            record = StepRecord(step.name, "completed", output=text, attempts=1)
+            record = StepRecord(step.name, "completed", output=text, attempts=signal.attempts)
             await self._emit(
-                StepCompleted(run.record.id, run.record.workflow, step.name, signal.value, 1)
+                StepCompleted(
+                    run.record.id, run.record.workflow, step.name, signal.value, signal.attempts
+                )
             )
             await self._complete(run, text, record)
             return True
@@ -973,9 +1092,14 @@ class Engine:
         saved = run.saved.get(sleep.name)
         if saved is not None and saved.status == "completed":
             return False
-        if saved is not None and saved.status == "sleeping":
-            # Sleeping runs are claimed only once due: the sleep is over.
+        if (
+            saved is not None
+            and saved.status == "sleeping"
+            and self._passed_at_claim(run, saved.wake_at)
+        ):
             return await self._pass_through(run, StepRecord(sleep.name, "completed"))
+        # First reached, or claimed before the wake-up time (a resumed run):
+        # sleep_run keeps a wake-up time fixed earlier.
         wake_at = await self._storage.sleep_run(
             run.lease, sleep.name, timedelta(seconds=sleep.seconds)
         )
@@ -998,9 +1122,14 @@ class Engine:
             assert taken is not None
             if not taken.found:
                 deadline = saved.wake_at if saved is not None else None
-                if deadline is None:  # woken without an event: wait again
+                if deadline is None or not self._passed_at_claim(run, deadline):
+                    # Woken without an event before any deadline (a resumed
+                    # run): wait again; wait_run keeps the deadline.
                     result = await self._storage.wait_run(run.lease, wait.name, wait.name, None)
                     self._fence(result is not None)
+                    assert result is not None
+                    if result.ready:  # an event came in meanwhile: take it now
+                        return await self._drive_wait(run, wait)
                     return True
                 await self._fail(
                     run, WaitTimeoutError(wait.name, run_id=run.record.id), step=wait.name
@@ -1051,15 +1180,20 @@ class Engine:
                     elif failure is None:
                         failure = (branch, exc)
         finally:
-            for task in tasks:
-                if not task.done():
-                    task.cancel()
+            unfinished = [task for task in tasks if not task.done()]
+            if unfinished:
+                # Fire the siblings' signals first, so an async handler that
+                # catches CancelledError sees why, as a sync one does.
+                for signal in list(run.state.signals):
+                    signal._fire("cancelled")
+            for task in unfinished:
+                task.cancel()
             if tasks:
                 await asyncio.wait(tasks)
         if failure is not None:
             branch, exc = failure
-            if isinstance(exc, _LeaseLost | asyncio.CancelledError):
-                raise exc
+            if isinstance(exc, _LeaseLost | asyncio.CancelledError | StorageError):
+                raise exc  # as for a plain step: the run is reclaimed, not failed
             if isinstance(exc, StepError):
                 await self._fail(run, exc, step=branch.name, attempts=exc.attempts)
             elif isinstance(exc, ReflowError):
@@ -1105,7 +1239,10 @@ class Engine:
             await self._emit(StepStarted(run.record.id, run.record.workflow, step.name, attempt))
             try:
                 return await self._invoke(step, ctx, signal), attempt
-            except (asyncio.CancelledError, CompleteRun, ParallelCompleteError):
+            except CompleteRun as done:
+                done.attempts = attempt
+                raise
+            except (asyncio.CancelledError, ParallelCompleteError):
                 raise
             except StepCancelledError:
                 if state.stop_reason is not None:

@@ -2,9 +2,10 @@
 
 Every event is a frozen dataclass with the run's id and workflow name. An
 engine publishes each one to its lifecycle hooks (plugins, see
-:mod:`reflow_core.hookspecs`), in registration order, then to every open
-stream. A failing hook never affects a run: the failure goes to the
-``reflow_error`` hook (and to the ``reflow.engine`` logger).
+:mod:`reflow_core.hookspecs`), in pluggy's call order (the plugin registered
+last first, ``tryfirst``/``trylast`` honoured), then to every open stream. A
+failing hook never affects a run: the failure goes to the ``reflow_error``
+hook (and to the ``reflow.engine`` logger).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
@@ -126,11 +128,14 @@ class Observers:
         """Register a plugin object or module implementing lifecycle hooks."""
         if self.pm.is_registered(plugin):
             return
-        self.pm.register(plugin, name=name)
         try:
+            # register() refuses an implementation whose arguments the spec
+            # lacks; check_pending() one whose name matches no spec.
+            self.pm.register(plugin, name=name)
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
-            self.pm.unregister(plugin)
+            if self.pm.is_registered(plugin):
+                self.pm.unregister(plugin)
             raise ConfigError(f"plugin {name or plugin!r} is invalid: {exc}") from exc
 
     @property
@@ -151,7 +156,8 @@ class Observers:
                 if inspect.isawaitable(result):
                     await result
             except Exception as exc:
-                exc.add_note(f"in {name} of plugin {impl.plugin_name}")
+                label = getattr(impl.plugin, "__name__", None) or type(impl.plugin).__qualname__
+                exc.add_note(f"in {name} of plugin {impl.plugin_name} ({label})")
                 failures.append(exc)
         return failures
 
@@ -171,13 +177,21 @@ class Observers:
         for failure in await self._call("reflow_error", {"error": error, "where": where}):
             logger.error("reflow_error hook failed: %s: %s", type(failure).__name__, failure)
 
-    async def stream(self, buffer_size: int | None) -> AsyncIterator[Event]:
+    def stream(self, buffer_size: int | None) -> AsyncIterator[Event]:
+        """Subscribe now, so no event is missed before the first read, and
+        return the iterator. It unsubscribes when it ends or is closed, or
+        when it is dropped, read or not."""
         if buffer_size is not None and buffer_size < 1:
             raise ConfigError(
                 f"buffer_size must be at least 1, got {buffer_size}", option="buffer_size"
             )
         sub = _Subscription(buffer_size or 0)
         self._streams.append(sub)
+        events = self._iterate(sub)
+        weakref.finalize(events, self._unsubscribe, sub)
+        return events
+
+    async def _iterate(self, sub: _Subscription) -> AsyncIterator[Event]:
         try:
             while True:
                 if not sub.queue.empty():
@@ -188,11 +202,14 @@ class Observers:
                 sub.wakeup.clear()
                 await sub.wakeup.wait()
         finally:
-            sub.closed = True
-            if sub in self._streams:
-                self._streams.remove(sub)
-            while not sub.queue.empty():  # release a publisher blocked on a full buffer
-                sub.queue.get_nowait()
+            self._unsubscribe(sub)
+
+    def _unsubscribe(self, sub: _Subscription) -> None:
+        sub.closed = True
+        if sub in self._streams:
+            self._streams.remove(sub)
+        while not sub.queue.empty():  # release a publisher blocked on a full buffer
+            sub.queue.get_nowait()
 
     def close_streams(self) -> None:
         """End every open stream after the events already buffered."""

@@ -399,8 +399,9 @@ class Storage(Protocol):
 
         Pagination is keyset on ``(created_at, id)``: following ``next_cursor``
         visits every matching run exactly once, even when runs share a creation
-        time. Cursors are opaque strings; a malformed one raises
-        :class:`~reflow_core.errors.ConfigError`.
+        time. Ties on ``created_at`` are broken by ``id`` in the store's own
+        order. Cursors are opaque strings; a malformed one, or a ``limit``
+        below 1, raises :class:`~reflow_core.errors.ConfigError`.
         """
         ...
 
@@ -432,7 +433,8 @@ class Storage(Protocol):
         ...
 
     async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
-        """Schedules whose ``next_run_at`` is at or before now, earliest first."""
+        """Schedules whose ``next_run_at`` is at or before now, earliest first:
+        ``min(limit, number due)`` of them (none for ``limit`` below 1)."""
         ...
 
     async def claim_schedule_slot(

@@ -1,0 +1,146 @@
+"""Structured logging of run lifecycles through the standard :mod:`logging` module.
+
+::
+
+    from reflow_core.plugins.logging import LoggingPlugin
+
+    engine = Engine(storage=..., workflows=[...], plugins=[LoggingPlugin()])
+
+Every lifecycle event becomes one record on the logger (``reflow.runs`` by
+default), with a readable message such as ``run 01J... step 'charge'
+completed (attempt 2)`` and the event's fields under the ``reflow`` attribute
+of the record (``extra={"reflow": {...}}``) for structured formatters: the
+event's name, run id, workflow, step, attempt(s), and for a failure the
+stored error (``code``, ``type``, ``message``, ``step``). Step and run
+outputs are never logged: they may hold personal data or secrets.
+
+Failed runs are logged at ``ERROR``; everything else at ``level``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from reflow_core.events import (
+    Event,
+    RunCompleted,
+    RunFailed,
+    RunStarted,
+    StepCompleted,
+    StepSkipped,
+    StepStarted,
+)
+from reflow_core.hookspecs import hookimpl
+
+__all__ = ["DEFAULT_LOGGER", "LoggingPlugin"]
+
+DEFAULT_LOGGER = "reflow.runs"
+"""The logger :class:`LoggingPlugin` writes to unless given another."""
+
+_OMITTED = frozenset({"output"})
+"""Event fields never logged."""
+
+
+def _fields(name: str, event: Event) -> dict[str, Any]:
+    fields: dict[str, Any] = {"event": name}
+    for field in dataclasses.fields(event):
+        if field.name not in _OMITTED:
+            value = getattr(event, field.name)
+            fields[field.name] = dict(value) if isinstance(value, dict) else value
+    return fields
+
+
+class LoggingPlugin:
+    """Logs one record per lifecycle event.
+
+    ``logger`` is a :class:`logging.Logger` or a logger name (default
+    ``"reflow.runs"``); ``level`` the level of every record except failed
+    runs, which are logged at ``ERROR``.
+    """
+
+    def __init__(
+        self, logger: logging.Logger | str | None = None, level: int = logging.INFO
+    ) -> None:
+        if logger is None or isinstance(logger, str):
+            logger = logging.getLogger(logger or DEFAULT_LOGGER)
+        self.logger = logger
+        self.level = level
+
+    def __repr__(self) -> str:
+        return f"LoggingPlugin(logger={self.logger.name!r}, level={self.level})"
+
+    def _log(self, level: int, name: str, event: Event, message: str, *args: object) -> None:
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, message, *args, extra={"reflow": _fields(name, event)})
+
+    @hookimpl
+    def reflow_run_started(self, event: RunStarted) -> None:
+        how = "resumed after its worker was lost" if event.reclaimed else "started"
+        self._log(
+            self.level,
+            "run_started",
+            event,
+            "run %s of workflow %r %s (attempt %d)",
+            event.run_id,
+            event.workflow,
+            how,
+            event.attempt,
+        )
+
+    @hookimpl
+    def reflow_step_started(self, event: StepStarted) -> None:
+        self._log(
+            self.level,
+            "step_started",
+            event,
+            "run %s step %r started (attempt %d)",
+            event.run_id,
+            event.step,
+            event.attempt,
+        )
+
+    @hookimpl
+    def reflow_step_completed(self, event: StepCompleted) -> None:
+        self._log(
+            self.level,
+            "step_completed",
+            event,
+            "run %s step %r completed (attempt %d)",
+            event.run_id,
+            event.step,
+            event.attempts,
+        )
+
+    @hookimpl
+    def reflow_step_skipped(self, event: StepSkipped) -> None:
+        self._log(
+            self.level, "step_skipped", event, "run %s step %r skipped", event.run_id, event.step
+        )
+
+    @hookimpl
+    def reflow_run_completed(self, event: RunCompleted) -> None:
+        self._log(
+            self.level,
+            "run_completed",
+            event,
+            "run %s of workflow %r completed",
+            event.run_id,
+            event.workflow,
+        )
+
+    @hookimpl
+    def reflow_run_failed(self, event: RunFailed) -> None:
+        where = f" at step {event.step!r}" if event.step else ""
+        self._log(
+            logging.ERROR,
+            "run_failed",
+            event,
+            "run %s of workflow %r failed%s: [%s] %s",
+            event.run_id,
+            event.workflow,
+            where,
+            event.error.get("code", "step_failed"),
+            event.error.get("message", ""),
+        )

@@ -1,0 +1,171 @@
+"""``reflow_core.plugins.logging.LoggingPlugin``: one structured record per event."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from reflow_core import Engine, Retry, StepContext, Workflow, workflow
+from reflow_core.plugins.logging import DEFAULT_LOGGER, LoggingPlugin
+from reflow_core.storage import Storage
+
+SECRET = "4111-1111-1111-1111"
+
+
+@contextlib.asynccontextmanager
+async def engine_on(
+    storage: Storage, *workflows: Workflow[Any, Any], **options: Any
+) -> AsyncIterator[Engine]:
+    options.setdefault("close_storage", False)
+    engine = Engine(storage=storage, workflows=workflows, **options)
+    try:
+        yield engine
+    finally:
+        await engine.stop(timeout=0)
+
+
+def records(
+    caplog: pytest.LogCaptureFixture, name: str = DEFAULT_LOGGER
+) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == name]
+
+
+async def test_one_record_per_event_with_structured_fields(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def charge(ctx: StepContext[Any, Any]) -> dict[str, str]:
+        if ctx.attempt == 1:
+            raise ConnectionError("gateway timeout")
+        return {"card": SECRET}
+
+    wf = (
+        workflow("order")
+        .step("charge", charge, retry=Retry(max_attempts=2, initial_delay=0))
+        .step("review", lambda ctx: "x", when=lambda ctx: False)
+        .step("ship", lambda ctx: {"card": SECRET})
+    )
+    caplog.set_level(logging.DEBUG, logger=DEFAULT_LOGGER)
+    async with engine_on(storage, wf, plugins=[LoggingPlugin()]) as engine:
+        run = await engine.enqueue(wf, {"card": SECRET})
+        assert await engine.tick() == 1
+
+    logged = records(caplog)
+    assert [r.getMessage() for r in logged] == [
+        f"run {run.id} of workflow 'order' started (attempt 1)",
+        f"run {run.id} step 'charge' started (attempt 1)",
+        f"run {run.id} step 'charge' started (attempt 2)",
+        f"run {run.id} step 'charge' completed (attempt 2)",
+        f"run {run.id} step 'review' skipped",
+        f"run {run.id} step 'ship' started (attempt 1)",
+        f"run {run.id} step 'ship' completed (attempt 1)",
+        f"run {run.id} of workflow 'order' completed",
+    ]
+    assert {r.levelno for r in logged} == {logging.INFO}
+    fields = [r.reflow for r in logged]  # type: ignore[attr-defined]
+    assert [f["event"] for f in fields] == [
+        "run_started",
+        "step_started",
+        "step_started",
+        "step_completed",
+        "step_skipped",
+        "step_started",
+        "step_completed",
+        "run_completed",
+    ]
+    assert all(f["run_id"] == run.id and f["workflow"] == "order" for f in fields)
+    assert fields[0] == {
+        "event": "run_started",
+        "run_id": run.id,
+        "workflow": "order",
+        "attempt": 1,
+        "reclaimed": False,
+    }
+    assert fields[3] == {
+        "event": "step_completed",
+        "run_id": run.id,
+        "workflow": "order",
+        "step": "charge",
+        "attempts": 2,
+    }
+    # Outputs may hold secrets: they are not logged at any level.
+    assert SECRET not in caplog.text
+    assert all(SECRET not in repr(f) for f in fields)
+
+
+@pytest.mark.allow_error_logs
+async def test_failed_runs_are_logged_at_error_with_the_stored_error(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def charge(ctx: StepContext[Any, Any]) -> None:
+        raise ValueError("card declined")
+
+    wf = workflow("order").step("charge", charge)
+    caplog.set_level(logging.INFO, logger=DEFAULT_LOGGER)
+    async with engine_on(storage, wf, plugins=[LoggingPlugin()]) as engine:
+        run = await engine.enqueue(wf)
+        assert await engine.tick() == 1
+
+    failed = records(caplog)[-1]
+    assert failed.levelno == logging.ERROR
+    assert failed.getMessage() == (
+        f"run {run.id} of workflow 'order' failed at step 'charge': [step_failed] card declined"
+    )
+    assert failed.exc_info is None  # the exception belongs to the run, not to the logger
+    info = failed.reflow  # type: ignore[attr-defined]
+    assert info["event"] == "run_failed"
+    assert info["step"] == "charge"
+    assert info["error"]["code"] == "step_failed"
+    assert info["error"]["type"] == "builtins.ValueError"
+    assert info["error"]["message"] == "card declined"
+
+
+async def test_logger_and_level_are_configurable(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    custom = logging.getLogger("app.workflows")
+    wf = workflow("quiet").step("a", lambda ctx: 1)
+    caplog.set_level(logging.DEBUG, logger="app.workflows")
+    plugins = [LoggingPlugin(custom, level=logging.DEBUG), LoggingPlugin("app.other")]
+    async with engine_on(storage, wf, plugins=plugins) as engine:
+        await engine.enqueue(wf)
+        assert await engine.tick() == 1
+    mine = records(caplog, "app.workflows")
+    assert len(mine) == 4
+    assert {r.levelno for r in mine} == {logging.DEBUG}
+    assert records(caplog, DEFAULT_LOGGER) == []
+    assert repr(plugins[1]) == "LoggingPlugin(logger='app.other', level=20)"
+
+
+async def test_nothing_is_built_when_the_level_is_disabled(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=DEFAULT_LOGGER)
+    wf = workflow("silent").step("a", lambda ctx: 1)
+    async with engine_on(storage, wf, plugins=[LoggingPlugin()]) as engine:
+        await engine.enqueue(wf)
+        assert await engine.tick() == 1
+    assert records(caplog) == []
+
+
+async def test_a_reclaimed_run_says_so(
+    db: Any, clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    from datetime import timedelta
+
+    wf = workflow("reclaimed").step("a", lambda ctx: 1)
+    storage = db.connect(clock=clock)
+    caplog.set_level(logging.INFO, logger=DEFAULT_LOGGER)
+    async with engine_on(storage, wf, plugins=[LoggingPlugin()], lease="30s") as engine:
+        run = await engine.enqueue(wf)
+        await storage.claim_runs(["reclaimed"], 1, timedelta(seconds=30))
+        clock.advance(31)
+        assert await engine.tick() == 1
+    first = records(caplog)[0]
+    assert first.getMessage() == (
+        f"run {run.id} of workflow 'reclaimed' resumed after its worker was lost (attempt 2)"
+    )
+    assert first.reflow["reclaimed"] is True  # type: ignore[attr-defined]
