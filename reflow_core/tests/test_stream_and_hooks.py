@@ -122,6 +122,20 @@ async def test_stream_yields_typed_events_in_order(storage: Storage) -> None:
     ]
 
 
+async def test_a_finished_sleep_is_reported_as_a_completed_step(storage: Storage) -> None:
+    napping = workflow("napping").step("a", lambda ctx: 1).sleep("nap", 0).step("b", lambda ctx: 2)
+    events: list[Event] = []
+    async with engine_on(storage, napping) as engine:
+        consumer = asyncio.create_task(collect(engine.stream(), events))
+        await engine.enqueue(napping)
+        assert await engine.tick() == 1  # runs "a", then goes to sleep
+        assert await engine.tick() == 1  # due at once: wakes and finishes
+        await engine.stop()
+        await asyncio.wait_for(consumer, 5)
+    assert ("StepCompleted", "nap", None, 1) in shape(events)
+    assert shape(events)[-1] == ("RunCompleted", 2)
+
+
 async def test_a_stream_sees_events_from_the_moment_it_is_created(storage: Storage) -> None:
     wf = workflow("early-subscriber").step("a", lambda ctx: 1)
     async with engine_on(storage, wf) as engine:

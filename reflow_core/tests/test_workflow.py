@@ -265,3 +265,15 @@ def test_to_plain_input_dumps_models_and_dataclasses() -> None:
     raw = {"a": 1}
     assert to_plain_input(raw) is raw
     assert to_plain_input(Order) is Order  # a class is left alone
+
+
+def test_an_async_when_predicate_is_refused_at_definition() -> None:
+    async def later(ctx: Any) -> bool:
+        return True
+
+    async def handler(ctx: Any) -> int:
+        return 1
+
+    with pytest.raises(ConfigError, match="when must be a plain function") as caught:
+        workflow("async-when").step("a", handler, when=later)
+    assert caught.value.option == "when"

@@ -1097,6 +1097,7 @@ class Engine:
             and saved.status == "sleeping"
             and self._passed_at_claim(run, saved.wake_at)
         ):
+            await self._emit(StepCompleted(run.record.id, run.record.workflow, sleep.name, None, 1))
             return await self._pass_through(run, StepRecord(sleep.name, "completed"))
         # First reached, or claimed before the wake-up time (a resumed run):
         # sleep_run keeps a wake-up time fixed earlier.

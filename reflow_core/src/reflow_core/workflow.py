@@ -200,6 +200,12 @@ def _define_step(
         raise ConfigError(
             f"workflow {workflow!r}, step {name!r}: when must be callable", option="when"
         )
+    if when is not None and _is_async_callable(when):
+        raise ConfigError(
+            f"workflow {workflow!r}, step {name!r}: when must be a plain function returning "
+            "a bool, not an async function (decide from ctx.input, ctx.prev and ctx.steps)",
+            option="when",
+        )
     seconds = (
         None
         if timeout is None
