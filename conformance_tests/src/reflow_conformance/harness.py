@@ -155,11 +155,23 @@ class Harness:
         await asyncio.sleep(span * 1.5 + 0.05)
 
     def run(self, body: Callable[[Storage], Awaitable[T]]) -> T:
-        """Run ``body(storage)`` to the end on the suite's loop."""
+        """Run ``body(storage)`` to the end on the suite's loop.
+
+        The storage, and any opened with :meth:`open` during the call, are
+        closed when it returns, so a Hypothesis test holds one connection per
+        example at a time, not one per example for the whole test.
+        """
 
         async def main() -> T:
-            storage = await self.open()
-            return await body(storage)
+            mark = len(self._open)
+            try:
+                storage = await self.open()
+                return await body(storage)
+            finally:
+                opened = self._open[mark:]
+                del self._open[mark:]
+                for storage in reversed(opened):
+                    await storage.close()
 
         return self._runner.run(main())
 

@@ -279,7 +279,8 @@ class Storage(Protocol):
         """Fenced: extend the lease to ``now + extend``.
 
         Returns False, changing nothing, if the run is no longer ``running``
-        under ``lease.epoch`` (reclaimed, cancelled, finished or missing).
+        under ``lease.epoch`` with a live lease (lapsed, reclaimed, cancelled,
+        finished or missing).
         """
         ...
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Literal
 
+from reflow_conformance.harness import promise
 from reflow_core import codec
-from reflow_core.storage import ClaimedRun, CreateResult, NewRun, Storage
+from reflow_core.storage import ClaimedRun, CreateResult, Lease, NewRun, StepRecord, Storage
 
 LONG = timedelta(minutes=10)
 
@@ -19,4 +21,79 @@ async def create(
 async def claim_one(storage: Storage, workflow: str, lease: timedelta = LONG) -> ClaimedRun:
     claimed = await storage.claim_runs([workflow], 1, lease)
     assert len(claimed) == 1, f"expected to claim one run of {workflow}, got {len(claimed)}"
+    return claimed[0]
+
+
+_LEASED_TARGETS: tuple[Literal["pending", "failed", "cancelled"], ...] = (
+    "pending",
+    "failed",
+    "cancelled",
+)
+
+STALE_EVENT = "stale-event"
+"""The event :func:`fenced_writes` tries to take; deliver one first to make that attempt count."""
+
+
+async def create_many(storage: Storage, workflow: str, count: int) -> list[str]:
+    """Create ``count`` pending runs of ``workflow``; their ids, in creation order."""
+    return [(await create(storage, workflow, i)).run.id for i in range(count)]
+
+
+async def fenced_writes(storage: Storage, lease: Lease) -> list[str]:
+    """Try every fenced operation with ``lease``; the names of those that were not refused.
+
+    Step names start with ``stale-``, so a write that got through shows in the
+    run's steps too.
+    """
+    accepted: list[str] = []
+    value = codec.encode("stale")
+    step = StepRecord("stale-step", "completed", output=value)
+    if await storage.heartbeat_run(lease, LONG):
+        accepted.append("heartbeat_run")
+    if await storage.save_step_result(lease, step, LONG):
+        accepted.append("save_step_result")
+    if await storage.take_event(lease, "stale-take", STALE_EVENT) is not None:
+        accepted.append("take_event")
+    if await storage.wait_run(lease, "stale-wait", STALE_EVENT, LONG) is not None:
+        accepted.append("wait_run")
+    if await storage.sleep_run(lease, "stale-sleep", LONG) is not None:
+        accepted.append("sleep_run")
+    for status in _LEASED_TARGETS:
+        if await storage.update_run_status(lease.run_id, status, lease=lease, error=value):
+            accepted.append(f"update_run_status({status!r}, lease=...)")
+    last = StepRecord("stale-last", "completed", output=value)
+    if await storage.finish_run(lease, "completed", output=value, step=last):
+        accepted.append("finish_run")
+    return accepted
+
+
+def decoded(text: str | None) -> object:
+    """The value of encoded text, or ``None`` for ``None``."""
+    return None if text is None else codec.decode(text)
+
+
+def step_differences(stored: StepRecord | None, written: StepRecord) -> list[str]:
+    """How a stored step differs from the one written (values compared decoded);
+    ``completed_at`` is the backend's and only has to be set."""
+    if stored is None:
+        return [f"step {written.name!r} is missing"]
+    found = []
+    for name in ("name", "status", "attempts", "wake_at"):
+        if getattr(stored, name) != getattr(written, name):
+            found.append(f"{name}: {getattr(stored, name)!r} != {getattr(written, name)!r}")
+    for name in ("output", "error"):
+        if decoded(getattr(stored, name)) != decoded(getattr(written, name)):
+            found.append(f"{name}: {getattr(stored, name)!r} != {getattr(written, name)!r}")
+    if stored.completed_at is None:
+        found.append("completed_at is not set")
+    return found
+
+
+async def claim_only(
+    storage: Storage, workflow: str, name: str, lease: timedelta = LONG
+) -> ClaimedRun:
+    """Claim the one claimable run of ``workflow``; if there is none, promise
+    ``name`` (the reason it should be claimable) is broken."""
+    claimed = await storage.claim_runs([workflow], 10, lease)
+    promise(len(claimed) == 1, name, f"expected to claim one run of {workflow}, got {claimed}")
     return claimed[0]

@@ -1,5 +1,358 @@
-"""(being written)"""
+"""Schedules: registering, re-registering without resetting the cadence,
+listing, finding the due ones, and firing each slot exactly once.
+
+Schedules are global to the store, so every test names its own keys and
+looks only at them, and deletes them when it is done."""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from reflow_conformance import promises as P
+from reflow_conformance.harness import Harness, promise
+from reflow_core import codec
+from reflow_core.storage import NewRun, RunRecord, ScheduleRecord, ScheduleSpec, Storage
+
+from ._util import decoded
+
+pytestmark = pytest.mark.reflow_conformance
+
+__all__ = ["TestClaimSlot", "TestDueSchedules", "TestUpsertSchedule"]
+
+EVERY_MINUTE = "every:60"
+EVERY_HOUR = "every:3600"
+_FAR_PAST = datetime(1971, 3, 4, 5, 6, 7, 890_000, tzinfo=UTC)
+"""Due by any clock, and earlier than anything a scheduler writes."""
+
+
+def _whole_ms(value: datetime) -> datetime:
+    """``value`` cut to whole milliseconds, the precision the contract promises."""
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+def _future() -> datetime:
+    """A time in whole milliseconds a day from now: not due during a test."""
+    return _whole_ms(datetime.now(UTC) + timedelta(days=1))
+
+
+async def _find(s: Storage, key: str) -> ScheduleRecord | None:
+    found = [record for record in await s.list_schedules() if record.key == key]
+    promise(len(found) <= 1, P.SCHEDULE_STORED, f"{len(found)} schedules with key {key!r}")
+    return found[0] if found else None
+
+
+def _differences(record: ScheduleRecord | None, spec: ScheduleSpec) -> list[str]:
+    """How a stored schedule differs from ``spec`` (its input compared decoded)."""
+    if record is None:
+        return [f"schedule {spec.key!r} is missing"]
+    found = []
+    for name in ("key", "workflow", "recurrence", "next_run_at"):
+        if getattr(record, name) != getattr(spec, name):
+            found.append(f"{name}: {getattr(record, name)!r} != {getattr(spec, name)!r}")
+    if decoded(record.input) != decoded(spec.input):
+        found.append(f"input: {record.input!r} != {spec.input!r}")
+    return found
+
+
+def _slot_run(workflow: str, key: str, slot: datetime) -> NewRun:
+    """The run firing ``slot`` of schedule ``key``, keyed by the slot as the engine does."""
+    stamp = slot.isoformat()
+    return NewRun(workflow, codec.encode({"slot": slot}), idempotency_key=f"{key}@{stamp}")
+
+
+class TestUpsertSchedule:
+    def test_upsert_creates_a_schedule(self, reflow: Harness) -> None:
+        key, wf = reflow.unique("sched"), reflow.unique()
+        spec = ScheduleSpec(key, wf, codec.encode({"n": 1}), EVERY_MINUTE, _future())
+
+        async def body(s: Storage) -> None:
+            record = await s.upsert_schedule(spec)
+            diff = _differences(record, spec)
+            promise(not diff, P.SCHEDULE_STORED, "returned: " + "; ".join(diff))
+            stamps = (record.created_at, record.updated_at)
+            promise(
+                all(stamp.utcoffset() == timedelta(0) for stamp in stamps),
+                P.SCHEDULE_STORED,
+                f"created_at/updated_at {stamps} are not aware UTC times",
+            )
+            other = await reflow.open()
+            diff = _differences(await _find(other, key), spec)
+            promise(not diff, P.SCHEDULE_STORED, "listed: " + "; ".join(diff))
+            await s.delete_schedule(key)
+
+        reflow.run(body)
+
+    def test_same_recurrence_keeps_the_next_slot(self, reflow: Harness) -> None:
+        key, wf, wf2 = reflow.unique("sched"), reflow.unique(), reflow.unique()
+        first = ScheduleSpec(key, wf, codec.encode("first"), EVERY_MINUTE, _future())
+        second = ScheduleSpec(
+            key,
+            wf2,
+            codec.encode({"second": [1, 2]}),
+            EVERY_MINUTE,
+            first.next_run_at + timedelta(hours=5, milliseconds=7),
+        )
+        kept = ScheduleSpec(key, wf2, second.input, EVERY_MINUTE, first.next_run_at)
+
+        async def body(s: Storage) -> None:
+            await s.upsert_schedule(first)
+            record = await s.upsert_schedule(second)
+            diff = _differences(record, kept)
+            promise(not diff, P.SCHEDULE_KEEP_CADENCE, "returned: " + "; ".join(diff))
+            diff = _differences(await _find(s, key), kept)
+            promise(not diff, P.SCHEDULE_KEEP_CADENCE, "listed: " + "; ".join(diff))
+            await s.delete_schedule(key)
+
+        reflow.run(body)
+
+    def test_a_changed_recurrence_replaces_the_schedule(self, reflow: Harness) -> None:
+        key, wf = reflow.unique("sched"), reflow.unique()
+        first = ScheduleSpec(key, wf, codec.encode(1), EVERY_MINUTE, _future())
+        second = ScheduleSpec(
+            key, wf, codec.encode(2), EVERY_HOUR, first.next_run_at + timedelta(minutes=59)
+        )
+
+        async def body(s: Storage) -> None:
+            await s.upsert_schedule(first)
+            record = await s.upsert_schedule(second)
+            diff = _differences(record, second)
+            promise(not diff, P.SCHEDULE_STORED, "returned: " + "; ".join(diff))
+            diff = _differences(await _find(s, key), second)
+            promise(not diff, P.SCHEDULE_STORED, "listed: " + "; ".join(diff))
+            await s.delete_schedule(key)
+
+        reflow.run(body)
+
+    def test_delete_removes_a_schedule_once(self, reflow: Harness) -> None:
+        key, wf = reflow.unique("sched"), reflow.unique()
+        spec = ScheduleSpec(key, wf, codec.encode(None), EVERY_MINUTE, _future())
+
+        async def body(s: Storage) -> None:
+            await s.upsert_schedule(spec)
+            promise(await s.delete_schedule(key), P.SCHEDULE_DELETE, "delete returned False")
+            promise(await _find(s, key) is None, P.SCHEDULE_DELETE, "still listed after delete")
+            again = await s.delete_schedule(key)
+            promise(not again, P.SCHEDULE_DELETE, "a second delete returned True")
+            never = await s.delete_schedule(reflow.unique("sched"))
+            promise(not never, P.SCHEDULE_DELETE, "deleting an unknown key returned True")
+
+        reflow.run(body)
+
+    def test_schedules_are_listed_by_key(self, reflow: Harness) -> None:
+        prefix, wf = reflow.unique("sched"), reflow.unique()
+        keys = [f"{prefix}-{suffix}" for suffix in ("b", "d", "a", "b1", "c")]
+
+        async def body(s: Storage) -> None:
+            for key in keys:
+                await s.upsert_schedule(
+                    ScheduleSpec(key, wf, codec.encode(key), EVERY_MINUTE, _future())
+                )
+            listed = [record.key for record in await s.list_schedules() if record.key in keys]
+            promise(listed == sorted(keys), P.SCHEDULE_ORDER, f"listed {listed}")
+            for key in keys:
+                await s.delete_schedule(key)
+
+        reflow.run(body)
+
+
+class TestDueSchedules:
+    def test_due_schedules_are_the_past_ones_earliest_first(self, reflow: Harness) -> None:
+        prefix, wf = reflow.unique("sched"), reflow.unique()
+        times = {
+            f"{prefix}-late": _FAR_PAST + timedelta(hours=2),
+            f"{prefix}-early": _FAR_PAST,
+            f"{prefix}-middle": _FAR_PAST + timedelta(milliseconds=1),
+            f"{prefix}-future": _future(),
+        }
+        due_keys = [f"{prefix}-early", f"{prefix}-middle", f"{prefix}-late"]
+
+        async def body(s: Storage) -> None:
+            for key, at in times.items():
+                await s.upsert_schedule(ScheduleSpec(key, wf, codec.encode(key), EVERY_HOUR, at))
+            due = await s.due_schedules(1000)
+            mine = [record.key for record in due if record.key in times]
+            promise(mine == due_keys, P.SCHEDULE_DUE, f"due, in order: {mine}")
+            horizon = datetime.now(UTC) + timedelta(minutes=1)
+            promise(
+                all(record.next_run_at <= horizon for record in due),
+                P.SCHEDULE_DUE,
+                "a schedule due in the future was returned",
+            )
+            stamps = [record.next_run_at for record in due]
+            promise(stamps == sorted(stamps), P.SCHEDULE_DUE, "due schedules not earliest first")
+            for record in due:
+                if record.key in times:
+                    diff = _differences(
+                        record,
+                        ScheduleSpec(
+                            record.key, wf, codec.encode(record.key), EVERY_HOUR, times[record.key]
+                        ),
+                    )
+                    promise(not diff, P.SCHEDULE_STORED, "; ".join(diff))
+            for limit in (1, 2):
+                first = await s.due_schedules(limit)
+                promise(
+                    [r.next_run_at for r in first] == stamps[:limit],
+                    P.SCHEDULE_DUE,
+                    f"due_schedules({limit}) gave {[(r.key, r.next_run_at) for r in first]}",
+                )
+            for key in times:
+                await s.delete_schedule(key)
+
+        reflow.run(body)
+
+
+class TestClaimSlot:
+    def test_the_first_claim_of_a_slot_fires_it(self, reflow: Harness) -> None:
+        key, wf = reflow.unique("sched"), reflow.unique()
+        slot = _future()
+        following = slot + timedelta(minutes=1)
+        spec = ScheduleSpec(key, wf, codec.encode({"n": 1}), EVERY_MINUTE, slot)
+        run = _slot_run(wf, key, slot)
+
+        async def body(s: Storage) -> None:
+            await s.upsert_schedule(spec)
+            fired = await s.claim_schedule_slot(key, slot, following, run)
+            promise(fired is not None, P.SCHEDULE_SLOT_FIRES, "claiming the current slot: None")
+            assert fired is not None
+            _check_slot_run(fired, run)
+            stored = await s.get_run(fired.id)
+            promise(stored is not None, P.SCHEDULE_SLOT_FIRES, "the fired run is not stored")
+            record = await _find(s, key)
+            promise(
+                record is not None and record.next_run_at == following,
+                P.SCHEDULE_SLOT_FIRES,
+                f"next_run_at {record and record.next_run_at}, expected {following}",
+            )
+            claimed = await s.claim_runs([wf], 10, reflow.long_lease)
+            promise(
+                [c.run.id for c in claimed] == [fired.id],
+                P.SCHEDULE_SLOT_FIRES,
+                f"the fired run is not claimable: claimed {claimed}",
+            )
+            again = await s.claim_schedule_slot(key, slot, following, run)
+            promise(again is None, P.SCHEDULE_SLOT_ONCE, f"the same slot fired again: {again}")
+            page = await s.list_runs(workflow=wf)
+            promise(len(page.runs) == 1, P.SCHEDULE_SLOT_ONCE, f"{len(page.runs)} runs")
+            record = await _find(s, key)
+            promise(
+                record is not None and record.next_run_at == following,
+                P.SCHEDULE_SLOT_ONCE,
+                f"a refused claim moved next_run_at to {record and record.next_run_at}",
+            )
+            await s.delete_schedule(key)
+
+        reflow.run(body)
+
+    def test_only_the_current_slot_fires(self, reflow: Harness) -> None:
+        key, wf = reflow.unique("sched"), reflow.unique()
+        slot = _future()
+        spec = ScheduleSpec(key, wf, codec.encode(None), EVERY_MINUTE, slot)
+        step = timedelta(minutes=1)
+
+        async def body(s: Storage) -> None:
+            await s.upsert_schedule(spec)
+            for wrong in (slot - timedelta(milliseconds=1), slot + step):
+                fired = await s.claim_schedule_slot(
+                    key, wrong, wrong + step, _slot_run(wf, key, wrong)
+                )
+                promise(fired is None, P.SCHEDULE_SLOT_ONCE, f"slot {wrong} fired at {slot}")
+            page = await s.list_runs(workflow=wf)
+            promise(list(page.runs) == [], P.SCHEDULE_SLOT_ONCE, f"{len(page.runs)} runs")
+            record = await _find(s, key)
+            promise(
+                record is not None and record.next_run_at == slot,
+                P.SCHEDULE_SLOT_ONCE,
+                f"a refused claim moved next_run_at to {record and record.next_run_at}",
+            )
+            ids = []
+            for i in range(3):
+                current = slot + step * i
+                fired = await s.claim_schedule_slot(
+                    key, current, current + step, _slot_run(wf, key, current)
+                )
+                promise(fired is not None, P.SCHEDULE_SLOT_FIRES, f"slot {i} did not fire")
+                assert fired is not None
+                ids.append(fired.id)
+            promise(len(set(ids)) == 3, P.SCHEDULE_SLOT_FIRES, f"three slots fired {ids}")
+            record = await _find(s, key)
+            promise(
+                record is not None and record.next_run_at == slot + step * 3,
+                P.SCHEDULE_SLOT_FIRES,
+                f"after three slots next_run_at is {record and record.next_run_at}",
+            )
+            await s.delete_schedule(key)
+
+        reflow.run(body)
+
+    def test_concurrent_claims_fire_a_slot_once(self, reflow: Harness) -> None:
+        key, wf = reflow.unique("sched"), reflow.unique()
+        slot = _future()
+        following = slot + timedelta(minutes=1)
+        spec = ScheduleSpec(key, wf, codec.encode(None), EVERY_MINUTE, slot)
+        run = _slot_run(wf, key, slot)
+
+        async def body(s: Storage) -> None:
+            stores = [s, *[await reflow.open() for _ in range(3)]]
+            await s.upsert_schedule(spec)
+            results = await asyncio.gather(
+                *(
+                    stores[i % len(stores)].claim_schedule_slot(key, slot, following, run)
+                    for i in range(12)
+                )
+            )
+            fired = [result for result in results if result is not None]
+            promise(len(fired) == 1, P.SCHEDULE_SLOT_ONCE, f"{len(fired)} of 12 claims fired")
+            page = await s.list_runs(workflow=wf)
+            promise(len(page.runs) == 1, P.SCHEDULE_SLOT_ONCE, f"{len(page.runs)} runs created")
+            record = await _find(s, key)
+            promise(
+                record is not None and record.next_run_at == following,
+                P.SCHEDULE_SLOT_FIRES,
+                f"next_run_at {record and record.next_run_at}, expected {following}",
+            )
+            await s.delete_schedule(key)
+
+        reflow.run(body)
+
+    def test_a_missing_schedule_fires_nothing(self, reflow: Harness) -> None:
+        key, gone, wf = reflow.unique("sched"), reflow.unique("sched"), reflow.unique()
+        slot = _future()
+        following = slot + timedelta(minutes=1)
+
+        async def body(s: Storage) -> None:
+            await s.upsert_schedule(ScheduleSpec(gone, wf, codec.encode(1), EVERY_MINUTE, slot))
+            await s.delete_schedule(gone)
+            for name in (key, gone):
+                fired = await s.claim_schedule_slot(
+                    name, slot, following, _slot_run(wf, name, slot)
+                )
+                promise(fired is None, P.SCHEDULE_SLOT_ONCE, f"a missing schedule fired {fired}")
+            page = await s.list_runs(workflow=wf)
+            promise(list(page.runs) == [], P.SCHEDULE_SLOT_ONCE, f"{len(page.runs)} runs")
+            promise(await _find(s, key) is None, P.SCHEDULE_DELETE, "a claim created a schedule")
+            promise(await _find(s, gone) is None, P.SCHEDULE_DELETE, "a claim revived a schedule")
+
+        reflow.run(body)
+
+
+def _check_slot_run(fired: RunRecord, run: NewRun) -> None:
+    promise(
+        (fired.workflow, fired.status, fired.idempotency_key)
+        == (run.workflow, "pending", run.idempotency_key),
+        P.SCHEDULE_SLOT_FIRES,
+        f"fired {fired.workflow!r} {fired.status!r} with key {fired.idempotency_key!r}, "
+        f"expected a pending {run.workflow!r} with key {run.idempotency_key!r}",
+    )
+    promise(
+        decoded(fired.input) == decoded(run.input),
+        P.SCHEDULE_SLOT_FIRES,
+        f"input {fired.input!r}, expected {run.input!r}",
+    )
+    counts = (fired.attempts, fired.reclaims, fired.lease_epoch)
+    promise(
+        counts == (0, 0, 0), P.CREATE_SHAPE, f"a fired run has attempts, reclaims, epoch {counts}"
+    )
