@@ -12,6 +12,8 @@ from .errors import ErrorInfo, ParallelCompleteError, StepCancelledError
 
 __all__ = ["CancelSignal", "FailureContext", "StepContext"]
 
+_EVENT_LOCK = threading.Lock()
+
 InputT_co = TypeVar("InputT_co", covariant=True)
 PrevT_co = TypeVar("PrevT_co", covariant=True)
 
@@ -30,14 +32,24 @@ class CancelSignal:
     __slots__ = ("_event", "_reason", "_waiters")
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        # The threading.Event is made on first use by a blocking wait(): most
+        # signals (one per step attempt) never need one.
+        self._event: threading.Event | None = None
         self._reason: str | None = None
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def _blocking_event(self) -> threading.Event:
+        with _EVENT_LOCK:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._reason is not None:
+                    self._event.set()
+            return self._event
 
     @property
     def cancelled(self) -> bool:
         """True once the step has been asked to stop."""
-        return self._event.is_set()
+        return self._reason is not None
 
     @property
     def reason(self) -> str | None:
@@ -49,7 +61,7 @@ class CancelSignal:
 
         Returns True if cancelled. Use it as an interruptible ``time.sleep``.
         """
-        return self._event.wait(timeout)
+        return self._blocking_event().wait(timeout)
 
     async def wait_async(self) -> None:
         """Wait, without blocking the event loop, until cancelled."""
@@ -65,14 +77,17 @@ class CancelSignal:
 
     def raise_if_cancelled(self) -> None:
         """Raise :class:`~reflow_core.errors.StepCancelledError` if cancelled."""
-        if self._event.is_set():
-            raise StepCancelledError(self._reason or "cancelled")
+        if self._reason is not None:
+            raise StepCancelledError(self._reason)
 
     def _fire(self, reason: str) -> None:
-        if self._event.is_set():
-            return
-        self._reason = reason
-        self._event.set()
+        with _EVENT_LOCK:
+            if self._reason is not None:
+                return
+            self._reason = reason
+            event = self._event
+        if event is not None:
+            event.set()
         for loop, fut in list(self._waiters):
             loop.call_soon_threadsafe(_resolve, fut)
 

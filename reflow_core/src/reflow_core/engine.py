@@ -724,7 +724,8 @@ class Engine:
         self._observers.register(plugin, name=name)
 
     async def _emit(self, event: Event) -> None:
-        await self._observers.publish(event)
+        if self._observers.active:
+            await self._observers.publish(event)
 
     async def _report(self, error: BaseException, where: str) -> None:
         await self._observers.report(error, where)
@@ -1280,6 +1281,8 @@ class Engine:
     ) -> Any:
         timeout = step.timeout
         if step.is_async:
+            if timeout is None:
+                return await step.handler(ctx)
             try:
                 async with asyncio.timeout(timeout):
                     return await step.handler(ctx)

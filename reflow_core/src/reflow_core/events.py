@@ -123,6 +123,7 @@ class Observers:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs.LifecycleSpecs)
         self._streams: list[_Subscription] = []
+        self._hooked: set[str] = set()
 
     def register(self, plugin: object, name: str | None = None) -> None:
         """Register a plugin object or module implementing lifecycle hooks."""
@@ -137,13 +138,14 @@ class Observers:
             if self.pm.is_registered(plugin):
                 self.pm.unregister(plugin)
             raise ConfigError(f"plugin {name or plugin!r} is invalid: {exc}") from exc
+        self._hooked = {
+            name for name in _EVENT_HOOKS if getattr(self.pm.hook, name).get_hookimpls()
+        }
 
     @property
     def active(self) -> bool:
-        """Whether anyone listens (lets the engine skip building events)."""
-        return bool(self._streams) or any(
-            getattr(self.pm.hook, name).get_hookimpls() for name in _EVENT_HOOKS
-        )
+        """Whether anyone listens: a lifecycle hook implementation or a stream."""
+        return bool(self._streams) or bool(self._hooked)
 
     async def _call(self, name: str, kwargs: dict[str, Any]) -> list[BaseException]:
         failures: list[BaseException] = []
@@ -164,8 +166,9 @@ class Observers:
     async def publish(self, event: Event) -> None:
         """Call the event's hook on every plugin, then feed every stream (a
         full bounded stream makes this wait: backpressure)."""
-        for failure in await self._call(event.hook, {"event": event}):
-            await self.report(failure, f"{event.hook} hook")
+        if event.hook in self._hooked:
+            for failure in await self._call(event.hook, {"event": event}):
+                await self.report(failure, f"{event.hook} hook")
         for sub in list(self._streams):
             if not sub.closed:
                 await sub.queue.put(event)
