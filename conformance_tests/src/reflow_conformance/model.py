@@ -1,0 +1,388 @@
+"""A reference model of the storage contract: the executable statement of
+:mod:`reflow_core.storage`'s docstrings.
+
+:class:`Model` keeps, in plain Python, everything a caller of a storage can
+observe: runs (status, counters, epoch, input, output, error, idempotency
+key), their steps, their buffered events and the event ids already seen,
+and schedules. Each method applies one protocol operation the way the
+contract says it must behave and returns the outcome the caller must see.
+The stateful test (:mod:`reflow_conformance.suite.test_stateful`) drives an
+adapter and this model side by side and compares them after every step.
+
+The model has no clock. Time enters only in two certain forms, which the
+test arranges by construction:
+
+* a lease is either :attr:`LeaseState.LIVE` (taken for ten minutes, or
+  renewed for ten minutes) or :attr:`LeaseState.LAPSED` (taken for a fraction
+  of a second, and the test has slept well past its end);
+* a sleep or wait deadline is either :attr:`Deadline.DUE_NOW` (duration or
+  timeout zero: already passed when anyone looks) or
+  :attr:`Deadline.FAR_FUTURE` (an hour away: never reached during a test).
+
+Run ids come from the adapter (the model adopts them); everything else the
+model decides itself. Values are encoded text as the storage sees it; the
+test compares them decoded, since a store only has to give back text that
+decodes to an equal value.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+
+from reflow_core.storage import TERMINAL_STATUSES, RunStatus, StepStatus
+
+__all__ = [
+    "CreateOutcome",
+    "Deadline",
+    "LeaseState",
+    "Model",
+    "ModelRun",
+    "ModelSchedule",
+    "ModelStep",
+]
+
+
+class LeaseState(enum.Enum):
+    """What the storage clock says about a running run's lease."""
+
+    LIVE = "live"
+    LAPSED = "lapsed"
+
+
+class Deadline(enum.Enum):
+    """A sleep or wait deadline, as far as a test can be sure of it."""
+
+    DUE_NOW = "due now"
+    FAR_FUTURE = "far future"
+
+
+@dataclass(slots=True)
+class ModelStep:
+    """A saved step. ``wake_at`` is the deadline the adapter reported when the
+    step was first reached (for ``sleeping``/``waiting`` records), so later
+    reports can be held to it."""
+
+    status: StepStatus
+    output: str | None = None
+    error: str | None = None
+    attempts: int = 1
+    deadline: Deadline | None = None
+    wake_at: datetime | None = None
+
+
+@dataclass(slots=True)
+class ModelRun:
+    """A run as the contract says it is."""
+
+    id: str
+    label: str
+    """A short name for the run (``r1``, ``r2``, ...) used in step notes."""
+    workflow: str
+    input: str
+    idempotency_key: str | None
+    status: RunStatus = "pending"
+    attempts: int = 0
+    reclaims: int = 0
+    epoch: int = 0
+    lease: LeaseState | None = None
+    """Set while ``running``: whether the current lease is live or lapsed."""
+    due: bool = True
+    """For ``pending``/``sleeping``/``waiting``: claimable now."""
+    waiting_for: str | None = None
+    output: str | None = None
+    error: str | None = None
+    steps: dict[str, ModelStep] = field(default_factory=dict)
+    events: dict[str, deque[str]] = field(default_factory=dict)
+    event_ids: set[str] = field(default_factory=set)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @property
+    def claimable(self) -> bool:
+        if self.status == "running":
+            return self.lease is LeaseState.LAPSED
+        return self.status in ("pending", "sleeping", "waiting") and self.due
+
+    def buffered(self, event: str) -> int:
+        return len(self.events.get(event, ()))
+
+
+@dataclass(slots=True)
+class ModelSchedule:
+    workflow: str
+    input: str
+    recurrence: str
+    next_run_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CreateOutcome:
+    """What :meth:`Model.create` expects: a new run, an idempotent hit on
+    ``existing``, or a conflict with ``existing``."""
+
+    kind: Literal["created", "existing", "conflict"]
+    existing: str | None = None
+
+
+class Model:
+    """The observable state of one store, restricted to what one test made."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, ModelRun] = {}
+        self.idempotency: dict[tuple[str, str], str] = {}
+        self.schedules: dict[str, ModelSchedule] = {}
+
+    # -- reading -----------------------------------------------------------
+
+    def __iter__(self) -> Iterator[ModelRun]:
+        return iter(self.runs.values())
+
+    def label(self, run_id: str) -> str:
+        run = self.runs.get(run_id)
+        return run.label if run is not None else "<missing run>"
+
+    def lease_label(self, run_id: str, epoch: int) -> str:
+        return f"{self.label(run_id)}#{epoch}"
+
+    def live(self, run_id: str, epoch: int) -> ModelRun | None:
+        """The run if a lease ``(run_id, epoch)`` is live: the run is
+        ``running`` under that epoch and the lease has not lapsed."""
+        run = self.runs.get(run_id)
+        if run is None or run.status != "running" or run.epoch != epoch:
+            return None
+        return run if run.lease is LeaseState.LIVE else None
+
+    def claimable(self, workflows: Collection[str]) -> set[str]:
+        return {r.id for r in self if r.workflow in workflows and r.claimable}
+
+    def lapsed(self, workflows: Collection[str]) -> set[str]:
+        """The claimable runs whose claim would be a reclaim."""
+        return {
+            r.id for r in self if r.workflow in workflows and r.status == "running" and r.claimable
+        }
+
+    def matching(self, workflow: str, statuses: Collection[str] | None) -> set[str]:
+        return {
+            r.id
+            for r in self
+            if r.workflow == workflow and (statuses is None or r.status in statuses)
+        }
+
+    # -- runs --------------------------------------------------------------
+
+    def create(self, workflow: str, input: str, key: str | None) -> CreateOutcome:
+        """``create_run``, before the adapter has chosen an id."""
+        if key is not None:
+            existing = self.idempotency.get((workflow, key))
+            if existing is not None:
+                same = self.runs[existing].input == input
+                return CreateOutcome("existing" if same else "conflict", existing)
+        return CreateOutcome("created")
+
+    def add_run(self, run_id: str, workflow: str, input: str, key: str | None) -> ModelRun:
+        """Adopt the run the adapter created: pending, claimable at once."""
+        run = ModelRun(run_id, f"r{len(self.runs) + 1}", workflow, input, key)
+        self.runs[run_id] = run
+        if key is not None:
+            self.idempotency[(workflow, key)] = run_id
+        return run
+
+    def claim(self, run_id: str, lease: LeaseState) -> bool:
+        """One run handed out by ``claim_runs``; returns whether it is a reclaim."""
+        run = self.runs[run_id]
+        assert run.claimable, f"{run.label} is not claimable"
+        reclaimed = run.status == "running"
+        run.status = "running"
+        run.epoch += 1
+        run.attempts += 1
+        run.reclaims += 1 if reclaimed else 0
+        run.lease = lease
+        run.due = False
+        return reclaimed
+
+    def set_lease(self, run_id: str, lease: LeaseState) -> None:
+        """The lease of a running run turned out live (renewed) or lapsed (waited out)."""
+        run = self.runs[run_id]
+        assert run.status == "running"
+        run.lease = lease
+
+    def heartbeat(self, run_id: str, epoch: int) -> bool:
+        """Fenced; a live lease is renewed for as long again (it stays live)."""
+        return self.live(run_id, epoch) is not None
+
+    def save_step(self, run_id: str, epoch: int, name: str, step: ModelStep) -> bool:
+        """Fenced upsert of a step, renewing the lease."""
+        run = self.live(run_id, epoch)
+        if run is None:
+            return False
+        run.steps[name] = step
+        return True
+
+    def finish(
+        self,
+        run_id: str,
+        epoch: int,
+        status: Literal["completed", "failed"],
+        output: str | None,
+        error: str | None,
+        step: tuple[str, ModelStep] | None,
+    ) -> bool:
+        """Fenced: last step, terminal status, output or error, lease dropped."""
+        run = self.live(run_id, epoch)
+        if run is None:
+            return False
+        if step is not None:
+            run.steps[step[0]] = step[1]
+        self._end(run, status, error)
+        run.output = output
+        return True
+
+    def hand_back(self, run_id: str, epoch: int) -> bool:
+        """Fenced ``update_run_status(pending, lease=...)``: pending, claimable at once."""
+        run = self.live(run_id, epoch)
+        if run is None:
+            return False
+        run.status = "pending"
+        run.lease = None
+        run.due = True
+        return True
+
+    def end_fenced(
+        self, run_id: str, epoch: int, status: Literal["failed", "cancelled"], error: str | None
+    ) -> bool:
+        """Fenced ``update_run_status(failed|cancelled, lease=...)``."""
+        run = self.live(run_id, epoch)
+        if run is None:
+            return False
+        self._end(run, status, error)
+        return True
+
+    def cancel(
+        self, run_id: str, status: Literal["failed", "cancelled"], error: str | None
+    ) -> bool:
+        """Unfenced ``update_run_status``: ends any run that is not terminal."""
+        run = self.runs.get(run_id)
+        if run is None or run.terminal:
+            return False
+        self._end(run, status, error)
+        return True
+
+    def _end(self, run: ModelRun, status: RunStatus, error: str | None) -> None:
+        run.status = status
+        run.error = error
+        run.lease = None
+        run.due = False
+        run.waiting_for = None
+
+    def sleep(self, run_id: str, epoch: int, name: str, deadline: Deadline) -> ModelStep | None:
+        """Fenced ``sleep_run``: the step's sleeping record (kept if it was
+        already sleeping, else new), or ``None`` if the lease is lost."""
+        run = self.live(run_id, epoch)
+        if run is None:
+            return None
+        step = run.steps.get(name)
+        if step is None or step.status != "sleeping":
+            step = run.steps[name] = ModelStep("sleeping", deadline=deadline)
+        run.status = "sleeping"
+        run.lease = None
+        run.due = step.deadline is Deadline.DUE_NOW
+        return step
+
+    def wait(
+        self, run_id: str, epoch: int, name: str, event: str, deadline: Deadline | None
+    ) -> tuple[bool, ModelStep] | None:
+        """Fenced ``wait_run``: ``(ready, the step's waiting record)``, or
+        ``None`` if the lease is lost. ``deadline`` is ``None`` for no timeout."""
+        run = self.live(run_id, epoch)
+        if run is None:
+            return None
+        step = run.steps.get(name)
+        if step is None or step.status != "waiting":
+            step = run.steps[name] = ModelStep("waiting", deadline=deadline)
+        if run.buffered(event):
+            return True, step
+        run.status = "waiting"
+        run.waiting_for = event
+        run.lease = None
+        run.due = step.deadline is Deadline.DUE_NOW
+        return False, step
+
+    def deliver(self, run_id: str, event: str, payload: str, event_id: str | None) -> bool:
+        """``deliver_event``: buffer in arrival order; a repeated id is a no-op."""
+        run = self.runs.get(run_id)
+        if run is None or run.terminal:
+            return False
+        if event_id is not None:
+            if event_id in run.event_ids:
+                return True
+            run.event_ids.add(event_id)
+        run.events.setdefault(event, deque()).append(payload)
+        if run.status == "waiting" and run.waiting_for == event:
+            run.due = True
+        return True
+
+    def take(
+        self, run_id: str, epoch: int, name: str, event: str
+    ) -> tuple[bool, str | None] | None:
+        """Fenced ``take_event``: ``(found, payload)``, or ``None`` if the lease is lost."""
+        run = self.live(run_id, epoch)
+        if run is None:
+            return None
+        step = run.steps.get(name)
+        if step is not None and step.status == "completed":
+            return True, step.output
+        queue = run.events.get(event)
+        if not queue:
+            return False, None
+        payload = queue.popleft()
+        run.steps[name] = ModelStep("completed", output=payload)
+        return True, payload
+
+    def requeue(self, run_id: str) -> bool:
+        """``requeue_run``: a failed or cancelled run is pending again, its
+        failed steps dropped, its error and reclaims reset."""
+        run = self.runs.get(run_id)
+        if run is None or run.status not in ("failed", "cancelled"):
+            return False
+        run.steps = {n: s for n, s in run.steps.items() if s.status != "failed"}
+        run.status = "pending"
+        run.error = None
+        run.reclaims = 0
+        run.waiting_for = None
+        run.due = True
+        return True
+
+    # -- schedules ---------------------------------------------------------
+
+    def upsert_schedule(
+        self, key: str, workflow: str, input: str, recurrence: str, next_run_at: datetime
+    ) -> ModelSchedule:
+        """Same recurrence keeps the cadence (``next_run_at``); otherwise stored as given."""
+        old = self.schedules.get(key)
+        if old is not None and old.recurrence == recurrence:
+            next_run_at = old.next_run_at
+        new = ModelSchedule(workflow, input, recurrence, next_run_at)
+        self.schedules[key] = new
+        return new
+
+    def delete_schedule(self, key: str) -> bool:
+        return self.schedules.pop(key, None) is not None
+
+    def fire_slot(self, key: str, slot: datetime, next_run_at: datetime) -> ModelSchedule | None:
+        """``claim_schedule_slot``'s first half: the schedule as it was if
+        ``slot`` is its next slot (which moves on to ``next_run_at``), else
+        ``None``. The caller then creates the slot's run like :meth:`create`."""
+        schedule = self.schedules.get(key)
+        if schedule is None or schedule.next_run_at != slot:
+            return None
+        self.schedules[key] = ModelSchedule(
+            schedule.workflow, schedule.input, schedule.recurrence, next_run_at
+        )
+        return schedule

@@ -1,0 +1,286 @@
+"""Deliberately broken storage adapters, to prove the conformance suite catches them.
+
+Each class below is the in-memory reference backend with exactly one promise
+of the storage contract broken, the way a real adapter might get it wrong (a
+claim query missing a clause, a fence that checks too little). Each has a
+zero-argument factory usable as ``--reflow-storage=broken_adapters:<factory>``;
+every call of one factory opens the same named store of this process, as a
+second connection to one database would. ``correct`` is the unbroken backend,
+the control; ``correct_millisecond_clock`` is the control for the one broken
+adapter that runs on a millisecond clock.
+
+The breakages override private helpers of :class:`~reflow_core.memory.MemoryStorage`
+where that is the smallest change. If the memory backend is refactored and an
+override stops taking effect, the adapter turns correct again and
+``test_catches_broken_adapters`` fails, so a stale breakage cannot go unnoticed.
+
+Loaded as a pytest plugin (``-p broken_adapters``), the module also registers
+the Hypothesis profile :data:`NO_SHRINK_PROFILE` for those checks. They ask only
+whether the suite fails and which promise it names, so they skip shrinking
+(the stateful machine sleeps for real to let leases lapse, and shrinking a
+failure it found replays those sleeps for minutes) and draw the same examples
+on every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections import deque
+from collections.abc import Callable, Collection
+from datetime import datetime
+
+import pytest
+from hypothesis import Phase, settings
+
+from reflow_core.adapter import decode_cursor, encode_cursor, utcnow
+from reflow_core.memory import MemoryStorage, _Run
+from reflow_core.storage import (
+    CreateResult,
+    EventTake,
+    Lease,
+    NewRun,
+    RunPage,
+    RunRecord,
+    RunStatus,
+)
+
+__all__ = [
+    "FACTORIES",
+    "NO_SHRINK_PROFILE",
+    "correct",
+    "correct_millisecond_clock",
+    "double_claim",
+    "event_crosses_runs",
+    "events_twice",
+    "immortal_leases",
+    "lossy_requeue",
+    "no_fencing",
+    "no_idempotency",
+    "schedule_slot_twice",
+    "sloppy_pagination",
+]
+
+_PROCESS = uuid.uuid4().hex
+"""Chosen once per process, so each factory's store is new in every test run."""
+
+
+NO_SHRINK_PROFILE = "reflow-ci-no-shrink"
+"""The suite's ``reflow-ci`` profile without shrinking, derandomized (the same
+examples every run) and without an example database."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure() -> None:
+    # Every entry-point plugin is imported by now, so reflow-ci is registered;
+    # tryfirst registers this profile before Hypothesis loads the chosen one.
+    settings.register_profile(
+        NO_SHRINK_PROFILE,
+        parent=settings.get_profile("reflow-ci"),
+        phases=[Phase.explicit, Phase.generate],
+        derandomize=True,
+        database=None,
+    )
+
+
+def _store(kind: str) -> str:
+    return f"broken-adapters-{kind}-{_PROCESS}"
+
+
+class DoubleClaim(MemoryStorage):
+    """Breaks *a run is held by at most one live lease*: a running run whose
+    lease is still live stays claimable (after every other claimable run), as
+    if the claim query forgot to exclude live leases."""
+
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+        key = super()._due(rec, now)
+        if key is None and rec.status == "running" and rec.lease_expires_at is not None:
+            return (2, rec.lease_expires_at)
+        return key
+
+
+class NoFencing(MemoryStorage):
+    """Breaks *a lapsed or superseded lease's writes are refused*: a fenced
+    write only checks that the run is running, not under which epoch nor
+    whether the lease has lapsed. (Cancelled and finished runs still refuse
+    writes, because they are not running.)"""
+
+    def _live(self, lease: Lease, now: datetime) -> _Run | None:
+        entry = self._runs.get(lease.run_id)
+        if entry is None or entry.record.status != "running":
+            return None
+        return entry
+
+
+class ImmortalLeases(MemoryStorage):
+    """Breaks *once a lease lapses the run can be reclaimed*: claims never
+    take over a running run, however long ago its lease lapsed, as if the
+    claim query forgot the lapsed-lease clause. The lapsed holder's writes are
+    still refused, so such a run is stranded for good."""
+
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+        if rec.status == "running":
+            return None
+        return super()._due(rec, now)
+
+
+class NoIdempotency(MemoryStorage):
+    """Breaks the idempotency promises: ``create_run`` always creates a new
+    run, whatever its idempotency key (the key is still stored on the run)."""
+
+    async def create_run(self, new: NewRun) -> CreateResult:
+        if new.idempotency_key is not None:
+            self._idem.pop((new.workflow, new.idempotency_key), None)
+        return await super().create_run(new)
+
+
+class EventsTwice(MemoryStorage):
+    """Breaks *a buffered event is consumed once*: ``take_event`` saves the
+    step but leaves the event buffered, so the next take (for another wait
+    step) returns it again."""
+
+    async def take_event(self, lease: Lease, step: str, event: str) -> EventTake | None:
+        entry = self._runs.get(lease.run_id)
+        queue = None if entry is None else entry.events.get(event)
+        before = list(queue) if queue else []
+        result = await super().take_event(lease, step, event)
+        if entry is not None and before and len(entry.events.get(event, ())) < len(before):
+            entry.events[event] = deque(before)
+        return result
+
+
+class LossyRequeue(MemoryStorage):
+    """Breaks *requeue keeps completed steps and drops failed ones*: a
+    requeued run comes back pending with none of its steps, so every
+    completed step runs again (the run itself is not lost)."""
+
+    async def requeue_run(self, run_id: str) -> bool:
+        entry = self._runs.get(run_id)
+        requeued = await super().requeue_run(run_id)
+        if requeued and entry is not None:
+            entry.steps = {}
+        return requeued
+
+
+class EventCrossesRuns(MemoryStorage):
+    """Breaks *events never cross runs or event names*: when a run has no
+    buffered event of that name, ``take_event`` takes the oldest one buffered
+    for any other run, as if the query filtered on the event name only."""
+
+    async def take_event(self, lease: Lease, step: str, event: str) -> EventTake | None:
+        entry = self._runs.get(lease.run_id)
+        if entry is not None and not entry.events.get(event):
+            for other in self._runs.values():
+                queue = other.events.get(event)
+                if other is not entry and queue:
+                    entry.events.setdefault(event, deque()).append(queue.popleft())
+                    break
+        return await super().take_event(lease, step, event)
+
+
+class ScheduleSlotTwice(MemoryStorage):
+    """Breaks *a schedule slot is claimed once*: ``claim_schedule_slot`` fires
+    any slot of an existing schedule without comparing it with the schedule's
+    ``next_run_at``, so a second worker firing the same slot gets the run too."""
+
+    async def claim_schedule_slot(
+        self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
+    ) -> RunRecord | None:
+        sched = self._schedules.get(key)
+        if sched is not None:
+            self._schedules[key] = dataclasses.replace(sched, next_run_at=slot)
+        return await super().claim_schedule_slot(key, slot, next_run_at, run)
+
+
+def _millisecond_clock() -> datetime:
+    """The local clock, cut to whole milliseconds: the precision the contract
+    requires and many databases keep, so runs created together share a time."""
+    now = utcnow()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class SloppyPagination(MemoryStorage):
+    """Breaks *keyset pagination visits every matching run exactly once*: the
+    cursor is compared on the creation time alone, so the runs that share the
+    creation time of a page's last run and did not fit on it are skipped.
+
+    Its factory gives it a millisecond clock (correct in itself, see
+    ``correct_millisecond_clock``), so runs created together do share a time.
+    """
+
+    async def list_runs(
+        self,
+        *,
+        status: Collection[RunStatus] | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> RunPage:
+        if cursor is not None:
+            created_at, _ = decode_cursor(cursor)
+            # "\x00" sorts before every run id: the whole creation time counts as listed.
+            cursor = encode_cursor(created_at, "\x00")
+        return await super().list_runs(status=status, workflow=workflow, limit=limit, cursor=cursor)
+
+
+def correct() -> MemoryStorage:
+    """The unbroken in-memory backend: the control, which must pass."""
+    return MemoryStorage(name=_store("correct"))
+
+
+def correct_millisecond_clock() -> MemoryStorage:
+    """The unbroken backend on a millisecond clock: the control for ``sloppy_pagination``."""
+    return MemoryStorage(name=_store("correct_millisecond_clock"), clock=_millisecond_clock)
+
+
+def double_claim() -> MemoryStorage:
+    return DoubleClaim(name=_store("double_claim"))
+
+
+def no_fencing() -> MemoryStorage:
+    return NoFencing(name=_store("no_fencing"))
+
+
+def immortal_leases() -> MemoryStorage:
+    return ImmortalLeases(name=_store("immortal_leases"))
+
+
+def no_idempotency() -> MemoryStorage:
+    return NoIdempotency(name=_store("no_idempotency"))
+
+
+def events_twice() -> MemoryStorage:
+    return EventsTwice(name=_store("events_twice"))
+
+
+def lossy_requeue() -> MemoryStorage:
+    return LossyRequeue(name=_store("lossy_requeue"))
+
+
+def event_crosses_runs() -> MemoryStorage:
+    return EventCrossesRuns(name=_store("event_crosses_runs"))
+
+
+def schedule_slot_twice() -> MemoryStorage:
+    return ScheduleSlotTwice(name=_store("schedule_slot_twice"))
+
+
+def sloppy_pagination() -> MemoryStorage:
+    return SloppyPagination(name=_store("sloppy_pagination"), clock=_millisecond_clock)
+
+
+FACTORIES: dict[str, Callable[[], MemoryStorage]] = {
+    factory.__name__: factory
+    for factory in (
+        double_claim,
+        no_fencing,
+        immortal_leases,
+        no_idempotency,
+        events_twice,
+        lossy_requeue,
+        event_crosses_runs,
+        schedule_slot_twice,
+        sloppy_pagination,
+    )
+}
+"""Every broken adapter's factory by name (``correct`` is not among them)."""
