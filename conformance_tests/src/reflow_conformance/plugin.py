@@ -19,7 +19,7 @@ from datetime import timedelta
 from importlib import metadata
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from .harness import CAPABILITIES, AdapterFactory, Harness, load_factory
 
@@ -37,6 +37,14 @@ settings.register_profile(
     stateful_step_count=80,
     deadline=None,
     suppress_health_check=_health,
+)
+
+# The first failure as found, unshrunk: a stateful failure shrinks through
+# real lease lapses and can take minutes to reduce.
+settings.register_profile(
+    "reflow-no-shrink",
+    parent=settings.get_profile(_CI),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 
 _chosen_profile = _CI

@@ -48,10 +48,6 @@ REQUEUE_ONLY_ENDED = "requeue applies only to failed or cancelled runs and chang
 CONCURRENT_ACCESS = "concurrent callers on several connections or processes get answers, not errors"
 STATE_MATCHES_MODEL = "every run, step and schedule reads back as the operations so far left it"
 RECLAIM_PREFERRED = "a claim takes runs with lapsed leases before other claimable runs"
-DEADLINE_FROM_DURATION = (
-    "a new sleep or wait deadline is now plus its duration, by the storage clock"
-)
-SCHEDULE_DUE = "due_schedules gives exactly the schedules whose next slot has come, earliest first"
 DELIVER_ACCEPTED = "an event for a run that has not ended is accepted"
 DEADLINE_FROM_DURATION = "a sleep or wait deadline is the storage's now plus the duration given"
 PAUSE_DROPS_LEASE = "a sleeping run, or a waiting run with no event buffered, holds no lease"

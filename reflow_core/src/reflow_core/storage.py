@@ -266,8 +266,9 @@ class Storage(Protocol):
         ``now + lease``, ``lease_epoch`` incremented, ``attempts`` incremented,
         and ``reclaims`` incremented when the claim took over a lapsed lease
         (``ClaimedRun.reclaimed``). ``waiting_for`` is kept and ``wake_at`` is
-        cleared. Runs with lapsed leases should be preferred, then the others
-        by due time, oldest first, so a backlog cannot starve a dead worker's runs.
+        cleared. Runs with lapsed leases are taken before any other claimable
+        run, so a backlog cannot starve a dead worker's runs; the others
+        should go by due time, oldest first.
 
         No run is ever held by two live leases: concurrent claimers, in this
         process or others, get disjoint runs. Each ``ClaimedRun`` carries the
