@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 import pytest
-from hypothesis import note
+from hypothesis import Phase, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -1103,6 +1103,15 @@ def _claimable_promise(run: ModelRun) -> str:
     return P.NO_LOST_RUNS
 
 
+def _machine_settings() -> settings:
+    """The suite's settings without the ``explain`` phase: it traces every line
+    of every replay while shrinking, which makes shrinking a failing machine
+    several times slower, and for this machine it can only point at
+    :func:`~reflow_conformance.promise`, which the failure names anyway."""
+    chosen = suite_settings()
+    return settings(chosen, phases=[p for p in chosen.phases if p is not Phase.explain])
+
+
 @pytest.mark.reflow_conformance
 class TestStorageStateMachine:
     """Random operation sequences, each checked against the contract's model."""
@@ -1112,5 +1121,5 @@ class TestStorageStateMachine:
         # though its annotation names only the class.
         run_state_machine_as_test(
             lambda: StorageMachine(reflow),  # type: ignore[arg-type]
-            settings=suite_settings(),
+            settings=_machine_settings(),
         )
