@@ -48,7 +48,6 @@ REQUEUE_ONLY_ENDED = "requeue applies only to failed or cancelled runs and chang
 CONCURRENT_ACCESS = "concurrent callers on several connections or processes get answers, not errors"
 STATE_MATCHES_MODEL = "every run, step and schedule reads back as the operations so far left it"
 RECLAIM_PREFERRED = "a claim takes runs with lapsed leases before other claimable runs"
-DELIVER_ACCEPTED = "an event for a run that has not ended is accepted"
 DEADLINE_FROM_DURATION = "a sleep or wait deadline is the storage's now plus the duration given"
 PAUSE_DROPS_LEASE = "a sleeping run, or a waiting run with no event buffered, holds no lease"
 PAUSE_RECORDED = "a sleep or wait is recorded on the run and as its step, with its deadline"
