@@ -12,5 +12,64 @@ from __future__ import annotations
 
 import importlib
 
-for _name in ("reflow_core", "reflow_sqlite", "reflow_conformance"):
+for _name in ("reflow_core", "reflow_sqlite", "reflow_postgres", "reflow_conformance"):
     importlib.import_module(_name)
+
+
+# -- PostgreSQL ----------------------------------------------------------------
+#
+# Tests that need PostgreSQL get a database of their own for the session,
+# created on the server named by REFLOW_TEST_POSTGRES_URL (default: the local
+# server on 127.0.0.1:5432) and dropped at the end; each test then works in a
+# schema of its own inside it. Without a server the tests are skipped, except
+# under CI, where they fail.
+
+import os  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+POSTGRES_SERVER_URL = os.environ.get(
+    "REFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def _postgres_unavailable() -> str | None:
+    try:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_SERVER_URL, connect_timeout=3):
+            return None
+    except Exception as exc:  # any failure means no usable server
+        return f"{type(exc).__name__}: {exc}"
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """The URL of a database created for this test session (dropped afterwards)."""
+    import psycopg
+    from psycopg import sql
+
+    problem = _postgres_unavailable()
+    if problem is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required under CI but unreachable: {problem}")
+        pytest.skip(f"PostgreSQL is not reachable ({problem})")
+    name = f"reflow_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(POSTGRES_SERVER_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base = POSTGRES_SERVER_URL.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_SERVER_URL, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> str:
+    """A ``postgresql://`` URL whose schema is new and used by this test alone."""
+    return f"{postgres_database}?schema=t_{uuid.uuid4().hex[:12]}"

@@ -1,4 +1,4 @@
-"""Bind the conformance suite to this repository's backends: memory and SQLite."""
+"""Bind the conformance suite to this repository's backends: memory, SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from reflow_conformance import AdapterFactory
 from reflow_core import open_storage
 
-BACKENDS = ["memory", "sqlite"]
+BACKENDS = ["memory", "sqlite", "postgres"]
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +23,14 @@ def reflow_storage_factory(request: pytest.FixtureRequest, _sqlite_dir: Path) ->
     if request.param == "memory":
         url = f"memory://conformance-{uuid.uuid4().hex}"
         return AdapterFactory(make=lambda: open_storage(url), name="memory")
+    if request.param == "postgres":
+        url = f"{request.getfixturevalue('postgres_database')}?schema=conformance"
+        return AdapterFactory(
+            make=lambda: open_storage(url),
+            target=url,
+            capabilities=frozenset({"multiprocess"}),
+            name="postgres",
+        )
     url = f"sqlite:///{_sqlite_dir}/suite.db"
     return AdapterFactory(
         make=lambda: open_storage(url),

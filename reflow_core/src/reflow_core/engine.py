@@ -68,6 +68,8 @@ from .storage import (
     StepRecord,
     StepStatus,
     Storage,
+    WakeupSource,
+    WakeupSubscription,
 )
 from .workflow import (
     ParallelDefinition,
@@ -342,6 +344,7 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._heartbeater: asyncio.Task[None] | None = None
+        self._wakeups: WakeupSubscription | None = None
         self._wake = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._stopping = False
@@ -410,7 +413,20 @@ class Engine:
         await self._ensure_initialized()
         self._stopping = False
         self._ensure_background()
+        await self._subscribe_wakeups()
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="reflow-dispatch")
+
+    async def _subscribe_wakeups(self) -> None:
+        """Let a backend that can tell when work arrives wake the dispatcher,
+        so polling is only the fallback. A failure leaves polling alone."""
+        if self._wakeups is not None or not isinstance(self._storage, WakeupSource):
+            return
+        try:
+            self._wakeups = await self._storage.subscribe_wakeups(
+                self._workflows.keys(), self._wake.set
+            )
+        except ReflowError as exc:
+            logger.warning("wake-ups unavailable (%s); polling every %gs", exc, self._poll)
 
     async def stop(self, timeout: Duration | None = None) -> None:
         """Stop claiming, let in-flight runs finish for up to ``timeout``
@@ -422,6 +438,10 @@ class Engine:
         grace = self._drain_timeout if timeout is None else to_seconds(timeout, option="timeout")
         self._stopping = True
         self._wake.set()
+        wakeups, self._wakeups = self._wakeups, None
+        if wakeups is not None:
+            with contextlib.suppress(ReflowError):
+                await wakeups.close()
         self._slot_freed.set()
         if self._dispatcher is not None:
             # Let a claim in progress complete instead of cancelling it: the

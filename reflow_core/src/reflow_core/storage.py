@@ -44,7 +44,7 @@ compare exactly after a round trip). Durations are ``timedelta``.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
@@ -65,6 +65,8 @@ __all__ = [
     "StepStatus",
     "Storage",
     "WaitResult",
+    "WakeupSource",
+    "WakeupSubscription",
 ]
 
 RunStatus: TypeAlias = Literal[
@@ -449,5 +451,39 @@ class Storage(Protocol):
         engine derives from the slot, so a retry after a crash finds the same
         run). Returns the run, or ``None`` if another worker fired this slot
         first or the schedule is gone.
+        """
+        ...
+
+
+class WakeupSubscription(Protocol):
+    """A live subscription from :meth:`WakeupSource.subscribe_wakeups`."""
+
+    async def close(self) -> None:
+        """Stop calling ``wake``. Idempotent."""
+        ...
+
+
+@runtime_checkable
+class WakeupSource(Protocol):
+    """Optional: a backend that tells idle workers when work may be ready.
+
+    A networked backend implements this so the engine's poll interval is a
+    fallback, not the dispatch latency. The engine subscribes when its worker
+    starts and closes the subscription when it stops.
+    """
+
+    async def subscribe_wakeups(
+        self, workflows: Collection[str], wake: Callable[[], None]
+    ) -> WakeupSubscription:
+        """Call ``wake()`` (on the subscriber's event loop, never blocking)
+        whenever a run of one of ``workflows`` may have become claimable:
+        created, handed back, requeued, woken by an event, or a sleep or wait
+        deadline passing. ``workflows`` may be a live view that grows.
+
+        Wake-ups are hints: a spurious one costs an empty claim, and one that
+        is lost (a dropped connection) costs at most a poll interval, so a
+        backend may drop them under load but must keep the claim the only
+        judge of what is runnable. After reconnecting, a backend calls
+        ``wake()`` once, since hints sent meanwhile are gone.
         """
         ...
