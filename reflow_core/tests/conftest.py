@@ -3,7 +3,9 @@
 * ``async def`` tests run on a fresh event loop with :func:`asyncio.run` (no
   pytest-asyncio needed), bounded by a per-test timeout so a hang fails fast.
 * ``backend`` is parametrized over every backend available in this checkout:
-  ``memory`` always, ``sqlite`` once ``reflow_sqlite.SQLiteStorage`` imports.
+  ``memory`` always, ``sqlite`` once ``reflow_sqlite.SQLiteStorage`` imports,
+  ``postgres`` once ``reflow_postgres`` imports (each test in a schema of
+  its own, on the session's database from the root ``conftest.py``).
   ``db`` is the test's database on it and ``storage`` one uninitialized
   storage on ``db``; every storage opened through ``db`` is closed after the
   test, on the test's own loop.
@@ -30,16 +32,17 @@ ASYNC_TEST_TIMEOUT = 30.0
 """Seconds an ``async def`` test may run before it is failed as hung."""
 
 
-def _sqlite_import_error() -> str | None:
+def _import_error(module_name: str, attribute: str) -> str | None:
     try:
-        module = importlib.import_module("reflow_sqlite")
-        module.SQLiteStorage  # noqa: B018 - the attribute is what we need
+        module = importlib.import_module(module_name)
+        getattr(module, attribute)
     except Exception as exc:  # any failure means the backend is not ready
         return f"{type(exc).__name__}: {exc}"
     return None
 
 
-_SQLITE_MISSING = _sqlite_import_error()
+_SQLITE_MISSING = _import_error("reflow_sqlite", "SQLiteStorage")
+_POSTGRES_MISSING = _import_error("reflow_postgres", "PostgresStorage")
 
 BACKENDS = [
     pytest.param("memory", id="memory"),
@@ -49,6 +52,14 @@ BACKENDS = [
         marks=pytest.mark.skipif(
             _SQLITE_MISSING is not None,
             reason=f"reflow_sqlite.SQLiteStorage does not import yet ({_SQLITE_MISSING})",
+        ),
+    ),
+    pytest.param(
+        "postgres",
+        id="postgres",
+        marks=pytest.mark.skipif(
+            _POSTGRES_MISSING is not None,
+            reason=f"reflow_postgres does not import ({_POSTGRES_MISSING})",
         ),
     ),
 ]
@@ -78,9 +89,10 @@ class Database:
     it: for sqlite a new connection to the same file each time (as another
     worker process would), for memory the one shared in-process store."""
 
-    def __init__(self, backend: str, directory: Path) -> None:
+    def __init__(self, backend: str, directory: Path, url: str | None = None) -> None:
         self.backend = backend
         self.path = directory / "t.db"
+        self.url = url
         self.opened: list[Storage] = []
         self._memory: MemoryStorage | None = None
 
@@ -94,6 +106,12 @@ class Database:
         if self.backend == "sqlite":
             options = {} if clock is None else {"clock": clock}
             store = open_storage(f"sqlite:///{self.path}", **options)
+            self.opened.append(store)
+            return store
+        if self.backend == "postgres":
+            assert self.url is not None
+            options = {} if clock is None else {"clock": clock}
+            store = open_storage(self.url, **options)
             self.opened.append(store)
             return store
         raise AssertionError(f"unknown backend {self.backend!r}")
@@ -110,9 +128,10 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def db(backend: str, tmp_path: Path) -> Database:
+def db(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Database:
     """The test's database on the backend under test."""
-    return Database(backend, tmp_path)
+    url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
+    return Database(backend, tmp_path, url)
 
 
 @pytest.fixture

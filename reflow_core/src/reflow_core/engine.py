@@ -90,6 +90,13 @@ _WRITE_RETRY_PAUSES = (0.05, 0.25, 1.0)
 
 _SCHEDULE_BATCH = 100
 """Due schedules fired per look; a full batch makes the dispatcher look again at once."""
+_HINT_GAP_MIN = 0.002
+_HINT_GAP_MAX = 0.05
+"""After claims that came back empty, a storage wake-up hint is acted on no
+sooner than this gap (seconds, doubling per empty claim up to the maximum)
+after the last empty one. Another worker took that work; when many workers
+share one notification channel, this keeps a burst of hints from sending
+every idle worker into the claim query for each of them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +356,9 @@ class Engine:
         self._slot_freed = asyncio.Event()
         self._stopping = False
         self._more_work = False
+        self._empty_claims = 0
+        self._last_empty_claim = 0.0
+        self._hint_timer: asyncio.TimerHandle | None = None
         self._scheduler = Scheduler(interval=self._poll)
 
     # -- configuration -----------------------------------------------------
@@ -423,7 +433,7 @@ class Engine:
             return
         try:
             self._wakeups = await self._storage.subscribe_wakeups(
-                self._workflows.keys(), self._wake.set
+                self._workflows.keys(), self._hinted
             )
         except ReflowError as exc:
             logger.warning("wake-ups unavailable (%s); polling every %gs", exc, self._poll)
@@ -442,6 +452,9 @@ class Engine:
         if wakeups is not None:
             with contextlib.suppress(ReflowError):
                 await wakeups.close()
+        if self._hint_timer is not None:
+            self._hint_timer.cancel()
+            self._hint_timer = None
         self._slot_freed.set()
         if self._dispatcher is not None:
             # Let a claim in progress complete instead of cancelling it: the
@@ -827,12 +840,40 @@ class Engine:
                 logger.warning("claim failed (%s); retrying in %.1fs", exc, delay)
                 await self._idle(delay)
                 continue
+            if claimed:
+                # Halve rather than reset: a worker that wins now and then in
+                # a contested burst keeps some of its gap.
+                self._empty_claims //= 2
+            else:
+                self._empty_claims += 1
+                self._last_empty_claim = time.monotonic()
             for c in claimed:
                 self._spawn(c)
             if not self._more_work:
                 # The queue looked empty: wait for local work, the next poll
                 # or the next schedule slot known here.
                 await self._idle(self._schedule_wait(self._poll * random.uniform(0.9, 1.1)))
+
+    def _hinted(self, *_: object) -> None:
+        """A wake-up hint from the storage: work may be ready elsewhere.
+
+        Acted on at once, unless this worker's last claims found nothing
+        (other workers are taking the work): then no sooner than a short,
+        growing gap after the last empty claim. Local work (this engine's
+        own enqueues, freed slots) never waits for the gap."""
+        if self._wake.is_set() or self._hint_timer is not None:
+            return
+        if self._empty_claims:
+            gap = min(_HINT_GAP_MIN * 2 ** (self._empty_claims - 1), _HINT_GAP_MAX)
+            delay = self._last_empty_claim + gap - time.monotonic()
+            if delay > 0:
+                self._hint_timer = asyncio.get_running_loop().call_later(delay, self._hint_due)
+                return
+        self._wake.set()
+
+    def _hint_due(self) -> None:
+        self._hint_timer = None
+        self._wake.set()
 
     def _schedule_wait(self, seconds: float) -> float:
         return self._scheduler.wait(self._clock.now(), seconds)

@@ -1,0 +1,146 @@
+"""The schema: created and migrated by initialize(), refused when it is not ours."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from reflow_core import SchemaVersionError, StorageError, open_storage
+from reflow_core.storage import NewRun
+from reflow_postgres import PostgresStorage
+from reflow_postgres._schema import SCHEMA_VERSION
+
+Admin = psycopg.Connection[tuple[object, ...]]
+
+
+def tables(admin: Admin, schema: str) -> set[str]:
+    rows = admin.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,)
+    ).fetchall()
+    return {str(row[0]) for row in rows}
+
+
+async def test_initialize_creates_the_versioned_schema(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    store = open_storage(postgres_url)
+    await store.initialize()
+    await store.initialize()  # idempotent
+    await store.close()
+    assert tables(admin, schema) == {"runs", "steps", "events", "schedules", "reflow_schema"}
+    versions = admin.execute(
+        sql.SQL("SELECT version FROM {}.reflow_schema").format(sql.Identifier(schema))
+    ).fetchall()
+    assert versions == [(SCHEMA_VERSION,)]
+
+
+async def test_many_workers_starting_at_once_migrate_once(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    stores = [open_storage(postgres_url) for _ in range(8)]
+    await asyncio.gather(*(s.initialize() for s in stores))
+    run = await stores[0].create_run(NewRun("wf", '"x"'))
+    assert (await stores[7].get_run(run.run.id)) == run.run
+    await asyncio.gather(*(s.close() for s in stores))
+    versions = admin.execute(
+        sql.SQL("SELECT version FROM {}.reflow_schema").format(sql.Identifier(schema))
+    ).fetchall()
+    assert versions == [(SCHEMA_VERSION,)]
+
+
+async def test_a_newer_schema_is_refused_and_left_alone(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    store = open_storage(postgres_url)
+    await store.initialize()
+    await store.close()
+    admin.execute(
+        sql.SQL("INSERT INTO {}.reflow_schema (version) VALUES (%s)").format(
+            sql.Identifier(schema)
+        ),
+        (SCHEMA_VERSION + 1,),
+    )
+    before = tables(admin, schema)
+    newer = open_storage(postgres_url)
+    with pytest.raises(SchemaVersionError, match="newer") as caught:
+        await newer.initialize()
+    await newer.close()
+    assert caught.value.operation == "initialize"
+    assert tables(admin, schema) == before
+
+
+async def test_a_schema_holding_other_tables_is_refused_untouched(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    ident = sql.Identifier(schema)
+    admin.execute(sql.SQL("CREATE SCHEMA {}").format(ident))
+    admin.execute(sql.SQL("CREATE TABLE {}.invoices (id int)").format(ident))
+    store = open_storage(postgres_url)
+    with pytest.raises(StorageError, match="not Reflow's"):
+        await store.initialize()
+    await store.close()
+    assert tables(admin, schema) == {"invoices"}
+
+
+async def test_an_existing_empty_schema_is_used(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    admin.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    store = open_storage(postgres_url)
+    await store.initialize()
+    await store.close()
+    assert "runs" in tables(admin, schema)
+
+
+def _plan_nodes(plan: dict[str, object]) -> list[dict[str, object]]:
+    nodes = [plan]
+    for child in plan.get("Plans", []):  # type: ignore[attr-defined]
+        nodes.extend(_plan_nodes(child))
+    return nodes
+
+
+async def test_the_claim_never_scans_finished_history(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    """With many finished runs and a few runnable ones, the claim reads the
+    partial indexes only: its cost does not grow with history."""
+    store = PostgresStorage.from_url(postgres_url)
+    await store.initialize()
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, created_at, updated_at)"
+            " SELECT 'done' || i, 'wf', 'completed', '1', now(), now()"
+            " FROM generate_series(1, 50000) AS i"
+        ).format(ident)
+    )
+    for _ in range(5):
+        await store.create_run(NewRun("wf", "1"))
+    admin.execute(sql.SQL("ANALYZE {}.runs").format(ident))
+    statement = store._sql["claim"].decode()
+    params = {"workflows": ["wf"], "limit": 10, "lease": timedelta(seconds=30)}
+    with admin.transaction(force_rollback=True):  # EXPLAIN ANALYZE really claims
+        row = admin.execute(
+            ("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement).encode(), params
+        ).fetchone()
+        assert row is not None
+        plan = row[0] if isinstance(row[0], list) else json.loads(str(row[0]))
+        nodes = _plan_nodes(plan[0]["Plan"])
+        scans = {
+            (n.get("Node Type"), n.get("Index Name"))
+            for n in nodes
+            if n.get("Relation Name") == "runs"
+        }
+    await store.close()
+    assert ("Seq Scan", None) not in scans, scans
+    used = {index for _, index in scans}
+    assert "runs_due" in used
+    assert "runs_running" in used
+    # The claim read only a handful of pages, not the 50k finished runs.
+    top = plan[0]["Plan"]
+    assert top["Shared Hit Blocks"] + top.get("Shared Read Blocks", 0) < 200
