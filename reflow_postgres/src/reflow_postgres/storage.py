@@ -505,7 +505,6 @@ class PostgresStorage:
                 open=False,
                 timeout=self._timeout,
                 name=f"reflow:{self._schema}",
-                reconnect_timeout=0,
             )
             try:
                 await pool.open(wait=self._min > 0, timeout=self._timeout)
