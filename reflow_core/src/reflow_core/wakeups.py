@@ -1,0 +1,228 @@
+"""Helpers for backends that wake idle workers (see :class:`~reflow_core.storage.WakeupSource`).
+
+A networked backend tells workers about new work with *hints*: short text
+messages ``"<delay_ms>|<workflow>"`` sent on a channel of the store
+(PostgreSQL ``NOTIFY``, Redis pub/sub). ``0|orders`` says a run of
+``orders`` is claimable now; ``90000|orders`` says one falls due in 90
+seconds by the store's clock; an empty workflow wakes every subscriber.
+
+:class:`WakeupHub` is everything but the channel itself: it keeps the
+subscriptions, wakes the subscribers a hint concerns, arms a timer for hints
+about the future, and after a timer fires asks the store (``next_due``) when
+the next sleeping or waiting run falls due, so sleeps that began before this
+worker started are found too. A backend subclasses it and implements
+:meth:`WakeupHub.listen`, a coroutine that connects, subscribes, calls
+:meth:`WakeupHub.connected_now` and feeds every message to
+:meth:`WakeupHub.hint` until the connection fails; the hub then reconnects with
+jittered back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Collection
+
+__all__ = ["WakeupHub", "hint_payload"]
+
+logger = logging.getLogger("reflow.wakeups")
+
+MIN_TIMER = 0.002
+"""Due times closer than this (seconds) wake at once."""
+MAX_BACKOFF = 5.0
+"""The longest pause between reconnection attempts (seconds)."""
+
+
+def hint_payload(workflow: str, delay_ms: int = 0) -> str:
+    """The hint text for ``workflow``, due in ``delay_ms`` milliseconds."""
+    return f"{max(0, int(delay_ms))}|{workflow}"
+
+
+class _Subscription:
+    def __init__(
+        self, hub: WakeupHub, workflows: Collection[str], wake: Callable[[], None]
+    ) -> None:
+        self._hub = hub
+        self.workflows = workflows
+        self.wake = wake
+
+    async def close(self) -> None:
+        self._hub.unsubscribe(self)
+
+
+class WakeupHub:
+    """Subscriptions, hint dispatch and due timers for one storage's channel.
+
+    ``next_due(workflows)`` returns the seconds until the next sleeping or
+    waiting run of those workflows falls due by the store's clock, or
+    ``None``. ``describe`` names the channel in log messages (never a secret).
+    """
+
+    def __init__(
+        self,
+        *,
+        next_due: Callable[[list[str]], Awaitable[float | None]],
+        describe: str,
+        enabled: bool = True,
+    ) -> None:
+        self._next_due = next_due
+        self._describe = describe
+        self._enabled = enabled
+        self._subs: list[_Subscription] = []
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._refreshing: asyncio.Task[None] | None = None
+        self._ever_connected = False
+        self._backoff = 0.1
+        self.connected = asyncio.Event()
+        """Set while the channel is subscribed (for tests and health checks)."""
+        self.reconnects = 0
+        """How many times the channel was subscribed again after a failure."""
+
+    # -- for the backend --------------------------------------------------------
+
+    async def listen(self) -> None:
+        """Connect, subscribe, call :meth:`connected_now`, then feed messages
+        to :meth:`hint` until the connection fails (raise) or forever."""
+        raise NotImplementedError
+
+    def connected_now(self) -> None:
+        """Call once subscribed: anything sent meanwhile was lost, so everyone looks now."""
+        if self._ever_connected:
+            self.reconnects += 1
+        self._ever_connected = True
+        self._backoff = 0.1
+        self.connected.set()
+        self._wake(None)
+        self._refresh_soon()
+
+    def hint(self, payload: str) -> None:
+        """Act on one hint message (malformed ones are ignored)."""
+        delay_ms, sep, workflow = payload.partition("|")
+        if not sep or not delay_ms.isdigit():
+            logger.debug("ignoring a malformed wake-up hint %r", payload[:100])
+            return
+        delay = int(delay_ms) / 1000
+        if delay < MIN_TIMER:
+            self._wake(workflow)
+        elif workflow == "" or any(workflow in sub.workflows for sub in self._subs):
+            self._arm(delay)
+
+    # -- subscriptions --------------------------------------------------------------
+
+    async def subscribe(
+        self, workflows: Collection[str], wake: Callable[[], None]
+    ) -> _Subscription:
+        sub = _Subscription(self, workflows, wake)
+        self._subs.append(sub)
+        if self._enabled and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"reflow-wakeups-{self._describe}"
+            )
+        return sub
+
+    def unsubscribe(self, sub: _Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subs.remove(sub)
+        if not self._subs:
+            self._stop()
+
+    async def close(self) -> None:
+        """Drop every subscription and stop listening."""
+        self._subs.clear()
+        task = self._task
+        self._stop()
+        if task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def _stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            self._refreshing = None
+        self._disarm()
+        self.connected.clear()
+
+    # -- waking -------------------------------------------------------------------
+
+    def _wake(self, workflow: str | None) -> None:
+        for sub in list(self._subs):
+            if workflow is None or workflow == "" or workflow in sub.workflows:
+                sub.wake()
+
+    def _workflows(self) -> list[str]:
+        names: set[str] = set()
+        for sub in self._subs:
+            names.update(sub.workflows)
+        return sorted(names)
+
+    def _arm(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay
+        if at >= self._timer_at - MIN_TIMER:
+            return
+        self._disarm()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._fire)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = None
+        self._timer_at = float("inf")
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        self._wake(None)
+        self._refresh_soon()
+
+    def _refresh_soon(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        workflows = self._workflows()
+        if not workflows:
+            return
+        try:
+            delay = await self._next_due(workflows)
+        except Exception as exc:  # polling covers it; never kill the listener
+            logger.debug("looking up the next due run failed: %s", exc)
+            return
+        if delay is not None:
+            if delay < MIN_TIMER:
+                self._wake(None)
+            else:
+                self._arm(delay)
+
+    # -- the connection loop ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.listen()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.connected.clear()
+                logger.warning(
+                    "wake-up listener on %s failed (%s); retrying in about %.1fs, "
+                    "polling meanwhile",
+                    self._describe,
+                    self.describe_error(exc),
+                    self._backoff,
+                )
+            await asyncio.sleep(self._backoff * random.uniform(0.5, 1.5))
+            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
+
+    def describe_error(self, exc: BaseException) -> str:
+        """How a failure is logged; backends override it to redact secrets."""
+        return f"{type(exc).__name__}: {exc}"
