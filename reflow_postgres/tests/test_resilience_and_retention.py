@@ -83,7 +83,7 @@ async def test_purge_deletes_only_old_finished_runs_with_their_steps_and_events(
     ident = sql.Identifier(schema)
     admin.execute(
         sql.SQL(
-            "UPDATE {}.runs SET updated_at = now() - interval '2 days' WHERE id = ANY(%s)"
+            "UPDATE {}.runs SET finished_at = now() - interval '2 days' WHERE id = ANY(%s)"
         ).format(ident),
         (finished,),
     )

@@ -144,3 +144,39 @@ async def test_the_claim_never_scans_finished_history(
     # The claim read only a handful of pages, not the 50k finished runs.
     top = plan[0]["Plan"]
     assert top["Shared Hit Blocks"] + top.get("Shared Read Blocks", 0) < 200
+
+
+async def test_renewing_a_lease_is_a_hot_update(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    """Heartbeats and step saves touch only unindexed columns of the run, so
+    PostgreSQL updates the row in place (HOT) and writes no index entries.
+    The backend's own statements run here in one transaction, whose counters
+    PostgreSQL reports at once."""
+    store = PostgresStorage.from_url(postgres_url)
+    await store.initialize()
+    await store.create_run(NewRun("wf", "1"))
+    [claimed] = await store.claim_runs(["wf"], 1, timedelta(seconds=30))
+    await store.close()
+    lease = {"id": claimed.run.id, "epoch": claimed.lease.epoch, "extend": timedelta(seconds=30)}
+    counters = (
+        "SELECT pg_stat_get_xact_tuples_updated(c.oid), pg_stat_get_xact_tuples_hot_updated(c.oid)"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = 'runs'"
+    )
+    with admin.transaction(force_rollback=True):
+        for i in range(20):
+            cur = admin.execute(store._sql["heartbeat"], lease)
+            assert cur.rowcount == 1
+            step = {
+                "name": f"s{i}",
+                "step_status": "completed",
+                "step_output": "1",
+                "step_error": None,
+                "step_attempts": 1,
+                "step_wake_at": None,
+            }
+            cur = admin.execute(store._sql["save_step"], {**lease, **step})
+            assert cur.rowcount == 1
+        row = admin.execute(counters, (schema,)).fetchone()
+    assert row == (40, 40)

@@ -13,8 +13,10 @@ Design notes (see docs/postgres.md):
   created or handed back; sleeping or waiting: when it wakes). The claim walks
   the partial index ``runs_due`` in ``wake_at`` order, and a finished run
   leaves that index, so finished history never slows a claim.
-* A lease lives in ``lease_expires_at``, which no index covers: a heartbeat or
-  a step save that renews it is a HOT update and writes no index entries.
+* A lease lives in ``lease_expires_at``, which no index covers, and neither
+  does ``updated_at``: a heartbeat or a step save that renews the lease is a
+  HOT update and writes no index entries. Retention uses ``finished_at``,
+  set only when a run ends.
 * Text keys use the ``C`` collation: run ids sort bytewise, as on every other
   backend, and compare faster.
 """
@@ -47,7 +49,8 @@ _V1: Sequence[str] = (
         updated_at       timestamptz NOT NULL,
         wake_at          timestamptz,
         waiting_for      text COLLATE "C",
-        lease_expires_at timestamptz
+        lease_expires_at timestamptz,
+        finished_at      timestamptz
     ) WITH (fillfactor = 80)
     """,
     # At most one run per (workflow, idempotency key).
@@ -65,10 +68,12 @@ _V1: Sequence[str] = (
     # Listing, newest first, keyset on (created_at, id), with or without a workflow.
     "CREATE INDEX runs_created ON {schema}.runs (created_at, id)",
     "CREATE INDEX runs_workflow_created ON {schema}.runs (workflow, created_at, id)",
-    # Retention: finished runs by when they finished.
+    # Retention: finished runs by when they finished. Its own column, set
+    # only when a run ends, so renewals (which touch updated_at and
+    # lease_expires_at, both unindexed) stay HOT updates.
     """
-    CREATE INDEX runs_finished ON {schema}.runs (updated_at)
-        WHERE status IN ('completed', 'failed', 'cancelled')
+    CREATE INDEX runs_finished ON {schema}.runs (finished_at)
+        WHERE finished_at IS NOT NULL
     """,
     """
     CREATE TABLE {schema}.steps (

@@ -106,13 +106,15 @@ _TEMPLATES: dict[str, str] = {
     ),
     "finish": (
         "UPDATE {s}.runs SET status = %(status)s, output = %(output)s, error = %(error)s,"
-        " lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now}"
+        " lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},"
+        " finished_at = {now}"
         f" WHERE {_FENCE}"
     ),
     "finish_with_step": (
         "WITH f AS ("
         " UPDATE {s}.runs SET status = %(status)s, output = %(output)s, error = %(error)s,"
-        "  lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now}"
+        "  lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},"
+        "  finished_at = {now}"
         f" WHERE {_FENCE} RETURNING id"
         "), st AS ("
         " INSERT INTO {s}.steps (run_id, name, status, output, error, attempts, wake_at,"
@@ -132,12 +134,12 @@ _TEMPLATES: dict[str, str] = {
     ),
     "end_fenced": (
         "UPDATE {s}.runs SET status = %(status)s, error = %(error)s, lease_expires_at = NULL,"
-        " wake_at = NULL, waiting_for = NULL, updated_at = {now}"
+        " wake_at = NULL, waiting_for = NULL, updated_at = {now}, finished_at = {now}"
         f" WHERE {_FENCE}"
     ),
     "end_unfenced": (
         "UPDATE {s}.runs SET status = %(status)s, error = %(error)s, lease_expires_at = NULL,"
-        " wake_at = NULL, waiting_for = NULL, updated_at = {now}"
+        " wake_at = NULL, waiting_for = NULL, updated_at = {now}, finished_at = {now}"
         f" WHERE id = %(id)s AND status NOT IN {_TERMINAL}"
     ),
     "sleep": (
@@ -225,7 +227,7 @@ _TEMPLATES: dict[str, str] = {
     "requeue": (
         "WITH u AS ("
         " UPDATE {s}.runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = {now},"
-        "  waiting_for = NULL, lease_expires_at = NULL, updated_at = {now}"
+        "  waiting_for = NULL, lease_expires_at = NULL, updated_at = {now}, finished_at = NULL"
         " WHERE id = %(id)s AND status IN ('failed', 'cancelled') RETURNING id, workflow"
         "), d AS ("
         " DELETE FROM {s}.steps WHERE run_id IN (SELECT id FROM u) AND status = 'failed'"
@@ -270,7 +272,7 @@ _TEMPLATES: dict[str, str] = {
     "purge": (
         "WITH doomed AS ("
         " SELECT id FROM {s}.runs WHERE status IN " + _TERMINAL + ""
-        "  AND updated_at < {now} - %(age)s ORDER BY updated_at LIMIT %(limit)s"
+        "  AND finished_at < {now} - %(age)s ORDER BY finished_at LIMIT %(limit)s"
         "  FOR UPDATE SKIP LOCKED"
         "), st AS (DELETE FROM {s}.steps WHERE run_id IN (SELECT id FROM doomed)"
         "), ev AS (DELETE FROM {s}.events WHERE run_id IN (SELECT id FROM doomed)"

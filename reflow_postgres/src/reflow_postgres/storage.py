@@ -294,11 +294,13 @@ class PostgresStorage:
 
     ``notify`` sends a ``NOTIFY`` when work becomes ready, and ``listen``
     lets engines on this storage wait for them (one extra connection per
-    storage); turn both off behind a transaction-mode pooler, where LISTEN
-    does not work, and the engine polls. ``prepare_threshold`` is psycopg's
-    (``None`` disables server-side prepared statements, needed behind
-    PgBouncer older than 1.21). ``clock`` replaces the server clock, for
-    tests only. ``connect_kwargs`` are passed to every new connection.
+    storage); each works without the other (a producer may notify without
+    listening). Turn ``listen`` off behind a transaction-mode pooler, where
+    LISTEN does not work, and the engine polls. ``prepare_threshold`` is
+    psycopg's (``None`` disables server-side prepared statements, needed
+    behind a transaction-mode PgBouncer unless it is 1.21 or newer with
+    ``max_prepared_statements`` set). ``clock`` replaces the server clock,
+    for tests only. ``connect_kwargs`` are passed to every new connection.
     """
 
     def __init__(
@@ -314,7 +316,7 @@ class PostgresStorage:
         prepare_threshold: int | str | None = 5,
         clock: Callable[[], datetime] | None = None,
         connect_kwargs: Mapping[str, Any] | None = None,
-        display_url: str | None = None,
+        _display_url: str | None = None,
     ) -> None:
         self._schema = _schema_option(schema)
         self._min = _int_option("pool_min_size", pool_min_size, 0)
@@ -333,7 +335,7 @@ class PostgresStorage:
         self._clock = clock
         self._conninfo = conninfo
         self._secrets = self._find_secrets(conninfo, connect_kwargs)
-        self._display = display_url or self._describe(conninfo)
+        self._display = _display_url or self._describe(conninfo)
         self._kwargs: dict[str, Any] = {
             **(connect_kwargs or {}),
             "autocommit": True,
@@ -366,7 +368,7 @@ class PostgresStorage:
                     f"{', '.join(_KEYWORD_OPTIONS)}",
                     option=name,
                 )
-        return cls(conninfo, display_url=safe, **merged)
+        return cls(conninfo, _display_url=safe, **merged)
 
     @staticmethod
     def _find_secrets(conninfo: str, kwargs: Mapping[str, Any] | None) -> list[str]:
@@ -513,7 +515,19 @@ class PostgresStorage:
             except ReflowError:
                 await pool.close()
                 raise
-            except (psycopg.Error, OSError, psycopg_pool.PoolTimeout) as exc:
+            except psycopg_pool.PoolTimeout as exc:
+                await pool.close()
+                # The pool only says it timed out; one direct attempt says why.
+                cause: BaseException = exc
+                try:
+                    probe = await psycopg.AsyncConnection.connect(
+                        self._conninfo, **{**self._kwargs, "connect_timeout": 5}
+                    )
+                    await probe.close()
+                except (psycopg.Error, OSError) as direct:
+                    cause = direct
+                raise self._error("initialize", cause) from cause
+            except (psycopg.Error, OSError) as exc:
                 await pool.close()
                 raise self._error("initialize", exc) from exc
             self._pool = pool
@@ -568,7 +582,14 @@ class PostgresStorage:
             schema = sql.Identifier(self._schema)
             table = sql.Identifier(VERSION_TABLE)
             if version is None:
-                await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+                exists = await (
+                    await conn.execute(
+                        "SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %s",
+                        (self._schema,),
+                    )
+                ).fetchone()
+                if exists is None:  # CREATE SCHEMA needs CREATE on the database
+                    await conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
                 await conn.execute(
                     sql.SQL(
                         "CREATE TABLE {}.{} (version integer PRIMARY KEY,"
@@ -616,7 +637,7 @@ class PostgresStorage:
                 channel=self._channel,
                 next_due=self._next_due,
                 secrets=self._secrets,
-                enabled=self._listen and self._notify,
+                enabled=self._listen,
             )
         return await self._listener.subscribe(workflows, wake)
 
@@ -654,7 +675,8 @@ class PostgresStorage:
             row = await cur.fetchone()
             assert row is not None
             record = _run_record(row)
-            if row[15]:
+            if row[15] or (attempt > 0 and record.id == run_id):
+                # Created now, or by our own first try before its reply was lost.
                 return CreateResult(record, created=True)
             if record.input != new.input:
                 assert new.idempotency_key is not None
