@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import importlib
 
-for _name in ("reflow_core", "reflow_sqlite", "reflow_postgres", "reflow_conformance"):
+for _name in (
+    "reflow_core",
+    "reflow_sqlite",
+    "reflow_postgres",
+    "reflow_redis",
+    "reflow_conformance",
+):
     importlib.import_module(_name)
 
 
@@ -73,3 +79,42 @@ def postgres_database() -> Iterator[str]:
 def postgres_url(postgres_database: str) -> str:
     """A ``postgresql://`` URL whose schema is new and used by this test alone."""
     return f"{postgres_database}?schema=t_{uuid.uuid4().hex[:12]}"
+
+
+# -- Redis -----------------------------------------------------------------------
+#
+# Tests that need Redis work under key prefixes of their own, all starting
+# with this session's prefix, on the server named by REFLOW_TEST_REDIS_URL
+# (default: the local server on 127.0.0.1:6379, database 0); every key of the
+# session is deleted at the end. Without a server the tests are skipped,
+# except under CI, where they fail.
+
+REDIS_SERVER_URL = os.environ.get("REFLOW_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_session_prefix() -> Iterator[str]:
+    """A key prefix for this test session (its keys are deleted afterwards)."""
+    import redis
+
+    prefix = f"reflow_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    try:
+        client = redis.Redis.from_url(REDIS_SERVER_URL, socket_connect_timeout=3)
+        client.ping()
+    except Exception as exc:  # any failure means no usable server
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis is required under CI but unreachable: {exc}")
+        pytest.skip(f"Redis is not reachable ({exc})")
+    try:
+        yield prefix
+    finally:
+        keys = list(client.scan_iter(match="{" + prefix + "*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+        client.close()
+
+
+@pytest.fixture
+def redis_url(redis_session_prefix: str) -> str:
+    """A ``redis://`` URL whose key prefix belongs to this test alone."""
+    return f"{REDIS_SERVER_URL}?prefix={redis_session_prefix}.{uuid.uuid4().hex[:12]}"

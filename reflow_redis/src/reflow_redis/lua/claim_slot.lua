@@ -1,0 +1,19 @@
+-- claim_schedule_slot. ARGV[5..11]: key, slot (us), next run (us), run id,
+-- workflow, input, idempotency key. Returns {0} if the slot is gone, {-2, run}
+-- when the key's run has other input (nothing changed), else create_run's reply.
+local key = ARGV[5]
+local sk = k('sched', key)
+if redis.call('HGET', sk, 'next') ~= ARGV[6] then return {0} end
+local wf, input, idem = ARGV[9], ARGV[10], ARGV[11]
+local existing = redis.call('HGET', k('idem', wf), idem)
+if existing then
+  local found = redis.call('HGETALL', run_key(existing))
+  if #found > 0 then
+    for i = 1, #found, 2 do
+      if found[i] == 'in' and found[i + 1] ~= input then return {-2, found} end
+    end
+  end
+end
+redis.call('HSET', sk, 'next', ARGV[7], 'u', num(NOW))
+redis.call('ZADD', k('schedule-due'), ARGV[7], key)
+return create_run(ARGV[8], wf, input, idem)

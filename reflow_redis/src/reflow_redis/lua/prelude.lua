@@ -1,0 +1,141 @@
+-- Shared by every Reflow script (prepended when the scripts are loaded).
+--
+-- ARGV[1] is the key prefix with its hash tag, e.g. "{reflow}"; every key a
+-- script touches starts with it, so all of them live in one cluster slot.
+-- ARGV[2] is the clock: empty for the server's TIME (the default), or
+-- microseconds since the epoch when a test clock is configured.
+-- Times are integer microseconds, stored as decimal strings.
+local P = ARGV[1]
+local FAKE = ARGV[2] ~= ''
+local NOW
+if FAKE then
+  NOW = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  NOW = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local RETENTION = tonumber(ARGV[3]) or 0
+local NOTIFY = ARGV[4] == '1'
+
+local function num(n) return string.format('%.0f', n) end
+local function k(...) return P .. ':' .. table.concat({...}, ':') end
+local function run_key(id) return k('run', id) end
+local function steps_key(id) return k('steps', id) end
+local function lease_key(id) return k('lease', id) end
+local function ev_key(id, name) return k('ev', #id .. '.' .. id, name) end
+local function evnames_key(id) return k('evnames', id) end
+local function evids_key(id) return k('evids', id) end
+local TERMINAL = {completed = true, failed = true, cancelled = true}
+
+local function wake(wf, delay_us)
+  if NOTIFY then
+    local name = wf
+    if #name > 4000 then name = '' end
+    redis.call('PUBLISH', P .. ':wake', num(math.max(0, math.floor(delay_us / 1000))) .. '|' .. name)
+  end
+end
+
+-- Index member of a run for newest-first listing: zero-padded creation time, then the id.
+local function idx_member(created, id) return string.rep('0', 17 - #created) .. created .. ':' .. id end
+
+-- The fence: running under this epoch with a live lease. Returns the
+-- workflow, or nil. The lease is the PX key (the server clock expires it);
+-- under a test clock its recorded expiry is compared instead.
+local function fence(id, epoch)
+  local r = redis.call('HMGET', run_key(id), 'st', 'ep', 'wf', 'l')
+  if r[1] ~= 'running' or r[2] ~= epoch then return nil end
+  if FAKE then
+    if not r[4] or tonumber(r[4]) <= NOW then return nil end
+  elseif redis.call('GET', lease_key(id)) ~= epoch then
+    return nil
+  end
+  return r[3]
+end
+
+local function set_lease(id, wf, epoch, span)
+  local expires = NOW + span
+  redis.call('SET', lease_key(id), epoch, 'PX', math.max(1, math.ceil(span / 1000)))
+  redis.call('HSET', run_key(id), 'l', num(expires), 'u', num(NOW))
+  redis.call('ZADD', k('running', wf), num(expires), id)
+end
+
+local function drop_lease(id, wf)
+  redis.call('DEL', lease_key(id))
+  redis.call('HDEL', run_key(id), 'l')
+  redis.call('ZREM', k('running', wf), id)
+end
+
+-- A step is stored as "seq|completed_us|status|wake_us|json" where json is
+-- [output, error, attempts] written by the client.
+local function step_parts(value)
+  return string.match(value, '^(%d+)|(%d+)|(%a+)|(%d*)|')
+end
+
+local function put_step(id, name, status, wake_at, body)
+  local sk = steps_key(id)
+  local old = redis.call('HGET', sk, name)
+  local seq
+  if old then seq = step_parts(old) end
+  if not seq then seq = num(redis.call('HINCRBY', run_key(id), 'sq', 1)) end
+  redis.call('HSET', sk, name, seq .. '|' .. num(NOW) .. '|' .. status .. '|' .. wake_at .. '|' .. body)
+end
+
+-- Delete one finished run and everything that points at it.
+local function purge_one(id)
+  local rk = run_key(id)
+  local r = redis.call('HMGET', rk, 'wf', 'c', 'idem', 'st')
+  if r[4] and not TERMINAL[r[4]] then
+    redis.call('ZREM', k('finished'), id)
+    return 0
+  end
+  if r[1] then
+    local member = idx_member(r[2], id)
+    redis.call('ZREM', k('idx'), member)
+    redis.call('ZREM', k('idx', 'wf', r[1]), member)
+    if r[3] and r[3] ~= '' and redis.call('HGET', k('idem', r[1]), r[3]) == id then
+      redis.call('HDEL', k('idem', r[1]), r[3])
+    end
+    for _, name in ipairs(redis.call('SMEMBERS', evnames_key(id))) do
+      redis.call('DEL', ev_key(id, name))
+    end
+    redis.call('DEL', evnames_key(id), evids_key(id), steps_key(id), rk)
+  end
+  redis.call('ZREM', k('finished'), id)
+  return 1
+end
+
+-- A run reached a terminal status: index it by finish time, and with a
+-- retention set, expire up to two runs that finished long enough ago.
+local function finished(id)
+  redis.call('ZADD', k('finished'), num(NOW), id)
+  if RETENTION > 0 then
+    local old = redis.call('ZRANGE', k('finished'), '-inf', '(' .. num(NOW - RETENTION),
+      'BYSCORE', 'LIMIT', 0, 2)
+    for _, victim in ipairs(old) do purge_one(victim) end
+  end
+end
+
+-- Create a pending run, or find the run holding the idempotency key.
+-- Returns {1, run} when created, {0, run} for an existing one, {-1} when
+-- the id is taken.
+local function create_run(id, wf, input, idem)
+  if idem ~= '' then
+    local existing = redis.call('HGET', k('idem', wf), idem)
+    if existing then
+      local found = redis.call('HGETALL', run_key(existing))
+      if #found > 0 then return {0, found} end
+    end
+  end
+  local rk = run_key(id)
+  if redis.call('EXISTS', rk) == 1 then return {-1} end
+  local now = num(NOW)
+  redis.call('HSET', rk, 'id', id, 'wf', wf, 'st', 'pending', 'in', input, 'idem', idem, 'att', 0,
+    'rec', 0, 'ep', 0, 'c', now, 'u', now, 'w', now, 'sq', 0)
+  redis.call('ZADD', k('due', wf), num(NOW), id)
+  local member = idx_member(now, id)
+  redis.call('ZADD', k('idx'), 0, member)
+  redis.call('ZADD', k('idx', 'wf', wf), 0, member)
+  if idem ~= '' then redis.call('HSET', k('idem', wf), idem, id) end
+  wake(wf, 0)
+  return {1, redis.call('HGETALL', rk)}
+end

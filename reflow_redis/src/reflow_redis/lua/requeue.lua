@@ -1,0 +1,17 @@
+-- requeue_run. ARGV[5]: id.
+local id = ARGV[5]
+local rk = run_key(id)
+local r = redis.call('HMGET', rk, 'st', 'wf')
+if r[1] ~= 'failed' and r[1] ~= 'cancelled' then return 0 end
+redis.call('HSET', rk, 'st', 'pending', 'rec', 0, 'w', num(NOW), 'wt', '', 'u', num(NOW))
+redis.call('HDEL', rk, 'err', 'l')
+local sk = steps_key(id)
+local all = redis.call('HGETALL', sk)
+for i = 1, #all, 2 do
+  local _, _, status = step_parts(all[i + 1])
+  if status == 'failed' then redis.call('HDEL', sk, all[i]) end
+end
+redis.call('ZREM', k('finished'), id)
+redis.call('ZADD', k('due', r[2]), num(NOW), id)
+wake(r[2], 0)
+return 1

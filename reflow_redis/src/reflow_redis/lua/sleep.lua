@@ -1,0 +1,20 @@
+-- sleep_run. ARGV[5..8]: id, epoch, step name, duration (us).
+-- Returns the wake time (us, as a string), or false when the lease is lost.
+local id, name = ARGV[5], ARGV[7]
+local wf = fence(id, ARGV[6])
+if not wf then return false end
+local old = redis.call('HGET', steps_key(id), name)
+local wake_at
+if old then
+  local _, _, status, w = step_parts(old)
+  if status == 'sleeping' and w and w ~= '' then wake_at = w end
+end
+local first = wake_at == nil
+if first then wake_at = num(NOW + tonumber(ARGV[8])) end
+local rk = run_key(id)
+redis.call('HSET', rk, 'st', 'sleeping', 'w', wake_at, 'u', num(NOW))
+drop_lease(id, wf)
+redis.call('ZADD', k('due', wf), wake_at, id)
+if first then put_step(id, name, 'sleeping', wake_at, '[null,null,1]') end
+wake(wf, tonumber(wake_at) - NOW)
+return wake_at

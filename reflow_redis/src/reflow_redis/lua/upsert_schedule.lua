@@ -1,0 +1,14 @@
+-- upsert_schedule. ARGV[5..9]: key, workflow, input, recurrence, next run (us).
+local key = ARGV[5]
+local sk = k('sched', key)
+local old = redis.call('HMGET', sk, 'rec', 'next', 'c')
+local next_run, created = ARGV[9], num(NOW)
+if old[1] then
+  created = old[3]
+  if old[1] == ARGV[8] then next_run = old[2] end
+end
+redis.call('HSET', sk, 'wf', ARGV[6], 'in', ARGV[7], 'rec', ARGV[8], 'next', next_run,
+  'c', created, 'u', num(NOW))
+redis.call('ZADD', k('schedule-due'), next_run, key)
+redis.call('ZADD', k('schedule-keys'), 0, key)
+return {key, redis.call('HGETALL', sk)}

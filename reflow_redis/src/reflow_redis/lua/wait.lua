@@ -1,0 +1,29 @@
+-- wait_run. ARGV[5..9]: id, epoch, step name, event name, timeout (us, '' none).
+-- Returns {ready 0/1, deadline (us or '')}, or false when the lease is lost.
+local id, name, event = ARGV[5], ARGV[7], ARGV[8]
+local wf = fence(id, ARGV[6])
+if not wf then return false end
+local old = redis.call('HGET', steps_key(id), name)
+local deadline
+if old then
+  local _, _, status, w = step_parts(old)
+  if status == 'waiting' then deadline = w or '' end
+end
+local first = deadline == nil
+if first then
+  if ARGV[9] ~= '' then deadline = num(NOW + tonumber(ARGV[9])) else deadline = '' end
+end
+local rk = run_key(id)
+local ready = redis.call('LLEN', ev_key(id, event)) > 0
+if ready then
+  redis.call('HSET', rk, 'wt', '', 'u', num(NOW))
+else
+  redis.call('HSET', rk, 'st', 'waiting', 'wt', event, 'w', deadline, 'u', num(NOW))
+  drop_lease(id, wf)
+  if deadline ~= '' then
+    redis.call('ZADD', k('due', wf), deadline, id)
+    wake(wf, tonumber(deadline) - NOW)
+  end
+end
+if first then put_step(id, name, 'waiting', deadline, '[null,null,1]') end
+return {ready and 1 or 0, deadline}
