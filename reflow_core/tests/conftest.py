@@ -5,7 +5,9 @@
 * ``backend`` is parametrized over every backend available in this checkout:
   ``memory`` always, ``sqlite`` once ``reflow_sqlite.SQLiteStorage`` imports,
   ``postgres`` once ``reflow_postgres`` imports (each test in a schema of
-  its own, on the session's database from the root ``conftest.py``).
+  its own, on the session's database from the root ``conftest.py``),
+  ``redis`` once ``reflow_redis`` imports (each test under a key prefix of
+  its own).
   ``db`` is the test's database on it and ``storage`` one uninitialized
   storage on ``db``; every storage opened through ``db`` is closed after the
   test, on the test's own loop.
@@ -43,6 +45,7 @@ def _import_error(module_name: str, attribute: str) -> str | None:
 
 _SQLITE_MISSING = _import_error("reflow_sqlite", "SQLiteStorage")
 _POSTGRES_MISSING = _import_error("reflow_postgres", "PostgresStorage")
+_REDIS_MISSING = _import_error("reflow_redis", "RedisStorage")
 
 BACKENDS = [
     pytest.param("memory", id="memory"),
@@ -60,6 +63,13 @@ BACKENDS = [
         marks=pytest.mark.skipif(
             _POSTGRES_MISSING is not None,
             reason=f"reflow_postgres does not import ({_POSTGRES_MISSING})",
+        ),
+    ),
+    pytest.param(
+        "redis",
+        id="redis",
+        marks=pytest.mark.skipif(
+            _REDIS_MISSING is not None, reason=f"reflow_redis does not import ({_REDIS_MISSING})"
         ),
     ),
 ]
@@ -108,7 +118,7 @@ class Database:
             store = open_storage(f"sqlite:///{self.path}", **options)
             self.opened.append(store)
             return store
-        if self.backend == "postgres":
+        if self.backend in ("postgres", "redis"):
             assert self.url is not None
             options = {} if clock is None else {"clock": clock}
             store = open_storage(self.url, **options)
@@ -130,7 +140,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def db(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Database:
     """The test's database on the backend under test."""
-    url = request.getfixturevalue("postgres_url") if backend == "postgres" else None
+    fixture = {"postgres": "postgres_url", "redis": "redis_url"}.get(backend)
+    url = request.getfixturevalue(fixture) if fixture else None
     return Database(backend, tmp_path, url)
 
 
