@@ -48,6 +48,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
+from reflow_core._durations import to_seconds
 from reflow_core.adapter import check_status_update, decode_cursor, encode_cursor, new_run_id
 from reflow_core.errors import ConfigError, IdempotencyConflictError, ReflowError, StorageError
 from reflow_core.storage import (
@@ -299,9 +300,10 @@ def _seconds_option(name: str, value: object, *, allow_none: bool = False) -> fl
     if value is None and allow_none:
         return None
     if isinstance(value, str):
-        from reflow_core._durations import to_seconds
-
-        return to_seconds(value, option=name, allow_zero=False)
+        try:
+            value = float(value.strip())  # a plain number of seconds, as URLs give it
+        except ValueError:
+            return to_seconds(value, option=name, allow_zero=False)
     if isinstance(value, timedelta):
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:

@@ -1,0 +1,237 @@
+"""The Redis backend's own behaviour: URLs, secrets, keys, leases, scripts, wake-ups, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+
+from reflow_core import ConfigError, Engine, StorageError, codec, open_storage, workflow
+from reflow_core.storage import NewRun, StepRecord
+from reflow_redis import RedisStorage, parse_redis_url
+
+LEASE = timedelta(seconds=30)
+
+
+def test_the_three_schemes_open_the_redis_backend() -> None:
+    for url in ("redis://h:6379/0", "rediss://h/0", "unix:///run/redis.sock?db=2"):
+        store = open_storage(url)
+        assert isinstance(store, RedisStorage)
+        assert store.prefix == "reflow"
+        assert store.channel == "{reflow}:wake"
+
+
+def test_reflow_options_are_taken_out_and_the_rest_goes_to_redis_py() -> None:
+    target, options, safe = parse_redis_url(
+        "redis://:pw@h:6380/2?prefix=billing&socket_timeout=3&retention=7d"
+    )
+    assert options == {"prefix": "billing", "retention": "7d"}
+    assert target == "redis://:pw@h:6380/2?socket_timeout=3"
+    assert "pw" not in safe
+
+
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        ("redis://h/0?prefix=a{b}", "prefix"),
+        ("redis://h/0?prefix=", "prefix"),
+        ("redis://h/0?max_connections=0", "max_connections"),
+        ("redis://h/0?retention=soon", "retention"),
+        ("redis://h/0?notify=maybe", "notify"),
+        ("redis://h/0?prefix=a&prefix=b", "prefix"),
+        ("postgresql://h/db", "url"),
+    ],
+)
+def test_bad_options_are_refused_naming_the_option(url: str, option: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        RedisStorage.from_url(url)
+    assert caught.value.option == option
+
+
+async def test_password_never_shows_in_repr_errors_or_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    store = open_storage("redis://user:Sup3rSecret@127.0.0.1:1/0?pool_timeout=1")
+    assert "Sup3rSecret" not in repr(store)
+    with pytest.raises(StorageError) as caught:
+        await store.initialize()  # nothing listens on port 1
+    await store.close()
+    for text in (str(caught.value), repr(caught.value), caplog.text):
+        assert "Sup3rSecret" not in text
+
+
+async def test_every_key_carries_the_prefix_hash_tag(
+    redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    wf = (
+        workflow("tagged")
+        .step("a", lambda ctx: 1)
+        .wait_for_event("go", timeout="1h")
+        .step("b", lambda ctx: 2)
+    )
+    async with Engine(storage=redis_url, workflows=[wf], poll_interval="50ms") as engine:
+        run = await engine.enqueue(wf, None, idempotency_key="k")
+        for _ in range(200):
+            if (await engine.get_run_status(run.id)).status == "waiting":
+                break
+            await asyncio.sleep(0.01)
+        await engine.send_event(run.id, "go", {"ok": 1}, event_id="e1")
+        assert await engine.result(run.id, timeout=10) == 2
+    keys = [k.decode() for k in raw.scan_iter(match=f"*{prefix}*")]
+    assert keys
+    assert all(k.startswith("{" + prefix + "}:") for k in keys), keys
+
+
+async def test_a_claim_sets_a_lease_key_that_expires_on_the_server(
+    redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    store = RedisStorage.from_url(redis_url)
+    await store.initialize()
+    created = await store.create_run(NewRun("wf", "1"))
+    [claimed] = await store.claim_runs(["wf"], 1, timedelta(milliseconds=300))
+    key = "{" + prefix + "}:lease:" + created.run.id
+    assert raw.get(key) == str(claimed.lease.epoch).encode()
+    assert 0 < raw.pttl(key) <= 300
+    await asyncio.sleep(0.4)
+    assert raw.exists(key) == 0  # gone by Redis's own clock
+    assert not await store.heartbeat_run(claimed.lease, LEASE)
+    [again] = await store.claim_runs(["wf"], 1, LEASE)
+    assert again.reclaimed
+    assert again.lease.epoch == claimed.lease.epoch + 1
+    await store.close()
+
+
+async def test_scripts_are_reloaded_after_a_script_flush(redis_url: str, raw: redis.Redis) -> None:
+    store = RedisStorage.from_url(redis_url)
+    await store.initialize()
+    raw.script_flush()
+    created = await store.create_run(NewRun("wf", "1"))
+    assert created.created
+    [claimed] = await store.claim_runs(["wf"], 1, LEASE)
+    raw.script_flush()
+    assert await store.save_step_result(claimed.lease, StepRecord("a", "completed", "1"), LEASE)
+    await store.close()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("run:{id}", {"st": "bogus"}),
+        ("run:{id}", {"st": "pending"}),
+        ("steps:{id}", {"a": "not a step"}),
+        ("steps:{id}", {"a": "1|2|completed||{not json"}),
+    ],
+)
+async def test_foreign_data_under_the_prefix_is_a_storage_error(
+    redis_url: str, prefix: str, raw: redis.Redis, key: str, value: dict[str, str]
+) -> None:
+    store = RedisStorage.from_url(redis_url)
+    await store.initialize()
+    run_id = "foreign"
+    raw.hset("{" + prefix + "}:" + key.format(id=run_id), mapping=value)
+    read = store.get_run if key.startswith("run") else store.get_step_results
+    with pytest.raises(StorageError, match="unexpected data") as caught:
+        await read(run_id)
+    assert caught.value.backend == "redis"
+    await store.close()
+
+
+async def test_a_wrong_type_under_the_prefix_is_a_storage_error(
+    redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    store = RedisStorage.from_url(redis_url)
+    await store.initialize()
+    raw.set("{" + prefix + "}:due:wf", "a string, not a sorted set")
+    with pytest.raises(StorageError):
+        await store.claim_runs(["wf"], 5, LEASE)
+    await store.close()
+
+
+async def test_an_enqueue_elsewhere_wakes_an_idle_worker(redis_url: str) -> None:
+    started: dict[str, float] = {}
+
+    async def first(ctx: Any) -> None:
+        started.setdefault(ctx.run_id, time.monotonic())
+
+    wf = workflow("wake").step("first", first)
+    async with (
+        Engine(storage=redis_url, workflows=[wf], poll_interval="30s"),
+        Engine(storage=redis_url, workflows=[wf], worker=False) as producer,
+    ):
+        await asyncio.sleep(0.3)
+        for _ in range(5):
+            sent = time.monotonic()
+            run = await producer.enqueue(wf, None)
+            while run.id not in started:
+                assert time.monotonic() - sent < 5, "not woken"
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)
+
+
+async def test_a_sleep_falling_due_wakes_the_worker(redis_url: str) -> None:
+    wf = workflow("nap").step("a", lambda ctx: 1).sleep("nap", "300ms").step("b", lambda ctx: 2)
+    async with Engine(storage=redis_url, workflows=[wf], poll_interval="30s") as engine:
+        await asyncio.sleep(0.2)
+        began = time.monotonic()
+        run = await engine.enqueue(wf, None)
+        assert await engine.result(run.id, timeout=5) == 2
+    assert 0.3 <= time.monotonic() - began < 5
+
+
+async def test_retention_expires_old_finished_runs_as_others_finish(
+    redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    store = RedisStorage.from_url(f"{redis_url}&retention=0.2")
+    await store.initialize()
+
+    async def finish_one(key: str) -> str:
+        created = await store.create_run(NewRun("wf", codec.encode(key), idempotency_key=key))
+        [claimed] = await store.claim_runs(["wf"], 1, LEASE)
+        step = StepRecord("a", "completed", output="1")
+        assert await store.finish_run(claimed.lease, "completed", output="1", step=step)
+        await store.deliver_event(created.run.id, "late", "1")  # refused: finished
+        return created.run.id
+
+    old = [await finish_one(f"old{i}") for i in range(2)]
+    await asyncio.sleep(0.3)
+    new = await finish_one("new")
+    for run_id in old:
+        assert await store.get_run(run_id) is None
+        assert await store.get_step_results(run_id) == {}
+    assert await store.get_run(new) is not None
+    page = await store.list_runs()
+    assert [r.id for r in page.runs] == [new]
+    again = await store.create_run(NewRun("wf", codec.encode("old0"), idempotency_key="old0"))
+    assert again.created  # the expired run's key is free again
+    await store.close()
+
+
+async def test_purge_deletes_old_finished_runs_and_their_keys(
+    redis_url: str, prefix: str, raw: redis.Redis
+) -> None:
+    store = RedisStorage.from_url(redis_url)
+    await store.initialize()
+    ids = []
+    for i in range(5):
+        created = await store.create_run(NewRun("wf", codec.encode(i), idempotency_key=f"k{i}"))
+        ids.append(created.run.id)
+    for claimed in await store.claim_runs(["wf"], 5, LEASE):
+        await store.deliver_event(claimed.run.id, "ev", "1", event_id="e")
+        step = StepRecord("a", "completed", output="1")
+        assert await store.finish_run(claimed.lease, "completed", output="1", step=step)
+    pending = (await store.create_run(NewRun("wf", "1"))).run.id
+    await asyncio.sleep(0.05)
+    assert await store.purge_finished(timedelta(seconds=10)) == 0
+    assert await store.purge_finished(timedelta(0), batch=2) == 5
+    left = {k.decode() for k in raw.scan_iter(match="{" + prefix + "}:*")}
+    assert not any(run_id in key for key in left for run_id in ids), left
+    assert await store.get_run(pending) is not None
+    with pytest.raises(ConfigError):
+        await store.purge_finished(timedelta(seconds=-1))
+    await store.close()
