@@ -104,6 +104,26 @@ _TEMPLATES: dict[str, str] = {
         " completed_at)"
         f" SELECT f.id, {_STEP_VALUES} FROM f {_UPSERT_STEP_TAIL}"
     ),
+    # Many runs' step saves in one statement (group commit): each row is
+    # fenced on its own, and the ids whose fence held come back.
+    "save_steps": (
+        "WITH t AS ("
+        " SELECT * FROM unnest(%(ids)s::text[], %(epochs)s::bigint[], %(extends)s::interval[],"
+        "  %(names)s::text[], %(statuses)s::text[], %(outputs)s::text[], %(errors)s::text[],"
+        "  %(attempts)s::integer[], %(wakes)s::timestamptz[])"
+        "  AS t(id, epoch, extend, name, status, output, error, attempts, wake_at)"
+        "), f AS ("
+        " UPDATE {s}.runs AS r SET lease_expires_at = {now} + t.extend, updated_at = {now}"
+        " FROM t WHERE r.id = t.id AND r.status = 'running' AND r.lease_epoch = t.epoch"
+        "  AND r.lease_expires_at > {now}"
+        " RETURNING r.id"
+        "), ins AS ("
+        " INSERT INTO {s}.steps (run_id, name, status, output, error, attempts, wake_at,"
+        "  completed_at)"
+        " SELECT t.id, t.name, t.status, t.output, t.error, t.attempts, t.wake_at, {now}"
+        " FROM t JOIN f ON f.id = t.id " + _UPSERT_STEP_TAIL + ""
+        ") SELECT id FROM f"
+    ),
     "finish": (
         "UPDATE {s}.runs SET status = %(status)s, output = %(output)s, error = %(error)s,"
         " lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},"

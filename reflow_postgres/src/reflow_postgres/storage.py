@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -31,6 +31,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from reflow_core.adapter import check_status_update, decode_cursor, encode_cursor, new_run_id
+from reflow_core.batching import GroupCommit
 from reflow_core.errors import (
     ConfigError,
     IdempotencyConflictError,
@@ -81,6 +82,8 @@ _KEYWORD_OPTIONS = (*_URL_OPTIONS, "clock", "connect_kwargs")
 _T = TypeVar("_T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
+# Concurrent step saves share one statement, at most this many per statement.
+_MAX_SAVE_BATCH = 200
 # A broken connection is retried on another one this many times, for
 # operations whose retry is harmless (reads, fenced upserts, id-keyed creates).
 _RETRIES_ON_BROKEN = 2
@@ -348,6 +351,9 @@ class PostgresStorage:
             test_clock=clock is not None,
         )
         self._pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
+        self._saves: GroupCommit[tuple[Lease, StepRecord, timedelta], bool] = GroupCommit(
+            self._save_batch, max_batch=_MAX_SAVE_BATCH
+        )
         self._listener: Listener | None = None
         self._closed = False
         self._init_lock: asyncio.Lock | None = None
@@ -736,15 +742,44 @@ class PostgresStorage:
         return await self._run("heartbeat_run", body, retry=True)
 
     async def save_step_result(self, lease: Lease, step: StepRecord, extend: timedelta) -> bool:
-        params = self._params(
-            id=lease.run_id, epoch=lease.epoch, extend=extend, **_step_params(step)
+        """Fenced upsert of ``step`` that renews the lease. Concurrent saves (of
+        many runs in flight) share one statement and one commit; each is
+        fenced on its own."""
+        if step.wake_at is not None:
+            _aware(step.wake_at, "step.wake_at")
+        self._live_pool("save_step_result")
+        return await self._saves.submit((lease, step, extend))
+
+    async def _save_batch(self, items: Sequence[tuple[Lease, StepRecord, timedelta]]) -> list[bool]:
+        if len(items) == 1:
+            lease, step, extend = items[0]
+            params = self._params(
+                id=lease.run_id, epoch=lease.epoch, extend=extend, **_step_params(step)
+            )
+
+            async def one(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
+                cur = await conn.execute(self._sql["save_step"], params)
+                return [cur.rowcount == 1]
+
+            return await self._run("save_step_result", one, retry=True)
+        batch = self._params(
+            ids=[lease.run_id for lease, _, _ in items],
+            epochs=[lease.epoch for lease, _, _ in items],
+            extends=[extend for _, _, extend in items],
+            names=[step.name for _, step, _ in items],
+            statuses=[step.status for _, step, _ in items],
+            outputs=[step.output for _, step, _ in items],
+            errors=[step.error for _, step, _ in items],
+            attempts=[step.attempts for _, step, _ in items],
+            wakes=[step.wake_at for _, step, _ in items],
         )
 
-        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
-            cur = await conn.execute(self._sql["save_step"], params)
-            return cur.rowcount == 1
+        async def many(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
+            cur = await conn.execute(self._sql["save_steps"], batch)
+            saved = {row[0] for row in await cur.fetchall()}
+            return [lease.run_id in saved for lease, _, _ in items]
 
-        return await self._run("save_step_result", body, retry=True)
+        return await self._run("save_step_result", many, retry=True)
 
     async def finish_run(
         self,

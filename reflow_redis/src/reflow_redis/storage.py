@@ -50,6 +50,7 @@ from redis.commands.core import AsyncScript
 
 from reflow_core._durations import to_seconds
 from reflow_core.adapter import check_status_update, decode_cursor, encode_cursor, new_run_id
+from reflow_core.batching import GroupCommit
 from reflow_core.errors import ConfigError, IdempotencyConflictError, ReflowError, StorageError
 from reflow_core.storage import (
     ClaimedRun,
@@ -91,6 +92,8 @@ _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
 _RETRIES_ON_BROKEN = 2
+_MAX_SAVE_BATCH = 200
+"""Concurrent step saves share one script call, at most this many per call."""
 _SCRIPTS = (
     "create",
     "claim",
@@ -473,6 +476,9 @@ class RedisStorage:
         self._scripts: dict[str, AsyncScript] = {}
         self._listener: _Listener | None = None
         self._closed = False
+        self._saves: GroupCommit[list[Any], bool] = GroupCommit(
+            self._save_batch, max_batch=_MAX_SAVE_BATCH
+        )
 
     @classmethod
     def from_url(cls, url: str, /, **options: Any) -> RedisStorage:
@@ -720,13 +726,22 @@ class RedisStorage:
         return bool(reply)
 
     async def save_step_result(self, lease: Lease, step: StepRecord, extend: timedelta) -> bool:
-        reply = await self._call(
-            "save_step_result",
-            "save_step",
-            [lease.run_id, lease.epoch, _span(extend), *_step_args(step)],
-            retry=True,
+        """Fenced upsert of ``step`` that renews the lease. Concurrent saves
+        (of many runs in flight) share one script call; each is fenced on its own."""
+        self._live("save_step_result")
+        return await self._saves.submit(
+            [lease.run_id, lease.epoch, _span(extend), *_step_args(step)]
         )
-        return bool(reply)
+
+    async def _save_batch(self, items: Sequence[list[Any]]) -> list[bool]:
+        if len(items) == 1:
+            reply = await self._call("save_step_result", "save_step", items[0], retry=True)
+            return [bool(reply)]
+        args: list[Any] = [len(items)]
+        for item in items:
+            args.extend(item)
+        reply = await self._call("save_step_result", "save_steps", args, retry=True)
+        return [bool(int(flag)) for flag in reply]
 
     async def finish_run(
         self,

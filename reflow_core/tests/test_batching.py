@@ -1,0 +1,107 @@
+"""Group commit: concurrent calls share round trips, and each keeps its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+
+import pytest
+
+from reflow_core.batching import GroupCommit
+from reflow_core.storage import Lease, NewRun, StepRecord
+
+from .conftest import Database
+
+LEASE = timedelta(seconds=30)
+
+
+async def test_the_first_call_goes_at_once_and_later_ones_share_a_batch() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        await asyncio.sleep(0.01)  # a round trip
+        return [i * 10 for i in items]
+
+    group: GroupCommit[int, int] = GroupCommit(flush, max_batch=4)
+    results = await asyncio.gather(*(group.submit(i) for i in range(9)))
+    assert results == [i * 10 for i in range(9)]
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8]]
+    assert group.batches == 3
+    assert await group.submit(42) == 420  # alone, it waits for nothing
+
+
+async def test_a_failing_batch_fails_only_its_own_callers() -> None:
+    calls = 0
+
+    async def flush(items: Sequence[str]) -> list[str]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)
+        if "bad" in items:
+            raise OSError("store down")
+        return list(items)
+
+    group: GroupCommit[str, str] = GroupCommit(flush, max_batch=2)
+    outcomes = await asyncio.gather(
+        *(group.submit(x) for x in ["a", "bad", "c", "d"]), return_exceptions=True
+    )
+    assert isinstance(outcomes[0], OSError)
+    assert isinstance(outcomes[1], OSError)
+    assert outcomes[2:] == ["c", "d"]
+    assert calls == 2
+
+
+async def test_a_caller_that_gives_up_does_not_break_the_batch() -> None:
+    release = asyncio.Event()
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        await release.wait()
+        return list(items)
+
+    group: GroupCommit[int, int] = GroupCommit(flush)
+    first = asyncio.ensure_future(group.submit(1))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(group.submit(2))
+    third = asyncio.ensure_future(group.submit(3))
+    await asyncio.sleep(0)
+    second.cancel()
+    release.set()
+    assert await first == 1
+    assert await third == 3
+
+
+def test_max_batch_must_be_positive() -> None:
+    async def flush(items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    with pytest.raises(ValueError, match="max_batch"):
+        GroupCommit(flush, max_batch=0)
+
+
+async def test_concurrent_saves_are_fenced_one_by_one(db: Database) -> None:
+    """Twenty runs save at once (one batch on backends that group commits);
+    the run whose lease was taken over is refused, the others land."""
+    store = db.connect()
+    await store.initialize()
+    for i in range(20):
+        await store.create_run(NewRun("wf", str(i)))
+    claimed = await store.claim_runs(["wf"], 20, LEASE)
+    assert len(claimed) == 20
+    stale = Lease(claimed[7].run.id, claimed[7].lease.epoch - 1)
+    leases = [c.lease for c in claimed]
+    leases[7] = stale
+    results = await asyncio.gather(
+        *(
+            store.save_step_result(lease, StepRecord("a", "completed", output=str(i)), LEASE)
+            for i, lease in enumerate(leases)
+        )
+    )
+    assert results == [i != 7 for i in range(20)]
+    for i, c in enumerate(claimed):
+        steps = await store.get_step_results(c.run.id)
+        if i == 7:
+            assert steps == {}
+        else:
+            assert steps["a"].output == str(i)
