@@ -479,6 +479,9 @@ class RedisStorage:
         self._saves: GroupCommit[list[Any], bool] = GroupCommit(
             self._save_batch, max_batch=_MAX_SAVE_BATCH
         )
+        self._finishes: GroupCommit[tuple[Lease, str, list[Any]], bool] = GroupCommit(
+            self._finish_batch, max_batch=_MAX_SAVE_BATCH
+        )
 
     @classmethod
     def from_url(cls, url: str, /, **options: Any) -> RedisStorage:
@@ -683,15 +686,39 @@ class RedisStorage:
             raise StorageError(
                 f"run id {run_id!r} already exists", operation="create_run", backend=BACKEND
             )
+        if outcome == 1:
+            return CreateResult(self._new_record(run_id, new, reply[1]), created=True)
         fields = _pairs_or_bad(self, "create_run", reply[1], run_id)
-        record_id = run_id if outcome == 1 else _find_id(self, fields, new)
-        record = self._run_reply("create_run", record_id, reply[1])
-        if outcome == 1 or record.id == run_id:
+        record = self._run_reply("create_run", _find_id(self, fields, new), reply[1])
+        if record.id == run_id:  # our own first try, whose reply was lost
             return CreateResult(record, created=True)
         if record.input != new.input:
             assert new.idempotency_key is not None
             raise IdempotencyConflictError(new.workflow, new.idempotency_key, record.id)
         return CreateResult(record, created=False)
+
+    def _new_record(self, run_id: str, new: NewRun, stamp: object) -> RunRecord:
+        """The record of a run just created, from what we sent and the server's time."""
+        try:
+            now = _time(_text(stamp, "create"), "create")
+        except _BadData as exc:
+            raise self._bad("create_run", exc) from exc
+        assert now is not None
+        return RunRecord(
+            id=run_id,
+            workflow=new.workflow,
+            status="pending",
+            input=new.input,
+            output=None,
+            error=None,
+            idempotency_key=new.idempotency_key,
+            attempts=0,
+            reclaims=0,
+            lease_epoch=0,
+            created_at=now,
+            updated_at=now,
+            wake_at=now,
+        )
 
     async def claim_runs(
         self, workflows: Collection[str], limit: int, lease: timedelta
@@ -758,20 +785,23 @@ class RedisStorage:
                 option="status",
             )
         args: list[Any] = [lease.run_id, lease.epoch, status, output or "", error or ""]
-        args += ["1", *_step_args(step)] if step is not None else ["0"]
+        args += ["1", *_step_args(step)] if step is not None else ["0", "", "", "", ""]
+        self._live("finish_run")
+        return await self._finishes.submit((lease, status, args))
+
+    async def _finish_batch(self, items: Sequence[tuple[Lease, str, list[Any]]]) -> list[bool]:
+        flat: list[Any] = [len(items)]
+        for _, _, args in items:
+            flat.extend(args)
         operation = "finish_run"
         client = self._live(operation)
         attempt = 0
         while True:
             try:
                 reply = await self._scripts["finish"](
-                    keys=[f"{self._tag}:idx"], args=[*self._head(), *args], client=client
+                    keys=[f"{self._tag}:idx"], args=[*self._head(), *flat], client=client
                 )
-                if reply or attempt == 0:
-                    return bool(reply)
-                # Did the try whose connection dropped land after all?
-                run = await self.get_run(lease.run_id)
-                return run is not None and run.status == status and run.lease_epoch == lease.epoch
+                break
             except (rex.ConnectionError, rex.TimeoutError) as exc:
                 if attempt < _RETRIES_ON_BROKEN:
                     attempt += 1
@@ -779,6 +809,17 @@ class RedisStorage:
                 raise self._error(operation, exc) from exc
             except rex.RedisError as exc:
                 raise self._error(operation, exc) from exc
+        results = [bool(int(flag)) for flag in reply]
+        if attempt:
+            # A try whose connection dropped may have landed: a refused finish
+            # whose run already ended this way under this lease is ours.
+            for i, (lease, status, _) in enumerate(items):
+                if not results[i]:
+                    run = await self.get_run(lease.run_id)
+                    results[i] = (
+                        run is not None and run.status == status and run.lease_epoch == lease.epoch
+                    )
+        return results
 
     async def update_run_status(
         self,
@@ -970,9 +1011,10 @@ class RedisStorage:
         outcome = int(reply[0])
         if outcome == 0 or outcome == -1:
             return None
+        if outcome == 1:
+            return self._new_record(run_id, run, reply[1])
         fields = _pairs_or_bad(self, "claim_schedule_slot", reply[1], run_id)
-        record_id = run_id if outcome == 1 else _find_id(self, fields, run)
-        record = self._run_reply("claim_schedule_slot", record_id, reply[1])
+        record = self._run_reply("claim_schedule_slot", _find_id(self, fields, run), reply[1])
         if outcome == -2:
             assert run.idempotency_key is not None
             raise IdempotencyConflictError(run.workflow, run.idempotency_key, record.id)

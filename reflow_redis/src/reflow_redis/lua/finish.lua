@@ -1,13 +1,8 @@
--- finish_run. ARGV[5..9]: id, epoch, status, output ('' none), error ('' none);
--- ARGV[10] '1' if a step follows in ARGV[11..14]: name, status, wake, body.
-local id = ARGV[5]
-local wf = fence(id, ARGV[6])
-if not wf then return 0 end
-if ARGV[10] == '1' then put_step(id, ARGV[11], ARGV[12], ARGV[13], ARGV[14]) end
-local rk = run_key(id)
-redis.call('HSET', rk, 'st', ARGV[7], 'u', num(NOW), 'w', '', 'wt', '')
-if ARGV[8] ~= '' then redis.call('HSET', rk, 'out', ARGV[8]) else redis.call('HDEL', rk, 'out') end
-if ARGV[9] ~= '' then redis.call('HSET', rk, 'err', ARGV[9]) else redis.call('HDEL', rk, 'err') end
-drop_lease(id, wf)
-finished(id)
-return 1
+-- finish_run. ARGV[5]: how many; then 10 arguments per run: id, epoch, status,
+-- output ('' none), error ('' none), '1' if a step follows (else '0'), and the
+-- step's name, status, wake and body (empty when there is no step).
+-- Returns one 0/1 per run. Several runs' finishes share one call (group commit).
+local n = tonumber(ARGV[5])
+local out = {}
+for i = 0, n - 1 do out[#out + 1] = finish_one(6 + i * 10) end
+return out

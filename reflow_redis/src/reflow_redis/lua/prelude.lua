@@ -116,8 +116,8 @@ local function finished(id)
 end
 
 -- Create a pending run, or find the run holding the idempotency key.
--- Returns {1, run} when created, {0, run} for an existing one, {-1} when
--- the id is taken.
+-- Returns {1, now} when created (the client knows every other field),
+-- {0, run} for an existing one, {-1} when the id is taken.
 local function create_run(id, wf, input, idem)
   if idem ~= '' then
     local existing = redis.call('HGET', k('idem', wf), idem)
@@ -137,5 +137,23 @@ local function create_run(id, wf, input, idem)
   redis.call('ZADD', k('idx', 'wf', wf), 0, member)
   if idem ~= '' then redis.call('HSET', k('idem', wf), idem, id) end
   wake(wf, 0)
-  return {1, redis.call('HGETALL', rk)}
+  return {1, now}
+end
+
+-- finish_run from ARGV[b..b+9]: id, epoch, status, output ('' none), error
+-- ('' none), '1' if a step follows, then its name, status, wake and body.
+local function finish_one(b)
+  local id = ARGV[b]
+  local wf = fence(id, ARGV[b + 1])
+  if not wf then return 0 end
+  if ARGV[b + 5] == '1' then
+    put_step(id, ARGV[b + 6], ARGV[b + 7], ARGV[b + 8], ARGV[b + 9])
+  end
+  local rk = run_key(id)
+  redis.call('HSET', rk, 'st', ARGV[b + 2], 'u', num(NOW), 'w', '', 'wt', '')
+  if ARGV[b + 3] ~= '' then redis.call('HSET', rk, 'out', ARGV[b + 3]) else redis.call('HDEL', rk, 'out') end
+  if ARGV[b + 4] ~= '' then redis.call('HSET', rk, 'err', ARGV[b + 4]) else redis.call('HDEL', rk, 'err') end
+  drop_lease(id, wf)
+  finished(id)
+  return 1
 end
