@@ -105,3 +105,39 @@ async def test_concurrent_saves_are_fenced_one_by_one(db: Database) -> None:
             assert steps == {}
         else:
             assert steps["a"].output == str(i)
+
+
+async def test_concurrent_finishes_are_fenced_one_by_one(db: Database) -> None:
+    """Twenty runs end at once, some with a last step; the run whose lease was
+    taken over is refused and keeps running, the others end as asked."""
+    store = db.connect()
+    await store.initialize()
+    for i in range(20):
+        await store.create_run(NewRun("wf", str(i)))
+    claimed = await store.claim_runs(["wf"], 20, LEASE)
+    leases = [c.lease for c in claimed]
+    leases[3] = Lease(claimed[3].run.id, claimed[3].lease.epoch + 1)
+    results = await asyncio.gather(
+        *(
+            store.finish_run(
+                lease,
+                "completed" if i % 2 else "failed",
+                output=str(i) if i % 2 else None,
+                error=None if i % 2 else str(i),
+                step=StepRecord("last", "completed", output=str(i)) if i % 3 else None,
+            )
+            for i, lease in enumerate(leases)
+        )
+    )
+    assert results == [i != 3 for i in range(20)]
+    for i, c in enumerate(claimed):
+        run = await store.get_run(c.run.id)
+        steps = await store.get_step_results(c.run.id)
+        assert run is not None
+        if i == 3:
+            assert run.status == "running"
+            assert steps == {}
+            continue
+        assert run.status == ("completed" if i % 2 else "failed")
+        assert (run.output, run.error) == ((str(i), None) if i % 2 else (None, str(i)))
+        assert list(steps) == (["last"] if i % 3 else [])

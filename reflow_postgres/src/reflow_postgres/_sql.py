@@ -142,6 +142,29 @@ _TEMPLATES: dict[str, str] = {
         f" SELECT f.id, {_STEP_VALUES} FROM f {_UPSERT_STEP_TAIL}"
         ") SELECT 1 FROM f"
     ),
+    # Many runs' ends in one statement (group commit), each fenced on its own.
+    "finish_many": (
+        "WITH t AS ("
+        " SELECT * FROM unnest(%(ids)s::text[], %(epochs)s::bigint[], %(run_statuses)s::text[],"
+        "  %(run_outputs)s::text[], %(run_errors)s::text[], %(has_step)s::boolean[],"
+        "  %(names)s::text[], %(statuses)s::text[], %(outputs)s::text[], %(errors)s::text[],"
+        "  %(attempts)s::integer[], %(wakes)s::timestamptz[])"
+        "  AS t(id, epoch, run_status, run_output, run_error, has_step, name, status, output,"
+        "  error, attempts, wake_at)"
+        "), f AS ("
+        " UPDATE {s}.runs AS r SET status = t.run_status, output = t.run_output,"
+        "  error = t.run_error, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,"
+        "  updated_at = {now}, finished_at = {now}"
+        " FROM t WHERE r.id = t.id AND r.status = 'running' AND r.lease_epoch = t.epoch"
+        "  AND r.lease_expires_at > {now}"
+        " RETURNING r.id"
+        "), ins AS ("
+        " INSERT INTO {s}.steps (run_id, name, status, output, error, attempts, wake_at,"
+        "  completed_at)"
+        " SELECT t.id, t.name, t.status, t.output, t.error, t.attempts, t.wake_at, {now}"
+        " FROM t JOIN f ON f.id = t.id WHERE t.has_step " + _UPSERT_STEP_TAIL + ""
+        ") SELECT id FROM f"
+    ),
     "finished_already": (
         "SELECT 1 FROM {s}.runs WHERE id = %(id)s AND lease_epoch = %(epoch)s"
         " AND status = %(status)s"

@@ -22,7 +22,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -87,6 +87,8 @@ _MAX_SAVE_BATCH = 200
 # A broken connection is retried on another one this many times, for
 # operations whose retry is harmless (reads, fenced upserts, id-keyed creates).
 _RETRIES_ON_BROKEN = 2
+_Finish: TypeAlias = tuple[Lease, str, str | None, str | None, StepRecord | None]
+"""One finish_run call: lease, status, output, error, last step."""
 
 
 # -- conversions --------------------------------------------------------------
@@ -353,6 +355,9 @@ class PostgresStorage:
         self._pool: psycopg_pool.AsyncConnectionPool[psycopg.AsyncConnection[Any]] | None = None
         self._saves: GroupCommit[tuple[Lease, StepRecord, timedelta], bool] = GroupCommit(
             self._save_batch, max_batch=_MAX_SAVE_BATCH
+        )
+        self._finishes: GroupCommit[_Finish, bool] = GroupCommit(
+            self._finish_batch, max_batch=_MAX_SAVE_BATCH
         )
         self._listener: Listener | None = None
         self._closed = False
@@ -795,29 +800,67 @@ class PostgresStorage:
                 f"finish_run ends a run as 'completed' or 'failed', not {status!r}",
                 option="status",
             )
-        values: dict[str, Any] = {
-            "id": lease.run_id,
-            "epoch": lease.epoch,
-            "status": status,
-            "output": output,
-            "error": error,
-        }
-        if step is not None:
-            values.update(_step_params(step))
-        params = self._params(**values)
-        statement = self._sql["finish" if step is None else "finish_with_step"]
+        if step is not None and step.wake_at is not None:
+            _aware(step.wake_at, "step.wake_at")
+        self._live_pool("finish_run")
+        return await self._finishes.submit((lease, status, output, error, step))
 
-        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
-            cur = await conn.execute(statement, params)
-            if cur.rowcount == 1:
-                return True
+    async def _finish_batch(self, items: Sequence[_Finish]) -> list[bool]:
+        if len(items) == 1:
+            lease, status, output, error, step = items[0]
+            values: dict[str, Any] = {
+                "id": lease.run_id,
+                "epoch": lease.epoch,
+                "status": status,
+                "output": output,
+                "error": error,
+            }
+            if step is not None:
+                values.update(_step_params(step))
+            params = self._params(**values)
+            statement = self._sql["finish" if step is None else "finish_with_step"]
+
+            async def one(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
+                cur = await conn.execute(statement, params)
+                ok = cur.rowcount == 1
+                if not ok and attempt > 0:
+                    # Did the try whose connection dropped land after all?
+                    cur = await conn.execute(self._sql["finished_already"], values)
+                    ok = await cur.fetchone() is not None
+                return [ok]
+
+            return await self._run("finish_run", one, retry=True)
+        steps = [item[4] for item in items]
+        batch = self._params(
+            ids=[lease.run_id for lease, *_ in items],
+            epochs=[lease.epoch for lease, *_ in items],
+            run_statuses=[item[1] for item in items],
+            run_outputs=[item[2] for item in items],
+            run_errors=[item[3] for item in items],
+            has_step=[step is not None for step in steps],
+            names=[None if step is None else step.name for step in steps],
+            statuses=[None if step is None else step.status for step in steps],
+            outputs=[None if step is None else step.output for step in steps],
+            errors=[None if step is None else step.error for step in steps],
+            attempts=[None if step is None else step.attempts for step in steps],
+            wakes=[None if step is None else step.wake_at for step in steps],
+        )
+
+        async def many(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
+            cur = await conn.execute(self._sql["finish_many"], batch)
+            done = {row[0] for row in await cur.fetchall()}
+            results = [item[0].run_id in done for item in items]
             if attempt > 0:
-                # Did the try whose connection dropped land after all?
-                cur = await conn.execute(self._sql["finished_already"], values)
-                return await cur.fetchone() is not None
-            return False
+                for i, (lease, status, *_) in enumerate(items):
+                    if not results[i]:
+                        cur = await conn.execute(
+                            self._sql["finished_already"],
+                            {"id": lease.run_id, "epoch": lease.epoch, "status": status},
+                        )
+                        results[i] = await cur.fetchone() is not None
+            return results
 
-        return await self._run("finish_run", body, retry=True)
+        return await self._run("finish_run", many, retry=True)
 
     async def update_run_status(
         self,
