@@ -28,7 +28,7 @@ _ROLE = re.compile(
 )
 _LITERAL_MARKER = re.compile(r"(?<=\S)::$", re.MULTILINE)
 _LIST_ITEM = re.compile(r"([*+-]|\d+[.)]|#\.)\s")
-_PACKAGES = ("reflow_core", "reflow_sqlite", "reflow_postgres")
+_PACKAGES = ("reflow_core", "reflow_sqlite", "reflow_postgres", "reflow_redis")
 
 
 def _resolve(obj: griffe.Object, target: str) -> str | None:

@@ -235,3 +235,19 @@ async def test_purge_deletes_old_finished_runs_and_their_keys(
     with pytest.raises(ConfigError):
         await store.purge_finished(timedelta(seconds=-1))
     await store.close()
+
+
+async def test_a_query_password_is_kept_out_of_errors_too() -> None:
+    store = open_storage("redis://127.0.0.1:1/0?password=QuerySecret9&pool_timeout=1")
+    assert "QuerySecret9" not in repr(store)
+    with pytest.raises(StorageError) as caught:
+        await store.initialize()
+    await store.close()
+    assert "QuerySecret9" not in str(caught.value)
+
+
+async def test_the_listener_needs_no_connection_from_the_pool(redis_url: str) -> None:
+    wf = workflow("one-conn").step("a", lambda ctx: 7)
+    async with Engine(storage=f"{redis_url}&max_connections=1", workflows=[wf]) as engine:
+        run = await engine.enqueue(wf, None)
+        assert await engine.result(run.id, timeout=10) == 7

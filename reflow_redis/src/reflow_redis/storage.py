@@ -430,7 +430,8 @@ class RedisStorage:
     keys share a cluster slot); ``max_connections`` bounds the connection
     pool, and ``pool_timeout`` is how long an operation waits for a free
     connection. ``notify`` publishes wake-up hints and ``listen`` lets
-    engines on this storage subscribe to them (one extra connection).
+    engines on this storage subscribe to them (one extra connection, outside
+    the pool).
     ``retention`` (a duration) deletes finished runs that long after they
     finished, a couple at a time as other runs finish; without it finished
     runs stay until :meth:`purge_finished` removes them. ``clock`` replaces
@@ -466,15 +467,20 @@ class RedisStorage:
         self._clock = clock
         self._url = url
         try:
-            password = urlsplit(url).password
+            parts = urlsplit(url)
+            password = parts.password
+            query_password = dict(parse_qsl(parts.query)).get("password")
         except ValueError:
-            password = None
-        self._secrets = [s for s in (password, (connect_kwargs or {}).get("password")) if s]
+            password = query_password = None
+        self._secrets = [
+            s for s in (password, query_password, (connect_kwargs or {}).get("password")) if s
+        ]
         self._display = _display_url or _redact(url, self._secrets)
         self._connect_kwargs = dict(connect_kwargs or {})
         self._client: aioredis.Redis | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._listener: _Listener | None = None
+        self._listener_client: aioredis.Redis | None = None
         self._closed = False
         self._saves: GroupCommit[list[Any], bool] = GroupCommit(
             self._save_batch, max_batch=_MAX_SAVE_BATCH
@@ -632,6 +638,9 @@ class RedisStorage:
         listener, self._listener = self._listener, None
         if listener is not None:
             await listener.close()
+        listening, self._listener_client = self._listener_client, None
+        if listening is not None:
+            await listening.aclose()
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -644,10 +653,15 @@ class RedisStorage:
         """Call ``wake()`` when work of ``workflows`` may be ready (see
         :class:`~reflow_core.storage.WakeupSource`), from the ``P:wake``
         pub/sub channel, with timers for sleeps and wait timeouts."""
-        client = self._live("subscribe_wakeups")
+        self._live("subscribe_wakeups")
         if self._listener is None:
+            # Its own connection, outside the pool: a subscription holds it for good.
+            listening = aioredis.Redis.from_url(
+                self._url, retry=Retry(NoBackoff(), 0), **self._connect_kwargs
+            )
+            self._listener_client = listening
             self._listener = _Listener(
-                client=client,
+                client=listening,
                 channel=self.channel,
                 next_due=self._next_due,
                 secrets=self._secrets,
