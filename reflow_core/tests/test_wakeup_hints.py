@@ -1,0 +1,107 @@
+"""How the engine acts on wake-up hints from a storage that sends them.
+
+The storage here is the real in-memory backend with the optional
+``subscribe_wakeups`` added, so a test can deliver hints by hand, as a
+networked backend would when another process enqueues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection
+from datetime import timedelta
+from typing import Any
+
+from reflow_core import Engine, MemoryStorage, codec, workflow
+from reflow_core.storage import ClaimedRun, NewRun, WakeupSource
+
+
+class HintingMemory(MemoryStorage):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wake: Callable[[], None] | None = None
+        self.claims: list[float] = []
+        self.closed_subscriptions = 0
+
+    async def claim_runs(
+        self, workflows: Collection[str], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]:
+        self.claims.append(time.monotonic())
+        return await super().claim_runs(workflows, limit, lease)
+
+    async def subscribe_wakeups(self, workflows: Collection[str], wake: Callable[[], None]) -> Any:
+        self.wake = wake
+        store = self
+
+        class Subscription:
+            async def close(self) -> None:
+                store.closed_subscriptions += 1
+
+        return Subscription()
+
+
+def test_the_memory_backend_sends_no_hints_but_the_test_double_does() -> None:
+    assert not isinstance(MemoryStorage(), WakeupSource)
+    assert isinstance(HintingMemory(), WakeupSource)
+
+
+async def test_a_hint_starts_work_enqueued_elsewhere_without_waiting_for_the_poll() -> None:
+    store = HintingMemory()
+    started: list[float] = []
+    wf = workflow("hinted").step("a", lambda ctx: started.append(time.monotonic()))
+    async with Engine(storage=store, workflows=[wf], poll_interval="30s", close_storage=False):
+        await asyncio.sleep(0.05)  # the first claim found nothing; now idle
+        await store.create_run(NewRun("hinted", codec.encode(None)))  # as another process
+        await asyncio.sleep(0.2)
+        assert started == []  # nobody told the worker
+        assert store.wake is not None
+        store.wake()
+        for _ in range(200):
+            if started:
+                break
+            await asyncio.sleep(0.005)
+        assert started
+    assert store.closed_subscriptions == 1
+
+
+async def test_hints_after_an_empty_claim_wait_a_short_gap() -> None:
+    store = HintingMemory()
+    wf = workflow("gap").step("a", lambda ctx: None)
+    async with Engine(storage=store, workflows=[wf], poll_interval="30s", close_storage=False):
+        await asyncio.sleep(0.05)
+        assert store.wake is not None
+        before = len(store.claims)
+        store.wake()  # nothing is there: an empty claim
+        for _ in range(100):
+            if len(store.claims) > before:
+                break
+            await asyncio.sleep(0)
+        assert len(store.claims) == before + 1
+        # A burst right after the empty claim: folded into one claim, sent
+        # a few milliseconds later rather than at once.
+        store.wake()
+        store.wake()
+        store.wake()
+        await asyncio.sleep(0)
+        assert len(store.claims) == before + 1
+        await asyncio.sleep(0.1)
+        assert len(store.claims) == before + 2
+
+
+async def test_local_enqueues_never_wait_for_the_gap() -> None:
+    store = HintingMemory()
+    done: list[float] = []
+    wf = workflow("local").step("a", lambda ctx: done.append(time.monotonic()))
+    async with Engine(
+        storage=store, workflows=[wf], poll_interval="30s", close_storage=False
+    ) as engine:
+        await asyncio.sleep(0.05)
+        assert store.wake is not None
+        for _ in range(5):
+            store.wake()  # empty claims: the gap grows
+            await asyncio.sleep(0.02)
+        sent = time.monotonic()
+        run = await engine.enqueue(wf, None)
+        await engine.result(run.id, timeout=5)
+        assert done[0] - sent < 0.5
