@@ -550,7 +550,7 @@ class RedisStorage:
         """Run one script; with ``retry``, a dropped connection is retried on
         another (only for scripts whose second run changes nothing more)."""
         self._live(operation)
-        attempt = 0
+        attempt = reloads = 0
         while True:
             try:
                 return await self._scripts[script](
@@ -560,6 +560,13 @@ class RedisStorage:
                 if retry and attempt < _RETRIES_ON_BROKEN:
                     attempt += 1
                     logger.info("connection lost during %s; retrying", operation)
+                    continue
+                raise self._error(operation, exc) from exc
+            except rex.NoScriptError as exc:
+                # The scripts were flushed again while being reloaded; the
+                # script never ran, so running it again is always safe.
+                if reloads < _RETRIES_ON_BROKEN:
+                    reloads += 1
                     continue
                 raise self._error(operation, exc) from exc
             except rex.RedisError as exc:
@@ -809,7 +816,7 @@ class RedisStorage:
             flat.extend(args)
         operation = "finish_run"
         client = self._live(operation)
-        attempt = 0
+        attempt = reloads = 0
         while True:
             try:
                 reply = await self._scripts["finish"](
@@ -819,6 +826,11 @@ class RedisStorage:
             except (rex.ConnectionError, rex.TimeoutError) as exc:
                 if attempt < _RETRIES_ON_BROKEN:
                     attempt += 1
+                    continue
+                raise self._error(operation, exc) from exc
+            except rex.NoScriptError as exc:  # flushed mid-reload; it never ran
+                if reloads < _RETRIES_ON_BROKEN:
+                    reloads += 1
                     continue
                 raise self._error(operation, exc) from exc
             except rex.RedisError as exc:
