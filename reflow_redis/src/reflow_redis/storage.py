@@ -44,6 +44,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
@@ -86,6 +87,7 @@ _URL_OPTIONS = (
     "notify",
     "listen",
     "retention",
+    "cluster",
 )
 _KEYWORD_OPTIONS = (*_URL_OPTIONS, "clock", "connect_kwargs")
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
@@ -435,7 +437,10 @@ class RedisStorage:
     ``retention`` (a duration) deletes finished runs that long after they
     finished, a couple at a time as other runs finish; without it finished
     runs stay until :meth:`purge_finished` removes them. ``clock`` replaces
-    the server clock, for tests only. ``connect_kwargs`` go to redis-py.
+    the server clock, for tests only. ``cluster`` connects with redis-py's
+    cluster client to a Redis Cluster (the URL names any node); every key of
+    one prefix lives in one slot, so one prefix lives on one shard.
+    ``connect_kwargs`` go to redis-py.
     """
 
     def __init__(
@@ -448,6 +453,7 @@ class RedisStorage:
         notify: bool | str = True,
         listen: bool | str = True,
         retention: float | str | timedelta | None = None,
+        cluster: bool | str = False,
         clock: Callable[[], datetime] | None = None,
         connect_kwargs: Mapping[str, Any] | None = None,
         _display_url: str | None = None,
@@ -462,6 +468,7 @@ class RedisStorage:
         self._listen = _bool_option("listen", listen)
         keep = _seconds_option("retention", retention, allow_none=True)
         self._retention_us = 0 if keep is None else int(keep * 1_000_000)
+        self._cluster = _bool_option("cluster", cluster)
         if clock is not None and not callable(clock):
             raise ConfigError(f"clock must be callable, got {clock!r}", option="clock")
         self._clock = clock
@@ -477,7 +484,8 @@ class RedisStorage:
         ]
         self._display = _display_url or _redact(url, self._secrets)
         self._connect_kwargs = dict(connect_kwargs or {})
-        self._client: aioredis.Redis | None = None
+        self._client: Any = None
+        """A ``redis.asyncio.Redis``, or a ``RedisCluster`` with ``cluster``."""
         self._scripts: dict[str, AsyncScript] = {}
         self._listener: _Listener | None = None
         self._listener_client: aioredis.Redis | None = None
@@ -524,7 +532,7 @@ class RedisStorage:
             f"Redis failed during {operation}: {detail}", operation=operation, backend=BACKEND
         )
 
-    def _live(self, operation: str) -> aioredis.Redis:
+    def _live(self, operation: str) -> Any:
         if self._closed:
             raise StorageError("storage is closed", operation=operation, backend=BACKEND)
         if self._client is None:
@@ -572,7 +580,7 @@ class RedisStorage:
             except rex.RedisError as exc:
                 raise self._error(operation, exc) from exc
 
-    async def _read(self, operation: str, make: Callable[[aioredis.Redis], Awaitable[_T]]) -> _T:
+    async def _read(self, operation: str, make: Callable[[Any], Awaitable[_T]]) -> _T:
         client = self._live(operation)
         attempt = 0
         while True:
@@ -605,21 +613,31 @@ class RedisStorage:
             raise StorageError("storage is closed", operation="initialize", backend=BACKEND)
         if self._client is not None:
             return
+        client: Any
         try:
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self._max,
-                timeout=self._timeout,
-                retry=Retry(NoBackoff(), 0),
-                **self._connect_kwargs,
-            )
-            client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
+            if self._cluster:
+                client = RedisCluster.from_url(
+                    self._url, max_connections=self._max, **self._connect_kwargs
+                )
+            else:
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    self._url,
+                    max_connections=self._max,
+                    timeout=self._timeout,
+                    retry=Retry(NoBackoff(), 0),
+                    **self._connect_kwargs,
+                )
+                client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
         except (ValueError, TypeError) as exc:
             raise ConfigError(
                 f"invalid redis URL or option: {_redact(str(exc), self._secrets)}", option="url"
             ) from exc
         try:
+            if self._cluster:
+                await client.initialize()
             info = await client.info("server")
+            if "redis_version" not in info and info:  # a cluster answers per node
+                info = next(iter(info.values()))
             version = tuple(int(p) for p in str(info.get("redis_version", "0")).split(".")[:2])
             if version < (6, 2):
                 raise StorageError(
@@ -628,8 +646,9 @@ class RedisStorage:
                     backend=BACKEND,
                 )
             scripts = {name: client.register_script(text) for name, text in _load_scripts().items()}
-            for script in scripts.values():
-                await client.script_load(script.script)
+            if not self._cluster:  # a cluster node loads each script on first use
+                for script in scripts.values():
+                    await client.script_load(script.script)
         except ReflowError:
             await client.aclose()
             raise
@@ -1050,8 +1069,8 @@ class RedisStorage:
 # -- reply helpers -----------------------------------------------------------------------
 
 
-async def _hgetall(client: aioredis.Redis, key: str) -> Any:
-    return await client.execute_command("HGETALL", key)  # type: ignore[no-untyped-call]
+async def _hgetall(client: Any, key: str) -> Any:
+    return await client.execute_command("HGETALL", key)
 
 
 def _flat(reply: Any) -> list[object]:
