@@ -1,37 +1,60 @@
 """Throughput on the shared workload: N runs of a K-step workflow, concurrency 25.
 
     python benchmarks/throughput.py [--runs 2000] [--steps 1 5] [--passes 3]
-                                    [--backends memory sqlite] [--synchronous NORMAL]
+                                    [--backends memory sqlite postgres]
+                                    [--synchronous NORMAL]
+                                    [--postgres-url postgresql://postgres@127.0.0.1:5432/postgres]
+                                    [--pool-size 25] [--overlapped] [--json]
 
 For each backend and K, after one warm-up pass, each pass:
 
 * enqueues N runs one after another (``enqueue/s``: the enqueue loop alone);
 * starts one engine (``concurrency=25``) and times from the start of the
   worker until the last run is durably completed (``runs/s`` and ``steps/s``);
-* reports the end-to-end figure (first enqueue to last completion).
+* reports the end-to-end figure (first enqueue to last completion);
+* with ``--overlapped``, also times ``overlapped`` passes: the worker runs
+  while 25 concurrent tasks enqueue, from the first enqueue to the last
+  completion (the shape of DBOS's ``start_workflow_async`` benchmark).
 
 Every step returns a small dict. Each pass uses a fresh store (a new SQLite
-file). Figures are the best and the median of the passes, with the spread
-(min-max), so compare ratios measured in one run: the machine is shared.
-SQLite runs with ``journal_mode=WAL`` and the ``synchronous`` level given
-(NORMAL by default, like reflow-ts).
+file, a new PostgreSQL schema). Figures are the best and the median of the
+passes, with the spread (min-max), so compare ratios measured in one run: the
+machine is shared. SQLite runs with ``journal_mode=WAL`` and the
+``synchronous`` level given (NORMAL by default, like reflow-ts).
+
+PostgreSQL: the benchmark connects to ``--postgres-url`` (a maintenance
+database such as ``postgres``), creates its own database
+``reflow_bench_<pid>``, gives each pass a fresh schema (dropped after the
+pass) and drops the database at the end, also when a pass fails. The storage
+gets ``pool_max_size=--pool-size`` (25, one connection per run in flight) and
+the engine its ``LISTEN``/``NOTIFY`` wake-ups; the server runs with its own
+settings (``synchronous_commit``, ``fsync``), which the header reports.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
 
 from reflow_core import Engine, Storage, open_storage, workflow
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 class _Completion:
@@ -74,7 +97,16 @@ class PassResult:
     end_to_end_runs_per_s: float
 
 
-async def one_pass(make_storage: Callable[[], Storage], runs: int, steps: int) -> PassResult:
+Dispose = Callable[[Storage], Awaitable[None]]
+
+
+async def _nothing(storage: Storage) -> None:
+    return None
+
+
+async def one_pass(
+    make_storage: Callable[[], Storage], runs: int, steps: int, dispose: Dispose = _nothing
+) -> PassResult:
     wf = build_workflow(steps)
     storage = make_storage()
     done = _Completion(storage, runs)
@@ -91,6 +123,7 @@ async def one_pass(make_storage: Callable[[], Storage], runs: int, steps: int) -
     t_done = time.perf_counter()
     await engine.stop()
     await storage.close()
+    await dispose(storage)
     drain = t_done - t_enqueued
     return PassResult(
         enqueue_per_s=runs / (t_enqueued - t0),
@@ -100,24 +133,185 @@ async def one_pass(make_storage: Callable[[], Storage], runs: int, steps: int) -
     )
 
 
-def storage_factory(backend: str, synchronous: str, tmp: Path) -> Callable[[], Storage]:
+async def overlapped_pass(
+    make_storage: Callable[[], Storage],
+    runs: int,
+    steps: int,
+    dispose: Dispose = _nothing,
+    producers: int = 25,
+) -> float:
+    """Runs per second with the worker already running while ``producers``
+    concurrent tasks enqueue the ``runs`` (on the same engine), timed from the
+    first enqueue to the last durable completion: the shape of DBOS's
+    ``start_workflow_async`` under a 25-slot semaphore."""
+    wf = build_workflow(steps)
+    storage = make_storage()
+    done = _Completion(storage, runs)
+    engine = Engine(
+        storage=storage, workflows=[wf], concurrency=25, lease="60s", poll_interval="50ms"
+    )
+    await storage.initialize()
+    await engine.start()
+    numbers = iter(range(runs))
+
+    async def produce() -> None:
+        for i in numbers:
+            await engine.enqueue(wf, {"n": i})
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(produce() for _ in range(producers)))
+    await done.event.wait()
+    elapsed = time.perf_counter() - t0
+    await engine.stop()
+    await storage.close()
+    await dispose(storage)
+    return runs / elapsed
+
+
+# -- PostgreSQL: a throw-away database ----------------------------------------
+
+
+_REFLOW_OPTIONS = {
+    "schema",
+    "pool_min_size",
+    "pool_max_size",
+    "pool_timeout",
+    "notify",
+    "listen",
+    "prepare_threshold",
+}
+
+
+def with_options(url: str, *, database: str | None = None, **options: object) -> str:
+    """``url`` with ``options`` added to its query, pointed at ``database`` if given."""
+    parts = urlsplit(url)
+    query = [*parse_qsl(parts.query, keep_blank_values=True)]
+    query += [(k, str(v)) for k, v in options.items()]
+    path = parts.path if database is None else "/" + database
+    return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query), ""))
+
+
+def libpq_url(url: str) -> str:
+    """``url`` without Reflow's own query options, for a plain psycopg connection."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(k, v) for k, v in query if k not in _REFLOW_OPTIONS]
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(kept), ""))
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(admin_url: str, name: str) -> AsyncIterator[str]:
+    """Create database ``name`` on the server of ``admin_url``, yield its URL (with
+    ``admin_url``'s query), and drop it afterwards, whatever happened."""
+    admin = libpq_url(admin_url)
+    async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+        await conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        await conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_options(admin_url, database=name)
+    finally:
+        async with await psycopg.AsyncConnection.connect(admin, autocommit=True) as conn:
+            await conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+async def drop_schema(url: str, schema: str) -> None:
+    async with await psycopg.AsyncConnection.connect(libpq_url(url), autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+        )
+
+
+async def server_settings(url: str) -> str:
+    async with await psycopg.AsyncConnection.connect(libpq_url(url), autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT split_part(version(), ' ', 2), current_setting('synchronous_commit'),"
+            " current_setting('fsync'), current_setting('max_connections')"
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    version, sync, fsync, conns = row
+    return (
+        f"PostgreSQL {version}, synchronous_commit={sync}, fsync={fsync}, max_connections={conns}"
+    )
+
+
+# -- backends -------------------------------------------------------------------
+
+
+@dataclass
+class Backend:
+    label: str
+    make: Callable[[], Storage]
+    dispose: Dispose = _nothing
+
+
+def sqlite_backend(synchronous: str, tmp: Path) -> Backend:
     counter = 0
 
     def make() -> Storage:
         nonlocal counter
         counter += 1
-        if backend == "memory":
-            return open_storage("memory://")
-        if backend == "sqlite":
-            return open_storage(f"sqlite:///{tmp}/bench-{counter}.db?synchronous={synchronous}")
-        raise SystemExit(f"unknown backend {backend!r}")
+        return open_storage(f"sqlite:///{tmp}/bench-{counter}.db?synchronous={synchronous}")
 
-    return make
+    return Backend(f"sqlite (WAL, synchronous={synchronous})", make)
+
+
+def postgres_backend(database_url: str, pool_size: int, *, label: str = "postgres") -> Backend:
+    """A fresh schema per storage on the database of ``database_url``."""
+    counter = 0
+    schemas: dict[int, str] = {}
+
+    def make() -> Storage:
+        nonlocal counter
+        counter += 1
+        schema = f"bench_{counter}"
+        storage = open_storage(with_options(database_url, schema=schema, pool_max_size=pool_size))
+        schemas[id(storage)] = schema
+        return storage
+
+    async def dispose(storage: Storage) -> None:
+        await drop_schema(database_url, schemas.pop(id(storage)))
+
+    return Backend(f"{label} (pool {pool_size}, LISTEN/NOTIFY)", make, dispose)
+
+
+def cancel_on_sigterm() -> None:
+    """Let SIGTERM cancel the running main task (as Ctrl-C does), so the
+    databases it created are dropped on the way out."""
+    task = asyncio.current_task()
+    if task is not None:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
 
 
 def summarize(values: list[float]) -> str:
     best, median, low = max(values), statistics.median(values), min(values)
     return f"{best:>9,.0f} (median {median:,.0f}, spread {low:,.0f}-{best:,.0f})"
+
+
+async def measure(backend: Backend, runs: int, steps: int, passes: int) -> list[PassResult]:
+    """One warm-up pass, then ``passes`` measured ones."""
+    await one_pass(backend.make, min(runs, 200), steps, backend.dispose)
+    return [await one_pass(backend.make, runs, steps, backend.dispose) for _ in range(passes)]
+
+
+async def measure_overlapped(backend: Backend, runs: int, steps: int, passes: int) -> list[float]:
+    """``passes`` passes of :func:`overlapped_pass` (after :func:`measure`'s warm-up)."""
+    return [
+        await overlapped_pass(backend.make, runs, steps, backend.dispose) for _ in range(passes)
+    ]
+
+
+def add_postgres_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--postgres-url",
+        default=DEFAULT_POSTGRES_URL,
+        help="a database to connect to while creating and dropping the benchmark's own",
+    )
+    parser.add_argument(
+        "--pool-size", type=int, default=25, help="pool_max_size of the PostgreSQL storage"
+    )
 
 
 async def main() -> None:
@@ -127,31 +321,54 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--backends", nargs="+", default=["memory", "sqlite"])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["memory", "sqlite"],
+        choices=["memory", "sqlite", "postgres"],
+    )
     parser.add_argument("--synchronous", default="NORMAL")
+    add_postgres_options(parser)
+    parser.add_argument(
+        "--overlapped",
+        action="store_true",
+        help="also time enqueues by 25 concurrent tasks while the worker runs",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line per result")
     args = parser.parse_args()
+    cancel_on_sigterm()
     version = sys.version.split()[0]
     print(f"python {version}, N={args.runs}, concurrency 25, best of {args.passes} after a warm-up")
-    with tempfile.TemporaryDirectory(prefix="reflow-bench-") as tmpdir:
-        for backend in args.backends:
-            make = storage_factory(backend, args.synchronous, Path(tmpdir))
-            label = (
-                backend if backend != "sqlite" else f"sqlite (WAL, synchronous={args.synchronous})"
-            )
+    async with contextlib.AsyncExitStack() as stack:
+        tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="reflow-bench-"))
+        for name in args.backends:
+            if name == "memory":
+                backend = Backend("memory", lambda: open_storage("memory://"))
+            elif name == "sqlite":
+                backend = sqlite_backend(args.synchronous, Path(tmpdir))
+            else:
+                database = await stack.enter_async_context(
+                    scratch_database(args.postgres_url, f"reflow_bench_{os.getpid()}")
+                )
+                print(await server_settings(database))
+                backend = postgres_backend(database, args.pool_size)
+            label = backend.label
             for steps in args.steps:
-                await one_pass(make, min(args.runs, 200), steps)  # warm-up
-                results = [await one_pass(make, args.runs, steps) for _ in range(args.passes)]
+                results = await measure(backend, args.runs, steps, args.passes)
+                overlapped = (
+                    await measure_overlapped(backend, args.runs, steps, args.passes)
+                    if args.overlapped
+                    else []
+                )
                 if args.json:
-                    print(
-                        json.dumps(
-                            {
-                                "backend": label,
-                                "steps": steps,
-                                "passes": [r.__dict__ for r in results],
-                            }
-                        )
-                    )
+                    record: dict[str, Any] = {
+                        "backend": label,
+                        "steps": steps,
+                        "passes": [r.__dict__ for r in results],
+                    }
+                    if overlapped:
+                        record["overlapped_runs_per_s"] = overlapped
+                    print(json.dumps(record), flush=True)
                     continue
                 print(f"\n{label}, K={steps}")
                 print(f"  enqueue/s   {summarize([r.enqueue_per_s for r in results])}")
@@ -160,6 +377,8 @@ async def main() -> None:
                 print(
                     f"  end-to-end  {summarize([r.end_to_end_runs_per_s for r in results])} runs/s"
                 )
+                if overlapped:
+                    print(f"  overlapped  {summarize(overlapped)} runs/s")
 
 
 if __name__ == "__main__":

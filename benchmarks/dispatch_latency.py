@@ -1,0 +1,258 @@
+"""Dispatch latency: how soon an idle worker starts a run another process enqueued.
+
+    python benchmarks/dispatch_latency.py [--backends postgres postgres-poll sqlite]
+                                          [--samples 200] [--poll-samples 30]
+                                          [--poll-interval 1] [--gap 0.05 0.15]
+                                          [--poll-gap LOW HIGH] [--json]
+                                          [--postgres-url postgresql://postgres@127.0.0.1:5432/postgres]
+
+Two engines share one store through two storage objects, as two processes
+would: a producer (``worker=False``) that only enqueues, and a worker
+(``concurrency=25``, ``poll_interval=--poll-interval``) that runs a one-step
+workflow. Each sample waits a random idle gap (``--gap``, 50-150 ms), so the
+worker is idle, then enqueues one run. The latency of a sample is the time
+from just before the producer calls ``engine.enqueue(...)`` to the moment the
+worker's first step starts (the step reads the clock first thing); it includes
+the enqueue itself, whose duration is reported apart (``enqueue p50``), as is
+the latency counted from ``enqueue`` returning (``from return p50``, which can
+be below zero when the worker starts the step before the producer has read
+the reply). The next gap starts once the run has durably completed. Both
+engines share one event loop, so one clock times both ends.
+
+Backends:
+
+* ``postgres``: ``LISTEN``/``NOTIFY`` wake-ups (the default configuration);
+* ``postgres-poll``: ``notify=false&listen=false``, polling only;
+* ``sqlite``: one WAL file, polling only.
+
+Polling backends take ``--poll-samples`` samples (fewer: each one waits up to
+a poll interval). A polling worker looks again one poll interval after its
+last claim, and the previous sample's claim is what starts that interval, so
+with gaps much shorter than the interval a sample waits about
+``poll_interval - gap`` (near 900 ms with the defaults), not half an interval;
+``--poll-gap 0.05 1.05`` spreads the arrivals over a whole interval instead.
+
+PostgreSQL runs in a database of its own, ``reflow_latency_<pid>``, with a
+fresh schema per backend; the database is dropped at the end, also on failure.
+A few warm-up samples (not counted) come first, so connections and the
+``LISTEN`` are established.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from throughput import (
+    add_postgres_options,
+    cancel_on_sigterm,
+    scratch_database,
+    server_settings,
+    with_options,
+)
+
+from reflow_core import Engine, Storage, open_storage, workflow
+
+WARM_UP = 5
+STEP_TIMEOUT = 30.0
+"""A sample whose step has not started after this many seconds fails the benchmark."""
+
+
+@dataclass
+class Config:
+    name: str
+    label: str
+    url: str
+    polling: bool
+
+
+@dataclass
+class Result:
+    name: str
+    label: str
+    samples: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    enqueue_p50_ms: float
+    from_return_p50_ms: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile (0-100), nearest rank."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+class _Finished:
+    """Sets an event whenever the wrapped storage durably finishes a run."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.event = asyncio.Event()
+        original = storage.finish_run
+
+        async def finish_run(*args: Any, **kwargs: Any) -> bool:
+            ok = await original(*args, **kwargs)
+            if ok:
+                self.event.set()
+            return ok
+
+        storage.finish_run = finish_run  # type: ignore[method-assign]
+
+
+async def measure(config: Config, samples: int, poll: float, gap: tuple[float, float]) -> Result:
+    started: dict[int, asyncio.Future[float]] = {}
+
+    async def first(ctx: Any) -> dict[str, int]:
+        now = time.perf_counter()
+        future = started.get(ctx.input["n"])
+        if future is not None and not future.done():
+            future.set_result(now)
+        return {"n": ctx.input["n"]}
+
+    wf: Any = workflow("latency").step("s0", first)
+    producer = Engine(
+        storage=open_storage(config.url), workflows=[wf], worker=False, poll_interval=poll
+    )
+    worker_storage = open_storage(config.url)
+    finished = _Finished(worker_storage)
+    worker = Engine(
+        storage=worker_storage, workflows=[wf], concurrency=25, lease="60s", poll_interval=poll
+    )
+    latencies: list[float] = []
+    enqueues: list[float] = []
+    from_return: list[float] = []
+    loop = asyncio.get_running_loop()
+    # The producer creates the schema before the worker starts.
+    async with producer, worker:
+        for n in range(-WARM_UP, samples):
+            await asyncio.sleep(random.uniform(*gap))
+            future: asyncio.Future[float] = loop.create_future()
+            started[n] = future
+            finished.event.clear()
+            t_call = time.perf_counter()
+            await producer.enqueue(wf, {"n": n})
+            t_return = time.perf_counter()
+            t_step = await asyncio.wait_for(future, STEP_TIMEOUT)
+            await asyncio.wait_for(finished.event.wait(), STEP_TIMEOUT)
+            if n >= 0:
+                latencies.append((t_step - t_call) * 1000)
+                enqueues.append((t_return - t_call) * 1000)
+                from_return.append((t_step - t_return) * 1000)
+    return Result(
+        name=config.name,
+        label=config.label,
+        samples=samples,
+        p50_ms=percentile(latencies, 50),
+        p90_ms=percentile(latencies, 90),
+        p99_ms=percentile(latencies, 99),
+        max_ms=max(latencies),
+        enqueue_p50_ms=statistics.median(enqueues),
+        from_return_p50_ms=statistics.median(from_return),
+    )
+
+
+def report(result: Result) -> None:
+    print(
+        f"{result.label:<44} {result.samples:>7} {result.p50_ms:>9.1f} {result.p90_ms:>9.1f}"
+        f" {result.p99_ms:>9.1f} {result.max_ms:>9.1f} {result.enqueue_p50_ms:>11.1f}"
+        f" {result.from_return_p50_ms:>16.1f}",
+        flush=True,
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["postgres", "postgres-poll", "sqlite"],
+        choices=["postgres", "postgres-poll", "sqlite"],
+    )
+    parser.add_argument("--samples", type=int, default=200, help="samples with wake-ups")
+    parser.add_argument("--poll-samples", type=int, default=30, help="samples when polling")
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="seconds")
+    parser.add_argument(
+        "--gap", type=float, nargs=2, default=[0.05, 0.15], help="idle gap range, seconds"
+    )
+    parser.add_argument(
+        "--poll-gap",
+        type=float,
+        nargs=2,
+        default=None,
+        help="idle gap range for polling backends (default: --gap)",
+    )
+    add_postgres_options(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON line per result")
+    args = parser.parse_args()
+    cancel_on_sigterm()
+    gap = (args.gap[0], args.gap[1])
+    print(
+        f"python {sys.version.split()[0]}, poll_interval {args.poll_interval:g}s, "
+        f"idle gaps {gap[0] * 1000:.0f}-{gap[1] * 1000:.0f} ms, "
+        "latency from just before enqueue() to the first step starting"
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        tmpdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reflow-latency-")))
+        database: str | None = None
+
+        async def postgres() -> str:
+            nonlocal database
+            if database is None:
+                database = await stack.enter_async_context(
+                    scratch_database(args.postgres_url, f"reflow_latency_{os.getpid()}")
+                )
+                print(await server_settings(database))
+            return database
+
+        configs: list[Config] = []
+        for name in args.backends:
+            if name == "postgres":
+                url = with_options(await postgres(), schema="latency_notify", pool_max_size=5)
+                configs.append(Config(name, "postgres (LISTEN/NOTIFY)", url, polling=False))
+            elif name == "postgres-poll":
+                url = with_options(
+                    await postgres(),
+                    schema="latency_poll",
+                    pool_max_size=5,
+                    notify="false",
+                    listen="false",
+                )
+                configs.append(Config(name, "postgres (notify=false, listen=false)", url, True))
+            else:
+                url = f"sqlite:///{tmpdir}/latency.db"
+                configs.append(Config(name, "sqlite (WAL, polling)", url, polling=True))
+        if not args.json:
+            print(
+                f"\n{'backend':<44} {'samples':>7} {'p50 ms':>9} {'p90 ms':>9} {'p99 ms':>9}"
+                f" {'max ms':>9} {'enqueue p50':>11} {'from return p50':>16}"
+            )
+        for config in configs:
+            samples = args.poll_samples if config.polling else args.samples
+            pause = (
+                (args.poll_gap[0], args.poll_gap[1]) if config.polling and args.poll_gap else gap
+            )
+            result = await measure(config, samples, args.poll_interval, pause)
+            if args.json:
+                print(json.dumps(result.__dict__), flush=True)
+            else:
+                report(result)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
