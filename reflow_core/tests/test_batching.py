@@ -141,3 +141,58 @@ async def test_concurrent_finishes_are_fenced_one_by_one(db: Database) -> None:
         assert run.status == ("completed" if i % 2 else "failed")
         assert (run.output, run.error) == ((str(i), None) if i % 2 else (None, str(i)))
         assert list(steps) == (["last"] if i % 3 else [])
+
+
+@pytest.mark.parametrize("taken_id", [False, True], ids=["ids-free", "an-id-taken"])
+async def test_concurrent_creates_keep_their_own_outcomes(db: Database, taken_id: bool) -> None:
+    """Creates sent at once (one statement on backends that group them): new
+    runs, a key repeated within the burst, a key whose run exists with the
+    same input, one with other input, and a run id that is taken."""
+    from reflow_core.errors import IdempotencyConflictError, StorageError
+
+    store = db.connect()
+    await store.initialize()
+    old = await store.create_run(NewRun("wf", "1", idempotency_key="old"))
+    await store.create_run(NewRun("wf", "1", run_id="taken"))
+    requests = [NewRun("wf", str(i)) for i in range(10)]
+    requests += [
+        NewRun("wf", "2", idempotency_key="twice"),
+        NewRun("wf", "1", idempotency_key="old"),
+        NewRun("wf", "other", idempotency_key="old-2"),
+        NewRun("other-wf", "1", idempotency_key="old"),
+        NewRun("wf", "3", run_id="taken" if taken_id else "free"),
+    ]
+    await store.create_run(NewRun("wf", "1", idempotency_key="old-2"))
+    outcomes = await asyncio.gather(
+        *(store.create_run(r) for r in requests), return_exceptions=True
+    )
+    fresh = outcomes[:10]
+    assert all(not isinstance(o, BaseException) and o.created for o in fresh)
+    assert len({o.run.id for o in fresh if not isinstance(o, BaseException)}) == 10
+    keyed = outcomes[10]
+    assert not isinstance(keyed, BaseException)
+    assert keyed.created
+    same = outcomes[11]
+    assert not isinstance(same, BaseException)
+    assert (same.created, same.run.id) == (False, old.run.id)
+    assert isinstance(outcomes[12], IdempotencyConflictError)
+    other = outcomes[13]
+    assert not isinstance(other, BaseException)
+    assert other.created
+    if taken_id:
+        assert isinstance(outcomes[14], StorageError)
+    else:
+        assert not isinstance(outcomes[14], BaseException)
+        assert outcomes[14].created
+    page = await store.list_runs(limit=100)
+    assert len(page.runs) == 3 + 10 + 1 + 1 + (0 if taken_id else 1)
+
+
+async def test_a_key_repeated_within_one_burst_creates_one_run(db: Database) -> None:
+    store = db.connect()
+    await store.initialize()
+    outcomes = await asyncio.gather(
+        *(store.create_run(NewRun("wf", "2", idempotency_key="twice")) for _ in range(6))
+    )
+    assert len({o.run.id for o in outcomes}) == 1
+    assert [o.created for o in outcomes].count(True) == 1

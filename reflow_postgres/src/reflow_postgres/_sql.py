@@ -63,6 +63,23 @@ _TEMPLATES: dict[str, str] = {
         f" RETURNING {RUN_COLUMNS}, (xmax = 0) AS inserted"
         ") SELECT ins.*, CASE WHEN ins.inserted THEN {notify} END FROM ins"
     ),
+    # Many creates in one statement (group commit); the caller makes sure no
+    # two share an id or an idempotency key. One notification per workflow.
+    "create_many": (
+        "WITH t AS ("
+        " SELECT * FROM unnest(%(ids)s::text[], %(workflows)s::text[], %(inputs)s::text[],"
+        "  %(keys)s::text[]) WITH ORDINALITY AS t(id, workflow, input, key, ord)"
+        "), ins AS ("
+        " INSERT INTO {s}.runs (id, workflow, status, input, idempotency_key, created_at,"
+        "  updated_at, wake_at)"
+        " SELECT id, workflow, 'pending', input, key, {now}, {now}, {now} FROM t ORDER BY ord"
+        " ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL"
+        " DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key"
+        f" RETURNING {RUN_COLUMNS}, (xmax = 0) AS inserted"
+        "), woken AS ("
+        " SELECT {notify} FROM (SELECT DISTINCT workflow FROM ins WHERE inserted) AS u"
+        ") SELECT ins.*, (SELECT count(*) FROM woken) FROM ins"
+    ),
     "get_run": f"SELECT {RUN_COLUMNS} FROM {{s}}.runs WHERE id = %(id)s",
     "claim": (
         "WITH stale AS ("

@@ -359,6 +359,9 @@ class PostgresStorage:
         self._finishes: GroupCommit[_Finish, bool] = GroupCommit(
             self._finish_batch, max_batch=_MAX_SAVE_BATCH
         )
+        self._creates: GroupCommit[tuple[str, NewRun], CreateResult | ReflowError] = GroupCommit(
+            self._create_batch, max_batch=_MAX_SAVE_BATCH
+        )
         self._listener: Listener | None = None
         self._closed = False
         self._init_lock: asyncio.Lock | None = None
@@ -665,19 +668,79 @@ class PostgresStorage:
     # -- runs ------------------------------------------------------------------------
 
     async def create_run(self, new: NewRun) -> CreateResult:
+        """Create a pending run. Concurrent creates (many producers, or
+        schedules firing) share one statement and one commit; each keeps its
+        own outcome, idempotency conflict included."""
         run_id = new.run_id or new_run_id()
+        self._live_pool("create_run")
+        outcome = await self._creates.submit((run_id, new))
+        if isinstance(outcome, ReflowError):
+            raise outcome
+        return outcome
+
+    async def _create_batch(
+        self, items: Sequence[tuple[str, NewRun]]
+    ) -> list[CreateResult | ReflowError]:
+        keys = [(n.workflow, n.idempotency_key) for _, n in items if n.idempotency_key]
+        ids = [run_id for run_id, _ in items]
+        if len(items) == 1 or len(set(keys)) < len(keys) or len(set(ids)) < len(ids):
+            return [await self._create_alone(run_id, new) for run_id, new in items]
+        params = self._params(
+            ids=ids,
+            workflows=[new.workflow for _, new in items],
+            inputs=[new.input for _, new in items],
+            keys=[new.idempotency_key for _, new in items],
+        )
+        retried = False
+
+        async def many(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[Any]:
+            nonlocal retried
+            retried = attempt > 0
+            cur = await conn.execute(self._sql["create_many"], params)
+            return await cur.fetchall()
+
+        try:
+            rows = await self._run("create_run", many, retry=True)
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, pg_errors.UniqueViolation):
+                raise
+            # A run id that exists already: find out which, one by one.
+            return [await self._create_alone(run_id, new, retried) for run_id, new in items]
+        created = {row[0]: _run_record(row) for row in rows if row[15]}
+        existing = {(row[1], row[6]): _run_record(row) for row in rows if not row[15]}
+        results: list[CreateResult | ReflowError] = []
+        for run_id, new in items:
+            if run_id in created:
+                results.append(CreateResult(created[run_id], created=True))
+                continue
+            record = existing[(new.workflow, new.idempotency_key)]
+            if retried and record.id == run_id:
+                results.append(CreateResult(record, created=True))
+            elif record.input != new.input:
+                assert new.idempotency_key is not None
+                results.append(
+                    IdempotencyConflictError(new.workflow, new.idempotency_key, record.id)
+                )
+            else:
+                results.append(CreateResult(record, created=False))
+        return results
+
+    async def _create_alone(
+        self, run_id: str, new: NewRun, retried: bool = False
+    ) -> CreateResult | ReflowError:
         params = self._params(
             id=run_id, workflow=new.workflow, input=new.input, key=new.idempotency_key
         )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> CreateResult:
+            again = retried or attempt > 0
             try:
                 cur = await conn.execute(self._sql["create"], params)
             except pg_errors.UniqueViolation as exc:
                 if exc.diag.constraint_name != "runs_pkey":
                     raise
                 existing = await self._fetch_run(conn, run_id)
-                if attempt > 0 and existing is not None and existing.input == new.input:
+                if again and existing is not None and existing.input == new.input:
                     # Our first try committed before the connection dropped.
                     return CreateResult(existing, created=True)
                 raise StorageError(
@@ -686,7 +749,7 @@ class PostgresStorage:
             row = await cur.fetchone()
             assert row is not None
             record = _run_record(row)
-            if row[15] or (attempt > 0 and record.id == run_id):
+            if row[15] or (again and record.id == run_id):
                 # Created now, or by our own first try before its reply was lost.
                 return CreateResult(record, created=True)
             if record.input != new.input:
@@ -694,7 +757,10 @@ class PostgresStorage:
                 raise IdempotencyConflictError(new.workflow, new.idempotency_key, record.id)
             return CreateResult(record, created=False)
 
-        return await self._run("create_run", body, retry=True)
+        try:
+            return await self._run("create_run", body, retry=True)
+        except ReflowError as exc:
+            return exc
 
     async def _fetch_run(self, conn: psycopg.AsyncConnection[Any], run_id: str) -> RunRecord | None:
         cur = await conn.execute(self._sql["get_run"], {"id": run_id})

@@ -98,6 +98,7 @@ _MAX_SAVE_BATCH = 200
 """Concurrent step saves share one script call, at most this many per call."""
 _SCRIPTS = (
     "create",
+    "create_many",
     "claim",
     "heartbeat",
     "save_step",
@@ -496,6 +497,9 @@ class RedisStorage:
         self._finishes: GroupCommit[tuple[Lease, str, list[Any]], bool] = GroupCommit(
             self._finish_batch, max_batch=_MAX_SAVE_BATCH
         )
+        self._creates: GroupCommit[tuple[str, NewRun], CreateResult | ReflowError] = GroupCommit(
+            self._create_batch, max_batch=_MAX_SAVE_BATCH
+        )
 
     @classmethod
     def from_url(cls, url: str, /, **options: Any) -> RedisStorage:
@@ -710,13 +714,41 @@ class RedisStorage:
             raise self._bad(operation, exc) from exc
 
     async def create_run(self, new: NewRun) -> CreateResult:
+        """Create a pending run. Concurrent creates share one script call;
+        each keeps its own outcome, idempotency conflict included."""
         run_id = new.run_id or new_run_id()
-        reply = await self._call(
-            "create_run",
-            "create",
-            [run_id, new.workflow, new.input, new.idempotency_key or ""],
-            retry=True,
-        )
+        self._live("create_run")
+        outcome = await self._creates.submit((run_id, new))
+        if isinstance(outcome, ReflowError):
+            raise outcome
+        return outcome
+
+    async def _create_batch(
+        self, items: Sequence[tuple[str, NewRun]]
+    ) -> list[CreateResult | ReflowError]:
+        if len(items) == 1:
+            run_id, new = items[0]
+            reply = await self._call(
+                "create_run",
+                "create",
+                [run_id, new.workflow, new.input, new.idempotency_key or ""],
+                retry=True,
+            )
+            replies = [reply]
+        else:
+            args: list[Any] = [len(items)]
+            for run_id, new in items:
+                args += [run_id, new.workflow, new.input, new.idempotency_key or ""]
+            replies = await self._call("create_run", "create_many", args, retry=True)
+        results: list[CreateResult | ReflowError] = []
+        for (run_id, new), reply in zip(items, replies, strict=True):
+            try:
+                results.append(await self._create_outcome(run_id, new, reply))
+            except ReflowError as exc:
+                results.append(exc)
+        return results
+
+    async def _create_outcome(self, run_id: str, new: NewRun, reply: Any) -> CreateResult:
         outcome = int(reply[0])
         if outcome == -1:
             existing = await self.get_run(run_id)
