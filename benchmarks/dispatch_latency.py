@@ -1,6 +1,6 @@
 """Dispatch latency: how soon an idle worker starts a run another process enqueued.
 
-    python benchmarks/dispatch_latency.py [--backends postgres postgres-poll sqlite]
+    python benchmarks/dispatch_latency.py [--backends postgres postgres-poll redis sqlite]
                                           [--samples 200] [--poll-samples 30]
                                           [--poll-interval 1] [--gap 0.05 0.15]
                                           [--poll-gap LOW HIGH] [--json]
@@ -23,6 +23,7 @@ Backends:
 
 * ``postgres``: ``LISTEN``/``NOTIFY`` wake-ups (the default configuration);
 * ``postgres-poll``: ``notify=false&listen=false``, polling only;
+* ``redis``: pub/sub wake-ups, under a key prefix deleted afterwards;
 * ``sqlite``: one WAL file, polling only.
 
 Polling backends take ``--poll-samples`` samples (fewer: each one waits up to
@@ -174,6 +175,18 @@ def report(result: Result) -> None:
     )
 
 
+async def delete_prefix(server_url: str, prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(server_url)
+    try:
+        keys = [k async for k in client.scan_iter(match="{" + prefix + "}*", count=1000)]
+        for start in range(0, len(keys), 500):
+            await client.delete(*keys[start : start + 500])
+    finally:
+        await client.aclose()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -181,8 +194,11 @@ async def main() -> None:
     parser.add_argument(
         "--backends",
         nargs="+",
-        default=["postgres", "postgres-poll", "sqlite"],
-        choices=["postgres", "postgres-poll", "sqlite"],
+        default=["postgres", "postgres-poll", "redis", "sqlite"],
+        choices=["postgres", "postgres-poll", "redis", "sqlite"],
+    )
+    parser.add_argument(
+        "--redis-url", default="redis://127.0.0.1:6379/0", help="the Redis server to use"
     )
     parser.add_argument("--samples", type=int, default=200, help="samples with wake-ups")
     parser.add_argument("--poll-samples", type=int, default=30, help="samples when polling")
@@ -234,6 +250,11 @@ async def main() -> None:
                     listen="false",
                 )
                 configs.append(Config(name, "postgres (notify=false, listen=false)", url, True))
+            elif name == "redis":
+                prefix = f"reflow_latency_{os.getpid()}"
+                url = f"{args.redis_url}?prefix={prefix}&max_connections=5"
+                stack.push_async_callback(delete_prefix, args.redis_url, prefix)
+                configs.append(Config(name, "redis (pub/sub)", url, polling=False))
             else:
                 url = f"sqlite:///{tmpdir}/latency.db"
                 configs.append(Config(name, "sqlite (WAL, polling)", url, polling=True))

@@ -1,9 +1,10 @@
 """Throughput on the shared workload: N runs of a K-step workflow, concurrency 25.
 
     python benchmarks/throughput.py [--runs 2000] [--steps 1 5] [--passes 3]
-                                    [--backends memory sqlite postgres]
+                                    [--backends memory sqlite postgres redis]
                                     [--synchronous NORMAL]
                                     [--postgres-url postgresql://postgres@127.0.0.1:5432/postgres]
+                                    [--redis-url redis://127.0.0.1:6379/0]
                                     [--pool-size 25] [--overlapped] [--json]
 
 For each backend and K, after one warm-up pass, each pass:
@@ -29,6 +30,10 @@ pass) and drops the database at the end, also when a pass fails. The storage
 gets ``pool_max_size=--pool-size`` (25, one connection per run in flight) and
 the engine its ``LISTEN``/``NOTIFY`` wake-ups; the server runs with its own
 settings (``synchronous_commit``, ``fsync``), which the header reports.
+
+Redis: each pass gets a fresh key prefix on ``--redis-url`` (its keys are
+deleted after the pass), ``max_connections=--pool-size`` and pub/sub
+wake-ups; the header reports the server's persistence settings.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from psycopg import sql
 from reflow_core import Engine, Storage, open_storage, workflow
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class _Completion:
@@ -277,6 +283,57 @@ def postgres_backend(database_url: str, pool_size: int, *, label: str = "postgre
     return Backend(f"{label} (pool {pool_size}, LISTEN/NOTIFY)", make, dispose)
 
 
+async def redis_settings(url: str) -> str:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        info = await client.info("server")
+        aof = await client.config_get("appendonly")
+        fsync = await client.config_get("appendfsync")
+    finally:
+        await client.aclose()
+    return (
+        f"Redis {info['redis_version']}, appendonly={aof.get('appendonly')}, "
+        f"appendfsync={fsync.get('appendfsync')}"
+    )
+
+
+def redis_backend(server_url: str, pool_size: int) -> Backend:
+    """A fresh key prefix per storage on the Redis server of ``server_url``;
+    each prefix's keys are deleted after its pass."""
+    counter = 0
+    prefixes: dict[int, str] = {}
+    tag = f"reflow_bench_{os.getpid()}"
+
+    def make() -> Storage:
+        nonlocal counter
+        counter += 1
+        prefix = f"{tag}_{counter}"
+        storage = open_storage(f"{server_url}?prefix={prefix}&max_connections={pool_size}")
+        prefixes[id(storage)] = prefix
+        return storage
+
+    async def dispose(storage: Storage) -> None:
+        import redis.asyncio as aioredis
+
+        prefix = prefixes.pop(id(storage))
+        client = aioredis.Redis.from_url(server_url)
+        try:
+            batch = []
+            async for key in client.scan_iter(match="{" + prefix + "}*", count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    await client.delete(*batch)
+                    batch = []
+            if batch:
+                await client.delete(*batch)
+        finally:
+            await client.aclose()
+
+    return Backend(f"redis (pool {pool_size}, pub/sub wake-ups)", make, dispose)
+
+
 def cancel_on_sigterm() -> None:
     """Let SIGTERM cancel the running main task (as Ctrl-C does), so the
     databases it created are dropped on the way out."""
@@ -325,7 +382,12 @@ async def main() -> None:
         "--backends",
         nargs="+",
         default=["memory", "sqlite"],
-        choices=["memory", "sqlite", "postgres"],
+        choices=["memory", "sqlite", "postgres", "redis"],
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="the Redis server (a fresh key prefix per pass, deleted afterwards)",
     )
     parser.add_argument("--synchronous", default="NORMAL")
     add_postgres_options(parser)
@@ -346,6 +408,9 @@ async def main() -> None:
                 backend = Backend("memory", lambda: open_storage("memory://"))
             elif name == "sqlite":
                 backend = sqlite_backend(args.synchronous, Path(tmpdir))
+            elif name == "redis":
+                print(await redis_settings(args.redis_url))
+                backend = redis_backend(args.redis_url, args.pool_size)
             else:
                 database = await stack.enter_async_context(
                     scratch_database(args.postgres_url, f"reflow_bench_{os.getpid()}")

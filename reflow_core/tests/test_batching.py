@@ -72,12 +72,35 @@ async def test_a_caller_that_gives_up_does_not_break_the_batch() -> None:
     assert await third == 3
 
 
+async def test_two_batches_may_be_in_flight_at_once() -> None:
+    running = 0
+    most = 0
+    batches: list[list[int]] = []
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        batches.append(list(items))
+        await asyncio.sleep(0.01)
+        running -= 1
+        return list(items)
+
+    group: GroupCommit[int, int] = GroupCommit(flush, max_batch=3, in_flight=2)
+    assert await asyncio.gather(*(group.submit(i) for i in range(9))) == list(range(9))
+    assert most == 2
+    assert sorted(i for batch in batches for i in batch) == list(range(9))
+    assert all(len(batch) <= 3 for batch in batches)
+
+
 def test_max_batch_must_be_positive() -> None:
     async def flush(items: Sequence[int]) -> list[int]:
         return list(items)
 
     with pytest.raises(ValueError, match="max_batch"):
         GroupCommit(flush, max_batch=0)
+    with pytest.raises(ValueError, match="in_flight"):
+        GroupCommit(flush, in_flight=0)
 
 
 async def test_concurrent_saves_are_fenced_one_by_one(db: Database) -> None:

@@ -25,17 +25,27 @@ _R = TypeVar("_R")
 
 
 class GroupCommit(Generic[_I, _R]):
-    """Send concurrent ``submit`` calls through ``flush`` in batches of at most ``max_batch``."""
+    """Send concurrent ``submit`` calls through ``flush`` in batches of at most
+    ``max_batch``, with up to ``in_flight`` batches on the wire at once (more
+    than one lets the client prepare a batch while the store runs another;
+    use it only where concurrent batches cannot deadlock each other)."""
 
     def __init__(
-        self, flush: Callable[[Sequence[_I]], Awaitable[Sequence[_R]]], *, max_batch: int = 256
+        self,
+        flush: Callable[[Sequence[_I]], Awaitable[Sequence[_R]]],
+        *,
+        max_batch: int = 256,
+        in_flight: int = 1,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if in_flight < 1:
+            raise ValueError("in_flight must be at least 1")
         self._flush = flush
         self._max = max_batch
+        self._in_flight = in_flight
         self._queue: list[tuple[_I, asyncio.Future[_R]]] = []
-        self._draining = False
+        self._drainers = 0
         self.batches = 0
         """How many batches were sent (for tests and metrics)."""
 
@@ -43,8 +53,8 @@ class GroupCommit(Generic[_I, _R]):
         """Queue ``item`` and wait for its result."""
         future: asyncio.Future[_R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
-        if not self._draining:
-            self._draining = True
+        if self._drainers < self._in_flight:
+            self._drainers += 1
             asyncio.get_running_loop().create_task(self._drain())
         return await future
 
@@ -71,8 +81,9 @@ class GroupCommit(Generic[_I, _R]):
                     if not future.done():
                         future.set_result(result)
         finally:
-            self._draining = False
-            for _, future in self._queue:  # only left behind when cancelled
-                if not future.done():
-                    future.set_exception(asyncio.CancelledError())
-            self._queue.clear()
+            self._drainers -= 1
+            if self._drainers == 0:
+                for _, future in self._queue:  # only left behind when cancelled
+                    if not future.done():
+                        future.set_exception(asyncio.CancelledError())
+                self._queue.clear()

@@ -491,11 +491,13 @@ class RedisStorage:
         self._listener: _Listener | None = None
         self._listener_client: aioredis.Redis | None = None
         self._closed = False
+        # Scripts run one at a time and cannot deadlock: two batches in
+        # flight let the client build one while Redis runs the other.
         self._saves: GroupCommit[list[Any], bool] = GroupCommit(
-            self._save_batch, max_batch=_MAX_SAVE_BATCH
+            self._save_batch, max_batch=_MAX_SAVE_BATCH, in_flight=2
         )
         self._finishes: GroupCommit[tuple[Lease, str, list[Any]], bool] = GroupCommit(
-            self._finish_batch, max_batch=_MAX_SAVE_BATCH
+            self._finish_batch, max_batch=_MAX_SAVE_BATCH, in_flight=2
         )
         self._creates: GroupCommit[tuple[str, NewRun], CreateResult | ReflowError] = GroupCommit(
             self._create_batch, max_batch=_MAX_SAVE_BATCH
