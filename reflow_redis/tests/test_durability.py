@@ -200,11 +200,12 @@ def test_a_server_crash_mid_load_loses_no_acknowledged_run_or_step(
     else:
         assert leases == 0
         assert reclaimed, "no run held at the crash was reclaimed"
-    # Both workers saw the server go away and both worked after it came back.
+    # The workers saw the server go away and the load was finished after it
+    # came back. (Which worker claims what is not fair by design: one worker
+    # may drain the rest alone, so only work by some worker is required.)
     before = set(saved_at_crash)
-    for proc in pool:
-        after = [s for s in saves if s.pid == proc.pid and s.ok and s not in before]
-        assert after, f"worker {proc.pid} did no work after the restart"
+    after = [s for s in saves if s.ok and s not in before]
+    assert after, "no work was done after the restart"
     complaints = workers.worker_logs()
     assert any("Connection" in line or "connect" in line for line in complaints), complaints
     summary = {
