@@ -106,3 +106,16 @@ async def test_operations_before_initialize_or_after_close_say_so(postgres_url: 
     await store.close()  # idempotent
     with pytest.raises(StorageError, match="closed"):
         await store.get_run("x")
+
+
+async def test_a_start_up_failure_names_its_cause_not_just_a_pool_timeout(
+    postgres_database: str,
+) -> None:
+    store = PostgresStorage.from_url(
+        f"{postgres_database}?schema=never_made&pool_timeout=1&bogus_libpq_option=1"
+    )
+    with pytest.raises(StorageError) as caught:
+        await store.initialize()
+    await store.close()
+    assert "bogus_libpq_option" in str(caught.value)
+    assert "PoolTimeout" not in str(caught.value)
