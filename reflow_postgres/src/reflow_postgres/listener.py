@@ -25,6 +25,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from reflow_core.options import redact
 from reflow_core.wakeups import WakeupHub
 
 __all__ = ["Listener"]
@@ -62,8 +63,4 @@ class Listener(WakeupHub):
                 await conn.execute("SELECT 1")
 
     def describe_error(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}".strip()
-        for secret in self._secrets:
-            if secret:
-                text = text.replace(secret, "***")
-        return text
+        return redact(f"{type(exc).__name__}: {exc}".strip(), self._secrets)

@@ -23,7 +23,6 @@ import re
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeAlias, TypeVar, cast
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 import psycopg_pool
@@ -39,6 +38,7 @@ from reflow_core.errors import (
     SchemaVersionError,
     StorageError,
 )
+from reflow_core.options import bool_option, int_option, redact, seconds_option, split_url
 from reflow_core.storage import (
     ClaimedRun,
     CreateResult,
@@ -170,39 +170,6 @@ def _step_params(step: StepRecord) -> dict[str, Any]:
 # -- options ------------------------------------------------------------------------
 
 
-def _bool_option(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {value!r}", option=name)
-
-
-def _int_option(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", option=name)
-    return value
-
-
-def _seconds_option(name: str, value: object) -> float:
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    elif isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            value = None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(
-            f"{name} must be a positive number of seconds, got {value!r}", option=name
-        )
-    return float(value)
-
-
 def _schema_option(value: object) -> str:
     if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
         raise ConfigError(
@@ -220,15 +187,7 @@ def _schema_option(value: object) -> str:
 def _prepare_option(value: object) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "off")):
         return None
-    return _int_option("prepare_threshold", value, 0)
-
-
-def redact(text: str, secrets: Collection[str]) -> str:
-    """``text`` with each of ``secrets`` (and its URL-quoted form) replaced by ``***``."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
-    return text
+    return int_option("prepare_threshold", value, 0)
 
 
 def parse_postgres_url(url: str) -> tuple[str, dict[str, str], str]:
@@ -243,35 +202,14 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str], str]:
     Raises :class:`~reflow_core.errors.ConfigError` for another scheme or a
     repeated option.
     """
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError as exc:
-        raise ConfigError("malformed postgresql URL", option="url") from exc
-    if parts.scheme.lower() not in ("postgresql", "postgres"):
-        raise ConfigError(f"not a postgresql:// URL (scheme {parts.scheme!r})", option="url")
-    if parts.fragment:
-        raise ConfigError("postgresql URLs take no fragment", option="url")
-    options: dict[str, str] = {}
-    passthrough: list[tuple[str, str]] = []
-    secrets = [password or ""]
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "password":
-            secrets.append(value)
-        if name in _URL_OPTIONS:
-            if name in options:
-                raise ConfigError(f"option {name!r} is given twice in the URL", option=name)
-            options[name] = value
-        else:
-            passthrough.append((name, value))
-    conninfo = urlunsplit(
-        ("postgresql", parts.netloc, parts.path, urlencode(passthrough, quote_via=quote), "")
+    split = split_url(
+        url,
+        schemes=("postgresql", "postgres"),
+        own=_URL_OPTIONS,
+        kind="postgresql",
+        scheme="postgresql",
     )
-    safe = redact(url, secrets)
-    if password is not None:
-        host = parts.netloc.rpartition("@")[2]
-        safe = safe.replace(parts.netloc, f"{parts.username or ''}:***@{host}", 1)
-    return conninfo, options, safe
+    return split.target, split.options, split.safe
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -324,16 +262,16 @@ class PostgresStorage:
         _display_url: str | None = None,
     ) -> None:
         self._schema = _schema_option(schema)
-        self._min = _int_option("pool_min_size", pool_min_size, 0)
-        self._max = _int_option("pool_max_size", pool_max_size, 1)
+        self._min = int_option("pool_min_size", pool_min_size, 0)
+        self._max = int_option("pool_max_size", pool_max_size, 1)
         if self._max < max(self._min, 1):
             raise ConfigError(
                 f"pool_max_size ({self._max}) must be at least pool_min_size ({self._min})",
                 option="pool_max_size",
             )
-        self._timeout = _seconds_option("pool_timeout", pool_timeout)
-        self._notify = _bool_option("notify", notify)
-        self._listen = _bool_option("listen", listen)
+        self._timeout = seconds_option("pool_timeout", pool_timeout)
+        self._notify = bool_option("notify", notify)
+        self._listen = bool_option("listen", listen)
         self._prepare = _prepare_option(prepare_threshold)
         if clock is not None and not callable(clock):
             raise ConfigError(f"clock must be callable, got {clock!r}", option="clock")
@@ -1095,7 +1033,7 @@ class PostgresStorage:
                 f"older_than must be a non-negative timedelta, got {older_than!r}",
                 option="older_than",
             )
-        batch = _int_option("batch", batch, 1)
+        batch = int_option("batch", batch, 1)
         total = 0
         while True:
             params = self._params(age=older_than, limit=batch)

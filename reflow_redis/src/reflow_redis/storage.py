@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Literal, TypeVar, cast
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
@@ -49,10 +49,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from reflow_core._durations import to_seconds
 from reflow_core.adapter import check_status_update, decode_cursor, encode_cursor, new_run_id
 from reflow_core.batching import GroupCommit
 from reflow_core.errors import ConfigError, IdempotencyConflictError, ReflowError, StorageError
+from reflow_core.options import bool_option, int_option, redact, seconds_option, split_url
 from reflow_core.storage import (
     ClaimedRun,
     CreateResult,
@@ -284,41 +284,10 @@ def _schedule_record(key: str, fields: Mapping[str, str]) -> ScheduleRecord:
 # -- options ---------------------------------------------------------------------------
 
 
-def _bool_option(name: str, value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, got {value!r}", option=name)
-
-
-def _int_option(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", option=name)
-    return value
-
-
 def _seconds_option(name: str, value: object, *, allow_none: bool = False) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())  # a plain number of seconds, as URLs give it
-        except ValueError:
-            return to_seconds(value, option=name, allow_zero=False)
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(
-            f"{name} must be a positive duration (seconds, a timedelta or a string "
-            f"like '7d'), got {value!r}",
-            option=name,
-        )
-    return float(value)
+    return seconds_option(name, value)
 
 
 def _prefix_option(value: object) -> str:
@@ -331,52 +300,17 @@ def _prefix_option(value: object) -> str:
     return value
 
 
-def _redact(text: str, secrets: Collection[str]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***").replace(quote(secret, safe=""), "***")
-    return text
-
-
 def parse_redis_url(url: str) -> tuple[str, dict[str, str], str]:
     """Split a ``redis://``, ``rediss://`` or ``unix://`` URL into the URL for
     redis-py, Reflow's own query options, and the URL with any password
     replaced by ``***`` (safe to log).
 
     Reflow's options are ``prefix``, ``max_connections``, ``pool_timeout``,
-    ``notify``, ``listen`` and ``retention``; other query parameters (``db``,
-    ``socket_timeout``, ...) go to redis-py.
+    ``notify``, ``listen``, ``retention`` and ``cluster``; other query
+    parameters (``db``, ``socket_timeout``, ...) go to redis-py.
     """
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError as exc:
-        raise ConfigError("malformed redis URL", option="url") from exc
-    scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"not a redis URL (scheme {parts.scheme!r})", option="url")
-    if parts.fragment:
-        raise ConfigError("redis URLs take no fragment", option="url")
-    options: dict[str, str] = {}
-    passthrough: list[tuple[str, str]] = []
-    secrets = [password or ""]
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name == "password":
-            secrets.append(value)
-        if name in _URL_OPTIONS:
-            if name in options:
-                raise ConfigError(f"option {name!r} is given twice in the URL", option=name)
-            options[name] = value
-        else:
-            passthrough.append((name, value))
-    target = urlunsplit(
-        (scheme, parts.netloc, parts.path, urlencode(passthrough, quote_via=quote), "")
-    )
-    safe = _redact(url, secrets)
-    if password is not None:
-        host = parts.netloc.rpartition("@")[2]
-        safe = safe.replace(parts.netloc, f"{parts.username or ''}:***@{host}", 1)
-    return target, options, safe
+    split = split_url(url, schemes=("redis", "rediss", "unix"), own=_URL_OPTIONS, kind="redis")
+    return split.target, split.options, split.safe
 
 
 # -- wake-ups -------------------------------------------------------------------------
@@ -419,7 +353,7 @@ class _Listener(WakeupHub):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def describe_error(self, exc: BaseException) -> str:
-        return _redact(f"{type(exc).__name__}: {exc}", self._secrets)
+        return redact(f"{type(exc).__name__}: {exc}", self._secrets)
 
 
 # -- the storage ---------------------------------------------------------------------------
@@ -461,29 +395,29 @@ class RedisStorage:
     ) -> None:
         self._prefix = _prefix_option(prefix)
         self._tag = "{" + self._prefix + "}"
-        self._max = _int_option("max_connections", max_connections, 1)
+        self._max = int_option("max_connections", max_connections, 1)
         timeout = _seconds_option("pool_timeout", pool_timeout)
         assert timeout is not None
         self._timeout = timeout
-        self._notify = _bool_option("notify", notify)
-        self._listen = _bool_option("listen", listen)
+        self._notify = bool_option("notify", notify)
+        self._listen = bool_option("listen", listen)
         keep = _seconds_option("retention", retention, allow_none=True)
         self._retention_us = 0 if keep is None else int(keep * 1_000_000)
-        self._cluster = _bool_option("cluster", cluster)
+        self._cluster = bool_option("cluster", cluster)
         if clock is not None and not callable(clock):
             raise ConfigError(f"clock must be callable, got {clock!r}", option="clock")
         self._clock = clock
         self._url = url
         try:
             parts = urlsplit(url)
-            password = parts.password
+            password = unquote(parts.password) if parts.password else None
             query_password = dict(parse_qsl(parts.query)).get("password")
         except ValueError:
             password = query_password = None
         self._secrets = [
             s for s in (password, query_password, (connect_kwargs or {}).get("password")) if s
         ]
-        self._display = _display_url or _redact(url, self._secrets)
+        self._display = _display_url or redact(url, self._secrets)
         self._connect_kwargs = dict(connect_kwargs or {})
         self._client: Any = None
         """A ``redis.asyncio.Redis``, or a ``RedisCluster`` with ``cluster``."""
@@ -533,7 +467,7 @@ class RedisStorage:
     # -- plumbing -------------------------------------------------------------------
 
     def _error(self, operation: str, exc: BaseException) -> StorageError:
-        detail = _redact(f"{type(exc).__name__}: {exc}".strip(), self._secrets)
+        detail = redact(f"{type(exc).__name__}: {exc}".strip(), self._secrets)
         return StorageError(
             f"Redis failed during {operation}: {detail}", operation=operation, backend=BACKEND
         )
@@ -636,7 +570,7 @@ class RedisStorage:
                 client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
         except (ValueError, TypeError) as exc:
             raise ConfigError(
-                f"invalid redis URL or option: {_redact(str(exc), self._secrets)}", option="url"
+                f"invalid redis URL or option: {redact(str(exc), self._secrets)}", option="url"
             ) from exc
         try:
             if self._cluster:
@@ -1021,7 +955,7 @@ class RedisStorage:
                 f"older_than must be a non-negative timedelta, got {older_than!r}",
                 option="older_than",
             )
-        batch = _int_option("batch", batch, 1)
+        batch = int_option("batch", batch, 1)
         total = 0
         while True:
             deleted, looked = await self._call(
