@@ -66,7 +66,7 @@ logger = logging.getLogger("reflow.postgres")
 
 BACKEND = "postgresql"
 DEFAULT_SCHEMA = "reflow"
-MAX_CLAIM = 10_000
+MAX_CLAIM = 1000
 """One claim takes at most this many runs, so a claim transaction stays short."""
 
 _URL_OPTIONS = (
