@@ -15,6 +15,7 @@ from typing import Any
 
 from reflow_core import Engine, MemoryStorage, codec, workflow
 from reflow_core.storage import ClaimedRun, NewRun, WakeupSource
+from reflow_core.wakeups import WakeupHub
 
 
 class HintingMemory(MemoryStorage):
@@ -105,3 +106,43 @@ async def test_local_enqueues_never_wait_for_the_gap() -> None:
         run = await engine.enqueue(wf, None)
         await engine.result(run.id, timeout=5)
         assert done[0] - sent < 0.5
+
+
+class SwallowingHub(WakeupHub):
+    """A channel whose driver turns a cancellation into a connection error,
+    as a client does when its connection is closed under a pending read."""
+
+    def __init__(self) -> None:
+        async def no_due(workflows: list[str]) -> None:
+            return None
+
+        super().__init__(next_due=no_due, describe="test")
+        self.listens = 0
+
+    async def listen(self) -> None:
+        self.listens += 1
+        self.connected_now()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise ConnectionError("connection closed") from None
+
+
+async def test_closing_stops_a_listener_whose_driver_swallows_the_cancellation() -> None:
+    hub = SwallowingHub()
+    await hub.subscribe(["wf"], lambda: None)
+    await asyncio.wait_for(hub.connected.wait(), 1)
+    await asyncio.wait_for(hub.close(), 2)
+    assert hub.listens == 1
+
+
+async def test_the_last_unsubscribe_stops_such_a_listener_too() -> None:
+    hub = SwallowingHub()
+    sub = await hub.subscribe(["wf"], lambda: None)
+    await asyncio.wait_for(hub.connected.wait(), 1)
+    task = hub._task
+    assert task is not None
+    await sub.close()
+    await asyncio.wait({task}, timeout=2)
+    assert task.done()
+    assert hub.listens == 1

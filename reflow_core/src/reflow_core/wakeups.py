@@ -76,6 +76,7 @@ class WakeupHub:
         self._timer_at = float("inf")
         self._refreshing: asyncio.Task[None] | None = None
         self._ever_connected = False
+        self._stopped = False
         self._backoff = 0.1
         self.connected = asyncio.Event()
         """Set while the channel is subscribed (for tests and health checks)."""
@@ -119,6 +120,7 @@ class WakeupHub:
         sub = _Subscription(self, workflows, wake)
         self._subs.append(sub)
         if self._enabled and (self._task is None or self._task.done()):
+            self._stopped = False
             self._task = asyncio.get_running_loop().create_task(
                 self._run(), name=f"reflow-wakeups-{self._describe}"
             )
@@ -140,6 +142,7 @@ class WakeupHub:
                 await task
 
     def _stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -205,6 +208,7 @@ class WakeupHub:
     # -- the connection loop ------------------------------------------------------------
 
     async def _run(self) -> None:
+        task = asyncio.current_task()
         while True:
             try:
                 await self.listen()
@@ -213,6 +217,10 @@ class WakeupHub:
                 raise
             except Exception as exc:
                 self.connected.clear()
+                if self._stopped or (task is not None and task.cancelling()):
+                    # A driver turned our cancellation into a connection
+                    # error (closing the connection under it): stop anyway.
+                    raise asyncio.CancelledError from exc
                 logger.warning(
                     "wake-up listener on %s failed (%s); retrying in about %.1fs, "
                     "polling meanwhile",
