@@ -70,3 +70,23 @@ def test_split_url_takes_out_own_options_and_hides_passwords() -> None:
 def test_split_url_refuses_what_it_cannot_take(url: str) -> None:
     with pytest.raises(ConfigError):
         split_url(url, schemes=("db",), own=("mine",), kind="db")
+
+
+def test_argument_checks_shared_by_backends_name_what_was_wrong() -> None:
+    from reflow_core.adapter import check_finish_status, check_list_limit, check_purge
+
+    assert check_list_limit(5) == 5
+    for bad in (0, -1, True, "3", 2.0):
+        with pytest.raises(ConfigError, match="limit must be a positive int") as caught:
+            check_list_limit(bad)
+        assert caught.value.option == "limit"
+    check_finish_status("completed")
+    with pytest.raises(ConfigError, match="not 'cancelled'"):
+        check_finish_status("cancelled")
+    assert check_purge(timedelta(days=1), "20") == 20
+    with pytest.raises(ConfigError, match="older_than must be a non-negative timedelta"):
+        check_purge(timedelta(seconds=-1), 10)
+    with pytest.raises(ConfigError, match="older_than"):
+        check_purge(3600, 10)
+    with pytest.raises(ConfigError, match="batch must be an integer >= 1, got 0"):
+        check_purge(timedelta(0), 0)

@@ -9,12 +9,21 @@ from __future__ import annotations
 import base64
 import os
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from .errors import ConfigError
 from .storage import Lease
 
-__all__ = ["check_status_update", "decode_cursor", "encode_cursor", "new_run_id", "utcnow"]
+__all__ = [
+    "check_finish_status",
+    "check_list_limit",
+    "check_purge",
+    "check_status_update",
+    "decode_cursor",
+    "encode_cursor",
+    "new_run_id",
+    "utcnow",
+]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -64,3 +73,33 @@ def check_status_update(status: str, lease: Lease | None) -> None:
         )
     if status == "pending" and lease is None:
         raise ConfigError("handing a run back to 'pending' requires its lease", option="lease")
+
+
+def check_list_limit(limit: object) -> int:
+    """Refuse a :meth:`Storage.list_runs` ``limit`` that is not an int of at least 1."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"limit must be a positive int, got {limit!r}", option="limit")
+    return limit
+
+
+def check_finish_status(status: str) -> None:
+    """Refuse a :meth:`Storage.finish_run` status other than ``completed`` or ``failed``."""
+    if status not in ("completed", "failed"):
+        raise ConfigError(
+            f"finish_run ends a run as 'completed' or 'failed', not {status!r}", option="status"
+        )
+
+
+def check_purge(older_than: object, batch: object) -> int:
+    """Refuse the arguments of a backend's ``purge_finished`` that can never
+    work; returns ``batch`` as an int."""
+    if not isinstance(older_than, timedelta) or older_than < timedelta(0):
+        raise ConfigError(
+            f"older_than must be a non-negative timedelta, got {older_than!r}",
+            option="older_than",
+        )
+    if isinstance(batch, str) and batch.strip().isdigit():
+        batch = int(batch.strip())
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ConfigError(f"batch must be an integer >= 1, got {batch!r}", option="batch")
+    return batch

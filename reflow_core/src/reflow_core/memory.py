@@ -20,8 +20,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
 
-from .adapter import check_status_update, decode_cursor, encode_cursor, new_run_id, utcnow
-from .errors import ConfigError, IdempotencyConflictError, StorageError
+from .adapter import (
+    check_list_limit,
+    check_status_update,
+    decode_cursor,
+    encode_cursor,
+    new_run_id,
+    utcnow,
+)
+from .errors import IdempotencyConflictError, StorageError
 from .storage import (
     TERMINAL_STATUSES,
     ClaimedRun,
@@ -384,8 +391,7 @@ class MemoryStorage:
         cursor: str | None = None,
     ) -> RunPage:
         self._check_open("list_runs")
-        if limit < 1:
-            raise ConfigError(f"limit must be at least 1, got {limit}", option="limit")
+        check_list_limit(limit)
         after = decode_cursor(cursor) if cursor is not None else None
         statuses = None if status is None else set(status)
         rows = sorted(

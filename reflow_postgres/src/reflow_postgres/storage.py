@@ -29,7 +29,15 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 from psycopg import sql
 
-from reflow_core.adapter import check_status_update, decode_cursor, encode_cursor, new_run_id
+from reflow_core.adapter import (
+    check_finish_status,
+    check_list_limit,
+    check_purge,
+    check_status_update,
+    decode_cursor,
+    encode_cursor,
+    new_run_id,
+)
 from reflow_core.batching import GroupCommit
 from reflow_core.errors import (
     ConfigError,
@@ -799,11 +807,7 @@ class PostgresStorage:
         error: str | None = None,
         step: StepRecord | None = None,
     ) -> bool:
-        if status not in ("completed", "failed"):
-            raise ConfigError(
-                f"finish_run ends a run as 'completed' or 'failed', not {status!r}",
-                option="status",
-            )
+        check_finish_status(status)
         if step is not None and step.wake_at is not None:
             _aware(step.wake_at, "step.wake_at")
         self._live_pool("finish_run")
@@ -979,8 +983,7 @@ class PostgresStorage:
         limit: int = 100,
         cursor: str | None = None,
     ) -> RunPage:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"limit must be a positive int, got {limit!r}", option="limit")
+        check_list_limit(limit)
         after = decode_cursor(cursor) if cursor is not None else None
         clauses: list[str] = []
         params: dict[str, Any] = {"limit": limit + 1}
@@ -1028,12 +1031,7 @@ class PostgresStorage:
         deleted runs become free again, so keep finished runs for longer than
         any client may retry an enqueue.
         """
-        if not isinstance(older_than, timedelta) or older_than < timedelta(0):
-            raise ConfigError(
-                f"older_than must be a non-negative timedelta, got {older_than!r}",
-                option="older_than",
-            )
-        batch = int_option("batch", batch, 1)
+        batch = check_purge(older_than, batch)
         total = 0
         while True:
             params = self._params(age=older_than, limit=batch)

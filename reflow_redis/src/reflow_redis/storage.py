@@ -49,7 +49,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from reflow_core.adapter import check_status_update, decode_cursor, encode_cursor, new_run_id
+from reflow_core.adapter import (
+    check_finish_status,
+    check_list_limit,
+    check_purge,
+    check_status_update,
+    decode_cursor,
+    encode_cursor,
+    new_run_id,
+)
 from reflow_core.batching import GroupCommit
 from reflow_core.errors import ConfigError, IdempotencyConflictError, ReflowError, StorageError
 from reflow_core.options import bool_option, int_option, redact, seconds_option, split_url
@@ -497,13 +505,22 @@ class RedisStorage:
     ) -> Any:
         """Run one script; with ``retry``, a dropped connection is retried on
         another (only for scripts whose second run changes nothing more)."""
+        reply, _ = await self._call_counting(operation, script, args, retry=retry)
+        return reply
+
+    async def _call_counting(
+        self, operation: str, script: str, args: Sequence[Any], *, retry: bool
+    ) -> tuple[Any, int]:
+        """:meth:`_call`, also saying how many tries lost their connection
+        (a try that lost it may have run)."""
         self._live(operation)
         attempt = reloads = 0
         while True:
             try:
-                return await self._scripts[script](
+                reply = await self._scripts[script](
                     keys=[f"{self._tag}:idx"], args=[*self._head(), *args]
                 )
+                return reply, attempt
             except (rex.ConnectionError, rex.TimeoutError) as exc:
                 if retry and attempt < _RETRIES_ON_BROKEN:
                     attempt += 1
@@ -643,6 +660,13 @@ class RedisStorage:
 
     # -- runs ----------------------------------------------------------------------
 
+    def _stored_run(self, operation: str, flat: Any) -> RunRecord:
+        """The record of a run hash a script returned (it carries its own id)."""
+        try:
+            return _run_of(_pairs(flat, "run"))
+        except _BadData as exc:
+            raise self._bad(operation, exc) from exc
+
     def _run_reply(self, operation: str, run_id: str, flat: Any) -> RunRecord:
         try:
             return _run_record(run_id, _pairs(flat, f"run {run_id!r}"))
@@ -696,8 +720,7 @@ class RedisStorage:
             )
         if outcome == 1:
             return CreateResult(self._new_record(run_id, new, reply[1]), created=True)
-        fields = _pairs_or_bad(self, "create_run", reply[1], run_id)
-        record = self._run_reply("create_run", _find_id(self, fields, new), reply[1])
+        record = self._stored_run("create_run", reply[1])
         if record.id == run_id:  # our own first try, whose reply was lost
             return CreateResult(record, created=True)
         if record.input != new.input:
@@ -739,14 +762,12 @@ class RedisStorage:
         claimed = []
         try:
             for reclaim, run_flat, steps_flat in reply:
-                fields = _pairs(run_flat, "claimed run")
-                run_id = _claimed_id(fields)
-                record = _run_record(run_id, fields)
+                record = _run_of(_pairs(run_flat, "claimed run"))
                 claimed.append(
                     ClaimedRun(
                         run=record,
-                        lease=Lease(run_id, record.lease_epoch),
-                        steps=_steps(steps_flat, run_id),
+                        lease=Lease(record.id, record.lease_epoch),
+                        steps=_steps(steps_flat, record.id),
                         reclaimed=bool(int(reclaim)),
                     )
                 )
@@ -787,11 +808,7 @@ class RedisStorage:
         error: str | None = None,
         step: StepRecord | None = None,
     ) -> bool:
-        if status not in ("completed", "failed"):
-            raise ConfigError(
-                f"finish_run ends a run as 'completed' or 'failed', not {status!r}",
-                option="status",
-            )
+        check_finish_status(status)
         args: list[Any] = [lease.run_id, lease.epoch, status, output or "", error or ""]
         args += ["1", *_step_args(step)] if step is not None else ["0", "", "", "", ""]
         self._live("finish_run")
@@ -801,27 +818,7 @@ class RedisStorage:
         flat: list[Any] = [len(items)]
         for _, _, args in items:
             flat.extend(args)
-        operation = "finish_run"
-        client = self._live(operation)
-        attempt = reloads = 0
-        while True:
-            try:
-                reply = await self._scripts["finish"](
-                    keys=[f"{self._tag}:idx"], args=[*self._head(), *flat], client=client
-                )
-                break
-            except (rex.ConnectionError, rex.TimeoutError) as exc:
-                if attempt < _RETRIES_ON_BROKEN:
-                    attempt += 1
-                    continue
-                raise self._error(operation, exc) from exc
-            except rex.NoScriptError as exc:  # flushed mid-reload; it never ran
-                if reloads < _RETRIES_ON_BROKEN:
-                    reloads += 1
-                    continue
-                raise self._error(operation, exc) from exc
-            except rex.RedisError as exc:
-                raise self._error(operation, exc) from exc
+        reply, attempt = await self._call_counting("finish_run", "finish", flat, retry=True)
         results = [bool(int(flag)) for flag in reply]
         if attempt:
             # A try whose connection dropped may have landed: a refused finish
@@ -916,8 +913,7 @@ class RedisStorage:
         limit: int = 100,
         cursor: str | None = None,
     ) -> RunPage:
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ConfigError(f"limit must be a positive int, got {limit!r}", option="limit")
+        check_list_limit(limit)
         upper = ""
         if cursor is not None:
             created, after_id = decode_cursor(cursor)
@@ -950,12 +946,7 @@ class RedisStorage:
         """Delete runs that finished more than ``older_than`` ago, with their
         steps, events and index entries, ``batch`` per script call. Returns
         how many were deleted. Idempotency keys of deleted runs become free."""
-        if not isinstance(older_than, timedelta) or older_than < timedelta(0):
-            raise ConfigError(
-                f"older_than must be a non-negative timedelta, got {older_than!r}",
-                option="older_than",
-            )
-        batch = int_option("batch", batch, 1)
+        batch = check_purge(older_than, batch)
         total = 0
         while True:
             deleted, looked = await self._call(
@@ -1026,8 +1017,7 @@ class RedisStorage:
             return None
         if outcome == 1:
             return self._new_record(run_id, run, reply[1])
-        fields = _pairs_or_bad(self, "claim_schedule_slot", reply[1], run_id)
-        record = self._run_reply("claim_schedule_slot", _find_id(self, fields, run), reply[1])
+        record = self._stored_run("claim_schedule_slot", reply[1])
         if outcome == -2:
             assert run.idempotency_key is not None
             raise IdempotencyConflictError(run.workflow, run.idempotency_key, record.id)
@@ -1047,23 +1037,9 @@ def _flat(reply: Any) -> list[object]:
     return list(reply)
 
 
-def _pairs_or_bad(store: RedisStorage, operation: str, flat: Any, run_id: str) -> dict[str, str]:
-    try:
-        return _pairs(flat, f"run {run_id!r}")
-    except _BadData as exc:
-        raise store._bad(operation, exc) from exc
-
-
-def _find_id(store: RedisStorage, fields: Mapping[str, str], new: NewRun) -> str:
-    """The id of the existing run an idempotency key points at (the hash has no id field)."""
-    run_id = fields.get("id")
-    if run_id:
-        return run_id
-    raise store._bad("create_run", _BadData("run hash lacks its id"))
-
-
-def _claimed_id(fields: Mapping[str, str]) -> str:
+def _run_of(fields: Mapping[str, str]) -> RunRecord:
+    """The record of a run hash, which names its own id."""
     run_id = fields.get("id")
     if not run_id:
-        raise _BadData("claimed run lacks its id")
-    return run_id
+        raise _BadData("a run hash lacks its id")
+    return _run_record(run_id, fields)

@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, unquote
 import aiosqlite
 
 from reflow_core.adapter import (
+    check_list_limit,
     check_status_update,
     decode_cursor,
     encode_cursor,
@@ -1288,8 +1289,7 @@ class SQLiteStorage:
     ) -> RunPage:
         """Runs newest first, keyset-paginated on ``(created_at, id)``."""
         self._connection("list_runs")
-        if limit < 1:
-            raise ConfigError(f"limit must be at least 1, got {limit}", option="limit")
+        check_list_limit(limit)
         after: tuple[int, str] | None = None
         if cursor is not None:
             created, last_id = decode_cursor(cursor)
