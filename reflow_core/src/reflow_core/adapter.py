@@ -15,6 +15,7 @@ from .errors import ConfigError
 from .storage import Lease
 
 __all__ = [
+    "check_aware",
     "check_finish_status",
     "check_list_limit",
     "check_purge",
@@ -103,3 +104,10 @@ def check_purge(older_than: object, batch: object) -> int:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"batch must be an integer >= 1, got {batch!r}", option="batch")
     return batch
+
+
+def check_aware(value: datetime, what: str) -> datetime:
+    """Refuse a naive datetime (one without a UTC offset), naming ``what``."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ConfigError(f"{what} must be a timezone-aware datetime, got {value!r}", option=what)
+    return value

@@ -30,6 +30,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 
 from reflow_core.adapter import (
+    check_aware,
     check_finish_status,
     check_list_limit,
     check_purge,
@@ -114,12 +115,6 @@ def _from_us(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(microseconds=value)
 
 
-def _aware(value: datetime, what: str) -> datetime:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ConfigError(f"{what} must be a timezone-aware datetime, got {value!r}", option=what)
-    return value
-
-
 def _run_record(row: tuple[Any, ...] | list[Any]) -> RunRecord:
     return RunRecord(
         id=row[0],
@@ -171,7 +166,7 @@ def _step_params(step: StepRecord) -> dict[str, Any]:
         "step_output": step.output,
         "step_error": step.error,
         "step_attempts": step.attempts,
-        "step_wake_at": None if step.wake_at is None else _aware(step.wake_at, "step.wake_at"),
+        "step_wake_at": None if step.wake_at is None else check_aware(step.wake_at, "step.wake_at"),
     }
 
 
@@ -378,7 +373,7 @@ class PostgresStorage:
 
     def _params(self, **values: Any) -> dict[str, Any]:
         if self._clock is not None:
-            values["now"] = _aware(self._clock(), "clock")
+            values["now"] = check_aware(self._clock(), "clock")
         return values
 
     def _live_pool(
@@ -763,7 +758,7 @@ class PostgresStorage:
         many runs in flight) share one statement and one commit; each is
         fenced on its own."""
         if step.wake_at is not None:
-            _aware(step.wake_at, "step.wake_at")
+            check_aware(step.wake_at, "step.wake_at")
         self._live_pool("save_step_result")
         return await self._saves.submit((lease, step, extend))
 
@@ -809,7 +804,7 @@ class PostgresStorage:
     ) -> bool:
         check_finish_status(status)
         if step is not None and step.wake_at is not None:
-            _aware(step.wake_at, "step.wake_at")
+            check_aware(step.wake_at, "step.wake_at")
         self._live_pool("finish_run")
         return await self._finishes.submit((lease, status, output, error, step))
 
@@ -1053,7 +1048,7 @@ class PostgresStorage:
             workflow=spec.workflow,
             input=spec.input,
             recurrence=spec.recurrence,
-            next_run_at=_aware(spec.next_run_at, "next_run_at"),
+            next_run_at=check_aware(spec.next_run_at, "next_run_at"),
         )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> ScheduleRecord:
@@ -1094,8 +1089,8 @@ class PostgresStorage:
     ) -> RunRecord | None:
         params = self._params(
             key=key,
-            slot=_aware(slot, "slot"),
-            next_run_at=_aware(next_run_at, "next_run_at"),
+            slot=check_aware(slot, "slot"),
+            next_run_at=check_aware(next_run_at, "next_run_at"),
             id=run.run_id or new_run_id(),
             workflow=run.workflow,
             input=run.input,

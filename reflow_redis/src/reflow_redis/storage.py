@@ -50,6 +50,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from reflow_core.adapter import (
+    check_aware,
     check_finish_status,
     check_list_limit,
     check_purge,
@@ -146,9 +147,7 @@ class _BadData(Exception):
 
 
 def _us(value: datetime, what: str) -> int:
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ConfigError(f"{what} must be a timezone-aware datetime, got {value!r}", option=what)
-    return (value - _EPOCH) // _ONE_US
+    return (check_aware(value, what) - _EPOCH) // _ONE_US
 
 
 def _span(value: timedelta) -> int:

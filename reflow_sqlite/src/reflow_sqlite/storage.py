@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, unquote
 import aiosqlite
 
 from reflow_core.adapter import (
+    check_aware,
     check_list_limit,
     check_status_update,
     decode_cursor,
@@ -97,9 +98,7 @@ _NOTADB_CODES = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
 
 def _to_us(value: datetime, what: str = "datetime") -> int:
     """Microseconds since the epoch for an aware datetime."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ConfigError(f"{what} must be a timezone-aware datetime, got {value!r}", option=what)
-    return (value - _EPOCH) // _ONE_US
+    return (check_aware(value, what) - _EPOCH) // _ONE_US
 
 
 def _span_us(value: timedelta) -> int:
