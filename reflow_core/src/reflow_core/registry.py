@@ -15,12 +15,12 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
-from urllib.parse import urlsplit
 
 import pluggy
 
 from . import hookspecs
 from .errors import BackendNotFoundError, ConfigError
+from .options import safe_url
 from .storage import Storage
 
 __all__ = ["BackendInfo", "BackendRegistry", "available_backends", "open_storage", "redact_url"]
@@ -51,18 +51,10 @@ class BackendInfo:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, safe to log."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    """``url`` with any password (in the user info, or a ``password`` query
+    parameter) replaced by ``***``, safe to log; see
+    :func:`reflow_core.options.safe_url`."""
+    return safe_url(url)
 
 
 class _MemoryPlugin:
