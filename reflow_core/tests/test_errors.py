@@ -49,6 +49,8 @@ STABLE_CODES = {
     "EventNotDeclaredError": "event_not_declared",
     "ParallelCompleteError": "parallel_complete",
     "WaitTimeoutError": "wait_timeout",
+    "EventBufferFullError": "event_buffer_full",
+    "CorruptDataError": "corrupt_data",
 }
 
 PARENTS = {
@@ -73,6 +75,8 @@ PARENTS = {
     "ReclaimLimitError": "RunError",
     "RunFailedError": "RunError",
     "RunCancelledError": "RunError",
+    "EventBufferFullError": "ReflowError",
+    "CorruptDataError": "RunError",
 }
 
 

@@ -384,7 +384,7 @@ async def test_racing_schedulers_create_one_run_per_slot(db: Any, clock: Any) ->
         clock.advance(60)
         schedulers = [Scheduler(interval=1.0) for _ in range(6)]
         results = await asyncio.gather(
-            *(s.fire_due(stores[i % 3], {"plain"}, clock(), 10) for i, s in enumerate(schedulers))
+            *(s.fire_due(stores[i % 3], {"plain"}, 10) for i, s in enumerate(schedulers))
         )
     assert sorted(len(r) for r in results) == [0, 0, 0, 0, 0, 1]
     assert len(await all_runs(stores[0])) == 1
@@ -427,7 +427,7 @@ async def test_due_schedules_of_other_workflows_do_not_hide_ours(
     await store.upsert_schedule(
         ScheduleSpec("mine", "plain", '"x"', "every:60000", due + timedelta(seconds=1))
     )
-    fired = await Scheduler(interval=1.0).fire_due(store, {"plain"}, clock(), 2)
+    fired = await Scheduler(interval=1.0).fire_due(store, {"plain"}, 2)
     assert [r.idempotency_key for r in fired] == [f"schedule:mine:{ms(due) + 1000}"]
 
 
@@ -523,6 +523,143 @@ async def test_firing_errors_are_logged_and_retried(
             assert engine.running
     assert flaky.left == 0
     assert sum("firing schedules failed" in r.getMessage() for r in caplog.records) == 2
+
+
+# -- clock skew -------------------------------------------------------------------
+#
+# Real clocks everywhere, but the engine's runs an hour fast or slow. Slots
+# follow the storage's clock: the first slot, the next slot after a firing,
+# and the wake-ups for known slots (timed by the engine's clock corrected by
+# the measured offset).
+
+SKEWS = [
+    pytest.param(timedelta(hours=1), id="engine-ahead"),
+    pytest.param(timedelta(hours=-1), id="engine-behind"),
+]
+
+
+class SkewedClock(Clock):
+    """The real time shifted by ``skew``; sleeps are real."""
+
+    def __init__(self, skew: timedelta) -> None:
+        self.skew = skew
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.skew
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class CountingChecks:
+    """Delegates to a real storage, counting reads of its clock and of the
+    due schedules (one of each per schedule check)."""
+
+    def __init__(self, inner: Storage) -> None:
+        self._inner = inner
+        self.now_calls = 0
+        self.due_calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def now(self) -> datetime:
+        self.now_calls += 1
+        return await self._inner.now()
+
+    async def due_schedules(self, limit: int) -> Any:
+        self.due_calls += 1
+        return await self._inner.due_schedules(limit)
+
+
+@pytest.mark.parametrize("skew", SKEWS)
+async def test_a_skewed_engine_registers_the_first_slot_on_the_storage_clock(
+    storage: Storage, skew: timedelta
+) -> None:
+    engine = Engine(
+        storage=storage, workflows=[plain], clock=SkewedClock(skew), close_storage=False
+    )
+    async with engines(engine):
+        await storage.initialize()
+        before = await storage.now()
+        hourly = await engine.schedule(plain, every="1h", key="hourly")
+        minutely = await engine.schedule(plain, cron="* * * * *", key="minutely")
+        after = await storage.now()
+    every = parse_recurrence(every="1h")
+    assert every.next_after(before) <= hourly.next_run_at <= every.next_after(after)
+    assert before < hourly.next_run_at <= after + timedelta(hours=1)
+    assert before < minutely.next_run_at <= after + timedelta(minutes=1)
+
+
+@pytest.mark.parametrize("skew", SKEWS)
+async def test_a_skewed_scheduler_measures_the_offset_and_waits_for_the_slot(
+    storage: Storage, skew: timedelta
+) -> None:
+    clock = SkewedClock(skew)
+    await storage.initialize()
+    scheduler = Scheduler(interval=10.0, clock=clock.now)
+    # Nothing known and nothing due: the look costs no reading of the clock.
+    assert await scheduler.fire_due(storage, {"plain"}, 10) == []
+    assert scheduler.offset == timedelta(0)
+    # Registering (Engine.schedule) reads it first, and measures the offset.
+    await scheduler.storage_now(storage)
+    assert abs(scheduler.offset + skew) < timedelta(seconds=1)
+    slot = await storage.now() + timedelta(seconds=2)
+    scheduler.expect("k", slot)
+    # Two seconds away by the storage's clock, not an hour (or no time at
+    # all); the offset errs late by at most the round trip of its reading.
+    assert 1.0 < scheduler.wait(clock.now(), 10.0) < 2.1
+    assert not scheduler.should_check(clock.now())
+    assert scheduler.should_check(clock.now() + timedelta(seconds=2.1))
+
+
+@pytest.mark.parametrize("skew", SKEWS)
+async def test_a_skewed_engine_fires_once_per_slot_by_the_storage_clock(
+    storage: Storage, skew: timedelta
+) -> None:
+    """An engine an hour fast or slow, with a poll interval longer than the
+    test: it fires each slot on time (no hour of catch-up, no hour of
+    silence), the schedule's next slot stays within one interval of the
+    storage's now, and each run's idempotency key is its slot."""
+    every = timedelta(milliseconds=400)
+    duration = 2.4
+    counting = CountingChecks(storage)
+    engine = Engine(
+        storage=counting,
+        workflows=[plain],
+        clock=SkewedClock(skew),
+        poll_interval="10s",
+        close_storage=False,
+    )
+    async with engine:
+        schedule = await engine.schedule(plain, every=every, key="skewed")
+        started = await storage.now()
+        assert started - every < schedule.next_run_at <= started + every
+        spread: list[timedelta] = []
+        deadline = time.monotonic() + duration
+        while time.monotonic() < deadline:
+            [listed] = await storage.list_schedules()
+            now = await storage.now()
+            spread.append(listed.next_run_at - now)
+            await asyncio.sleep(0.05)
+    finished = await storage.now()  # the engine has stopped: no slot fires after it
+    assert all(-every <= gap <= every for gap in spread), (min(spread), max(spread))
+    # The slots from the first one on, each once and none skipped, up to
+    # the storage's now: no catch-up of slots before the first, none ahead.
+    runs = sorted(await all_runs(storage), key=lambda r: r.created_at)
+    first = schedule.next_run_at
+    expected = (finished - first) // every + 1
+    slots = [first + i * every for i in range(len(runs))]
+    assert [r.idempotency_key for r in runs] == [slot_key("skewed", s) for s in slots]
+    assert expected - 1 <= len(runs) <= expected, (len(runs), expected)
+    # Each slot fired on time: well within an interval of it.
+    late = [r.created_at - s for r, s in zip(runs, slots, strict=True)]
+    assert all(timedelta(0) <= d < every for d in late), late
+    # One clock reading per check (plus the one of registering), and about
+    # one check per slot: no busy loop towards a slot the engine's clock
+    # thinks has passed.
+    assert counting.now_calls <= counting.due_calls + 1
+    assert counting.due_calls <= 2 * len(slots) + 3, (counting.due_calls, len(slots))
 
 
 @pytest.mark.slow

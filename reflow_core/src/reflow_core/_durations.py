@@ -1,4 +1,9 @@
-"""Durations: ``timedelta``, seconds as numbers, or strings like ``"500ms"``."""
+"""Durations: ``timedelta``, seconds as numbers, or strings like ``"500ms"``.
+
+Every duration the engine accepts is at most :data:`MAX_DURATION` (100 years),
+so every deadline computed from one (``now + duration``) is a datetime every
+backend can store and read back.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +14,37 @@ from typing import TypeAlias
 
 from .errors import ConfigError
 
-__all__ = ["Duration", "to_seconds", "to_timedelta"]
+__all__ = ["MAX_DURATION", "Duration", "describe", "to_seconds", "to_timedelta"]
 
 Duration: TypeAlias = "timedelta | int | float | str"
+
+MAX_DURATION = timedelta(days=36500)
+"""The longest duration anything accepts: 100 years (36,500 days)."""
+_MAX_SECONDS = MAX_DURATION.total_seconds()
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 
 
-def to_seconds(value: Duration, *, option: str = "duration", allow_zero: bool = True) -> float:
-    """Convert a duration to seconds, refusing negative, infinite or malformed values.
+def describe(seconds: float) -> str:
+    """A duration for messages: ``"100ms"``, ``"30s"``, ``"36500d"``."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def to_seconds(
+    value: Duration,
+    *,
+    option: str = "duration",
+    allow_zero: bool = True,
+    minimum: float | None = None,
+    maximum: float = _MAX_SECONDS,
+) -> float:
+    """Convert a duration to seconds, refusing negative, infinite or malformed
+    values, and values outside ``[minimum, maximum]`` (``maximum`` defaults
+    to :data:`MAX_DURATION`).
 
     Strings combine an amount and a unit (``ms``, ``s``, ``m``, ``h``, ``d``),
     optionally several: ``"1h30m"``.
@@ -50,9 +76,19 @@ def to_seconds(value: Duration, *, option: str = "duration", allow_zero: bool = 
             f"not {type(value).__name__}",
             option=option,
         )
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+    if not math.isfinite(seconds):
+        raise ConfigError(f"{option} must be a finite duration, got {value!r}", option=option)
+    if seconds < 0 or (seconds == 0 and not allow_zero):
         bound = "positive" if not allow_zero else "zero or positive"
         raise ConfigError(f"{option} must be {bound}, got {value!r}", option=option)
+    if seconds > maximum:
+        raise ConfigError(
+            f"{option} must be at most {describe(maximum)}, got {value!r}", option=option
+        )
+    if minimum is not None and seconds < minimum:
+        raise ConfigError(
+            f"{option} must be at least {describe(minimum)}, got {value!r}", option=option
+        )
     return seconds
 
 

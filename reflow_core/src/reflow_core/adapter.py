@@ -11,15 +11,20 @@ import os
 import time
 from datetime import UTC, datetime, timedelta
 
+from ._durations import MAX_DURATION, describe
 from .errors import ConfigError
-from .storage import Lease
+from .storage import Lease, NewRun
 
 __all__ = [
+    "MAX_DURATION",
     "check_aware",
+    "check_duration",
     "check_finish_status",
     "check_list_limit",
+    "check_new_run",
     "check_purge",
     "check_status_update",
+    "check_text",
     "decode_cursor",
     "encode_cursor",
     "new_run_id",
@@ -111,3 +116,53 @@ def check_aware(value: datetime, what: str) -> datetime:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ConfigError(f"{what} must be a timezone-aware datetime, got {value!r}", option=what)
     return value
+
+
+def check_text(value: object, what: str) -> str:
+    """Refuse a name, id or key that not every store can keep, the same way on
+    every backend: anything but a non-empty ``str``, or one holding a NUL or
+    a lone surrogate (PostgreSQL's ``text`` keeps neither; neither encodes to
+    UTF-8). Returns ``value``.
+
+    Backends call it on every name, run id, key and event id they are given,
+    before touching the store; the engine checks workflow, step and event
+    names with it when a workflow is defined.
+    """
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a string, not {type(value).__name__}", option=what)
+    if not value:
+        raise ConfigError(f"{what} must be a non-empty string", option=what)
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"{what} {value!r} contains a lone surrogate, which no store can keep",
+                option=what,
+            ) from None
+    if "\x00" in value:
+        raise ConfigError(f"{what} {value!r} contains a NUL character", option=what)
+    return value
+
+
+def check_duration(value: object, what: str) -> timedelta:
+    """Refuse a duration a backend is given that is not a ``timedelta``
+    from zero to :data:`~reflow_core._durations.MAX_DURATION` (100 years), so
+    every deadline the backend computes from its clock can be stored and read
+    back. Returns ``value``."""
+    if not isinstance(value, timedelta) or not timedelta(0) <= value <= MAX_DURATION:
+        raise ConfigError(
+            f"{what} must be a timedelta from 0 to {describe(MAX_DURATION.total_seconds())}, "
+            f"got {value!r}",
+            option=what,
+        )
+    return value
+
+
+def check_new_run(new: NewRun) -> None:
+    """:func:`check_text` on the names and keys of a run to create."""
+    check_text(new.workflow, "workflow")
+    if new.idempotency_key is not None:
+        check_text(new.idempotency_key, "idempotency_key")
+    if new.run_id is not None:
+        check_text(new.run_id, "run_id")

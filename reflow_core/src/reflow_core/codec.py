@@ -7,6 +7,12 @@ and ``dict`` with ``str`` keys, plus :class:`datetime.datetime`. Anything else
 example ``$.items[3].price``. Nothing is ever pickled: stored data is not
 trusted code.
 
+Values may nest at most :data:`MAX_DEPTH` lists and dicts deep. The limit is
+checked while encoding, so anything :func:`encode` accepts, :func:`decode`
+reads back; a deeper value, or one that contains itself, is a
+``SerializationError`` naming the path. Decoding refuses deeper stored text the
+same way, never with a ``RecursionError``.
+
 The text is canonical and ASCII-only: keys sorted, no whitespace, every
 non-ASCII character escaped. Equal values therefore encode to equal text,
 which is what idempotency checks compare, and any store that keeps text
@@ -31,11 +37,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import SerializationError
 
-__all__ = ["JSONValue", "check_plain", "decode", "encode"]
+__all__ = ["MAX_DEPTH", "JSONValue", "check_plain", "decode", "encode"]
 
 JSONValue: TypeAlias = (
     "bool | int | float | str | datetime | list[JSONValue] | dict[str, JSONValue] | None"
 )
+
+MAX_DEPTH = 100
+"""How many lists and dicts deep a value may nest (a scalar is depth 0, ``[1]``
+depth 1). Far beyond any real document, and well inside the interpreter's
+recursion limit for every step of encoding, storing and decoding."""
 
 _DATETIME = "$datetime"
 _ESCAPE = "$escape"
@@ -62,7 +73,15 @@ def _datetime_text(value: datetime) -> str:
     return text
 
 
-def _to_json(value: object, path: str) -> Any:
+class _TooDeep(Exception):
+    """Internal: nesting passed MAX_DEPTH; collects the containers on the way out."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.chain: list[tuple[object, str]] = []
+
+
+def _to_json(value: object, path: str, depth: int) -> Any:
     # Order matters: bool is an int, and exact type checks keep str/int
     # subclasses (enums, numpy scalars) from slipping through as plain data.
     if value is None or value is True or value is False:
@@ -74,20 +93,26 @@ def _to_json(value: object, path: str) -> Any:
         if not math.isfinite(value):  # type: ignore[arg-type]
             raise SerializationError(f"float {value!r} is not finite", path=path)
         return value
-    if kind is dict:
-        out: dict[str, Any] = {}
-        for key, item in value.items():  # type: ignore[attr-defined]
-            if type(key) is not str:
-                raise SerializationError(
-                    f"dict key {key!r} is {type(key).__name__}, not str", path=path
-                )
-            out[key] = _to_json(item, _child(path, key))
+    if kind is dict or kind is list:
+        if depth >= MAX_DEPTH:
+            raise _TooDeep(path)
+        try:
+            if kind is list:
+                items: list[object] = value  # type: ignore[assignment]
+                return [_to_json(item, _child(path, i), depth + 1) for i, item in enumerate(items)]
+            out: dict[str, Any] = {}
+            for key, item in value.items():  # type: ignore[attr-defined]
+                if type(key) is not str:
+                    raise SerializationError(
+                        f"dict key {key!r} is {type(key).__name__}, not str", path=path
+                    )
+                out[key] = _to_json(item, _child(path, key), depth + 1)
+        except _TooDeep as exc:
+            exc.chain.append((value, path))
+            raise
         if len(out) == 1 and next(iter(out)).startswith("$"):
             return {_ESCAPE: out}
         return out
-    if kind is list:
-        items: list[object] = value  # type: ignore[assignment]
-        return [_to_json(item, _child(path, i)) for i, item in enumerate(items)]
     if kind is datetime:
         return {_DATETIME: _datetime_text(value)}  # type: ignore[arg-type]
     raise SerializationError(
@@ -97,14 +122,33 @@ def _to_json(value: object, path: str) -> Any:
     )
 
 
+def _plain(value: object) -> Any:
+    """``value`` as JSON-ready data, or a SerializationError naming the path."""
+    try:
+        return _to_json(value, "$", 0)
+    except _TooDeep as exc:
+        # The containers from the root down to where the limit was passed: a
+        # value met twice on that chain contains itself.
+        seen: dict[int, str] = {}
+        for container, path in reversed(exc.chain):
+            first = seen.setdefault(id(container), path)
+            if first != path:
+                raise SerializationError(
+                    f"value contains itself (it is the same object as {first})", path=path
+                ) from None
+        raise SerializationError(
+            f"value is nested more than {MAX_DEPTH} lists and dicts deep", path=exc.path
+        ) from None
+
+
 def check_plain(value: object) -> None:
     """Raise :class:`SerializationError` if ``value`` is not plain data."""
-    _to_json(value, "$")
+    _plain(value)
 
 
 def encode(value: object) -> str:
     """Encode plain data as canonical tagged JSON text."""
-    return _encoder.encode(_to_json(value, "$"))
+    return _encoder.encode(_plain(value))
 
 
 def _parse_datetime(text: str) -> datetime:
@@ -132,33 +176,43 @@ def _refuse_constant(name: str) -> Any:
     raise SerializationError(f"stored value contains {name}, which is not JSON")
 
 
-def _from_json(value: Any) -> Any:
+def _from_json(value: Any, depth: int) -> Any:
     kind = type(value)
-    if kind is dict:
+    if kind is dict or kind is list:
+        if depth >= MAX_DEPTH:
+            raise SerializationError(
+                f"stored value is nested more than {MAX_DEPTH} lists and dicts deep"
+            )
+        depth += 1
+        if kind is list:
+            return [_from_json(item, depth) for item in value]
         if len(value) == 1:
             key, item = next(iter(value.items()))
             if key == _DATETIME and type(item) is str:
                 return _parse_datetime(item)
             if key == _ESCAPE and type(item) is dict:
-                return {k: _from_json(v) for k, v in item.items()}
-        return {k: _from_json(v) for k, v in value.items()}
-    if kind is list:
-        return [_from_json(item) for item in value]
+                value = item
+        return {k: _from_json(v, depth) for k, v in value.items()}
     return value
 
 
 def decode(text: str | bytes) -> Any:
     """Decode text written by :func:`encode`.
 
-    Raises :class:`SerializationError` for text that is not valid tagged JSON.
+    Raises :class:`SerializationError` for text that is not valid tagged JSON
+    or is nested more than :data:`MAX_DEPTH` deep.
     """
     try:
         value = json.loads(text, parse_constant=_refuse_constant)
         # Tags always contain "$"; text without one needs no second pass.
         if (b"$" in text) if isinstance(text, bytes) else ("$" in text):
-            return _from_json(value)
+            return _from_json(value, 0)
         return value
     except SerializationError:
         raise
+    except RecursionError:
+        raise SerializationError(
+            f"stored value is nested more than {MAX_DEPTH} lists and dicts deep"
+        ) from None
     except (ValueError, TypeError) as exc:
         raise SerializationError(f"stored value is not valid tagged JSON ({exc})") from exc

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import os
 import random
 import time
@@ -24,9 +25,11 @@ from typing import Any, Self
 
 from . import codec
 from ._durations import Duration, to_seconds
+from .adapter import check_text
 from .context import CancelSignal, CompleteRun, FailureContext, StepContext
 from .errors import (
     ConfigError,
+    CorruptDataError,
     ErrorInfo,
     EventNotDeclaredError,
     ParallelCompleteError,
@@ -97,6 +100,11 @@ sooner than this gap (seconds, doubling per empty claim up to the maximum)
 after the last empty one. Another worker took that work; when many workers
 share one notification channel, this keeps a burst of hints from sending
 every idle worker into the claim query for each of them."""
+_HINT_GAPS = tuple(
+    min(_HINT_GAP_MIN * 2**n, _HINT_GAP_MAX)
+    for n in range(int(math.log2(_HINT_GAP_MAX / _HINT_GAP_MIN)) + 2)
+)
+"""The gap after 1, 2, ... empty claims; the last one holds from then on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,34 +136,64 @@ class Run:
     updated_at: datetime
     wake_at: datetime | None = None
     steps: Mapping[str, StepResult] = field(default_factory=dict)
+    read_error: str | None = None
+    """Set when a stored value of this run (its input, output, error or a
+    step's) cannot be decoded: which one and why. That value reads as
+    ``None``; everything else is as stored. Listing never fails because of
+    one such run; a worker that claims it fails it with
+    :class:`~reflow_core.errors.CorruptDataError`."""
 
     @classmethod
     def from_record(cls, record: RunRecord, steps: Mapping[str, StepRecord] | None = None) -> Run:
+        problems: list[str] = []
+
+        def read(text: str | None, what: str) -> Any:
+            if text is None:
+                return None
+            try:
+                return codec.decode(text)
+            except SerializationError as exc:
+                problems.append(f"{what}: {exc.reason}")
+                return None
+
+        decoded_steps = {
+            name: StepResult(
+                name=s.name,
+                status=s.status,
+                output=read(s.output, f"output of step {name!r}"),
+                error=read(s.error, f"error of step {name!r}"),
+                attempts=s.attempts,
+                completed_at=s.completed_at,
+            )
+            for name, s in (steps or {}).items()
+        }
         return cls(
             id=record.id,
             workflow=record.workflow,
             status=record.status,
-            input=codec.decode(record.input),
-            output=None if record.output is None else codec.decode(record.output),
-            error=None if record.error is None else codec.decode(record.error),
+            input=read(record.input, "input"),
+            output=read(record.output, "output"),
+            error=read(record.error, "error"),
             idempotency_key=record.idempotency_key,
             attempts=record.attempts,
             reclaims=record.reclaims,
             created_at=record.created_at,
             updated_at=record.updated_at,
             wake_at=record.wake_at,
-            steps={
-                name: StepResult(
-                    name=s.name,
-                    status=s.status,
-                    output=None if s.output is None else codec.decode(s.output),
-                    error=None if s.error is None else codec.decode(s.error),
-                    attempts=s.attempts,
-                    completed_at=s.completed_at,
-                )
-                for name, s in (steps or {}).items()
-            },
+            steps=decoded_steps,
+            read_error="; ".join(problems) or None,
         )
+
+
+def _read_stored(text: str | None, what: str, run_id: str) -> Any:
+    """Decode a value stored for a run; one that cannot be read is a
+    :class:`CorruptDataError`, which fails the run rather than the worker."""
+    if text is None:
+        return None
+    try:
+        return codec.decode(text)
+    except SerializationError as exc:
+        raise CorruptDataError(what, exc.reason, run_id=run_id) from exc
 
 
 class _LeaseLost(Exception):
@@ -256,8 +294,20 @@ class RunList:
     next_cursor: str | None
 
 
-def _positive(value: Duration, option: str) -> float:
-    return to_seconds(value, option=option, allow_zero=False)
+def _positive(value: Duration, option: str, minimum: float, maximum: float) -> float:
+    return to_seconds(value, option=option, allow_zero=False, minimum=minimum, maximum=maximum)
+
+
+MIN_LEASE = 0.1
+"""The shortest lease (seconds): anything shorter lapses between two writes."""
+MAX_LEASE = 3650 * 86400.0
+"""The longest lease (seconds, ten years). Production leases are seconds to
+minutes (a dead worker's runs wait this long); the test engine uses the
+maximum so that virtual time never lapses one."""
+MIN_HEARTBEAT = 0.01
+"""The shortest heartbeat interval (seconds)."""
+POLL_INTERVAL_RANGE = (0.001, 86400.0)
+"""The shortest and longest ``poll_interval`` (seconds)."""
 
 
 class Engine:
@@ -272,6 +322,10 @@ class Engine:
     times (its worker died or hung each time) is failed with
     :class:`~reflow_core.errors.ReclaimLimitError`. ``drain_timeout`` is how
     long :meth:`stop` lets in-flight runs finish before handing them back.
+    ``max_buffered_events`` bounds the events one run may hold that no wait
+    has consumed yet (default 1000, ``None`` for no bound): :meth:`send_event`
+    to a run holding that many raises
+    :class:`~reflow_core.errors.EventBufferFullError`.
 
     Use it as an async context manager: entering initializes the storage and
     starts the worker, leaving stops it and closes the storage (pass
@@ -295,6 +349,7 @@ class Engine:
         poll_interval: Duration = "1s",
         claim_batch: int | None = None,
         max_reclaims: int = 5,
+        max_buffered_events: int | None = 1000,
         drain_timeout: Duration = "10s",
         close_storage: bool = True,
         worker: bool = True,
@@ -306,8 +361,12 @@ class Engine:
             raise ConfigError(
                 f"concurrency must be a positive int, got {concurrency!r}", option="concurrency"
             )
-        lease_s = _positive(lease, "lease")
-        heartbeat_s = lease_s / 3 if heartbeat is None else _positive(heartbeat, "heartbeat")
+        lease_s = _positive(lease, "lease", MIN_LEASE, MAX_LEASE)
+        heartbeat_s = (
+            lease_s / 3
+            if heartbeat is None
+            else _positive(heartbeat, "heartbeat", MIN_HEARTBEAT, MAX_LEASE)
+        )
         if heartbeat_s >= lease_s:
             raise ConfigError(
                 f"heartbeat ({heartbeat_s:g}s) must be shorter than the lease ({lease_s:g}s), "
@@ -324,6 +383,16 @@ class Engine:
             raise ConfigError(
                 f"max_reclaims must be an int >= 0, got {max_reclaims!r}", option="max_reclaims"
             )
+        if max_buffered_events is not None and (
+            isinstance(max_buffered_events, bool)
+            or not isinstance(max_buffered_events, int)
+            or max_buffered_events < 1
+        ):
+            raise ConfigError(
+                "max_buffered_events must be a positive int or None (no limit), "
+                f"got {max_buffered_events!r}",
+                option="max_buffered_events",
+            )
         self._storage: Storage = open_storage(storage) if isinstance(storage, str) else storage
         self._workflows: dict[str, Workflow[Any, Any]] = {}
         for wf in workflows:
@@ -331,9 +400,10 @@ class Engine:
         self._concurrency = concurrency
         self._lease = timedelta(seconds=lease_s)
         self._heartbeat = heartbeat_s
-        self._poll = _positive(poll_interval, "poll_interval")
+        self._poll = _positive(poll_interval, "poll_interval", *POLL_INTERVAL_RANGE)
         self._claim_batch = claim_batch or concurrency
         self._max_reclaims = max_reclaims
+        self._max_buffered_events = max_buffered_events
         self._drain_timeout = to_seconds(drain_timeout, option="drain_timeout")
         self._close_storage = close_storage
         self._worker = worker
@@ -359,7 +429,7 @@ class Engine:
         self._empty_claims = 0
         self._last_empty_claim = 0.0
         self._hint_timer: asyncio.TimerHandle | None = None
-        self._scheduler = Scheduler(interval=self._poll)
+        self._scheduler = Scheduler(interval=self._poll, clock=self._clock.now)
 
     # -- configuration -----------------------------------------------------
 
@@ -531,12 +601,8 @@ class Engine:
         per workflow.
         """
         wf = self._resolve(workflow)
-        if idempotency_key is not None and (
-            not isinstance(idempotency_key, str) or not idempotency_key
-        ):
-            raise ConfigError(
-                "idempotency_key must be a non-empty string", option="idempotency_key"
-            )
+        if idempotency_key is not None:
+            check_text(idempotency_key, "idempotency_key")
         raw = to_plain_input(input)
         wf.validate_input(raw)
         text = codec.encode(raw)
@@ -584,12 +650,16 @@ class Engine:
         after the run's ``wait_for_event(event)``.
 
         An event sent before the run reaches the wait is kept and consumed
-        when it gets there. Returns False if the run is missing or finished.
+        when it gets there; events still unconsumed when the run ends are
+        dropped with it. Returns False if the run is missing or finished.
         Raises :class:`~reflow_core.errors.EventNotDeclaredError` if the run's
-        workflow never waits for ``event``, and
+        workflow never waits for ``event``,
         :class:`~reflow_core.errors.ValidationError` if the payload fails the
-        wait's schema (nothing is stored then). With ``event_id``, sending the
-        same id again is a no-op.
+        wait's schema, and :class:`~reflow_core.errors.EventBufferFullError`
+        if the run already holds ``max_buffered_events`` unconsumed events
+        (of any name; see :class:`Engine`); nothing is stored then. With
+        ``event_id``, sending the same id again is a no-op, even to a full
+        run.
         """
         await self._ensure_initialized()
         record = await self._storage.get_run(run_id)
@@ -604,7 +674,11 @@ class Engine:
         raw = to_plain_input(payload)
         wait.validate(wf.name, raw)
         delivered = await self._storage.deliver_event(
-            run_id, event, codec.encode(raw), event_id=event_id
+            run_id,
+            event,
+            codec.encode(raw),
+            event_id=event_id,
+            max_buffered=self._max_buffered_events,
         )
         if delivered:
             self._wake.set()
@@ -670,20 +744,21 @@ class Engine:
         """
         wf = self._resolve(workflow)
         recurrence = parse_recurrence(every=every, cron=cron)
-        key = wf.name if key is None else key
-        if not isinstance(key, str) or not key:
-            raise ConfigError("a schedule key must be a non-empty string", option="key")
+        key = wf.name if key is None else check_text(key, "key")
         raw = to_plain_input(input)
         wf.validate_input(raw)
         text = codec.encode(raw)
         await self._ensure_initialized()
+        # Slots are computed on the storage's clock, which also decides when
+        # they are due, so a skewed engine clock cannot move them.
+        now = await self._scheduler.storage_now(self._storage)
         record = await self._storage.upsert_schedule(
             ScheduleSpec(
                 key=key,
                 workflow=wf.name,
                 input=text,
                 recurrence=recurrence.canonical,
-                next_run_at=recurrence.next_after(self._clock.now()),
+                next_run_at=recurrence.next_after(now),
             )
         )
         self._scheduler.expect(key, record.next_run_at)
@@ -794,16 +869,14 @@ class Engine:
     async def _fire_schedules(self, *, force: bool = False) -> None:
         """Fire due schedules of this engine's workflows: at most once per poll
         interval, or sooner when a slot known here falls due, unless ``force``.
+        A look reads the storage's clock, by which slots are computed.
         Storage trouble is logged and retried at a later look."""
         if not self._workflows:
             return
-        now = self._clock.now()
-        if not force and not self._scheduler.should_check(now):
+        if not force and not self._scheduler.should_check(self._clock.now()):
             return
         try:
-            fired = await self._scheduler.fire_due(
-                self._storage, self._workflows, now, _SCHEDULE_BATCH
-            )
+            fired = await self._scheduler.fire_due(self._storage, self._workflows, _SCHEDULE_BATCH)
         except ReflowError as exc:
             logger.warning("firing schedules failed (%s); retrying at the next poll", exc)
             return
@@ -845,7 +918,8 @@ class Engine:
                 # a contested burst keeps some of its gap.
                 self._empty_claims //= 2
             else:
-                self._empty_claims += 1
+                # Bounded: past the longest gap, more empty claims change nothing.
+                self._empty_claims = min(self._empty_claims + 1, len(_HINT_GAPS))
                 self._last_empty_claim = time.monotonic()
             for c in claimed:
                 self._spawn(c)
@@ -864,7 +938,7 @@ class Engine:
         if self._wake.is_set() or self._hint_timer is not None:
             return
         if self._empty_claims:
-            gap = min(_HINT_GAP_MIN * 2 ** (self._empty_claims - 1), _HINT_GAP_MAX)
+            gap = _HINT_GAPS[min(self._empty_claims, len(_HINT_GAPS)) - 1]
             delay = self._last_empty_claim + gap - time.monotonic()
             if delay > 0:
                 self._hint_timer = asyncio.get_running_loop().call_later(delay, self._hint_due)
@@ -876,6 +950,7 @@ class Engine:
         self._wake.set()
 
     def _schedule_wait(self, seconds: float) -> float:
+        # The scheduler corrects the engine's clock by the storage's offset.
         return self._scheduler.wait(self._clock.now(), seconds)
 
     async def _idle(self, seconds: float) -> None:
@@ -1041,15 +1116,19 @@ class Engine:
             await self._storage.update_run_status(record.id, "pending", lease=claimed.lease)
             return
         run = _Execution(record, claimed.lease, state, wf, dict(claimed.steps))
-        try:
-            run.input = run.prev = wf.validate_input(codec.decode(record.input))
-        except (ValidationError, SerializationError) as exc:
-            run.input = codec.decode(record.input) if isinstance(exc, ValidationError) else None
-            await self._fail(run, exc, step=None)
-            return
+        # The reclaim limit comes first: whatever about this run kills its
+        # workers (its input included) cannot stop it from being given up.
         if claimed.reclaimed and record.reclaims > self._max_reclaims:
             error = ReclaimLimitError(record.id, record.reclaims, self._max_reclaims)
+            with contextlib.suppress(CorruptDataError):  # for the failure handler
+                run.input = _read_stored(record.input, "input", record.id)
             await self._fail(run, error, step=None)
+            return
+        try:
+            run.input = _read_stored(record.input, "input", record.id)
+            run.input = run.prev = wf.validate_input(run.input)
+        except (ValidationError, CorruptDataError) as exc:
+            await self._fail(run, exc, step=None)
             return
         if record.attempts == 1:
             await self._emit(RunStarted(record.id, record.workflow, record.attempts, False))
@@ -1060,14 +1139,21 @@ class Engine:
         last = len(wf.steps) - 1
         for index, node in enumerate(wf.steps):
             run.last = index == last
-            if isinstance(node, StepDefinition):
-                done = await self._drive_step(run, node)
-            elif isinstance(node, SleepDefinition):
-                done = await self._drive_sleep(run, node)
-            elif isinstance(node, WaitDefinition):
-                done = await self._drive_wait(run, node)
-            else:
-                done = await self._drive_parallel(run, node)
+            try:
+                if isinstance(node, StepDefinition):
+                    done = await self._drive_step(run, node)
+                elif isinstance(node, SleepDefinition):
+                    done = await self._drive_sleep(run, node)
+                elif isinstance(node, WaitDefinition):
+                    done = await self._drive_wait(run, node)
+                else:
+                    done = await self._drive_parallel(run, node)
+            except CorruptDataError as exc:
+                # A saved output or payload cannot be read. No step is named,
+                # so its stored record is kept as evidence, not overwritten;
+                # the error says which value it was.
+                await self._fail(run, exc, step=None)
+                return
             if done:
                 return
         # Every node was already saved (a trailing one was removed from the
@@ -1094,7 +1180,10 @@ class Engine:
     async def _drive_step(self, run: _Execution, step: StepDefinition) -> bool:
         saved = run.saved.get(step.name)
         if saved is not None and saved.status == "completed":
-            run.advance(step.name, None if saved.output is None else codec.decode(saved.output))
+            run.advance(
+                step.name,
+                _read_stored(saved.output, f"output of step {step.name!r}", run.record.id),
+            )
             return False
         if saved is not None and saved.status == "skipped":
             return False
@@ -1201,7 +1290,7 @@ class Engine:
             payload_text = taken.payload
         else:
             payload_text = saved.output
-        raw = None if payload_text is None else codec.decode(payload_text)
+        raw = _read_stored(payload_text, f"payload of event {wait.name!r}", run.record.id)
         try:
             value = wait.validate(run.record.workflow, raw)
         except ValidationError as exc:
@@ -1221,7 +1310,9 @@ class Engine:
         for branch in group.branches:
             saved = run.saved.get(branch.name)
             if saved is not None and saved.status == "completed":
-                outputs[branch.name] = None if saved.output is None else codec.decode(saved.output)
+                outputs[branch.name] = _read_stored(
+                    saved.output, f"output of step {branch.name!r}", run.record.id
+                )
             else:
                 todo.append(branch)
         tasks = {
@@ -1363,7 +1454,9 @@ class Engine:
             raise
         if signal.cancelled:
             raise StepCancelledError(signal.reason or "cancelled")
-        if asyncio.iscoroutine(result):
+        # inspect's check, not asyncio's: asyncio counts plain generators as
+        # coroutines, and a generator returned by a step is a (refused) value.
+        if inspect.iscoroutine(result):
             async with asyncio.timeout(timeout):
                 return await result
         return result

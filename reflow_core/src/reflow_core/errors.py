@@ -13,6 +13,7 @@ and structured fields for the details. The tree::
     ├── ParallelCompleteError        ctx.complete() called inside a parallel branch
     ├── RunNotFoundError             no run with that id
     ├── IdempotencyConflictError     same key, different input
+    ├── EventBufferFullError         a run already holds as many unconsumed events as allowed
     ├── LeaseExpiredError            a worker lost its lease on a run
     ├── StepCancelledError           raised inside a step by ``ctx.signal.raise_if_cancelled()``
     ├── StorageError                 the backend failed; the driver error is ``__cause__``
@@ -23,6 +24,7 @@ and structured fields for the details. The tree::
         │   └── StepTimeoutError     an attempt ran past its timeout
         ├── WaitTimeoutError         no event arrived before a wait's timeout
         ├── ReclaimLimitError        the run kept losing its worker and was given up
+        ├── CorruptDataError         a stored value of the run cannot be read back
         ├── RunFailedError           raised by ``Engine.result`` for a failed run
         └── RunCancelledError        raised by ``Engine.result`` for a cancelled run
 
@@ -38,8 +40,10 @@ from typing import Any, ClassVar, TypedDict
 __all__ = [
     "BackendNotFoundError",
     "ConfigError",
+    "CorruptDataError",
     "DuplicateStepError",
     "ErrorInfo",
+    "EventBufferFullError",
     "EventNotDeclaredError",
     "IdempotencyConflictError",
     "LeaseExpiredError",
@@ -218,6 +222,25 @@ class IdempotencyConflictError(ReflowError):
         self.existing_run_id = existing_run_id
 
 
+class EventBufferFullError(ReflowError):
+    """A run already holds ``limit`` events that no wait has consumed yet.
+
+    Events sent before a run reaches its wait are buffered; this bound keeps
+    a sender in a loop from growing one run without end. Nothing was stored.
+    """
+
+    code = "event_buffer_full"
+
+    def __init__(self, run_id: str, event: str, limit: int) -> None:
+        super().__init__(
+            f"run {run_id} already holds {limit} unconsumed event(s) (the limit); "
+            f"event {event!r} was not stored"
+        )
+        self.run_id = run_id
+        self.event = event
+        self.limit = limit
+
+
 class LeaseExpiredError(ReflowError):
     """This worker no longer holds the lease on a run; another may own it."""
 
@@ -358,6 +381,24 @@ class ReclaimLimitError(RunError):
         )
         self.reclaims = reclaims
         self.limit = limit
+
+
+class CorruptDataError(RunError):
+    """A value stored for a run (its input, a step's output, an event's
+    payload) cannot be read back: it is not valid tagged JSON, or it is
+    nested deeper than :data:`reflow_core.codec.MAX_DEPTH`.
+
+    A worker fails such a run with this error instead of crashing on it;
+    ``field`` names the value (``"input"``, ``"output of step 'charge'"``).
+    """
+
+    code = "corrupt_data"
+
+    def __init__(self, field: str, reason: str, *, run_id: str | None = None) -> None:
+        where = f" of run {run_id}" if run_id else ""
+        super().__init__(f"the stored {field}{where} cannot be read: {reason}", run_id=run_id)
+        self.field = field
+        self.reason = reason
 
 
 class RunFailedError(RunError):

@@ -12,6 +12,7 @@ connections to one database would be), until the process exits.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 from collections import deque
@@ -21,14 +22,18 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from .adapter import (
+    check_duration,
     check_list_limit,
+    check_new_run,
+    check_purge,
     check_status_update,
+    check_text,
     decode_cursor,
     encode_cursor,
     new_run_id,
     utcnow,
 )
-from .errors import IdempotencyConflictError, StorageError
+from .errors import EventBufferFullError, IdempotencyConflictError, StorageError
 from .storage import (
     TERMINAL_STATUSES,
     ClaimedRun,
@@ -54,6 +59,8 @@ class _Run:
     steps: dict[str, StepRecord] = field(default_factory=dict)
     events: dict[str, deque[str]] = field(default_factory=dict)
     event_ids: set[str] = field(default_factory=set)
+    finished_at: datetime | None = None
+    """When the run last reached a terminal status (``None`` while it has not)."""
 
 
 @dataclass(slots=True)
@@ -118,6 +125,15 @@ class MemoryStorage:
     def _store_step(self, entry: _Run, step: StepRecord, now: datetime) -> None:
         entry.steps[step.name] = dataclasses.replace(step, completed_at=now)
 
+    def _buffered(self, entry: _Run) -> int:
+        """How many events the run holds that no wait has taken yet, of any name."""
+        return sum(len(queue) for queue in entry.events.values())
+
+    def _discard_events(self, entry: _Run) -> None:
+        """Drop a run's buffered events as it ends; the event ids it has seen
+        are kept, so a repeated delivery stays a no-op after a requeue."""
+        entry.events.clear()
+
     # -- lifecycle ---------------------------------------------------------
 
     async def initialize(self) -> None:
@@ -130,6 +146,7 @@ class MemoryStorage:
 
     async def create_run(self, new: NewRun) -> CreateResult:
         self._check_open("create_run")
+        check_new_run(new)
         if new.idempotency_key is not None:
             existing_id = self._idem.get((new.workflow, new.idempotency_key))
             if existing_id is not None:
@@ -176,6 +193,9 @@ class MemoryStorage:
         self, workflows: Collection[str], limit: int, lease: timedelta
     ) -> list[ClaimedRun]:
         self._check_open("claim_runs")
+        for name in workflows:
+            check_text(name, "workflow")
+        check_duration(lease, "lease")
         if limit <= 0:
             return []
         now = self._clock()
@@ -216,6 +236,7 @@ class MemoryStorage:
 
     async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
         self._check_open("heartbeat_run")
+        check_duration(extend, "extend")
         now = self._clock()
         entry = self._live(lease, now)
         if entry is None:
@@ -225,6 +246,8 @@ class MemoryStorage:
 
     async def save_step_result(self, lease: Lease, step: StepRecord, extend: timedelta) -> bool:
         self._check_open("save_step_result")
+        check_text(step.name, "step")
+        check_duration(extend, "extend")
         now = self._clock()
         entry = self._live(lease, now)
         if entry is None:
@@ -243,6 +266,8 @@ class MemoryStorage:
         step: StepRecord | None = None,
     ) -> bool:
         self._check_open("finish_run")
+        if step is not None:
+            check_text(step.name, "step")
         now = self._clock()
         entry = self._live(lease, now)
         if entry is None:
@@ -259,6 +284,8 @@ class MemoryStorage:
             wake_at=None,
             waiting_for=None,
         )
+        self._discard_events(entry)
+        entry.finished_at = now
         return True
 
     async def update_run_status(
@@ -270,6 +297,7 @@ class MemoryStorage:
         error: str | None = None,
     ) -> bool:
         self._check_open("update_run_status")
+        check_text(run_id, "run_id")
         check_status_update(status, lease)
         now = self._clock()
         if lease is not None:
@@ -294,10 +322,14 @@ class MemoryStorage:
                 wake_at=None,
                 waiting_for=None,
             )
+            self._discard_events(entry)
+            entry.finished_at = now
         return True
 
     async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
         self._check_open("sleep_run")
+        check_text(step, "step")
+        check_duration(duration, "duration")
         now = self._clock()
         entry = self._live(lease, now)
         if entry is None:
@@ -315,6 +347,10 @@ class MemoryStorage:
         self, lease: Lease, step: str, event: str, timeout: timedelta | None
     ) -> WaitResult | None:
         self._check_open("wait_run")
+        check_text(step, "step")
+        check_text(event, "event")
+        if timeout is not None:
+            check_duration(timeout, "timeout")
         now = self._clock()
         entry = self._live(lease, now)
         if entry is None:
@@ -339,15 +375,27 @@ class MemoryStorage:
         return WaitResult(ready=False, deadline=deadline)
 
     async def deliver_event(
-        self, run_id: str, event: str, payload: str, *, event_id: str | None = None
+        self,
+        run_id: str,
+        event: str,
+        payload: str,
+        *,
+        event_id: str | None = None,
+        max_buffered: int | None = None,
     ) -> bool:
         self._check_open("deliver_event")
+        check_text(run_id, "run_id")
+        check_text(event, "event")
+        if event_id is not None:
+            check_text(event_id, "event_id")
         entry = self._runs.get(run_id)
         if entry is None or entry.record.status in TERMINAL_STATUSES:
             return False
+        if event_id is not None and event_id in entry.event_ids:
+            return True
+        if max_buffered is not None and self._buffered(entry) >= max_buffered:
+            raise EventBufferFullError(run_id, event, max_buffered)
         if event_id is not None:
-            if event_id in entry.event_ids:
-                return True
             entry.event_ids.add(event_id)
         entry.events.setdefault(event, deque()).append(payload)
         now = self._clock()
@@ -357,6 +405,8 @@ class MemoryStorage:
 
     async def take_event(self, lease: Lease, step: str, event: str) -> EventTake | None:
         self._check_open("take_event")
+        check_text(step, "step")
+        check_text(event, "event")
         now = self._clock()
         entry = self._live(lease, now)
         if entry is None:
@@ -372,13 +422,19 @@ class MemoryStorage:
         self._update(entry, now, waiting_for=None)
         return EventTake(found=True, payload=payload)
 
+    async def now(self) -> datetime:
+        self._check_open("now")
+        return self._clock()
+
     async def get_run(self, run_id: str) -> RunRecord | None:
         self._check_open("get_run")
+        check_text(run_id, "run_id")
         entry = self._runs.get(run_id)
         return None if entry is None else entry.record
 
     async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
         self._check_open("get_step_results")
+        check_text(run_id, "run_id")
         entry = self._runs.get(run_id)
         return {} if entry is None else dict(entry.steps)
 
@@ -392,6 +448,8 @@ class MemoryStorage:
     ) -> RunPage:
         self._check_open("list_runs")
         check_list_limit(limit)
+        if workflow is not None:
+            check_text(workflow, "workflow")
         after = decode_cursor(cursor) if cursor is not None else None
         statuses = None if status is None else set(status)
         rows = sorted(
@@ -417,6 +475,7 @@ class MemoryStorage:
 
     async def requeue_run(self, run_id: str) -> bool:
         self._check_open("requeue_run")
+        check_text(run_id, "run_id")
         entry = self._runs.get(run_id)
         if entry is None or entry.record.status not in ("failed", "cancelled"):
             return False
@@ -432,12 +491,48 @@ class MemoryStorage:
             waiting_for=None,
             lease_expires_at=None,
         )
+        entry.finished_at = None
         return True
+
+    async def purge_finished(self, older_than: timedelta, *, batch: int = 1000) -> int:
+        """Delete runs that finished (completed, failed or cancelled) more
+        than ``older_than`` ago by the storage clock, with their steps, events
+        and event ids, oldest first, ``batch`` runs at a time (other tasks run
+        between batches). Returns how many runs were deleted.
+
+        Runs that have not finished are never touched, and the idempotency
+        keys of deleted runs become free again: keep finished runs for longer
+        than any client may retry an enqueue.
+        """
+        batch = check_purge(older_than, batch)
+        total = 0
+        while True:
+            self._check_open("purge_finished")
+            cutoff = self._clock() - older_than
+            doomed = sorted(
+                (entry.finished_at, run_id)
+                for run_id, entry in self._runs.items()
+                if entry.finished_at is not None
+                and entry.finished_at < cutoff
+                and entry.record.status in TERMINAL_STATUSES
+            )[:batch]
+            for _, run_id in doomed:
+                record = self._runs.pop(run_id).record
+                if record.idempotency_key is not None:
+                    key = (record.workflow, record.idempotency_key)
+                    if self._idem.get(key) == run_id:
+                        del self._idem[key]
+            total += len(doomed)
+            if len(doomed) < batch:
+                return total
+            await asyncio.sleep(0)
 
     # -- schedules ---------------------------------------------------------
 
     async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
         self._check_open("upsert_schedule")
+        check_text(spec.key, "key")
+        check_text(spec.workflow, "workflow")
         now = self._clock()
         old = self._schedules.get(spec.key)
         keep = old is not None and old.recurrence == spec.recurrence
@@ -455,6 +550,7 @@ class MemoryStorage:
 
     async def delete_schedule(self, key: str) -> bool:
         self._check_open("delete_schedule")
+        check_text(key, "key")
         return self._schedules.pop(key, None) is not None
 
     async def list_schedules(self) -> list[ScheduleRecord]:
@@ -472,6 +568,8 @@ class MemoryStorage:
         self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
     ) -> RunRecord | None:
         self._check_open("claim_schedule_slot")
+        check_text(key, "key")
+        check_new_run(run)
         sched = self._schedules.get(key)
         if sched is None or sched.next_run_at != slot:
             return None

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._durations import Duration, to_seconds
+from ._durations import MAX_DURATION, Duration, to_seconds
 from .errors import ConfigError
 
 __all__ = ["Backoff", "Retry"]
 
 Backoff = Literal["fixed", "linear", "exponential"]
+
+_MAX_SECONDS = MAX_DURATION.total_seconds()
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +28,8 @@ class Retry:
     * ``"linear"``: ``initial_delay * n``
     * ``"exponential"``: ``initial_delay * factor ** (n - 1)``
 
-    capped at ``max_delay``. ``jitter`` spreads each delay uniformly by up to
+    capped at ``max_delay`` (and, without one, at 100 years, the longest
+    duration anything accepts). ``jitter`` spreads each delay uniformly by up to
     that fraction either way, so a fleet of failing runs does not retry in step.
     """
 
@@ -51,9 +55,19 @@ class Retry:
                 f"Retry.backoff must be 'fixed', 'linear' or 'exponential', got {self.backoff!r}",
                 option="backoff",
             )
-        if not self.factor >= 1.0:
-            raise ConfigError(f"Retry.factor must be >= 1, got {self.factor}", option="factor")
-        if not 0.0 <= self.jitter <= 1.0:
+        if (
+            isinstance(self.factor, bool)
+            or not isinstance(self.factor, int | float)
+            or not 1.0 <= self.factor < math.inf
+        ):
+            raise ConfigError(
+                f"Retry.factor must be a finite number >= 1, got {self.factor!r}", option="factor"
+            )
+        if (
+            isinstance(self.jitter, bool)
+            or not isinstance(self.jitter, int | float)
+            or not 0.0 <= self.jitter <= 1.0
+        ):
             raise ConfigError(
                 f"Retry.jitter must be within [0, 1], got {self.jitter}", option="jitter"
             )
@@ -71,12 +85,14 @@ class Retry:
         elif self.backoff == "linear":
             base = self._initial * failures
         else:
-            base = self._initial * self.factor ** (failures - 1)
-        if self._max is not None:
-            base = min(base, self._max)
+            try:
+                base = self._initial * self.factor ** (failures - 1)
+            except OverflowError:  # many failures of a fast-growing back-off
+                base = math.inf
+        base = min(base, _MAX_SECONDS if self._max is None else self._max)
         if self.jitter:
             base *= 1.0 + random.uniform(-self.jitter, self.jitter)
-        return max(base, 0.0)
+        return min(max(base, 0.0), _MAX_SECONDS)
 
 
 NO_RETRY = Retry(max_attempts=1, initial_delay=0)

@@ -24,6 +24,14 @@ strictly after the moment it is registered. Slots that pass while no engine is
 running are skipped, not caught up: firing a late slot moves the schedule to
 the first slot strictly after *now*.
 
+Whose clock: every *now* above is the storage's (:meth:`Storage.now
+<reflow_core.storage.Storage.now>`), the clock that also judges leases and
+decides which schedules are due, never the engine's. An engine whose clock
+runs an hour fast or slow therefore registers, fires and skips the same slots
+as every other engine. Between looks, a :class:`Scheduler` times its wake-ups
+by its own clock corrected by the offset it measured at its last reading of
+the storage's, so it still wakes on time for a slot.
+
 Exactly once: each slot is fired with
 :meth:`~reflow_core.storage.Storage.claim_schedule_slot`, which atomically
 moves the schedule from that slot to the next one and creates the run, whose
@@ -37,7 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -277,6 +285,10 @@ class Schedule:
         )
 
 
+def _local_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Scheduler:
     """Fires an engine's due schedules and decides when to look again.
 
@@ -284,13 +296,37 @@ class Scheduler:
     interval), earlier when a slot it knows of falls due: it remembers the
     next slot of every schedule registered or fired through it, so those fire
     on time while a schedule registered elsewhere is seen by the next poll.
+
+    Slots are storage time. ``clock`` is the engine's own clock (default: the
+    local clock); every reading of the storage's clock (:meth:`storage_now`,
+    one per :meth:`fire_due`) also measures :attr:`offset`, the storage's
+    clock minus ``clock``, and :meth:`should_check` and :meth:`wait` compare
+    slots with ``clock`` plus that offset.
     """
 
-    def __init__(self, *, interval: float) -> None:
+    def __init__(self, *, interval: float, clock: Callable[[], datetime] | None = None) -> None:
         self._interval = interval
+        self._local = clock or _local_now
+        self._offset = timedelta(0)
         self._checked_at: float | None = None
         self._known: dict[str, datetime] = {}
         self._more = False
+
+    @property
+    def offset(self) -> timedelta:
+        """The storage's clock minus the local clock, as last measured (zero
+        before the first reading)."""
+        return self._offset
+
+    async def storage_now(self, storage: Storage) -> datetime:
+        """Read the storage's clock (one round trip) and measure :attr:`offset`.
+
+        The local clock is read after the reply, so the offset errs, by at
+        most the round trip, towards a storage clock that is behind: wake-ups
+        timed with it come that little late, never early."""
+        now = _utc(await storage.now())
+        self._offset = now - _utc(self._local())
+        return now
 
     def expect(self, key: str, next_run_at: datetime) -> None:
         """Note that schedule ``key`` next falls due at ``next_run_at``."""
@@ -304,43 +340,53 @@ class Scheduler:
         return min(self._known.values(), default=None)
 
     def should_check(self, now: datetime) -> bool:
-        """True if due schedules should be looked for now."""
+        """True if due schedules should be looked for now; ``now`` is the
+        local clock's reading."""
         if self._more or self._checked_at is None:
             return True
         if time.monotonic() - self._checked_at >= self._interval:
             return True
         earliest = self._earliest()
-        return earliest is not None and earliest <= now
+        return earliest is not None and earliest <= now + self._offset
 
     def wait(self, now: datetime, default: float) -> float:
         """Seconds an idle dispatcher may wait before it should look again,
-        at most ``default``."""
+        at most ``default``; ``now`` is the local clock's reading."""
         if self._more:
             return 0.0
         earliest = self._earliest()
         if earliest is None:
             return default
-        return max(0.0, min(default, (earliest - now).total_seconds()))
+        return max(0.0, min(default, (earliest - (now + self._offset)).total_seconds()))
+
+    def _prune(self, now: datetime) -> None:
+        # Known slots that have passed are looked for now; any that turn out
+        # not to be due (deleted or fired elsewhere) are left to the poll.
+        self._known = {k: v for k, v in self._known.items() if v > now}
 
     async def fire_due(
-        self, storage: Storage, workflows: Collection[str], now: datetime, limit: int
+        self, storage: Storage, workflows: Collection[str], limit: int
     ) -> list[RunRecord]:
         """Fire up to ``limit`` due schedules of ``workflows``, and return the
         runs created.
 
-        Each due slot is claimed with the next slot strictly after both
-        ``now`` and the slot itself (so missed slots are skipped and the
-        schedule always moves forward); a slot another engine fired first is
-        left to it. A :class:`~reflow_core.errors.StorageError` propagates and
-        the next look is one ``interval`` later.
+        It reads the storage's clock (:meth:`storage_now`) when it has slots
+        to prune or schedules to fire, so an engine whose storage holds no
+        schedule pays one round trip per look, not two. Each due slot is
+        claimed with the next slot strictly after both that *now* and the
+        slot itself (so missed slots are skipped and the schedule always
+        moves forward); a slot another engine fired first is left to it. A
+        :class:`~reflow_core.errors.StorageError` propagates and the next
+        look is one ``interval`` later.
         """
         self._checked_at = time.monotonic()
         self._more = False
-        # Known slots that have passed are looked for now; any that turn out
-        # not to be due by the storage's clock (deleted elsewhere, or clocks
-        # that disagree) are left to the poll from here on.
-        self._known = {k: v for k, v in self._known.items() if v > now}
+        now = await self._read_now(storage) if self._known else None
         due = await self._due(storage, workflows, limit)
+        if not due:
+            return []
+        if now is None:
+            now = await self._read_now(storage)
         created: list[RunRecord] = []
         advanced = 0
         for record in due:
@@ -368,6 +414,19 @@ class Scheduler:
         # A full page may hide more due schedules: look again at once.
         self._more = len(due) >= limit and advanced > 0
         return created
+
+    async def _read_now(self, storage: Storage) -> datetime:
+        """The storage's clock, with the known slots that have passed by it
+        pruned (looked for now; any not due are left to the poll). If the
+        read fails they are pruned by the local clock and its last offset, so
+        a storage outage cannot keep them looking due."""
+        try:
+            now = await self.storage_now(storage)
+        except BaseException:
+            self._prune(_utc(self._local()) + self._offset)
+            raise
+        self._prune(now)
+        return now
 
     async def _due(
         self, storage: Storage, workflows: Collection[str], limit: int

@@ -360,7 +360,13 @@ class Storage(Protocol):
         ...
 
     async def deliver_event(
-        self, run_id: str, event: str, payload: str, *, event_id: str | None = None
+        self,
+        run_id: str,
+        event: str,
+        payload: str,
+        *,
+        event_id: str | None = None,
+        max_buffered: int | None = None,
     ) -> bool:
         """Buffer an event for a run, durably, in arrival order.
 
@@ -369,6 +375,15 @@ class Storage(Protocol):
         run is a no-op that returns True (safe retries), for as long as the
         run exists, even after the first was taken. Returns False, storing
         nothing, if the run is missing or terminal.
+
+        With ``max_buffered``, a run that already holds that many buffered
+        (not yet taken) events, of any name, refuses the delivery with
+        :class:`~reflow_core.errors.EventBufferFullError`, storing nothing;
+        the check and the write are atomic. A repeated ``event_id`` is still
+        a no-op returning True. When a run ends (``finish_run``, or
+        ``update_run_status`` to ``failed`` or ``cancelled``) its buffered
+        events are deleted in the same write; the event ids it has seen are
+        kept, so a repeated id stays a no-op after :meth:`requeue_run`.
         """
         ...
 
@@ -381,6 +396,12 @@ class Storage(Protocol):
         and other runs are never touched. Returns ``EventTake(found=False)``
         when nothing is buffered, ``None`` if the lease is lost.
         """
+        ...
+
+    async def now(self) -> datetime:
+        """The storage's clock: the *now* by which it judges leases, sleeps,
+        waits and due schedules (aware UTC). The engine computes schedule
+        slots from it, so engines whose clocks disagree still agree on slots."""
         ...
 
     async def get_run(self, run_id: str) -> RunRecord | None:
@@ -413,8 +434,11 @@ class Storage(Protocol):
         """Make a ``failed`` or ``cancelled`` run ``pending`` again.
 
         Completed and skipped step records are kept; ``failed`` ones are
-        dropped; ``error`` and ``reclaims`` are reset. Returns False, changing
-        nothing, for a missing run or one in another status.
+        dropped; ``error`` and ``reclaims`` are reset. The run holds no
+        buffered events (they were deleted when it ended), so a wait it
+        reaches again waits for an event sent after the requeue; the event
+        ids it saw before are still known. Returns False, changing nothing,
+        for a missing run or one in another status.
         """
         ...
 

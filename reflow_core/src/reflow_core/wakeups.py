@@ -33,6 +33,9 @@ MIN_TIMER = 0.002
 """Due times closer than this (seconds) wake at once."""
 MAX_BACKOFF = 5.0
 """The longest pause between reconnection attempts (seconds)."""
+MAX_HINT_DELAY_MS = 86_400_000
+"""Hints about work due later than this (a day) arm a timer for a day: the
+timer's look at the store finds the real due time then."""
 
 
 def hint_payload(workflow: str, delay_ms: int = 0) -> str:
@@ -103,9 +106,12 @@ class WakeupHub:
     def hint(self, payload: str) -> None:
         """Act on one hint message (malformed ones are ignored)."""
         delay_ms, sep, workflow = payload.partition("|")
-        if not sep or not delay_ms.isdigit():
+        if not sep or not delay_ms.isascii() or not delay_ms.isdigit():
             logger.debug("ignoring a malformed wake-up hint %r", payload[:100])
             return
+        # Compared as text first: a digit string too long for int() is just "later".
+        if len(delay_ms) > len(str(MAX_HINT_DELAY_MS)) or int(delay_ms) > MAX_HINT_DELAY_MS:
+            delay_ms = str(MAX_HINT_DELAY_MS)
         delay = int(delay_ms) / 1000
         if delay < MIN_TIMER:
             self._wake(workflow)
@@ -157,7 +163,12 @@ class WakeupHub:
     def _wake(self, workflow: str | None) -> None:
         for sub in list(self._subs):
             if workflow is None or workflow == "" or workflow in sub.workflows:
-                sub.wake()
+                try:
+                    sub.wake()
+                except Exception:
+                    # A subscriber's failure is its own: the channel, and
+                    # every other subscriber's hints, go on.
+                    logger.exception("a wake-up subscriber failed on a hint")
 
     def _workflows(self) -> list[str]:
         names: set[str] = set()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast, overload
 
 from ._durations import Duration, to_seconds
+from .adapter import check_text
 from .context import FailureContext, StepContext
 from .errors import ConfigError, DuplicateStepError, ValidationError
 from .retry import NO_RETRY, Retry
@@ -295,6 +296,10 @@ class Workflow(Generic[InputT, PrevT]):
                 f"workflow {self._name!r}: step names must be non-empty strings, got {name!r}",
                 option="name",
             )
+        try:
+            check_text(name, "step name")
+        except ConfigError as exc:
+            raise ConfigError(f"workflow {self._name!r}: {exc.message}", option="name") from None
         if name in (self._taken() if taken is None else taken):
             raise DuplicateStepError(self._name, name)
         return name
@@ -479,4 +484,5 @@ def workflow(name: str, input: object = None) -> Workflow[Any, Any]:
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("workflow name must be a non-empty string", option="name")
+    check_text(name, "workflow name")
     return Workflow(name, input, _make_validator(input, name))
