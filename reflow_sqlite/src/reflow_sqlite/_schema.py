@@ -102,7 +102,35 @@ _V1: Sequence[str] = (
     "CREATE INDEX schedules_due ON schedules (next_run_at, key)",
 )
 
-MIGRATIONS: Sequence[Sequence[str]] = (_V1,)
+# Version 2: retention and bounded event buffers.
+_V2: Sequence[str] = (
+    # When a run reached a terminal status, set only then (and cleared by a
+    # requeue), so retention judges a run by its finish, not its last touch.
+    "ALTER TABLE runs ADD COLUMN finished_at INTEGER",
+    # A finished run is not written again, so its last update is its finish.
+    """
+    UPDATE runs SET finished_at = updated_at
+        WHERE status IN ('completed', 'failed', 'cancelled')
+    """,
+    # Retention: finished runs by finish time (unfinished runs are not in it).
+    """
+    CREATE INDEX runs_finished ON runs (finished_at, id)
+        WHERE finished_at IS NOT NULL
+    """,
+    # A run that ends drops its buffered events (its event ids are kept for
+    # deduplication); runs that ended before this version kept theirs.
+    """
+    DELETE FROM events WHERE taken_at IS NULL AND event_id IS NULL
+        AND run_id IN (SELECT id FROM runs WHERE finished_at IS NOT NULL)
+    """,
+    """
+    UPDATE events SET taken_at = created_at, payload = ''
+        WHERE taken_at IS NULL
+        AND run_id IN (SELECT id FROM runs WHERE finished_at IS NOT NULL)
+    """,
+)
+
+MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2)
 """``MIGRATIONS[n]``: the statements that take schema version ``n`` to ``n + 1``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

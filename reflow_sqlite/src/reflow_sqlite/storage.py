@@ -36,8 +36,12 @@ import aiosqlite
 
 from reflow_core.adapter import (
     check_aware,
+    check_duration,
     check_list_limit,
+    check_new_run,
+    check_purge,
     check_status_update,
+    check_text,
     decode_cursor,
     encode_cursor,
     new_run_id,
@@ -45,6 +49,7 @@ from reflow_core.adapter import (
 )
 from reflow_core.errors import (
     ConfigError,
+    EventBufferFullError,
     IdempotencyConflictError,
     ReflowError,
     SchemaVersionError,
@@ -107,11 +112,17 @@ def _span_us(value: timedelta) -> int:
 
 
 def _from_us(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
+    try:
+        return _EPOCH + timedelta(microseconds=value)
+    except OverflowError:
+        # Outside datetime's years 1-9999: never written now (durations are
+        # bounded), but a file from an older version may hold one. Read it as
+        # the nearest representable time rather than failing every read of it.
+        return datetime.max.replace(tzinfo=UTC) if value > 0 else datetime.min.replace(tzinfo=UTC)
 
 
 def _from_us_opt(value: int | None) -> datetime | None:
-    return None if value is None else _EPOCH + timedelta(microseconds=value)
+    return None if value is None else _from_us(value)
 
 
 def _placeholders(count: int) -> str:
@@ -156,7 +167,8 @@ _SQL_GET_STEPS = f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? ORDER BY r
 _SQL_EXTEND = f"UPDATE runs SET lease_expires_at = ?, updated_at = ? WHERE {_FENCE} RETURNING 1"
 _SQL_FINISH = (
     "UPDATE runs SET status = ?, output = ?, error = ?, lease_expires_at = NULL, "
-    f"wake_at = NULL, waiting_for = NULL, updated_at = ? WHERE {_FENCE} RETURNING 1"
+    f"wake_at = NULL, waiting_for = NULL, updated_at = ?, finished_at = ? WHERE {_FENCE} "
+    "RETURNING 1"
 )
 _SQL_HAND_BACK = (
     "UPDATE runs SET status = 'pending', lease_expires_at = NULL, wake_at = ?, "
@@ -164,11 +176,23 @@ _SQL_HAND_BACK = (
 )
 _SQL_END_FENCED = (
     "UPDATE runs SET status = ?, error = ?, lease_expires_at = NULL, wake_at = NULL, "
-    f"waiting_for = NULL, updated_at = ? WHERE {_FENCE} RETURNING 1"
+    f"waiting_for = NULL, updated_at = ?, finished_at = ? WHERE {_FENCE} RETURNING 1"
 )
 _SQL_END_UNFENCED = (
     "UPDATE runs SET status = ?, error = ?, lease_expires_at = NULL, wake_at = NULL, "
-    f"waiting_for = NULL, updated_at = ? WHERE id = ? AND {_NOT_TERMINAL} RETURNING 1"
+    f"waiting_for = NULL, updated_at = ?, finished_at = ? WHERE id = ? AND {_NOT_TERMINAL} "
+    "RETURNING 1"
+)
+# A run that ends drops its buffered events: those without an id go, those
+# with one stay as taken with no payload, so a redelivery of the id stays a
+# no-op for as long as the run exists. Both walk the partial index
+# events_buffered, which holds buffered events only (the unary "+" keeps the
+# planner off the (run_id, event_id) index, which also holds taken events).
+_SQL_DROP_BUFFERED = (
+    "DELETE FROM events WHERE run_id = ? AND taken_at IS NULL AND +event_id IS NULL"
+)
+_SQL_RETIRE_BUFFERED = (
+    "UPDATE events SET taken_at = ?, payload = '' WHERE run_id = ? AND taken_at IS NULL"
 )
 _SQL_SLEEP = (
     "UPDATE runs SET status = 'sleeping', wake_at = ?, lease_expires_at = NULL, "
@@ -188,6 +212,11 @@ _SQL_OLDEST_EVENT = (
 _SQL_TAKE_EVENT = "UPDATE events SET taken_at = ? WHERE id = ?"
 _SQL_TOOK_EVENT = "UPDATE runs SET waiting_for = NULL, updated_at = ? WHERE id = ?"
 _SQL_RUN_STATE = "SELECT status, waiting_for FROM runs WHERE id = ?"
+_SQL_SEEN_EVENT_ID = "SELECT 1 FROM events WHERE run_id = ? AND event_id = ?"
+# Counting stops at the limit, so a full buffer costs at most that many index entries.
+_SQL_COUNT_BUFFERED = (
+    "SELECT count(*) FROM (SELECT 1 FROM events WHERE run_id = ? AND taken_at IS NULL LIMIT ?)"
+)
 _SQL_INSERT_EVENT = (
     "INSERT INTO events (run_id, name, payload, event_id, created_at) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (run_id, event_id) DO NOTHING RETURNING id"
@@ -195,10 +224,17 @@ _SQL_INSERT_EVENT = (
 _SQL_WAKE = "UPDATE runs SET wake_at = ?, updated_at = ? WHERE id = ?"
 _SQL_REQUEUE = (
     "UPDATE runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = ?, "
-    "waiting_for = NULL, lease_expires_at = NULL, updated_at = ? "
+    "waiting_for = NULL, lease_expires_at = NULL, updated_at = ?, finished_at = NULL "
     "WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING 1"
 )
 _SQL_DROP_FAILED_STEPS = "DELETE FROM steps WHERE run_id = ? AND status = 'failed'"
+# Retention walks the partial index runs_finished, oldest finish first.
+_SQL_PURGE_CANDIDATES = (
+    "SELECT id FROM runs WHERE finished_at < ? "
+    "AND status IN ('completed', 'failed', 'cancelled') ORDER BY finished_at, id LIMIT ?"
+)
+_PURGE_CHUNK = 500
+"""Run ids per ``IN (...)`` list when a purge deletes a batch (one parameter each)."""
 _SQL_GET_SCHEDULE = "SELECT recurrence, next_run_at, created_at FROM schedules WHERE key = ?"
 _SQL_UPSERT_SCHEDULE = (
     f"INSERT INTO schedules ({_SCHEDULE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
@@ -419,23 +455,32 @@ def _finish_script(
     error: str | None,
     step: _StepRow | None,
 ) -> Script[bool]:
-    rows = yield (_SQL_FINISH, (status, output, error, now, lease.run_id, lease.epoch, now))
+    rows = yield (_SQL_FINISH, (status, output, error, now, now, lease.run_id, lease.epoch, now))
     if not rows:
         return False
     if step is not None:
         yield (_SQL_UPSERT_STEP, step.params(lease.run_id, now))
+    yield from _drop_buffered_script(now, lease.run_id)
     return True
+
+
+def _drop_buffered_script(now: int, run_id: str) -> Script[None]:
+    """The buffered events of a run that has just ended go with it."""
+    yield (_SQL_DROP_BUFFERED, (run_id,))
+    yield (_SQL_RETIRE_BUFFERED, (now, run_id))
 
 
 def _update_status_script(
     now: int, run_id: str, status: str, lease: Lease | None, error: str | None
 ) -> Script[bool]:
     if lease is None:
-        rows = yield (_SQL_END_UNFENCED, (status, error, now, run_id))
+        rows = yield (_SQL_END_UNFENCED, (status, error, now, now, run_id))
     elif status == "pending":
         rows = yield (_SQL_HAND_BACK, (now, now, run_id, lease.epoch, now))
     else:
-        rows = yield (_SQL_END_FENCED, (status, error, now, run_id, lease.epoch, now))
+        rows = yield (_SQL_END_FENCED, (status, error, now, now, run_id, lease.epoch, now))
+    if rows and status != "pending":
+        yield from _drop_buffered_script(now, run_id)
     return bool(rows)
 
 
@@ -481,12 +526,25 @@ def _wait_script(
 
 
 def _deliver_script(
-    now: int, run_id: str, event: str, payload: str, event_id: str | None
+    now: int,
+    run_id: str,
+    event: str,
+    payload: str,
+    event_id: str | None,
+    max_buffered: int | None,
 ) -> Script[bool]:
     rows = yield (_SQL_RUN_STATE, (run_id,))
     if not rows or rows[0][0] in TERMINAL_STATUSES:
         return False
     status, waiting_for = rows[0]
+    if max_buffered is not None:
+        if event_id is not None:
+            seen = yield (_SQL_SEEN_EVENT_ID, (run_id, event_id))
+            if seen:
+                return True  # a repeated id is a no-op, full buffer or not
+        counted = yield (_SQL_COUNT_BUFFERED, (run_id, max_buffered))
+        if counted[0][0] >= max_buffered:
+            raise EventBufferFullError(run_id, event, max_buffered)
     inserted = yield (_SQL_INSERT_EVENT, (run_id, event, payload, event_id, now))
     if inserted and status == "waiting" and waiting_for == event:
         yield (_SQL_WAKE, (now, now, run_id))
@@ -548,6 +606,18 @@ def _list_runs_script(
     more = len(rows) > limit
     next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more else None
     return RunPage(page, next_cursor)
+
+
+def _purge_script(now: int, age_us: int, batch: int) -> Script[int]:
+    rows = yield (_SQL_PURGE_CANDIDATES, (now - age_us, batch))
+    ids = [row[0] for row in rows]
+    for start in range(0, len(ids), _PURGE_CHUNK):
+        chunk = ids[start : start + _PURGE_CHUNK]
+        marks = _placeholders(len(chunk))
+        yield (f"DELETE FROM steps WHERE run_id IN ({marks})", chunk)
+        yield (f"DELETE FROM events WHERE run_id IN ({marks})", chunk)
+        yield (f"DELETE FROM runs WHERE id IN ({marks})", chunk)
+    return len(ids)
 
 
 def _requeue_script(now: int, run_id: str) -> Script[bool]:
@@ -1095,6 +1165,7 @@ class SQLiteStorage:
 
     async def create_run(self, new: NewRun) -> CreateResult:
         """Create a ``pending`` run, or return the run already holding its idempotency key."""
+        check_new_run(new)
         run_id = new.run_id or new_run_id()
         return await self._call("create_run", lambda now: _create_script(now, new, run_id))
 
@@ -1106,7 +1177,8 @@ class SQLiteStorage:
         One call claims at most :data:`MAX_CLAIM` runs.
         """
         self._connection("claim_runs")
-        names = list(dict.fromkeys(workflows))
+        names = [check_text(name, "workflow") for name in dict.fromkeys(workflows)]
+        check_duration(lease, "lease")
         if limit <= 0 or not names:
             return []
         limit = min(limit, MAX_CLAIM)
@@ -1117,7 +1189,7 @@ class SQLiteStorage:
 
     async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
         """Fenced: extend the lease to ``now + extend``."""
-        extend_us = _span_us(extend)
+        extend_us = _span_us(check_duration(extend, "extend"))
         return await self._call(
             "heartbeat_run", lambda now: _heartbeat_script(now, lease, extend_us)
         )
@@ -1131,8 +1203,9 @@ class SQLiteStorage:
         self._connection("save_step_result")
         if self._closing:
             raise StorageError("storage is closed", operation="save_step_result", backend=BACKEND)
+        check_text(step.name, "step")
         row = _StepRow.of(step)
-        extend_us = _span_us(extend)
+        extend_us = _span_us(check_duration(extend, "extend"))
         if not self._group_commit:
             return await self._call(
                 "save_step_result", lambda now: _save_step_script(now, lease, row, extend_us)
@@ -1213,6 +1286,8 @@ class SQLiteStorage:
     ) -> bool:
         """Fenced: optional last step, terminal status, lease dropped, in one transaction."""
         row = None if step is None else _StepRow.of(step)
+        if step is not None:
+            check_text(step.name, "step")
         return await self._call(
             "finish_run", lambda now: _finish_script(now, lease, status, output, error, row)
         )
@@ -1227,6 +1302,7 @@ class SQLiteStorage:
     ) -> bool:
         """Hand a run back (``pending``, with its lease) or end it (``failed``/``cancelled``)."""
         self._connection("update_run_status")
+        check_text(run_id, "run_id")
         check_status_update(status, lease)
         if lease is not None and lease.run_id != run_id:
             return False
@@ -1237,7 +1313,8 @@ class SQLiteStorage:
 
     async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
         """Fenced: sleep until a deadline fixed the first time ``step`` is reached."""
-        duration_us = _span_us(duration)
+        check_text(step, "step")
+        duration_us = _span_us(check_duration(duration, "duration"))
         wake_at = await self._call(
             "sleep_run", lambda now: _sleep_script(now, lease, step, duration_us)
         )
@@ -1247,7 +1324,9 @@ class SQLiteStorage:
         self, lease: Lease, step: str, event: str, timeout: timedelta | None
     ) -> WaitResult | None:
         """Fenced: wait for ``event`` (ready at once if one is buffered)."""
-        timeout_us = None if timeout is None else _span_us(timeout)
+        check_text(step, "step")
+        check_text(event, "event")
+        timeout_us = None if timeout is None else _span_us(check_duration(timeout, "timeout"))
         outcome = await self._call(
             "wait_run", lambda now: _wait_script(now, lease, step, event, timeout_us)
         )
@@ -1257,23 +1336,49 @@ class SQLiteStorage:
         return WaitResult(ready=ready, deadline=_from_us_opt(deadline))
 
     async def deliver_event(
-        self, run_id: str, event: str, payload: str, *, event_id: str | None = None
+        self,
+        run_id: str,
+        event: str,
+        payload: str,
+        *,
+        event_id: str | None = None,
+        max_buffered: int | None = None,
     ) -> bool:
-        """Buffer an event (deduplicated by ``event_id``) and wake a run waiting for it."""
+        """Buffer an event (deduplicated by ``event_id``) and wake a run waiting
+        for it. With ``max_buffered``, a run already holding that many
+        untaken events refuses it with
+        :class:`~reflow_core.errors.EventBufferFullError`, in the same
+        transaction as the write."""
+        check_text(run_id, "run_id")
+        check_text(event, "event")
+        if event_id is not None:
+            check_text(event_id, "event_id")
         return await self._call(
-            "deliver_event", lambda now: _deliver_script(now, run_id, event, payload, event_id)
+            "deliver_event",
+            lambda now: _deliver_script(now, run_id, event, payload, event_id, max_buffered),
         )
 
     async def take_event(self, lease: Lease, step: str, event: str) -> EventTake | None:
         """Fenced: consume the oldest buffered ``event`` as the result of wait step ``step``."""
+        check_text(step, "step")
+        check_text(event, "event")
         return await self._call("take_event", lambda now: _take_script(now, lease, step, event))
+
+    async def now(self) -> datetime:
+        """The storage clock (the ``clock`` option, else the local clock), in
+        the microseconds the database keeps: the *now* every deadline is
+        judged by."""
+        self._connection("now")
+        return _from_us(_to_us(self._clock(), "clock"))
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         """The run, or ``None``."""
+        check_text(run_id, "run_id")
         return await self._call("get_run", lambda now: _get_run_script(now, run_id), "read")
 
     async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
         """The run's saved steps by name, in the order they were first saved."""
+        check_text(run_id, "run_id")
         return await self._call(
             "get_step_results", lambda now: _get_steps_script(now, run_id), "read"
         )
@@ -1289,6 +1394,8 @@ class SQLiteStorage:
         """Runs newest first, keyset-paginated on ``(created_at, id)``."""
         self._connection("list_runs")
         check_list_limit(limit)
+        if workflow is not None:
+            check_text(workflow, "workflow")
         after: tuple[int, str] | None = None
         if cursor is not None:
             created, last_id = decode_cursor(cursor)
@@ -1304,12 +1411,41 @@ class SQLiteStorage:
 
     async def requeue_run(self, run_id: str) -> bool:
         """Make a ``failed`` or ``cancelled`` run ``pending`` again, dropping failed steps."""
+        check_text(run_id, "run_id")
         return await self._call("requeue_run", lambda now: _requeue_script(now, run_id))
+
+    async def purge_finished(self, older_than: timedelta, *, batch: int = 1000) -> int:
+        """Delete runs that finished (completed, failed or cancelled) more than
+        ``older_than`` ago by the storage clock, with their steps, events and
+        event ids, oldest first. Returns how many runs were deleted.
+
+        Each transaction deletes at most ``batch`` runs and holds the write
+        lock only that long, so workers keep going while a large backlog is
+        purged. A run is judged by the time it finished, stored when it
+        ended: one that finishes while a purge runs is younger than the
+        cut-off and stays. Unfinished runs are never touched. Idempotency
+        keys of deleted runs become free again, so keep finished runs for
+        longer than any client may retry an enqueue.
+        """
+        self._connection("purge_finished")
+        batch = check_purge(older_than, batch)
+        age_us = _span_us(older_than)
+        total = 0
+        while True:
+            deleted = await self._call(
+                "purge_finished",
+                lambda now: _purge_script(now, age_us, batch),
+            )
+            total += deleted
+            if deleted < batch:
+                return total
 
     # -- schedules -------------------------------------------------------------------
 
     async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
         """Create or replace a schedule, keeping its cadence if the recurrence is unchanged."""
+        check_text(spec.key, "key")
+        check_text(spec.workflow, "workflow")
         next_run_at = _to_us(spec.next_run_at, "next_run_at")
         return await self._call(
             "upsert_schedule", lambda now: _upsert_schedule_script(now, spec, next_run_at)
@@ -1317,6 +1453,7 @@ class SQLiteStorage:
 
     async def delete_schedule(self, key: str) -> bool:
         """Delete a schedule; False if there was none."""
+        check_text(key, "key")
         return await self._call("delete_schedule", lambda now: _delete_schedule_script(now, key))
 
     async def list_schedules(self) -> list[ScheduleRecord]:
@@ -1336,6 +1473,8 @@ class SQLiteStorage:
         self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
     ) -> RunRecord | None:
         """Compare-and-set the schedule's slot and create its run, in one transaction."""
+        check_text(key, "key")
+        check_new_run(run)
         slot_us = _to_us(slot, "slot")
         next_us = _to_us(next_run_at, "next_run_at")
         run_id = run.run_id or new_run_id()
