@@ -17,6 +17,12 @@ Design notes (see docs/postgres.md):
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,
   set only when a run ends.
+* Event buffers are bounded: ``runs.buffered`` counts a live run's untaken
+  events (the cap of ``deliver_event`` is checked against it), and a run's
+  end calls ``drop_buffered_events`` only when it is above zero, so ending a
+  run that holds no events never touches the events table. ``events_buffered``
+  holds untaken events only, so taking and dropping them does not grow with
+  the events a run has already taken.
 * Text keys use the ``C`` collation: run ids sort bytewise, as on every other
   backend, and compare faster.
 """
@@ -122,7 +128,64 @@ _V1: Sequence[str] = (
     "CREATE INDEX schedules_due ON {schema}.schedules (next_run_at, key)",
 )
 
-MIGRATIONS: Sequence[Sequence[str]] = (_V1,)
+# Version 2: bounded event buffers.
+_V2: Sequence[str] = (
+    # A run that ends drops its buffered events (events with an id stay, as
+    # taken and without a payload, for deduplication); runs that ended before
+    # this version kept theirs.
+    """
+    DELETE FROM {schema}.events AS e USING {schema}.runs AS r
+        WHERE e.run_id = r.id AND r.finished_at IS NOT NULL
+        AND e.taken_at IS NULL AND e.event_id IS NULL
+    """,
+    """
+    UPDATE {schema}.events AS e SET taken_at = r.finished_at, payload = ''
+        FROM {schema}.runs AS r
+        WHERE e.run_id = r.id AND r.finished_at IS NOT NULL AND e.taken_at IS NULL
+    """,
+    # How many untaken events a live run holds: deliver_event checks its cap
+    # against it and adds one, take_event takes one off, and a run's end
+    # calls drop_buffered_events only when it is above zero. Unindexed, so
+    # keeping it is a HOT update of a row those operations lock anyway. Only
+    # kept while the run lives: requeue_run sets it to zero.
+    "ALTER TABLE {schema}.runs ADD COLUMN buffered integer NOT NULL DEFAULT 0",
+    """
+    UPDATE {schema}.runs AS r SET buffered = b.n
+        FROM (SELECT run_id, count(*) AS n FROM {schema}.events
+              WHERE taken_at IS NULL GROUP BY run_id) AS b
+        WHERE r.id = b.run_id
+    """,
+    # Untaken events only: taking the oldest of a name and dropping a run's
+    # buffer stay proportional to what is buffered, however many events the
+    # run has taken before.
+    """
+    CREATE INDEX events_buffered ON {schema}.events (run_id, name, id)
+        WHERE taken_at IS NULL
+    """,
+    # Called by the statement that ends a run holding buffered events (see
+    # _sql.py), in its transaction. Its queries take a snapshot of their own,
+    # so they see an event whose delivery committed while that statement
+    # waited for the run's row. Returns how many events it dropped.
+    """
+    CREATE FUNCTION {schema}.drop_buffered_events(run text, at timestamptz)
+        RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
+    DECLARE
+        dropped integer;
+        kept integer;
+    BEGIN
+        DELETE FROM {schema}.events
+            WHERE run_id = run AND taken_at IS NULL AND event_id IS NULL;
+        GET DIAGNOSTICS dropped = ROW_COUNT;
+        UPDATE {schema}.events SET taken_at = at, payload = ''
+            WHERE run_id = run AND taken_at IS NULL;
+        GET DIAGNOSTICS kept = ROW_COUNT;
+        RETURN dropped + kept;
+    END
+    $$
+    """,
+)
+
+MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2)
 """``MIGRATIONS[n]`` upgrades a schema at version ``n`` to ``n + 1``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

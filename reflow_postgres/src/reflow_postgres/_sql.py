@@ -52,6 +52,19 @@ _STEP_VALUES = (
     "%(step_attempts)s::integer, %(step_wake_at)s::timestamptz, {now}"
 )
 
+
+# A run that ends drops its buffered events in the statement that ends it:
+# ``runs.buffered`` counts a live run's untaken events (kept by deliver and
+# take), and only a run with some calls the schema's function
+# drop_buffered_events (see _schema.py). A run that holds none costs this
+# statement nothing more: the events table is not even in its plan. The
+# function's queries take a snapshot of their own, after this statement got
+# the run's row, so they also see an event whose delivery committed while
+# this statement waited for that row (it is counted in the row's new version).
+def _drop_buffered(run: str) -> str:
+    return f"CASE WHEN {run}.buffered > 0 THEN {{s}}.drop_buffered_events({run}.id, {{now}}) END"
+
+
 _TEMPLATES: dict[str, str] = {
     "create": (
         "WITH ins AS ("
@@ -142,22 +155,22 @@ _TEMPLATES: dict[str, str] = {
         ") SELECT id FROM f"
     ),
     "finish": (
-        "UPDATE {s}.runs SET status = %(status)s, output = %(output)s, error = %(error)s,"
-        " lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},"
-        " finished_at = {now}"
-        f" WHERE {_FENCE}"
+        "UPDATE {s}.runs AS r SET status = %(status)s, output = %(output)s,"
+        " error = %(error)s, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,"
+        " updated_at = {now}, finished_at = {now}"
+        f" WHERE {_FENCE} RETURNING {_drop_buffered('r')}"
     ),
     "finish_with_step": (
         "WITH f AS ("
         " UPDATE {s}.runs SET status = %(status)s, output = %(output)s, error = %(error)s,"
         "  lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},"
         "  finished_at = {now}"
-        f" WHERE {_FENCE} RETURNING id"
+        f" WHERE {_FENCE} RETURNING id, buffered"
         "), st AS ("
         " INSERT INTO {s}.steps (run_id, name, status, output, error, attempts, wake_at,"
         "  completed_at)"
         f" SELECT f.id, {_STEP_VALUES} FROM f {_UPSERT_STEP_TAIL}"
-        ") SELECT 1 FROM f"
+        f") SELECT 1, {_drop_buffered('f')} FROM f"
     ),
     # Many runs' ends in one statement (group commit), each fenced on its own.
     "finish_many": (
@@ -174,13 +187,13 @@ _TEMPLATES: dict[str, str] = {
         "  updated_at = {now}, finished_at = {now}"
         " FROM t WHERE r.id = t.id AND r.status = 'running' AND r.lease_epoch = t.epoch"
         "  AND r.lease_expires_at > {now}"
-        " RETURNING r.id"
+        " RETURNING r.id, r.buffered"
         "), ins AS ("
         " INSERT INTO {s}.steps (run_id, name, status, output, error, attempts, wake_at,"
         "  completed_at)"
         " SELECT t.id, t.name, t.status, t.output, t.error, t.attempts, t.wake_at, {now}"
         " FROM t JOIN f ON f.id = t.id WHERE t.has_step " + _UPSERT_STEP_TAIL + ""
-        ") SELECT id FROM f"
+        f") SELECT f.id, {_drop_buffered('f')} FROM f"
     ),
     "finished_already": (
         "SELECT 1 FROM {s}.runs WHERE id = %(id)s AND lease_epoch = %(epoch)s"
@@ -193,14 +206,16 @@ _TEMPLATES: dict[str, str] = {
         ") SELECT {notify} FROM u"
     ),
     "end_fenced": (
-        "UPDATE {s}.runs SET status = %(status)s, error = %(error)s, lease_expires_at = NULL,"
-        " wake_at = NULL, waiting_for = NULL, updated_at = {now}, finished_at = {now}"
-        f" WHERE {_FENCE}"
+        "UPDATE {s}.runs AS r SET status = %(status)s, error = %(error)s,"
+        " lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},"
+        " finished_at = {now}"
+        f" WHERE {_FENCE} RETURNING {_drop_buffered('r')}"
     ),
     "end_unfenced": (
-        "UPDATE {s}.runs SET status = %(status)s, error = %(error)s, lease_expires_at = NULL,"
-        " wake_at = NULL, waiting_for = NULL, updated_at = {now}, finished_at = {now}"
-        f" WHERE id = %(id)s AND status NOT IN {_TERMINAL}"
+        "UPDATE {s}.runs AS r SET status = %(status)s, error = %(error)s,"
+        " lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},"
+        " finished_at = {now}"
+        f" WHERE id = %(id)s AND status NOT IN {_TERMINAL} RETURNING {_drop_buffered('r')}"
     ),
     "sleep": (
         "WITH prev AS ("
@@ -267,27 +282,48 @@ _TEMPLATES: dict[str, str] = {
         " SELECT %(id)s, %(name)s::text, 'completed', ev.payload, NULL, 1, NULL, {now}"
         " FROM ev " + _UPSERT_STEP_TAIL + ""
         "), u AS ("
-        " UPDATE {s}.runs SET waiting_for = NULL, updated_at = {now}"
+        " UPDATE {s}.runs SET waiting_for = NULL, updated_at = {now},"
+        "  buffered = greatest(buffered - 1, 0)"
         " WHERE id = %(id)s AND EXISTS (SELECT 1 FROM ev)"
         ") SELECT EXISTS (SELECT 1 FROM done), (SELECT output FROM done),"
         " (SELECT payload FROM ev)"
     ),
+    # Runs after lock_run, which serializes deliveries and takes on the run,
+    # so the check (a repeated id, then the run's count of buffered events
+    # against the cap) and the write see the same events. An event stored
+    # counts in runs.buffered and, for a run waiting for it, makes the run due.
+    # Returns (repeated id, stored).
     "deliver": (
-        "WITH ins AS ("
+        "WITH seen AS ("
+        " SELECT EXISTS (SELECT 1 FROM {s}.events WHERE run_id = %(id)s"
+        "  AND event_id = %(event_id)s::text) AS dup"
+        "), go AS ("
+        " SELECT NOT seen.dup AND (%(cap)s::bigint IS NULL OR r.buffered < %(cap)s::bigint) AS ok"
+        " FROM seen, {s}.runs AS r WHERE r.id = %(id)s"
+        "), ins AS ("
         " INSERT INTO {s}.events (run_id, name, payload, event_id, created_at)"
-        " VALUES (%(id)s, %(event)s, %(payload)s, %(event_id)s, {now})"
+        " SELECT %(id)s::text, %(event)s::text, %(payload)s::text, %(event_id)s::text, {now}"
+        " FROM go WHERE go.ok"
         " ON CONFLICT (run_id, event_id) WHERE event_id IS NOT NULL DO NOTHING RETURNING id"
         "), u AS ("
-        " UPDATE {s}.runs SET wake_at = {now}, updated_at = {now}"
-        " WHERE id = %(id)s AND status = 'waiting' AND waiting_for = %(event)s"
-        "  AND EXISTS (SELECT 1 FROM ins) RETURNING workflow"
-        ") SELECT {notify} FROM u"
+        " UPDATE {s}.runs SET buffered = buffered + 1,"
+        "  wake_at = CASE WHEN status = 'waiting' AND waiting_for = %(event)s THEN {now}"
+        "   ELSE wake_at END,"
+        "  updated_at = CASE WHEN status = 'waiting' AND waiting_for = %(event)s THEN {now}"
+        "   ELSE updated_at END"
+        " WHERE id = %(id)s AND EXISTS (SELECT 1 FROM ins)"
+        " RETURNING workflow, status = 'waiting' AND waiting_for = %(event)s AS woke"
+        "), woken AS (SELECT {notify} FROM u WHERE u.woke"
+        ") SELECT seen.dup, go.ok, (SELECT count(*) FROM woken) FROM seen, go"
     ),
     "get_steps": (f"SELECT {_STEP_COLUMNS} FROM {{s}}.steps WHERE run_id = %(id)s ORDER BY seq"),
+    # A requeued run starts with an empty buffer (its events were dropped
+    # when it ended; runs.buffered is only kept up to date while a run lives).
     "requeue": (
         "WITH u AS ("
         " UPDATE {s}.runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = {now},"
-        "  waiting_for = NULL, lease_expires_at = NULL, updated_at = {now}, finished_at = NULL"
+        "  waiting_for = NULL, lease_expires_at = NULL, updated_at = {now}, finished_at = NULL,"
+        "  buffered = 0"
         " WHERE id = %(id)s AND status IN ('failed', 'cancelled') RETURNING id, workflow"
         "), d AS ("
         " DELETE FROM {s}.steps WHERE run_id IN (SELECT id FROM u) AND status = 'failed'"
@@ -324,6 +360,7 @@ _TEMPLATES: dict[str, str] = {
         f" RETURNING {RUN_COLUMNS}, (xmax = 0) AS inserted"
         ") SELECT ins.*, CASE WHEN ins.inserted THEN {notify} END FROM ins"
     ),
+    "now": "SELECT {now}",
     "next_due": (
         "SELECT extract(epoch FROM min(wake_at) - {now}) FROM {s}.runs"
         " WHERE status IN ('sleeping', 'waiting') AND wake_at > {now}"

@@ -28,13 +28,18 @@ import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
 from psycopg import sql
+from psycopg.adapt import AdaptersMap, Buffer
+from psycopg.types.datetime import TimestamptzBinaryLoader, TimestamptzLoader
 
 from reflow_core.adapter import (
     check_aware,
+    check_duration,
     check_finish_status,
     check_list_limit,
+    check_new_run,
     check_purge,
     check_status_update,
+    check_text,
     decode_cursor,
     encode_cursor,
     new_run_id,
@@ -42,12 +47,22 @@ from reflow_core.adapter import (
 from reflow_core.batching import GroupCommit
 from reflow_core.errors import (
     ConfigError,
+    EventBufferFullError,
     IdempotencyConflictError,
     ReflowError,
     SchemaVersionError,
     StorageError,
 )
-from reflow_core.options import bool_option, int_option, redact, seconds_option, split_url
+from reflow_core.options import (
+    SECRET_NAMES,
+    bool_option,
+    int_option,
+    kwarg_secrets,
+    redact,
+    seconds_option,
+    split_url,
+    url_secrets,
+)
 from reflow_core.storage import (
     ClaimedRun,
     CreateResult,
@@ -111,8 +126,45 @@ def _utc_opt(value: datetime | None) -> datetime | None:
     return None if value is None else _utc(value)
 
 
+_LATEST = datetime.max.replace(tzinfo=UTC)
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
 def _from_us(value: int | None) -> datetime | None:
-    return None if value is None else _EPOCH + timedelta(microseconds=value)
+    if value is None:
+        return None
+    try:
+        return _EPOCH + timedelta(microseconds=value)
+    except OverflowError:  # see _BoundedTimestamptz
+        return _LATEST if value > 0 else _EARLIEST
+
+
+class _BoundedTimestamptz(TimestamptzLoader):
+    """Reads a ``timestamptz`` outside datetime's years 1-9999 as the nearest
+    representable time instead of failing. Nothing is written out of range
+    now (durations are bounded), but an older version could store a wake-up
+    time in the year 33,715, and every read of that run failed."""
+
+    def load(self, data: Buffer) -> datetime:
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return _EARLIEST if bytes(data).endswith(b"BC") else _LATEST
+
+
+class _BoundedTimestamptzBinary(TimestamptzBinaryLoader):
+    """The binary-format twin of :class:`_BoundedTimestamptz`."""
+
+    def load(self, data: Buffer) -> datetime:
+        try:
+            return super().load(data)
+        except psycopg.DataError:
+            return _EARLIEST if bytes(data)[0] & 0x80 else _LATEST
+
+
+_ADAPTERS = AdaptersMap(psycopg.adapters)
+_ADAPTERS.register_loader("timestamptz", _BoundedTimestamptz)
+_ADAPTERS.register_loader("timestamptz", _BoundedTimestamptzBinary)
 
 
 def _run_record(row: tuple[Any, ...] | list[Any]) -> RunRecord:
@@ -281,8 +333,18 @@ class PostgresStorage:
         self._clock = clock
         self._conninfo = conninfo
         self._secrets = self._find_secrets(conninfo, connect_kwargs)
-        self._display = _display_url or self._describe(conninfo)
+        self._display = redact(_display_url or self._describe(conninfo), self._secrets)
+        complaint = self._unreadable(conninfo)
+        if complaint is not None and redact(complaint, self._secrets) != complaint:
+            # libpq's complaint quotes a password (an invalid escape, a NUL).
+            # Left for later it would reach psycopg's pool log unredacted;
+            # raised here, outside the except, it carries no driver error.
+            raise ConfigError(
+                f"libpq cannot read the connection string: {redact(complaint, self._secrets)}",
+                option="url",
+            )
         self._kwargs: dict[str, Any] = {
+            "context": _ADAPTERS,
             **(connect_kwargs or {}),
             "autocommit": True,
             "prepare_threshold": self._prepare,
@@ -327,23 +389,34 @@ class PostgresStorage:
 
     @staticmethod
     def _find_secrets(conninfo: str, kwargs: Mapping[str, Any] | None) -> list[str]:
-        secrets: list[str] = []
+        """Every password libpq would read (``password``, ``sslpassword``), as
+        libpq decodes the connection string and as a URL parser does (libpq
+        keeps a ``+`` in a query, a URL parser reads a space), and those in
+        ``connect_kwargs``."""
         try:
-            params = psycopg.conninfo.conninfo_to_dict(conninfo)
+            params: Mapping[str, Any] = psycopg.conninfo.conninfo_to_dict(conninfo)
         except psycopg.Error:
             params = {}
-        for source in (params, kwargs or {}):
-            value = source.get("password")
-            if isinstance(value, str) and value:
-                secrets.append(value)
-        return secrets
+        secrets = kwarg_secrets(params)
+        if "://" in conninfo:
+            secrets += url_secrets(conninfo)
+        return list(dict.fromkeys(secrets + kwarg_secrets(kwargs)))
+
+    @staticmethod
+    def _unreadable(conninfo: str) -> str | None:
+        """What libpq says is wrong with ``conninfo``; ``None`` if nothing."""
+        try:
+            psycopg.conninfo.conninfo_to_dict(conninfo)
+        except psycopg.Error as exc:
+            return str(exc)
+        return None
 
     def _describe(self, conninfo: str) -> str:
         try:
             params = psycopg.conninfo.conninfo_to_dict(conninfo)
         except psycopg.Error:
             return "<unparseable conninfo>"
-        shown = {k: v for k, v in params.items() if k != "password"}
+        shown = {k: v for k, v in params.items() if k not in SECRET_NAMES}
         return " ".join(f"{k}={v}" for k, v in shown.items()) or "(libpq defaults)"
 
     @staticmethod
@@ -351,7 +424,9 @@ class PostgresStorage:
         return f"reflow:{schema}"[:63]
 
     def __repr__(self) -> str:
-        return f"PostgresStorage({self._display!r}, schema={self._schema!r})"
+        # Redacted whole: a password may equal the schema's name.
+        shown = f"PostgresStorage({self._display!r}, schema={self._schema!r})"
+        return redact(shown, self._secrets)
 
     @property
     def schema(self) -> str:
@@ -612,6 +687,7 @@ class PostgresStorage:
         """Create a pending run. Concurrent creates (many producers, or
         schedules firing) share one statement and one commit; each keeps its
         own outcome, idempotency conflict included."""
+        check_new_run(new)
         run_id = new.run_id or new_run_id()
         self._live_pool("create_run")
         outcome = await self._creates.submit((run_id, new))
@@ -711,9 +787,11 @@ class PostgresStorage:
     async def claim_runs(
         self, workflows: Collection[str], limit: int, lease: timedelta
     ) -> list[ClaimedRun]:
-        if limit < 1 or not workflows:
+        names = [check_text(name, "workflow") for name in workflows]
+        check_duration(lease, "lease")
+        if limit < 1 or not names:
             return []
-        params = self._params(workflows=list(workflows), limit=min(limit, MAX_CLAIM), lease=lease)
+        params = self._params(workflows=names, limit=min(limit, MAX_CLAIM), lease=lease)
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[ClaimedRun]:
             cur = await conn.execute(self._sql["claim"], params)
@@ -745,6 +823,7 @@ class PostgresStorage:
         )
 
     async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
+        check_duration(extend, "extend")
         params = self._params(id=lease.run_id, epoch=lease.epoch, extend=extend)
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
@@ -757,6 +836,8 @@ class PostgresStorage:
         """Fenced upsert of ``step`` that renews the lease. Concurrent saves (of
         many runs in flight) share one statement and one commit; each is
         fenced on its own."""
+        check_text(step.name, "step")
+        check_duration(extend, "extend")
         if step.wake_at is not None:
             check_aware(step.wake_at, "step.wake_at")
         self._live_pool("save_step_result")
@@ -803,6 +884,8 @@ class PostgresStorage:
         step: StepRecord | None = None,
     ) -> bool:
         check_finish_status(status)
+        if step is not None:
+            check_text(step.name, "step")
         if step is not None and step.wake_at is not None:
             check_aware(step.wake_at, "step.wake_at")
         self._live_pool("finish_run")
@@ -873,6 +956,7 @@ class PostgresStorage:
         lease: Lease | None = None,
         error: str | None = None,
     ) -> bool:
+        check_text(run_id, "run_id")
         check_status_update(status, lease)
         if lease is None:
             name = "end_unfenced"
@@ -891,6 +975,8 @@ class PostgresStorage:
         return await self._run("update_run_status", body)
 
     async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
+        check_text(step, "step")
+        check_duration(duration, "duration")
         params = self._params(id=lease.run_id, epoch=lease.epoch, name=step, duration=duration)
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> datetime | None:
@@ -903,6 +989,10 @@ class PostgresStorage:
     async def wait_run(
         self, lease: Lease, step: str, event: str, timeout: timedelta | None
     ) -> WaitResult | None:
+        check_text(step, "step")
+        check_text(event, "event")
+        if timeout is not None:
+            check_duration(timeout, "timeout")
         params = self._params(
             id=lease.run_id, epoch=lease.epoch, name=step, event=event, timeout=timeout
         )
@@ -920,9 +1010,21 @@ class PostgresStorage:
         return await self._run("wait_run", body)
 
     async def deliver_event(
-        self, run_id: str, event: str, payload: str, *, event_id: str | None = None
+        self,
+        run_id: str,
+        event: str,
+        payload: str,
+        *,
+        event_id: str | None = None,
+        max_buffered: int | None = None,
     ) -> bool:
-        params = self._params(id=run_id, event=event, payload=payload, event_id=event_id)
+        check_text(run_id, "run_id")
+        check_text(event, "event")
+        if event_id is not None:
+            check_text(event_id, "event_id")
+        params = self._params(
+            id=run_id, event=event, payload=payload, event_id=event_id, cap=max_buffered
+        )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
             async with conn.transaction():
@@ -930,7 +1032,13 @@ class PostgresStorage:
                 row = await cur.fetchone()
                 if row is None or row[0] in ("completed", "failed", "cancelled"):
                     return False
-                await conn.execute(self._sql["deliver"], params)
+                cur = await conn.execute(self._sql["deliver"], params)
+                outcome = await cur.fetchone()
+                assert outcome is not None
+                repeated, stored = outcome[0], outcome[1]
+                if not repeated and not stored:
+                    assert max_buffered is not None
+                    raise EventBufferFullError(run_id, event, max_buffered)
                 return True
 
         # With an event id a retry is deduplicated; without one it could
@@ -938,6 +1046,8 @@ class PostgresStorage:
         return await self._run("deliver_event", body, retry=event_id is not None)
 
     async def take_event(self, lease: Lease, step: str, event: str) -> EventTake | None:
+        check_text(step, "step")
+        check_text(event, "event")
         params = self._params(id=lease.run_id, epoch=lease.epoch, name=step, event=event)
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> EventTake | None:
@@ -957,13 +1067,30 @@ class PostgresStorage:
 
         return await self._run("take_event", body, retry=True)
 
+    async def now(self) -> datetime:
+        """The server's ``now()``: the clock every lease, sleep, wait and due
+        schedule is judged by (the test ``clock`` when one is configured)."""
+        params = self._params()
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> datetime:
+            cur = await conn.execute(self._sql["now"], params)
+            row = await cur.fetchone()
+            assert row is not None
+            return _utc(row[0])
+
+        return await self._run("now", body, retry=True)
+
     async def get_run(self, run_id: str) -> RunRecord | None:
+        check_text(run_id, "run_id")
+
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> RunRecord | None:
             return await self._fetch_run(conn, run_id)
 
         return await self._run("get_run", body, retry=True)
 
     async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
+        check_text(run_id, "run_id")
+
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> dict[str, StepRecord]:
             cur = await conn.execute(self._sql["get_steps"], {"id": run_id})
             return {row[0]: _step_record(row) for row in await cur.fetchall()}
@@ -979,6 +1106,8 @@ class PostgresStorage:
         cursor: str | None = None,
     ) -> RunPage:
         check_list_limit(limit)
+        if workflow is not None:
+            check_text(workflow, "workflow")
         after = decode_cursor(cursor) if cursor is not None else None
         clauses: list[str] = []
         params: dict[str, Any] = {"limit": limit + 1}
@@ -1008,6 +1137,7 @@ class PostgresStorage:
         return await self._run("list_runs", body, retry=True)
 
     async def requeue_run(self, run_id: str) -> bool:
+        check_text(run_id, "run_id")
         params = self._params(id=run_id)
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
@@ -1043,6 +1173,8 @@ class PostgresStorage:
     # -- schedules -----------------------------------------------------------------
 
     async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        check_text(spec.key, "key")
+        check_text(spec.workflow, "workflow")
         params = self._params(
             key=spec.key,
             workflow=spec.workflow,
@@ -1060,6 +1192,8 @@ class PostgresStorage:
         return await self._run("upsert_schedule", body, retry=True)
 
     async def delete_schedule(self, key: str) -> bool:
+        check_text(key, "key")
+
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
             cur = await conn.execute(self._sql["delete_schedule"], {"key": key})
             return cur.rowcount == 1
@@ -1087,6 +1221,8 @@ class PostgresStorage:
     async def claim_schedule_slot(
         self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
     ) -> RunRecord | None:
+        check_text(key, "key")
+        check_new_run(run)
         params = self._params(
             key=key,
             slot=check_aware(slot, "slot"),
