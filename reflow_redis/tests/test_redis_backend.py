@@ -28,10 +28,10 @@ def test_the_three_schemes_open_the_redis_backend() -> None:
 
 def test_reflow_options_are_taken_out_and_the_rest_goes_to_redis_py() -> None:
     target, options, safe = parse_redis_url(
-        "redis://:pw@h:6380/2?prefix=billing&socket_timeout=3&retention=7d"
+        "redis://:pw@h:6380/2?prefix=billing&socket_timeout=3&retention=7d&client_name=w1"
     )
-    assert options == {"prefix": "billing", "retention": "7d"}
-    assert target == "redis://:pw@h:6380/2?socket_timeout=3"
+    assert options == {"prefix": "billing", "socket_timeout": "3", "retention": "7d"}
+    assert target == "redis://:pw@h:6380/2?client_name=w1"
     assert "pw" not in safe
 
 

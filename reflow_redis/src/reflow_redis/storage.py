@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, Literal, TypeVar, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
@@ -51,17 +51,36 @@ from redis.commands.core import AsyncScript
 
 from reflow_core.adapter import (
     check_aware,
+    check_duration,
     check_finish_status,
     check_list_limit,
+    check_new_run,
     check_purge,
     check_status_update,
+    check_text,
     decode_cursor,
     encode_cursor,
     new_run_id,
 )
 from reflow_core.batching import GroupCommit
-from reflow_core.errors import ConfigError, IdempotencyConflictError, ReflowError, StorageError
-from reflow_core.options import bool_option, int_option, redact, seconds_option, split_url
+from reflow_core.errors import (
+    ConfigError,
+    EventBufferFullError,
+    IdempotencyConflictError,
+    ReflowError,
+    StorageError,
+)
+from reflow_core.options import (
+    bool_option,
+    int_option,
+    kwarg_secrets,
+    parse_url,
+    redact,
+    safe_url,
+    seconds_option,
+    split_url,
+    url_secrets,
+)
 from reflow_core.storage import (
     ClaimedRun,
     CreateResult,
@@ -97,13 +116,25 @@ _URL_OPTIONS = (
     "listen",
     "retention",
     "cluster",
+    "socket_timeout",
+    "socket_connect_timeout",
 )
 _KEYWORD_OPTIONS = (*_URL_OPTIONS, "clock", "connect_kwargs")
+_SOCKET_OPTIONS = ("socket_timeout", "socket_connect_timeout")
+DEFAULT_SOCKET_TIMEOUT = 10.0
+"""Seconds to wait for a reply. A stall shorter than this only waits; a
+longer one fails the operation with a StorageError. A third of the engine's
+default 30 s lease: a heartbeat stuck on a dead connection (sent 10 s in)
+fails in time to be sent again on another before the lease lapses."""
+DEFAULT_SOCKET_CONNECT_TIMEOUT = 5.0
+"""Seconds to wait for a new connection (TCP and TLS) to open."""
+_DB_PATH = re.compile(r"/?(?:([0-9]+)/?)?")
 _PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
 _RETRIES_ON_BROKEN = 2
 _MAX_SAVE_BATCH = 200
+_MAX_UNSURE_FINISHES = 10_000
 """Concurrent step saves share one script call, at most this many per call."""
 _SCRIPTS = (
     "create",
@@ -121,6 +152,7 @@ _SCRIPTS = (
     "requeue",
     "list_runs",
     "next_due",
+    "now",
     "purge",
     "upsert_schedule",
     "delete_schedule",
@@ -172,7 +204,13 @@ def _time(value: str | None, where: str) -> datetime | None:
         return None
     if not value.isdigit():
         raise _BadData(f"{where} is not a time")
-    return _EPOCH + timedelta(microseconds=int(value))
+    try:
+        return _EPOCH + timedelta(microseconds=int(value))
+    except (OverflowError, ValueError):
+        # Past datetime's year 9999: never written now (durations are
+        # bounded), but an older version may have stored one. Read it as the
+        # latest representable time rather than failing every read of it.
+        return datetime.max.replace(tzinfo=UTC)
 
 
 def _pairs(flat: Sequence[object], where: str) -> dict[str, str]:
@@ -307,14 +345,40 @@ def _prefix_option(value: object) -> str:
     return value
 
 
+def _check_database(parts: SplitResult, secrets: Collection[str]) -> None:
+    """Refuse a database redis-py would quietly replace by database 0: a path
+    of ``redis://`` or ``rediss://`` that is not a number, a ``db=`` query
+    parameter that is not one, or a path and a ``db=`` that disagree."""
+    named = [int_option("db", v, 0) for k, v in parse_qsl(parts.query, True) if k == "db"]
+    if parts.scheme.lower() not in ("redis", "rediss"):
+        return  # a unix:// path is the socket's; only db= names the database
+    path = unquote(parts.path)
+    found = _DB_PATH.fullmatch(path)
+    if found is None:
+        raise ConfigError(
+            redact(
+                f"the path of a redis URL is the database number (like /0), got {path!r}",
+                secrets,
+            ),
+            option="db",
+        )
+    if found[1] is not None and named and int(found[1]) != named[0]:
+        raise ConfigError(
+            f"the redis URL names database {int(found[1])} in its path and {named[0]} "
+            "in its db parameter; give one",
+            option="db",
+        )
+
+
 def parse_redis_url(url: str) -> tuple[str, dict[str, str], str]:
     """Split a ``redis://``, ``rediss://`` or ``unix://`` URL into the URL for
     redis-py, Reflow's own query options, and the URL with any password
     replaced by ``***`` (safe to log).
 
     Reflow's options are ``prefix``, ``max_connections``, ``pool_timeout``,
-    ``notify``, ``listen``, ``retention`` and ``cluster``; other query
-    parameters (``db``, ``socket_timeout``, ...) go to redis-py.
+    ``notify``, ``listen``, ``retention``, ``cluster``, ``socket_timeout``
+    and ``socket_connect_timeout``; other query parameters (``db``,
+    ``client_name``, ...) go to redis-py.
     """
     split = split_url(url, schemes=("redis", "rediss", "unix"), own=_URL_OPTIONS, kind="redis")
     return split.target, split.options, split.safe
@@ -382,7 +446,11 @@ class RedisStorage:
     the server clock, for tests only. ``cluster`` connects with redis-py's
     cluster client to a Redis Cluster (the URL names any node); every key of
     one prefix lives in one slot, so one prefix lives on one shard.
-    ``connect_kwargs`` go to redis-py.
+    ``socket_timeout`` is how long an operation waits for Redis to reply
+    (10 s): a shorter stall only delays it, a longer one fails it with
+    :class:`~reflow_core.errors.StorageError`, which is not retried inside
+    the storage. ``socket_connect_timeout`` bounds opening a connection
+    (5 s). ``connect_kwargs`` go to redis-py.
     """
 
     def __init__(
@@ -396,6 +464,8 @@ class RedisStorage:
         listen: bool | str = True,
         retention: float | str | timedelta | None = None,
         cluster: bool | str = False,
+        socket_timeout: float | str | timedelta = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float | str | timedelta = DEFAULT_SOCKET_CONNECT_TIMEOUT,
         clock: Callable[[], datetime] | None = None,
         connect_kwargs: Mapping[str, Any] | None = None,
         _display_url: str | None = None,
@@ -414,20 +484,26 @@ class RedisStorage:
         if clock is not None and not callable(clock):
             raise ConfigError(f"clock must be callable, got {clock!r}", option="clock")
         self._clock = clock
+        self._socket_timeout = seconds_option("socket_timeout", socket_timeout)
+        self._connect_timeout = seconds_option("socket_connect_timeout", socket_connect_timeout)
         self._url = url
-        try:
-            parts = urlsplit(url)
-            password = unquote(parts.password) if parts.password else None
-            query_password = dict(parse_qsl(parts.query)).get("password")
-        except ValueError:
-            password = query_password = None
-        self._secrets = [
-            s for s in (password, query_password, (connect_kwargs or {}).get("password")) if s
-        ]
-        self._display = _display_url or redact(url, self._secrets)
+        self._secrets = list(dict.fromkeys(url_secrets(url) + kwarg_secrets(connect_kwargs)))
+        self._display = redact(_display_url or safe_url(url), self._secrets)
+        parts = parse_url(url, kind="redis")
+        _check_database(parts, self._secrets)
+        in_url = {name for name, _ in parse_qsl(parts.query, True)}
+        for name in _SOCKET_OPTIONS:
+            if name in in_url or name in (connect_kwargs or {}):
+                raise ConfigError(
+                    f"{name} is an option of the storage: give it as a keyword argument, "
+                    "or in the URL of RedisStorage.from_url() or open_storage()",
+                    option=name,
+                )
         self._connect_kwargs = dict(connect_kwargs or {})
         self._client: Any = None
         """A ``redis.asyncio.Redis``, or a ``RedisCluster`` with ``cluster``."""
+        self._unsure_finishes: dict[tuple[str, int], None] = {}
+        """Leases (run id, epoch) whose finish failed without a reply, oldest first."""
         self._scripts: dict[str, AsyncScript] = {}
         self._listener: _Listener | None = None
         self._listener_client: aioredis.Redis | None = None
@@ -459,7 +535,8 @@ class RedisStorage:
         return cls(target, _display_url=safe, **merged)
 
     def __repr__(self) -> str:
-        return f"RedisStorage({self._display!r}, prefix={self._prefix!r})"
+        # Redacted whole: a password may equal the prefix.
+        return redact(f"RedisStorage({self._display!r}, prefix={self._prefix!r})", self._secrets)
 
     @property
     def prefix(self) -> str:
@@ -475,6 +552,11 @@ class RedisStorage:
 
     def _error(self, operation: str, exc: BaseException) -> StorageError:
         detail = redact(f"{type(exc).__name__}: {exc}".strip(), self._secrets)
+        if isinstance(exc, rex.TimeoutError):
+            detail += (
+                f" (socket_timeout={self._socket_timeout:g}s, "
+                f"socket_connect_timeout={self._connect_timeout:g}s)"
+            )
         return StorageError(
             f"Redis failed during {operation}: {detail}", operation=operation, backend=BACKEND
         )
@@ -520,7 +602,11 @@ class RedisStorage:
                     keys=[f"{self._tag}:idx"], args=[*self._head(), *args]
                 )
                 return reply, attempt
-            except (rex.ConnectionError, rex.TimeoutError) as exc:
+            except rex.ConnectionError as exc:
+                # A broken connection is tried again on another; a timeout is
+                # not: the server is slow, not gone, and would only queue the
+                # script again behind the stall while the caller waits
+                # socket_timeout three times over.
                 if retry and attempt < _RETRIES_ON_BROKEN:
                     attempt += 1
                     logger.info("connection lost during %s; retrying", operation)
@@ -542,7 +628,7 @@ class RedisStorage:
         while True:
             try:
                 return await make(client)
-            except (rex.ConnectionError, rex.TimeoutError) as exc:
+            except rex.ConnectionError as exc:  # not a timeout, as in _call_counting
                 if attempt < _RETRIES_ON_BROKEN:
                     attempt += 1
                     continue
@@ -573,7 +659,11 @@ class RedisStorage:
         try:
             if self._cluster:
                 client = RedisCluster.from_url(
-                    self._url, max_connections=self._max, **self._connect_kwargs
+                    self._url,
+                    max_connections=self._max,
+                    socket_timeout=self._socket_timeout,
+                    socket_connect_timeout=self._connect_timeout,
+                    **self._connect_kwargs,
                 )
             else:
                 pool = aioredis.BlockingConnectionPool.from_url(
@@ -581,6 +671,8 @@ class RedisStorage:
                     max_connections=self._max,
                     timeout=self._timeout,
                     retry=Retry(NoBackoff(), 0),
+                    socket_timeout=self._socket_timeout,
+                    socket_connect_timeout=self._connect_timeout,
                     **self._connect_kwargs,
                 )
                 client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
@@ -639,7 +731,11 @@ class RedisStorage:
         if self._listener is None:
             # Its own connection, outside the pool: a subscription holds it for good.
             listening = aioredis.Redis.from_url(
-                self._url, retry=Retry(NoBackoff(), 0), **self._connect_kwargs
+                self._url,
+                retry=Retry(NoBackoff(), 0),
+                socket_timeout=self._socket_timeout,
+                socket_connect_timeout=self._connect_timeout,
+                **self._connect_kwargs,
             )
             self._listener_client = listening
             self._listener = _Listener(
@@ -675,6 +771,7 @@ class RedisStorage:
     async def create_run(self, new: NewRun) -> CreateResult:
         """Create a pending run. Concurrent creates share one script call;
         each keeps its own outcome, idempotency conflict included."""
+        check_new_run(new)
         run_id = new.run_id or new_run_id()
         self._live("create_run")
         outcome = await self._creates.submit((run_id, new))
@@ -753,10 +850,12 @@ class RedisStorage:
     async def claim_runs(
         self, workflows: Collection[str], limit: int, lease: timedelta
     ) -> list[ClaimedRun]:
-        if limit < 1 or not workflows:
+        names = [check_text(name, "workflow") for name in workflows]
+        check_duration(lease, "lease")
+        if limit < 1 or not names:
             return []
         reply = await self._call(
-            "claim_runs", "claim", [min(limit, MAX_CLAIM), _span(lease), *workflows]
+            "claim_runs", "claim", [min(limit, MAX_CLAIM), _span(lease), *names]
         )
         claimed = []
         try:
@@ -775,6 +874,7 @@ class RedisStorage:
         return claimed
 
     async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
+        check_duration(extend, "extend")
         reply = await self._call(
             "heartbeat_run", "heartbeat", [lease.run_id, lease.epoch, _span(extend)], retry=True
         )
@@ -783,6 +883,8 @@ class RedisStorage:
     async def save_step_result(self, lease: Lease, step: StepRecord, extend: timedelta) -> bool:
         """Fenced upsert of ``step`` that renews the lease. Concurrent saves
         (of many runs in flight) share one script call; each is fenced on its own."""
+        check_text(step.name, "step")
+        check_duration(extend, "extend")
         self._live("save_step_result")
         return await self._saves.submit(
             [lease.run_id, lease.epoch, _span(extend), *_step_args(step)]
@@ -808,6 +910,8 @@ class RedisStorage:
         step: StepRecord | None = None,
     ) -> bool:
         check_finish_status(status)
+        if step is not None:
+            check_text(step.name, "step")
         args: list[Any] = [lease.run_id, lease.epoch, status, output or "", error or ""]
         args += ["1", *_step_args(step)] if step is not None else ["0", "", "", "", ""]
         self._live("finish_run")
@@ -817,17 +921,30 @@ class RedisStorage:
         flat: list[Any] = [len(items)]
         for _, _, args in items:
             flat.extend(args)
-        reply, attempt = await self._call_counting("finish_run", "finish", flat, retry=True)
+        try:
+            reply, attempt = await self._call_counting("finish_run", "finish", flat, retry=True)
+        except StorageError as exc:
+            if isinstance(exc.__cause__, rex.ConnectionError | rex.TimeoutError):
+                # The script may still run when the server answers (a stall
+                # past socket_timeout); the caller's retry is then refused.
+                for lease, _, _ in items:
+                    self._unsure_finishes[(lease.run_id, lease.epoch)] = None
+                while len(self._unsure_finishes) > _MAX_UNSURE_FINISHES:
+                    del self._unsure_finishes[next(iter(self._unsure_finishes))]
+            raise
         results = [bool(int(flag)) for flag in reply]
-        if attempt:
-            # A try whose connection dropped may have landed: a refused finish
-            # whose run already ended this way under this lease is ours.
-            for i, (lease, status, _) in enumerate(items):
-                if not results[i]:
-                    run = await self.get_run(lease.run_id)
-                    results[i] = (
-                        run is not None and run.status == status and run.lease_epoch == lease.epoch
-                    )
+        for i, (lease, status, _) in enumerate(items):
+            key = (lease.run_id, lease.epoch)
+            lost_before = key in self._unsure_finishes
+            self._unsure_finishes.pop(key, None)
+            if not results[i] and (attempt or lost_before):
+                # A try whose connection dropped or timed out may have landed:
+                # a refused finish whose run already ended this way under this
+                # lease is ours.
+                run = await self.get_run(lease.run_id)
+                results[i] = (
+                    run is not None and run.status == status and run.lease_epoch == lease.epoch
+                )
         return results
 
     async def update_run_status(
@@ -838,6 +955,7 @@ class RedisStorage:
         lease: Lease | None = None,
         error: str | None = None,
     ) -> bool:
+        check_text(run_id, "run_id")
         check_status_update(status, lease)
         epoch = "" if lease is None else str(lease.epoch)
         reply = await self._call(
@@ -846,6 +964,8 @@ class RedisStorage:
         return bool(reply)
 
     async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
+        check_text(step, "step")
+        check_duration(duration, "duration")
         reply = await self._call(
             "sleep_run", "sleep", [lease.run_id, lease.epoch, step, _span(duration)]
         )
@@ -856,7 +976,9 @@ class RedisStorage:
     async def wait_run(
         self, lease: Lease, step: str, event: str, timeout: timedelta | None
     ) -> WaitResult | None:
-        span = "" if timeout is None else str(_span(timeout))
+        check_text(step, "step")
+        check_text(event, "event")
+        span = "" if timeout is None else str(_span(check_duration(timeout, "timeout")))
         reply = await self._call("wait_run", "wait", [lease.run_id, lease.epoch, step, event, span])
         if reply is None or reply is False:
             return None
@@ -864,17 +986,33 @@ class RedisStorage:
         return WaitResult(ready=bool(int(ready)), deadline=_time(_text(deadline, "wait"), "wait"))
 
     async def deliver_event(
-        self, run_id: str, event: str, payload: str, *, event_id: str | None = None
+        self,
+        run_id: str,
+        event: str,
+        payload: str,
+        *,
+        event_id: str | None = None,
+        max_buffered: int | None = None,
     ) -> bool:
+        check_text(run_id, "run_id")
+        check_text(event, "event")
+        if event_id is not None:
+            check_text(event_id, "event_id")
+        cap = "" if max_buffered is None else str(int(max_buffered))
         reply = await self._call(
             "deliver_event",
             "deliver",
-            [run_id, event, payload, event_id or ""],
+            [run_id, event, payload, event_id or "", cap],
             retry=event_id is not None,
         )
+        if int(reply) == 2:
+            assert max_buffered is not None
+            raise EventBufferFullError(run_id, event, max_buffered)
         return bool(reply)
 
     async def take_event(self, lease: Lease, step: str, event: str) -> EventTake | None:
+        check_text(step, "step")
+        check_text(event, "event")
         reply = await self._call(
             "take_event", "take", [lease.run_id, lease.epoch, step, event], retry=True
         )
@@ -891,13 +1029,27 @@ class RedisStorage:
             return EventTake(found=True, payload=record.output)
         return EventTake(found=True, payload=_text(reply[1], "take"))
 
+    async def now(self) -> datetime:
+        """The clock every script judges by: the server's ``TIME`` (read by a
+        script, so on a cluster it is the clock of the node holding the
+        prefix's slot), or the test ``clock`` when one is configured."""
+        reply = await self._call("now", "now", [], retry=True)
+        try:
+            moment = _time(_text(reply, "now"), "now")
+        except _BadData as exc:
+            raise self._bad("now", exc) from exc
+        assert moment is not None
+        return moment
+
     async def get_run(self, run_id: str) -> RunRecord | None:
+        check_text(run_id, "run_id")
         flat = await self._read("get_run", lambda c: _hgetall(c, self._k("run", run_id)))
         if not flat:
             return None
         return self._run_reply("get_run", run_id, _flat(flat))
 
     async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
+        check_text(run_id, "run_id")
         flat = await self._read("get_step_results", lambda c: _hgetall(c, self._k("steps", run_id)))
         try:
             return _steps(_flat(flat), run_id)
@@ -913,6 +1065,8 @@ class RedisStorage:
         cursor: str | None = None,
     ) -> RunPage:
         check_list_limit(limit)
+        if workflow is not None:
+            check_text(workflow, "workflow")
         upper = ""
         if cursor is not None:
             created, after_id = decode_cursor(cursor)
@@ -939,6 +1093,7 @@ class RedisStorage:
         return RunPage(page, next_cursor)
 
     async def requeue_run(self, run_id: str) -> bool:
+        check_text(run_id, "run_id")
         return bool(await self._call("requeue_run", "requeue", [run_id]))
 
     async def purge_finished(self, older_than: timedelta, *, batch: int = 1000) -> int:
@@ -967,6 +1122,8 @@ class RedisStorage:
             raise self._bad(operation, exc) from exc
 
     async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        check_text(spec.key, "key")
+        check_text(spec.workflow, "workflow")
         reply = await self._call(
             "upsert_schedule",
             "upsert_schedule",
@@ -982,6 +1139,7 @@ class RedisStorage:
         return self._schedules("upsert_schedule", [reply])[0]
 
     async def delete_schedule(self, key: str) -> bool:
+        check_text(key, "key")
         return bool(await self._call("delete_schedule", "delete_schedule", [key]))
 
     async def list_schedules(self) -> list[ScheduleRecord]:
@@ -997,6 +1155,8 @@ class RedisStorage:
     async def claim_schedule_slot(
         self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
     ) -> RunRecord | None:
+        check_text(key, "key")
+        check_new_run(run)
         run_id = run.run_id or new_run_id()
         reply = await self._call(
             "claim_schedule_slot",
@@ -1012,7 +1172,9 @@ class RedisStorage:
             ],
         )
         outcome = int(reply[0])
-        if outcome == 0 or outcome == -1:
+        # {0} is a slot already fired or gone; {0, run} is create_run's
+        # answer for the slot's run that already exists (the slot fired now).
+        if outcome == -1 or (outcome == 0 and len(reply) < 2):
             return None
         if outcome == 1:
             return self._new_record(run_id, run, reply[1])

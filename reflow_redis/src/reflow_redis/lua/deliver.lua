@@ -1,9 +1,15 @@
--- deliver_event. ARGV[5..8]: run id, event name, payload, event id ('' none).
-local id, name = ARGV[5], ARGV[6]
+-- deliver_event. ARGV[5..9]: run id, event name, payload, event id ('' none),
+-- cap on the run's buffered events ('' none). Returns 0 when the run is
+-- missing or finished, 1 when the event is stored or its id was seen before,
+-- 2 when the run already holds as many buffered events as the cap allows
+-- (nothing is stored).
+local id, name, eid = ARGV[5], ARGV[6], ARGV[8]
 local rk = run_key(id)
 local r = redis.call('HMGET', rk, 'st', 'wt', 'wf')
 if not r[1] or TERMINAL[r[1]] then return 0 end
-if ARGV[8] ~= '' and redis.call('SADD', evids_key(id), ARGV[8]) == 0 then return 1 end
+if eid ~= '' and redis.call('SISMEMBER', evids_key(id), eid) == 1 then return 1 end
+if ARGV[9] ~= '' and buffered(id) >= tonumber(ARGV[9]) then return 2 end
+if eid ~= '' then redis.call('SADD', evids_key(id), eid) end
 redis.call('RPUSH', ev_key(id, name), ARGV[7])
 redis.call('SADD', evnames_key(id), name)
 if r[1] == 'waiting' and r[2] == name then

@@ -80,6 +80,26 @@ local function put_step(id, name, status, wake_at, body)
   redis.call('HSET', sk, name, seq .. '|' .. num(NOW) .. '|' .. status .. '|' .. wake_at .. '|' .. body)
 end
 
+-- How many events the run holds that no wait has taken yet, of any name.
+-- P:evnames lists only names with a non-empty buffer (take_event removes a
+-- name whose buffer it empties), so this is bounded by what is buffered.
+local function buffered(id)
+  local n = 0
+  for _, name in ipairs(redis.call('SMEMBERS', evnames_key(id))) do
+    n = n + redis.call('LLEN', ev_key(id, name))
+  end
+  return n
+end
+
+-- A run that ended drops its buffered events. The event ids it has seen
+-- (P:evids) stay, so a redelivery stays a no-op for as long as the run exists.
+local function drop_events(id)
+  local names = redis.call('SMEMBERS', evnames_key(id))
+  if #names == 0 then return end
+  for _, name in ipairs(names) do redis.call('DEL', ev_key(id, name)) end
+  redis.call('DEL', evnames_key(id))
+end
+
 -- Delete one finished run and everything that points at it.
 local function purge_one(id)
   local rk = run_key(id)
@@ -154,6 +174,7 @@ local function finish_one(b)
   if ARGV[b + 3] ~= '' then redis.call('HSET', rk, 'out', ARGV[b + 3]) else redis.call('HDEL', rk, 'out') end
   if ARGV[b + 4] ~= '' then redis.call('HSET', rk, 'err', ARGV[b + 4]) else redis.call('HDEL', rk, 'err') end
   drop_lease(id, wf)
+  drop_events(id)
   finished(id)
   return 1
 end

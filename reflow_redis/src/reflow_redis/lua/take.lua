@@ -10,6 +10,7 @@ if old then
 end
 local payload = redis.call('LPOP', ev_key(id, event))
 if not payload then return {0} end
+if redis.call('EXISTS', ev_key(id, event)) == 0 then redis.call('SREM', evnames_key(id), event) end
 put_step(id, name, 'completed', '', cjson.encode({payload, cjson.null, 1}))
 redis.call('HSET', run_key(id), 'wt', '', 'u', num(NOW))
 return {1, payload}
