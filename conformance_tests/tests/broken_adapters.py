@@ -28,12 +28,12 @@ import dataclasses
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import Phase, settings
 
-from reflow_core.adapter import decode_cursor, encode_cursor, utcnow
+from reflow_core.adapter import MAX_DURATION, decode_cursor, encode_cursor, utcnow
 from reflow_core.memory import MemoryStorage, _Run
 from reflow_core.storage import (
     CreateResult,
@@ -48,17 +48,22 @@ from reflow_core.storage import (
 __all__ = [
     "FACTORIES",
     "NO_SHRINK_PROFILE",
+    "clamped_sleeps",
     "correct",
     "correct_millisecond_clock",
     "double_claim",
     "event_crosses_runs",
+    "events_outlive_run",
     "events_twice",
     "immortal_leases",
+    "lax_run_ids",
     "lossy_requeue",
     "no_fencing",
     "no_idempotency",
     "schedule_slot_twice",
+    "skewed_now",
     "sloppy_pagination",
+    "unbounded_events",
 ]
 
 _PROCESS = uuid.uuid4().hex
@@ -178,6 +183,25 @@ class EventCrossesRuns(MemoryStorage):
         return await super().take_event(lease, step, event)
 
 
+class UnboundedEvents(MemoryStorage):
+    """Breaks *a run holding max_buffered untaken events refuses another*:
+    ``deliver_event`` never finds a buffer full, as if it ignored
+    ``max_buffered`` (the growth the cap exists to stop)."""
+
+    def _buffered(self, entry: _Run) -> int:
+        return 0
+
+
+class EventsOutliveRun(MemoryStorage):
+    """Breaks *a run's buffered events are dropped when it ends*: finishing,
+    failing or cancelling a run leaves its untaken events buffered, so they
+    pile up on finished runs, and a requeued run finds (and counts against
+    the cap) events from before it ended."""
+
+    def _discard_events(self, entry: _Run) -> None:
+        return None
+
+
 class ScheduleSlotTwice(MemoryStorage):
     """Breaks *a schedule slot is claimed once*: ``claim_schedule_slot`` fires
     any slot of an existing schedule without comparing it with the schedule's
@@ -190,6 +214,16 @@ class ScheduleSlotTwice(MemoryStorage):
         if sched is not None:
             self._schedules[key] = dataclasses.replace(sched, next_run_at=slot)
         return await super().claim_schedule_slot(key, slot, next_run_at, run)
+
+
+class SkewedNow(MemoryStorage):
+    """Breaks *now() is the clock the storage judges by*: ``now()`` reports
+    the local clock an hour fast, while leases, deadlines and due schedules
+    follow the storage's own clock, as if ``now()`` read the application
+    server's clock instead of the database's."""
+
+    async def now(self) -> datetime:
+        return await super().now() + timedelta(hours=1)
 
 
 def _millisecond_clock() -> datetime:
@@ -221,6 +255,25 @@ class SloppyPagination(MemoryStorage):
             # "\x00" sorts before every run id: the whole creation time counts as listed.
             cursor = encode_cursor(created_at, "\x00")
         return await super().list_runs(status=status, workflow=workflow, limit=limit, cursor=cursor)
+
+
+class LaxRunIds(MemoryStorage):
+    """Breaks *bad names, ids and keys are refused with ConfigError*: reading a
+    run looks the id up without checking it, so an id no other store can hold
+    (a lone surrogate, a NUL, not a string) reads as a missing run here and
+    fails differently elsewhere."""
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        entry = self._runs.get(run_id)
+        return None if entry is None else entry.record
+
+
+class ClampedSleeps(MemoryStorage):
+    """Breaks *durations outside 0 to 100 years are refused*: a sleep longer
+    than the maximum is silently shortened to it instead of refused."""
+
+    async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
+        return await super().sleep_run(lease, step, min(duration, MAX_DURATION))
 
 
 def correct() -> MemoryStorage:
@@ -261,8 +314,28 @@ def event_crosses_runs() -> MemoryStorage:
     return EventCrossesRuns(name=_store("event_crosses_runs"))
 
 
+def unbounded_events() -> MemoryStorage:
+    return UnboundedEvents(name=_store("unbounded_events"))
+
+
+def events_outlive_run() -> MemoryStorage:
+    return EventsOutliveRun(name=_store("events_outlive_run"))
+
+
 def schedule_slot_twice() -> MemoryStorage:
     return ScheduleSlotTwice(name=_store("schedule_slot_twice"))
+
+
+def skewed_now() -> MemoryStorage:
+    return SkewedNow(name=_store("skewed_now"))
+
+
+def lax_run_ids() -> MemoryStorage:
+    return LaxRunIds(name=_store("lax_run_ids"))
+
+
+def clamped_sleeps() -> MemoryStorage:
+    return ClampedSleeps(name=_store("clamped_sleeps"))
 
 
 def sloppy_pagination() -> MemoryStorage:
@@ -279,8 +352,13 @@ FACTORIES: dict[str, Callable[[], MemoryStorage]] = {
         events_twice,
         lossy_requeue,
         event_crosses_runs,
+        unbounded_events,
+        events_outlive_run,
         schedule_slot_twice,
+        skewed_now,
         sloppy_pagination,
+        lax_run_ids,
+        clamped_sleeps,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

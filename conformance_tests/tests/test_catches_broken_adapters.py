@@ -82,7 +82,17 @@ CASES = [
     Case("events_twice", (P.EVENT_ONCE_IN_ORDER,), ("test_events",)),
     Case("lossy_requeue", (P.REQUEUE,), ("test_steps",)),
     Case("event_crosses_runs", (P.EVENT_ISOLATION,), ("test_events",)),
+    Case(
+        "unbounded_events",
+        (P.EVENT_BUFFER_CAP, P.EVENT_BUFFER_ALL_NAMES),
+        ("test_events",),
+        machine=True,
+    ),
+    Case("events_outlive_run", (P.EVENTS_END_WITH_RUN,), ("test_events",), machine=True),
     Case("schedule_slot_twice", (P.SCHEDULE_SLOT_ONCE,), ("test_schedules",), machine=True),
+    Case("skewed_now", (P.STORAGE_CLOCK,), ("test_clock",)),
+    Case("lax_run_ids", (P.BAD_TEXT_REFUSED,), ("test_arguments",)),
+    Case("clamped_sleeps", (P.DURATION_BOUNDS,), ("test_arguments",)),
     Case(
         "sloppy_pagination",
         (P.PAGINATION,),

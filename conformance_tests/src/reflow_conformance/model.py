@@ -113,6 +113,11 @@ class ModelRun:
     def buffered(self, event: str) -> int:
         return len(self.events.get(event, ()))
 
+    @property
+    def held(self) -> int:
+        """How many events the run holds untaken, of every name."""
+        return sum(len(queue) for queue in self.events.values())
+
 
 @dataclass(slots=True)
 class ModelSchedule:
@@ -275,11 +280,14 @@ class Model:
         return True
 
     def _end(self, run: ModelRun, status: RunStatus, error: str | None) -> None:
+        """A run reaches a terminal status: its buffered events go with it
+        (the event ids it has seen are kept)."""
         run.status = status
         run.error = error
         run.lease = None
         run.due = False
         run.waiting_for = None
+        run.events.clear()
 
     def sleep(self, run_id: str, epoch: int, name: str, deadline: Deadline) -> ModelStep | None:
         """Fenced ``sleep_run``: the step's sleeping record (kept if it was
@@ -314,14 +322,25 @@ class Model:
         run.due = step.deadline is Deadline.DUE_NOW
         return False, step
 
-    def deliver(self, run_id: str, event: str, payload: str, event_id: str | None) -> bool:
-        """``deliver_event``: buffer in arrival order; a repeated id is a no-op."""
+    def deliver(
+        self,
+        run_id: str,
+        event: str,
+        payload: str,
+        event_id: str | None,
+        max_buffered: int | None = None,
+    ) -> bool | Literal["full"]:
+        """``deliver_event``: buffer in arrival order; a repeated id is a
+        no-op. ``"full"`` when the run already holds ``max_buffered`` untaken
+        events (the adapter must raise ``EventBufferFullError``, storing nothing)."""
         run = self.runs.get(run_id)
         if run is None or run.terminal:
             return False
+        if event_id is not None and event_id in run.event_ids:
+            return True
+        if max_buffered is not None and run.held >= max_buffered:
+            return "full"
         if event_id is not None:
-            if event_id in run.event_ids:
-                return True
             run.event_ids.add(event_id)
         run.events.setdefault(event, deque()).append(payload)
         if run.status == "waiting" and run.waiting_for == event:
@@ -347,7 +366,8 @@ class Model:
 
     def requeue(self, run_id: str) -> bool:
         """``requeue_run``: a failed or cancelled run is pending again, its
-        failed steps dropped, its error and reclaims reset."""
+        failed steps dropped, its error and reclaims reset. It holds no
+        buffered events: they were dropped when it ended."""
         run = self.runs.get(run_id)
         if run is None or run.status not in ("failed", "cancelled"):
             return False

@@ -34,6 +34,14 @@ EVENT_BEFORE_WAIT = "an event delivered before a wait leaves the run runnable, n
 EVENT_WAKES = "an event for a waiting run makes it claimable"
 EVENT_DEDUPE = "a repeated event id is delivered once"
 DELIVER_FINISHED = "events for missing or finished runs are refused"
+EVENT_BUFFER_CAP = (
+    "a run holding max_buffered untaken events refuses another with EventBufferFullError, "
+    "storing nothing"
+)
+EVENT_BUFFER_ALL_NAMES = "the cap on buffered events counts untaken events of every name"
+EVENT_BUFFER_FULL_DEDUPE = "a repeated event id is still acknowledged when the buffer is full"
+EVENT_BUFFER_TAKE_FREES = "taking an event frees room under the cap on buffered events"
+EVENTS_END_WITH_RUN = "a run's buffered events are dropped when it finishes, fails or is cancelled"
 REQUEUE = "requeue keeps completed steps and drops failed ones"
 PAGINATION = "keyset pagination visits every matching run exactly once, newest first"
 SCHEDULE_KEEP_CADENCE = "re-registering a schedule with the same recurrence keeps its next slot"
@@ -49,6 +57,9 @@ CONCURRENT_ACCESS = "concurrent callers on several connections or processes get 
 STATE_MATCHES_MODEL = "every run, step and schedule reads back as the operations so far left it"
 RECLAIM_PREFERRED = "a claim takes runs with lapsed leases before other claimable runs"
 DEADLINE_FROM_DURATION = "a sleep or wait deadline is the storage's now plus the duration given"
+STORAGE_CLOCK = (
+    "now() is aware UTC and is the clock the storage judges by: leases, deadlines and due schedules"
+)
 PAUSE_DROPS_LEASE = "a sleeping run, or a waiting run with no event buffered, holds no lease"
 PAUSE_RECORDED = "a sleep or wait is recorded on the run and as its step, with its deadline"
 PAUSE_REPLACES_RECORD = "a sleep or wait replaces a record of its step that has another status"
@@ -64,3 +75,12 @@ SCHEDULE_DELETE = "deleting a schedule removes it and says whether there was one
 SCHEDULE_ORDER = "schedules are listed by key"
 SCHEDULE_DUE = "due_schedules gives the schedules due by now, earliest first, at most `limit`"
 SCHEDULE_SLOT_FIRES = "firing a schedule's current slot creates its run and moves the schedule on"
+TEXT_KEPT = "names, run ids and keys of any text without NUL or lone surrogates are kept exactly"
+BAD_TEXT_REFUSED = (
+    "a name, run id or key that is not a non-empty str, or holds a NUL or a lone surrogate, "
+    "is refused with ConfigError and nothing is written"
+)
+DURATION_BOUNDS = (
+    "a lease, sleep or wait duration outside 0 to 100 years is refused with ConfigError "
+    "and nothing is written"
+)

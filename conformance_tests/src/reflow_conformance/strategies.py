@@ -24,16 +24,19 @@ from __future__ import annotations
 import math
 import zoneinfo
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
-from typing import Any
+from typing import Any, Literal
 
 from hypothesis import strategies as st
 
 __all__ = [
+    "BAD_TEXT",
     "ZONE_KEYS",
+    "bad_names",
     "datetimes",
     "dict_keys",
     "floats",
     "integers",
+    "names",
     "plain_differences",
     "plain_values",
     "same_plain",
@@ -110,6 +113,31 @@ def texts(max_size: int = 20) -> st.SearchStrategy[str]:
     """Strings of any code points, lone surrogates and NUL included."""
     chars = st.one_of(st.characters(exclude_categories=()), st.sampled_from(_TRICKY_CHARS))
     return st.text(chars, max_size=max_size)
+
+
+BAD_TEXT: tuple[object, ...] = ("", "a\x00b", "\x00", "\ud800", "x\udfff", "\ud83d!", 7, b"id")
+"""Names, ids and keys that no backend may accept: empty, NUL, lone surrogates, not ``str``."""
+
+
+def names(max_size: int = 24) -> st.SearchStrategy[str]:
+    """Names, run ids and keys every backend must keep exactly: any non-empty
+    text without NUL or lone surrogates, with the characters stores and key
+    schemes treat specially (quotes, ``%``, ``:``, ``{}``, ``*``, spaces,
+    non-ASCII) drawn often."""
+    special = st.sampled_from(list(" '\"%_:{}*?[]|\\/\n\t$#@\u00e9\u4e2d\U0001f600"))
+    no_surrogates: list[Literal["Cs"]] = ["Cs"]
+    chars = st.one_of(
+        st.characters(exclude_categories=no_surrogates, exclude_characters="\x00"), special
+    )
+    return st.text(chars, min_size=1, max_size=max_size)
+
+
+def bad_names() -> st.SearchStrategy[object]:
+    """What :func:`names` never draws and every backend refuses: the fixed
+    :data:`BAD_TEXT`, and otherwise good text with a NUL or a lone surrogate inside."""
+    poison = st.sampled_from(["\x00", "\ud800", "\udbff", "\udc00", "\udfff"])
+    spliced = st.tuples(names(8), poison, names(8)).map(lambda parts: "".join(parts))
+    return st.one_of(st.sampled_from(BAD_TEXT), spliced)
 
 
 def dict_keys() -> st.SearchStrategy[str]:

@@ -11,7 +11,9 @@ Each module lists its test classes in ``__all__``.
 
 from __future__ import annotations
 
+from .test_arguments import *  # noqa: F403
 from .test_claims import *  # noqa: F403
+from .test_clock import *  # noqa: F403
 from .test_codec import *  # noqa: F403
 from .test_events import *  # noqa: F403
 from .test_leases import *  # noqa: F403

@@ -47,7 +47,7 @@ from reflow_conformance.model import Deadline, LeaseState, Model, ModelRun, Mode
 from reflow_conformance.plugin import suite_settings
 from reflow_conformance.strategies import plain_values, same_plain
 from reflow_core import codec
-from reflow_core.errors import IdempotencyConflictError
+from reflow_core.errors import EventBufferFullError, IdempotencyConflictError
 from reflow_core.storage import (
     ClaimedRun,
     Lease,
@@ -669,22 +669,37 @@ class StorageMachine(RuleBasedStateMachine):
         event=event_names,
         value=values,
         event_id=st.none() | st.sampled_from(EVENT_IDS),
+        cap=st.none() | st.integers(1, 3),
     )
-    def deliver(self, run_id: str, event: str, value: object, event_id: str | None) -> None:
+    def deliver(
+        self, run_id: str, event: str, value: object, event_id: str | None, cap: int | None = None
+    ) -> None:
         run = self.model.runs[run_id]
         before = run.status + (f" for {run.waiting_for}" if run.status == "waiting" else "")
+        before += f", holding {run.held}"
         repeat = event_id is not None and event_id in run.event_ids
-        expected = self.model.deliver(run_id, event, _encoded(value), event_id)
-        got = self._run(
-            self.storage.deliver_event(run_id, event, _encoded(value), event_id=event_id)
-        )
+        expected = self.model.deliver(run_id, event, _encoded(value), event_id, cap)
+        got: bool | str
+        try:
+            got = self._run(
+                self.storage.deliver_event(
+                    run_id, event, _encoded(value), event_id=event_id, max_buffered=cap
+                )
+            )
+        except EventBufferFullError:
+            got = "full"
         shown_id = "" if event_id is None else f" id={event_id}" + (" (repeat)" if repeat else "")
-        note(f"deliver {event}{shown_id} {_show(value)} to {run.label} ({before}) -> {got}")
-        promise(
-            got == expected,
-            P.DELIVER_FINISHED if run.terminal else P.EVENT_DEDUPE if repeat else P.EVENT_BUFFERED,
-            f"deliver_event returned {got} for a {before} run",
-        )
+        shown = _show(value) + ("" if cap is None else f" (cap {cap})")
+        note(f"deliver {event}{shown_id} {shown} to {run.label} ({before}) -> {got}")
+        if run.terminal:
+            name = P.DELIVER_FINISHED
+        elif repeat:
+            name = P.EVENT_BUFFER_FULL_DEDUPE if got == "full" else P.EVENT_DEDUPE
+        elif "full" in (got, expected):
+            name = P.EVENT_BUFFER_CAP
+        else:
+            name = P.EVENT_BUFFERED
+        promise(got == expected, name, f"deliver_event returned {got} for a {before} run")
         self._check_run(run_id, P.EVENT_WAKES)
 
     @rule(
@@ -698,6 +713,20 @@ class StorageMachine(RuleBasedStateMachine):
     ) -> None:
         """Deliver to the run of a lease handed out, as a worker's wait would expect."""
         self.deliver(lease.run_id, event, value, event_id)
+
+    def _open_runs(self) -> list[str]:
+        return sorted(r.id for r in self.model if not r.terminal)
+
+    @precondition(lambda self: bool(self._open_runs()))
+    @rule(
+        run_id=st.runner().flatmap(lambda machine: st.sampled_from(machine._open_runs())),
+        event=event_names,
+        value=values,
+    )
+    def deliver_at_the_cap(self, run_id: str, event: str, value: object) -> None:
+        """Deliver under a cap of what the run holds (at least one): refused
+        if it holds any event, accepted if it holds none."""
+        self.deliver(run_id, event, value, None, max(1, self.model.runs[run_id].held))
 
     def _waiting(self) -> list[str]:
         return sorted(r.id for r in self.model if r.status == "waiting")

@@ -1,0 +1,242 @@
+"""Arguments at the edge: odd names, ids and keys, and durations out of range.
+
+Every backend must keep any name, run id or key that is a non-empty ``str``
+without a NUL or a lone surrogate, exactly, and refuse every other one the
+same way: :class:`~reflow_core.errors.ConfigError`, before anything is
+written (``reflow_core.adapter.check_text`` does the check). Durations it is
+given (leases, sleeps, waits) go from zero to 100 years
+(``reflow_core.adapter.check_duration``), so every deadline it computes can
+be stored and read back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given
+
+from reflow_conformance import promises as P
+from reflow_conformance.harness import Harness, promise
+from reflow_conformance.plugin import suite_settings
+from reflow_conformance.strategies import BAD_TEXT, bad_names, names
+from reflow_core import codec
+from reflow_core.errors import ConfigError
+from reflow_core.storage import ClaimedRun, Lease, NewRun, ScheduleSpec, StepRecord, Storage
+
+from ._util import LONG, claim_one, create
+
+pytestmark = pytest.mark.reflow_conformance
+
+__all__ = ["TestDurationBounds", "TestOddText"]
+
+_TOO_LONG = timedelta(days=36501)
+_NEGATIVE = timedelta(seconds=-1)
+
+
+async def _refused(call: Callable[[], Awaitable[Any]], what: str) -> None:
+    try:
+        await call()
+    except ConfigError:
+        return
+    except Exception as exc:  # the promise is about the kind of error
+        promise(False, P.BAD_TEXT_REFUSED, f"{what}: raised {type(exc).__name__}: {exc}")
+    else:
+        promise(False, P.BAD_TEXT_REFUSED, f"{what}: accepted")
+
+
+Call = tuple[str, Callable[[], Awaitable[Any]]]
+
+
+def _text_calls(s: Storage, wf: str, claimed: ClaimedRun, bad: Any) -> list[Call]:
+    """Every operation, each with ``bad`` in one of its text arguments."""
+    run_id, lease, value = claimed.run.id, claimed.lease, codec.encode("v")
+    slot = claimed.run.created_at
+    return [
+        ("create_run(workflow)", lambda: s.create_run(NewRun(bad, value))),
+        (
+            "create_run(idempotency_key)",
+            lambda: s.create_run(NewRun(wf, value, idempotency_key=bad)),
+        ),
+        ("create_run(run_id)", lambda: s.create_run(NewRun(wf, value, run_id=bad))),
+        ("claim_runs(workflows)", lambda: s.claim_runs([wf, bad], 5, LONG)),
+        ("get_run", lambda: s.get_run(bad)),
+        ("get_step_results", lambda: s.get_step_results(bad)),
+        ("requeue_run", lambda: s.requeue_run(bad)),
+        ("update_run_status", lambda: s.update_run_status(bad, "cancelled")),
+        ("deliver_event(run_id)", lambda: s.deliver_event(bad, "e", value)),
+        ("deliver_event(event)", lambda: s.deliver_event(run_id, bad, value)),
+        ("deliver_event(event_id)", lambda: s.deliver_event(run_id, "e", value, event_id=bad)),
+        (
+            "save_step_result(step)",
+            lambda: s.save_step_result(lease, StepRecord(bad, "completed"), LONG),
+        ),
+        (
+            "finish_run(step)",
+            lambda: s.finish_run(
+                lease, "completed", output=value, step=StepRecord(bad, "completed")
+            ),
+        ),
+        ("sleep_run(step)", lambda: s.sleep_run(lease, bad, LONG)),
+        ("wait_run(step)", lambda: s.wait_run(lease, bad, "e", LONG)),
+        ("wait_run(event)", lambda: s.wait_run(lease, "w", bad, LONG)),
+        ("take_event(step)", lambda: s.take_event(lease, bad, "e")),
+        ("take_event(event)", lambda: s.take_event(lease, "w", bad)),
+        ("list_runs(workflow)", lambda: s.list_runs(workflow=bad)),
+        (
+            "upsert_schedule(key)",
+            lambda: s.upsert_schedule(ScheduleSpec(bad, wf, value, "every:1000", slot)),
+        ),
+        (
+            "upsert_schedule(workflow)",
+            lambda: s.upsert_schedule(ScheduleSpec("k-" + wf, bad, value, "every:1000", slot)),
+        ),
+        ("delete_schedule", lambda: s.delete_schedule(bad)),
+    ]
+
+
+def _duration_calls(s: Storage, wf: str, lease: Lease, span: timedelta) -> list[Call]:
+    """Every operation given a duration, each with ``span``."""
+    return [
+        ("claim_runs(lease)", lambda: s.claim_runs([wf], 1, span)),
+        ("heartbeat_run", lambda: s.heartbeat_run(lease, span)),
+        ("save_step_result", lambda: s.save_step_result(lease, StepRecord("a", "completed"), span)),
+        ("sleep_run", lambda: s.sleep_run(lease, "z", span)),
+        ("wait_run", lambda: s.wait_run(lease, "w", "e", span)),
+    ]
+
+
+class TestOddText:
+    def test_any_good_text_is_kept_exactly(self, reflow: Harness) -> None:
+        @suite_settings()
+        @given(names(), names(), names(), names())
+        def check(workflow: str, key: str, step: str, event: str) -> None:
+            wf = reflow.unique() + workflow
+            run_id = reflow.unique("run") + key
+
+            async def body(s: Storage) -> None:
+                made = await s.create_run(
+                    NewRun(wf, codec.encode(1), idempotency_key=key, run_id=run_id)
+                )
+                promise(
+                    (made.run.id, made.run.workflow, made.run.idempotency_key) == (run_id, wf, key),
+                    P.TEXT_KEPT,
+                    repr(made.run),
+                )
+                again = await s.create_run(NewRun(wf, codec.encode(1), idempotency_key=key))
+                promise(again.run.id == run_id and not again.created, P.TEXT_KEPT, "key lost")
+                claimed = await claim_one(s, wf)
+                saved = StepRecord(step, "completed", output=codec.encode(step))
+                promise(await s.save_step_result(claimed.lease, saved, LONG), P.TEXT_KEPT)
+                promise(
+                    await s.deliver_event(run_id, event, codec.encode(2), event_id=key), P.TEXT_KEPT
+                )
+                taken = await s.take_event(claimed.lease, "wait-" + event, event)
+                promise(taken is not None and taken.found, P.TEXT_KEPT, f"event {event!r}: {taken}")
+                steps = await s.get_step_results(run_id)
+                promise(
+                    set(steps) == {step, "wait-" + event}
+                    and codec.decode(steps[step].output or "null") == step,
+                    P.TEXT_KEPT,
+                    f"steps read back as {sorted(steps)}",
+                )
+                page = await s.list_runs(workflow=wf)
+                promise([r.id for r in page.runs] == [run_id], P.TEXT_KEPT, repr(page.runs))
+
+            reflow.run(body)
+
+        check()
+
+    def test_every_operation_refuses_bad_text_and_writes_nothing(self, reflow: Harness) -> None:
+        wf = reflow.unique()
+
+        async def body(s: Storage) -> None:
+            made = await create(s, wf, "input")
+            run_id = made.run.id
+            claimed = await claim_one(s, wf)
+            lease = claimed.lease
+            for bad in BAD_TEXT:
+                for what, call in _text_calls(s, wf, claimed, bad):
+                    await _refused(call, f"{what} with {bad!r}")
+            # Nothing was written: the run is as the claim left it, and alone.
+            run = await s.get_run(run_id)
+            promise(
+                run is not None
+                and (run.status, run.lease_epoch) == ("running", lease.epoch)
+                and await s.get_step_results(run_id) == {},
+                P.BAD_TEXT_REFUSED,
+                f"the run changed: {run}",
+            )
+            page = await s.list_runs(workflow=wf)
+            promise([r.id for r in page.runs] == [run_id], P.BAD_TEXT_REFUSED, repr(page.runs))
+            promise(
+                not any(sc.key == "k-" + wf for sc in await s.list_schedules()),
+                P.BAD_TEXT_REFUSED,
+                "a schedule was stored",
+            )
+            promise(await s.heartbeat_run(lease, LONG), P.BAD_TEXT_REFUSED, "the lease was lost")
+
+        reflow.run(body)
+
+    def test_text_with_a_nul_or_lone_surrogate_anywhere_is_refused(self, reflow: Harness) -> None:
+        @suite_settings()
+        @given(bad_names())
+        def check(bad: object) -> None:
+            async def body(s: Storage) -> None:
+                b: Any = bad
+                await _refused(lambda: s.get_run(b), f"get_run({bad!r})")
+                await _refused(
+                    lambda: s.create_run(NewRun(b, codec.encode(None))),
+                    f"create_run(workflow={bad!r})",
+                )
+
+            reflow.run(body)
+
+        check()
+
+
+class TestDurationBounds:
+    def test_durations_out_of_range_are_refused_and_change_nothing(self, reflow: Harness) -> None:
+        wf = reflow.unique()
+
+        async def body(s: Storage) -> None:
+            await create(s, wf)
+            claimed = await claim_one(s, wf)
+            lease = claimed.lease
+            for span in (_TOO_LONG, _NEGATIVE):
+                for what, call in _duration_calls(s, wf, lease, span):
+                    try:
+                        await call()
+                    except ConfigError:
+                        continue
+                    except Exception as exc:
+                        promise(
+                            False,
+                            P.DURATION_BOUNDS,
+                            f"{what}({span}): raised {type(exc).__name__}: {exc}",
+                        )
+                    promise(False, P.DURATION_BOUNDS, f"{what}({span}): accepted")
+            run = await s.get_run(lease.run_id)
+            promise(
+                run is not None
+                and (run.status, run.lease_epoch) == ("running", lease.epoch)
+                and await s.get_step_results(lease.run_id) == {},
+                P.DURATION_BOUNDS,
+                f"the run changed: {run}",
+            )
+            # The longest duration allowed is accepted and reads back.
+            longest = timedelta(days=36500)
+            wake_at = await s.sleep_run(lease, "z", longest)
+            promise(wake_at is not None, P.DURATION_BOUNDS, "a 100-year sleep was refused")
+            stored = await s.get_run(lease.run_id)
+            promise(
+                stored is not None and stored.status == "sleeping" and stored.wake_at == wake_at,
+                P.DURATION_BOUNDS,
+                f"a 100-year sleep reads back as {stored}",
+            )
+            page = await s.list_runs(workflow=wf)
+            promise(len(page.runs) == 1, P.DURATION_BOUNDS, "listing the sleeping run failed")
+
+        reflow.run(body)
