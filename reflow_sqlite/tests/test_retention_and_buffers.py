@@ -20,6 +20,7 @@ from reflow_core import Engine, EventBufferFullError, StepContext, codec, workfl
 from reflow_core.errors import ConfigError, StorageError
 from reflow_core.storage import ClaimedRun, NewRun, StepRecord
 from reflow_sqlite import SQLiteStorage
+from reflow_sqlite import _schema as schema_module
 from reflow_sqlite import storage as storage_module
 from reflow_sqlite._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
@@ -143,7 +144,7 @@ async def test_the_cap_is_counted_through_the_buffered_index(opener: Opener, db_
     run_id = (await store.create_run(NewRun("wf", "1"))).run.id
     plan = rows(db_path, "EXPLAIN QUERY PLAN " + storage_module._SQL_COUNT_BUFFERED, run_id, 1000)
     assert any("events_buffered" in str(row[-1]) for row in plan), plan
-    for statement in (storage_module._SQL_DROP_BUFFERED, storage_module._SQL_RETIRE_BUFFERED):
+    for statement in (schema_module.DROP_BUFFERED, schema_module.RETIRE_BUFFERED):
         params = (run_id,) if statement.startswith("DELETE") else (0, run_id)
         plan = rows(db_path, "EXPLAIN QUERY PLAN " + statement, *params)
         assert any("events_buffered" in str(row[-1]) for row in plan), (statement, plan)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from psycopg import sql
 
-__all__ = ["RUN_COLUMNS", "Statements", "render"]
+__all__ = ["READ_COLUMNS", "RUN_COLUMNS", "Statements", "render"]
 
 RUN_COLUMNS = (
     "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims, "
@@ -32,6 +32,24 @@ RUN_COLUMNS = (
 )
 _R_COLUMNS = ", ".join(f"r.{c.strip()}" for c in RUN_COLUMNS.split(","))
 _STEP_COLUMNS = "name, status, output, error, attempts, wake_at, completed_at"
+
+
+def _bounded(column: str) -> str:
+    """``column`` capped a day before the end of year 9999, the last time a
+    datetime holds in every zone. Durations are bounded now, but an older
+    version could store a wake-up time in the year 33,715, which psycopg
+    cannot load: capped in the query, every read of it still works (at no
+    cost to the loaders, which stay psycopg's own)."""
+    latest = "'9999-12-30 00:00:00+00'::timestamptz"
+    return f"CASE WHEN {column} > {latest} THEN {latest} ELSE {column} END"
+
+
+READ_COLUMNS = RUN_COLUMNS.replace(" wake_at,", f" {_bounded('wake_at')},").replace(
+    " lease_expires_at", f" {_bounded('lease_expires_at')}"
+)
+""":data:`RUN_COLUMNS` for reads of any run (``get_run``, ``list_runs``),
+with the deadlines an older version may have stored out of range capped."""
+_STEP_READ_COLUMNS = _STEP_COLUMNS.replace(" wake_at,", f" {_bounded('wake_at')},")
 _SCHEDULE_COLUMNS = "key, workflow, input, recurrence, next_run_at, created_at, updated_at"
 _US = "(extract(epoch FROM {col}) * 1000000)::bigint"
 
@@ -93,7 +111,7 @@ _TEMPLATES: dict[str, str] = {
         " SELECT {notify} FROM (SELECT DISTINCT workflow FROM ins WHERE inserted) AS u"
         ") SELECT ins.*, (SELECT count(*) FROM woken) FROM ins"
     ),
-    "get_run": f"SELECT {RUN_COLUMNS} FROM {{s}}.runs WHERE id = %(id)s",
+    "get_run": f"SELECT {READ_COLUMNS} FROM {{s}}.runs WHERE id = %(id)s",
     "claim": (
         "WITH stale AS ("
         " SELECT id, lease_expires_at AS k FROM {s}.runs"
@@ -316,7 +334,9 @@ _TEMPLATES: dict[str, str] = {
         "), woken AS (SELECT {notify} FROM u WHERE u.woke"
         ") SELECT seen.dup, go.ok, (SELECT count(*) FROM woken) FROM seen, go"
     ),
-    "get_steps": (f"SELECT {_STEP_COLUMNS} FROM {{s}}.steps WHERE run_id = %(id)s ORDER BY seq"),
+    "get_steps": (
+        f"SELECT {_STEP_READ_COLUMNS} FROM {{s}}.steps WHERE run_id = %(id)s ORDER BY seq"
+    ),
     # A requeued run starts with an empty buffer (its events were dropped
     # when it ended; runs.buffered is only kept up to date while a run lives).
     "requeue": (

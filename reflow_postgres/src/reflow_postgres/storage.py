@@ -28,8 +28,6 @@ import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
 from psycopg import sql
-from psycopg.adapt import AdaptersMap, Buffer
-from psycopg.types.datetime import TimestamptzBinaryLoader, TimestamptzLoader
 
 from reflow_core.adapter import (
     check_aware,
@@ -81,7 +79,7 @@ from reflow_core.storage import (
 )
 
 from ._schema import MIGRATIONS, SCHEMA_VERSION, VERSION_TABLE
-from ._sql import RUN_COLUMNS, Statements, render
+from ._sql import READ_COLUMNS, Statements, render
 from .listener import Listener
 
 __all__ = ["PostgresStorage", "parse_postgres_url"]
@@ -135,36 +133,8 @@ def _from_us(value: int | None) -> datetime | None:
         return None
     try:
         return _EPOCH + timedelta(microseconds=value)
-    except OverflowError:  # see _BoundedTimestamptz
+    except OverflowError:  # a wake-up time stored by an older version (see _sql.READ_COLUMNS)
         return _LATEST if value > 0 else _EARLIEST
-
-
-class _BoundedTimestamptz(TimestamptzLoader):
-    """Reads a ``timestamptz`` outside datetime's years 1-9999 as the nearest
-    representable time instead of failing. Nothing is written out of range
-    now (durations are bounded), but an older version could store a wake-up
-    time in the year 33,715, and every read of that run failed."""
-
-    def load(self, data: Buffer) -> datetime:
-        try:
-            return super().load(data)
-        except psycopg.DataError:
-            return _EARLIEST if bytes(data).endswith(b"BC") else _LATEST
-
-
-class _BoundedTimestamptzBinary(TimestamptzBinaryLoader):
-    """The binary-format twin of :class:`_BoundedTimestamptz`."""
-
-    def load(self, data: Buffer) -> datetime:
-        try:
-            return super().load(data)
-        except psycopg.DataError:
-            return _EARLIEST if bytes(data)[0] & 0x80 else _LATEST
-
-
-_ADAPTERS = AdaptersMap(psycopg.adapters)
-_ADAPTERS.register_loader("timestamptz", _BoundedTimestamptz)
-_ADAPTERS.register_loader("timestamptz", _BoundedTimestamptzBinary)
 
 
 def _run_record(row: tuple[Any, ...] | list[Any]) -> RunRecord:
@@ -344,7 +314,6 @@ class PostgresStorage:
                 option="url",
             )
         self._kwargs: dict[str, Any] = {
-            "context": _ADAPTERS,
             **(connect_kwargs or {}),
             "autocommit": True,
             "prepare_threshold": self._prepare,
@@ -1122,7 +1091,7 @@ class PostgresStorage:
             params["after_at"], params["after_id"] = after
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         query = (
-            f"SELECT {RUN_COLUMNS} FROM {self._sql.schema}.runs{where}"  # noqa: S608
+            f"SELECT {READ_COLUMNS} FROM {self._sql.schema}.runs{where}"  # noqa: S608
             " ORDER BY created_at DESC, id DESC LIMIT %(limit)s"
         )
 

@@ -102,6 +102,18 @@ _V1: Sequence[str] = (
     "CREATE INDEX schedules_due ON schedules (next_run_at, key)",
 )
 
+DROP_BUFFERED = "DELETE FROM events WHERE run_id = ? AND taken_at IS NULL AND +event_id IS NULL"
+"""A run that ends drops its buffered events: those without an id go, those
+with one stay as taken with no payload (:data:`RETIRE_BUFFERED`), so a
+redelivery of the id stays a no-op for as long as the run exists. Both walk
+the partial index events_buffered, which holds buffered events only (the
+unary ``+`` keeps the planner off the ``(run_id, event_id)`` index, which also
+holds taken events). Parameters: the run id."""
+RETIRE_BUFFERED = (
+    "UPDATE events SET taken_at = ?, payload = '' WHERE run_id = ? AND taken_at IS NULL"
+)
+"""See :data:`DROP_BUFFERED`. Parameters: the time, the run id."""
+
 # Version 2: retention and bounded event buffers.
 _V2: Sequence[str] = (
     # When a run reached a terminal status, set only then (and cleared by a
@@ -127,6 +139,18 @@ _V2: Sequence[str] = (
     UPDATE events SET taken_at = created_at, payload = ''
         WHERE taken_at IS NULL
         AND run_id IN (SELECT id FROM runs WHERE finished_at IS NOT NULL)
+    """,
+    # From now on a run's end does the same in the statement that ends it:
+    # every end sets finished_at (a requeue clears it, which fires nothing).
+    # A trigger runs inside SQLite, so ending a run costs no extra statement
+    # from Python; both statements walk the partial index events_buffered.
+    f"""
+    CREATE TRIGGER runs_end_drops_buffered_events AFTER UPDATE OF finished_at ON runs
+        WHEN NEW.finished_at IS NOT NULL
+    BEGIN
+        {DROP_BUFFERED.replace("?", "NEW.id")};
+        {RETIRE_BUFFERED.replace("?", "NEW.finished_at", 1).replace("?", "NEW.id")};
+    END
     """,
 )
 

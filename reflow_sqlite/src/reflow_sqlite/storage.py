@@ -183,17 +183,6 @@ _SQL_END_UNFENCED = (
     f"waiting_for = NULL, updated_at = ?, finished_at = ? WHERE id = ? AND {_NOT_TERMINAL} "
     "RETURNING 1"
 )
-# A run that ends drops its buffered events: those without an id go, those
-# with one stay as taken with no payload, so a redelivery of the id stays a
-# no-op for as long as the run exists. Both walk the partial index
-# events_buffered, which holds buffered events only (the unary "+" keeps the
-# planner off the (run_id, event_id) index, which also holds taken events).
-_SQL_DROP_BUFFERED = (
-    "DELETE FROM events WHERE run_id = ? AND taken_at IS NULL AND +event_id IS NULL"
-)
-_SQL_RETIRE_BUFFERED = (
-    "UPDATE events SET taken_at = ?, payload = '' WHERE run_id = ? AND taken_at IS NULL"
-)
 _SQL_SLEEP = (
     "UPDATE runs SET status = 'sleeping', wake_at = ?, lease_expires_at = NULL, "
     f"updated_at = ? WHERE {_FENCE} RETURNING 1"
@@ -460,14 +449,8 @@ def _finish_script(
         return False
     if step is not None:
         yield (_SQL_UPSERT_STEP, step.params(lease.run_id, now))
-    yield from _drop_buffered_script(now, lease.run_id)
+    # Setting finished_at dropped the run's buffered events (a trigger).
     return True
-
-
-def _drop_buffered_script(now: int, run_id: str) -> Script[None]:
-    """The buffered events of a run that has just ended go with it."""
-    yield (_SQL_DROP_BUFFERED, (run_id,))
-    yield (_SQL_RETIRE_BUFFERED, (now, run_id))
 
 
 def _update_status_script(
@@ -479,8 +462,7 @@ def _update_status_script(
         rows = yield (_SQL_HAND_BACK, (now, now, run_id, lease.epoch, now))
     else:
         rows = yield (_SQL_END_FENCED, (status, error, now, now, run_id, lease.epoch, now))
-    if rows and status != "pending":
-        yield from _drop_buffered_script(now, run_id)
+    # Ending a run sets finished_at, which drops its buffered events (a trigger).
     return bool(rows)
 
 
