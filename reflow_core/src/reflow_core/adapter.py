@@ -27,6 +27,7 @@ __all__ = [
     "check_text",
     "decode_cursor",
     "encode_cursor",
+    "from_epoch_us",
     "new_run_id",
     "utcnow",
 ]
@@ -48,6 +49,24 @@ def new_run_id() -> str:
 def utcnow() -> datetime:
     """The local clock as an aware UTC datetime."""
     return datetime.now(UTC)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+def from_epoch_us(value: int) -> datetime:
+    """An aware UTC datetime from microseconds since the Unix epoch.
+
+    A value outside datetime's years 1-9999 reads as the nearest
+    representable time instead of failing: nothing is written out of range
+    now (durations are bounded), but an older version could store a wake-up
+    time in the year 33,715, and every read of that run used to fail."""
+    try:
+        return _EPOCH + timedelta(microseconds=value)
+    except OverflowError:
+        return _LATEST if value > 0 else _EARLIEST
 
 
 def encode_cursor(created_at: datetime, run_id: str) -> str:

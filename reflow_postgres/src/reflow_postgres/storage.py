@@ -40,6 +40,7 @@ from reflow_core.adapter import (
     check_text,
     decode_cursor,
     encode_cursor,
+    from_epoch_us,
     new_run_id,
 )
 from reflow_core.batching import GroupCommit
@@ -124,17 +125,8 @@ def _utc_opt(value: datetime | None) -> datetime | None:
     return None if value is None else _utc(value)
 
 
-_LATEST = datetime.max.replace(tzinfo=UTC)
-_EARLIEST = datetime.min.replace(tzinfo=UTC)
-
-
 def _from_us(value: int | None) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return _EPOCH + timedelta(microseconds=value)
-    except OverflowError:  # a wake-up time stored by an older version (see _sql.READ_COLUMNS)
-        return _LATEST if value > 0 else _EARLIEST
+    return None if value is None else from_epoch_us(value)
 
 
 def _run_record(row: tuple[Any, ...] | list[Any]) -> RunRecord:

@@ -60,6 +60,7 @@ from reflow_core.adapter import (
     check_text,
     decode_cursor,
     encode_cursor,
+    from_epoch_us,
     new_run_id,
 )
 from reflow_core.batching import GroupCommit
@@ -205,12 +206,10 @@ def _time(value: str | None, where: str) -> datetime | None:
     if not value.isdigit():
         raise _BadData(f"{where} is not a time")
     try:
-        return _EPOCH + timedelta(microseconds=int(value))
-    except (OverflowError, ValueError):
-        # Past datetime's year 9999: never written now (durations are
-        # bounded), but an older version may have stored one. Read it as the
-        # latest representable time rather than failing every read of it.
-        return datetime.max.replace(tzinfo=UTC)
+        micros = int(value)
+    except ValueError:  # more digits than int() takes: far past year 9999
+        return from_epoch_us(2**63)
+    return from_epoch_us(micros)
 
 
 def _pairs(flat: Sequence[object], where: str) -> dict[str, str]:

@@ -44,6 +44,7 @@ from reflow_core.adapter import (
     check_text,
     decode_cursor,
     encode_cursor,
+    from_epoch_us,
     new_run_id,
     utcnow,
 )
@@ -111,18 +112,8 @@ def _span_us(value: timedelta) -> int:
     return value // _ONE_US
 
 
-def _from_us(value: int) -> datetime:
-    try:
-        return _EPOCH + timedelta(microseconds=value)
-    except OverflowError:
-        # Outside datetime's years 1-9999: never written now (durations are
-        # bounded), but a file from an older version may hold one. Read it as
-        # the nearest representable time rather than failing every read of it.
-        return datetime.max.replace(tzinfo=UTC) if value > 0 else datetime.min.replace(tzinfo=UTC)
-
-
 def _from_us_opt(value: int | None) -> datetime | None:
-    return None if value is None else _from_us(value)
+    return None if value is None else from_epoch_us(value)
 
 
 def _placeholders(count: int) -> str:
@@ -255,8 +246,8 @@ def _run_record(row: Row) -> RunRecord:
         attempts=row[7],
         reclaims=row[8],
         lease_epoch=row[9],
-        created_at=_from_us(row[10]),
-        updated_at=_from_us(row[11]),
+        created_at=from_epoch_us(row[10]),
+        updated_at=from_epoch_us(row[11]),
         wake_at=_from_us_opt(row[12]),
         waiting_for=row[13],
         lease_expires_at=_from_us_opt(row[14]),
@@ -281,9 +272,9 @@ def _schedule_record(row: Row) -> ScheduleRecord:
         workflow=row[1],
         input=row[2],
         recurrence=row[3],
-        next_run_at=_from_us(row[4]),
-        created_at=_from_us(row[5]),
-        updated_at=_from_us(row[6]),
+        next_run_at=from_epoch_us(row[4]),
+        created_at=from_epoch_us(row[5]),
+        updated_at=from_epoch_us(row[6]),
     )
 
 
@@ -1351,7 +1342,7 @@ class SQLiteStorage:
         the microseconds the database keeps: the *now* every deadline is
         judged by."""
         self._connection("now")
-        return _from_us(_to_us(self._clock(), "clock"))
+        return from_epoch_us(_to_us(self._clock(), "clock"))
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         """The run, or ``None``."""
