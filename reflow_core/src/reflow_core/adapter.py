@@ -1,34 +1,75 @@
-"""Helpers for storage adapter authors: ids, cursors, time.
+"""Helpers for storage adapter authors: ids, cursors, time, rows, guards.
 
 Everything a backend needs that is not specific to its store lives here, so
-the id format and cursor encoding are the same on every backend.
+the id format, cursor encoding, argument checks, error messages and record
+layouts are the same on every backend, and no backend carries a copy:
+
+* ids and cursors: :func:`new_run_id`, :func:`encode_cursor`,
+  :func:`decode_cursor`, :func:`run_page`;
+* time: :func:`to_epoch_us`, :func:`from_epoch_us`, :func:`span_us`,
+  :func:`as_utc`;
+* rows: :func:`run_from_row`, :func:`step_from_row`,
+  :func:`schedule_from_row` map a row in the column order of
+  :data:`RUN_COLUMNS`, :data:`STEP_COLUMNS` and :data:`SCHEDULE_COLUMNS`;
+* the lifecycle guard :class:`Lifecycle` (closed / not initialized);
+* argument checks (``check_*``) every backend runs before touching its store;
+* :func:`purge_in_batches`, the loop of every ``purge_finished``;
+* :func:`load_queries`, named SQL statements kept in ``.sql`` files.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import re
 import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from importlib import resources
+from typing import Any, cast
 
 from ._durations import MAX_DURATION, describe
-from .errors import ConfigError
-from .storage import Lease, NewRun
+from .errors import ConfigError, StorageError
+from .storage import (
+    Lease,
+    NewRun,
+    RunPage,
+    RunRecord,
+    RunStatus,
+    ScheduleRecord,
+    StepRecord,
+    StepStatus,
+)
 
 __all__ = [
     "MAX_DURATION",
+    "RUN_COLUMNS",
+    "SCHEDULE_COLUMNS",
+    "STEP_COLUMNS",
+    "Lifecycle",
+    "as_utc",
     "check_aware",
     "check_duration",
     "check_finish_status",
     "check_list_limit",
     "check_new_run",
     "check_purge",
+    "check_purge_limit",
     "check_status_update",
     "check_text",
     "decode_cursor",
     "encode_cursor",
     "from_epoch_us",
+    "load_queries",
     "new_run_id",
+    "purge_in_batches",
+    "render_sql",
+    "run_from_row",
+    "run_page",
+    "schedule_from_row",
+    "span_us",
+    "step_from_row",
+    "to_epoch_us",
     "utcnow",
 ]
 
@@ -67,6 +108,251 @@ def from_epoch_us(value: int) -> datetime:
         return _EPOCH + timedelta(microseconds=value)
     except OverflowError:
         return _LATEST if value > 0 else _EARLIEST
+
+
+_ONE_US = timedelta(microseconds=1)
+
+
+def to_epoch_us(value: datetime, what: str = "datetime") -> int:
+    """Microseconds since the Unix epoch for an aware datetime; a naive one
+    is refused with :func:`check_aware`, naming ``what``."""
+    return (check_aware(value, what) - _EPOCH) // _ONE_US
+
+
+def span_us(value: timedelta) -> int:
+    """A duration in whole microseconds."""
+    return value // _ONE_US
+
+
+def as_utc(value: datetime) -> datetime:
+    """``value`` (aware) expressed in UTC, as records carry it."""
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+# -- rows -----------------------------------------------------------------------
+
+RUN_COLUMNS = (
+    "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims, "
+    "lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at"
+)
+"""The column order :func:`run_from_row` reads (the :class:`RunRecord` fields)."""
+STEP_COLUMNS = "name, status, output, error, attempts, wake_at, completed_at"
+"""The column order :func:`step_from_row` reads (the :class:`StepRecord` fields)."""
+SCHEDULE_COLUMNS = "key, workflow, input, recurrence, next_run_at, created_at, updated_at"
+"""The column order :func:`schedule_from_row` reads (the :class:`ScheduleRecord` fields)."""
+
+TimeReader = Callable[[Any], datetime]
+"""Turns a stored, non-null time (epoch microseconds, a driver's datetime,
+...) into an aware UTC datetime: :func:`from_epoch_us` or :func:`as_utc`."""
+
+
+def run_from_row(row: Sequence[Any], time: TimeReader) -> RunRecord:
+    """A :class:`RunRecord` from a row in :data:`RUN_COLUMNS` order, times read by ``time``."""
+    wake_at = row[12]
+    expires = row[14]
+    return RunRecord(
+        id=row[0],
+        workflow=row[1],
+        status=cast(RunStatus, row[2]),
+        input=row[3],
+        output=row[4],
+        error=row[5],
+        idempotency_key=row[6],
+        attempts=row[7],
+        reclaims=row[8],
+        lease_epoch=row[9],
+        created_at=time(row[10]),
+        updated_at=time(row[11]),
+        wake_at=None if wake_at is None else time(wake_at),
+        waiting_for=row[13],
+        lease_expires_at=None if expires is None else time(expires),
+    )
+
+
+def step_from_row(row: Sequence[Any], time: TimeReader) -> StepRecord:
+    """A :class:`StepRecord` from a row in :data:`STEP_COLUMNS` order."""
+    wake_at = row[5]
+    completed = row[6]
+    return StepRecord(
+        name=row[0],
+        status=cast(StepStatus, row[1]),
+        output=row[2],
+        error=row[3],
+        attempts=row[4],
+        wake_at=None if wake_at is None else time(wake_at),
+        completed_at=None if completed is None else time(completed),
+    )
+
+
+def schedule_from_row(row: Sequence[Any], time: TimeReader) -> ScheduleRecord:
+    """A :class:`ScheduleRecord` from a row in :data:`SCHEDULE_COLUMNS` order."""
+    return ScheduleRecord(
+        key=row[0],
+        workflow=row[1],
+        input=row[2],
+        recurrence=row[3],
+        next_run_at=time(row[4]),
+        created_at=time(row[5]),
+        updated_at=time(row[6]),
+    )
+
+
+def run_page(records: Sequence[RunRecord], limit: int) -> RunPage:
+    """The :class:`RunPage` of a ``list_runs`` that fetched up to ``limit + 1``
+    records (newest first): the first ``limit``, and a cursor after the last
+    of them when there were more."""
+    page = list(records[:limit])
+    more = len(records) > limit
+    return RunPage(page, encode_cursor(page[-1].created_at, page[-1].id) if more else None)
+
+
+# -- lifecycle ------------------------------------------------------------------
+
+
+class Lifecycle:
+    """The state every storage guards its operations with: usable only
+    between :meth:`Storage.initialize` and :meth:`Storage.close`.
+
+    ``check(operation)`` raises the same :class:`StorageError` on every
+    backend for a closed storage and one never initialized.
+    """
+
+    __slots__ = ("backend", "closed", "initialized")
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.initialized = False
+        self.closed = False
+
+    def check(self, operation: str) -> None:
+        """Refuse ``operation`` unless the storage is initialized and open."""
+        if self.closed:
+            raise StorageError("storage is closed", operation=operation, backend=self.backend)
+        if not self.initialized:
+            raise StorageError(
+                "storage is not initialized; call initialize() first",
+                operation=operation,
+                backend=self.backend,
+            )
+
+    def check_open(self, operation: str = "initialize") -> None:
+        """Refuse ``operation`` (by default ``initialize``) on a closed storage."""
+        if self.closed:
+            raise StorageError("storage is closed", operation=operation, backend=self.backend)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open" if self.initialized else "new"
+        return f"<Lifecycle {self.backend} {state}>"
+
+
+# -- purging --------------------------------------------------------------------
+
+
+def check_purge_limit(limit: object) -> int | None:
+    """Refuse a ``purge_finished`` ``limit`` that is neither ``None`` nor an int >= 1."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ConfigError(f"limit must be an integer >= 1 or None, got {limit!r}", option="limit")
+    return limit
+
+
+async def purge_in_batches(
+    delete: Callable[[int], Awaitable[tuple[int, bool]]], batch: int, limit: int | None
+) -> int:
+    """The loop of every ``purge_finished``: call ``delete(n)`` with the size
+    of the next batch (at most ``batch``, and no more than ``limit`` leaves)
+    until it reports no more runs due or ``limit`` runs are gone. ``delete``
+    returns how many runs it deleted and whether more may be due (it found a
+    full batch). Returns the total deleted."""
+    total = 0
+    while limit is None or total < limit:
+        size = batch if limit is None else min(batch, limit - total)
+        deleted, more = await delete(size)
+        total += deleted
+        if not more:
+            break
+    return total
+
+
+# -- SQL files ------------------------------------------------------------------
+
+_SECTION = re.compile(r"^--\s*name:\s*([A-Za-z_][A-Za-z0-9_]*)\s*$", re.MULTILINE)
+_SLOT = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def render_sql(template: str, slots: Mapping[str, str], *, where: str = "SQL") -> str:
+    """Fill the ``{name}`` slots of ``template`` from ``slots``. A slot with
+    no value is a programming error and raises ``KeyError`` naming it and
+    ``where``. Slots hold the package's own identifiers and fragments, never
+    user data: every value is a bound parameter."""
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        try:
+            return slots[name]
+        except KeyError:
+            raise KeyError(f"{where}: no value for slot {{{name}}}") from None
+
+    return _SLOT.sub(fill, template)
+
+
+def load_queries(
+    package: str, filename: str, slots: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The named statements of ``filename`` (a resource of ``package``),
+    rendered once: each ``-- name: <name>`` line starts a statement that
+    runs to the next one. A statement may use another one of the file as a
+    slot (``{fence}`` inserts the statement named ``fence``) and any slot of
+    ``slots``; comments and surrounding blank lines are kept out of the text.
+    """
+    text = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
+    parts = _SECTION.split(text)
+    raw: dict[str, str] = {}
+    for name, body in zip(parts[1::2], parts[2::2], strict=True):
+        if name in raw:
+            raise ValueError(f"{package}/{filename}: statement {name!r} is defined twice")
+        lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
+        raw[name] = "\n".join(lines).strip().rstrip(";").strip()
+    given = dict(slots or {})
+    done: dict[str, str] = {}
+
+    def resolve(name: str, trail: tuple[str, ...]) -> str:
+        if name in done:
+            return done[name]
+        if name in trail:
+            raise ValueError(f"{package}/{filename}: statements refer to each other: {trail}")
+        lookup = _Slots(given, raw, lambda other: resolve(other, (*trail, name)))
+        done[name] = render_sql(raw[name], lookup, where=f"{package}/{filename}:{name}")
+        return done[name]
+
+    for name in raw:
+        resolve(name, ())
+    return done
+
+
+class _Slots(Mapping[str, str]):
+    """Slot values: the caller's first, then the file's own statements."""
+
+    def __init__(
+        self, given: Mapping[str, str], raw: Mapping[str, str], resolve: Callable[[str], str]
+    ) -> None:
+        self._given = given
+        self._raw = raw
+        self._resolve = resolve
+
+    def __getitem__(self, key: str) -> str:
+        if key in self._given:
+            return self._given[key]
+        if key in self._raw:
+            return self._resolve(key)
+        raise KeyError(key)
+
+    def __iter__(self) -> Any:
+        return iter({**self._raw, **self._given})
+
+    def __len__(self) -> int:
+        return len({**self._raw, **self._given})
 
 
 def encode_cursor(created_at: datetime, run_id: str) -> str:

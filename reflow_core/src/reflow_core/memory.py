@@ -26,11 +26,13 @@ from .adapter import (
     check_list_limit,
     check_new_run,
     check_purge,
+    check_purge_limit,
     check_status_update,
     check_text,
     decode_cursor,
     encode_cursor,
     new_run_id,
+    purge_in_batches,
     utcnow,
 )
 from .errors import EventBufferFullError, IdempotencyConflictError, StorageError
@@ -494,19 +496,14 @@ class MemoryStorage:
         entry.finished_at = None
         return True
 
-    async def purge_finished(self, older_than: timedelta, *, batch: int = 1000) -> int:
-        """Delete runs that finished (completed, failed or cancelled) more
-        than ``older_than`` ago by the storage clock, with their steps, events
-        and event ids, oldest first, ``batch`` runs at a time (other tasks run
-        between batches). Returns how many runs were deleted.
-
-        Runs that have not finished are never touched, and the idempotency
-        keys of deleted runs become free again: keep finished runs for longer
-        than any client may retry an enqueue.
-        """
+    async def purge_finished(
+        self, older_than: timedelta, *, batch: int = 1000, limit: int | None = None
+    ) -> int:
+        """See :meth:`Storage.purge_finished`; other tasks run between batches."""
         batch = check_purge(older_than, batch)
-        total = 0
-        while True:
+        limit = check_purge_limit(limit)
+
+        async def delete(size: int) -> tuple[int, bool]:
             self._check_open("purge_finished")
             cutoff = self._clock() - older_than
             doomed = sorted(
@@ -515,17 +512,17 @@ class MemoryStorage:
                 if entry.finished_at is not None
                 and entry.finished_at < cutoff
                 and entry.record.status in TERMINAL_STATUSES
-            )[:batch]
+            )[:size]
             for _, run_id in doomed:
                 record = self._runs.pop(run_id).record
                 if record.idempotency_key is not None:
                     key = (record.workflow, record.idempotency_key)
                     if self._idem.get(key) == run_id:
                         del self._idem[key]
-            total += len(doomed)
-            if len(doomed) < batch:
-                return total
             await asyncio.sleep(0)
+            return len(doomed), len(doomed) == size
+
+        return await purge_in_batches(delete, batch, limit)
 
     # -- schedules ---------------------------------------------------------
 

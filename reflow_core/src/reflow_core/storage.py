@@ -442,6 +442,25 @@ class Storage(Protocol):
         """
         ...
 
+    async def purge_finished(
+        self, older_than: timedelta, *, batch: int = 1000, limit: int | None = None
+    ) -> int:
+        """Delete runs that finished (``completed``, ``failed`` or
+        ``cancelled``) more than ``older_than`` ago by the storage clock,
+        oldest first, with their steps, buffered events, event ids and
+        idempotency keys (which become free again). Returns how many runs
+        were deleted.
+
+        At most ``batch`` runs go per transaction (or script call), so a
+        large purge never holds the store for long; ``limit`` bounds the
+        runs deleted by this call in all (``None``: every one due). A run is
+        judged by when it finished, as stored when it ended: one that
+        finishes while a purge runs is younger than the cut-off and stays.
+        Runs that have not finished are never touched. Arguments are checked
+        with :func:`reflow_core.adapter.check_purge`.
+        """
+        ...
+
     async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
         """Create or replace the schedule ``spec.key``.
 
