@@ -522,7 +522,7 @@ async def test_cancel_during_a_retry_delay_stops_the_retries(storage: Storage) -
         await wait_until(lambda: calls == [1], what="the first attempt")
         await asyncio.sleep(0.05)  # now waiting out the retry delay
         assert await engine.cancel(run.id) is True
-        await wait_until(lambda: not engine._inflight, what="the run to leave the engine")
+        await wait_until(lambda: not engine._worker.inflight, what="the run to leave the engine")
         done = await engine.get_run_status(run.id)
     assert calls == [1]
     assert done.status == "cancelled"
@@ -740,7 +740,7 @@ async def test_cancel_a_running_run_stops_its_step(storage: Storage, kind: str) 
         await wait_until(gate.started.is_set, what="the blocking step to start")
         assert await engine.cancel(run.id) is True
         await wait_until(gate.finished.is_set, what="the blocking step to stop")
-        await wait_until(lambda: not engine._inflight, what="the run to leave the engine")
+        await wait_until(lambda: not engine._worker.inflight, what="the run to leave the engine")
         await asyncio.sleep(0.1)  # a late write would land now
         done = await engine.get_run_status(run.id)
 
@@ -1235,7 +1235,7 @@ def test_nonsense_configuration_is_refused_at_construction(
 
 def test_default_heartbeat_is_a_third_of_the_lease() -> None:
     engine = Engine(storage="memory://", lease="30s")
-    assert engine._heartbeat == pytest.approx(10.0)
+    assert engine._worker._heartbeat == pytest.approx(10.0)
 
 
 def test_workflow_registration_errors() -> None:

@@ -249,16 +249,17 @@ async def test_a_sleep_of_the_longest_duration_reads_back_everywhere(storage: St
 async def test_dispatch_stays_fast_after_an_idle_spell(db: Database) -> None:
     started: list[float] = []
     wf = workflow("idle").step("a", lambda ctx: started.append(time.monotonic()))
-    worker = make_engine(db.connect(), wf, poll_interval="30s")
+    engine = make_engine(db.connect(), wf, poll_interval="30s")
     client = make_engine(db.connect(), wf, worker=False)
-    async with worker, client:
+    worker = engine._worker
+    async with engine, client:
         await asyncio.sleep(0.3)  # subscribed, first claim found nothing
         # An idle spell of some 20 minutes at the default poll interval is
         # this many empty claims; the old gap arithmetic overflowed here.
         for _ in range(1100):
             worker._empty_claims += 1
             worker._hinted()
-            worker._wake.clear()
+            worker.wake.clear()
             if worker._hint_timer is not None:
                 worker._hint_timer.cancel()
                 worker._hint_timer = None
@@ -284,7 +285,7 @@ async def test_idle_engines_bound_their_empty_claim_count() -> None:
     wf = workflow("idle-count").step("a", lambda ctx: None)
     async with make_engine(store, wf, poll_interval="1ms") as engine:
         await asyncio.sleep(0.3)  # hundreds of empty claims
-        assert 0 < engine._empty_claims <= 6
+        assert 0 < engine._worker._empty_claims <= 6
 
 
 # -- 10. odd strings --------------------------------------------------------------

@@ -1,0 +1,36 @@
+"""The engine: enqueues runs, claims them, runs their steps, persists each result.
+
+One :class:`Engine` is a worker (it claims and runs workflows) and a client
+(it enqueues, inspects and cancels runs). Any number of engines may share one
+storage, in one process or many; the storage's leases decide who runs what.
+
+The package is cut along the engine's four jobs:
+
+* ``engine.core``: the :class:`Engine` facade (configuration,
+  lifecycle, the client API);
+* ``engine.worker``: the claim loop, wake-up hints,
+  heartbeats, start, stop and drain;
+* ``engine.driver`` and ``engine.units``:
+  driving one run, with one executor per kind of unit (step, sleep, wait,
+  parallel group), retries and fenced writes;
+* ``engine.views``: the read-only :class:`Run`,
+  :class:`StepResult`, :class:`RunList` and the :class:`Clock`.
+"""
+
+from __future__ import annotations
+
+from .core import MAX_LEASE, MIN_HEARTBEAT, MIN_LEASE, POLL_INTERVAL_RANGE, Engine
+from .views import Clock, Run, RunList, StepResult, SystemClock
+
+__all__ = [
+    "MAX_LEASE",
+    "MIN_HEARTBEAT",
+    "MIN_LEASE",
+    "POLL_INTERVAL_RANGE",
+    "Clock",
+    "Engine",
+    "Run",
+    "RunList",
+    "StepResult",
+    "SystemClock",
+]

@@ -1,0 +1,550 @@
+"""The engine facade: configuration, lifecycle and the client API.
+
+One :class:`Engine` is a worker (it claims and runs workflows) and a client
+(it enqueues, inspects and cancels runs). Any number of engines may share one
+storage, in one process or many; the storage's leases decide who runs what.
+The claim loop lives in :class:`~reflow_core.engine.worker.Worker`, the
+driving of one run in :class:`~reflow_core.engine.driver.RunDriver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Self
+
+from reflow_core import codec
+from reflow_core._durations import Duration, to_seconds
+from reflow_core.adapter import check_text
+from reflow_core.errors import (
+    ConfigError,
+    ErrorInfo,
+    EventNotDeclaredError,
+    RunCancelledError,
+    RunFailedError,
+    RunNotFoundError,
+    WorkflowNotFoundError,
+)
+from reflow_core.events import Event, Observers
+from reflow_core.registry import DISABLE_AUTOLOAD_ENV, load_observer_entry_points, open_storage
+from reflow_core.schedules import Schedule, Scheduler, parse_recurrence
+from reflow_core.storage import (
+    TERMINAL_STATUSES,
+    NewRun,
+    RunStatus,
+    ScheduleSpec,
+    Storage,
+)
+from reflow_core.workflow import WaitDefinition, Workflow, to_plain_input
+
+from .driver import RunDriver
+from .views import Clock, Run, RunList, SystemClock
+from .worker import Worker
+
+__all__ = ["MAX_LEASE", "MIN_HEARTBEAT", "MIN_LEASE", "POLL_INTERVAL_RANGE", "Engine"]
+
+
+def _positive(value: Duration, option: str, minimum: float, maximum: float) -> float:
+    return to_seconds(value, option=option, allow_zero=False, minimum=minimum, maximum=maximum)
+
+
+MIN_LEASE = 0.1
+"""The shortest lease (seconds): anything shorter lapses between two writes."""
+MAX_LEASE = 3650 * 86400.0
+"""The longest lease (seconds, ten years). Production leases are seconds to
+minutes (a dead worker's runs wait this long); the test engine uses the
+maximum so that virtual time never lapses one."""
+MIN_HEARTBEAT = 0.01
+"""The shortest heartbeat interval (seconds)."""
+POLL_INTERVAL_RANGE = (0.001, 86400.0)
+"""The shortest and longest ``poll_interval`` (seconds)."""
+
+
+class Engine:
+    """Runs workflows durably on a storage backend.
+
+    ``storage`` is a storage object or a URL for :func:`~reflow_core.open_storage`.
+    ``concurrency`` bounds the runs in flight in this engine; ``lease`` is how
+    long a claim lasts without renewal; ``heartbeat`` how often a long step
+    renews it (default a third of the lease; it must be shorter than the
+    lease). ``poll_interval`` is how often an idle engine looks for work
+    enqueued elsewhere. A run whose lease lapsed more than ``max_reclaims``
+    times (its worker died or hung each time) is failed with
+    :class:`~reflow_core.errors.ReclaimLimitError`. ``drain_timeout`` is how
+    long :meth:`stop` lets in-flight runs finish before handing them back.
+    ``max_buffered_events`` bounds the events one run may hold that no wait
+    has consumed yet (default 1000, ``None`` for no bound): :meth:`send_event`
+    to a run holding that many raises
+    :class:`~reflow_core.errors.EventBufferFullError`.
+
+    Use it as an async context manager: entering initializes the storage and
+    starts the worker, leaving stops it and closes the storage (pass
+    ``close_storage=False`` to keep it open). With ``worker=False`` entering
+    starts no worker: the engine only enqueues, inspects and cancels runs.
+
+    ``plugins`` are observer plugins (see :mod:`reflow_core.hookspecs`);
+    observers announced through the ``reflow`` entry-point group are loaded
+    too unless ``load_entry_points=False``. ``clock`` replaces the real
+    clock for the engine's own waits (see :mod:`reflow_core.testing`).
+    """
+
+    def __init__(
+        self,
+        *,
+        storage: Storage | str,
+        workflows: Iterable[Workflow[Any, Any]] = (),
+        concurrency: int = 10,
+        lease: Duration = "30s",
+        heartbeat: Duration | None = None,
+        poll_interval: Duration = "1s",
+        claim_batch: int | None = None,
+        max_reclaims: int = 5,
+        max_buffered_events: int | None = 1000,
+        drain_timeout: Duration = "10s",
+        close_storage: bool = True,
+        worker: bool = True,
+        plugins: Iterable[object] = (),
+        load_entry_points: bool = True,
+        clock: Clock | None = None,
+    ) -> None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(
+                f"concurrency must be a positive int, got {concurrency!r}", option="concurrency"
+            )
+        lease_s = _positive(lease, "lease", MIN_LEASE, MAX_LEASE)
+        heartbeat_s = (
+            lease_s / 3
+            if heartbeat is None
+            else _positive(heartbeat, "heartbeat", MIN_HEARTBEAT, MAX_LEASE)
+        )
+        if heartbeat_s >= lease_s:
+            raise ConfigError(
+                f"heartbeat ({heartbeat_s:g}s) must be shorter than the lease ({lease_s:g}s), "
+                "or a slow renewal lets another worker take the run",
+                option="heartbeat",
+            )
+        if claim_batch is not None and (
+            isinstance(claim_batch, bool) or not isinstance(claim_batch, int) or claim_batch < 1
+        ):
+            raise ConfigError(
+                f"claim_batch must be a positive int, got {claim_batch!r}", option="claim_batch"
+            )
+        if isinstance(max_reclaims, bool) or not isinstance(max_reclaims, int) or max_reclaims < 0:
+            raise ConfigError(
+                f"max_reclaims must be an int >= 0, got {max_reclaims!r}", option="max_reclaims"
+            )
+        if max_buffered_events is not None and (
+            isinstance(max_buffered_events, bool)
+            or not isinstance(max_buffered_events, int)
+            or max_buffered_events < 1
+        ):
+            raise ConfigError(
+                "max_buffered_events must be a positive int or None (no limit), "
+                f"got {max_buffered_events!r}",
+                option="max_buffered_events",
+            )
+        self._storage: Storage = open_storage(storage) if isinstance(storage, str) else storage
+        self._workflows: dict[str, Workflow[Any, Any]] = {}
+        for wf in workflows:
+            self.register(wf)
+        self._concurrency = concurrency
+        self._lease = timedelta(seconds=lease_s)
+        self._heartbeat = heartbeat_s
+        self._poll = _positive(poll_interval, "poll_interval", *POLL_INTERVAL_RANGE)
+        self._claim_batch = claim_batch or concurrency
+        self._max_reclaims = max_reclaims
+        self._max_buffered_events = max_buffered_events
+        self._drain_timeout = to_seconds(drain_timeout, option="drain_timeout")
+        self._close_storage = close_storage
+        self._start_worker = worker
+        self._clock: Clock = clock or SystemClock()
+        self._observers = Observers()
+        for plugin in plugins:
+            self._observers.register(plugin)
+        self._load_entry_points = load_entry_points and not os.environ.get(DISABLE_AUTOLOAD_ENV)
+        self._finished: dict[str, set[asyncio.Event]] = {}
+        """The events of the ``result`` calls waiting on each run, one per call."""
+
+        self._initialized = False
+        self._init_lock = asyncio.Lock()
+        self._scheduler = Scheduler(interval=self._poll, clock=self._clock.now)
+        self._driver = RunDriver(
+            storage=self._storage,
+            workflows=self._workflows,
+            lease=self._lease,
+            max_reclaims=max_reclaims,
+            clock=self._clock,
+            observers=self._observers,
+            notify_finished=self._notify_finished,
+        )
+        self._worker = Worker(
+            storage=self._storage,
+            workflows=self._workflows,
+            driver=self._driver,
+            concurrency=concurrency,
+            claim_batch=self._claim_batch,
+            lease=self._lease,
+            heartbeat=heartbeat_s,
+            poll=self._poll,
+            clock=self._clock,
+            scheduler=self._scheduler,
+        )
+
+    # -- configuration -----------------------------------------------------
+
+    def register(self, wf: Workflow[Any, Any]) -> None:
+        """Register a workflow so this engine runs it and can enqueue it by name."""
+        if not isinstance(wf, Workflow):
+            raise ConfigError(
+                f"workflows must be built with workflow(), got {type(wf).__name__}",
+                option="workflows",
+            )
+        if not wf.steps:
+            raise ConfigError(f"workflow {wf.name!r} has no steps", option="workflows")
+        existing = self._workflows.get(wf.name)
+        if existing is not None and existing is not wf:
+            raise ConfigError(f"two different workflows are named {wf.name!r}", option="workflows")
+        self._workflows[wf.name] = wf
+
+    @property
+    def storage(self) -> Storage:
+        """The storage this engine runs on."""
+        return self._storage
+
+    @property
+    def running(self) -> bool:
+        """True while the worker started by :meth:`start` is running."""
+        return self._worker.running
+
+    def __repr__(self) -> str:
+        return (
+            f"<Engine storage={type(self._storage).__name__} workflows={sorted(self._workflows)} "
+            f"in_flight={len(self._worker.inflight)}/{self._concurrency}>"
+        )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def _ensure_initialized(self) -> None:
+        if self._initialized:
+            return
+        async with self._init_lock:
+            if not self._initialized:
+                if self._load_entry_points:
+                    for name, plugin in load_observer_entry_points():
+                        self._observers.register(plugin, name=name)
+                    self._load_entry_points = False
+                await self._storage.initialize()
+                self._initialized = True
+
+    async def start(self) -> None:
+        """Initialize the storage and start working: keep up to ``concurrency``
+        runs in flight, refilling a freed slot at once while work is waiting."""
+        if self.running:
+            return
+        await self._ensure_initialized()
+        await self._worker.start()
+
+    async def stop(self, timeout: Duration | None = None) -> None:
+        """Stop claiming, let in-flight runs finish for up to ``timeout``
+        (default ``drain_timeout``), then hand the rest back to the storage.
+
+        Handed-back runs are ``pending`` again, keep their saved steps, and are
+        never marked failed; any engine can pick them up.
+        """
+        grace = self._drain_timeout if timeout is None else to_seconds(timeout, option="timeout")
+        await self._worker.stop(grace)
+        self._observers.close_streams()
+
+    async def __aenter__(self) -> Self:
+        if self._start_worker:
+            await self.start()
+        else:
+            await self._ensure_initialized()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await self.stop()
+        finally:
+            if self._close_storage:
+                await self._storage.close()
+                self._initialized = False
+
+    # -- client API ----------------------------------------------------------
+
+    def _resolve(self, wf: Workflow[Any, Any] | str) -> Workflow[Any, Any]:
+        if isinstance(wf, Workflow):
+            return wf
+        found = self._workflows.get(wf)
+        if found is None:
+            raise WorkflowNotFoundError(wf, list(self._workflows))
+        return found
+
+    async def enqueue(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Run:
+        """Create a run of ``workflow`` (an object or a registered name).
+
+        The input is validated first: a :class:`~reflow_core.errors.ValidationError`
+        or :class:`~reflow_core.errors.SerializationError` means nothing was
+        written. With ``idempotency_key``, enqueueing again with an equal input
+        returns the existing run; a different input raises
+        :class:`~reflow_core.errors.IdempotencyConflictError`. Keys are scoped
+        per workflow.
+        """
+        wf = self._resolve(workflow)
+        if idempotency_key is not None:
+            check_text(idempotency_key, "idempotency_key")
+        raw = to_plain_input(input)
+        wf.validate_input(raw)
+        text = codec.encode(raw)
+        await self._ensure_initialized()
+        result = await self._storage.create_run(
+            NewRun(workflow=wf.name, input=text, idempotency_key=idempotency_key)
+        )
+        if result.created and wf.name in self._workflows:
+            self._worker.wake.set()
+        return Run.from_record(result.run)
+
+    async def get_run(self, run_id: str) -> Run | None:
+        """The run without its steps, or ``None`` if there is none."""
+        await self._ensure_initialized()
+        record = await self._storage.get_run(run_id)
+        return None if record is None else Run.from_record(record)
+
+    async def get_run_status(self, run_id: str) -> Run:
+        """The run and its saved steps. Raises :class:`RunNotFoundError`."""
+        await self._ensure_initialized()
+        record = await self._storage.get_run(run_id)
+        if record is None:
+            raise RunNotFoundError(run_id)
+        steps = await self._storage.get_step_results(run_id)
+        return Run.from_record(record, steps)
+
+    async def cancel(self, run_id: str) -> bool:
+        """Cancel a run that has not finished. Returns False if it is missing or
+        already finished. A step running in this engine is interrupted at
+        once; a worker elsewhere stops at its next heartbeat or write."""
+        await self._ensure_initialized()
+        error = codec.encode({"code": "run_cancelled", "message": "cancelled", "step": None})
+        changed = await self._storage.update_run_status(run_id, "cancelled", error=error)
+        state = self._worker.inflight.get(run_id)
+        if changed and state is not None:
+            state.interrupt("cancelled")
+        if changed:
+            self._notify_finished(run_id)
+        return changed
+
+    async def send_event(
+        self, run_id: str, event: str, payload: Any = None, *, event_id: str | None = None
+    ) -> bool:
+        """Send event ``event`` to a run; it becomes the ``prev`` of the step
+        after the run's ``wait_for_event(event)``.
+
+        An event sent before the run reaches the wait is kept and consumed
+        when it gets there; events still unconsumed when the run ends are
+        dropped with it. Returns False if the run is missing or finished.
+        Raises :class:`~reflow_core.errors.EventNotDeclaredError` if the run's
+        workflow never waits for ``event``,
+        :class:`~reflow_core.errors.ValidationError` if the payload fails the
+        wait's schema, and :class:`~reflow_core.errors.EventBufferFullError`
+        if the run already holds ``max_buffered_events`` unconsumed events
+        (of any name; see :class:`Engine`); nothing is stored then. With
+        ``event_id``, sending the same id again is a no-op, even to a full
+        run.
+        """
+        await self._ensure_initialized()
+        record = await self._storage.get_run(run_id)
+        if record is None or record.status in TERMINAL_STATUSES:
+            return False
+        wf = self._resolve(record.workflow)
+        wait = next(
+            (n for n in wf.steps if isinstance(n, WaitDefinition) and n.name == event), None
+        )
+        if wait is None:
+            raise EventNotDeclaredError(wf.name, event, wf.events)
+        raw = to_plain_input(payload)
+        wait.validate(wf.name, raw)
+        delivered = await self._storage.deliver_event(
+            run_id,
+            event,
+            codec.encode(raw),
+            event_id=event_id,
+            max_buffered=self._max_buffered_events,
+        )
+        if delivered:
+            self._worker.wake.set()
+        return delivered
+
+    async def resume(self, run_id: str) -> bool:
+        """Queue a failed or cancelled run again; its completed steps are kept
+        and it continues at its first unfinished step. Returns False for a
+        run that is missing or not failed or cancelled."""
+        await self._ensure_initialized()
+        requeued = await self._storage.requeue_run(run_id)
+        if requeued:
+            self._worker.wake.set()
+        return requeued
+
+    async def list_runs(
+        self,
+        *,
+        status: RunStatus | Iterable[RunStatus] | None = None,
+        workflow: Workflow[Any, Any] | str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> RunList:
+        """Runs, newest first, optionally filtered by status(es) and workflow.
+
+        Pagination is exact: pass the returned ``next_cursor`` to get the next
+        page; every matching run appears exactly once.
+        """
+        await self._ensure_initialized()
+        statuses = [status] if isinstance(status, str) else None if status is None else list(status)
+        name = workflow.name if isinstance(workflow, Workflow) else workflow
+        page = await self._storage.list_runs(
+            status=statuses, workflow=name, limit=limit, cursor=cursor
+        )
+        return RunList([Run.from_record(r) for r in page.runs], page.next_cursor)
+
+    async def schedule(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        input: Any = None,
+        *,
+        every: Duration | None = None,
+        cron: str | None = None,
+        key: str | None = None,
+    ) -> Schedule:
+        """Run ``workflow`` with ``input`` on a recurrence: ``every`` (a
+        duration; slots are whole multiples of it since the Unix epoch) or
+        ``cron`` (a five-field expression, UTC), exactly one of them.
+
+        The schedule is stored under ``key`` (default: the workflow's name),
+        so it survives restarts and every engine on the storage shares it;
+        engines started as workers that run the workflow fire it, once per
+        slot in all. Registering a key again replaces its workflow and input
+        and keeps its next slot if the recurrence is unchanged; a changed
+        recurrence starts over at its first slot after now. Slots missed while
+        no worker ran are skipped. See :mod:`reflow_core.schedules`.
+
+        Raises :class:`~reflow_core.errors.ConfigError` for an invalid
+        recurrence (naming the expression and why) or key, and
+        :class:`~reflow_core.errors.ValidationError` or
+        :class:`~reflow_core.errors.SerializationError` for invalid input;
+        nothing is stored then.
+        """
+        wf = self._resolve(workflow)
+        recurrence = parse_recurrence(every=every, cron=cron)
+        key = wf.name if key is None else check_text(key, "key")
+        raw = to_plain_input(input)
+        wf.validate_input(raw)
+        text = codec.encode(raw)
+        await self._ensure_initialized()
+        # Slots are computed on the storage's clock, which also decides when
+        # they are due, so a skewed engine clock cannot move them.
+        now = await self._scheduler.storage_now(self._storage)
+        record = await self._storage.upsert_schedule(
+            ScheduleSpec(
+                key=key,
+                workflow=wf.name,
+                input=text,
+                recurrence=recurrence.canonical,
+                next_run_at=recurrence.next_after(now),
+            )
+        )
+        self._scheduler.expect(key, record.next_run_at)
+        self._worker.wake.set()
+        return Schedule.from_record(record)
+
+    async def unschedule(self, key: str) -> bool:
+        """Delete schedule ``key``: no slot after this fires. Runs it already
+        created are not touched. Returns False if there was no such schedule."""
+        await self._ensure_initialized()
+        self._scheduler.forget(key)
+        return await self._storage.delete_schedule(key)
+
+    async def list_schedules(self) -> list[Schedule]:
+        """Every stored schedule, of any workflow, ordered by key."""
+        await self._ensure_initialized()
+        return [Schedule.from_record(r) for r in await self._storage.list_schedules()]
+
+    async def result(self, run_id: str, *, timeout: Duration | None = None) -> Any:
+        """Wait for a run to finish and return its output.
+
+        Raises :class:`~reflow_core.errors.RunFailedError` (with the stored
+        failure) or :class:`~reflow_core.errors.RunCancelledError`, and
+        ``TimeoutError`` after ``timeout``. A run finished by this engine
+        wakes the waiter at once; one finished elsewhere is noticed by a
+        read that backs off to ``poll_interval``.
+        """
+        seconds = None if timeout is None else to_seconds(timeout, option="timeout")
+        await self._ensure_initialized()
+        finished = asyncio.Event()
+        self._finished.setdefault(run_id, set()).add(finished)
+        pause = 0.01
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    finished.clear()  # before the read, so a finish during it is seen
+                    record = await self._storage.get_run(run_id)
+                    if record is None:
+                        raise RunNotFoundError(run_id)
+                    if record.status == "completed":
+                        return None if record.output is None else codec.decode(record.output)
+                    if record.status == "failed":
+                        info: ErrorInfo = codec.decode(record.error) if record.error else {}
+                        raise RunFailedError(run_id, info)
+                    if record.status == "cancelled":
+                        raise RunCancelledError(run_id)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(pause):
+                            await finished.wait()
+                    pause = min(pause * 2, self._poll)
+        finally:
+            waiters = self._finished.get(run_id)
+            if waiters is not None:
+                waiters.discard(finished)
+                if not waiters:
+                    del self._finished[run_id]
+
+    def stream(self, *, buffer_size: int | None = 1000) -> AsyncIterator[Event]:
+        """An async iterator of this engine's lifecycle events.
+
+        It is subscribed from this call on, read or not. With a bounded
+        ``buffer_size`` a slow consumer slows the engine down (backpressure)
+        instead of losing events; ``None`` means unbounded. The iterator ends
+        after :meth:`stop`, and unsubscribes when the consumer leaves the loop
+        or drops it.
+        """
+        return self._observers.stream(buffer_size)
+
+    def register_plugin(self, plugin: object, *, name: str | None = None) -> None:
+        """Register an observer plugin (see :mod:`reflow_core.hookspecs`)."""
+        self._observers.register(plugin, name=name)
+
+    def _notify_finished(self, run_id: str) -> None:
+        for waiter in self._finished.get(run_id, ()):
+            waiter.set()
+
+    # -- worker ------------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Fire the due schedules of this engine's workflows, claim one batch
+        (up to the free slots), run it to the end, and return how many runs
+        were processed. For tests and scripts; it does not need :meth:`start`."""
+        await self._ensure_initialized()
+        return await self._worker.tick()

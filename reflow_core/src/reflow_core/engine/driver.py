@@ -1,0 +1,335 @@
+"""Driving one claimed run: its state, its fenced writes, and how it ends.
+
+The :class:`RunDriver` walks a claimed run's nodes in order and hands each to
+the executor for its kind (:mod:`reflow_core.engine.units`). Everything that
+ends a run (completing it, failing it, calling its failure handler) and every
+fenced write goes through here, so the units only decide what to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+from reflow_core import codec
+from reflow_core.context import CancelSignal, FailureContext, StepContext
+from reflow_core.errors import (
+    CorruptDataError,
+    ErrorInfo,
+    ReclaimLimitError,
+    StorageError,
+    ValidationError,
+    error_info,
+)
+from reflow_core.events import Event, Observers, RunCompleted, RunFailed, RunStarted
+from reflow_core.storage import ClaimedRun, Lease, RunRecord, StepRecord, Storage
+from reflow_core.workflow import Workflow, _is_async_callable
+
+from .views import Clock, read_stored
+
+__all__ = ["Execution", "InFlight", "LeaseLost", "RunDriver"]
+
+logger = logging.getLogger("reflow.engine")
+
+_WRITE_RETRY_PAUSES = (0.05, 0.25, 1.0)
+"""Pauses between retries of a fenced write that failed with a StorageError."""
+
+
+class LeaseLost(Exception):
+    """Internal: a fenced write was refused; stop working on the run."""
+
+
+@dataclass(slots=True)
+class InFlight:
+    """A run this worker holds: its lease and how to stop it."""
+
+    lease: Lease
+    renewed_at: float
+    task: asyncio.Task[None] | None = None
+    signals: set[CancelSignal] = field(default_factory=set)
+    stop_reason: str | None = None
+    started: bool = False
+
+    def interrupt(self, reason: str) -> None:
+        """Stop the run: fire the current attempt's signal and cancel the task.
+
+        A task that has not started yet is not cancelled (its coroutine would
+        never run, so it could neither free its slot nor hand the run back);
+        it sees ``stop_reason`` when it starts and stops at once.
+        """
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        for signal in list(self.signals):
+            signal._fire(reason)
+        if self.started and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+
+class _ReadOnly(Mapping[str, Any]):
+    """A read-only live view of the completed steps' outputs."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"StepOutputs({self._data!r})"
+
+
+@dataclass(slots=True)
+class Execution:
+    """One claimed run being driven: its definition and what is known so far."""
+
+    record: RunRecord
+    lease: Lease
+    state: InFlight
+    workflow: Workflow[Any, Any]
+    saved: dict[str, StepRecord]
+    input: Any = None
+    prev: Any = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    last: bool = False
+    _view: _ReadOnly = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._view = _ReadOnly(self.outputs)
+
+    def advance(self, step: str, value: Any) -> None:
+        self.outputs[step] = value
+        self.prev = value
+
+    def context(
+        self, step: str, attempt: int, signal: CancelSignal, *, in_parallel: bool = False
+    ) -> StepContext[Any, Any]:
+        return StepContext(
+            run_id=self.record.id,
+            workflow=self.record.workflow,
+            step=step,
+            attempt=attempt,
+            input=self.input,
+            prev=self.prev,
+            steps=self._view,
+            signal=signal,
+            in_parallel=in_parallel,
+        )
+
+
+class RunDriver:
+    """Drives claimed runs to their next stop: the end, a sleep, a wait, or a
+    lost lease. One per engine; it holds no per-run state of its own."""
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        workflows: Mapping[str, Workflow[Any, Any]],
+        lease: timedelta,
+        max_reclaims: int,
+        clock: Clock,
+        observers: Observers,
+        notify_finished: Callable[[str], None],
+    ) -> None:
+        from .units import Units  # the units call back into the driver
+
+        self.storage = storage
+        self.workflows = workflows
+        self.lease = lease
+        self.max_reclaims = max_reclaims
+        self.clock = clock
+        self.observers = observers
+        self.notify_finished = notify_finished
+        self.executor: ThreadPoolExecutor | None = None
+        """The worker threads that run plain ``def`` steps and handlers; the
+        worker creates it when it starts and shuts it down when it stops."""
+        self._units = Units(self)
+
+    # -- reporting ---------------------------------------------------------
+
+    async def emit(self, event: Event) -> None:
+        if self.observers.active:
+            await self.observers.publish(event)
+
+    async def report(self, error: BaseException, where: str) -> None:
+        await self.observers.report(error, where)
+
+    # -- the run -------------------------------------------------------------
+
+    async def drive(self, claimed: ClaimedRun, state: InFlight) -> None:
+        record = claimed.run
+        wf = self.workflows.get(record.workflow)
+        if wf is None:  # claimed only for our workflows; be safe anyway
+            await self.storage.update_run_status(record.id, "pending", lease=claimed.lease)
+            return
+        run = Execution(record, claimed.lease, state, wf, dict(claimed.steps))
+        # The reclaim limit comes first: whatever about this run kills its
+        # workers (its input included) cannot stop it from being given up.
+        if claimed.reclaimed and record.reclaims > self.max_reclaims:
+            error = ReclaimLimitError(record.id, record.reclaims, self.max_reclaims)
+            with contextlib.suppress(CorruptDataError):  # for the failure handler
+                run.input = read_stored(record.input, "input", record.id)
+            await self.fail(run, error, step=None)
+            return
+        try:
+            run.input = read_stored(record.input, "input", record.id)
+            run.input = run.prev = wf.validate_input(run.input)
+        except (ValidationError, CorruptDataError) as exc:
+            await self.fail(run, exc, step=None)
+            return
+        if record.attempts == 1:
+            await self.emit(RunStarted(record.id, record.workflow, record.attempts, False))
+        else:
+            await self.emit(
+                RunStarted(record.id, record.workflow, record.attempts, claimed.reclaimed)
+            )
+        last = len(wf.steps) - 1
+        for index, node in enumerate(wf.steps):
+            run.last = index == last
+            try:
+                done = await self._units.drive(run, node)
+            except CorruptDataError as exc:
+                # A saved output or payload cannot be read. No step is named,
+                # so its stored record is kept as evidence, not overwritten;
+                # the error says which value it was.
+                await self.fail(run, exc, step=None)
+                return
+            if done:
+                return
+        # Every node was already saved (a trailing one was removed from the
+        # definition since): finish with the last output.
+        await self.complete(run, codec.encode(run.prev), None)
+
+    def passed_at_claim(self, run: Execution, deadline: datetime | None) -> bool:
+        """Whether ``deadline`` had passed, by the storage's clock, when the
+        run was claimed (the claim made the lease end at claim time + lease)."""
+        expires = run.record.lease_expires_at
+        if deadline is None or expires is None:
+            return True
+        return deadline <= expires - self.lease
+
+    # -- fenced writes -----------------------------------------------------
+
+    @staticmethod
+    def fence(ok: bool) -> None:
+        if not ok:
+            raise LeaseLost
+
+    async def fenced(self, write: Callable[[], Awaitable[bool]], run_id: str) -> None:
+        """Make a fenced write, retrying transient storage errors, and stop the
+        run if the lease is lost.
+
+        Retrying is safe: every fenced write is an idempotent upsert, and one
+        that landed before its reply was lost is refused the second time
+        (the run is no longer running under this lease), which only stops a
+        run that has already moved on. Giving up leaves the run to be
+        reclaimed once its lease lapses.
+        """
+        for attempt, pause in enumerate((*_WRITE_RETRY_PAUSES, None)):
+            try:
+                ok = await write()
+            except StorageError as exc:
+                if pause is None:
+                    raise
+                logger.warning(
+                    "write for run %s failed (%s); retry %d in %.2fs",
+                    run_id,
+                    exc,
+                    attempt + 1,
+                    pause,
+                )
+                await asyncio.sleep(pause)
+                continue
+            self.fence(ok)
+            return
+
+    async def save(self, run: Execution, record: StepRecord) -> None:
+        started = time.monotonic()
+        await self.fenced(
+            partial(self.storage.save_step_result, run.lease, record, self.lease),
+            run.record.id,
+        )
+        run.state.renewed_at = max(run.state.renewed_at, started)
+
+    async def pass_through(self, run: Execution, record: StepRecord) -> bool:
+        """Save a step that leaves ``prev`` unchanged; finish if it was the last."""
+        if run.last:
+            await self.complete(run, codec.encode(run.prev), record)
+            return True
+        await self.save(run, record)
+        run.saved[record.name] = record
+        return False
+
+    # -- endings -------------------------------------------------------------
+
+    async def complete(self, run: Execution, output: str, step: StepRecord | None) -> None:
+        await self.fenced(
+            partial(self.storage.finish_run, run.lease, "completed", output=output, step=step),
+            run.record.id,
+        )
+        await self.emit(RunCompleted(run.record.id, run.record.workflow, codec.decode(output)))
+        self.notify_finished(run.record.id)
+
+    async def fail(
+        self,
+        run: Execution,
+        exc: BaseException,
+        *,
+        step: str | None,
+        attempts: int = 1,
+    ) -> None:
+        info = error_info(exc, step=step, attempts=attempts)
+        text = codec.encode(dict(info))
+        record = None if step is None else StepRecord(step, "failed", error=text, attempts=attempts)
+        lease = run.lease
+        await self.fenced(
+            partial(self.storage.finish_run, lease, "failed", error=text, step=record),
+            lease.run_id,
+        )
+        await self.emit(RunFailed(run.record.id, run.record.workflow, info, step))
+        self.notify_finished(run.record.id)
+        await self._call_failure_handler(run, info, step, exc)
+
+    async def _call_failure_handler(
+        self, run: Execution, info: ErrorInfo, step: str | None, exc: BaseException
+    ) -> None:
+        handler = run.workflow.failure_handler
+        if handler is None:
+            return
+        ctx = FailureContext(
+            run_id=run.record.id,
+            workflow=run.record.workflow,
+            step=step,
+            error=info,
+            input=run.input,
+            exception=exc,
+        )
+        try:
+            if _is_async_callable(handler):
+                result = handler(ctx)
+            else:
+                # In a worker thread, as a plain def step is: a slow handler
+                # must not stall the event loop and every run's heartbeat.
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self.executor, handler, ctx)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as error:
+            await self.report(error, f"on_failure handler of workflow {run.record.workflow!r}")

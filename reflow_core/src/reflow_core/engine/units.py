@@ -1,0 +1,402 @@
+"""One executor per kind of unit a workflow is made of: step, sleep, wait,
+parallel group.
+
+Every executor has the same contract (:class:`UnitExecutor`): given the run
+and its node, it moves the run past the node and returns ``False``, or it
+ends or releases the run (finished, failed, sleeping, waiting) and returns
+``True``. A node already saved is skipped without running anything again.
+Writes and endings go through the :class:`~reflow_core.engine.driver.RunDriver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+
+from reflow_core import codec
+from reflow_core.context import CancelSignal, CompleteRun, StepContext
+from reflow_core.errors import (
+    ParallelCompleteError,
+    ReflowError,
+    SerializationError,
+    StepCancelledError,
+    StepError,
+    StepTimeoutError,
+    StorageError,
+    ValidationError,
+    WaitTimeoutError,
+)
+from reflow_core.events import StepCompleted, StepSkipped, StepStarted
+from reflow_core.storage import StepRecord
+from reflow_core.workflow import (
+    Node,
+    ParallelDefinition,
+    SleepDefinition,
+    StepDefinition,
+    WaitDefinition,
+)
+
+from .driver import Execution, LeaseLost
+from .views import read_stored
+
+if TYPE_CHECKING:
+    from .driver import RunDriver
+
+__all__ = ["ParallelUnit", "SleepUnit", "StepUnit", "UnitExecutor", "Units", "WaitUnit"]
+
+N = TypeVar("N", contravariant=True)
+
+
+class UnitExecutor(Protocol, Generic[N]):
+    """Moves a run past one node of its kind, or stops it there."""
+
+    async def drive(self, run: Execution, node: N) -> bool:
+        """``False``: the run goes on to the next node. ``True``: the run was
+        ended or released here (or its lease was lost)."""
+        ...
+
+
+class Units:
+    """The executors of one driver, by kind of node."""
+
+    def __init__(self, driver: RunDriver) -> None:
+        self.step = StepUnit(driver)
+        self.sleep = SleepUnit(driver)
+        self.wait = WaitUnit(driver)
+        self.parallel = ParallelUnit(driver, self.step)
+
+    async def drive(self, run: Execution, node: Node) -> bool:
+        if isinstance(node, StepDefinition):
+            return await self.step.drive(run, node)
+        if isinstance(node, SleepDefinition):
+            return await self.sleep.drive(run, node)
+        if isinstance(node, WaitDefinition):
+            return await self.wait.drive(run, node)
+        return await self.parallel.drive(run, node)
+
+
+class StepUnit:
+    """A step: its ``when=`` decision, its attempts with retries and timeouts,
+    and the save of its output (with the run's end, when it is the last)."""
+
+    def __init__(self, driver: RunDriver) -> None:
+        self.driver = driver
+
+    async def drive(self, run: Execution, step: StepDefinition) -> bool:
+        driver = self.driver
+        saved = run.saved.get(step.name)
+        if saved is not None and saved.status == "completed":
+            run.advance(
+                step.name,
+                read_stored(saved.output, f"output of step {step.name!r}", run.record.id),
+            )
+            return False
+        if saved is not None and saved.status == "skipped":
+            return False
+        if step.when is not None:
+            try:
+                go = bool(step.when(run.context(step.name, 1, CancelSignal())))
+            except Exception as exc:
+                await driver.fail(
+                    run,
+                    StepError(
+                        f"the when= predicate of step {step.name!r} raised "
+                        f"{type(exc).__name__}: {exc}",
+                        step=step.name,
+                    ),
+                    step=step.name,
+                )
+                return True
+            if not go:
+                await driver.emit(StepSkipped(run.record.id, run.record.workflow, step.name))
+                return await driver.pass_through(run, StepRecord(step.name, "skipped"))
+        try:
+            result, attempts = await self.attempts(run, step)
+            text = codec.encode(result)
+        except CompleteRun as signal:
+            try:
+                text = codec.encode(signal.value)
+            except SerializationError as exc:
+                await driver.fail(run, exc, step=step.name)
+                return True
+            record = StepRecord(step.name, "completed", output=text, attempts=signal.attempts)
+            await driver.emit(
+                StepCompleted(
+                    run.record.id, run.record.workflow, step.name, signal.value, signal.attempts
+                )
+            )
+            await driver.complete(run, text, record)
+            return True
+        except StepError as exc:
+            await driver.fail(run, exc, step=step.name, attempts=exc.attempts)
+            return True
+        except SerializationError as exc:
+            await driver.fail(run, exc, step=step.name)
+            return True
+        record = StepRecord(step.name, "completed", output=text, attempts=attempts)
+        value = codec.decode(text)
+        await driver.emit(
+            StepCompleted(run.record.id, run.record.workflow, step.name, value, attempts)
+        )
+        if run.last:
+            await driver.complete(run, text, record)
+            return True
+        await driver.save(run, record)
+        run.advance(step.name, value)
+        return False
+
+    async def attempts(
+        self, run: Execution, step: StepDefinition, *, in_parallel: bool = False
+    ) -> tuple[Any, int]:
+        """Run the step's handler until it succeeds or its retry policy gives
+        up; returns its result and the number of attempts."""
+        attempt = 0
+        state = run.state
+        while True:
+            attempt += 1
+            signal = CancelSignal()
+            state.signals.add(signal)
+            if state.stop_reason is not None:
+                signal._fire(state.stop_reason)
+            ctx = run.context(step.name, attempt, signal, in_parallel=in_parallel)
+            await self.driver.emit(
+                StepStarted(run.record.id, run.record.workflow, step.name, attempt)
+            )
+            try:
+                return await self._invoke(step, ctx, signal), attempt
+            except CompleteRun as done:
+                done.attempts = attempt
+                raise
+            except (asyncio.CancelledError, ParallelCompleteError):
+                raise
+            except StepCancelledError:
+                if state.stop_reason is not None:
+                    raise asyncio.CancelledError from None
+                error: BaseException = StepError(
+                    f"step {step.name!r} raised StepCancelledError outside a cancellation",
+                    step=step.name,
+                    attempts=attempt,
+                )
+            except StepTimeoutError as exc:
+                error = exc
+            except Exception as exc:  # user code failed
+                error = exc
+            finally:
+                state.signals.discard(signal)
+            if attempt >= step.retry.max_attempts:
+                if isinstance(error, StepTimeoutError):
+                    error.attempts = attempt
+                    raise error
+                if isinstance(error, StepError):
+                    raise error
+                raise StepError(
+                    f"step {step.name!r} failed after {attempt} attempt(s): "
+                    f"{type(error).__name__}: {error}",
+                    step=step.name,
+                    attempts=attempt,
+                    run_id=run.record.id,
+                    error_type=type(error).__qualname__,
+                ) from error
+            await self.driver.clock.sleep(step.retry.delay(attempt))
+
+    async def _invoke(
+        self, step: StepDefinition, ctx: StepContext[Any, Any], signal: CancelSignal
+    ) -> Any:
+        timeout = step.timeout
+        if step.is_async:
+            if timeout is None:
+                return await step.handler(ctx)
+            try:
+                async with asyncio.timeout(timeout):
+                    return await step.handler(ctx)
+            except TimeoutError:
+                signal._fire("timeout")
+                raise StepTimeoutError(step.name, timeout or 0.0) from None
+        loop = asyncio.get_running_loop()
+        assert self.driver.executor is not None
+        future = loop.run_in_executor(self.driver.executor, step.handler, ctx)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            signal._fire("timeout")
+            raise StepTimeoutError(step.name, timeout or 0.0) from None
+        except asyncio.CancelledError:
+            signal._fire("cancelled")
+            raise
+        if signal.cancelled:
+            raise StepCancelledError(signal.reason or "cancelled")
+        # inspect's check, not asyncio's: asyncio counts plain generators as
+        # coroutines, and a generator returned by a step is a (refused) value.
+        if inspect.iscoroutine(result):
+            async with asyncio.timeout(timeout):
+                return await result
+        return result
+
+
+class SleepUnit:
+    """A durable sleep: the run is released until its wake-up time."""
+
+    def __init__(self, driver: RunDriver) -> None:
+        self.driver = driver
+
+    async def drive(self, run: Execution, sleep: SleepDefinition) -> bool:
+        driver = self.driver
+        saved = run.saved.get(sleep.name)
+        if saved is not None and saved.status == "completed":
+            return False
+        if (
+            saved is not None
+            and saved.status == "sleeping"
+            and driver.passed_at_claim(run, saved.wake_at)
+        ):
+            await driver.emit(
+                StepCompleted(run.record.id, run.record.workflow, sleep.name, None, 1)
+            )
+            return await driver.pass_through(run, StepRecord(sleep.name, "completed"))
+        # First reached, or claimed before the wake-up time (a resumed run):
+        # sleep_run keeps a wake-up time fixed earlier.
+        wake_at = await driver.storage.sleep_run(
+            run.lease, sleep.name, timedelta(seconds=sleep.seconds)
+        )
+        driver.fence(wake_at is not None)
+        return True  # released; any engine resumes it once due
+
+
+class WaitUnit:
+    """A wait for an external event: released until the event or the timeout."""
+
+    def __init__(self, driver: RunDriver) -> None:
+        self.driver = driver
+
+    async def drive(self, run: Execution, wait: WaitDefinition) -> bool:
+        driver = self.driver
+        storage = driver.storage
+        saved = run.saved.get(wait.name)
+        if saved is None or saved.status != "completed":
+            if saved is None or saved.status != "waiting":
+                timeout = None if wait.timeout is None else timedelta(seconds=wait.timeout)
+                result = await storage.wait_run(run.lease, wait.name, wait.name, timeout)
+                driver.fence(result is not None)
+                assert result is not None
+                if not result.ready:
+                    return True  # released until the event or the timeout
+            taken = await storage.take_event(run.lease, wait.name, wait.name)
+            driver.fence(taken is not None)
+            assert taken is not None
+            if not taken.found:
+                deadline = saved.wake_at if saved is not None else None
+                if deadline is None or not driver.passed_at_claim(run, deadline):
+                    # Woken without an event before any deadline (a resumed
+                    # run): wait again; wait_run keeps the deadline.
+                    result = await storage.wait_run(run.lease, wait.name, wait.name, None)
+                    driver.fence(result is not None)
+                    assert result is not None
+                    if result.ready:  # an event came in meanwhile: take it now
+                        return await self.drive(run, wait)
+                    return True
+                await driver.fail(
+                    run, WaitTimeoutError(wait.name, run_id=run.record.id), step=wait.name
+                )
+                return True
+            payload_text = taken.payload
+        else:
+            payload_text = saved.output
+        raw = read_stored(payload_text, f"payload of event {wait.name!r}", run.record.id)
+        try:
+            value = wait.validate(run.record.workflow, raw)
+        except ValidationError as exc:
+            await driver.fail(run, exc, step=wait.name)
+            return True
+        if saved is None or saved.status != "completed":
+            await driver.emit(StepCompleted(run.record.id, run.record.workflow, wait.name, raw, 1))
+        run.advance(wait.name, value)
+        if run.last:
+            await driver.complete(run, codec.encode(raw), None)
+            return True
+        return False
+
+
+class ParallelUnit:
+    """A parallel group: every unsaved branch at once, each saved as it ends;
+    the first failure cancels its siblings and fails the run."""
+
+    def __init__(self, driver: RunDriver, steps: StepUnit) -> None:
+        self.driver = driver
+        self.steps = steps
+
+    async def drive(self, run: Execution, group: ParallelDefinition) -> bool:
+        driver = self.driver
+        outputs: dict[str, Any] = {}
+        todo: list[StepDefinition] = []
+        for branch in group.branches:
+            saved = run.saved.get(branch.name)
+            if saved is not None and saved.status == "completed":
+                outputs[branch.name] = read_stored(
+                    saved.output, f"output of step {branch.name!r}", run.record.id
+                )
+            else:
+                todo.append(branch)
+        tasks = {
+            asyncio.create_task(
+                self._branch(run, branch), name=f"reflow-branch-{branch.name}"
+            ): branch
+            for branch in todo
+        }
+        failure: tuple[StepDefinition, BaseException] | None = None
+        try:
+            pending = set(tasks)
+            while pending and failure is None:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    branch = tasks[task]
+                    exc = task.exception()
+                    if exc is None:
+                        outputs[branch.name] = task.result()
+                    elif failure is None:
+                        failure = (branch, exc)
+        finally:
+            unfinished = [task for task in tasks if not task.done()]
+            if unfinished:
+                # Fire the siblings' signals first, so an async handler that
+                # catches CancelledError sees why, as a sync one does.
+                for signal in list(run.state.signals):
+                    signal._fire("cancelled")
+            for task in unfinished:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+        if failure is not None:
+            branch, exc = failure
+            if isinstance(exc, LeaseLost | asyncio.CancelledError | StorageError):
+                raise exc  # as for a plain step: the run is reclaimed, not failed
+            if isinstance(exc, StepError):
+                await driver.fail(run, exc, step=branch.name, attempts=exc.attempts)
+            elif isinstance(exc, ReflowError):
+                await driver.fail(run, exc, step=branch.name)
+            else:
+                raise exc
+            return True
+        value = {b.name: outputs[b.name] for b in group.branches}
+        for name, output in value.items():
+            run.outputs[name] = output
+        run.prev = value
+        if run.last:
+            await driver.complete(run, codec.encode(value), None)
+            return True
+        return False
+
+    async def _branch(self, run: Execution, branch: StepDefinition) -> Any:
+        try:
+            result, attempts = await self.steps.attempts(run, branch, in_parallel=True)
+        except CompleteRun:  # complete() in a branch raises before this; be safe
+            raise ParallelCompleteError(branch.name) from None
+        text = codec.encode(result)
+        record = StepRecord(branch.name, "completed", output=text, attempts=attempts)
+        await self.driver.save(run, record)
+        value = codec.decode(text)
+        await self.driver.emit(
+            StepCompleted(run.record.id, run.record.workflow, branch.name, value, attempts)
+        )
+        return value

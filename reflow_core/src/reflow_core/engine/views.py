@@ -1,0 +1,136 @@
+"""The read-only views the engine hands out: runs and steps, decoded, and the clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from reflow_core import codec
+from reflow_core.errors import CorruptDataError, ErrorInfo, SerializationError
+from reflow_core.storage import RunRecord, RunStatus, StepRecord, StepStatus
+
+__all__ = ["Clock", "Run", "RunList", "StepResult", "SystemClock", "read_stored"]
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """A saved step, decoded."""
+
+    name: str
+    status: StepStatus
+    output: Any
+    error: ErrorInfo | None
+    attempts: int
+    completed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run, decoded. ``steps`` is filled by :meth:`Engine.get_run_status`."""
+
+    id: str
+    workflow: str
+    status: RunStatus
+    input: Any
+    output: Any
+    error: ErrorInfo | None
+    idempotency_key: str | None
+    attempts: int
+    reclaims: int
+    created_at: datetime
+    updated_at: datetime
+    wake_at: datetime | None = None
+    steps: Mapping[str, StepResult] = field(default_factory=dict)
+    read_error: str | None = None
+    """Set when a stored value of this run (its input, output, error or a
+    step's) cannot be decoded: which one and why. That value reads as
+    ``None``; everything else is as stored. Listing never fails because of
+    one such run; a worker that claims it fails it with
+    :class:`~reflow_core.errors.CorruptDataError`."""
+
+    @classmethod
+    def from_record(cls, record: RunRecord, steps: Mapping[str, StepRecord] | None = None) -> Run:
+        problems: list[str] = []
+
+        def read(text: str | None, what: str) -> Any:
+            if text is None:
+                return None
+            try:
+                return codec.decode(text)
+            except SerializationError as exc:
+                problems.append(f"{what}: {exc.reason}")
+                return None
+
+        decoded_steps = {
+            name: StepResult(
+                name=s.name,
+                status=s.status,
+                output=read(s.output, f"output of step {name!r}"),
+                error=read(s.error, f"error of step {name!r}"),
+                attempts=s.attempts,
+                completed_at=s.completed_at,
+            )
+            for name, s in (steps or {}).items()
+        }
+        return cls(
+            id=record.id,
+            workflow=record.workflow,
+            status=record.status,
+            input=read(record.input, "input"),
+            output=read(record.output, "output"),
+            error=read(record.error, "error"),
+            idempotency_key=record.idempotency_key,
+            attempts=record.attempts,
+            reclaims=record.reclaims,
+            created_at=record.created_at,
+            updated_at=record.updated_at,
+            wake_at=record.wake_at,
+            steps=decoded_steps,
+            read_error="; ".join(problems) or None,
+        )
+
+
+def read_stored(text: str | None, what: str, run_id: str) -> Any:
+    """Decode a value stored for a run; one that cannot be read is a
+    :class:`CorruptDataError`, which fails the run rather than the worker."""
+    if text is None:
+        return None
+    try:
+        return codec.decode(text)
+    except SerializationError as exc:
+        raise CorruptDataError(what, exc.reason, run_id=run_id) from exc
+
+
+class Clock:
+    """Where the engine gets the time and waits (retry back-off, polling).
+
+    The default is :class:`SystemClock`; :mod:`reflow_core.testing` uses a
+    virtual one so tests pass time instantly.
+    """
+
+    def now(self) -> datetime:
+        raise NotImplementedError
+
+    async def sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+
+class SystemClock(Clock):
+    """The real clock."""
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class RunList:
+    """One page of :meth:`Engine.list_runs`; pass ``next_cursor`` for the next."""
+
+    runs: list[Run]
+    next_cursor: str | None

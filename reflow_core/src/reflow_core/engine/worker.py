@@ -1,0 +1,335 @@
+"""The worker: claims runs, keeps their leases alive, and hands them back on stop.
+
+A :class:`Worker` belongs to one :class:`~reflow_core.engine.Engine`. It keeps
+up to ``concurrency`` runs in flight, refills a freed slot at once while work
+is waiting, wakes on the storage's hints (when it gives any) and polls
+otherwise, fires due schedules, renews the leases of its runs, and on
+:meth:`Worker.stop` drains them. Each claimed run is driven by the engine's
+:class:`~reflow_core.engine.driver.RunDriver`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+from reflow_core.errors import ReflowError
+from reflow_core.schedules import Scheduler
+from reflow_core.storage import ClaimedRun, Storage, WakeupSource, WakeupSubscription
+from reflow_core.workflow import Workflow
+
+from .driver import InFlight, LeaseLost, RunDriver
+from .views import Clock
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger("reflow.engine")
+
+_SCHEDULE_BATCH = 100
+"""Due schedules fired per look; a full batch makes the dispatcher look again at once."""
+_HINT_GAP_MIN = 0.002
+_HINT_GAP_MAX = 0.05
+"""After claims that came back empty, a storage wake-up hint is acted on no
+sooner than this gap (seconds, doubling per empty claim up to the maximum)
+after the last empty one. Another worker took that work; when many workers
+share one notification channel, this keeps a burst of hints from sending
+every idle worker into the claim query for each of them."""
+_HINT_GAPS = tuple(
+    min(_HINT_GAP_MIN * 2**n, _HINT_GAP_MAX)
+    for n in range(int(math.log2(_HINT_GAP_MAX / _HINT_GAP_MIN)) + 2)
+)
+"""The gap after 1, 2, ... empty claims; the last one holds from then on."""
+
+
+class Worker:
+    """The claim loop of one engine, and the runs it holds."""
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        workflows: Mapping[str, Workflow[Any, Any]],
+        driver: RunDriver,
+        concurrency: int,
+        claim_batch: int,
+        lease: timedelta,
+        heartbeat: float,
+        poll: float,
+        clock: Clock,
+        scheduler: Scheduler,
+    ) -> None:
+        self._storage = storage
+        self._workflows = workflows
+        self._driver = driver
+        self._concurrency = concurrency
+        self._claim_batch = claim_batch
+        self._lease = lease
+        self._heartbeat = heartbeat
+        self._poll = poll
+        self._clock = clock
+        self._scheduler = scheduler
+        self.inflight: dict[str, InFlight] = {}
+        """The runs this worker holds, by id."""
+        self.wake = asyncio.Event()
+        """Set to make the dispatcher look for work now (local enqueues, events)."""
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._heartbeater: asyncio.Task[None] | None = None
+        self._wakeups: WakeupSubscription | None = None
+        self._slot_freed = asyncio.Event()
+        self._stopping = False
+        self._more_work = False
+        self._empty_claims = 0
+        self._last_empty_claim = 0.0
+        self._hint_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        """True while the claim loop started by :meth:`start` is running."""
+        return self._dispatcher is not None and not self._dispatcher.done()
+
+    def ensure_background(self) -> None:
+        """Start the step threads and the heartbeat loop, if not running."""
+        if self._driver.executor is None:
+            self._driver.executor = ThreadPoolExecutor(
+                max_workers=self._concurrency + 4, thread_name_prefix="reflow-step"
+            )
+        if self._heartbeater is None or self._heartbeater.done():
+            self._heartbeater = asyncio.create_task(self._heartbeat_loop(), name="reflow-heartbeat")
+
+    async def start(self) -> None:
+        """Start claiming (the storage is initialized by the engine)."""
+        if self.running:
+            return
+        self._stopping = False
+        self.ensure_background()
+        await self._subscribe_wakeups()
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="reflow-dispatch")
+
+    async def _subscribe_wakeups(self) -> None:
+        """Let a backend that can tell when work arrives wake the dispatcher,
+        so polling is only the fallback. A failure leaves polling alone."""
+        if self._wakeups is not None or not isinstance(self._storage, WakeupSource):
+            return
+        try:
+            self._wakeups = await self._storage.subscribe_wakeups(
+                self._workflows.keys(), self._hinted
+            )
+        except ReflowError as exc:
+            logger.warning("wake-ups unavailable (%s); polling every %gs", exc, self._poll)
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming, let in-flight runs finish for up to ``grace``
+        seconds, then hand the rest back to the storage as ``pending``."""
+        self._stopping = True
+        self.wake.set()
+        wakeups, self._wakeups = self._wakeups, None
+        if wakeups is not None:
+            with contextlib.suppress(ReflowError):
+                await wakeups.close()
+        if self._hint_timer is not None:
+            self._hint_timer.cancel()
+            self._hint_timer = None
+        self._slot_freed.set()
+        if self._dispatcher is not None:
+            # Let a claim in progress complete instead of cancelling it: the
+            # storage may already have handed its runs over, and they must be
+            # handed back below, not left leased to nobody. The loop exits at
+            # its next check of _stopping; a claim that outlasts a lease is moot.
+            await asyncio.wait({self._dispatcher}, timeout=self._lease.total_seconds())
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+            self._dispatcher = None
+        tasks = [s.task for s in self.inflight.values() if s.task is not None]
+        if tasks and grace > 0:
+            await asyncio.wait(tasks, timeout=grace)
+        for state in list(self.inflight.values()):
+            state.interrupt("shutdown")
+        tasks = [s.task for s in self.inflight.values() if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+        if self._heartbeater is not None:
+            self._heartbeater.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeater
+            self._heartbeater = None
+        if self._driver.executor is not None:
+            self._driver.executor.shutdown(wait=False, cancel_futures=True)
+            self._driver.executor = None
+
+    # -- claiming -----------------------------------------------------------
+
+    async def tick(self) -> int:
+        """Fire due schedules, claim one batch, run it to the end; how many runs."""
+        self.ensure_background()
+        await self._fire_schedules(force=True)
+        claimed = await self._claim()
+        tasks = [self._spawn(c) for c in claimed]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return len(claimed)
+
+    async def _claim(self) -> list[ClaimedRun]:
+        free = self._concurrency - len(self.inflight)
+        if free <= 0 or not self._workflows:
+            return []
+        limit = min(free, self._claim_batch)
+        claimed = await self._storage.claim_runs(list(self._workflows), limit, self._lease)
+        self._more_work = len(claimed) == limit
+        return claimed
+
+    async def _fire_schedules(self, *, force: bool = False) -> None:
+        """Fire due schedules of this engine's workflows: at most once per poll
+        interval, or sooner when a slot known here falls due, unless ``force``.
+        A look reads the storage's clock, by which slots are computed.
+        Storage trouble is logged and retried at a later look."""
+        if not self._workflows:
+            return
+        if not force and not self._scheduler.should_check(self._clock.now()):
+            return
+        try:
+            fired = await self._scheduler.fire_due(self._storage, self._workflows, _SCHEDULE_BATCH)
+        except ReflowError as exc:
+            logger.warning("firing schedules failed (%s); retrying at the next poll", exc)
+            return
+        if fired:
+            self.wake.set()
+
+    def _spawn(self, claimed: ClaimedRun) -> asyncio.Task[None]:
+        state = InFlight(lease=claimed.lease, renewed_at=time.monotonic())
+        self.inflight[claimed.run.id] = state
+        task = asyncio.create_task(
+            self._run_claimed(claimed, state), name=f"reflow-run-{claimed.run.id}"
+        )
+        state.task = task
+        return task
+
+    async def _dispatch_loop(self) -> None:
+        failures = 0
+        while not self._stopping:
+            await self._fire_schedules()
+            if len(self.inflight) >= self._concurrency:
+                # Wake up for due schedules even while every slot is busy.
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._schedule_wait(self._poll)):
+                        await self._slot_freed.wait()
+                continue
+            self.wake.clear()
+            try:
+                claimed = await self._claim()
+                failures = 0
+            except ReflowError as exc:
+                failures += 1
+                delay = min(self._poll * 2 ** min(failures, 6), 30.0)
+                logger.warning("claim failed (%s); retrying in %.1fs", exc, delay)
+                await self._idle(delay)
+                continue
+            if claimed:
+                # Halve rather than reset: a worker that wins now and then in
+                # a contested burst keeps some of its gap.
+                self._empty_claims //= 2
+            else:
+                # Bounded: past the longest gap, more empty claims change nothing.
+                self._empty_claims = min(self._empty_claims + 1, len(_HINT_GAPS))
+                self._last_empty_claim = time.monotonic()
+            for c in claimed:
+                self._spawn(c)
+            if not self._more_work:
+                # The queue looked empty: wait for local work, the next poll
+                # or the next schedule slot known here.
+                await self._idle(self._schedule_wait(self._poll * random.uniform(0.9, 1.1)))
+
+    def _hinted(self, *_: object) -> None:
+        """A wake-up hint from the storage: work may be ready elsewhere.
+
+        Acted on at once, unless this worker's last claims found nothing
+        (other workers are taking the work): then no sooner than a short,
+        growing gap after the last empty claim. Local work (this engine's
+        own enqueues, freed slots) never waits for the gap."""
+        if self.wake.is_set() or self._hint_timer is not None:
+            return
+        if self._empty_claims:
+            gap = _HINT_GAPS[min(self._empty_claims, len(_HINT_GAPS)) - 1]
+            delay = self._last_empty_claim + gap - time.monotonic()
+            if delay > 0:
+                self._hint_timer = asyncio.get_running_loop().call_later(delay, self._hint_due)
+                return
+        self.wake.set()
+
+    def _hint_due(self) -> None:
+        self._hint_timer = None
+        self.wake.set()
+
+    def _schedule_wait(self, seconds: float) -> float:
+        # The scheduler corrects the engine's clock by the storage's offset.
+        return self._scheduler.wait(self._clock.now(), seconds)
+
+    async def _idle(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self.wake.wait()
+
+    # -- leases ---------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [s for s in self.inflight.values() if now - s.renewed_at >= self._heartbeat]
+            if due:
+                await asyncio.gather(*(self._renew(s) for s in due))
+            pending = [s.renewed_at + self._heartbeat for s in self.inflight.values()]
+            wait = min(pending, default=now + self._heartbeat) - time.monotonic()
+            await asyncio.sleep(min(max(wait, 0.01), self._heartbeat))
+
+    async def _renew(self, state: InFlight) -> None:
+        started = time.monotonic()
+        try:
+            ok = await self._storage.heartbeat_run(state.lease, self._lease)
+        except ReflowError as exc:
+            logger.warning("heartbeat for run %s failed: %s", state.lease.run_id, exc)
+            return
+        if ok:
+            state.renewed_at = max(state.renewed_at, started)
+        elif state.stop_reason is None and state.task is not None and not state.task.done():
+            logger.warning(
+                "lease on run %s was lost; stopping its step and writing nothing more",
+                state.lease.run_id,
+            )
+            state.interrupt("lease_lost")
+
+    async def _run_claimed(self, claimed: ClaimedRun, state: InFlight) -> None:
+        run_id = claimed.run.id
+        state.started = True
+        try:
+            if state.stop_reason is not None:  # interrupted before it started
+                raise asyncio.CancelledError
+            await self._driver.drive(claimed, state)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if state.stop_reason is None or task is None:
+                raise
+            task.uncancel()
+            if state.stop_reason == "shutdown":
+                with contextlib.suppress(ReflowError):
+                    await self._storage.update_run_status(run_id, "pending", lease=state.lease)
+        except LeaseLost:
+            logger.warning("lease on run %s was lost; another worker may own it", run_id)
+        except ReflowError as exc:
+            # Storage trouble mid-run: the lease will lapse and the run is reclaimed.
+            logger.error("run %s stopped: %s", run_id, exc)
+        except Exception:  # an engine bug; never let it kill the worker
+            logger.exception("run %s stopped by an unexpected error", run_id)
+        finally:
+            self.inflight.pop(run_id, None)
+            if self._more_work:
+                self.wake.set()
+            self._slot_freed.set()
