@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -234,6 +234,58 @@ async def test_purge_deletes_old_finished_runs_and_their_keys(
     assert await store.get_run(pending) is not None
     with pytest.raises(ConfigError):
         await store.purge_finished(timedelta(seconds=-1))
+    await store.close()
+
+
+async def _finished_runs(store: RedisStorage, moment: list[datetime], count: int) -> list[str]:
+    """``count`` runs created in one order and finished in the reverse one,
+    a second apart by the storage clock; their ids, oldest finish first."""
+    ids = [(await store.create_run(NewRun("wf", codec.encode(i)))).run.id for i in range(count)]
+    leases = {c.run.id: c.lease for c in await store.claim_runs(["wf"], count, LEASE)}
+    assert set(leases) == set(ids)
+    finished = list(reversed(ids))
+    for run_id in finished:
+        moment[0] += timedelta(seconds=1)
+        assert await store.finish_run(leases[run_id], "completed", output="1")
+    return finished
+
+
+async def test_purge_limit_deletes_that_many_oldest_finished_runs_first(
+    redis_url: str,
+) -> None:
+    moment = [datetime(2030, 1, 1, tzinfo=UTC)]
+    store = RedisStorage.from_url(redis_url, clock=lambda: moment[0])
+    await store.initialize()
+    finished = await _finished_runs(store, moment, 7)
+    pending = (await store.create_run(NewRun("wf", "1"))).run.id
+    moment[0] += timedelta(hours=1)
+    # A batch of 2 under a limit of 3: one call of 2 runs, then one of 1.
+    assert await store.purge_finished(timedelta(0), batch=2, limit=3) == 3
+    assert [await store.get_run(run_id) for run_id in finished[:3]] == [None] * 3
+    for run_id in finished[3:]:
+        assert await store.get_run(run_id) is not None
+    assert await store.purge_finished(timedelta(0), limit=1) == 1
+    assert await store.get_run(finished[3]) is None
+    assert await store.get_run(finished[4]) is not None
+    # A limit above what is due deletes what is due, and the pending run stays.
+    assert await store.purge_finished(timedelta(0), batch=2, limit=10) == 3
+    assert await store.purge_finished(timedelta(0), limit=5) == 0
+    assert [r.id for r in (await store.list_runs()).runs] == [pending]
+    await store.close()
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5, "3"])
+async def test_a_bad_purge_limit_is_refused_and_deletes_nothing(redis_url: str, limit: Any) -> None:
+    moment = [datetime(2030, 1, 1, tzinfo=UTC)]
+    store = RedisStorage.from_url(redis_url, clock=lambda: moment[0])
+    await store.initialize()
+    finished = await _finished_runs(store, moment, 3)
+    moment[0] += timedelta(hours=1)
+    with pytest.raises(ConfigError) as caught:
+        await store.purge_finished(timedelta(0), limit=limit)
+    assert caught.value.option == "limit"
+    for run_id in finished:
+        assert await store.get_run(run_id) is not None
     await store.close()
 
 

@@ -1,0 +1,179 @@
+"""Script replies decoded into records, and steps encoded as script arguments.
+
+A run is a hash whose short field names the scripts write (``st`` status,
+``wf`` workflow, ``in``/``out``/``err``, ``att``/``rec``/``ep`` counters,
+``c``/``u``/``w``/``l`` times in epoch microseconds, ``wt`` the awaited
+event, ``idem`` the idempotency key, ``id`` the run's own id); a step is one
+field of the run's steps hash, ``seq|done|status|wake|json``. Anything under
+the prefix that does not read this way raises :class:`_BadData`, which the
+storage reports as a :class:`~reflow_core.errors.StorageError` naming the
+operation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, cast
+
+from reflow_core.adapter import from_epoch_us, to_epoch_us
+from reflow_core.storage import RunRecord, RunStatus, ScheduleRecord, StepRecord, StepStatus
+
+
+class _BadData(Exception):
+    """Something under our prefix is not what Reflow writes."""
+
+
+def _text(value: object, where: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _BadData(f"{where} is not UTF-8 text") from exc
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    raise _BadData(f"{where} has an unexpected type {type(value).__name__}")
+
+
+def _time(value: str | None, where: str) -> datetime | None:
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise _BadData(f"{where} is not a time")
+    try:
+        micros = int(value)
+    except ValueError:  # more digits than int() takes: far past year 9999
+        return from_epoch_us(2**63)
+    return from_epoch_us(micros)
+
+
+def _pairs(flat: Sequence[object], where: str) -> dict[str, str]:
+    if not isinstance(flat, list | tuple) or len(flat) % 2:
+        raise _BadData(f"{where} is not a hash")
+    return {_text(flat[i], where): _text(flat[i + 1], where) for i in range(0, len(flat), 2)}
+
+
+def _int(fields: Mapping[str, str], name: str, where: str) -> int:
+    value = fields.get(name, "")
+    if not value.lstrip("-").isdigit():
+        raise _BadData(f"{where} field {name!r} is not an integer")
+    return int(value)
+
+
+def _flat(reply: Any) -> list[object]:
+    """An ``HGETALL`` reply as a flat list (RESP3 answers with a dict)."""
+    if isinstance(reply, dict):
+        return [item for pair in reply.items() for item in pair]
+    return list(reply)
+
+
+def _run_record(run_id: str, fields: Mapping[str, str]) -> RunRecord:
+    where = f"run {run_id!r}"
+    try:
+        status = fields["st"]
+        if status not in (
+            "pending",
+            "running",
+            "sleeping",
+            "waiting",
+            "completed",
+            "failed",
+            "cancelled",
+        ):
+            raise _BadData(f"{where} has an unknown status {status!r}")
+        created = _time(fields["c"], where)
+        updated = _time(fields["u"], where)
+        if created is None or updated is None:
+            raise _BadData(f"{where} lacks its creation or update time")
+        return RunRecord(
+            id=run_id,
+            workflow=fields["wf"],
+            status=cast(RunStatus, status),
+            input=fields["in"],
+            output=fields.get("out"),
+            error=fields.get("err"),
+            idempotency_key=fields.get("idem") or None,
+            attempts=_int(fields, "att", where),
+            reclaims=_int(fields, "rec", where),
+            lease_epoch=_int(fields, "ep", where),
+            created_at=created,
+            updated_at=updated,
+            wake_at=_time(fields.get("w"), where),
+            waiting_for=fields.get("wt") or None,
+            lease_expires_at=_time(fields.get("l"), where) if status == "running" else None,
+        )
+    except KeyError as exc:
+        raise _BadData(f"{where} lacks a field Reflow writes") from exc
+
+
+def _run_of(fields: Mapping[str, str]) -> RunRecord:
+    """The record of a run hash, which names its own id."""
+    run_id = fields.get("id")
+    if not run_id:
+        raise _BadData("a run hash lacks its id")
+    return _run_record(run_id, fields)
+
+
+def _step_record(name: str, value: str, run_id: str) -> tuple[int, StepRecord]:
+    where = f"step {name!r} of run {run_id!r}"
+    parts = value.split("|", 4)
+    if len(parts) != 5 or not parts[0].isdigit():
+        raise _BadData(f"{where} is not a step record")
+    seq, done, status, wake, body = parts
+    try:
+        output, error, attempts = json.loads(body)
+    except (ValueError, TypeError) as exc:
+        raise _BadData(f"{where} has a malformed body") from exc
+    if status not in ("completed", "failed", "skipped", "sleeping", "waiting"):
+        raise _BadData(f"{where} has an unknown status {status!r}")
+    if not isinstance(attempts, int) or not all(
+        v is None or isinstance(v, str) for v in (output, error)
+    ):
+        raise _BadData(f"{where} has a malformed body")
+    record = StepRecord(
+        name=name,
+        status=cast(StepStatus, status),
+        output=output,
+        error=error,
+        attempts=attempts,
+        wake_at=_time(wake, where),
+        completed_at=_time(done, where),
+    )
+    return int(seq), record
+
+
+def _steps(flat: Sequence[object], run_id: str) -> dict[str, StepRecord]:
+    pairs = _pairs(flat, f"steps of run {run_id!r}")
+    ordered = sorted(_step_record(name, value, run_id) for name, value in pairs.items())
+    return {record.name: record for _, record in ordered}
+
+
+def _step_args(step: StepRecord) -> list[str]:
+    """A step as the scripts take it: name, status, wake time (µs or empty), body."""
+    wake = "" if step.wake_at is None else str(to_epoch_us(step.wake_at, "step.wake_at"))
+    body = json.dumps([step.output, step.error, step.attempts], separators=(",", ":"))
+    return [step.name, step.status, wake, body]
+
+
+def _schedule_record(key: str, fields: Mapping[str, str]) -> ScheduleRecord:
+    where = f"schedule {key!r}"
+    try:
+        next_run = _time(fields["next"], where)
+        created = _time(fields["c"], where)
+        updated = _time(fields["u"], where)
+        if next_run is None or created is None or updated is None:
+            raise _BadData(f"{where} lacks a time")
+        return ScheduleRecord(
+            key=key,
+            workflow=fields["wf"],
+            input=fields["in"],
+            recurrence=fields["rec"],
+            next_run_at=next_run,
+            created_at=created,
+            updated_at=updated,
+        )
+    except KeyError as exc:
+        raise _BadData(f"{where} lacks a field Reflow writes") from exc
