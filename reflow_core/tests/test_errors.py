@@ -35,6 +35,7 @@ STABLE_CODES = {
     "WorkflowNotFoundError": "workflow_not_found",
     "RunNotFoundError": "run_not_found",
     "IdempotencyConflictError": "idempotency_conflict",
+    "HookError": "hook_error",
     "LeaseExpiredError": "lease_expired",
     "StepCancelledError": "step_cancelled",
     "StorageError": "storage_error",

@@ -34,9 +34,20 @@ def test_correct_chain_type_checks() -> None:
     [
         ("bad.py", 'Argument 2 to "step" of "Workflow" has incompatible type'),
         ("bad_prev_attr.py", '"int" has no attribute "upper"'),
+        # prev after a conditional step is its output or its input, not only its output.
+        ("bad_conditional.py", 'Argument 2 to "step" of "Workflow" has incompatible type'),
     ],
 )
 def test_misused_prev_is_rejected(case: str, expected: str) -> None:
     out, status = _mypy(case)
     assert status == 1, out
     assert expected in out, out
+
+
+@pytest.mark.slow
+def test_prev_after_a_conditional_step_is_its_output_or_its_input() -> None:
+    out, status = _mypy("conditional.py")
+    assert status == 0, out
+    # A plain and an async predicate both widen prev to the union.
+    revealed = 'Revealed type is "reflow_core.workflow.Workflow[conditional.Order, str | int]"'
+    assert out.count(revealed) == 2, out

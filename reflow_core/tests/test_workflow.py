@@ -19,7 +19,7 @@ from reflow_core import (
     workflow,
 )
 from reflow_core.retry import NO_RETRY
-from reflow_core.workflow import to_plain_input
+from reflow_core.workflow import StepDefinition, to_plain_input
 
 
 def sync_step(ctx: StepContext[Any, Any]) -> int:
@@ -267,13 +267,17 @@ def test_to_plain_input_dumps_models_and_dataclasses() -> None:
     assert to_plain_input(Order) is Order  # a class is left alone
 
 
-def test_an_async_when_predicate_is_refused_at_definition() -> None:
+def test_an_async_when_predicate_is_accepted_and_a_non_callable_one_refused() -> None:
     async def later(ctx: Any) -> bool:
         return True
 
     async def handler(ctx: Any) -> int:
         return 1
 
-    with pytest.raises(ConfigError, match="when must be a plain function") as caught:
-        workflow("async-when").step("a", handler, when=later)
+    wf = workflow("async-when").step("a", handler, when=later)
+    step = wf.steps[0]
+    assert isinstance(step, StepDefinition)
+    assert step.when is later
+    with pytest.raises(ConfigError, match="when must be callable") as caught:
+        workflow("bad-when").step("a", handler, when=True)  # type: ignore[call-overload]
     assert caught.value.option == "when"

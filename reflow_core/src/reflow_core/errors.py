@@ -45,6 +45,7 @@ __all__ = [
     "ErrorInfo",
     "EventBufferFullError",
     "EventNotDeclaredError",
+    "HookError",
     "IdempotencyConflictError",
     "LeaseExpiredError",
     "ParallelCompleteError",
@@ -239,6 +240,35 @@ class EventBufferFullError(ReflowError):
         self.run_id = run_id
         self.event = event
         self.limit = limit
+
+
+class HookError(ReflowError):
+    """Something that must never affect a run failed: an observer plugin's
+    hook, a stream whose consumer ended without closing it, or a workflow's
+    ``on_failure`` handler. The run goes on regardless; the engine hands this
+    to ``Engine(on_error=...)`` and the ``reflow_error`` hook, and logs it.
+
+    ``original`` is the exception that was raised (also the ``__cause__``),
+    ``where`` says what raised it (``"reflow_run_completed hook"``,
+    ``"on_failure handler of workflow 'orders'"``, ``"stream consumer"``), and
+    ``run_id`` names the run concerned, when there is one.
+    """
+
+    code = "hook_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        where: str,
+        original: BaseException | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.where = where
+        self.original = original
+        self.run_id = run_id
+        self.__cause__ = original
 
 
 class LeaseExpiredError(ReflowError):

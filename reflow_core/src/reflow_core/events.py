@@ -11,17 +11,18 @@ hook (and to the ``reflow.engine`` logger).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeAlias
 
 import pluggy
 
 from . import hookspecs
-from .errors import ConfigError, ErrorInfo
+from .errors import ConfigError, ErrorInfo, HookError
 
 __all__ = [
     "Event",
@@ -107,19 +108,26 @@ Event: TypeAlias = RunStarted | StepStarted | StepCompleted | StepSkipped | RunC
 """Any lifecycle event."""
 
 
+ErrorCallback: TypeAlias = Callable[[HookError], "Awaitable[None] | None"]
+"""``Engine(on_error=...)``: called with every :class:`HookError`."""
+
+
 class _Subscription:
-    __slots__ = ("closed", "queue", "wakeup")
+    __slots__ = ("closed", "consumer", "queue", "wakeup")
 
     def __init__(self, size: int) -> None:
         self.queue: asyncio.Queue[object] = asyncio.Queue(size)
         self.closed = False
         self.wakeup = asyncio.Event()
+        self.consumer: asyncio.Task[Any] | None = None
+        """The task that last read from the stream."""
 
 
 class Observers:
     """An engine's lifecycle plugins and open streams."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: ErrorCallback | None = None) -> None:
+        self.on_error = on_error
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs.LifecycleSpecs)
         self._streams: list[_Subscription] = []
@@ -168,16 +176,75 @@ class Observers:
         full bounded stream makes this wait: backpressure)."""
         if event.hook in self._hooked:
             for failure in await self._call(event.hook, {"event": event}):
-                await self.report(failure, f"{event.hook} hook")
+                await self.report(failure, f"{event.hook} hook", run_id=event.run_id)
         for sub in list(self._streams):
             if not sub.closed:
-                await sub.queue.put(event)
-                sub.wakeup.set()
+                await self._put(sub, event)
 
-    async def report(self, error: BaseException, where: str) -> None:
-        """Send an error that must not affect runs to the ``reflow_error`` hook."""
+    async def _put(self, sub: _Subscription, event: Event) -> None:
+        """Put ``event`` on a stream, waiting for room while its consumer
+        lives. A consumer task that raised without closing the stream would
+        hold the engine back for good: the stream is closed and the
+        exception reported as a :class:`HookError`. (A task that only read
+        and returned, such as ``asyncio.wait_for(anext(stream), ...)``, is a
+        reader like any other, not a consumer that went away.)"""
+        while not sub.closed:
+            if not sub.queue.full():
+                sub.queue.put_nowait(event)
+                sub.wakeup.set()
+                return
+            consumer = sub.consumer
+            if consumer is not None and consumer.done() and _raised(consumer) is not None:
+                self._unsubscribe(sub)
+                original = _raised(consumer)
+                await self.report(
+                    HookError(
+                        f"a stream's consumer raised {type(original).__name__}: {original} "
+                        "without closing the stream; it was closed so that the engine does "
+                        "not wait on it",
+                        where="stream consumer",
+                        original=original,
+                        run_id=event.run_id,
+                    ),
+                    "stream consumer",
+                )
+                return
+            put = asyncio.ensure_future(sub.queue.put(event))
+            if consumer is None or consumer.done():
+                await put  # plain backpressure until the next read
+            else:
+                await asyncio.wait({put, consumer}, return_when=asyncio.FIRST_COMPLETED)
+                if not put.done():
+                    put.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await put
+            if put.done() and not put.cancelled():
+                sub.wakeup.set()
+                return
+
+    async def report(self, error: BaseException, where: str, *, run_id: str | None = None) -> None:
+        """Report an error that must not affect runs: log it, then hand it to
+        ``on_error`` (as a :class:`HookError`) and the ``reflow_error`` hook
+        (the original exception, with a note naming the plugin)."""
         logger.error("%s failed: %s: %s", where, type(error).__name__, error)
-        for failure in await self._call("reflow_error", {"error": error, "where": where}):
+        if isinstance(error, HookError):
+            wrapped, original = error, (error.original or error)
+        else:
+            wrapped = HookError(
+                f"{where} raised {type(error).__name__}: {error}",
+                where=where,
+                original=error,
+                run_id=run_id,
+            )
+            original = error
+        if self.on_error is not None:
+            try:
+                result = self.on_error(wrapped)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                logger.error("on_error failed: %s: %s", type(exc).__name__, exc)
+        for failure in await self._call("reflow_error", {"error": original, "where": where}):
             logger.error("reflow_error hook failed: %s: %s", type(failure).__name__, failure)
 
     def stream(self, buffer_size: int | None) -> AsyncIterator[Event]:
@@ -197,6 +264,7 @@ class Observers:
     async def _iterate(self, sub: _Subscription) -> AsyncIterator[Event]:
         try:
             while True:
+                sub.consumer = asyncio.current_task()
                 if not sub.queue.empty():
                     yield sub.queue.get_nowait()  # type: ignore[misc]
                     continue
@@ -219,6 +287,11 @@ class Observers:
         for sub in self._streams:
             sub.closed = True
             sub.wakeup.set()
+
+
+def _raised(task: asyncio.Task[Any]) -> BaseException | None:
+    """The exception a finished task raised (``None`` if it returned or was cancelled)."""
+    return None if task.cancelled() else task.exception()
 
 
 _EVENT_HOOKS = (

@@ -19,7 +19,7 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar, cast, overload
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast, overload
 
 from ._durations import Duration, to_seconds
 from .adapter import check_text
@@ -52,7 +52,12 @@ class SupportsValidatePython(Protocol[T_co]):
 
 
 Validator = Callable[[Any], Any]
-Predicate = Callable[[StepContext[Any, Any]], bool]
+Predicate = Callable[[StepContext[Any, Any]], "bool | Awaitable[bool]"]
+WhenPredicate: TypeAlias = Callable[[StepContext[InputT, PrevT]], "bool | Awaitable[bool]"]
+"""A step's ``when=``: a plain or ``async`` function of the context returning a bool."""
+RESERVED_PREFIX = "reflow:"
+"""Step, sleep and wait names may not start with this: the engine keeps its
+own records of a run (decisions, owed handlers) under such names."""
 FailureHandler = Callable[[FailureContext[Any]], Any]
 
 
@@ -201,12 +206,6 @@ def _define_step(
         raise ConfigError(
             f"workflow {workflow!r}, step {name!r}: when must be callable", option="when"
         )
-    if when is not None and _is_async_callable(when):
-        raise ConfigError(
-            f"workflow {workflow!r}, step {name!r}: when must be a plain function returning "
-            "a bool, not an async function (decide from ctx.input, ctx.prev and ctx.steps)",
-            option="when",
-        )
     seconds = (
         None
         if timeout is None
@@ -300,6 +299,12 @@ class Workflow(Generic[InputT, PrevT]):
             check_text(name, "step name")
         except ConfigError as exc:
             raise ConfigError(f"workflow {self._name!r}: {exc.message}", option="name") from None
+        if name.startswith(RESERVED_PREFIX):
+            raise ConfigError(
+                f"workflow {self._name!r}: step name {name!r} starts with {RESERVED_PREFIX!r}, "
+                "which is reserved for the engine's own records",
+                option="name",
+            )
         if name in (self._taken() if taken is None else taken):
             raise DuplicateStepError(self._name, name)
         return name
@@ -317,7 +322,29 @@ class Workflow(Generic[InputT, PrevT]):
         *,
         retry: Retry | None = None,
         timeout: Duration | None = None,
-        when: Callable[[StepContext[InputT, PrevT]], bool] | None = None,
+        when: None = None,
+    ) -> Workflow[InputT, OutT]: ...
+
+    @overload
+    def step(
+        self,
+        name: str,
+        handler: Callable[[StepContext[InputT, PrevT]], Awaitable[OutT]],
+        *,
+        retry: Retry | None = None,
+        timeout: Duration | None = None,
+        when: WhenPredicate[InputT, PrevT],
+    ) -> Workflow[InputT, OutT | PrevT]: ...
+
+    @overload
+    def step(
+        self,
+        name: str,
+        handler: Callable[[StepContext[InputT, PrevT]], OutT],
+        *,
+        retry: Retry | None = None,
+        timeout: Duration | None = None,
+        when: None = None,
     ) -> Workflow[InputT, OutT]: ...
 
     @overload
@@ -328,8 +355,8 @@ class Workflow(Generic[InputT, PrevT]):
         *,
         retry: Retry | None = None,
         timeout: Duration | None = None,
-        when: Callable[[StepContext[InputT, PrevT]], bool] | None = None,
-    ) -> Workflow[InputT, OutT]: ...
+        when: WhenPredicate[InputT, PrevT],
+    ) -> Workflow[InputT, OutT | PrevT]: ...
 
     def step(
         self,
@@ -338,17 +365,25 @@ class Workflow(Generic[InputT, PrevT]):
         *,
         retry: Retry | None = None,
         timeout: Duration | None = None,
-        when: Callable[[StepContext[InputT, PrevT]], bool] | None = None,
+        when: WhenPredicate[InputT, PrevT] | None = None,
     ) -> Workflow[InputT, Any]:
         """Append a step and return the new workflow.
 
         ``handler`` is an ``async def`` or a plain ``def`` (run in a worker
         thread) taking a :class:`StepContext`; its return value must be plain
         data. ``retry`` defaults to a single attempt; ``timeout`` bounds each
-        attempt. ``when`` is a predicate on the context, evaluated once: if it
-        is false the step is skipped (the skip is saved, so a replay never
-        decides again) and ``prev`` passes through unchanged. Raises
-        :class:`~reflow_core.errors.DuplicateStepError` if the name is taken.
+        attempt.
+
+        ``when`` is a predicate on the context (a plain or ``async``
+        function returning a bool), decided once per run: the decision is
+        saved before the step runs, so a worker that dies after deciding
+        never decides again on replay. If it is false the step is skipped
+        and ``prev`` passes through unchanged, so after a conditional step a
+        type checker sees ``prev`` as the step's output or its input
+        (``OutT | PrevT``). Raises
+        :class:`~reflow_core.errors.DuplicateStepError` if the name is taken,
+        and :class:`~reflow_core.errors.ConfigError` for a name starting with
+        the reserved ``reflow:``.
         """
         self._check_name(name)
         return self._then(_define_step(self._name, name, handler, retry, timeout, when))

@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from reflow_core import codec
-from reflow_core._durations import Duration, to_seconds
+from reflow_core._durations import MAX_DURATION, Duration, to_seconds
 from reflow_core.adapter import check_text
 from reflow_core.errors import (
     ConfigError,
@@ -29,7 +29,7 @@ from reflow_core.errors import (
     RunNotFoundError,
     WorkflowNotFoundError,
 )
-from reflow_core.events import Event, Observers
+from reflow_core.events import ErrorCallback, Event, Observers
 from reflow_core.registry import DISABLE_AUTOLOAD_ENV, load_observer_entry_points, open_storage
 from reflow_core.schedules import Schedule, Scheduler, parse_recurrence
 from reflow_core.storage import (
@@ -60,6 +60,7 @@ minutes (a dead worker's runs wait this long); the test engine uses the
 maximum so that virtual time never lapses one."""
 MIN_HEARTBEAT = 0.01
 """The shortest heartbeat interval (seconds)."""
+MAX_DURATION_S = MAX_DURATION.total_seconds()
 POLL_INTERVAL_RANGE = (0.001, 86400.0)
 """The shortest and longest ``poll_interval`` (seconds)."""
 
@@ -90,6 +91,20 @@ class Engine:
     observers announced through the ``reflow`` entry-point group are loaded
     too unless ``load_entry_points=False``. ``clock`` replaces the real
     clock for the engine's own waits (see :mod:`reflow_core.testing`).
+
+    ``on_error`` is called with a :class:`~reflow_core.errors.HookError` for
+    every failure that must not affect a run: an observer plugin's hook that
+    raised, a stream whose consumer ended without closing it, an
+    ``on_failure`` handler that raised. It may be ``async``; what it raises
+    is only logged. The ``reflow_error`` hook of plugins sees the same.
+
+    ``retention`` (a duration, default ``None``: keep everything) makes a
+    worker delete runs that finished longer ago than that, with their steps
+    and events, through :meth:`Storage.purge_finished`: a pass about once a
+    minute (sooner for a short retention), each deleting at most
+    a bounded number of runs, so a large backlog is cleared over several
+    passes without holding the storage. Idempotency keys of deleted runs are
+    free again: keep runs longer than any client may retry an enqueue.
     """
 
     def __init__(
@@ -110,6 +125,8 @@ class Engine:
         plugins: Iterable[object] = (),
         load_entry_points: bool = True,
         clock: Clock | None = None,
+        on_error: ErrorCallback | None = None,
+        retention: Duration | None = None,
     ) -> None:
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(
@@ -162,10 +179,20 @@ class Engine:
         self._close_storage = close_storage
         self._start_worker = worker
         self._clock: Clock = clock or SystemClock()
-        self._observers = Observers()
+        if on_error is not None and not callable(on_error):
+            raise ConfigError(f"on_error must be callable, got {on_error!r}", option="on_error")
+        self._observers = Observers(on_error)
+        self._retention = (
+            None
+            if retention is None
+            else timedelta(seconds=_positive(retention, "retention", MIN_LEASE, MAX_DURATION_S))
+        )
         for plugin in plugins:
             self._observers.register(plugin)
         self._load_entry_points = load_entry_points and not os.environ.get(DISABLE_AUTOLOAD_ENV)
+        self._default_schedules: dict[str, tuple[str, str]] = {}
+        """Input and recurrence of the schedules this engine stored under a
+        default key, so that two different ones do not replace each other."""
         self._finished: dict[str, set[asyncio.Event]] = {}
         """The events of the ``result`` calls waiting on each run, one per call."""
 
@@ -192,6 +219,7 @@ class Engine:
             poll=self._poll,
             clock=self._clock,
             scheduler=self._scheduler,
+            retention=self._retention,
         )
 
     # -- configuration -----------------------------------------------------
@@ -392,8 +420,18 @@ class Engine:
     async def resume(self, run_id: str) -> bool:
         """Queue a failed or cancelled run again; its completed steps are kept
         and it continues at its first unfinished step. Returns False for a
-        run that is missing or not failed or cancelled."""
+        run that is missing or not failed or cancelled. Raises
+        :class:`~reflow_core.errors.WorkflowNotFoundError`, changing nothing,
+        when the run's workflow is not registered on this engine (register
+        it, even on an engine started with ``worker=False``)."""
         await self._ensure_initialized()
+        record = await self._storage.get_run(run_id)
+        if record is None or record.status not in ("failed", "cancelled"):
+            return False
+        if record.workflow not in self._workflows:
+            # Requeued, it would wait for a worker that runs its workflow;
+            # this engine cannot tell whether one exists.
+            raise WorkflowNotFoundError(record.workflow, list(self._workflows))
         requeued = await self._storage.requeue_run(run_id)
         if requeued:
             self._worker.wake.set()
@@ -436,10 +474,18 @@ class Engine:
         The schedule is stored under ``key`` (default: the workflow's name),
         so it survives restarts and every engine on the storage shares it;
         engines started as workers that run the workflow fire it, once per
-        slot in all. Registering a key again replaces its workflow and input
-        and keeps its next slot if the recurrence is unchanged; a changed
-        recurrence starts over at its first slot after now. Slots missed while
-        no worker ran are skipped. See :mod:`reflow_core.schedules`.
+        slot in all. Registering a key again is a deliberate update: it
+        replaces the workflow and input and keeps the next slot if the
+        recurrence is unchanged; a changed recurrence starts over at its
+        first slot after now. Slots missed while no worker ran are skipped.
+        See :mod:`reflow_core.schedules`.
+
+        Without ``key``, a second call on this engine for the same workflow
+        with a different input or recurrence raises
+        :class:`~reflow_core.errors.ConfigError` instead of replacing the
+        first: give each schedule its own ``key``. (A new deploy whose code
+        schedules the workflow differently still updates it: the first call
+        of an engine replaces what an earlier process stored.)
 
         Raises :class:`~reflow_core.errors.ConfigError` for an invalid
         recurrence (naming the expression and why) or key, and
@@ -449,10 +495,24 @@ class Engine:
         """
         wf = self._resolve(workflow)
         recurrence = parse_recurrence(every=every, cron=cron)
-        key = wf.name if key is None else check_text(key, "key")
         raw = to_plain_input(input)
         wf.validate_input(raw)
         text = codec.encode(raw)
+        shape: tuple[str, str] | None = None
+        if key is None:
+            key = wf.name
+            shape = (text, recurrence.canonical)
+            earlier = self._default_schedules.get(key, shape)
+            if earlier != shape:
+                raise ConfigError(
+                    f"workflow {wf.name!r} is already scheduled by this engine under the "
+                    f"default key {key!r} with a different "
+                    f"{'input' if earlier[0] != text else 'recurrence'}; pass key= to keep "
+                    "both schedules (one key each), or the same key to replace it",
+                    option="key",
+                )
+        else:
+            check_text(key, "key")
         await self._ensure_initialized()
         # Slots are computed on the storage's clock, which also decides when
         # they are due, so a skewed engine clock cannot move them.
@@ -466,6 +526,8 @@ class Engine:
                 next_run_at=recurrence.next_after(now),
             )
         )
+        if shape is not None:
+            self._default_schedules[key] = shape
         self._scheduler.expect(key, record.next_run_at)
         self._worker.wake.set()
         return Schedule.from_record(record)
@@ -475,6 +537,7 @@ class Engine:
         created are not touched. Returns False if there was no such schedule."""
         await self._ensure_initialized()
         self._scheduler.forget(key)
+        self._default_schedules.pop(key, None)
         return await self._storage.delete_schedule(key)
 
     async def list_schedules(self) -> list[Schedule]:

@@ -25,20 +25,32 @@ from reflow_core.context import CancelSignal, FailureContext, StepContext
 from reflow_core.errors import (
     CorruptDataError,
     ErrorInfo,
+    HookError,
     ReclaimLimitError,
+    SerializationError,
     StorageError,
     ValidationError,
     error_info,
 )
 from reflow_core.events import Event, Observers, RunCompleted, RunFailed, RunStarted
 from reflow_core.storage import ClaimedRun, Lease, RunRecord, StepRecord, Storage
-from reflow_core.workflow import Workflow, _is_async_callable
+from reflow_core.workflow import RESERVED_PREFIX, Workflow, _is_async_callable
 
 from .views import Clock, read_stored
 
-__all__ = ["Execution", "InFlight", "LeaseLost", "RunDriver"]
+__all__ = ["FAILURE_MARK", "WHEN_PREFIX", "Execution", "InFlight", "LeaseLost", "RunDriver"]
 
 logger = logging.getLogger("reflow.engine")
+
+WHEN_PREFIX = RESERVED_PREFIX + "when:"
+"""A saved ``when=`` decision that was true is the step record
+``reflow:when:<step>`` (a false one is the step's own ``skipped`` record)."""
+FAILURE_MARK = RESERVED_PREFIX + "on_failure"
+"""The step record that says a failed run's ``on_failure`` handler is owed:
+saved (as ``failed``, with the run's error) before the handler is called, and
+the run is ended only after it returns. A worker that dies in between leaves
+the run running; whoever reclaims it calls the handler again, then ends it.
+``requeue_run`` drops it with the other failed records."""
 
 _WRITE_RETRY_PAUSES = (0.05, 0.25, 1.0)
 """Pauses between retries of a fenced write that failed with a StorageError."""
@@ -180,6 +192,10 @@ class RunDriver:
             await self.storage.update_run_status(record.id, "pending", lease=claimed.lease)
             return
         run = Execution(record, claimed.lease, state, wf, dict(claimed.steps))
+        owed = run.saved.get(FAILURE_MARK)
+        if owed is not None:
+            await self._finish_owed_failure(run, owed, claimed.reclaimed)
+            return
         # The reclaim limit comes first: whatever about this run kills its
         # workers (its input included) cannot stop it from being given up.
         if claimed.reclaimed and record.reclaims > self.max_reclaims:
@@ -295,8 +311,19 @@ class RunDriver:
         step: str | None,
         attempts: int = 1,
     ) -> None:
+        """Fail the run for good. With an ``on_failure`` handler, the handler
+        is called first, at least once: a durable mark (:data:`FAILURE_MARK`)
+        is saved before the call and the run ends after it."""
         info = error_info(exc, step=step, attempts=attempts)
         text = codec.encode(dict(info))
+        if run.workflow.failure_handler is not None:
+            await self.save(run, StepRecord(FAILURE_MARK, "failed", error=text, attempts=attempts))
+            await self._call_failure_handler(run, info, step, exc)
+        await self._end_failed(run, info, text, step, attempts)
+
+    async def _end_failed(
+        self, run: Execution, info: ErrorInfo, text: str, step: str | None, attempts: int
+    ) -> None:
         record = None if step is None else StepRecord(step, "failed", error=text, attempts=attempts)
         lease = run.lease
         await self.fenced(
@@ -305,10 +332,41 @@ class RunDriver:
         )
         await self.emit(RunFailed(run.record.id, run.record.workflow, info, step))
         self.notify_finished(run.record.id)
-        await self._call_failure_handler(run, info, step, exc)
+
+    async def _finish_owed_failure(self, run: Execution, owed: StepRecord, reclaimed: bool) -> None:
+        """A run that failed while its ``on_failure`` handler had not returned
+        (its worker died or was stopped): call the handler again, then end
+        the run as the first worker would have. A handler that kept killing
+        its workers past ``max_reclaims`` is given up, and the run ended."""
+        record = run.record
+        text = owed.error or codec.encode({"code": "reflow_error", "message": "failed"})
+        try:
+            info: ErrorInfo = codec.decode(text)
+        except SerializationError:
+            info = {"code": "corrupt_data", "message": "the stored failure cannot be read"}
+        step = info.get("step") if isinstance(info.get("step"), str) else None
+        with contextlib.suppress(CorruptDataError):
+            raw = read_stored(record.input, "input", record.id)
+            try:
+                run.input = run.workflow.validate_input(raw)
+            except ValidationError:
+                run.input = raw
+        if reclaimed and record.reclaims > self.max_reclaims:
+            await self.report(
+                HookError(
+                    f"the on_failure handler of workflow {record.workflow!r} did not return "
+                    f"before its worker was lost {record.reclaims} times; it is not called again",
+                    where=f"on_failure handler of workflow {record.workflow!r}",
+                    run_id=record.id,
+                ),
+                f"on_failure handler of workflow {record.workflow!r}",
+            )
+        else:
+            await self._call_failure_handler(run, info, step, None)
+        await self._end_failed(run, info, text, step, owed.attempts)
 
     async def _call_failure_handler(
-        self, run: Execution, info: ErrorInfo, step: str | None, exc: BaseException
+        self, run: Execution, info: ErrorInfo, step: str | None, exc: BaseException | None
     ) -> None:
         handler = run.workflow.failure_handler
         if handler is None:

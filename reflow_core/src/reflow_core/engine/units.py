@@ -38,7 +38,7 @@ from reflow_core.workflow import (
     WaitDefinition,
 )
 
-from .driver import Execution, LeaseLost
+from .driver import WHEN_PREFIX, Execution, LeaseLost
 from .views import read_stored
 
 if TYPE_CHECKING:
@@ -95,9 +95,12 @@ class StepUnit:
             return False
         if saved is not None and saved.status == "skipped":
             return False
-        if step.when is not None:
+        if step.when is not None and (WHEN_PREFIX + step.name) not in run.saved:
             try:
-                go = bool(step.when(run.context(step.name, 1, CancelSignal())))
+                verdict = step.when(run.context(step.name, 1, CancelSignal()))
+                if inspect.isawaitable(verdict):
+                    verdict = await verdict
+                go = bool(verdict)
             except Exception as exc:
                 await driver.fail(
                     run,
@@ -112,6 +115,11 @@ class StepUnit:
             if not go:
                 await driver.emit(StepSkipped(run.record.id, run.record.workflow, step.name))
                 return await driver.pass_through(run, StepRecord(step.name, "skipped"))
+            # Decided once: saved before the step runs, so a worker that dies
+            # before the step is saved does not ask the predicate again.
+            decision = StepRecord(WHEN_PREFIX + step.name, "completed", output=codec.encode(True))
+            await driver.save(run, decision)
+            run.saved[decision.name] = decision
         try:
             result, attempts = await self.attempts(run, step)
             text = codec.encode(result)

@@ -11,6 +11,7 @@ from typing import Any
 from reflow_core import codec
 from reflow_core.errors import CorruptDataError, ErrorInfo, SerializationError
 from reflow_core.storage import RunRecord, RunStatus, StepRecord, StepStatus
+from reflow_core.workflow import RESERVED_PREFIX
 
 __all__ = ["Clock", "Run", "RunList", "StepResult", "SystemClock", "read_stored"]
 
@@ -74,6 +75,7 @@ class Run:
                 completed_at=s.completed_at,
             )
             for name, s in (steps or {}).items()
+            if not name.startswith(RESERVED_PREFIX)  # the engine's own records
         }
         return cls(
             id=record.id,

@@ -33,6 +33,12 @@ __all__ = ["Worker"]
 
 logger = logging.getLogger("reflow.engine")
 
+_PURGE_EVERY = 60.0
+"""Seconds between retention passes (a tenth of a shorter retention)."""
+_PURGE_LIMIT = 1000
+"""Runs one retention pass deletes at most."""
+_PURGE_BATCH = 250
+"""Runs deleted per storage transaction in a retention pass."""
 _SCHEDULE_BATCH = 100
 """Due schedules fired per look; a full batch makes the dispatcher look again at once."""
 _HINT_GAP_MIN = 0.002
@@ -65,6 +71,7 @@ class Worker:
         poll: float,
         clock: Clock,
         scheduler: Scheduler,
+        retention: timedelta | None = None,
     ) -> None:
         self._storage = storage
         self._workflows = workflows
@@ -76,6 +83,8 @@ class Worker:
         self._poll = poll
         self._clock = clock
         self._scheduler = scheduler
+        self._retention = retention
+        self._purger: asyncio.Task[None] | None = None
         self.inflight: dict[str, InFlight] = {}
         """The runs this worker holds, by id."""
         self.wake = asyncio.Event()
@@ -112,6 +121,10 @@ class Worker:
         self.ensure_background()
         await self._subscribe_wakeups()
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="reflow-dispatch")
+        if self._retention is not None and self._purger is None:
+            self._purger = asyncio.create_task(
+                self._retention_loop(self._retention), name="reflow-retention"
+            )
 
     async def _subscribe_wakeups(self) -> None:
         """Let a backend that can tell when work arrives wake the dispatcher,
@@ -138,6 +151,11 @@ class Worker:
             self._hint_timer.cancel()
             self._hint_timer = None
         self._slot_freed.set()
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+            self._purger = None
         if self._dispatcher is not None:
             # Let a claim in progress complete instead of cancelling it: the
             # storage may already have handed its runs over, and they must be
@@ -277,6 +295,30 @@ class Worker:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self.wake.wait()
+
+    # -- retention ------------------------------------------------------------
+
+    async def _retention_loop(self, keep: timedelta) -> None:
+        """Purge runs finished longer ago than ``keep``: a pass about once a
+        minute (a tenth of a short retention), each deleting at most
+        ``_PURGE_LIMIT`` runs; a pass that hit the limit is followed by
+        another one a poll interval later."""
+        interval = min(_PURGE_EVERY, max(keep.total_seconds() / 10, self._poll))
+        pause = min(interval, self._poll)  # a first pass soon after start
+        while True:
+            await asyncio.sleep(pause * random.uniform(0.9, 1.1))
+            pause = interval
+            try:
+                deleted = await self._storage.purge_finished(
+                    keep, batch=_PURGE_BATCH, limit=_PURGE_LIMIT
+                )
+            except ReflowError as exc:
+                logger.warning("purging finished runs failed (%s); retrying later", exc)
+                continue
+            if deleted:
+                logger.info("purged %d runs finished more than %s ago", deleted, keep)
+            if deleted >= _PURGE_LIMIT:
+                pause = self._poll
 
     # -- leases ---------------------------------------------------------------
 
