@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from .adapter import (
+    Lifecycle,
     check_duration,
     check_list_limit,
     check_new_run,
@@ -30,9 +31,9 @@ from .adapter import (
     check_status_update,
     check_text,
     decode_cursor,
-    encode_cursor,
     new_run_id,
     purge_in_batches,
+    run_page,
     utcnow,
 )
 from .errors import EventBufferFullError, IdempotencyConflictError, StorageError
@@ -98,7 +99,7 @@ class MemoryStorage:
         self._runs = state.runs
         self._idem = state.idem
         self._schedules = state.schedules
-        self._closed = False
+        self._life = Lifecycle("memory")
 
     def __repr__(self) -> str:
         label = f"name={self._name!r}, " if self._name is not None else ""
@@ -107,8 +108,8 @@ class MemoryStorage:
     # -- helpers -----------------------------------------------------------
 
     def _check_open(self, operation: str) -> None:
-        if self._closed:
-            raise StorageError("storage is closed", operation=operation, backend="memory")
+        # Usable before initialize(): only a closed storage is refused.
+        self._life.check_open(operation)
 
     def _live(self, lease: Lease, now: datetime) -> _Run | None:
         entry = self._runs.get(lease.run_id)
@@ -139,10 +140,11 @@ class MemoryStorage:
     # -- lifecycle ---------------------------------------------------------
 
     async def initialize(self) -> None:
-        self._closed = False
+        self._life.closed = False
+        self._life.initialized = True
 
     async def close(self) -> None:
-        self._closed = True
+        self._life.closed = True
 
     # -- runs --------------------------------------------------------------
 
@@ -459,8 +461,7 @@ class MemoryStorage:
             key=lambda r: (r.created_at, r.id),
             reverse=True,
         )
-        page: list[RunRecord] = []
-        more = False
+        found: list[RunRecord] = []
         for rec in rows:
             if statuses is not None and rec.status not in statuses:
                 continue
@@ -468,12 +469,10 @@ class MemoryStorage:
                 continue
             if after is not None and (rec.created_at, rec.id) >= after:
                 continue
-            if len(page) == limit:
-                more = True
+            found.append(rec)
+            if len(found) > limit:
                 break
-            page.append(rec)
-        next_cursor = encode_cursor(page[-1].created_at, page[-1].id) if more else None
-        return RunPage(page, next_cursor)
+        return run_page(found, limit)
 
     async def requeue_run(self, run_id: str) -> bool:
         self._check_open("requeue_run")
