@@ -21,7 +21,8 @@ from reflow_core.errors import ConfigError, StorageError
 from reflow_core.storage import ClaimedRun, NewRun, StepRecord
 from reflow_sqlite import SQLiteStorage
 from reflow_sqlite import _schema as schema_module
-from reflow_sqlite import storage as storage_module
+from reflow_sqlite import _scripts as scripts_module
+from reflow_sqlite._queries import QUERIES
 from reflow_sqlite._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 
 from .conftest import FakeClock, Opener
@@ -142,7 +143,7 @@ async def test_a_hand_back_keeps_the_buffer(opener: Opener, db_path: Path) -> No
 async def test_the_cap_is_counted_through_the_buffered_index(opener: Opener, db_path: Path) -> None:
     store = await opener()
     run_id = (await store.create_run(NewRun("wf", "1"))).run.id
-    plan = rows(db_path, "EXPLAIN QUERY PLAN " + storage_module._SQL_COUNT_BUFFERED, run_id, 1000)
+    plan = rows(db_path, "EXPLAIN QUERY PLAN " + QUERIES["count_buffered"], run_id, 1000)
     assert any("events_buffered" in str(row[-1]) for row in plan), plan
     for statement in (schema_module.DROP_BUFFERED, schema_module.RETIRE_BUFFERED):
         params = (run_id,) if statement.startswith("DELETE") else (0, run_id)
@@ -209,16 +210,72 @@ async def test_purge_works_in_transactions_of_at_most_batch_runs(
         await finished_run(store)
     clock.advance(3600)
     batches: list[int] = []
-    script = storage_module._purge_script
+    script = scripts_module.purge
 
-    def counting(now: int, age_us: int, batch: int) -> storage_module.Script[int]:
+    def counting(now: int, age_us: int, batch: int) -> scripts_module.Script[int]:
         deleted = yield from script(now, age_us, batch)
         batches.append(deleted)
         return deleted
 
-    monkeypatch.setattr(storage_module, "_purge_script", counting)
+    monkeypatch.setattr(scripts_module, "purge", counting)
     assert await store.purge_finished(timedelta(minutes=1), batch=3) == 7
     assert batches == [3, 3, 1]
+
+
+async def test_purge_limit_deletes_exactly_the_oldest(
+    opener: Opener, db_path: Path, clock: FakeClock
+) -> None:
+    store = await opener()
+    finished = []
+    for _ in range(7):
+        finished.append(await finished_run(store))
+        clock.advance(1)  # each one finishes a second after the one before
+    clock.advance(3600)
+    assert await store.purge_finished(timedelta(minutes=1), limit=3) == 3
+    for run_id in finished[:3]:
+        assert await store.get_run(run_id) is None
+    for run_id in finished[3:]:
+        assert await store.get_run(run_id) is not None
+    assert rows(db_path, "SELECT count(*) FROM runs") == [(4,)]
+    assert rows(db_path, "SELECT count(DISTINCT run_id) FROM steps") == [(4,)]
+    assert rows(db_path, "SELECT count(DISTINCT run_id) FROM events") == [(4,)]
+    # A limit above what is due deletes what is due; the next call finds none.
+    assert await store.purge_finished(timedelta(minutes=1), limit=100) == 4
+    assert await store.purge_finished(timedelta(minutes=1), limit=1) == 0
+
+
+async def test_purge_limit_bounds_the_batches_too(
+    opener: Opener, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await opener()
+    for _ in range(7):
+        await finished_run(store)
+    clock.advance(3600)
+    sizes: list[int] = []
+    script = scripts_module.purge
+
+    def recording(now: int, age_us: int, batch: int) -> scripts_module.Script[int]:
+        sizes.append(batch)
+        return (yield from script(now, age_us, batch))
+
+    monkeypatch.setattr(scripts_module, "purge", recording)
+    # Transactions of at most batch runs, the last one cut to what the limit leaves.
+    assert await store.purge_finished(timedelta(minutes=1), batch=2, limit=5) == 5
+    assert sizes == [2, 2, 1]
+    sizes.clear()
+    assert await store.purge_finished(timedelta(minutes=1), batch=2, limit=5) == 2
+    assert sizes == [2, 2]  # a full batch may have more behind it: one more look
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, "3", True])
+async def test_purge_refuses_a_bad_limit(opener: Opener, clock: FakeClock, limit: object) -> None:
+    store = await opener()
+    run_id = await finished_run(store)
+    clock.advance(3600)
+    with pytest.raises(ConfigError) as info:
+        await store.purge_finished(timedelta(minutes=1), limit=limit)  # type: ignore[arg-type]
+    assert info.value.option == "limit"
+    assert await store.get_run(run_id) is not None  # nothing was deleted
 
 
 async def test_purge_judges_a_run_by_the_time_it_finished(opener: Opener, clock: FakeClock) -> None:

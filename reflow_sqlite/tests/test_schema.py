@@ -11,8 +11,9 @@ import pytest
 
 from reflow_core.errors import SchemaVersionError, StorageError
 from reflow_core.storage import NewRun
-from reflow_sqlite import storage as storage_module
+from reflow_sqlite import _schema as schema_module
 from reflow_sqlite._schema import APPLICATION_ID, SCHEMA_VERSION
+from reflow_sqlite._scripts import Script
 
 
 def pragmas(path: Path) -> tuple[int, int, str]:
@@ -55,7 +56,7 @@ async def test_the_synchronous_level_is_applied(opener, tmp_path) -> None:
         store = await opener(tmp_path / f"{name}.db", synchronous=name.lower())
         assert store.synchronous == name
 
-        def script(now: int) -> storage_module.Script[int]:
+        def script(now: int) -> Script[int]:
             rows = yield ("PRAGMA synchronous", ())
             return int(rows[0][0])
 
@@ -128,8 +129,8 @@ async def test_an_older_schema_is_migrated_forward(opener, db_path, monkeypatch)
     run = (await store.create_run(NewRun("wf", '"kept"'))).run
     await store.close()
     extra = ["CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"]
-    monkeypatch.setattr(storage_module, "MIGRATIONS", (*storage_module.MIGRATIONS, extra))
-    monkeypatch.setattr(storage_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
+    monkeypatch.setattr(schema_module, "MIGRATIONS", (*schema_module.MIGRATIONS, extra))
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", SCHEMA_VERSION + 1)
     upgraded = await opener()
     assert await upgraded.get_run(run.id) == run
     await upgraded.close()

@@ -1,0 +1,61 @@
+"""The statements of ``queries.sql``, loaded once at import.
+
+Most are complete as loaded. A few keep a slot that is filled per call with
+placeholders or a fixed value, never with data: :func:`with_marks` gives
+the text of a statement for a list of ``count`` values, one ``?`` each.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from reflow_core.adapter import (
+    RUN_COLUMNS,
+    SCHEDULE_COLUMNS,
+    STEP_COLUMNS,
+    load_queries,
+    render_sql,
+)
+
+__all__ = ["PER_CALL_SLOTS", "QUERIES", "fill", "placeholders", "with_marks"]
+
+PER_CALL_SLOTS = (
+    "workflows",
+    "ids",
+    "statuses",
+    "where",
+    "level",
+    "application_id",
+    "version",
+)
+"""Slots left in the loaded text, filled per call (see ``queries.sql``)."""
+
+QUERIES: dict[str, str] = load_queries(
+    "reflow_sqlite",
+    "queries.sql",
+    {
+        "run_columns": RUN_COLUMNS,
+        "step_columns": STEP_COLUMNS,
+        "schedule_columns": SCHEDULE_COLUMNS,
+        # Kept as they are, for fill() and with_marks().
+        **{slot: "{" + slot + "}" for slot in PER_CALL_SLOTS},
+    },
+)
+"""Every statement of ``queries.sql`` by name."""
+
+
+def placeholders(count: int) -> str:
+    """``count`` comma-separated ``?``."""
+    return ",".join("?" * count)
+
+
+def fill(name: str, **values: str) -> str:
+    """Statement ``name`` with its per-call slots filled from ``values``."""
+    return render_sql(QUERIES[name], values, where=f"queries.sql:{name}")
+
+
+@functools.lru_cache(maxsize=1024)
+def with_marks(name: str, slot: str, count: int) -> str:
+    """Statement ``name`` with ``slot`` holding ``count`` placeholders (cached:
+    a claim runs the same few shapes again and again)."""
+    return fill(name, **{slot: placeholders(count)})

@@ -1,0 +1,410 @@
+"""The operations of the SQLite backend, each written once as a *script*
+named after what it does (``claim``, ``save_step``, ``finish``, ...).
+
+A script is a generator that yields ``(sql, parameters)`` and receives the
+fetched rows; it runs as one transaction (see :mod:`reflow_sqlite._thread`).
+Its first argument, ``now``, is the storage clock in microseconds, read once
+when the transaction has started (after the write lock is held). Every
+statement comes from ``queries.sql``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeAlias, TypeVar
+
+from reflow_core.adapter import (
+    from_epoch_us,
+    run_from_row,
+    run_page,
+    schedule_from_row,
+    step_from_row,
+    to_epoch_us,
+)
+from reflow_core.errors import EventBufferFullError, IdempotencyConflictError, StorageError
+from reflow_core.storage import (
+    TERMINAL_STATUSES,
+    ClaimedRun,
+    CreateResult,
+    EventTake,
+    Lease,
+    NewRun,
+    RunPage,
+    RunRecord,
+    ScheduleRecord,
+    ScheduleSpec,
+    StepRecord,
+)
+
+from ._options import BACKEND
+from ._queries import QUERIES as Q
+from ._queries import fill, with_marks
+
+__all__ = [
+    "PURGE_CHUNK",
+    "BatchItemFailed",
+    "Params",
+    "Row",
+    "Script",
+    "StepRow",
+    "claim",
+    "claim_slot",
+    "create",
+    "delete_schedule",
+    "deliver",
+    "due_schedules",
+    "finish",
+    "get_run",
+    "get_steps",
+    "heartbeat",
+    "inspect",
+    "list_runs",
+    "list_schedules",
+    "purge",
+    "requeue",
+    "save_batch",
+    "save_step",
+    "sleep",
+    "take",
+    "update_status",
+    "upsert_schedule",
+    "wait",
+]
+
+_T = TypeVar("_T")
+Params: TypeAlias = Sequence[object]
+Row: TypeAlias = tuple[Any, ...]
+Script: TypeAlias = Generator[tuple[str, Params], list[Row], _T]
+"""A database operation: yields statements, receives their rows, returns a value."""
+
+PURGE_CHUNK = 500
+"""Run ids per ``IN (...)`` list when a purge deletes a batch (one parameter each)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """A step ready to be written: the record's fields with ``wake_at`` in microseconds."""
+
+    name: str
+    status: str
+    output: str | None
+    error: str | None
+    attempts: int
+    wake_at: int | None
+
+    @classmethod
+    def of(cls, step: StepRecord) -> StepRow:
+        wake = None if step.wake_at is None else to_epoch_us(step.wake_at, "step.wake_at")
+        return cls(step.name, step.status, step.output, step.error, step.attempts, wake)
+
+    def params(self, run_id: str, now: int) -> Params:
+        return (
+            run_id,
+            self.name,
+            self.status,
+            self.output,
+            self.error,
+            self.attempts,
+            self.wake_at,
+            now,
+        )
+
+
+def inspect(now: int) -> Script[tuple[int, int, int]]:
+    """The file's ``application_id``, ``user_version`` and number of schema objects."""
+    rows = yield (Q["inspect"], ())
+    app_id, version, objects = rows[0]
+    return int(app_id), int(version), int(objects)
+
+
+def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
+    try:
+        rows = yield (
+            Q["insert_run"],
+            (run_id, new.workflow, new.input, new.idempotency_key, now, now, now),
+        )
+    except sqlite3.IntegrityError as exc:
+        if getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_PRIMARYKEY":
+            raise StorageError(
+                f"run id {run_id!r} already exists", operation="create_run", backend=BACKEND
+            ) from exc
+        raise
+    if rows:
+        return CreateResult(run_from_row(rows[0], from_epoch_us), created=True)
+    rows = yield (Q["run_by_key"], (new.workflow, new.idempotency_key))
+    existing = run_from_row(rows[0], from_epoch_us)
+    if existing.input != new.input:
+        assert new.idempotency_key is not None
+        raise IdempotencyConflictError(new.workflow, new.idempotency_key, existing.id)
+    return CreateResult(existing, created=False)
+
+
+def claim(
+    now: int, workflows: Sequence[str], limit: int, lease_us: int
+) -> Script[list[ClaimedRun]]:
+    # Lapsed leases first, then everything else by due time (see queries.sql).
+    lapsed_rows = yield (
+        with_marks("claim_lapsed", "workflows", len(workflows)),
+        (now, *workflows, limit),
+    )
+    lapsed = [row[0] for row in lapsed_rows]
+    due: list[str] = []
+    if len(lapsed) < limit:
+        due_rows = yield (
+            with_marks("claim_due", "workflows", len(workflows)),
+            (now, *workflows, limit - len(lapsed)),
+        )
+        due = [row[0] for row in due_rows]
+    ids = lapsed + due
+    if not ids:
+        return []
+    updated = yield (with_marks("claim_update", "ids", len(ids)), (now + lease_us, now, *ids))
+    step_rows = yield (with_marks("claim_steps", "ids", len(ids)), ids)
+    steps: dict[str, dict[str, StepRecord]] = {run_id: {} for run_id in ids}
+    for row in step_rows:
+        steps[row[0]][row[1]] = step_from_row(row[1:], from_epoch_us)
+    records = {row[0]: run_from_row(row, from_epoch_us) for row in updated}
+    reclaimed = set(lapsed)
+    return [
+        ClaimedRun(
+            run=records[run_id],
+            lease=Lease(run_id, records[run_id].lease_epoch),
+            steps=steps[run_id],
+            reclaimed=run_id in reclaimed,
+        )
+        for run_id in ids
+    ]
+
+
+def heartbeat(now: int, lease: Lease, extend_us: int) -> Script[bool]:
+    rows = yield (Q["extend"], (now + extend_us, now, lease.run_id, lease.epoch, now))
+    return bool(rows)
+
+
+def save_step(now: int, lease: Lease, step: StepRow, extend_us: int) -> Script[bool]:
+    rows = yield (Q["extend"], (now + extend_us, now, lease.run_id, lease.epoch, now))
+    if not rows:
+        return False
+    yield (Q["upsert_step"], step.params(lease.run_id, now))
+    return True
+
+
+class BatchItemFailed(Exception):
+    """One save of a batch raised; the batch was rolled back and is retried one by one."""
+
+
+def save_batch(now: int, items: Sequence[tuple[Lease, StepRow, int]]) -> Script[list[bool]]:
+    results: list[bool] = []
+    for lease, step, extend_us in items:
+        try:
+            saved = yield from save_step(now, lease, step, extend_us)
+        except (sqlite3.Error, UnicodeError) as exc:
+            raise BatchItemFailed(str(exc)) from exc
+        results.append(saved)
+    return results
+
+
+def finish(
+    now: int,
+    lease: Lease,
+    status: str,
+    output: str | None,
+    error: str | None,
+    step: StepRow | None,
+) -> Script[bool]:
+    rows = yield (Q["finish"], (status, output, error, now, now, lease.run_id, lease.epoch, now))
+    if not rows:
+        return False
+    if step is not None:
+        yield (Q["upsert_step"], step.params(lease.run_id, now))
+    # Setting finished_at dropped the run's buffered events (a trigger).
+    return True
+
+
+def update_status(
+    now: int, run_id: str, status: str, lease: Lease | None, error: str | None
+) -> Script[bool]:
+    if lease is None:
+        rows = yield (Q["end_unfenced"], (status, error, now, now, run_id))
+    elif status == "pending":
+        rows = yield (Q["hand_back"], (now, now, run_id, lease.epoch, now))
+    else:
+        rows = yield (Q["end_fenced"], (status, error, now, now, run_id, lease.epoch, now))
+    # Ending a run sets finished_at, which drops its buffered events (a trigger).
+    return bool(rows)
+
+
+def sleep(now: int, lease: Lease, step: str, duration_us: int) -> Script[int | None]:
+    rows = yield (Q["get_step"], (lease.run_id, step))
+    if rows and rows[0][0] == "sleeping" and rows[0][2] is not None:
+        wake_at: int = rows[0][2]
+        first = False
+    else:
+        wake_at = now + duration_us
+        first = True
+    fenced = yield (Q["sleep"], (wake_at, now, lease.run_id, lease.epoch, now))
+    if not fenced:
+        return None
+    if first:
+        record = StepRow(step, "sleeping", None, None, 1, wake_at)
+        yield (Q["upsert_step"], record.params(lease.run_id, now))
+    return wake_at
+
+
+def wait(
+    now: int, lease: Lease, step: str, event: str, timeout_us: int | None
+) -> Script[tuple[bool, int | None] | None]:
+    rows = yield (Q["get_step"], (lease.run_id, step))
+    deadline: int | None
+    if rows and rows[0][0] == "waiting":
+        deadline = rows[0][2]
+        first = False
+    else:
+        deadline = None if timeout_us is None else now + timeout_us
+        first = True
+    buffered = yield (Q["has_event"], (lease.run_id, event))
+    if buffered:
+        fenced = yield (Q["wait_ready"], (now, lease.run_id, lease.epoch, now))
+    else:
+        fenced = yield (Q["wait"], (event, deadline, now, lease.run_id, lease.epoch, now))
+    if not fenced:
+        return None
+    if first:
+        record = StepRow(step, "waiting", None, None, 1, deadline)
+        yield (Q["upsert_step"], record.params(lease.run_id, now))
+    return bool(buffered), deadline
+
+
+def deliver(
+    now: int,
+    run_id: str,
+    event: str,
+    payload: str,
+    event_id: str | None,
+    max_buffered: int | None,
+) -> Script[bool]:
+    rows = yield (Q["run_state"], (run_id,))
+    if not rows or rows[0][0] in TERMINAL_STATUSES:
+        return False
+    status, waiting_for = rows[0]
+    if max_buffered is not None:
+        if event_id is not None:
+            seen = yield (Q["seen_event_id"], (run_id, event_id))
+            if seen:
+                return True  # a repeated id is a no-op, full buffer or not
+        counted = yield (Q["count_buffered"], (run_id, max_buffered))
+        if counted[0][0] >= max_buffered:
+            raise EventBufferFullError(run_id, event, max_buffered)
+    inserted = yield (Q["insert_event"], (run_id, event, payload, event_id, now))
+    if inserted and status == "waiting" and waiting_for == event:
+        yield (Q["wake"], (now, now, run_id))
+    return True
+
+
+def take(now: int, lease: Lease, step: str, event: str) -> Script[EventTake | None]:
+    fenced = yield (Q["fence_check"], (lease.run_id, lease.epoch, now))
+    if not fenced:
+        return None
+    rows = yield (Q["get_step"], (lease.run_id, step))
+    if rows and rows[0][0] == "completed":
+        return EventTake(found=True, payload=rows[0][1])
+    rows = yield (Q["oldest_event"], (lease.run_id, event))
+    if not rows:
+        return EventTake(found=False)
+    event_row_id, payload = rows[0]
+    yield (Q["take_event"], (now, event_row_id))
+    record = StepRow(step, "completed", payload, None, 1, None)
+    yield (Q["upsert_step"], record.params(lease.run_id, now))
+    yield (Q["took_event"], (now, lease.run_id))
+    return EventTake(found=True, payload=payload)
+
+
+def get_run(now: int, run_id: str) -> Script[RunRecord | None]:
+    rows = yield (Q["get_run"], (run_id,))
+    return run_from_row(rows[0], from_epoch_us) if rows else None
+
+
+def get_steps(now: int, run_id: str) -> Script[dict[str, StepRecord]]:
+    rows = yield (Q["get_steps"], (run_id,))
+    return {row[0]: step_from_row(row, from_epoch_us) for row in rows}
+
+
+def list_runs(
+    now: int,
+    statuses: Sequence[str] | None,
+    workflow: str | None,
+    limit: int,
+    after: tuple[int, str] | None,
+) -> Script[RunPage]:
+    clauses: list[str] = []
+    params: list[object] = []
+    if statuses is not None:
+        clauses.append(with_marks("list_status", "statuses", len(statuses)))
+        params.extend(statuses)
+    if workflow is not None:
+        clauses.append(Q["list_workflow"])
+        params.append(workflow)
+    if after is not None:
+        clauses.append(Q["list_after"])
+        params.extend(after)
+    where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
+    rows = yield (fill("list_runs", where=where), (*params, limit + 1))
+    return run_page([run_from_row(row, from_epoch_us) for row in rows], limit)
+
+
+def purge(now: int, age_us: int, batch: int) -> Script[int]:
+    rows = yield (Q["purge_candidates"], (now - age_us, batch))
+    ids = [row[0] for row in rows]
+    for start in range(0, len(ids), PURGE_CHUNK):
+        chunk = ids[start : start + PURGE_CHUNK]
+        yield (with_marks("purge_steps", "ids", len(chunk)), chunk)
+        yield (with_marks("purge_events", "ids", len(chunk)), chunk)
+        yield (with_marks("purge_runs", "ids", len(chunk)), chunk)
+    return len(ids)
+
+
+def requeue(now: int, run_id: str) -> Script[bool]:
+    rows = yield (Q["requeue"], (now, now, run_id))
+    if not rows:
+        return False
+    yield (Q["drop_failed_steps"], (run_id,))
+    return True
+
+
+def upsert_schedule(now: int, spec: ScheduleSpec, next_run_at: int) -> Script[ScheduleRecord]:
+    rows = yield (Q["get_schedule"], (spec.key,))
+    created_at = now
+    if rows:
+        recurrence, old_next, created_at = rows[0]
+        if recurrence == spec.recurrence:
+            next_run_at = old_next
+    values = (spec.key, spec.workflow, spec.input, spec.recurrence, next_run_at, created_at, now)
+    yield (Q["upsert_schedule"], values)
+    return schedule_from_row(values, from_epoch_us)
+
+
+def delete_schedule(now: int, key: str) -> Script[bool]:
+    rows = yield (Q["delete_schedule"], (key,))
+    return bool(rows)
+
+
+def list_schedules(now: int) -> Script[list[ScheduleRecord]]:
+    rows = yield (Q["list_schedules"], ())
+    return [schedule_from_row(row, from_epoch_us) for row in rows]
+
+
+def due_schedules(now: int, limit: int) -> Script[list[ScheduleRecord]]:
+    rows = yield (Q["due_schedules"], (now, limit))
+    return [schedule_from_row(row, from_epoch_us) for row in rows]
+
+
+def claim_slot(
+    now: int, key: str, slot: int, next_run_at: int, run: NewRun, run_id: str
+) -> Script[RunRecord | None]:
+    advanced = yield (Q["advance_schedule"], (next_run_at, now, key, slot))
+    if not advanced:
+        return None
+    result = yield from create(now, run, run_id)
+    return result.run

@@ -1,0 +1,252 @@
+-- Every statement reflow-sqlite runs, by name, loaded once at import
+-- (reflow_core.adapter.load_queries). Values are always "?" parameters.
+--
+-- Slots: {run_columns}, {step_columns} and {schedule_columns} are the column
+-- orders of reflow_core.adapter; {fence} and {not_terminal} are the
+-- fragments below. A few statements keep a slot filled per call, with "?"
+-- placeholders or a fixed value only: {workflows}, {ids} and {statuses}
+-- (one "?" per value of a list), {where} (the optional filters of
+-- list_runs), {level}, {application_id} and {version} (pragmas, which take
+-- no parameters).
+
+-- name: begin_write
+BEGIN IMMEDIATE
+
+-- name: commit
+COMMIT
+
+-- name: rollback
+ROLLBACK
+
+-- -- fragments ---------------------------------------------------------------
+
+-- The fence: still running under the same epoch, and the lease has not
+-- lapsed by the storage clock. Parameters: run id, epoch, now.
+-- name: fence
+id = ? AND status = 'running' AND lease_epoch = ? AND lease_expires_at > ?
+
+-- name: not_terminal
+status NOT IN ('completed', 'failed', 'cancelled')
+
+-- -- the file ----------------------------------------------------------------
+
+-- name: inspect
+SELECT (SELECT application_id FROM pragma_application_id()),
+       (SELECT user_version FROM pragma_user_version()),
+       (SELECT count(*) FROM sqlite_master)
+
+-- name: journal_wal
+PRAGMA journal_mode = WAL
+
+-- The level is one of SYNCHRONOUS_LEVELS.
+-- name: set_synchronous
+PRAGMA synchronous = {level}
+
+-- name: set_application_id
+PRAGMA application_id = {application_id}
+
+-- name: set_user_version
+PRAGMA user_version = {version}
+
+-- name: checkpoint
+PRAGMA wal_checkpoint(TRUNCATE)
+
+-- -- runs --------------------------------------------------------------------
+
+-- name: insert_run
+INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at)
+VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)
+ON CONFLICT (workflow, idempotency_key) DO NOTHING
+RETURNING {run_columns}
+
+-- name: run_by_key
+SELECT {run_columns} FROM runs WHERE workflow = ? AND idempotency_key = ?
+
+-- name: get_run
+SELECT {run_columns} FROM runs WHERE id = ?
+
+-- Lapsed leases first, so a backlog cannot starve a dead worker's runs, then
+-- everything else by due time; ties broken by id. Both queries walk a
+-- partial index in order and stop at the limit. The unary "+" keeps the
+-- planner off the (workflow, idempotency_key) index, which would make it
+-- read and sort every run of the workflow, history included.
+-- name: claim_lapsed
+SELECT id FROM runs
+WHERE status = 'running' AND lease_expires_at <= ? AND +workflow IN ({workflows})
+ORDER BY lease_expires_at, id LIMIT ?
+
+-- name: claim_due
+SELECT id FROM runs
+WHERE status IN ('pending', 'sleeping', 'waiting') AND wake_at <= ? AND +workflow IN ({workflows})
+ORDER BY wake_at, id LIMIT ?
+
+-- Column references on the right-hand side see the row before the update,
+-- so a lapsed lease (status still 'running') counts as a reclaim.
+-- name: claim_update
+UPDATE runs SET status = 'running', lease_epoch = lease_epoch + 1,
+    attempts = attempts + 1, reclaims = reclaims + (status = 'running'),
+    lease_expires_at = ?, wake_at = NULL, updated_at = ?
+WHERE id IN ({ids})
+RETURNING {run_columns}
+
+-- name: claim_steps
+SELECT run_id, {step_columns} FROM steps WHERE run_id IN ({ids}) ORDER BY rowid
+
+-- name: extend
+UPDATE runs SET lease_expires_at = ?, updated_at = ? WHERE {fence} RETURNING 1
+
+-- name: finish
+UPDATE runs SET status = ?, output = ?, error = ?, lease_expires_at = NULL,
+    wake_at = NULL, waiting_for = NULL, updated_at = ?, finished_at = ?
+WHERE {fence}
+RETURNING 1
+
+-- name: hand_back
+UPDATE runs SET status = 'pending', lease_expires_at = NULL, wake_at = ?, updated_at = ?
+WHERE {fence}
+RETURNING 1
+
+-- name: end_fenced
+UPDATE runs SET status = ?, error = ?, lease_expires_at = NULL, wake_at = NULL,
+    waiting_for = NULL, updated_at = ?, finished_at = ?
+WHERE {fence}
+RETURNING 1
+
+-- name: end_unfenced
+UPDATE runs SET status = ?, error = ?, lease_expires_at = NULL, wake_at = NULL,
+    waiting_for = NULL, updated_at = ?, finished_at = ?
+WHERE id = ? AND {not_terminal}
+RETURNING 1
+
+-- name: sleep
+UPDATE runs SET status = 'sleeping', wake_at = ?, lease_expires_at = NULL, updated_at = ?
+WHERE {fence}
+RETURNING 1
+
+-- name: wait
+UPDATE runs SET status = 'waiting', waiting_for = ?, wake_at = ?, lease_expires_at = NULL,
+    updated_at = ?
+WHERE {fence}
+RETURNING 1
+
+-- name: wait_ready
+UPDATE runs SET waiting_for = NULL, updated_at = ? WHERE {fence} RETURNING 1
+
+-- name: fence_check
+SELECT 1 FROM runs WHERE {fence}
+
+-- name: run_state
+SELECT status, waiting_for FROM runs WHERE id = ?
+
+-- name: wake
+UPDATE runs SET wake_at = ?, updated_at = ? WHERE id = ?
+
+-- name: requeue
+UPDATE runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = ?,
+    waiting_for = NULL, lease_expires_at = NULL, updated_at = ?, finished_at = NULL
+WHERE id = ? AND status IN ('failed', 'cancelled')
+RETURNING 1
+
+-- list_runs: {where} is empty or "WHERE" and the filters below joined by AND.
+-- name: list_runs
+SELECT {run_columns} FROM runs {where}ORDER BY created_at DESC, id DESC LIMIT ?
+
+-- name: list_status
+status IN ({statuses})
+
+-- name: list_workflow
+workflow = ?
+
+-- name: list_after
+(created_at, id) < (?, ?)
+
+-- -- steps -------------------------------------------------------------------
+
+-- name: upsert_step
+INSERT INTO steps (run_id, name, status, output, error, attempts, wake_at, completed_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (run_id, name) DO UPDATE SET
+    status = excluded.status, output = excluded.output, error = excluded.error,
+    attempts = excluded.attempts, wake_at = excluded.wake_at,
+    completed_at = excluded.completed_at
+
+-- name: get_step
+SELECT status, output, wake_at FROM steps WHERE run_id = ? AND name = ?
+
+-- name: get_steps
+SELECT {step_columns} FROM steps WHERE run_id = ? ORDER BY rowid
+
+-- name: drop_failed_steps
+DELETE FROM steps WHERE run_id = ? AND status = 'failed'
+
+-- -- events ------------------------------------------------------------------
+
+-- name: has_event
+SELECT 1 FROM events WHERE run_id = ? AND name = ? AND taken_at IS NULL LIMIT 1
+
+-- name: oldest_event
+SELECT id, payload FROM events WHERE run_id = ? AND name = ? AND taken_at IS NULL
+ORDER BY id LIMIT 1
+
+-- name: take_event
+UPDATE events SET taken_at = ? WHERE id = ?
+
+-- name: took_event
+UPDATE runs SET waiting_for = NULL, updated_at = ? WHERE id = ?
+
+-- name: seen_event_id
+SELECT 1 FROM events WHERE run_id = ? AND event_id = ?
+
+-- Counting stops at the limit, so a full buffer costs at most that many
+-- index entries.
+-- name: count_buffered
+SELECT count(*) FROM (SELECT 1 FROM events WHERE run_id = ? AND taken_at IS NULL LIMIT ?)
+
+-- name: insert_event
+INSERT INTO events (run_id, name, payload, event_id, created_at) VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (run_id, event_id) DO NOTHING
+RETURNING id
+
+-- -- retention ---------------------------------------------------------------
+
+-- Walks the partial index runs_finished, oldest finish first.
+-- name: purge_candidates
+SELECT id FROM runs
+WHERE finished_at < ? AND status IN ('completed', 'failed', 'cancelled')
+ORDER BY finished_at, id LIMIT ?
+
+-- name: purge_steps
+DELETE FROM steps WHERE run_id IN ({ids})
+
+-- name: purge_events
+DELETE FROM events WHERE run_id IN ({ids})
+
+-- name: purge_runs
+DELETE FROM runs WHERE id IN ({ids})
+
+-- -- schedules ---------------------------------------------------------------
+
+-- name: get_schedule
+SELECT recurrence, next_run_at, created_at FROM schedules WHERE key = ?
+
+-- name: upsert_schedule
+INSERT INTO schedules ({schedule_columns}) VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (key) DO UPDATE SET
+    workflow = excluded.workflow, input = excluded.input,
+    recurrence = excluded.recurrence, next_run_at = excluded.next_run_at,
+    updated_at = excluded.updated_at
+
+-- name: delete_schedule
+DELETE FROM schedules WHERE key = ? RETURNING 1
+
+-- name: list_schedules
+SELECT {schedule_columns} FROM schedules ORDER BY key
+
+-- name: due_schedules
+SELECT {schedule_columns} FROM schedules WHERE next_run_at <= ?
+ORDER BY next_run_at, key LIMIT ?
+
+-- name: advance_schedule
+UPDATE schedules SET next_run_at = ?, updated_at = ?
+WHERE key = ? AND next_run_at = ?
+RETURNING 1

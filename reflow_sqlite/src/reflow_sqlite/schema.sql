@@ -1,0 +1,118 @@
+-- The database layout and its forward-only migrations (see _schema.py).
+--
+-- Section "vN" holds the statements that take schema version N - 1 to N,
+-- each ended by ";". Released sections are never edited, only new ones
+-- added. Timestamps are integer microseconds since the Unix epoch, UTC.
+
+-- name: v1
+CREATE TABLE runs (
+    id               TEXT    PRIMARY KEY,
+    workflow         TEXT    NOT NULL,
+    status           TEXT    NOT NULL CHECK (status IN (
+                         'pending', 'running', 'sleeping', 'waiting',
+                         'completed', 'failed', 'cancelled')),
+    input            TEXT    NOT NULL,
+    output           TEXT,
+    error            TEXT,
+    idempotency_key  TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    reclaims         INTEGER NOT NULL DEFAULT 0,
+    lease_epoch      INTEGER NOT NULL DEFAULT 0,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    wake_at          INTEGER,
+    waiting_for      TEXT,
+    lease_expires_at INTEGER,
+    UNIQUE (workflow, idempotency_key)
+);
+-- Claimable by due time: pending (due when created or handed back),
+-- sleeping, and waiting with a deadline or a delivered event. Completed
+-- runs are not in this index, so claims stay fast as history piles up.
+CREATE INDEX runs_due ON runs (wake_at, id)
+    WHERE status IN ('pending', 'sleeping', 'waiting');
+-- Running runs by lease expiry, to find lapsed leases.
+CREATE INDEX runs_lease ON runs (lease_expires_at, id)
+    WHERE status = 'running';
+CREATE INDEX runs_created ON runs (created_at, id);
+CREATE INDEX runs_workflow_created ON runs (workflow, created_at, id);
+CREATE TABLE steps (
+    run_id       TEXT    NOT NULL,
+    name         TEXT    NOT NULL,
+    status       TEXT    NOT NULL CHECK (status IN (
+                     'completed', 'failed', 'skipped', 'sleeping', 'waiting')),
+    output       TEXT,
+    error        TEXT,
+    attempts     INTEGER NOT NULL,
+    wake_at      INTEGER,
+    completed_at INTEGER NOT NULL,
+    PRIMARY KEY (run_id, name)
+);
+-- Events are kept after they are taken (taken_at is set) so that a
+-- redelivery with the same event_id stays a no-op forever.
+CREATE TABLE events (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id     TEXT    NOT NULL,
+    name       TEXT    NOT NULL,
+    payload    TEXT    NOT NULL,
+    event_id   TEXT,
+    created_at INTEGER NOT NULL,
+    taken_at   INTEGER,
+    UNIQUE (run_id, event_id)
+);
+CREATE INDEX events_buffered ON events (run_id, name, id)
+    WHERE taken_at IS NULL;
+CREATE TABLE schedules (
+    key         TEXT    PRIMARY KEY,
+    workflow    TEXT    NOT NULL,
+    input       TEXT    NOT NULL,
+    recurrence  TEXT    NOT NULL,
+    next_run_at INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE INDEX schedules_due ON schedules (next_run_at, key);
+
+-- Version 2: retention and bounded event buffers.
+-- name: v2
+-- When a run reached a terminal status, set only then (and cleared by a
+-- requeue), so retention judges a run by its finish, not its last touch.
+ALTER TABLE runs ADD COLUMN finished_at INTEGER;
+-- A finished run is not written again, so its last update is its finish.
+UPDATE runs SET finished_at = updated_at
+    WHERE status IN ('completed', 'failed', 'cancelled');
+-- Retention: finished runs by finish time (unfinished runs are not in it).
+CREATE INDEX runs_finished ON runs (finished_at, id)
+    WHERE finished_at IS NOT NULL;
+-- A run that ends drops its buffered events (its event ids are kept for
+-- deduplication); runs that ended before this version kept theirs.
+DELETE FROM events WHERE taken_at IS NULL AND event_id IS NULL
+    AND run_id IN (SELECT id FROM runs WHERE finished_at IS NOT NULL);
+UPDATE events SET taken_at = created_at, payload = ''
+    WHERE taken_at IS NULL
+    AND run_id IN (SELECT id FROM runs WHERE finished_at IS NOT NULL);
+-- From now on a run's end does the same in the statement that ends it:
+-- every end sets finished_at (a requeue clears it, which fires nothing).
+-- A trigger runs inside SQLite, so ending a run costs no extra statement
+-- from Python; both statements walk the partial index events_buffered.
+-- Their "?" are bound to the ended run's columns (_schema.TRIGGER_VALUES).
+CREATE TRIGGER runs_end_drops_buffered_events AFTER UPDATE OF finished_at ON runs
+    WHEN NEW.finished_at IS NOT NULL
+BEGIN
+    {drop_buffered};
+    {retire_buffered};
+END;
+
+-- -- what the trigger of version 2 runs --------------------------------------
+
+-- A run that ends drops its buffered events: those without an id go, those
+-- with one stay as taken with no payload (retire_buffered), so a
+-- redelivery of the id stays a no-op for as long as the run exists. Both
+-- walk the partial index events_buffered, which holds buffered events only
+-- (the unary "+" keeps the planner off the (run_id, event_id) index, which
+-- also holds taken events). Parameters: the run id.
+-- name: drop_buffered
+DELETE FROM events WHERE run_id = ? AND taken_at IS NULL AND +event_id IS NULL
+
+-- Parameters: the time, the run id.
+-- name: retire_buffered
+UPDATE events SET taken_at = ?, payload = '' WHERE run_id = ? AND taken_at IS NULL
