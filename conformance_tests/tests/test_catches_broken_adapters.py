@@ -69,6 +69,9 @@ def _select(modules: tuple[str, ...]) -> str:
     return " or ".join(f"{module}.py" for module in modules)
 
 
+_EVENTS = ("test_events", "test_event_buffer")
+_RETENTION = ("test_retention",)
+
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
     Case("no_fencing", (P.STALE_LEASE_REFUSED,), ("test_leases",), machine=True),
@@ -79,16 +82,16 @@ CASES = [
         ("test_runs",),
         machine=True,
     ),
-    Case("events_twice", (P.EVENT_ONCE_IN_ORDER,), ("test_events",)),
+    Case("events_twice", (P.EVENT_ONCE_IN_ORDER,), _EVENTS),
     Case("lossy_requeue", (P.REQUEUE,), ("test_steps",)),
-    Case("event_crosses_runs", (P.EVENT_ISOLATION,), ("test_events",)),
+    Case("event_crosses_runs", (P.EVENT_ISOLATION,), _EVENTS),
     Case(
         "unbounded_events",
         (P.EVENT_BUFFER_CAP, P.EVENT_BUFFER_ALL_NAMES),
-        ("test_events",),
+        _EVENTS,
         machine=True,
     ),
-    Case("events_outlive_run", (P.EVENTS_END_WITH_RUN,), ("test_events",), machine=True),
+    Case("events_outlive_run", (P.EVENTS_END_WITH_RUN,), _EVENTS, machine=True),
     Case("schedule_slot_twice", (P.SCHEDULE_SLOT_ONCE,), ("test_schedules",), machine=True),
     Case("skewed_now", (P.STORAGE_CLOCK,), ("test_clock",)),
     Case("lax_run_ids", (P.BAD_TEXT_REFUSED,), ("test_arguments",)),
@@ -99,6 +102,17 @@ CASES = [
         ("test_listing",),
         control="correct_millisecond_clock",
     ),
+    Case("purges_unfinished", (P.PURGE_UNFINISHED_KEPT,), _RETENTION),
+    Case(
+        "purge_by_creation_time",
+        (P.PURGE_BY_FINISH_TIME, P.PURGE_RACING_FINISH),
+        _RETENTION,
+    ),
+    Case("purge_miscounts", (P.PURGE_COUNT,), _RETENTION),
+    Case("purge_ignores_limit", (P.PURGE_LIMIT,), _RETENTION),
+    Case("purge_keeps_keys", (P.PURGE_FREES_KEY,), _RETENTION),
+    Case("purge_leaves_steps", (P.PURGE_LEAVES_NOTHING,), _RETENTION),
+    Case("purge_keeps_event_ids", (P.PURGE_LEAVES_NOTHING,), _RETENTION),
 ]
 
 

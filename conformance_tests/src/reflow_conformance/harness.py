@@ -55,7 +55,9 @@ class AdapterFactory:
     ``make()`` returns a new, uninitialized storage object connected to the
     store under test. Every call must reach the *same* store (as a second
     connection to one database would): the suite isolates its tests with
-    unique workflow names and schedule keys, so the store may hold other data.
+    unique workflow names and schedule keys, so the store may hold other data,
+    except finished runs worth keeping: ``purge_finished`` acts on the whole
+    store, and the retention tests purge every run in it that has finished.
     ``target`` (a storage URL or ``"module:callable"``) lets another process
     build the same factory; ``capabilities`` names what the adapter supports
     from :data:`CAPABILITIES`.

@@ -84,3 +84,24 @@ DURATION_BOUNDS = (
     "a lease, sleep or wait duration outside 0 to 100 years is refused with ConfigError "
     "and nothing is written"
 )
+PURGE_LEAVES_NOTHING = (
+    "a purged run is gone with its steps, events and event ids: get_run gives None, "
+    "get_step_results nothing, and a new run with its id starts empty"
+)
+PURGE_FREES_KEY = "a purged run's idempotency key is free again: a create with it makes a new run"
+PURGE_UNFINISHED_KEPT = "purge_finished never touches a run that has not finished, however old"
+PURGE_BY_FINISH_TIME = (
+    "purge_finished deletes the runs that finished more than older_than ago by the storage "
+    "clock, and no run that finished after that cut-off"
+)
+PURGE_RACING_FINISH = "a run that finishes while a purge runs is younger than its cut-off and stays"
+PURGE_OLDEST_FIRST = "purge_finished deletes the runs that finished first before later ones"
+PURGE_LIMIT = (
+    "one purge_finished call deletes at most `limit` runs, and that many when as many are due"
+)
+PURGE_BATCHES = "a batch smaller than the runs due still deletes them all when there is no limit"
+PURGE_COUNT = "purge_finished returns the number of runs it deleted"
+PURGE_ARGS = (
+    "purge_finished refuses a negative older_than, a batch below 1, or a limit below 1 or a "
+    "bool, with ConfigError, deleting nothing"
+)

@@ -15,10 +15,12 @@ from .test_arguments import *  # noqa: F403
 from .test_claims import *  # noqa: F403
 from .test_clock import *  # noqa: F403
 from .test_codec import *  # noqa: F403
+from .test_event_buffer import *  # noqa: F403
 from .test_events import *  # noqa: F403
 from .test_leases import *  # noqa: F403
 from .test_listing import *  # noqa: F403
 from .test_processes import *  # noqa: F403
+from .test_retention import *  # noqa: F403
 from .test_runs import *  # noqa: F403
 from .test_schedules import *  # noqa: F403
 from .test_sleep_wait import *  # noqa: F403

@@ -1,0 +1,395 @@
+"""The stateful test's machinery: what its rule families share.
+
+:class:`MachineBase` holds one adapter and one
+:class:`reflow_conformance.model.Model`, the event loop that drives the
+adapter, and the checks that compare a run, its steps and a deadline with
+the model. The rules live in ``_machine_runs`` (creating, claiming, leases,
+steps, finishing, sleeps, waits, requeues), ``_machine_events`` (delivering
+and taking events) and ``_machine_schedules``; ``test_stateful`` puts them
+together into the machine it runs.
+
+Time is real but never uncertain: a lease is taken either for ten minutes
+(live for the whole test) or for the harness's short lease, in which case the
+same rule sleeps until it has certainly lapsed; a sleep or wait deadline is
+either zero (due at once) or an hour away (never reached).
+
+Hypothesis rules cannot be coroutines, so each machine owns one
+``asyncio.Runner`` and one storage opened on it, closed in ``teardown``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Coroutine, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine
+
+from reflow_conformance import promises as P
+from reflow_conformance.harness import Harness, promise
+from reflow_conformance.model import Deadline, LeaseState, Model, ModelRun, ModelStep
+from reflow_conformance.strategies import plain_values, same_plain
+from reflow_core import codec
+from reflow_core.storage import (
+    ClaimedRun,
+    Lease,
+    RunStatus,
+    ScheduleRecord,
+    StepRecord,
+    StepStatus,
+    Storage,
+)
+
+from ._util import decoded
+
+__all__ = [
+    "EVENTS",
+    "EVENT_IDS",
+    "HOUR",
+    "KEYS",
+    "LEASES",
+    "LONG",
+    "MILLISECOND",
+    "RECURRENCES",
+    "RUNS",
+    "SLOTS",
+    "SLOT_STEP",
+    "SPENT",
+    "STATUSES",
+    "STEP_NAMES",
+    "WORKFLOW_CHOICES",
+    "MachineBase",
+    "claimable_promise",
+    "decoded",
+    "encoded",
+    "event_names",
+    "model_step",
+    "same_value",
+    "schedule_matches",
+    "show",
+    "step_record",
+    "unclaimable_promise",
+    "values",
+    "why",
+]
+
+T = TypeVar("T")
+
+
+LONG = timedelta(minutes=10)
+HOUR = timedelta(hours=1)
+MILLISECOND = timedelta(milliseconds=1)
+LAPSES_PER_MACHINE = 1
+"""Each lapse sleeps for real (most of the time a machine takes, and what makes
+shrinking slow); this bounds it."""
+
+STEP_NAMES = ("a", "b")
+"""Shared by saved steps, sleeps, waits and takes, so records replace each other."""
+EVENTS = ("e1", "e2")
+EVENT_IDS = ("x", "y", "z")
+event_names = st.sampled_from(EVENTS[:1]) | st.sampled_from(EVENTS)
+"""Mostly the first event, so deliveries and takes meet; the second keeps names apart."""
+KEYS = ("k1", "k2")
+RECURRENCES = ("every:86400", "cron:0 0 * * *")
+SLOTS = (
+    datetime(2001, 1, 1, tzinfo=UTC),
+    datetime(2001, 1, 2, tzinfo=UTC),
+    datetime(2199, 1, 1, tzinfo=UTC),
+)
+"""Schedule slots: two long past (due), one far ahead; all whole milliseconds."""
+SLOT_STEP = timedelta(days=1)
+STATUSES: tuple[RunStatus, ...] = (
+    "pending",
+    "running",
+    "sleeping",
+    "waiting",
+    "completed",
+    "failed",
+    "cancelled",
+)
+WORKFLOW_CHOICES = ((0,), (1,), (0, 1))
+
+values = st.integers(0, 2) | plain_values(max_leaves=4)
+"""Values drawn from a small pool often enough that repeats (idempotent creates) happen."""
+
+
+RUNS: Bundle[str] = Bundle("runs")
+LEASES: Bundle[Lease] = Bundle("leases")
+"""Leases handed out by claims and not yet given up (most of them live)."""
+SPENT: Bundle[Lease] = Bundle("spent")
+"""Leases given up by finishing, ending, handing back or sleeping: all lost."""
+
+
+def show(value: object, width: int = 32) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def same_value(a: str | None, b: str | None) -> bool:
+    """Encoded texts hold the same plain value (a store may re-encode them)."""
+    return same_plain(decoded(a), decoded(b))
+
+
+def encoded(value: object) -> str:
+    return codec.encode(value)
+
+
+def same_instant(a: datetime | None, b: datetime | None) -> bool:
+    """Equal to the millisecond the contract guarantees."""
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) < MILLISECOND
+
+
+class MachineBase(RuleBasedStateMachine):
+    """The state and the checks the rule families share: the adapter, the
+    :class:`Model`, the event loop that drives the adapter, and how a run,
+    its steps and a deadline are compared with the model."""
+
+    runs = RUNS
+    leases = LEASES
+    spent = SPENT
+
+    def __init__(self, reflow: Harness) -> None:
+        super().__init__()
+        self.reflow = reflow
+        self.model = Model()
+        self.workflows = (reflow.unique("wf"), reflow.unique("wf"))
+        self.schedule_keys = (reflow.unique("sched"), reflow.unique("sched"))
+        self.run_prefix = reflow.unique("run") + "-"
+        self.lapses_left = LAPSES_PER_MACHINE
+        self.touched_missing = False
+        self.epochs: dict[str, list[int]] = {}
+        """The lease epochs handed out per run, in order."""
+        self._runner = asyncio.Runner()
+        self._context = contextvars.copy_context()
+        try:
+            self.storage: Storage = self._run(self._open())
+        except BaseException:
+            self._runner.close()
+            raise
+
+    async def _open(self) -> Storage:
+        storage = self.reflow.factory()
+        await storage.initialize()
+        return storage
+
+    def teardown(self) -> None:
+        try:
+            self._run(self.storage.close())
+        finally:
+            self._runner.close()
+
+    def _run(self, operation: Coroutine[Any, Any, T]) -> T:
+        # The runner's loop, driven directly: Runner.run swaps the SIGINT
+        # handler on every call, which costs more than a memory-backed
+        # operation and adds up over the thousands of calls of a shrink.
+        loop = self._runner.get_loop()
+        return loop.run_until_complete(loop.create_task(operation, context=self._context))
+
+    def _new_run_id(self) -> str:
+        """The id for the next run: chosen by the machine, so that runs sort
+        in creation order and a replayed example claims the same runs."""
+        return f"{self.run_prefix}{len(self.model.runs) + 1:04d}"
+
+    # -- naming, for notes -------------------------------------------------
+
+    def _wf(self, workflow: str) -> str:
+        return "AB"[self.workflows.index(workflow)] if workflow in self.workflows else workflow
+
+    def _lease(self, lease: Lease) -> str:
+        return self.model.lease_label(lease.run_id, lease.epoch)
+
+    def _labels(self, ids: Sequence[str]) -> str:
+        return ", ".join(self.model.label(i) for i in ids) or "nothing"
+
+    def _stale_reason(self, lease: Lease) -> str:
+        """Why the model holds ``lease`` to be lost (or that it holds it live)."""
+        run = self.model.runs.get(lease.run_id)
+        if run is None:
+            return "its run does not exist"
+        if run.epoch != lease.epoch:
+            return f"superseded by #{run.epoch}"
+        if run.status != "running":
+            return f"the run is {run.status}"
+        if run.lease is LeaseState.LAPSED:
+            return "the lease lapsed"
+        return "live"
+
+    def _fenced(self, lease: Lease, expected: bool, got: bool, what: str) -> None:
+        """The adapter must accept a fenced write exactly when the model's lease is live."""
+        reason = self._stale_reason(lease)
+        if expected:
+            promise(got, P.LIVE_LEASE_ACCEPTED, f"{what} with live lease {self._lease(lease)}")
+        elif reason.startswith("the run is cancelled"):
+            promise(not got, P.CANCEL, f"{what} accepted from {self._lease(lease)}: {reason}")
+        else:
+            promise(
+                not got,
+                P.STALE_LEASE_REFUSED,
+                f"{what} accepted from {self._lease(lease)}: {reason}",
+            )
+
+    # -- comparing the adapter with the model -------------------------------
+
+    def _check_fenced(
+        self, lease: Lease, accepted: bool, name: str, steps_name: str | None = None
+    ) -> None:
+        """Check the run after a fenced write: as the write left it, or, if the
+        write was refused, exactly as it was."""
+        if accepted:
+            self._check_run(lease.run_id, name, steps_name)
+        else:
+            self._check_run(lease.run_id, P.STALE_LEASE_REFUSED)
+
+    def _check_run(self, run_id: str, name: str, steps_name: str | None = None) -> None:
+        """The adapter's record and steps of ``run_id`` equal the model's."""
+        run = self.model.runs[run_id]
+        record = self._run(self.storage.get_run(run_id))
+        promise(record is not None, P.NO_LOST_RUNS, f"{run.label} reads back as missing")
+        assert record is not None
+        found: list[str] = []
+        for field, want, got in (
+            ("status", run.status, record.status),
+            ("attempts", run.attempts, record.attempts),
+            ("reclaims", run.reclaims, record.reclaims),
+            ("lease_epoch", run.epoch, record.lease_epoch),
+            ("workflow", run.workflow, record.workflow),
+            ("idempotency_key", run.idempotency_key, record.idempotency_key),
+        ):
+            if want != got:
+                found.append(f"{field} is {got!r}, expected {want!r}")
+        for field, want_text, got_text in (
+            ("input", run.input, record.input),
+            ("output", run.output, record.output),
+            ("error", run.error, record.error),
+        ):
+            if not same_value(want_text, got_text):
+                found.append(f"{field} is {got_text!r}, expected {want_text!r}")
+        if run.status == "waiting" and record.waiting_for != run.waiting_for:
+            found.append(f"waiting_for is {record.waiting_for!r}, expected {run.waiting_for!r}")
+        if run.status == "running" and run.lease is LeaseState.LIVE:
+            horizon = datetime.now(UTC) + timedelta(minutes=1)
+            expires = record.lease_expires_at
+            if expires is None or expires < horizon:
+                found.append(f"live lease expires at {expires}, not minutes from now")
+        promise(not found, name, f"{run.label}: " + "; ".join(found))
+        self._check_steps(run, self._run(self.storage.get_step_results(run_id)), steps_name or name)
+
+    def _check_steps(self, run: ModelRun, stored: dict[str, StepRecord], name: str) -> None:
+        found: list[str] = []
+        if set(stored) != set(run.steps):
+            found.append(f"steps {sorted(stored)}, expected {sorted(run.steps)}")
+        for step_name in sorted(set(stored) & set(run.steps)):
+            found.extend(
+                f"step {step_name!r}: {d}"
+                for d in step_diff(stored[step_name], run.steps[step_name])
+            )
+        promise(not found, name, f"{run.label}: " + "; ".join(found))
+
+    def _check_claimed_steps(self, claimed: ClaimedRun, run: ModelRun) -> None:
+        self._check_steps(run, dict(claimed.steps), P.CLAIM_CARRIES_STEPS)
+
+    def _check_deadline(
+        self, step: ModelStep, got: datetime | None, name: str, duration: str
+    ) -> None:
+        """Hold a reported deadline to the step's: fixed once reached, else ``now + duration``."""
+        if step.wake_at is not None or step.deadline is None:
+            promise(
+                same_instant(got, step.wake_at),
+                P.DEADLINE_FIXED,
+                f"step {name!r} reports deadline {got}, first reached with {step.wake_at}",
+            )
+            return
+        promise(got is not None, P.DEADLINE_FROM_DURATION, f"step {name!r}: no deadline")
+        assert got is not None
+        ahead = got - datetime.now(UTC)
+        if step.deadline is Deadline.DUE_NOW:
+            good = abs(ahead) < timedelta(minutes=30)
+        else:
+            good = ahead > timedelta(minutes=30)
+        promise(good, P.DEADLINE_FROM_DURATION, f"step {name!r}: {duration} gave {got}")
+        step.wake_at = got
+
+
+def step_record(
+    name: str, status: Literal["completed", "failed", "skipped"], value: object, attempts: int
+) -> StepRecord:
+    text = encoded(value)
+    return StepRecord(
+        name,
+        status,
+        output=text if status == "completed" else None,
+        error=text if status == "failed" else None,
+        attempts=attempts,
+    )
+
+
+def model_step(step: StepRecord) -> ModelStep:
+    return ModelStep(step.status, step.output, step.error, step.attempts)
+
+
+def step_diff(stored: StepRecord, want: ModelStep) -> list[str]:
+    found: list[str] = []
+    status: StepStatus = want.status
+    if stored.status != status:
+        found.append(f"status {stored.status!r}, expected {status!r}")
+    if stored.attempts != want.attempts:
+        found.append(f"attempts {stored.attempts}, expected {want.attempts}")
+    if not same_value(stored.output, want.output):
+        found.append(f"output {stored.output!r}, expected {want.output!r}")
+    if not same_value(stored.error, want.error):
+        found.append(f"error {stored.error!r}, expected {want.error!r}")
+    if status in ("sleeping", "waiting") and not same_instant(stored.wake_at, want.wake_at):
+        found.append(f"wake_at {stored.wake_at}, expected {want.wake_at}")
+    if stored.completed_at is None:
+        found.append("completed_at is not set")
+    return found
+
+
+def schedule_matches(
+    record: ScheduleRecord, workflow: str, input: str, recurrence: str, next_run_at: datetime
+) -> bool:
+    return (
+        record.workflow == workflow
+        and same_value(record.input, input)
+        and record.recurrence == recurrence
+        and record.next_run_at == next_run_at
+    )
+
+
+def why(run: ModelRun) -> str:
+    """Why a run is, or is not, claimable, in words."""
+    if run.status == "running":
+        return "its lease lapsed" if run.lease is LeaseState.LAPSED else "held by a live lease"
+    if run.status == "sleeping":
+        return "sleeping, due" if run.due else "sleeping, not due"
+    if run.status == "waiting":
+        event = run.waiting_for or "?"
+        if run.due and run.buffered(event):
+            return f"waiting for {event}, which arrived"
+        return f"waiting for {event}, " + ("timed out" if run.due else "not due")
+    return run.status
+
+
+def unclaimable_promise(run: ModelRun) -> str:
+    """The promise a claim of this (unclaimable) run breaks."""
+    if run.status == "running":
+        return P.ONE_LIVE_LEASE
+    if run.terminal:
+        return P.TERMINAL_STAYS
+    return P.NOT_DUE_NOT_CLAIMABLE
+
+
+def claimable_promise(run: ModelRun) -> str:
+    """The promise a claim that leaves this (claimable) run behind breaks."""
+    if run.status == "running":
+        return P.RECLAIM_AFTER_LAPSE
+    if run.status == "waiting" and run.waiting_for is not None and run.buffered(run.waiting_for):
+        return P.EVENT_WAKES
+    if run.status in ("sleeping", "waiting"):
+        return P.DUE_CLAIMABLE
+    return P.NO_LOST_RUNS

@@ -1,0 +1,451 @@
+"""The stateful machine's rules for runs and their leases: creating runs
+(idempotency keys included), claiming and reclaiming them, heartbeats, saved
+steps, finishing, handing back, cancelling, sleeps, waits, resuming a sleep
+or wait reached before, and requeues."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Literal
+
+from hypothesis import note
+from hypothesis import strategies as st
+from hypothesis.stateful import MultipleResults, consumes, initialize, multiple, precondition, rule
+
+from reflow_conformance import promises as P
+from reflow_conformance.harness import promise
+from reflow_conformance.model import Deadline, LeaseState
+from reflow_core.errors import IdempotencyConflictError
+from reflow_core.storage import ClaimedRun, Lease, NewRun
+
+from ._machine import (
+    HOUR,
+    KEYS,
+    LEASES,
+    LONG,
+    RUNS,
+    SPENT,
+    STEP_NAMES,
+    WORKFLOW_CHOICES,
+    MachineBase,
+    claimable_promise,
+    encoded,
+    event_names,
+    model_step,
+    show,
+    step_record,
+    unclaimable_promise,
+    values,
+    why,
+)
+
+__all__ = ["RunRules"]
+
+
+class RunRules(MachineBase):
+    """Rules that create runs and move them through their lifecycle."""
+
+    @initialize(
+        target=RUNS,
+        inputs=st.lists(
+            st.tuples(st.sampled_from((0, 1)), values, st.none() | st.sampled_from(KEYS)),
+            min_size=1,
+            max_size=4,
+        ),
+    )
+    def seed(self, inputs: list[tuple[int, object, str | None]]) -> MultipleResults[str]:
+        """Start with a few runs, so every machine has something to claim."""
+        created: list[str] = []
+        for wf, value, key in inputs:
+            made = self.create(wf, value, key)
+            if isinstance(made, str):
+                created.append(made)
+        return multiple(*created)
+
+    @rule(
+        target=RUNS,
+        wf=st.sampled_from((0, 1)),
+        value=values,
+        key=st.none() | st.sampled_from(KEYS),
+    )
+    def create(self, wf: int, value: object, key: str | None) -> str | MultipleResults[str]:
+        workflow = self.workflows[wf]
+        text = encoded(value)
+        expected = self.model.create(workflow, text, key)
+        story = f"create in {'AB'[wf]} key={key} input={show(value)}"
+        try:
+            chosen = self._new_run_id()
+            result = self._run(self.storage.create_run(NewRun(workflow, text, key, chosen)))
+        except IdempotencyConflictError as exc:
+            note(f"{story} -> conflict with {self.model.label(exc.existing_run_id)}")
+            promise(
+                expected.kind == "conflict",
+                P.IDEMPOTENT_CREATE if expected.kind == "existing" else P.IDEMPOTENCY_SCOPE,
+                "a conflict raised, expected "
+                + (
+                    f"{self.model.label(expected.existing or '')} back"
+                    if expected.kind == "existing"
+                    else "a new run"
+                ),
+            )
+            promise(
+                exc.existing_run_id == expected.existing,
+                P.IDEMPOTENCY_CONFLICT,
+                f"conflict names {exc.existing_run_id}, not {expected.existing}",
+            )
+            return multiple()
+        run_id = result.run.id
+        if expected.kind == "existing":
+            assert expected.existing is not None
+            note(f"{story} -> existing {self.model.label(run_id)}")
+            promise(
+                not result.created and run_id == expected.existing,
+                P.IDEMPOTENT_CREATE,
+                f"created={result.created}, id {run_id}, expected {expected.existing}",
+            )
+            self._check_run(run_id, P.IDEMPOTENT_CREATE)
+            return run_id
+        promise(
+            expected.kind == "created",
+            P.IDEMPOTENCY_CONFLICT,
+            f"no conflict with {self.model.label(expected.existing or '')}, got run {run_id}",
+        )
+        promise(
+            result.created and run_id not in self.model.runs,
+            P.CREATE_SHAPE if run_id not in self.model.runs else P.IDEMPOTENCY_SCOPE,
+            f"created={result.created}, id of {self.model.label(run_id)}",
+        )
+        promise(run_id == chosen, P.CREATE_SHAPE, f"asked for id {chosen!r}, got {run_id!r}")
+        run = result.run
+        promise(
+            (run.status, run.attempts, run.reclaims, run.lease_epoch) == ("pending", 0, 0, 0),
+            P.CREATE_SHAPE,
+            repr(run),
+        )
+        label = self.model.add_run(run_id, workflow, text, key).label
+        note(f"{story} -> new {label}")
+        self._check_run(run_id, P.CREATE_SHAPE)
+        return run_id
+
+    def _claim(self, which: tuple[int, ...], limit: int, lease: timedelta) -> list[ClaimedRun]:
+        names = [self.workflows[i] for i in which]
+        claimable = self.model.claimable(names)
+        lapsed = self.model.lapsed(names)
+        claimed = self._run(self.storage.claim_runs(names, limit, lease))
+        ids = [c.run.id for c in claimed]
+        wanted = "+".join("AB"[i] for i in which)
+        note(
+            f"claim up to {limit} of {wanted} for {lease.total_seconds():g} s -> "
+            + (
+                ", ".join(
+                    self.model.lease_label(c.run.id, c.lease.epoch)
+                    + (" (reclaim)" if c.run.id in lapsed else "")
+                    for c in claimed
+                )
+                or "nothing"
+            )
+        )
+        promise(len(ids) <= limit, P.CLAIM_LIMIT, f"limit {limit}, claimed {len(ids)}")
+        promise(len(set(ids)) == len(ids), P.ONE_LIVE_LEASE, f"one claim returned {ids} twice")
+        for run_id in ids:
+            run = self.model.runs.get(run_id)
+            if run is None or run.workflow not in names:
+                promise(False, P.CLAIM_LIMIT, f"claimed {run_id}, not a run of {wanted}")
+            elif run_id not in claimable:
+                promise(False, unclaimable_promise(run), f"claimed {run.label}, {why(run)}")
+        left = sorted(claimable - set(ids))
+        if left and len(ids) < limit:
+            # Fewer than `limit` means nothing else was claimable.
+            promise(
+                False,
+                claimable_promise(self.model.runs[left[0]]),
+                f"claimed {self._labels(ids)} with limit {limit}, leaving "
+                + ", ".join(f"{self.model.label(i)} ({why(self.model.runs[i])})" for i in left),
+            )
+        skipped = lapsed - set(ids)
+        if skipped:
+            promise(
+                all(i in lapsed for i in ids),
+                P.RECLAIM_PREFERRED,
+                f"claimed {self._labels(ids)} before lapsed {self._labels(sorted(skipped))}",
+            )
+        for c in claimed:
+            run = self.model.runs[c.run.id]
+            reclaim = c.run.id in lapsed
+            record = c.run
+            promise(
+                record.status == "running" and c.lease.run_id == run.id,
+                P.CLAIMED_RUNNING,
+                f"{run.label}: {record.status!r}, lease {c.lease}",
+            )
+            promise(
+                c.lease.epoch == record.lease_epoch == run.epoch + 1
+                and record.attempts == run.attempts + 1,
+                P.CLAIM_COUNTS,
+                f"{run.label} was at epoch {run.epoch}, {run.attempts} attempts; "
+                f"claim gave lease #{c.lease.epoch}, record epoch {record.lease_epoch}, "
+                f"{record.attempts} attempts",
+            )
+            promise(
+                c.reclaimed == reclaim and record.reclaims == run.reclaims + reclaim,
+                P.HAND_BACK if run.status == "pending" and run.attempts else P.RECLAIM_AFTER_LAPSE,
+                f"{run.label} ({why(run)}): reclaimed={c.reclaimed}, reclaims "
+                f"{record.reclaims}, expected {run.reclaims + reclaim}",
+            )
+            self._check_claimed_steps(c, run)
+            self.model.claim(run.id, LeaseState.LIVE)
+            self.epochs.setdefault(run.id, []).append(c.lease.epoch)
+        return claimed
+
+    @rule(
+        target=LEASES,
+        which=st.sampled_from(WORKFLOW_CHOICES),
+        limit=st.integers(1, 4),
+    )
+    def claim(self, which: tuple[int, ...], limit: int) -> MultipleResults[Lease]:
+        claimed = self._claim(which, limit, LONG)
+        for c in claimed:
+            self._check_run(c.run.id, P.CLAIMED_RUNNING, P.CLAIM_CARRIES_STEPS)
+        return multiple(*(c.lease for c in claimed))
+
+    def _can_lapse(self) -> bool:
+        return self.lapses_left > 0 and bool(self.model.claimable(self.workflows))
+
+    @precondition(_can_lapse)
+    @rule(target=SPENT, which=st.sampled_from(WORKFLOW_CHOICES), limit=st.integers(1, 4))
+    def claim_briefly_and_lapse(self, which: tuple[int, ...], limit: int) -> MultipleResults[Lease]:
+        """Claim with the short lease and sleep until it has certainly lapsed:
+        the runs become claimable again, as reclaims, and the leases are lost."""
+        short = self.reflow.short_lease
+        claimed = self._claim(which, limit, short)
+        if not claimed:
+            return multiple()
+        self.lapses_left -= 1
+        self._run(self.reflow.lapse(short))
+        for c in claimed:
+            self.model.set_lease(c.run.id, LeaseState.LAPSED)
+        note(f"wait out the {short.total_seconds():g} s lease: it lapsed")
+        for c in claimed:
+            self._check_run(c.run.id, P.CLAIMED_RUNNING)
+        return multiple(*(c.lease for c in claimed))
+
+    @rule(lease=LEASES)
+    def heartbeat(self, lease: Lease) -> None:
+        expected = self.model.heartbeat(lease.run_id, lease.epoch)
+        got = self._run(self.storage.heartbeat_run(lease, LONG))
+        note(f"heartbeat {self._lease(lease)} -> {got}")
+        self._fenced(lease, expected, got, "heartbeat_run")
+        self._check_run(lease.run_id, P.STALE_LEASE_REFUSED)
+
+    @rule(
+        lease=LEASES,
+        name=st.sampled_from(STEP_NAMES),
+        status=st.sampled_from(("completed", "failed", "skipped")),
+        value=values,
+        attempts=st.integers(1, 3),
+    )
+    def save_step(
+        self,
+        lease: Lease,
+        name: str,
+        status: Literal["completed", "failed", "skipped"],
+        value: object,
+        attempts: int,
+    ) -> None:
+        step = step_record(name, status, value, attempts)
+        expected = self.model.save_step(lease.run_id, lease.epoch, name, model_step(step))
+        got = self._run(self.storage.save_step_result(lease, step, LONG))
+        note(f"{self._lease(lease)} saves step {name!r} {status} {show(value)} -> {got}")
+        self._fenced(lease, expected, got, "save_step_result")
+        self._check_fenced(lease, expected, P.SAVE_EXTENDS, P.STEP_SAVED)
+
+    @rule(
+        target=SPENT,
+        lease=consumes(LEASES),
+        status=st.sampled_from(("completed", "failed")),
+        value=values,
+        last=st.none() | st.sampled_from(STEP_NAMES),
+    )
+    def finish(
+        self,
+        lease: Lease,
+        status: Literal["completed", "failed"],
+        value: object,
+        last: str | None,
+    ) -> Lease:
+        output = encoded(value) if status == "completed" else None
+        error = encoded(value) if status == "failed" else None
+        step = None if last is None else step_record(last, "completed", value, 1)
+        expected = self.model.finish(
+            lease.run_id,
+            lease.epoch,
+            status,
+            output,
+            error,
+            None if step is None else (step.name, model_step(step)),
+        )
+        got = self._run(
+            self.storage.finish_run(lease, status, output=output, error=error, step=step)
+        )
+        with_step = "" if last is None else f" with last step {last!r}"
+        note(f"{self._lease(lease)} finishes {status} {show(value)}{with_step} -> {got}")
+        self._fenced(lease, expected, got, "finish_run")
+        self._check_fenced(lease, expected, P.FINISH_ATOMIC)
+        return lease
+
+    @rule(
+        target=SPENT,
+        lease=consumes(LEASES),
+        status=st.sampled_from(("pending", "failed", "cancelled")),
+        reason=st.none() | values,
+    )
+    def update_status_with_lease(
+        self,
+        lease: Lease,
+        status: Literal["pending", "failed", "cancelled"],
+        reason: object,
+    ) -> Lease:
+        """Hand a run back (``pending``) or end it, fenced by its lease."""
+        if status == "pending":
+            error = None
+            expected = self.model.hand_back(lease.run_id, lease.epoch)
+            story = f"{self._lease(lease)} hands its run back"
+        else:
+            error = None if reason is None else encoded(reason)
+            expected = self.model.end_fenced(lease.run_id, lease.epoch, status, error)
+            story = f"{self._lease(lease)} ends its run {status} ({show(reason)})"
+        got = self._run(
+            self.storage.update_run_status(lease.run_id, status, lease=lease, error=error)
+        )
+        note(f"{story} -> {got}")
+        self._fenced(lease, expected, got, f"update_run_status({status!r}, lease=...)")
+        self._check_fenced(lease, expected, P.HAND_BACK if status == "pending" else P.CANCEL)
+        return lease
+
+    @rule(
+        run_id=RUNS,
+        status=st.sampled_from(("cancelled", "failed")),
+        reason=st.none() | values,
+    )
+    def cancel(self, run_id: str, status: Literal["cancelled", "failed"], reason: object) -> None:
+        """End a run from outside, without its lease."""
+        error = None if reason is None else encoded(reason)
+        before = self.model.runs[run_id].status
+        expected = self.model.cancel(run_id, status, error)
+        got = self._run(self.storage.update_run_status(run_id, status, error=error))
+        note(f"end {self.model.label(run_id)} ({before}) {status} from outside -> {got}")
+        promise(
+            got == expected,
+            P.CANCEL if expected else P.TERMINAL_STAYS,
+            f"update_run_status({status!r}) on a {before} run returned {got}",
+        )
+        self._check_run(run_id, P.CANCEL if expected else P.TERMINAL_STAYS)
+
+    @rule(
+        target=SPENT,
+        lease=consumes(LEASES),
+        name=st.sampled_from(STEP_NAMES),
+        due=st.booleans(),
+    )
+    def sleep(self, lease: Lease, name: str, due: bool) -> Lease:
+        duration = timedelta(0) if due else HOUR
+        deadline = Deadline.DUE_NOW if due else Deadline.FAR_FUTURE
+        run = self.model.runs[lease.run_id]
+        replaced = name in run.steps and run.steps[name].status != "sleeping"
+        step = self.model.sleep(lease.run_id, lease.epoch, name, deadline)
+        got = self._run(self.storage.sleep_run(lease, name, duration))
+        kept = "" if step is None or step.wake_at is None else " (deadline kept)"
+        note(
+            f"{self._lease(lease)} sleeps at step {name!r} for {duration} ({deadline.value})"
+            f"{kept} -> {got}"
+        )
+        self._fenced(lease, step is not None, got is not None, "sleep_run")
+        if step is not None:
+            self._check_deadline(step, got, name, f"sleeping {duration}")
+        self._check_fenced(
+            lease,
+            step is not None,
+            P.PAUSE_RECORDED,
+            P.PAUSE_REPLACES_RECORD if replaced else P.PAUSE_RECORDED,
+        )
+        return lease
+
+    @rule(
+        lease=LEASES,
+        name=st.sampled_from(STEP_NAMES),
+        event=event_names,
+        timeout=st.sampled_from((None, timedelta(0), HOUR)),
+    )
+    def wait(self, lease: Lease, name: str, event: str, timeout: timedelta | None) -> None:
+        deadline = (
+            None
+            if timeout is None
+            else Deadline.DUE_NOW
+            if timeout == timedelta(0)
+            else Deadline.FAR_FUTURE
+        )
+        run = self.model.runs[lease.run_id]
+        replaced = name in run.steps and run.steps[name].status != "waiting"
+        expected = self.model.wait(lease.run_id, lease.epoch, name, event, deadline)
+        got = self._run(self.storage.wait_run(lease, name, event, timeout))
+        note(
+            f"{self._lease(lease)} waits for {event} at step {name!r}, timeout {timeout} -> "
+            + ("lease lost" if got is None else "ready" if got.ready else "waiting")
+        )
+        self._fenced(lease, expected is not None, got is not None, "wait_run")
+        if expected is not None and got is not None:
+            ready, step = expected
+            promise(
+                got.ready == ready,
+                P.EVENT_BEFORE_WAIT if ready else P.EVENT_ONCE_IN_ORDER,
+                f"ready={got.ready}, but {run.buffered(event)} {event} buffered",
+            )
+            self._check_deadline(step, got.deadline, name, f"timeout {timeout}")
+        ready_now = expected is not None and expected[0]
+        self._check_fenced(
+            lease,
+            expected is not None,
+            P.WAIT_READY_KEEPS_LEASE if ready_now else P.PAUSE_RECORDED,
+            P.PAUSE_REPLACES_RECORD if replaced else P.PAUSE_RECORDED,
+        )
+
+    def _resumable(self) -> list[tuple[Lease, str]]:
+        """Live leases whose runs have reached a sleep or wait: ``(lease, step)``."""
+        found = []
+        for run in self.model:
+            if self.model.live(run.id, run.epoch) is None:
+                continue
+            for name, step in sorted(run.steps.items()):
+                if step.status in ("sleeping", "waiting"):
+                    found.append((Lease(run.id, run.epoch), name))
+        return found
+
+    @precondition(lambda self: bool(self._resumable()))
+    @rule(
+        resumed=st.runner().flatmap(lambda machine: st.sampled_from(machine._resumable())),
+        due=st.booleans(),
+        event=event_names,
+        timeout=st.sampled_from((None, timedelta(0), HOUR)),
+    )
+    def resume(
+        self, resumed: tuple[Lease, str], due: bool, event: str, timeout: timedelta | None
+    ) -> None:
+        """A claimed run passes a sleep or wait it reached before, as the
+        engine does when it resumes: the deadline first set must be kept."""
+        lease, name = resumed
+        step = self.model.runs[lease.run_id].steps[name]
+        note(f"{self._lease(lease)} resumes at step {name!r} ({step.status})")
+        if step.status == "sleeping":
+            self.sleep(lease, name, due)
+        else:
+            self.wait(lease, name, event, timeout)
+
+    @precondition(lambda self: any(r.status in ("failed", "cancelled") for r in self.model))
+    @rule(run_id=RUNS)
+    def requeue(self, run_id: str) -> None:
+        before = self.model.runs[run_id].status
+        expected = self.model.requeue(run_id)
+        got = self._run(self.storage.requeue_run(run_id))
+        note(f"requeue {self.model.label(run_id)} ({before}) -> {got}")
+        promise(got == expected, P.REQUEUE_ONLY_ENDED, f"requeue of a {before} run returned {got}")
+        self._check_run(run_id, P.REQUEUE_ONLY_ENDED if not expected else P.REQUEUE)
