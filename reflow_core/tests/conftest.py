@@ -1,7 +1,8 @@
 """Shared fixtures for the engine tests.
 
 * ``async def`` tests run on a fresh event loop with :func:`asyncio.run` (no
-  pytest-asyncio needed), bounded by a per-test timeout so a hang fails fast.
+  pytest-asyncio needed), bounded by a per-test timeout so a hang fails fast
+  (:func:`reflow_conformance.testsupport.run_async_tests`).
 * ``backend`` is parametrized over every backend available in this checkout:
   ``memory`` always, ``sqlite`` once ``reflow_sqlite.SQLiteStorage`` imports,
   ``postgres`` once ``reflow_postgres`` imports (each test in a schema of
@@ -17,16 +18,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import inspect
 import logging
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
+from reflow_conformance.testsupport import FakeClock, run_async_tests
 from reflow_core import MemoryStorage, open_storage
 from reflow_core.storage import Storage
 
@@ -79,19 +79,6 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "allow_error_logs: the test expects the engine to log errors"
     )
-
-
-class FakeClock:
-    """A storage clock that only moves when told to (thread-safe to read)."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 class Database:
@@ -157,25 +144,8 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Run ``async def`` tests with :func:`asyncio.run`."""
-    func = pyfuncitem.obj
-    if not inspect.iscoroutinefunction(func):
-        return None
-    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    database = pyfuncitem.funcargs.get("db")
-
-    async def main() -> None:
-        try:
-            async with asyncio.timeout(ASYNC_TEST_TIMEOUT):
-                await func(**kwargs)
-        finally:
-            if isinstance(database, Database):
-                await database.aclose()
-
-    asyncio.run(main())
-    return True
+pytest_pyfunc_call = run_async_tests(timeout=ASYNC_TEST_TIMEOUT, close=(Database,))
+"""Run ``async def`` tests with :func:`asyncio.run`, closing the test's database after."""
 
 
 class _ErrorCollector(logging.Handler):

@@ -7,7 +7,9 @@ notice a loss). And ``SCRIPT FLUSH`` under a running engine: every operation
 loads its script again by itself.
 
 Each test starts its own ``redis-server`` on a free port (never the shared
-server the other tests use) and kills it at the end, pass or fail.
+server the other tests use) and kills it at the end, pass or fail. The worker
+processes, their logs and the checks of what they left behind are
+:mod:`reflow_conformance.testsupport`'s.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from reflow_conformance.testsupport import (
+    STEPS,
+    Outcome,
+    Workers,
+    check_outcome,
+    enqueue_runs,
+    read_outcome_at,
+)
 from reflow_core import Engine, StepContext, codec, workflow
 
 
@@ -47,7 +57,7 @@ def _harness() -> ModuleType:
 
 
 h = _harness()
-STEPS = h.STEPS
+WORKFLOW = "crash-steps"
 PREFIX = "durable"
 DURABLE = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")
 VOLATILE = ("--appendonly", "no", "--save", "")
@@ -92,6 +102,13 @@ def _stored_token(client: redis.Redis, run_id: str, step: str) -> str | None:
     return str(codec.decode(output)["token"])
 
 
+def assert_saved_in_order(outcome: Outcome) -> None:
+    """Every run's steps were saved in workflow order, each once: a step keeps
+    its first sequence number, so Redis lists them in the order saved."""
+    for run_id, steps in outcome.steps.items():
+        assert list(steps) == list(STEPS), (run_id, list(steps))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "outage", [0.5, 4.0], ids=["outage-shorter-than-lease", "outage-longer-than-lease"]
@@ -110,10 +127,10 @@ def test_a_server_crash_mid_load_loses_no_acknowledged_run_or_step(
         assert client.config_get("appendfsync") == {"appendfsync": "always"}
         first_id = client.info("server")["run_id"]
     url = f"{server.url}?prefix={PREFIX}"
-    workers = h.Workers(url, logdir)
+    workers = Workers(url, logdir)
     stop = logdir / "stop"
     try:
-        enqueuer = workers.start("--enqueue", str(runs), "--pace", "0.003")
+        enqueuer = workers.enqueue(runs, "--pace", "0.003")
         pool = [
             workers.start(
                 "--lease",
@@ -124,7 +141,6 @@ def test_a_server_crash_mid_load_loses_no_acknowledged_run_or_step(
                 "0.5",
                 "--stop-file",
                 str(stop),
-                "--record-saves",
                 "--step-delay",
                 "0.005",
             )
@@ -187,12 +203,13 @@ def test_a_server_crash_mid_load_loses_no_acknowledged_run_or_step(
     acked = workers.acked()
     assert sorted(acked) == list(range(runs))
     inputs = {run_id: {"n": n} for n, run_id in acked.items()}
-    outcome = h.read_outcome(url, inputs)
+    outcome = read_outcome_at(url, WORKFLOW, inputs)
     executions = workers.executions()
     saves = workers.saves()
     # No run lost or created twice; every step result in place is the output
     # of a real execution, and every acknowledged save is still in place.
-    repeated = h.check_outcome(outcome, executions, saves)
+    repeated = check_outcome(outcome, executions, saves)
+    assert_saved_in_order(outcome)
     reclaimed = {run for run, record in outcome.runs.items() if record.reclaims}
     assert repeated <= reclaimed
     if outage < 3:
@@ -228,13 +245,13 @@ def test_without_persistence_the_same_crash_loses_acknowledged_runs(
     server = server_factory(*VOLATILE)
     server.start()
     url = f"{server.url}?prefix={PREFIX}"
-    inputs = h.enqueue(url, 50)  # all 50 acknowledged
+    inputs = enqueue_runs(url, WORKFLOW, 50)  # all 50 acknowledged
     server.crash()
     server.start()
-    outcome = h.read_outcome(url, inputs)
+    outcome = read_outcome_at(url, WORKFLOW, inputs)
     assert outcome.runs == {}
     with pytest.raises(AssertionError, match="runs were lost"):
-        h.check_outcome(outcome, [], [])
+        check_outcome(outcome, [], [])
 
 
 def test_script_flush_under_a_running_engine_is_recovered_by_itself(

@@ -1,7 +1,8 @@
 """Fixtures for the SQLite backend tests.
 
 * ``async def`` tests run on a fresh event loop with :func:`asyncio.run`,
-  bounded by a timeout so a hang fails fast.
+  bounded by a timeout so a hang fails fast
+  (:func:`reflow_conformance.testsupport.run_async_tests`).
 * ``clock`` is a storage clock that moves only when the test advances it.
 * ``opener`` opens storages on the test's database file (a new connection each
   time, as another worker process would have); every storage it opened is
@@ -13,30 +14,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from reflow_conformance.testsupport import FakeClock, run_async_tests
 from reflow_sqlite import SQLiteStorage
 
 ASYNC_TEST_TIMEOUT = 30.0
-
-
-class FakeClock:
-    """A storage clock that only moves when told to (safe to read from any thread)."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
+CLOCK_START = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
 class Opener:
@@ -70,7 +58,7 @@ class Opener:
 @pytest.fixture
 def clock() -> FakeClock:
     """The storage clock of every storage the ``opener`` opens, unless overridden."""
-    return FakeClock()
+    return FakeClock(CLOCK_START)
 
 
 @pytest.fixture
@@ -91,22 +79,5 @@ def opener(db_path: Path, clock: FakeClock, driver: str) -> Opener:
     return Opener(db_path, clock, driver)
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    """Run ``async def`` tests with :func:`asyncio.run`, closing their storages."""
-    func = pyfuncitem.obj
-    if not inspect.iscoroutinefunction(func):
-        return None
-    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    openers = [value for value in pyfuncitem.funcargs.values() if isinstance(value, Opener)]
-
-    async def main() -> None:
-        try:
-            async with asyncio.timeout(ASYNC_TEST_TIMEOUT):
-                await func(**kwargs)
-        finally:
-            for item in openers:
-                await item.aclose()
-
-    asyncio.run(main())
-    return True
+pytest_pyfunc_call = run_async_tests(timeout=ASYNC_TEST_TIMEOUT, close=(Opener,))
+"""Run ``async def`` tests with :func:`asyncio.run`, closing the storages their openers opened."""

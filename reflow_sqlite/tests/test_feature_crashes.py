@@ -2,73 +2,54 @@
 process killed with SIGKILL: another process on the same SQLite file picks
 the run up and neither repeats what was saved nor loses what was not.
 
-The workflows and the worker live in ``feature_worker.py``; every step logs a
-line before it returns, so the log says which steps ran, where and how often.
+The workflows and the worker are :mod:`reflow_conformance.testsupport`'s
+(its ``sleep``, ``wait``, ``parallel`` and ``complete`` scenarios); every
+step logs a line before it returns, so the logs say which steps ran, where
+and how often.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import json
-import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
+from reflow_conformance.testsupport import NAP_SECONDS, Workers, build
 from reflow_core import Engine, Run, open_storage
 
-WORKER = Path(__file__).with_name("feature_worker.py")
 pytestmark = pytest.mark.slow
 
 
-def _load_worker_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("reflow_feature_worker", WORKER)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-feature_worker = _load_worker_module()
-
-
 class Scenario:
-    """One database, one log, and the worker processes started on them."""
+    """One database, the worker processes started on it, and their logs."""
 
     def __init__(self, tmp_path: Path, name: str) -> None:
         self.name = name
         self.db = tmp_path / "wf.db"
-        self.log = tmp_path / "steps.log"
-        self.procs: list[subprocess.Popen[bytes]] = []
+        logdir = tmp_path / "logs"
+        logdir.mkdir()
+        self.workers = Workers(f"sqlite:///{self.db}", logdir)
 
     def worker(self, *args: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, str(WORKER), str(self.db), str(self.log), self.name, *args]
-        )
-        self.procs.append(proc)
-        return proc
+        """A worker on the scenario's workflow (``args`` come last and win)."""
+        common = ("--scenario", self.name, "--lease", "1s", "--until-idle", "0.3")
+        return self.workers.start(*common, *args)
 
     def lines(self) -> list[dict[str, Any]]:
-        if not self.log.exists():
-            return []
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        """Every step execution logged: ``kind`` is ``ran`` or ``started``."""
+        return [x for x in self.workers.lines() if x["kind"] in ("ran", "started")]
 
     def ran(self) -> Counter[tuple[str, str]]:
-        return Counter(
-            (line["step"], line["what"]) for line in self.lines() if line["what"] != "ready"
-        )
+        return Counter((line["step"], line["kind"]) for line in self.lines())
 
-    def entry(self, step: str, what: str = "ran") -> dict[str, Any]:
-        (found,) = [x for x in self.lines() if x["step"] == step and x["what"] == what]
+    def entry(self, step: str, kind: str = "ran") -> dict[str, Any]:
+        (found,) = [x for x in self.lines() if x["step"] == step and x["kind"] == kind]
         return found
 
     def run(self) -> Run:
@@ -82,9 +63,10 @@ class Scenario:
 
     def send_event(self, run_id: str, event: str, payload: Any) -> bool:
         async def send() -> bool:
-            wf = feature_worker.build(self.name, str(self.log))
             engine = Engine(
-                storage=open_storage(f"sqlite:///{self.db}"), workflows=[wf], worker=False
+                storage=open_storage(f"sqlite:///{self.db}"),
+                workflows=[build(self.name)],
+                worker=False,
             )
             async with engine:
                 return await engine.send_event(run_id, event, payload)
@@ -92,22 +74,13 @@ class Scenario:
         return asyncio.run(send())
 
     def wait_for(self, what: str, condition: Callable[[], bool], timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            for proc in self.procs:
-                assert proc.poll() in (None, 0, -signal.SIGKILL), f"a worker failed: {proc.args}"
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            time.sleep(0.02)
+        self.workers.wait_for(what, condition, timeout)
 
     def ready(self, proc: subprocess.Popen[bytes]) -> Callable[[], bool]:
-        def check() -> bool:
-            return any(x["what"] == "ready" and x["pid"] == proc.pid for x in self.lines())
-
-        return check
+        return self.workers.logged("ready", proc)
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(10) == -signal.SIGKILL
+        self.workers.kill(proc)
 
     def run_has(self, status: str) -> Callable[[], bool]:
         def check() -> bool:
@@ -128,10 +101,7 @@ class Scenario:
         return asyncio.run(read())
 
     def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
+        self.workers.cleanup()
 
 
 @pytest.fixture
@@ -151,17 +121,17 @@ def test_sleep_resumes_in_another_process_when_due_without_starting_over(
     scenario: Callable[[str], Scenario],
 ) -> None:
     s = scenario("sleep")
-    victim = s.worker("--enqueue", "--work")
+    victim = s.worker("--enqueue")
     s.wait_for("the run to fall asleep", s.run_has("sleeping"))
     asleep = s.run()
     assert asleep.wake_at is not None
     wake_at = asleep.wake_at.timestamp()
     assert asleep.steps["nap"].status == "sleeping"
-    rescuer = s.worker("--work")
+    rescuer = s.worker()
     s.wait_for("the second worker to start", s.ready(rescuer))
     # Kill the first worker a second into the nap: a nap started over by the
     # second one would end a second late.
-    time.sleep(max(0.0, wake_at - feature_worker.NAP_SECONDS + 1.0 - time.time()))
+    time.sleep(max(0.0, wake_at - NAP_SECONDS + 1.0 - time.time()))
     s.kill(victim)
     killed_at = time.time()
     assert killed_at < wake_at - 0.5, "the machine is too slow for this test's timing"
@@ -177,7 +147,7 @@ def test_sleep_resumes_in_another_process_when_due_without_starting_over(
     assert after["prev"] == {"step": "before"}  # prev passed through the sleep
     # On time (the poll is 50 ms), not a nap after the kill.
     assert wake_at - 0.05 <= after["t"] < wake_at + 0.5, after["t"] - wake_at
-    assert after["t"] < killed_at + feature_worker.NAP_SECONDS - 0.5
+    assert after["t"] < killed_at + NAP_SECONDS - 0.5
     assert done.reclaims == 0  # the sleeping run held no lease to lapse
 
 
@@ -185,13 +155,13 @@ def test_killed_while_waiting_the_event_is_consumed_by_another_process(
     scenario: Callable[[str], Scenario],
 ) -> None:
     s = scenario("wait")
-    victim = s.worker("--enqueue", "--work")
+    victim = s.worker("--enqueue")
     s.wait_for("the run to wait", s.run_has("waiting"))
     s.kill(victim)
     run_id = s.run().id
     assert s.send_event(run_id, "approval", {"by": "ann"})  # nobody is running now
 
-    rescuer = s.worker("--work")
+    rescuer = s.worker()
     assert rescuer.wait(30) == 0
 
     done = s.run()
@@ -208,7 +178,7 @@ def test_killed_after_taking_the_event_the_event_is_not_taken_twice(
     scenario: Callable[[str], Scenario],
 ) -> None:
     s = scenario("wait")
-    victim = s.worker("--enqueue", "--work", "--crash-in", "after")
+    victim = s.worker("--enqueue", "--crash-in", "after")
     s.wait_for("the run to wait", s.run_has("waiting"))
     run_id = s.run().id
     assert s.send_event(run_id, "approval", {"n": 1})
@@ -218,7 +188,7 @@ def test_killed_after_taking_the_event_the_event_is_not_taken_twice(
     assert s.send_event(run_id, "approval", {"n": 2})
     s.kill(victim)
 
-    rescuer = s.worker("--work")
+    rescuer = s.worker()
     assert rescuer.wait(30) == 0
 
     done = s.run()
@@ -236,7 +206,7 @@ def test_parallel_branches_saved_before_the_kill_do_not_run_again(
     scenario: Callable[[str], Scenario],
 ) -> None:
     s = scenario("parallel")
-    victim = s.worker("--enqueue", "--work", "--crash-in", "slow")
+    victim = s.worker("--enqueue", "--crash-in", "slow")
 
     def fast_saved_and_slow_running() -> bool:
         if ("slow", "started") not in s.ran() or ("fast", "ran") not in s.ran():
@@ -246,7 +216,7 @@ def test_parallel_branches_saved_before_the_kill_do_not_run_again(
     s.wait_for("fast to be saved while slow runs", fast_saved_and_slow_running)
     s.kill(victim)
 
-    rescuer = s.worker("--work")
+    rescuer = s.worker()
     assert rescuer.wait(30) == 0
 
     done = s.run()
@@ -269,14 +239,14 @@ def test_early_completion_killed_before_it_landed_reruns_the_step(
     scenario: Callable[[str], Scenario],
 ) -> None:
     s = scenario("complete")
-    victim = s.worker("--enqueue", "--work", "--crash-in", "check")
+    victim = s.worker("--enqueue", "--crash-in", "check")
     s.wait_for("the step to start", lambda: ("check", "started") in s.ran())
     s.kill(victim)
     killed = s.run()
     assert killed.status == "running"
     assert killed.steps == {}  # neither the step's output nor the run's was written
 
-    rescuer = s.worker("--work")
+    rescuer = s.worker()
     assert rescuer.wait(30) == 0
     done = s.run()
     assert done.status == "completed"
@@ -285,7 +255,7 @@ def test_early_completion_killed_before_it_landed_reruns_the_step(
     assert done.reclaims == 1
 
     # Another worker finds nothing to do: a completed run never runs later steps.
-    late = s.worker("--work", "--until-idle", "0.2")
+    late = s.worker("--until-idle", "0.2")
     assert late.wait(30) == 0
     assert s.ran() == {("check", "started"): 1, ("check", "ran"): 1}
     assert s.entry("check")["pid"] == rescuer.pid

@@ -19,6 +19,7 @@ from .test_event_buffer import *  # noqa: F403
 from .test_events import *  # noqa: F403
 from .test_leases import *  # noqa: F403
 from .test_listing import *  # noqa: F403
+from .test_process_crash import *  # noqa: F403
 from .test_processes import *  # noqa: F403
 from .test_retention import *  # noqa: F403
 from .test_runs import *  # noqa: F403

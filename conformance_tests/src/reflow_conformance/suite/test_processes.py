@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from reflow_conformance import promises as P
 from reflow_conformance.harness import Harness, promise
+from reflow_conformance.testsupport import child_env
 from reflow_core import codec
 from reflow_core.storage import Storage
 
@@ -25,13 +25,6 @@ _PROCESSES = 3
 _RUNS = 300
 _START_TIMEOUT = 60.0
 _RUN_TIMEOUT = 120.0
-
-
-def _child_env() -> dict[str, str]:
-    """This process's environment, with its import path, so a worker can
-    import an adapter module that pytest made importable here."""
-    path = [entry for entry in sys.path if entry]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
 
 
 @pytest.mark.reflow_requires("multiprocess")
@@ -115,7 +108,7 @@ async def _start(
 ) -> list[asyncio.subprocess.Process]:
     """Start the workers and wait until each has opened the store."""
     workers: list[asyncio.subprocess.Process] = []
-    env = _child_env()
+    env = child_env()
     try:
         for output in outputs:
             workers.append(
