@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from reflow_conformance.testsupport import FakeClock
 from reflow_core import (
     ConfigError,
     Engine,
@@ -159,16 +160,6 @@ def test_max_buffered_events_must_be_a_positive_int_or_none(value: object) -> No
 # -- retention of the memory backend ------------------------------------------------
 
 
-class _Clock:
-    """A storage clock that moves only when the test moves it."""
-
-    def __init__(self) -> None:
-        self.now = datetime(2030, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 async def _finished(store: MemoryStorage, wf: str, key: str | None = None) -> str:
     """A run of ``wf`` that completed now, with a step and a buffered event."""
     run_id = (await store.create_run(NewRun(wf, codec.encode(key), idempotency_key=key))).run.id
@@ -181,7 +172,7 @@ async def _finished(store: MemoryStorage, wf: str, key: str | None = None) -> st
 
 
 async def test_memory_purge_deletes_only_runs_finished_before_the_cut_off() -> None:
-    clock = _Clock()
+    clock = FakeClock(start=datetime(2030, 1, 1, tzinfo=UTC))
     store = MemoryStorage(clock=clock)
     await store.initialize()
     old = [await _finished(store, "wf", f"k{i}") for i in range(5)]
@@ -209,7 +200,7 @@ async def test_memory_purge_deletes_only_runs_finished_before_the_cut_off() -> N
 
 
 async def test_memory_purge_judges_a_run_by_its_last_finish() -> None:
-    clock = _Clock()
+    clock = FakeClock(start=datetime(2030, 1, 1, tzinfo=UTC))
     store = MemoryStorage(clock=clock)
     await store.initialize()
     run_id = (await store.create_run(NewRun("wf", "1"))).run.id

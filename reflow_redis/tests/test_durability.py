@@ -15,16 +15,13 @@ processes, their logs and the checks of what they left behind are
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import signal
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -41,22 +38,8 @@ from reflow_conformance.testsupport import (
 )
 from reflow_core import Engine, StepContext, codec, workflow
 
+from . import _redis_harness as h
 
-def _harness() -> ModuleType:
-    name = "reflow_redis_tests__redis_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_redis_harness.py")
-        )
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-h = _harness()
 WORKFLOW = "crash-steps"
 PREFIX = "durable"
 DURABLE = ("--appendonly", "yes", "--appendfsync", "always", "--save", "")

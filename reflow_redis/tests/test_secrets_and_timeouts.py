@@ -5,17 +5,14 @@ reported as a StorageError."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -36,22 +33,8 @@ from reflow_core import (
 from reflow_core.storage import NewRun
 from reflow_redis import RedisStorage
 
+from . import _redis_harness as h
 
-def _harness() -> ModuleType:
-    name = "reflow_redis_tests__redis_harness"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            name, Path(__file__).with_name("_redis_harness.py")
-        )
-        assert spec is not None
-        assert spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-h = _harness()
 UNREACHABLE = "127.0.0.1:1"  # nothing listens on port 1
 
 
