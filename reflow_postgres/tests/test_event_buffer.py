@@ -20,7 +20,7 @@ from psycopg import sql
 from reflow_core import Engine, EventBufferFullError, StepContext, workflow
 from reflow_core.storage import NewRun
 from reflow_postgres import PostgresStorage
-from reflow_postgres import storage as storage_module
+from reflow_postgres import _schema as schema_module
 from reflow_postgres._schema import SCHEMA_VERSION
 
 Admin = psycopg.Connection[tuple[object, ...]]
@@ -235,7 +235,7 @@ async def test_a_version_1_schema_is_migrated_forward(
     postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert SCHEMA_VERSION == 2
-    monkeypatch.setattr(storage_module, "SCHEMA_VERSION", 1)
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 1)
     old = PostgresStorage.from_url(postgres_url)
     await old.initialize()
     await old.close()
@@ -257,7 +257,7 @@ async def test_a_version_1_schema_is_migrated_forward(
             " ('open', 'e', '\"waiting for it\"', NULL, now(), NULL)"
         ).format(ident)
     )
-    monkeypatch.setattr(storage_module, "SCHEMA_VERSION", SCHEMA_VERSION)
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", SCHEMA_VERSION)
     store = PostgresStorage.from_url(postgres_url)
     await store.initialize()
     try:

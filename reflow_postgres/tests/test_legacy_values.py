@@ -8,13 +8,16 @@ a time at the end of year 9999.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg import sql
 
 from reflow_core import codec, open_storage
+from reflow_core.adapter import RUN_COLUMNS, STEP_COLUMNS
 from reflow_core.storage import NewRun
+from reflow_postgres._sql import statements
 
 Admin = psycopg.Connection[tuple[object, ...]]
 
@@ -45,3 +48,18 @@ async def test_a_wake_up_time_past_year_9999_reads_back_and_lists(
         assert await storage.claim_runs(["legacy"], 1, timedelta(minutes=1)) == []
     finally:
         await storage.close()
+
+
+def test_the_capped_read_columns_keep_the_row_mappers_order() -> None:
+    """queries.sql spells out the columns of run and step reads, with the
+    deadlines capped; uncapped, they are the columns the row mappers read."""
+    sql_text = statements("reflow", notify=True, test_clock=False)
+    capped = re.compile(r"CASE WHEN (\w+) > .+? THEN .+? ELSE \1 END")
+
+    def columns(text: str) -> list[str]:
+        return [c.strip() for c in capped.sub(r"\1", text).split(",")]
+
+    assert columns(sql_text["read_columns"].decode()) == columns(RUN_COLUMNS)
+    assert columns(sql_text["step_read_columns"].decode()) == columns(STEP_COLUMNS)
+    assert sql_text["read_columns"].count(b"CASE WHEN") == 2
+    assert sql_text["step_read_columns"].count(b"CASE WHEN") == 1

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from reflow_core import codec
+from reflow_core import ConfigError, codec
 from reflow_core.storage import NewRun, StepRecord
 from reflow_postgres import PostgresStorage
 
@@ -109,6 +109,60 @@ async def test_purge_refuses_a_negative_age(postgres_url: str) -> None:
     with pytest.raises(ValueError, match="older_than"):
         await store.purge_finished(timedelta(seconds=-1))
     await store.close()
+
+
+async def finished_runs(store: PostgresStorage, admin: Admin, schema: str, count: int) -> list[str]:
+    """``count`` completed runs that finished 2 to ``count + 1`` days ago, oldest first
+    (created in the reverse order, so creation order is not finish order)."""
+    ids = [(await store.create_run(NewRun("wf", codec.encode(i)))).run.id for i in range(count)]
+    for claimed in await store.claim_runs(["wf"], count, LEASE):
+        assert await store.finish_run(claimed.lease, "completed", output="1")
+    admin.execute(
+        sql.SQL(
+            "UPDATE {}.runs AS r SET finished_at = now() - make_interval(days => 2 + t.n::int)"
+            " FROM unnest(%s::text[]) WITH ORDINALITY AS t(id, n) WHERE r.id = t.id"
+        ).format(sql.Identifier(schema)),
+        (ids,),
+    )
+    return ids[::-1]
+
+
+async def test_purge_limit_bounds_the_runs_deleted_oldest_first(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    store = PostgresStorage.from_url(postgres_url)
+    await store.initialize()
+    try:
+        oldest_first = await finished_runs(store, admin, schema, 7)
+        assert await store.purge_finished(timedelta(days=1), batch=2, limit=3) == 3
+        for run_id in oldest_first[:3]:
+            assert await store.get_run(run_id) is None
+        for run_id in oldest_first[3:]:
+            assert await store.get_run(run_id) is not None
+        assert await store.purge_finished(timedelta(days=1), limit=1) == 1
+        assert await store.get_run(oldest_first[3]) is None
+        # A limit above what is due deletes what is due, whatever the batch size.
+        assert await store.purge_finished(timedelta(days=1), batch=1, limit=10) == 3
+        assert await store.purge_finished(timedelta(days=1), limit=10) == 0
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 1.5, "3"])
+async def test_purge_refuses_a_bad_limit_and_deletes_nothing(
+    postgres_url: str, schema: str, admin: Admin, limit: object
+) -> None:
+    store = PostgresStorage.from_url(postgres_url)
+    await store.initialize()
+    try:
+        ids = await finished_runs(store, admin, schema, 3)
+        with pytest.raises(ConfigError, match="limit") as caught:
+            await store.purge_finished(timedelta(days=1), limit=limit)  # type: ignore[arg-type]
+        assert caught.value.option == "limit"
+        for run_id in ids:
+            assert await store.get_run(run_id) is not None
+    finally:
+        await store.close()
 
 
 async def test_notifications_name_the_workflow_and_the_delay(

@@ -1,4 +1,4 @@
-"""The database layout and its forward-only migrations.
+"""The database layout and its forward-only migrations (``schema.sql``).
 
 Everything lives in one schema (``reflow`` unless configured). Its
 ``reflow_schema`` table records which migrations were applied;
@@ -29,164 +29,109 @@ Design notes (see docs/postgres.md):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from typing import Any
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "VERSION_TABLE"]
+import psycopg
+from psycopg import sql
+
+from reflow_core.adapter import load_queries, render_sql
+from reflow_core.errors import SchemaVersionError, StorageError
+
+from ._connections import BACKEND
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "VERSION_TABLE", "migrate"]
 
 VERSION_TABLE = "reflow_schema"
 """The table, inside the schema, that records the applied version."""
 
-_V1: Sequence[str] = (
-    """
-    CREATE TABLE {schema}.runs (
-        id               text COLLATE "C" PRIMARY KEY,
-        workflow         text COLLATE "C" NOT NULL,
-        status           text NOT NULL CHECK (status IN (
-                             'pending', 'running', 'sleeping', 'waiting',
-                             'completed', 'failed', 'cancelled')),
-        input            text NOT NULL,
-        output           text,
-        error            text,
-        idempotency_key  text COLLATE "C",
-        attempts         integer NOT NULL DEFAULT 0,
-        reclaims         integer NOT NULL DEFAULT 0,
-        lease_epoch      bigint NOT NULL DEFAULT 0,
-        created_at       timestamptz NOT NULL,
-        updated_at       timestamptz NOT NULL,
-        wake_at          timestamptz,
-        waiting_for      text COLLATE "C",
-        lease_expires_at timestamptz,
-        finished_at      timestamptz
-    ) WITH (fillfactor = 80)
-    """,
-    # At most one run per (workflow, idempotency key).
-    """
-    CREATE UNIQUE INDEX runs_idempotency ON {schema}.runs (workflow, idempotency_key)
-        WHERE idempotency_key IS NOT NULL
-    """,
-    # Claimable by due time. Runs leave it when claimed or finished.
-    """
-    CREATE INDEX runs_due ON {schema}.runs (wake_at)
-        WHERE status IN ('pending', 'sleeping', 'waiting')
-    """,
-    # Running runs, for the lapsed-lease scan (only as many as are in flight).
-    "CREATE INDEX runs_running ON {schema}.runs (workflow) WHERE status = 'running'",
-    # Listing, newest first, keyset on (created_at, id), with or without a workflow.
-    "CREATE INDEX runs_created ON {schema}.runs (created_at, id)",
-    "CREATE INDEX runs_workflow_created ON {schema}.runs (workflow, created_at, id)",
-    # Retention: finished runs by when they finished. Its own column, set
-    # only when a run ends, so renewals (which touch updated_at and
-    # lease_expires_at, both unindexed) stay HOT updates.
-    """
-    CREATE INDEX runs_finished ON {schema}.runs (finished_at)
-        WHERE finished_at IS NOT NULL
-    """,
-    """
-    CREATE TABLE {schema}.steps (
-        run_id       text COLLATE "C" NOT NULL,
-        name         text COLLATE "C" NOT NULL,
-        seq          bigint GENERATED ALWAYS AS IDENTITY,
-        status       text NOT NULL CHECK (status IN (
-                         'completed', 'failed', 'skipped', 'sleeping', 'waiting')),
-        output       text,
-        error        text,
-        attempts     integer NOT NULL DEFAULT 1,
-        wake_at      timestamptz,
-        completed_at timestamptz NOT NULL,
-        PRIMARY KEY (run_id, name)
-    )
-    """,
-    """
-    CREATE TABLE {schema}.events (
-        id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        run_id     text COLLATE "C" NOT NULL,
-        name       text COLLATE "C" NOT NULL,
-        payload    text NOT NULL,
-        event_id   text COLLATE "C",
-        created_at timestamptz NOT NULL,
-        taken_at   timestamptz
-    )
-    """,
-    # Delivery dedupe for as long as the run exists, taken or not.
-    """
-    CREATE UNIQUE INDEX events_dedupe ON {schema}.events (run_id, event_id)
-        WHERE event_id IS NOT NULL
-    """,
-    # The oldest buffered event of a name, and cleanup of a run's events.
-    "CREATE INDEX events_run ON {schema}.events (run_id, name, id)",
-    """
-    CREATE TABLE {schema}.schedules (
-        key         text COLLATE "C" PRIMARY KEY,
-        workflow    text COLLATE "C" NOT NULL,
-        input       text NOT NULL,
-        recurrence  text NOT NULL,
-        next_run_at timestamptz NOT NULL,
-        created_at  timestamptz NOT NULL,
-        updated_at  timestamptz NOT NULL
-    )
-    """,
-    "CREATE INDEX schedules_due ON {schema}.schedules (next_run_at, key)",
-)
+# Loaded once; ``{schema}`` stays a slot, filled for each schema by render_sql.
+_TEMPLATES = load_queries(__package__, "schema.sql", {"schema": "{schema}"})
+_STEP = re.compile(r"v([1-9][0-9]*)_([0-9]+)_\w+")
 
-# Version 2: bounded event buffers.
-_V2: Sequence[str] = (
-    # A run that ends drops its buffered events (events with an id stay, as
-    # taken and without a payload, for deduplication); runs that ended before
-    # this version kept theirs.
-    """
-    DELETE FROM {schema}.events AS e USING {schema}.runs AS r
-        WHERE e.run_id = r.id AND r.finished_at IS NOT NULL
-        AND e.taken_at IS NULL AND e.event_id IS NULL
-    """,
-    """
-    UPDATE {schema}.events AS e SET taken_at = r.finished_at, payload = ''
-        FROM {schema}.runs AS r
-        WHERE e.run_id = r.id AND r.finished_at IS NOT NULL AND e.taken_at IS NULL
-    """,
-    # How many untaken events a live run holds: deliver_event checks its cap
-    # against it and adds one, take_event takes one off, and a run's end
-    # calls drop_buffered_events only when it is above zero. Unindexed, so
-    # keeping it is a HOT update of a row those operations lock anyway. Only
-    # kept while the run lives: requeue_run sets it to zero.
-    "ALTER TABLE {schema}.runs ADD COLUMN buffered integer NOT NULL DEFAULT 0",
-    """
-    UPDATE {schema}.runs AS r SET buffered = b.n
-        FROM (SELECT run_id, count(*) AS n FROM {schema}.events
-              WHERE taken_at IS NULL GROUP BY run_id) AS b
-        WHERE r.id = b.run_id
-    """,
-    # Untaken events only: taking the oldest of a name and dropping a run's
-    # buffer stay proportional to what is buffered, however many events the
-    # run has taken before.
-    """
-    CREATE INDEX events_buffered ON {schema}.events (run_id, name, id)
-        WHERE taken_at IS NULL
-    """,
-    # Called by the statement that ends a run holding buffered events (see
-    # _sql.py), in its transaction. Its queries take a snapshot of their own,
-    # so they see an event whose delivery committed while that statement
-    # waited for the run's row. Returns how many events it dropped.
-    """
-    CREATE FUNCTION {schema}.drop_buffered_events(run text, at timestamptz)
-        RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
-    DECLARE
-        dropped integer;
-        kept integer;
-    BEGIN
-        DELETE FROM {schema}.events
-            WHERE run_id = run AND taken_at IS NULL AND event_id IS NULL;
-        GET DIAGNOSTICS dropped = ROW_COUNT;
-        UPDATE {schema}.events SET taken_at = at, payload = ''
-            WHERE run_id = run AND taken_at IS NULL;
-        GET DIAGNOSTICS kept = ROW_COUNT;
-        RETURN dropped + kept;
-    END
-    $$
-    """,
-)
 
-MIGRATIONS: Sequence[Sequence[str]] = (_V1, _V2)
+def _migrations(templates: dict[str, str]) -> tuple[tuple[str, ...], ...]:
+    """The ``v<N>_<step>_<what>`` statements of ``schema.sql``, by version and step."""
+    steps: dict[int, list[tuple[int, str]]] = {}
+    for name, text in templates.items():
+        match = _STEP.fullmatch(name)
+        if match is not None:
+            steps.setdefault(int(match[1]), []).append((int(match[2]), text))
+    if sorted(steps) != list(range(1, len(steps) + 1)):
+        raise RuntimeError(f"schema.sql: migrations are not numbered 1..n: {sorted(steps)}")
+    return tuple(tuple(text for _, text in sorted(steps[v])) for v in range(1, len(steps) + 1))
+
+
+MIGRATIONS: Sequence[Sequence[str]] = _migrations(_TEMPLATES)
 """``MIGRATIONS[n]`` upgrades a schema at version ``n`` to ``n + 1``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
 """The version this code writes and expects."""
+
+
+def _statement(name: str, quoted: str) -> bytes:
+    return render_sql(_TEMPLATES[name], {"schema": quoted}, where=f"schema.sql:{name}").encode()
+
+
+async def _schema_version(
+    conn: psycopg.AsyncConnection[Any], schema: str, quoted: str
+) -> int | None:
+    """The schema's version; ``None`` when it has no Reflow tables yet."""
+    params = {"version_table": f"{quoted}.{VERSION_TABLE}", "schema": schema}
+    rows = await (await conn.execute(_statement("schema_state", quoted), params)).fetchall()
+    table, relations = rows[0]
+    if table is None:
+        if relations:
+            raise StorageError(
+                f"schema {schema!r} holds tables that are not Reflow's; "
+                "choose another schema (the 'schema' option); nothing was changed",
+                operation="initialize",
+                backend=BACKEND,
+            )
+        return None
+    found = (await (await conn.execute(_statement("applied_version", quoted))).fetchall())[0][0]
+    return int(found or 0)
+
+
+def _check_not_newer(schema: str, version: int | None) -> None:
+    if version is not None and version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"schema {schema!r} is at version {version}, newer than this "
+            f"reflow-postgres understands ({SCHEMA_VERSION}); upgrade reflow-postgres. "
+            "Nothing was changed.",
+            operation="initialize",
+            backend=BACKEND,
+        )
+
+
+async def migrate(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
+    """Create ``schema`` or bring it forward to :data:`SCHEMA_VERSION`.
+
+    Migrations run in one transaction under a transaction-scoped advisory
+    lock, and a connection that finds the schema current takes no lock at
+    all. Refuses, changing nothing, a schema written by newer code
+    (:class:`~reflow_core.errors.SchemaVersionError`) and one that holds
+    tables that are not Reflow's (:class:`~reflow_core.errors.StorageError`).
+    """
+    quoted = sql.Identifier(schema).as_string(None)
+    version = await _schema_version(conn, schema, quoted)
+    _check_not_newer(schema, version)
+    if version == SCHEMA_VERSION:
+        return
+    async with conn.transaction():
+        await conn.execute(
+            _statement("migration_lock", quoted), {"key": f"reflow:migrate:{schema}"}
+        )
+        version = await _schema_version(conn, schema, quoted)
+        _check_not_newer(schema, version)
+        if version is None:
+            cur = await conn.execute(_statement("schema_exists", quoted), {"schema": schema})
+            if await cur.fetchone() is None:
+                await conn.execute(_statement("create_schema", quoted))
+            await conn.execute(_statement("create_version_table", quoted))
+            version = 0
+        for target in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[target]:
+                await conn.execute(render_sql(statement, {"schema": quoted}).encode())
+            await conn.execute(_statement("record_version", quoted), {"version": target + 1})

@@ -1,0 +1,228 @@
+"""Group commit of the PostgreSQL storage: concurrent creates, step saves
+and finishes (of the many runs in flight) share one statement and one
+commit, and each keeps its own outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, TypeAlias
+
+import psycopg
+from psycopg import errors as pg_errors
+
+from reflow_core.adapter import as_utc, run_from_row
+from reflow_core.batching import GroupCommit
+from reflow_core.errors import IdempotencyConflictError, ReflowError, StorageError
+from reflow_core.storage import CreateResult, Lease, NewRun, StepRecord
+
+from ._connections import BACKEND, Connections
+from ._rows import step_params
+
+__all__ = ["MAX_BATCH", "BatchedWrites", "Finish", "Save"]
+
+MAX_BATCH = 200
+"""Concurrent writes share one statement, at most this many per statement."""
+Save: TypeAlias = tuple[Lease, StepRecord, timedelta]
+"""One save_step_result call: lease, step, lease extension."""
+Finish: TypeAlias = tuple[Lease, str, str | None, str | None, StepRecord | None]
+"""One finish_run call: lease, status, output, error, last step."""
+Create: TypeAlias = tuple[str, NewRun]
+"""One create_run call: the run id to create, and the run."""
+
+
+class BatchedWrites:
+    """The batches of one storage: submit a write to ``creates``, ``saves``
+    or ``finishes`` and await its own outcome."""
+
+    __slots__ = ("_db", "creates", "finishes", "saves")
+
+    def __init__(self, db: Connections) -> None:
+        self._db = db
+        self.creates: GroupCommit[Create, CreateResult | ReflowError] = GroupCommit(
+            self._create_batch, max_batch=MAX_BATCH
+        )
+        self.saves: GroupCommit[Save, bool] = GroupCommit(self._save_batch, max_batch=MAX_BATCH)
+        self.finishes: GroupCommit[Finish, bool] = GroupCommit(
+            self._finish_batch, max_batch=MAX_BATCH
+        )
+
+    # -- creates -------------------------------------------------------------------
+
+    async def _create_batch(self, items: Sequence[Create]) -> list[CreateResult | ReflowError]:
+        db = self._db
+        keys = [(n.workflow, n.idempotency_key) for _, n in items if n.idempotency_key]
+        ids = [run_id for run_id, _ in items]
+        if len(items) == 1 or len(set(keys)) < len(keys) or len(set(ids)) < len(ids):
+            return [await self._create_alone(run_id, new) for run_id, new in items]
+        params = db.params(
+            ids=ids,
+            workflows=[new.workflow for _, new in items],
+            inputs=[new.input for _, new in items],
+            keys=[new.idempotency_key for _, new in items],
+        )
+        retried = False
+
+        async def many(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[Any]:
+            nonlocal retried
+            retried = attempt > 0
+            cur = await conn.execute(db.sql["create_many"], params)
+            return await cur.fetchall()
+
+        try:
+            rows = await db.run("create_run", many, retry=True)
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, pg_errors.UniqueViolation):
+                raise
+            # A run id that exists already: find out which, one by one.
+            return [await self._create_alone(run_id, new, retried) for run_id, new in items]
+        created = {row[0]: run_from_row(row, as_utc) for row in rows if row[15]}
+        existing = {(row[1], row[6]): run_from_row(row, as_utc) for row in rows if not row[15]}
+        results: list[CreateResult | ReflowError] = []
+        for run_id, new in items:
+            if run_id in created:
+                results.append(CreateResult(created[run_id], created=True))
+                continue
+            record = existing[(new.workflow, new.idempotency_key)]
+            if retried and record.id == run_id:
+                results.append(CreateResult(record, created=True))
+            elif record.input != new.input:
+                assert new.idempotency_key is not None
+                results.append(
+                    IdempotencyConflictError(new.workflow, new.idempotency_key, record.id)
+                )
+            else:
+                results.append(CreateResult(record, created=False))
+        return results
+
+    async def _create_alone(
+        self, run_id: str, new: NewRun, retried: bool = False
+    ) -> CreateResult | ReflowError:
+        db = self._db
+        params = db.params(
+            id=run_id, workflow=new.workflow, input=new.input, key=new.idempotency_key
+        )
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> CreateResult:
+            again = retried or attempt > 0
+            try:
+                cur = await conn.execute(db.sql["create"], params)
+            except pg_errors.UniqueViolation as exc:
+                if exc.diag.constraint_name != "runs_pkey":
+                    raise
+                existing = await db.fetch_run(conn, run_id)
+                if again and existing is not None and existing.input == new.input:
+                    # Our first try committed before the connection dropped.
+                    return CreateResult(existing, created=True)
+                raise StorageError(
+                    f"run id {run_id!r} already exists", operation="create_run", backend=BACKEND
+                ) from exc
+            row = await cur.fetchone()
+            assert row is not None
+            record = run_from_row(row, as_utc)
+            if row[15] or (again and record.id == run_id):
+                # Created now, or by our own first try before its reply was lost.
+                return CreateResult(record, created=True)
+            if record.input != new.input:
+                assert new.idempotency_key is not None
+                raise IdempotencyConflictError(new.workflow, new.idempotency_key, record.id)
+            return CreateResult(record, created=False)
+
+        try:
+            return await db.run("create_run", body, retry=True)
+        except ReflowError as exc:
+            return exc
+
+    # -- step saves ----------------------------------------------------------------
+
+    async def _save_batch(self, items: Sequence[Save]) -> list[bool]:
+        db = self._db
+        if len(items) == 1:
+            lease, step, extend = items[0]
+            params = db.params(
+                id=lease.run_id, epoch=lease.epoch, extend=extend, **step_params(step)
+            )
+
+            async def one(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
+                cur = await conn.execute(db.sql["save_step"], params)
+                return [cur.rowcount == 1]
+
+            return await db.run("save_step_result", one, retry=True)
+        batch = db.params(
+            ids=[lease.run_id for lease, _, _ in items],
+            epochs=[lease.epoch for lease, _, _ in items],
+            extends=[extend for _, _, extend in items],
+            names=[step.name for _, step, _ in items],
+            statuses=[step.status for _, step, _ in items],
+            outputs=[step.output for _, step, _ in items],
+            errors=[step.error for _, step, _ in items],
+            attempts=[step.attempts for _, step, _ in items],
+            wakes=[step.wake_at for _, step, _ in items],
+        )
+
+        async def many(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
+            cur = await conn.execute(db.sql["save_steps"], batch)
+            saved = {row[0] for row in await cur.fetchall()}
+            return [lease.run_id in saved for lease, _, _ in items]
+
+        return await db.run("save_step_result", many, retry=True)
+
+    # -- finishes ------------------------------------------------------------------
+
+    async def _finish_batch(self, items: Sequence[Finish]) -> list[bool]:
+        db = self._db
+        if len(items) == 1:
+            lease, status, output, error, step = items[0]
+            values: dict[str, Any] = {
+                "id": lease.run_id,
+                "epoch": lease.epoch,
+                "status": status,
+                "output": output,
+                "error": error,
+            }
+            if step is not None:
+                values.update(step_params(step))
+            params = db.params(**values)
+            statement = db.sql["finish" if step is None else "finish_with_step"]
+
+            async def one(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
+                cur = await conn.execute(statement, params)
+                ok = cur.rowcount == 1
+                if not ok and attempt > 0:
+                    # Did the try whose connection dropped land after all?
+                    cur = await conn.execute(db.sql["finished_already"], values)
+                    ok = await cur.fetchone() is not None
+                return [ok]
+
+            return await db.run("finish_run", one, retry=True)
+        steps = [item[4] for item in items]
+        batch = db.params(
+            ids=[lease.run_id for lease, *_ in items],
+            epochs=[lease.epoch for lease, *_ in items],
+            run_statuses=[item[1] for item in items],
+            run_outputs=[item[2] for item in items],
+            run_errors=[item[3] for item in items],
+            has_step=[step is not None for step in steps],
+            names=[None if step is None else step.name for step in steps],
+            statuses=[None if step is None else step.status for step in steps],
+            outputs=[None if step is None else step.output for step in steps],
+            errors=[None if step is None else step.error for step in steps],
+            attempts=[None if step is None else step.attempts for step in steps],
+            wakes=[None if step is None else step.wake_at for step in steps],
+        )
+
+        async def many(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
+            cur = await conn.execute(db.sql["finish_many"], batch)
+            done = {row[0] for row in await cur.fetchall()}
+            results = [item[0].run_id in done for item in items]
+            if attempt > 0:
+                for i, (lease, status, *_) in enumerate(items):
+                    if not results[i]:
+                        cur = await conn.execute(
+                            db.sql["finished_already"],
+                            {"id": lease.run_id, "epoch": lease.epoch, "status": status},
+                        )
+                        results[i] = await cur.fetchone() is not None
+            return results
+
+        return await db.run("finish_run", many, retry=True)

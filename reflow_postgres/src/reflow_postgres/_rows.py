@@ -1,0 +1,40 @@
+"""Rows to records and records to parameters, for the statements of ``queries.sql``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from reflow_core.adapter import as_utc, check_aware, from_epoch_us, run_from_row, step_from_row
+from reflow_core.storage import ClaimedRun, Lease, StepRecord
+
+__all__ = ["claimed_run", "step_params"]
+
+
+def step_params(step: StepRecord) -> dict[str, Any]:
+    """The ``step_*`` parameters of a statement that saves ``step`` (``step_values``)."""
+    return {
+        "name": step.name,
+        "step_status": step.status,
+        "step_output": step.output,
+        "step_error": step.error,
+        "step_attempts": step.attempts,
+        "step_wake_at": None if step.wake_at is None else check_aware(step.wake_at, "step.wake_at"),
+    }
+
+
+def claimed_run(row: Sequence[Any]) -> ClaimedRun:
+    """A row of the ``claim`` statement: the run's columns, whether its lease
+    had lapsed, its sort key, and its steps as JSON arrays in
+    :data:`~reflow_core.adapter.STEP_COLUMNS` order with times in epoch
+    microseconds."""
+    record = run_from_row(row, as_utc)
+    steps: dict[str, StepRecord] = {}
+    for step in row[17] or ():
+        steps[step[0]] = step_from_row(step, from_epoch_us)
+    return ClaimedRun(
+        run=record,
+        lease=Lease(record.id, record.lease_epoch),
+        steps=steps,
+        reclaimed=bool(row[15]),
+    )

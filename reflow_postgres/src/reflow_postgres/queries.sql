@@ -1,0 +1,438 @@
+-- Every statement the PostgreSQL backend sends while it works, rendered once
+-- per storage by reflow_core.adapter.load_queries. "-- name: x" starts the
+-- statement x; {x} inserts the statement or fragment x of this file, or a
+-- value of the storage's own (never user data):
+--
+-- * {schema}: the schema, quoted by psycopg as an identifier;
+-- * {now}: the storage clock: now() (the server's clock, the default), or
+--   the bound parameter %(now)s::timestamptz when a test clock is configured;
+-- * {channel}: the notification channel, quoted by psycopg as a literal;
+-- * {run_columns}, {run_columns_r} (each prefixed with r.) and
+--   {schedule_columns}: the column orders of reflow_core.adapter's row
+--   mappers.
+--
+-- Every value is bound as a %(name)s parameter. Parameters that appear only
+-- in a SELECT list carry an explicit cast, since the server cannot infer
+-- their types there.
+
+
+-- Fragments ---------------------------------------------------------------------
+
+-- name: latest
+-- The last time a datetime holds in every zone (a day before the end of year
+-- 9999). Durations are bounded now, but an older version could store a
+-- wake-up time in the year 33,715, which psycopg cannot load: capped in the
+-- query, every read of it still works (at no cost to the loaders, which stay
+-- psycopg's own).
+'9999-12-30 00:00:00+00'::timestamptz
+
+-- name: read_columns
+-- {run_columns} for reads of any run (get_run, list_runs), with the deadlines
+-- an older version may have stored out of range capped.
+id, workflow, status, input, output, error, idempotency_key, attempts, reclaims, lease_epoch,
+created_at, updated_at, CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END,
+waiting_for, CASE WHEN lease_expires_at > {latest} THEN {latest} ELSE lease_expires_at END
+
+-- name: step_read_columns
+-- The step columns of reflow_core.adapter.STEP_COLUMNS, wake_at capped.
+name, status, output, error, attempts, CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END,
+completed_at
+
+-- name: fence
+-- Still running under the presented epoch, with a lease the server clock has
+-- not seen lapse.
+id = %(id)s AND status = 'running' AND lease_epoch = %(epoch)s AND lease_expires_at > {now}
+
+-- name: terminal
+('completed', 'failed', 'cancelled')
+
+-- name: insert_run
+INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, created_at,
+    updated_at, wake_at)
+
+-- name: on_idempotency_key
+-- A run that exists with the same (workflow, idempotency key) comes back
+-- instead, with inserted false.
+ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL
+DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
+RETURNING {run_columns}, (xmax = 0) AS inserted
+
+-- name: insert_step
+INSERT INTO {schema}.steps (run_id, name, status, output, error, attempts, wake_at,
+    completed_at)
+
+-- name: upsert_step
+ON CONFLICT (run_id, name) DO UPDATE SET status = EXCLUDED.status,
+    output = EXCLUDED.output, error = EXCLUDED.error, attempts = EXCLUDED.attempts,
+    wake_at = EXCLUDED.wake_at, completed_at = EXCLUDED.completed_at
+
+-- name: step_values
+%(name)s::text, %(step_status)s::text, %(step_output)s::text, %(step_error)s::text,
+%(step_attempts)s::integer, %(step_wake_at)s::timestamptz, {now}
+
+-- A run that ends drops its buffered events in the statement that ends it:
+-- runs.buffered counts a live run's untaken events (kept by deliver and
+-- take), and only a run with some calls the schema's function
+-- drop_buffered_events (see schema.sql). A run that holds none costs this
+-- statement nothing more: the events table is not even in its plan. The
+-- function's queries take a snapshot of their own, after this statement got
+-- the run's row, so they also see an event whose delivery committed while
+-- this statement waited for that row (it is counted in the row's new version).
+
+-- name: drop_buffered_r
+CASE WHEN r.buffered > 0 THEN {schema}.drop_buffered_events(r.id, {now}) END
+
+-- name: drop_buffered_f
+CASE WHEN f.buffered > 0 THEN {schema}.drop_buffered_events(f.id, {now}) END
+
+-- The notifications that wake idle workers (the storage puts NULL in their
+-- place when notifications are off). The payload names the workflow, so only
+-- its workers wake; a delay (in milliseconds, by the server clock) tells them
+-- when a sleep falls due. Names too long for a payload wake every worker
+-- instead (empty name).
+
+-- name: notify
+pg_notify({channel}, '0|' || CASE WHEN octet_length(u.workflow) <= 4000 THEN u.workflow ELSE '' END)
+
+-- name: notify_ins
+pg_notify({channel}, '0|' || CASE WHEN octet_length(ins.workflow) <= 4000 THEN ins.workflow ELSE '' END)
+
+-- name: notify_at
+pg_notify({channel}, greatest(0, (extract(epoch FROM u.wake_at - {now}) * 1000)::bigint)::text
+    || '|' || CASE WHEN octet_length(u.workflow) <= 4000 THEN u.workflow ELSE '' END)
+
+
+-- Runs --------------------------------------------------------------------------
+
+-- name: create
+WITH ins AS (
+    {insert_run}
+    VALUES (%(id)s, %(workflow)s, 'pending', %(input)s, %(key)s, {now}, {now}, {now})
+    {on_idempotency_key}
+) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
+
+-- name: create_many
+-- Many creates in one statement (group commit); the caller makes sure no two
+-- share an id or an idempotency key. One notification per workflow.
+WITH t AS (
+    SELECT * FROM unnest(%(ids)s::text[], %(workflows)s::text[], %(inputs)s::text[],
+        %(keys)s::text[]) WITH ORDINALITY AS t(id, workflow, input, key, ord)
+), ins AS (
+    {insert_run}
+    SELECT id, workflow, 'pending', input, key, {now}, {now}, {now} FROM t ORDER BY ord
+    {on_idempotency_key}
+), woken AS (
+    SELECT {notify} FROM (SELECT DISTINCT workflow FROM ins WHERE inserted) AS u
+) SELECT ins.*, (SELECT count(*) FROM woken) FROM ins
+
+-- name: get_run
+SELECT {read_columns} FROM {schema}.runs WHERE id = %(id)s
+
+-- name: claim
+-- Lapsed leases first, then due runs, each taken with SKIP LOCKED and bounded
+-- by the claim limit; the runs come back with their saved steps (times in
+-- epoch microseconds, as JSON holds them).
+WITH stale AS (
+    SELECT id, lease_expires_at AS k FROM {schema}.runs
+    WHERE status = 'running' AND lease_expires_at <= {now}
+        AND workflow = ANY(%(workflows)s)
+    ORDER BY lease_expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), due AS (
+    SELECT id, wake_at AS k FROM {schema}.runs
+    WHERE status IN ('pending', 'sleeping', 'waiting') AND wake_at <= {now}
+        AND workflow = ANY(%(workflows)s)
+    ORDER BY wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), picked AS MATERIALIZED (
+    SELECT id, 1 AS stale, k FROM stale UNION ALL SELECT id, 0, k FROM due
+    LIMIT %(limit)s
+), claimed AS (
+    UPDATE {schema}.runs AS r SET status = 'running', lease_epoch = r.lease_epoch + 1,
+        attempts = r.attempts + 1, reclaims = r.reclaims + p.stale,
+        lease_expires_at = {now} + %(lease)s, wake_at = NULL, updated_at = {now}
+    FROM picked AS p WHERE r.id = p.id
+    RETURNING {run_columns_r}, p.stale, p.k
+) SELECT c.*, (SELECT json_agg(json_build_array(st.name, st.status, st.output,
+        st.error, st.attempts, (extract(epoch FROM st.wake_at) * 1000000)::bigint,
+        (extract(epoch FROM st.completed_at) * 1000000)::bigint) ORDER BY st.seq)
+    FROM {schema}.steps AS st WHERE st.run_id = c.id)
+FROM claimed AS c ORDER BY c.stale DESC, c.k, c.id
+
+-- name: heartbeat
+UPDATE {schema}.runs SET lease_expires_at = {now} + %(extend)s, updated_at = {now}
+WHERE {fence}
+
+-- name: save_step
+WITH f AS (
+    UPDATE {schema}.runs SET lease_expires_at = {now} + %(extend)s, updated_at = {now}
+    WHERE {fence} RETURNING id
+) {insert_step}
+SELECT f.id, {step_values} FROM f {upsert_step}
+
+-- name: save_steps
+-- Many runs' step saves in one statement (group commit): each row is fenced
+-- on its own, and the ids whose fence held come back.
+WITH t AS (
+    SELECT * FROM unnest(%(ids)s::text[], %(epochs)s::bigint[], %(extends)s::interval[],
+        %(names)s::text[], %(statuses)s::text[], %(outputs)s::text[], %(errors)s::text[],
+        %(attempts)s::integer[], %(wakes)s::timestamptz[])
+        AS t(id, epoch, extend, name, status, output, error, attempts, wake_at)
+), f AS (
+    UPDATE {schema}.runs AS r SET lease_expires_at = {now} + t.extend, updated_at = {now}
+    FROM t WHERE r.id = t.id AND r.status = 'running' AND r.lease_epoch = t.epoch
+        AND r.lease_expires_at > {now}
+    RETURNING r.id
+), ins AS (
+    {insert_step}
+    SELECT t.id, t.name, t.status, t.output, t.error, t.attempts, t.wake_at, {now}
+    FROM t JOIN f ON f.id = t.id {upsert_step}
+) SELECT id FROM f
+
+-- name: finish
+UPDATE {schema}.runs AS r SET status = %(status)s, output = %(output)s,
+    error = %(error)s, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
+    updated_at = {now}, finished_at = {now}
+WHERE {fence} RETURNING {drop_buffered_r}
+
+-- name: finish_with_step
+WITH f AS (
+    UPDATE {schema}.runs SET status = %(status)s, output = %(output)s, error = %(error)s,
+        lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},
+        finished_at = {now}
+    WHERE {fence} RETURNING id, buffered
+), st AS (
+    {insert_step}
+    SELECT f.id, {step_values} FROM f {upsert_step}
+) SELECT 1, {drop_buffered_f} FROM f
+
+-- name: finish_many
+-- Many runs' ends in one statement (group commit), each fenced on its own.
+WITH t AS (
+    SELECT * FROM unnest(%(ids)s::text[], %(epochs)s::bigint[], %(run_statuses)s::text[],
+        %(run_outputs)s::text[], %(run_errors)s::text[], %(has_step)s::boolean[],
+        %(names)s::text[], %(statuses)s::text[], %(outputs)s::text[], %(errors)s::text[],
+        %(attempts)s::integer[], %(wakes)s::timestamptz[])
+        AS t(id, epoch, run_status, run_output, run_error, has_step, name, status, output,
+        error, attempts, wake_at)
+), f AS (
+    UPDATE {schema}.runs AS r SET status = t.run_status, output = t.run_output,
+        error = t.run_error, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
+        updated_at = {now}, finished_at = {now}
+    FROM t WHERE r.id = t.id AND r.status = 'running' AND r.lease_epoch = t.epoch
+        AND r.lease_expires_at > {now}
+    RETURNING r.id, r.buffered
+), ins AS (
+    {insert_step}
+    SELECT t.id, t.name, t.status, t.output, t.error, t.attempts, t.wake_at, {now}
+    FROM t JOIN f ON f.id = t.id WHERE t.has_step {upsert_step}
+) SELECT f.id, {drop_buffered_f} FROM f
+
+-- name: finished_already
+-- Did a finish whose connection dropped land after all?
+SELECT 1 FROM {schema}.runs WHERE id = %(id)s AND lease_epoch = %(epoch)s
+    AND status = %(status)s
+
+-- name: hand_back
+WITH u AS (
+    UPDATE {schema}.runs SET status = 'pending', lease_expires_at = NULL, wake_at = {now},
+        updated_at = {now} WHERE {fence} RETURNING workflow
+) SELECT {notify} FROM u
+
+-- name: end_fenced
+UPDATE {schema}.runs AS r SET status = %(status)s, error = %(error)s,
+    lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},
+    finished_at = {now}
+WHERE {fence} RETURNING {drop_buffered_r}
+
+-- name: end_unfenced
+UPDATE {schema}.runs AS r SET status = %(status)s, error = %(error)s,
+    lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},
+    finished_at = {now}
+WHERE id = %(id)s AND status NOT IN {terminal} RETURNING {drop_buffered_r}
+
+-- name: sleep
+WITH prev AS (
+    SELECT wake_at FROM {schema}.steps WHERE run_id = %(id)s AND name = %(name)s
+        AND status = 'sleeping' AND wake_at IS NOT NULL
+), u AS (
+    UPDATE {schema}.runs SET status = 'sleeping',
+        wake_at = coalesce((SELECT wake_at FROM prev), {now} + %(duration)s),
+        lease_expires_at = NULL, updated_at = {now}
+    WHERE {fence} RETURNING id, workflow, wake_at
+), st AS (
+    {insert_step}
+    SELECT u.id, %(name)s::text, 'sleeping', NULL, NULL, 1, u.wake_at, {now} FROM u
+    WHERE NOT EXISTS (SELECT 1 FROM prev) {upsert_step}
+) SELECT u.wake_at, {notify_at} FROM u
+
+-- wait_run, take_event and deliver_event lock the run row first, in a
+-- statement of their own: the statements after it then see every event
+-- committed before the lock was granted.
+
+-- name: lock_fenced
+SELECT workflow FROM {schema}.runs WHERE {fence} FOR NO KEY UPDATE
+
+-- name: lock_run
+SELECT status, waiting_for, workflow FROM {schema}.runs WHERE id = %(id)s FOR NO KEY UPDATE
+
+-- name: wait
+WITH prev AS (
+    SELECT wake_at FROM {schema}.steps WHERE run_id = %(id)s AND name = %(name)s
+        AND status = 'waiting'
+), d AS (
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM prev) THEN (SELECT wake_at FROM prev)
+            ELSE {now} + %(timeout)s::interval END AS deadline,
+        EXISTS (SELECT 1 FROM {schema}.events WHERE run_id = %(id)s AND name = %(event)s
+            AND taken_at IS NULL) AS ready,
+        EXISTS (SELECT 1 FROM prev) AS seen
+), u AS (
+    UPDATE {schema}.runs SET
+        status = CASE WHEN d.ready THEN status ELSE 'waiting' END,
+        waiting_for = CASE WHEN d.ready THEN NULL ELSE %(event)s END,
+        wake_at = CASE WHEN d.ready THEN NULL ELSE d.deadline END,
+        lease_expires_at = CASE WHEN d.ready THEN lease_expires_at END,
+        updated_at = {now}
+    FROM d WHERE id = %(id)s RETURNING workflow, wake_at
+), st AS (
+    {insert_step}
+    SELECT %(id)s, %(name)s::text, 'waiting', NULL, NULL, 1, d.deadline, {now} FROM d
+    WHERE NOT d.seen {upsert_step}
+) SELECT d.ready, d.deadline,
+    CASE WHEN NOT d.ready AND u.wake_at IS NOT NULL THEN {notify_at} END
+FROM d, u
+
+-- name: take
+WITH done AS (
+    SELECT output FROM {schema}.steps WHERE run_id = %(id)s AND name = %(name)s
+        AND status = 'completed'
+), ev AS (
+    SELECT id, payload FROM {schema}.events WHERE run_id = %(id)s AND name = %(event)s
+        AND taken_at IS NULL AND NOT EXISTS (SELECT 1 FROM done) ORDER BY id LIMIT 1
+), t AS (
+    UPDATE {schema}.events SET taken_at = {now} WHERE id IN (SELECT id FROM ev)
+), st AS (
+    {insert_step}
+    SELECT %(id)s, %(name)s::text, 'completed', ev.payload, NULL, 1, NULL, {now}
+    FROM ev {upsert_step}
+), u AS (
+    UPDATE {schema}.runs SET waiting_for = NULL, updated_at = {now},
+        buffered = greatest(buffered - 1, 0)
+    WHERE id = %(id)s AND EXISTS (SELECT 1 FROM ev)
+) SELECT EXISTS (SELECT 1 FROM done), (SELECT output FROM done),
+    (SELECT payload FROM ev)
+
+-- name: deliver
+-- Runs after lock_run, which serializes deliveries and takes on the run, so
+-- the check (a repeated id, then the run's count of buffered events against
+-- the cap) and the write see the same events. An event stored counts in
+-- runs.buffered and, for a run waiting for it, makes the run due. Returns
+-- (repeated id, stored, notifications sent).
+WITH seen AS (
+    SELECT EXISTS (SELECT 1 FROM {schema}.events WHERE run_id = %(id)s
+        AND event_id = %(event_id)s::text) AS dup
+), go AS (
+    SELECT NOT seen.dup AND (%(cap)s::bigint IS NULL OR r.buffered < %(cap)s::bigint) AS ok
+    FROM seen, {schema}.runs AS r WHERE r.id = %(id)s
+), ins AS (
+    INSERT INTO {schema}.events (run_id, name, payload, event_id, created_at)
+    SELECT %(id)s::text, %(event)s::text, %(payload)s::text, %(event_id)s::text, {now}
+    FROM go WHERE go.ok
+    ON CONFLICT (run_id, event_id) WHERE event_id IS NOT NULL DO NOTHING RETURNING id
+), u AS (
+    UPDATE {schema}.runs SET buffered = buffered + 1,
+        wake_at = CASE WHEN status = 'waiting' AND waiting_for = %(event)s THEN {now}
+            ELSE wake_at END,
+        updated_at = CASE WHEN status = 'waiting' AND waiting_for = %(event)s THEN {now}
+            ELSE updated_at END
+    WHERE id = %(id)s AND EXISTS (SELECT 1 FROM ins)
+    RETURNING workflow, status = 'waiting' AND waiting_for = %(event)s AS woke
+), woken AS (SELECT {notify} FROM u WHERE u.woke
+) SELECT seen.dup, go.ok, (SELECT count(*) FROM woken) FROM seen, go
+
+-- name: get_steps
+SELECT {step_read_columns} FROM {schema}.steps WHERE run_id = %(id)s ORDER BY seq
+
+-- name: list_runs
+-- list_runs adds a WHERE clause of the filters it is given (list_by_status,
+-- list_by_workflow, list_after, joined by AND) before list_runs_order.
+SELECT {read_columns} FROM {schema}.runs
+
+-- name: list_by_status
+status = ANY(%(statuses)s)
+
+-- name: list_by_workflow
+workflow = %(workflow)s
+
+-- name: list_after
+(created_at, id) < (%(after_at)s, %(after_id)s)
+
+-- name: list_runs_order
+ORDER BY created_at DESC, id DESC LIMIT %(limit)s
+
+-- name: requeue
+-- A requeued run starts with an empty buffer (its events were dropped when it
+-- ended; runs.buffered is only kept up to date while a run lives).
+WITH u AS (
+    UPDATE {schema}.runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = {now},
+        waiting_for = NULL, lease_expires_at = NULL, updated_at = {now}, finished_at = NULL,
+        buffered = 0
+    WHERE id = %(id)s AND status IN ('failed', 'cancelled') RETURNING id, workflow
+), d AS (
+    DELETE FROM {schema}.steps WHERE run_id IN (SELECT id FROM u) AND status = 'failed'
+) SELECT {notify} FROM u
+
+-- name: purge
+-- One batch of purge_finished: the oldest finished runs first.
+WITH doomed AS (
+    SELECT id FROM {schema}.runs WHERE status IN {terminal}
+        AND finished_at < {now} - %(age)s ORDER BY finished_at LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED
+), st AS (DELETE FROM {schema}.steps WHERE run_id IN (SELECT id FROM doomed)
+), ev AS (DELETE FROM {schema}.events WHERE run_id IN (SELECT id FROM doomed)
+) DELETE FROM {schema}.runs WHERE id IN (SELECT id FROM doomed)
+
+
+-- Schedules ---------------------------------------------------------------------
+
+-- name: upsert_schedule
+INSERT INTO {schema}.schedules AS sc ({schedule_columns})
+VALUES (%(key)s, %(workflow)s, %(input)s, %(recurrence)s, %(next_run_at)s, {now}, {now})
+ON CONFLICT (key) DO UPDATE SET workflow = EXCLUDED.workflow,
+    input = EXCLUDED.input,
+    next_run_at = CASE WHEN sc.recurrence = EXCLUDED.recurrence THEN sc.next_run_at
+        ELSE EXCLUDED.next_run_at END,
+    recurrence = EXCLUDED.recurrence, updated_at = {now}
+RETURNING {schedule_columns}
+
+-- name: delete_schedule
+DELETE FROM {schema}.schedules WHERE key = %(key)s
+
+-- name: list_schedules
+SELECT {schedule_columns} FROM {schema}.schedules ORDER BY key
+
+-- name: due_schedules
+SELECT {schedule_columns} FROM {schema}.schedules WHERE next_run_at <= {now}
+ORDER BY next_run_at, key LIMIT %(limit)s
+
+-- name: claim_slot
+-- Advances the schedule from the slot and creates its run, in one statement:
+-- no run without the advance, and only one claimant wins the slot.
+WITH adv AS (
+    UPDATE {schema}.schedules SET next_run_at = %(next_run_at)s, updated_at = {now}
+    WHERE key = %(key)s AND next_run_at = %(slot)s RETURNING key
+), ins AS (
+    {insert_run}
+    SELECT %(id)s::text, %(workflow)s::text, 'pending', %(input)s::text, %(idem)s::text,
+        {now}, {now}, {now} FROM adv
+    {on_idempotency_key}
+) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
+
+
+-- The clock and wake-ups --------------------------------------------------------
+
+-- name: now
+SELECT {now}
+
+-- name: next_due
+SELECT extract(epoch FROM min(wake_at) - {now}) FROM {schema}.runs
+WHERE status IN ('sleeping', 'waiting') AND wake_at > {now}
+    AND workflow = ANY(%(workflows)s)

@@ -1,0 +1,197 @@
+-- The database layout, its forward-only migrations, and the statements that
+-- apply them (see _schema.py). {schema} is the schema, quoted by psycopg as
+-- an identifier.
+--
+-- A section named v<N>_<step>_<what> is one statement of the migration from
+-- version N - 1 to version N; a migration runs its statements in <step>
+-- order. Released migrations are never edited, only appended to, so every
+-- database can be brought forward from any older version.
+
+
+-- Applying migrations ------------------------------------------------------------
+
+-- name: schema_state
+-- The version table if it exists, and how many tables and views the schema holds.
+SELECT to_regclass(%(version_table)s), (SELECT count(*) FROM pg_catalog.pg_class c
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = %(schema)s AND c.relkind IN ('r', 'p', 'v', 'm'))
+
+-- name: applied_version
+SELECT max(version) FROM {schema}.reflow_schema
+
+-- name: migration_lock
+SELECT pg_advisory_xact_lock(hashtext(%(key)s))
+
+-- name: schema_exists
+SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %(schema)s
+
+-- name: create_schema
+-- Needs CREATE on the database, so it runs only when the schema is missing.
+CREATE SCHEMA {schema}
+
+-- name: create_version_table
+CREATE TABLE {schema}.reflow_schema (version integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now())
+
+-- name: record_version
+INSERT INTO {schema}.reflow_schema (version) VALUES (%(version)s)
+
+
+-- Version 1 ------------------------------------------------------------------------
+
+-- name: v1_01_runs
+CREATE TABLE {schema}.runs (
+    id               text COLLATE "C" PRIMARY KEY,
+    workflow         text COLLATE "C" NOT NULL,
+    status           text NOT NULL CHECK (status IN (
+                         'pending', 'running', 'sleeping', 'waiting',
+                         'completed', 'failed', 'cancelled')),
+    input            text NOT NULL,
+    output           text,
+    error            text,
+    idempotency_key  text COLLATE "C",
+    attempts         integer NOT NULL DEFAULT 0,
+    reclaims         integer NOT NULL DEFAULT 0,
+    lease_epoch      bigint NOT NULL DEFAULT 0,
+    created_at       timestamptz NOT NULL,
+    updated_at       timestamptz NOT NULL,
+    wake_at          timestamptz,
+    waiting_for      text COLLATE "C",
+    lease_expires_at timestamptz,
+    finished_at      timestamptz
+) WITH (fillfactor = 80)
+
+-- name: v1_02_runs_idempotency
+-- At most one run per (workflow, idempotency key).
+CREATE UNIQUE INDEX runs_idempotency ON {schema}.runs (workflow, idempotency_key)
+    WHERE idempotency_key IS NOT NULL
+
+-- name: v1_03_runs_due
+-- Claimable by due time. Runs leave it when claimed or finished.
+CREATE INDEX runs_due ON {schema}.runs (wake_at)
+    WHERE status IN ('pending', 'sleeping', 'waiting')
+
+-- name: v1_04_runs_running
+-- Running runs, for the lapsed-lease scan (only as many as are in flight).
+CREATE INDEX runs_running ON {schema}.runs (workflow) WHERE status = 'running'
+
+-- name: v1_05_runs_created
+-- Listing, newest first, keyset on (created_at, id), with or without a workflow.
+CREATE INDEX runs_created ON {schema}.runs (created_at, id)
+
+-- name: v1_06_runs_workflow_created
+CREATE INDEX runs_workflow_created ON {schema}.runs (workflow, created_at, id)
+
+-- name: v1_07_runs_finished
+-- Retention: finished runs by when they finished. Its own column, set only
+-- when a run ends, so renewals (which touch updated_at and lease_expires_at,
+-- both unindexed) stay HOT updates.
+CREATE INDEX runs_finished ON {schema}.runs (finished_at)
+    WHERE finished_at IS NOT NULL
+
+-- name: v1_08_steps
+CREATE TABLE {schema}.steps (
+    run_id       text COLLATE "C" NOT NULL,
+    name         text COLLATE "C" NOT NULL,
+    seq          bigint GENERATED ALWAYS AS IDENTITY,
+    status       text NOT NULL CHECK (status IN (
+                     'completed', 'failed', 'skipped', 'sleeping', 'waiting')),
+    output       text,
+    error        text,
+    attempts     integer NOT NULL DEFAULT 1,
+    wake_at      timestamptz,
+    completed_at timestamptz NOT NULL,
+    PRIMARY KEY (run_id, name)
+)
+
+-- name: v1_09_events
+CREATE TABLE {schema}.events (
+    id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    run_id     text COLLATE "C" NOT NULL,
+    name       text COLLATE "C" NOT NULL,
+    payload    text NOT NULL,
+    event_id   text COLLATE "C",
+    created_at timestamptz NOT NULL,
+    taken_at   timestamptz
+)
+
+-- name: v1_10_events_dedupe
+-- Delivery dedupe for as long as the run exists, taken or not.
+CREATE UNIQUE INDEX events_dedupe ON {schema}.events (run_id, event_id)
+    WHERE event_id IS NOT NULL
+
+-- name: v1_11_events_run
+-- The oldest buffered event of a name, and cleanup of a run's events.
+CREATE INDEX events_run ON {schema}.events (run_id, name, id)
+
+-- name: v1_12_schedules
+CREATE TABLE {schema}.schedules (
+    key         text COLLATE "C" PRIMARY KEY,
+    workflow    text COLLATE "C" NOT NULL,
+    input       text NOT NULL,
+    recurrence  text NOT NULL,
+    next_run_at timestamptz NOT NULL,
+    created_at  timestamptz NOT NULL,
+    updated_at  timestamptz NOT NULL
+)
+
+-- name: v1_13_schedules_due
+CREATE INDEX schedules_due ON {schema}.schedules (next_run_at, key)
+
+
+-- Version 2: bounded event buffers ---------------------------------------------------
+
+-- name: v2_01_drop_finished_buffers
+-- A run that ends drops its buffered events (events with an id stay, as taken
+-- and without a payload, for deduplication); runs that ended before this
+-- version kept theirs.
+DELETE FROM {schema}.events AS e USING {schema}.runs AS r
+    WHERE e.run_id = r.id AND r.finished_at IS NOT NULL
+    AND e.taken_at IS NULL AND e.event_id IS NULL
+
+-- name: v2_02_keep_finished_event_ids
+UPDATE {schema}.events AS e SET taken_at = r.finished_at, payload = ''
+    FROM {schema}.runs AS r
+    WHERE e.run_id = r.id AND r.finished_at IS NOT NULL AND e.taken_at IS NULL
+
+-- name: v2_03_runs_buffered
+-- How many untaken events a live run holds: deliver_event checks its cap
+-- against it and adds one, take_event takes one off, and a run's end calls
+-- drop_buffered_events only when it is above zero. Unindexed, so keeping it
+-- is a HOT update of a row those operations lock anyway. Only kept while the
+-- run lives: requeue_run sets it to zero.
+ALTER TABLE {schema}.runs ADD COLUMN buffered integer NOT NULL DEFAULT 0
+
+-- name: v2_04_count_buffered
+UPDATE {schema}.runs AS r SET buffered = b.n
+    FROM (SELECT run_id, count(*) AS n FROM {schema}.events
+          WHERE taken_at IS NULL GROUP BY run_id) AS b
+    WHERE r.id = b.run_id
+
+-- name: v2_05_events_buffered
+-- Untaken events only: taking the oldest of a name and dropping a run's
+-- buffer stay proportional to what is buffered, however many events the run
+-- has taken before.
+CREATE INDEX events_buffered ON {schema}.events (run_id, name, id)
+    WHERE taken_at IS NULL
+
+-- name: v2_06_drop_buffered_events
+-- Called by the statement that ends a run holding buffered events (see
+-- queries.sql), in its transaction. Its queries take a snapshot of their
+-- own, so they see an event whose delivery committed while that statement
+-- waited for the run's row. Returns how many events it dropped.
+CREATE FUNCTION {schema}.drop_buffered_events(run text, at timestamptz)
+    RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    dropped integer;
+    kept integer;
+BEGIN
+    DELETE FROM {schema}.events
+        WHERE run_id = run AND taken_at IS NULL AND event_id IS NULL;
+    GET DIAGNOSTICS dropped = ROW_COUNT;
+    UPDATE {schema}.events SET taken_at = at, payload = ''
+        WHERE run_id = run AND taken_at IS NULL;
+    GET DIAGNOSTICS kept = ROW_COUNT;
+    RETURN dropped + kept;
+END
+$$
