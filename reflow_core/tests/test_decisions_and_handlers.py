@@ -13,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from reflow_conformance.testsupport import wait_until
 from reflow_core import (
     ConfigError,
     Engine,
@@ -45,21 +45,6 @@ def make_engine(storage: Storage, *workflows: Workflow[Any, Any], **options: Any
     options.setdefault("close_storage", False)
     options.setdefault("poll_interval", "0.05s")
     return Engine(storage=storage, workflows=workflows, **options)
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], *, timeout: float = 10.0, what: str = ""
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 def kill(engine: Engine) -> None:
@@ -188,7 +173,7 @@ async def test_on_failure_runs_again_when_its_worker_dies_before_it_returns(
     try:
         async with make_engine(db.connect(), wf, lease="1s") as first:
             run = await first.enqueue(wf)
-            await wait_until(stuck.is_set, what="the first handler call")
+            await wait_until(stuck.is_set, timeout=10, what="the first handler call")
             kill(first)
             mid = await first.get_run_status(run.id)
             # The mark is saved and the run is not failed yet: the handler is owed.
@@ -236,7 +221,7 @@ async def test_a_run_handed_back_in_its_handler_calls_it_again_and_resume_starts
     first = make_engine(db.connect(), wf)
     async with first:
         run = await first.enqueue(wf)
-        await wait_until(lambda: bool(calls), what="the handler")
+        await wait_until(lambda: bool(calls), timeout=10, what="the handler")
         await first.stop(timeout=0)
     async with make_engine(db.connect(), wf) as second:
         with pytest.raises(RunFailedError):
@@ -262,7 +247,7 @@ async def test_a_handler_that_keeps_killing_its_workers_is_given_up(db: Database
     try:
         async with make_engine(db.connect(), wf, lease="0.5s") as first:
             run = await first.enqueue(wf)
-            await wait_until(lambda: bool(calls), what="the first handler call")
+            await wait_until(lambda: bool(calls), timeout=10, what="the first handler call")
             kill(first)
             async with make_engine(
                 db.connect(), wf, lease="0.5s", max_reclaims=0, on_error=errors.append
@@ -366,7 +351,7 @@ async def test_a_failing_hook_and_a_failing_handler_reach_on_error_as_hook_error
         assert await engine.result(done.id, timeout=10) == "A"  # the run is unaffected
         with pytest.raises(RunFailedError):
             await engine.result(failed.id, timeout=10)
-        await wait_until(lambda: len(seen) >= 2, what="two reports")
+        await wait_until(lambda: len(seen) >= 2, timeout=10, what="two reports")
     by_where = {e.where: e for e in seen}
     hook = by_where["reflow_run_completed hook"]
     assert isinstance(hook.original, ConnectionError)

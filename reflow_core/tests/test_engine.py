@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -22,6 +22,7 @@ from typing import Any
 import pydantic
 import pytest
 
+from reflow_conformance.testsupport import wait_until
 from reflow_core import (
     ConfigError,
     Engine,
@@ -65,21 +66,6 @@ async def idle_engine(
         yield engine
     finally:
         await engine.stop(timeout=0)
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], *, timeout: float = 5.0, what: str = ""
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        await asyncio.sleep(0.01)
 
 
 async def wait_for_status(engine: Engine, run_id: str, *statuses: str, timeout: float = 5) -> Run:

@@ -62,6 +62,7 @@ __all__ = [
     "from_epoch_us",
     "load_queries",
     "new_run_id",
+    "new_run_record",
     "purge_in_batches",
     "render_sql",
     "run_from_row",
@@ -194,6 +195,26 @@ def schedule_from_row(row: Sequence[Any], time: TimeReader) -> ScheduleRecord:
         next_run_at=time(row[4]),
         created_at=time(row[5]),
         updated_at=time(row[6]),
+    )
+
+
+def new_run_record(run_id: str, new: NewRun, now: datetime) -> RunRecord:
+    """The record of a run just created from ``new`` at ``now``: pending, due
+    at once, never attempted, with no output, error or lease."""
+    return RunRecord(
+        id=run_id,
+        workflow=new.workflow,
+        status="pending",
+        input=new.input,
+        output=None,
+        error=None,
+        idempotency_key=new.idempotency_key,
+        attempts=0,
+        reclaims=0,
+        lease_epoch=0,
+        created_at=now,
+        updated_at=now,
+        wake_at=now,
     )
 
 

@@ -32,6 +32,7 @@ from .adapter import (
     check_text,
     decode_cursor,
     new_run_id,
+    new_run_record,
     purge_in_batches,
     run_page,
     utcnow,
@@ -162,21 +163,7 @@ class MemoryStorage:
         run_id = new.run_id or new_run_id()
         if run_id in self._runs:
             raise StorageError(f"run id {run_id!r} already exists", operation="create_run")
-        record = RunRecord(
-            id=run_id,
-            workflow=new.workflow,
-            status="pending",
-            input=new.input,
-            output=None,
-            error=None,
-            idempotency_key=new.idempotency_key,
-            attempts=0,
-            reclaims=0,
-            lease_epoch=0,
-            created_at=now,
-            updated_at=now,
-            wake_at=now,
-        )
+        record = new_run_record(run_id, new, now)
         self._runs[run_id] = _Run(record)
         if new.idempotency_key is not None:
             self._idem[(new.workflow, new.idempotency_key)] = run_id

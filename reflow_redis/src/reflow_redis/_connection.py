@@ -22,7 +22,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from reflow_core.adapter import Lifecycle, to_epoch_us
+from reflow_core.adapter import Lifecycle, new_run_record, to_epoch_us
 from reflow_core.errors import ConfigError, ReflowError, StorageError
 from reflow_core.options import redact
 from reflow_core.storage import NewRun, RunRecord
@@ -256,18 +256,4 @@ class _Connection:
         except _BadData as exc:
             raise self._bad("create_run", exc) from exc
         assert now is not None
-        return RunRecord(
-            id=run_id,
-            workflow=new.workflow,
-            status="pending",
-            input=new.input,
-            output=None,
-            error=None,
-            idempotency_key=new.idempotency_key,
-            attempts=0,
-            reclaims=0,
-            lease_epoch=0,
-            created_at=now,
-            updated_at=now,
-            wake_at=now,
-        )
+        return new_run_record(run_id, new, now)

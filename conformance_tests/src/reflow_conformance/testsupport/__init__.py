@@ -66,7 +66,7 @@ from ._check import (
 )
 from ._log import Execution, ExecutionLog, Save, read_log
 from ._processes import Workers, child_env
-from ._runner import FakeClock, run_async_tests
+from ._runner import FakeClock, run_async_tests, wait_until
 from ._worker import main as main
 from ._workflows import NAP_SECONDS, SCENARIOS, STEPS, build
 
@@ -89,4 +89,5 @@ __all__ = [
     "read_outcome",
     "read_outcome_at",
     "run_async_tests",
+    "wait_until",
 ]
