@@ -21,8 +21,8 @@ pytestmark = pytest.mark.reflow_conformance
 __all__ = ["TestProcesses"]
 
 _WORKER = Path(__file__).with_name("_claimer.py")
-_PROCESSES = 3
-_RUNS = 300
+_PROCESSES = 4
+_RUNS = 2000
 _START_TIMEOUT = 60.0
 _RUN_TIMEOUT = 120.0
 
