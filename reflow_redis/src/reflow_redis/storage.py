@@ -355,7 +355,9 @@ class RedisStorage(_Schedules):
     async def claim_runs(
         self, workflows: Collection[str], limit: int, lease: timedelta
     ) -> list[ClaimedRun]:
-        names = [check_text(name, "workflow") for name in workflows]
+        # Each name once: the claim script walks the due set of every name it
+        # is given, and a repeated one would hand out the same run again.
+        names = list(dict.fromkeys(check_text(name, "workflow") for name in workflows))
         check_duration(lease, "lease")
         if limit < 1 or not names:
             return []

@@ -94,6 +94,27 @@ class TestClaimBatches:
 
         reflow.run(body)
 
+    def test_a_workflow_named_twice_is_claimed_once(self, reflow: Harness) -> None:
+        wf = reflow.unique()
+
+        async def body(s: Storage) -> None:
+            ids = await create_many(s, wf, 3)
+            claimed = await s.claim_runs([wf, wf, wf], 3, reflow.long_lease)
+            got = [cl.run.id for cl in claimed]
+            promise(
+                len(got) == len(set(got)),
+                P.ONE_LIVE_LEASE,
+                f"a claim naming {wf!r} three times handed out one run more than once: "
+                f"{[(cl.run.id, cl.lease.epoch) for cl in claimed]}",
+            )
+            promise(set(got) <= set(ids), P.CLAIM_LIMIT, f"claimed {got}, created {ids}")
+            for cl in claimed:
+                promise(
+                    cl.lease.epoch == 1, P.CLAIM_COUNTS, f"first claim at epoch {cl.lease.epoch}"
+                )
+
+        reflow.run(body)
+
     def test_nothing_to_claim_gives_an_empty_list(self, reflow: Harness) -> None:
         wf = reflow.unique()
 
