@@ -1,8 +1,9 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
-Each class below is the in-memory reference backend with exactly one promise
-of the storage contract broken, the way a real adapter might get it wrong (a
-claim query missing a clause, a fence that checks too little). Each has a
+Each class below is the in-memory reference backend (or, where the bug lives
+in a query, the SQLite backend) with exactly one promise of the storage
+contract broken, the way a real adapter might get it wrong (a claim query
+missing a clause, a fence that checks too little). Each has a
 zero-argument factory usable as ``--reflow-storage=broken_adapters:<factory>``;
 every call of one factory opens the same named store of this process, as a
 second connection to one database would. ``correct`` is the unbroken backend,
@@ -25,28 +26,35 @@ on every run.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
+import tempfile
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import Phase, settings
 
 from reflow_core.adapter import (
     MAX_DURATION,
+    check_duration,
     check_purge,
     check_purge_limit,
+    check_text,
     decode_cursor,
     encode_cursor,
     purge_in_batches,
+    span_us,
     utcnow,
 )
 from reflow_core.errors import IdempotencyConflictError
 from reflow_core.memory import MemoryStorage, _Run
 from reflow_core.storage import (
     TERMINAL_STATUSES,
+    ClaimedRun,
     CreateResult,
     EventTake,
     Lease,
@@ -56,6 +64,8 @@ from reflow_core.storage import (
     RunStatus,
     StepRecord,
 )
+from reflow_sqlite import SQLiteStorage
+from reflow_sqlite import _scripts as sqlite_scripts
 
 __all__ = [
     "FACTORIES",
@@ -562,7 +572,7 @@ def purge_keeps_event_ids() -> MemoryStorage:
     return PurgeKeepsEventIds(name=_store("purge_keeps_event_ids"))
 
 
-FACTORIES: dict[str, Callable[[], MemoryStorage]] = {
+FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
     factory.__name__: factory
     for factory in (
         double_claim,
@@ -589,3 +599,229 @@ FACTORIES: dict[str, Callable[[], MemoryStorage]] = {
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""
+
+
+class StaleReads(MemoryStorage):
+    """Breaks *what one connection writes, every other connection reads*: each
+    storage object caches the runs and steps it has read and refreshes a run's
+    entry only when it writes to that run itself, as a per-connection cache in
+    front of a shared database would. Claims still read the store."""
+
+    def __init__(self, *, name: str) -> None:
+        super().__init__(name=name)
+        self._read_runs: dict[str, RunRecord | None] = {}
+        self._read_steps: dict[str, dict[str, StepRecord]] = {}
+
+    def _forget(self, run_id: str) -> None:
+        self._read_runs.pop(run_id, None)
+        self._read_steps.pop(run_id, None)
+
+    def _update(self, entry: _Run, now: datetime, **changes: object) -> None:
+        self._forget(entry.record.id)
+        super()._update(entry, now, **changes)
+
+    def _store_step(self, entry: _Run, step: StepRecord, now: datetime) -> None:
+        self._forget(entry.record.id)
+        super()._store_step(entry, step, now)
+
+    async def create_run(self, new: NewRun) -> CreateResult:
+        result = await super().create_run(new)
+        self._forget(result.run.id)
+        return result
+
+    async def purge_finished(
+        self, older_than: timedelta, *, batch: int = 1000, limit: int | None = None
+    ) -> int:
+        self._read_runs.clear()
+        self._read_steps.clear()
+        return await super().purge_finished(older_than, batch=batch, limit=limit)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        if run_id not in self._read_runs:
+            self._read_runs[run_id] = await super().get_run(run_id)
+        return self._read_runs[run_id]
+
+    async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
+        if run_id not in self._read_steps:
+            self._read_steps[run_id] = await super().get_step_results(run_id)
+        return dict(self._read_steps[run_id])
+
+
+class ReclaimsFirstWorkflowOnly(MemoryStorage):
+    """Breaks *a claim for several workflows takes the claimable runs of each*:
+    a claim reclaims lapsed leases of the first workflow it is given only, as
+    if the lapsed-lease query were bound to ``workflows[0]``. Due runs of
+    every workflow are still claimed; with the engine, a dead worker's runs of
+    any other workflow are stranded."""
+
+    _first: str | None = None
+
+    async def claim_runs(
+        self, workflows: Collection[str], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]:
+        # No await before the claim's own loop, so no other claim interleaves.
+        self._first = next(iter(workflows), None)
+        return await super().claim_runs(workflows, limit, lease)
+
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+        if rec.status == "running" and rec.workflow != self._first:
+            return None
+        return super()._due(rec, now)
+
+
+_BY_DUE_TIME = """
+SELECT id, status = 'running' FROM runs
+WHERE workflow IN ({marks}) AND (
+    (status = 'running' AND lease_expires_at <= ?)
+    OR (status IN ('pending', 'sleeping', 'waiting') AND wake_at <= ?))
+ORDER BY coalesce(wake_at, lease_expires_at), id LIMIT ?
+"""
+
+
+def _claim_by_due_time(
+    now: int, workflows: list[str], limit: int, lease_us: int
+) -> sqlite_scripts.Script[list[ClaimedRun]]:
+    """The SQLite backend's claim, with its runs chosen by one query in due
+    order, a lapsed lease due when it lapsed; the rest of the claim is the
+    backend's own script, told which of them were lapsed."""
+    sql = _BY_DUE_TIME.format(marks=",".join("?" * len(workflows)))
+    rows = yield sql, (*workflows, now, now, limit)
+    lapsed = [(row[0],) for row in rows if row[1]]
+    due = [(row[0],) for row in rows if not row[1]]
+    claim = sqlite_scripts.claim(now, workflows, limit, lease_us)
+    try:
+        request = next(claim)  # the lapsed runs
+        request = claim.send(lapsed)
+        if len(lapsed) < limit:  # then the others
+            request = claim.send(due)
+        while True:
+            answer = yield request
+            request = claim.send(answer)
+    except StopIteration as stop:
+        result: list[ClaimedRun] = stop.value
+        return result
+
+
+class ClaimsBacklogFirst(SQLiteStorage):
+    """Breaks *a claim takes runs with lapsed leases before other claimable
+    runs*, on the SQLite backend: one query picks the claimable runs by due
+    time, counting a lapsed lease as due when it lapsed, so a backlog of runs
+    due earlier starves a dead worker's runs."""
+
+    async def claim_runs(
+        self, workflows: Collection[str], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]:
+        names = [check_text(name, "workflow") for name in dict.fromkeys(workflows)]
+        check_duration(lease, "lease")
+        if limit <= 0 or not names:
+            return []
+        lease_us = span_us(lease)
+        return await self._call(
+            "claim_runs", lambda now: _claim_by_due_time(now, names, limit, lease_us)
+        )
+
+
+def _remove_database(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+
+
+_BACKLOG_FIRST_DB = Path(tempfile.gettempdir()) / f"{_store('claims_backlog_first')}.db"
+"""The SQLite file every ``claims_backlog_first`` storage of this process opens."""
+atexit.register(_remove_database, _BACKLOG_FIRST_DB)
+
+
+def stale_reads() -> MemoryStorage:
+    return StaleReads(name=_store("stale_reads"))
+
+
+def reclaims_first_workflow_only() -> MemoryStorage:
+    return ReclaimsFirstWorkflowOnly(name=_store("reclaims_first_workflow_only"))
+
+
+def claims_backlog_first() -> SQLiteStorage:
+    return ClaimsBacklogFirst(_BACKLOG_FIRST_DB)
+
+
+__all__ += ["claims_backlog_first", "reclaims_first_workflow_only", "stale_reads"]
+FACTORIES.update(
+    {
+        factory.__name__: factory
+        for factory in (stale_reads, reclaims_first_workflow_only, claims_backlog_first)
+    }
+)
+
+
+from collections.abc import Awaitable  # noqa: E402
+from typing import Literal, TypeVar  # noqa: E402
+
+from reflow_core.storage import WaitResult  # noqa: E402
+
+_T = TypeVar("_T")
+
+
+class SplitFence(MemoryStorage):
+    """Breaks *a fenced write racing a cancel, requeue or reclaim lands before
+    it or is refused*: every fenced write checks its lease, then yields (the
+    write is a second round trip) and writes without checking again, so a
+    cancel, requeue or reclaim that lands in between is overwritten while both
+    sides report success."""
+
+    _unchecked = False
+
+    def _live(self, lease: Lease, now: datetime) -> _Run | None:
+        if self._unchecked:
+            return self._runs.get(lease.run_id)
+        return super()._live(lease, now)
+
+    async def _split(self, lease: Lease, write: Callable[[], Awaitable[_T]], refused: _T) -> _T:
+        if super()._live(lease, self._clock()) is None:
+            return refused
+        await asyncio.sleep(0)
+        self._unchecked = True
+        try:
+            return await write()  # runs to its end without yielding
+        finally:
+            self._unchecked = False
+
+    async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
+        parent = super()
+        return await self._split(lease, lambda: parent.heartbeat_run(lease, extend), False)
+
+    async def save_step_result(self, lease: Lease, step: StepRecord, extend: timedelta) -> bool:
+        parent = super()
+        return await self._split(lease, lambda: parent.save_step_result(lease, step, extend), False)
+
+    async def finish_run(
+        self,
+        lease: Lease,
+        status: Literal["completed", "failed"],
+        *,
+        output: str | None = None,
+        error: str | None = None,
+        step: StepRecord | None = None,
+    ) -> bool:
+        parent = super()
+        return await self._split(
+            lease,
+            lambda: parent.finish_run(lease, status, output=output, error=error, step=step),
+            False,
+        )
+
+    async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
+        parent = super()
+        return await self._split(lease, lambda: parent.sleep_run(lease, step, duration), None)
+
+    async def wait_run(
+        self, lease: Lease, step: str, event: str, timeout: timedelta | None
+    ) -> WaitResult | None:
+        parent = super()
+        return await self._split(lease, lambda: parent.wait_run(lease, step, event, timeout), None)
+
+
+def split_fence() -> MemoryStorage:
+    return SplitFence(name=_store("split_fence"))
+
+
+__all__ += ["split_fence"]
+FACTORIES[split_fence.__name__] = split_fence

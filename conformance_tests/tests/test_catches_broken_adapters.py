@@ -1,7 +1,8 @@
 """The suite catches broken adapters, and names the promise each one broke.
 
-Every adapter in ``broken_adapters`` is the in-memory backend with one promise
-broken. Each runs through the suite the way a third party runs it
+Every adapter in ``broken_adapters`` is a backend of this repository (memory,
+or SQLite for a claim-query bug) with one promise broken. Each runs through the
+suite the way a third party runs it
 (``pytest --pyargs reflow_conformance.suite --reflow-storage=module:factory``,
 in a fresh interpreter), restricted with ``-k`` to the modules that check that
 promise, plus the stateful machine where it finds the breakage on its own. The
@@ -113,6 +114,10 @@ CASES = [
     Case("purge_keeps_keys", (P.PURGE_FREES_KEY,), _RETENTION),
     Case("purge_leaves_steps", (P.PURGE_LEAVES_NOTHING,), _RETENTION),
     Case("purge_keeps_event_ids", (P.PURGE_LEAVES_NOTHING,), _RETENTION),
+    Case("stale_reads", (P.WRITES_SEEN_EVERYWHERE,), ("test_connections",)),
+    Case("reclaims_first_workflow_only", (P.CLAIM_EVERY_WORKFLOW,), ("test_connections",)),
+    Case("claims_backlog_first", (P.RECLAIM_PREFERRED,), ("test_connections",)),
+    Case("split_fence", (P.FENCE_RACES_CANCEL, P.FENCE_RACES_RECLAIM), ("test_races",)),
 ]
 
 

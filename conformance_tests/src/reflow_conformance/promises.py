@@ -105,3 +105,18 @@ PURGE_ARGS = (
     "purge_finished refuses a negative older_than, a batch below 1, or a limit below 1 or a "
     "bool, with ConfigError, deleting nothing"
 )
+WRITES_SEEN_EVERYWHERE = (
+    "what one connection writes, every other connection reads and claims at once: "
+    "steps, their updates, and the run's status"
+)
+CLAIM_EVERY_WORKFLOW = (
+    "a claim for several workflows takes the claimable runs, lapsed leases included, of each"
+)
+FENCE_RACES_CANCEL = (
+    "a fenced write racing a cancel or requeue of its run lands before it or is refused: "
+    "a cancel or requeue that reported success is never undone"
+)
+FENCE_RACES_RECLAIM = (
+    "a holder's write racing a reclaim of its lapsed lease lands before it or is refused: "
+    "never both"
+)
