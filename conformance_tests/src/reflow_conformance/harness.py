@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import pytest
+
 from reflow_core import open_storage
 from reflow_core.storage import Storage
 
@@ -139,6 +141,17 @@ class Harness:
 
     def supports(self, capability: str) -> bool:
         return capability in self.factory.capabilities
+
+    def process_target(self) -> str:
+        """The target another process rebuilds the adapter from; a test of
+        the ``multiprocess`` capability fails, naming the adapter, without one."""
+        target = self.factory.target
+        if target is None:
+            pytest.fail(
+                f"adapter {self.factory.name} declares 'multiprocess' but its "
+                "AdapterFactory has no target another process can rebuild it from"
+            )
+        return target
 
     def unique(self, prefix: str = "wf") -> str:
         """A name no other test, run or process uses."""

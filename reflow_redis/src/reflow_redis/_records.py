@@ -15,10 +15,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, cast, get_args
 
 from reflow_core.adapter import from_epoch_us, to_epoch_us
 from reflow_core.storage import RunRecord, RunStatus, ScheduleRecord, StepRecord, StepStatus
+
+_RUN_STATUSES = frozenset(get_args(RunStatus))
+"""Every status a stored run may hold."""
 
 
 class _BadData(Exception):
@@ -74,15 +77,7 @@ def _run_record(run_id: str, fields: Mapping[str, str]) -> RunRecord:
     where = f"run {run_id!r}"
     try:
         status = fields["st"]
-        if status not in (
-            "pending",
-            "running",
-            "sleeping",
-            "waiting",
-            "completed",
-            "failed",
-            "cancelled",
-        ):
+        if status not in _RUN_STATUSES:
             raise _BadData(f"{where} has an unknown status {status!r}")
         created = _time(fields["c"], where)
         updated = _time(fields["u"], where)

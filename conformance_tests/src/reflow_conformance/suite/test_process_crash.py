@@ -54,12 +54,7 @@ class TestProcessCrash:
     def test_a_worker_killed_mid_step_loses_no_run_and_saves_no_step_twice(
         self, reflow: Harness, tmp_path: Path
     ) -> None:
-        target = reflow.factory.target
-        if target is None:
-            pytest.fail(
-                f"adapter {reflow.factory.name} declares 'multiprocess' but its "
-                "AdapterFactory has no target another process can rebuild it from"
-            )
+        target = reflow.process_target()
         wf = reflow.unique("crash")
         lease = max(2.0, 5 * reflow.short_lease.total_seconds())
         logdir = tmp_path / "logs"

@@ -32,12 +32,7 @@ class TestProcesses:
     def test_claimers_in_several_processes_get_disjoint_runs(
         self, reflow: Harness, tmp_path: Path
     ) -> None:
-        target = reflow.factory.target
-        if target is None:
-            pytest.fail(
-                f"adapter {reflow.factory.name} declares 'multiprocess' but its "
-                "AdapterFactory has no target another process can rebuild it from"
-            )
+        target = reflow.process_target()
         wf = reflow.unique()
         outputs = [tmp_path / f"claims-{i}.txt" for i in range(_PROCESSES)]
 
