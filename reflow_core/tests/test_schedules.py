@@ -677,3 +677,68 @@ def test_the_example_runs() -> None:
     keys = re.findall(r"schedule:ops-report:(\d+)  completed: ops report built at", out)
     assert len(keys) >= 1
     assert all(int(k) % 1000 == 0 for k in keys)
+
+
+class SchedulesNotBuilt(FlakySchedules):
+    """A storage whose adapter has not built schedules yet: ``due_schedules``
+    raises ``NotImplementedError`` (not a ReflowError) every time."""
+
+    async def due_schedules(self, limit: int) -> Any:
+        self.left += 1
+        raise NotImplementedError("due_schedules")
+
+
+@pytest.mark.allow_error_logs
+async def test_an_adapter_error_from_schedules_never_stops_the_worker(
+    store: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An adapter that raises something other than a StorageError while the
+    worker looks for due schedules still gets its runs claimed and run; the
+    error is logged with its traceback, the first time, not on every poll."""
+    lacking = SchedulesNotBuilt(store, failures=0)
+    engine = make_engine(lacking, plain, poll_interval="10ms")  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="reflow.engine"):
+        async with engine:
+            run = await engine.enqueue(plain, None)
+            await engine.result(run.id, timeout="5s")
+
+            async def looked_often() -> bool:
+                return lacking.left >= 12
+
+            await wait_until(looked_often, what="the worker to look for schedules a dozen times")
+            assert engine.running
+    logged = [r for r in caplog.records if "firing schedules failed" in r.getMessage()]
+    assert 1 <= len(logged) <= 2, [r.getMessage() for r in logged]
+    assert logged[0].exc_info is not None
+    assert "NotImplementedError" in caplog.text
+
+
+class ClaimBreaksOnce(FlakySchedules):
+    """``claim_runs`` raises ``RuntimeError`` (an adapter bug) on its first
+    ``failures`` calls; schedules work."""
+
+    async def due_schedules(self, limit: int) -> Any:
+        return await self._inner.due_schedules(limit)
+
+    async def claim_runs(self, *args: Any, **kwargs: Any) -> Any:
+        if self.left > 0:
+            self.left -= 1
+            raise RuntimeError("adapter bug")
+        return await self._inner.claim_runs(*args, **kwargs)
+
+
+@pytest.mark.allow_error_logs
+async def test_an_adapter_error_from_a_claim_is_logged_and_retried(
+    store: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = ClaimBreaksOnce(store, failures=1)
+    engine = make_engine(broken, plain, poll_interval="10ms")  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="reflow.engine"):
+        async with engine:
+            run = await engine.enqueue(plain, None)
+            await engine.result(run.id, timeout="5s")
+            assert engine.running
+    assert broken.left == 0
+    failed = [r for r in caplog.records if "claim failed" in r.getMessage()]
+    assert len(failed) == 1
+    assert failed[0].exc_info is not None

@@ -40,6 +40,9 @@ _PURGE_LIMIT = 1000
 _PURGE_BATCH = 250
 """Runs deleted per storage transaction in a retention pass."""
 _SCHEDULE_BATCH = 100
+_LOGGED_REPEATS = frozenset({1, 10, 100})
+"""Which repeats of an unexpected error from firing schedules are logged
+(then every thousandth), so a storage lacking schedules does not flood the log."""
 """Due schedules fired per look; a full batch makes the dispatcher look again at once."""
 _HINT_GAP_MIN = 0.002
 _HINT_GAP_MAX = 0.05
@@ -96,6 +99,7 @@ class Worker:
         self._stopping = False
         self._more_work = False
         self._empty_claims = 0
+        self._adapter_errors = 0
         self._last_empty_claim = 0.0
         self._hint_timer: asyncio.TimerHandle | None = None
 
@@ -218,6 +222,15 @@ class Worker:
         except ReflowError as exc:
             logger.warning("firing schedules failed (%s); retrying at the next poll", exc)
             return
+        except Exception:  # an adapter bug: say so, and keep claiming runs
+            self._adapter_errors += 1
+            if self._adapter_errors in _LOGGED_REPEATS or self._adapter_errors % 1000 == 0:
+                logger.exception(
+                    "firing schedules failed: the storage raised an unexpected error "
+                    "(%d so far); runs are still claimed, schedules retried at the next poll",
+                    self._adapter_errors,
+                )
+            return
         if fired:
             self.wake.set()
 
@@ -249,6 +262,15 @@ class Worker:
                 failures += 1
                 delay = min(self._poll * 2 ** min(failures, 6), 30.0)
                 logger.warning("claim failed (%s); retrying in %.1fs", exc, delay)
+                await self._idle(delay)
+                continue
+            except Exception:  # an adapter bug: say so, and keep the loop alive
+                failures += 1
+                delay = min(self._poll * 2 ** min(failures, 6), 30.0)
+                logger.exception(
+                    "claim failed: the storage raised an unexpected error; retrying in %.1fs",
+                    delay,
+                )
                 await self._idle(delay)
                 continue
             if claimed:
