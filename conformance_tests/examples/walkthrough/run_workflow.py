@@ -1,0 +1,41 @@
+"""Run a real workflow on the tutorial adapter, through its URL.
+
+    python run_workflow.py tutorial-sqlite:///walkthrough.db
+
+Two steps, a durable sleep and a wait for an event: every kind of write the
+engine makes goes through the adapter.
+"""
+
+import asyncio
+import sys
+
+from reflow_core import Engine, StepContext, open_storage, workflow
+
+
+def reserve(ctx: StepContext[dict[str, int], None]) -> int:
+    return ctx.input["seats"]
+
+
+def confirm(ctx: StepContext[dict[str, int], dict[str, str]]) -> str:
+    return f"{ctx.input['seats']} seats, paid by {ctx.prev['payer']}"
+
+
+booking = (
+    workflow("booking")
+    .step("reserve", reserve)
+    .sleep("hold", "200ms")  # the run sleeps in the store, holding no lease
+    .wait_for_event("paid", timeout="30s")  # and waits there for an event
+    .step("confirm", confirm)
+)
+
+
+async def main(url: str) -> None:
+    storage = open_storage(url)  # found through the entry point named after the URL's scheme
+    async with Engine(storage=storage, workflows=[booking], poll_interval="0.1s") as engine:
+        run = await engine.enqueue(booking, {"seats": 2}, idempotency_key="booking-1")
+        await engine.send_event(run.id, "paid", {"payer": "ada"}, event_id="payment-1")
+        print(await engine.result(run.id, timeout=30))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))

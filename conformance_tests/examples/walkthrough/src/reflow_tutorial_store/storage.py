@@ -1,0 +1,737 @@
+"""``tutorial-sqlite://``: the Reflow storage protocol on one SQLite file,
+through the standard library's blocking ``sqlite3`` module.
+
+Design, in four decisions:
+
+* **One thread per storage object.** ``sqlite3`` blocks, and the engine's
+  event loop also runs every heartbeat, so no call may run on the loop. Each
+  storage owns one worker thread that opens the connection and runs every
+  transaction: a connection used by one thread only needs no lock of ours.
+* **One transaction per operation,** begun with ``BEGIN IMMEDIATE`` so it
+  takes SQLite's single write lock before its first read. Whatever an
+  operation reads, it writes on, with no other writer in between, in this
+  process or another.
+* **One clock: this host's.** SQLite has no server; every process that opens
+  the file runs on this host (WAL needs shared memory), so the host clock is
+  the store's clock. Each transaction reads it once, after taking the write
+  lock, so the times written follow the order of the writes.
+* **Times are integer microseconds since the epoch:** they compare as
+  integers in SQL and keep more than the millisecond the contract asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from typing import Any, Literal, TypeVar
+
+from reflow_core import adapter as kit
+from reflow_core.errors import (
+    ConfigError,
+    EventBufferFullError,
+    IdempotencyConflictError,
+    SchemaVersionError,
+    StorageError,
+)
+from reflow_core.storage import (
+    TERMINAL_STATUSES,
+    ClaimedRun,
+    CreateResult,
+    EventTake,
+    Lease,
+    NewRun,
+    RunPage,
+    RunRecord,
+    RunStatus,
+    ScheduleRecord,
+    ScheduleSpec,
+    StepRecord,
+    WaitResult,
+)
+
+__all__ = ["TutorialStorage"]
+
+T = TypeVar("T")
+BACKEND = "tutorial-sqlite"
+
+# --8<-- [start:schema]
+# PRAGMA application_id marks a file as ours ("TUTR"), user_version is the
+# schema version: initialize() refuses any other file rather than write to it.
+APPLICATION_ID = 1414878290
+SCHEMA_VERSION = 1
+SCHEMA = (
+    # The first fifteen columns are kit.RUN_COLUMNS, in its order, so that
+    # reflow_core.adapter.run_from_row maps a row without a line of ours.
+    """CREATE TABLE runs (
+        id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
+        input TEXT NOT NULL, output TEXT, error TEXT, idempotency_key TEXT,
+        attempts INTEGER NOT NULL, reclaims INTEGER NOT NULL, lease_epoch INTEGER NOT NULL,
+        created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, wake_at INTEGER,
+        waiting_for TEXT, lease_expires_at INTEGER,
+        finished_at INTEGER,  -- set when the run ends, cleared by a requeue: for purges
+        UNIQUE (workflow, idempotency_key)  -- SQLite lets NULL keys repeat
+    )""",
+    "CREATE INDEX runs_claim ON runs (workflow, status)",
+    "CREATE INDEX runs_created ON runs (created_at, id)",
+    "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
+    """CREATE TABLE steps (
+        run_id TEXT NOT NULL, name TEXT NOT NULL, status TEXT NOT NULL, output TEXT,
+        error TEXT, attempts INTEGER NOT NULL, wake_at INTEGER, completed_at INTEGER NOT NULL,
+        PRIMARY KEY (run_id, name)
+    )""",
+    # Buffered (untaken) events only: taking one deletes it, ending a run
+    # deletes them all. AUTOINCREMENT keeps arrival order.
+    """CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,
+        name TEXT NOT NULL, payload TEXT NOT NULL
+    )""",
+    "CREATE INDEX events_run ON events (run_id, name, seq)",
+    # Event ids outlive their events: a repeated id is a no-op as long as the run exists.
+    "CREATE TABLE event_ids (run_id TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (run_id, id))",
+    """CREATE TABLE schedules (
+        key TEXT PRIMARY KEY, workflow TEXT NOT NULL, input TEXT NOT NULL,
+        recurrence TEXT NOT NULL, next_run_at INTEGER NOT NULL,
+        created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
+    )""",
+    f"PRAGMA application_id = {APPLICATION_ID}",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+# kit.render_sql fills in our own column lists, never a value: values are bound.
+COLUMNS = {"run": kit.RUN_COLUMNS, "step": kit.STEP_COLUMNS, "schedule": kit.SCHEDULE_COLUMNS}
+GET_RUN = kit.render_sql("SELECT {run} FROM runs WHERE id = ?", COLUMNS)
+GET_RUN_BY_KEY = kit.render_sql(
+    "SELECT {run} FROM runs WHERE workflow = ? AND idempotency_key = ?", COLUMNS
+)
+GET_STEPS = kit.render_sql("SELECT {step} FROM steps WHERE run_id = ?", COLUMNS)
+GET_STEP = kit.render_sql("SELECT {step} FROM steps WHERE run_id = ? AND name = ?", COLUMNS)
+LIST_SCHEDULES = kit.render_sql("SELECT {schedule} FROM schedules ORDER BY key", COLUMNS)
+DUE_SCHEDULES = kit.render_sql(
+    "SELECT {schedule} FROM schedules WHERE next_run_at <= ? ORDER BY next_run_at, key LIMIT ?",
+    COLUMNS,
+)
+UPSERT_SCHEDULE = kit.render_sql(
+    # Re-registering with the same recurrence keeps the cadence (next_run_at).
+    "INSERT INTO schedules VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET workflow = excluded.workflow,"
+    " input = excluded.input, updated_at = excluded.updated_at,"
+    " next_run_at = CASE WHEN recurrence = excluded.recurrence"
+    "  THEN next_run_at ELSE excluded.next_run_at END,"
+    " recurrence = excluded.recurrence RETURNING {schedule}",
+    COLUMNS,
+)
+LIST_RUNS = kit.render_sql(
+    "SELECT {run} FROM runs WHERE (:workflow IS NULL OR workflow = :workflow)"
+    " AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))"
+    " AND (:after_at IS NULL OR (created_at, id) < (:after_at, :after_id))"
+    " ORDER BY created_at DESC, id DESC LIMIT :limit",
+    COLUMNS,
+)
+# --8<-- [end:schema]
+
+
+def clock_us() -> int:
+    """The store's clock, in microseconds since the epoch (see the module docstring)."""
+    return time.time_ns() // 1000
+
+
+class TutorialStorage:
+    """A Reflow storage on the SQLite file ``path``. Several processes on this
+    host may share the file; ``timeout`` is how long (seconds) a transaction
+    waits for another one's write lock before failing with ``StorageError``."""
+
+    # --8<-- [start:lifecycle]
+    def __init__(self, path: str, *, timeout: float = 10.0) -> None:
+        self._path = path
+        self._timeout = timeout
+        # kit.Lifecycle refuses every operation before initialize() and after
+        # close(), with the same StorageError as every other backend.
+        self._life = kit.Lifecycle(BACKEND)
+        # The thread starts with the first call, and every call runs on it.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=BACKEND)
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    def from_url(cls, url: str, /, **options: Any) -> TutorialStorage:
+        """``tutorial-sqlite:///relative.db`` or ``tutorial-sqlite:////abs/path.db``."""
+        scheme, _, rest = url.partition("://")
+        path = rest.removeprefix("/")
+        if scheme.lower() != BACKEND or not path or "?" in path:
+            raise ConfigError(f"expected {BACKEND}:///path/to/file.db, got {url!r}", option="url")
+        return cls(path, **options)
+
+    async def initialize(self) -> None:
+        self._life.check_open()  # a closed storage stays closed
+        if not self._life.initialized:
+            self._conn = await self._call("initialize", self._open)
+            self._life.initialized = True
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: sqlite3 opens no transaction of its own; we do.
+        conn = sqlite3.connect(self._path, timeout=self._timeout, isolation_level=None)
+        try:
+            # WAL: readers never block the writer, and other processes can share the file.
+            # synchronous=NORMAL: a commit survives a killed process (not a power cut).
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            # Several processes may initialize at once: the check and the
+            # CREATEs are one write transaction, so exactly one creates.
+            conn.execute("BEGIN IMMEDIATE")
+            (app_id,) = conn.execute("PRAGMA application_id").fetchone()
+            (version,) = conn.execute("PRAGMA user_version").fetchone()
+            (objects,) = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+            if app_id == APPLICATION_ID and version > SCHEMA_VERSION:
+                message = f"{self._path} has schema version {version}; upgrade this package"
+                raise SchemaVersionError(message, operation="initialize", backend=BACKEND)
+            if app_id != APPLICATION_ID and (app_id or objects):
+                message = f"{self._path} holds another application's data"
+                raise StorageError(message, operation="initialize", backend=BACKEND)
+            if app_id != APPLICATION_ID:
+                for statement in SCHEMA:
+                    conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()  # rolls back whatever was begun
+            raise
+        return conn
+
+    async def close(self) -> None:
+        self._life.closed = True
+        conn, self._conn = self._conn, None
+        try:
+            if conn is not None:  # queued after any transaction still running
+                await self._call("close", conn.close)
+        finally:
+            self._thread.shutdown(wait=False)
+
+    async def _call(self, operation: str, work: Callable[[], T]) -> T:
+        """Run ``work`` on the storage's thread: the one place where driver
+        errors become StorageError, with the driver's exception as __cause__."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+        except sqlite3.Error as exc:
+            message = f"{operation} failed: {exc}"
+            raise StorageError(message, operation=operation, backend=BACKEND) from exc
+
+    async def _tx(
+        self, operation: str, body: Callable[[sqlite3.Cursor, int], T], *, write: bool = True
+    ) -> T:
+        """Run ``body(cursor, now)`` as one transaction on the storage's thread,
+        ``now`` being the clock read once, after the write lock is taken."""
+        self._life.check(operation)
+        conn = self._conn
+        assert conn is not None
+
+        def transaction() -> T:
+            try:
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                result = body(conn.cursor(), clock_us())
+                conn.execute("COMMIT")
+                return result
+            finally:
+                if conn.in_transaction:  # body raised (a refusal, or a driver error)
+                    conn.execute("ROLLBACK")
+
+        return await self._call(operation, transaction)
+
+    async def now(self) -> datetime:
+        # The clock every deadline below is computed from: see clock_us().
+        self._life.check("now")
+        return kit.from_epoch_us(clock_us())
+
+    # --8<-- [end:lifecycle]
+
+    # --8<-- [start:create]
+    async def create_run(self, new: NewRun) -> CreateResult:
+        kit.check_new_run(new)  # names and keys: the same ConfigError on every backend
+        return await self._tx("create_run", lambda cur, now: self._create(cur, now, new))
+
+    def _create(self, cur: sqlite3.Cursor, now: int, new: NewRun) -> CreateResult:
+        if new.idempotency_key is not None:
+            # Under the write lock, so two creates with one key cannot both miss.
+            row = cur.execute(GET_RUN_BY_KEY, (new.workflow, new.idempotency_key)).fetchone()
+            if row is not None:
+                existing = _run(row)
+                if existing.input != new.input:  # canonical text: equal values, equal text
+                    raise IdempotencyConflictError(new.workflow, new.idempotency_key, existing.id)
+                return CreateResult(existing, created=False)
+        run_id = new.run_id or kit.new_run_id()
+        # A new run is due at once: wake_at = created_at = updated_at = now.
+        cur.execute(
+            "INSERT INTO runs (id, workflow, status, input, idempotency_key, attempts, reclaims,"
+            " lease_epoch, created_at, updated_at, wake_at)"
+            " VALUES (?, ?, 'pending', ?, ?, 0, 0, 0, ?, ?, ?)",
+            (run_id, new.workflow, new.input, new.idempotency_key, now, now, now),
+        )
+        return CreateResult(kit.new_run_record(run_id, new, kit.from_epoch_us(now)), created=True)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        kit.check_text(run_id, "run_id")
+
+        def body(cur: sqlite3.Cursor, now: int) -> RunRecord | None:
+            row = cur.execute(GET_RUN, (run_id,)).fetchone()
+            return None if row is None else _run(row)
+
+        return await self._tx("get_run", body, write=False)
+
+    async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
+        kit.check_text(run_id, "run_id")
+        return await self._tx("get_step_results", lambda cur, now: _steps(cur, run_id), write=False)
+
+    # --8<-- [end:create]
+
+    # --8<-- [start:claim]
+    async def claim_runs(
+        self, workflows: Collection[str], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]:
+        for name in workflows:
+            kit.check_text(name, "workflow")
+        span = kit.span_us(kit.check_duration(lease, "lease"))
+        if limit < 1 or not workflows:
+            return []
+
+        def body(cur: sqlite3.Cursor, now: int) -> list[ClaimedRun]:
+            # Lapsed leases first (a backlog must not starve a dead worker's
+            # runs), then by due time, oldest first. BEGIN IMMEDIATE already
+            # holds the write lock: no other claimer can pick the same rows.
+            picked = cur.execute(
+                "SELECT id, status = 'running' FROM runs"
+                " WHERE workflow IN (SELECT value FROM json_each(:workflows))"
+                " AND ((status = 'running' AND lease_expires_at <= :now)"
+                "  OR (status IN ('pending', 'sleeping', 'waiting') AND wake_at <= :now))"
+                " ORDER BY status = 'running' DESC, coalesce(lease_expires_at, wake_at), id"
+                " LIMIT :limit",
+                {"workflows": json.dumps(list(workflows)), "now": now, "limit": limit},
+            ).fetchall()
+            claimed = []
+            for run_id, lapsed in picked:
+                # A new epoch fences off every write of the previous holder.
+                cur.execute(
+                    "UPDATE runs SET status = 'running', lease_epoch = lease_epoch + 1,"
+                    " attempts = attempts + 1, reclaims = reclaims + ?, lease_expires_at = ?,"
+                    " wake_at = NULL, updated_at = ? WHERE id = ?",
+                    (lapsed, now + span, now, run_id),
+                )
+                run = _run(cur.execute(GET_RUN, (run_id,)).fetchone())
+                # The saved steps travel with the claim: the worker needs no further read.
+                steps = _steps(cur, run_id)
+                claimed.append(ClaimedRun(run, Lease(run_id, run.lease_epoch), steps, bool(lapsed)))
+            return claimed
+
+        return await self._tx("claim_runs", body)
+
+    # --8<-- [end:claim]
+
+    # --8<-- [start:fenced]
+    @staticmethod
+    def _fence(cur: sqlite3.Cursor, lease: Lease, now: int, renew_us: int | None = None) -> bool:
+        """The first statement of every write on a claimed run: touch the run
+        only if it is still running under this lease's epoch and the lease
+        has not lapsed by the store's clock, renewing it by ``renew_us`` if
+        given. No row changed means the lease is lost: the caller then writes
+        nothing. The rest of the caller's writes are in the same transaction,
+        after this check, under the write lock: nothing can come in between."""
+        return (
+            cur.execute(
+                "UPDATE runs SET updated_at = :now,"
+                " lease_expires_at = coalesce(:now + :renew, lease_expires_at)"
+                " WHERE id = :id AND status = 'running' AND lease_epoch = :epoch"
+                " AND lease_expires_at > :now",
+                {"now": now, "renew": renew_us, "id": lease.run_id, "epoch": lease.epoch},
+            ).rowcount
+            == 1
+        )
+
+    async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
+        span = kit.span_us(kit.check_duration(extend, "extend"))
+        return await self._tx("heartbeat_run", lambda cur, now: self._fence(cur, lease, now, span))
+
+    async def save_step_result(self, lease: Lease, step: StepRecord, extend: timedelta) -> bool:
+        kit.check_text(step.name, "step")
+        span = kit.span_us(kit.check_duration(extend, "extend"))
+
+        def body(cur: sqlite3.Cursor, now: int) -> bool:
+            if not self._fence(cur, lease, now, span):  # saving a step renews the lease
+                return False
+            _put_step(cur, lease.run_id, step, now)
+            return True
+
+        return await self._tx("save_step_result", body)
+
+    async def finish_run(
+        self,
+        lease: Lease,
+        status: Literal["completed", "failed"],
+        *,
+        output: str | None = None,
+        error: str | None = None,
+        step: StepRecord | None = None,
+    ) -> bool:
+        kit.check_finish_status(status)
+        if step is not None:
+            kit.check_text(step.name, "step")
+
+        def body(cur: sqlite3.Cursor, now: int) -> bool:
+            if not self._fence(cur, lease, now):
+                return False
+            if step is not None:  # the last step and the run's end: one transaction
+                _put_step(cur, lease.run_id, step, now)
+            _end(cur, lease.run_id, now, status, output, error)
+            return True
+
+        return await self._tx("finish_run", body)
+
+    async def update_run_status(
+        self,
+        run_id: str,
+        status: Literal["pending", "cancelled", "failed"],
+        *,
+        lease: Lease | None = None,
+        error: str | None = None,
+    ) -> bool:
+        kit.check_text(run_id, "run_id")
+        kit.check_status_update(status, lease)  # e.g. 'pending' without a lease
+
+        def body(cur: sqlite3.Cursor, now: int) -> bool:
+            if lease is not None:  # the holder hands the run back or ends it: fenced
+                if lease.run_id != run_id or not self._fence(cur, lease, now):
+                    return False
+            elif not cur.execute(  # a cancel: any run not yet ended; breaks the holder's fence
+                "UPDATE runs SET updated_at = ?"
+                " WHERE id = ? AND status NOT IN ('completed', 'failed', 'cancelled')",
+                (now, run_id),
+            ).rowcount:
+                return False
+            if status == "pending":  # handed back: claimable at once, events kept
+                cur.execute(
+                    "UPDATE runs SET status = 'pending', lease_expires_at = NULL, wake_at = ?"
+                    " WHERE id = ?",
+                    (now, run_id),
+                )
+            else:
+                _end(cur, run_id, now, status, None, error)
+            return True
+
+        return await self._tx("update_run_status", body)
+
+    async def requeue_run(self, run_id: str) -> bool:
+        kit.check_text(run_id, "run_id")
+
+        def body(cur: sqlite3.Cursor, now: int) -> bool:
+            # finished_at = NULL: a requeued run is no longer finished, so no purge takes it.
+            if not cur.execute(
+                "UPDATE runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = ?,"
+                " waiting_for = NULL, lease_expires_at = NULL, finished_at = NULL,"
+                " updated_at = ? WHERE id = ? AND status IN ('failed', 'cancelled')",
+                (now, now, run_id),
+            ).rowcount:
+                return False
+            cur.execute("DELETE FROM steps WHERE run_id = ? AND status = 'failed'", (run_id,))
+            return True
+
+        return await self._tx("requeue_run", body)
+
+    # --8<-- [end:fenced]
+
+    # --8<-- [start:events]
+    async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
+        kit.check_text(step, "step")
+        span = kit.span_us(kit.check_duration(duration, "duration"))
+
+        def body(cur: sqlite3.Cursor, now: int) -> int | None:
+            if not self._fence(cur, lease, now):
+                return None
+            saved = _get_step(cur, lease.run_id, step)
+            if saved is not None and saved.status == "sleeping" and saved.wake_at is not None:
+                wake_at = kit.to_epoch_us(saved.wake_at)  # a reclaimed run sleeps once, not twice
+            else:
+                wake_at = now + span
+                _put_step(cur, lease.run_id, StepRecord(step, "sleeping"), now, wake_at)
+            cur.execute(
+                "UPDATE runs SET status = 'sleeping', wake_at = ?, lease_expires_at = NULL"
+                " WHERE id = ?",
+                (wake_at, lease.run_id),
+            )
+            return wake_at
+
+        wake = await self._tx("sleep_run", body)
+        return None if wake is None else kit.from_epoch_us(wake)
+
+    async def wait_run(
+        self, lease: Lease, step: str, event: str, timeout: timedelta | None
+    ) -> WaitResult | None:
+        kit.check_text(step, "step")
+        kit.check_text(event, "event")
+        span = None if timeout is None else kit.span_us(kit.check_duration(timeout, "timeout"))
+
+        def body(cur: sqlite3.Cursor, now: int) -> WaitResult | None:
+            if not self._fence(cur, lease, now):
+                return None
+            saved = _get_step(cur, lease.run_id, step)
+            if saved is not None and saved.status == "waiting":  # the deadline is fixed once
+                deadline = None if saved.wake_at is None else kit.to_epoch_us(saved.wake_at)
+            else:
+                deadline = None if span is None else now + span
+                _put_step(cur, lease.run_id, StepRecord(step, "waiting"), now, deadline)
+            when = None if deadline is None else kit.from_epoch_us(deadline)
+            if cur.execute(
+                "SELECT 1 FROM events WHERE run_id = ? AND name = ?", (lease.run_id, event)
+            ).fetchone():  # already delivered: keep the lease and take it now
+                cur.execute("UPDATE runs SET waiting_for = NULL WHERE id = ?", (lease.run_id,))
+                return WaitResult(ready=True, deadline=when)
+            cur.execute(
+                "UPDATE runs SET status = 'waiting', waiting_for = ?, wake_at = ?,"
+                " lease_expires_at = NULL WHERE id = ?",
+                (event, deadline, lease.run_id),
+            )
+            return WaitResult(ready=False, deadline=when)
+
+        return await self._tx("wait_run", body)
+
+    async def deliver_event(
+        self,
+        run_id: str,
+        event: str,
+        payload: str,
+        *,
+        event_id: str | None = None,
+        max_buffered: int | None = None,
+    ) -> bool:
+        kit.check_text(run_id, "run_id")
+        kit.check_text(event, "event")
+        if event_id is not None:
+            kit.check_text(event_id, "event_id")
+
+        def body(cur: sqlite3.Cursor, now: int) -> bool:
+            run = cur.execute("SELECT status, waiting_for FROM runs WHERE id = ?", (run_id,))
+            found = run.fetchone()
+            if found is None or found[0] in TERMINAL_STATUSES:
+                return False
+            if event_id is not None:
+                seen = cur.execute(
+                    "SELECT 1 FROM event_ids WHERE run_id = ? AND id = ?", (run_id, event_id)
+                )
+                if seen.fetchone():  # a retry: a no-op, even when the buffer is full
+                    return True
+            if max_buffered is not None:
+                # Every untaken event of the run counts, whatever its name.
+                (held,) = cur.execute(
+                    "SELECT count(*) FROM events WHERE run_id = ?", (run_id,)
+                ).fetchone()
+                if held >= max_buffered:  # raising rolls back: nothing is stored
+                    raise EventBufferFullError(run_id, event, max_buffered)
+            if event_id is not None:
+                cur.execute("INSERT INTO event_ids VALUES (?, ?)", (run_id, event_id))
+            cur.execute(
+                "INSERT INTO events (run_id, name, payload) VALUES (?, ?, ?)",
+                (run_id, event, payload),
+            )
+            if tuple(found) == ("waiting", event):  # the run waits for it: due at once
+                cur.execute(
+                    "UPDATE runs SET wake_at = ?, updated_at = ? WHERE id = ?", (now, now, run_id)
+                )
+            return True
+
+        return await self._tx("deliver_event", body)
+
+    async def take_event(self, lease: Lease, step: str, event: str) -> EventTake | None:
+        kit.check_text(step, "step")
+        kit.check_text(event, "event")
+
+        def body(cur: sqlite3.Cursor, now: int) -> EventTake | None:
+            if not self._fence(cur, lease, now):
+                return None
+            saved = _get_step(cur, lease.run_id, step)
+            if saved is not None and saved.status == "completed":  # a retried take
+                return EventTake(found=True, payload=saved.output)
+            oldest = cur.execute(
+                "SELECT seq, payload FROM events WHERE run_id = ? AND name = ? ORDER BY seq",
+                (lease.run_id, event),
+            ).fetchone()
+            if oldest is None:
+                return EventTake(found=False)
+            # Consume the event and save it as the step's result: one transaction.
+            cur.execute("DELETE FROM events WHERE seq = ?", (oldest[0],))
+            _put_step(cur, lease.run_id, StepRecord(step, "completed", output=oldest[1]), now)
+            cur.execute("UPDATE runs SET waiting_for = NULL WHERE id = ?", (lease.run_id,))
+            return EventTake(found=True, payload=oldest[1])
+
+        return await self._tx("take_event", body)
+
+    # --8<-- [end:events]
+
+    # --8<-- [start:schedules]
+    async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        kit.check_text(spec.key, "key")
+        kit.check_text(spec.workflow, "workflow")
+        values = (spec.key, spec.workflow, spec.input, spec.recurrence)
+        next_run_at = kit.to_epoch_us(spec.next_run_at, "next_run_at")
+
+        def body(cur: sqlite3.Cursor, now: int) -> ScheduleRecord:
+            row = cur.execute(UPSERT_SCHEDULE, (*values, next_run_at, now, now)).fetchone()
+            return _schedule(row)
+
+        return await self._tx("upsert_schedule", body)
+
+    async def delete_schedule(self, key: str) -> bool:
+        kit.check_text(key, "key")
+
+        def body(cur: sqlite3.Cursor, now: int) -> bool:
+            return cur.execute("DELETE FROM schedules WHERE key = ?", (key,)).rowcount == 1
+
+        return await self._tx("delete_schedule", body)
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        def body(cur: sqlite3.Cursor, now: int) -> list[ScheduleRecord]:
+            return [_schedule(row) for row in cur.execute(LIST_SCHEDULES)]
+
+        return await self._tx("list_schedules", body, write=False)
+
+    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+        if limit < 1:
+            return []
+
+        def body(cur: sqlite3.Cursor, now: int) -> list[ScheduleRecord]:
+            rows = cur.execute(DUE_SCHEDULES, (now, limit))  # due by the store's clock
+            return [_schedule(row) for row in rows]
+
+        return await self._tx("due_schedules", body, write=False)
+
+    async def claim_schedule_slot(
+        self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
+    ) -> RunRecord | None:
+        kit.check_text(key, "key")
+        kit.check_new_run(run)
+        next_us = kit.to_epoch_us(next_run_at, "next_run_at")
+        slot_us = kit.to_epoch_us(slot, "slot")
+
+        def body(cur: sqlite3.Cursor, now: int) -> RunRecord | None:
+            # Exactly once: only the worker that moves next_run_at off this slot
+            # creates the run, in the same transaction.
+            if not cur.execute(
+                "UPDATE schedules SET next_run_at = ?, updated_at = ?"
+                " WHERE key = ? AND next_run_at = ?",
+                (next_us, now, key, slot_us),
+            ).rowcount:
+                return None
+            return self._create(cur, now, run).run
+
+        return await self._tx("claim_schedule_slot", body)
+
+    # --8<-- [end:schedules]
+
+    # --8<-- [start:listing]
+    async def list_runs(
+        self,
+        *,
+        status: Collection[RunStatus] | None = None,
+        workflow: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> RunPage:
+        kit.check_list_limit(limit)
+        if workflow is not None:
+            kit.check_text(workflow, "workflow")
+        # The kit's cursor: (created_at, id) of the last run of the previous
+        # page; a malformed one raises ConfigError.
+        after = kit.decode_cursor(cursor) if cursor is not None else None
+        query = {
+            "workflow": workflow,
+            "statuses": None if status is None else json.dumps(list(status)),
+            "after_at": None if after is None else kit.to_epoch_us(after[0]),
+            "after_id": None if after is None else after[1],
+            "limit": limit + 1,  # one more than asked: is there a next page?
+        }
+
+        def body(cur: sqlite3.Cursor, now: int) -> RunPage:
+            rows = cur.execute(LIST_RUNS, query).fetchall()
+            return kit.run_page([_run(row) for row in rows], limit)
+
+        return await self._tx("list_runs", body, write=False)
+
+    # --8<-- [end:listing]
+
+    # --8<-- [start:purge]
+    async def purge_finished(
+        self, older_than: timedelta, *, batch: int = 1000, limit: int | None = None
+    ) -> int:
+        batch = kit.check_purge(older_than, batch)
+        limit = kit.check_purge_limit(limit)
+        age = kit.span_us(older_than)
+
+        def delete(size: int, cur: sqlite3.Cursor, now: int) -> tuple[int, bool]:
+            # Judged by finished_at, set when the run ended: a run that ends
+            # while we purge is younger than the cut-off. NULL (unfinished) never
+            # compares below it.
+            doomed = cur.execute(
+                "SELECT id FROM runs WHERE finished_at < ? ORDER BY finished_at, id LIMIT ?",
+                (now - age, size),
+            ).fetchall()
+            cur.executemany("DELETE FROM steps WHERE run_id = ?", doomed)
+            cur.executemany("DELETE FROM events WHERE run_id = ?", doomed)
+            cur.executemany("DELETE FROM event_ids WHERE run_id = ?", doomed)
+            # Deleting the row frees its idempotency key too.
+            cur.executemany("DELETE FROM runs WHERE id = ?", doomed)
+            return len(doomed), len(doomed) == size
+
+        # The kit's loop: one transaction per batch, so other writers get the
+        # lock in between, until a batch comes back short or `limit` is reached.
+        return await kit.purge_in_batches(
+            lambda size: self._tx("purge_finished", lambda cur, now: delete(size, cur, now)),
+            batch,
+            limit,
+        )
+
+    # --8<-- [end:purge]
+
+
+# The kit maps rows in its column order; times are read with kit.from_epoch_us.
+def _run(row: Any) -> RunRecord:
+    return kit.run_from_row(row, kit.from_epoch_us)
+
+
+def _step(row: Any) -> StepRecord:
+    return kit.step_from_row(row, kit.from_epoch_us)
+
+
+def _schedule(row: Any) -> ScheduleRecord:
+    return kit.schedule_from_row(row, kit.from_epoch_us)
+
+
+def _steps(cur: sqlite3.Cursor, run_id: str) -> dict[str, StepRecord]:
+    rows = cur.execute(GET_STEPS, (run_id,)).fetchall()
+    return {row[0]: _step(row) for row in rows}
+
+
+def _get_step(cur: sqlite3.Cursor, run_id: str, name: str) -> StepRecord | None:
+    row = cur.execute(GET_STEP, (run_id, name)).fetchone()
+    return None if row is None else _step(row)
+
+
+def _put_step(
+    cur: sqlite3.Cursor, run_id: str, step: StepRecord, now: int, wake_at: int | None = None
+) -> None:
+    """Insert or replace a step record; ``completed_at`` is always the store's now."""
+    if wake_at is None and step.wake_at is not None:
+        wake_at = kit.to_epoch_us(step.wake_at, "wake_at")
+    cur.execute(
+        "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (run_id, step.name, step.status, step.output, step.error, step.attempts, wake_at, now),
+    )
+
+
+def _end(
+    cur: sqlite3.Cursor, run_id: str, now: int, status: str, output: str | None, error: str | None
+) -> None:
+    """End a run: no lease, no deadline, a finish time for purges, and its
+    buffered events dropped in the same transaction (its event ids stay)."""
+    cur.execute(
+        "UPDATE runs SET status = ?, output = ?, error = ?, lease_expires_at = NULL,"
+        " wake_at = NULL, waiting_for = NULL, finished_at = ?, updated_at = ? WHERE id = ?",
+        (status, output, error, now, now, run_id),
+    )
+    cur.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
