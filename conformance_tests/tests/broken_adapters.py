@@ -32,7 +32,7 @@ import tempfile
 import uuid
 from collections import deque
 from collections.abc import Callable, Collection
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -46,6 +46,7 @@ from reflow_core.adapter import (
     check_text,
     decode_cursor,
     encode_cursor,
+    new_run_record,
     purge_in_batches,
     span_us,
     utcnow,
@@ -825,3 +826,419 @@ def split_fence() -> MemoryStorage:
 
 __all__ += ["split_fence"]
 FACTORIES[split_fence.__name__] = split_fence
+
+
+from reflow_conformance import AdapterFactory  # noqa: E402
+from reflow_core.storage import ScheduleRecord, ScheduleSpec  # noqa: E402
+
+
+class NoSchedules(MemoryStorage):
+    """Not broken but unfinished: an adapter whose schedule methods are still
+    stubs raising ``NotImplementedError``, as a half-built adapter's are. Run
+    as is (``no_schedules``), every test that touches schedules must fail
+    naming the area and how to declare it; declared missing
+    (``no_schedules_declared``), the rest of the suite must pass."""
+
+    async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        raise NotImplementedError
+
+    async def delete_schedule(self, key: str) -> bool:
+        raise NotImplementedError
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        raise NotImplementedError
+
+    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+        raise NotImplementedError
+
+    async def claim_schedule_slot(
+        self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
+    ) -> RunRecord | None:
+        raise NotImplementedError
+
+
+def no_schedules() -> MemoryStorage:
+    return NoSchedules(name=_store("no_schedules"))
+
+
+def no_schedules_declared() -> AdapterFactory:
+    """``no_schedules``, declaring that it does not implement schedules yet."""
+    name = _store("no_schedules_declared")
+    return AdapterFactory(
+        make=lambda: NoSchedules(name=name),
+        name="no_schedules_declared",
+        without=frozenset({"schedules"}),
+    )
+
+
+__all__ += ["no_schedules", "no_schedules_declared"]
+UNFINISHED: dict[str, Callable[[], MemoryStorage | AdapterFactory]] = {
+    no_schedules.__name__: no_schedules,
+    no_schedules_declared.__name__: no_schedules_declared,
+}
+"""Adapters that lack an area of the contract, undeclared and declared (not
+broken adapters: they are checked by their own tests, not by a ``Case``)."""
+
+
+import random  # noqa: E402
+
+_LEASE_ENDS: dict[tuple[str, str], datetime] = {}
+"""When each run's lease really ends in a :class:`LeasesLapseAtRandom` store,
+by store and run id."""
+_RANDOM = random.Random()  # not the module's generator, which Hypothesis seeds per example
+
+
+class LeasesLapseAtRandom(MemoryStorage):
+    """Breaks *a lease stays live for its whole length*: every claim or
+    renewal reports the lease's end as asked, but the store lets the lease lapse
+    after a random time under half a second, as a store that judges leases by a
+    clock running at its own pace would. What the holder and other claimers see
+    then depends on how fast the test runs: the same operations get other
+    answers when they are repeated."""
+
+    def _end_key(self, run_id: str) -> tuple[str, str]:
+        return (str(self._name), run_id)
+
+    def _update(self, entry: _Run, now: datetime, **changes: object) -> None:
+        super()._update(entry, now, **changes)
+        if isinstance(changes.get("lease_expires_at"), datetime):
+            end = now + timedelta(seconds=_RANDOM.uniform(0.05, 0.45))
+            _LEASE_ENDS[self._end_key(entry.record.id)] = end
+
+    def _lapsed(self, rec: RunRecord, now: datetime) -> bool:
+        end = _LEASE_ENDS.get(self._end_key(rec.id))
+        return rec.lease_expires_at is not None and end is not None and end <= now
+
+    def _live(self, lease: Lease, now: datetime) -> _Run | None:
+        entry = super()._live(lease, now)
+        if entry is not None and self._lapsed(entry.record, now):
+            return None
+        return entry
+
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+        if rec.status == "running" and self._lapsed(rec, now):
+            return (0, rec.lease_expires_at or now)
+        return super()._due(rec, now)
+
+
+def leases_lapse_at_random() -> MemoryStorage:
+    return LeasesLapseAtRandom(name=_store("leases_lapse_at_random"))
+
+
+__all__ += ["leases_lapse_at_random"]
+FACTORIES[leases_lapse_at_random.__name__] = leases_lapse_at_random
+
+
+_FAST_BY = timedelta(seconds=0.45)
+"""How far ahead the fast clock of ``fast_client_clock`` runs: one and a half
+default short leases, so a lease of two short ones looks lapsed a third of
+the way through."""
+_fast_clock_made = [0]
+
+
+def _fast_clock() -> datetime:
+    return utcnow() + _FAST_BY
+
+
+def fast_client_clock() -> MemoryStorage:
+    """Breaks *a lease stays live for its whole length by the storage clock,
+    whichever connection judges it*: every second storage object judges
+    leases, deadlines and due schedules by a clock 0.45 s ahead of the
+    store's, as if each worker judged by its own host's clock (one of them
+    fast) instead of the database's. Its ``now()`` reads the same clock, so
+    each storage object agrees with itself; only a lease one connection took
+    and another judges shows the skew."""
+    _fast_clock_made[0] += 1
+    clock = _fast_clock if _fast_clock_made[0] % 2 else None
+    return MemoryStorage(name=_store("fast_client_clock"), clock=clock)
+
+
+class CreatedAtMoves(MemoryStorage):
+    """Breaks *a run's created_at never changes*: every claim writes
+    ``created_at`` again, as an update writing the whole row with
+    ``created_at = now`` would."""
+
+    def _update(self, entry: _Run, now: datetime, **changes: object) -> None:
+        if changes.get("status") == "running":
+            changes["created_at"] = now
+        super()._update(entry, now, **changes)
+
+
+class UpdatedAtStale(MemoryStorage):
+    """Breaks *a run's updated_at is the storage's now at every write*: a
+    heartbeat moves the lease alone and leaves ``updated_at`` at the run's
+    previous write, as an update setting only ``lease_expires_at`` would."""
+
+    async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
+        entry = self._runs.get(lease.run_id)
+        previous = None if entry is None else entry.record.updated_at
+        beat = await super().heartbeat_run(lease, extend)
+        if beat and entry is not None and previous is not None:
+            entry.record = dataclasses.replace(entry.record, updated_at=previous)
+        return beat
+
+
+class PendingWithoutWakeAt(MemoryStorage):
+    """Breaks *a run's wake_at is now when handed back*: a run handed back is
+    pending with ``wake_at`` ``None``. Its claim query takes a pending run
+    whatever its ``wake_at`` (``status = 'pending' OR wake_at <= now``), so
+    the run is still claimed at once, but its record says it is never due."""
+
+    async def update_run_status(
+        self,
+        run_id: str,
+        status: Literal["pending", "cancelled", "failed"],
+        *,
+        lease: Lease | None = None,
+        error: str | None = None,
+    ) -> bool:
+        changed = await super().update_run_status(run_id, status, lease=lease, error=error)
+        entry = self._runs.get(run_id)
+        if changed and status == "pending" and entry is not None:
+            entry.record = dataclasses.replace(entry.record, wake_at=None)
+        return changed
+
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+        if rec.status == "pending" and rec.wake_at is None:
+            return (1, rec.updated_at)
+        return super()._due(rec, now)
+
+
+class LeaseOutlivesRun(MemoryStorage):
+    """Breaks *a run's lease_expires_at is None once it is not running*:
+    finishing, failing or cancelling a run leaves ``lease_expires_at`` as it
+    was, as an update setting only the status and the result would. The old
+    lease is still refused (the run is not running)."""
+
+    def _update(self, entry: _Run, now: datetime, **changes: object) -> None:
+        if changes.get("status") in TERMINAL_STATUSES:
+            changes.pop("lease_expires_at", None)
+        super()._update(entry, now, **changes)
+
+
+def created_at_moves() -> MemoryStorage:
+    return CreatedAtMoves(name=_store("created_at_moves"))
+
+
+def updated_at_stale() -> MemoryStorage:
+    return UpdatedAtStale(name=_store("updated_at_stale"))
+
+
+def pending_without_wake_at() -> MemoryStorage:
+    return PendingWithoutWakeAt(name=_store("pending_without_wake_at"))
+
+
+def lease_outlives_run() -> MemoryStorage:
+    return LeaseOutlivesRun(name=_store("lease_outlives_run"))
+
+
+__all__ += [
+    "created_at_moves",
+    "fast_client_clock",
+    "lease_outlives_run",
+    "pending_without_wake_at",
+    "updated_at_stale",
+]
+FACTORIES.update(
+    {
+        factory.__name__: factory
+        for factory in (
+            fast_client_clock,
+            created_at_moves,
+            updated_at_stale,
+            pending_without_wake_at,
+            lease_outlives_run,
+        )
+    }
+)
+
+
+def _naive(record: _R) -> _R:
+    """The record with every time's zone dropped (the UTC wall time kept)."""
+    changes = {
+        field.name: getattr(record, field.name).replace(tzinfo=None)
+        for field in dataclasses.fields(record)  # type: ignore[arg-type]
+        if isinstance(getattr(record, field.name), datetime)
+    }
+    return dataclasses.replace(record, **changes)  # type: ignore[type-var]
+
+
+_R = TypeVar("_R", RunRecord, StepRecord)
+
+
+class NaiveReads(MemoryStorage):
+    """Breaks *every time the storage returns is an aware UTC datetime*:
+    ``get_run`` and ``get_step_results`` return times without their zone,
+    as a driver that reads a timestamp column without a time zone would
+    (writes, claims and ``now()`` stay aware)."""
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        run = await super().get_run(run_id)
+        return None if run is None else _naive(run)
+
+    async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
+        steps = await super().get_step_results(run_id)
+        return {name: _naive(step) for name, step in steps.items()}
+
+
+def naive_reads() -> MemoryStorage:
+    return NaiveReads(name=_store("naive_reads"))
+
+
+__all__ += ["naive_reads"]
+FACTORIES[naive_reads.__name__] = naive_reads
+
+
+class RunIdOverwrites(MemoryStorage):
+    """Breaks *a create with the id of an existing run changes nothing*: a
+    caller-chosen run id that is taken replaces the run holding it, as an
+    ``INSERT OR REPLACE`` (or an upsert on the id) would."""
+
+    async def create_run(self, new: NewRun) -> CreateResult:
+        if new.run_id is not None and new.run_id in self._runs and new.idempotency_key is None:
+            record = new_run_record(new.run_id, new, self._clock())
+            self._runs[new.run_id] = _Run(record)
+            return CreateResult(record, created=True)
+        return await super().create_run(new)
+
+
+class KeyFreedWhenRunEnds(MemoryStorage):
+    """Breaks *an idempotency key names its run until the run is purged*: a
+    run's key is released when the run ends, as a unique index over live runs
+    only would; a retried enqueue of a finished order runs it again."""
+
+    def _discard_events(self, entry: _Run) -> None:
+        super()._discard_events(entry)
+        record = entry.record
+        if record.idempotency_key is not None:
+            self._idem.pop((record.workflow, record.idempotency_key), None)
+
+
+class LimitPerWorkflow(MemoryStorage):
+    """Breaks *a claim takes at most limit runs*: a claim of several workflows
+    takes up to ``limit`` runs of each, as a query run once per workflow
+    would; a worker with four free slots takes twelve runs of three
+    workflows and holds their leases with nothing to run them."""
+
+    async def claim_runs(
+        self, workflows: Collection[str], limit: int, lease: timedelta
+    ) -> list[ClaimedRun]:
+        claimed: list[ClaimedRun] = []
+        for name in dict.fromkeys(workflows):
+            claimed += await super().claim_runs([name], limit, lease)
+        return claimed
+
+
+class EventsDroppedOnPause(MemoryStorage):
+    """Breaks *an event for a live run is buffered until taken*: a run's
+    buffered events are dropped whenever it stops running short of its end
+    (a sleep, a wait that does not find its event, a hand back), as a store
+    that clears the buffer on every status change would."""
+
+    def _update(self, entry: _Run, now: datetime, **changes: object) -> None:
+        if changes.get("status") in ("sleeping", "waiting", "pending"):
+            entry.events.clear()
+        super()._update(entry, now, **changes)
+
+
+class CaselessStepNames(MemoryStorage):
+    """Breaks *names that differ only by case are different names*: step
+    names are compared without case, as a column with a case-insensitive
+    collation would: a step ``Charge`` overwrites the result of ``charge``."""
+
+    def _store_step(self, entry: _Run, step: StepRecord, now: datetime) -> None:
+        for name in [name for name in entry.steps if name.casefold() == step.name.casefold()]:
+            del entry.steps[name]
+        super()._store_step(entry, step, now)
+
+
+def run_id_overwrites() -> MemoryStorage:
+    return RunIdOverwrites(name=_store("run_id_overwrites"))
+
+
+def key_freed_when_run_ends() -> MemoryStorage:
+    return KeyFreedWhenRunEnds(name=_store("key_freed_when_run_ends"))
+
+
+def limit_per_workflow() -> MemoryStorage:
+    return LimitPerWorkflow(name=_store("limit_per_workflow"))
+
+
+def events_dropped_on_pause() -> MemoryStorage:
+    return EventsDroppedOnPause(name=_store("events_dropped_on_pause"))
+
+
+def caseless_step_names() -> MemoryStorage:
+    return CaselessStepNames(name=_store("caseless_step_names"))
+
+
+_IDENTITY = (
+    run_id_overwrites,
+    key_freed_when_run_ends,
+    limit_per_workflow,
+    events_dropped_on_pause,
+    caseless_step_names,
+)
+__all__ += [factory.__name__ for factory in _IDENTITY]
+FACTORIES.update({factory.__name__: factory for factory in _IDENTITY})
+
+
+class ScheduleForgetsCreatedAt(MemoryStorage):
+    """Breaks *a schedule reads back as registered*: registering a schedule
+    again rewrites its ``created_at``, as an upsert that replaces the whole
+    row would (the engine re-registers every schedule at each start)."""
+
+    async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        record = dataclasses.replace(await super().upsert_schedule(spec), created_at=self._clock())
+        self._schedules[spec.key] = record
+        return record
+
+
+def schedule_forgets_created_at() -> MemoryStorage:
+    return ScheduleForgetsCreatedAt(name=_store("schedule_forgets_created_at"))
+
+
+__all__ += ["schedule_forgets_created_at"]
+FACTORIES[schedule_forgets_created_at.__name__] = schedule_forgets_created_at
+
+
+class ClaimsNewestFirst(MemoryStorage):
+    """Breaks *due runs are claimed earliest first*: after lapsed leases, a
+    claim takes the runs that fell due last first, as a stack (or an index
+    scanned backwards) would; under a steady stream of new runs the oldest
+    wait forever."""
+
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+        key = super()._due(rec, now)
+        if key is None or key[0] == 0:
+            return key
+        return (1, datetime.max.replace(tzinfo=key[1].tzinfo) - (key[1] - _EPOCH))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class SleepResetsAttempts(MemoryStorage):
+    """Breaks *attempts change only when the run is claimed*: a sleep resets
+    the run's ``attempts`` to zero, as a pause written as a fresh row would;
+    a run's retry budget (``max_attempts`` counts claims) starts over at
+    every sleep."""
+
+    async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
+        wake_at = await super().sleep_run(lease, step, duration)
+        if wake_at is not None:
+            entry = self._runs[lease.run_id]
+            entry.record = dataclasses.replace(entry.record, attempts=0)
+        return wake_at
+
+
+def claims_newest_first() -> MemoryStorage:
+    return ClaimsNewestFirst(name=_store("claims_newest_first"))
+
+
+def sleep_resets_attempts() -> MemoryStorage:
+    return SleepResetsAttempts(name=_store("sleep_resets_attempts"))
+
+
+__all__ += ["claims_newest_first", "sleep_resets_attempts"]
+FACTORIES.update({f.__name__: f for f in (claims_newest_first, sleep_resets_attempts)})

@@ -5,13 +5,24 @@ See :mod:`reflow_conformance.plugin` for how to run it against an adapter.
 
 from __future__ import annotations
 
-from .harness import CAPABILITIES, AdapterFactory, Harness, PromiseBroken, load_factory, promise
+from .harness import (
+    AREAS,
+    CAPABILITIES,
+    AdapterFactory,
+    AreaNotImplemented,
+    Harness,
+    PromiseBroken,
+    load_factory,
+    promise,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AREAS",
     "CAPABILITIES",
     "AdapterFactory",
+    "AreaNotImplemented",
     "Harness",
     "PromiseBroken",
     "__version__",

@@ -2,6 +2,7 @@
 
     reflow-conformance --storage my_pkg.testing:factory [--thorough] [PYTEST ARGS...]
     reflow-conformance --url sqlite:///tmp/contract.db
+    reflow-conformance --storage my_pkg.testing:factory --without schedules
 
 It is ``pytest --pyargs reflow_conformance.suite`` with the adapter options
 filled in; anything after the options goes to pytest unchanged (``-x``,
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+
+from .harness import AREAS, CAPABILITIES
 
 __all__ = ["main"]
 
@@ -36,7 +39,17 @@ def build_args(argv: list[str]) -> list[str]:
         action="append",
         default=[],
         metavar="NAME",
-        help="declare an optional capability of the adapter (multiprocess)",
+        choices=sorted(CAPABILITIES),
+        help=f"declare an optional capability of the adapter ({', '.join(CAPABILITIES)})",
+    )
+    parser.add_argument(
+        "--without",
+        action="append",
+        default=[],
+        metavar="AREA",
+        choices=sorted(AREAS),
+        help="declare an area of the contract the adapter does not implement yet; "
+        f"its tests are skipped ({', '.join(AREAS)})",
     )
     parser.add_argument(
         "--thorough",
@@ -50,6 +63,7 @@ def build_args(argv: list[str]) -> list[str]:
     else:
         args.append(f"--reflow-storage-url={options.url}")
     args += [f"--reflow-capability={name}" for name in options.capability]
+    args += [f"--reflow-without={name}" for name in options.without]
     if options.thorough:
         args.append("--hypothesis-profile=reflow-thorough")
     return args + rest

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
@@ -17,8 +19,10 @@ from reflow_core import open_storage
 from reflow_core.storage import Storage
 
 __all__ = [
+    "AREAS",
     "CAPABILITIES",
     "AdapterFactory",
+    "AreaNotImplemented",
     "Harness",
     "PromiseBroken",
     "load_factory",
@@ -34,6 +38,45 @@ CAPABILITIES: dict[str, str] = {
     ),
 }
 """Optional abilities an adapter may declare; tests that need one are skipped without it."""
+
+AREAS: dict[str, tuple[str, ...]] = {
+    "schedules": (
+        "upsert_schedule",
+        "delete_schedule",
+        "list_schedules",
+        "due_schedules",
+        "claim_schedule_slot",
+    ),
+}
+"""Areas of the contract, each with its storage methods, that an adapter under
+construction may declare it does not implement yet (``AdapterFactory(without=...)``,
+``--reflow-without=NAME``): the tests of an area declared missing are skipped,
+and the other tests leave it alone."""
+
+
+def _check_names(kind: str, names: frozenset[str], known: Collection[str]) -> None:
+    unknown = sorted(names - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} {', '.join(map(repr, unknown))}; "
+            f"the known ones are: {', '.join(sorted(known))}"
+        )
+
+
+def area_skip_reason(adapter: str, area: str) -> str:
+    """Why the tests of ``area`` are skipped for ``adapter``, which declares it missing."""
+    return (
+        f"adapter {adapter} declares it does not implement {area!r} yet: "
+        f"{', '.join(AREAS[area])} are not tested"
+    )
+
+
+class AreaNotImplemented(AssertionError):
+    """The adapter raised :class:`NotImplementedError` from a method of an
+    area of :data:`AREAS` it did not declare missing.
+
+    The message names the area and how to declare it.
+    """
 
 
 class PromiseBroken(AssertionError):
@@ -62,13 +105,22 @@ class AdapterFactory:
     store, and the retention tests purge every run in it that has finished.
     ``target`` (a storage URL or ``"module:callable"``) lets another process
     build the same factory; ``capabilities`` names what the adapter supports
-    from :data:`CAPABILITIES`.
+    from :data:`CAPABILITIES`, and ``without`` the areas of :data:`AREAS` it
+    does not implement yet. An unknown name in either is a ``ValueError``.
     """
 
     make: Callable[[], Storage]
     target: str | None = None
     capabilities: frozenset[str] = field(default_factory=frozenset)
     name: str = "adapter"
+    without: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        # Any collection of names will do (a set literal, a list).
+        object.__setattr__(self, "capabilities", frozenset(self.capabilities))
+        object.__setattr__(self, "without", frozenset(self.without))
+        _check_names("capability", self.capabilities, CAPABILITIES)
+        _check_names("area", self.without, AREAS)
 
     def __call__(self) -> Storage:
         return self.make()
@@ -87,13 +139,16 @@ class AdapterFactory:
         )
 
 
-def load_factory(target: str, capabilities: Collection[str] = ()) -> AdapterFactory:
+def load_factory(
+    target: str, capabilities: Collection[str] = (), without: Collection[str] = ()
+) -> AdapterFactory:
     """Build a factory from a storage URL or a ``"module:callable"`` path.
 
     A callable named by path is called with no arguments each time a storage
     is needed; it may also return an :class:`AdapterFactory` when called
     once with no arguments by :func:`load_factory` (a factory of factories),
-    which is how it declares its capabilities.
+    which is how it declares its capabilities and the areas it lacks.
+    ``capabilities`` and ``without`` add to what it declares.
     """
     if "://" in target:
         return AdapterFactory(
@@ -101,6 +156,7 @@ def load_factory(target: str, capabilities: Collection[str] = ()) -> AdapterFact
             target=target,
             capabilities=frozenset(capabilities) | {"multiprocess"},
             name=target.split("://", 1)[0] + "://",
+            without=frozenset(without),
         )
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:
@@ -117,10 +173,15 @@ def load_factory(target: str, capabilities: Collection[str] = ()) -> AdapterFact
             target=target,
             capabilities=probe.capabilities | frozenset(capabilities),
             name=probe.name,
+            without=probe.without | frozenset(without),
         )
     del probe  # never initialized, so it holds nothing to release
     return AdapterFactory(
-        make=obj, target=target, capabilities=frozenset(capabilities), name=target
+        make=obj,
+        target=target,
+        capabilities=frozenset(capabilities),
+        name=target,
+        without=frozenset(without),
     )
 
 
@@ -141,6 +202,33 @@ class Harness:
 
     def supports(self, capability: str) -> bool:
         return capability in self.factory.capabilities
+
+    def implements(self, area: str) -> bool:
+        """False if the adapter declares it does not implement ``area`` (of
+        :data:`AREAS`) yet: a test that touches it in part leaves that part out."""
+        if area not in AREAS:
+            raise ValueError(f"unknown area {area!r}; the known ones are: {', '.join(AREAS)}")
+        return area not in self.factory.without
+
+    def area_failure(self, error: NotImplementedError) -> AreaNotImplemented | None:
+        """The failure to report for ``error``, raised by the adapter from a
+        method of an area of :data:`AREAS`: it names the area and how to
+        declare it missing. ``None`` if no such method raised it."""
+        method = area_method(error)
+        if method is None:
+            return None
+        area = next(area for area, methods in AREAS.items() if method in methods)
+        name = self.factory.name
+        if area in self.factory.without:
+            return AreaNotImplemented(
+                f"the suite called {method} although adapter {name} declares it does not "
+                f"implement {area!r}: a test of that area is not marked reflow_area({area!r})"
+            )
+        return AreaNotImplemented(
+            f"adapter {name} does not implement {area!r} ({method} raised NotImplementedError); "
+            f"declare it with AdapterFactory(without=frozenset({{{area!r}}})) or "
+            f"--reflow-without={area} to skip the tests of {area} until it does"
+        )
 
     def process_target(self) -> str:
         """The target another process rebuilds the adapter from; a test of
@@ -182,6 +270,11 @@ class Harness:
             try:
                 storage = await self.open()
                 return await body(storage)
+            except NotImplementedError as exc:
+                failure = self.area_failure(exc)
+                if failure is None:
+                    raise
+                raise failure from exc
             finally:
                 opened = self._open[mark:]
                 del self._open[mark:]
@@ -201,3 +294,19 @@ class Harness:
                 self._runner.run(close_all())
         finally:
             self._runner.close()
+
+
+_PACKAGE_DIR = os.path.join(os.path.dirname(__file__), "")
+
+
+def area_method(error: BaseException) -> str | None:
+    """The innermost storage method of an area of :data:`AREAS` on the way to
+    ``error`` (frames of this package, whose rules may share the names, are
+    passed over)."""
+    methods = {method for area in AREAS.values() for method in area}
+    frames = [frame for frame, _ in traceback.walk_tb(error.__traceback__)]
+    for frame in reversed(frames):
+        code = frame.f_code
+        if code.co_name in methods and not code.co_filename.startswith(_PACKAGE_DIR):
+            return code.co_name
+    return None

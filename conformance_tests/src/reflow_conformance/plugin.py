@@ -13,15 +13,27 @@ fixture in a ``conftest.py`` and import the suite into a test module with
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Generator, Iterator
 from datetime import timedelta
 from importlib import metadata
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 
-from .harness import CAPABILITIES, AdapterFactory, Harness, load_factory
+from . import promises
+from .harness import (
+    AREAS,
+    CAPABILITIES,
+    AdapterFactory,
+    AreaNotImplemented,
+    Harness,
+    PromiseBroken,
+    area_skip_reason,
+    load_factory,
+)
 
 pytest.register_assert_rewrite("reflow_conformance.suite")
 
@@ -47,6 +59,14 @@ settings.register_profile(
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
 )
 
+SHRINK_PROFILE = "reflow-shrink"
+"""``reflow-ci`` with the stateful machine shrinking its failures too."""
+settings.register_profile(SHRINK_PROFILE, parent=settings.get_profile(_CI))
+_MACHINE_UNSHRUNK = frozenset({_CI})
+"""Profiles under which a failing stateful machine is reported as found, not
+shrunk: shrinking it replays its real lease lapses, for minutes. Every other
+profile's phases apply to it as they are."""
+
 _chosen_profile = _CI
 
 
@@ -54,6 +74,117 @@ def suite_settings() -> settings:
     """The Hypothesis settings of the suite's tests: the profile given with
     ``--hypothesis-profile``, else the fast ``reflow-ci`` profile."""
     return settings.get_profile(_chosen_profile)
+
+
+def machine_shrinks() -> bool:
+    """Whether the chosen profile shrinks a failing stateful machine (the
+    default ``reflow-ci`` does not; ``reflow-shrink`` and ``reflow-thorough`` do)."""
+    return _chosen_profile not in _MACHINE_UNSHRUNK
+
+
+COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "examples",
+        (
+            "test_arguments",
+            "test_lookalikes",
+            "test_runs",
+            "test_steps",
+            "test_claims",
+            "test_leases",
+            "test_clock",
+            "test_records",
+            "test_listing",
+            "test_sleep_wait",
+            "test_events",
+            "test_event_buffer",
+            "test_schedules",
+            "test_codec",
+        ),
+    ),
+    (
+        "properties",
+        (
+            "test_arguments::TestOddText::test_any_good_text_is_kept_exactly",
+            "test_arguments::TestOddText::test_text_with_a_nul_or_lone_surrogate_anywhere_is_refused",
+            "test_claims::TestClaimBatches::test_repeated_claims_partition_the_runs",
+            "test_listing::TestPagination::test_pages_with_any_limit_and_filter",
+            "test_events::TestEventOrder::test_takes_follow_delivery_order_per_run_and_name",
+            "test_codec::TestRoundTrip::test_any_plain_value_round_trips_everywhere",
+        ),
+    ),
+    ("concurrency", ("test_races", "test_connections", "test_retention")),
+    ("processes", ("test_processes", "test_process_crash")),
+    ("stateful", ("test_stateful",)),
+)
+"""The order the suite's tests run in, cheapest first, so that with ``-x`` a
+simple bug is reported by a quick deterministic test before the slow ones
+start: each tier lists suite modules, or single tests
+(``module::Class::test``) that go to another tier than their module's. A test
+goes to the place of its own entry, else of its module's, and the entries run
+in the order listed; a suite module not listed runs after the property tests.
+Tests of one entry keep the order they were collected in (so each backend's
+parametrized copies of a test stay together)."""
+_UNLISTED_TIER = "properties"
+_RANK = {
+    entry: (tier, place)
+    for tier, (_, entries) in enumerate(COST_TIERS)
+    for place, entry in enumerate(entries)
+}
+
+
+def _defined_in(item: pytest.Item) -> str:
+    """The module that defines a test's class, or function."""
+    cls = getattr(item, "cls", None)
+    owner = cls if cls is not None else getattr(item, "function", None)
+    return str(getattr(owner, "__module__", ""))
+
+
+def is_suite_test(item: pytest.Item) -> bool:
+    """A test of the suite: marked so, or defined in it and imported into a
+    test module of the adapter's (which does not carry the suite's marks)."""
+    return bool(item.get_closest_marker("reflow_conformance")) or _defined_in(item).startswith(
+        f"{__package__}.suite."
+    )
+
+
+def cost_rank(item: pytest.Item) -> tuple[int, int]:
+    """Where a suite test runs in :data:`COST_TIERS`: its tier, and its entry's place in it."""
+    cls = getattr(item, "cls", None)
+    module = _defined_in(item).rpartition(".")[2]
+    name = getattr(item, "originalname", item.name)
+    test = f"{module}::{cls.__qualname__}::{name}" if cls is not None else f"{module}::{name}"
+    tier = [name for name, _ in COST_TIERS].index(_UNLISTED_TIER)
+    unlisted = (tier, len(COST_TIERS[tier][1]))
+    return _RANK.get(test, _RANK.get(module, unlisted))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+    """A suite test that fails comparing a naive datetime with an aware one got
+    the naive one from the adapter (the suite's own are aware): name the promise.
+    The helpers that read records check it first; this catches the rest."""
+    try:
+        return (yield)
+    except TypeError as error:
+        naive = "offset-naive" in str(error)
+        if naive and is_suite_test(pyfuncitem):
+            raise PromiseBroken(
+                f"broken promise: {promises.RECORD_TIMES_AWARE}\n  a time the adapter "
+                f"returned could not be compared with an aware UTC datetime: {error}"
+            ) from error
+        raise
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the suite's tests cheapest first (:data:`COST_TIERS`), in the places
+    they were collected in: other tests keep theirs. It runs before plugins
+    that reorder on request (``--ff``, ``--nf``, random order), so they still can."""
+    slots = [i for i, item in enumerate(items) if is_suite_test(item)]
+    ordered = sorted((items[i] for i in slots), key=cost_rank)
+    for slot, item in zip(slots, ordered, strict=True):
+        items[slot] = item
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -77,7 +208,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         metavar="NAME",
+        choices=sorted(CAPABILITIES),
         help=f"declare an optional capability of the adapter ({', '.join(CAPABILITIES)})",
+    )
+    group.addoption(
+        "--reflow-without",
+        action="append",
+        default=[],
+        metavar="AREA",
+        choices=sorted(AREAS),
+        help="declare an area of the contract the adapter does not implement yet; its "
+        f"tests are skipped ({', '.join(AREAS)})",
     )
     group.addoption(
         "--reflow-short-lease",
@@ -96,6 +237,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "reflow_requires(capability): skip unless the adapter declares the capability"
     )
+    config.addinivalue_line(
+        "markers",
+        "reflow_area(area): a test of an area of the contract; skipped if the adapter "
+        "declares it does not implement the area yet",
+    )
+    config.stash[_areas_left_out] = {}
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -105,7 +252,47 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     if target:
         shown = target.split("@")[-1] if "://" in target else target
         lines.append(f"reflow adapter under test: {shown}")
+    without = config.getoption("--reflow-without", default=None)
+    if without:
+        lines.append(
+            f"reflow areas declared not implemented, NOT tested: {', '.join(sorted(set(without)))}"
+        )
     return lines
+
+
+_areas_left_out = pytest.StashKey[dict[str, set[str]]]()
+"""The areas the suite left out, each with the adapters that declared it missing."""
+_AREA_FAILURE = re.compile(
+    rf"{AreaNotImplemented.__name__}: adapter .+? does not implement '(\w+)' "
+)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say once which areas of the contract went untested, and which failures
+    come from an area the adapter lacks without declaring it."""
+    config = terminalreporter.config
+    if _areas_left_out not in config.stash:
+        return
+    undeclared: dict[str, int] = {}
+    for report in terminalreporter.stats.get("failed", []):
+        found = _AREA_FAILURE.search(getattr(report, "longreprtext", ""))
+        if found:
+            undeclared[found[1]] = undeclared.get(found[1], 0) + 1
+    for area, count in sorted(undeclared.items()):
+        terminalreporter.write_line(
+            f"reflow-conformance: {count} failure(s) because the adapter does not implement "
+            f"{area!r}; declare it with AdapterFactory(without=frozenset({{{area!r}}})) or "
+            f"--reflow-without={area} to skip the tests of {area} until it does",
+            red=True,
+            bold=True,
+        )
+    for area, adapters in sorted(config.stash[_areas_left_out].items()):
+        terminalreporter.write_line(
+            f"reflow-conformance: NOT tested: {area} (declared not implemented by "
+            f"{', '.join(sorted(adapters))}): {', '.join(AREAS[area])}",
+            yellow=True,
+            bold=True,
+        )
 
 
 @pytest.fixture
@@ -134,6 +321,18 @@ def reflow(
 ) -> Iterator[Harness]:
     """The harness a suite test drives the adapter through."""
     factory = AdapterFactory.coerce(reflow_storage_factory)
+    without = frozenset(pytestconfig.getoption("--reflow-without"))
+    if not without <= factory.without:
+        factory = dataclasses.replace(factory, without=factory.without | without)
+    left_out = pytestconfig.stash[_areas_left_out]
+    for area in factory.without:
+        left_out.setdefault(area, set()).add(factory.name)
+    for marker in request.node.iter_markers("reflow_area"):
+        for area in marker.args:
+            if area not in AREAS:
+                pytest.fail(f"reflow_area({area!r}): unknown area; known: {', '.join(AREAS)}")
+            if area in factory.without:
+                pytest.skip(area_skip_reason(factory.name, area))
     for marker in request.node.iter_markers("reflow_requires"):
         for capability in marker.args:
             if capability not in factory.capabilities:

@@ -120,3 +120,44 @@ FENCE_RACES_RECLAIM = (
     "a holder's write racing a reclaim of its lapsed lease lands before it or is refused: "
     "never both"
 )
+LEASE_LIVES_ITS_LENGTH = (
+    "a lease stays live for its whole length by the storage clock, whichever connection judges it"
+)
+RECORD_CREATED_FIXED = "a run's created_at is the storage's now at its creation and never changes"
+RECORD_UPDATED_ON_WRITE = (
+    "a run's updated_at is its created_at on create, then the storage's now at every write"
+)
+RECORD_WAKE_AT = (
+    "a run's wake_at is its created_at when new, now when handed back, requeued or woken by "
+    "its event, its sleep's or wait's deadline while paused, and None while running or ended"
+)
+RECORD_LEASE_EXPIRES = (
+    "a run's lease_expires_at is set only while it is running, to the storage's now at its "
+    "claim or last renewal plus the lease, and None otherwise"
+)
+NEW_RUN_CLAIMABLE = "a new run is due at once: a claim of its workflow takes it"
+TERMINAL_UNCHANGED = (
+    "cancelling or failing a run that has ended (completed, failed or cancelled) reports False "
+    "and changes nothing"
+)
+RECORD_TIMES_AWARE = (
+    "every time the storage returns is an aware UTC datetime: on runs, steps, schedules, "
+    "deadlines and now()"
+)
+RUN_ID_TAKEN = "a create with the id of an existing run raises StorageError and changes nothing"
+KEY_OUTLIVES_RUN = (
+    "an idempotency key names its run after the run completes, fails or is cancelled, "
+    "until the run is purged"
+)
+LOOKALIKES_DISTINCT = (
+    "names, run ids and keys that differ only by case, by surrounding spaces or by Unicode "
+    "normalization are different names"
+)
+DUE_ORDER = (
+    "a claim takes a workflow's due runs in the order they fell due, earliest first, "
+    "after any lapsed leases"
+)
+ONLY_CLAIMS_COUNT = (
+    "attempts and lease_epoch change only when the run is claimed; reclaims only when a "
+    "claim takes over a lapsed lease, or a requeue resets it"
+)

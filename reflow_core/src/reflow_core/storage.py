@@ -252,7 +252,12 @@ class Storage(Protocol):
         processes. If one exists and its ``input`` text equals ``new.input``,
         return it with ``created=False`` and change nothing; if the inputs
         differ, raise :class:`~reflow_core.errors.IdempotencyConflictError`.
-        Keys of different workflows never collide. The returned record has
+        Keys of different workflows never collide, and a key names its run
+        after the run ends, until :meth:`purge_finished` deletes it. A
+        ``run_id`` chosen by the caller that is taken raises
+        :class:`~reflow_core.errors.StorageError` and changes nothing. Names,
+        keys and ids are compared by code points (no case folding, padding or
+        normalization). The returned record has
         ``attempts == reclaims == lease_epoch == 0``.
         """
         ...
@@ -269,8 +274,9 @@ class Storage(Protocol):
         and ``reclaims`` incremented when the claim took over a lapsed lease
         (``ClaimedRun.reclaimed``). ``waiting_for`` is kept and ``wake_at`` is
         cleared. Runs with lapsed leases are taken before any other claimable
-        run, so a backlog cannot starve a dead worker's runs; the others
-        should go by due time, oldest first.
+        run, so a backlog cannot starve a dead worker's runs; a workflow's
+        other runs go by due time (``wake_at``), earliest first, so a steady
+        stream of new runs cannot starve old ones.
 
         No run is ever held by two live leases: concurrent claimers, in this
         process or others, get disjoint runs. Each ``ClaimedRun`` carries the

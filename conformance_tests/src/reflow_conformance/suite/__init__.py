@@ -20,9 +20,11 @@ from .test_event_buffer import *  # noqa: F403
 from .test_events import *  # noqa: F403
 from .test_leases import *  # noqa: F403
 from .test_listing import *  # noqa: F403
+from .test_lookalikes import *  # noqa: F403
 from .test_process_crash import *  # noqa: F403
 from .test_processes import *  # noqa: F403
 from .test_races import *  # noqa: F403
+from .test_records import *  # noqa: F403
 from .test_retention import *  # noqa: F403
 from .test_runs import *  # noqa: F403
 from .test_schedules import *  # noqa: F403

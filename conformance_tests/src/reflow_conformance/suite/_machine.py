@@ -43,7 +43,7 @@ from reflow_core.storage import (
     Storage,
 )
 
-from ._util import decoded
+from ._util import check_times, decoded
 
 __all__ = [
     "EVENTS",
@@ -120,7 +120,9 @@ RUNS: Bundle[str] = Bundle("runs")
 LEASES: Bundle[Lease] = Bundle("leases")
 """Leases handed out by claims and not yet given up (most of them live)."""
 SPENT: Bundle[Lease] = Bundle("spent")
-"""Leases given up by finishing, ending, handing back or sleeping: all lost."""
+"""Leases given up by finishing, ending, handing back or sleeping, or left to
+lapse: all lost. Heartbeats and step saves draw from them too, so a stale
+lease's writes are tried, and must be refused."""
 
 
 def show(value: object, width: int = 32) -> str:
@@ -188,7 +190,13 @@ class MachineBase(RuleBasedStateMachine):
         # handler on every call, which costs more than a memory-backed
         # operation and adds up over the thousands of calls of a shrink.
         loop = self._runner.get_loop()
-        return loop.run_until_complete(loop.create_task(operation, context=self._context))
+        try:
+            return loop.run_until_complete(loop.create_task(operation, context=self._context))
+        except NotImplementedError as exc:
+            failure = self.reflow.area_failure(exc)
+            if failure is None:
+                raise
+            raise failure from exc
 
     def _new_run_id(self) -> str:
         """The id for the next run: chosen by the machine, so that runs sort
@@ -251,6 +259,7 @@ class MachineBase(RuleBasedStateMachine):
         record = self._run(self.storage.get_run(run_id))
         promise(record is not None, P.NO_LOST_RUNS, f"{run.label} reads back as missing")
         assert record is not None
+        check_times(record, run.label)
         found: list[str] = []
         for field, want, got in (
             ("status", run.status, record.status),
@@ -280,6 +289,7 @@ class MachineBase(RuleBasedStateMachine):
         self._check_steps(run, self._run(self.storage.get_step_results(run_id)), steps_name or name)
 
     def _check_steps(self, run: ModelRun, stored: dict[str, StepRecord], name: str) -> None:
+        check_times(stored, f"{run.label}, its steps")
         found: list[str] = []
         if set(stored) != set(run.steps):
             found.append(f"steps {sorted(stored)}, expected {sorted(run.steps)}")

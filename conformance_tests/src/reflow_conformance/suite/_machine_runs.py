@@ -229,7 +229,7 @@ class RunRules(MachineBase):
             self._check_run(c.run.id, P.CLAIMED_RUNNING)
         return multiple(*(c.lease for c in claimed))
 
-    @rule(lease=LEASES)
+    @rule(lease=st.one_of(LEASES, SPENT))
     def heartbeat(self, lease: Lease) -> None:
         expected = self.model.heartbeat(lease.run_id, lease.epoch)
         got = self._run(self.storage.heartbeat_run(lease, LONG))
@@ -238,7 +238,7 @@ class RunRules(MachineBase):
         self._check_run(lease.run_id, P.STALE_LEASE_REFUSED)
 
     @rule(
-        lease=LEASES,
+        lease=st.one_of(LEASES, SPENT),
         name=st.sampled_from(STEP_NAMES),
         status=st.sampled_from(("completed", "failed", "skipped")),
         value=values,
@@ -336,10 +336,10 @@ class RunRules(MachineBase):
         note(f"end {self.model.label(run_id)} ({before}) {status} from outside -> {got}")
         promise(
             got == expected,
-            P.CANCEL if expected else P.TERMINAL_STAYS,
+            P.CANCEL if expected else P.TERMINAL_UNCHANGED,
             f"update_run_status({status!r}) on a {before} run returned {got}",
         )
-        self._check_run(run_id, P.CANCEL if expected else P.TERMINAL_STAYS)
+        self._check_run(run_id, P.CANCEL if expected else P.TERMINAL_UNCHANGED)
 
     @rule(
         target=SPENT,

@@ -29,8 +29,11 @@ __all__ = ["ScheduleRules"]
 
 
 class ScheduleRules(MachineBase):
-    """Rules that register, delete and fire schedules."""
+    """Rules that register, delete and fire schedules; none runs when the
+    adapter declares it does not implement schedules (nothing is registered,
+    so deleting and firing never become possible)."""
 
+    @precondition(lambda self: self.reflow.implements("schedules"))
     @rule(
         key=st.sampled_from((0, 1)),
         wf=st.sampled_from((0, 1)),

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+import dataclasses
+from datetime import datetime, timedelta
 from typing import Literal
 
+from reflow_conformance import promises as P
 from reflow_conformance.harness import promise
 from reflow_core import codec
-from reflow_core.storage import ClaimedRun, CreateResult, Lease, NewRun, StepRecord, Storage
+from reflow_core.storage import (
+    ClaimedRun,
+    CreateResult,
+    Lease,
+    NewRun,
+    RunRecord,
+    StepRecord,
+    Storage,
+)
 
 LONG = timedelta(minutes=10)
 
@@ -18,10 +28,52 @@ async def create(
     return await storage.create_run(NewRun(workflow, codec.encode(value), idempotency_key=key))
 
 
-async def claim_one(storage: Storage, workflow: str, lease: timedelta = LONG) -> ClaimedRun:
+async def claim_one(
+    storage: Storage,
+    workflow: str,
+    lease: timedelta = LONG,
+    name: str = P.NEW_RUN_CLAIMABLE,
+) -> ClaimedRun:
+    """Claim one run of ``workflow``; if there is none, promise ``name`` (the
+    reason one should be claimable: by default, that a new run is) is broken."""
     claimed = await storage.claim_runs([workflow], 1, lease)
-    assert len(claimed) == 1, f"expected to claim one run of {workflow}, got {len(claimed)}"
+    promise(len(claimed) <= 1, P.CLAIM_LIMIT, f"limit 1 claimed {len(claimed)} runs")
+    promise(claimed, name, f"expected to claim a run of {workflow}, got none")
+    check_times(claimed[0], f"the claim of a run of {workflow}")
     return claimed[0]
+
+
+async def read_run(storage: Storage, run_id: str, name: str = P.NO_LOST_RUNS) -> RunRecord:
+    """``get_run`` of a run that must exist (else promise ``name`` is broken),
+    its times checked to be aware UTC."""
+    run = await storage.get_run(run_id)
+    promise(run is not None, name, f"run {run_id} reads back as missing")
+    assert run is not None
+    check_times(run, f"run {run_id}")
+    return run
+
+
+def check_times(value: object, what: str) -> None:
+    """Every datetime on a record the storage returned (a run, a claim, a step,
+    a schedule, or a mapping of steps) is aware UTC, so comparing it with
+    the suite's times can fail only as a broken promise."""
+    if isinstance(value, datetime):
+        promise(
+            value.utcoffset() == timedelta(0),
+            P.RECORD_TIMES_AWARE,
+            f"{what}: {value!r} is " + ("naive" if value.tzinfo is None else "not UTC"),
+        )
+    elif isinstance(value, ClaimedRun):
+        check_times(value.run, what)
+        check_times(value.steps, f"{what}, its steps")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_times(item, f"{what} [{key!r}]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for field in dataclasses.fields(value):
+            item = getattr(value, field.name)
+            if isinstance(item, datetime):
+                check_times(item, f"{what}, {field.name}")
 
 
 _LEASED_TARGETS: tuple[Literal["pending", "failed", "cancelled"], ...] = (
@@ -95,5 +147,10 @@ async def claim_only(
     """Claim the one claimable run of ``workflow``; if there is none, promise
     ``name`` (the reason it should be claimable) is broken."""
     claimed = await storage.claim_runs([workflow], 10, lease)
-    promise(len(claimed) == 1, name, f"expected to claim one run of {workflow}, got {claimed}")
+    promise(
+        len(claimed) == 1,
+        name,
+        f"expected to claim one run of {workflow}, got {[c.run.id for c in claimed]}",
+    )
+    check_times(claimed[0], f"the claim of a run of {workflow}")
     return claimed[0]

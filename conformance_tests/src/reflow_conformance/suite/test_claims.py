@@ -16,11 +16,11 @@ from reflow_conformance.plugin import suite_settings
 from reflow_core import codec
 from reflow_core.storage import ClaimedRun, StepRecord, Storage
 
-from ._util import claim_one, claim_only, create, create_many, step_differences
+from ._util import claim_one, claim_only, create, create_many, read_run, step_differences
 
 pytestmark = pytest.mark.reflow_conformance
 
-__all__ = ["TestClaimBatches", "TestClaimedRun", "TestConcurrentClaims"]
+__all__ = ["TestClaimBatches", "TestClaimOrder", "TestClaimedRun", "TestConcurrentClaims"]
 
 # Room for clocks that disagree by a little and for stores that keep
 # timestamps at millisecond precision.
@@ -84,13 +84,39 @@ class TestClaimBatches:
             none = await s.claim_runs([], 100, reflow.long_lease)
             promise(none == [], P.CLAIM_LIMIT, f"no workflow named, claimed {len(none)} runs")
             for run_id in ids_c:
-                run = await s.get_run(run_id)
-                assert run is not None
+                run = await read_run(s, run_id)
                 promise(
                     (run.status, run.attempts) == ("pending", 0),
                     P.CLAIM_LIMIT,
                     f"a run of an unnamed workflow was touched: {run}",
                 )
+
+        reflow.run(body)
+
+    def test_the_limit_holds_across_workflows(self, reflow: Harness) -> None:
+        """``limit`` bounds the whole claim, not each workflow named: due runs
+        and lapsed leases of three workflows, claimed four at a time."""
+        names = [reflow.unique() for _ in range(3)]
+        short = reflow.short_lease
+
+        async def body(s: Storage) -> None:
+            for name in names:
+                await create_many(s, name, 3)
+            batches = [await s.claim_runs(names, 4, short) for _ in range(3)]
+            sizes = [len(batch) for batch in batches]
+            promise(
+                all(size <= 4 for size in sizes),
+                P.CLAIM_LIMIT,
+                f"claims of limit 4 over three workflows took {sizes} runs",
+            )
+            promise(sum(sizes) == 9, P.NO_LOST_RUNS, f"claimed {sizes} of 9 due runs")
+            await reflow.lapse(short)
+            again = await s.claim_runs(names, 4, reflow.long_lease)
+            promise(
+                len(again) <= 4,
+                P.CLAIM_LIMIT,
+                f"a claim of limit 4 over three workflows' lapsed leases took {len(again)}",
+            )
 
         reflow.run(body)
 
@@ -135,8 +161,7 @@ class TestClaimBatches:
             got = await s.claim_runs([wf], 0, reflow.long_lease)
             promise(got == [], P.CLAIM_LIMIT, f"limit 0 claimed {len(got)} runs")
             for run_id in ids:
-                run = await s.get_run(run_id)
-                assert run is not None
+                run = await read_run(s, run_id)
                 promise(
                     (run.status, run.attempts, run.lease_epoch) == ("pending", 0, 0),
                     P.CLAIM_LIMIT,
@@ -171,6 +196,85 @@ class TestClaimBatches:
                     break
             promise(len(seen) == len(set(seen)), P.ONE_LIVE_LEASE, f"claims overlap: {seen}")
             promise(set(seen) == ids, P.NO_LOST_RUNS, f"created {sorted(ids)}, got {seen}")
+
+        reflow.run(body)
+
+
+class TestClaimOrder:
+    def test_due_runs_are_claimed_earliest_first(self, reflow: Harness) -> None:
+        """One at a time, a workflow's due runs come out in the order they fell
+        due: creation order, and a run handed back goes behind the runs that
+        were already waiting (a last-in, first-out claim starves old runs)."""
+        wf = reflow.unique()
+
+        async def body(s: Storage) -> None:
+            made = []
+            for i in range(5):
+                made.append((await create(s, wf, i)).run.id)
+                await asyncio.sleep(0.003)  # due times apart by more than a millisecond
+            taken = await s.claim_runs([wf], 1, reflow.long_lease)
+            promise(len(taken) == 1, P.CLAIM_LIMIT, f"limit 1, claimed {len(taken)}")
+            first = taken[0]
+            await asyncio.sleep(0.003)
+            handed = await s.update_run_status(first.run.id, "pending", lease=first.lease)
+            promise(handed, P.LIVE_LEASE_ACCEPTED, "hand back with a fresh lease refused")
+            await asyncio.sleep(0.003)
+            last = (await create(s, wf, "last")).run.id
+            order = []
+            for _ in range(7):
+                claimed = await s.claim_runs([wf], 1, reflow.long_lease)
+                if not claimed:
+                    break
+                order.append(claimed[0].run.id)
+            expected = [*made[1:], first.run.id, last]
+            promise(
+                order == expected,
+                P.DUE_ORDER,
+                "claimed one at a time in the order "
+                f"{[expected.index(run_id) if run_id in expected else run_id for run_id in order]}"
+                " of the order they fell due",
+            )
+
+        reflow.run(body)
+
+    def test_only_claims_count_attempts(self, reflow: Harness) -> None:
+        """Pauses, renewals, step saves and events leave ``attempts``,
+        ``lease_epoch`` and ``reclaims`` alone; each claim adds one attempt
+        and one epoch."""
+        wf = reflow.unique()
+
+        async def body(s: Storage) -> None:
+            run_id = (await create(s, wf)).run.id
+            counts: list[tuple[str, int, int]] = []
+
+            async def check(after: str, claims: int) -> None:
+                run = await read_run(s, run_id)
+                counts.append((after, run.attempts, run.lease_epoch))
+                promise(
+                    (run.attempts, run.lease_epoch, run.reclaims) == (claims, claims, 0),
+                    P.ONLY_CLAIMS_COUNT,
+                    f"after {claims} claims, attempts, lease_epoch, reclaims went "
+                    f"{[(what, a, e) for what, a, e in counts]} and reclaims is {run.reclaims}",
+                )
+
+            held = await claim_only(s, wf, P.NEW_RUN_CLAIMABLE)
+            await check("a claim", 1)
+            await s.heartbeat_run(held.lease, reflow.long_lease)
+            step = StepRecord("a", "completed", output=codec.encode(1))
+            await s.save_step_result(held.lease, step, reflow.long_lease)
+            await check("a heartbeat and a step save", 1)
+            await s.sleep_run(held.lease, "nap", timedelta(0))
+            await check("a sleep", 1)
+            held = await claim_only(s, wf, P.DUE_CLAIMABLE)
+            await s.deliver_event(run_id, "go", codec.encode("x"))
+            await s.wait_run(held.lease, "wait", "go", reflow.long_lease)
+            await s.take_event(held.lease, "wait", "go")
+            await check("an event, a wait and a take", 2)
+            await s.wait_run(held.lease, "wait-2", "never", timedelta(0))
+            await check("a wait that timed out", 2)
+            held = await claim_only(s, wf, P.DUE_CLAIMABLE)
+            await s.update_run_status(run_id, "pending", lease=held.lease)
+            await check("a hand back", 3)
 
         reflow.run(body)
 
@@ -217,8 +321,7 @@ class TestClaimedRun:
                 f"a {lease} lease claimed between {created.created_at} and "
                 f"{probe.created_at} expires at {expires}",
             )
-            stored = await s.get_run(run.id)
-            assert stored is not None
+            stored = await read_run(s, run.id)
             promise(
                 (stored.status, stored.attempts, stored.lease_epoch, stored.lease_expires_at)
                 == ("running", 1, 1, expires),
@@ -300,8 +403,7 @@ class TestConcurrentClaims:
                 "a run was claimed with an epoch other than 1",
             )
             for run_id in ids:
-                run = await s.get_run(run_id)
-                assert run is not None
+                run = await read_run(s, run_id)
                 promise(
                     (run.status, run.attempts) == ("completed", 1),
                     P.ONE_LIVE_LEASE,

@@ -8,6 +8,8 @@ local one, while the database's judges) fails these checks by the skew."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -15,13 +17,13 @@ import pytest
 from reflow_conformance import promises as P
 from reflow_conformance.harness import Harness, promise
 from reflow_core import codec
-from reflow_core.storage import ScheduleSpec, Storage
+from reflow_core.storage import Lease, ScheduleSpec, Storage
 
-from ._util import claim_one, create
+from ._util import claim_one, create, read_run
 
 pytestmark = pytest.mark.reflow_conformance
 
-__all__ = ["TestStorageClock"]
+__all__ = ["TestLeaseClock", "TestStorageClock"]
 
 _SLACK = timedelta(milliseconds=1)
 """Stored times keep at least milliseconds; a store may round either way."""
@@ -84,8 +86,7 @@ class TestStorageClock:
             beat = await s.heartbeat_run(held.lease, reflow.long_lease)
             after = await _now(s)
             promise(beat, P.LIVE_LEASE_ACCEPTED, "heartbeat of a fresh lease refused")
-            run = await s.get_run(held.run.id)
-            assert run is not None
+            run = await read_run(s, held.run.id)
             wrong = _between(run.lease_expires_at, before, after, reflow.long_lease)
             promise(not wrong, P.STORAGE_CLOCK, f"lease_expires_at after a heartbeat: {wrong}")
 
@@ -114,6 +115,7 @@ class TestStorageClock:
 
         reflow.run(body)
 
+    @pytest.mark.reflow_area("schedules")
     def test_schedules_are_due_by_now(self, reflow: Harness) -> None:
         """A schedule whose slot is at or before a reading of ``now()`` is due
         from then on; one ten minutes after it is not (the engine fires slots
@@ -141,5 +143,94 @@ class TestStorageClock:
             finally:
                 await s.delete_schedule(past)
                 await s.delete_schedule(future)
+
+        reflow.run(body)
+
+
+_ROUNDING = 0.005
+"""Seconds a lease may end early by rounding: stored times and the store's
+*now* may each be rounded to the millisecond, either way."""
+_TICKS = 12
+"""Checks made across one lease, evenly spaced."""
+
+
+async def _watch_lease(
+    reflow: Harness, holder: Storage, other: Storage, names: tuple[str, str]
+) -> None:
+    """Claim runs on ``holder``, then, across their lease, try to take one
+    from ``other`` and heartbeat the others once each, from ``other`` (with
+    the lease read back through it) and from ``holder``.
+
+    Times are the test's own monotonic clock. The claim began at ``a0``, so
+    by a storage clock running at the right rate, whatever its offset from
+    any other clock, the lease ends no sooner than ``a0`` plus its length: a
+    call that *ended* before then was judged while the lease was live. Only
+    such calls are held to the promise, so a slow machine can delay a check
+    past that point (and make it prove nothing) but never fail it.
+    """
+    length = reflow.short_lease * 2
+    span = length.total_seconds()
+    taken, beaten = reflow.unique(), reflow.unique()
+    beats = 2 * _TICKS
+    await create(holder, taken)
+    for i in range(beats):
+        await create(holder, beaten, i)
+    a0 = time.monotonic()
+    claimed = await holder.claim_runs([taken, beaten], beats + 1, length)
+    live_until = a0 + span - _ROUNDING
+    promise(len(claimed) == beats + 1, P.CLAIM_LIMIT, f"claimed {len(claimed)} of {beats + 1}")
+    target = next(c.run.id for c in claimed if c.run.workflow == taken)
+    watching = True
+    leases = [c.lease for c in claimed if c.run.workflow == beaten]
+    held, by = names
+
+    def late(ended: float) -> bool:
+        return ended >= live_until
+
+    async def beat(storage: Storage, lease: Lease, via: str) -> None:
+        started = time.monotonic()
+        accepted = await storage.heartbeat_run(lease, length)
+        ended = time.monotonic()
+        promise(
+            accepted or late(ended),
+            P.LIVE_LEASE_ACCEPTED,
+            f"a heartbeat of run {lease.run_id} through connection {via}, sent "
+            f"{started - a0:.3f} s and answered {ended - a0:.3f} s after connection {held} "
+            f"began claiming it for {span} s, was refused",
+        )
+
+    for tick in range(1, _TICKS):
+        await asyncio.sleep(max(0.0, a0 + span * tick / _TICKS - time.monotonic()))
+        if late(time.monotonic()):
+            break
+        if watching:
+            got = await other.claim_runs([taken], 1, length)
+            ended = time.monotonic()
+            promise(
+                not got or late(ended),
+                P.LEASE_LIVES_ITS_LENGTH,
+                f"connection {by} claimed run {target} {ended - a0:.3f} s after "
+                f"connection {held} began claiming it for {span} s",
+            )
+            watching = not got
+        run = await read_run(other, leases[0].run_id)
+        await beat(other, Lease(run.id, run.lease_epoch), by)
+        await beat(holder, leases[1], held)
+        del leases[:2]
+
+
+class TestLeaseClock:
+    def test_a_lease_stays_live_for_its_length_everywhere(self, reflow: Harness) -> None:
+        """Every connection judges a lease by the storage's clock: one whose
+        own clock runs ahead (a worker host's, read in place of the
+        database's) takes a live lease, or refuses its heartbeat, early.
+
+        Both connections take each side in turn, so a clock running ahead on
+        either is caught."""
+
+        async def body(a: Storage) -> None:
+            b = await reflow.open()
+            await _watch_lease(reflow, a, b, ("A", "B"))
+            await _watch_lease(reflow, b, a, ("B", "A"))
 
         reflow.run(body)

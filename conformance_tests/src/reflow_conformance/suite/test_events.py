@@ -19,11 +19,11 @@ from reflow_core import codec
 from reflow_core.storage import Lease, StepRecord, Storage
 
 from ._events import drain_events, nothing_found, took
-from ._util import claim_one, create, create_many, decoded
+from ._util import claim_one, create, create_many, decoded, read_run
 
 pytestmark = pytest.mark.reflow_conformance
 
-__all__ = ["TestDeliver", "TestEventIds", "TestEventOrder", "TestTake"]
+__all__ = ["TestDeliver", "TestEventIds", "TestEventOrder", "TestEventsOutlastPauses", "TestTake"]
 
 NAP = timedelta(minutes=30)
 
@@ -98,8 +98,7 @@ class TestDeliver:
             await s.sleep_run(claimed[sleeping].lease, "nap", NAP)
             other = await reflow.open()
             for run_id in (pending, running, napping, sleeping):
-                before = await s.get_run(run_id)
-                assert before is not None
+                before = await read_run(s, run_id)
                 for i in range(2):
                     sent = await other.deliver_event(run_id, "ping", codec.encode([run_id, i]))
                     promise(sent, P.EVENT_BUFFERED, f"deliver to a {before.status} run: False")
@@ -149,8 +148,7 @@ class TestDeliver:
             await s.finish_run(claimed[failed].lease, "failed", error=codec.encode("x"))
             await s.update_run_status(cancelled, "cancelled", error=codec.encode("stop"))
             for run_id in (completed, failed, cancelled):
-                before = await s.get_run(run_id)
-                assert before is not None
+                before = await read_run(s, run_id)
                 sent = await s.deliver_event(run_id, "ping", codec.encode("late"))
                 promise(not sent, P.DELIVER_FINISHED, f"deliver to a {before.status} run: True")
                 sent = await s.deliver_event(run_id, "ping", codec.encode("late"), event_id="i")
@@ -262,7 +260,7 @@ class TestTake:
             await s.wait_run(held.lease, "w1", "e", NAP)
             for i in range(2):
                 await s.deliver_event(run_id, "e", codec.encode(f"payload-{i}"))
-            woken = await claim_one(s, wf)
+            woken = await claim_one(s, wf, name=P.EVENT_WAKES)
             take = await s.take_event(woken.lease, "w1", "e")
             promise(took(take, "payload-0"), P.EVENT_ONCE_IN_ORDER, f"take gave {take}")
             steps = await s.get_step_results(run_id)
@@ -381,7 +379,7 @@ class TestTake:
             lapsed = await s.take_event(held.lease, "w1", "e")
             promise(lapsed is None, P.STALE_LEASE_REFUSED, f"take with a lapsed lease: {lapsed}")
             other = await reflow.open()
-            again = await claim_one(other, wf)
+            again = await claim_one(other, wf, name=P.RECLAIM_AFTER_LAPSE)
             stale = await s.take_event(held.lease, "w1", "e")
             promise(stale is None, P.STALE_LEASE_REFUSED, f"take with a superseded lease: {stale}")
             steps = await other.get_step_results(run_id)
@@ -502,3 +500,54 @@ class TestEventOrder:
             reflow.run(body)
 
         check()
+
+
+class TestEventsOutlastPauses:
+    """Events buffered while a run is running are still there after anything
+    short of its end: a sleep, a hand back, a wait for another event that
+    times out, a lapsed lease and its reclaim. (A store that clears a run's
+    buffer on every status change loses them.)"""
+
+    def test_buffered_events_outlast_every_pause(self, reflow: Harness) -> None:
+        wf = reflow.unique()
+        short = reflow.short_lease
+
+        async def body(s: Storage) -> None:
+            napping, handed, waiting, lapsing = await create_many(s, wf, 4)
+            claimed = {c.run.id: c for c in await s.claim_runs([wf], 10, short)}
+            promise(len(claimed) == 4, P.NO_LOST_RUNS, f"claimed {len(claimed)} of 4")
+            for run_id in claimed:
+                for i in range(2):
+                    sent = await s.deliver_event(run_id, "ping", codec.encode([run_id, i]))
+                    promise(sent, P.EVENT_BUFFERED, "deliver to a running run: False")
+            paused = {
+                napping: await s.sleep_run(claimed[napping].lease, "nap", short) is not None,
+                handed: await s.update_run_status(handed, "pending", lease=claimed[handed].lease),
+                waiting: await s.wait_run(claimed[waiting].lease, "other", "pong", short)
+                is not None,
+            }
+            for run_id, done in paused.items():
+                promise(done, P.LIVE_LEASE_ACCEPTED, f"pausing run {run_id} was refused")
+            await reflow.lapse(short)
+            again = {c.run.id: c for c in await s.claim_runs([wf], 10, reflow.long_lease)}
+            promise(
+                set(again) == set(claimed),
+                P.DUE_CLAIMABLE,
+                f"claimable again: {sorted(again)} of {sorted(claimed)}",
+            )
+            how = {
+                napping: "slept",
+                handed: "was handed back",
+                waiting: "timed out waiting for another event",
+                lapsing: "lost its lease and was reclaimed",
+            }
+            for run_id, held in again.items():
+                found = await drain_events(s, held.lease, "ping", "take")
+                promise(
+                    found == [[run_id, 0], [run_id, 1]],
+                    P.EVENT_BUFFERED,
+                    f"a run that {how[run_id]} took {found}, not the two events buffered "
+                    "while it ran",
+                )
+
+        reflow.run(body)

@@ -18,7 +18,7 @@ from reflow_core import codec
 from reflow_core.errors import ConfigError
 from reflow_core.storage import RunRecord, RunStatus, Storage
 
-from ._util import LONG, create, create_many
+from ._util import LONG, create, create_many, read_run
 
 pytestmark = pytest.mark.reflow_conformance
 
@@ -97,10 +97,21 @@ async def _one_run_per_status(reflow: Harness, s: Storage, wf: str) -> dict[RunS
     await s.finish_run(leases[ids["failed"]], "failed", error=codec.encode("x"))
     await s.update_run_status(ids["cancelled"], "cancelled")
     for status, run_id in ids.items():
-        run = await s.get_run(run_id)
-        assert run is not None, f"the {status} run is gone"
-        assert run.status == status, f"could not set up a {status} run: {run}"
+        run = await read_run(s, run_id)
+        promise(run.status == status, _SET_UP[status], f"could not set up a {status} run: {run}")
     return ids
+
+
+_SET_UP: dict[RunStatus, str] = {
+    "pending": P.HAND_BACK,
+    "running": P.CLAIMED_RUNNING,
+    "sleeping": P.PAUSE_RECORDED,
+    "waiting": P.PAUSE_RECORDED,
+    "completed": P.FINISH_ATOMIC,
+    "failed": P.FINISH_ATOMIC,
+    "cancelled": P.CANCEL,
+}
+"""The promise that leaves a run in each status, as the listing tests set it up."""
 
 
 class TestListRuns:

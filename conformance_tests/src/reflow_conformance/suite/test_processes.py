@@ -14,7 +14,7 @@ from reflow_conformance.testsupport import child_env
 from reflow_core import codec
 from reflow_core.storage import Storage
 
-from ._util import create_many
+from ._util import create_many, read_run
 
 pytestmark = pytest.mark.reflow_conformance
 
@@ -81,8 +81,7 @@ class TestProcesses:
             promise(not refused, P.LIVE_LEASE_ACCEPTED, f"finish refused: {refused[:10]}")
             holders = {run_id: pid for run_id, _, pid, _ in claims}
             for run_id in sorted(ids):
-                run = await s.get_run(run_id)
-                assert run is not None
+                run = await read_run(s, run_id)
                 promise(
                     (run.status, run.attempts) == ("completed", 1),
                     P.ONE_LIVE_LEASE,

@@ -18,7 +18,7 @@ from reflow_core.storage import NewRun, RunRecord, ScheduleRecord, ScheduleSpec,
 
 from ._util import decoded
 
-pytestmark = pytest.mark.reflow_conformance
+pytestmark = [pytest.mark.reflow_conformance, pytest.mark.reflow_area("schedules")]
 
 __all__ = ["TestClaimSlot", "TestDueSchedules", "TestUpsertSchedule"]
 
@@ -42,6 +42,12 @@ async def _find(s: Storage, key: str) -> ScheduleRecord | None:
     found = [record for record in await s.list_schedules() if record.key == key]
     promise(len(found) <= 1, P.SCHEDULE_STORED, f"{len(found)} schedules with key {key!r}")
     return found[0] if found else None
+
+
+def _stamps(record: ScheduleRecord | None) -> str:
+    if record is None:
+        return "(missing)"
+    return f"{record.created_at.isoformat()}, {record.updated_at.isoformat()}"
 
 
 def _differences(record: ScheduleRecord | None, spec: ScheduleSpec) -> list[str]:
@@ -98,12 +104,22 @@ class TestUpsertSchedule:
         kept = ScheduleSpec(key, wf2, second.input, EVERY_MINUTE, first.next_run_at)
 
         async def body(s: Storage) -> None:
-            await s.upsert_schedule(first)
+            made = await s.upsert_schedule(first)
+            await asyncio.sleep(0.01)
             record = await s.upsert_schedule(second)
             diff = _differences(record, kept)
             promise(not diff, P.SCHEDULE_KEEP_CADENCE, "returned: " + "; ".join(diff))
-            diff = _differences(await _find(s, key), kept)
+            listed = await _find(s, key)
+            diff = _differences(listed, kept)
             promise(not diff, P.SCHEDULE_KEEP_CADENCE, "listed: " + "; ".join(diff))
+            promise(
+                listed is not None
+                and listed.created_at == made.created_at
+                and listed.updated_at > made.updated_at,
+                P.SCHEDULE_STORED,
+                "registering a schedule again keeps its created_at and moves its updated_at: "
+                f"created_at, updated_at first {_stamps(made)}, then {_stamps(listed)}",
+            )
             await s.delete_schedule(key)
 
         reflow.run(body)

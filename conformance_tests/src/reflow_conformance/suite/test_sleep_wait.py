@@ -14,7 +14,15 @@ from reflow_conformance.harness import Harness, promise
 from reflow_core import codec
 from reflow_core.storage import ClaimedRun, RunRecord, StepRecord, Storage
 
-from ._util import LONG, STALE_EVENT, claim_one, create, decoded, fenced_writes
+from ._util import (
+    LONG,
+    STALE_EVENT,
+    claim_one,
+    create,
+    decoded,
+    fenced_writes,
+    read_run,
+)
 
 pytestmark = pytest.mark.reflow_conformance
 
@@ -60,10 +68,7 @@ async def _hold(s: Storage, wf: str, lease: timedelta = LONG) -> _Held:
 
 
 async def _run(s: Storage, run_id: str) -> RunRecord:
-    run = await s.get_run(run_id)
-    promise(run is not None, P.NO_LOST_RUNS, f"run {run_id} is gone")
-    assert run is not None
-    return run
+    return await read_run(s, run_id)
 
 
 async def _step(s: Storage, run_id: str, name: str) -> StepRecord | None:
@@ -401,9 +406,10 @@ class TestWait:
             await create(s, wf)
             held = await _hold(s, wf)
             first = await s.wait_run(held.lease, "hold", "approve", NAP)
+            promise(first is not None, P.LIVE_LEASE_ACCEPTED, "wait_run refused a live lease")
             assert first is not None
             await s.deliver_event(held.run_id, "approve", codec.encode("yes"))
-            woken = await claim_one(s, wf)
+            woken = await claim_one(s, wf, name=P.EVENT_WAKES)
             second = await s.wait_run(woken.lease, "hold", "approve", NAP * 2)
             promise(
                 second is not None and second.ready,

@@ -23,11 +23,12 @@ from datetime import datetime
 import pytest
 from hypothesis import Phase, note, settings
 from hypothesis import strategies as st
+from hypothesis.errors import Flaky
 from hypothesis.stateful import invariant, precondition, rule, run_state_machine_as_test
 
 from reflow_conformance import promises as P
-from reflow_conformance.harness import Harness, promise
-from reflow_conformance.plugin import suite_settings
+from reflow_conformance.harness import Harness, PromiseBroken, promise
+from reflow_conformance.plugin import SHRINK_PROFILE, machine_shrinks, suite_settings
 from reflow_core.storage import Lease, RunStatus
 
 from ._machine import EVENTS, SPENT, STATUSES, STEP_NAMES, encoded
@@ -197,9 +198,64 @@ def _machine_settings() -> settings:
     """The suite's settings without the ``explain`` phase: it traces every line
     of every replay while shrinking, which makes shrinking a failing machine
     several times slower, and for this machine it can only point at
-    :func:`~reflow_conformance.promise`, which the failure names anyway."""
+    :func:`~reflow_conformance.promise`, which the failure names anyway. Under
+    the default profile, without the ``shrink`` phase too (see
+    :func:`~reflow_conformance.plugin.machine_shrinks`)."""
     chosen = suite_settings()
-    return settings(chosen, phases=[p for p in chosen.phases if p is not Phase.explain])
+    dropped = {Phase.explain} if machine_shrinks() else {Phase.explain, Phase.shrink}
+    return settings(chosen, phases=[p for p in chosen.phases if p not in dropped])
+
+
+_UNSHRUNK = (
+    "The operations above are the failing sequence as found, not shrunk: the default "
+    f"reflow-ci profile does not shrink the stateful machine. Run it again with "
+    f"--hypothesis-profile={SHRINK_PROFILE} for the shortest sequence that fails (Hypothesis "
+    "replays this one from its example database, then shrinks it; the lease lapses replay "
+    "in real time, so that can take minutes)."
+)
+
+
+def _promises_broken(error: BaseException) -> list[PromiseBroken]:
+    """The broken promises an error from Hypothesis carries: itself, the
+    errors of a group, and what it was raised from or during."""
+    found: list[PromiseBroken] = []
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, PromiseBroken):
+            found.append(current)
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return found
+
+
+def _unrepeatable(error: Flaky) -> PromiseBroken:
+    """What to report when Hypothesis finds the adapter answered the same
+    operations differently when it repeated them (it blames the test's data)."""
+    broken = _promises_broken(error)
+    if broken:
+        first = str(broken[0]).splitlines()
+        name = first[0].removeprefix("broken promise: ")
+        seen = "\n  ".join(line.strip() for line in first[1:] if line.strip())
+    else:
+        name, seen = P.STATE_MATCHES_MODEL, ""
+    return PromiseBroken(
+        f"broken promise: {name}\n"
+        + (f"  {seen}\n" if seen else "")
+        + "  The adapter answered the same operations differently when Hypothesis repeated "
+        "them on a new store: a run of them broke the promise above, a repeat broke it at "
+        "another step or not at all (Hypothesis calls this a flaky test or inconsistent data "
+        "generation, blaming the test; the operations only depend on the adapter's answers). "
+        "Answers that depend on timing rather than on the operations and the lengths of "
+        "leases, sleeps and waits are the usual cause: a lease that lapses before its end, a "
+        "clock that jumps, a read that sees a write late.\n"
+        f"  Hypothesis reported: {type(error).__name__}: {str(error).splitlines()[0]}"
+    )
 
 
 @pytest.mark.reflow_conformance
@@ -209,7 +265,14 @@ class TestStorageStateMachine:
     def test_stateful_machine(self, reflow: Harness) -> None:
         # Hypothesis documents any zero-argument factory of a machine here,
         # though its annotation names only the class.
-        run_state_machine_as_test(
-            lambda: StorageMachine(reflow),  # type: ignore[arg-type]
-            settings=_machine_settings(),
-        )
+        try:
+            run_state_machine_as_test(
+                lambda: StorageMachine(reflow),  # type: ignore[arg-type]
+                settings=_machine_settings(),
+            )
+        except Flaky as error:
+            raise _unrepeatable(error) from error
+        except Exception as error:
+            if not machine_shrinks():
+                error.add_note(_UNSHRUNK)
+            raise
