@@ -1,0 +1,217 @@
+"""Deliberately broken storage adapters, to prove the conformance suite catches them.
+
+Each class in the modules of this package (one per area of the contract:
+``claims``, ``leases``, ``runs``, ``records``, ``events``, ``retention``,
+``schedules``) is the in-memory reference backend (or, where the bug lives
+in a query, the SQLite backend) with exactly one promise of the storage
+contract broken, the way a real adapter might get it wrong (a claim query
+missing a clause, a fence that checks too little). Each has a
+zero-argument factory usable as ``--reflow-storage=broken_adapters:<factory>``;
+every call of one factory opens the same named store of this process, as a
+second connection to one database would. ``correct`` is the unbroken backend,
+the control; ``correct_millisecond_clock`` is the control for the one broken
+adapter that runs on a millisecond clock.
+
+The breakages override private helpers of :class:`~reflow_core.memory.MemoryStorage`
+where that is the smallest change. If the memory backend is refactored and an
+override stops taking effect, the adapter turns correct again and
+``test_catches_broken_adapters`` fails, so a stale breakage cannot go unnoticed.
+
+Loaded as a pytest plugin (``-p broken_adapters``), the module also registers
+the Hypothesis profile :data:`NO_SHRINK_PROFILE` for those checks. They ask only
+whether the suite fails and which promise it names, so they skip shrinking
+(the stateful machine sleeps for real to let leases lapse, and shrinking a
+failure it found replays those sleeps for minutes) and draw the same examples
+on every run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+from hypothesis import Phase, settings
+
+from reflow_conformance import AdapterFactory
+from reflow_core.memory import MemoryStorage
+from reflow_sqlite import SQLiteStorage
+
+from ._common import correct, correct_millisecond_clock
+from .claims import (
+    claims_backlog_first,
+    claims_newest_first,
+    double_claim,
+    limit_per_workflow,
+    reclaims_first_workflow_only,
+    sleep_resets_attempts,
+)
+from .events import (
+    event_crosses_runs,
+    events_dropped_on_pause,
+    events_outlive_run,
+    events_twice,
+    unbounded_events,
+)
+from .leases import (
+    fast_client_clock,
+    immortal_leases,
+    leases_lapse_at_random,
+    no_fencing,
+    skewed_now,
+    split_fence,
+)
+from .records import (
+    created_at_moves,
+    lease_outlives_run,
+    naive_reads,
+    pending_without_wake_at,
+    updated_at_stale,
+)
+from .retention import (
+    purge_by_creation_time,
+    purge_ignores_limit,
+    purge_keeps_event_ids,
+    purge_keeps_keys,
+    purge_leaves_steps,
+    purge_miscounts,
+    purges_unfinished,
+)
+from .runs import (
+    caseless_step_names,
+    clamped_sleeps,
+    key_freed_when_run_ends,
+    lax_run_ids,
+    lossy_requeue,
+    no_idempotency,
+    run_id_overwrites,
+    sloppy_pagination,
+    stale_reads,
+)
+from .schedules import (
+    no_schedules,
+    no_schedules_declared,
+    schedule_forgets_created_at,
+    schedule_slot_twice,
+)
+
+__all__ = [
+    "FACTORIES",
+    "NO_SHRINK_PROFILE",
+    "UNFINISHED",
+    "caseless_step_names",
+    "claims_backlog_first",
+    "claims_newest_first",
+    "clamped_sleeps",
+    "correct",
+    "correct_millisecond_clock",
+    "created_at_moves",
+    "double_claim",
+    "event_crosses_runs",
+    "events_dropped_on_pause",
+    "events_outlive_run",
+    "events_twice",
+    "fast_client_clock",
+    "immortal_leases",
+    "key_freed_when_run_ends",
+    "lax_run_ids",
+    "lease_outlives_run",
+    "leases_lapse_at_random",
+    "limit_per_workflow",
+    "lossy_requeue",
+    "naive_reads",
+    "no_fencing",
+    "no_idempotency",
+    "no_schedules",
+    "no_schedules_declared",
+    "pending_without_wake_at",
+    "purge_by_creation_time",
+    "purge_ignores_limit",
+    "purge_keeps_event_ids",
+    "purge_keeps_keys",
+    "purge_leaves_steps",
+    "purge_miscounts",
+    "purges_unfinished",
+    "reclaims_first_workflow_only",
+    "run_id_overwrites",
+    "schedule_forgets_created_at",
+    "schedule_slot_twice",
+    "skewed_now",
+    "sleep_resets_attempts",
+    "sloppy_pagination",
+    "split_fence",
+    "stale_reads",
+    "unbounded_events",
+    "updated_at_stale",
+]
+
+NO_SHRINK_PROFILE = "reflow-ci-no-shrink"
+"""The suite's ``reflow-ci`` profile without shrinking, derandomized (the same
+examples every run) and without an example database."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure() -> None:
+    # Every entry-point plugin is imported by now, so reflow-ci is registered;
+    # tryfirst registers this profile before Hypothesis loads the chosen one.
+    settings.register_profile(
+        NO_SHRINK_PROFILE,
+        parent=settings.get_profile("reflow-ci"),
+        phases=[Phase.explicit, Phase.generate],
+        derandomize=True,
+        database=None,
+    )
+
+
+FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
+    factory.__name__: factory
+    for factory in (
+        double_claim,
+        reclaims_first_workflow_only,
+        claims_backlog_first,
+        limit_per_workflow,
+        claims_newest_first,
+        sleep_resets_attempts,
+        no_fencing,
+        immortal_leases,
+        skewed_now,
+        split_fence,
+        leases_lapse_at_random,
+        fast_client_clock,
+        no_idempotency,
+        lossy_requeue,
+        lax_run_ids,
+        clamped_sleeps,
+        sloppy_pagination,
+        stale_reads,
+        run_id_overwrites,
+        key_freed_when_run_ends,
+        caseless_step_names,
+        created_at_moves,
+        updated_at_stale,
+        pending_without_wake_at,
+        lease_outlives_run,
+        naive_reads,
+        events_twice,
+        event_crosses_runs,
+        unbounded_events,
+        events_outlive_run,
+        events_dropped_on_pause,
+        purges_unfinished,
+        purge_by_creation_time,
+        purge_miscounts,
+        purge_ignores_limit,
+        purge_keeps_keys,
+        purge_leaves_steps,
+        purge_keeps_event_ids,
+        schedule_slot_twice,
+        schedule_forgets_created_at,
+    )
+}
+"""Every broken adapter's factory by name (``correct`` is not among them)."""
+
+UNFINISHED: dict[str, Callable[[], MemoryStorage | AdapterFactory]] = {
+    no_schedules.__name__: no_schedules,
+    no_schedules_declared.__name__: no_schedules_declared,
+}
+"""Adapters that lack an area of the contract, undeclared and declared (not
+broken adapters: they are checked by their own tests, not by a ``Case``)."""

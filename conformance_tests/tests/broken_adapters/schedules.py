@@ -1,0 +1,89 @@
+"""Adapters that break a promise about schedules, and adapters that lack them."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+
+from reflow_conformance import AdapterFactory
+from reflow_core.memory import MemoryStorage
+from reflow_core.storage import (
+    NewRun,
+    RunRecord,
+    ScheduleRecord,
+    ScheduleSpec,
+)
+
+from ._common import _store
+
+
+class ScheduleSlotTwice(MemoryStorage):
+    """Breaks *a schedule slot is claimed once*: ``claim_schedule_slot`` fires
+    any slot of an existing schedule without comparing it with the schedule's
+    ``next_run_at``, so a second worker firing the same slot gets the run too."""
+
+    async def claim_schedule_slot(
+        self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
+    ) -> RunRecord | None:
+        sched = self._schedules.get(key)
+        if sched is not None:
+            self._schedules[key] = dataclasses.replace(sched, next_run_at=slot)
+        return await super().claim_schedule_slot(key, slot, next_run_at, run)
+
+
+def schedule_slot_twice() -> MemoryStorage:
+    return ScheduleSlotTwice(name=_store("schedule_slot_twice"))
+
+
+class NoSchedules(MemoryStorage):
+    """Not broken but unfinished: an adapter whose schedule methods are still
+    stubs raising ``NotImplementedError``, as a half-built adapter's are. Run
+    as is (``no_schedules``), every test that touches schedules must fail
+    naming the area and how to declare it; declared missing
+    (``no_schedules_declared``), the rest of the suite must pass."""
+
+    async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        raise NotImplementedError
+
+    async def delete_schedule(self, key: str) -> bool:
+        raise NotImplementedError
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        raise NotImplementedError
+
+    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+        raise NotImplementedError
+
+    async def claim_schedule_slot(
+        self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
+    ) -> RunRecord | None:
+        raise NotImplementedError
+
+
+def no_schedules() -> MemoryStorage:
+    return NoSchedules(name=_store("no_schedules"))
+
+
+def no_schedules_declared() -> AdapterFactory:
+    """``no_schedules``, declaring that it does not implement schedules yet."""
+    name = _store("no_schedules_declared")
+    return AdapterFactory(
+        make=lambda: NoSchedules(name=name),
+        name="no_schedules_declared",
+        without=frozenset({"schedules"}),
+    )
+
+
+class ScheduleForgetsCreatedAt(MemoryStorage):
+    """Breaks *a schedule reads back as registered*: registering a schedule
+    again rewrites its ``created_at``, as an upsert that replaces the whole
+    row would (the engine re-registers every schedule at each start)."""
+
+    async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        record = dataclasses.replace(await super().upsert_schedule(spec), created_at=self._clock())
+        self._schedules[spec.key] = record
+        return record
+
+
+def schedule_forgets_created_at() -> MemoryStorage:
+    return ScheduleForgetsCreatedAt(name=_store("schedule_forgets_created_at"))
