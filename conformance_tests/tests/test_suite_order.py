@@ -13,7 +13,7 @@ import reflow_conformance.suite as suite
 from reflow_conformance import promises as P
 from reflow_conformance.harness import PromiseBroken
 from reflow_conformance.plugin import COST_TIERS
-from reflow_conformance.suite.test_stateful import _unrepeatable
+from reflow_conformance.suite.test_stateful import _stopped_by_pytest, _unrepeatable
 
 pytest_plugins = ["pytester"]
 
@@ -94,3 +94,28 @@ def test_inconsistent_data_generation_names_the_promise_broken_during_it() -> No
 def test_an_unrepeatable_run_without_a_broken_promise_names_the_model() -> None:
     reported = _unrepeatable(FlakyStrategyDefinition("Inconsistent data generation!"))
     assert str(reported).startswith(f"broken promise: {P.STATE_MATCHES_MODEL}\n")
+
+
+def test_a_timeout_during_the_machine_is_reported_as_the_timeout() -> None:
+    """pytest-timeout fails the machine mid-operation; Hypothesis then sees a
+    repeat that stops elsewhere. The report is the timeout, not the adapter."""
+    try:
+        try:
+            pytest.fail("Timeout (>120.0s) from pytest-timeout.")
+        except pytest.fail.Exception:
+            raise FlakyStrategyDefinition("Inconsistent data generation!") from None
+    except FlakyStrategyDefinition as error:
+        stopped = _stopped_by_pytest(error)
+    assert isinstance(stopped, pytest.fail.Exception)
+    assert "Timeout" in str(stopped)
+
+
+def test_a_broken_promise_wins_over_a_timeout() -> None:
+    try:
+        try:
+            raise PromiseBroken(f"broken promise: {P.ONE_LIVE_LEASE}")
+        except PromiseBroken as broken:
+            raise FlakyFailure("Inconsistent results", [broken]) from None
+    except FlakyFailure as error:
+        stopped = _stopped_by_pytest(error)
+    assert stopped is None

@@ -234,6 +234,26 @@ def _promises_broken(error: BaseException) -> list[PromiseBroken]:
     return found
 
 
+def _stopped_by_pytest(error: BaseException) -> BaseException | None:
+    """The failure pytest raised into the test (``pytest-timeout``'s, a
+    ``pytest.fail``), if that is what Hypothesis saw before it found the run
+    did not repeat and no promise was broken: the test ran out of time, and
+    the adapter is not to blame."""
+    if _promises_broken(error):
+        return None
+    todo: list[BaseException] = [error]
+    seen: set[int] = set()
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, pytest.fail.Exception):
+            return current
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
+
+
 def _unrepeatable(error: Flaky) -> PromiseBroken:
     """What to report when Hypothesis finds the adapter answered the same
     operations differently when it repeated them (it blames the test's data)."""
@@ -271,6 +291,9 @@ class TestStorageStateMachine:
                 settings=_machine_settings(),
             )
         except Flaky as error:
+            stopped = _stopped_by_pytest(error)
+            if stopped is not None:
+                raise stopped from error  # a timeout, not the adapter
             raise _unrepeatable(error) from error
         except Exception as error:
             if not machine_shrinks():
