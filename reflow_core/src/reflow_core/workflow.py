@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast, overload
 
 from ._durations import Duration, to_seconds
+from ._typecheck import TypeMismatch, is_typeddict_class, type_validator
 from .adapter import check_text
 from .context import FailureContext, StepContext
 from .errors import ConfigError, DuplicateStepError, ValidationError
@@ -137,8 +138,11 @@ def _pydantic_issues(exc: Exception) -> list[Mapping[str, Any]] | None:
     return None
 
 
-def _make_validator(schema: object, name: str) -> Validator:
-    """Turn a pydantic model, dataclass, TypeAdapter or callable into one function."""
+def _make_validator(schema: object, name: str, root: str = "input") -> Validator:
+    """Turn a pydantic model, dataclass, TypedDict, TypeAdapter or callable into one function.
+
+    ``root`` names the value in the path of a type mismatch (``input.items[2]``).
+    """
     if schema is None:
         return lambda raw: raw
     validate_python = getattr(schema, "validate_python", None)
@@ -152,19 +156,10 @@ def _make_validator(schema: object, name: str) -> Validator:
             try:
                 from pydantic import TypeAdapter
             except ImportError:
-                cls = schema
-
-                def build(raw: Any) -> Any:
-                    if isinstance(raw, cls):
-                        return raw
-                    if not isinstance(raw, Mapping):
-                        raise TypeError(
-                            f"expected a mapping for {cls.__name__}, got {type(raw).__name__}"
-                        )
-                    return cls(**raw)
-
-                return build
+                return _type_validator(schema, name, root)
             return cast(Validator, TypeAdapter(schema).validate_python)
+        if is_typeddict_class(schema):
+            return _type_validator(schema, name, root)
     if callable(schema):
         return cast(Validator, schema)
     raise ConfigError(
@@ -174,6 +169,11 @@ def _make_validator(schema: object, name: str) -> Validator:
     )
 
 
+def _type_validator(schema: type, name: str, root: str) -> Validator:
+    option = "input" if root == "input" else "schema"
+    return type_validator(schema, root=root, context=f"workflow {name!r}", option=option)
+
+
 def _validate(validator: Validator, raw: Any, what: str, workflow: str) -> Any:
     try:
         return validator(raw)
@@ -181,6 +181,8 @@ def _validate(validator: Validator, raw: Any, what: str, workflow: str) -> Any:
         raise
     except Exception as exc:
         issues = _pydantic_issues(exc)
+        if issues is None and isinstance(exc, TypeMismatch):
+            issues = [exc.issue]
         if issues is None:
             issues = [{"type": type(exc).__name__, "msg": str(exc)}]
         raise ValidationError(f"invalid {what}: {exc}", workflow=workflow, issues=issues) from exc
@@ -436,7 +438,8 @@ class Workflow(Generic[InputT, PrevT]):
             if timeout is None
             else to_seconds(timeout, option=f"wait {name!r} timeout", allow_zero=False)
         )
-        return self._then(WaitDefinition(name, _make_validator(schema, self._name), seconds))
+        validator = _make_validator(schema, self._name, "payload")
+        return self._then(WaitDefinition(name, validator, seconds))
 
     def parallel(
         self,
@@ -513,9 +516,10 @@ def workflow(name: str, input: object = None) -> Workflow[Any, Any]:
     """Start building a workflow named ``name``.
 
     ``input`` validates the input of every run: a pydantic model, a
-    dataclass (validated by pydantic when it is installed, else constructed
-    from the mapping), a pydantic ``TypeAdapter``, any callable returning
-    the validated value, or ``None`` to accept any plain data.
+    dataclass (validated by pydantic when it is installed, else checked
+    against its field types by reflow itself), a ``TypedDict`` (always
+    checked by reflow itself), a pydantic ``TypeAdapter``, any callable
+    returning the validated value, or ``None`` to accept any plain data.
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("workflow name must be a non-empty string", option="name")
