@@ -94,7 +94,9 @@ CASES = [
         _EVENTS,
         machine=True,
     ),
-    Case("events_outlive_run", (P.EVENTS_END_WITH_RUN,), _EVENTS, machine=True),
+    # The machine sees it only through a deliver, an end, a requeue and a take
+    # in one sequence: about one seed in three.
+    Case("events_outlive_run", (P.EVENTS_END_WITH_RUN,), _EVENTS),
     Case("schedule_slot_twice", (P.SCHEDULE_SLOT_ONCE,), ("test_schedules",), machine=True),
     Case("skewed_now", (P.STORAGE_CLOCK,), ("test_clock",)),
     Case("lax_run_ids", (P.BAD_TEXT_REFUSED,), ("test_arguments",)),

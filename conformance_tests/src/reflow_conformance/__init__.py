@@ -15,6 +15,7 @@ from .harness import (
     load_factory,
     promise,
 )
+from .stores import OwnedStore
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "AdapterFactory",
     "AreaNotImplemented",
     "Harness",
+    "OwnedStore",
     "PromiseBroken",
     "__version__",
     "load_factory",

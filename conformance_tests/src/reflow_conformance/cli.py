@@ -1,12 +1,14 @@
 """``reflow-conformance``: run the storage contract against an adapter.
 
     reflow-conformance --storage my_pkg.testing:factory [--thorough] [PYTEST ARGS...]
-    reflow-conformance --url sqlite:///tmp/contract.db
+    reflow-conformance --url sqlite:///tmp/contract.db [--keep]
     reflow-conformance --storage my_pkg.testing:factory --without schedules
 
 It is ``pytest --pyargs reflow_conformance.suite`` with the adapter options
 filled in; anything after the options goes to pytest unchanged (``-x``,
-``-k claims``, ``-n`` ...).
+``-k claims``, ``-n`` ...). With ``--url`` the suite works in a fresh store
+of its own inside the one named (see :mod:`reflow_conformance.stores`) and
+drops it at the end, unless ``--keep`` keeps it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 
 from .harness import AREAS, CAPABILITIES
+from .stores import StoreUsageError, check_usable
 
 __all__ = ["main"]
 
@@ -52,11 +55,22 @@ def build_args(argv: list[str]) -> list[str]:
         f"its tests are skipped ({', '.join(AREAS)})",
     )
     parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="with --url: keep the fresh store the suite works in (a Redis key prefix, a "
+        "PostgreSQL schema, a SQLite file) instead of dropping it at the end, and say where",
+    )
+    parser.add_argument(
         "--thorough",
         action="store_true",
         help="use the reflow-thorough Hypothesis profile (many more examples)",
     )
     options, rest = parser.parse_known_args(argv)
+    if options.url:
+        try:
+            check_usable(options.url)
+        except StoreUsageError as error:
+            parser.error(str(error))
     args = ["--pyargs", "reflow_conformance.suite", "-p", "no:cacheprovider"]
     if options.storage:
         args.append(f"--reflow-storage={options.storage}")
@@ -64,6 +78,8 @@ def build_args(argv: list[str]) -> list[str]:
         args.append(f"--reflow-storage-url={options.url}")
     args += [f"--reflow-capability={name}" for name in options.capability]
     args += [f"--reflow-without={name}" for name in options.without]
+    if options.keep:
+        args.append("--reflow-keep")
     if options.thorough:
         args.append("--hypothesis-profile=reflow-thorough")
     return args + rest

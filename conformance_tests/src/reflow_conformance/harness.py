@@ -151,10 +151,13 @@ def load_factory(
     ``capabilities`` and ``without`` add to what it declares.
     """
     if "://" in target:
+        # A memory:// store lives in one process: another one opening the URL
+        # would get a store of its own.
+        in_process = target.partition("://")[0].lower() == "memory"
         return AdapterFactory(
             make=lambda: open_storage(target),
             target=target,
-            capabilities=frozenset(capabilities) | {"multiprocess"},
+            capabilities=frozenset(capabilities) | (set() if in_process else {"multiprocess"}),
             name=target.split("://", 1)[0] + "://",
             without=frozenset(without),
         )

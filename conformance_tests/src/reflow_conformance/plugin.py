@@ -34,6 +34,7 @@ from .harness import (
     area_skip_reason,
     load_factory,
 )
+from .stores import OwnedStore, StoreUsageError, own_store
 
 pytest.register_assert_rewrite("reflow_conformance.suite")
 
@@ -204,6 +205,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "env REFLOW_CONFORMANCE_URL",
     )
     group.addoption(
+        "--reflow-keep",
+        action="store_true",
+        default=False,
+        help="with --reflow-storage-url: keep the fresh store the suite works in (a Redis "
+        "key prefix, a PostgreSQL schema, a SQLite file) instead of dropping it at the end, "
+        "and say where it is",
+    )
+    group.addoption(
         "--reflow-capability",
         action="append",
         default=[],
@@ -243,21 +252,76 @@ def pytest_configure(config: pytest.Config) -> None:
         "declares it does not implement the area yet",
     )
     config.stash[_areas_left_out] = {}
+    url = config.getoption("--reflow-storage-url", default=None)
+    if url and not config.getoption("--reflow-storage", default=None):
+        try:
+            store, owned = own_store(url)
+        except StoreUsageError as error:
+            raise pytest.UsageError(str(error)) from None
+        config.stash[_store] = _SessionStore(store, owned)
+
+
+@dataclasses.dataclass
+class _SessionStore:
+    """The store of a session run with --reflow-storage-url, and what became of it."""
+
+    store: OwnedStore
+    owned: bool
+    used: bool = False
+    dropped: bool = False
+    drop_error: str | None = None
+
+
+_store = pytest.StashKey[_SessionStore]()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Drop the store the suite worked in, unless --reflow-keep keeps it."""
+    state = session.config.stash.get(_store, None)
+    if state is None or not state.used or state.store.drop is None:
+        return
+    if session.config.getoption("--reflow-keep"):
+        return
+    try:
+        state.store.drop()
+        state.dropped = True
+    except Exception as error:  # reported in the summary; the tests' verdict stands
+        state.drop_error = f"{type(error).__name__}: {error}"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     target = config.getoption("--reflow-storage") or config.getoption("--reflow-storage-url")
+    state = config.stash.get(_store, None)
+    if state is not None:
+        target = state.store.url
     version = metadata.version("reflow-conformance")
     lines = [f"reflow-conformance {version}, hypothesis profile {_chosen_profile}"]
     if target:
         shown = target.split("@")[-1] if "://" in target else target
         lines.append(f"reflow adapter under test: {shown}")
+    if state is not None:
+        lines.append(f"reflow store: {_store_fate(config, state)}")
     without = config.getoption("--reflow-without", default=None)
     if without:
         lines.append(
             f"reflow areas declared not implemented, NOT tested: {', '.join(sorted(set(without)))}"
         )
     return lines
+
+
+def _store_fate(config: pytest.Config, state: _SessionStore, *, done: bool = False) -> str:
+    """Where the suite works, and what happens to that store at the end."""
+    where = state.store.where
+    if not state.owned:
+        return (
+            f"{where}: the suite cannot know how to make a store of its own under this "
+            "URL scheme, so it works in the store as given and deletes nothing it writes"
+        )
+    if state.store.drop is None:
+        return where
+    if config.getoption("--reflow-keep"):
+        return f"{'kept' if done else 'a fresh store, kept at the end (--reflow-keep)'}: {where}"
+    return f"{'dropped' if done else 'a fresh store, dropped at the end'}: {where}"
 
 
 _areas_left_out = pytest.StashKey[dict[str, set[str]]]()
@@ -271,6 +335,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Say once which areas of the contract went untested, and which failures
     come from an area the adapter lacks without declaring it."""
     config = terminalreporter.config
+    state = config.stash.get(_store, None)
+    if state is not None and state.used:
+        if state.drop_error is not None:
+            terminalreporter.write_line(
+                f"reflow-conformance: could not drop {state.store.where}: {state.drop_error}; "
+                "delete it yourself",
+                red=True,
+                bold=True,
+            )
+        else:
+            terminalreporter.write_line(
+                f"reflow-conformance: {_store_fate(config, state, done=True)}",
+                yellow=not state.owned or state.store.drop is None or not state.dropped,
+            )
     if _areas_left_out not in config.stash:
         return
     undeclared: dict[str, int] = {}
@@ -304,6 +382,10 @@ def reflow_storage_factory(pytestconfig: pytest.Config) -> AdapterFactory:
     target = pytestconfig.getoption("--reflow-storage") or pytestconfig.getoption(
         "--reflow-storage-url"
     )
+    state = pytestconfig.stash.get(_store, None)
+    if state is not None:
+        state.used = True
+        target = state.store.url
     if not target:
         raise pytest.UsageError(
             "the Reflow conformance suite needs an adapter: pass "
