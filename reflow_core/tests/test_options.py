@@ -151,6 +151,11 @@ def test_redact_of_many_backslashes_is_quick() -> None:
         ("redis://h/0?pass%77ord=x%2By", "redis://h/0?pass%77ord=***", ["x+y"]),
         ("rediss://h/0?ssl_password=k", "rediss://h/0?ssl_password=***", ["k"]),
         ("postgresql://u@h/d?sslpassword=k2", "postgresql://u@h/d?sslpassword=***", ["k2"]),
+        (
+            "postgresql://h/d?oauth_client_secret=s3",
+            "postgresql://h/d?oauth_client_secret=***",
+            ["s3"],
+        ),
         ("unix:///run/r.sock?db=2&password=p4", "unix:///run/r.sock?db=2&password=***", ["p4"]),
         ("redis://:pa/ss@h/0", "redis://***@h/0", ["pa/ss"]),  # unescaped '/'
         ("redis://u:pa#ss@h/0", "redis://***@h/0", ["pa#ss"]),

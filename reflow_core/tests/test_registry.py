@@ -65,6 +65,55 @@ def test_unknown_scheme_lists_the_installed_backends() -> None:
 
 
 @pytest.mark.parametrize(
+    ("scheme", "suggested"),
+    [("postgress", "postgresql"), ("redsi", "redis"), ("memroy", "memory"), ("sqllite", "sqlite")],
+)
+def test_a_mistyped_scheme_suggests_the_closest_installed_one(scheme: str, suggested: str) -> None:
+    if suggested not in BackendRegistry().installed_schemes():
+        pytest.skip(f"the {suggested!r} backend is not installed here")
+    with pytest.raises(BackendNotFoundError) as caught:
+        open_storage(f"{scheme}://app:s3cret@host/db")
+    err = caught.value
+    assert suggested in err.suggestions
+    assert "did you mean" in str(err)
+    assert repr(suggested) in str(err)
+    assert "s3cret" not in str(err)
+
+
+def test_a_scheme_like_no_other_suggests_nothing() -> None:
+    with pytest.raises(BackendNotFoundError) as caught:
+        open_storage("zzzz://host/db")
+    assert caught.value.suggestions == []
+    assert "did you mean" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "option", "suggested"),
+    [
+        ("memory://?nmae=a", {}, "nmae", "name"),
+        ("memory://", {"clok": None}, "clok", "clock"),
+        ("memory://shared", {"nam": "x"}, "nam", "name"),
+    ],
+)
+def test_memory_refuses_unknown_options_with_a_suggestion(
+    url: str, options: dict[str, Any], option: str, suggested: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_storage(url, **options)
+    assert caught.value.option == option
+    assert f"did you mean {suggested!r}?" in str(caught.value)
+    assert "known options: name" in str(caught.value)
+
+
+def test_memory_takes_its_name_from_the_path_or_the_query() -> None:
+    assert "name='a'" in repr(open_storage("memory://a"))
+    assert "name='b'" in repr(open_storage("memory://?name=b"))
+    assert "name='c'" in repr(open_storage("memory://a", name="c"))  # the keyword wins
+    with pytest.raises(ConfigError, match="names its store twice"):
+        open_storage("memory://a?name=b")
+
+
+@pytest.mark.parametrize(
     ("url", "provider"),
     [
         ("postgresql://app:s3cret@db.example:5432/app", "reflow-postgres"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import psycopg
 import pytest
 
 from reflow_core import ConfigError, StorageError, open_storage
@@ -66,6 +67,82 @@ def test_unknown_keyword_is_refused() -> None:
         PostgresStorage.from_url("postgresql://h/db", pool=3)
 
 
+@pytest.mark.parametrize(
+    ("url", "options", "option", "suggested"),
+    [
+        ("postgresql://h/db?shema=jobs", {}, "shema", "schema"),
+        ("postgresql://h/db?pool_max=4", {}, "pool_max", "pool_max_size"),
+        ("postgresql://h/db?sslmod=require", {}, "sslmod", "sslmode"),
+        ("postgresql://h/db?conect_timeout=3", {}, "conect_timeout", "connect_timeout"),
+        ("postgresql://h/db", {"shema": "jobs"}, "shema", "schema"),
+        ("postgresql://h/db", {"pool_timout": 3}, "pool_timout", "pool_timeout"),
+        (
+            "postgresql://h/db",
+            {"connect_kwargs": {"aplication_name": "x"}},
+            "aplication_name",
+            "application_name",
+        ),
+    ],
+)
+def test_an_unknown_option_is_refused_at_open_storage_with_a_suggestion(
+    url: str, options: dict[str, object], option: str, suggested: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_storage(url, **options)
+    message = str(caught.value)
+    assert caught.value.option == option
+    assert f"{suggested!r}" in message.split("?)", 1)[0]  # among the suggestions
+    assert "did you mean" in message
+    assert "known options:" in message
+
+
+def test_an_unknown_url_option_lists_reflows_and_libpqs() -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_storage("postgresql://app:Sup3rSecret@h/db?schema=a&sslmdoe=require")
+    message = str(caught.value)
+    assert "'sslmdoe' in the URL (did you mean 'sslmode'" in message
+    assert "known options: schema, pool_min_size, pool_max_size, pool_timeout" in message
+    assert "passed on to libpq: application_name, " in message
+    assert "Sup3rSecret" not in message
+
+
+def test_a_libpq_parameter_as_a_keyword_says_where_it_goes() -> None:
+    with pytest.raises(ConfigError, match="sslmode is libpq's: give it in the URL"):
+        open_storage("postgresql://h/db", sslmode="require")
+
+
+def test_a_connection_string_libpq_cannot_read_is_refused_at_once() -> None:
+    with pytest.raises(ConfigError, match="libpq cannot read the connection string") as caught:
+        PostgresStorage("host=h dbname=db sslmdoe=require")
+    assert caught.value.option == "url"
+
+
+async def test_libpq_parameters_in_the_url_and_connect_kwargs_still_work(
+    postgres_url: str, admin: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    store = open_storage(
+        f"{postgres_url}&sslmode=disable&connect_timeout=3&application_name=reflow_h4_url"
+        "&keepalives=1",
+        connect_kwargs={"options": "-c statement_timeout=12345"},
+    )
+    await store.initialize()
+    try:
+        names = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'reflow_h4_url'"
+        ).fetchone()
+        assert names is not None
+        assert names[0] >= 1
+        assert isinstance(store, PostgresStorage)
+        pool = store._db.pool
+        assert pool is not None
+        async with pool.connection() as conn:
+            cur = await conn.execute("SHOW statement_timeout")
+            row = await cur.fetchone()
+        assert row == ("12345ms",)
+    finally:
+        await store.close()
+
+
 def test_prepared_statements_can_be_turned_off() -> None:
     store = PostgresStorage.from_url("postgresql://h/db?prepare_threshold=none")
     assert store._kwargs["prepare_threshold"] is None
@@ -111,11 +188,12 @@ async def test_operations_before_initialize_or_after_close_say_so(postgres_url: 
 async def test_a_start_up_failure_names_its_cause_not_just_a_pool_timeout(
     postgres_database: str,
 ) -> None:
+    # A setting the server refuses while the connection starts.
     store = PostgresStorage.from_url(
-        f"{postgres_database}?schema=never_made&pool_timeout=1&bogus_libpq_option=1"
+        f"{postgres_database}?schema=never_made&pool_timeout=1&options=-cbogus_setting%3D1"
     )
     with pytest.raises(StorageError) as caught:
         await store.initialize()
     await store.close()
-    assert "bogus_libpq_option" in str(caught.value)
+    assert "bogus_setting" in str(caught.value)
     assert "PoolTimeout" not in str(caught.value)

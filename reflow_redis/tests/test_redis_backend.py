@@ -53,6 +53,107 @@ def test_bad_options_are_refused_naming_the_option(url: str, option: str) -> Non
     assert caught.value.option == option
 
 
+@pytest.mark.parametrize(
+    ("url", "options", "option", "suggested"),
+    [
+        ("redis://127.0.0.1/7?prefx=oops", {}, "prefx", "prefix"),
+        ("redis://127.0.0.1/7?max_conections=5", {}, "max_conections", "max_connections"),
+        ("redis://127.0.0.1/7?client_nam=w1", {}, "client_nam", "client_name"),
+        ("redis://127.0.0.1/7", {"prefx": "oops"}, "prefx", "prefix"),
+        ("redis://127.0.0.1/7", {"retension": "7d"}, "retension", "retention"),
+    ],
+)
+def test_an_unknown_option_is_refused_at_open_storage_with_a_suggestion(
+    url: str, options: dict[str, Any], option: str, suggested: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_storage(url, **options)
+    message = str(caught.value)
+    assert caught.value.option == option
+    assert "did you mean" in message
+    assert repr(suggested) in message.split("?)", 1)[0]
+    assert "known options: prefix, max_connections, pool_timeout" in message
+
+
+def test_an_unknown_url_option_lists_what_goes_to_redis_py() -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_storage("redis://:Sup3rSecret@127.0.0.1/7?prefx=oops")
+    message = str(caught.value)
+    assert "unknown redis option 'prefx' in the URL (did you mean 'prefix'?)" in message
+    assert "passed on to redis-py: db, username, password, client_name" in message
+    assert "Sup3rSecret" not in message
+
+
+@pytest.mark.parametrize("option", ["timeout", "decode_responses", "retry_on_error"])
+def test_redis_py_options_that_would_change_the_storage_are_refused(option: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        open_storage(f"redis://127.0.0.1/7?{option}=1")
+    assert caught.value.option == option
+
+
+def test_an_option_of_the_storage_in_a_direct_url_is_refused() -> None:
+    with pytest.raises(ConfigError, match="prefix is an option of the storage"):
+        RedisStorage("redis://127.0.0.1/7?prefix=x")
+
+
+def test_a_redis_py_option_as_a_keyword_says_where_it_goes() -> None:
+    with pytest.raises(ConfigError, match="client_name is redis-py's: give it in the URL"):
+        open_storage("redis://127.0.0.1/7", client_name="w1")
+
+
+async def test_redis_py_options_in_the_url_still_work(redis_url: str, raw: redis.Redis) -> None:
+    name = f"reflow-h4-{time.monotonic_ns()}"
+    store = open_storage(f"{redis_url}&client_name={name}&health_check_interval=30")
+    await store.initialize()
+    try:
+        clients = raw.client_list()
+        assert any(client.get("name") == name for client in clients)
+    finally:
+        await store.close()
+
+
+async def test_connection_refused_fails_fast_naming_the_server() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    store = open_storage(f"redis://:Sup3rSecret@127.0.0.1:{port}/3")
+    started = time.perf_counter()
+    with pytest.raises(StorageError) as caught:
+        await store.initialize()
+    took = time.perf_counter() - started
+    await store.close()
+    assert took < 5
+    message = str(caught.value)
+    assert message.startswith(f"cannot connect to Redis at 127.0.0.1:{port} (")
+    assert "server is running" in message
+    assert "Sup3rSecret" not in message
+
+
+async def test_a_database_the_server_lacks_is_named(redis_url: str) -> None:
+    if "/0?" not in redis_url:
+        pytest.skip("the test server's URL names no database 0")
+    url = redis_url.replace("/0?", "/999?", 1)
+    store = open_storage(url)
+    with pytest.raises(StorageError) as caught:
+        await store.initialize()
+    await store.close()
+    assert "has no database 999" in str(caught.value)
+
+
+async def test_credentials_the_server_refuses_are_named(redis_url: str) -> None:
+    if "@" in redis_url.split("?", 1)[0]:
+        pytest.skip("the test server's URL has credentials of its own")
+    url = redis_url.replace("redis://", "redis://reflow_no_such_user:Sup3rSecret@", 1)
+    store = open_storage(url)
+    with pytest.raises(StorageError) as caught:
+        await store.initialize()
+    await store.close()
+    assert "refused the credentials" in str(caught.value)
+    assert "Sup3rSecret" not in str(caught.value)
+
+
 async def test_password_never_shows_in_repr_errors_or_logs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -40,6 +40,6 @@ def test_approval_flow() -> None:
     assert "big claim:     large claim audited: paid 1500 to ada" in out
     assert "small claim:   {'book': 'ledger entry for grace', 'pay': 'paid 40 to grace'}" in out
     assert "empty claim:   {'nothing_to_pay': True}" in out
-    assert "failed at step 'record': rejected by manager" in out
+    assert "failed at step 'record': PermissionError: rejected by manager" in out
     assert "'audit': 'skipped'" in out
     assert "failure handler: [\"edsger: claim failed at 'record': rejected by manager\"]" in out

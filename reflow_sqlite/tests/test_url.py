@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reflow_core.errors import ConfigError
+from reflow_core.errors import ConfigError, StorageError
 from reflow_core.registry import BackendRegistry, open_storage
 from reflow_core.storage import NewRun, Storage
 from reflow_sqlite import SQLiteStorage, parse_sqlite_url
@@ -140,3 +140,58 @@ def test_the_registry_lists_the_backend() -> None:
     assert info.scheme == "sqlite"
     assert "SQLite" in info.description
     assert info.plugin.endswith(":sqlite")
+
+
+# -- unknown options and files that cannot be opened -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "option", "suggested"),
+    [
+        ("sqlite:///a.db?synchronus=FULL", {}, "synchronus", "synchronous"),
+        ("sqlite:///a.db?busytimeout=5", {}, "busytimeout", "busy_timeout"),
+        ("sqlite:///a.db", {"group_comit": False}, "group_comit", "group_commit"),
+        ("sqlite:///a.db", {"clok": None}, "clok", "clock"),
+    ],
+)
+def test_an_unknown_option_is_refused_at_open_storage_with_a_suggestion(
+    url: str, options: dict[str, object], option: str, suggested: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        open_storage(url, **options)
+    assert info.value.option == option
+    assert f"did you mean {suggested!r}?" in str(info.value)
+    assert "known options: synchronous, busy_timeout, group_commit" in str(info.value)
+
+
+async def test_a_missing_directory_is_named_with_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "missing_dir"
+    store = open_storage(f"sqlite:///{missing}/x.db")
+    with pytest.raises(StorageError) as info:
+        await store.initialize()
+    await store.close()
+    message = str(info.value)
+    assert str(missing / "x.db") in message
+    assert f"its directory {str(missing)!r} does not exist" in message
+    assert info.value.operation == "initialize"
+    assert not missing.exists()
+
+
+async def test_a_relative_path_in_a_missing_directory_names_the_full_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    store = open_storage("sqlite:///missing_dir/x.db")
+    with pytest.raises(StorageError) as info:
+        await store.initialize()
+    await store.close()
+    assert "'missing_dir/x.db'" in str(info.value)
+    assert str(tmp_path / "missing_dir") in str(info.value)
+
+
+async def test_a_directory_given_as_the_database_is_named(tmp_path: Path) -> None:
+    store = open_storage(f"sqlite:///{tmp_path}")
+    with pytest.raises(StorageError, match="it is a directory") as info:
+        await store.initialize()
+    await store.close()
+    assert str(tmp_path) in str(info.value)

@@ -18,9 +18,10 @@ backslash.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from urllib.parse import (
@@ -48,13 +49,16 @@ __all__ = [
     "safe_url",
     "seconds_option",
     "split_url",
+    "unknown_option",
     "url_secrets",
 ]
 
-SECRET_NAMES: frozenset[str] = frozenset({"password", "sslpassword", "ssl_password"})
+SECRET_NAMES: frozenset[str] = frozenset(
+    {"password", "sslpassword", "ssl_password", "oauth_client_secret"}
+)
 """Query parameters and keyword arguments whose value is a secret: libpq's
-``password`` and ``sslpassword`` (the client key's passphrase), redis-py's
-``password`` and ``ssl_password``."""
+``password``, ``sslpassword`` (the client key's passphrase) and
+``oauth_client_secret``, redis-py's ``password`` and ``ssl_password``."""
 
 _MASK = "***"
 _PORTS = re.compile(r"[0-9]*(?:,.*)?")
@@ -100,6 +104,41 @@ def seconds_option(name: str, value: object) -> float:
         )
     # Also refuses infinite, NaN and longer-than-MAX_DURATION values.
     return to_seconds(value, option=name, allow_zero=False)
+
+
+def unknown_option(
+    name: str,
+    known: Iterable[str],
+    *,
+    kind: str,
+    where: str = "",
+    extra: Iterable[str] = (),
+    driver: str = "the driver",
+    hint: str = "",
+    secrets: Collection[str] = (),
+) -> ConfigError:
+    """The :class:`~reflow_core.errors.ConfigError` for an option ``kind``
+    does not know (``kind`` is the backend, ``where`` says where it was given,
+    such as ``" in the URL"``).
+
+    The message suggests the closest names (:func:`difflib.get_close_matches`)
+    among ``known`` and ``extra`` (options passed on to a driver), lists
+    ``known``, then ``extra`` (as passed on to ``driver``) if any, and ends
+    with ``hint``. Any of
+    ``secrets`` is masked.
+    """
+    own = list(dict.fromkeys(known))
+    passed_on = [n for n in dict.fromkeys(extra) if n not in own]
+    close = difflib.get_close_matches(name, [*own, *passed_on], n=3, cutoff=0.6)
+    message = f"unknown {kind} option {name!r}{where}"
+    if close:
+        message += f" (did you mean {' or '.join(repr(c) for c in close)}?)"
+    message += f"; known options: {', '.join(own) or 'none'}"
+    if passed_on:
+        message += f"; passed on to {driver}: {', '.join(passed_on)}"
+    if hint:
+        message += f"; {hint}"
+    return ConfigError(redact(message, secrets) if secrets else message, option=name)
 
 
 def _hex(value: int, width: int) -> str:

@@ -9,18 +9,20 @@ entry points at all (plugins can still be added with
 
 from __future__ import annotations
 
+import difflib
 import os
 import threading
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pluggy
 
 from . import hookspecs
 from .errors import BackendNotFoundError, ConfigError
-from .options import safe_url
+from .options import safe_url, unknown_option
 from .storage import Storage
 
 __all__ = ["BackendInfo", "BackendRegistry", "available_backends", "open_storage", "redact_url"]
@@ -57,16 +59,40 @@ def redact_url(url: str) -> str:
     return safe_url(url)
 
 
+_MEMORY_URL_OPTIONS = ("name",)
+_MEMORY_OPTIONS = ("name", "clock")
+"""The options of ``memory://``: ``name`` (also the URL's path), and ``clock``
+as a keyword."""
+
+
 class _MemoryPlugin:
     @hookspecs.hookimpl
     def reflow_register_backends(self, register: hookspecs.Register) -> None:
         from .memory import MemoryStorage
 
         def factory(url: str, /, **options: Any) -> Storage:
-            name = url.split("://", 1)[1].strip("/")
+            location, _, query = url.split("://", 1)[1].partition("?")
+            given: dict[str, Any] = {}
+            for key, value in parse_qsl(query, keep_blank_values=True):
+                if key not in _MEMORY_URL_OPTIONS:
+                    raise unknown_option(
+                        key, _MEMORY_URL_OPTIONS, kind="memory", where=" in the URL"
+                    )
+                given[key] = value
+            name = location.strip("/")
+            if name and given.get("name", name) != name:
+                raise ConfigError(
+                    "the memory URL names its store twice (in its path and its name "
+                    "parameter); give one",
+                    option="name",
+                )
             if name:
-                options.setdefault("name", name)
-            return MemoryStorage(**options)
+                given["name"] = name
+            given.update(options)
+            for key in given:
+                if key not in _MEMORY_OPTIONS:
+                    raise unknown_option(key, _MEMORY_OPTIONS, kind="memory")
+            return MemoryStorage(**given)
 
         register("memory", factory, description="in-process, not durable (reflow-core)")
 
@@ -170,8 +196,12 @@ class BackendRegistry:
                 self._load(scheme)
             info = self._backends.get(scheme)
             if info is None:
+                installed = self.installed_schemes()
                 raise BackendNotFoundError(
-                    scheme, self.installed_schemes(), KNOWN_PROVIDERS.get(scheme)
+                    scheme,
+                    installed,
+                    KNOWN_PROVIDERS.get(scheme),
+                    difflib.get_close_matches(scheme, installed, n=3, cutoff=0.6),
                 )
             return info
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
@@ -128,10 +129,34 @@ class Connections:
     async def open(
         self, prepare: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]]
     ) -> None:
-        """Open the pool and run ``prepare`` (the migrations) on one of its
-        connections; on failure the pool is closed again and the error says
-        why the server could not be reached."""
+        """Connect once, run ``prepare`` (the migrations) on that connection,
+        then open the pool.
+
+        The first connection is made directly, not by the pool: an error no
+        retry can fix (a missing database or role, a refused password, no
+        server listening) fails at once with a :class:`StorageError` saying
+        what to fix, where the pool would retry it for ``pool_timeout`` and
+        log each try. A passing error (too many connections, a server
+        starting up) is left to the pool, which retries it until
+        ``pool_timeout``."""
         options = self._options
+        first: psycopg.AsyncConnection[Any] | None = None
+        try:
+            first = await psycopg.AsyncConnection.connect(
+                options.conninfo, **self._first_connect_kwargs()
+            )
+        except (psycopg.Error, OSError) as exc:
+            if not _passing(exc):
+                raise self._unreachable(exc) from exc
+        if first is not None:
+            try:
+                await prepare(first)
+            except ReflowError:
+                raise
+            except (psycopg.Error, OSError) as exc:
+                raise self.error("initialize", exc) from exc
+            finally:
+                await first.close()
         pool: Pool = psycopg_pool.AsyncConnectionPool(
             options.conninfo,
             min_size=options.min_size,
@@ -143,8 +168,9 @@ class Connections:
         )
         try:
             await pool.open(wait=options.min_size > 0, timeout=options.timeout)
-            async with pool.connection() as conn:
-                await prepare(conn)
+            if first is None:
+                async with pool.connection() as conn:
+                    await prepare(conn)
         except ReflowError:
             await pool.close()
             raise
@@ -165,3 +191,106 @@ class Connections:
             raise self.error("initialize", exc) from exc
         self.pool = pool
         self.life.initialized = True
+
+    def _first_connect_kwargs(self) -> dict[str, Any]:
+        """The pool's connection arguments, with a ``connect_timeout`` of
+        ``pool_timeout`` unless one is given (psycopg's default is 130 s)."""
+        options = self._options
+        kwargs = dict(options.kwargs)
+        try:
+            given = "connect_timeout" in psycopg.conninfo.conninfo_to_dict(options.conninfo)
+        except psycopg.Error:
+            given = False
+        if not given and "connect_timeout" not in kwargs:
+            kwargs["connect_timeout"] = max(1, math.ceil(options.timeout))
+        return kwargs
+
+    def _unreachable(self, exc: BaseException) -> StorageError:
+        """``exc``, a failed first connection, as what failed, where, and the fix."""
+        params: dict[str, Any] = {}
+        with contextlib.suppress(psycopg.Error):
+            params = dict(psycopg.conninfo.conninfo_to_dict(self._options.conninfo))
+        pgconn = getattr(exc, "pgconn", None)
+
+        def used(name: str, attribute: str, default: str) -> str:
+            value = getattr(pgconn, attribute, None) if pgconn is not None else None
+            if isinstance(value, bytes) and value:
+                return value.decode("utf-8", "replace")
+            return str(params.get(name) or default)
+
+        host = used("host", "host", "localhost")
+        port = used("port", "port", "5432")
+        database = used("dbname", "db", "?")
+        user = used("user", "user", "?")
+        where = (
+            f"{host}:{port}/{database}"
+            if not host.startswith("/")
+            else (f"the socket in {host} (port {port}), database {database}")
+        )
+        text = str(exc)
+        reason = _server_reason(text)
+        lowered = text.lower()
+        if "does not exist" in lowered and "database" in lowered:
+            fix = f"create the database (CREATE DATABASE {database}) or fix its name in the URL"
+        elif "does not exist" in lowered and "role" in lowered:
+            fix = f"create the role (CREATE ROLE {user} LOGIN) or fix the user name in the URL"
+        elif any(mark in lowered for mark in _AUTH_FAILURES):
+            fix = f"check the password of user {user!r} and the server's pg_hba.conf"
+        elif "connection refused" in lowered or "no such file or directory" in lowered:
+            fix = "check that the server is running and that the host and port are right"
+        elif "could not translate host name" in lowered or "failed to resolve host" in lowered:
+            fix = "check the host name"
+        elif isinstance(exc, psycopg.errors.ConnectionTimeout) or "timeout" in lowered:
+            fix = (
+                f"no answer within {self._first_connect_kwargs()['connect_timeout']} s; "
+                "check the host, the port and any firewall (connect_timeout sets the wait)"
+            )
+        else:
+            fix = "check the connection parameters in the URL"
+        message = f"cannot connect to PostgreSQL at {where} as {user!r}: {reason}; {fix}"
+        return StorageError(redact(message, self._secrets), operation="initialize", backend=BACKEND)
+
+
+_AUTH_FAILURES = (
+    "password authentication failed",
+    "authentication failed for user",
+    "no pg_hba.conf entry",
+    "no password supplied",
+    "password is required",
+    "password must be",
+)
+_PASSING = (
+    "too many clients",
+    "too many connections",
+    "remaining connection slots are reserved",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "the database system is not accepting connections",
+    "cannot connect now",
+)
+"""Server replies to a new connection that a later try may not get."""
+
+
+def _passing(exc: BaseException) -> bool:
+    """Whether a failed connection may succeed if tried again soon (the
+    server is starting, stopping, or out of connection slots). Servers send
+    no SQLSTATE libpq would hand on for these, so their English text is
+    matched; a reply in another language counts as lasting."""
+    if isinstance(exc, psycopg.errors.ConnectionTimeout):
+        return False  # it already waited pool_timeout
+    text = str(exc).lower()
+    return any(mark in text for mark in _PASSING)
+
+
+def _server_reason(text: str) -> str:
+    """The reason in libpq's message, without its ``connection failed:
+    connection to server at ... failed:`` prefix and ``FATAL:`` marker."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else text
+    for marker in ("FATAL:", "failed:"):
+        if marker in first:
+            first = first.rsplit(marker, 1)[1].strip()
+            break
+    return first.rstrip(".") or text

@@ -3,11 +3,13 @@ secrets a connection string holds (kept out of every message)."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import psycopg
 
@@ -20,6 +22,7 @@ from reflow_core.options import (
     redact,
     seconds_option,
     split_url,
+    unknown_option,
     url_secrets,
 )
 
@@ -27,8 +30,11 @@ __all__ = [
     "DEFAULT_SCHEMA",
     "KEYWORD_OPTIONS",
     "Settings",
+    "check_connect_kwargs",
+    "check_keyword_options",
     "describe_conninfo",
     "find_secrets",
+    "libpq_parameters",
     "parse_postgres_url",
     "prepare_option",
     "schema_option",
@@ -49,6 +55,44 @@ _URL_OPTIONS = (
 )
 KEYWORD_OPTIONS = (*_URL_OPTIONS, "clock", "connect_kwargs")
 """The options :meth:`PostgresStorage.from_url` accepts as keywords."""
+_PSYCOPG_CONNECT_ARGUMENTS = ("context", "cursor_factory", "row_factory")
+"""Arguments of psycopg's ``connect()`` that ``connect_kwargs`` may hold
+besides libpq's parameters (``autocommit`` and ``prepare_threshold`` are the
+storage's)."""
+
+
+@functools.cache
+def libpq_parameters() -> tuple[str, ...]:
+    """The connection parameters of the libpq psycopg uses (``sslmode``,
+    ``connect_timeout``, ``application_name``, ...), as libpq lists them
+    (``PQconndefaults``): the query parameters a URL may pass on to it."""
+    return tuple(sorted(opt.keyword.decode() for opt in psycopg.pq.Conninfo.get_defaults()))
+
+
+def check_connect_kwargs(connect_kwargs: Mapping[str, Any] | None) -> None:
+    """Refuse a key of ``connect_kwargs`` that is neither a libpq parameter
+    nor an argument of psycopg's ``connect()``."""
+    for name in connect_kwargs or {}:
+        if name not in libpq_parameters() and name not in _PSYCOPG_CONNECT_ARGUMENTS:
+            raise unknown_option(
+                name,
+                _PSYCOPG_CONNECT_ARGUMENTS,
+                kind="postgresql connect_kwargs",
+                extra=libpq_parameters(),
+                driver="libpq",
+            )
+
+
+def check_keyword_options(options: Mapping[str, Any]) -> None:
+    """Refuse a keyword :meth:`PostgresStorage.from_url` does not know."""
+    for name in options:
+        if name not in KEYWORD_OPTIONS:
+            hint = ""
+            if name in libpq_parameters():
+                hint = f"{name} is libpq's: give it in the URL or in connect_kwargs"
+            raise unknown_option(name, KEYWORD_OPTIONS, kind="postgresql", hint=hint)
+
+
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]{0,62}")
 
 
@@ -81,10 +125,11 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str], str]:
 
     Reflow's options are ``schema``, ``pool_min_size``, ``pool_max_size``,
     ``pool_timeout`` (seconds), ``notify``, ``listen`` and
-    ``prepare_threshold``; every other query parameter (``sslmode``,
-    ``connect_timeout``, ``application_name``, ...) is passed to libpq.
-    Raises :class:`~reflow_core.errors.ConfigError` for another scheme or a
-    repeated option.
+    ``prepare_threshold``; a query parameter that is one of libpq's
+    (:func:`libpq_parameters`: ``sslmode``, ``connect_timeout``,
+    ``application_name``, ...) is passed to libpq. Raises
+    :class:`~reflow_core.errors.ConfigError` for another scheme, a repeated
+    option, or any other query parameter.
     """
     split = split_url(
         url,
@@ -93,6 +138,17 @@ def parse_postgres_url(url: str) -> tuple[str, dict[str, str], str]:
         kind="postgresql",
         scheme="postgresql",
     )
+    for name, _ in parse_qsl(urlsplit(split.target).query, keep_blank_values=True):
+        if name not in libpq_parameters():
+            raise unknown_option(
+                name,
+                _URL_OPTIONS,
+                kind="postgresql",
+                where=" in the URL",
+                extra=libpq_parameters(),
+                driver="libpq",
+                secrets=split.secrets,
+            )
     return split.target, split.options, split.safe
 
 
@@ -183,14 +239,16 @@ def settings(
     secrets = find_secrets(conninfo, connect_kwargs)
     display = redact(display_url or describe_conninfo(conninfo), secrets)
     complaint = unreadable(conninfo)
-    if complaint is not None and redact(complaint, secrets) != complaint:
-        # libpq's complaint quotes a password (an invalid escape, a NUL).
-        # Left for later it would reach psycopg's pool log unredacted;
-        # raised here, outside the except, it carries no driver error.
+    if complaint is not None:
+        # Refused now, not at start-up. libpq's complaint may quote a
+        # password (an invalid escape, a NUL): left for later it would reach
+        # psycopg's pool log unredacted; raised here, outside the except, it
+        # carries no driver error.
         raise ConfigError(
             f"libpq cannot read the connection string: {redact(complaint, secrets)}",
             option="url",
         )
+    check_connect_kwargs(connect_kwargs)
     kwargs = {**(connect_kwargs or {}), "autocommit": True, "prepare_threshold": prepare}
     return Settings(
         conninfo=conninfo,

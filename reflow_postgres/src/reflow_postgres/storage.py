@@ -47,7 +47,6 @@ from reflow_core.adapter import (
     step_from_row,
 )
 from reflow_core.errors import (
-    ConfigError,
     EventBufferFullError,
     IdempotencyConflictError,
     ReflowError,
@@ -71,7 +70,7 @@ from reflow_core.storage import (
 
 from ._batches import BatchedWrites
 from ._connections import Connections
-from ._options import DEFAULT_SCHEMA, KEYWORD_OPTIONS, parse_postgres_url, settings
+from ._options import DEFAULT_SCHEMA, check_keyword_options, parse_postgres_url, settings
 from ._rows import claimed_run
 from ._schema import migrate
 from ._sql import Statements, channel_name, list_runs_query, statements
@@ -153,13 +152,7 @@ class PostgresStorage:
         """
         conninfo, query, safe = parse_postgres_url(url)
         merged: dict[str, Any] = {**query, **options}
-        for name in merged:
-            if name not in KEYWORD_OPTIONS:
-                raise ConfigError(
-                    f"unknown postgresql option {name!r}; known options: "
-                    f"{', '.join(KEYWORD_OPTIONS)}",
-                    option=name,
-                )
+        check_keyword_options(merged)
         return cls(conninfo, _display_url=safe, **merged)
 
     def __repr__(self) -> str:

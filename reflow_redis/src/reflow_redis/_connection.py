@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rex
@@ -144,8 +145,49 @@ class _Connection:
             raise
         except (rex.RedisError, OSError) as exc:
             await client.aclose()
-            raise self._error("initialize", exc) from exc
+            raise self._start_error(exc) from exc
         return client, scripts
+
+    def _where(self) -> tuple[str, str]:
+        """The server and the database the URL names, without credentials."""
+        try:
+            parts = urlsplit(self._url)
+            db = dict(parse_qsl(parts.query)).get("db")
+            if parts.scheme.lower() == "unix":
+                return f"the Unix socket {unquote(parts.path)!r}", db or "0"
+            host = parts.hostname or "localhost"
+            host = f"[{host}]" if ":" in host else host
+            return f"{host}:{parts.port or 6379}", db or unquote(parts.path).strip("/") or "0"
+        except ValueError:
+            return "the server of the URL", "?"
+
+    def _start_error(self, exc: BaseException) -> StorageError:
+        """Why ``initialize`` could not reach Redis, and what fixes it; a
+        timeout keeps the general form (it names the timeouts)."""
+        if isinstance(exc, rex.TimeoutError):
+            return self._error("initialize", exc)
+        text = redact(str(exc).strip().rstrip(".") or type(exc).__name__, self._secrets)
+        server, db = self._where()
+        if isinstance(exc, rex.AuthenticationError | rex.AuthenticationWrongNumberOfArgsError) or (
+            isinstance(exc, rex.ResponseError) and str(exc).startswith(("WRONGPASS", "NOAUTH"))
+        ):
+            detail = (
+                f"Redis at {server} refused the credentials ({text}); check the user name "
+                "and password in the URL (or in connect_kwargs)"
+            )
+        elif isinstance(exc, rex.ResponseError) and "DB index is out of range" in str(exc):
+            detail = (
+                f"Redis at {server} has no database {db} ({text}); databases are numbered "
+                "from 0 to the server's 'databases' setting minus one (16 by default)"
+            )
+        elif isinstance(exc, rex.ConnectionError | OSError):
+            detail = (
+                f"cannot connect to Redis at {server} ({text}); check that the server is "
+                "running and that the URL's host and port are right"
+            )
+        else:
+            return self._error("initialize", exc)
+        return StorageError(redact(detail, self._secrets), operation="initialize", backend=BACKEND)
 
     def _error(self, operation: str, exc: BaseException) -> StorageError:
         detail = redact(f"{type(exc).__name__}: {exc}".strip(), self._secrets)

@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote
 
 from reflow_core.errors import ConfigError
-from reflow_core.options import int_option, redact, seconds_option, split_url
+from reflow_core.options import int_option, redact, seconds_option, split_url, unknown_option
 
 DEFAULT_PREFIX = "reflow"
 _URL_OPTIONS = (
@@ -23,6 +23,34 @@ _URL_OPTIONS = (
     "socket_connect_timeout",
 )
 _KEYWORD_OPTIONS = (*_URL_OPTIONS, "clock", "connect_kwargs")
+REDIS_PY_URL_OPTIONS = (
+    "db",
+    "username",
+    "password",
+    "client_name",
+    "lib_name",
+    "lib_version",
+    "health_check_interval",
+    "socket_keepalive",
+    "socket_read_size",
+    "retry_on_timeout",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_path",
+    "ssl_ca_data",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_password",
+    "ssl_check_hostname",
+    "ssl_min_version",
+    "ssl_ciphers",
+    "ssl_include_verify_flags",
+    "ssl_exclude_verify_flags",
+)
+"""The query parameters of a URL that are passed on to redis-py. Any other
+parameter that is not one of Reflow's options is refused: redis-py would
+hand it to the connection class, which fails at start-up with a TypeError,
+or (``timeout``, ``decode_responses``) quietly change how the storage works."""
 _SOCKET_OPTIONS = ("socket_timeout", "socket_connect_timeout")
 DEFAULT_SOCKET_TIMEOUT = 10.0
 """Seconds to wait for a reply. A stall shorter than this only waits; a
@@ -76,17 +104,38 @@ def _check_database(parts: SplitResult, secrets: Collection[str]) -> None:
         )
 
 
-def _check_socket_options(parts: SplitResult, connect_kwargs: Mapping[str, Any] | None) -> None:
+def _check_socket_options(
+    parts: SplitResult, connect_kwargs: Mapping[str, Any] | None, secrets: Collection[str] = ()
+) -> None:
     """Refuse ``socket_timeout`` or ``socket_connect_timeout`` given to redis-py
-    directly (in the URL the storage is built with, or in ``connect_kwargs``):
-    they are the storage's own options."""
-    in_url = {name for name, _ in parse_qsl(parts.query, True)}
+    directly (in ``connect_kwargs``), and any query parameter of the URL
+    redis-py gets that is not in :data:`REDIS_PY_URL_OPTIONS`: Reflow's own
+    options belong in the keywords (or the URL of ``from_url``), anything
+    else is a typo."""
     for name in _SOCKET_OPTIONS:
-        if name in in_url or name in (connect_kwargs or {}):
+        if name in (connect_kwargs or {}):
             raise ConfigError(
                 f"{name} is an option of the storage: give it as a keyword argument, "
                 "or in the URL of RedisStorage.from_url() or open_storage()",
                 option=name,
+            )
+    for name, _ in parse_qsl(parts.query, True):
+        if name in _URL_OPTIONS:
+            raise ConfigError(
+                f"{name} is an option of the storage: give it as a keyword argument, "
+                "or in the URL of RedisStorage.from_url() or open_storage()",
+                option=name,
+            )
+        if name not in REDIS_PY_URL_OPTIONS:
+            raise unknown_option(
+                name,
+                _URL_OPTIONS,
+                kind="redis",
+                where=" in the URL",
+                extra=REDIS_PY_URL_OPTIONS,
+                driver="redis-py",
+                hint="other redis-py arguments go in connect_kwargs",
+                secrets=secrets,
             )
 
 
@@ -94,10 +143,10 @@ def _check_keyword_options(options: Collection[str]) -> None:
     """Refuse an option :meth:`RedisStorage.from_url` does not know."""
     for name in options:
         if name not in _KEYWORD_OPTIONS:
-            raise ConfigError(
-                f"unknown redis option {name!r}; known options: {', '.join(_KEYWORD_OPTIONS)}",
-                option=name,
-            )
+            hint = ""
+            if name in REDIS_PY_URL_OPTIONS:
+                hint = f"{name} is redis-py's: give it in the URL or in connect_kwargs"
+            raise unknown_option(name, _KEYWORD_OPTIONS, kind="redis", hint=hint)
 
 
 def parse_redis_url(url: str) -> tuple[str, dict[str, str], str]:
@@ -107,8 +156,9 @@ def parse_redis_url(url: str) -> tuple[str, dict[str, str], str]:
 
     Reflow's options are ``prefix``, ``max_connections``, ``pool_timeout``,
     ``notify``, ``listen``, ``retention``, ``cluster``, ``socket_timeout``
-    and ``socket_connect_timeout``; other query parameters (``db``,
-    ``client_name``, ...) go to redis-py.
+    and ``socket_connect_timeout``; the query parameters of
+    :data:`REDIS_PY_URL_OPTIONS` (``db``, ``client_name``, ...) go to
+    redis-py, and any other raises :class:`~reflow_core.errors.ConfigError`.
     """
     split = split_url(url, schemes=("redis", "rediss", "unix"), own=_URL_OPTIONS, kind="redis")
     return split.target, split.options, split.safe

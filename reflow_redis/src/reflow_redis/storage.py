@@ -193,7 +193,7 @@ class RedisStorage(_Schedules):
         self._display = redact(_display_url or safe_url(url), self._secrets)
         parts = parse_url(url, kind="redis")
         _check_database(parts, self._secrets)
-        _check_socket_options(parts, connect_kwargs)
+        _check_socket_options(parts, connect_kwargs, self._secrets)
         self._connect_kwargs = dict(connect_kwargs or {})
         self._client = None
         self._unsure_finishes: dict[tuple[str, int], None] = {}

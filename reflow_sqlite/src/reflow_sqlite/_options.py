@@ -13,7 +13,7 @@ from datetime import timedelta
 from urllib.parse import parse_qsl, unquote
 
 from reflow_core.errors import ConfigError
-from reflow_core.options import bool_option, int_option
+from reflow_core.options import bool_option, int_option, unknown_option
 
 __all__ = [
     "BACKEND",
@@ -119,10 +119,7 @@ def parse_sqlite_url(url: str) -> tuple[str, dict[str, str]]:
         raise ConfigError(f"malformed query string in {url!r}", option="url") from exc
     for name, value in pairs:
         if name not in URL_OPTIONS:
-            raise ConfigError(
-                f"unknown sqlite URL option {name!r}; known options: {', '.join(URL_OPTIONS)}",
-                option=name,
-            )
+            raise unknown_option(name, URL_OPTIONS, kind="sqlite", where=" in the URL")
         if name in options:
             raise ConfigError(f"sqlite URL option {name!r} is given twice", option=name)
         options[name] = value

@@ -12,6 +12,7 @@ correct.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
@@ -201,12 +202,35 @@ async def connect(path: str, busy_timeout_ms: int) -> aiosqlite.Connection:
     )
     daemonize(conn)
     try:
-        with storage_errors("initialize"):
+        try:
             await conn
+        except sqlite3.Error as exc:
+            raise StorageError(
+                _cannot_open(path, exc), operation="initialize", backend=BACKEND
+            ) from exc
     except BaseException:
         await stopped(conn)
         raise
     return conn
+
+
+def _cannot_open(path: str, exc: sqlite3.Error) -> str:
+    """Why ``path`` cannot be opened, naming it: SQLite's own message
+    (``unable to open database file``) names neither the file nor the reason."""
+    message = f"SQLite cannot open the database {path!r}: {exc}"
+    if getattr(exc, "sqlite_errorcode", None) != sqlite3.SQLITE_CANTOPEN:
+        return message
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        what = "is not a directory" if os.path.exists(folder) else "does not exist"
+        return f"{message}; its directory {folder!r} {what}: create it first"
+    if os.path.isdir(path):
+        return f"{message}; it is a directory: give the path of a file"
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK)
+    ):
+        return f"{message}; check the permissions of the file and of {folder!r}"
+    return message
 
 
 async def disconnect(conn: aiosqlite.Connection) -> None:

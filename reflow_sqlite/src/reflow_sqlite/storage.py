@@ -47,6 +47,7 @@ from reflow_core.adapter import (
 )
 from reflow_core.batching import GroupCommit
 from reflow_core.errors import ConfigError, StorageError
+from reflow_core.options import unknown_option
 from reflow_core.storage import (
     ClaimedRun,
     CreateResult,
@@ -181,10 +182,7 @@ class SQLiteStorage:
         merged: dict[str, Any] = {**query, **options}
         for name in merged:
             if name not in KEYWORD_OPTIONS:
-                raise ConfigError(
-                    f"unknown sqlite option {name!r}; known options: {', '.join(KEYWORD_OPTIONS)}",
-                    option=name,
-                )
+                raise unknown_option(name, KEYWORD_OPTIONS, kind="sqlite")
         return cls(path, **merged)
 
     @property
