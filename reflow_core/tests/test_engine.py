@@ -343,7 +343,9 @@ async def test_exhausted_retries_fail_the_run_naming_the_step(storage: Storage) 
     assert calls == {"charge": 2, "ship": 0}
     assert done.status == "failed"
     assert done.output is None
-    assert done.error == {
+    assert done.error is not None
+    assert 'in charge\n    raise ValueError("card declined")' in done.error["traceback"]
+    assert {k: v for k, v in done.error.items() if k != "traceback"} == {
         "code": "step_failed",
         "type": "builtins.ValueError",
         "message": "card declined",

@@ -52,6 +52,10 @@ STABLE_CODES = {
     "WaitTimeoutError": "wait_timeout",
     "EventBufferFullError": "event_buffer_full",
     "CorruptDataError": "corrupt_data",
+    "NonRetryableError": "non_retryable",
+    "RemoteTraceback": "remote_traceback",
+    "ResultTimeoutError": "result_timeout",
+    "EngineClosedError": "engine_closed",
 }
 
 PARENTS = {
@@ -78,6 +82,10 @@ PARENTS = {
     "RunCancelledError": "RunError",
     "EventBufferFullError": "ReflowError",
     "CorruptDataError": "RunError",
+    "NonRetryableError": "ReflowError",
+    "RemoteTraceback": "ReflowError",
+    "ResultTimeoutError": "ReflowError",
+    "EngineClosedError": "ReflowError",
 }
 
 
@@ -115,6 +123,8 @@ def test_builtin_bases_let_generic_handlers_catch_them() -> None:
     assert issubclass(errors.WorkflowNotFoundError, LookupError)
     assert issubclass(errors.RunNotFoundError, LookupError)
     assert issubclass(errors.BackendNotFoundError, LookupError)
+    assert issubclass(errors.ResultTimeoutError, TimeoutError)
+    assert issubclass(errors.EngineClosedError, RuntimeError)
 
 
 def test_structured_fields() -> None:
@@ -142,6 +152,7 @@ def test_error_info_of_user_code_failure_describes_the_cause() -> None:
             raise StepError("step failed", step="reserve", attempts=2) from exc
     except StepError as failure:
         info = error_info(failure, step="reserve", attempts=2)
+    assert info.pop("traceback").endswith("raise KeyError(\"sku\")\nKeyError: 'sku'\n")
     assert info == {
         "code": "step_failed",
         "type": "builtins.KeyError",

@@ -57,6 +57,11 @@ async def test_one_record_per_event_with_structured_fields(
     assert [r.getMessage() for r in logged] == [
         f"run {run.id} of workflow 'order' started (attempt 1)",
         f"run {run.id} step 'charge' started (attempt 1)",
+        f"run {run.id} step 'charge' attempt 1 failed with ConnectionError: gateway timeout; "
+        "retrying in 0s\nTraceback (most recent call last):\n"
+        f'  File "{__file__}", line {charge.__code__.co_firstlineno + 2}, in charge\n'
+        '    raise ConnectionError("gateway timeout")\n'
+        "ConnectionError: gateway timeout",
         f"run {run.id} step 'charge' started (attempt 2)",
         f"run {run.id} step 'charge' completed (attempt 2)",
         f"run {run.id} step 'review' skipped",
@@ -64,11 +69,13 @@ async def test_one_record_per_event_with_structured_fields(
         f"run {run.id} step 'ship' completed (attempt 1)",
         f"run {run.id} of workflow 'order' completed",
     ]
-    assert {r.levelno for r in logged} == {logging.INFO}
+    assert [r.levelno for r in logged].count(logging.WARNING) == 1
+    assert {r.levelno for r in logged} == {logging.INFO, logging.WARNING}
     fields = [r.reflow for r in logged]  # type: ignore[attr-defined]
     assert [f["event"] for f in fields] == [
         "run_started",
         "step_started",
+        "step_attempt_failed",
         "step_started",
         "step_completed",
         "step_skipped",
@@ -84,7 +91,9 @@ async def test_one_record_per_event_with_structured_fields(
         "attempt": 1,
         "reclaimed": False,
     }
-    assert fields[3] == {
+    assert fields[2]["retry_in"] == 0.0
+    assert fields[2]["error"]["type"] == "builtins.ConnectionError"
+    assert fields[4] == {
         "event": "step_completed",
         "run_id": run.id,
         "workflow": "order",
@@ -111,9 +120,13 @@ async def test_failed_runs_are_logged_at_error_with_the_stored_error(
 
     failed = records(caplog)[-1]
     assert failed.levelno == logging.ERROR
-    assert failed.getMessage() == (
-        f"run {run.id} of workflow 'order' failed at step 'charge': [step_failed] card declined"
+    message = failed.getMessage()
+    assert message.startswith(
+        f"run {run.id} of workflow 'order' failed at step 'charge': [step_failed] "
+        "ValueError: card declined\n"
+        "Traceback (most recent call last):\n"
     )
+    assert message.endswith('raise ValueError("card declined")\nValueError: card declined')
     assert failed.exc_info is None  # the exception belongs to the run, not to the logger
     info = failed.reflow  # type: ignore[attr-defined]
     assert info["event"] == "run_failed"
@@ -164,7 +177,12 @@ async def test_a_reclaimed_run_says_so(
         await storage.claim_runs(["reclaimed"], 1, timedelta(seconds=30))
         clock.advance(31)
         assert await engine.tick() == 1
-    first = records(caplog)[0]
+    reclaimed, first = records(caplog)[:2]
+    assert reclaimed.levelno == logging.WARNING
+    assert reclaimed.getMessage() == (
+        f"run {run.id} of workflow 'reclaimed' reclaimed: its previous worker's lease lapsed "
+        "(reclaim 1, attempt 2)"
+    )
     assert first.getMessage() == (
         f"run {run.id} of workflow 'reclaimed' resumed after its worker was lost (attempt 2)"
     )

@@ -19,9 +19,14 @@ from reflow_core import (
     Engine,
     Event,
     Retry,
+    RunCancelled,
     RunCompleted,
     RunFailed,
+    RunReclaimed,
+    RunSleeping,
     RunStarted,
+    RunWaiting,
+    StepAttemptFailed,
     StepCompleted,
     StepContext,
     StepSkipped,
@@ -69,6 +74,16 @@ def shape(events: list[Any]) -> list[tuple[Any, ...]]:
                 out.append(("RunCompleted", output))
             case RunFailed(step=step, error=error):
                 out.append(("RunFailed", step, error["code"]))
+            case StepAttemptFailed(step=step, attempt=attempt, error=error, retry_in=retry_in):
+                out.append(("StepAttemptFailed", step, attempt, error["type"], retry_in))
+            case RunReclaimed(attempt=attempt, reclaims=reclaims):
+                out.append(("RunReclaimed", attempt, reclaims))
+            case RunSleeping(step=step):
+                out.append(("RunSleeping", step))
+            case RunWaiting(step=step, event=event):
+                out.append(("RunWaiting", step, event))
+            case RunCancelled():
+                out.append(("RunCancelled",))
             case _:
                 raise AssertionError(f"unexpected event {e!r}")
     return out
@@ -104,11 +119,12 @@ async def test_stream_yields_typed_events_in_order(storage: Storage) -> None:
         await asyncio.wait_for(consumer, 5)  # the stream ended with stop()
 
     assert all(isinstance(e, Event.__args__) for e in events)  # type: ignore[attr-defined]
-    assert [e.run_id for e in events] == [good.id] * 8 + [failing.id] * 4
-    assert {e.workflow for e in events[:8]} == {"streamed"}
+    assert [e.run_id for e in events] == [good.id] * 9 + [failing.id] * 6
+    assert {e.workflow for e in events[:9]} == {"streamed"}
     assert shape(events) == [
         ("RunStarted", 1, False),
         ("StepStarted", "charge", 1),
+        ("StepAttemptFailed", "charge", 1, "builtins.ConnectionError", 0.0),
         ("StepStarted", "charge", 2),
         ("StepCompleted", "charge", "charged", 2),
         ("StepSkipped", "review"),
@@ -117,7 +133,9 @@ async def test_stream_yields_typed_events_in_order(storage: Storage) -> None:
         ("RunCompleted", {"shipped": "charged"}),
         ("RunStarted", 1, False),
         ("StepStarted", "boom", 1),
+        ("StepAttemptFailed", "boom", 1, "builtins.ZeroDivisionError", 0.0),
         ("StepStarted", "boom", 2),
+        ("StepAttemptFailed", "boom", 2, "builtins.ZeroDivisionError", None),
         ("RunFailed", "boom", "step_failed"),
     ]
 

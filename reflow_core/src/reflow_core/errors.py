@@ -12,10 +12,14 @@ and structured fields for the details. The tree::
     ├── EventNotDeclaredError        send_event names an event the workflow does not wait for
     ├── ParallelCompleteError        ctx.complete() called inside a parallel branch
     ├── RunNotFoundError             no run with that id
+    ├── ResultTimeoutError           ``Engine.result`` gave up waiting (also a ``TimeoutError``)
+    ├── EngineClosedError            a call on an engine that was closed
     ├── IdempotencyConflictError     same key, different input
     ├── EventBufferFullError         a run already holds as many unconsumed events as allowed
     ├── LeaseExpiredError            a worker lost its lease on a run
     ├── StepCancelledError           raised inside a step by ``ctx.signal.raise_if_cancelled()``
+    ├── NonRetryableError            raised by a step to fail at once, without retries
+    ├── RemoteTraceback              a stored traceback, chained to ``RunFailedError``
     ├── StorageError                 the backend failed; the driver error is ``__cause__``
     │   ├── BackendNotFoundError     no backend installed for a URL scheme
     │   └── SchemaVersionError       the database was written by a newer Reflow
@@ -29,28 +33,42 @@ and structured fields for the details. The tree::
         └── RunCancelledError        raised by ``Engine.result`` for a cancelled run
 
 Errors that describe a stored run (``RunError`` and subclasses) can be turned
-into the plain ``ErrorInfo`` mapping that storage keeps, and back.
+into the plain ``ErrorInfo`` mapping that storage keeps, and back. For an
+exception raised by a step, the mapping keeps its formatted traceback
+(without Reflow's own frames, bounded in size) and its cause chain.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import os
+import traceback as _traceback
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, TypedDict
 
 __all__ = [
+    "MAX_CAUSES",
+    "MAX_TRACEBACK_CHARS",
+    "MAX_TRACEBACK_FRAMES",
     "BackendNotFoundError",
+    "CauseInfo",
     "ConfigError",
     "CorruptDataError",
     "DuplicateStepError",
+    "EngineClosedError",
     "ErrorInfo",
     "EventBufferFullError",
     "EventNotDeclaredError",
     "HookError",
     "IdempotencyConflictError",
     "LeaseExpiredError",
+    "NonRetryableError",
     "ParallelCompleteError",
     "ReclaimLimitError",
     "ReflowError",
+    "RemoteTraceback",
+    "ResultTimeoutError",
     "RunCancelledError",
     "RunError",
     "RunFailedError",
@@ -67,12 +85,51 @@ __all__ = [
 ]
 
 
+MAX_TRACEBACK_CHARS = 8192
+"""The longest stored traceback; a longer one keeps its end (the exception
+and the frames nearest to it) after a line saying how much was left out."""
+MAX_TRACEBACK_FRAMES = 40
+"""Frames kept per exception of a stored traceback: the innermost ones."""
+MAX_CAUSES = 5
+"""Links of a cause chain (``__cause__``/``__context__``) that are stored."""
+_MAX_CAUSE_MESSAGE = 1000
+
+_ENGINE_DIRS = tuple(
+    os.path.dirname(path) + os.sep
+    for path in (
+        os.path.join(os.path.dirname(__file__), "engine", "__init__.py"),
+        asyncio.__file__,
+        concurrent.futures.__file__,
+    )
+)
+"""Where the frames that call a step come from: Reflow's engine, asyncio and
+the thread pool. Leading frames from these are left out of stored tracebacks."""
+
+
+class CauseInfo(TypedDict):
+    """One link of a failure's cause chain: ``type`` is the qualified class
+    name, ``message`` the exception's text."""
+
+    type: str
+    message: str
+
+
 class ErrorInfo(TypedDict, total=False):
     """The plain-data form of a run's failure, as storage keeps it.
 
     ``code`` is the ``ReflowError.code`` of the error (``"step_failed"`` for an
     exception raised by user code), ``type`` the qualified class name of the
     original exception, ``message`` its text, ``step`` the step it came from.
+
+    For an exception that was raised (not only created), ``traceback`` is its
+    formatted traceback as Python prints it, from the step handler's frame
+    on (the engine's frames that call a step are left out), at most
+    :data:`MAX_TRACEBACK_FRAMES` frames per exception and
+    :data:`MAX_TRACEBACK_CHARS` characters in all; ``causes`` its cause
+    chain (``raise ... from ...`` and exceptions raised while handling
+    another), nearest first, at most :data:`MAX_CAUSES` links. Neither holds
+    local variables: only source lines and what the exceptions say. Records
+    stored before these fields existed lack them.
     """
 
     code: str
@@ -80,6 +137,8 @@ class ErrorInfo(TypedDict, total=False):
     message: str
     step: str | None
     attempts: int
+    traceback: str
+    causes: list[CauseInfo]
 
 
 class ReflowError(Exception):
@@ -208,6 +267,60 @@ class RunNotFoundError(ReflowError, LookupError):
         self.run_id = run_id
 
 
+class ResultTimeoutError(ReflowError, TimeoutError):
+    """``Engine.result(timeout=...)`` stopped waiting before the run finished.
+
+    Also a ``TimeoutError``, so ``except TimeoutError`` catches it. The run
+    itself goes on. ``status`` is the run's status read when the wait ended
+    (``None`` if it could not be read), ``workflow`` its workflow and
+    ``timeout`` the wait in seconds; the message says why a ``pending`` run
+    was not picked up, as far as the engine can tell.
+    """
+
+    code = "result_timeout"
+
+    def __init__(
+        self,
+        run_id: str,
+        timeout: float,
+        *,
+        workflow: str | None = None,
+        status: str | None = None,
+        detail: str | None = None,
+    ) -> None:
+        of = f" of workflow {workflow!r}" if workflow else ""
+        if status is None:
+            head = f"run {run_id}{of} did not finish within {timeout:g}s"
+        else:
+            head = f"run {run_id}{of} is still {status} after {timeout:g}s"
+        super().__init__(f"{head}: {detail}" if detail else head)
+        self.run_id = run_id
+        self.timeout = timeout
+        self.workflow = workflow
+        self.status = status
+
+
+class EngineClosedError(ReflowError, RuntimeError):
+    """A call on an engine that was closed: its ``async with`` block ended
+    (or ``close()`` was called) and its storage was closed with it. The same
+    on every backend; ``operation`` names the refused call."""
+
+    code = "engine_closed"
+
+    def __init__(self, operation: str) -> None:
+        what = (
+            "`async with engine` was entered again"
+            if operation == "__aenter__"
+            else f"engine.{operation}() was called"
+        )
+        super().__init__(
+            f"{what} after the engine was closed (its `async with` block ended, or "
+            "close() was called, and its storage was closed with it): make the call inside "
+            "`async with engine:`, or create a new Engine"
+        )
+        self.operation = operation
+
+
 class IdempotencyConflictError(ReflowError):
     """A run with this idempotency key already exists with a different input."""
 
@@ -299,6 +412,33 @@ class StepCancelledError(ReflowError):
         self.reason = reason
 
 
+class NonRetryableError(ReflowError):
+    """Raised by a step to fail at once: the step is not tried again,
+    whatever its :class:`~reflow_core.retry.Retry` allows. Raise it ``from``
+    the exception that caused it to keep that one in the stored cause chain::
+
+        except InvalidCard as exc:
+            raise NonRetryableError(f"card rejected: {exc}") from exc
+    """
+
+    code = "non_retryable"
+
+
+class RemoteTraceback(ReflowError):
+    """The stored traceback of a failure, as text. :class:`RunFailedError`
+    chains one as its ``__cause__``, so printing it (or a test failing on
+    it) shows where the step failed, as it happened, wherever it ran."""
+
+    code = "remote_traceback"
+
+    def __init__(self, traceback: str) -> None:
+        super().__init__(traceback)
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.traceback.rstrip()}\n"""'
+
+
 class StorageError(ReflowError):
     """The storage backend failed. The driver's own exception is ``__cause__``.
 
@@ -321,9 +461,17 @@ class BackendNotFoundError(StorageError, LookupError):
 
     code = "backend_not_found"
 
-    def __init__(self, scheme: str, installed: Sequence[str], provider: str | None) -> None:
+    def __init__(
+        self,
+        scheme: str,
+        installed: Sequence[str],
+        provider: str | None,
+        suggestions: Sequence[str] = (),
+    ) -> None:
         listing = ", ".join(sorted(installed)) or "none"
         hint = f"; install {provider!r} to use it" if provider else ""
+        if suggestions and not provider:
+            hint = f"; did you mean {' or '.join(repr(s) for s in suggestions)}?"
         super().__init__(
             f"no Reflow storage backend for URL scheme {scheme!r}{hint} "
             f"(installed backends: {listing})",
@@ -332,6 +480,8 @@ class BackendNotFoundError(StorageError, LookupError):
         self.scheme = scheme
         self.installed = sorted(installed)
         self.provider = provider
+        self.suggestions = list(suggestions)
+        """Installed schemes close to ``scheme``, closest first (a likely typo)."""
 
 
 class SchemaVersionError(StorageError):
@@ -432,17 +582,36 @@ class CorruptDataError(RunError):
 
 
 class RunFailedError(RunError):
-    """The run failed. ``info`` is the stored failure, ``step`` its step."""
+    """The run failed. ``info`` is the stored failure, ``step`` its step,
+    ``error_type`` the qualified class name of the exception, ``traceback``
+    its stored traceback (``None`` when there is none) and ``causes`` its
+    cause chain.
+
+    When there is a traceback, a :class:`RemoteTraceback` holding it is the
+    ``__cause__``, so a printed traceback of this error (an uncaught one, a
+    failing test) shows the step's own frames first.
+    """
 
     code = "run_failed"
 
     def __init__(self, run_id: str, info: ErrorInfo) -> None:
         step = info.get("step")
         where = f" at step {step!r}" if step else ""
-        super().__init__(f"run {run_id} failed{where}: {info.get('message', '')}", run_id=run_id)
+        error_type = info.get("type")
+        message = info.get("message", "")
+        if error_type:
+            short = error_type.removeprefix("builtins.")
+            message = f"{short}: {message}" if message and message != short else short
+        super().__init__(f"run {run_id} failed{where}: {message}", run_id=run_id)
         self.info = info
         self.step = step
         self.error_code = info.get("code", "step_failed")
+        self.error_type = error_type
+        stored = info.get("traceback")
+        self.traceback = stored if isinstance(stored, str) and stored else None
+        self.causes: list[CauseInfo] = list(info.get("causes") or [])
+        if self.traceback is not None:
+            self.__cause__ = RemoteTraceback(self.traceback)
 
 
 class RunCancelledError(RunError):
@@ -462,10 +631,103 @@ def error_info(
     cause = exc.__cause__ if isinstance(exc, StepError) and exc.__cause__ is not None else exc
     info: ErrorInfo = {
         "code": code,
-        "type": f"{type(cause).__module__}.{type(cause).__qualname__}",
+        "type": qualified_name(type(cause)),
         "message": str(cause) or type(cause).__name__,
         "step": step,
     }
     if attempts is not None:
         info["attempts"] = attempts
+    if cause.__traceback__ is not None:
+        info["traceback"] = format_traceback(cause)
+    causes = cause_chain(cause)
+    if causes:
+        info["causes"] = causes
     return info
+
+
+def qualified_name(cls: type) -> str:
+    """``module.QualName`` of a class, as ``ErrorInfo["type"]`` stores it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _chained(exc: BaseException) -> BaseException | None:
+    if exc.__cause__ is not None:
+        return exc.__cause__
+    if exc.__context__ is not None and not exc.__suppress_context__:
+        return exc.__context__
+    return None
+
+
+def cause_chain(exc: BaseException) -> list[CauseInfo]:
+    """What ``exc`` was raised from or while handling, nearest first, at most
+    :data:`MAX_CAUSES` links (a cycle ends the chain)."""
+    causes: list[CauseInfo] = []
+    seen = {id(exc)}
+    link = _chained(exc)
+    while link is not None and id(link) not in seen and len(causes) < MAX_CAUSES:
+        seen.add(id(link))
+        message = str(link) or type(link).__name__
+        if len(message) > _MAX_CAUSE_MESSAGE:
+            message = message[: _MAX_CAUSE_MESSAGE - 3] + "..."
+        causes.append({"type": qualified_name(type(link)), "message": message})
+        link = _chained(link)
+    return causes
+
+
+def _from_engine(frame: _traceback.FrameSummary) -> bool:
+    return frame.filename.startswith(_ENGINE_DIRS)
+
+
+def _format_one(te: _traceback.TracebackException) -> list[str]:
+    """One exception of a chain: its frames past the engine's, the innermost
+    :data:`MAX_TRACEBACK_FRAMES` of them, then the exception itself."""
+    frames = list(te.stack)
+    start = 0
+    while start < len(frames) and _from_engine(frames[start]):
+        start += 1
+    frames = frames[start:]
+    omitted = max(len(frames) - MAX_TRACEBACK_FRAMES, 0)
+    te.stack = _traceback.StackSummary.from_list(frames[omitted:])
+    lines = list(te.format(chain=False))
+    if omitted and lines and lines[0].startswith("Traceback"):
+        lines.insert(1, f"  [... {omitted} earlier frame(s) left out ...]\n")
+    return lines
+
+
+def format_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback with its chain, as Python prints it, without the
+    engine's leading frames, bounded as :class:`ErrorInfo` describes. Local
+    variables are never included."""
+    te: _traceback.TracebackException | None = _traceback.TracebackException.from_exception(
+        exc, lookup_lines=False
+    )
+    # Newest first: each exception with the line that leads to it from the
+    # one it was raised from (or while handling).
+    chain: list[tuple[_traceback.TracebackException, str]] = []
+    while te is not None and len(chain) <= MAX_CAUSES:
+        if te.__cause__ is not None:
+            chain.append((te, _CAUSE))
+            te = te.__cause__
+        elif te.__context__ is not None and not te.__suppress_context__:
+            chain.append((te, _CONTEXT))
+            te = te.__context__
+        else:
+            chain.append((te, ""))
+            te = None
+    lines: list[str] = []
+    if te is not None:  # a longer chain: its oldest exceptions are left out
+        lines.append("[... earlier exceptions of the chain left out ...]\n")
+    for link, leading in reversed(chain):
+        if lines:
+            lines.append(leading)
+        lines.extend(_format_one(link))
+    text = "".join(lines)
+    if len(text) > MAX_TRACEBACK_CHARS:
+        marker = "[... {} characters left out ...]\n"
+        keep = MAX_TRACEBACK_CHARS - len(marker.format(len(text)))
+        text = marker.format(len(text) - keep) + text[len(text) - keep :]
+    return text
+
+
+_CAUSE = "\nThe above exception was the direct cause of the following exception:\n\n"
+_CONTEXT = "\nDuring handling of the above exception, another exception occurred:\n\n"

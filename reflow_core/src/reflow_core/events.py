@@ -17,6 +17,7 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar, TypeAlias
 
 import pluggy
@@ -26,9 +27,14 @@ from .errors import ConfigError, ErrorInfo, HookError
 
 __all__ = [
     "Event",
+    "RunCancelled",
     "RunCompleted",
     "RunFailed",
+    "RunReclaimed",
+    "RunSleeping",
     "RunStarted",
+    "RunWaiting",
+    "StepAttemptFailed",
     "StepCompleted",
     "StepSkipped",
     "StepStarted",
@@ -74,6 +80,26 @@ class StepCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class StepAttemptFailed:
+    """An attempt of a step (or parallel branch) raised.
+
+    ``error`` is the failure as it would be stored (``code``, ``type``,
+    ``message``, ``traceback``, ``causes``). ``retry_in`` is the delay in
+    seconds before the next attempt, or ``None`` when the step gives up:
+    its attempts are used up, or the error is not retried (see
+    :class:`~reflow_core.retry.Retry`). A ``RunFailed`` follows then.
+    """
+
+    hook: ClassVar[str] = "reflow_step_attempt_failed"
+    run_id: str
+    workflow: str
+    step: str
+    attempt: int
+    error: ErrorInfo
+    retry_in: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class StepSkipped:
     """A step's ``when=`` predicate was false; the skip is saved."""
 
@@ -104,7 +130,68 @@ class RunFailed:
     step: str | None
 
 
-Event: TypeAlias = RunStarted | StepStarted | StepCompleted | StepSkipped | RunCompleted | RunFailed
+@dataclass(frozen=True, slots=True)
+class RunReclaimed:
+    """A worker claimed a run whose previous worker's lease had lapsed (it
+    crashed, hung or was cut off); the run resumes at its first unsaved
+    step, or fails once ``reclaims`` passes ``Engine(max_reclaims=...)``."""
+
+    hook: ClassVar[str] = "reflow_run_reclaimed"
+    run_id: str
+    workflow: str
+    attempt: int
+    """How many times the run has been claimed, this time included."""
+    reclaims: int
+    """How many times its lease has lapsed so far."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunSleeping:
+    """The run reached a durable sleep and was released until ``wake_at``."""
+
+    hook: ClassVar[str] = "reflow_run_sleeping"
+    run_id: str
+    workflow: str
+    step: str
+    wake_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RunWaiting:
+    """The run reached a wait with no event buffered for it and was
+    released until the event ``event`` arrives, or ``deadline`` passes
+    (``None``: no timeout)."""
+
+    hook: ClassVar[str] = "reflow_run_waiting"
+    run_id: str
+    workflow: str
+    step: str
+    event: str
+    deadline: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RunCancelled:
+    """The run was cancelled by :meth:`Engine.cancel` on this engine."""
+
+    hook: ClassVar[str] = "reflow_run_cancelled"
+    run_id: str
+    workflow: str
+
+
+Event: TypeAlias = (
+    RunStarted
+    | RunReclaimed
+    | StepStarted
+    | StepAttemptFailed
+    | StepCompleted
+    | StepSkipped
+    | RunSleeping
+    | RunWaiting
+    | RunCompleted
+    | RunFailed
+    | RunCancelled
+)
 """Any lifecycle event."""
 
 
@@ -296,9 +383,14 @@ def _raised(task: asyncio.Task[Any]) -> BaseException | None:
 
 _EVENT_HOOKS = (
     "reflow_run_started",
+    "reflow_run_reclaimed",
     "reflow_step_started",
+    "reflow_step_attempt_failed",
     "reflow_step_completed",
     "reflow_step_skipped",
+    "reflow_run_sleeping",
+    "reflow_run_waiting",
     "reflow_run_completed",
     "reflow_run_failed",
+    "reflow_run_cancelled",
 )

@@ -81,6 +81,12 @@ class LifecycleSpecs:
         (:class:`~reflow_core.events.RunStarted`)."""
 
     @hookspec
+    def reflow_run_reclaimed(self, event: Any) -> None:
+        """A worker claimed a run whose previous worker's lease lapsed
+        (:class:`~reflow_core.events.RunReclaimed`); ``reflow_run_started``
+        follows unless the run is failed at once."""
+
+    @hookspec
     def reflow_step_started(self, event: Any) -> None:
         """An attempt of a step or parallel branch starts
         (:class:`~reflow_core.events.StepStarted`)."""
@@ -90,8 +96,24 @@ class LifecycleSpecs:
         """A step produced its output (:class:`~reflow_core.events.StepCompleted`)."""
 
     @hookspec
+    def reflow_step_attempt_failed(self, event: Any) -> None:
+        """An attempt of a step or parallel branch raised, with the error and
+        the delay before the next attempt, or ``None`` when the step gives up
+        (:class:`~reflow_core.events.StepAttemptFailed`)."""
+
+    @hookspec
     def reflow_step_skipped(self, event: Any) -> None:
         """A step's ``when=`` predicate was false (:class:`~reflow_core.events.StepSkipped`)."""
+
+    @hookspec
+    def reflow_run_sleeping(self, event: Any) -> None:
+        """A run reached a durable sleep and was released until its wake-up
+        time (:class:`~reflow_core.events.RunSleeping`)."""
+
+    @hookspec
+    def reflow_run_waiting(self, event: Any) -> None:
+        """A run reached a wait with no event buffered and was released until
+        the event or the timeout (:class:`~reflow_core.events.RunWaiting`)."""
 
     @hookspec
     def reflow_run_completed(self, event: Any) -> None:
@@ -100,6 +122,11 @@ class LifecycleSpecs:
     @hookspec
     def reflow_run_failed(self, event: Any) -> None:
         """A run failed for good (:class:`~reflow_core.events.RunFailed`)."""
+
+    @hookspec
+    def reflow_run_cancelled(self, event: Any) -> None:
+        """A run was cancelled through this engine
+        (:class:`~reflow_core.events.RunCancelled`)."""
 
     @hookspec
     def reflow_error(self, error: BaseException, where: str) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ._durations import MAX_DURATION, Duration, to_seconds
-from .errors import ConfigError
+from .errors import ConfigError, NonRetryableError
 
 __all__ = ["Backoff", "Retry"]
 
@@ -31,6 +32,14 @@ class Retry:
     capped at ``max_delay`` (and, without one, at 100 years, the longest
     duration anything accepts). ``jitter`` spreads each delay uniformly by up to
     that fraction either way, so a fleet of failing runs does not retry in step.
+
+    Which failures are retried, by exception type: one that is an instance
+    of a class in ``retry_on`` (default: any ``Exception``) and of none in
+    ``give_up_on`` (default: none) is retried while attempts are left; any
+    other fails the step at once. A step that raises
+    :class:`~reflow_core.errors.NonRetryableError` always fails at once. A
+    timed-out attempt is a :class:`~reflow_core.errors.StepTimeoutError`.
+    Both take a tuple of exception classes (or one class).
     """
 
     max_attempts: int = 3
@@ -39,6 +48,8 @@ class Retry:
     max_delay: Duration | None = "5m"
     factor: float = 2.0
     jitter: float = 0.0
+    retry_on: tuple[type[Exception], ...] = (Exception,)
+    give_up_on: tuple[type[Exception], ...] = ()
     _initial: float = field(init=False, repr=False, compare=False)
     _max: float | None = field(init=False, repr=False, compare=False)
 
@@ -71,12 +82,22 @@ class Retry:
             raise ConfigError(
                 f"Retry.jitter must be within [0, 1], got {self.jitter}", option="jitter"
             )
+        object.__setattr__(self, "retry_on", _exception_types(self.retry_on, "retry_on"))
+        object.__setattr__(self, "give_up_on", _exception_types(self.give_up_on, "give_up_on"))
         object.__setattr__(self, "_initial", to_seconds(self.initial_delay, option="initial_delay"))
         object.__setattr__(
             self,
             "_max",
             None if self.max_delay is None else to_seconds(self.max_delay, option="max_delay"),
         )
+
+    def retries(self, error: BaseException) -> bool:
+        """Whether a failed attempt that raised ``error`` may be retried (if
+        attempts are left), by ``retry_on``, ``give_up_on`` and
+        :class:`~reflow_core.errors.NonRetryableError`."""
+        if isinstance(error, NonRetryableError):
+            return False
+        return isinstance(error, self.retry_on) and not isinstance(error, self.give_up_on)
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` failed attempts (``failures >= 1``)."""
@@ -93,6 +114,29 @@ class Retry:
         if self.jitter:
             base *= 1.0 + random.uniform(-self.jitter, self.jitter)
         return min(max(base, 0.0), _MAX_SECONDS)
+
+
+def _exception_types(value: object, option: str) -> tuple[type[Exception], ...]:
+    """``value`` as a tuple of exception classes, or a ConfigError naming ``option``."""
+    items: Iterable[object]
+    if isinstance(value, type):
+        items = (value,)
+    elif isinstance(value, tuple | list | frozenset | set):
+        items = value
+    else:
+        raise ConfigError(
+            f"Retry.{option} must be a tuple of exception classes, got {value!r}", option=option
+        )
+    types: list[type[Exception]] = []
+    for item in items:
+        if not isinstance(item, type) or not issubclass(item, Exception):
+            raise ConfigError(
+                f"Retry.{option} must hold exception classes (subclasses of Exception), "
+                f"got {item!r}",
+                option=option,
+            )
+        types.append(item)
+    return tuple(types)
 
 
 NO_RETRY = Retry(max_attempts=1, initial_delay=0)

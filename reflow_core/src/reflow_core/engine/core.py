@@ -11,30 +11,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from collections.abc import AsyncIterator, Iterable
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NoReturn, Self
 
 from reflow_core import codec
 from reflow_core._durations import MAX_DURATION, Duration, to_seconds
 from reflow_core.adapter import check_text
 from reflow_core.errors import (
     ConfigError,
+    EngineClosedError,
     ErrorInfo,
     EventNotDeclaredError,
+    ReflowError,
+    ResultTimeoutError,
     RunCancelledError,
     RunFailedError,
     RunNotFoundError,
     WorkflowNotFoundError,
 )
-from reflow_core.events import ErrorCallback, Event, Observers
+from reflow_core.events import ErrorCallback, Event, Observers, RunCancelled
 from reflow_core.registry import DISABLE_AUTOLOAD_ENV, load_observer_entry_points, open_storage
 from reflow_core.schedules import Schedule, Scheduler, parse_recurrence
 from reflow_core.storage import (
     TERMINAL_STATUSES,
     NewRun,
+    RunRecord,
     RunStatus,
     ScheduleSpec,
     Storage,
@@ -46,6 +51,8 @@ from .views import Clock, Run, RunList, SystemClock
 from .worker import Worker
 
 __all__ = ["MAX_LEASE", "MIN_HEARTBEAT", "MIN_LEASE", "POLL_INTERVAL_RANGE", "Engine"]
+
+logger = logging.getLogger("reflow.engine")
 
 
 def _positive(value: Duration, option: str, minimum: float, maximum: float) -> float:
@@ -63,6 +70,18 @@ MIN_HEARTBEAT = 0.01
 MAX_DURATION_S = MAX_DURATION.total_seconds()
 POLL_INTERVAL_RANGE = (0.001, 86400.0)
 """The shortest and longest ``poll_interval`` (seconds)."""
+_FINAL_READ_TIMEOUT = 1.0
+"""Seconds :meth:`Engine.result` gives the one read of the run that explains a timeout."""
+
+
+def _outcome(record: RunRecord) -> Any:
+    """The output of a finished run, or the error that says how it ended."""
+    if record.status == "failed":
+        info: ErrorInfo = codec.decode(record.error) if record.error else {}
+        raise RunFailedError(record.id, info)
+    if record.status == "cancelled":
+        raise RunCancelledError(record.id)
+    return None if record.output is None else codec.decode(record.output)
 
 
 class Engine:
@@ -105,6 +124,20 @@ class Engine:
     a bounded number of runs, so a large backlog is cleared over several
     passes without holding the storage. Idempotency keys of deleted runs are
     free again: keep runs longer than any client may retry an enqueue.
+
+    ``warn_unserved_after`` (a duration, default five minutes; ``None``
+    turns it off): a running worker logs a warning, once per workflow name,
+    when it sees ``pending`` runs of a workflow it does not serve that have
+    waited longer than this (a workflow registered on no running worker, or a
+    mistyped name). It looks about once a minute (sooner for a short
+    threshold) at the newest pending runs, with one storage read; claiming
+    is never slowed by it.
+
+    Leave the ``async with`` block (or call :meth:`close`) when done: every
+    call on a closed engine raises
+    :class:`~reflow_core.errors.EngineClosedError`, on every backend. An
+    engine used without ``async with`` opens its storage at its first call;
+    close it with :meth:`close`, or a warning is logged when it is collected.
     """
 
     def __init__(
@@ -127,7 +160,12 @@ class Engine:
         clock: Clock | None = None,
         on_error: ErrorCallback | None = None,
         retention: Duration | None = None,
+        warn_unserved_after: Duration | None = "5m",
     ) -> None:
+        self._opened_storage = isinstance(storage, str)
+        self._initialized_by: str | None = None
+        self._closed = False
+        self._started = False
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(
                 f"concurrency must be a positive int, got {concurrency!r}", option="concurrency"
@@ -187,6 +225,11 @@ class Engine:
             if retention is None
             else timedelta(seconds=_positive(retention, "retention", MIN_LEASE, MAX_DURATION_S))
         )
+        unserved_after = (
+            None
+            if warn_unserved_after is None
+            else _positive(warn_unserved_after, "warn_unserved_after", MIN_LEASE, MAX_DURATION_S)
+        )
         for plugin in plugins:
             self._observers.register(plugin)
         self._load_entry_points = load_entry_points and not os.environ.get(DISABLE_AUTOLOAD_ENV)
@@ -220,6 +263,7 @@ class Engine:
             clock=self._clock,
             scheduler=self._scheduler,
             retention=self._retention,
+            unserved_after=unserved_after,
         )
 
     # -- configuration -----------------------------------------------------
@@ -256,10 +300,14 @@ class Engine:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def _ensure_initialized(self) -> None:
+    async def _ensure_initialized(self, operation: str) -> None:
+        if self._closed:
+            raise EngineClosedError(operation)
         if self._initialized:
             return
         async with self._init_lock:
+            if self._closed:
+                raise EngineClosedError(operation)
             if not self._initialized:
                 if self._load_entry_points:
                     for name, plugin in load_observer_entry_points():
@@ -267,14 +315,16 @@ class Engine:
                     self._load_entry_points = False
                 await self._storage.initialize()
                 self._initialized = True
+                self._initialized_by = operation
 
     async def start(self) -> None:
         """Initialize the storage and start working: keep up to ``concurrency``
         runs in flight, refilling a freed slot at once while work is waiting."""
         if self.running:
             return
-        await self._ensure_initialized()
+        await self._ensure_initialized("start")
         await self._worker.start()
+        self._started = True
 
     async def stop(self, timeout: Duration | None = None) -> None:
         """Stop claiming, let in-flight runs finish for up to ``timeout``
@@ -287,11 +337,27 @@ class Engine:
         await self._worker.stop(grace)
         self._observers.close_streams()
 
+    async def close(self) -> None:
+        """Stop (as :meth:`stop`) and close the storage, unless the engine
+        was made with ``close_storage=False``. Leaving ``async with`` does
+        this; call it when done with an engine used without ``async with``.
+        Idempotent. Once the storage is closed, every call on the engine
+        raises :class:`~reflow_core.errors.EngineClosedError`."""
+        try:
+            await self.stop()
+        finally:
+            if self._close_storage:
+                self._closed = True
+                await self._storage.close()
+                self._initialized = False
+
     async def __aenter__(self) -> Self:
+        if self._closed:
+            raise EngineClosedError("__aenter__")
         if self._start_worker:
             await self.start()
         else:
-            await self._ensure_initialized()
+            await self._ensure_initialized("__aenter__")
         return self
 
     async def __aexit__(
@@ -300,12 +366,35 @@ class Engine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        try:
-            await self.stop()
-        finally:
-            if self._close_storage:
-                await self._storage.close()
-                self._initialized = False
+        await self.close()
+
+    def __enter__(self) -> NoReturn:
+        raise TypeError(
+            "Engine is an async context manager: use `async with Engine(...) as engine:` "
+            "inside a coroutine, not `with`"
+        )
+
+    def __exit__(self, *exc_info: object) -> None:  # pragma: no cover - __enter__ always raises
+        return None
+
+    def __del__(self) -> None:
+        # An engine that opened its storage from a URL and was never closed
+        # leaves the storage's connections (and threads) open: say how to
+        # close it. Guarded: this may run at interpreter exit.
+        with contextlib.suppress(Exception):
+            if (
+                getattr(self, "_initialized", False)
+                and getattr(self, "_opened_storage", False)
+                and getattr(self, "_close_storage", False)
+                and not getattr(self, "_closed", True)
+            ):
+                logger.warning(
+                    "an Engine on %s opened its storage for %s() and was never closed; "
+                    "its connections stay open until the process exits: use "
+                    "`async with Engine(...) as engine:`, or `await engine.close()` when done",
+                    type(self._storage).__name__,
+                    self._initialized_by or "a call",
+                )
 
     # -- client API ----------------------------------------------------------
 
@@ -339,7 +428,7 @@ class Engine:
         raw = to_plain_input(input)
         wf.validate_input(raw)
         text = codec.encode(raw)
-        await self._ensure_initialized()
+        await self._ensure_initialized("enqueue")
         result = await self._storage.create_run(
             NewRun(workflow=wf.name, input=text, idempotency_key=idempotency_key)
         )
@@ -349,13 +438,13 @@ class Engine:
 
     async def get_run(self, run_id: str) -> Run | None:
         """The run without its steps, or ``None`` if there is none."""
-        await self._ensure_initialized()
+        await self._ensure_initialized("get_run")
         record = await self._storage.get_run(run_id)
         return None if record is None else Run.from_record(record)
 
     async def get_run_status(self, run_id: str) -> Run:
         """The run and its saved steps. Raises :class:`RunNotFoundError`."""
-        await self._ensure_initialized()
+        await self._ensure_initialized("get_run_status")
         record = await self._storage.get_run(run_id)
         if record is None:
             raise RunNotFoundError(run_id)
@@ -366,7 +455,7 @@ class Engine:
         """Cancel a run that has not finished. Returns False if it is missing or
         already finished. A step running in this engine is interrupted at
         once; a worker elsewhere stops at its next heartbeat or write."""
-        await self._ensure_initialized()
+        await self._ensure_initialized("cancel")
         error = codec.encode({"code": "run_cancelled", "message": "cancelled", "step": None})
         changed = await self._storage.update_run_status(run_id, "cancelled", error=error)
         state = self._worker.inflight.get(run_id)
@@ -374,6 +463,10 @@ class Engine:
             state.interrupt("cancelled")
         if changed:
             self._notify_finished(run_id)
+            if self._observers.active:
+                record = await self._storage.get_run(run_id)
+                if record is not None:
+                    await self._observers.publish(RunCancelled(run_id, record.workflow))
         return changed
 
     async def send_event(
@@ -394,7 +487,7 @@ class Engine:
         ``event_id``, sending the same id again is a no-op, even to a full
         run.
         """
-        await self._ensure_initialized()
+        await self._ensure_initialized("send_event")
         record = await self._storage.get_run(run_id)
         if record is None or record.status in TERMINAL_STATUSES:
             return False
@@ -424,7 +517,7 @@ class Engine:
         :class:`~reflow_core.errors.WorkflowNotFoundError`, changing nothing,
         when the run's workflow is not registered on this engine (register
         it, even on an engine started with ``worker=False``)."""
-        await self._ensure_initialized()
+        await self._ensure_initialized("resume")
         record = await self._storage.get_run(run_id)
         if record is None or record.status not in ("failed", "cancelled"):
             return False
@@ -450,7 +543,7 @@ class Engine:
         Pagination is exact: pass the returned ``next_cursor`` to get the next
         page; every matching run appears exactly once.
         """
-        await self._ensure_initialized()
+        await self._ensure_initialized("list_runs")
         statuses = [status] if isinstance(status, str) else None if status is None else list(status)
         name = workflow.name if isinstance(workflow, Workflow) else workflow
         page = await self._storage.list_runs(
@@ -513,7 +606,7 @@ class Engine:
                 )
         else:
             check_text(key, "key")
-        await self._ensure_initialized()
+        await self._ensure_initialized("schedule")
         # Slots are computed on the storage's clock, which also decides when
         # they are due, so a skewed engine clock cannot move them.
         now = await self._scheduler.storage_now(self._storage)
@@ -535,14 +628,14 @@ class Engine:
     async def unschedule(self, key: str) -> bool:
         """Delete schedule ``key``: no slot after this fires. Runs it already
         created are not touched. Returns False if there was no such schedule."""
-        await self._ensure_initialized()
+        await self._ensure_initialized("unschedule")
         self._scheduler.forget(key)
         self._default_schedules.pop(key, None)
         return await self._storage.delete_schedule(key)
 
     async def list_schedules(self) -> list[Schedule]:
         """Every stored schedule, of any workflow, ordered by key."""
-        await self._ensure_initialized()
+        await self._ensure_initialized("list_schedules")
         return [Schedule.from_record(r) for r in await self._storage.list_schedules()]
 
     async def result(self, run_id: str, *, timeout: Duration | None = None) -> Any:
@@ -550,39 +643,102 @@ class Engine:
 
         Raises :class:`~reflow_core.errors.RunFailedError` (with the stored
         failure) or :class:`~reflow_core.errors.RunCancelledError`, and
-        ``TimeoutError`` after ``timeout``. A run finished by this engine
-        wakes the waiter at once; one finished elsewhere is noticed by a
-        read that backs off to ``poll_interval``.
+        :class:`~reflow_core.errors.ResultTimeoutError` (a ``TimeoutError``)
+        after ``timeout``, naming the run's status then and, for a run still
+        ``pending``, why it may not have been picked up. The run itself goes
+        on. A run finished by this engine wakes the waiter at once; one
+        finished elsewhere is noticed by a read that backs off to
+        ``poll_interval``.
         """
         seconds = None if timeout is None else to_seconds(timeout, option="timeout")
-        await self._ensure_initialized()
+        await self._ensure_initialized("result")
         finished = asyncio.Event()
         self._finished.setdefault(run_id, set()).add(finished)
         pause = 0.01
+        waiting = asyncio.timeout(seconds)
+        record: RunRecord | None = None
         try:
-            async with asyncio.timeout(seconds):
-                while True:
-                    finished.clear()  # before the read, so a finish during it is seen
-                    record = await self._storage.get_run(run_id)
-                    if record is None:
-                        raise RunNotFoundError(run_id)
-                    if record.status == "completed":
-                        return None if record.output is None else codec.decode(record.output)
-                    if record.status == "failed":
-                        info: ErrorInfo = codec.decode(record.error) if record.error else {}
-                        raise RunFailedError(run_id, info)
-                    if record.status == "cancelled":
-                        raise RunCancelledError(run_id)
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(pause):
-                            await finished.wait()
-                    pause = min(pause * 2, self._poll)
+            try:
+                async with waiting:
+                    while True:
+                        finished.clear()  # before the read, so a finish during it is seen
+                        record = await self._storage.get_run(run_id)
+                        if record is None:
+                            raise RunNotFoundError(run_id)
+                        if record.status in TERMINAL_STATUSES:
+                            return _outcome(record)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(pause):
+                                await finished.wait()
+                        pause = min(pause * 2, self._poll)
+            except TimeoutError:
+                if not waiting.expired():
+                    raise
         finally:
             waiters = self._finished.get(run_id)
             if waiters is not None:
                 waiters.discard(finished)
                 if not waiters:
                     del self._finished[run_id]
+        # Timed out: one more read says where the run stands now.
+        assert seconds is not None
+        gone = False
+        with contextlib.suppress(ReflowError, TimeoutError):
+            async with asyncio.timeout(_FINAL_READ_TIMEOUT):
+                latest = await self._storage.get_run(run_id)
+                gone = latest is None
+                record = latest or record
+        if gone:
+            raise RunNotFoundError(run_id)
+        if record is not None and record.status in TERMINAL_STATUSES:
+            return _outcome(record)
+        raise self._result_timeout(run_id, seconds, record) from None
+
+    def _result_timeout(
+        self, run_id: str, seconds: float, record: RunRecord | None
+    ) -> ResultTimeoutError:
+        if record is None:
+            return ResultTimeoutError(run_id, seconds, detail="its record could not be read")
+        goes_on = "the run goes on; call result() again to wait longer"
+        if record.status == "pending":
+            detail = f"no worker has claimed it; {self._pending_hint(record.workflow)}"
+        elif record.status == "waiting":
+            deadline = f" (its wait ends at {record.wake_at.isoformat()})" if record.wake_at else ""
+            detail = (
+                f"it waits for event {record.waiting_for!r}{deadline}, sent with send_event(); "
+                f"{goes_on}"
+            )
+        elif record.status == "sleeping" and record.wake_at is not None:
+            detail = f"it sleeps until {record.wake_at.isoformat()}; {goes_on}"
+        else:
+            detail = goes_on
+        return ResultTimeoutError(
+            run_id, seconds, workflow=record.workflow, status=record.status, detail=detail
+        )
+
+    def _pending_hint(self, workflow: str) -> str:
+        """Why a pending run of ``workflow`` may not be picked up, as far as
+        this engine can tell."""
+        serves = ", ".join(repr(name) for name in sorted(self._workflows)) or "no workflows"
+        elsewhere = f"is workflow {workflow!r} registered on a running worker?"
+        if not self._start_worker:
+            return f"{elsewhere} (this engine runs no worker: worker=False)"
+        if not self.running:
+            if self._started:
+                state = "this engine's worker was stopped"
+            else:
+                state = (
+                    "this engine was never started: `async with engine` or `await engine.start()`"
+                )
+            if workflow in self._workflows:
+                return state
+            return f"{state}; and it does not serve workflow {workflow!r} (it serves: {serves})"
+        if workflow not in self._workflows:
+            return f"{elsewhere} (this engine serves: {serves})"
+        return (
+            f"this engine serves workflow {workflow!r}, with {len(self._worker.inflight)} of "
+            f"{self._concurrency} runs in flight"
+        )
 
     def stream(self, *, buffer_size: int | None = 1000) -> AsyncIterator[Event]:
         """An async iterator of this engine's lifecycle events.
@@ -609,5 +765,5 @@ class Engine:
         """Fire the due schedules of this engine's workflows, claim one batch
         (up to the free slots), run it to the end, and return how many runs
         were processed. For tests and scripts; it does not need :meth:`start`."""
-        await self._ensure_initialized()
+        await self._ensure_initialized("tick")
         return await self._worker.tick()

@@ -32,7 +32,14 @@ from reflow_core.errors import (
     ValidationError,
     error_info,
 )
-from reflow_core.events import Event, Observers, RunCompleted, RunFailed, RunStarted
+from reflow_core.events import (
+    Event,
+    Observers,
+    RunCompleted,
+    RunFailed,
+    RunReclaimed,
+    RunStarted,
+)
 from reflow_core.storage import ClaimedRun, Lease, RunRecord, StepRecord, Storage
 from reflow_core.workflow import RESERVED_PREFIX, Workflow, _is_async_callable
 
@@ -192,6 +199,10 @@ class RunDriver:
             await self.storage.update_run_status(record.id, "pending", lease=claimed.lease)
             return
         run = Execution(record, claimed.lease, state, wf, dict(claimed.steps))
+        if claimed.reclaimed:
+            await self.emit(
+                RunReclaimed(record.id, record.workflow, record.attempts, record.reclaims)
+            )
         owed = run.saved.get(FAILURE_MARK)
         if owed is not None:
             await self._finish_owed_failure(run, owed, claimed.reclaimed)

@@ -27,8 +27,16 @@ from reflow_core.errors import (
     StorageError,
     ValidationError,
     WaitTimeoutError,
+    error_info,
 )
-from reflow_core.events import StepCompleted, StepSkipped, StepStarted
+from reflow_core.events import (
+    RunSleeping,
+    RunWaiting,
+    StepAttemptFailed,
+    StepCompleted,
+    StepSkipped,
+    StepStarted,
+)
 from reflow_core.storage import StepRecord
 from reflow_core.workflow import (
     Node,
@@ -193,7 +201,14 @@ class StepUnit:
                 error = exc
             finally:
                 state.signals.discard(signal)
-            if attempt >= step.retry.max_attempts:
+            retry = step.retry
+            delay = (
+                retry.delay(attempt)
+                if attempt < retry.max_attempts and retry.retries(error)
+                else None
+            )
+            await self._attempt_failed(run, step.name, attempt, error, delay)
+            if delay is None:
                 if isinstance(error, StepTimeoutError):
                     error.attempts = attempt
                     raise error
@@ -207,7 +222,16 @@ class StepUnit:
                     run_id=run.record.id,
                     error_type=type(error).__qualname__,
                 ) from error
-            await self.driver.clock.sleep(step.retry.delay(attempt))
+            await self.driver.clock.sleep(delay)
+
+    async def _attempt_failed(
+        self, run: Execution, step: str, attempt: int, error: BaseException, delay: float | None
+    ) -> None:
+        if self.driver.observers.active:  # describing the error costs a traceback
+            info = error_info(error, step=step, attempts=attempt)
+            await self.driver.emit(
+                StepAttemptFailed(run.record.id, run.record.workflow, step, attempt, info, delay)
+            )
 
     async def _invoke(
         self, step: StepDefinition, ctx: StepContext[Any, Any], signal: CancelSignal
@@ -269,6 +293,8 @@ class SleepUnit:
             run.lease, sleep.name, timedelta(seconds=sleep.seconds)
         )
         driver.fence(wake_at is not None)
+        assert wake_at is not None
+        await driver.emit(RunSleeping(run.record.id, run.record.workflow, sleep.name, wake_at))
         return True  # released; any engine resumes it once due
 
 
@@ -289,6 +315,15 @@ class WaitUnit:
                 driver.fence(result is not None)
                 assert result is not None
                 if not result.ready:
+                    await driver.emit(
+                        RunWaiting(
+                            run.record.id,
+                            run.record.workflow,
+                            wait.name,
+                            wait.name,
+                            result.deadline,
+                        )
+                    )
                     return True  # released until the event or the timeout
             taken = await storage.take_event(run.lease, wait.name, wait.name)
             driver.fence(taken is not None)
@@ -303,6 +338,15 @@ class WaitUnit:
                     assert result is not None
                     if result.ready:  # an event came in meanwhile: take it now
                         return await self.drive(run, wait)
+                    await driver.emit(
+                        RunWaiting(
+                            run.record.id,
+                            run.record.workflow,
+                            wait.name,
+                            wait.name,
+                            result.deadline,
+                        )
+                    )
                     return True
                 await driver.fail(
                     run, WaitTimeoutError(wait.name, run_id=run.record.id), step=wait.name

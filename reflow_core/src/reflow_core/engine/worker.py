@@ -18,12 +18,18 @@ import random
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from reflow_core.errors import ReflowError
 from reflow_core.schedules import Scheduler
-from reflow_core.storage import ClaimedRun, Storage, WakeupSource, WakeupSubscription
+from reflow_core.storage import (
+    ClaimedRun,
+    RunRecord,
+    Storage,
+    WakeupSource,
+    WakeupSubscription,
+)
 from reflow_core.workflow import Workflow
 
 from .driver import InFlight, LeaseLost, RunDriver
@@ -39,6 +45,11 @@ _PURGE_LIMIT = 1000
 """Runs one retention pass deletes at most."""
 _PURGE_BATCH = 250
 """Runs deleted per storage transaction in a retention pass."""
+_UNSERVED_CHECK_EVERY = 60.0
+"""Seconds between looks for runs of workflows no worker serves (a fifth
+of a shorter ``warn_unserved_after``, no less than the poll interval)."""
+_UNSERVED_SAMPLE = 100
+"""The newest pending runs read by one such look."""
 _SCHEDULE_BATCH = 100
 _LOGGED_REPEATS = frozenset({1, 10, 100})
 """Which repeats of an unexpected error from firing schedules are logged
@@ -75,6 +86,7 @@ class Worker:
         clock: Clock,
         scheduler: Scheduler,
         retention: timedelta | None = None,
+        unserved_after: float | None = None,
     ) -> None:
         self._storage = storage
         self._workflows = workflows
@@ -88,6 +100,13 @@ class Worker:
         self._scheduler = scheduler
         self._retention = retention
         self._purger: asyncio.Task[None] | None = None
+        self._unserved_after = unserved_after
+        self._unserved_checker: asyncio.Task[None] | None = None
+        self._unserved_warned: set[str] = set()
+        """Workflows already warned about: each is logged once per worker."""
+        self._unserved_suspects: dict[str, str] = {}
+        """For each workflow not served here with pending runs not yet old
+        enough to warn about: the oldest such run seen, to look at again."""
         self.inflight: dict[str, InFlight] = {}
         """The runs this worker holds, by id."""
         self.wake = asyncio.Event()
@@ -129,6 +148,10 @@ class Worker:
             self._purger = asyncio.create_task(
                 self._retention_loop(self._retention), name="reflow-retention"
             )
+        if self._unserved_after is not None and self._unserved_checker is None:
+            self._unserved_checker = asyncio.create_task(
+                self._unserved_loop(self._unserved_after), name="reflow-unserved-check"
+            )
 
     async def _subscribe_wakeups(self) -> None:
         """Let a backend that can tell when work arrives wake the dispatcher,
@@ -160,6 +183,11 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._purger
             self._purger = None
+        if self._unserved_checker is not None:
+            self._unserved_checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._unserved_checker
+            self._unserved_checker = None
         if self._dispatcher is not None:
             # Let a claim in progress complete instead of cancelling it: the
             # storage may already have handed its runs over, and they must be
@@ -342,6 +370,77 @@ class Worker:
             if deleted >= _PURGE_LIMIT:
                 pause = self._poll
 
+    # -- runs nobody serves ---------------------------------------------------
+
+    async def _unserved_loop(self, after: float) -> None:
+        """Now and then, look for pending runs of workflows this worker does
+        not serve that have waited longer than ``after`` seconds, and warn
+        once per workflow. Never part of a claim."""
+        interval = min(_UNSERVED_CHECK_EVERY, max(after / 5, self._poll))
+        pause = min(interval, self._poll)  # a first look soon after start
+        while True:
+            await asyncio.sleep(pause * random.uniform(0.9, 1.1))
+            pause = interval
+            try:
+                await self.check_unserved(after)
+            except ReflowError as exc:
+                logger.debug("looking for runs no worker serves failed (%s)", exc)
+
+    async def check_unserved(self, after: float) -> None:
+        """One look: the newest pending runs (one read), and, while runs of a
+        workflow not served here were seen that were too young to warn
+        about, the oldest of them again at the next look (one read each).
+
+        A run counts from when it last became pending (its ``updated_at``,
+        or its ``wake_at`` if later), by the storage's clock."""
+        page = await self._storage.list_runs(status=["pending"], limit=_UNSERVED_SAMPLE)
+        oldest: dict[str, RunRecord] = {}
+        counts: dict[str, int] = {}
+        for record in page.runs:
+            name = record.workflow
+            if name in self._workflows or name in self._unserved_warned:
+                continue
+            counts[name] = counts.get(name, 0) + 1
+            known = oldest.get(name)
+            if known is None or _pending_since(record) < _pending_since(known):
+                oldest[name] = record
+        for name, run_id in list(self._unserved_suspects.items()):
+            if name in self._workflows or name in self._unserved_warned:
+                del self._unserved_suspects[name]
+                continue
+            if name in oldest and oldest[name].id == run_id:
+                continue
+            earlier = await self._storage.get_run(run_id)
+            if earlier is None or earlier.status != "pending":
+                del self._unserved_suspects[name]
+                continue
+            if name not in oldest or _pending_since(earlier) < _pending_since(oldest[name]):
+                oldest[name] = earlier
+            counts[name] = counts.get(name, 0) or 1
+        if not oldest:
+            return
+        now = await self._storage.now()
+        for name, record in oldest.items():
+            waited = (now - _pending_since(record)).total_seconds()
+            if waited < after:
+                self._unserved_suspects[name] = record.id
+                continue
+            self._unserved_suspects.pop(name, None)
+            self._unserved_warned.add(name)
+            serves = ", ".join(repr(n) for n in sorted(self._workflows)) or "no workflows"
+            logger.warning(
+                "runs of workflow %r are waiting and no worker has claimed them: run %s has "
+                "been pending for %.0fs (%d such run(s) among the newest pending); this worker "
+                "does not serve %r (it serves: %s): is it registered on a running worker, "
+                "under this name?",
+                name,
+                record.id,
+                waited,
+                counts[name],
+                name,
+                serves,
+            )
+
     # -- leases ---------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
@@ -397,3 +496,11 @@ class Worker:
             if self._more_work:
                 self.wake.set()
             self._slot_freed.set()
+
+
+def _pending_since(record: RunRecord) -> datetime:
+    """When a pending run became claimable: when it last became pending, or
+    its ``wake_at`` if that is later."""
+    if record.wake_at is not None and record.wake_at > record.updated_at:
+        return record.wake_at
+    return record.updated_at

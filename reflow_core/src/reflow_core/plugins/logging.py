@@ -11,10 +11,14 @@ default), with a readable message such as ``run 01J... step 'charge'
 completed (attempt 2)`` and the event's fields under the ``reflow`` attribute
 of the record (``extra={"reflow": {...}}``) for structured formatters: the
 event's name, run id, workflow, step, attempt(s), and for a failure the
-stored error (``code``, ``type``, ``message``, ``step``). Step and run
-outputs are never logged: they may hold personal data or secrets.
+stored error (``code``, ``type``, ``message``, ``step``, ``traceback``,
+``causes``). Step and run outputs are never logged: they may hold personal
+data or secrets.
 
-Failed runs are logged at ``ERROR``; everything else at ``level``.
+Failed runs are logged at ``ERROR``, failed step attempts (with the delay
+until the next attempt, or ``giving up``) and reclaimed runs at
+``WARNING``; everything else at ``level``. The records of failures end with
+the stored traceback of the exception.
 """
 
 from __future__ import annotations
@@ -23,11 +27,17 @@ import dataclasses
 import logging
 from typing import Any
 
+from reflow_core.errors import ErrorInfo
 from reflow_core.events import (
     Event,
+    RunCancelled,
     RunCompleted,
     RunFailed,
+    RunReclaimed,
+    RunSleeping,
     RunStarted,
+    RunWaiting,
+    StepAttemptFailed,
     StepCompleted,
     StepSkipped,
     StepStarted,
@@ -52,12 +62,25 @@ def _fields(name: str, event: Event) -> dict[str, Any]:
     return fields
 
 
+def _traceback(error: ErrorInfo) -> str:
+    """The stored traceback, on lines of its own after the message."""
+    text = error.get("traceback")
+    return "\n" + text.rstrip() if isinstance(text, str) and text else ""
+
+
+def _described(error: ErrorInfo) -> str:
+    kind = str(error.get("type", "")).removeprefix("builtins.")
+    message = error.get("message", "")
+    return f"{kind}: {message}" if kind and message and message != kind else kind or message
+
+
 class LoggingPlugin:
     """Logs one record per lifecycle event.
 
     ``logger`` is a :class:`logging.Logger` or a logger name (default
-    ``"reflow.runs"``); ``level`` the level of every record except failed
-    runs, which are logged at ``ERROR``.
+    ``"reflow.runs"``); ``level`` the level of every record except failures:
+    failed runs are logged at ``ERROR``, failed step attempts and reclaimed
+    runs at ``WARNING``.
     """
 
     def __init__(
@@ -102,6 +125,36 @@ class LoggingPlugin:
         )
 
     @hookimpl
+    def reflow_run_reclaimed(self, event: RunReclaimed) -> None:
+        self._log(
+            logging.WARNING,
+            "run_reclaimed",
+            event,
+            "run %s of workflow %r reclaimed: its previous worker's lease lapsed "
+            "(reclaim %d, attempt %d)",
+            event.run_id,
+            event.workflow,
+            event.reclaims,
+            event.attempt,
+        )
+
+    @hookimpl
+    def reflow_step_attempt_failed(self, event: StepAttemptFailed) -> None:
+        then = "giving up" if event.retry_in is None else f"retrying in {event.retry_in:.3g}s"
+        self._log(
+            logging.WARNING,
+            "step_attempt_failed",
+            event,
+            "run %s step %r attempt %d failed with %s; %s%s",
+            event.run_id,
+            event.step,
+            event.attempt,
+            _described(event.error),
+            then,
+            _traceback(event.error),
+        )
+
+    @hookimpl
     def reflow_step_completed(self, event: StepCompleted) -> None:
         self._log(
             self.level,
@@ -117,6 +170,43 @@ class LoggingPlugin:
     def reflow_step_skipped(self, event: StepSkipped) -> None:
         self._log(
             self.level, "step_skipped", event, "run %s step %r skipped", event.run_id, event.step
+        )
+
+    @hookimpl
+    def reflow_run_sleeping(self, event: RunSleeping) -> None:
+        self._log(
+            self.level,
+            "run_sleeping",
+            event,
+            "run %s sleeping at step %r until %s",
+            event.run_id,
+            event.step,
+            event.wake_at.isoformat(),
+        )
+
+    @hookimpl
+    def reflow_run_waiting(self, event: RunWaiting) -> None:
+        until = "no timeout" if event.deadline is None else f"until {event.deadline.isoformat()}"
+        self._log(
+            self.level,
+            "run_waiting",
+            event,
+            "run %s waiting at step %r for event %r (%s)",
+            event.run_id,
+            event.step,
+            event.event,
+            until,
+        )
+
+    @hookimpl
+    def reflow_run_cancelled(self, event: RunCancelled) -> None:
+        self._log(
+            self.level,
+            "run_cancelled",
+            event,
+            "run %s of workflow %r cancelled",
+            event.run_id,
+            event.workflow,
         )
 
     @hookimpl
@@ -137,10 +227,11 @@ class LoggingPlugin:
             logging.ERROR,
             "run_failed",
             event,
-            "run %s of workflow %r failed%s: [%s] %s",
+            "run %s of workflow %r failed%s: [%s] %s%s",
             event.run_id,
             event.workflow,
             where,
             event.error.get("code", "step_failed"),
-            event.error.get("message", ""),
+            _described(event.error),
+            _traceback(event.error),
         )
