@@ -362,6 +362,39 @@ def test_socket_timeouts_given_to_redis_py_directly_are_refused(
     assert caught.value.option in ("socket_timeout", "socket_connect_timeout")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"client_nme": "x"}, r"connect_kwargs\['client_nme'\] is not an argument .*'client_name'"),
+        ({"decode_responses": True}, r"connect_kwargs\['decode_responses'\] is set by the storage"),
+        ({"max_connections": 3}, r"connect_kwargs\['max_connections'\] is set by the storage"),
+    ],
+)
+def test_connect_kwargs_redis_py_does_not_take_are_refused_when_built(
+    kwargs: dict[str, Any], message: str
+) -> None:
+    """Before any connection: a typo in connect_kwargs failed only at start-up,
+    with redis-py's TypeError."""
+    with pytest.raises(ConfigError, match=message) as caught:
+        open_storage("redis://127.0.0.1:1/0", connect_kwargs=kwargs)
+    assert caught.value.option == "connect_kwargs"
+
+
+async def test_connect_kwargs_redis_py_takes_reach_the_connections(redis_url: str) -> None:
+    store = open_storage(
+        redis_url, connect_kwargs={"client_name": "reflow-kwargs-test", "health_check_interval": 7}
+    )
+    assert isinstance(store, RedisStorage)
+    await store.initialize()
+    try:
+        await store.now()
+        pool = store._client.connection_pool
+        assert pool.connection_kwargs["client_name"] == "reflow-kwargs-test"
+        assert pool.connection_kwargs["health_check_interval"] == 7
+    finally:
+        await store.close()
+
+
 async def test_the_timeouts_reach_every_connection(redis_url: str) -> None:
     store = open_storage(f"{redis_url}&socket_timeout=7&socket_connect_timeout=3")
     assert isinstance(store, RedisStorage)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -52,6 +54,62 @@ parameter that is not one of Reflow's options is refused: redis-py would
 hand it to the connection class, which fails at start-up with a TypeError,
 or (``timeout``, ``decode_responses``) quietly change how the storage works."""
 _SOCKET_OPTIONS = ("socket_timeout", "socket_connect_timeout")
+_SET_BY_STORAGE = (
+    "max_connections",
+    "timeout",
+    "retry",
+    "decode_responses",
+    "encoding",
+    "encoding_errors",
+    "connection_class",
+)
+"""redis-py arguments the storage sets itself: given in ``connect_kwargs``
+they would clash with its own or change how it reads replies."""
+
+
+def _redis_py_arguments() -> frozenset[str]:
+    """The keyword arguments redis-py's client, pools and connections take,
+    read from their signatures (so a newer redis-py's are known too)."""
+    from redis.asyncio import RedisCluster, connection
+
+    found: set[str] = set()
+    for init in (
+        connection.AbstractConnection.__init__,
+        connection.Connection.__init__,
+        connection.SSLConnection.__init__,
+        connection.UnixDomainSocketConnection.__init__,
+        connection.ConnectionPool.__init__,
+        connection.BlockingConnectionPool.__init__,
+        RedisCluster.__init__,
+    ):
+        for param in inspect.signature(init).parameters.values():
+            if param.kind not in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                found.add(param.name)
+    return frozenset(found - {"self", "connection_kwargs"})
+
+
+def check_connect_kwargs(connect_kwargs: Mapping[str, Any] | None) -> None:
+    """Refuse, when the storage is built, a ``connect_kwargs`` key redis-py
+    does not take (a typo would otherwise fail only at the first connection)
+    or one the storage sets itself."""
+    if not connect_kwargs:
+        return
+    known = _redis_py_arguments()
+    for name in connect_kwargs:
+        if name in _SET_BY_STORAGE:
+            raise ConfigError(
+                f"connect_kwargs[{name!r}] is set by the storage itself; leave it out",
+                option="connect_kwargs",
+            )
+        if name not in known:
+            usable = sorted(known - set(_SET_BY_STORAGE) - set(_SOCKET_OPTIONS))
+            close = difflib.get_close_matches(name, usable, n=3, cutoff=0.6)
+            guess = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            raise ConfigError(
+                f"connect_kwargs[{name!r}] is not an argument redis-py's client or "
+                f"connections take{guess}",
+                option="connect_kwargs",
+            )
 DEFAULT_SOCKET_TIMEOUT = 10.0
 """Seconds to wait for a reply. A stall shorter than this only waits; a
 longer one fails the operation with a StorageError. A third of the engine's

@@ -106,6 +106,7 @@ from ._options import (
     _check_socket_options,
     _prefix_option,
     _seconds_option,
+    check_connect_kwargs,
     parse_redis_url,
 )
 from ._records import (
@@ -194,6 +195,7 @@ class RedisStorage(_Schedules):
         parts = parse_url(url, kind="redis")
         _check_database(parts, self._secrets)
         _check_socket_options(parts, connect_kwargs, self._secrets)
+        check_connect_kwargs(connect_kwargs)
         self._connect_kwargs = dict(connect_kwargs or {})
         self._client = None
         self._unsure_finishes: dict[tuple[str, int], None] = {}
