@@ -132,6 +132,12 @@ async def test_a_when_predicate_that_raises_fails_the_run_at_its_step(db: Databa
             await engine.result(run.id, timeout=10)
     assert failed.value.info["step"] == "b"
     assert "LookupError: no flag service" in failed.value.info["message"]
+    # The predicate's own traceback and the exception it raised are kept.
+    assert 'raise LookupError("no flag service")' in failed.value.info["traceback"]
+    assert "in broken" in failed.value.info["traceback"]
+    assert failed.value.info["causes"] == [
+        {"type": "builtins.LookupError", "message": "no flag service"}
+    ]
 
 
 def test_step_names_may_not_use_the_reserved_prefix() -> None:

@@ -639,6 +639,12 @@ def error_info(
         info["attempts"] = attempts
     if cause.__traceback__ is not None:
         info["traceback"] = format_traceback(cause)
+    else:
+        # An error the engine made, not raised, about one that was (a when=
+        # predicate's): the traceback of the one raised.
+        raised = _chained(cause)
+        if raised is not None and raised.__traceback__ is not None:
+            info["traceback"] = format_traceback(raised)
     causes = cause_chain(cause)
     if causes:
         info["causes"] = causes

@@ -110,15 +110,12 @@ class StepUnit:
                     verdict = await verdict
                 go = bool(verdict)
             except Exception as exc:
-                await driver.fail(
-                    run,
-                    StepError(
-                        f"the when= predicate of step {step.name!r} raised "
-                        f"{type(exc).__name__}: {exc}",
-                        step=step.name,
-                    ),
+                error = StepError(
+                    f"the when= predicate of step {step.name!r} raised {type(exc).__name__}: {exc}",
                     step=step.name,
                 )
+                error.__context__ = exc  # its traceback and type are stored with the failure
+                await driver.fail(run, error, step=step.name)
                 return True
             if not go:
                 await driver.emit(StepSkipped(run.record.id, run.record.workflow, step.name))
