@@ -110,6 +110,8 @@ def check_connect_kwargs(connect_kwargs: Mapping[str, Any] | None) -> None:
                 f"connections take{guess}",
                 option="connect_kwargs",
             )
+
+
 DEFAULT_SOCKET_TIMEOUT = 10.0
 """Seconds to wait for a reply. A stall shorter than this only waits; a
 longer one fails the operation with a StorageError. A third of the engine's
