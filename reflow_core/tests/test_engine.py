@@ -1240,3 +1240,41 @@ def test_workflow_registration_errors() -> None:
     engine = Engine(storage="memory://", workflows=[wf, wf])
     engine.register(wf)
     assert "once" in repr(engine)
+
+
+# -- configuring the worker before it starts ------------------------------------
+
+
+async def test_configure_worker_claims_only_the_workflows_named(storage: Storage) -> None:
+    served = workflow("served-here").step("a", quick)
+    elsewhere = workflow("served-elsewhere").step("a", quick)
+    async with idle_engine(storage, served, elsewhere, concurrency=4) as engine:
+        engine.configure_worker(workflows=["served-here"], concurrency=2)
+        assert engine.workflow_names == ["served-elsewhere", "served-here"]
+        assert engine.concurrency == 2
+        mine = [await engine.enqueue(served) for _ in range(3)]
+        other = await engine.enqueue(elsewhere)
+        assert await engine.tick() == 2  # two slots, claim batch following concurrency
+        assert await engine.tick() == 1
+        assert await engine.tick() == 0
+        for run in mine:
+            assert (await engine.get_run_status(run.id)).status == "completed"
+        assert (await engine.get_run_status(other.id)).status == "pending"
+        assert engine.in_flight == 0
+
+
+async def test_configure_worker_refuses_bad_values_and_a_started_worker(storage: Storage) -> None:
+    wf = workflow("configured").step("a", quick)
+    engine = make_engine(storage, wf)
+    with pytest.raises(
+        ConfigError, match="unknown workflow 'configurd'; this engine has: configured"
+    ):
+        engine.configure_worker(workflows=["configurd"])
+    with pytest.raises(ConfigError, match="no workflow named"):
+        engine.configure_worker(workflows=[])
+    with pytest.raises(ConfigError, match="concurrency must be a positive int"):
+        engine.configure_worker(concurrency=0)
+    assert engine.drain_timeout == 10.0
+    async with engine:
+        with pytest.raises(ConfigError, match="before the worker starts"):
+            engine.configure_worker(concurrency=3)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, NoReturn, Self
@@ -291,6 +291,61 @@ class Engine:
     def running(self) -> bool:
         """True while the worker started by :meth:`start` is running."""
         return self._worker.running
+
+    @property
+    def workflow_names(self) -> list[str]:
+        """The names of the workflows registered on this engine, sorted."""
+        return sorted(self._workflows)
+
+    @property
+    def concurrency(self) -> int:
+        """How many runs this engine's worker keeps in flight at most."""
+        return self._concurrency
+
+    @property
+    def in_flight(self) -> int:
+        """How many runs this engine's worker is executing now."""
+        return len(self._worker.inflight)
+
+    @property
+    def drain_timeout(self) -> float:
+        """Seconds :meth:`stop` lets runs in flight finish before handing them back."""
+        return self._drain_timeout
+
+    def configure_worker(
+        self, *, concurrency: int | None = None, workflows: Collection[str] | None = None
+    ) -> None:
+        """Before the worker starts, change what it does: keep up to
+        ``concurrency`` runs in flight (the claim batch follows it, unless it
+        was set), and claim runs of ``workflows`` only, a subset of the
+        registered ones (the engine still knows the others: it can enqueue,
+        resume and schedule them). For process managers such as
+        ``reflow worker``; a ``ConfigError`` names a bad value."""
+        if self.running:
+            raise ConfigError(
+                "configure_worker() must be called before the worker starts", option="workflows"
+            )
+        served: dict[str, Workflow[Any, Any]] | None = None
+        if workflows is not None:
+            names = list(dict.fromkeys(workflows))
+            unknown = [name for name in names if name not in self._workflows]
+            if unknown or not names:
+                has = ", ".join(sorted(self._workflows)) or "none"
+                what = f"unknown workflow {unknown[0]!r}" if unknown else "no workflow named"
+                raise ConfigError(f"{what}; this engine has: {has}", option="workflows")
+            served = {name: self._workflows[name] for name in names}
+        if concurrency is not None:
+            if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+                raise ConfigError(
+                    f"concurrency must be a positive int, got {concurrency!r}",
+                    option="concurrency",
+                )
+            if self._claim_batch == self._concurrency:  # the default: one batch fills every slot
+                self._claim_batch = concurrency
+            self._concurrency = concurrency
+        self._worker.configure(
+            concurrency=self._concurrency, claim_batch=self._claim_batch, workflows=served
+        )
 
     def __repr__(self) -> str:
         return (
@@ -719,7 +774,7 @@ class Engine:
     def _pending_hint(self, workflow: str) -> str:
         """Why a pending run of ``workflow`` may not be picked up, as far as
         this engine can tell."""
-        serves = ", ".join(repr(name) for name in sorted(self._workflows)) or "no workflows"
+        serves = ", ".join(repr(name) for name in sorted(self._worker.served)) or "no workflows"
         elsewhere = f"is workflow {workflow!r} registered on a running worker?"
         if not self._start_worker:
             return f"{elsewhere} (this engine runs no worker: worker=False)"
@@ -730,10 +785,10 @@ class Engine:
                 state = (
                     "this engine was never started: `async with engine` or `await engine.start()`"
                 )
-            if workflow in self._workflows:
+            if workflow in self._worker.served:
                 return state
             return f"{state}; and it does not serve workflow {workflow!r} (it serves: {serves})"
-        if workflow not in self._workflows:
+        if workflow not in self._worker.served:
             return f"{elsewhere} (this engine serves: {serves})"
         return (
             f"this engine serves workflow {workflow!r}, with {len(self._worker.inflight)} of "
@@ -754,6 +809,12 @@ class Engine:
     def register_plugin(self, plugin: object, *, name: str | None = None) -> None:
         """Register an observer plugin (see :mod:`reflow_core.hookspecs`)."""
         self._observers.register(plugin, name=name)
+
+    @property
+    def plugins(self) -> list[object]:
+        """The observer plugins registered so far (those found through entry
+        points are added when the engine starts)."""
+        return list(self._observers.pm.get_plugins())
 
     def _notify_finished(self, run_id: str) -> None:
         for waiter in self._finished.get(run_id, ()):

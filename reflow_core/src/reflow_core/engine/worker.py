@@ -127,6 +127,26 @@ class Worker:
         """True while the claim loop started by :meth:`start` is running."""
         return self._dispatcher is not None and not self._dispatcher.done()
 
+    @property
+    def served(self) -> Mapping[str, Workflow[Any, Any]]:
+        """The workflows this worker claims runs of."""
+        return self._workflows
+
+    def configure(
+        self,
+        *,
+        concurrency: int,
+        claim_batch: int,
+        workflows: Mapping[str, Workflow[Any, Any]] | None,
+    ) -> None:
+        """Before :meth:`start`: the runs to keep in flight, the claim batch,
+        and (unless ``None``) the workflows to claim runs of, instead of every
+        one the engine has."""
+        self._concurrency = concurrency
+        self._claim_batch = claim_batch
+        if workflows is not None:
+            self._workflows = workflows
+
     def ensure_background(self) -> None:
         """Start the step threads and the heartbeat loop, if not running."""
         if self._driver.executor is None:
