@@ -1,7 +1,7 @@
 """Every pluggy hook specification of Reflow, in one place.
 
 Plugins are modules or objects with functions named after these specs and
-marked with :data:`hookimpl`. Two kinds:
+marked with :data:`hookimpl`. Three kinds:
 
 * **Backends** implement :func:`reflow_register_backends`. Installed
   distributions announce them under the ``reflow`` entry-point group, one
@@ -17,6 +17,9 @@ marked with :data:`hookimpl`. Two kinds:
   be ``async def`` or plain ``def``; they are called one after the other and
   awaited in turn, and one that raises never affects a run: the error goes
   to ``reflow_error``.
+* **Commands** implement :func:`reflow_register_commands` to add
+  subcommands to the ``reflow`` command line; they are announced under the
+  ``reflow.commands`` entry-point group.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "reflow_register_backends",
+    "reflow_register_commands",
 ]
 
 PROJECT_NAME = "reflow"
@@ -52,6 +56,22 @@ class StorageFactory(Protocol):
 
 Register = Callable[..., None]
 """``register(scheme, factory, *, description="")``: announce one URL scheme."""
+
+
+@hookspec
+def reflow_register_commands(cli: Any) -> None:
+    """Add subcommands to the ``reflow`` command line.
+
+    ``cli`` is the root ``click.Group``; call ``cli.add_command(...)``
+    (or ``cli.group()``). Announce the implementing module under the
+    ``reflow.commands`` entry-point group (``conformance =
+    "reflow_conformance.commands"``); the ``reflow`` command loads those when
+    it starts, unless ``REFLOW_DISABLE_PLUGIN_AUTOLOAD`` is set. Commands
+    read the global options (``--url``, ``--json``, ``--debug``) from
+    ``click.get_current_context().find_object(reflow_core.cli.State)``.
+
+    Added in 0.1.
+    """
 
 
 @hookspec
