@@ -460,6 +460,14 @@ def test_storage_init_and_check(url: str) -> None:
     assert report["backend"]["scheme"] == url.split("://")[0]
     assert report["now_round_trip_ms"] >= 0
     assert abs(report["clock_skew_ms"]) < 60_000
+    scheme = url.split("://")[0]
+    if scheme.startswith("sqlite"):
+        from reflow_sqlite._schema import SCHEMA_VERSION as version
+    elif scheme.startswith("postgres"):
+        from reflow_postgres._schema import SCHEMA_VERSION as version
+    else:
+        version = None  # Redis keeps no schema version
+    assert report["schema_version"] == version
     text = reflow("--url", url, "storage", "check").stdout
     assert "now() round trip" in text
     assert "health" in text

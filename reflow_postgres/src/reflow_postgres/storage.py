@@ -72,7 +72,7 @@ from ._batches import BatchedWrites
 from ._connections import Connections
 from ._options import DEFAULT_SCHEMA, check_keyword_options, parse_postgres_url, settings
 from ._rows import claimed_run
-from ._schema import migrate
+from ._schema import SCHEMA_VERSION, migrate
 from ._sql import Statements, channel_name, list_runs_query, statements
 from .listener import Listener
 
@@ -169,6 +169,13 @@ class PostgresStorage:
     def channel(self) -> str:
         """The ``LISTEN``/``NOTIFY`` channel of this schema."""
         return self._channel
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version this code writes: once :meth:`initialize`
+        returns, the schema is at it (an older one was migrated; a newer one
+        was refused)."""
+        return SCHEMA_VERSION
 
     # -- lifecycle ---------------------------------------------------------------
 

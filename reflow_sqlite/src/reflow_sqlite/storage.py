@@ -74,7 +74,7 @@ from ._options import (
     parse_sqlite_url,
     synchronous_option,
 )
-from ._schema import check_identity, configure_script, migrate_script
+from ._schema import SCHEMA_VERSION, check_identity, configure_script, migrate_script
 from ._scripts import BatchItemFailed, Script, StepRow
 from ._thread import (
     Mode,
@@ -194,6 +194,13 @@ class SQLiteStorage:
     def synchronous(self) -> str:
         """The ``PRAGMA synchronous`` level in use."""
         return self._synchronous
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version this code writes (``PRAGMA user_version``): once
+        :meth:`initialize` returns, the file is at it (an older one was
+        migrated; a newer one was refused)."""
+        return SCHEMA_VERSION
 
     def __repr__(self) -> str:
         return f"SQLiteStorage({self._path!r}, synchronous={self._synchronous!r})"
