@@ -232,3 +232,19 @@ def test_a_scheme_registered_by_two_plugins_is_an_error_naming_both() -> None:
     with pytest.raises(ConfigError, match="first"):
         registry.register_plugin(_Plugin("dup"), name="second")
     assert registry.get("dup").plugin == "first"
+
+
+def test_an_entry_point_that_fails_to_load_is_skipped_with_a_warning() -> None:
+    from importlib.metadata import EntryPoint
+
+    from reflow_core.registry import load_entry_point
+
+    broken = EntryPoint("observer-broken", "no_such_module_for_reflow:plugin", "reflow")
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"reflow command plugin 'no_such_module_for_reflow:plugin' from unknown "
+        r"distribution failed to load and was skipped: ModuleNotFoundError",
+    ):
+        assert load_entry_point(broken, "reflow command plugin") is None
+    working = EntryPoint("observer-ok", "reflow_core.registry:load_entry_point", "reflow")
+    assert load_entry_point(working) == ("unknown distribution:observer-ok", load_entry_point)

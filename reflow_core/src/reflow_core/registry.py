@@ -30,6 +30,28 @@ __all__ = ["BackendInfo", "BackendRegistry", "available_backends", "open_storage
 ENTRY_POINT_GROUP = "reflow"
 DISABLE_AUTOLOAD_ENV = "REFLOW_DISABLE_PLUGIN_AUTOLOAD"
 
+
+def load_entry_point(
+    ep: EntryPoint, kind: str = "Reflow plugin", *, stacklevel: int = 2
+) -> tuple[str, object] | None:
+    """Load a plugin announced by an entry point: its name
+    (``distribution:entry-point``) and the object, or ``None`` with a
+    ``RuntimeWarning`` naming ``kind`` and the error when it fails to load
+    (a broken plugin never stops Reflow). ``stacklevel`` is the warning's,
+    counted from the caller."""
+    dist = ep.dist.name if ep.dist else "unknown distribution"
+    try:
+        return f"{dist}:{ep.name}", ep.load()
+    except Exception as exc:
+        warnings.warn(
+            f"{kind} {ep.value!r} from {dist} failed to load and was skipped: "
+            f"{type(exc).__name__}: {exc}",
+            RuntimeWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return None
+
+
 #: Which distribution provides each scheme we know of, for error messages.
 KNOWN_PROVIDERS: dict[str, str] = {
     "memory": "reflow-core",
@@ -173,20 +195,10 @@ class BackendRegistry:
             if key in self._loaded_entry_points:
                 continue
             self._loaded_entry_points.add(key)
-            dist = ep.dist.name if ep.dist else "unknown distribution"
-            try:
-                plugin = ep.load()
-            except Exception as exc:
-                warnings.warn(
-                    f"Reflow plugin {ep.value!r} from {dist} failed to load and was skipped: "
-                    f"{type(exc).__name__}: {exc}",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            loaded = load_entry_point(ep, stacklevel=3)
+            if loaded is None or self.pm.is_registered(loaded[1]):
                 continue
-            if self.pm.is_registered(plugin):
-                continue
-            self.register_plugin(plugin, name=f"{dist}:{ep.name}")
+            self.register_plugin(loaded[1], name=loaded[0])
 
     def get(self, scheme: str) -> BackendInfo:
         """The backend for ``scheme``, loading its plugin if needed."""
@@ -269,16 +281,9 @@ def load_observer_entry_points() -> list[tuple[str, object]]:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if not ep.name.startswith(OBSERVER_PREFIX):
             continue
-        dist = ep.dist.name if ep.dist else "unknown distribution"
-        try:
-            loaded.append((f"{dist}:{ep.name}", ep.load()))
-        except Exception as exc:
-            warnings.warn(
-                f"Reflow plugin {ep.value!r} from {dist} failed to load and was skipped: "
-                f"{type(exc).__name__}: {exc}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        plugin = load_entry_point(ep, stacklevel=2)
+        if plugin is not None:
+            loaded.append(plugin)
     return loaded
 
 

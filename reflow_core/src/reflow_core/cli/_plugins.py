@@ -19,7 +19,7 @@ import click
 import pluggy
 
 from reflow_core import hookspecs
-from reflow_core.registry import DISABLE_AUTOLOAD_ENV
+from reflow_core.registry import DISABLE_AUTOLOAD_ENV, load_entry_point
 
 __all__ = ["COMMANDS_GROUP", "register_commands"]
 
@@ -29,19 +29,9 @@ COMMANDS_GROUP = "reflow.commands"
 
 def _load(pm: pluggy.PluginManager) -> None:
     for ep in entry_points(group=COMMANDS_GROUP):
-        dist = ep.dist.name if ep.dist else "unknown distribution"
-        try:
-            plugin = ep.load()
-        except Exception as exc:
-            warnings.warn(
-                f"reflow command plugin {ep.value!r} from {dist} failed to load and was "
-                f"skipped: {type(exc).__name__}: {exc}",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            continue
-        if not pm.is_registered(plugin):
-            pm.register(plugin, name=f"{dist}:{ep.name}")
+        loaded = load_entry_point(ep, "reflow command plugin", stacklevel=3)
+        if loaded is not None and not pm.is_registered(loaded[1]):
+            pm.register(loaded[1], name=loaded[0])
 
 
 def register_commands(group: click.Group, plugins: list[object] | None = None) -> None:
