@@ -7,14 +7,12 @@ finished run leaves no buffered event behind in their tables and keys.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
-from reflow_conformance.testsupport import FakeClock
+from reflow_conformance.testsupport import FakeClock, engine_on
 from reflow_core import (
     ConfigError,
     Engine,
@@ -28,19 +26,6 @@ from reflow_core import (
 from reflow_core.storage import Lease, NewRun, StepRecord, Storage
 
 DEFAULT_CAP = 1000
-
-
-@contextlib.asynccontextmanager
-async def engine_on(
-    storage: Storage, *workflows: Workflow[Any, Any], **options: Any
-) -> AsyncIterator[Engine]:
-    """An engine that is not started (drive it with ``tick``) and leaves the storage open."""
-    options.setdefault("close_storage", False)
-    engine = Engine(storage=storage, workflows=workflows, **options)
-    try:
-        yield engine
-    finally:
-        await engine.stop(timeout=0)
 
 
 async def _echo(ctx: StepContext[Any, Any]) -> Any:

@@ -5,18 +5,16 @@ and which failures are retried."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import traceback
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
+from reflow_conformance.testsupport import collect_events, engine_on
 from reflow_core import (
     ConfigError,
-    Engine,
     Event,
     NonRetryableError,
     RemoteTraceback,
@@ -30,7 +28,6 @@ from reflow_core import (
     RunWaiting,
     StepAttemptFailed,
     StepContext,
-    Workflow,
     workflow,
 )
 from reflow_core.errors import (
@@ -46,24 +43,6 @@ from reflow_core.storage import Storage
 
 NOW = Retry(max_attempts=3, backoff="fixed", initial_delay=0)
 """Three attempts, no delay in between."""
-
-
-@contextlib.asynccontextmanager
-async def engine_on(
-    storage: Storage, *workflows: Workflow[Any, Any], **options: Any
-) -> AsyncIterator[Engine]:
-    """An engine that is not started (drive it with ``tick``) and leaves the storage open."""
-    options.setdefault("close_storage", False)
-    engine = Engine(storage=storage, workflows=workflows, **options)
-    try:
-        yield engine
-    finally:
-        await engine.stop(timeout=0)
-
-
-async def collect(stream: AsyncIterator[Event], into: list[Event]) -> None:
-    async for event in stream:
-        into.append(event)
 
 
 class Recorder:
@@ -136,7 +115,7 @@ async def test_a_failure_two_calls_deep_explains_itself(
     events: list[Event] = []
     caplog.set_level(logging.INFO, logger=DEFAULT_LOGGER)
     async with engine_on(storage, flow, plugins=[recorder, LoggingPlugin()]) as engine:
-        consumer = asyncio.create_task(collect(engine.stream(), events))
+        consumer = asyncio.create_task(collect_events(engine.stream(), events))
         run = await engine.enqueue(flow, {"name": "x"})
         assert await engine.tick() == 1
         with pytest.raises(RunFailedError) as raised:
@@ -417,7 +396,7 @@ async def test_sleeping_waiting_and_cancelled_runs_are_events(storage: Storage) 
     recorder = Recorder()
     events: list[Event] = []
     async with engine_on(storage, napping, waiting, forever, plugins=[recorder]) as engine:
-        consumer = asyncio.create_task(collect(engine.stream(), events))
+        consumer = asyncio.create_task(collect_events(engine.stream(), events))
         slept = await engine.enqueue(napping)
         assert await engine.tick() == 1
         waited = await engine.enqueue(waiting)
@@ -455,7 +434,7 @@ async def test_a_reclaimed_run_is_an_event(db: Any, clock: Any) -> None:
     recorder = Recorder()
     events: list[Event] = []
     async with engine_on(storage, flow, plugins=[recorder], lease="30s") as engine:
-        consumer = asyncio.create_task(collect(engine.stream(), events))
+        consumer = asyncio.create_task(collect_events(engine.stream(), events))
         run = await engine.enqueue(flow)
         await storage.claim_runs(["reclaimed"], 1, timedelta(seconds=30))  # a worker that dies
         clock.advance(31)

@@ -12,13 +12,13 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pydantic
 import pytest
 
+from reflow_conformance import testsupport
 from reflow_core import (
     Branch,
     Engine,
@@ -39,18 +39,12 @@ from reflow_core.storage import StepRecord, Storage
 LEASE = 30.0
 
 
-@contextlib.asynccontextmanager
-async def engine_on(
+def engine_on(
     storage: Storage, *workflows: Workflow[Any, Any], **options: Any
-) -> AsyncIterator[Engine]:
-    """An engine that is not started (drive it with ``tick``) and leaves the storage open."""
-    options.setdefault("close_storage", False)
+) -> contextlib.AbstractAsyncContextManager[Engine]:
+    """:func:`~reflow_conformance.testsupport.engine_on` with this module's lease."""
     options.setdefault("lease", f"{LEASE:g}s")
-    engine = Engine(storage=storage, workflows=workflows, **options)
-    try:
-        yield engine
-    finally:
-        await engine.stop(timeout=0)
+    return testsupport.engine_on(storage, *workflows, **options)
 
 
 FAST = Retry(max_attempts=3, backoff="fixed", initial_delay=0)

@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from reflow_core import Engine, Retry, StepContext, Workflow, workflow
+from reflow_conformance.testsupport import engine_on
+from reflow_core import Retry, StepContext, workflow
 from reflow_core.plugins.logging import DEFAULT_LOGGER, LoggingPlugin
 from reflow_core.storage import Storage
 
 SECRET = "4111-1111-1111-1111"
-
-
-@contextlib.asynccontextmanager
-async def engine_on(
-    storage: Storage, *workflows: Workflow[Any, Any], **options: Any
-) -> AsyncIterator[Engine]:
-    options.setdefault("close_storage", False)
-    engine = Engine(storage=storage, workflows=workflows, **options)
-    try:
-        yield engine
-    finally:
-        await engine.stop(timeout=0)
 
 
 def records(

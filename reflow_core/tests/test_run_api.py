@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
+from reflow_conformance.testsupport import engine_on
 from reflow_core import (
     ConfigError,
     Engine,
@@ -17,23 +16,9 @@ from reflow_core import (
     RunFailedError,
     RunNotFoundError,
     StepContext,
-    Workflow,
     workflow,
 )
 from reflow_core.storage import Storage
-
-
-@contextlib.asynccontextmanager
-async def engine_on(
-    storage: Storage, *workflows: Workflow[Any, Any], **options: Any
-) -> AsyncIterator[Engine]:
-    """An engine that is not started (drive it with ``tick``) and leaves the storage open."""
-    options.setdefault("close_storage", False)
-    engine = Engine(storage=storage, workflows=workflows, **options)
-    try:
-        yield engine
-    finally:
-        await engine.stop(timeout=0)
 
 
 class CountingGetRun:

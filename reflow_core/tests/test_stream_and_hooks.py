@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from reflow_conformance.testsupport import collect_events, engine_on
 from reflow_core import (
     ConfigError,
     Engine,
@@ -31,30 +30,11 @@ from reflow_core import (
     StepContext,
     StepSkipped,
     StepStarted,
-    Workflow,
     registry,
     workflow,
 )
 from reflow_core.hookspecs import hookimpl
 from reflow_core.storage import Storage
-
-
-@contextlib.asynccontextmanager
-async def engine_on(
-    storage: Storage, *workflows: Workflow[Any, Any], **options: Any
-) -> AsyncIterator[Engine]:
-    """An engine that is not started (drive it with ``tick``) and leaves the storage open."""
-    options.setdefault("close_storage", False)
-    engine = Engine(storage=storage, workflows=workflows, **options)
-    try:
-        yield engine
-    finally:
-        await engine.stop(timeout=0)
-
-
-async def collect(stream: AsyncIterator[Event], into: list[Event]) -> None:
-    async for event in stream:
-        into.append(event)
 
 
 def shape(events: list[Any]) -> list[tuple[Any, ...]]:
@@ -110,7 +90,7 @@ async def test_stream_yields_typed_events_in_order(storage: Storage) -> None:
     bad = workflow("streamed-bad").step("boom", lambda ctx: 1 / 0, retry=FAST)
     events: list[Event] = []
     async with engine_on(storage, ok, bad, concurrency=1) as engine:
-        consumer = asyncio.create_task(collect(engine.stream(), events))
+        consumer = asyncio.create_task(collect_events(engine.stream(), events))
         good = await engine.enqueue(ok)
         assert await engine.tick() == 1
         failing = await engine.enqueue(bad)
@@ -144,7 +124,7 @@ async def test_a_finished_sleep_is_reported_as_a_completed_step(storage: Storage
     napping = workflow("napping").step("a", lambda ctx: 1).sleep("nap", 0).step("b", lambda ctx: 2)
     events: list[Event] = []
     async with engine_on(storage, napping) as engine:
-        consumer = asyncio.create_task(collect(engine.stream(), events))
+        consumer = asyncio.create_task(collect_events(engine.stream(), events))
         await engine.enqueue(napping)
         assert await engine.tick() == 1  # runs "a", then goes to sleep
         assert await engine.tick() == 1  # due at once: wakes and finishes
@@ -234,9 +214,9 @@ async def test_stop_ends_every_stream_after_what_was_buffered(storage: Storage) 
     engine = Engine(storage=storage, workflows=[wf], close_storage=False, poll_interval="20ms")
     events: list[Event] = []
     async with engine:
-        consumer = asyncio.create_task(collect(engine.stream(buffer_size=None), events))
+        consumer = asyncio.create_task(collect_events(engine.stream(buffer_size=None), events))
         other: list[Event] = []
-        second = asyncio.create_task(collect(engine.stream(), other))
+        second = asyncio.create_task(collect_events(engine.stream(), other))
         run = await engine.enqueue(wf)
         assert await engine.result(run.id, timeout=5) == "A"
     # Leaving the engine stopped it: both iterators end on their own.

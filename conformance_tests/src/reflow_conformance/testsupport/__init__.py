@@ -3,6 +3,8 @@
 * :func:`run_async_tests` makes the ``pytest_pyfunc_call`` hook that runs
   ``async def`` tests with :func:`asyncio.run`, under a timeout.
 * :class:`FakeClock` is a storage clock that moves only when a test moves it.
+* :func:`engine_on` is an engine a test drives with ``tick``, on a storage it
+  keeps open; :func:`collect_events` gathers what an event stream yields.
 * The crash worker: a process running a real :class:`~reflow_core.Engine` on
   the store an adapter target names (a storage URL or ``"module:callable"``,
   see :func:`reflow_conformance.load_factory`)::
@@ -64,6 +66,7 @@ from ._check import (
     read_outcome,
     read_outcome_at,
 )
+from ._engine import collect_events, engine_on
 from ._log import Execution, ExecutionLog, Save, read_log
 from ._processes import Workers, child_env
 from ._runner import FakeClock, run_async_tests, wait_until
@@ -83,7 +86,9 @@ __all__ = [
     "build",
     "check_outcome",
     "child_env",
+    "collect_events",
     "create_runs",
+    "engine_on",
     "enqueue_runs",
     "read_log",
     "read_outcome",
