@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from reflow_core import codec
@@ -301,6 +301,16 @@ class WaitUnit:
     def __init__(self, driver: RunDriver) -> None:
         self.driver = driver
 
+    async def _released(
+        self, run: Execution, wait: WaitDefinition, deadline: datetime | None
+    ) -> bool:
+        """Say the run waits (it is released until the event or the deadline)."""
+        record = run.record
+        await self.driver.emit(
+            RunWaiting(record.id, record.workflow, wait.name, wait.name, deadline)
+        )
+        return True
+
     async def drive(self, run: Execution, wait: WaitDefinition) -> bool:
         driver = self.driver
         storage = driver.storage
@@ -312,16 +322,7 @@ class WaitUnit:
                 driver.fence(result is not None)
                 assert result is not None
                 if not result.ready:
-                    await driver.emit(
-                        RunWaiting(
-                            run.record.id,
-                            run.record.workflow,
-                            wait.name,
-                            wait.name,
-                            result.deadline,
-                        )
-                    )
-                    return True  # released until the event or the timeout
+                    return await self._released(run, wait, result.deadline)
             taken = await storage.take_event(run.lease, wait.name, wait.name)
             driver.fence(taken is not None)
             assert taken is not None
@@ -335,16 +336,7 @@ class WaitUnit:
                     assert result is not None
                     if result.ready:  # an event came in meanwhile: take it now
                         return await self.drive(run, wait)
-                    await driver.emit(
-                        RunWaiting(
-                            run.record.id,
-                            run.record.workflow,
-                            wait.name,
-                            wait.name,
-                            result.deadline,
-                        )
-                    )
-                    return True
+                    return await self._released(run, wait, result.deadline)
                 await driver.fail(
                     run, WaitTimeoutError(wait.name, run_id=run.record.id), step=wait.name
                 )
