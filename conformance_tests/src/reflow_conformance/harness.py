@@ -46,7 +46,10 @@ AREAS: dict[str, tuple[str, ...]] = {
         "list_schedules",
         "due_schedules",
         "claim_schedule_slot",
+        "set_schedule_paused",
     ),
+    "workers": ("announce_worker", "list_workers", "remove_worker"),
+    "queue_stats": ("queue_stats",),
 }
 """Areas of the contract, each with its storage methods, that an adapter under
 construction may declare it does not implement yet (``AdapterFactory(without=...)``,

@@ -20,10 +20,11 @@ layouts are the same on every backend, and no backend carries a copy:
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import Any, cast
@@ -33,12 +34,15 @@ from .errors import ConfigError, StorageError
 from .storage import (
     Lease,
     NewRun,
+    QueueStats,
     RunPage,
     RunRecord,
     RunStatus,
     ScheduleRecord,
     StepRecord,
     StepStatus,
+    WorkerInfo,
+    WorkerRecord,
 )
 
 __all__ = [
@@ -46,6 +50,7 @@ __all__ = [
     "RUN_COLUMNS",
     "SCHEDULE_COLUMNS",
     "STEP_COLUMNS",
+    "WORKER_COLUMNS",
     "Lifecycle",
     "as_utc",
     "check_aware",
@@ -55,15 +60,20 @@ __all__ = [
     "check_new_run",
     "check_purge",
     "check_purge_limit",
+    "check_stats_workflows",
     "check_status_update",
     "check_text",
+    "check_worker",
     "decode_cursor",
+    "decode_workflows",
     "encode_cursor",
+    "encode_workflows",
     "from_epoch_us",
     "load_queries",
     "new_run_id",
     "new_run_record",
     "purge_in_batches",
+    "queue_stats_from_counts",
     "render_sql",
     "run_from_row",
     "run_page",
@@ -72,6 +82,7 @@ __all__ = [
     "step_from_row",
     "to_epoch_us",
     "utcnow",
+    "worker_from_row",
 ]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -139,7 +150,7 @@ RUN_COLUMNS = (
 """The column order :func:`run_from_row` reads (the :class:`RunRecord` fields)."""
 STEP_COLUMNS = "name, status, output, error, attempts, wake_at, completed_at"
 """The column order :func:`step_from_row` reads (the :class:`StepRecord` fields)."""
-SCHEDULE_COLUMNS = "key, workflow, input, recurrence, next_run_at, created_at, updated_at"
+SCHEDULE_COLUMNS = "key, workflow, input, recurrence, next_run_at, created_at, updated_at, paused"
 """The column order :func:`schedule_from_row` reads (the :class:`ScheduleRecord` fields)."""
 
 TimeReader = Callable[[Any], datetime]
@@ -195,7 +206,117 @@ def schedule_from_row(row: Sequence[Any], time: TimeReader) -> ScheduleRecord:
         next_run_at=time(row[4]),
         created_at=time(row[5]),
         updated_at=time(row[6]),
+        paused=bool(row[7]),
     )
+
+
+WORKER_COLUMNS = (
+    "id, host, pid, workflows, concurrency, in_flight, started_at, last_seen_at, expires_at"
+)
+"""The column order :func:`worker_from_row` reads (the :class:`WorkerRecord` fields);
+``workflows`` is stored as :func:`encode_workflows` text."""
+
+
+def worker_from_row(row: Sequence[Any], time: TimeReader) -> WorkerRecord:
+    """A :class:`WorkerRecord` from a row in :data:`WORKER_COLUMNS` order."""
+    return WorkerRecord(
+        id=row[0],
+        host=row[1],
+        pid=int(row[2]),
+        workflows=decode_workflows(row[3]),
+        concurrency=int(row[4]),
+        in_flight=int(row[5]),
+        started_at=time(row[6]),
+        last_seen_at=time(row[7]),
+        expires_at=time(row[8]),
+    )
+
+
+def encode_workflows(workflows: Sequence[str]) -> str:
+    """A worker's workflow names as one text value (a JSON array), for a column or field."""
+    return json.dumps(list(workflows), ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_workflows(text: str) -> tuple[str, ...]:
+    """The names :func:`encode_workflows` stored."""
+    names = json.loads(text)
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise StorageError(f"a worker's stored workflows are not a list of names: {text!r}")
+    return tuple(names)
+
+
+def check_worker(worker: WorkerInfo, ttl: object) -> None:
+    """Refuse a worker announcement no store should keep, naming the field:
+    :func:`check_text` on the id, host and every workflow name, a negative
+    pid or in-flight count, a concurrency below 1, and a ``ttl`` that is not a
+    positive :func:`check_duration`."""
+    check_text(worker.id, "worker.id")
+    check_text(worker.host, "worker.host")
+    for field, value, least in (
+        ("pid", worker.pid, 0),
+        ("concurrency", worker.concurrency, 1),
+        ("in_flight", worker.in_flight, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigError(
+                f"worker.{field} must be an int of at least {least}, got {value!r}",
+                option=f"worker.{field}",
+            )
+    if not isinstance(worker.workflows, tuple):
+        raise ConfigError(
+            f"worker.workflows must be a tuple of names, got {type(worker.workflows).__name__}",
+            option="worker.workflows",
+        )
+    for name in worker.workflows:
+        check_text(name, "worker.workflows[]")
+    if check_duration(ttl, "ttl") <= timedelta(0):
+        raise ConfigError(f"ttl must be positive, got {ttl!r}", option="ttl")
+
+
+def check_stats_workflows(workflows: Collection[str] | None) -> list[str] | None:
+    """The workflow names :meth:`~reflow_core.storage.Storage.queue_stats` was
+    given, checked with :func:`check_text`, without repeats, sorted (``None``
+    stays ``None``). A bare string is refused: it is a collection of letters."""
+    if workflows is None:
+        return None
+    if isinstance(workflows, str):
+        raise ConfigError(
+            f"workflows must be a collection of names, not the string {workflows!r}",
+            option="workflows",
+        )
+    return sorted({check_text(name, "workflows[]") for name in workflows})
+
+
+StatsRow = tuple[str, str, int, "datetime | None"]
+"""``(workflow, status, count, oldest pending wake_at)``, as a backend counts them."""
+
+
+def queue_stats_from_counts(
+    rows: Iterable[StatsRow], workflows: Sequence[str] | None
+) -> list[QueueStats]:
+    """Assemble :class:`QueueStats`, ordered by workflow, from per-status counts:
+    one entry per named workflow (zeros included), or per workflow counted."""
+    counts: dict[str, dict[str, int]] = {}
+    oldest: dict[str, datetime] = {}
+    for workflow, status, count, since in rows:
+        if count <= 0:
+            continue
+        counts.setdefault(workflow, {})[status] = counts.get(workflow, {}).get(status, 0) + count
+        if status == "pending" and since is not None:
+            earlier = oldest.get(workflow)
+            oldest[workflow] = since if earlier is None or since < earlier else earlier
+    names = sorted(counts) if workflows is None else sorted(workflows)
+    return [
+        QueueStats(
+            workflow=name,
+            pending=counts.get(name, {}).get("pending", 0),
+            running=counts.get(name, {}).get("running", 0),
+            sleeping=counts.get(name, {}).get("sleeping", 0),
+            waiting=counts.get(name, {}).get("waiting", 0),
+            oldest_pending_since=oldest.get(name),
+        )
+        for name in names
+    ]
 
 
 def new_run_record(run_id: str, new: NewRun, now: datetime) -> RunRecord:

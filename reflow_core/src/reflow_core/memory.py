@@ -23,17 +23,22 @@ from typing import Literal
 
 from .adapter import (
     Lifecycle,
+    as_utc,
+    check_aware,
     check_duration,
     check_list_limit,
     check_new_run,
     check_purge,
     check_purge_limit,
+    check_stats_workflows,
     check_status_update,
     check_text,
+    check_worker,
     decode_cursor,
     new_run_id,
     new_run_record,
     purge_in_batches,
+    queue_stats_from_counts,
     run_page,
     utcnow,
 )
@@ -45,6 +50,7 @@ from .storage import (
     EventTake,
     Lease,
     NewRun,
+    QueueStats,
     RunPage,
     RunRecord,
     RunStatus,
@@ -52,6 +58,8 @@ from .storage import (
     ScheduleSpec,
     StepRecord,
     WaitResult,
+    WorkerInfo,
+    WorkerRecord,
 )
 
 __all__ = ["MemoryStorage"]
@@ -72,6 +80,9 @@ class _State:
     runs: dict[str, _Run] = field(default_factory=dict)
     idem: dict[tuple[str, str], str] = field(default_factory=dict)
     schedules: dict[str, ScheduleRecord] = field(default_factory=dict)
+    unfinished: dict[str, set[str]] = field(default_factory=dict)
+    """Ids of each workflow's runs that have not ended: what queue_stats counts."""
+    workers: dict[str, WorkerRecord] = field(default_factory=dict)
 
 
 _named: dict[str, _State] = {}
@@ -100,6 +111,8 @@ class MemoryStorage:
         self._runs = state.runs
         self._idem = state.idem
         self._schedules = state.schedules
+        self._unfinished = state.unfinished
+        self._workers = state.workers
         self._life = Lifecycle("memory")
 
     def __repr__(self) -> str:
@@ -125,6 +138,14 @@ class MemoryStorage:
 
     def _update(self, entry: _Run, now: datetime, **changes: object) -> None:
         entry.record = dataclasses.replace(entry.record, updated_at=now, **changes)  # type: ignore[arg-type]
+        self._track(entry.record)
+
+    def _track(self, record: RunRecord) -> None:
+        ids = self._unfinished.setdefault(record.workflow, set())
+        if record.status in TERMINAL_STATUSES:
+            ids.discard(record.id)
+        else:
+            ids.add(record.id)
 
     def _store_step(self, entry: _Run, step: StepRecord, now: datetime) -> None:
         entry.steps[step.name] = dataclasses.replace(step, completed_at=now)
@@ -165,6 +186,7 @@ class MemoryStorage:
             raise StorageError(f"run id {run_id!r} already exists", operation="create_run")
         record = new_run_record(run_id, new, now)
         self._runs[run_id] = _Run(record)
+        self._track(record)
         if new.idempotency_key is not None:
             self._idem[(new.workflow, new.idempotency_key)] = run_id
         return CreateResult(record, created=True)
@@ -527,6 +549,7 @@ class MemoryStorage:
             next_run_at=old.next_run_at if keep and old else spec.next_run_at,
             created_at=old.created_at if old else now,
             updated_at=now,
+            paused=old.paused if old else False,
         )
         self._schedules[spec.key] = record
         return record
@@ -543,7 +566,7 @@ class MemoryStorage:
     async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
         self._check_open("due_schedules")
         now = self._clock()
-        due = [s for s in self._schedules.values() if s.next_run_at <= now]
+        due = [s for s in self._schedules.values() if s.next_run_at <= now and not s.paused]
         due.sort(key=lambda s: (s.next_run_at, s.key))
         return due[:limit]
 
@@ -554,10 +577,82 @@ class MemoryStorage:
         check_text(key, "key")
         check_new_run(run)
         sched = self._schedules.get(key)
-        if sched is None or sched.next_run_at != slot:
+        if sched is None or sched.next_run_at != slot or sched.paused:
             return None
         result = await self.create_run(run)
         self._schedules[key] = dataclasses.replace(
             sched, next_run_at=next_run_at, updated_at=self._clock()
         )
         return result.run
+
+    async def set_schedule_paused(
+        self, key: str, paused: bool, *, next_run_at: datetime | None = None
+    ) -> ScheduleRecord | None:
+        self._check_open("set_schedule_paused")
+        check_text(key, "key")
+        if next_run_at is not None:
+            check_aware(next_run_at, "next_run_at")
+        sched = self._schedules.get(key)
+        if sched is None:
+            return None
+        record = dataclasses.replace(
+            sched,
+            paused=bool(paused),
+            next_run_at=sched.next_run_at if next_run_at is None else as_utc(next_run_at),
+            updated_at=self._clock(),
+        )
+        self._schedules[key] = record
+        return record
+
+    # -- workers and queue statistics --------------------------------------
+
+    def _live_workers(self, now: datetime) -> dict[str, WorkerRecord]:
+        for worker_id in [w.id for w in self._workers.values() if w.expires_at <= now]:
+            del self._workers[worker_id]
+        return self._workers
+
+    async def announce_worker(self, worker: WorkerInfo, ttl: timedelta) -> WorkerRecord:
+        self._check_open("announce_worker")
+        check_worker(worker, ttl)
+        now = self._clock()
+        old = self._live_workers(now).get(worker.id)
+        record = WorkerRecord(
+            id=worker.id,
+            host=worker.host,
+            pid=worker.pid,
+            workflows=tuple(worker.workflows),
+            concurrency=worker.concurrency,
+            in_flight=worker.in_flight,
+            started_at=now if old is None else old.started_at,
+            last_seen_at=now,
+            expires_at=now + ttl,
+        )
+        self._workers[worker.id] = record
+        return record
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        self._check_open("list_workers")
+        live = self._live_workers(self._clock())
+        return sorted(live.values(), key=lambda w: (w.started_at, w.id))
+
+    async def remove_worker(self, worker_id: str) -> bool:
+        self._check_open("remove_worker")
+        check_text(worker_id, "worker_id")
+        live = self._live_workers(self._clock())
+        return live.pop(worker_id, None) is not None
+
+    async def queue_stats(self, workflows: Collection[str] | None = None) -> list[QueueStats]:
+        self._check_open("queue_stats")
+        names = check_stats_workflows(workflows)
+        chosen = (
+            self._unfinished
+            if names is None
+            else {name: self._unfinished.get(name, set()) for name in names}
+        )
+        rows: list[tuple[str, str, int, datetime | None]] = []
+        for workflow, ids in chosen.items():
+            for run_id in ids:
+                record = self._runs[run_id].record
+                since = record.wake_at if record.status == "pending" else None
+                rows.append((workflow, record.status, 1, since))
+        return queue_stats_from_counts(rows, names)

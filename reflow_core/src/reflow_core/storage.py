@@ -56,6 +56,7 @@ __all__ = [
     "EventTake",
     "Lease",
     "NewRun",
+    "QueueStats",
     "RunPage",
     "RunRecord",
     "RunStatus",
@@ -67,6 +68,8 @@ __all__ = [
     "WaitResult",
     "WakeupSource",
     "WakeupSubscription",
+    "WorkerInfo",
+    "WorkerRecord",
 ]
 
 RunStatus: TypeAlias = Literal[
@@ -219,6 +222,59 @@ class ScheduleRecord:
     created_at: datetime
     updated_at: datetime
     extra: Mapping[str, str] = field(default_factory=dict)
+    paused: bool = False
+    """A paused schedule fires no slot until it is resumed
+    (:meth:`Storage.set_schedule_paused`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker announces about itself (:meth:`Storage.announce_worker`)."""
+
+    id: str
+    """Unique per worker process, chosen by the worker."""
+    host: str
+    pid: int
+    workflows: tuple[str, ...]
+    """The workflows it serves, in the order given."""
+    concurrency: int
+    """How many runs it holds at most."""
+    in_flight: int
+    """How many runs it held when it announced itself."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRecord:
+    """A live entry of the worker registry (:meth:`Storage.list_workers`)."""
+
+    id: str
+    host: str
+    pid: int
+    workflows: tuple[str, ...]
+    concurrency: int
+    in_flight: int
+    started_at: datetime
+    """The storage's now at the announcement that created this entry."""
+    last_seen_at: datetime
+    """The storage's now at the latest announcement."""
+    expires_at: datetime
+    """``last_seen_at`` plus the announcement's ``ttl``: the entry lapses then
+    unless announced again."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One workflow's queue: its unfinished runs by status (:meth:`Storage.queue_stats`)."""
+
+    workflow: str
+    pending: int
+    running: int
+    """Runs held by a lease, lapsed or not."""
+    sleeping: int
+    waiting: int
+    oldest_pending_since: datetime | None
+    """The earliest ``wake_at`` of its pending runs: since when the longest-waiting
+    claimable run has waited for a worker (``None`` when none is pending)."""
 
 
 @runtime_checkable
@@ -495,11 +551,65 @@ class Storage(Protocol):
     ) -> RunRecord | None:
         """Fire one slot of a schedule, exactly once across all workers.
 
-        Atomically: if schedule ``key`` still has ``next_run_at == slot``, set
-        it to ``next_run_at`` and create ``run`` (whose idempotency key the
-        engine derives from the slot, so a retry after a crash finds the same
-        run). Returns the run, or ``None`` if another worker fired this slot
-        first or the schedule is gone.
+        Atomically: if schedule ``key`` still has ``next_run_at == slot`` and
+        is not paused, set it to ``next_run_at`` and create ``run`` (whose
+        idempotency key the engine derives from the slot, so a retry after a
+        crash finds the same run). Returns the run, or ``None`` if another
+        worker fired this slot first, or the schedule is paused or gone.
+        """
+        ...
+
+    async def set_schedule_paused(
+        self, key: str, paused: bool, *, next_run_at: datetime | None = None
+    ) -> ScheduleRecord | None:
+        """Pause or resume schedule ``key``; with ``next_run_at``, also move its
+        next slot there (the engine passes the first slot after now on resume,
+        so the slots that passed while it was paused are skipped).
+
+        A paused schedule is never returned by :meth:`due_schedules` and
+        :meth:`claim_schedule_slot` refuses it. :meth:`upsert_schedule` keeps
+        the flag of a schedule it replaces (a worker that registers its
+        schedules at start does not resume one an operator paused); a new
+        schedule is not paused. Pausing a paused schedule, or resuming one
+        that runs, changes only what is asked. Returns the schedule as
+        stored, ``None`` if there is none with that key.
+        """
+        ...
+
+    async def announce_worker(self, worker: WorkerInfo, ttl: timedelta) -> WorkerRecord:
+        """Enter or refresh ``worker`` in the worker registry, by ``worker.id``.
+
+        The entry's fields become those given, ``last_seen_at`` the storage's
+        now and ``expires_at`` now plus ``ttl``. ``started_at`` is kept from a
+        live entry of the same id; if there is none (never announced, removed,
+        or lapsed) it is now. An entry whose ``expires_at`` has passed by the
+        storage's clock has lapsed: it is never listed again, and a backend
+        deletes it when it likes. Arguments are checked with
+        :func:`reflow_core.adapter.check_worker`. Returns the entry as stored.
+        """
+        ...
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        """The registry's live entries (``expires_at`` after the storage's
+        now), ordered by ``started_at`` then ``id``."""
+        ...
+
+    async def remove_worker(self, worker_id: str) -> bool:
+        """Delete a worker's entry (a worker says goodbye when it stops).
+        Returns False if there was no live entry with that id."""
+        ...
+
+    async def queue_stats(self, workflows: Collection[str] | None = None) -> list[QueueStats]:
+        """Each workflow's unfinished runs counted by status, and since when
+        its oldest pending run has waited, ordered by workflow name.
+
+        With ``workflows``, one entry for each named workflow (zeros for one
+        with no unfinished run); without, one for every workflow that has an
+        unfinished run. Finished runs are not counted: they are history, which
+        :meth:`list_runs` pages through. The cost grows with the number of
+        unfinished runs, never with the runs that finished (an index or
+        counters, not a scan of the whole store), so it is safe to call on a
+        busy store with a long history.
         """
         ...
 
