@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
+from reflow_core.adapter import to_epoch_us
 from reflow_core.errors import SchemaVersionError, StorageError
-from reflow_core.storage import NewRun
+from reflow_core.storage import NewRun, ScheduleRecord, ScheduleSpec, WorkerInfo
 from reflow_sqlite import _schema as schema_module
-from reflow_sqlite._schema import APPLICATION_ID, SCHEMA_VERSION
+from reflow_sqlite._queries import QUERIES, with_marks
+from reflow_sqlite._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from reflow_sqlite._scripts import Script
 
 
@@ -144,3 +147,133 @@ async def test_missing_directory_is_a_storage_error(opener, tmp_path) -> None:
     with pytest.raises(StorageError) as info:
         await opener(tmp_path / "nope" / "x.db")
     assert isinstance(info.value.__cause__, sqlite3.Error)
+
+
+# -- version 3: paused schedules, the worker registry, queue statistics -----------------
+
+
+async def test_a_version_2_database_with_a_schedule_is_migrated_forward(
+    opener, db_path, clock
+) -> None:
+    assert SCHEMA_VERSION >= 3
+    start = to_epoch_us(clock.now)
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        for statement in (*MIGRATIONS[0], *MIGRATIONS[1]):
+            raw.execute(statement)
+        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        raw.execute("PRAGMA user_version = 2")
+        raw.execute(
+            "INSERT INTO schedules VALUES ('nightly', 'wf', '1', 'every:60', ?, ?, ?)",
+            (start - 1, start - 100, start - 50),
+        )
+        raw.execute(
+            "INSERT INTO runs (id, workflow, status, input, created_at, updated_at, wake_at)"
+            " VALUES ('open', 'wf', 'pending', '1', ?, ?, ?)",
+            (start - 10, start - 10, start - 10),
+        )
+    finally:
+        raw.close()
+    store = await opener()
+    assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    schedule = ScheduleRecord(
+        key="nightly",
+        workflow="wf",
+        input="1",
+        recurrence="every:60",
+        next_run_at=clock.now - timedelta(microseconds=1),
+        created_at=clock.now - timedelta(microseconds=100),
+        updated_at=clock.now - timedelta(microseconds=50),
+        paused=False,
+    )
+    assert await store.list_schedules() == [schedule]
+    assert await store.due_schedules(10) == [schedule]
+    # Re-registering keeps it running; pausing it takes it off the due list.
+    spec = ScheduleSpec("nightly", "wf", "2", "every:60", clock.now)
+    assert (await store.upsert_schedule(spec)).paused is False
+    paused = await store.set_schedule_paused("nightly", True)
+    assert paused is not None
+    assert paused.paused
+    assert await store.due_schedules(10) == []
+    # The new tables and index serve the runs written before the migration.
+    stats = await store.queue_stats()
+    assert [(s.workflow, s.pending, s.oldest_pending_since) for s in stats] == [
+        ("wf", 1, clock.now - timedelta(microseconds=10))
+    ]
+    worker = WorkerInfo("w", "host", 1, ("wf",), 2, 0)
+    await store.announce_worker(worker, timedelta(seconds=10))
+    assert [w.id for w in await store.list_workers()] == ["w"]
+
+
+def test_queue_stats_reads_only_the_index_of_unfinished_runs(tmp_path) -> None:
+    """Neither form of the stats query scans the runs table: both go through
+    the partial index runs_unfinished, which holds unfinished runs only, so
+    finished history costs nothing. The claim queries keep their own indexes."""
+    path = tmp_path / "plan.db"
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        for migration in MIGRATIONS:
+            for statement in migration:
+                raw.execute(statement)
+        # A long history and a few unfinished runs, with statistics gathered,
+        # so the planner weighs real sizes.
+        raw.executemany(
+            "INSERT INTO runs (id, workflow, status, input, created_at, updated_at,"
+            " wake_at, finished_at) VALUES (?, ?, ?, '1', 1, 1, ?, ?)",
+            [
+                (f"r{i}", f"wf{i % 7}", status, wake, finished)
+                for i in range(5000)
+                for status, wake, finished in [
+                    ("completed", None, 1) if i % 100 else ("pending", i, None)
+                ]
+            ],
+        )
+        raw.execute("ANALYZE")
+
+        def plan(sql: str, params: tuple[object, ...] = ()) -> list[str]:
+            return [row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+
+        for sql, params in [
+            (QUERIES["queue_stats_all"], ()),
+            (with_marks("queue_stats_of", "workflows", 2), ("wf1", "wf2")),
+        ]:
+            steps = plan(sql, params)
+            on_runs = [step for step in steps if step.startswith(("SCAN runs", "SEARCH runs"))]
+            assert on_runs, steps
+            assert all("USING INDEX runs_unfinished" in step for step in on_runs), steps
+        claims = [
+            plan(with_marks("claim_due", "workflows", 1), (0, "wf1", 5)),
+            plan(with_marks("claim_lapsed", "workflows", 1), (0, "wf1", 5)),
+        ]
+        assert claims == [
+            ["SEARCH runs USING INDEX runs_due (wake_at<?)"],
+            ["SEARCH runs USING INDEX runs_lease (lease_expires_at<?)"],
+        ]
+    finally:
+        raw.close()
+
+
+def test_only_creating_and_ending_a_run_write_the_stats_index() -> None:
+    """The index of unfinished runs costs the hot path nothing: a claim, a
+    step save (the lease extension), a sleep, a wait, a hand-back or a wake
+    writes none of its columns, so SQLite does not even open it for them."""
+    raw = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for migration in MIGRATIONS:
+            for statement in migration:
+                raw.execute(statement)
+        (root,) = raw.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'runs_unfinished'"
+        ).fetchone()
+
+        def writes_the_index(sql: str) -> bool:
+            program = raw.execute(f"EXPLAIN {sql}", [None] * sql.count("?")).fetchall()
+            return any(op[1] == "OpenWrite" and op[3] == root for op in program)
+
+        untouched = ["extend", "hand_back", "sleep", "wait", "wait_ready", "wake", "took_event"]
+        assert not writes_the_index(with_marks("claim_update", "ids", 3))
+        assert [name for name in untouched if writes_the_index(QUERIES[name])] == []
+        written = ["insert_run", "finish", "end_fenced", "end_unfenced", "requeue"]
+        assert all(writes_the_index(QUERIES[name]) for name in written)
+    finally:
+        raw.close()

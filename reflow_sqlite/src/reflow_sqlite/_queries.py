@@ -13,6 +13,7 @@ from reflow_core.adapter import (
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     STEP_COLUMNS,
+    WORKER_COLUMNS,
     load_queries,
     render_sql,
 )
@@ -37,6 +38,7 @@ QUERIES: dict[str, str] = load_queries(
         "run_columns": RUN_COLUMNS,
         "step_columns": STEP_COLUMNS,
         "schedule_columns": SCHEDULE_COLUMNS,
+        "worker_columns": WORKER_COLUMNS,
         # Kept as they are, for fill() and with_marks().
         **{slot: "{" + slot + "}" for slot in PER_CALL_SLOTS},
     },

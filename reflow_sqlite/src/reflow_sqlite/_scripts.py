@@ -16,12 +16,15 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 from reflow_core.adapter import (
+    encode_workflows,
     from_epoch_us,
+    queue_stats_from_counts,
     run_from_row,
     run_page,
     schedule_from_row,
     step_from_row,
     to_epoch_us,
+    worker_from_row,
 )
 from reflow_core.errors import EventBufferFullError, IdempotencyConflictError, StorageError
 from reflow_core.storage import (
@@ -31,11 +34,14 @@ from reflow_core.storage import (
     EventTake,
     Lease,
     NewRun,
+    QueueStats,
     RunPage,
     RunRecord,
     ScheduleRecord,
     ScheduleSpec,
     StepRecord,
+    WorkerInfo,
+    WorkerRecord,
 )
 
 from ._options import BACKEND
@@ -49,6 +55,7 @@ __all__ = [
     "Row",
     "Script",
     "StepRow",
+    "announce_worker",
     "claim",
     "claim_slot",
     "create",
@@ -62,10 +69,14 @@ __all__ = [
     "inspect",
     "list_runs",
     "list_schedules",
+    "list_workers",
     "purge",
+    "queue_stats",
+    "remove_worker",
     "requeue",
     "save_batch",
     "save_step",
+    "set_schedule_paused",
     "sleep",
     "take",
     "update_status",
@@ -376,11 +387,21 @@ def requeue(now: int, run_id: str) -> Script[bool]:
 def upsert_schedule(now: int, spec: ScheduleSpec, next_run_at: int) -> Script[ScheduleRecord]:
     rows = yield (Q["get_schedule"], (spec.key,))
     created_at = now
+    paused = 0  # a new schedule runs; a replaced one keeps its flag
     if rows:
-        recurrence, old_next, created_at = rows[0]
+        recurrence, old_next, created_at, paused = rows[0]
         if recurrence == spec.recurrence:
             next_run_at = old_next
-    values = (spec.key, spec.workflow, spec.input, spec.recurrence, next_run_at, created_at, now)
+    values = (
+        spec.key,
+        spec.workflow,
+        spec.input,
+        spec.recurrence,
+        next_run_at,
+        created_at,
+        now,
+        paused,
+    )
     yield (Q["upsert_schedule"], values)
     return schedule_from_row(values, from_epoch_us)
 
@@ -408,3 +429,54 @@ def claim_slot(
         return None
     result = yield from create(now, run, run_id)
     return result.run
+
+
+def set_schedule_paused(
+    now: int, key: str, paused: bool, next_run_at: int | None
+) -> Script[ScheduleRecord | None]:
+    rows = yield (Q["set_schedule_paused"], (int(paused), next_run_at, now, key))
+    return schedule_from_row(rows[0], from_epoch_us) if rows else None
+
+
+# -- workers and queue statistics ----------------------------------------------------
+
+
+def announce_worker(now: int, worker: WorkerInfo, ttl_us: int) -> Script[WorkerRecord]:
+    # Lapsed entries go first, so a row left with this id is live and keeps
+    # its started_at (the upsert does not touch it).
+    yield (Q["drop_lapsed_workers"], (now,))
+    values = (
+        worker.id,
+        worker.host,
+        worker.pid,
+        encode_workflows(worker.workflows),
+        worker.concurrency,
+        worker.in_flight,
+        now,
+        now,
+        now + ttl_us,
+    )
+    rows = yield (Q["announce_worker"], values)
+    return worker_from_row(rows[0], from_epoch_us)
+
+
+def list_workers(now: int) -> Script[list[WorkerRecord]]:
+    rows = yield (Q["list_workers"], (now,))
+    return [worker_from_row(row, from_epoch_us) for row in rows]
+
+
+def remove_worker(now: int, worker_id: str) -> Script[bool]:
+    rows = yield (Q["remove_worker"], (worker_id,))
+    return bool(rows) and rows[0][0] > now
+
+
+def queue_stats(now: int, workflows: Sequence[str] | None) -> Script[list[QueueStats]]:
+    if workflows is None:
+        rows = yield (Q["queue_stats_all"], ())
+    else:
+        rows = yield (with_marks("queue_stats_of", "workflows", len(workflows)), workflows)
+    counts = [
+        (workflow, status, count, None if since is None else from_epoch_us(since))
+        for workflow, status, count, since in rows
+    ]
+    return queue_stats_from_counts(counts, workflows)

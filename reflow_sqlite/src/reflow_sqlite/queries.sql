@@ -1,13 +1,13 @@
 -- Every statement reflow-sqlite runs, by name, loaded once at import
 -- (reflow_core.adapter.load_queries). Values are always "?" parameters.
 --
--- Slots: {run_columns}, {step_columns} and {schedule_columns} are the column
--- orders of reflow_core.adapter; {fence} and {not_terminal} are the
--- fragments below. A few statements keep a slot filled per call, with "?"
--- placeholders or a fixed value only: {workflows}, {ids} and {statuses}
--- (one "?" per value of a list), {where} (the optional filters of
--- list_runs), {level}, {application_id} and {version} (pragmas, which take
--- no parameters).
+-- Slots: {run_columns}, {step_columns}, {schedule_columns} and
+-- {worker_columns} are the column orders of reflow_core.adapter; {fence}
+-- and {not_terminal} are the fragments below. A few statements keep a slot
+-- filled per call, with "?" placeholders or a fixed value only:
+-- {workflows}, {ids} and {statuses} (one "?" per value of a list), {where}
+-- (the optional filters of list_runs), {level}, {application_id} and
+-- {version} (pragmas, which take no parameters).
 
 -- name: begin_write
 BEGIN IMMEDIATE
@@ -227,10 +227,11 @@ DELETE FROM runs WHERE id IN ({ids})
 -- -- schedules ---------------------------------------------------------------
 
 -- name: get_schedule
-SELECT recurrence, next_run_at, created_at FROM schedules WHERE key = ?
+SELECT recurrence, next_run_at, created_at, paused FROM schedules WHERE key = ?
 
+-- An update keeps the paused flag of the schedule it replaces.
 -- name: upsert_schedule
-INSERT INTO schedules ({schedule_columns}) VALUES (?, ?, ?, ?, ?, ?, ?)
+INSERT INTO schedules ({schedule_columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (key) DO UPDATE SET
     workflow = excluded.workflow, input = excluded.input,
     recurrence = excluded.recurrence, next_run_at = excluded.next_run_at,
@@ -242,11 +243,63 @@ DELETE FROM schedules WHERE key = ? RETURNING 1
 -- name: list_schedules
 SELECT {schedule_columns} FROM schedules ORDER BY key
 
+-- Paused schedules are never due.
 -- name: due_schedules
-SELECT {schedule_columns} FROM schedules WHERE next_run_at <= ?
+SELECT {schedule_columns} FROM schedules WHERE next_run_at <= ? AND paused = 0
 ORDER BY next_run_at, key LIMIT ?
 
+-- A paused schedule fires no slot.
 -- name: advance_schedule
 UPDATE schedules SET next_run_at = ?, updated_at = ?
-WHERE key = ? AND next_run_at = ?
+WHERE key = ? AND next_run_at = ? AND paused = 0
 RETURNING 1
+
+-- Parameters: paused (0 or 1), the new next_run_at or NULL to keep it, now, key.
+-- name: set_schedule_paused
+UPDATE schedules SET paused = ?, next_run_at = coalesce(?, next_run_at), updated_at = ?
+WHERE key = ?
+RETURNING {schedule_columns}
+
+-- -- workers -----------------------------------------------------------------
+
+-- Lapsed entries are never listed; announcing deletes them (the table holds
+-- one row per worker, so this is cheap). Parameters: now.
+-- name: drop_lapsed_workers
+DELETE FROM workers WHERE expires_at <= ?
+
+-- After drop_lapsed_workers, a row of the same id is live: it keeps its
+-- started_at. Parameters: the WORKER_COLUMNS values.
+-- name: announce_worker
+INSERT INTO workers ({worker_columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    host = excluded.host, pid = excluded.pid, workflows = excluded.workflows,
+    concurrency = excluded.concurrency, in_flight = excluded.in_flight,
+    last_seen_at = excluded.last_seen_at, expires_at = excluded.expires_at
+RETURNING {worker_columns}
+
+-- Parameters: now.
+-- name: list_workers
+SELECT {worker_columns} FROM workers WHERE expires_at > ? ORDER BY started_at, id
+
+-- Deletes a lapsed entry too; the caller tells a live one by expires_at.
+-- name: remove_worker
+DELETE FROM workers WHERE id = ? RETURNING expires_at
+
+-- -- queue statistics ------------------------------------------------------
+
+-- Unfinished runs by workflow and status, with the earliest wake_at (of
+-- pending runs, for the caller). "finished_at IS NULL" is the WHERE of the
+-- partial index runs_unfinished, which holds unfinished runs only: the
+-- query reads those and their rows, never the history. INDEXED BY makes
+-- that a guarantee (SQLite refuses the query rather than plan a scan).
+-- name: queue_stats_all
+SELECT workflow, status, count(*), min(wake_at) FROM runs INDEXED BY runs_unfinished
+WHERE finished_at IS NULL AND status IN ('pending', 'running', 'sleeping', 'waiting')
+GROUP BY workflow, status
+
+-- The same for the named workflows only (one "?" each): a seek per workflow.
+-- name: queue_stats_of
+SELECT workflow, status, count(*), min(wake_at) FROM runs INDEXED BY runs_unfinished
+WHERE finished_at IS NULL AND status IN ('pending', 'running', 'sleeping', 'waiting')
+    AND workflow IN ({workflows})
+GROUP BY workflow, status

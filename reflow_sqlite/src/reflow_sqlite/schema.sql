@@ -102,6 +102,31 @@ BEGIN
     {retire_buffered};
 END;
 
+-- Version 3: pausing schedules, the worker registry and queue statistics.
+-- name: v3
+-- A paused schedule fires no slot until it is resumed; existing ones run.
+ALTER TABLE schedules ADD COLUMN paused INTEGER NOT NULL DEFAULT 0;
+-- The worker registry: one row per worker id, live until expires_at by the
+-- storage clock. Lapsed rows are never listed; announcing deletes them.
+-- workflows is a JSON array of names (reflow_core.adapter.encode_workflows).
+CREATE TABLE workers (
+    id           TEXT    PRIMARY KEY,
+    host         TEXT    NOT NULL,
+    pid          INTEGER NOT NULL,
+    workflows    TEXT    NOT NULL,
+    concurrency  INTEGER NOT NULL,
+    in_flight    INTEGER NOT NULL,
+    started_at   INTEGER NOT NULL,
+    last_seen_at INTEGER NOT NULL,
+    expires_at   INTEGER NOT NULL
+);
+-- Queue statistics: the unfinished runs (finished_at is set exactly when a
+-- run ends and cleared by a requeue), so counting them costs the number of
+-- unfinished runs, never the history. Keyed on columns no claim, step save,
+-- sleep, wait or hand-back writes, so those never touch it: only creating a
+-- run adds an entry and ending one removes it.
+CREATE INDEX runs_unfinished ON runs (workflow) WHERE finished_at IS NULL;
+
 -- -- what the trigger of version 2 runs --------------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those

@@ -35,8 +35,10 @@ from reflow_core.adapter import (
     check_new_run,
     check_purge,
     check_purge_limit,
+    check_stats_workflows,
     check_status_update,
     check_text,
+    check_worker,
     decode_cursor,
     from_epoch_us,
     new_run_id,
@@ -54,6 +56,7 @@ from reflow_core.storage import (
     EventTake,
     Lease,
     NewRun,
+    QueueStats,
     RunPage,
     RunRecord,
     RunStatus,
@@ -61,6 +64,8 @@ from reflow_core.storage import (
     ScheduleSpec,
     StepRecord,
     WaitResult,
+    WorkerInfo,
+    WorkerRecord,
 )
 
 from . import _scripts as scripts
@@ -599,3 +604,47 @@ class SQLiteStorage:
             "claim_schedule_slot",
             lambda now: scripts.claim_slot(now, key, slot_us, next_us, run, run_id),
         )
+
+    async def set_schedule_paused(
+        self, key: str, paused: bool, *, next_run_at: datetime | None = None
+    ) -> ScheduleRecord | None:
+        """Pause or resume a schedule, optionally moving its next slot; ``None`` if missing."""
+        self._life.check("set_schedule_paused")
+        check_text(key, "key")
+        next_us = None if next_run_at is None else to_epoch_us(next_run_at, "next_run_at")
+        return await self._call(
+            "set_schedule_paused",
+            lambda now: scripts.set_schedule_paused(now, key, bool(paused), next_us),
+        )
+
+    # -- workers and queue statistics --------------------------------------------------
+
+    async def announce_worker(self, worker: WorkerInfo, ttl: timedelta) -> WorkerRecord:
+        """Enter or refresh a worker in the registry until ``now + ttl`` by the
+        storage clock (lapsed entries are deleted in the same transaction)."""
+        self._life.check("announce_worker")
+        check_worker(worker, ttl)
+        ttl_us = span_us(ttl)
+        return await self._call(
+            "announce_worker", lambda now: scripts.announce_worker(now, worker, ttl_us)
+        )
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        """The registry's live entries, ordered by ``started_at`` then ``id``."""
+        return await self._call("list_workers", scripts.list_workers, "read")
+
+    async def remove_worker(self, worker_id: str) -> bool:
+        """Delete a worker's entry; False if it had no live one."""
+        self._life.check("remove_worker")
+        check_text(worker_id, "worker_id")
+        return await self._call("remove_worker", lambda now: scripts.remove_worker(now, worker_id))
+
+    async def queue_stats(self, workflows: Collection[str] | None = None) -> list[QueueStats]:
+        """Unfinished runs per workflow by status, read through the partial
+        index ``runs_unfinished``: the cost grows with unfinished runs, never
+        with finished history."""
+        self._life.check("queue_stats")
+        names = check_stats_workflows(workflows)
+        if names is not None and not names:
+            return []
+        return await self._call("queue_stats", lambda now: scripts.queue_stats(now, names), "read")

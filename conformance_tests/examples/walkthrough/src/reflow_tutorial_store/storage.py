@@ -45,6 +45,7 @@ from reflow_core.storage import (
     EventTake,
     Lease,
     NewRun,
+    QueueStats,
     RunPage,
     RunRecord,
     RunStatus,
@@ -52,6 +53,8 @@ from reflow_core.storage import (
     ScheduleSpec,
     StepRecord,
     WaitResult,
+    WorkerInfo,
+    WorkerRecord,
 )
 
 __all__ = ["TutorialStorage"]
@@ -63,46 +66,67 @@ BACKEND = "tutorial-sqlite"
 # PRAGMA application_id marks a file as ours ("TUTR"), user_version is the
 # schema version: initialize() refuses any other file rather than write to it.
 APPLICATION_ID = 1414878290
-SCHEMA_VERSION = 1
-SCHEMA = (
-    # The first fifteen columns are kit.RUN_COLUMNS, in its order, so that
-    # reflow_core.adapter.run_from_row maps a row without a line of ours.
-    """CREATE TABLE runs (
-        id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
-        input TEXT NOT NULL, output TEXT, error TEXT, idempotency_key TEXT,
-        attempts INTEGER NOT NULL, reclaims INTEGER NOT NULL, lease_epoch INTEGER NOT NULL,
-        created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, wake_at INTEGER,
-        waiting_for TEXT, lease_expires_at INTEGER,
-        finished_at INTEGER,  -- set when the run ends, cleared by a requeue: for purges
-        UNIQUE (workflow, idempotency_key)  -- SQLite lets NULL keys repeat
-    )""",
-    "CREATE INDEX runs_claim ON runs (workflow, status)",
-    "CREATE INDEX runs_created ON runs (created_at, id)",
-    "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
-    """CREATE TABLE steps (
-        run_id TEXT NOT NULL, name TEXT NOT NULL, status TEXT NOT NULL, output TEXT,
-        error TEXT, attempts INTEGER NOT NULL, wake_at INTEGER, completed_at INTEGER NOT NULL,
-        PRIMARY KEY (run_id, name)
-    )""",
-    # Buffered (untaken) events only: taking one deletes it, ending a run
-    # deletes them all. AUTOINCREMENT keeps arrival order.
-    """CREATE TABLE events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,
-        name TEXT NOT NULL, payload TEXT NOT NULL
-    )""",
-    "CREATE INDEX events_run ON events (run_id, name, seq)",
-    # Event ids outlive their events: a repeated id is a no-op as long as the run exists.
-    "CREATE TABLE event_ids (run_id TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (run_id, id))",
-    """CREATE TABLE schedules (
-        key TEXT PRIMARY KEY, workflow TEXT NOT NULL, input TEXT NOT NULL,
-        recurrence TEXT NOT NULL, next_run_at INTEGER NOT NULL,
-        created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
-    )""",
-    f"PRAGMA application_id = {APPLICATION_ID}",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
+# MIGRATIONS[n] takes a file from schema version n to n + 1. A new file gets
+# them all, an older one those it lacks. Never edit a released one: append.
+MIGRATIONS = (
+    (  # Version 1: runs, steps, events and schedules.
+        # The first fifteen columns are kit.RUN_COLUMNS, in its order, so that
+        # reflow_core.adapter.run_from_row maps a row without a line of ours.
+        """CREATE TABLE runs (
+            id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
+            input TEXT NOT NULL, output TEXT, error TEXT, idempotency_key TEXT,
+            attempts INTEGER NOT NULL, reclaims INTEGER NOT NULL, lease_epoch INTEGER NOT NULL,
+            created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, wake_at INTEGER,
+            waiting_for TEXT, lease_expires_at INTEGER,
+            finished_at INTEGER,  -- set when the run ends, cleared by a requeue: for purges
+            UNIQUE (workflow, idempotency_key)  -- SQLite lets NULL keys repeat
+        )""",
+        "CREATE INDEX runs_claim ON runs (workflow, status)",
+        "CREATE INDEX runs_created ON runs (created_at, id)",
+        "CREATE INDEX runs_finished ON runs (finished_at) WHERE finished_at IS NOT NULL",
+        """CREATE TABLE steps (
+            run_id TEXT NOT NULL, name TEXT NOT NULL, status TEXT NOT NULL, output TEXT,
+            error TEXT, attempts INTEGER NOT NULL, wake_at INTEGER,
+            completed_at INTEGER NOT NULL, PRIMARY KEY (run_id, name)
+        )""",
+        # Buffered (untaken) events only: taking one deletes it, ending a run
+        # deletes them all. AUTOINCREMENT keeps arrival order.
+        """CREATE TABLE events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, run_id TEXT NOT NULL,
+            name TEXT NOT NULL, payload TEXT NOT NULL
+        )""",
+        "CREATE INDEX events_run ON events (run_id, name, seq)",
+        # Event ids outlive their events: a repeated id is a no-op as long as the run exists.
+        "CREATE TABLE event_ids (run_id TEXT NOT NULL, id TEXT NOT NULL, PRIMARY KEY (run_id, id))",
+        """CREATE TABLE schedules (
+            key TEXT PRIMARY KEY, workflow TEXT NOT NULL, input TEXT NOT NULL,
+            recurrence TEXT NOT NULL, next_run_at INTEGER NOT NULL,
+            created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
+        )""",
+    ),
+    (  # Version 2: pausing schedules, the worker registry, queue statistics.
+        # Added last, so the schedule columns stay in kit.SCHEDULE_COLUMNS order.
+        "ALTER TABLE schedules ADD COLUMN paused INTEGER NOT NULL DEFAULT 0",
+        # The columns of kit.WORKER_COLUMNS; workflows is kit.encode_workflows text.
+        """CREATE TABLE workers (
+            id TEXT PRIMARY KEY, host TEXT NOT NULL, pid INTEGER NOT NULL,
+            workflows TEXT NOT NULL, concurrency INTEGER NOT NULL, in_flight INTEGER NOT NULL,
+            started_at INTEGER NOT NULL, last_seen_at INTEGER NOT NULL,
+            expires_at INTEGER NOT NULL
+        )""",
+        # Unfinished runs only: queue_stats reads this index, never the history.
+        "CREATE INDEX runs_unfinished ON runs (workflow, status, wake_at)"
+        " WHERE status IN ('pending', 'running', 'sleeping', 'waiting')",
+    ),
 )
+SCHEMA_VERSION = len(MIGRATIONS)
 # kit.render_sql fills in our own column lists, never a value: values are bound.
-COLUMNS = {"run": kit.RUN_COLUMNS, "step": kit.STEP_COLUMNS, "schedule": kit.SCHEDULE_COLUMNS}
+COLUMNS = {
+    "run": kit.RUN_COLUMNS,
+    "step": kit.STEP_COLUMNS,
+    "schedule": kit.SCHEDULE_COLUMNS,
+    "worker": kit.WORKER_COLUMNS,
+}
 GET_RUN = kit.render_sql("SELECT {run} FROM runs WHERE id = ?", COLUMNS)
 GET_RUN_BY_KEY = kit.render_sql(
     "SELECT {run} FROM runs WHERE workflow = ? AND idempotency_key = ?", COLUMNS
@@ -111,18 +135,46 @@ GET_STEPS = kit.render_sql("SELECT {step} FROM steps WHERE run_id = ?", COLUMNS)
 GET_STEP = kit.render_sql("SELECT {step} FROM steps WHERE run_id = ? AND name = ?", COLUMNS)
 LIST_SCHEDULES = kit.render_sql("SELECT {schedule} FROM schedules ORDER BY key", COLUMNS)
 DUE_SCHEDULES = kit.render_sql(
-    "SELECT {schedule} FROM schedules WHERE next_run_at <= ? ORDER BY next_run_at, key LIMIT ?",
+    "SELECT {schedule} FROM schedules WHERE next_run_at <= ? AND NOT paused"
+    " ORDER BY next_run_at, key LIMIT ?",
     COLUMNS,
 )
 UPSERT_SCHEDULE = kit.render_sql(
-    # Re-registering with the same recurrence keeps the cadence (next_run_at).
-    "INSERT INTO schedules VALUES (?, ?, ?, ?, ?, ?, ?)"
+    # Re-registering with the same recurrence keeps the cadence (next_run_at),
+    # and a replaced schedule keeps its paused flag; a new one is not paused.
+    "INSERT INTO schedules ({schedule}) VALUES (?, ?, ?, ?, ?, ?, ?, 0)"
     " ON CONFLICT (key) DO UPDATE SET workflow = excluded.workflow,"
     " input = excluded.input, updated_at = excluded.updated_at,"
     " next_run_at = CASE WHEN recurrence = excluded.recurrence"
     "  THEN next_run_at ELSE excluded.next_run_at END,"
     " recurrence = excluded.recurrence RETURNING {schedule}",
     COLUMNS,
+)
+PAUSE_SCHEDULE = kit.render_sql(
+    # A NULL next_run_at keeps the schedule's slot.
+    "UPDATE schedules SET paused = ?, next_run_at = coalesce(?, next_run_at), updated_at = ?"
+    " WHERE key = ? RETURNING {schedule}",
+    COLUMNS,
+)
+ANNOUNCE_WORKER = kit.render_sql(
+    # Every field but started_at is replaced: a live entry keeps its start.
+    "INSERT INTO workers ({worker}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
+    " workflows = excluded.workflows, concurrency = excluded.concurrency,"
+    " in_flight = excluded.in_flight, last_seen_at = excluded.last_seen_at,"
+    " expires_at = excluded.expires_at RETURNING {worker}",
+    COLUMNS,
+)
+LIST_WORKERS = kit.render_sql(
+    "SELECT {worker} FROM workers WHERE expires_at > ? ORDER BY started_at, id", COLUMNS
+)
+# The status condition is the one of the index runs_unfinished, so SQLite
+# counts from that index alone: the cost is the number of unfinished runs.
+QUEUE_STATS = (
+    "SELECT workflow, status, count(*), min(wake_at) FROM runs"
+    " WHERE status IN ('pending', 'running', 'sleeping', 'waiting')"
+    " AND (:workflows IS NULL OR workflow IN (SELECT value FROM json_each(:workflows)))"
+    " GROUP BY workflow, status"
 )
 LIST_RUNS = kit.render_sql(
     "SELECT {run} FROM runs WHERE (:workflow IS NULL OR workflow = :workflow)"
@@ -179,7 +231,7 @@ class TutorialStorage:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
             # Several processes may initialize at once: the check and the
-            # CREATEs are one write transaction, so exactly one creates.
+            # migrations are one write transaction, so exactly one applies them.
             conn.execute("BEGIN IMMEDIATE")
             (app_id,) = conn.execute("PRAGMA application_id").fetchone()
             (version,) = conn.execute("PRAGMA user_version").fetchone()
@@ -191,8 +243,13 @@ class TutorialStorage:
                 message = f"{self._path} holds another application's data"
                 raise StorageError(message, operation="initialize", backend=BACKEND)
             if app_id != APPLICATION_ID:
-                for statement in SCHEMA:
-                    conn.execute(statement)
+                version = 0  # a new file: create every version
+            if version < SCHEMA_VERSION:
+                for migration in MIGRATIONS[version:]:
+                    for statement in migration:
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             conn.close()  # rolls back whatever was begun
@@ -611,16 +668,28 @@ class TutorialStorage:
 
         def body(cur: sqlite3.Cursor, now: int) -> RunRecord | None:
             # Exactly once: only the worker that moves next_run_at off this slot
-            # creates the run, in the same transaction.
+            # creates the run, in the same transaction. A paused schedule fires nothing.
             if not cur.execute(
                 "UPDATE schedules SET next_run_at = ?, updated_at = ?"
-                " WHERE key = ? AND next_run_at = ?",
+                " WHERE key = ? AND next_run_at = ? AND NOT paused",
                 (next_us, now, key, slot_us),
             ).rowcount:
                 return None
             return self._create(cur, now, run).run
 
         return await self._tx("claim_schedule_slot", body)
+
+    async def set_schedule_paused(
+        self, key: str, paused: bool, *, next_run_at: datetime | None = None
+    ) -> ScheduleRecord | None:
+        kit.check_text(key, "key")
+        next_us = None if next_run_at is None else kit.to_epoch_us(next_run_at, "next_run_at")
+
+        def body(cur: sqlite3.Cursor, now: int) -> ScheduleRecord | None:
+            row = cur.execute(PAUSE_SCHEDULE, (bool(paused), next_us, now, key)).fetchone()
+            return None if row is None else _schedule(row)
+
+        return await self._tx("set_schedule_paused", body)
 
     # --8<-- [end:schedules]
 
@@ -688,6 +757,57 @@ class TutorialStorage:
 
     # --8<-- [end:purge]
 
+    # --8<-- [start:workers]
+    async def announce_worker(self, worker: WorkerInfo, ttl: timedelta) -> WorkerRecord:
+        kit.check_worker(worker, ttl)  # names, counts and ttl: the same ConfigError everywhere
+        span = kit.span_us(ttl)
+        workflows = kit.encode_workflows(worker.workflows)
+        info = (worker.id, worker.host, worker.pid, workflows, worker.concurrency, worker.in_flight)
+
+        def body(cur: sqlite3.Cursor, now: int) -> WorkerRecord:
+            # Lapsed entries go first: an entry left with this id is live,
+            # and the upsert keeps its started_at.
+            cur.execute("DELETE FROM workers WHERE expires_at <= ?", (now,))
+            row = cur.execute(ANNOUNCE_WORKER, (*info, now, now, now + span)).fetchone()
+            return _worker(row)
+
+        return await self._tx("announce_worker", body)
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        def body(cur: sqlite3.Cursor, now: int) -> list[WorkerRecord]:
+            return [_worker(row) for row in cur.execute(LIST_WORKERS, (now,))]
+
+        return await self._tx("list_workers", body, write=False)
+
+    async def remove_worker(self, worker_id: str) -> bool:
+        kit.check_text(worker_id, "worker_id")
+
+        def body(cur: sqlite3.Cursor, now: int) -> bool:
+            # Only a live entry counts; a lapsed one goes at the next announcement.
+            deleted = cur.execute(
+                "DELETE FROM workers WHERE id = ? AND expires_at > ?", (worker_id, now)
+            )
+            return deleted.rowcount == 1
+
+        return await self._tx("remove_worker", body)
+
+    async def queue_stats(self, workflows: Collection[str] | None = None) -> list[QueueStats]:
+        names = kit.check_stats_workflows(workflows)  # checked, sorted, without repeats
+        query = {"workflows": None if names is None else json.dumps(names)}
+
+        def body(cur: sqlite3.Cursor, now: int) -> list[QueueStats]:
+            counts = [
+                (workflow, status, count, None if since is None else kit.from_epoch_us(since))
+                for workflow, status, count, since in cur.execute(QUEUE_STATS, query)
+            ]
+            # The kit assembles the records: zeros for named workflows with no
+            # unfinished run, and the earliest wake_at of the pending ones.
+            return kit.queue_stats_from_counts(counts, names)
+
+        return await self._tx("queue_stats", body, write=False)
+
+    # --8<-- [end:workers]
+
 
 # The kit maps rows in its column order; times are read with kit.from_epoch_us.
 def _run(row: Any) -> RunRecord:
@@ -700,6 +820,10 @@ def _step(row: Any) -> StepRecord:
 
 def _schedule(row: Any) -> ScheduleRecord:
     return kit.schedule_from_row(row, kit.from_epoch_us)
+
+
+def _worker(row: Any) -> WorkerRecord:
+    return kit.worker_from_row(row, kit.from_epoch_us)
 
 
 def _steps(cur: sqlite3.Cursor, run_id: str) -> dict[str, StepRecord]:
