@@ -11,8 +11,9 @@ import pytest
 from psycopg import sql
 
 from reflow_core import SchemaVersionError, StorageError, open_storage
-from reflow_core.storage import NewRun
+from reflow_core.storage import NewRun, ScheduleSpec
 from reflow_postgres import PostgresStorage
+from reflow_postgres import _schema as schema_module
 from reflow_postgres._schema import SCHEMA_VERSION
 
 Admin = psycopg.Connection[tuple[object, ...]]
@@ -32,7 +33,14 @@ async def test_initialize_creates_the_versioned_schema(
     await store.initialize()
     await store.initialize()  # idempotent
     await store.close()
-    assert tables(admin, schema) == {"runs", "steps", "events", "schedules", "reflow_schema"}
+    assert tables(admin, schema) == {
+        "runs",
+        "steps",
+        "events",
+        "schedules",
+        "workers",
+        "reflow_schema",
+    }
     versions = admin.execute(
         sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(
             sql.Identifier(schema)
@@ -148,6 +156,112 @@ async def test_the_claim_never_scans_finished_history(
     # The claim read only a handful of pages, not the 50k finished runs.
     top = plan[0]["Plan"]
     assert top["Shared Hit Blocks"] + top.get("Shared Read Blocks", 0) < 200
+
+
+async def test_queue_stats_never_scan_finished_history(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    """With many finished runs and a few unfinished ones, queue_stats reads
+    the partial indexes that hold the unfinished runs only (runs_due and
+    runs_running), with and without a list of workflows."""
+    store = PostgresStorage.from_url(postgres_url)
+    await store.initialize()
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, created_at, updated_at,"
+            " finished_at) SELECT 'done' || i, 'wf' || (i % 3),"
+            " (ARRAY['completed', 'failed', 'cancelled'])[1 + i % 3], '1', now(), now(), now()"
+            " FROM generate_series(1, 50000) AS i"
+        ).format(ident)
+    )
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, created_at, updated_at, wake_at,"
+            " lease_expires_at) SELECT 'open' || i, 'wf' || (i % 3),"
+            " (ARRAY['pending', 'running', 'sleeping', 'waiting'])[1 + i % 4], '1', now(), now(),"
+            " CASE WHEN i % 4 <> 1 THEN now() END, CASE WHEN i % 4 = 1 THEN now() END"
+            " FROM generate_series(1, 24) AS i"
+        ).format(ident)
+    )
+    admin.execute(sql.SQL("ANALYZE {}.runs").format(ident))
+    try:
+        for name, params in (
+            ("queue_stats", {}),
+            ("queue_stats_of", {"workflows": ["wf0", "wf1"]}),
+        ):
+            row = admin.execute(
+                ("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + store._sql[name].decode()).encode(),
+                params,
+            ).fetchone()
+            assert row is not None
+            plan = row[0] if isinstance(row[0], list) else json.loads(str(row[0]))
+            nodes = _plan_nodes(plan[0]["Plan"])
+            scans = [n.get("Node Type") for n in nodes if n.get("Relation Name") == "runs"]
+            assert scans, name
+            assert "Seq Scan" not in scans, (name, scans)
+            used = {n.get("Index Name") for n in nodes if n.get("Index Name")}
+            assert used == {"runs_due", "runs_running"}, (name, used)
+            top = plan[0]["Plan"]
+            assert top["Shared Hit Blocks"] + top.get("Shared Read Blocks", 0) < 100, name
+        stats = {s.workflow: s for s in await store.queue_stats()}
+        assert sorted(stats) == ["wf0", "wf1", "wf2"]
+        assert sum(s.pending + s.running + s.sleeping + s.waiting for s in stats.values()) == 24
+    finally:
+        await store.close()
+
+
+async def test_a_version_2_schema_with_a_schedule_is_migrated_forward(
+    postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 3 adds schedules.paused, the workers table and a schedules_due
+    index that leaves paused schedules out: a schedule stored before keeps
+    everything it had, is not paused, and is still due; workers starting
+    together migrate once."""
+    assert SCHEMA_VERSION >= 3
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 2)
+    old = PostgresStorage.from_url(postgres_url)
+    await old.initialize()
+    await old.close()
+    ident = sql.Identifier(schema)
+    assert "workers" not in tables(admin, schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.schedules (key, workflow, input, recurrence, next_run_at,"
+            " created_at, updated_at) VALUES ('nightly', 'wf', '\"in\"', 'every:60',"
+            " now() - interval '1 minute', now() - interval '1 day', now() - interval '1 hour')"
+        ).format(ident)
+    )
+    before = admin.execute(
+        sql.SQL(
+            "SELECT key, workflow, input, recurrence, next_run_at, created_at, updated_at"
+            " FROM {}.schedules"
+        ).format(ident)
+    ).fetchall()
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", SCHEMA_VERSION)
+    stores = [PostgresStorage.from_url(postgres_url) for _ in range(4)]
+    await asyncio.gather(*(s.initialize() for s in stores))
+    store = stores[0]
+    try:
+        versions = admin.execute(
+            sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(ident)
+        ).fetchall()
+        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+        assert "workers" in tables(admin, schema)
+        [kept] = await store.list_schedules()
+        assert not kept.paused
+        row = before[0]
+        assert (kept.key, kept.workflow, kept.input, kept.recurrence) == row[:4]
+        assert (kept.next_run_at, kept.created_at, kept.updated_at) == row[4:]
+        assert await store.due_schedules(10) == [kept]
+        paused = await store.set_schedule_paused("nightly", True)
+        assert paused is not None
+        assert paused.paused
+        assert await store.due_schedules(10) == []
+        spec = ScheduleSpec("nightly", "wf", '"in"', "every:60", kept.next_run_at)
+        assert (await store.upsert_schedule(spec)).paused
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
 
 
 async def test_renewing_a_lease_is_a_hot_update(

@@ -12,7 +12,10 @@ Design notes (see docs/postgres.md):
 * ``runs.wake_at`` is the due time of a claimable run (pending: when it was
   created or handed back; sleeping or waiting: when it wakes). The claim walks
   the partial index ``runs_due`` in ``wake_at`` order, and a finished run
-  leaves that index, so finished history never slows a claim.
+  leaves that index, so finished history never slows a claim. ``runs_due``
+  and ``runs_running`` together hold exactly the unfinished runs, and
+  ``queue_stats`` counts them through those two, so it needs no index of its
+  own and the write path keeps the indexes it had.
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

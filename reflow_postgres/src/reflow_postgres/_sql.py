@@ -16,7 +16,7 @@ from typing import Any
 
 from psycopg import sql
 
-from reflow_core.adapter import RUN_COLUMNS, SCHEDULE_COLUMNS, load_queries
+from reflow_core.adapter import RUN_COLUMNS, SCHEDULE_COLUMNS, WORKER_COLUMNS, load_queries
 
 __all__ = ["Statements", "channel_name", "list_runs_query", "statements"]
 
@@ -47,6 +47,7 @@ def statements(schema: str, *, notify: bool, test_clock: bool) -> Statements:
         "run_columns": RUN_COLUMNS,
         "run_columns_r": _RUN_COLUMNS_R,
         "schedule_columns": SCHEDULE_COLUMNS,
+        "worker_columns": WORKER_COLUMNS,
     }
     if not notify:
         slots.update(notify="NULL", notify_ins="NULL", notify_at="NULL")

@@ -7,9 +7,9 @@
 -- * {now}: the storage clock: now() (the server's clock, the default), or
 --   the bound parameter %(now)s::timestamptz when a test clock is configured;
 -- * {channel}: the notification channel, quoted by psycopg as a literal;
--- * {run_columns}, {run_columns_r} (each prefixed with r.) and
---   {schedule_columns}: the column orders of reflow_core.adapter's row
---   mappers.
+-- * {run_columns}, {run_columns_r} (each prefixed with r.),
+--   {schedule_columns} and {worker_columns}: the column orders of
+--   reflow_core.adapter's row mappers.
 --
 -- Every value is bound as a %(name)s parameter. Parameters that appear only
 -- in a SELECT list carry an explicit cast, since the server cannot infer
@@ -394,8 +394,10 @@ WITH doomed AS (
 -- Schedules ---------------------------------------------------------------------
 
 -- name: upsert_schedule
+-- A schedule it replaces keeps its paused flag; a new one is not paused.
 INSERT INTO {schema}.schedules AS sc ({schedule_columns})
-VALUES (%(key)s, %(workflow)s, %(input)s, %(recurrence)s, %(next_run_at)s, {now}, {now})
+VALUES (%(key)s, %(workflow)s, %(input)s, %(recurrence)s, %(next_run_at)s, {now}, {now},
+    false)
 ON CONFLICT (key) DO UPDATE SET workflow = EXCLUDED.workflow,
     input = EXCLUDED.input,
     next_run_at = CASE WHEN sc.recurrence = EXCLUDED.recurrence THEN sc.next_run_at
@@ -410,21 +412,95 @@ DELETE FROM {schema}.schedules WHERE key = %(key)s
 SELECT {schedule_columns} FROM {schema}.schedules ORDER BY key
 
 -- name: due_schedules
-SELECT {schedule_columns} FROM {schema}.schedules WHERE next_run_at <= {now}
+-- Walks schedules_due, which holds the schedules that are not paused.
+SELECT {schedule_columns} FROM {schema}.schedules WHERE next_run_at <= {now} AND NOT paused
 ORDER BY next_run_at, key LIMIT %(limit)s
 
 -- name: claim_slot
 -- Advances the schedule from the slot and creates its run, in one statement:
--- no run without the advance, and only one claimant wins the slot.
+-- no run without the advance, and only one claimant wins the slot. A paused
+-- schedule fires nothing.
 WITH adv AS (
     UPDATE {schema}.schedules SET next_run_at = %(next_run_at)s, updated_at = {now}
-    WHERE key = %(key)s AND next_run_at = %(slot)s RETURNING key
+    WHERE key = %(key)s AND next_run_at = %(slot)s AND NOT paused RETURNING key
 ), ins AS (
     {insert_run}
     SELECT %(id)s::text, %(workflow)s::text, 'pending', %(input)s::text, %(idem)s::text,
         {now}, {now}, {now} FROM adv
     {on_idempotency_key}
 ) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
+
+
+-- name: set_schedule_paused
+-- With a null next_run_at the next slot stays where it is.
+UPDATE {schema}.schedules SET paused = %(paused)s,
+    next_run_at = coalesce(%(next_run_at)s::timestamptz, next_run_at), updated_at = {now}
+WHERE key = %(key)s RETURNING {schedule_columns}
+
+
+-- Workers -----------------------------------------------------------------------
+
+-- name: announce_worker
+-- Enters or refreshes the worker; started_at is kept from a live entry only.
+-- Lapsed entries of other workers go in the same statement, through the
+-- index on expires_at; SKIP LOCKED leaves alone an entry another announcement
+-- holds (it is being refreshed, or another announcer deletes it), so two
+-- announcers never wait for each other.
+WITH lapsed AS (
+    SELECT id FROM {schema}.workers WHERE expires_at <= {now} AND id <> %(id)s
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM {schema}.workers WHERE id IN (SELECT id FROM lapsed)
+)
+INSERT INTO {schema}.workers AS w ({worker_columns})
+VALUES (%(id)s, %(host)s, %(pid)s, %(workflows)s, %(concurrency)s, %(in_flight)s, {now},
+    {now}, {now} + %(ttl)s)
+ON CONFLICT (id) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid,
+    workflows = EXCLUDED.workflows, concurrency = EXCLUDED.concurrency,
+    in_flight = EXCLUDED.in_flight,
+    started_at = CASE WHEN w.expires_at > {now} THEN w.started_at
+        ELSE EXCLUDED.started_at END,
+    last_seen_at = EXCLUDED.last_seen_at, expires_at = EXCLUDED.expires_at
+RETURNING {worker_columns}
+
+-- name: list_workers
+SELECT {worker_columns} FROM {schema}.workers WHERE expires_at > {now}
+ORDER BY started_at, id
+
+-- name: remove_worker
+-- Deletes the entry, lapsed or not; it was there only if it was live.
+DELETE FROM {schema}.workers WHERE id = %(id)s RETURNING expires_at > {now}
+
+
+-- Queue statistics --------------------------------------------------------------
+
+-- queue_stats counts the unfinished runs through the two partial indexes
+-- that hold exactly them: runs_due (pending, sleeping, waiting) and
+-- runs_running. Each branch's WHERE is its index's predicate, so neither
+-- reads a finished run, however long the history. Rows are (workflow,
+-- status, count, earliest wake_at of the pending ones), as
+-- reflow_core.adapter.queue_stats_from_counts takes them.
+
+-- name: stats_due
+SELECT workflow, status, count(*),
+    min(CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END)
+        FILTER (WHERE status = 'pending')
+FROM {schema}.runs WHERE status IN ('pending', 'sleeping', 'waiting')
+
+-- name: stats_running
+SELECT workflow, 'running'::text, count(*), NULL::timestamptz
+FROM {schema}.runs WHERE status = 'running'
+
+-- name: queue_stats
+{stats_due} GROUP BY workflow, status
+UNION ALL
+{stats_running} GROUP BY workflow
+
+-- name: queue_stats_of
+-- The named workflows only.
+{stats_due} AND workflow = ANY(%(workflows)s) GROUP BY workflow, status
+UNION ALL
+{stats_running} AND workflow = ANY(%(workflows)s) GROUP BY workflow
 
 
 -- The clock and wake-ups --------------------------------------------------------

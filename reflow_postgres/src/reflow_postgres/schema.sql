@@ -195,3 +195,42 @@ BEGIN
     RETURN dropped + kept;
 END
 $$
+
+
+-- Version 3: paused schedules, the worker registry ----------------------------------
+-- queue_stats needs no index of its own: runs_due and runs_running together
+-- hold exactly the unfinished runs, and its statement reads each through its
+-- index (see queries.sql), so the write path keeps the indexes it had.
+
+-- name: v3_01_schedules_paused
+-- A constant default: PostgreSQL 11 and newer add the column without
+-- rewriting the table; every schedule that exists is not paused.
+ALTER TABLE {schema}.schedules ADD COLUMN paused boolean NOT NULL DEFAULT false
+
+-- name: v3_02_drop_schedules_due
+DROP INDEX {schema}.schedules_due
+
+-- name: v3_03_schedules_due
+-- Due schedules that are not paused: a paused schedule whose slot has passed
+-- is not read again by every poll.
+CREATE INDEX schedules_due ON {schema}.schedules (next_run_at, key) WHERE NOT paused
+
+-- name: v3_04_workers
+-- The worker registry: an entry lapses at expires_at (by the storage clock)
+-- unless announced again. workflows is reflow_core.adapter.encode_workflows
+-- text (a JSON array).
+CREATE TABLE {schema}.workers (
+    id           text COLLATE "C" PRIMARY KEY,
+    host         text NOT NULL,
+    pid          bigint NOT NULL,
+    workflows    text NOT NULL,
+    concurrency  bigint NOT NULL,
+    in_flight    bigint NOT NULL,
+    started_at   timestamptz NOT NULL,
+    last_seen_at timestamptz NOT NULL,
+    expires_at   timestamptz NOT NULL
+)
+
+-- name: v3_05_workers_expires
+-- Lapsed entries, which announce_worker deletes, and the live ones listed.
+CREATE INDEX workers_expires ON {schema}.workers (expires_at)

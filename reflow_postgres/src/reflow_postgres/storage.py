@@ -36,15 +36,20 @@ from reflow_core.adapter import (
     check_new_run,
     check_purge,
     check_purge_limit,
+    check_stats_workflows,
     check_status_update,
     check_text,
+    check_worker,
     decode_cursor,
+    encode_workflows,
     new_run_id,
     purge_in_batches,
+    queue_stats_from_counts,
     run_from_row,
     run_page,
     schedule_from_row,
     step_from_row,
+    worker_from_row,
 )
 from reflow_core.errors import (
     EventBufferFullError,
@@ -58,6 +63,7 @@ from reflow_core.storage import (
     EventTake,
     Lease,
     NewRun,
+    QueueStats,
     RunPage,
     RunRecord,
     RunStatus,
@@ -66,6 +72,8 @@ from reflow_core.storage import (
     StepRecord,
     WaitResult,
     WakeupSubscription,
+    WorkerInfo,
+    WorkerRecord,
 )
 
 from ._batches import BatchedWrites
@@ -604,3 +612,84 @@ class PostgresStorage:
                 return record
 
         return await self._db.run("claim_schedule_slot", body)
+
+    async def set_schedule_paused(
+        self, key: str, paused: bool, *, next_run_at: datetime | None = None
+    ) -> ScheduleRecord | None:
+        check_text(key, "key")
+        if next_run_at is not None:
+            check_aware(next_run_at, "next_run_at")
+        params = self._db.params(key=key, paused=bool(paused), next_run_at=next_run_at)
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> ScheduleRecord | None:
+            cur = await conn.execute(self._sql["set_schedule_paused"], params)
+            row = await cur.fetchone()
+            return None if row is None else schedule_from_row(row, as_utc)
+
+        # Setting the flag (and the slot) again is harmless.
+        return await self._db.run("set_schedule_paused", body, retry=True)
+
+    # -- workers and queue statistics ------------------------------------------------
+
+    async def announce_worker(self, worker: WorkerInfo, ttl: timedelta) -> WorkerRecord:
+        """Enter or refresh ``worker``: one statement, which also deletes
+        the entries of other workers that have lapsed."""
+        check_worker(worker, ttl)
+        params = self._db.params(
+            id=worker.id,
+            host=worker.host,
+            pid=worker.pid,
+            workflows=encode_workflows(worker.workflows),
+            concurrency=worker.concurrency,
+            in_flight=worker.in_flight,
+            ttl=ttl,
+        )
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> WorkerRecord:
+            cur = await conn.execute(self._sql["announce_worker"], params)
+            row = await cur.fetchone()
+            assert row is not None
+            return worker_from_row(row, as_utc)
+
+        # A retried announcement only refreshes the entry again.
+        return await self._db.run("announce_worker", body, retry=True)
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        params = self._db.params()
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[WorkerRecord]:
+            cur = await conn.execute(self._sql["list_workers"], params)
+            return [worker_from_row(row, as_utc) for row in await cur.fetchall()]
+
+        return await self._db.run("list_workers", body, retry=True)
+
+    async def remove_worker(self, worker_id: str) -> bool:
+        check_text(worker_id, "worker_id")
+        params = self._db.params(id=worker_id)
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
+            cur = await conn.execute(self._sql["remove_worker"], params)
+            row = await cur.fetchone()
+            return row is not None and bool(row[0])
+
+        return await self._db.run("remove_worker", body)
+
+    async def queue_stats(self, workflows: Collection[str] | None = None) -> list[QueueStats]:
+        """Counts of unfinished runs read through the partial indexes that
+        hold only them (``runs_due`` and ``runs_running``), so finished
+        history costs nothing."""
+        names = check_stats_workflows(workflows)
+        if names is None:
+            name, params = "queue_stats", self._db.params()
+        else:
+            name, params = "queue_stats_of", self._db.params(workflows=names)
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[QueueStats]:
+            cur = await conn.execute(self._sql[name], params)
+            rows = [
+                (row[0], row[1], int(row[2]), None if row[3] is None else as_utc(row[3]))
+                for row in await cur.fetchall()
+            ]
+            return queue_stats_from_counts(rows, names)
+
+        return await self._db.run("queue_stats", body, retry=True)
