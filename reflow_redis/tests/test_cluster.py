@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from reflow_core import Engine, workflow
-from reflow_core.storage import NewRun
+from reflow_core.storage import NewRun, ScheduleSpec, WorkerInfo
 from reflow_redis import RedisStorage
 
 
@@ -165,3 +165,29 @@ async def test_two_prefixes_may_live_on_different_shards(cluster: str) -> None:
         assert len(claimed) == 1
         await store.close()
     assert len(owners) > 1  # twelve prefixes spread over the three primaries
+
+
+async def test_workers_stats_and_paused_schedules_live_in_the_prefix_slot(cluster: str) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    store = RedisStorage.from_url(f"{cluster}&prefix={prefix}")
+    await store.initialize()
+    try:
+        await store.announce_worker(WorkerInfo("w", "h", 1, ("wf",), 2, 0), timedelta(minutes=1))
+        assert [w.id for w in await store.list_workers()] == ["w"]
+        await store.create_run(NewRun("wf", "1"))
+        [claimed] = await store.claim_runs(["wf"], 1, timedelta(seconds=5))
+        assert await store.sleep_run(claimed.lease, "nap", timedelta(hours=1)) is not None
+        [stats] = await store.queue_stats()
+        assert (stats.workflow, stats.sleeping) == ("wf", 1)
+        now = await store.now()
+        await store.upsert_schedule(ScheduleSpec("s", "wf", "1", "every:60", now))
+        paused = await store.set_schedule_paused("s", True)
+        assert paused is not None
+        assert paused.paused
+        assert await store.due_schedules(5) == []
+    finally:
+        await store.close()
+    client = redis.RedisCluster.from_url(cluster.split("?")[0])
+    keys = list(client.scan_iter(match="{" + prefix + "}*", target_nodes="all"))
+    assert {client.keyslot(k) for k in keys} == {client.keyslot(prefix)}
+    client.close()

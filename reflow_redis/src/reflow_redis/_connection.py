@@ -56,6 +56,9 @@ _SCRIPTS = (
     "delete_schedule",
     "list_schedules",
     "claim_slot",
+    "set_paused",
+    "workers",
+    "queue_stats",
 )
 _T = TypeVar("_T")
 

@@ -17,8 +17,16 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast, get_args
 
-from reflow_core.adapter import from_epoch_us, to_epoch_us
-from reflow_core.storage import RunRecord, RunStatus, ScheduleRecord, StepRecord, StepStatus
+from reflow_core.adapter import decode_workflows, from_epoch_us, to_epoch_us
+from reflow_core.errors import StorageError
+from reflow_core.storage import (
+    RunRecord,
+    RunStatus,
+    ScheduleRecord,
+    StepRecord,
+    StepStatus,
+    WorkerRecord,
+)
 
 _RUN_STATUSES = frozenset(get_args(RunStatus))
 """Every status a stored run may hold."""
@@ -169,6 +177,34 @@ def _schedule_record(key: str, fields: Mapping[str, str]) -> ScheduleRecord:
             next_run_at=next_run,
             created_at=created,
             updated_at=updated,
+            paused=fields.get("p") == "1",
+        )
+    except KeyError as exc:
+        raise _BadData(f"{where} lacks a field Reflow writes") from exc
+
+
+def _worker_record(worker_id: str, fields: Mapping[str, str]) -> WorkerRecord:
+    where = f"worker {worker_id!r}"
+    try:
+        started = _time(fields["s"], where)
+        seen = _time(fields["seen"], where)
+        expires = _time(fields["exp"], where)
+        if started is None or seen is None or expires is None:
+            raise _BadData(f"{where} lacks a time")
+        try:
+            workflows = decode_workflows(fields["wfs"])
+        except (ValueError, StorageError) as exc:
+            raise _BadData(f"{where} has malformed workflows") from exc
+        return WorkerRecord(
+            id=worker_id,
+            host=fields["host"],
+            pid=_int(fields, "pid", where),
+            workflows=workflows,
+            concurrency=_int(fields, "conc", where),
+            in_flight=_int(fields, "inf", where),
+            started_at=started,
+            last_seen_at=seen,
+            expires_at=expires,
         )
     except KeyError as exc:
         raise _BadData(f"{where} lacks a field Reflow writes") from exc

@@ -1,9 +1,12 @@
 """The schedule operations of :class:`~reflow_redis.RedisStorage`.
 
 A schedule is a hash ``P:sched:<key>`` (``wf``, ``in``, ``rec``, ``next``,
-``c``, ``u``), indexed by its next slot in ``P:schedule-due`` and by key in
-``P:schedule-keys``. Firing a slot (``claim_slot.lua``) advances the schedule
-and creates the slot's run in one script, or does neither.
+``c``, ``u``, and ``p`` = ``1`` while paused), indexed by its next slot in
+``P:schedule-due`` and by key in ``P:schedule-keys``. Firing a slot
+(``claim_slot.lua``) advances the schedule and creates the slot's run in one
+script, or does neither. A paused schedule is out of ``P:schedule-due``
+(``set_paused.lua`` takes it out and puts it back in the same script), so
+``due_schedules`` never reads it; ``claim_slot.lua`` refuses it too.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from reflow_core.adapter import check_new_run, check_text, new_run_id, to_epoch_us
+from reflow_core.adapter import check_aware, check_new_run, check_text, new_run_id, to_epoch_us
 from reflow_core.errors import IdempotencyConflictError
 from reflow_core.storage import NewRun, RunRecord, ScheduleRecord, ScheduleSpec
 
@@ -21,7 +24,8 @@ from ._records import _BadData, _pairs, _schedule_record, _text
 
 class _Schedules(_Connection):
     """``upsert_schedule``, ``delete_schedule``, ``list_schedules``,
-    ``due_schedules`` and ``claim_schedule_slot``, one script each."""
+    ``due_schedules``, ``claim_schedule_slot`` and ``set_schedule_paused``,
+    one script each."""
 
     def _schedules(self, operation: str, reply: Any) -> list[ScheduleRecord]:
         try:
@@ -94,3 +98,20 @@ class _Schedules(_Connection):
             assert run.idempotency_key is not None
             raise IdempotencyConflictError(run.workflow, run.idempotency_key, record.id)
         return record
+
+    async def set_schedule_paused(
+        self, key: str, paused: bool, *, next_run_at: datetime | None = None
+    ) -> ScheduleRecord | None:
+        check_text(key, "key")
+        moved = ""
+        if next_run_at is not None:
+            moved = str(to_epoch_us(check_aware(next_run_at, "next_run_at"), "next_run_at"))
+        reply = await self._call(
+            "set_schedule_paused",
+            "set_paused",
+            [key, "1" if paused else "0", moved],
+            retry=True,
+        )
+        if reply is None or reply is False:
+            return None
+        return self._schedules("set_schedule_paused", [reply])[0]

@@ -23,16 +23,21 @@ key                            type     holds
 ``P:ev:<n>.<id>:<name>``       list     buffered events of one name
 ``P:evnames:<id>``             set      event names with a buffer
 ``P:evids:<id>``               set      event ids seen (delivery dedupe)
-``P:sched:<key>``              hash     a schedule
-``P:schedule-due``             zset     schedules by next slot
+``P:parked:<workflow>``        zset     sleeping (0) and waiting (1 in ``due``, 2 not) runs
+``P:workflows``                set      workflows that may have unfinished runs
+``P:sched:<key>``              hash     a schedule (``p`` = ``1`` while paused)
+``P:schedule-due``             zset     schedules by next slot (paused ones left out)
 ``P:schedule-keys``            zset     schedule keys, for listing in order
+``P:workers``                  zset     worker ids by when their entry lapses (µs)
+``P:worker:<id>``              hash     a worker's announced fields and times
 ``P:wake``                     channel  wake-up hints (``<delay ms>|<workflow>``)
 =============================  =======  ===============================================
 
 Connecting, loading and calling the scripts live in ``_connection.py``,
 decoding replies into records in ``_records.py``, the options in
 ``_options.py``, the schedule operations in ``_schedules.py`` and the pub/sub
-listener in ``_listener.py``.
+listener in ``_listener.py``, the worker registry and queue statistics in
+``_workers.py``.
 """
 
 from __future__ import annotations
@@ -122,6 +127,7 @@ from ._records import (
     _time,
 )
 from ._schedules import _Schedules
+from ._workers import _Workers
 
 __all__ = ["RedisStorage", "parse_redis_url"]
 
@@ -133,7 +139,7 @@ _MAX_UNSURE_FINISHES = 10_000
 """Leases whose finish failed without a reply that are remembered, at most."""
 
 
-class RedisStorage(_Schedules):
+class RedisStorage(_Schedules, _Workers):
     """Reflow storage on Redis 6.2 or newer (7 recommended).
 
     Build it with :func:`reflow_core.open_storage` or :meth:`from_url`.

@@ -42,6 +42,7 @@ for _, c in ipairs(picked) do
   if reclaim == 1 then redis.call('HINCRBY', rk, 'rec', 1) end
   redis.call('HSET', rk, 'st', 'running', 'w', '')
   redis.call('ZREM', k('due', wf), id)
+  if reclaim == 0 then redis.call('ZREM', k('parked', wf), id) end
   set_lease(id, wf, num(epoch), lease)
   out[#out + 1] = {reclaim, redis.call('HGETALL', rk), redis.call('HGETALL', steps_key(id))}
 end

@@ -1,9 +1,11 @@
 -- claim_schedule_slot. ARGV[5..11]: key, slot (us), next run (us), run id,
--- workflow, input, idempotency key. Returns {0} if the slot is gone, {-2, run}
+-- workflow, input, idempotency key. Returns {0} if the slot is gone or the
+-- schedule is paused, {-2, run}
 -- when the key's run has other input (nothing changed), else create_run's reply.
 local key = ARGV[5]
 local sk = k('sched', key)
-if redis.call('HGET', sk, 'next') ~= ARGV[6] then return {0} end
+local cur = redis.call('HMGET', sk, 'next', 'p')
+if cur[1] ~= ARGV[6] or cur[2] == '1' then return {0} end
 local wf, input, idem = ARGV[9], ARGV[10], ARGV[11]
 local existing = redis.call('HGET', k('idem', wf), idem)
 if existing then

@@ -15,6 +15,7 @@ redis.call('SADD', evnames_key(id), name)
 if r[1] == 'waiting' and r[2] == name then
   redis.call('HSET', rk, 'w', num(NOW), 'u', num(NOW))
   redis.call('ZADD', k('due', r[3]), num(NOW), id)
+  redis.call('ZADD', k('parked', r[3]), 1, id)
   wake(r[3], 0)
 end
 return 1

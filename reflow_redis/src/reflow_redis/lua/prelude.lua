@@ -156,6 +156,7 @@ local function create_run(id, wf, input, idem)
   redis.call('ZADD', k('idx'), 0, member)
   redis.call('ZADD', k('idx', 'wf', wf), 0, member)
   if idem ~= '' then redis.call('HSET', k('idem', wf), idem, id) end
+  redis.call('SADD', k('workflows'), wf)
   wake(wf, 0)
   return {1, now}
 end

@@ -13,5 +13,6 @@ for i = 1, #all, 2 do
 end
 redis.call('ZREM', k('finished'), id)
 redis.call('ZADD', k('due', r[2]), num(NOW), id)
+redis.call('SADD', k('workflows'), r[2])
 wake(r[2], 0)
 return 1

@@ -15,6 +15,7 @@ local rk = run_key(id)
 redis.call('HSET', rk, 'st', 'sleeping', 'w', wake_at, 'u', num(NOW))
 drop_lease(id, wf)
 redis.call('ZADD', k('due', wf), wake_at, id)
+redis.call('ZADD', k('parked', wf), 0, id)
 if first then put_step(id, name, 'sleeping', wake_at, '[null,null,1]') end
 wake(wf, tonumber(wake_at) - NOW)
 return wake_at

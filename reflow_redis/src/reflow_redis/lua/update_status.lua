@@ -20,6 +20,7 @@ end
 redis.call('HSET', rk, 'st', target, 'w', '', 'wt', '', 'u', num(NOW))
 if err ~= '' then redis.call('HSET', rk, 'err', err) end
 redis.call('ZREM', k('due', wf), id)
+redis.call('ZREM', k('parked', wf), id)
 drop_events(id)
 finished(id)
 return 1

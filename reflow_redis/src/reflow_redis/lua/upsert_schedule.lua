@@ -1,7 +1,8 @@
 -- upsert_schedule. ARGV[5..9]: key, workflow, input, recurrence, next run (us).
+-- A replaced schedule keeps its paused flag ('p'); a new one is not paused.
 local key = ARGV[5]
 local sk = k('sched', key)
-local old = redis.call('HMGET', sk, 'rec', 'next', 'c')
+local old = redis.call('HMGET', sk, 'rec', 'next', 'c', 'p')
 local next_run, created = ARGV[9], num(NOW)
 if old[1] then
   created = old[3]
@@ -9,6 +10,10 @@ if old[1] then
 end
 redis.call('HSET', sk, 'wf', ARGV[6], 'in', ARGV[7], 'rec', ARGV[8], 'next', next_run,
   'c', created, 'u', num(NOW))
-redis.call('ZADD', k('schedule-due'), next_run, key)
+if old[4] == '1' then
+  redis.call('ZREM', k('schedule-due'), key)  -- paused: kept out until resumed
+else
+  redis.call('ZADD', k('schedule-due'), next_run, key)
+end
 redis.call('ZADD', k('schedule-keys'), 0, key)
 return {key, redis.call('HGETALL', sk)}

@@ -22,7 +22,10 @@ else
   drop_lease(id, wf)
   if deadline ~= '' then
     redis.call('ZADD', k('due', wf), deadline, id)
+    redis.call('ZADD', k('parked', wf), 1, id)
     wake(wf, tonumber(deadline) - NOW)
+  else
+    redis.call('ZADD', k('parked', wf), 2, id)
   end
 end
 if first then put_step(id, name, 'waiting', deadline, '[null,null,1]') end
