@@ -14,7 +14,14 @@ import pytest
 from reflow_conformance import AREAS, AdapterFactory, AreaNotImplemented, Harness, load_factory
 from reflow_conformance.cli import build_args
 from reflow_core.memory import MemoryStorage
-from reflow_core.storage import ScheduleRecord, ScheduleSpec, Storage
+from reflow_core.storage import (
+    QueueStats,
+    ScheduleRecord,
+    ScheduleSpec,
+    Storage,
+    WorkerInfo,
+    WorkerRecord,
+)
 
 
 class _Stub(MemoryStorage):
@@ -26,6 +33,12 @@ class _Stub(MemoryStorage):
 
     async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
         raise NotImplementedError("later")
+
+    async def announce_worker(self, worker: WorkerInfo, ttl: timedelta) -> WorkerRecord:
+        raise NotImplementedError
+
+    async def queue_stats(self, workflows: Collection[str] | None = None) -> list[QueueStats]:
+        raise NotImplementedError
 
 
 def _factory(
@@ -44,18 +57,30 @@ def stub_without_schedules() -> AdapterFactory:
     return _factory(without={"schedules"})
 
 
-def test_schedules_is_an_area_with_its_methods() -> None:
-    assert AREAS["schedules"] == (
-        "upsert_schedule",
-        "delete_schedule",
-        "list_schedules",
-        "due_schedules",
-        "claim_schedule_slot",
-    )
+def test_the_areas_and_their_methods() -> None:
+    assert AREAS == {
+        "schedules": (
+            "upsert_schedule",
+            "delete_schedule",
+            "list_schedules",
+            "due_schedules",
+            "claim_schedule_slot",
+            "set_schedule_paused",
+        ),
+        "workers": ("announce_worker", "list_workers", "remove_worker"),
+        "queue_stats": ("queue_stats",),
+    }
+
+
+def test_every_area_method_is_a_storage_method() -> None:
+    for methods in AREAS.values():
+        for method in methods:
+            assert callable(getattr(Storage, method, None)), method
 
 
 def test_unknown_names_are_refused_listing_the_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown area 'schedule'; the known ones are: schedules"):
+    known = "queue_stats, schedules, workers"
+    with pytest.raises(ValueError, match=rf"unknown area 'schedule'; the known ones are: {known}"):
         _factory(without={"schedule"})
     with pytest.raises(ValueError, match=r"unknown capability 'mp'.*: multiprocess"):
         _factory(capabilities={"mp"})
@@ -77,7 +102,10 @@ def test_the_command_passes_without_to_pytest_and_refuses_unknown_areas(
     assert args[-1] == "-x"
     with pytest.raises(SystemExit):
         build_args(["--url", "memory://x", "--without", "schedule"])
-    assert "invalid choice: 'schedule' (choose from 'schedules')" in capsys.readouterr().err
+    choices = "'queue_stats', 'schedules', 'workers'"
+    assert f"invalid choice: 'schedule' (choose from {choices})" in capsys.readouterr().err
+    args = build_args(["--url", "memory://x", "--without", "workers", "--without", "queue_stats"])
+    assert {"--reflow-without=workers", "--reflow-without=queue_stats"} <= set(args)
 
 
 def _failure(factory: AdapterFactory, call: str) -> BaseException:
@@ -89,6 +117,10 @@ def _failure(factory: AdapterFactory, call: str) -> BaseException:
             return await s.upsert_schedule(ScheduleSpec("k", "wf", "null", "every:60", slot))
         if call == "list_schedules":
             return await s.list_schedules()
+        if call == "announce_worker":
+            return await s.announce_worker(WorkerInfo("w", "h", 1, (), 1, 0), timedelta(1))
+        if call == "queue_stats":
+            return await s.queue_stats(["wf"])
         raise NotImplementedError
 
     try:
@@ -111,6 +143,19 @@ def test_an_undeclared_area_is_named_with_how_to_declare_it() -> None:
     # Raised in a helper of the method: the method is still found.
     nested = _failure(_factory(), "list_schedules")
     assert "(list_schedules raised NotImplementedError)" in str(nested)
+
+
+@pytest.mark.parametrize(
+    ("call", "area"), [("announce_worker", "workers"), ("queue_stats", "queue_stats")]
+)
+def test_the_newer_areas_are_named_too(call: str, area: str) -> None:
+    failure = _failure(_factory(), call)
+    assert isinstance(failure, AreaNotImplemented)
+    assert f"adapter stub does not implement {area!r} ({call} raised" in str(failure)
+    assert f"--reflow-without={area}" in str(failure)
+    declared = _failure(_factory(without={area}), call)
+    assert "although adapter stub declares it does not implement" in str(declared)
+    assert f"not marked reflow_area({area!r})" in str(declared)
 
 
 def test_other_not_implemented_errors_are_left_alone() -> None:

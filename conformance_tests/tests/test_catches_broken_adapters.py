@@ -74,6 +74,8 @@ def _select(modules: tuple[str, ...]) -> str:
 _EVENTS = ("test_events", "test_event_buffer")
 _RETENTION = ("test_retention",)
 _RECORDS = ("test_records",)
+_WORKERS = ("test_workers",)
+_STATS = ("test_queue_stats",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -140,6 +142,18 @@ CASES = [
     Case("schedule_forgets_created_at", (P.SCHEDULE_STORED,), ("test_schedules",)),
     Case("claims_newest_first", (P.DUE_ORDER,), ("test_claims",)),
     Case("sleep_resets_attempts", (P.ONLY_CLAIMS_COUNT,), ("test_claims",)),
+    Case("due_paused", (P.SCHEDULE_PAUSED_NOT_DUE,), ("test_schedules",)),
+    Case("upsert_unpauses", (P.SCHEDULE_PAUSE_KEPT,), ("test_schedules",)),
+    Case("fires_paused", (P.SCHEDULE_PAUSED_NO_FIRE,), ("test_schedules",)),
+    Case("lists_lapsed_workers", (P.WORKER_LAPSED_UNLISTED,), _WORKERS),
+    Case("workers_by_host_clock", (P.WORKER_TIMES,), _WORKERS),
+    Case("started_at_resets", (P.WORKER_STARTED_KEPT,), _WORKERS),
+    Case("started_at_outlives_lapse", (P.WORKER_STARTED_RESET,), _WORKERS),
+    Case("workers_by_id", (P.WORKER_ORDER,), _WORKERS),
+    Case("stats_count_finished", (P.STATS_FINISHED_UNCOUNTED,), _STATS),
+    Case("stats_by_prefix", (P.STATS_ISOLATION,), _STATS),
+    Case("stats_skip_idle", (P.STATS_ENTRIES,), _STATS),
+    Case("oldest_by_creation", (P.STATS_OLDEST_PENDING,), _STATS),
 ]
 
 

@@ -100,6 +100,8 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_events",
             "test_event_buffer",
             "test_schedules",
+            "test_workers",
+            "test_queue_stats",
             "test_codec",
         ),
     ),

@@ -161,3 +161,66 @@ ONLY_CLAIMS_COUNT = (
     "attempts and lease_epoch change only when the run is claimed; reclaims only when a "
     "claim takes over a lapsed lease, or a requeue resets it"
 )
+SCHEDULE_PAUSE_SET = (
+    "set_schedule_paused sets the paused flag, and the next slot only when one is given, "
+    "changes nothing else and returns the schedule as stored; for a missing key it returns "
+    "None and creates nothing"
+)
+SCHEDULE_PAUSED_NOT_DUE = "a paused schedule is never due, however far its next slot has passed"
+SCHEDULE_PAUSED_NO_FIRE = (
+    "a paused schedule's slot does not fire: claim_schedule_slot returns None and creates no run"
+)
+SCHEDULE_PAUSE_KEPT = (
+    "re-registering a schedule keeps it paused or running, whatever its recurrence; "
+    "a new schedule is not paused"
+)
+SCHEDULE_PAUSE_ARGS = (
+    "set_schedule_paused refuses a naive next_run_at with ConfigError and changes nothing"
+)
+WORKER_STORED = (
+    "announce_worker returns the worker's entry as stored, and list_workers lists it so: "
+    "every field as announced, its workflows in the order given"
+)
+WORKER_TIMES = (
+    "a worker entry's last_seen_at is the storage's now at its latest announcement, "
+    "and its expires_at exactly that plus the ttl"
+)
+WORKER_STARTED_KEPT = (
+    "a worker that announces itself again while its entry is live keeps its started_at"
+)
+WORKER_STARTED_RESET = (
+    "a worker that announces itself after its entry lapsed or was removed starts anew: "
+    "its started_at is the storage's now"
+)
+WORKER_LAPSED_UNLISTED = (
+    "a worker entry whose expires_at has passed by the storage clock is never listed, "
+    "and a live one always is"
+)
+WORKER_REMOVE = (
+    "remove_worker deletes a live entry and returns True, and returns False when there is none"
+)
+WORKER_ORDER = "workers are listed by started_at, then by id"
+WORKER_ARGS = (
+    "announce_worker refuses a worker with a bad id, host, pid, workflows, concurrency or "
+    "in_flight, or a ttl that is not a positive duration, with ConfigError, storing nothing"
+)
+STATS_COUNTS = (
+    "queue_stats counts a workflow's unfinished runs by their status, as every transition "
+    "leaves them: a running run counts as running whether its lease is live or lapsed"
+)
+STATS_FINISHED_UNCOUNTED = (
+    "queue_stats never counts a run that finished: completed, failed and cancelled runs are history"
+)
+STATS_ISOLATION = "queue_stats counts each workflow's runs in its own entry, never in another's"
+STATS_ENTRIES = (
+    "queue_stats gives one entry per workflow named, zeros included, or without names one "
+    "per workflow with an unfinished run, ordered by workflow name"
+)
+STATS_OLDEST_PENDING = (
+    "oldest_pending_since is the earliest wake_at of the workflow's pending runs, "
+    "and None when none is pending"
+)
+STATS_ARGS = (
+    "queue_stats refuses a bare string or a bad workflow name in place of the workflows "
+    "with ConfigError"
+)

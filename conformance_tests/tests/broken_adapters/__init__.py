@@ -2,8 +2,9 @@
 
 Each class in the modules of this package (one per area of the contract:
 ``claims``, ``leases``, ``runs``, ``records``, ``events``, ``retention``,
-``schedules``) is the in-memory reference backend (or, where the bug lives
-in a query, the SQLite backend) with exactly one promise of the storage
+``schedules``, and ``workers`` for the worker registry and queue statistics)
+is the in-memory reference backend (or, where the bug lives in a query, the
+SQLite backend) with exactly one promise of the storage
 contract broken, the way a real adapter might get it wrong (a claim query
 missing a clause, a fence that checks too little). Each has a
 zero-argument factory usable as ``--reflow-storage=broken_adapters:<factory>``;
@@ -88,10 +89,24 @@ from .runs import (
     stale_reads,
 )
 from .schedules import (
+    due_paused,
+    fires_paused,
     no_schedules,
     no_schedules_declared,
     schedule_forgets_created_at,
     schedule_slot_twice,
+    upsert_unpauses,
+)
+from .workers import (
+    lists_lapsed_workers,
+    oldest_by_creation,
+    started_at_outlives_lapse,
+    started_at_resets,
+    stats_by_prefix,
+    stats_count_finished,
+    stats_skip_idle,
+    workers_by_host_clock,
+    workers_by_id,
 )
 
 __all__ = [
@@ -106,23 +121,27 @@ __all__ = [
     "correct_millisecond_clock",
     "created_at_moves",
     "double_claim",
+    "due_paused",
     "event_crosses_runs",
     "events_dropped_on_pause",
     "events_outlive_run",
     "events_twice",
     "fast_client_clock",
+    "fires_paused",
     "immortal_leases",
     "key_freed_when_run_ends",
     "lax_run_ids",
     "lease_outlives_run",
     "leases_lapse_at_random",
     "limit_per_workflow",
+    "lists_lapsed_workers",
     "lossy_requeue",
     "naive_reads",
     "no_fencing",
     "no_idempotency",
     "no_schedules",
     "no_schedules_declared",
+    "oldest_by_creation",
     "pending_without_wake_at",
     "purge_by_creation_time",
     "purge_ignores_limit",
@@ -140,8 +159,16 @@ __all__ = [
     "sloppy_pagination",
     "split_fence",
     "stale_reads",
+    "started_at_outlives_lapse",
+    "started_at_resets",
+    "stats_by_prefix",
+    "stats_count_finished",
+    "stats_skip_idle",
     "unbounded_events",
     "updated_at_stale",
+    "upsert_unpauses",
+    "workers_by_host_clock",
+    "workers_by_id",
 ]
 
 NO_SHRINK_PROFILE = "reflow-ci-no-shrink"
@@ -205,6 +232,18 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         purge_keeps_event_ids,
         schedule_slot_twice,
         schedule_forgets_created_at,
+        due_paused,
+        upsert_unpauses,
+        fires_paused,
+        lists_lapsed_workers,
+        workers_by_host_clock,
+        started_at_resets,
+        started_at_outlives_lapse,
+        workers_by_id,
+        stats_count_finished,
+        stats_by_prefix,
+        stats_skip_idle,
+        oldest_by_creation,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

@@ -59,6 +59,11 @@ class NoSchedules(MemoryStorage):
     ) -> RunRecord | None:
         raise NotImplementedError
 
+    async def set_schedule_paused(
+        self, key: str, paused: bool, *, next_run_at: datetime | None = None
+    ) -> ScheduleRecord | None:
+        raise NotImplementedError
+
 
 def no_schedules() -> MemoryStorage:
     return NoSchedules(name=_store("no_schedules"))
@@ -87,3 +92,60 @@ class ScheduleForgetsCreatedAt(MemoryStorage):
 
 def schedule_forgets_created_at() -> MemoryStorage:
     return ScheduleForgetsCreatedAt(name=_store("schedule_forgets_created_at"))
+
+
+class DuePaused(MemoryStorage):
+    """Breaks *a paused schedule is never due*: ``due_schedules`` ignores
+    the paused flag, as a query written before schedules could be paused
+    would. (``claim_schedule_slot`` still refuses a paused schedule, so
+    nothing fires; a worker just looks at it on every poll.)"""
+
+    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+        now = self._clock()
+        due = [s for s in self._schedules.values() if s.next_run_at <= now]
+        due.sort(key=lambda s: (s.next_run_at, s.key))
+        return due[: max(limit, 0)]
+
+
+def due_paused() -> MemoryStorage:
+    return DuePaused(name=_store("due_paused"))
+
+
+class UpsertUnpauses(MemoryStorage):
+    """Breaks *re-registering a schedule keeps it paused*: registering a
+    schedule stores it unpaused, as an upsert that sets every column would,
+    so a worker that registers its schedules at start resumes the ones an
+    operator paused."""
+
+    async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
+        record = dataclasses.replace(await super().upsert_schedule(spec), paused=False)
+        self._schedules[spec.key] = record
+        return record
+
+
+def upsert_unpauses() -> MemoryStorage:
+    return UpsertUnpauses(name=_store("upsert_unpauses"))
+
+
+class FiresPaused(MemoryStorage):
+    """Breaks *a paused schedule's slot does not fire*: ``claim_schedule_slot``
+    compares the slot but not the paused flag, so a worker that read the
+    schedule as due just before it was paused still fires it."""
+
+    async def claim_schedule_slot(
+        self, key: str, slot: datetime, next_run_at: datetime, run: NewRun
+    ) -> RunRecord | None:
+        sched = self._schedules.get(key)
+        if sched is not None and sched.paused:
+            self._schedules[key] = dataclasses.replace(sched, paused=False)
+            try:
+                return await super().claim_schedule_slot(key, slot, next_run_at, run)
+            finally:
+                current = self._schedules.get(key)
+                if current is not None:
+                    self._schedules[key] = dataclasses.replace(current, paused=True)
+        return await super().claim_schedule_slot(key, slot, next_run_at, run)
+
+
+def fires_paused() -> MemoryStorage:
+    return FiresPaused(name=_store("fires_paused"))

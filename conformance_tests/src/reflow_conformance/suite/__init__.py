@@ -23,6 +23,7 @@ from .test_listing import *  # noqa: F403
 from .test_lookalikes import *  # noqa: F403
 from .test_process_crash import *  # noqa: F403
 from .test_processes import *  # noqa: F403
+from .test_queue_stats import *  # noqa: F403
 from .test_races import *  # noqa: F403
 from .test_records import *  # noqa: F403
 from .test_retention import *  # noqa: F403
@@ -31,3 +32,4 @@ from .test_schedules import *  # noqa: F403
 from .test_sleep_wait import *  # noqa: F403
 from .test_stateful import *  # noqa: F403
 from .test_steps import *  # noqa: F403
+from .test_workers import *  # noqa: F403

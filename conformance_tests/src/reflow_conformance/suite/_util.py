@@ -154,3 +154,31 @@ async def claim_only(
     )
     check_times(claimed[0], f"the claim of a run of {workflow}")
     return claimed[0]
+
+
+SLACK = timedelta(milliseconds=1)
+"""Stored times keep at least milliseconds; a store may round either way."""
+
+
+async def storage_now(storage: Storage) -> datetime:
+    """``storage.now()``, checked to be an aware UTC datetime."""
+    value = await storage.now()
+    promise(
+        isinstance(value, datetime) and value.utcoffset() == timedelta(0),
+        P.STORAGE_CLOCK,
+        f"now() returned {value!r}, not an aware UTC datetime",
+    )
+    return value
+
+
+def off_bracket(value: datetime | None, before: datetime, after: datetime) -> str:
+    """Empty if ``value`` lies within ``[before, after]`` (give or take the
+    millisecond a store may round to), else what is wrong."""
+    if value is None:
+        return "no time was set"
+    if before - SLACK <= value <= after + SLACK:
+        return ""
+    return (
+        f"{value.isoformat()} is not within the readings of now() around the call, "
+        f"[{before.isoformat()}, {after.isoformat()}]"
+    )

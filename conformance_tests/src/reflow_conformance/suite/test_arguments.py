@@ -11,6 +11,8 @@ be stored and read back.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,19 +26,35 @@ from reflow_conformance.plugin import suite_settings
 from reflow_conformance.strategies import BAD_TEXT, bad_names, names
 from reflow_core import codec
 from reflow_core.errors import ConfigError
-from reflow_core.storage import ClaimedRun, Lease, NewRun, ScheduleSpec, StepRecord, Storage
+from reflow_core.storage import (
+    ClaimedRun,
+    Lease,
+    NewRun,
+    ScheduleSpec,
+    StepRecord,
+    Storage,
+    WorkerInfo,
+)
 
 from ._util import LONG, claim_one, create
 
 pytestmark = pytest.mark.reflow_conformance
 
-__all__ = ["TestDurationBounds", "TestOddText"]
+__all__ = [
+    "TestDurationBounds",
+    "TestOddText",
+    "TestPauseArguments",
+    "TestQueueStatsArguments",
+    "TestWorkerArguments",
+]
 
 _TOO_LONG = timedelta(days=36501)
 _NEGATIVE = timedelta(seconds=-1)
 
 
-async def _refused(call: Callable[[], Awaitable[Any]], what: str) -> None:
+async def _refused(
+    call: Callable[[], Awaitable[Any]], what: str, name: str = P.BAD_TEXT_REFUSED
+) -> None:
     try:
         await call()
     except ConfigError:
@@ -44,9 +62,9 @@ async def _refused(call: Callable[[], Awaitable[Any]], what: str) -> None:
     except Exception as exc:  # the promise is about the kind of error
         if isinstance(exc, NotImplementedError) and area_method(exc) is not None:
             raise  # an area the adapter lacks: the harness names it
-        promise(False, P.BAD_TEXT_REFUSED, f"{what}: raised {type(exc).__name__}: {exc}")
+        promise(False, name, f"{what}: raised {type(exc).__name__}: {exc}")
     else:
-        promise(False, P.BAD_TEXT_REFUSED, f"{what}: accepted")
+        promise(False, name, f"{what}: accepted")
 
 
 Call = tuple[str, Callable[[], Awaitable[Any]]]
@@ -105,6 +123,7 @@ def _schedule_text_calls(s: Storage, wf: str, bad: Any) -> list[Call]:
             lambda: s.upsert_schedule(ScheduleSpec("k-" + wf, bad, value, "every:1000", _SLOT)),
         ),
         ("delete_schedule", lambda: s.delete_schedule(bad)),
+        ("set_schedule_paused", lambda: s.set_schedule_paused(bad, True)),
     ]
 
 
@@ -260,5 +279,112 @@ class TestDurationBounds:
             )
             page = await s.list_runs(workflow=wf)
             promise(len(page.runs) == 1, P.DURATION_BOUNDS, "listing the sleeping run failed")
+
+        reflow.run(body)
+
+
+def _bad_workers(worker: WorkerInfo) -> list[tuple[str, WorkerInfo]]:
+    """``worker`` with one field out of what ``check_worker`` accepts, each way."""
+    odd: list[tuple[str, Any]] = [
+        *(("id", bad) for bad in BAD_TEXT),
+        *(("host", bad) for bad in BAD_TEXT),
+        *(("workflows", ("ok", bad)) for bad in BAD_TEXT),
+        ("workflows", ["a", "b"]),
+        ("workflows", "ab"),
+        ("pid", -1),
+        ("pid", True),
+        ("pid", 1.5),
+        ("pid", "12"),
+        ("concurrency", 0),
+        ("concurrency", -3),
+        ("concurrency", True),
+        ("in_flight", -1),
+        ("in_flight", False),
+        ("in_flight", None),
+    ]
+    return [
+        (f"{field}={value!r}", dataclasses.replace(worker, **{field: value}))
+        for field, value in odd
+    ]
+
+
+@pytest.mark.reflow_area("workers")
+class TestWorkerArguments:
+    def test_a_bad_worker_or_ttl_is_refused_and_nothing_is_stored(self, reflow: Harness) -> None:
+        worker = WorkerInfo(reflow.unique("worker"), "host", 1, ("a",), 1, 0)
+        ttls: list[Any] = [timedelta(0), _NEGATIVE, _TOO_LONG, 30, None]
+
+        async def body(s: Storage) -> None:
+            for what, bad in _bad_workers(worker):
+                await _refused(
+                    functools.partial(s.announce_worker, bad, LONG),
+                    f"announce_worker({what})",
+                    P.WORKER_ARGS,
+                )
+            for ttl in ttls:
+                await _refused(
+                    functools.partial(s.announce_worker, worker, ttl),
+                    f"announce_worker(ttl={ttl!r})",
+                    P.WORKER_ARGS,
+                )
+            for text in BAD_TEXT:
+                await _refused(
+                    functools.partial(s.remove_worker, text),  # type: ignore[arg-type]
+                    f"remove_worker({text!r})",
+                )
+            listed = [w for w in await s.list_workers() if w.id.startswith(worker.id)]
+            promise(not listed, P.WORKER_ARGS, f"a refused announcement was stored: {listed}")
+            # The same worker, as it should be, is accepted.
+            record = await s.announce_worker(worker, LONG)
+            promise(record.id == worker.id, P.WORKER_STORED, f"announced {record}")
+            await s.remove_worker(worker.id)
+
+        reflow.run(body)
+
+
+@pytest.mark.reflow_area("queue_stats")
+class TestQueueStatsArguments:
+    def test_bad_workflow_names_are_refused(self, reflow: Harness) -> None:
+        wf = reflow.unique()
+        calls: list[tuple[str, Any]] = [
+            ("a bare string", wf),
+            *((f"a name {bad!r}", [wf, bad]) for bad in BAD_TEXT),
+        ]
+
+        async def body(s: Storage) -> None:
+            for what, workflows in calls:
+                await _refused(
+                    functools.partial(s.queue_stats, workflows),
+                    f"queue_stats with {what}",
+                    P.STATS_ARGS,
+                )
+
+        reflow.run(body)
+
+
+@pytest.mark.reflow_area("schedules")
+class TestPauseArguments:
+    def test_a_naive_next_run_at_is_refused_and_changes_nothing(self, reflow: Harness) -> None:
+        key, wf = reflow.unique("sched"), reflow.unique()
+        naive = datetime(2200, 1, 1)
+
+        async def body(s: Storage) -> None:
+            spec = ScheduleSpec(key, wf, codec.encode(1), "every:60", _SLOT)
+            made = await s.upsert_schedule(spec)
+            for paused in (True, False):
+                await _refused(
+                    functools.partial(s.set_schedule_paused, key, paused, next_run_at=naive),
+                    f"set_schedule_paused({paused}, next_run_at={naive!r})",
+                    P.SCHEDULE_PAUSE_ARGS,
+                )
+            stored = [sc for sc in await s.list_schedules() if sc.key == key]
+            promise(
+                len(stored) == 1
+                and not stored[0].paused
+                and stored[0].next_run_at == made.next_run_at,
+                P.SCHEDULE_PAUSE_ARGS,
+                f"after refused calls the schedule is {stored}",
+            )
+            await s.delete_schedule(key)
 
         reflow.run(body)

@@ -1,5 +1,6 @@
 """Schedules: registering, re-registering without resetting the cadence,
-listing, finding the due ones, and firing each slot exactly once.
+listing, finding the due ones, firing each slot exactly once, and pausing
+and resuming.
 
 Schedules are global to the store, so every test names its own keys and
 looks only at them, and deletes them when it is done."""
@@ -20,7 +21,7 @@ from ._util import decoded
 
 pytestmark = [pytest.mark.reflow_conformance, pytest.mark.reflow_area("schedules")]
 
-__all__ = ["TestClaimSlot", "TestDueSchedules", "TestUpsertSchedule"]
+__all__ = ["TestClaimSlot", "TestDueSchedules", "TestPauseSchedule", "TestUpsertSchedule"]
 
 EVERY_MINUTE = "every:60"
 EVERY_HOUR = "every:3600"
@@ -372,3 +373,215 @@ def _check_slot_run(fired: RunRecord, run: NewRun) -> None:
     promise(
         counts == (0, 0, 0), P.CREATE_SHAPE, f"a fired run has attempts, reclaims, epoch {counts}"
     )
+
+
+def _paused(record: ScheduleRecord | None) -> str:
+    return "(missing)" if record is None else "paused" if record.paused else "not paused"
+
+
+def _pause_differences(
+    record: ScheduleRecord | None, before: ScheduleRecord, paused: bool, next_run_at: datetime
+) -> list[str]:
+    """How a schedule differs from ``before`` with its flag and next slot set."""
+    if record is None:
+        return [f"schedule {before.key!r} is missing"]
+    found = []
+    if record.paused is not paused:
+        found.append(f"paused is {record.paused!r}, expected {paused!r}")
+    if record.next_run_at != next_run_at:
+        found.append(f"next_run_at {record.next_run_at.isoformat()} != {next_run_at.isoformat()}")
+    for name in ("key", "workflow", "recurrence", "created_at"):
+        if getattr(record, name) != getattr(before, name):
+            found.append(f"{name}: {getattr(record, name)!r} != {getattr(before, name)!r}")
+    if decoded(record.input) != decoded(before.input):
+        found.append(f"input: {record.input!r} != {before.input!r}")
+    return found
+
+
+async def _set_paused(
+    s: Storage,
+    before: ScheduleRecord,
+    paused: bool,
+    next_run_at: datetime | None = None,
+) -> ScheduleRecord:
+    """Pause or resume ``before``'s schedule; check what it returns and what is listed."""
+    record = await s.set_schedule_paused(before.key, paused, next_run_at=next_run_at)
+    slot = before.next_run_at if next_run_at is None else next_run_at
+    what = f"set_schedule_paused({before.key!r}, {paused}, next_run_at={next_run_at})"
+    diff = _pause_differences(record, before, paused, slot)
+    promise(not diff, P.SCHEDULE_PAUSE_SET, f"{what} returned: " + "; ".join(diff))
+    diff = _pause_differences(await _find(s, before.key), before, paused, slot)
+    promise(not diff, P.SCHEDULE_PAUSE_SET, f"after {what}, listed: " + "; ".join(diff))
+    assert record is not None
+    return record
+
+
+async def _due_keys(s: Storage, keys: set[str]) -> list[str]:
+    return [record.key for record in await s.due_schedules(10_000) if record.key in keys]
+
+
+class TestPauseSchedule:
+    def test_a_paused_schedule_is_not_due_and_its_slot_does_not_fire(self, reflow: Harness) -> None:
+        key, running, wf = reflow.unique("sched"), reflow.unique("sched"), reflow.unique()
+        slot = _FAR_PAST
+        following = slot + timedelta(hours=1)
+        keys = {key, running}
+
+        async def body(s: Storage) -> None:
+            other = await reflow.open()
+            made = await s.upsert_schedule(ScheduleSpec(key, wf, codec.encode(1), EVERY_HOUR, slot))
+            await s.upsert_schedule(ScheduleSpec(running, wf, codec.encode(2), EVERY_HOUR, slot))
+            promise(not made.paused, P.SCHEDULE_PAUSE_KEPT, "a new schedule is paused")
+            due = await _due_keys(s, keys)
+            promise(sorted(due) == sorted(keys), P.SCHEDULE_DUE, f"due: {due}")
+            paused = await _set_paused(s, made, True)
+            # Pausing a paused schedule changes nothing.
+            paused = await _set_paused(other, paused, True)
+            for reader in (s, other):
+                due = await _due_keys(reader, keys)
+                promise(
+                    due == [running],
+                    P.SCHEDULE_PAUSED_NOT_DUE,
+                    f"due with {key} paused: {due}",
+                )
+            fired = await other.claim_schedule_slot(key, slot, following, _slot_run(wf, key, slot))
+            promise(fired is None, P.SCHEDULE_PAUSED_NO_FIRE, f"the slot fired {fired}")
+            page = await s.list_runs(workflow=wf)
+            promise(
+                list(page.runs) == [],
+                P.SCHEDULE_PAUSED_NO_FIRE,
+                f"firing a paused schedule's slot created {len(page.runs)} runs",
+            )
+            record = await _find(s, key)
+            promise(
+                record is not None and record.next_run_at == slot and record.paused,
+                P.SCHEDULE_PAUSED_NO_FIRE,
+                f"a refused slot left next_run_at {record and record.next_run_at}, "
+                f"{_paused(record)}",
+            )
+            # Resumed, with its next slot where it was: due, and it fires.
+            resumed = await _set_paused(other, paused, False)
+            await _set_paused(s, resumed, False)
+            due = await _due_keys(s, keys)
+            promise(sorted(due) == sorted(keys), P.SCHEDULE_DUE, f"due once resumed: {due}")
+            fired = await s.claim_schedule_slot(key, slot, following, _slot_run(wf, key, slot))
+            promise(fired is not None, P.SCHEDULE_SLOT_FIRES, "a resumed schedule did not fire")
+            for name in keys:
+                await s.delete_schedule(name)
+
+        reflow.run(body)
+
+    def test_resuming_at_a_new_slot_moves_the_schedule_there(self, reflow: Harness) -> None:
+        key, wf = reflow.unique("sched"), reflow.unique()
+        slot = _FAR_PAST
+        later = _future()
+        step = timedelta(hours=1)
+
+        async def body(s: Storage) -> None:
+            made = await s.upsert_schedule(ScheduleSpec(key, wf, codec.encode(1), EVERY_HOUR, slot))
+            # Pausing may move the slot too.
+            paused = await _set_paused(s, made, True, slot + timedelta(milliseconds=1))
+            await _set_paused(s, paused, False, later)
+            due = await _due_keys(s, {key})
+            promise(due == [], P.SCHEDULE_DUE, f"resumed at {later.isoformat()}, yet due")
+            for missed in (slot, paused.next_run_at):
+                fired = await s.claim_schedule_slot(
+                    key, missed, missed + step, _slot_run(wf, key, missed)
+                )
+                promise(
+                    fired is None,
+                    P.SCHEDULE_SLOT_ONCE,
+                    f"slot {missed.isoformat()}, skipped on resume, fired",
+                )
+            fired = await s.claim_schedule_slot(key, later, later + step, _slot_run(wf, key, later))
+            promise(fired is not None, P.SCHEDULE_SLOT_FIRES, "the slot resumed at did not fire")
+            record = await _find(s, key)
+            promise(
+                record is not None and record.next_run_at == later + step and not record.paused,
+                P.SCHEDULE_SLOT_FIRES,
+                f"after firing, next_run_at {record and record.next_run_at}, {_paused(record)}",
+            )
+            await s.delete_schedule(key)
+
+        reflow.run(body)
+
+    def test_registering_again_keeps_a_schedule_paused(self, reflow: Harness) -> None:
+        key, wf = reflow.unique("sched"), reflow.unique()
+        slot = _FAR_PAST
+
+        async def body(s: Storage) -> None:
+            made = await s.upsert_schedule(ScheduleSpec(key, wf, codec.encode(1), EVERY_HOUR, slot))
+            await _set_paused(s, made, True)
+            changes = (
+                ("the same recurrence", EVERY_HOUR, slot + timedelta(minutes=5), slot),
+                ("another recurrence", EVERY_MINUTE, slot + timedelta(minutes=7), None),
+            )
+            for what, recurrence, next_run_at, kept in changes:
+                spec = ScheduleSpec(key, wf, codec.encode(what), recurrence, next_run_at)
+                record = await s.upsert_schedule(spec)
+                listed = await _find(s, key)
+                for seen, via in ((record, "returned"), (listed, "listed")):
+                    promise(
+                        seen is not None and seen.paused,
+                        P.SCHEDULE_PAUSE_KEPT,
+                        f"registered again with {what}, the paused schedule is {via} "
+                        f"{_paused(seen)}",
+                    )
+                    promise(
+                        seen is not None and seen.next_run_at == (kept or next_run_at),
+                        P.SCHEDULE_KEEP_CADENCE if kept else P.SCHEDULE_STORED,
+                        f"registered again with {what}, next_run_at {via} is "
+                        f"{seen and seen.next_run_at}",
+                    )
+                due = await _due_keys(s, {key})
+                promise(due == [], P.SCHEDULE_PAUSED_NOT_DUE, f"due after {what}: {due}")
+            # A running schedule stays running when registered again.
+            resumed = await s.set_schedule_paused(key, False)
+            promise(
+                resumed is not None and not resumed.paused,
+                P.SCHEDULE_PAUSE_SET,
+                f"resumed: {resumed}",
+            )
+            spec = ScheduleSpec(key, wf, codec.encode(3), EVERY_MINUTE, slot)
+            again = await s.upsert_schedule(spec)
+            promise(not again.paused, P.SCHEDULE_PAUSE_KEPT, "registering again paused it")
+            # Deleted while paused, then registered anew: a new schedule is not paused.
+            await s.set_schedule_paused(key, True)
+            await s.delete_schedule(key)
+            fresh = await s.upsert_schedule(spec)
+            listed = await _find(s, key)
+            promise(
+                not fresh.paused and listed is not None and not listed.paused,
+                P.SCHEDULE_PAUSE_KEPT,
+                f"a schedule registered after the paused one was deleted is returned "
+                f"{_paused(fresh)} and listed {_paused(listed)}",
+            )
+            due = await _due_keys(s, {key})
+            promise(due == [key], P.SCHEDULE_PAUSE_KEPT, f"the new schedule is not due: {due}")
+            await s.delete_schedule(key)
+
+        reflow.run(body)
+
+    def test_pausing_a_missing_schedule_returns_none_and_creates_nothing(
+        self, reflow: Harness
+    ) -> None:
+        key, gone, wf = reflow.unique("sched"), reflow.unique("sched"), reflow.unique()
+
+        async def body(s: Storage) -> None:
+            await s.upsert_schedule(ScheduleSpec(gone, wf, codec.encode(1), EVERY_HOUR, _FAR_PAST))
+            await s.delete_schedule(gone)
+            for name in (key, gone):
+                for paused, at in ((True, None), (False, None), (False, _future())):
+                    got = await s.set_schedule_paused(name, paused, next_run_at=at)
+                    promise(
+                        got is None,
+                        P.SCHEDULE_PAUSE_SET,
+                        f"set_schedule_paused of a missing schedule returned {got}",
+                    )
+                promise(
+                    await _find(s, name) is None,
+                    P.SCHEDULE_PAUSE_SET,
+                    f"set_schedule_paused of missing schedule {name!r} created it",
+                )
+
+        reflow.run(body)
