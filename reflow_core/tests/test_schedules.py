@@ -335,6 +335,55 @@ async def test_missed_slots_are_skipped_not_backfilled(store: Storage, clock: An
     assert listed.next_run_at == datetime(2026, 11, 24, 12, 11, tzinfo=UTC)
 
 
+async def test_a_paused_schedule_fires_nothing_until_resumed(store: Storage, clock: Any) -> None:
+    engine = make_engine(store, plain, clock=clock)
+    async with engines(engine):
+        await engine.schedule(plain, every="1m", key="k")
+        assert await engine.pause_schedule("k")
+        clock.advance(5 * 60 + 30)  # five slots pass while it is paused
+        assert await engine.tick() == 0
+        # A deploy registers the schedule again at start: it stays paused.
+        assert (await engine.schedule(plain, every="1m", key="k")).paused
+        assert (await engine.schedule(plain, every="2m", key="k")).paused
+        assert await engine.tick() == 0
+        assert await all_runs(store) == []
+
+        assert await engine.resume_schedule("k")
+        [listed] = await engine.list_schedules()
+        assert not listed.paused
+        now = clock()
+        # The slots missed while paused are skipped, not fired on resume.
+        assert now < listed.next_run_at <= now + timedelta(minutes=2)
+        assert await engine.tick() == 0
+        clock.advance(120)
+        assert await engine.tick() == 1
+    [run] = await all_runs(store)
+    assert run.idempotency_key == f"schedule:k:{ms(listed.next_run_at)}"
+
+
+async def test_resuming_before_the_next_slot_keeps_it(store: Storage, clock: Any) -> None:
+    engine = make_engine(store, plain, clock=clock)
+    async with engines(engine):
+        schedule = await engine.schedule(plain, every="1h", key="k")
+        assert await engine.pause_schedule("k")
+        assert await engine.pause_schedule("k")  # pausing twice is harmless
+        assert await engine.resume_schedule("k")
+        assert await engine.resume_schedule("k")
+        [listed] = await engine.list_schedules()
+    assert listed.next_run_at == schedule.next_run_at
+    assert not listed.paused
+
+
+async def test_pausing_or_resuming_a_missing_schedule_is_false(store: Storage) -> None:
+    engine = make_engine(store, plain)
+    async with engines(engine):
+        assert not await engine.pause_schedule("nope")
+        assert not await engine.resume_schedule("nope")
+        assert await engine.list_schedules() == []
+        with pytest.raises(ConfigError, match="key must be a non-empty string"):
+            await engine.pause_schedule("")
+
+
 async def test_cron_schedule_fires_at_its_matches(store: Storage, clock: Any) -> None:
     engine = make_engine(store, plain, clock=clock)
     async with engines(engine):

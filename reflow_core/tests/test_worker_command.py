@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -418,3 +419,47 @@ def test_children_of_a_killed_supervisor_drain_and_exit(
     runs = fleet.runs(inputs)
     assert {r.status for r in runs.values()} <= {"completed", "pending"}
     assert any(r.status == "pending" for r in runs.values())
+
+
+@pytest.mark.slow
+def test_reflow_workers_ls_follows_the_fleet(
+    fleet_factory: Callable[..., Fleet], store: str
+) -> None:
+    """``reflow workers ls``, run as a real process, lists both children of a
+    supervisor under their own pids; a SIGKILLed child leaves the list when
+    its 1 s lease lapses and its replacement joins it; a drained fleet
+    leaves nothing behind."""
+    fleet = fleet_factory(store, APP_CONCURRENCY="3")
+    supervisor = fleet.start("--processes", "2", "--log-format", "json")
+
+    def listed() -> list[dict[str, Any]]:
+        found = subprocess.run(
+            [sys.executable, "-m", "reflow_core", "--url", store, "--json", "workers", "ls"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert found.returncode == 0, found.stderr
+        return [json.loads(line) for line in found.stdout.splitlines()]
+
+    def children() -> set[int]:
+        started = [e for e in fleet.events(supervisor) if e["event"] == "worker_started"]
+        return {e["child"] for e in started}
+
+    fleet.wait("both children to be listed", lambda: len(listed()) == 2, timeout=20)
+    first = listed()
+    assert {w["pid"] for w in first} <= children()
+    for entry in first:
+        assert entry["workflows"] == [_WORKFLOW, "other"]
+        assert entry["concurrency"] == 3
+        assert entry["host"] == socket.gethostname()
+    victim = first[0]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    fleet.wait(
+        "the killed child to lapse and its replacement to be listed",
+        lambda: (lambda pids: victim not in pids and len(pids) == 2)({w["pid"] for w in listed()}),
+        timeout=20,
+    )
+    fleet.stop(supervisor)
+    assert listed() == []

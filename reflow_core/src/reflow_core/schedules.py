@@ -38,6 +38,11 @@ moves the schedule from that slot to the next one and creates the run, whose
 idempotency key is derived from the slot (``schedule:<key>:<slot in epoch
 ms>``). Any number of engines may race for a slot; one wins, and no crash can
 separate the move from the run.
+
+Pausing: a paused schedule fires no slot until it is resumed (:func:`set_paused`,
+``Engine.pause_schedule``, ``reflow schedules pause``), and a worker that
+registers it again at start keeps it paused. Slots that pass while it is
+paused are skipped: resuming moves a due schedule to its first slot after now.
 """
 
 from __future__ import annotations
@@ -54,10 +59,19 @@ from cronsim import CronSim, CronSimError
 
 from . import codec
 from ._durations import Duration, to_seconds
+from .adapter import check_text
 from .errors import ConfigError, IdempotencyConflictError
 from .storage import NewRun, RunRecord, ScheduleRecord, Storage
 
-__all__ = ["Recurrence", "Schedule", "Scheduler", "parse_recurrence", "slot_key", "to_epoch_ms"]
+__all__ = [
+    "Recurrence",
+    "Schedule",
+    "Scheduler",
+    "parse_recurrence",
+    "set_paused",
+    "slot_key",
+    "to_epoch_ms",
+]
 
 logger = logging.getLogger("reflow.schedules")
 
@@ -265,6 +279,8 @@ class Schedule:
     next_run_at: datetime
     created_at: datetime
     updated_at: datetime
+    paused: bool = False
+    """A paused schedule fires nothing until it is resumed."""
 
     @classmethod
     def from_record(cls, record: ScheduleRecord) -> Schedule:
@@ -282,7 +298,32 @@ class Schedule:
             next_run_at=record.next_run_at,
             created_at=record.created_at,
             updated_at=record.updated_at,
+            paused=record.paused,
         )
+
+
+async def set_paused(storage: Storage, key: str, paused: bool) -> ScheduleRecord | None:
+    """Pause or resume schedule ``key`` on ``storage``; ``None`` if there is none.
+
+    Resuming skips the slots that passed while the schedule was paused: if its
+    next slot is already due by the storage's clock, it moves to the first
+    slot strictly after now, so resuming never fires a burst of old slots (nor
+    one late slot). A schedule whose next slot is still ahead keeps it.
+    """
+    check_text(key, "key")
+    if paused:
+        return await storage.set_schedule_paused(key, True)
+    found = next((r for r in await storage.list_schedules() if r.key == key), None)
+    if found is None:
+        return None
+    now = await storage.now()
+    next_run_at = None
+    if found.next_run_at <= now:
+        try:
+            next_run_at = Recurrence.from_canonical(found.recurrence).next_after(now)
+        except ConfigError:
+            next_run_at = None  # a recurrence of a newer Reflow: its engines move it
+    return await storage.set_schedule_paused(key, False, next_run_at=next_run_at)
 
 
 def _local_now() -> datetime:

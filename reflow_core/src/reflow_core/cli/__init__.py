@@ -1,4 +1,5 @@
-"""The ``reflow`` command: inspect and control runs, events, schedules and storage.
+"""The ``reflow`` command: inspect and control runs, events, schedules,
+workers, queues and storage.
 
 ``reflow --url sqlite:///app.db runs ls`` (or ``REFLOW_URL=... reflow runs ls``;
 ``python -m reflow_core`` is the same command). Built on click; tables,
@@ -21,6 +22,7 @@ import click
 
 from ._common import URL_ENV, State, describe_error
 from ._events import events
+from ._fleet import stats, workers
 from ._plugins import COMMANDS_GROUP, register_commands
 from ._runs import runs
 from ._schedules import schedules
@@ -60,7 +62,7 @@ def build_cli(*, plugins: bool | list[object] = True) -> click.Group:
         name="reflow",
         callback=click.pass_context(_root),
         help=(
-            "Inspect and control Reflow runs, events, schedules and storage.\n\n"
+            "Inspect and control Reflow runs, events, schedules, workers and storage.\n\n"
             f"Every command works on the storage named by --url or ${URL_ENV}."
         ),
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -82,7 +84,7 @@ def build_cli(*, plugins: bool | list[object] = True) -> click.Group:
         ],
     )
     click.version_option(package_name="reflow-core", prog_name="reflow")(root)
-    for command in (runs, events, schedules, storage, worker):
+    for command in (runs, events, schedules, workers, stats, storage, worker):
         root.add_command(command)
     if plugins is not False:
         register_commands(root, None if plugins is True else plugins)

@@ -1,4 +1,4 @@
-"""``reflow schedules``: list, delete and trigger stored schedules."""
+"""``reflow schedules``: list, pause, resume, delete and trigger stored schedules."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from reflow_core._durations import describe
-from reflow_core.schedules import Recurrence
+from reflow_core.schedules import Recurrence, set_paused
 from reflow_core.storage import NewRun, RunRecord, ScheduleRecord
 
 from ._common import (
@@ -47,6 +48,7 @@ def _schedule_json(record: ScheduleRecord) -> dict[str, Any]:
         "workflow": record.workflow,
         "recurrence": record.recurrence,
         "next_run_at": record.next_run_at,
+        "paused": record.paused,
         "input": value,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
@@ -58,13 +60,13 @@ def _schedule_json(record: ScheduleRecord) -> dict[str, Any]:
 
 @click.group()
 def schedules() -> None:
-    """List, delete and trigger schedules."""
+    """List, pause, resume, delete and trigger schedules."""
 
 
 @schedules.command("ls")
 @pass_state
 def ls(state: State) -> None:
-    """List every stored schedule, by key, with its next slot."""
+    """List every stored schedule, by key, with its next slot and whether it is paused."""
 
     async def work() -> tuple[list[ScheduleRecord], datetime]:
         async with state.storage() as store:
@@ -79,7 +81,7 @@ def ls(state: State) -> None:
         state.console.print("no schedules")
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("KEY", "WORKFLOW", "RECURRENCE", "NEXT RUN", "INPUT"):
+    for column in ("KEY", "WORKFLOW", "RECURRENCE", "STATE", "NEXT RUN", "INPUT"):
         table.add_column(column, no_wrap=column != "INPUT")
     for record in records:
         value, problem = decode_stored(record.input)
@@ -87,7 +89,10 @@ def ls(state: State) -> None:
             record.key,
             record.workflow,
             _recurrence(record.recurrence),
-            f"{stamp(record.next_run_at)} ({relative(record.next_run_at, now)})",
+            Text("paused", style="yellow") if record.paused else "active",
+            "-"
+            if record.paused
+            else f"{stamp(record.next_run_at)} ({relative(record.next_run_at, now)})",
             f"(unreadable: {problem})" if problem else compact(value),
         )
     state.show(table)
@@ -144,3 +149,45 @@ def trigger(state: State, key: str) -> None:
             f"started run {run.id} of workflow {run.workflow!r} from schedule {key!r}",
             markup=False,
         )
+
+
+def _set_paused(state: State, key: str, paused: bool) -> None:
+    async def work() -> ScheduleRecord | None:
+        async with state.storage() as store:
+            return await set_paused(store, key, paused)
+
+    record = run_async(work)
+    if record is None:
+        fail(f"no schedule with key {key!r}")
+    if state.json:
+        echo_json(_schedule_json(record))
+    elif paused:
+        state.console.print(f"paused schedule {key!r}", markup=False)
+    else:
+        state.console.print(
+            f"resumed schedule {key!r}; next run {stamp(record.next_run_at)}", markup=False
+        )
+
+
+@schedules.command("pause")
+@click.argument("key")
+@pass_state
+def pause(state: State, key: str) -> None:
+    """Pause schedule KEY: no slot fires until it is resumed.
+
+    The pause is stored, so it holds for every worker, across restarts and
+    deploys (a worker that registers KEY again keeps it paused). Runs it
+    already started are not touched. Exit status 1 if there is no such schedule.
+    """
+    _set_paused(state, key, True)
+
+
+@schedules.command("resume")
+@click.argument("key")
+@pass_state
+def resume(state: State, key: str) -> None:
+    """Resume schedule KEY. Slots that passed while it was paused are
+    skipped: it next fires at its first slot after now. Exit status 1 if
+    there is no such schedule.
+    """
+    _set_paused(state, key, False)

@@ -210,13 +210,15 @@ async def _serve(engine: Engine, *, supervised: bool) -> int:
             logger.debug("start failure", exc_info=True)
             return 1
         logger.info(
-            "worker started: workflows %s, concurrency %d, storage %s",
+            "worker %s started: workflows %s, concurrency %d, storage %s",
+            engine.worker_id,
             ", ".join(engine.workflow_names),
             engine.concurrency,
             type(engine.storage).__name__,
             extra={
                 "reflow": {
                     "event": "worker_ready",
+                    "worker_id": engine.worker_id,
                     "workflows": engine.workflow_names,
                     "concurrency": engine.concurrency,
                 }

@@ -35,14 +35,16 @@ from reflow_core.errors import (
 )
 from reflow_core.events import ErrorCallback, Event, Observers, RunCancelled
 from reflow_core.registry import DISABLE_AUTOLOAD_ENV, load_observer_entry_points, open_storage
-from reflow_core.schedules import Schedule, Scheduler, parse_recurrence
+from reflow_core.schedules import Schedule, Scheduler, parse_recurrence, set_paused
 from reflow_core.storage import (
     TERMINAL_STATUSES,
     NewRun,
+    QueueStats,
     RunRecord,
     RunStatus,
     ScheduleSpec,
     Storage,
+    WorkerRecord,
 )
 from reflow_core.workflow import WaitDefinition, Workflow, to_plain_input
 
@@ -306,6 +308,12 @@ class Engine:
     def in_flight(self) -> int:
         """How many runs this engine's worker is executing now."""
         return len(self._worker.inflight)
+
+    @property
+    def worker_id(self) -> str:
+        """The id under which this engine's worker appears in the storage's
+        worker registry (:meth:`list_workers`, ``reflow workers ls``) while it runs."""
+        return self._worker.presence.worker_id
 
     @property
     def drain_timeout(self) -> float:
@@ -692,6 +700,47 @@ class Engine:
         """Every stored schedule, of any workflow, ordered by key."""
         await self._ensure_initialized("list_schedules")
         return [Schedule.from_record(r) for r in await self._storage.list_schedules()]
+
+    async def pause_schedule(self, key: str) -> bool:
+        """Pause schedule ``key``: it fires no slot until :meth:`resume_schedule`,
+        even when a worker registers it again at start. Returns False if there
+        is no such schedule."""
+        await self._ensure_initialized("pause_schedule")
+        return await set_paused(self._storage, key, True) is not None
+
+    async def resume_schedule(self, key: str) -> bool:
+        """Resume a paused schedule. Slots that passed while it was paused are
+        skipped: it next fires at its first slot after now. Returns False if
+        there is no such schedule."""
+        await self._ensure_initialized("resume_schedule")
+        record = await set_paused(self._storage, key, False)
+        if record is None:
+            return False
+        self._scheduler.expect(key, record.next_run_at)
+        self._worker.wake.set()
+        return True
+
+    async def list_workers(self) -> list[WorkerRecord]:
+        """The live workers of this engine's storage (every engine's, on every
+        machine), oldest first: each one's host, pid, workflows, concurrency
+        and runs in flight at its last announcement."""
+        await self._ensure_initialized("list_workers")
+        return await self._storage.list_workers()
+
+    async def queue_stats(
+        self, workflows: Collection[Workflow[Any, Any] | str] | None = None
+    ) -> list[QueueStats]:
+        """Each workflow's unfinished runs by status, and since when its oldest
+        pending run has waited: of ``workflows`` (zeros included), or of every
+        workflow with unfinished runs. Cheap on a store with a long history:
+        finished runs are not counted."""
+        await self._ensure_initialized("queue_stats")
+        names = None
+        if workflows is not None:
+            if isinstance(workflows, (str, Workflow)):
+                workflows = [workflows]
+            names = [w.name if isinstance(w, Workflow) else w for w in workflows]
+        return await self._storage.queue_stats(names)
 
     async def result(self, run_id: str, *, timeout: Duration | None = None) -> Any:
         """Wait for a run to finish and return its output.

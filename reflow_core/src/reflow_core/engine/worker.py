@@ -33,6 +33,7 @@ from reflow_core.storage import (
 from reflow_core.workflow import Workflow
 
 from .driver import InFlight, LeaseLost, RunDriver
+from .presence import Presence
 from .views import Clock
 
 __all__ = ["Worker"]
@@ -121,6 +122,13 @@ class Worker:
         self._adapter_errors = 0
         self._last_empty_claim = 0.0
         self._hint_timer: asyncio.TimerHandle | None = None
+        self.presence = Presence(
+            storage,
+            describe=lambda: (tuple(self._workflows), self._concurrency, len(self.inflight)),
+            every=heartbeat,
+            ttl=lease,
+        )
+        """This worker's entry in the storage's worker registry, while it runs."""
 
     @property
     def running(self) -> bool:
@@ -164,6 +172,7 @@ class Worker:
         self.ensure_background()
         await self._subscribe_wakeups()
         self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="reflow-dispatch")
+        self.presence.start()
         if self._retention is not None and self._purger is None:
             self._purger = asyncio.create_task(
                 self._retention_loop(self._retention), name="reflow-retention"
@@ -231,6 +240,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeater
             self._heartbeater = None
+        await self.presence.leave()
         if self._driver.executor is not None:
             self._driver.executor.shutdown(wait=False, cancel_futures=True)
             self._driver.executor = None
