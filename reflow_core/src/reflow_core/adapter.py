@@ -69,6 +69,7 @@ __all__ = [
     "encode_cursor",
     "encode_workflows",
     "from_epoch_us",
+    "is_delayed",
     "load_queries",
     "new_run_id",
     "new_run_record",
@@ -309,6 +310,7 @@ def queue_stats_from_counts(
     return [
         QueueStats(
             workflow=name,
+            delayed=counts.get(name, {}).get("delayed", 0),
             pending=counts.get(name, {}).get("pending", 0),
             running=counts.get(name, {}).get("running", 0),
             sleeping=counts.get(name, {}).get("sleeping", 0),
@@ -321,11 +323,13 @@ def queue_stats_from_counts(
 
 def new_run_record(run_id: str, new: NewRun, now: datetime) -> RunRecord:
     """The record of a run just created from ``new`` at ``now``: pending, due
-    at once, never attempted, with no output, error or lease."""
+    at once (or delayed, due after ``new.delay``), never attempted, with no
+    output, error or lease."""
+    delayed = is_delayed(new)
     return RunRecord(
         id=run_id,
         workflow=new.workflow,
-        status="pending",
+        status="delayed" if delayed else "pending",
         input=new.input,
         output=None,
         error=None,
@@ -335,8 +339,13 @@ def new_run_record(run_id: str, new: NewRun, now: datetime) -> RunRecord:
         lease_epoch=0,
         created_at=now,
         updated_at=now,
-        wake_at=now,
+        wake_at=now + new.delay if delayed and new.delay is not None else now,
     )
+
+
+def is_delayed(new: NewRun) -> bool:
+    """Whether ``new`` is created ``delayed``: it has a positive ``delay``."""
+    return new.delay is not None and new.delay > timedelta(0)
 
 
 def run_page(records: Sequence[RunRecord], limit: int) -> RunPage:
@@ -607,9 +616,12 @@ def check_duration(value: object, what: str) -> timedelta:
 
 
 def check_new_run(new: NewRun) -> None:
-    """:func:`check_text` on the names and keys of a run to create."""
+    """:func:`check_text` on the names and keys of a run to create, and
+    :func:`check_duration` on its ``delay``."""
     check_text(new.workflow, "workflow")
     if new.idempotency_key is not None:
         check_text(new.idempotency_key, "idempotency_key")
     if new.run_id is not None:
         check_text(new.run_id, "run_id")
+    if new.delay is not None:
+        check_duration(new.delay, "delay")

@@ -197,7 +197,7 @@ class MemoryStorage:
             if rec.lease_expires_at is not None and rec.lease_expires_at <= now:
                 return (0, rec.lease_expires_at)
             return None
-        due = rec.status in ("pending", "sleeping", "waiting")
+        due = rec.status in ("pending", "delayed", "sleeping", "waiting")
         if due and rec.wake_at is not None and rec.wake_at <= now:
             return (1, rec.wake_at)
         return None

@@ -30,6 +30,7 @@ Four principles hold for every operation:
 
 Statuses and transitions::
 
+    delayed ──(wake_at passes)──▶ claimable
     pending ──claim──▶ running ──finish_run──▶ completed | failed
        ▲                 │  │ ├─sleep_run──▶ sleeping ──(wake_at passes)──▶ claimable
        │                 │  │ └─wait_run───▶ waiting ──(event or timeout)──▶ claimable
@@ -73,7 +74,7 @@ __all__ = [
 ]
 
 RunStatus: TypeAlias = Literal[
-    "pending", "running", "sleeping", "waiting", "completed", "failed", "cancelled"
+    "delayed", "pending", "running", "sleeping", "waiting", "completed", "failed", "cancelled"
 ]
 """The lifecycle state of a run."""
 
@@ -95,6 +96,9 @@ class NewRun:
     idempotency_key: str | None = None
     run_id: str | None = None
     """Optional id chosen by the caller; the backend generates a unique one if ``None``."""
+    delay: timedelta | None = None
+    """Start no sooner than this long after creation, by the storage's clock:
+    the run is ``delayed`` until then (``None`` or zero: ``pending``, due at once)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +123,8 @@ class RunRecord:
     created_at: datetime
     updated_at: datetime
     wake_at: datetime | None = None
-    """When a sleeping run, or a waiting run with a timeout, becomes claimable."""
+    """When the run is (or became) due: a delayed run's start, a sleeping
+    run's wake-up, a waiting run's timeout, when a pending run became claimable."""
     waiting_for: str | None = None
     """The event name a waiting run waits for."""
     lease_expires_at: datetime | None = None
@@ -267,6 +272,9 @@ class QueueStats:
     """One workflow's queue: its unfinished runs by status (:meth:`Storage.queue_stats`)."""
 
     workflow: str
+    delayed: int
+    """Runs created with a delay that has not all passed yet, or has and they
+    wait for a claim (a due delayed run is claimable like a pending one)."""
     pending: int
     running: int
     """Runs held by a lease, lapsed or not."""
@@ -301,7 +309,9 @@ class Storage(Protocol):
         ...
 
     async def create_run(self, new: NewRun) -> CreateResult:
-        """Create a ``pending`` run, claimable at once.
+        """Create a ``pending`` run, claimable at once; or, with a positive
+        ``new.delay``, a ``delayed`` run whose ``wake_at`` is the storage's
+        now plus the delay, claimable from then on.
 
         With an ``idempotency_key``, at most one run exists per
         ``(workflow, idempotency_key)``, even under concurrent calls from many
@@ -323,8 +333,8 @@ class Storage(Protocol):
     ) -> list[ClaimedRun]:
         """Claim up to ``limit`` claimable runs of the given workflows.
 
-        Claimable means: ``pending``; ``sleeping`` or ``waiting`` with
-        ``wake_at`` at or before now; or ``running`` with a lapsed lease.
+        Claimable means: ``pending``; ``delayed``, ``sleeping`` or ``waiting``
+        with ``wake_at`` at or before now; or ``running`` with a lapsed lease.
         Each claimed run becomes ``running`` with a new lease ending at
         ``now + lease``, ``lease_epoch`` incremented, ``attempts`` incremented,
         and ``reclaims`` incremented when the claim took over a lapsed lease
