@@ -17,11 +17,13 @@ import pytest
 
 from reflow_conformance import testsupport
 from reflow_core import (
+    ConfigError,
     Engine,
     EventNotDeclaredError,
     RunFailedError,
     StepContext,
     ValidationError,
+    WaitTimedOut,
     WaitTimeoutError,
     Workflow,
     workflow,
@@ -363,6 +365,82 @@ async def test_wait_times_out_and_fails_the_run(db: Any, clock: Any) -> None:
     assert info.value.step == "approval"
     assert rec.calls == ["ask"]
     assert [f.step for f in failures] == ["approval"]
+
+
+async def test_a_wait_that_continues_on_timeout_passes_a_marker_on(db: Any, clock: Any) -> None:
+    seen: list[Any] = []
+
+    async def after(ctx: StepContext[Any, Any]) -> Any:
+        seen.append(ctx.prev)
+        if isinstance(ctx.prev, WaitTimedOut):
+            return {"approved": False, "timed_out": ctx.prev}
+        return {"approved": ctx.prev["yes"]}
+
+    wf = (
+        workflow("lenient")
+        .wait_for_event("approval", timeout="10m", on_timeout="continue")
+        .step("after", after)
+    )
+    storage = db.connect(clock=clock)
+    async with engine_on(storage, wf) as engine:
+        run = await engine.enqueue(wf)
+        assert await engine.tick() == 1
+        deadline = clock.now + timedelta(minutes=10)
+        clock.advance(600)
+        assert await engine.tick() == 1
+        done = await engine.get_run_status(run.id)
+        on_time = await engine.enqueue(wf)
+        assert await engine.tick() == 1
+        assert await engine.send_event(on_time.id, "approval", {"yes": True})
+        assert await engine.tick() == 1
+        assert await engine.result(on_time.id, timeout=1) == {"approved": True}
+
+    marker = WaitTimedOut("approval", deadline)
+    assert done.status == "completed"
+    assert done.output == {"approved": False, "timed_out": marker}
+    assert done.steps["approval"].status == "completed"
+    assert done.steps["approval"].output == marker
+    assert seen == [marker, {"yes": True}]
+
+
+async def test_a_replayed_run_sees_the_saved_timeout_marker(db: Any, clock: Any) -> None:
+    """The run is handed back after the wait timed out: the next claim
+    replays the saved marker, never waits again."""
+    calls: list[Any] = []
+
+    async def after(ctx: StepContext[Any, Any]) -> Any:
+        calls.append(ctx.prev)
+        if len(calls) == 1:
+            raise asyncio.CancelledError  # the worker goes away mid-step
+        return "done"
+
+    wf = (
+        workflow("replayed-timeout")
+        .wait_for_event("approval", timeout="1m", on_timeout="continue")
+        .step("after", after)
+    )
+    storage = db.connect(clock=clock)
+    async with engine_on(storage, wf) as engine:
+        run = await engine.enqueue(wf)
+        assert await engine.tick() == 1
+        clock.advance(60)
+        await engine.tick()
+        record = await storage.get_run(run.id)
+        assert record is not None
+        if record.status != "completed":  # handed back: claim it again
+            clock.advance(LEASE + 1)
+            await engine.tick()
+        assert await engine.result(run.id, timeout=1) == "done"
+    assert len(calls) == 2
+    assert calls[0] == calls[1]
+    assert isinstance(calls[0], WaitTimedOut)
+
+
+async def test_continue_on_timeout_needs_a_timeout() -> None:
+    with pytest.raises(ConfigError, match="on_timeout='continue' but no timeout"):
+        workflow("w").wait_for_event("e", on_timeout="continue")  # type: ignore[call-overload]
+    with pytest.raises(ConfigError, match="on_timeout must be 'fail' or 'continue'"):
+        workflow("w").wait_for_event("e", timeout="1m", on_timeout="skip")  # type: ignore[call-overload]
 
 
 async def test_event_before_the_timeout_wakes_the_run_at_once(db: Any, clock: Any) -> None:

@@ -51,3 +51,13 @@ def test_prev_after_a_conditional_step_is_its_output_or_its_input() -> None:
     # A plain and an async predicate both widen prev to the union.
     revealed = 'Revealed type is "reflow_core.workflow.Workflow[conditional.Order, str | int]"'
     assert out.count(revealed) == 2, out
+
+
+@pytest.mark.slow
+def test_a_wait_that_continues_on_timeout_adds_the_marker_to_prev() -> None:
+    out, status = _mypy("wait_timeout.py")
+    assert status == 0, out
+    workflow_type = "reflow_core.workflow.Workflow[Any, wait_timeout.Approval{}]"
+    assert f'Revealed type is "{workflow_type.format("")}"' in out, out
+    marker = " | reflow_core.codec.WaitTimedOut"
+    assert f'Revealed type is "{workflow_type.format(marker)}"' in out, out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .codec import JSONValue
+from .codec import JSONValue, WaitTimedOut
 from .context import CancelSignal, FailureContext, StepContext
 from .engine import Clock, Engine, Run, RunList, StepResult, SystemClock
 from .errors import (
@@ -114,6 +114,7 @@ __all__ = [
     "StorageError",
     "SystemClock",
     "ValidationError",
+    "WaitTimedOut",
     "WaitTimeoutError",
     "Workflow",
     "WorkflowNotFoundError",

@@ -25,19 +25,23 @@ Tags are one-key objects whose key starts with ``$``:
   its key in an RFC 9557 suffix. Naive datetimes stay naive.
 * ``{"$escape": {...}}``: a user dict that itself has exactly one key starting
   with ``$``, so it can never be mistaken for a tag.
+* ``{"$wait_timed_out": {"event": ..., "deadline": ...}}``: a
+  :class:`WaitTimedOut`, the value a wait with ``on_timeout="continue"``
+  passes on when its event did not come in time.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import SerializationError
 
-__all__ = ["MAX_DEPTH", "JSONValue", "check_plain", "decode", "encode"]
+__all__ = ["MAX_DEPTH", "JSONValue", "WaitTimedOut", "check_plain", "decode", "encode"]
 
 JSONValue: TypeAlias = (
     "bool | int | float | str | datetime | list[JSONValue] | dict[str, JSONValue] | None"
@@ -50,6 +54,23 @@ recursion limit for every step of encoding, storing and decoding."""
 
 _DATETIME = "$datetime"
 _ESCAPE = "$escape"
+_WAIT_TIMED_OUT = "$wait_timed_out"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitTimedOut:
+    """What a wait for an event declared with ``on_timeout="continue"`` passes
+    to the next step (as ``ctx.prev``) when no event came before its timeout.
+
+    It is saved as the wait's result, so a replayed run sees the same value,
+    and it is plain data to the codec: a step may return it or put it in its
+    output."""
+
+    event: str
+    """The event that was waited for."""
+    deadline: datetime
+    """When the wait timed out, by the storage's clock."""
+
 
 # ASCII-only text: every character outside ASCII (NUL and lone surrogates
 # included) is a \u escape, so any store that takes text can keep it exactly.
@@ -115,6 +136,14 @@ def _to_json(value: object, path: str, depth: int) -> Any:
         return out
     if kind is datetime:
         return {_DATETIME: _datetime_text(value)}  # type: ignore[arg-type]
+    if kind is WaitTimedOut:
+        marker: WaitTimedOut = value  # type: ignore[assignment]
+        return {
+            _WAIT_TIMED_OUT: {
+                "event": marker.event,
+                "deadline": {_DATETIME: _datetime_text(marker.deadline)},
+            }
+        }
     raise SerializationError(
         f"{kind.__qualname__} is not plain data (use None, bool, int, finite float, str, "
         "list, dict with str keys or datetime)",
@@ -192,8 +221,23 @@ def _from_json(value: Any, depth: int) -> Any:
                 return _parse_datetime(item)
             if key == _ESCAPE and type(item) is dict:
                 value = item
+            elif key == _WAIT_TIMED_OUT and type(item) is dict:
+                return _wait_timed_out(item)
         return {k: _from_json(v, depth) for k, v in value.items()}
     return value
+
+
+def _wait_timed_out(item: dict[str, Any]) -> WaitTimedOut:
+    event = item.get("event")
+    stamp = item.get("deadline")
+    if (
+        type(event) is not str
+        or type(stamp) is not dict
+        or type(stamp.get(_DATETIME)) is not str
+        or len(item) != 2
+    ):
+        raise SerializationError(f"stored {_WAIT_TIMED_OUT} marker is malformed: {item!r}")
+    return WaitTimedOut(event, _parse_datetime(stamp[_DATETIME]))
 
 
 def decode(text: str | bytes) -> Any:

@@ -19,11 +19,12 @@ import functools
 import inspect
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeAlias, TypeVar, cast, overload
+from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar, cast, overload
 
 from ._durations import Duration, to_seconds
 from ._typecheck import TypeMismatch, is_typeddict_class, type_validator
 from .adapter import check_text
+from .codec import WaitTimedOut
 from .context import FailureContext, StepContext
 from .errors import ConfigError, DuplicateStepError, ValidationError
 from .retry import NO_RETRY, Retry
@@ -89,6 +90,8 @@ class WaitDefinition:
     name: str
     validator: Validator
     timeout: float | None
+    continue_on_timeout: bool = False
+    """On timeout, go on with a :class:`~reflow_core.codec.WaitTimedOut` instead of failing."""
 
     def validate(self, workflow: str, raw: Any) -> Any:
         return _validate(
@@ -403,26 +406,41 @@ class Workflow(Generic[InputT, PrevT]):
 
     @overload
     def wait_for_event(
-        self, name: str, *, schema: None = None, timeout: Duration | None = None
+        self,
+        name: str,
+        *,
+        schema: None = None,
+        timeout: Duration | None = None,
+        on_timeout: Literal["fail", "continue"] = "fail",
     ) -> Workflow[InputT, Any]: ...
 
     @overload
     def wait_for_event(
-        self, name: str, *, schema: type[T], timeout: Duration | None = None
+        self,
+        name: str,
+        *,
+        schema: type[T] | SupportsValidatePython[T] | Callable[[Any], T],
+        timeout: Duration | None = None,
+        on_timeout: Literal["fail"] = "fail",
     ) -> Workflow[InputT, T]: ...
 
     @overload
     def wait_for_event(
-        self, name: str, *, schema: SupportsValidatePython[T], timeout: Duration | None = None
-    ) -> Workflow[InputT, T]: ...
+        self,
+        name: str,
+        *,
+        schema: type[T] | SupportsValidatePython[T] | Callable[[Any], T],
+        timeout: Duration,
+        on_timeout: Literal["continue"],
+    ) -> Workflow[InputT, T | WaitTimedOut]: ...
 
-    @overload
     def wait_for_event(
-        self, name: str, *, schema: Callable[[Any], T], timeout: Duration | None = None
-    ) -> Workflow[InputT, T]: ...
-
-    def wait_for_event(
-        self, name: str, *, schema: object = None, timeout: Duration | None = None
+        self,
+        name: str,
+        *,
+        schema: object = None,
+        timeout: Duration | None = None,
+        on_timeout: Literal["fail", "continue"] = "fail",
     ) -> Workflow[InputT, Any]:
         """Append a wait for the event ``name`` (sent with ``Engine.send_event``).
 
@@ -430,8 +448,23 @@ class Workflow(Generic[InputT, PrevT]):
         before the run gets here is kept and consumed when it does. The
         payload is validated by ``schema`` (as workflow input is) and becomes
         the next step's ``prev``. Without an event before ``timeout``, the run
-        fails with :class:`~reflow_core.errors.WaitTimeoutError`.
+        fails with :class:`~reflow_core.errors.WaitTimeoutError`; with
+        ``on_timeout="continue"`` it goes on instead, and the next step's
+        ``prev`` is a :class:`~reflow_core.codec.WaitTimedOut` (saved as the
+        wait's result, so a replay sees it too).
         """
+        if on_timeout not in ("fail", "continue"):
+            raise ConfigError(
+                f"workflow {self._name!r}: wait {name!r} on_timeout must be 'fail' or "
+                f"'continue', got {on_timeout!r}",
+                option="on_timeout",
+            )
+        if on_timeout == "continue" and timeout is None:
+            raise ConfigError(
+                f"workflow {self._name!r}: wait {name!r} has on_timeout='continue' but no "
+                "timeout; give timeout=",
+                option="on_timeout",
+            )
         self._check_name(name)
         seconds = (
             None
@@ -439,7 +472,7 @@ class Workflow(Generic[InputT, PrevT]):
             else to_seconds(timeout, option=f"wait {name!r} timeout", allow_zero=False)
         )
         validator = _make_validator(schema, self._name, "payload")
-        return self._then(WaitDefinition(name, validator, seconds))
+        return self._then(WaitDefinition(name, validator, seconds, on_timeout == "continue"))
 
     def parallel(
         self,

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from reflow_core import codec
+from reflow_core.codec import WaitTimedOut
 from reflow_core.context import CancelSignal, CompleteRun, StepContext
 from reflow_core.errors import (
     ParallelCompleteError,
@@ -337,14 +338,19 @@ class WaitUnit:
                     if result.ready:  # an event came in meanwhile: take it now
                         return await self.drive(run, wait)
                     return await self._released(run, wait, result.deadline)
-                await driver.fail(
-                    run, WaitTimeoutError(wait.name, run_id=run.record.id), step=wait.name
-                )
-                return True
+                if not wait.continue_on_timeout:
+                    await driver.fail(
+                        run, WaitTimeoutError(wait.name, run_id=run.record.id), step=wait.name
+                    )
+                    return True
+                return await self._timed_out(run, wait, deadline)
             payload_text = taken.payload
         else:
             payload_text = saved.output
         raw = read_stored(payload_text, f"payload of event {wait.name!r}", run.record.id)
+        if isinstance(raw, WaitTimedOut):  # a timeout saved as the wait's result: go on
+            run.advance(wait.name, raw)
+            return await self._go_on(run, raw)
         try:
             value = wait.validate(run.record.workflow, raw)
         except ValidationError as exc:
@@ -353,9 +359,28 @@ class WaitUnit:
         if saved is None or saved.status != "completed":
             await driver.emit(StepCompleted(run.record.id, run.record.workflow, wait.name, raw, 1))
         run.advance(wait.name, value)
+        return await self._go_on(run, raw)
+
+    async def _go_on(self, run: Execution, raw: Any) -> bool:
+        """After the wait's value is known: finish a run that ends here."""
         if run.last:
-            await driver.complete(run, codec.encode(raw), None)
+            await self.driver.complete(run, codec.encode(raw), None)
             return True
+        return False
+
+    async def _timed_out(self, run: Execution, wait: WaitDefinition, deadline: datetime) -> bool:
+        """The timeout of a wait that goes on: save the marker as its result."""
+        marker = WaitTimedOut(wait.name, deadline)
+        text = codec.encode(marker)
+        record = StepRecord(name=wait.name, status="completed", output=text)
+        completed = StepCompleted(run.record.id, run.record.workflow, wait.name, marker, 1)
+        if run.last:
+            await self.driver.emit(completed)
+            await self.driver.complete(run, text, record)
+            return True
+        await self.driver.save(run, record)
+        await self.driver.emit(completed)
+        run.advance(wait.name, marker)
         return False
 
 
