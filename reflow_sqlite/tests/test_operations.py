@@ -111,6 +111,48 @@ async def test_concurrent_idempotent_creates_from_many_connections_make_one_run(
     assert len({r.run.id for r in results}) == 1
 
 
+async def test_a_delayed_run_waits_for_its_wake_at_then_is_claimed_in_due_order(
+    opener, clock
+) -> None:
+    store = await opener()
+    created = clock.now
+    later = (await store.create_run(NewRun("wf", "later", delay=timedelta(seconds=10)))).run
+    assert (later.status, later.wake_at, later.created_at) == (
+        "delayed",
+        created + timedelta(seconds=10),
+        created,
+    )
+    assert await store.get_run(later.id) == later
+    for delay in (None, timedelta(0)):
+        assert (await store.create_run(NewRun("wf", "now", delay=delay))).run.status == "pending"
+    clock.advance(5)
+    soon = (await store.create_run(NewRun("wf", "soon", delay=timedelta(seconds=3)))).run
+    assert [r.id for r in (await store.list_runs(status=["delayed"])).runs] == [soon.id, later.id]
+    stats = await store.queue_stats(["wf"])
+    assert [(s.delayed, s.pending) for s in stats] == [(2, 2)]
+    assert [c.run.input for c in await store.claim_runs(["wf"], 10, LEASE)] == ["now", "now"]
+    clock.advance(5)  # 10 s after the first create: both delays have passed
+    claimed = await store.claim_runs(["wf"], 10, LEASE)
+    assert [c.run.id for c in claimed] == [soon.id, later.id]  # by wake_at
+    assert [(c.run.status, c.reclaimed, c.run.reclaims) for c in claimed] == [
+        ("running", False, 0)
+    ] * 2
+
+
+async def test_a_delayed_run_can_be_cancelled_and_an_idempotent_hit_keeps_it(opener, clock) -> None:
+    store = await opener()
+    new = NewRun("wf", "1", idempotency_key="k", delay=timedelta(minutes=1))
+    run = (await store.create_run(new)).run
+    again = await store.create_run(NewRun("wf", "1", idempotency_key="k"))
+    assert (again.created, again.run) == (False, run)
+    assert await store.update_run_status(run.id, "cancelled")
+    assert (await store.get_run(run.id)).status == "cancelled"  # type: ignore[union-attr]
+    clock.advance(120)
+    assert await store.claim_runs(["wf"], 10, LEASE) == []
+    with pytest.raises(ConfigError):
+        await store.create_run(NewRun("wf", "1", delay=timedelta(seconds=-1)))
+
+
 # -- claim_runs ----------------------------------------------------------------------------
 
 

@@ -277,3 +277,111 @@ def test_only_creating_and_ending_a_run_write_the_stats_index() -> None:
         assert all(writes_the_index(QUERIES[name]) for name in written)
     finally:
         raw.close()
+
+
+# -- version 4: delayed runs -------------------------------------------------------------
+
+
+def schema_objects(path: Path) -> list[tuple[str, str, str, str]]:
+    """Every object of the file's schema, with the statement that made it."""
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute(
+            "SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master ORDER BY name"
+        ).fetchall()
+    finally:
+        raw.close()
+
+
+async def test_a_version_3_database_with_runs_is_migrated_forward(
+    opener, db_path, tmp_path, clock
+) -> None:
+    """Version 4 rebuilds runs (a CHECK constraint cannot be altered): every
+    row comes through unchanged, the indexes and the trigger are back as a new
+    file has them, and delayed runs are stored, counted and claimed."""
+    assert SCHEMA_VERSION >= 4
+    start = to_epoch_us(clock.now)
+    columns = (
+        "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims,"
+        " lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at,"
+        " finished_at"
+    )
+    rows = [
+        ("due", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
+         start - 9, None, None, None),
+        ("held", "wf", "running", "2", None, None, None, 1, 0, 1, start - 8, start - 7,
+         None, None, start + 60_000_000, None),
+        ("lapsed", "wf", "running", "3", None, None, None, 2, 1, 2, start - 8, start - 7,
+         None, None, start - 1, None),
+        ("asleep", "wf", "sleeping", "4", None, None, None, 1, 0, 1, start - 6, start - 6,
+         start - 2, None, None, None),
+        ("parked", "wf", "waiting", "5", None, None, None, 1, 0, 1, start - 5, start - 5,
+         None, "go", None, None),
+        ("done", "wf", "completed", "6", '"ok"', None, None, 1, 0, 1, start - 4, start - 3,
+         None, None, None, start - 3),
+    ]  # fmt: skip
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        for migration in MIGRATIONS[:3]:
+            for statement in migration:
+                raw.execute(statement)
+        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        raw.execute("PRAGMA user_version = 3")
+        raw.executemany(f"INSERT INTO runs ({columns}) VALUES ({','.join('?' * 16)})", rows)
+        raw.execute(
+            "INSERT INTO steps VALUES ('asleep', 'nap', 'sleeping', NULL, NULL, 1, ?, ?)",
+            (start - 2, start - 6),
+        )
+        raw.execute(
+            "INSERT INTO events (run_id, name, payload, event_id, created_at)"
+            " VALUES ('parked', 'other', '7', NULL, ?)",
+            (start - 5,),
+        )
+        with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+            raw.execute(
+                "INSERT INTO runs (id, workflow, status, input, created_at, updated_at)"
+                " VALUES ('x', 'wf', 'delayed', '1', 1, 1)"
+            )
+    finally:
+        raw.close()
+    before = {(kind, name, table) for kind, name, table, _ in schema_objects(db_path)}
+    store = await opener()
+    assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    after = {(kind, name, table) for kind, name, table, _ in schema_objects(db_path)}
+    assert after == before  # every index and the trigger made again, nothing left over
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute(f"SELECT {columns} FROM runs ORDER BY created_at, id").fetchall() == rows
+        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        raw.close()
+    # The same tables, indexes and trigger as a file created at this version.
+    await opener(tmp_path / "fresh.db")
+    assert schema_objects(db_path) == schema_objects(tmp_path / "fresh.db")
+
+    # The rebuilt table keeps its idempotency keys and serves delayed runs.
+    again = await store.create_run(NewRun("wf", "1", idempotency_key="key"))
+    assert (again.created, again.run.id) == (False, "due")
+    delayed = (await store.create_run(NewRun("wf", "8", delay=timedelta(seconds=1)))).run
+    assert delayed.status == "delayed"
+    stats = await store.queue_stats()
+    assert [(s.delayed, s.pending, s.running, s.sleeping, s.waiting) for s in stats] == [
+        (1, 1, 2, 1, 1)
+    ]
+    lease = timedelta(seconds=30)
+    first = await store.claim_runs(["wf"], 10, lease)
+    assert [(c.run.id, c.reclaimed) for c in first] == [
+        ("lapsed", True),
+        ("due", False),
+        ("asleep", False),
+    ]
+    assert first[2].steps["nap"].status == "sleeping"
+    clock.advance(1)
+    assert [c.run.id for c in await store.claim_runs(["wf"], 10, lease)] == [delayed.id]
+    # The trigger is back: ending a run drops its buffered events.
+    assert await store.update_run_status("parked", "cancelled")
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    finally:
+        raw.close()

@@ -18,10 +18,12 @@ from typing import Any, TypeAlias, TypeVar
 from reflow_core.adapter import (
     encode_workflows,
     from_epoch_us,
+    is_delayed,
     queue_stats_from_counts,
     run_from_row,
     run_page,
     schedule_from_row,
+    span_us,
     step_from_row,
     to_epoch_us,
     worker_from_row,
@@ -131,10 +133,24 @@ def inspect(now: int) -> Script[tuple[int, int, int]]:
 
 
 def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
+    # A positive delay makes the run 'delayed', due that long after now (the
+    # storage clock, read under the write lock); otherwise it is due at once.
+    # An idempotent hit returns the existing run as it is, whatever the delay.
+    delay_us = span_us(new.delay) if new.delay is not None and is_delayed(new) else 0
+    status = "delayed" if delay_us else "pending"
     try:
         rows = yield (
             Q["insert_run"],
-            (run_id, new.workflow, new.input, new.idempotency_key, now, now, now),
+            (
+                run_id,
+                new.workflow,
+                status,
+                new.input,
+                new.idempotency_key,
+                now,
+                now,
+                now + delay_us,
+            ),
         )
     except sqlite3.IntegrityError as exc:
         if getattr(exc, "sqlite_errorname", "") == "SQLITE_CONSTRAINT_PRIMARYKEY":

@@ -53,9 +53,11 @@ PRAGMA wal_checkpoint(TRUNCATE)
 
 -- -- runs --------------------------------------------------------------------
 
+-- The status is 'pending' (wake_at: now) or 'delayed' (wake_at: now plus
+-- the delay).
 -- name: insert_run
 INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at)
-VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (workflow, idempotency_key) DO NOTHING
 RETURNING {run_columns}
 
@@ -66,8 +68,10 @@ SELECT {run_columns} FROM runs WHERE workflow = ? AND idempotency_key = ?
 SELECT {run_columns} FROM runs WHERE id = ?
 
 -- Lapsed leases first, so a backlog cannot starve a dead worker's runs, then
--- everything else by due time; ties broken by id. Both queries walk a
--- partial index in order and stop at the limit. The unary "+" keeps the
+-- everything else by due time (a due delayed run like a due sleeping one);
+-- ties broken by id. Both queries walk a partial index in order and stop at
+-- the limit: claim_due's status list is the WHERE of runs_due, word for word
+-- (SQLite uses a partial index only for a query that implies its WHERE). The unary "+" keeps the
 -- planner off the (workflow, idempotency_key) index, which would make it
 -- read and sort every run of the workflow, history included.
 -- name: claim_lapsed
@@ -77,7 +81,8 @@ ORDER BY lease_expires_at, id LIMIT ?
 
 -- name: claim_due
 SELECT id FROM runs
-WHERE status IN ('pending', 'sleeping', 'waiting') AND wake_at <= ? AND +workflow IN ({workflows})
+WHERE status IN ('delayed', 'pending', 'sleeping', 'waiting') AND wake_at <= ?
+    AND +workflow IN ({workflows})
 ORDER BY wake_at, id LIMIT ?
 
 -- Column references on the right-hand side see the row before the update,
@@ -294,12 +299,14 @@ DELETE FROM workers WHERE id = ? RETURNING expires_at
 -- that a guarantee (SQLite refuses the query rather than plan a scan).
 -- name: queue_stats_all
 SELECT workflow, status, count(*), min(wake_at) FROM runs INDEXED BY runs_unfinished
-WHERE finished_at IS NULL AND status IN ('pending', 'running', 'sleeping', 'waiting')
+WHERE finished_at IS NULL
+    AND status IN ('delayed', 'pending', 'running', 'sleeping', 'waiting')
 GROUP BY workflow, status
 
 -- The same for the named workflows only (one "?" each): a seek per workflow.
 -- name: queue_stats_of
 SELECT workflow, status, count(*), min(wake_at) FROM runs INDEXED BY runs_unfinished
-WHERE finished_at IS NULL AND status IN ('pending', 'running', 'sleeping', 'waiting')
+WHERE finished_at IS NULL
+    AND status IN ('delayed', 'pending', 'running', 'sleeping', 'waiting')
     AND workflow IN ({workflows})
 GROUP BY workflow, status

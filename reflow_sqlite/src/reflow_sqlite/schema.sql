@@ -127,7 +127,66 @@ CREATE TABLE workers (
 -- run adds an entry and ending one removes it.
 CREATE INDEX runs_unfinished ON runs (workflow) WHERE finished_at IS NULL;
 
--- -- what the trigger of version 2 runs --------------------------------------
+-- Version 4: delayed runs.
+-- name: v4
+-- A run created with a delay is 'delayed' until its wake_at, then claimable
+-- like a due sleeping run. SQLite cannot change a CHECK constraint in place,
+-- so runs is rebuilt as https://sqlite.org/lang_altertable.html#otheralter
+-- says: a new table with the new CHECK and every column in the same order,
+-- the rows copied, the old table dropped (its indexes and trigger with it)
+-- and the new one renamed, then the indexes and the trigger made again as
+-- versions 1 to 3 made them, except runs_due, which holds delayed runs too.
+-- One transaction, like every migration: other processes wait for it.
+CREATE TABLE runs_v4 (
+    id               TEXT    PRIMARY KEY,
+    workflow         TEXT    NOT NULL,
+    status           TEXT    NOT NULL CHECK (status IN (
+                         'delayed', 'pending', 'running', 'sleeping', 'waiting',
+                         'completed', 'failed', 'cancelled')),
+    input            TEXT    NOT NULL,
+    output           TEXT,
+    error            TEXT,
+    idempotency_key  TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    reclaims         INTEGER NOT NULL DEFAULT 0,
+    lease_epoch      INTEGER NOT NULL DEFAULT 0,
+    created_at       INTEGER NOT NULL,
+    updated_at       INTEGER NOT NULL,
+    wake_at          INTEGER,
+    waiting_for      TEXT,
+    lease_expires_at INTEGER,
+    finished_at      INTEGER,
+    UNIQUE (workflow, idempotency_key)
+);
+INSERT INTO runs_v4 (id, workflow, status, input, output, error, idempotency_key,
+    attempts, reclaims, lease_epoch, created_at, updated_at, wake_at, waiting_for,
+    lease_expires_at, finished_at)
+SELECT id, workflow, status, input, output, error, idempotency_key,
+    attempts, reclaims, lease_epoch, created_at, updated_at, wake_at, waiting_for,
+    lease_expires_at, finished_at
+FROM runs;
+DROP TABLE runs;
+ALTER TABLE runs_v4 RENAME TO runs;
+-- Claimable by due time: pending, delayed, sleeping, and waiting with a
+-- deadline or a delivered event (the claim_due query names the same
+-- statuses in the same order, which is how SQLite knows it may use it).
+CREATE INDEX runs_due ON runs (wake_at, id)
+    WHERE status IN ('delayed', 'pending', 'sleeping', 'waiting');
+CREATE INDEX runs_lease ON runs (lease_expires_at, id)
+    WHERE status = 'running';
+CREATE INDEX runs_created ON runs (created_at, id);
+CREATE INDEX runs_workflow_created ON runs (workflow, created_at, id);
+CREATE INDEX runs_finished ON runs (finished_at, id)
+    WHERE finished_at IS NOT NULL;
+CREATE INDEX runs_unfinished ON runs (workflow) WHERE finished_at IS NULL;
+CREATE TRIGGER runs_end_drops_buffered_events AFTER UPDATE OF finished_at ON runs
+    WHEN NEW.finished_at IS NOT NULL
+BEGIN
+    {drop_buffered};
+    {retire_buffered};
+END;
+
+-- -- what the trigger of versions 2 and 4 runs --------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those
 -- with one stay as taken with no payload (retire_buffered), so a

@@ -313,7 +313,9 @@ class SQLiteStorage:
     # -- runs ----------------------------------------------------------------------
 
     async def create_run(self, new: NewRun) -> CreateResult:
-        """Create a ``pending`` run, or return the run already holding its idempotency key."""
+        """Create a ``pending`` run (``delayed`` until now plus ``new.delay``,
+        by the storage clock, if that is positive), or return the run already
+        holding its idempotency key."""
         check_new_run(new)
         run_id = new.run_id or new_run_id()
         return await self._call("create_run", lambda now: scripts.create(now, new, run_id))

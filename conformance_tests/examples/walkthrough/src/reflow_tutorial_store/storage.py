@@ -118,6 +118,11 @@ MIGRATIONS = (
         "CREATE INDEX runs_unfinished ON runs (workflow, status, wake_at)"
         " WHERE status IN ('pending', 'running', 'sleeping', 'waiting')",
     ),
+    (  # Version 3: delayed runs. The index of unfinished runs holds them too.
+        "DROP INDEX runs_unfinished",
+        "CREATE INDEX runs_unfinished ON runs (workflow, status, wake_at)"
+        " WHERE status IN ('delayed', 'pending', 'running', 'sleeping', 'waiting')",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # kit.render_sql fills in our own column lists, never a value: values are bound.
@@ -172,7 +177,7 @@ LIST_WORKERS = kit.render_sql(
 # counts from that index alone: the cost is the number of unfinished runs.
 QUEUE_STATS = (
     "SELECT workflow, status, count(*), min(wake_at) FROM runs"
-    " WHERE status IN ('pending', 'running', 'sleeping', 'waiting')"
+    " WHERE status IN ('delayed', 'pending', 'running', 'sleeping', 'waiting')"
     " AND (:workflows IS NULL OR workflow IN (SELECT value FROM json_each(:workflows)))"
     " GROUP BY workflow, status"
 )
@@ -317,14 +322,27 @@ class TutorialStorage:
                     raise IdempotencyConflictError(new.workflow, new.idempotency_key, existing.id)
                 return CreateResult(existing, created=False)
         run_id = new.run_id or kit.new_run_id()
-        # A new run is due at once: wake_at = created_at = updated_at = now.
+        # The kit builds the new run's record: pending and due at once
+        # (wake_at = created_at = now), or, created with a positive delay,
+        # delayed until now + delay. The row holds exactly that record.
+        run = kit.new_run_record(run_id, new, kit.from_epoch_us(now))
+        assert run.wake_at is not None  # a new run always has a due time
         cur.execute(
             "INSERT INTO runs (id, workflow, status, input, idempotency_key, attempts, reclaims,"
             " lease_epoch, created_at, updated_at, wake_at)"
-            " VALUES (?, ?, 'pending', ?, ?, 0, 0, 0, ?, ?, ?)",
-            (run_id, new.workflow, new.input, new.idempotency_key, now, now, now),
+            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?)",
+            (
+                run_id,
+                new.workflow,
+                run.status,
+                new.input,
+                new.idempotency_key,
+                now,
+                now,
+                kit.to_epoch_us(run.wake_at),
+            ),
         )
-        return CreateResult(kit.new_run_record(run_id, new, kit.from_epoch_us(now)), created=True)
+        return CreateResult(run, created=True)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         kit.check_text(run_id, "run_id")
@@ -359,7 +377,8 @@ class TutorialStorage:
                 "SELECT id, status = 'running' FROM runs"
                 " WHERE workflow IN (SELECT value FROM json_each(:workflows))"
                 " AND ((status = 'running' AND lease_expires_at <= :now)"
-                "  OR (status IN ('pending', 'sleeping', 'waiting') AND wake_at <= :now))"
+                "  OR (status IN ('pending', 'delayed', 'sleeping', 'waiting')"
+                "   AND wake_at <= :now))"
                 " ORDER BY status = 'running' DESC, coalesce(lease_expires_at, wake_at), id"
                 " LIMIT :limit",
                 {"workflows": json.dumps(list(workflows)), "now": now, "limit": limit},
