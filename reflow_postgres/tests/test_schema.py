@@ -119,8 +119,9 @@ def _plan_nodes(plan: dict[str, object]) -> list[dict[str, object]]:
 async def test_the_claim_never_scans_finished_history(
     postgres_url: str, schema: str, admin: Admin
 ) -> None:
-    """With many finished runs and a few runnable ones, the claim reads the
-    partial indexes only: its cost does not grow with history."""
+    """With many finished runs and a few runnable ones (and delayed ones not
+    yet due), the claim reads the partial indexes only: its cost does not
+    grow with history."""
     store = PostgresStorage.from_url(postgres_url)
     await store.initialize()
     ident = sql.Identifier(schema)
@@ -133,6 +134,7 @@ async def test_the_claim_never_scans_finished_history(
     )
     for _ in range(5):
         await store.create_run(NewRun("wf", "1"))
+        await store.create_run(NewRun("wf", "1", delay=timedelta(hours=1)))
     admin.execute(sql.SQL("ANALYZE {}.runs").format(ident))
     statement = store._sql["claim"].decode()
     params = {"workflows": ["wf"], "limit": 10, "lease": timedelta(seconds=30)}
@@ -163,7 +165,9 @@ async def test_queue_stats_never_scan_finished_history(
 ) -> None:
     """With many finished runs and a few unfinished ones, queue_stats reads
     the partial indexes that hold the unfinished runs only (runs_due and
-    runs_running), with and without a list of workflows."""
+    runs_running), with and without a list of workflows. Delayed runs are
+    among them: stored as sleeping before their first attempt, they sit in
+    runs_due."""
     store = PostgresStorage.from_url(postgres_url)
     await store.initialize()
     ident = sql.Identifier(schema)
@@ -178,12 +182,15 @@ async def test_queue_stats_never_scan_finished_history(
     admin.execute(
         sql.SQL(
             "INSERT INTO {}.runs (id, workflow, status, input, created_at, updated_at, wake_at,"
-            " lease_expires_at) SELECT 'open' || i, 'wf' || (i % 3),"
+            " lease_expires_at, attempts) SELECT 'open' || i, 'wf' || (i % 3),"
             " (ARRAY['pending', 'running', 'sleeping', 'waiting'])[1 + i % 4], '1', now(), now(),"
-            " CASE WHEN i % 4 <> 1 THEN now() END, CASE WHEN i % 4 = 1 THEN now() END"
+            " CASE WHEN i % 4 <> 1 THEN now() END, CASE WHEN i % 4 = 1 THEN now() END,"
+            " CASE WHEN i % 4 = 0 THEN 0 ELSE 1 END"
             " FROM generate_series(1, 24) AS i"
         ).format(ident)
     )
+    for i in range(5):
+        await store.create_run(NewRun(f"wf{i % 3}", "1", delay=timedelta(minutes=i + 1)))
     admin.execute(sql.SQL("ANALYZE {}.runs").format(ident))
     try:
         for name, params in (
@@ -207,6 +214,8 @@ async def test_queue_stats_never_scan_finished_history(
         stats = {s.workflow: s for s in await store.queue_stats()}
         assert sorted(stats) == ["wf0", "wf1", "wf2"]
         assert sum(s.pending + s.running + s.sleeping + s.waiting for s in stats.values()) == 24
+        assert [stats[w].delayed for w in ("wf0", "wf1", "wf2")] == [2, 2, 1]
+        assert all(s.sleeping == 2 for s in stats.values())
     finally:
         await store.close()
 
@@ -217,7 +226,10 @@ async def test_a_version_2_schema_with_a_schedule_is_migrated_forward(
     """Version 3 adds schedules.paused, the workers table and a schedules_due
     index that leaves paused schedules out: a schedule stored before keeps
     everything it had, is not paused, and is still due; workers starting
-    together migrate once."""
+    together migrate once. Delayed runs need no migration of their own: on
+    the migrated schema (whose runs table, status check and runs_due are
+    those of version 1) they are created, counted, listed and claimed when
+    due, next to runs stored before."""
     assert SCHEMA_VERSION >= 3
     monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 2)
     old = PostgresStorage.from_url(postgres_url)
@@ -225,6 +237,13 @@ async def test_a_version_2_schema_with_a_schedule_is_migrated_forward(
     await old.close()
     ident = sql.Identifier(schema)
     assert "workers" not in tables(admin, schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, created_at, updated_at, wake_at)"
+            " VALUES ('old-pending', 'wf', 'pending', '1', now() - interval '1 hour',"
+            " now() - interval '1 hour', now() - interval '1 hour')"
+        ).format(ident)
+    )
     admin.execute(
         sql.SQL(
             "INSERT INTO {}.schedules (key, workflow, input, recurrence, next_run_at,"
@@ -260,6 +279,22 @@ async def test_a_version_2_schema_with_a_schedule_is_migrated_forward(
         assert await store.due_schedules(10) == []
         spec = ScheduleSpec("nightly", "wf", '"in"', "every:60", kept.next_run_at)
         assert (await store.upsert_schedule(spec)).paused
+
+        late = await stores[1].create_run(NewRun("wf", "2", delay=timedelta(milliseconds=300)))
+        assert late.run.status == "delayed"
+        before_v3 = await store.get_run("old-pending")
+        assert before_v3 is not None
+        assert before_v3.status == "pending"
+        [stats] = await store.queue_stats(["wf"])
+        assert (stats.pending, stats.delayed, stats.sleeping) == (1, 1, 0)
+        listed = await store.list_runs(status=["delayed"])
+        assert [r.id for r in listed.runs] == [late.run.id]
+        [first] = await store.claim_runs(["wf"], 10, timedelta(seconds=30))
+        assert first.run.id == "old-pending"
+        await asyncio.sleep(0.35)
+        [second] = await stores[2].claim_runs(["wf"], 10, timedelta(seconds=30))
+        assert second.run.id == late.run.id
+        assert (second.run.status, second.reclaimed) == ("running", False)
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 

@@ -99,6 +99,57 @@ async def test_a_sleep_started_before_the_worker_is_found_by_its_timer(
     assert woke[0] - began < PROMPT
 
 
+async def test_a_delayed_run_wakes_the_worker_when_its_delay_passes(postgres_url: str) -> None:
+    """Creating a delayed run notifies the time until it is due (one hint per
+    workflow for a batch of creates, the earliest), so an idle worker starts
+    each one when its delay passes, not at its next poll."""
+    started: dict[str, float] = {}
+    wf = recording_workflow("later", started)
+    producer = PostgresStorage.from_url(postgres_url)
+    await producer.initialize()
+    try:
+        async with Engine(storage=postgres_url, workflows=[wf], poll_interval=SLOW_POLL):
+            await asyncio.sleep(0.3)  # the worker has polled once and gone idle
+            sent = time.monotonic()
+            made = await asyncio.gather(
+                *(
+                    producer.create_run(
+                        NewRun("later", codec.encode(None), delay=timedelta(milliseconds=ms))
+                    )
+                    for ms in (400, 800, 400)
+                )
+            )
+            assert {m.run.status for m in made} == {"delayed"}
+            await wait_for(lambda: all(m.run.id in started for m in made), PROMPT)
+    finally:
+        await producer.close()
+    waited = sorted(started[m.run.id] - sent for m in made)
+    assert waited[0] >= 0.4
+    assert 0.8 <= waited[2] < PROMPT
+
+
+async def test_a_delayed_run_created_before_the_worker_is_found_by_its_timer(
+    postgres_url: str,
+) -> None:
+    """A worker that starts after a delayed run was created has seen no
+    notification: next_due, which it asks when it starts listening, counts
+    delayed runs too."""
+    started: dict[str, float] = {}
+    wf = recording_workflow("before", started)
+    producer = PostgresStorage.from_url(postgres_url)
+    await producer.initialize()
+    try:
+        made = await producer.create_run(
+            NewRun("before", codec.encode(None), delay=timedelta(milliseconds=1500))
+        )
+        sent = time.monotonic()
+        async with Engine(storage=postgres_url, workflows=[wf], poll_interval=SLOW_POLL):
+            await wait_for(lambda: made.run.id in started, PROMPT)
+    finally:
+        await producer.close()
+    assert 1.4 <= started[made.run.id] - sent < PROMPT
+
+
 async def test_an_event_wakes_a_waiting_run(postgres_url: str) -> None:
     got: list[Any] = []
     wf = (

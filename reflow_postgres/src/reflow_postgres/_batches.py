@@ -17,7 +17,7 @@ from reflow_core.errors import IdempotencyConflictError, ReflowError, StorageErr
 from reflow_core.storage import CreateResult, Lease, NewRun, StepRecord
 
 from ._connections import BACKEND, Connections
-from ._rows import step_params
+from ._rows import delay_param, step_params
 
 __all__ = ["MAX_BATCH", "BatchedWrites", "Finish", "Save"]
 
@@ -60,6 +60,7 @@ class BatchedWrites:
             workflows=[new.workflow for _, new in items],
             inputs=[new.input for _, new in items],
             keys=[new.idempotency_key for _, new in items],
+            delays=[delay_param(new) for _, new in items],
         )
         retried = False
 
@@ -100,7 +101,11 @@ class BatchedWrites:
     ) -> CreateResult | ReflowError:
         db = self._db
         params = db.params(
-            id=run_id, workflow=new.workflow, input=new.input, key=new.idempotency_key
+            id=run_id,
+            workflow=new.workflow,
+            input=new.input,
+            key=new.idempotency_key,
+            delay=delay_param(new),
         )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> CreateResult:

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
-from reflow_core.adapter import as_utc, check_aware, from_epoch_us, run_from_row, step_from_row
-from reflow_core.storage import ClaimedRun, Lease, StepRecord
+from reflow_core.adapter import (
+    as_utc,
+    check_aware,
+    from_epoch_us,
+    is_delayed,
+    run_from_row,
+    step_from_row,
+)
+from reflow_core.storage import ClaimedRun, Lease, NewRun, StepRecord
 
-__all__ = ["claimed_run", "step_params"]
+__all__ = ["claimed_run", "delay_param", "step_params"]
+
+
+def delay_param(new: NewRun) -> timedelta | None:
+    """The ``delay`` parameter of a statement that creates ``new``: its delay
+    when it is created delayed, else ``None`` (a pending run, due at once)."""
+    return new.delay if is_delayed(new) else None
 
 
 def step_params(step: StepRecord) -> dict[str, Any]:

@@ -10,12 +10,21 @@ quoted schema name (an identifier, never a value).
 Design notes (see docs/postgres.md):
 
 * ``runs.wake_at`` is the due time of a claimable run (pending: when it was
-  created or handed back; sleeping or waiting: when it wakes). The claim walks
+  created or handed back; delayed: when its delay passes; sleeping or
+  waiting: when it wakes). The claim walks
   the partial index ``runs_due`` in ``wake_at`` order, and a finished run
   leaves that index, so finished history never slows a claim. ``runs_due``
   and ``runs_running`` together hold exactly the unfinished runs, and
   ``queue_stats`` counts them through those two, so it needs no index of its
   own and the write path keeps the indexes it had.
+* A delayed run is stored as ``sleeping`` with ``attempts = 0`` (only a
+  claimed run sleeps, and a claim counts an attempt, so nothing else looks
+  like it), and every read reports it as ``delayed`` (``protocol_status`` in
+  ``queries.sql``). It is due at ``wake_at`` exactly like a sleeping run, so
+  it sits in ``runs_due`` and the claim, ``next_due`` and ``queue_stats``
+  find it unchanged: delayed runs needed no migration, where a new status
+  would have meant a new status check and rebuilding ``runs_due``, a scan of
+  the whole table that blocks writes.
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

@@ -2,9 +2,9 @@
 
 Statements that make a run claimable (create, hand back, requeue, an event
 that wakes a waiting run) send ``NOTIFY`` on the schema's channel with the
-payload ``0|<workflow>``; a sleep, or a wait with a timeout, sends
-``<milliseconds>|<workflow>``, the time until it falls due by the server's
-clock (the hint format of :mod:`reflow_core.wakeups`). A :class:`Listener`
+payload ``0|<workflow>``; a sleep, a wait with a timeout, or the create of
+a delayed run sends ``<milliseconds>|<workflow>``, the time until it falls
+due by the server's clock (the hint format of :mod:`reflow_core.wakeups`). A :class:`Listener`
 holds one dedicated connection per storage, outside the pool, and hands each
 notification to the hub, which wakes the subscribers it concerns or arms a
 timer.

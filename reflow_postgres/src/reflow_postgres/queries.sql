@@ -26,12 +26,24 @@
 -- psycopg's own).
 '9999-12-30 00:00:00+00'::timestamptz
 
+-- name: protocol_status
+-- The status a run has in the storage protocol. A delayed run is stored as
+-- sleeping before its first attempt: it is due at wake_at like a sleeping
+-- run, so it sits in runs_due and the claim, next_due and queue_stats find it
+-- through the indexes they already use (see schema.sql). Only a claimed run
+-- can sleep (sleep is fenced), and a claim counts an attempt, so a sleeping
+-- run that was never attempted is a delayed one, and nothing else is.
+CASE WHEN status = 'sleeping' AND attempts = 0 THEN 'delayed' ELSE status END
+
 -- name: read_columns
--- {run_columns} for reads of any run (get_run, list_runs), with the deadlines
--- an older version may have stored out of range capped.
-id, workflow, status, input, output, error, idempotency_key, attempts, reclaims, lease_epoch,
-created_at, updated_at, CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END,
+-- {run_columns} for reads of any run (get_run, list_runs, creates), with the
+-- status of protocol_status, and the deadlines an older version may have stored
+-- out of range capped.
+id, workflow, {protocol_status} AS status, input, output, error, idempotency_key, attempts,
+reclaims, lease_epoch, created_at, updated_at,
+CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END AS wake_at,
 waiting_for, CASE WHEN lease_expires_at > {latest} THEN {latest} ELSE lease_expires_at END
+    AS lease_expires_at
 
 -- name: step_read_columns
 -- The step columns of reflow_core.adapter.STEP_COLUMNS, wake_at capped.
@@ -50,12 +62,17 @@ id = %(id)s AND status = 'running' AND lease_epoch = %(epoch)s AND lease_expires
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, created_at,
     updated_at, wake_at)
 
+-- name: new_status
+-- A new run with a delay (a positive interval, else NULL) is delayed: stored
+-- as sleeping, never attempted (see protocol_status), due when the delay passes.
+CASE WHEN %(delay)s::interval IS NULL THEN 'pending' ELSE 'sleeping' END
+
 -- name: on_idempotency_key
 -- A run that exists with the same (workflow, idempotency key) comes back
--- instead, with inserted false.
+-- instead, unchanged (whatever the delay asked for), with inserted false.
 ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL
 DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
-RETURNING {run_columns}, (xmax = 0) AS inserted
+RETURNING {read_columns}, (xmax = 0) AS inserted
 
 -- name: insert_step
 INSERT INTO {schema}.steps (run_id, name, status, output, error, attempts, wake_at,
@@ -88,14 +105,17 @@ CASE WHEN f.buffered > 0 THEN {schema}.drop_buffered_events(f.id, {now}) END
 -- The notifications that wake idle workers (the storage puts NULL in their
 -- place when notifications are off). The payload names the workflow, so only
 -- its workers wake; a delay (in milliseconds, by the server clock) tells them
--- when a sleep falls due. Names too long for a payload wake every worker
--- instead (empty name).
+-- when a sleep, a wait's timeout or a delayed run falls due. Names too long
+-- for a payload wake every worker instead (empty name).
 
 -- name: notify
 pg_notify({channel}, '0|' || CASE WHEN octet_length(u.workflow) <= 4000 THEN u.workflow ELSE '' END)
 
 -- name: notify_ins
-pg_notify({channel}, '0|' || CASE WHEN octet_length(ins.workflow) <= 4000 THEN ins.workflow ELSE '' END)
+-- A created run: due now (0), or when its delay passes, rounded up so that no
+-- worker looks before it is due.
+pg_notify({channel}, greatest(0, ceil(extract(epoch FROM ins.wake_at - {now}) * 1000))::bigint::text
+    || '|' || CASE WHEN octet_length(ins.workflow) <= 4000 THEN ins.workflow ELSE '' END)
 
 -- name: notify_at
 pg_notify({channel}, greatest(0, (extract(epoch FROM u.wake_at - {now}) * 1000)::bigint)::text
@@ -107,22 +127,28 @@ pg_notify({channel}, greatest(0, (extract(epoch FROM u.wake_at - {now}) * 1000):
 -- name: create
 WITH ins AS (
     {insert_run}
-    VALUES (%(id)s, %(workflow)s, 'pending', %(input)s, %(key)s, {now}, {now}, {now})
+    VALUES (%(id)s, %(workflow)s, {new_status}, %(input)s, %(key)s, {now}, {now},
+        {now} + coalesce(%(delay)s::interval, interval '0'))
     {on_idempotency_key}
 ) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
 
 -- name: create_many
 -- Many creates in one statement (group commit); the caller makes sure no two
--- share an id or an idempotency key. One notification per workflow.
+-- share an id or an idempotency key. One notification per workflow, for the
+-- first of its new runs to fall due (0 when one is due at once; next_due
+-- finds the later ones).
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::text[], %(workflows)s::text[], %(inputs)s::text[],
-        %(keys)s::text[]) WITH ORDINALITY AS t(id, workflow, input, key, ord)
+        %(keys)s::text[], %(delays)s::interval[])
+        WITH ORDINALITY AS t(id, workflow, input, key, delay, ord)
 ), ins AS (
     {insert_run}
-    SELECT id, workflow, 'pending', input, key, {now}, {now}, {now} FROM t ORDER BY ord
+    SELECT id, workflow, CASE WHEN delay IS NULL THEN 'pending' ELSE 'sleeping' END, input,
+        key, {now}, {now}, {now} + coalesce(delay, interval '0') FROM t ORDER BY ord
     {on_idempotency_key}
 ), woken AS (
-    SELECT {notify} FROM (SELECT DISTINCT workflow FROM ins WHERE inserted) AS u
+    SELECT {notify_ins} FROM (SELECT workflow, min(wake_at) AS wake_at FROM ins
+        WHERE inserted GROUP BY workflow) AS ins
 ) SELECT ins.*, (SELECT count(*) FROM woken) FROM ins
 
 -- name: get_run
@@ -357,7 +383,7 @@ SELECT {step_read_columns} FROM {schema}.steps WHERE run_id = %(id)s ORDER BY se
 SELECT {read_columns} FROM {schema}.runs
 
 -- name: list_by_status
-status = ANY(%(statuses)s)
+{protocol_status} = ANY(%(statuses)s)
 
 -- name: list_by_workflow
 workflow = %(workflow)s
@@ -475,14 +501,14 @@ DELETE FROM {schema}.workers WHERE id = %(id)s RETURNING expires_at > {now}
 -- Queue statistics --------------------------------------------------------------
 
 -- queue_stats counts the unfinished runs through the two partial indexes
--- that hold exactly them: runs_due (pending, sleeping, waiting) and
--- runs_running. Each branch's WHERE is its index's predicate, so neither
--- reads a finished run, however long the history. Rows are (workflow,
--- status, count, earliest wake_at of the pending ones), as
--- reflow_core.adapter.queue_stats_from_counts takes them.
+-- that hold exactly them: runs_due (pending, sleeping, waiting, and delayed,
+-- stored as sleeping: see protocol_status) and runs_running. Each branch's WHERE
+-- is its index's predicate, so neither reads a finished run, however long
+-- the history. Rows are (workflow, status, count, earliest wake_at of the
+-- pending ones), as reflow_core.adapter.queue_stats_from_counts takes them.
 
 -- name: stats_due
-SELECT workflow, status, count(*),
+SELECT workflow, {protocol_status}, count(*),
     min(CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END)
         FILTER (WHERE status = 'pending')
 FROM {schema}.runs WHERE status IN ('pending', 'sleeping', 'waiting')
@@ -492,13 +518,13 @@ SELECT workflow, 'running'::text, count(*), NULL::timestamptz
 FROM {schema}.runs WHERE status = 'running'
 
 -- name: queue_stats
-{stats_due} GROUP BY workflow, status
+{stats_due} GROUP BY 1, 2
 UNION ALL
 {stats_running} GROUP BY workflow
 
 -- name: queue_stats_of
 -- The named workflows only.
-{stats_due} AND workflow = ANY(%(workflows)s) GROUP BY workflow, status
+{stats_due} AND workflow = ANY(%(workflows)s) GROUP BY 1, 2
 UNION ALL
 {stats_running} AND workflow = ANY(%(workflows)s) GROUP BY workflow
 
@@ -509,6 +535,7 @@ UNION ALL
 SELECT {now}
 
 -- name: next_due
+-- Sleeping runs include the delayed ones (see protocol_status).
 SELECT extract(epoch FROM min(wake_at) - {now}) FROM {schema}.runs
 WHERE status IN ('sleeping', 'waiting') AND wake_at > {now}
     AND workflow = ANY(%(workflows)s)

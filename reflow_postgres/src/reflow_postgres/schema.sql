@@ -6,6 +6,10 @@
 -- version N - 1 to version N; a migration runs its statements in <step>
 -- order. Released migrations are never edited, only appended to, so every
 -- database can be brought forward from any older version.
+--
+-- runs.status holds the protocol's statuses except 'delayed': a delayed run
+-- is stored as 'sleeping' before its first attempt (attempts = 0), due at
+-- wake_at, in runs_due; queries.sql (protocol_status) reports it as delayed.
 
 
 -- Applying migrations ------------------------------------------------------------

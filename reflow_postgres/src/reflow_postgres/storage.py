@@ -12,8 +12,8 @@ from a :class:`psycopg_pool.AsyncConnectionPool` in autocommit mode (see
   upserts the step; the last step and the run's end are one statement too;
   concurrent creates, saves and finishes share a statement (see
   :mod:`._batches`);
-* enqueues, hand-backs, requeues, events that wake a run and sleeps send a
-  ``NOTIFY`` (a hint, never the source of truth) that wakes idle workers;
+* enqueues (delayed ones included), hand-backs, requeues, events that wake
+  a run and sleeps send a ``NOTIFY`` (a hint, never the source of truth) that wakes idle workers;
   see :class:`~reflow_postgres.listener.Listener`.
 """
 
@@ -222,7 +222,8 @@ class PostgresStorage:
     ) -> WakeupSubscription:
         """Call ``wake()`` when work of ``workflows`` may be ready: a run was
         enqueued, handed back or requeued, an event woke a waiting run, or a
-        sleep or wait timeout falls due. Hints only; the claim decides.
+        delayed run, a sleep or a wait timeout falls due. Hints only; the
+        claim decides.
 
         All subscriptions of this storage share one listening connection,
         which reconnects by itself (and then wakes everyone, since
@@ -242,7 +243,7 @@ class PostgresStorage:
         return await self._listener.subscribe(workflows, wake)
 
     async def _next_due(self, workflows: list[str]) -> float | None:
-        """Seconds until the next sleeping or waiting run of ``workflows`` falls due."""
+        """Seconds until the next delayed, sleeping or waiting run of ``workflows`` falls due."""
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> float | None:
             cur = await conn.execute(self._sql["next_due"], self._db.params(workflows=workflows))
@@ -254,7 +255,9 @@ class PostgresStorage:
     # -- runs ------------------------------------------------------------------------
 
     async def create_run(self, new: NewRun) -> CreateResult:
-        """Create a pending run. Concurrent creates (many producers, or
+        """Create a pending run, or a delayed one due ``new.delay`` after the
+        server's ``now()`` (stored as a run asleep before its first attempt;
+        see ``queries.sql``). Concurrent creates (many producers, or
         schedules firing) share one statement and one commit; each keeps its
         own outcome, idempotency conflict included."""
         check_new_run(new)
