@@ -17,9 +17,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast, get_args
 
-from reflow_core.adapter import decode_workflows, from_epoch_us, to_epoch_us
+from reflow_core.adapter import decode_workflows, from_epoch_us, is_delayed, span_us, to_epoch_us
 from reflow_core.errors import StorageError
 from reflow_core.storage import (
+    NewRun,
     RunRecord,
     RunStatus,
     ScheduleRecord,
@@ -159,6 +160,14 @@ def _step_args(step: StepRecord) -> list[str]:
     wake = "" if step.wake_at is None else str(to_epoch_us(step.wake_at, "step.wake_at"))
     body = json.dumps([step.output, step.error, step.attempts], separators=(",", ":"))
     return [step.name, step.status, wake, body]
+
+
+def _delay_arg(new: NewRun) -> str:
+    """A run's delay as the create scripts take it: microseconds, or empty for
+    none (``None`` or zero: the run is created ``pending``)."""
+    if not is_delayed(new) or new.delay is None:
+        return ""
+    return str(span_us(new.delay))
 
 
 def _schedule_record(key: str, fields: Mapping[str, str]) -> ScheduleRecord:

@@ -7,8 +7,8 @@ lists or removes, so a lapsed entry is never returned, refreshed or counted.
 
 Queue statistics read only indexes of unfinished runs (see
 ``queue_stats.lua``): ``P:due:<wf>`` and ``P:running:<wf>``, which the run
-scripts already keep, ``P:parked:<wf>`` (sleeping and waiting runs, kept by
-the sleep, wait, deliver, claim and cancel scripts) and ``P:workflows``, the
+scripts already keep, ``P:parked:<wf>`` (sleeping, waiting and delayed runs, kept
+by the create, sleep, wait, deliver, claim and cancel scripts) and ``P:workflows``, the
 names of workflows that may have unfinished runs (added on create and
 requeue, dropped lazily by ``queue_stats`` once nothing of a workflow is
 left). A call costs a few ``ZCARD``/``ZCOUNT`` per workflow, never a walk of
@@ -36,7 +36,8 @@ from ._connection import _Connection
 from ._records import _BadData, _pairs, _text, _time, _worker_record
 
 _STATUSES = ("pending", "running", "sleeping", "waiting")
-"""The counts a ``queue_stats.lua`` row carries, in order, after the name."""
+"""The counts a ``queue_stats.lua`` row carries, in order, after the name
+(then the oldest pending wake, then the ``delayed`` count)."""
 
 
 class _Workers(_Connection):
@@ -93,6 +94,7 @@ class _Workers(_Connection):
                 since = _time(_text(row[5], "queue_stats"), "queue_stats")
                 for status, count in zip(_STATUSES, row[1:5], strict=True):
                     rows.append((workflow, status, int(count), since))
+                rows.append((workflow, "delayed", int(row[6]), None))
         except (_BadData, ValueError, TypeError, IndexError) as exc:
             bad = exc if isinstance(exc, _BadData) else _BadData(f"a malformed reply: {exc}")
             raise self._bad("queue_stats", bad) from exc

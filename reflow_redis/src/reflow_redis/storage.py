@@ -15,7 +15,7 @@ key                            type     holds
 ``P:run:<id>``                 hash     the run: status, input, output, epoch, times...
 ``P:steps:<id>``               hash     step name -> ``seq|done|status|wake|json``
 ``P:lease:<id>``               string   the lease epoch, with a PX time to live
-``P:due:<workflow>``           zset     claimable runs by due time (µs)
+``P:due:<workflow>``           zset     claimable and delayed runs by due time (µs)
 ``P:running:<workflow>``       zset     running runs by lease expiry (µs)
 ``P:idem:<workflow>``          hash     idempotency key -> run id
 ``P:idx``, ``P:idx:wf:<wf>``   zset     ``<created µs>:<id>``, for newest-first listing
@@ -23,7 +23,7 @@ key                            type     holds
 ``P:ev:<n>.<id>:<name>``       list     buffered events of one name
 ``P:evnames:<id>``             set      event names with a buffer
 ``P:evids:<id>``               set      event ids seen (delivery dedupe)
-``P:parked:<workflow>``        zset     sleeping (0) and waiting (1 in ``due``, 2 not) runs
+``P:parked:<workflow>``        zset     sleeping (0), waiting (1 in ``due``, 2 not), delayed (3)
 ``P:workflows``                set      workflows that may have unfinished runs
 ``P:sched:<key>``              hash     a schedule (``p`` = ``1`` while paused)
 ``P:schedule-due``             zset     schedules by next slot (paused ones left out)
@@ -116,6 +116,7 @@ from ._options import (
 )
 from ._records import (
     _BadData,
+    _delay_arg,
     _flat,
     _pairs,
     _run_of,
@@ -305,8 +306,9 @@ class RedisStorage(_Schedules, _Workers):
     # -- runs ----------------------------------------------------------------------
 
     async def create_run(self, new: NewRun) -> CreateResult:
-        """Create a pending run. Concurrent creates share one script call;
-        each keeps its own outcome, idempotency conflict included."""
+        """Create a pending run, or a delayed one with a positive ``new.delay``.
+        Concurrent creates share one script call; each keeps its own outcome,
+        idempotency conflict included."""
         check_new_run(new)
         run_id = new.run_id or new_run_id()
         self._lifecycle.check("create_run")
@@ -323,14 +325,20 @@ class RedisStorage(_Schedules, _Workers):
             reply = await self._call(
                 "create_run",
                 "create",
-                [run_id, new.workflow, new.input, new.idempotency_key or ""],
+                [run_id, new.workflow, new.input, new.idempotency_key or "", _delay_arg(new)],
                 retry=True,
             )
             replies = [reply]
         else:
             args: list[Any] = [len(items)]
             for run_id, new in items:
-                args += [run_id, new.workflow, new.input, new.idempotency_key or ""]
+                args += [
+                    run_id,
+                    new.workflow,
+                    new.input,
+                    new.idempotency_key or "",
+                    _delay_arg(new),
+                ]
             replies = await self._call("create_run", "create_many", args, retry=True)
         results: list[CreateResult | ReflowError] = []
         for (run_id, new), reply in zip(items, replies, strict=True):

@@ -1,5 +1,5 @@
--- claim_schedule_slot. ARGV[5..11]: key, slot (us), next run (us), run id,
--- workflow, input, idempotency key. Returns {0} if the slot is gone or the
+-- claim_schedule_slot. ARGV[5..12]: key, slot (us), next run (us), run id,
+-- workflow, input, idempotency key, delay (us; '' or 0 none: schedules give none). Returns {0} if the slot is gone or the
 -- schedule is paused, {-2, run}
 -- when the key's run has other input (nothing changed), else create_run's reply.
 local key = ARGV[5]
@@ -18,4 +18,4 @@ if existing then
 end
 redis.call('HSET', sk, 'next', ARGV[7], 'u', num(NOW))
 redis.call('ZADD', k('schedule-due'), ARGV[7], key)
-return create_run(ARGV[8], wf, input, idem)
+return create_run(ARGV[8], wf, input, idem, ARGV[12])

@@ -1,4 +1,5 @@
--- Microseconds until the next sleeping or waiting run of ARGV[5..] falls due, or false.
+-- Microseconds until the next delayed, sleeping or waiting run of ARGV[5..]
+-- falls due, or false.
 local best = nil
 for i = 5, #ARGV do
   local rows = redis.call('ZRANGE', k('due', ARGV[i]), '(' .. num(NOW), '+inf', 'BYSCORE',

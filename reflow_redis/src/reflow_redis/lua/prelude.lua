@@ -135,10 +135,12 @@ local function finished(id)
   end
 end
 
--- Create a pending run, or find the run holding the idempotency key.
+-- Create a pending run, or with a positive delay (us) a delayed one, due
+-- then; or find the run holding the idempotency key (whatever the delay).
 -- Returns {1, now} when created (the client knows every other field),
--- {0, run} for an existing one, {-1} when the id is taken.
-local function create_run(id, wf, input, idem)
+-- {0, run} for an existing one, {-1} when the id is taken. A delayed run is
+-- in P:due at its due time, like a sleeping run, and in P:parked with score 3.
+local function create_run(id, wf, input, idem, delay)
   if idem ~= '' then
     local existing = redis.call('HGET', k('idem', wf), idem)
     if existing then
@@ -149,15 +151,19 @@ local function create_run(id, wf, input, idem)
   local rk = run_key(id)
   if redis.call('EXISTS', rk) == 1 then return {-1} end
   local now = num(NOW)
-  redis.call('HSET', rk, 'id', id, 'wf', wf, 'st', 'pending', 'in', input, 'idem', idem, 'att', 0,
-    'rec', 0, 'ep', 0, 'c', now, 'u', now, 'w', now, 'sq', 0)
-  redis.call('ZADD', k('due', wf), num(NOW), id)
+  delay = tonumber(delay) or 0
+  local status, due = 'pending', now
+  if delay > 0 then status, due = 'delayed', num(NOW + delay) end
+  redis.call('HSET', rk, 'id', id, 'wf', wf, 'st', status, 'in', input, 'idem', idem, 'att', 0,
+    'rec', 0, 'ep', 0, 'c', now, 'u', now, 'w', due, 'sq', 0)
+  redis.call('ZADD', k('due', wf), due, id)
+  if delay > 0 then redis.call('ZADD', k('parked', wf), 3, id) end
   local member = idx_member(now, id)
   redis.call('ZADD', k('idx'), 0, member)
   redis.call('ZADD', k('idx', 'wf', wf), 0, member)
   if idem ~= '' then redis.call('HSET', k('idem', wf), idem, id) end
   redis.call('SADD', k('workflows'), wf)
-  wake(wf, 0)
+  wake(wf, delay)
   return {1, now}
 end
 

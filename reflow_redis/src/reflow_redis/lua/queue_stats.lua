@@ -1,13 +1,13 @@
 -- queue_stats. ARGV[5]: '1' for every workflow in P:workflows, '0' for the
 -- names ARGV[6..]. Returns {workflow, pending, running, sleeping, waiting,
--- oldest pending wake (us or '')} per workflow, from indexes of unfinished
--- runs only:
+-- oldest pending wake (us or ''), delayed} per workflow, from indexes of
+-- unfinished runs only:
 --   P:running:<wf>  every running run (lapsed leases included): ZCARD;
 --   P:parked:<wf>   sleeping runs (score 0), waiting runs in P:due (1: a
 --                   timeout, or woken by an event), waiting runs without a
---                   deadline (2): ZCOUNT;
---   P:due:<wf>      pending, sleeping and score-1 waiting runs: pending is
---                   its ZCARD minus the parked ones in it.
+--                   deadline (2), delayed runs (3, in P:due too): ZCOUNT;
+--   P:due:<wf>      pending, delayed, sleeping and score-1 waiting runs:
+--                   pending is its ZCARD minus the parked ones in it.
 -- The oldest pending run is the first pending one in P:due by score (its
 -- wake_at); the walk passes only overdue parked runs ahead of it. Without
 -- names, a workflow of P:workflows with nothing left in these indexes
@@ -26,7 +26,8 @@ for _, wf in ipairs(names) do
   local running = redis.call('ZCARD', k('running', wf))
   local sleeping = redis.call('ZCOUNT', parked, 0, 0)
   local waiting = redis.call('ZCOUNT', parked, 1, 2)
-  local pending = math.max(0, in_due - sleeping - redis.call('ZCOUNT', parked, 1, 1))
+  local delayed = redis.call('ZCOUNT', parked, 3, 3)
+  local pending = math.max(0, in_due - sleeping - delayed - redis.call('ZCOUNT', parked, 1, 1))
   local oldest = ''
   if pending > 0 then
     local start = 0
@@ -48,7 +49,7 @@ for _, wf in ipairs(names) do
   if all and in_due + running + sleeping + waiting == 0 then
     redis.call('SREM', k('workflows'), wf)
   else
-    out[#out + 1] = {wf, pending, running, sleeping, waiting, oldest}
+    out[#out + 1] = {wf, pending, running, sleeping, waiting, oldest, delayed}
   end
 end
 return out
