@@ -76,6 +76,7 @@ _RETENTION = ("test_retention",)
 _RECORDS = ("test_records",)
 _WORKERS = ("test_workers",)
 _STATS = ("test_queue_stats",)
+_DELAYED = ("test_delayed",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -154,6 +155,10 @@ CASES = [
     Case("stats_by_prefix", (P.STATS_ISOLATION,), _STATS),
     Case("stats_skip_idle", (P.STATS_ENTRIES,), _STATS),
     Case("oldest_by_creation", (P.STATS_OLDEST_PENDING,), _STATS),
+    Case("claims_delayed_early", (P.DELAYED_NOT_CLAIMABLE,), _DELAYED, machine=True),
+    Case("delayed_as_pending", (P.CREATE_DELAYED,), _DELAYED, machine=True),
+    Case("delay_by_client_clock", (P.DELAY_FROM_STORAGE_CLOCK,), _DELAYED, machine=True),
+    Case("stats_delayed_as_pending", (P.STATS_DELAYED,), _DELAYED),
 ]
 
 

@@ -17,7 +17,10 @@ test arranges by construction:
   of a second, and the test has slept well past its end);
 * a sleep or wait deadline is either :attr:`Deadline.DUE_NOW` (duration or
   timeout zero: already passed when anyone looks) or
-  :attr:`Deadline.FAR_FUTURE` (an hour away: never reached during a test).
+  :attr:`Deadline.FAR_FUTURE` (an hour away: never reached during a test);
+* so is the delay of a run created ``delayed``: :attr:`Deadline.DUE_NOW`
+  (a delay of a few milliseconds, which the test waits out before it looks
+  again) or :attr:`Deadline.FAR_FUTURE` (an hour).
 
 Run ids come from the adapter (the model adopts them); everything else the
 model decides itself. Values are encoded text as the storage sees it; the
@@ -92,7 +95,7 @@ class ModelRun:
     lease: LeaseState | None = None
     """Set while ``running``: whether the current lease is live or lapsed."""
     due: bool = True
-    """For ``pending``/``sleeping``/``waiting``: claimable now."""
+    """For ``pending``/``delayed``/``sleeping``/``waiting``: claimable now."""
     waiting_for: str | None = None
     output: str | None = None
     error: str | None = None
@@ -108,7 +111,7 @@ class ModelRun:
     def claimable(self) -> bool:
         if self.status == "running":
             return self.lease is LeaseState.LAPSED
-        return self.status in ("pending", "sleeping", "waiting") and self.due
+        return self.status in ("pending", "delayed", "sleeping", "waiting") and self.due
 
     def buffered(self, event: str) -> int:
         return len(self.events.get(event, ()))
@@ -191,9 +194,21 @@ class Model:
                 return CreateOutcome("existing" if same else "conflict", existing)
         return CreateOutcome("created")
 
-    def add_run(self, run_id: str, workflow: str, input: str, key: str | None) -> ModelRun:
-        """Adopt the run the adapter created: pending, claimable at once."""
+    def add_run(
+        self,
+        run_id: str,
+        workflow: str,
+        input: str,
+        key: str | None,
+        delay: Deadline | None = None,
+    ) -> ModelRun:
+        """Adopt the run the adapter created: pending, claimable at once; or,
+        created with a positive delay, delayed, claimable once it has passed
+        (``delay`` says whether it has: the test waits out a short one)."""
         run = ModelRun(run_id, f"r{len(self.runs) + 1}", workflow, input, key)
+        if delay is not None:
+            run.status = "delayed"
+            run.due = delay is Deadline.DUE_NOW
         self.runs[run_id] = run
         if key is not None:
             self.idempotency[(workflow, key)] = run_id

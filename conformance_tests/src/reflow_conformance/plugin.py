@@ -95,6 +95,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_leases",
             "test_clock",
             "test_records",
+            "test_delayed",
             "test_listing",
             "test_sleep_wait",
             "test_events",

@@ -128,8 +128,9 @@ RECORD_UPDATED_ON_WRITE = (
     "a run's updated_at is its created_at on create, then the storage's now at every write"
 )
 RECORD_WAKE_AT = (
-    "a run's wake_at is its created_at when new, now when handed back, requeued or woken by "
-    "its event, its sleep's or wait's deadline while paused, and None while running or ended"
+    "a run's wake_at is its created_at when new (plus its delay, if it was created delayed), "
+    "now when handed back, requeued or woken by its event, its sleep's or wait's deadline "
+    "while paused, and None while running or ended"
 )
 RECORD_LEASE_EXPIRES = (
     "a run's lease_expires_at is set only while it is running, to the storage's now at its "
@@ -223,4 +224,29 @@ STATS_OLDEST_PENDING = (
 STATS_ARGS = (
     "queue_stats refuses a bare string or a bad workflow name in place of the workflows "
     "with ConfigError"
+)
+CREATE_DELAYED = (
+    "a run created with a positive delay is delayed, with zero attempts, reclaims and epoch "
+    "and no lease; with no delay or a zero one it is pending, due at once"
+)
+DELAY_FROM_STORAGE_CLOCK = (
+    "a delayed run's wake_at is the storage's now at its creation plus the delay: its "
+    "created_at plus the delay, to the millisecond"
+)
+DELAYED_NOT_CLAIMABLE = "a delayed run is not claimable before its wake_at by the storage clock"
+DELAYED_CLAIMABLE = (
+    "a delayed run is claimable once its wake_at has passed, as a first claim (not a reclaim), "
+    "running under a new lease"
+)
+DELAYED_IDEMPOTENT = (
+    "a create that hits an existing run's idempotency key returns that run unchanged, "
+    "whatever delay it asks for: it neither delays nor hastens it"
+)
+STATS_DELAYED = (
+    "queue_stats counts delayed runs as delayed, due or not, never as pending, and they "
+    "do not move oldest_pending_since"
+)
+DELAY_ARGS = (
+    "create_run refuses a delay that is not a timedelta from 0 to 100 years with ConfigError, "
+    "and writes nothing"
 )

@@ -1,8 +1,9 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
 Each class in the modules of this package (one per area of the contract:
-``claims``, ``leases``, ``runs``, ``records``, ``events``, ``retention``,
-``schedules``, and ``workers`` for the worker registry and queue statistics)
+``claims``, ``delays``, ``leases``, ``runs``, ``records``, ``events``,
+``retention``, ``schedules``, and ``workers`` for the worker registry and
+queue statistics)
 is the in-memory reference backend (or, where the bug lives in a query, the
 SQLite backend) with exactly one promise of the storage
 contract broken, the way a real adapter might get it wrong (a claim query
@@ -45,6 +46,12 @@ from .claims import (
     limit_per_workflow,
     reclaims_first_workflow_only,
     sleep_resets_attempts,
+)
+from .delays import (
+    claims_delayed_early,
+    delay_by_client_clock,
+    delayed_as_pending,
+    stats_delayed_as_pending,
 )
 from .events import (
     event_crosses_runs,
@@ -115,11 +122,14 @@ __all__ = [
     "UNFINISHED",
     "caseless_step_names",
     "claims_backlog_first",
+    "claims_delayed_early",
     "claims_newest_first",
     "clamped_sleeps",
     "correct",
     "correct_millisecond_clock",
     "created_at_moves",
+    "delay_by_client_clock",
+    "delayed_as_pending",
     "double_claim",
     "due_paused",
     "event_crosses_runs",
@@ -163,6 +173,7 @@ __all__ = [
     "started_at_resets",
     "stats_by_prefix",
     "stats_count_finished",
+    "stats_delayed_as_pending",
     "stats_skip_idle",
     "unbounded_events",
     "updated_at_stale",
@@ -244,6 +255,10 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         stats_by_prefix,
         stats_skip_idle,
         oldest_by_creation,
+        claims_delayed_early,
+        delayed_as_pending,
+        delay_by_client_clock,
+        stats_delayed_as_pending,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

@@ -11,7 +11,9 @@ together into the machine it runs.
 Time is real but never uncertain: a lease is taken either for ten minutes
 (live for the whole test) or for the harness's short lease, in which case the
 same rule sleeps until it has certainly lapsed; a sleep or wait deadline is
-either zero (due at once) or an hour away (never reached).
+either zero (due at once) or an hour away (never reached); a run is created
+with no delay, a zero one, a few milliseconds (the create waits them out, so
+the run is due when anything looks) or an hour.
 
 Hypothesis rules cannot be coroutines, so each machine owns one
 ``asyncio.Runner`` and one storage opened on it, closed in ``teardown``.
@@ -46,6 +48,7 @@ from reflow_core.storage import (
 from ._util import check_times, decoded
 
 __all__ = [
+    "DELAYS",
     "EVENTS",
     "EVENT_IDS",
     "HOUR",
@@ -57,6 +60,8 @@ __all__ = [
     "RUNS",
     "SLOTS",
     "SLOT_STEP",
+    "SOON",
+    "SOON_WAIT",
     "SPENT",
     "STATUSES",
     "STEP_NAMES",
@@ -82,6 +87,14 @@ T = TypeVar("T")
 LONG = timedelta(minutes=10)
 HOUR = timedelta(hours=1)
 MILLISECOND = timedelta(milliseconds=1)
+SOON = timedelta(milliseconds=5)
+"""The short delay of a run created delayed: the create waits it out (:data:`SOON_WAIT`),
+so the run is due by the time anything looks at it."""
+SOON_WAIT = 0.03
+"""Seconds a create with the short delay waits: the delay, and rounding, many times over."""
+DELAYS = (None, timedelta(0), SOON, HOUR)
+"""The delays a create asks for: none, zero (both pending), short (due once the create
+returns) and an hour (never due during a test)."""
 LAPSES_PER_MACHINE = 1
 """Each lapse sleeps for real (most of the time a machine takes, and what makes
 shrinking slow); this bounds it."""
@@ -102,6 +115,7 @@ SLOTS = (
 """Schedule slots: two long past (due), one far ahead; all whole milliseconds."""
 SLOT_STEP = timedelta(days=1)
 STATUSES: tuple[RunStatus, ...] = (
+    "delayed",
     "pending",
     "running",
     "sleeping",
@@ -377,6 +391,8 @@ def why(run: ModelRun) -> str:
         return "its lease lapsed" if run.lease is LeaseState.LAPSED else "held by a live lease"
     if run.status == "sleeping":
         return "sleeping, due" if run.due else "sleeping, not due"
+    if run.status == "delayed":
+        return "delayed, due" if run.due else "delayed, not due"
     if run.status == "waiting":
         event = run.waiting_for or "?"
         if run.due and run.buffered(event):
@@ -391,6 +407,8 @@ def unclaimable_promise(run: ModelRun) -> str:
         return P.ONE_LIVE_LEASE
     if run.terminal:
         return P.TERMINAL_STAYS
+    if run.status == "delayed":
+        return P.DELAYED_NOT_CLAIMABLE
     return P.NOT_DUE_NOT_CLAIMABLE
 
 
@@ -402,4 +420,6 @@ def claimable_promise(run: ModelRun) -> str:
         return P.EVENT_WAKES
     if run.status in ("sleeping", "waiting"):
         return P.DUE_CLAIMABLE
+    if run.status == "delayed":
+        return P.DELAYED_CLAIMABLE
     return P.NO_LOST_RUNS

@@ -5,6 +5,7 @@ or wait reached before, and requeues."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Literal
 
@@ -19,11 +20,14 @@ from reflow_core.errors import IdempotencyConflictError
 from reflow_core.storage import ClaimedRun, Lease, NewRun
 
 from ._machine import (
+    DELAYS,
     HOUR,
     KEYS,
     LEASES,
     LONG,
+    MILLISECOND,
     RUNS,
+    SOON_WAIT,
     SPENT,
     STEP_NAMES,
     WORKFLOW_CHOICES,
@@ -67,15 +71,23 @@ class RunRules(MachineBase):
         wf=st.sampled_from((0, 1)),
         value=values,
         key=st.none() | st.sampled_from(KEYS),
+        delay=st.sampled_from(DELAYS),
     )
-    def create(self, wf: int, value: object, key: str | None) -> str | MultipleResults[str]:
+    def create(
+        self, wf: int, value: object, key: str | None, delay: timedelta | None = None
+    ) -> str | MultipleResults[str]:
         workflow = self.workflows[wf]
         text = encoded(value)
         expected = self.model.create(workflow, text, key)
-        story = f"create in {'AB'[wf]} key={key} input={show(value)}"
+        deadline = None if not delay else Deadline.FAR_FUTURE if delay >= HOUR else Deadline.DUE_NOW
+        later = "" if delay is None else f" delay={delay.total_seconds():g}s"
+        story = f"create in {'AB'[wf]} key={key} input={show(value)}{later}"
         try:
             chosen = self._new_run_id()
-            result = self._run(self.storage.create_run(NewRun(workflow, text, key, chosen)))
+            new = NewRun(workflow, text, key, chosen, delay=delay)
+            result = self._run(self.storage.create_run(new))
+            if deadline is Deadline.DUE_NOW:
+                self._run(asyncio.sleep(SOON_WAIT))  # the short delay passes
         except IdempotencyConflictError as exc:
             note(f"{story} -> conflict with {self.model.label(exc.existing_run_id)}")
             promise(
@@ -117,12 +129,20 @@ class RunRules(MachineBase):
         )
         promise(run_id == chosen, P.CREATE_SHAPE, f"asked for id {chosen!r}, got {run_id!r}")
         run = result.run
+        status = "pending" if deadline is None else "delayed"
         promise(
-            (run.status, run.attempts, run.reclaims, run.lease_epoch) == ("pending", 0, 0, 0),
-            P.CREATE_SHAPE,
-            repr(run),
+            (run.status, run.attempts, run.reclaims, run.lease_epoch) == (status, 0, 0, 0),
+            P.CREATE_SHAPE if deadline is None else P.CREATE_DELAYED,
+            f"expected a {status} run: {run!r}",
         )
-        label = self.model.add_run(run_id, workflow, text, key).label
+        if delay:
+            due = run.created_at + delay
+            promise(
+                run.wake_at is not None and abs(run.wake_at - due) <= MILLISECOND,
+                P.DELAY_FROM_STORAGE_CLOCK,
+                f"created at {run.created_at} with delay {delay}, due at {run.wake_at}",
+            )
+        label = self.model.add_run(run_id, workflow, text, key, deadline).label
         note(f"{story} -> new {label}")
         self._check_run(run_id, P.CREATE_SHAPE)
         return run_id

@@ -41,6 +41,7 @@ from ._util import LONG, claim_one, create
 pytestmark = pytest.mark.reflow_conformance
 
 __all__ = [
+    "TestDelayedRunArguments",
     "TestDurationBounds",
     "TestOddText",
     "TestPauseArguments",
@@ -50,6 +51,7 @@ __all__ = [
 
 _TOO_LONG = timedelta(days=36501)
 _NEGATIVE = timedelta(seconds=-1)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 async def _refused(
@@ -338,6 +340,54 @@ class TestWorkerArguments:
             record = await s.announce_worker(worker, LONG)
             promise(record.id == worker.id, P.WORKER_STORED, f"announced {record}")
             await s.remove_worker(worker.id)
+
+        reflow.run(body)
+
+
+class TestDelayedRunArguments:
+    def test_a_bad_delay_is_refused_and_writes_nothing(self, reflow: Harness) -> None:
+        """A delay that is negative, over 100 years, or not a ``timedelta``
+        (seconds as a number, a string) is refused with ``ConfigError``,
+        checked before anything is written or looked up: with a fresh key and
+        with the key of an existing run alike. The longest delay allowed is
+        accepted and reads back."""
+        wf = reflow.unique()
+        bad_delays: list[Any] = [_NEGATIVE, _TOO_LONG, 5, 1.5, "10s", True]
+
+        async def body(s: Storage) -> None:
+            value = codec.encode("v")
+            kept = (await s.create_run(NewRun(wf, value, idempotency_key="kept"))).run
+            for delay in bad_delays:
+                for key in (None, "fresh", "kept"):
+                    await _refused(
+                        functools.partial(
+                            s.create_run, NewRun(wf, value, idempotency_key=key, delay=delay)
+                        ),
+                        f"create_run(delay={delay!r}, idempotency_key={key!r})",
+                        P.DELAY_ARGS,
+                    )
+            page = await s.list_runs(workflow=wf)
+            promise(
+                [run.id for run in page.runs] == [kept.id],
+                P.DELAY_ARGS,
+                f"after refused creates the workflow holds {[r.id for r in page.runs]}",
+            )
+            promise(
+                await s.get_run(kept.id) == kept,
+                P.DELAY_ARGS,
+                "a refused create with the key of an existing run changed it",
+            )
+            longest = timedelta(days=36500)
+            made = (await s.create_run(NewRun(wf, value, delay=longest))).run
+            stored = await s.get_run(made.id)
+            promise(
+                stored is not None
+                and stored.status == "delayed"
+                and stored.wake_at is not None
+                and abs(stored.wake_at - stored.created_at - longest) <= _MILLISECOND,
+                P.DELAY_ARGS,
+                f"a run delayed by 100 years reads back as {stored}",
+            )
 
         reflow.run(body)
 

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.reflow_conformance, pytest.mark.reflow_area("queue_sta
 
 __all__ = ["TestQueueStats"]
 
-_STATUSES = ("pending", "running", "sleeping", "waiting")
+_STATUSES = ("delayed", "pending", "running", "sleeping", "waiting")
 _TICK = 0.02
 """Seconds between writes whose times must differ (a store keeps milliseconds at least)."""
 

@@ -20,9 +20,17 @@ import pytest
 from reflow_conformance import promises as P
 from reflow_conformance.harness import Harness, promise
 from reflow_core import codec
-from reflow_core.storage import ClaimedRun, CreateResult, RunRecord, RunStatus, StepRecord, Storage
+from reflow_core.storage import (
+    ClaimedRun,
+    CreateResult,
+    NewRun,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    Storage,
+)
 
-from ._util import claim_only, create
+from ._util import claim_only
 
 pytestmark = pytest.mark.reflow_conformance
 
@@ -68,10 +76,12 @@ class _Life:
         self.created_at = run.created_at
 
     @classmethod
-    async def create(cls, storage: Storage, workflow: str) -> _Life:
+    async def create(cls, storage: Storage, workflow: str, delay: timedelta | None = None) -> _Life:
         await asyncio.sleep(_PAUSE)
         before = await storage.now()
-        result: CreateResult = await create(storage, workflow)
+        result: CreateResult = await storage.create_run(
+            NewRun(workflow, codec.encode(None), delay=delay)
+        )
         after = await storage.now()
         run = await storage.get_run(result.run.id)
         promise(run is not None, P.NO_LOST_RUNS, f"created run {result.run.id} is missing")
@@ -85,11 +95,21 @@ class _Life:
             f"{where}: updated_at {run.updated_at.isoformat()} is not created_at "
             f"{run.created_at.isoformat()}",
         )
-        promise(
-            run.wake_at == run.created_at,
-            P.RECORD_WAKE_AT,
-            f"{where}: wake_at {_show(run.wake_at)} is not created_at {run.created_at.isoformat()}",
-        )
+        if delay:
+            due = run.created_at + delay
+            promise(
+                run.wake_at is not None and abs(run.wake_at - due) <= _SLACK,
+                P.DELAY_FROM_STORAGE_CLOCK,
+                f"{where}: wake_at {_show(run.wake_at)} is not created_at "
+                f"{run.created_at.isoformat()} plus the delay {delay}",
+            )
+        else:
+            promise(
+                run.wake_at == run.created_at,
+                P.RECORD_WAKE_AT,
+                f"{where}: wake_at {_show(run.wake_at)} is not created_at "
+                f"{run.created_at.isoformat()}",
+            )
         promise(
             run.lease_expires_at is None,
             P.RECORD_LEASE_EXPIRES,
@@ -423,5 +443,26 @@ class TestRunRecordFields:
                 wake=_deadline,
                 lease=None,
             )
+
+        reflow.run(body)
+
+    def test_a_delayed_run(self, reflow: Harness) -> None:
+        """A run created with a delay is due at its ``created_at`` plus the
+        delay; cancelled, it has no wake-up; requeued, it is due at once. One
+        whose short delay has passed is claimed like a pending run."""
+        lease = reflow.long_lease
+        short = reflow.short_lease
+
+        async def body(s: Storage) -> None:
+            wf = reflow.unique()
+            later = await _Life.create(s, wf, delay=_NAP)
+            await later.cancel()
+            await later.requeue()
+            await later.claim(wf, lease, P.REQUEUE)
+
+            wf = reflow.unique()
+            soon = await _Life.create(s, wf, delay=short)
+            await reflow.lapse(short)
+            await soon.claim(wf, lease, P.DELAYED_CLAIMABLE)
 
         reflow.run(body)

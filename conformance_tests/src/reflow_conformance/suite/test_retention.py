@@ -175,7 +175,11 @@ class TestPurgedRuns:
             await s.requeue_run(requeued)
             await s.finish_run(leases[done], "completed", output=OUTPUT)
             pending = (await create(s, wf, "never claimed")).run.id
-            unfinished = [pending, *ids[:-1]]
+            delayed = [
+                (await s.create_run(NewRun(wf, codec.encode(name), delay=delay))).run.id
+                for name, delay in (("delayed", HOUR), ("delayed, due", timedelta(milliseconds=1)))
+            ]
+            unfinished = [pending, *delayed, *ids[:-1]]
             before = {run_id: await s.get_run(run_id) for run_id in unfinished}
             statuses = sorted(status_of(record) for record in before.values())
             await settle(s)
