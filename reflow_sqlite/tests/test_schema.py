@@ -385,3 +385,109 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
         assert raw.execute("SELECT count(*) FROM events").fetchone() == (0,)
     finally:
         raw.close()
+
+
+# -- version 5: run deadlines ------------------------------------------------------------
+
+
+async def test_a_version_4_database_with_runs_is_migrated_forward(
+    opener, db_path, tmp_path, clock
+) -> None:
+    """Version 5 adds runs.deadline_at in place (no rebuild): the rows written
+    before it are unchanged and have no deadline, and new runs get one, which
+    bounds when a delayed, sleeping or waiting run becomes claimable."""
+    assert SCHEMA_VERSION >= 5
+    start = to_epoch_us(clock.now)
+    columns = (
+        "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims,"
+        " lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at,"
+        " finished_at"
+    )
+    rows = [
+        ("due", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
+         start - 9, None, None, None),
+        ("later", "wf", "delayed", "2", None, None, None, 0, 0, 0, start - 8, start - 8,
+         start + 60_000_000, None, None, None),
+        ("parked", "wf", "waiting", "3", None, None, None, 1, 0, 1, start - 5, start - 5,
+         None, "go", None, None),
+        ("done", "wf", "failed", "4", None, '"no"', None, 1, 0, 1, start - 4, start - 3,
+         None, None, None, start - 3),
+    ]  # fmt: skip
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        for migration in MIGRATIONS[:4]:
+            for statement in migration:
+                raw.execute(statement)
+        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        raw.execute("PRAGMA user_version = 4")
+        raw.executemany(f"INSERT INTO runs ({columns}) VALUES ({','.join('?' * 16)})", rows)
+        (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()
+    finally:
+        raw.close()
+    store = await opener()
+    assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    raw = sqlite3.connect(db_path)
+    try:
+        # Altered in place: the same table (no copy), every row as it was.
+        assert raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone() == (
+            root,
+        )
+        assert raw.execute(f"SELECT {columns} FROM runs ORDER BY created_at, id").fetchall() == rows
+        assert raw.execute(
+            "SELECT count(*) FROM runs WHERE deadline_at IS NOT NULL"
+        ).fetchone() == (0,)
+        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        raw.close()
+    # The same tables, indexes and trigger as a file created at this version.
+    await opener(tmp_path / "fresh.db")
+    assert schema_objects(db_path) == schema_objects(tmp_path / "fresh.db")
+
+    old = await store.get_run("later")
+    assert old is not None
+    assert (old.deadline_at, old.wake_at) == (None, clock.now + timedelta(seconds=60))
+    # New runs: the deadline is stored, and a delayed run is due by it.
+    bounded = (
+        await store.create_run(
+            NewRun("wf", "5", delay=timedelta(seconds=30), deadline=timedelta(seconds=10))
+        )
+    ).run
+    assert bounded.status == "delayed"
+    assert bounded.deadline_at == clock.now + timedelta(seconds=10)
+    assert bounded.wake_at == bounded.deadline_at
+    assert await store.get_run(bounded.id) == bounded
+    # A sleep past the deadline: the step keeps its own wake_at, the run is due
+    # at the deadline; a wait without a timeout is due at the deadline too.
+    sleeper = (await store.create_run(NewRun("sleeper", "6", deadline=timedelta(seconds=20)))).run
+    waiter = (await store.create_run(NewRun("waiter", "7", deadline=timedelta(seconds=25)))).run
+    lease = timedelta(seconds=30)
+    (claimed,) = await store.claim_runs(["sleeper"], 1, lease)
+    wake = await store.sleep_run(claimed.lease, "nap", timedelta(minutes=5))
+    assert wake == clock.now + timedelta(minutes=5)
+    assert (await store.get_step_results(sleeper.id))["nap"].wake_at == wake
+    slept = await store.get_run(sleeper.id)
+    assert slept is not None
+    assert (slept.status, slept.wake_at) == ("sleeping", sleeper.deadline_at)
+    (claimed,) = await store.claim_runs(["waiter"], 1, lease)
+    waited = await store.wait_run(claimed.lease, "hold", "go", None)
+    assert waited is not None
+    assert (waited.ready, waited.deadline) == (False, None)
+    parked = await store.get_run(waiter.id)
+    assert parked is not None
+    assert (parked.status, parked.wake_at) == ("waiting", waiter.deadline_at)
+    clock.advance(19)
+    assert await store.claim_runs(["sleeper", "waiter"], 10, lease) == []
+    clock.advance(1)
+    assert [c.run.id for c in await store.claim_runs(["sleeper", "waiter"], 10, lease)] == [
+        sleeper.id
+    ]
+    clock.advance(5)
+    assert [c.run.id for c in await store.claim_runs(["sleeper", "waiter"], 10, lease)] == [
+        waiter.id
+    ]
+    # A requeue clears the deadline.
+    assert await store.update_run_status(waiter.id, "failed", error='"late"')
+    assert await store.requeue_run(waiter.id)
+    requeued = await store.get_run(waiter.id)
+    assert requeued is not None
+    assert (requeued.status, requeued.deadline_at) == ("pending", None)

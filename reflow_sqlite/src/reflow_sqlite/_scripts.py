@@ -135,9 +135,13 @@ def inspect(now: int) -> Script[tuple[int, int, int]]:
 def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
     # A positive delay makes the run 'delayed', due that long after now (the
     # storage clock, read under the write lock); otherwise it is due at once.
+    # With a deadline, deadline_at is that long after now, and a delayed run
+    # is due at the earlier of the two (reflow_core.adapter.due_by_deadline).
     # An idempotent hit returns the existing run as it is, whatever the delay.
     delay_us = span_us(new.delay) if new.delay is not None and is_delayed(new) else 0
     status = "delayed" if delay_us else "pending"
+    deadline_us = None if new.deadline is None else now + span_us(new.deadline)
+    wake_us = now + delay_us if deadline_us is None else min(now + delay_us, deadline_us)
     try:
         rows = yield (
             Q["insert_run"],
@@ -149,7 +153,8 @@ def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
                 new.idempotency_key,
                 now,
                 now,
-                now + delay_us,
+                wake_us,
+                deadline_us,
             ),
         )
     except sqlite3.IntegrityError as exc:
@@ -271,7 +276,8 @@ def sleep(now: int, lease: Lease, step: str, duration_us: int) -> Script[int | N
     else:
         wake_at = now + duration_us
         first = True
-    fenced = yield (Q["sleep"], (wake_at, now, lease.run_id, lease.epoch, now))
+    # The run is due at the step's wake_at, or at its deadline_at if earlier.
+    fenced = yield (Q["sleep"], (wake_at, wake_at, now, lease.run_id, lease.epoch, now))
     if not fenced:
         return None
     if first:
@@ -295,7 +301,9 @@ def wait(
     if buffered:
         fenced = yield (Q["wait_ready"], (now, lease.run_id, lease.epoch, now))
     else:
-        fenced = yield (Q["wait"], (event, deadline, now, lease.run_id, lease.epoch, now))
+        # Due at the wait's deadline, or at the run's deadline_at if earlier
+        # (or the wait has none); the step keeps the wait's own deadline.
+        fenced = yield (Q["wait"], (event, deadline, deadline, now, lease.run_id, lease.epoch, now))
     if not fenced:
         return None
     if first:

@@ -2,8 +2,8 @@
 -- (reflow_core.adapter.load_queries). Values are always "?" parameters.
 --
 -- Slots: {run_columns}, {step_columns}, {schedule_columns} and
--- {worker_columns} are the column orders of reflow_core.adapter; {fence}
--- and {not_terminal} are the fragments below. A few statements keep a slot
+-- {worker_columns} are the column orders of reflow_core.adapter; {fence},
+-- {not_terminal} and {due_by_deadline} are the fragments below. A few statements keep a slot
 -- filled per call, with "?" placeholders or a fixed value only:
 -- {workflows}, {ids} and {statuses} (one "?" per value of a list), {where}
 -- (the optional filters of list_runs), {level}, {application_id} and
@@ -27,6 +27,13 @@ id = ? AND status = 'running' AND lease_epoch = ? AND lease_expires_at > ?
 
 -- name: not_terminal
 status NOT IN ('completed', 'failed', 'cancelled')
+
+-- When a sleeping or waiting run becomes claimable: at the given wake_at
+-- (NULL: only an event wakes it) or at the run's deadline_at if that comes
+-- first (reflow_core.adapter.due_by_deadline). SQLite's min() of several
+-- values is NULL if any is. Parameters: the wake_at, the same again.
+-- name: due_by_deadline
+coalesce(min(?, deadline_at), ?, deadline_at)
 
 -- -- the file ----------------------------------------------------------------
 
@@ -54,10 +61,11 @@ PRAGMA wal_checkpoint(TRUNCATE)
 -- -- runs --------------------------------------------------------------------
 
 -- The status is 'pending' (wake_at: now) or 'delayed' (wake_at: now plus
--- the delay).
+-- the delay, or the deadline_at if that is earlier).
 -- name: insert_run
-INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at,
+    deadline_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (workflow, idempotency_key) DO NOTHING
 RETURNING {run_columns}
 
@@ -124,13 +132,14 @@ WHERE id = ? AND {not_terminal}
 RETURNING 1
 
 -- name: sleep
-UPDATE runs SET status = 'sleeping', wake_at = ?, lease_expires_at = NULL, updated_at = ?
+UPDATE runs SET status = 'sleeping', wake_at = {due_by_deadline}, lease_expires_at = NULL,
+    updated_at = ?
 WHERE {fence}
 RETURNING 1
 
 -- name: wait
-UPDATE runs SET status = 'waiting', waiting_for = ?, wake_at = ?, lease_expires_at = NULL,
-    updated_at = ?
+UPDATE runs SET status = 'waiting', waiting_for = ?, wake_at = {due_by_deadline},
+    lease_expires_at = NULL, updated_at = ?
 WHERE {fence}
 RETURNING 1
 
@@ -146,9 +155,11 @@ SELECT status, waiting_for FROM runs WHERE id = ?
 -- name: wake
 UPDATE runs SET wake_at = ?, updated_at = ? WHERE id = ?
 
+-- A requeued run has no deadline.
 -- name: requeue
 UPDATE runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = ?,
-    waiting_for = NULL, lease_expires_at = NULL, updated_at = ?, finished_at = NULL
+    waiting_for = NULL, lease_expires_at = NULL, updated_at = ?, finished_at = NULL,
+    deadline_at = NULL
 WHERE id = ? AND status IN ('failed', 'cancelled')
 RETURNING 1
 

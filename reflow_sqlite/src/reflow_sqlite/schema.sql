@@ -186,6 +186,16 @@ BEGIN
     {retire_buffered};
 END;
 
+-- Version 5: run deadlines.
+-- name: v5
+-- When the run must have finished (NewRun.deadline after its creation, by the
+-- storage clock), NULL for none; a requeue clears it. A delayed, sleeping or
+-- waiting run's wake_at is the earlier of its own and this, so the claims
+-- (runs_due) find it at its deadline and the engine fails it. Adding a
+-- nullable column with no default only rewrites the schema, not the rows:
+-- existing runs have no deadline.
+ALTER TABLE runs ADD COLUMN deadline_at INTEGER;
+
 -- -- what the trigger of versions 2 and 4 runs --------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those

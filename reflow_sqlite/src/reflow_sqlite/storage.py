@@ -315,7 +315,8 @@ class SQLiteStorage:
     async def create_run(self, new: NewRun) -> CreateResult:
         """Create a ``pending`` run (``delayed`` until now plus ``new.delay``,
         by the storage clock, if that is positive), or return the run already
-        holding its idempotency key."""
+        holding its idempotency key. With ``new.deadline``, ``deadline_at`` is
+        now plus it, and a delayed run is due at the earlier of the two."""
         check_new_run(new)
         run_id = new.run_id or new_run_id()
         return await self._call("create_run", lambda now: scripts.create(now, new, run_id))
@@ -431,7 +432,9 @@ class SQLiteStorage:
         )
 
     async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
-        """Fenced: sleep until a deadline fixed the first time ``step`` is reached."""
+        """Fenced: sleep until a deadline fixed the first time ``step`` is reached
+        (returned); the run is claimable from then, or from its ``deadline_at``
+        if that is earlier."""
         check_text(step, "step")
         duration_us = span_us(check_duration(duration, "duration"))
         wake_at = await self._call(
@@ -442,7 +445,9 @@ class SQLiteStorage:
     async def wait_run(
         self, lease: Lease, step: str, event: str, timeout: timedelta | None
     ) -> WaitResult | None:
-        """Fenced: wait for ``event`` (ready at once if one is buffered)."""
+        """Fenced: wait for ``event`` (ready at once if one is buffered). A
+        waiting run is claimable from the wait's deadline, or from its
+        ``deadline_at`` if that is earlier or the wait has none."""
         check_text(step, "step")
         check_text(event, "event")
         timeout_us = None if timeout is None else span_us(check_duration(timeout, "timeout"))
@@ -531,7 +536,8 @@ class SQLiteStorage:
         )
 
     async def requeue_run(self, run_id: str) -> bool:
-        """Make a ``failed`` or ``cancelled`` run ``pending`` again, dropping failed steps."""
+        """Make a ``failed`` or ``cancelled`` run ``pending`` again, dropping
+        failed steps and its ``deadline_at``."""
         check_text(run_id, "run_id")
         return await self._call("requeue_run", lambda now: scripts.requeue(now, run_id))
 

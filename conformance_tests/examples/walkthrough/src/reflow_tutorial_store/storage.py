@@ -70,8 +70,9 @@ APPLICATION_ID = 1414878290
 # them all, an older one those it lacks. Never edit a released one: append.
 MIGRATIONS = (
     (  # Version 1: runs, steps, events and schedules.
-        # The first fifteen columns are kit.RUN_COLUMNS, in its order, so that
-        # reflow_core.adapter.run_from_row maps a row without a line of ours.
+        # The first fifteen columns are kit.RUN_COLUMNS, in its order (its last,
+        # deadline_at, comes in version 4), so that reflow_core.adapter.run_from_row
+        # maps a row without a line of ours.
         """CREATE TABLE runs (
             id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
             input TEXT NOT NULL, output TEXT, error TEXT, idempotency_key TEXT,
@@ -122,6 +123,9 @@ MIGRATIONS = (
         "DROP INDEX runs_unfinished",
         "CREATE INDEX runs_unfinished ON runs (workflow, status, wake_at)"
         " WHERE status IN ('delayed', 'pending', 'running', 'sleeping', 'waiting')",
+    ),
+    (  # Version 4: run deadlines, the last of kit.RUN_COLUMNS (NULL: none).
+        "ALTER TABLE runs ADD COLUMN deadline_at INTEGER",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -324,13 +328,15 @@ class TutorialStorage:
         run_id = new.run_id or kit.new_run_id()
         # The kit builds the new run's record: pending and due at once
         # (wake_at = created_at = now), or, created with a positive delay,
-        # delayed until now + delay. The row holds exactly that record.
+        # delayed until now + delay, or until its deadline if that is sooner.
+        # The row holds exactly that record.
         run = kit.new_run_record(run_id, new, kit.from_epoch_us(now))
         assert run.wake_at is not None  # a new run always has a due time
+        deadline = None if run.deadline_at is None else kit.to_epoch_us(run.deadline_at)
         cur.execute(
             "INSERT INTO runs (id, workflow, status, input, idempotency_key, attempts, reclaims,"
-            " lease_epoch, created_at, updated_at, wake_at)"
-            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?)",
+            " lease_epoch, created_at, updated_at, wake_at, deadline_at)"
+            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?)",
             (
                 run_id,
                 new.workflow,
@@ -340,6 +346,7 @@ class TutorialStorage:
                 now,
                 now,
                 kit.to_epoch_us(run.wake_at),
+                deadline,
             ),
         )
         return CreateResult(run, created=True)
@@ -499,10 +506,12 @@ class TutorialStorage:
 
         def body(cur: sqlite3.Cursor, now: int) -> bool:
             # finished_at = NULL: a requeued run is no longer finished, so no purge takes it.
+            # deadline_at = NULL: nor has it a deadline any more.
             if not cur.execute(
                 "UPDATE runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = ?,"
                 " waiting_for = NULL, lease_expires_at = NULL, finished_at = NULL,"
-                " updated_at = ? WHERE id = ? AND status IN ('failed', 'cancelled')",
+                " deadline_at = NULL, updated_at = ?"
+                " WHERE id = ? AND status IN ('failed', 'cancelled')",
                 (now, now, run_id),
             ).rowcount:
                 return False
@@ -527,10 +536,11 @@ class TutorialStorage:
             else:
                 wake_at = now + span
                 _put_step(cur, lease.run_id, StepRecord(step, "sleeping"), now, wake_at)
+            # The run is due when the step wakes, or at its deadline if that is sooner.
             cur.execute(
                 "UPDATE runs SET status = 'sleeping', wake_at = ?, lease_expires_at = NULL"
                 " WHERE id = ?",
-                (wake_at, lease.run_id),
+                (_due(cur, lease.run_id, wake_at), lease.run_id),
             )
             return wake_at
 
@@ -559,10 +569,12 @@ class TutorialStorage:
             ).fetchone():  # already delivered: keep the lease and take it now
                 cur.execute("UPDATE runs SET waiting_for = NULL WHERE id = ?", (lease.run_id,))
                 return WaitResult(ready=True, deadline=when)
+            # Due at the wait's deadline, or at the run's own if that is sooner
+            # (or the wait has none); the step and the result keep the wait's.
             cur.execute(
                 "UPDATE runs SET status = 'waiting', waiting_for = ?, wake_at = ?,"
                 " lease_expires_at = NULL WHERE id = ?",
-                (event, deadline, lease.run_id),
+                (event, _due(cur, lease.run_id, deadline), lease.run_id),
             )
             return WaitResult(ready=False, deadline=when)
 
@@ -865,6 +877,16 @@ def _put_step(
         "INSERT OR REPLACE INTO steps VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (run_id, step.name, step.status, step.output, step.error, step.attempts, wake_at, now),
     )
+
+
+def _due(cur: sqlite3.Cursor, run_id: str, wake_at: int | None) -> int | None:
+    """When a sleeping or waiting run becomes claimable: at ``wake_at``
+    (``None``: only an event wakes it), or at the run's deadline if sooner,
+    so that the engine can fail it then (the kit's ``due_by_deadline``)."""
+    (deadline,) = cur.execute("SELECT deadline_at FROM runs WHERE id = ?", (run_id,)).fetchone()
+    wake = None if wake_at is None else kit.from_epoch_us(wake_at)
+    due = kit.due_by_deadline(wake, None if deadline is None else kit.from_epoch_us(deadline))
+    return None if due is None else kit.to_epoch_us(due)
 
 
 def _end(
