@@ -333,3 +333,84 @@ async def test_renewing_a_lease_is_a_hot_update(
             assert cur.rowcount == 1
         row = admin.execute(counters, (schema,)).fetchone()
     assert row == (40, 40)
+
+
+async def test_a_version_3_schema_with_runs_is_migrated_forward(
+    postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 4 adds runs.deadline_at: nullable, with no default, so the
+    table is not rewritten (its file stays the same) and every run stored
+    before has no deadline and keeps its status and due time; workers
+    starting together migrate once. New runs then get their deadline, and a
+    delayed run whose deadline comes first is due at it."""
+    assert SCHEMA_VERSION >= 4
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 3)
+    old = PostgresStorage.from_url(postgres_url)
+    await old.initialize()
+    await old.close()
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, attempts, waiting_for,"
+            " created_at, updated_at, wake_at) VALUES"
+            " ('old-pending', 'wf', 'pending', '1', 0, NULL, now(), now(),"
+            "  now() - interval '1 hour'),"
+            " ('old-waiting', 'wf', 'waiting', '1', 1, 'go', now(), now(), NULL),"
+            " ('old-sleeping', 'wf', 'sleeping', '1', 1, NULL, now(), now(),"
+            "  now() + interval '1 hour'),"
+            " ('old-delayed', 'wf', 'sleeping', '1', 0, NULL, now(), now(),"
+            "  now() + interval '1 hour')"
+        ).format(ident)
+    )
+    due_before: dict[object, object] = {
+        row[0]: row[1]
+        for row in admin.execute(sql.SQL("SELECT id, wake_at FROM {}.runs").format(ident))
+    }
+    relfile = (
+        "SELECT c.relfilenode FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = 'runs'"
+    )
+    file_before = admin.execute(relfile, (schema,)).fetchone()
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", SCHEMA_VERSION)
+    stores = [PostgresStorage.from_url(postgres_url) for _ in range(4)]
+    await asyncio.gather(*(s.initialize() for s in stores))
+    store = stores[0]
+    try:
+        versions = admin.execute(
+            sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(ident)
+        ).fetchall()
+        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+        assert admin.execute(relfile, (schema,)).fetchone() == file_before  # not rewritten
+        column = admin.execute(
+            "SELECT data_type, is_nullable, column_default FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'runs' AND column_name = 'deadline_at'",
+            (schema,),
+        ).fetchone()
+        assert column == ("timestamp with time zone", "YES", None)
+
+        olds = {r.id: r for r in (await store.list_runs(workflow="wf")).runs}
+        assert {i: (r.status, r.deadline_at) for i, r in olds.items()} == {
+            "old-pending": ("pending", None),
+            "old-waiting": ("waiting", None),
+            "old-sleeping": ("sleeping", None),
+            "old-delayed": ("delayed", None),
+        }
+        assert {i: r.wake_at for i, r in olds.items()} == due_before  # kept
+
+        bounded = await stores[1].create_run(
+            NewRun("wf", "2", delay=timedelta(hours=2), deadline=timedelta(milliseconds=300))
+        )
+        record = bounded.run
+        assert record.status == "delayed"
+        assert record.deadline_at == record.created_at + timedelta(milliseconds=300)
+        assert record.wake_at == record.deadline_at  # due at its deadline, before its delay
+        [first] = await store.claim_runs(["wf"], 10, timedelta(seconds=30))
+        assert first.run.id == "old-pending"
+        assert first.run.deadline_at is None
+        await asyncio.sleep(0.35)
+        [second] = await stores[2].claim_runs(["wf"], 10, timedelta(seconds=30))
+        assert second.run.id == record.id
+        assert second.run.deadline_at == record.deadline_at
+        assert await stores[3].claim_runs(["wf"], 10, timedelta(seconds=30)) == []
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))

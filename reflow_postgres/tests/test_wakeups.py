@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from reflow_core import Engine, codec, open_storage, workflow
+from reflow_core import Engine, RunFailedError, codec, open_storage, workflow
 from reflow_core.storage import ClaimedRun, NewRun, Storage
 from reflow_postgres import PostgresStorage
 
@@ -171,6 +171,30 @@ async def test_an_event_wakes_a_waiting_run(postgres_url: str) -> None:
         await wait_for(lambda: bool(got), PROMPT)
         assert worker.running
     assert got == [{"ok": True}]
+
+
+@pytest.mark.parametrize("kind", ["sleeping", "waiting", "delayed"])
+async def test_a_paused_run_wakes_the_worker_at_its_deadline(postgres_url: str, kind: str) -> None:
+    """A run that sleeps, waits (without a timeout) or is delayed for longer
+    than its deadline allows is due at its deadline, and the notification
+    says so: an idle worker fails it then, not at its next poll."""
+    wf: Any = workflow(f"bounded-{kind}", timeout="700ms").step("a", lambda ctx: None)
+    if kind == "sleeping":
+        wf = wf.sleep("nap", "1h")
+    elif kind == "waiting":
+        wf = wf.wait_for_event("approval")
+    wf = wf.step("b", lambda ctx: None)
+    async with Engine(storage=postgres_url, workflows=[wf], poll_interval=SLOW_POLL) as engine:
+        await asyncio.sleep(0.3)  # the worker has polled once and gone idle
+        began = time.monotonic()
+        run = await engine.enqueue(wf, None, delay="1h" if kind == "delayed" else None)
+        with pytest.raises(RunFailedError) as info:
+            await engine.result(run.id, timeout=PROMPT)
+        took = time.monotonic() - began
+        done = await engine.get_run_status(run.id)
+    assert info.value.error_code == "deadline_exceeded"
+    assert done.status == "failed"
+    assert 0.6 <= took < PROMPT
 
 
 async def test_only_the_workflows_workers_are_woken(postgres_url: str) -> None:

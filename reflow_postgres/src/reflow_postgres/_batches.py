@@ -17,7 +17,7 @@ from reflow_core.errors import IdempotencyConflictError, ReflowError, StorageErr
 from reflow_core.storage import CreateResult, Lease, NewRun, StepRecord
 
 from ._connections import BACKEND, Connections
-from ._rows import delay_param, step_params
+from ._rows import INSERTED, deadline_param, delay_param, step_params
 
 __all__ = ["MAX_BATCH", "BatchedWrites", "Finish", "Save"]
 
@@ -61,6 +61,7 @@ class BatchedWrites:
             inputs=[new.input for _, new in items],
             keys=[new.idempotency_key for _, new in items],
             delays=[delay_param(new) for _, new in items],
+            deadlines=[deadline_param(new) for _, new in items],
         )
         retried = False
 
@@ -77,8 +78,10 @@ class BatchedWrites:
                 raise
             # A run id that exists already: find out which, one by one.
             return [await self._create_alone(run_id, new, retried) for run_id, new in items]
-        created = {row[0]: run_from_row(row, as_utc) for row in rows if row[15]}
-        existing = {(row[1], row[6]): run_from_row(row, as_utc) for row in rows if not row[15]}
+        created = {row[0]: run_from_row(row, as_utc) for row in rows if row[INSERTED]}
+        existing = {
+            (row[1], row[6]): run_from_row(row, as_utc) for row in rows if not row[INSERTED]
+        }
         results: list[CreateResult | ReflowError] = []
         for run_id, new in items:
             if run_id in created:
@@ -106,6 +109,7 @@ class BatchedWrites:
             input=new.input,
             key=new.idempotency_key,
             delay=delay_param(new),
+            deadline=deadline_param(new),
         )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> CreateResult:
@@ -125,7 +129,7 @@ class BatchedWrites:
             row = await cur.fetchone()
             assert row is not None
             record = run_from_row(row, as_utc)
-            if row[15] or (again and record.id == run_id):
+            if row[INSERTED] or (again and record.id == run_id):
                 # Created now, or by our own first try before its reply was lost.
                 return CreateResult(record, created=True)
             if record.input != new.input:

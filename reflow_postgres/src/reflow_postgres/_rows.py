@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 from reflow_core.adapter import (
+    RUN_COLUMNS,
     as_utc,
     check_aware,
     from_epoch_us,
@@ -16,13 +17,26 @@ from reflow_core.adapter import (
 )
 from reflow_core.storage import ClaimedRun, Lease, NewRun, StepRecord
 
-__all__ = ["claimed_run", "delay_param", "step_params"]
+__all__ = ["INSERTED", "claimed_run", "deadline_param", "delay_param", "step_params"]
+
+_RUN_WIDTH = len(RUN_COLUMNS.split(", "))
+INSERTED = _RUN_WIDTH
+"""Index of ``inserted`` in a row of the statements that create runs (the
+run's columns, then whether this statement inserted it)."""
+_STALE = _RUN_WIDTH
+_STEPS = _RUN_WIDTH + 2
 
 
 def delay_param(new: NewRun) -> timedelta | None:
     """The ``delay`` parameter of a statement that creates ``new``: its delay
     when it is created delayed, else ``None`` (a pending run, due at once)."""
     return new.delay if is_delayed(new) else None
+
+
+def deadline_param(new: NewRun) -> timedelta | None:
+    """The ``deadline`` parameter of a statement that creates ``new``: how
+    long after creation it must finish (``None``: no deadline)."""
+    return new.deadline
 
 
 def step_params(step: StepRecord) -> dict[str, Any]:
@@ -38,17 +52,18 @@ def step_params(step: StepRecord) -> dict[str, Any]:
 
 
 def claimed_run(row: Sequence[Any]) -> ClaimedRun:
-    """A row of the ``claim`` statement: the run's columns, whether its lease
-    had lapsed, its sort key, and its steps as JSON arrays in
+    """A row of the ``claim`` statement: the run's columns (16, in
+    :data:`~reflow_core.adapter.RUN_COLUMNS` order), whether its lease had
+    lapsed, its sort key, and its steps as JSON arrays in
     :data:`~reflow_core.adapter.STEP_COLUMNS` order with times in epoch
     microseconds."""
     record = run_from_row(row, as_utc)
     steps: dict[str, StepRecord] = {}
-    for step in row[17] or ():
+    for step in row[_STEPS] or ():
         steps[step[0]] = step_from_row(step, from_epoch_us)
     return ClaimedRun(
         run=record,
         lease=Lease(record.id, record.lease_epoch),
         steps=steps,
-        reclaimed=bool(row[15]),
+        reclaimed=bool(row[_STALE]),
     )

@@ -25,6 +25,11 @@ Design notes (see docs/postgres.md):
   find it unchanged: delayed runs needed no migration, where a new status
   would have meant a new status check and rebuilding ``runs_due``, a scan of
   the whole table that blocks writes.
+* ``runs.deadline_at`` (version 4) is when a run must have finished. It is
+  unindexed: a delayed, sleeping or waiting run with a deadline is due at
+  the earlier of its own wake-up time and its deadline (``wake_at``), so
+  ``runs_due``, the claim and ``next_due`` find it unchanged. Added nullable
+  with no default, so the migration rewrites nothing.
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

@@ -38,12 +38,13 @@ CASE WHEN status = 'sleeping' AND attempts = 0 THEN 'delayed' ELSE status END
 -- name: read_columns
 -- {run_columns} for reads of any run (get_run, list_runs, creates), with the
 -- status of protocol_status, and the deadlines an older version may have stored
--- out of range capped.
+-- out of range capped (deadline_at needs no cap: no older version wrote it,
+-- and run deadlines are bounded durations).
 id, workflow, {protocol_status} AS status, input, output, error, idempotency_key, attempts,
 reclaims, lease_epoch, created_at, updated_at,
 CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END AS wake_at,
 waiting_for, CASE WHEN lease_expires_at > {latest} THEN {latest} ELSE lease_expires_at END
-    AS lease_expires_at
+    AS lease_expires_at, deadline_at
 
 -- name: step_read_columns
 -- The step columns of reflow_core.adapter.STEP_COLUMNS, wake_at capped.
@@ -60,16 +61,23 @@ id = %(id)s AND status = 'running' AND lease_epoch = %(epoch)s AND lease_expires
 
 -- name: insert_run
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, created_at,
-    updated_at, wake_at)
+    updated_at, wake_at, deadline_at)
 
 -- name: new_status
 -- A new run with a delay (a positive interval, else NULL) is delayed: stored
 -- as sleeping, never attempted (see protocol_status), due when the delay passes.
 CASE WHEN %(delay)s::interval IS NULL THEN 'pending' ELSE 'sleeping' END
 
+-- name: new_wake_at
+-- When a new run is due: now, or when its delay (a positive interval, else
+-- NULL) passes, or at its deadline (NULL: none) if that comes first
+-- (reflow_core.adapter.due_by_deadline; least() skips a NULL).
+least({now} + coalesce(%(delay)s::interval, interval '0'), {now} + %(deadline)s::interval)
+
 -- name: on_idempotency_key
 -- A run that exists with the same (workflow, idempotency key) comes back
--- instead, unchanged (whatever the delay asked for), with inserted false.
+-- instead, unchanged (whatever the delay and deadline asked for), with
+-- inserted false.
 ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL
 DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
 RETURNING {read_columns}, (xmax = 0) AS inserted
@@ -128,7 +136,7 @@ pg_notify({channel}, greatest(0, (extract(epoch FROM u.wake_at - {now}) * 1000):
 WITH ins AS (
     {insert_run}
     VALUES (%(id)s, %(workflow)s, {new_status}, %(input)s, %(key)s, {now}, {now},
-        {now} + coalesce(%(delay)s::interval, interval '0'))
+        {new_wake_at}, {now} + %(deadline)s::interval)
     {on_idempotency_key}
 ) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
 
@@ -139,12 +147,13 @@ WITH ins AS (
 -- finds the later ones).
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::text[], %(workflows)s::text[], %(inputs)s::text[],
-        %(keys)s::text[], %(delays)s::interval[])
-        WITH ORDINALITY AS t(id, workflow, input, key, delay, ord)
+        %(keys)s::text[], %(delays)s::interval[], %(deadlines)s::interval[])
+        WITH ORDINALITY AS t(id, workflow, input, key, delay, deadline, ord)
 ), ins AS (
     {insert_run}
     SELECT id, workflow, CASE WHEN delay IS NULL THEN 'pending' ELSE 'sleeping' END, input,
-        key, {now}, {now}, {now} + coalesce(delay, interval '0') FROM t ORDER BY ord
+        key, {now}, {now}, least({now} + coalesce(delay, interval '0'), {now} + deadline),
+        {now} + deadline FROM t ORDER BY ord
     {on_idempotency_key}
 ), woken AS (
     SELECT {notify_ins} FROM (SELECT workflow, min(wake_at) AS wake_at FROM ins
@@ -276,19 +285,24 @@ UPDATE {schema}.runs AS r SET status = %(status)s, error = %(error)s,
 WHERE id = %(id)s AND status NOT IN {terminal} RETURNING {drop_buffered_r}
 
 -- name: sleep
+-- The step keeps its own wake_at (fixed when the sleep is first reached) and
+-- comes back; the run is due then, or at its deadline if that comes first
+-- (least() skips a NULL deadline), and the notification says when the run is due.
 WITH prev AS (
     SELECT wake_at FROM {schema}.steps WHERE run_id = %(id)s AND name = %(name)s
         AND status = 'sleeping' AND wake_at IS NOT NULL
+), w AS (
+    SELECT coalesce((SELECT wake_at FROM prev), {now} + %(duration)s) AS step_wake_at
 ), u AS (
     UPDATE {schema}.runs SET status = 'sleeping',
-        wake_at = coalesce((SELECT wake_at FROM prev), {now} + %(duration)s),
+        wake_at = least(w.step_wake_at, deadline_at),
         lease_expires_at = NULL, updated_at = {now}
-    WHERE {fence} RETURNING id, workflow, wake_at
+    FROM w WHERE {fence} RETURNING id, workflow, wake_at, w.step_wake_at
 ), st AS (
     {insert_step}
-    SELECT u.id, %(name)s::text, 'sleeping', NULL, NULL, 1, u.wake_at, {now} FROM u
+    SELECT u.id, %(name)s::text, 'sleeping', NULL, NULL, 1, u.step_wake_at, {now} FROM u
     WHERE NOT EXISTS (SELECT 1 FROM prev) {upsert_step}
-) SELECT u.wake_at, {notify_at} FROM u
+) SELECT u.step_wake_at, {notify_at} FROM u
 
 -- wait_run, take_event and deliver_event lock the run row first, in a
 -- statement of their own: the statements after it then see every event
@@ -301,6 +315,9 @@ SELECT workflow FROM {schema}.runs WHERE {fence} FOR NO KEY UPDATE
 SELECT status, waiting_for, workflow FROM {schema}.runs WHERE id = %(id)s FOR NO KEY UPDATE
 
 -- name: wait
+-- The step and the result keep the wait's own deadline (NULL: none); a run
+-- that waits is due then, or at its deadline_at if that comes first (least()
+-- skips NULLs), and the notification says when the run is due.
 WITH prev AS (
     SELECT wake_at FROM {schema}.steps WHERE run_id = %(id)s AND name = %(name)s
         AND status = 'waiting'
@@ -314,7 +331,7 @@ WITH prev AS (
     UPDATE {schema}.runs SET
         status = CASE WHEN d.ready THEN status ELSE 'waiting' END,
         waiting_for = CASE WHEN d.ready THEN NULL ELSE %(event)s END,
-        wake_at = CASE WHEN d.ready THEN NULL ELSE d.deadline END,
+        wake_at = CASE WHEN d.ready THEN NULL ELSE least(d.deadline, deadline_at) END,
         lease_expires_at = CASE WHEN d.ready THEN lease_expires_at END,
         updated_at = {now}
     FROM d WHERE id = %(id)s RETURNING workflow, wake_at
@@ -396,11 +413,12 @@ ORDER BY created_at DESC, id DESC LIMIT %(limit)s
 
 -- name: requeue
 -- A requeued run starts with an empty buffer (its events were dropped when it
--- ended; runs.buffered is only kept up to date while a run lives).
+-- ended; runs.buffered is only kept up to date while a run lives) and has no
+-- deadline.
 WITH u AS (
     UPDATE {schema}.runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = {now},
         waiting_for = NULL, lease_expires_at = NULL, updated_at = {now}, finished_at = NULL,
-        buffered = 0
+        buffered = 0, deadline_at = NULL
     WHERE id = %(id)s AND status IN ('failed', 'cancelled') RETURNING id, workflow
 ), d AS (
     DELETE FROM {schema}.steps WHERE run_id IN (SELECT id FROM u) AND status = 'failed'
@@ -451,8 +469,8 @@ WITH adv AS (
     WHERE key = %(key)s AND next_run_at = %(slot)s AND NOT paused RETURNING key
 ), ins AS (
     {insert_run}
-    SELECT %(id)s::text, %(workflow)s::text, 'pending', %(input)s::text, %(idem)s::text,
-        {now}, {now}, {now} FROM adv
+    SELECT %(id)s::text, %(workflow)s::text, {new_status}, %(input)s::text, %(idem)s::text,
+        {now}, {now}, {new_wake_at}, {now} + %(deadline)s::interval FROM adv
     {on_idempotency_key}
 ) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
 

@@ -238,3 +238,15 @@ CREATE TABLE {schema}.workers (
 -- name: v3_05_workers_expires
 -- Lapsed entries, which announce_worker deletes, and the live ones listed.
 CREATE INDEX workers_expires ON {schema}.workers (expires_at)
+
+
+-- Version 4: run deadlines -----------------------------------------------------------
+
+-- name: v4_01_runs_deadline
+-- When the run must have finished (NULL: no deadline). Nullable without a
+-- default: PostgreSQL 11 and newer add it without rewriting the table, and
+-- every run that exists has no deadline. Unindexed: a delayed, sleeping or
+-- waiting run with a deadline is due at the earlier of its own wake-up time
+-- and its deadline (runs.wake_at), so runs_due and the claim find it
+-- unchanged.
+ALTER TABLE {schema}.runs ADD COLUMN deadline_at timestamptz

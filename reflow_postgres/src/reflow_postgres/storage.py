@@ -79,7 +79,7 @@ from reflow_core.storage import (
 from ._batches import BatchedWrites
 from ._connections import Connections
 from ._options import DEFAULT_SCHEMA, check_keyword_options, parse_postgres_url, settings
-from ._rows import claimed_run
+from ._rows import INSERTED, claimed_run, deadline_param, delay_param
 from ._schema import SCHEMA_VERSION, migrate
 from ._sql import Statements, channel_name, list_runs_query, statements
 from .listener import Listener
@@ -257,9 +257,11 @@ class PostgresStorage:
     async def create_run(self, new: NewRun) -> CreateResult:
         """Create a pending run, or a delayed one due ``new.delay`` after the
         server's ``now()`` (stored as a run asleep before its first attempt;
-        see ``queries.sql``). Concurrent creates (many producers, or
-        schedules firing) share one statement and one commit; each keeps its
-        own outcome, idempotency conflict included."""
+        see ``queries.sql``), or at its deadline (``new.deadline`` after
+        ``now()``, stored as ``deadline_at``) if that comes first.
+        Concurrent creates (many producers, or schedules firing) share one
+        statement and one commit; each keeps its own outcome, idempotency
+        conflict included."""
         check_new_run(new)
         run_id = new.run_id or new_run_id()
         self._db.life.check("create_run")
@@ -600,6 +602,8 @@ class PostgresStorage:
             workflow=run.workflow,
             input=run.input,
             idem=run.idempotency_key,
+            delay=delay_param(run),
+            deadline=deadline_param(run),
         )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> RunRecord | None:
@@ -609,7 +613,7 @@ class PostgresStorage:
                 if row is None:
                     return None
                 record = run_from_row(row, as_utc)
-                if not row[15] and record.input != run.input:
+                if not row[INSERTED] and record.input != run.input:
                     assert run.idempotency_key is not None
                     raise IdempotencyConflictError(run.workflow, run.idempotency_key, record.id)
                 return record
