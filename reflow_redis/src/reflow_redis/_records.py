@@ -2,12 +2,12 @@
 
 A run is a hash whose short field names the scripts write (``st`` status,
 ``wf`` workflow, ``in``/``out``/``err``, ``att``/``rec``/``ep`` counters,
-``c``/``u``/``w``/``l`` times in epoch microseconds, ``wt`` the awaited
-event, ``idem`` the idempotency key, ``id`` the run's own id); a step is one
-field of the run's steps hash, ``seq|done|status|wake|json``. Anything under
-the prefix that does not read this way raises :class:`_BadData`, which the
-storage reports as a :class:`~reflow_core.errors.StorageError` naming the
-operation.
+``c``/``u``/``w``/``l``/``dl`` times in epoch microseconds (``dl`` the run's
+deadline, absent without one), ``wt`` the awaited event, ``idem`` the
+idempotency key, ``id`` the run's own id); a step is one field of the run's
+steps hash, ``seq|done|status|wake|json``. Anything under the prefix that
+does not read this way raises :class:`_BadData`, which the storage reports as
+a :class:`~reflow_core.errors.StorageError` naming the operation.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def _run_record(run_id: str, fields: Mapping[str, str]) -> RunRecord:
             wake_at=_time(fields.get("w"), where),
             waiting_for=fields.get("wt") or None,
             lease_expires_at=_time(fields.get("l"), where) if status == "running" else None,
+            deadline_at=_time(fields.get("dl"), where),
         )
     except KeyError as exc:
         raise _BadData(f"{where} lacks a field Reflow writes") from exc
@@ -168,6 +169,14 @@ def _delay_arg(new: NewRun) -> str:
     if not is_delayed(new) or new.delay is None:
         return ""
     return str(span_us(new.delay))
+
+
+def _deadline_arg(new: NewRun) -> str:
+    """A run's deadline as the create scripts take it: microseconds after
+    creation, or empty for none."""
+    if new.deadline is None:
+        return ""
+    return str(span_us(new.deadline))
 
 
 def _schedule_record(key: str, fields: Mapping[str, str]) -> ScheduleRecord:

@@ -116,6 +116,7 @@ from ._options import (
 )
 from ._records import (
     _BadData,
+    _deadline_arg,
     _delay_arg,
     _flat,
     _pairs,
@@ -306,7 +307,8 @@ class RedisStorage(_Schedules, _Workers):
     # -- runs ----------------------------------------------------------------------
 
     async def create_run(self, new: NewRun) -> CreateResult:
-        """Create a pending run, or a delayed one with a positive ``new.delay``.
+        """Create a pending run, or a delayed one with a positive ``new.delay``
+        (due at the earlier of the delay's end and ``new.deadline``).
         Concurrent creates share one script call; each keeps its own outcome,
         idempotency conflict included."""
         check_new_run(new)
@@ -325,7 +327,14 @@ class RedisStorage(_Schedules, _Workers):
             reply = await self._call(
                 "create_run",
                 "create",
-                [run_id, new.workflow, new.input, new.idempotency_key or "", _delay_arg(new)],
+                [
+                    run_id,
+                    new.workflow,
+                    new.input,
+                    new.idempotency_key or "",
+                    _delay_arg(new),
+                    _deadline_arg(new),
+                ],
                 retry=True,
             )
             replies = [reply]
@@ -338,6 +347,7 @@ class RedisStorage(_Schedules, _Workers):
                     new.input,
                     new.idempotency_key or "",
                     _delay_arg(new),
+                    _deadline_arg(new),
                 ]
             replies = await self._call("create_run", "create_many", args, retry=True)
         results: list[CreateResult | ReflowError] = []

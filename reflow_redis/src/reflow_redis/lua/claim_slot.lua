@@ -1,7 +1,8 @@
--- claim_schedule_slot. ARGV[5..12]: key, slot (us), next run (us), run id,
--- workflow, input, idempotency key, delay (us; '' or 0 none: schedules give none). Returns {0} if the slot is gone or the
--- schedule is paused, {-2, run}
--- when the key's run has other input (nothing changed), else create_run's reply.
+-- claim_schedule_slot. ARGV[5..13]: key, slot (us), next run (us), run id,
+-- workflow, input, idempotency key, delay (us; '' or 0 none: schedules give
+-- none), deadline (us after now; '' none). Returns {0} if the slot is gone or
+-- the schedule is paused, {-2, run} when the key's run has other input
+-- (nothing changed), else create_run's reply.
 local key = ARGV[5]
 local sk = k('sched', key)
 local cur = redis.call('HMGET', sk, 'next', 'p')
@@ -18,4 +19,4 @@ if existing then
 end
 redis.call('HSET', sk, 'next', ARGV[7], 'u', num(NOW))
 redis.call('ZADD', k('schedule-due'), ARGV[7], key)
-return create_run(ARGV[8], wf, input, idem, ARGV[12])
+return create_run(ARGV[8], wf, input, idem, ARGV[12], ARGV[13])

@@ -135,12 +135,24 @@ local function finished(id)
   end
 end
 
+-- When a delayed, sleeping or waiting run becomes claimable: at its own due
+-- time w ('' = only an event wakes it), or at its deadline dl ('' or nil =
+-- none) if that comes first, so the engine can fail it then. Returns the
+-- time as a string ('' = none).
+local function due_by_deadline(w, dl)
+  if not dl or dl == '' then return w end
+  if w == '' or tonumber(dl) < tonumber(w) then return dl end
+  return w
+end
+
 -- Create a pending run, or with a positive delay (us) a delayed one, due
 -- then; or find the run holding the idempotency key (whatever the delay).
+-- With a deadline (us after now; '' none) the run's 'dl' is now plus it,
+-- and a delayed run is due at the earlier of its delay's end and that.
 -- Returns {1, now} when created (the client knows every other field),
 -- {0, run} for an existing one, {-1} when the id is taken. A delayed run is
 -- in P:due at its due time, like a sleeping run, and in P:parked with score 3.
-local function create_run(id, wf, input, idem, delay)
+local function create_run(id, wf, input, idem, delay, deadline)
   if idem ~= '' then
     local existing = redis.call('HGET', k('idem', wf), idem)
     if existing then
@@ -152,10 +164,13 @@ local function create_run(id, wf, input, idem, delay)
   if redis.call('EXISTS', rk) == 1 then return {-1} end
   local now = num(NOW)
   delay = tonumber(delay) or 0
+  local dl = ''
+  if deadline and deadline ~= '' then dl = num(NOW + tonumber(deadline)) end
   local status, due = 'pending', now
-  if delay > 0 then status, due = 'delayed', num(NOW + delay) end
+  if delay > 0 then status, due = 'delayed', due_by_deadline(num(NOW + delay), dl) end
   redis.call('HSET', rk, 'id', id, 'wf', wf, 'st', status, 'in', input, 'idem', idem, 'att', 0,
     'rec', 0, 'ep', 0, 'c', now, 'u', now, 'w', due, 'sq', 0)
+  if dl ~= '' then redis.call('HSET', rk, 'dl', dl) end
   redis.call('ZADD', k('due', wf), due, id)
   if delay > 0 then redis.call('ZADD', k('parked', wf), 3, id) end
   local member = idx_member(now, id)
@@ -163,7 +178,7 @@ local function create_run(id, wf, input, idem, delay)
   redis.call('ZADD', k('idx', 'wf', wf), 0, member)
   if idem ~= '' then redis.call('HSET', k('idem', wf), idem, id) end
   redis.call('SADD', k('workflows'), wf)
-  wake(wf, delay)
+  wake(wf, tonumber(due) - NOW)
   return {1, now}
 end
 

@@ -4,8 +4,9 @@
 -- unfinished runs only:
 --   P:running:<wf>  every running run (lapsed leases included): ZCARD;
 --   P:parked:<wf>   sleeping runs (score 0), waiting runs in P:due (1: a
---                   timeout, or woken by an event), waiting runs without a
---                   deadline (2), delayed runs (3, in P:due too): ZCOUNT;
+--                   timeout or a run deadline, or woken by an event), waiting
+--                   runs with neither (2), delayed runs (3, in P:due too):
+--                   ZCOUNT;
 --   P:due:<wf>      pending, delayed, sleeping and score-1 waiting runs:
 --                   pending is its ZCARD minus the parked ones in it.
 -- The oldest pending run is the first pending one in P:due by score (its

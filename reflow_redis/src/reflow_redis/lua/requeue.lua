@@ -1,10 +1,10 @@
--- requeue_run. ARGV[5]: id.
+-- requeue_run. ARGV[5]: id. A requeued run has no deadline ('dl' goes).
 local id = ARGV[5]
 local rk = run_key(id)
 local r = redis.call('HMGET', rk, 'st', 'wf')
 if r[1] ~= 'failed' and r[1] ~= 'cancelled' then return 0 end
 redis.call('HSET', rk, 'st', 'pending', 'rec', 0, 'w', num(NOW), 'wt', '', 'u', num(NOW))
-redis.call('HDEL', rk, 'err', 'l')
+redis.call('HDEL', rk, 'err', 'l', 'dl')
 local sk = steps_key(id)
 local all = redis.call('HGETALL', sk)
 for i = 1, #all, 2 do

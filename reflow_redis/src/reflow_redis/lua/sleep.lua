@@ -1,5 +1,6 @@
 -- sleep_run. ARGV[5..8]: id, epoch, step name, duration (us).
--- Returns the wake time (us, as a string), or false when the lease is lost.
+-- Returns the step's wake time (us, as a string), or false when the lease is
+-- lost. The run itself is due at the earlier of that and its deadline.
 local id, name = ARGV[5], ARGV[7]
 local wf = fence(id, ARGV[6])
 if not wf then return false end
@@ -12,10 +13,11 @@ end
 local first = wake_at == nil
 if first then wake_at = num(NOW + tonumber(ARGV[8])) end
 local rk = run_key(id)
-redis.call('HSET', rk, 'st', 'sleeping', 'w', wake_at, 'u', num(NOW))
+local due = due_by_deadline(wake_at, redis.call('HGET', rk, 'dl'))
+redis.call('HSET', rk, 'st', 'sleeping', 'w', due, 'u', num(NOW))
 drop_lease(id, wf)
-redis.call('ZADD', k('due', wf), wake_at, id)
+redis.call('ZADD', k('due', wf), due, id)
 redis.call('ZADD', k('parked', wf), 0, id)
 if first then put_step(id, name, 'sleeping', wake_at, '[null,null,1]') end
-wake(wf, tonumber(wake_at) - NOW)
+wake(wf, tonumber(due) - NOW)
 return wake_at

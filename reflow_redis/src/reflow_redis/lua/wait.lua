@@ -1,5 +1,7 @@
 -- wait_run. ARGV[5..9]: id, epoch, step name, event name, timeout (us, '' none).
--- Returns {ready 0/1, deadline (us or '')}, or false when the lease is lost.
+-- Returns {ready 0/1, the wait's deadline (us or '')}, or false when the
+-- lease is lost. A waiting run is due at the earlier of the wait's deadline
+-- and the run's ('dl'); with neither, only its event brings it back.
 local id, name, event = ARGV[5], ARGV[7], ARGV[8]
 local wf = fence(id, ARGV[6])
 if not wf then return false end
@@ -18,12 +20,13 @@ local ready = redis.call('LLEN', ev_key(id, event)) > 0
 if ready then
   redis.call('HSET', rk, 'wt', '', 'u', num(NOW))
 else
-  redis.call('HSET', rk, 'st', 'waiting', 'wt', event, 'w', deadline, 'u', num(NOW))
+  local due = due_by_deadline(deadline, redis.call('HGET', rk, 'dl'))
+  redis.call('HSET', rk, 'st', 'waiting', 'wt', event, 'w', due, 'u', num(NOW))
   drop_lease(id, wf)
-  if deadline ~= '' then
-    redis.call('ZADD', k('due', wf), deadline, id)
+  if due ~= '' then
+    redis.call('ZADD', k('due', wf), due, id)
     redis.call('ZADD', k('parked', wf), 1, id)
-    wake(wf, tonumber(deadline) - NOW)
+    wake(wf, tonumber(due) - NOW)
   else
     redis.call('ZADD', k('parked', wf), 2, id)
   end
