@@ -77,6 +77,7 @@ _RECORDS = ("test_records",)
 _WORKERS = ("test_workers",)
 _STATS = ("test_queue_stats",)
 _DELAYED = ("test_delayed",)
+_DEADLINES = ("test_deadlines",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -159,6 +160,13 @@ CASES = [
     Case("delayed_as_pending", (P.CREATE_DELAYED,), _DELAYED, machine=True),
     Case("delay_by_client_clock", (P.DELAY_FROM_STORAGE_CLOCK,), _DELAYED, machine=True),
     Case("stats_delayed_as_pending", (P.STATS_DELAYED,), _DELAYED),
+    Case("ignores_deadline", (P.RUN_DEADLINE_FROM_STORAGE_CLOCK,), _DEADLINES, machine=True),
+    Case("sleep_ignores_deadline", (P.RUN_DEADLINE_CAPS_SLEEP,), _DEADLINES),
+    Case("caps_sleep_step", (P.RUN_DEADLINE_CAPS_SLEEP,), _DEADLINES),
+    Case("requeue_keeps_deadline", (P.RUN_DEADLINE_REQUEUE,), _DEADLINES, machine=True),
+    Case(
+        "deadline_by_client_clock", (P.RUN_DEADLINE_FROM_STORAGE_CLOCK,), _DEADLINES, machine=True
+    ),
 ]
 
 
@@ -239,6 +247,7 @@ _SCHEDULE_MODULES = (
     "test_codec",
     "test_clock",
     "test_arguments",
+    "test_deadlines",
     "test_stateful",
 )
 """The suite modules that touch schedules (``test_schedules`` wholly, the others in part)."""
@@ -262,11 +271,11 @@ def test_an_adapter_declaring_an_area_missing_passes_the_rest(
     reason = area_skip_reason("no_schedules_declared", "schedules")
     skips = _SKIPPED.findall(report)
     for_area = {Path(path).stem for path, why in skips if why == reason}
-    assert for_area == {"test_schedules", "test_clock", "test_arguments"}, report
+    assert for_area == {"test_schedules", "test_clock", "test_arguments", "test_deadlines"}, report
     others = {why for _, why in skips if why != reason}
     assert all("does not declare capability 'multiprocess'" in why for why in others), report
     assert "reflow-conformance: NOT tested: schedules" in report, report
-    for module in ("test_codec", "test_stateful", "test_clock", "test_arguments"):
+    for module in ("test_codec", "test_stateful", "test_clock", "test_arguments", "test_deadlines"):
         assert f"{module}.py::" not in report, f"{module} failed or was skipped:\n{report}"
 
 

@@ -99,6 +99,10 @@ class ModelRun:
     waiting_for: str | None = None
     output: str | None = None
     error: str | None = None
+    deadline_at: datetime | None = None
+    """The run deadline the adapter stored at its creation (it never changes)."""
+    deadline_cleared: bool = False
+    """A requeue cleared the run's deadline."""
     steps: dict[str, ModelStep] = field(default_factory=dict)
     events: dict[str, deque[str]] = field(default_factory=dict)
     event_ids: set[str] = field(default_factory=set)
@@ -392,6 +396,9 @@ class Model:
         run.reclaims = 0
         run.waiting_for = None
         run.due = True
+        if run.deadline_at is not None:
+            run.deadline_at = None
+            run.deadline_cleared = True
         return True
 
     # -- schedules ---------------------------------------------------------

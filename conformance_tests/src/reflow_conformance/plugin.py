@@ -96,6 +96,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_clock",
             "test_records",
             "test_delayed",
+            "test_deadlines",
             "test_listing",
             "test_sleep_wait",
             "test_events",

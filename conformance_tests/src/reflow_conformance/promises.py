@@ -130,7 +130,7 @@ RECORD_UPDATED_ON_WRITE = (
 RECORD_WAKE_AT = (
     "a run's wake_at is its created_at when new (plus its delay, if it was created delayed), "
     "now when handed back, requeued or woken by its event, its sleep's or wait's deadline "
-    "while paused, and None while running or ended"
+    "while paused (or its own deadline_at, if that comes first), and None while running or ended"
 )
 RECORD_LEASE_EXPIRES = (
     "a run's lease_expires_at is set only while it is running, to the storage's now at its "
@@ -249,4 +249,38 @@ STATS_DELAYED = (
 DELAY_ARGS = (
     "create_run refuses a delay that is not a timedelta from 0 to 100 years with ConfigError, "
     "and writes nothing"
+)
+RUN_DEADLINE_FROM_STORAGE_CLOCK = (
+    "a run's deadline_at is the storage's now at its creation plus NewRun.deadline: its "
+    "created_at plus the deadline, to the millisecond; None for a run created without one"
+)
+RUN_DEADLINE_KEPT = (
+    "a run's deadline_at changes only by a requeue: claims, heartbeats, saves, sleeps, waits, "
+    "events, hand-backs, ends and repeated creates with its key all keep it"
+)
+RUN_DEADLINE_CAPS_DELAY = (
+    "a delayed run whose deadline comes before its delay's end is due at its deadline: "
+    "its wake_at is its deadline_at"
+)
+RUN_DEADLINE_CAPS_SLEEP = (
+    "a sleeping run's wake_at is the earlier of its sleep's end and its deadline_at; the step "
+    "record and sleep_run's result keep the sleep's own end, the storage's now plus the duration"
+)
+RUN_DEADLINE_CAPS_WAIT = (
+    "a waiting run's wake_at is the earlier of its wait's deadline and its deadline_at (its "
+    "deadline_at for a wait without a timeout); the step record and WaitResult.deadline keep "
+    "the wait's own deadline, None without a timeout"
+)
+RUN_DEADLINE_CLAIMABLE = (
+    "a delayed, sleeping or waiting run is claimable once its deadline_at has passed by the "
+    "storage clock, as a first claim under a new lease"
+)
+RUN_DEADLINE_REQUEUE = "requeue_run clears deadline_at: a requeued run has no deadline"
+RUN_DEADLINE_SCHEDULED = (
+    "a run fired by claim_schedule_slot has the deadline of the NewRun given, as create_run "
+    "would give it"
+)
+RUN_DEADLINE_ARGS = (
+    "create_run and claim_schedule_slot refuse a deadline that is not a timedelta from 0 to "
+    "100 years with ConfigError, and write nothing"
 )

@@ -1,7 +1,7 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
 Each class in the modules of this package (one per area of the contract:
-``claims``, ``delays``, ``leases``, ``runs``, ``records``, ``events``,
+``claims``, ``delays``, ``deadlines``, ``leases``, ``runs``, ``records``, ``events``,
 ``retention``, ``schedules``, and ``workers`` for the worker registry and
 queue statistics)
 is the in-memory reference backend (or, where the bug lives in a query, the
@@ -46,6 +46,13 @@ from .claims import (
     limit_per_workflow,
     reclaims_first_workflow_only,
     sleep_resets_attempts,
+)
+from .deadlines import (
+    caps_sleep_step,
+    deadline_by_client_clock,
+    ignores_deadline,
+    requeue_keeps_deadline,
+    sleep_ignores_deadline,
 )
 from .delays import (
     claims_delayed_early,
@@ -120,6 +127,7 @@ __all__ = [
     "FACTORIES",
     "NO_SHRINK_PROFILE",
     "UNFINISHED",
+    "caps_sleep_step",
     "caseless_step_names",
     "claims_backlog_first",
     "claims_delayed_early",
@@ -128,6 +136,7 @@ __all__ = [
     "correct",
     "correct_millisecond_clock",
     "created_at_moves",
+    "deadline_by_client_clock",
     "delay_by_client_clock",
     "delayed_as_pending",
     "double_claim",
@@ -138,6 +147,7 @@ __all__ = [
     "events_twice",
     "fast_client_clock",
     "fires_paused",
+    "ignores_deadline",
     "immortal_leases",
     "key_freed_when_run_ends",
     "lax_run_ids",
@@ -161,10 +171,12 @@ __all__ = [
     "purge_miscounts",
     "purges_unfinished",
     "reclaims_first_workflow_only",
+    "requeue_keeps_deadline",
     "run_id_overwrites",
     "schedule_forgets_created_at",
     "schedule_slot_twice",
     "skewed_now",
+    "sleep_ignores_deadline",
     "sleep_resets_attempts",
     "sloppy_pagination",
     "split_fence",
@@ -259,6 +271,11 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         delayed_as_pending,
         delay_by_client_clock,
         stats_delayed_as_pending,
+        ignores_deadline,
+        sleep_ignores_deadline,
+        caps_sleep_step,
+        requeue_keeps_deadline,
+        deadline_by_client_clock,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

@@ -58,6 +58,7 @@ __all__ = [
     "MILLISECOND",
     "RECURRENCES",
     "RUNS",
+    "RUN_DEADLINE",
     "SLOTS",
     "SLOT_STEP",
     "SOON",
@@ -72,6 +73,7 @@ __all__ = [
     "encoded",
     "event_names",
     "model_step",
+    "same_instant",
     "same_value",
     "schedule_matches",
     "show",
@@ -95,6 +97,11 @@ SOON_WAIT = 0.03
 DELAYS = (None, timedelta(0), SOON, HOUR)
 """The delays a create asks for: none, zero (both pending), short (due once the create
 returns) and an hour (never due during a test)."""
+RUN_DEADLINE = timedelta(days=2)
+"""The run deadline of every run the machine creates with an idempotency key
+(a keyless one has none; nothing is drawn for it): later than any sleep or
+wait it asks for, so it caps none, and it must read back unchanged until a
+requeue clears it."""
 LAPSES_PER_MACHINE = 1
 """Each lapse sleeps for real (most of the time a machine takes, and what makes
 shrinking slow); this bounds it."""
@@ -300,6 +307,12 @@ class MachineBase(RuleBasedStateMachine):
             if expires is None or expires < horizon:
                 found.append(f"live lease expires at {expires}, not minutes from now")
         promise(not found, name, f"{run.label}: " + "; ".join(found))
+        promise(
+            same_instant(record.deadline_at, run.deadline_at),
+            P.RUN_DEADLINE_REQUEUE if run.deadline_cleared else P.RUN_DEADLINE_KEPT,
+            f"{run.label}: deadline_at is {record.deadline_at}, expected {run.deadline_at}"
+            + (" (cleared by its requeue)" if run.deadline_cleared else ""),
+        )
         self._check_steps(run, self._run(self.storage.get_step_results(run_id)), steps_name or name)
 
     def _check_steps(self, run: ModelRun, stored: dict[str, StepRecord], name: str) -> None:

@@ -26,6 +26,7 @@ from ._machine import (
     LEASES,
     LONG,
     MILLISECOND,
+    RUN_DEADLINE,
     RUNS,
     SOON_WAIT,
     SPENT,
@@ -36,6 +37,7 @@ from ._machine import (
     encoded,
     event_names,
     model_step,
+    same_instant,
     show,
     step_record,
     unclaimable_promise,
@@ -80,11 +82,13 @@ class RunRules(MachineBase):
         text = encoded(value)
         expected = self.model.create(workflow, text, key)
         deadline = None if not delay else Deadline.FAR_FUTURE if delay >= HOUR else Deadline.DUE_NOW
+        limit = None if key is None else RUN_DEADLINE
         later = "" if delay is None else f" delay={delay.total_seconds():g}s"
+        later += "" if limit is None else f" deadline={limit.total_seconds():g}s"
         story = f"create in {'AB'[wf]} key={key} input={show(value)}{later}"
         try:
             chosen = self._new_run_id()
-            new = NewRun(workflow, text, key, chosen, delay=delay)
+            new = NewRun(workflow, text, key, chosen, delay=delay, deadline=limit)
             result = self._run(self.storage.create_run(new))
             if deadline is Deadline.DUE_NOW:
                 self._run(asyncio.sleep(SOON_WAIT))  # the short delay passes
@@ -142,7 +146,15 @@ class RunRules(MachineBase):
                 P.DELAY_FROM_STORAGE_CLOCK,
                 f"created at {run.created_at} with delay {delay}, due at {run.wake_at}",
             )
-        label = self.model.add_run(run_id, workflow, text, key, deadline).label
+        want = None if limit is None else run.created_at + limit
+        promise(
+            same_instant(run.deadline_at, want),
+            P.RUN_DEADLINE_FROM_STORAGE_CLOCK,
+            f"created at {run.created_at} with deadline {limit}, deadline_at {run.deadline_at}",
+        )
+        added = self.model.add_run(run_id, workflow, text, key, deadline)
+        added.deadline_at = run.deadline_at
+        label = added.label
         note(f"{story} -> new {label}")
         self._check_run(run_id, P.CREATE_SHAPE)
         return run_id
