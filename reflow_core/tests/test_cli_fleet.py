@@ -102,6 +102,8 @@ def test_stats_counts_unfinished_runs_and_who_serves_them(url: str) -> None:
                 pass
             for i in range(3):
                 await client.enqueue(OK, i)
+            delayed = await client.enqueue(OK, 9, delay="1h")
+            assert delayed.status == "delayed"
         await store.create_run(NewRun(workflow="orphan", input=codec.encode(None)))
         await store.announce_worker(WorkerInfo("w", "h", 1, ("ok",), 2, 0), timedelta(minutes=5))
 
@@ -109,7 +111,13 @@ def test_stats_counts_unfinished_runs_and_who_serves_them(url: str) -> None:
     found = {q["workflow"]: q for q in lines(reflow("--url", url, "--json", "stats"))}
     assert set(found) == {"ok", "nap", "orphan"}
     ok = found["ok"]
-    assert (ok["pending"], ok["running"], ok["sleeping"], ok["waiting"]) == (3, 0, 0, 0)
+    assert (ok["delayed"], ok["pending"], ok["running"], ok["sleeping"], ok["waiting"]) == (
+        1,
+        3,
+        0,
+        0,
+        0,
+    )
     assert ok["workers"] == 1
     assert ok["oldest_pending_age"] >= 0
     assert (found["nap"]["sleeping"], found["nap"]["pending"]) == (2, 0)
@@ -122,6 +130,7 @@ def test_stats_counts_unfinished_runs_and_who_serves_them(url: str) -> None:
     table = reflow("--url", url, "stats").stdout.splitlines()
     assert table[0].split() == [
         "WORKFLOW",
+        "DELAYED",
         "PENDING",
         "RUNNING",
         "SLEEPING",
@@ -131,7 +140,7 @@ def test_stats_counts_unfinished_runs_and_who_serves_them(url: str) -> None:
         "WORKERS",
     ]
     rows = {row.split()[0]: row.split() for row in table[1:]}
-    assert rows["ok"][1:5] == ["3", "0", "0", "0"]
+    assert rows["ok"][1:6] == ["1", "3", "0", "0", "0"]
     assert rows["nap"][-2:] == ["-", "0"]
 
 

@@ -66,6 +66,7 @@ __all__ = [
     "check_worker",
     "decode_cursor",
     "decode_workflows",
+    "due_by_deadline",
     "encode_cursor",
     "encode_workflows",
     "from_epoch_us",
@@ -146,7 +147,7 @@ def as_utc(value: datetime) -> datetime:
 
 RUN_COLUMNS = (
     "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims, "
-    "lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at"
+    "lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at, deadline_at"
 )
 """The column order :func:`run_from_row` reads (the :class:`RunRecord` fields)."""
 STEP_COLUMNS = "name, status, output, error, attempts, wake_at, completed_at"
@@ -163,6 +164,7 @@ def run_from_row(row: Sequence[Any], time: TimeReader) -> RunRecord:
     """A :class:`RunRecord` from a row in :data:`RUN_COLUMNS` order, times read by ``time``."""
     wake_at = row[12]
     expires = row[14]
+    deadline = row[15]
     return RunRecord(
         id=row[0],
         workflow=row[1],
@@ -179,6 +181,7 @@ def run_from_row(row: Sequence[Any], time: TimeReader) -> RunRecord:
         wake_at=None if wake_at is None else time(wake_at),
         waiting_for=row[13],
         lease_expires_at=None if expires is None else time(expires),
+        deadline_at=None if deadline is None else time(deadline),
     )
 
 
@@ -326,6 +329,8 @@ def new_run_record(run_id: str, new: NewRun, now: datetime) -> RunRecord:
     at once (or delayed, due after ``new.delay``), never attempted, with no
     output, error or lease."""
     delayed = is_delayed(new)
+    deadline_at = None if new.deadline is None else now + new.deadline
+    wake_at = now + new.delay if delayed and new.delay is not None else now
     return RunRecord(
         id=run_id,
         workflow=new.workflow,
@@ -339,8 +344,18 @@ def new_run_record(run_id: str, new: NewRun, now: datetime) -> RunRecord:
         lease_epoch=0,
         created_at=now,
         updated_at=now,
-        wake_at=now + new.delay if delayed and new.delay is not None else now,
+        wake_at=due_by_deadline(wake_at, deadline_at),
+        deadline_at=deadline_at,
     )
+
+
+def due_by_deadline(wake_at: datetime | None, deadline_at: datetime | None) -> datetime | None:
+    """When a delayed, sleeping or waiting run becomes claimable: at its
+    ``wake_at`` (``None``: only an event wakes it), or at its deadline if that
+    comes first, so the engine can fail it then."""
+    if deadline_at is None:
+        return wake_at
+    return deadline_at if wake_at is None or deadline_at < wake_at else wake_at
 
 
 def is_delayed(new: NewRun) -> bool:
@@ -617,7 +632,7 @@ def check_duration(value: object, what: str) -> timedelta:
 
 def check_new_run(new: NewRun) -> None:
     """:func:`check_text` on the names and keys of a run to create, and
-    :func:`check_duration` on its ``delay``."""
+    :func:`check_duration` on its ``delay`` and ``deadline``."""
     check_text(new.workflow, "workflow")
     if new.idempotency_key is not None:
         check_text(new.idempotency_key, "idempotency_key")
@@ -625,3 +640,5 @@ def check_new_run(new: NewRun) -> None:
         check_text(new.run_id, "run_id")
     if new.delay is not None:
         check_duration(new.delay, "delay")
+    if new.deadline is not None:
+        check_duration(new.deadline, "deadline")

@@ -27,6 +27,7 @@ and structured fields for the details. The tree::
         ├── StepError                a step failed for good (``step``, ``attempts``)
         │   └── StepTimeoutError     an attempt ran past its timeout
         ├── WaitTimeoutError         no event arrived before a wait's timeout
+        ├── RunDeadlineError         the run had not finished by its deadline
         ├── ReclaimLimitError        the run kept losing its worker and was given up
         ├── CorruptDataError         a stored value of the run cannot be read back
         ├── RunFailedError           raised by ``Engine.result`` for a failed run
@@ -45,6 +46,7 @@ import concurrent.futures
 import os
 import traceback as _traceback
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any, ClassVar, TypedDict
 
 __all__ = [
@@ -70,6 +72,7 @@ __all__ = [
     "RemoteTraceback",
     "ResultTimeoutError",
     "RunCancelledError",
+    "RunDeadlineError",
     "RunError",
     "RunFailedError",
     "RunNotFoundError",
@@ -541,6 +544,24 @@ class WaitTimeoutError(RunError):
 
     def __init__(self, step: str, *, run_id: str | None = None) -> None:
         super().__init__(f"no {step!r} event arrived before the wait's timeout", run_id=run_id)
+        self.step = step
+
+
+class RunDeadlineError(RunError):
+    """The run had not finished by its deadline (``workflow(..., timeout=...)``
+    or ``enqueue(..., deadline=...)``): the step in flight was cancelled, or the
+    run was delayed, sleeping or waiting when the deadline passed. Never retried."""
+
+    code = "deadline_exceeded"
+
+    def __init__(
+        self, deadline: datetime, *, step: str | None = None, run_id: str | None = None
+    ) -> None:
+        where = f" (in step {step!r})" if step is not None else ""
+        super().__init__(
+            f"run did not finish by its deadline {deadline.isoformat()}{where}", run_id=run_id
+        )
+        self.deadline = deadline
         self.step = step
 
 

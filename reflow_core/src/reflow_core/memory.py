@@ -35,6 +35,7 @@ from .adapter import (
     check_text,
     check_worker,
     decode_cursor,
+    due_by_deadline,
     new_run_id,
     new_run_record,
     purge_in_batches,
@@ -353,7 +354,13 @@ class MemoryStorage:
         else:
             wake_at = now + duration
             self._store_step(entry, StepRecord(step, "sleeping", wake_at=wake_at), now)
-        self._update(entry, now, status="sleeping", wake_at=wake_at, lease_expires_at=None)
+        self._update(
+            entry,
+            now,
+            status="sleeping",
+            wake_at=due_by_deadline(wake_at, entry.record.deadline_at),
+            lease_expires_at=None,
+        )
         return wake_at
 
     async def wait_run(
@@ -382,7 +389,7 @@ class MemoryStorage:
             now,
             status="waiting",
             waiting_for=event,
-            wake_at=deadline,
+            wake_at=due_by_deadline(deadline, entry.record.deadline_at),
             lease_expires_at=None,
         )
         return WaitResult(ready=False, deadline=deadline)
@@ -500,6 +507,7 @@ class MemoryStorage:
             wake_at=now,
             waiting_for=None,
             lease_expires_at=None,
+            deadline_at=None,
         )
         entry.finished_at = None
         return True

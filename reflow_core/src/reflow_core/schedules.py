@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -406,10 +406,15 @@ class Scheduler:
         self._known = {k: v for k, v in self._known.items() if v > now}
 
     async def fire_due(
-        self, storage: Storage, workflows: Collection[str], limit: int
+        self,
+        storage: Storage,
+        workflows: Collection[str],
+        limit: int,
+        deadlines: Mapping[str, float] | None = None,
     ) -> list[RunRecord]:
         """Fire up to ``limit`` due schedules of ``workflows``, and return the
-        runs created.
+        runs created (each with the deadline, in seconds after its creation,
+        that ``deadlines`` gives its workflow: the workflow's ``timeout``).
 
         It reads the storage's clock (:meth:`storage_now`) when it has slots
         to prune or schedules to fire, so an engine whose storage holds no
@@ -438,10 +443,12 @@ class Scheduler:
             except ConfigError as exc:
                 logger.warning("schedule %r cannot be fired: %s", record.key, exc)
                 continue
+            limit_s = None if deadlines is None else deadlines.get(record.workflow)
             run = NewRun(
                 workflow=record.workflow,
                 input=record.input,
                 idempotency_key=slot_key(record.key, slot),
+                deadline=None if limit_s is None else timedelta(seconds=limit_s),
             )
             try:
                 fired = await storage.claim_schedule_slot(record.key, slot, following, run)

@@ -99,6 +99,9 @@ class NewRun:
     delay: timedelta | None = None
     """Start no sooner than this long after creation, by the storage's clock:
     the run is ``delayed`` until then (``None`` or zero: ``pending``, due at once)."""
+    deadline: timedelta | None = None
+    """The run must finish within this long after creation, by the storage's
+    clock: stored as ``RunRecord.deadline_at``. The engine fails a run past it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +132,10 @@ class RunRecord:
     """The event name a waiting run waits for."""
     lease_expires_at: datetime | None = None
     """For a running run: when its lease lapses by the storage clock."""
+    deadline_at: datetime | None = None
+    """When the run must have finished: ``created_at`` plus ``NewRun.deadline``
+    (``None``: no deadline). A run that is delayed, sleeping or waiting becomes
+    claimable at its deadline at the latest, so the engine can fail it then."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +318,10 @@ class Storage(Protocol):
     async def create_run(self, new: NewRun) -> CreateResult:
         """Create a ``pending`` run, claimable at once; or, with a positive
         ``new.delay``, a ``delayed`` run whose ``wake_at`` is the storage's
-        now plus the delay, claimable from then on.
+        now plus the delay, claimable from then on. With ``new.deadline``,
+        ``deadline_at`` is the storage's now plus the deadline, and a delayed
+        run's ``wake_at`` is the earlier of the two
+        (:func:`reflow_core.adapter.due_by_deadline`).
 
         With an ``idempotency_key``, at most one run exists per
         ``(workflow, idempotency_key)``, even under concurrent calls from many
@@ -409,8 +419,10 @@ class Storage(Protocol):
         for the same step keep that ``wake_at``, so a reclaimed run sleeps
         once; a record of ``step`` with any other status is replaced. The run
         becomes ``sleeping`` until ``wake_at`` with its lease dropped
-        (claimable once due, at once if already due). Returns the ``wake_at``,
-        or ``None`` if the lease is lost.
+        (claimable once due, at once if already due); a run with a
+        ``deadline_at`` before it is claimable from its deadline instead (the
+        run's ``wake_at`` is the earlier one, the step record keeps its own).
+        Returns the step's ``wake_at``, or ``None`` if the lease is lost.
         """
         ...
 
@@ -425,9 +437,11 @@ class Storage(Protocol):
         ``event`` is already buffered for the run, the run stays ``running``
         under its lease and the call returns ``WaitResult(ready=True, ...)``:
         take it now. Otherwise the run becomes ``waiting`` (``waiting_for =
-        event``, ``wake_at`` = the deadline) with its lease dropped, and the
-        call returns ``WaitResult(ready=False, ...)``. Either way ``deadline``
-        is the fixed deadline. Returns ``None`` if the lease is lost.
+        event``, ``wake_at`` = the wait's deadline, or the run's
+        ``deadline_at`` if that is earlier or the wait has none) with its
+        lease dropped, and the call returns ``WaitResult(ready=False, ...)``.
+        Either way ``deadline`` is the wait's fixed deadline. Returns ``None``
+        if the lease is lost.
         """
         ...
 
@@ -506,7 +520,8 @@ class Storage(Protocol):
         """Make a ``failed`` or ``cancelled`` run ``pending`` again.
 
         Completed and skipped step records are kept; ``failed`` ones are
-        dropped; ``error`` and ``reclaims`` are reset. The run holds no
+        dropped; ``error`` and ``reclaims`` are reset, and ``deadline_at`` is
+        cleared (a requeued run has no deadline). The run holds no
         buffered events (they were deleted when it ended), so a wait it
         reaches again waits for an event sent after the requeue; the event
         ids it saw before are still known. Returns False, changing nothing,

@@ -239,7 +239,7 @@ def to_plain_input(value: Any) -> Any:
 class Workflow(Generic[InputT, PrevT]):
     """An immutable, named chain of steps. Build one with :func:`workflow`."""
 
-    __slots__ = ("_name", "_on_failure", "_schema", "_steps", "_validator")
+    __slots__ = ("_name", "_on_failure", "_schema", "_steps", "_timeout", "_validator")
 
     def __init__(
         self,
@@ -248,12 +248,20 @@ class Workflow(Generic[InputT, PrevT]):
         validator: Validator,
         steps: tuple[Node, ...] = (),
         on_failure: FailureHandler | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._name = name
         self._schema = schema
         self._validator = validator
         self._steps = steps
         self._on_failure = on_failure
+        self._timeout = timeout
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds every run has from its creation to finish (``workflow(...,
+        timeout=...)``), or ``None``."""
+        return self._timeout
 
     @property
     def name(self) -> str:
@@ -316,7 +324,12 @@ class Workflow(Generic[InputT, PrevT]):
 
     def _then(self, node: Node) -> Workflow[InputT, Any]:
         return Workflow(
-            self._name, self._schema, self._validator, (*self._steps, node), self._on_failure
+            self._name,
+            self._schema,
+            self._validator,
+            (*self._steps, node),
+            self._on_failure,
+            self._timeout,
         )
 
     @overload
@@ -526,26 +539,35 @@ class Workflow(Generic[InputT, PrevT]):
             self._validator,
             self._steps,
             cast(FailureHandler, handler),
+            self._timeout,
         )
 
 
 @overload
-def workflow(name: str, input: None = None) -> Workflow[Any, Any]: ...
+def workflow(
+    name: str, input: None = None, *, timeout: Duration | None = None
+) -> Workflow[Any, Any]: ...
 
 
 @overload
-def workflow(name: str, input: type[T]) -> Workflow[T, T]: ...
+def workflow(name: str, input: type[T], *, timeout: Duration | None = None) -> Workflow[T, T]: ...
 
 
 @overload
-def workflow(name: str, input: SupportsValidatePython[T]) -> Workflow[T, T]: ...
+def workflow(
+    name: str, input: SupportsValidatePython[T], *, timeout: Duration | None = None
+) -> Workflow[T, T]: ...
 
 
 @overload
-def workflow(name: str, input: Callable[[Any], T]) -> Workflow[T, T]: ...
+def workflow(
+    name: str, input: Callable[[Any], T], *, timeout: Duration | None = None
+) -> Workflow[T, T]: ...
 
 
-def workflow(name: str, input: object = None) -> Workflow[Any, Any]:
+def workflow(
+    name: str, input: object = None, *, timeout: Duration | None = None
+) -> Workflow[Any, Any]:
     """Start building a workflow named ``name``.
 
     ``input`` validates the input of every run: a pydantic model, a
@@ -553,8 +575,18 @@ def workflow(name: str, input: object = None) -> Workflow[Any, Any]:
     against its field types by reflow itself), a ``TypedDict`` (always
     checked by reflow itself), a pydantic ``TypeAdapter``, any callable
     returning the validated value, or ``None`` to accept any plain data.
+
+    ``timeout`` bounds every run: one that has not finished that long after
+    it was enqueued (by the storage's clock) fails with
+    :class:`~reflow_core.errors.RunDeadlineError`, whether a step is running
+    (it is cancelled) or the run is delayed, sleeping or waiting.
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("workflow name must be a non-empty string", option="name")
     check_text(name, "workflow name")
-    return Workflow(name, input, _make_validator(input, name))
+    seconds = (
+        None
+        if timeout is None
+        else to_seconds(timeout, option=f"workflow {name!r} timeout", allow_zero=False)
+    )
+    return Workflow(name, input, _make_validator(input, name), timeout=seconds)

@@ -95,7 +95,8 @@ def _age(since: datetime | None, now: datetime) -> float | None:
 def stats(state: State, names: tuple[str, ...]) -> None:
     """Show how deep each workflow's queue is, and who serves it.
 
-    For each workflow: its unfinished runs by status, how long the oldest
+    For each workflow: its unfinished runs by status (DELAYED: enqueued
+    with a delay, due or not), how long the oldest
     pending run has waited, and how many live workers serve it.
 
     Without --workflow, every workflow with unfinished runs. Finished runs
@@ -120,6 +121,7 @@ def stats(state: State, names: tuple[str, ...]) -> None:
             echo_json(
                 {
                     "workflow": queue.workflow,
+                    "delayed": queue.delayed,
                     "pending": queue.pending,
                     "running": queue.running,
                     "sleeping": queue.sleeping,
@@ -134,7 +136,7 @@ def stats(state: State, names: tuple[str, ...]) -> None:
         state.console.print("no unfinished runs")
         return
     table = Table(box=None, pad_edge=False, header_style="bold")
-    columns = ("WORKFLOW", "PENDING", "RUNNING", "SLEEPING", "WAITING", "OLDEST PENDING")
+    columns = ("WORKFLOW", "DELAYED", "PENDING", "RUNNING", "SLEEPING", "WAITING", "OLDEST PENDING")
     for column in (*columns, "WORKERS"):
         table.add_column(column, no_wrap=True, justify="left" if column == "WORKFLOW" else "right")
     for queue in queues:
@@ -142,6 +144,7 @@ def stats(state: State, names: tuple[str, ...]) -> None:
         unserved = count == 0 and queue.pending > 0
         table.add_row(
             Text(queue.workflow, style="red" if unserved else ""),
+            str(queue.delayed),
             str(queue.pending),
             str(queue.running),
             str(queue.sleeping),

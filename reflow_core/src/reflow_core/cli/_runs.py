@@ -34,9 +34,10 @@ from ._common import (
 __all__ = ["runs"]
 
 STATUSES: tuple[str, ...] = get_args(RunStatus)
-ACTIVE_STATUSES = ("pending", "running", "sleeping", "waiting")
+ACTIVE_STATUSES = ("delayed", "pending", "running", "sleeping", "waiting")
 RESUMABLE_STATUSES = ("failed", "cancelled")
 STATUS_STYLES = {
+    "delayed": "blue",
     "pending": "yellow",
     "running": "cyan",
     "sleeping": "blue",
@@ -68,6 +69,7 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         "updated_at": record.updated_at,
         "wake_at": record.wake_at,
         "waiting_for": record.waiting_for,
+        "deadline_at": record.deadline_at,
         "idempotency_key": record.idempotency_key,
     }
 
@@ -274,6 +276,10 @@ def show(state: State, run_id: str) -> None:
         head.add_row("waiting for", record.waiting_for)
     if record.wake_at:
         head.add_row("wakes", f"{stamp(record.wake_at)} ({relative(record.wake_at, now)})")
+    if record.deadline_at:
+        head.add_row(
+            "deadline", f"{stamp(record.deadline_at)} ({relative(record.deadline_at, now)})"
+        )
     head.add_row("attempts", f"{record.attempts} (reclaims {record.reclaims})")
     head.add_row("created", f"{stamp(record.created_at)} ({relative(record.created_at, now)})")
     head.add_row("updated", f"{stamp(record.updated_at)} ({relative(record.updated_at, now)})")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Collection, Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, NoReturn, Self
 
@@ -74,6 +74,36 @@ POLL_INTERVAL_RANGE = (0.001, 86400.0)
 """The shortest and longest ``poll_interval`` (seconds)."""
 _FINAL_READ_TIMEOUT = 1.0
 """Seconds :meth:`Engine.result` gives the one read of the run that explains a timeout."""
+
+
+def _later(delay: Duration | None, run_at: datetime | None) -> timedelta | datetime | None:
+    """``enqueue``'s ``delay`` or ``run_at``, checked: a timedelta, an aware
+    datetime (turned into a delay on the storage's clock), or ``None``."""
+    if delay is not None and run_at is not None:
+        raise ConfigError("give delay= or run_at=, not both", option="delay")
+    if run_at is not None:
+        if not isinstance(run_at, datetime) or run_at.utcoffset() is None:
+            raise ConfigError(
+                f"run_at must be a timezone-aware datetime, got {run_at!r}", option="run_at"
+            )
+        return run_at
+    if delay is None:
+        return None
+    return timedelta(seconds=to_seconds(delay, option="delay", allow_zero=True))
+
+
+def _deadline(deadline: Duration | datetime | None) -> timedelta | datetime | None:
+    """``enqueue``'s ``deadline``, checked: a positive duration or an aware datetime."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, datetime):
+        if deadline.utcoffset() is None:
+            raise ConfigError(
+                f"deadline must be a duration or a timezone-aware datetime, got {deadline!r}",
+                option="deadline",
+            )
+        return deadline
+    return timedelta(seconds=to_seconds(deadline, option="deadline", allow_zero=False))
 
 
 def _outcome(record: RunRecord) -> Any:
@@ -475,6 +505,9 @@ class Engine:
         input: Any = None,
         *,
         idempotency_key: str | None = None,
+        delay: Duration | None = None,
+        run_at: datetime | None = None,
+        deadline: Duration | datetime | None = None,
     ) -> Run:
         """Create a run of ``workflow`` (an object or a registered name).
 
@@ -484,19 +517,53 @@ class Engine:
         returns the existing run; a different input raises
         :class:`~reflow_core.errors.IdempotencyConflictError`. Keys are scoped
         per workflow.
+
+        ``delay`` (a duration) or ``run_at`` (an aware datetime), not both,
+        start the run later: it is stored as ``delayed`` and no worker claims
+        it before then, judged by the storage's clock as sleeps are (a
+        ``run_at`` is turned into a delay with one reading of that clock, so a
+        skewed engine clock cannot move it). A ``run_at`` in the past, or a
+        zero delay, enqueues a run due at once.
+
+        ``deadline`` (a duration from now, or an aware datetime) bounds the
+        run, as the workflow's ``timeout`` does (the earlier of the two
+        counts): a run that has not finished by then fails with
+        :class:`~reflow_core.errors.RunDeadlineError`, its step in flight
+        cancelled, or at once if it is delayed, sleeping or waiting then.
         """
         wf = self._resolve(workflow)
         if idempotency_key is not None:
             check_text(idempotency_key, "idempotency_key")
+        later = _later(delay, run_at)
+        due = _deadline(deadline)
         raw = to_plain_input(input)
         wf.validate_input(raw)
         text = codec.encode(raw)
         await self._ensure_initialized("enqueue")
+        if isinstance(later, datetime) or isinstance(due, datetime):
+            now = await self._storage.now()  # absolute times, on the storage's clock
+            if isinstance(later, datetime):
+                later = max(later - now, timedelta(0))
+            if isinstance(due, datetime):
+                due = max(due - now, timedelta(0))
+        if wf.timeout is not None:
+            limit = timedelta(seconds=wf.timeout)
+            due = limit if due is None else min(due, limit)
         result = await self._storage.create_run(
-            NewRun(workflow=wf.name, input=text, idempotency_key=idempotency_key)
+            NewRun(
+                workflow=wf.name,
+                input=text,
+                idempotency_key=idempotency_key,
+                delay=later,
+                deadline=due,
+            )
         )
         if result.created and wf.name in self._workflows:
-            self._worker.wake.set()
+            record = result.run
+            if record.status == "delayed" and record.wake_at is not None:
+                self._worker.wake_in((record.wake_at - record.created_at).total_seconds())
+            else:
+                self._worker.wake.set()
         return Run.from_record(result.run)
 
     async def get_run(self, run_id: str) -> Run | None:

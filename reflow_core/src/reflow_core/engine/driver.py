@@ -27,6 +27,7 @@ from reflow_core.errors import (
     ErrorInfo,
     HookError,
     ReclaimLimitError,
+    RunDeadlineError,
     SerializationError,
     StorageError,
     ValidationError,
@@ -221,28 +222,60 @@ class RunDriver:
         except (ValidationError, CorruptDataError) as exc:
             await self.fail(run, exc, step=None)
             return
+        deadline = record.deadline_at
+        if deadline is not None and self.passed_at_claim(run, deadline):
+            # Claimed at (or after) its deadline: delayed, sleeping or waiting
+            # runs become claimable then, to be failed here.
+            await self.fail(run, RunDeadlineError(deadline, run_id=record.id), step=None)
+            return
         if record.attempts == 1:
             await self.emit(RunStarted(record.id, record.workflow, record.attempts, False))
         else:
             await self.emit(
                 RunStarted(record.id, record.workflow, record.attempts, claimed.reclaimed)
             )
-        last = len(wf.steps) - 1
-        for index, node in enumerate(wf.steps):
-            run.last = index == last
-            try:
-                done = await self._units.drive(run, node)
-            except CorruptDataError as exc:
-                # A saved output or payload cannot be read. No step is named,
-                # so its stored record is kept as evidence, not overwritten;
-                # the error says which value it was.
-                await self.fail(run, exc, step=None)
-                return
-            if done:
-                return
+        timer = None if deadline is None else self._arm_deadline(run, deadline)
+        current: str | None = None
+        try:
+            last = len(wf.steps) - 1
+            for index, node in enumerate(wf.steps):
+                run.last = index == last
+                current = node.name
+                try:
+                    done = await self._units.drive(run, node)
+                except CorruptDataError as exc:
+                    # A saved output or payload cannot be read. No step is named,
+                    # so its stored record is kept as evidence, not overwritten;
+                    # the error says which value it was.
+                    await self.fail(run, exc, step=None)
+                    return
+                if done:
+                    return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if state.stop_reason != "deadline" or task is None or deadline is None:
+                raise
+            task.uncancel()
+            late = RunDeadlineError(deadline, step=current, run_id=record.id)
+            await self.fail(run, late, step=current)
+            return
+        finally:
+            if timer is not None:
+                timer.cancel()
         # Every node was already saved (a trailing one was removed from the
         # definition since): finish with the last output.
         await self.complete(run, codec.encode(run.prev), None)
+
+    def _arm_deadline(self, run: Execution, deadline: datetime) -> asyncio.TimerHandle:
+        """Interrupt the run (its step's cancel signal fires, its task is
+        cancelled) when ``deadline`` passes: the time left is measured from
+        the claim on the storage's clock, then counted on this process's."""
+        expires = run.record.lease_expires_at
+        claimed_at = deadline if expires is None else expires - self.lease
+        left = (deadline - claimed_at).total_seconds() - (time.monotonic() - run.state.renewed_at)
+        return asyncio.get_running_loop().call_later(
+            max(left, 0.0), run.state.interrupt, "deadline"
+        )
 
     def passed_at_claim(self, run: Execution, deadline: datetime | None) -> bool:
         """Whether ``deadline`` had passed, by the storage's clock, when the

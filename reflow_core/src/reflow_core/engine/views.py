@@ -44,6 +44,9 @@ class Run:
     created_at: datetime
     updated_at: datetime
     wake_at: datetime | None = None
+    deadline_at: datetime | None = None
+    """When the run must have finished (its workflow's ``timeout`` or its
+    enqueue ``deadline``), ``None`` for no deadline."""
     steps: Mapping[str, StepResult] = field(default_factory=dict)
     read_error: str | None = None
     """Set when a stored value of this run (its input, output, error or a
@@ -90,6 +93,7 @@ class Run:
             created_at=record.created_at,
             updated_at=record.updated_at,
             wake_at=record.wake_at,
+            deadline_at=record.deadline_at,
             steps=decoded_steps,
             read_error="; ".join(problems) or None,
         )

@@ -122,6 +122,7 @@ class Worker:
         self._adapter_errors = 0
         self._last_empty_claim = 0.0
         self._hint_timer: asyncio.TimerHandle | None = None
+        self._due_timer: asyncio.TimerHandle | None = None
         self.presence = Presence(
             storage,
             describe=lambda: (tuple(self._workflows), self._concurrency, len(self.inflight)),
@@ -206,6 +207,9 @@ class Worker:
         if self._hint_timer is not None:
             self._hint_timer.cancel()
             self._hint_timer = None
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
         self._slot_freed.set()
         if self._purger is not None:
             self._purger.cancel()
@@ -276,7 +280,10 @@ class Worker:
         if not force and not self._scheduler.should_check(self._clock.now()):
             return
         try:
-            fired = await self._scheduler.fire_due(self._storage, self._workflows, _SCHEDULE_BATCH)
+            deadlines = {n: w.timeout for n, w in self._workflows.items() if w.timeout is not None}
+            fired = await self._scheduler.fire_due(
+                self._storage, self._workflows, _SCHEDULE_BATCH, deadlines
+            )
         except ReflowError as exc:
             logger.warning("firing schedules failed (%s); retrying at the next poll", exc)
             return
@@ -362,6 +369,19 @@ class Worker:
                 self._hint_timer = asyncio.get_running_loop().call_later(delay, self._hint_due)
                 return
         self.wake.set()
+
+    def wake_in(self, seconds: float) -> None:
+        """Look for work in ``seconds`` (a delayed run enqueued here falls
+        due then). Only the earliest such moment is kept: a later one is
+        found by the poll, or by the storage's wake-up hints."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(seconds, 0.0)
+        timer = self._due_timer
+        if timer is not None and loop.time() <= timer.when() <= when:
+            return  # an earlier look is already set
+        if timer is not None:
+            timer.cancel()
+        self._due_timer = loop.call_at(when, self.wake.set)
 
     def _hint_due(self) -> None:
         self._hint_timer = None
