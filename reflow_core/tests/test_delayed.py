@@ -125,3 +125,23 @@ def test_the_command_line_lists_delayed_runs_and_shows_deadlines(tmp_path: Any) 
     lines = {line.split()[0]: line for line in shown.stdout.splitlines() if line.strip()}
     assert "in 1h" in lines["wakes"] or "in 59m" in lines["wakes"]
     assert "in 1h" in lines["deadline"]
+
+
+@pytest.mark.parametrize("backend", ["postgres", "redis"], indirect=True)
+async def test_a_worker_elsewhere_is_woken_when_a_delayed_run_falls_due(db: Any) -> None:
+    """Another engine enqueues the delayed run: on PostgreSQL and Redis the
+    storage's hint wakes the idle worker when it falls due, long before its
+    30 s poll (SQLite and memory send no hints: their workers poll)."""
+    worker_store, client_store = db.connect(), db.connect()
+    async with (
+        _engine(worker_store, poll_interval="30s") as worker,
+        _engine(client_store, worker=False) as client,
+    ):
+        await asyncio.sleep(0.3)  # the worker has subscribed and gone idle
+        started = time.monotonic()
+        run = await client.enqueue(ECHO, "hinted", delay="500ms")
+        assert run.status == "delayed"
+        assert await client.result(run.id, timeout=10) == "hinted"
+        took = time.monotonic() - started
+    assert 0.45 <= took < 5, took
+    assert worker.in_flight == 0
