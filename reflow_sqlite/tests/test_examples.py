@@ -43,3 +43,26 @@ def test_approval_flow() -> None:
     assert "failed at step 'record': PermissionError: rejected by manager" in out
     assert "'audit': 'skipped'" in out
     assert "failure handler: [\"edsger: claim failed at 'record': rejected by manager\"]" in out
+
+
+@pytest.mark.slow
+def test_later_and_in_time(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(DEMO.with_name("later_and_in_time.py")),
+            "--db",
+            str(tmp_path / "l.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    assert out[0].startswith("reminder enqueued: delayed, due at ")
+    assert out[1].startswith("review: no answer by ")
+    assert out[1].endswith(": escalated to finance")
+    assert out[2] == "reminder: reminded ada that the trial ends soon"
+    waited = float(out[3].removeprefix("  started after ").removesuffix("s"))
+    assert waited >= 0.9
+    assert out[4] == "export: failed with deadline_exceeded at step 'export'"
