@@ -61,3 +61,11 @@ def test_a_wait_that_continues_on_timeout_adds_the_marker_to_prev() -> None:
     assert f'Revealed type is "{workflow_type.format("")}"' in out, out
     marker = " | reflow_core.codec.WaitTimedOut"
     assert f'Revealed type is "{workflow_type.format(marker)}"' in out, out
+
+
+@pytest.mark.slow
+def test_a_map_gives_the_next_step_the_list_of_results() -> None:
+    out, status = _mypy("mapped.py")
+    assert status == 0, out
+    revealed = 'Revealed type is "reflow_core.workflow.Workflow[dict[str, list[str]], list[int]]"'
+    assert revealed in out, out

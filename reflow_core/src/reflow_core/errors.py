@@ -28,6 +28,7 @@ and structured fields for the details. The tree::
         │   └── StepTimeoutError     an attempt ran past its timeout
         ├── WaitTimeoutError         no event arrived before a wait's timeout
         ├── RunDeadlineError         the run had not finished by its deadline
+        ├── MapTooLargeError         a map got more items than its max_items
         ├── ReclaimLimitError        the run kept losing its worker and was given up
         ├── CorruptDataError         a stored value of the run cannot be read back
         ├── RunFailedError           raised by ``Engine.result`` for a failed run
@@ -65,6 +66,7 @@ __all__ = [
     "HookError",
     "IdempotencyConflictError",
     "LeaseExpiredError",
+    "MapTooLargeError",
     "NonRetryableError",
     "ParallelCompleteError",
     "ReclaimLimitError",
@@ -563,6 +565,24 @@ class RunDeadlineError(RunError):
         )
         self.deadline = deadline
         self.step = step
+
+
+class MapTooLargeError(RunError):
+    """A ``.map()`` step's ``items`` returned more items than its ``max_items``:
+    every item is a saved step of the run, read back by every claim, so a
+    fan-out that large belongs in several runs. Never retried."""
+
+    code = "map_too_large"
+
+    def __init__(self, step: str, count: int, limit: int, *, run_id: str | None = None) -> None:
+        super().__init__(
+            f"map {step!r} got {count} items, more than its max_items={limit}; split the "
+            "work into several runs, or raise max_items if the store can hold that many steps",
+            run_id=run_id,
+        )
+        self.step = step
+        self.count = count
+        self.limit = limit
 
 
 class ReclaimLimitError(RunError):

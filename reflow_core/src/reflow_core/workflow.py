@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, Protocol, TypeAlias, TypeVar, cast, overload
 
@@ -44,6 +44,7 @@ T = TypeVar("T")
 InputT = TypeVar("InputT")
 PrevT = TypeVar("PrevT")
 OutT = TypeVar("OutT")
+ItemT = TypeVar("ItemT")
 T_co = TypeVar("T_co", covariant=True)
 
 
@@ -107,7 +108,30 @@ class ParallelDefinition:
     branches: tuple[StepDefinition, ...]
 
 
-Node = StepDefinition | SleepDefinition | WaitDefinition | ParallelDefinition
+@dataclass(frozen=True, slots=True)
+class MapDefinition:
+    """A fan-out: ``item`` runs once per element of the list ``items`` returns,
+    each element saved as its own step ``name[i]``; ``prev`` after it is the
+    list of results, in the order of the items."""
+
+    name: str
+    items: Callable[[StepContext[Any, Any]], Any]
+    item: StepDefinition
+    """The handler, retry and timeout of every item (its name is the map's)."""
+    concurrency: int
+    max_items: int
+
+    def item_name(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+
+MAX_MAP_ITEMS = 10_000
+"""The default bound on a map's items. Every item is a saved step of the run,
+and a claim reads all of a run's saved steps, so a map of more items belongs
+in several runs."""
+
+
+Node = StepDefinition | SleepDefinition | WaitDefinition | ParallelDefinition | MapDefinition
 """Anything a workflow chains."""
 
 
@@ -302,6 +326,15 @@ class Workflow(Generic[InputT, PrevT]):
                 names.update(b.name for b in node.branches)
         return names
 
+    def _check_item_names(self, name: str, *, is_map: bool) -> None:
+        """A map saves its items as ``name[0]``, ``name[1]``...: no other name
+        may look like one of them."""
+        maps = [n.name for n in self._steps if isinstance(n, MapDefinition)]
+        if any(name.startswith(m + "[") for m in maps):
+            raise DuplicateStepError(self._name, name)
+        if is_map and any(t.startswith(name + "[") for t in self._taken()):
+            raise DuplicateStepError(self._name, name)
+
     def _check_name(self, name: object, taken: set[str] | None = None) -> str:
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(
@@ -320,6 +353,7 @@ class Workflow(Generic[InputT, PrevT]):
             )
         if name in (self._taken() if taken is None else taken):
             raise DuplicateStepError(self._name, name)
+        self._check_item_names(name, is_map=False)
         return name
 
     def _then(self, node: Node) -> Workflow[InputT, Any]:
@@ -518,6 +552,83 @@ class Workflow(Generic[InputT, PrevT]):
                 _define_step(self._name, branch_name, spec.handler, spec.retry, spec.timeout)
             )
         return self._then(ParallelDefinition(group, tuple(defined)))
+
+    @overload
+    def map(
+        self,
+        name: str,
+        items: Callable[[StepContext[InputT, PrevT]], Iterable[ItemT]],
+        handler: Callable[[StepContext[InputT, ItemT]], Awaitable[OutT]],
+        *,
+        concurrency: int = 10,
+        retry: Retry | None = None,
+        timeout: Duration | None = None,
+        max_items: int = MAX_MAP_ITEMS,
+    ) -> Workflow[InputT, list[OutT]]: ...
+
+    @overload
+    def map(
+        self,
+        name: str,
+        items: Callable[[StepContext[InputT, PrevT]], Iterable[ItemT]],
+        handler: Callable[[StepContext[InputT, ItemT]], OutT],
+        *,
+        concurrency: int = 10,
+        retry: Retry | None = None,
+        timeout: Duration | None = None,
+        max_items: int = MAX_MAP_ITEMS,
+    ) -> Workflow[InputT, list[OutT]]: ...
+
+    def map(
+        self,
+        name: str,
+        items: Callable[[StepContext[InputT, PrevT]], Iterable[Any]],
+        handler: Callable[[StepContext[InputT, Any]], Any],
+        *,
+        concurrency: int = 10,
+        retry: Retry | None = None,
+        timeout: Duration | None = None,
+        max_items: int = MAX_MAP_ITEMS,
+    ) -> Workflow[InputT, list[Any]]:
+        """Append a fan-out: run ``handler`` once per item of the list that
+        ``items(ctx)`` returns (from the input, ``ctx.input``, or an earlier
+        step, ``ctx.prev``), at most ``concurrency`` at once on the worker
+        that holds the run, and gather the results.
+
+        The items are saved before the first one runs, so a replay works on
+        the same list; each item's handler gets the item as ``ctx.prev`` and
+        its result is saved as step ``name[i]`` as soon as it ends, so after
+        a crash only unfinished items run again. ``retry`` and ``timeout``
+        apply to each item. The first item to fail for good cancels the
+        others and fails the run naming it. The next step's ``prev`` is the
+        list of results in the order of the items. More than ``max_items``
+        items fail the run with :class:`~reflow_core.errors.MapTooLargeError`.
+        """
+        self._check_name(name)
+        self._check_item_names(name, is_map=True)
+        if not callable(items):
+            raise ConfigError(
+                f"workflow {self._name!r}, map {name!r}: items must be a callable returning "
+                "the list of items (for example lambda ctx: ctx.input['urls'])",
+                option="items",
+            )
+        for option, value in (("concurrency", concurrency), ("max_items", max_items)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(
+                    f"workflow {self._name!r}, map {name!r}: {option} must be a positive int, "
+                    f"got {value!r}",
+                    option=option,
+                )
+        item = _define_step(self._name, name, handler, retry, timeout)
+        return self._then(
+            MapDefinition(
+                name,
+                cast(Callable[[StepContext[Any, Any]], Any], items),
+                item,
+                concurrency,
+                max_items,
+            )
+        )
 
     def on_failure(
         self, handler: Callable[[FailureContext[InputT]], Any]

@@ -64,6 +64,10 @@ _WRITE_RETRY_PAUSES = (0.05, 0.25, 1.0)
 """Pauses between retries of a fenced write that failed with a StorageError."""
 
 
+_CURRENT: Any = object()
+"""``Execution.context``'s default ``prev``: the run's current one."""
+
+
 class LeaseLost(Exception):
     """Internal: a fenced write was refused; stop working on the run."""
 
@@ -138,7 +142,13 @@ class Execution:
         self.prev = value
 
     def context(
-        self, step: str, attempt: int, signal: CancelSignal, *, in_parallel: bool = False
+        self,
+        step: str,
+        attempt: int,
+        signal: CancelSignal,
+        *,
+        in_parallel: bool = False,
+        prev: Any = _CURRENT,
     ) -> StepContext[Any, Any]:
         return StepContext(
             run_id=self.record.id,
@@ -146,7 +156,7 @@ class Execution:
             step=step,
             attempt=attempt,
             input=self.input,
-            prev=self.prev,
+            prev=self.prev if prev is _CURRENT else prev,
             steps=self._view,
             signal=signal,
             in_parallel=in_parallel,

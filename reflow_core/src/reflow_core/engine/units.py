@@ -11,6 +11,7 @@ Writes and endings go through the :class:`~reflow_core.engine.driver.RunDriver`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
@@ -19,6 +20,7 @@ from reflow_core import codec
 from reflow_core.codec import WaitTimedOut
 from reflow_core.context import CancelSignal, CompleteRun, StepContext
 from reflow_core.errors import (
+    MapTooLargeError,
     ParallelCompleteError,
     ReflowError,
     SerializationError,
@@ -40,6 +42,8 @@ from reflow_core.events import (
 )
 from reflow_core.storage import StepRecord
 from reflow_core.workflow import (
+    RESERVED_PREFIX,
+    MapDefinition,
     Node,
     ParallelDefinition,
     SleepDefinition,
@@ -47,13 +51,21 @@ from reflow_core.workflow import (
     WaitDefinition,
 )
 
-from .driver import WHEN_PREFIX, Execution, LeaseLost
+from .driver import _CURRENT, WHEN_PREFIX, Execution, LeaseLost
 from .views import read_stored
 
 if TYPE_CHECKING:
     from .driver import RunDriver
 
-__all__ = ["ParallelUnit", "SleepUnit", "StepUnit", "UnitExecutor", "Units", "WaitUnit"]
+__all__ = [
+    "MapUnit",
+    "ParallelUnit",
+    "SleepUnit",
+    "StepUnit",
+    "UnitExecutor",
+    "Units",
+    "WaitUnit",
+]
 
 N = TypeVar("N", contravariant=True)
 
@@ -75,6 +87,7 @@ class Units:
         self.sleep = SleepUnit(driver)
         self.wait = WaitUnit(driver)
         self.parallel = ParallelUnit(driver, self.step)
+        self.map = MapUnit(driver, self.step)
 
     async def drive(self, run: Execution, node: Node) -> bool:
         if isinstance(node, StepDefinition):
@@ -83,6 +96,8 @@ class Units:
             return await self.sleep.drive(run, node)
         if isinstance(node, WaitDefinition):
             return await self.wait.drive(run, node)
+        if isinstance(node, MapDefinition):
+            return await self.map.drive(run, node)
         return await self.parallel.drive(run, node)
 
 
@@ -162,10 +177,16 @@ class StepUnit:
         return False
 
     async def attempts(
-        self, run: Execution, step: StepDefinition, *, in_parallel: bool = False
+        self,
+        run: Execution,
+        step: StepDefinition,
+        *,
+        in_parallel: bool = False,
+        prev: Any = _CURRENT,
     ) -> tuple[Any, int]:
         """Run the step's handler until it succeeds or its retry policy gives
-        up; returns its result and the number of attempts."""
+        up; returns its result and the number of attempts. ``prev`` is the
+        handler's ``ctx.prev`` (default: the run's)."""
         attempt = 0
         state = run.state
         while True:
@@ -174,7 +195,7 @@ class StepUnit:
             state.signals.add(signal)
             if state.stop_reason is not None:
                 signal._fire(state.stop_reason)
-            ctx = run.context(step.name, attempt, signal, in_parallel=in_parallel)
+            ctx = run.context(step.name, attempt, signal, in_parallel=in_parallel, prev=prev)
             await self.driver.emit(
                 StepStarted(run.record.id, run.record.workflow, step.name, attempt)
             )
@@ -464,5 +485,137 @@ class ParallelUnit:
         value = codec.decode(text)
         await self.driver.emit(
             StepCompleted(run.record.id, run.record.workflow, branch.name, value, attempts)
+        )
+        return value
+
+
+MAP_ITEMS_PREFIX = RESERVED_PREFIX + "map:"
+"""The engine's record of a map's items (``reflow:map:<name>``), saved before
+the first item runs so that every replay works on the same list."""
+
+
+class MapUnit:
+    """A fan-out: the items saved once, then each unsaved item run (at most
+    ``concurrency`` at once) and saved as its own step ``name[i]`` as it
+    ends; the first item to fail for good cancels the rest and fails the run."""
+
+    def __init__(self, driver: RunDriver, steps: StepUnit) -> None:
+        self.driver = driver
+        self.steps = steps
+
+    async def drive(self, run: Execution, node: MapDefinition) -> bool:
+        items = await self._items(run, node)
+        if items is None:
+            return True
+        outputs: dict[int, Any] = {}
+        todo: list[int] = []
+        for index in range(len(items)):
+            name = node.item_name(index)
+            saved = run.saved.get(name)
+            if saved is not None and saved.status == "completed":
+                outputs[index] = read_stored(
+                    saved.output, f"output of step {name!r}", run.record.id
+                )
+            else:
+                todo.append(index)
+        queue = iter(todo)
+        failure: list[tuple[int, BaseException]] = []
+
+        async def worker() -> None:
+            for index in queue:  # shared: each item is taken by one worker
+                if failure:
+                    return
+                try:
+                    outputs[index] = await self._item(run, node, index, items[index])
+                except BaseException as exc:
+                    failure.append((index, exc))
+                    raise
+
+        workers = [
+            asyncio.create_task(worker(), name=f"reflow-map-{node.name}-{n}")
+            for n in range(min(node.concurrency, len(todo)))
+        ]
+        try:
+            if workers:
+                await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            unfinished = [task for task in workers if not task.done()]
+            if unfinished:
+                for signal in list(run.state.signals):
+                    signal._fire("cancelled")
+            for task in unfinished:
+                task.cancel()
+            if workers:
+                await asyncio.wait(workers)
+        if failure:
+            index, exc = failure[0]
+            name = node.item_name(index)
+            if isinstance(exc, LeaseLost | asyncio.CancelledError | StorageError):
+                raise exc  # as for a plain step: the run is reclaimed, not failed
+            if isinstance(exc, StepError):
+                await self.driver.fail(run, exc, step=name, attempts=exc.attempts)
+            elif isinstance(exc, ReflowError):
+                await self.driver.fail(run, exc, step=name)
+            else:
+                raise exc
+            return True
+        value = [outputs[index] for index in range(len(items))]
+        run.advance(node.name, value)
+        if run.last:
+            await self.driver.complete(run, codec.encode(value), None)
+            return True
+        return False
+
+    async def _items(self, run: Execution, node: MapDefinition) -> list[Any] | None:
+        """The map's items: as saved, or computed, checked and saved now;
+        ``None`` if that failed the run."""
+        record = MAP_ITEMS_PREFIX + node.name
+        saved = run.saved.get(record)
+        if saved is not None and saved.status == "completed":
+            stored = read_stored(saved.output, f"items of map {node.name!r}", run.record.id)
+            return list(stored)
+        signal = CancelSignal()
+        try:
+            produced = node.items(run.context(node.name, 1, signal))
+            if inspect.isawaitable(produced):
+                produced = await produced
+            if isinstance(produced, str | bytes | dict) or not hasattr(produced, "__iter__"):
+                raise TypeError(
+                    f"items must return a list (or another iterable) of items, "
+                    f"not {type(produced).__name__}"
+                )
+            items = list(produced)
+            if len(items) > node.max_items:
+                raise MapTooLargeError(node.name, len(items), node.max_items, run_id=run.record.id)
+            text = codec.encode(items)
+        except ReflowError as exc:
+            await self.driver.fail(run, exc, step=node.name)
+            return None
+        except Exception as exc:
+            error = StepError(
+                f"map {node.name!r}: items raised {type(exc).__name__}: {exc}",
+                step=node.name,
+                run_id=run.record.id,
+                error_type=type(exc).__qualname__,
+            )
+            error.__cause__ = exc
+            await self.driver.fail(run, error, step=node.name)
+            return None
+        await self.driver.save(run, StepRecord(record, "completed", output=text))
+        return list(codec.decode(text))
+
+    async def _item(self, run: Execution, node: MapDefinition, index: int, item: Any) -> Any:
+        step = dataclasses.replace(node.item, name=node.item_name(index))
+        try:
+            result, attempts = await self.steps.attempts(run, step, in_parallel=True, prev=item)
+        except CompleteRun:  # complete() in an item raises before this; be safe
+            raise ParallelCompleteError(step.name) from None
+        text = codec.encode(result)
+        await self.driver.save(
+            run, StepRecord(step.name, "completed", output=text, attempts=attempts)
+        )
+        value = codec.decode(text)
+        await self.driver.emit(
+            StepCompleted(run.record.id, run.record.workflow, step.name, value, attempts)
         )
         return value
