@@ -66,3 +66,20 @@ def test_later_and_in_time(tmp_path: Path) -> None:
     waited = float(out[3].removeprefix("  started after ").removesuffix("s"))
     assert waited >= 0.9
     assert out[4] == "export: failed with deadline_exceeded at step 'export'"
+
+
+@pytest.mark.slow
+def test_map_reduce_urls(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(DEMO.with_name("map_reduce_urls.py")), "--db", str(tmp_path / "c.db")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    # Page n holds (n % 7 + 1) * 10 words: 40 pages, 1,550 words, page 6 the largest.
+    assert out == [
+        "fetched 40 pages, 1550 words in all",
+        "largest page: 6",
+        "40 page results saved as steps fetch[0] ... fetch[39]",
+    ]

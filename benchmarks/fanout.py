@@ -1,0 +1,164 @@
+"""A fan-out with ``.map()`` against the same work as separate runs, on each backend.
+
+    python benchmarks/fanout.py [--items 10000] [--concurrency 100] [--passes 3]
+                                [--backends memory sqlite postgres redis]
+                                [--postgres-url ...] [--redis-url ...] [--pool-size 25]
+
+Each pass does the same work two ways, on a fresh store each (a new SQLite
+file, PostgreSQL schema or Redis key prefix, as ``throughput.py`` makes them):
+
+* ``map``: one run of a workflow whose single node is
+  ``.map("item", ..., concurrency=C)`` over N items; each item returns a small
+  dict and is saved as its own step. Timed from the worker's start to the
+  run's durable completion: ``items/s``.
+* ``runs`` (the baseline): N runs of a one-step workflow whose step returns
+  the same dict, enqueued first, the engine at ``concurrency=C``. Timed the
+  same way: ``runs/s``.
+
+Both variants alternate, their order swapped every pass, after one warm-up
+round of each; figures are medians with the spread, and the ratio of the
+medians (map over runs). An item costs one fenced step save; a separate run
+costs a create, a claim and a finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from throughput import (
+    DEFAULT_REDIS_URL,
+    Backend,
+    _Completion,
+    add_postgres_options,
+    cancel_on_sigterm,
+    postgres_backend,
+    redis_backend,
+    redis_settings,
+    scratch_database,
+    server_settings,
+    sqlite_backend,
+)
+
+from reflow_core import Engine, open_storage, workflow
+
+
+async def _item(ctx: Any) -> dict[str, int]:
+    return {"i": ctx.prev}
+
+
+def _fanout(items: int, concurrency: int) -> Any:
+    return workflow("bench-fanout").map(
+        "item", lambda ctx: list(range(items)), _item, concurrency=concurrency, max_items=items
+    )
+
+
+async def map_pass(backend: Backend, items: int, concurrency: int) -> float:
+    wf = _fanout(items, concurrency)
+    storage = backend.make()
+    done = _Completion(storage, 1)
+    engine = Engine(storage=storage, workflows=[wf], lease="60s", poll_interval="50ms")
+    await storage.initialize()
+    await engine.enqueue(wf)
+    started = time.perf_counter()
+    await engine.start()
+    await done.event.wait()
+    took = time.perf_counter() - started
+    await engine.stop()
+    await storage.close()
+    await backend.dispose(storage)
+    return items / took
+
+
+async def runs_pass(backend: Backend, items: int, concurrency: int) -> float:
+    wf = workflow("bench-one").step("item", _item)
+    storage = backend.make()
+    done = _Completion(storage, items)
+    engine = Engine(
+        storage=storage,
+        workflows=[wf],
+        concurrency=concurrency,
+        lease="60s",
+        poll_interval="50ms",
+    )
+    await storage.initialize()
+    for i in range(items):
+        await engine.enqueue(wf, i)
+    started = time.perf_counter()
+    await engine.start()
+    await done.event.wait()
+    took = time.perf_counter() - started
+    await engine.stop()
+    await storage.close()
+    await backend.dispose(storage)
+    return items / took
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):>9,.0f} (spread {min(values):,.0f}-{max(values):,.0f})"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["memory", "sqlite", "postgres", "redis"],
+        choices=["memory", "sqlite", "postgres", "redis"],
+    )
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    add_postgres_options(parser)
+    args = parser.parse_args()
+    cancel_on_sigterm()
+    print(
+        f"python {sys.version.split()[0]}, N={args.items} items, concurrency "
+        f"{args.concurrency}, {args.passes} passes after a warm-up, medians"
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reflow-fanout-")))
+        for name in args.backends:
+            if name == "memory":
+                backend = Backend("memory", lambda: open_storage("memory://"))
+            elif name == "sqlite":
+                backend = sqlite_backend("NORMAL", tmp)
+            elif name == "redis":
+                print(await redis_settings(args.redis_url))
+                backend = redis_backend(args.redis_url, args.pool_size)
+            else:
+                database = await stack.enter_async_context(
+                    scratch_database(args.postgres_url, f"reflow_bench_fanout_{os.getpid()}")
+                )
+                print(await server_settings(database))
+                backend = postgres_backend(database, args.pool_size)
+            warm = min(args.items, 500)
+            await map_pass(backend, warm, args.concurrency)
+            await runs_pass(backend, warm, args.concurrency)
+            mapped: list[float] = []
+            separate: list[float] = []
+            for n in range(args.passes):
+                order = (map_pass, runs_pass) if n % 2 == 0 else (runs_pass, map_pass)
+                for variant in order:
+                    rate = await variant(backend, args.items, args.concurrency)
+                    (mapped if variant is map_pass else separate).append(rate)
+            ratio = statistics.median(mapped) / statistics.median(separate)
+            print(f"\n{backend.label}")
+            print(f"  map   items/s {_median(mapped)}")
+            print(f"  runs  runs/s  {_median(separate)}")
+            print(f"  map / runs    {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
