@@ -33,6 +33,9 @@ and ``t``, the wall-clock time):
     A step is about to return. In the ``steps`` scenario its output is
     ``{"step": name, "token": token, "prev": prev}``, with ``token`` fresh
     and random, so the store says which execution a saved result came from.
+    In the ``map`` scenario each item ``m[i]`` returns ``{"step", "token",
+    "prev"}`` alike, and computing the list of items logs one of step
+    ``reflow:map:m`` (its token is in every item of the list).
 ``started`` (``run``, ``step``, ``attempt``, ``prev``)
     The step named by ``--crash-in`` began; it blocks until the process is killed.
 ``blocked`` (``run``, ``step``, ``attempt``)
@@ -71,9 +74,12 @@ from ._log import Execution, ExecutionLog, Save, read_log
 from ._processes import Workers, child_env
 from ._runner import FakeClock, run_async_tests, wait_until
 from ._worker import main as main
-from ._workflows import NAP_SECONDS, SCENARIOS, STEPS, build
+from ._workflows import MAP, MAP_CONCURRENCY, MAP_ITEMS, NAP_SECONDS, SCENARIOS, STEPS, build
 
 __all__ = [
+    "MAP",
+    "MAP_CONCURRENCY",
+    "MAP_ITEMS",
     "NAP_SECONDS",
     "SCENARIOS",
     "STEPS",

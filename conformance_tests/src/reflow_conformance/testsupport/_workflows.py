@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -11,16 +12,26 @@ from reflow_core import StepContext, Workflow, workflow
 
 from ._log import ExecutionLog
 
-__all__ = ["NAP_SECONDS", "SCENARIOS", "STEPS", "build"]
+__all__ = ["MAP", "MAP_CONCURRENCY", "MAP_ITEMS", "NAP_SECONDS", "SCENARIOS", "STEPS", "build"]
 
 STEPS = ("reserve", "charge", "ship")
 """The steps of the ``steps`` scenario, in order."""
 
-SCENARIOS = ("steps", "sleep", "wait", "parallel", "complete")
+SCENARIOS = ("steps", "sleep", "wait", "parallel", "complete", "map")
 """The workflows a worker can run (see :func:`build`)."""
 
 NAP_SECONDS = 2.0
 """How long the ``sleep`` scenario sleeps between its steps."""
+
+MAP = "m"
+"""The map of the ``map`` scenario: its items are steps ``m[0]``, ``m[1]``, ...,
+its list of items the engine record ``reflow:map:m``."""
+
+MAP_ITEMS = 1000
+"""How many items the ``map`` scenario maps over (unless the input's ``items`` says)."""
+
+MAP_CONCURRENCY = 50
+"""How many items of the ``map`` scenario run at once."""
 
 
 class _Blocking:
@@ -68,6 +79,13 @@ def build(
       ``slow`` (``"S"``), ``after`` (``"joined"``).
     * ``complete``: ``check`` completes the run early with ``{"early": prev}``;
       ``never`` never runs.
+    * ``map``: the map :data:`MAP` over ``{"i": i, "list": token}`` for ``i`` in
+      ``range(input["items"])`` (default :data:`MAP_ITEMS`), ``token`` fresh
+      each time the list is computed, which logs a ``ran`` line of step
+      ``reflow:map:m``. Each item sleeps 0.5 to 1.5 times ``step_delay`` (so
+      that items end out of order), then returns ``{"step": "m[i]", "token":
+      token, "prev": item}``; :data:`MAP_CONCURRENCY` run at once. The run's
+      output is the list of their results.
 
     Every step logs to ``log`` (``None`` only where the workflow is just
     registered, as to send an event, and never run).
@@ -92,6 +110,25 @@ def build(
             return {"step": label} if result is None else result
 
         return handler
+
+    def items(ctx: StepContext[Any, Any]) -> list[dict[str, Any]]:
+        if log is None:
+            raise RuntimeError("this workflow was built without a log to run with")
+        token = uuid.uuid4().hex
+        count = ctx.input.get("items", MAP_ITEMS) if isinstance(ctx.input, dict) else MAP_ITEMS
+        record = f"reflow:map:{MAP}"
+        log.write("ran", token=token, run=ctx.run_id, step=record, attempt=ctx.attempt, prev=None)
+        return [{"i": i, "list": token} for i in range(count)]
+
+    async def item(ctx: StepContext[Any, Any]) -> dict[str, Any]:
+        if log is None:
+            raise RuntimeError("this workflow was built without a log to run with")
+        if step_delay:  # 0.5 to 1.5 times step_delay, so that items end out of order
+            await asyncio.sleep(step_delay * (0.5 + ctx.prev["i"] * 37 % 100 / 100))
+        token = uuid.uuid4().hex
+        fields = {"run": ctx.run_id, "step": ctx.step, "attempt": ctx.attempt, "prev": ctx.prev}
+        log.write("ran", token=token, **fields)
+        return {"step": ctx.step, "token": token, "prev": ctx.prev}
 
     wf: Any = workflow(name or f"crash-{scenario}")
     built: Workflow[Any, Any]
@@ -121,6 +158,8 @@ def build(
         built = wf.step("check", step("check", first=True, complete=True)).step(
             "never", step("never")
         )
+    elif scenario == "map":
+        built = wf.map(MAP, items, item, concurrency=MAP_CONCURRENCY)
     else:
         raise ValueError(f"unknown scenario {scenario!r}; expected one of {', '.join(SCENARIOS)}")
     return built
