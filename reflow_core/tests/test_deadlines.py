@@ -85,6 +85,7 @@ async def test_an_enqueue_deadline_bounds_one_run_and_the_earlier_one_counts(
         with pytest.raises(RunFailedError) as info:
             await engine.result(run.id, timeout=10)
         record = await storage.get_run(run.id)
+        await engine.stop(timeout=0)  # the next run is only stored, never started
         later = await engine.enqueue(wf, deadline="2h")
         limited = await storage.get_run(later.id)
     assert info.value.error_code == "deadline_exceeded"
