@@ -67,6 +67,7 @@ __all__ = [
     "Recurrence",
     "Schedule",
     "Scheduler",
+    "find_schedule",
     "parse_recurrence",
     "set_paused",
     "slot_key",
@@ -302,6 +303,11 @@ class Schedule:
         )
 
 
+async def find_schedule(storage: Storage, key: str) -> ScheduleRecord | None:
+    """The stored schedule ``key``, or ``None`` (the protocol has no lookup by key)."""
+    return next((r for r in await storage.list_schedules() if r.key == key), None)
+
+
 async def set_paused(storage: Storage, key: str, paused: bool) -> ScheduleRecord | None:
     """Pause or resume schedule ``key`` on ``storage``; ``None`` if there is none.
 
@@ -313,7 +319,7 @@ async def set_paused(storage: Storage, key: str, paused: bool) -> ScheduleRecord
     check_text(key, "key")
     if paused:
         return await storage.set_schedule_paused(key, True)
-    found = next((r for r in await storage.list_schedules() if r.key == key), None)
+    found = await find_schedule(storage, key)
     if found is None:
         return None
     now = await storage.now()

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from reflow_core._durations import describe
-from reflow_core.schedules import Recurrence, set_paused
+from reflow_core.schedules import Recurrence, find_schedule, set_paused
 from reflow_core.storage import NewRun, RunRecord, ScheduleRecord
 
 from ._common import (
@@ -133,7 +133,7 @@ def trigger(state: State, key: str) -> None:
 
     async def work() -> RunRecord | None:
         async with state.storage() as store:
-            found = next((s for s in await store.list_schedules() if s.key == key), None)
+            found = await find_schedule(store, key)
             if found is None:
                 return None
             created = await store.create_run(NewRun(workflow=found.workflow, input=found.input))
