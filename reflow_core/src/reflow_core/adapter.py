@@ -54,9 +54,11 @@ __all__ = [
     "Lifecycle",
     "as_utc",
     "check_aware",
+    "check_child_start",
     "check_duration",
     "check_finish_status",
     "check_list_limit",
+    "check_new_child",
     "check_new_run",
     "check_purge",
     "check_purge_limit",
@@ -64,6 +66,8 @@ __all__ = [
     "check_status_update",
     "check_text",
     "check_worker",
+    "child_deadline",
+    "child_of",
     "decode_cursor",
     "decode_workflows",
     "due_by_deadline",
@@ -147,7 +151,8 @@ def as_utc(value: datetime) -> datetime:
 
 RUN_COLUMNS = (
     "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims, "
-    "lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at, deadline_at"
+    "lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at, deadline_at, "
+    "parent_id, parent_step"
 )
 """The column order :func:`run_from_row` reads (the :class:`RunRecord` fields)."""
 STEP_COLUMNS = "name, status, output, error, attempts, wake_at, completed_at"
@@ -182,6 +187,8 @@ def run_from_row(row: Sequence[Any], time: TimeReader) -> RunRecord:
         waiting_for=row[13],
         lease_expires_at=None if expires is None else time(expires),
         deadline_at=None if deadline is None else time(deadline),
+        parent_id=row[16],
+        parent_step=row[17],
     )
 
 
@@ -324,12 +331,23 @@ def queue_stats_from_counts(
     ]
 
 
-def new_run_record(run_id: str, new: NewRun, now: datetime) -> RunRecord:
+def new_run_record(
+    run_id: str,
+    new: NewRun,
+    now: datetime,
+    *,
+    parent: RunRecord | None = None,
+    parent_step: str | None = None,
+) -> RunRecord:
     """The record of a run just created from ``new`` at ``now``: pending, due
     at once (or delayed, due after ``new.delay``), never attempted, with no
-    output, error or lease."""
+    output, error or lease. With ``parent``, a child run of ``parent`` started
+    at ``parent_step`` (:meth:`~reflow_core.storage.Storage.start_child`),
+    whose deadline is at the latest the parent's (:func:`child_deadline`)."""
     delayed = is_delayed(new)
     deadline_at = None if new.deadline is None else now + new.deadline
+    if parent is not None:
+        deadline_at = child_deadline(deadline_at, parent.deadline_at)
     wake_at = now + new.delay if delayed and new.delay is not None else now
     return RunRecord(
         id=run_id,
@@ -346,7 +364,17 @@ def new_run_record(run_id: str, new: NewRun, now: datetime) -> RunRecord:
         updated_at=now,
         wake_at=due_by_deadline(wake_at, deadline_at),
         deadline_at=deadline_at,
+        parent_id=None if parent is None else parent.id,
+        parent_step=parent_step,
     )
+
+
+def child_deadline(own: datetime | None, parent: datetime | None) -> datetime | None:
+    """A child run's ``deadline_at``: the earlier of its own (``now +
+    NewRun.deadline``) and its parent's, either of which may be absent."""
+    if own is None:
+        return parent
+    return own if parent is None or own < parent else parent
 
 
 def due_by_deadline(wake_at: datetime | None, deadline_at: datetime | None) -> datetime | None:
@@ -642,3 +670,32 @@ def check_new_run(new: NewRun) -> None:
         check_duration(new.delay, "delay")
     if new.deadline is not None:
         check_duration(new.deadline, "deadline")
+
+
+def check_new_child(new: NewRun) -> None:
+    """:func:`check_new_run`, and what :meth:`~reflow_core.storage.Storage.start_child`
+    adds: a ``run_id`` is required and an ``idempotency_key`` refused (the
+    child's id is what makes starting it idempotent)."""
+    check_new_run(new)
+    if new.run_id is None:
+        raise ConfigError("a child run needs a run_id (derived from its parent)", option="run_id")
+    if new.idempotency_key is not None:
+        raise ConfigError(
+            "a child run takes no idempotency_key: its run_id makes starting it idempotent",
+            option="idempotency_key",
+        )
+
+
+def check_child_start(lease: Lease, step: str, new: NewRun) -> None:
+    """The arguments of :meth:`~reflow_core.storage.Storage.start_child`:
+    :func:`check_text` on the parent's id and the step, and :func:`check_new_child`."""
+    check_text(lease.run_id, "run_id")
+    check_text(step, "step")
+    check_new_child(new)
+    if new.run_id == lease.run_id:
+        raise ConfigError("a run cannot be its own child", option="run_id")
+
+
+def child_of(record: RunRecord, parent_id: str, step: str) -> bool:
+    """Whether ``record`` is the child of run ``parent_id`` started at ``step``."""
+    return record.parent_id == parent_id and record.parent_step == step

@@ -25,6 +25,7 @@ from .adapter import (
     Lifecycle,
     as_utc,
     check_aware,
+    check_child_start,
     check_duration,
     check_list_limit,
     check_new_run,
@@ -34,6 +35,7 @@ from .adapter import (
     check_status_update,
     check_text,
     check_worker,
+    child_of,
     decode_cursor,
     due_by_deadline,
     new_run_id,
@@ -45,6 +47,7 @@ from .adapter import (
 )
 from .errors import EventBufferFullError, IdempotencyConflictError, StorageError
 from .storage import (
+    CHILDREN_WAIT_PREFIX,
     TERMINAL_STATUSES,
     ClaimedRun,
     CreateResult,
@@ -84,6 +87,8 @@ class _State:
     unfinished: dict[str, set[str]] = field(default_factory=dict)
     """Ids of each workflow's runs that have not ended: what queue_stats counts."""
     workers: dict[str, WorkerRecord] = field(default_factory=dict)
+    children: dict[str, list[str]] = field(default_factory=dict)
+    """Each parent's children's ids, in the order they were started."""
 
 
 _named: dict[str, _State] = {}
@@ -114,6 +119,7 @@ class MemoryStorage:
         self._schedules = state.schedules
         self._unfinished = state.unfinished
         self._workers = state.workers
+        self._children = state.children
         self._life = Lifecycle("memory")
 
     def __repr__(self) -> str:
@@ -159,6 +165,54 @@ class MemoryStorage:
         """Drop a run's buffered events as it ends; the event ids it has seen
         are kept, so a repeated delivery stays a no-op after a requeue."""
         entry.events.clear()
+
+    def _ended(self, entry: _Run, now: datetime) -> None:
+        """What every end of a run does besides its status: drop its buffered
+        events, note when it finished, and wake its parent if that waits for
+        its last unfinished child at its step."""
+        self._discard_events(entry)
+        entry.finished_at = now
+        rec = entry.record
+        if rec.parent_id is None or rec.parent_step is None:
+            return
+        parent = self._runs.get(rec.parent_id)
+        if parent is None:
+            return
+        prec = parent.record
+        if prec.status != "waiting" or prec.waiting_for != CHILDREN_WAIT_PREFIX + rec.parent_step:
+            return
+        if not self._open_children(rec.parent_id, rec.parent_step):
+            self._update(parent, now, wake_at=now)
+
+    def _open_children(self, parent_id: str, step: str) -> bool:
+        """Whether the run has a child at ``step`` that has not ended."""
+        for child_id in self._children.get(parent_id, ()):
+            child = self._runs.get(child_id)
+            if child is None:
+                continue
+            rec = child.record
+            if rec.parent_step == step and rec.status not in TERMINAL_STATUSES:
+                return True
+        return False
+
+    def _cancel_below(self, run_id: str, now: datetime) -> None:
+        """Cancel every unfinished run below ``run_id``, depth first."""
+        for child_id in self._children.get(run_id, ()):
+            child = self._runs.get(child_id)
+            if child is None:
+                continue
+            if child.record.status not in TERMINAL_STATUSES:
+                self._update(
+                    child,
+                    now,
+                    status="cancelled",
+                    lease_expires_at=None,
+                    wake_at=None,
+                    waiting_for=None,
+                )
+                self._discard_events(child)
+                child.finished_at = now
+            self._cancel_below(child_id, now)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -298,8 +352,7 @@ class MemoryStorage:
             wake_at=None,
             waiting_for=None,
         )
-        self._discard_events(entry)
-        entry.finished_at = now
+        self._ended(entry, now)
         return True
 
     async def update_run_status(
@@ -336,8 +389,9 @@ class MemoryStorage:
                 wake_at=None,
                 waiting_for=None,
             )
-            self._discard_events(entry)
-            entry.finished_at = now
+            if status == "cancelled":
+                self._cancel_below(run_id, now)
+            self._ended(entry, now)
         return True
 
     async def sleep_run(self, lease: Lease, step: str, duration: timedelta) -> datetime | None:
@@ -442,6 +496,56 @@ class MemoryStorage:
         self._update(entry, now, waiting_for=None)
         return EventTake(found=True, payload=payload)
 
+    # -- children ----------------------------------------------------------
+
+    async def start_child(self, lease: Lease, step: str, new: NewRun) -> RunRecord | None:
+        self._check_open("start_child")
+        check_child_start(lease, step, new)
+        assert new.run_id is not None
+        now = self._clock()
+        entry = self._live(lease, now)
+        if entry is None:
+            return None
+        existing = self._runs.get(new.run_id)
+        if existing is not None:
+            if child_of(existing.record, lease.run_id, step):
+                return existing.record
+            raise StorageError(f"run id {new.run_id!r} already exists", operation="start_child")
+        record = new_run_record(new.run_id, new, now, parent=entry.record, parent_step=step)
+        self._runs[new.run_id] = _Run(record)
+        self._track(record)
+        self._children.setdefault(lease.run_id, []).append(new.run_id)
+        return record
+
+    async def wait_children(self, lease: Lease, step: StepRecord) -> bool | None:
+        self._check_open("wait_children")
+        check_text(step.name, "step")
+        now = self._clock()
+        entry = self._live(lease, now)
+        if entry is None:
+            return None
+        self._store_step(entry, step, now)
+        if not self._open_children(lease.run_id, step.name):
+            self._update(entry, now)
+            return True
+        self._update(
+            entry,
+            now,
+            status="waiting",
+            waiting_for=CHILDREN_WAIT_PREFIX + step.name,
+            wake_at=entry.record.deadline_at,
+            lease_expires_at=None,
+        )
+        return False
+
+    async def list_children(self, run_id: str) -> list[RunRecord]:
+        self._check_open("list_children")
+        check_text(run_id, "run_id")
+        if run_id not in self._runs:
+            return []
+        children = [self._runs[c].record for c in self._children.get(run_id, ()) if c in self._runs]
+        return sorted(children, key=lambda r: (r.created_at, r.id))
+
     async def now(self) -> datetime:
         self._check_open("now")
         return self._clock()
@@ -531,6 +635,7 @@ class MemoryStorage:
             )[:size]
             for _, run_id in doomed:
                 record = self._runs.pop(run_id).record
+                self._children.pop(run_id, None)
                 if record.idempotency_key is not None:
                     key = (record.workflow, record.idempotency_key)
                     if self._idem.get(key) == run_id:

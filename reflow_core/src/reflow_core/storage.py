@@ -33,7 +33,8 @@ Statuses and transitions::
     delayed ──(wake_at passes)──▶ claimable
     pending ──claim──▶ running ──finish_run──▶ completed | failed
        ▲                 │  │ ├─sleep_run──▶ sleeping ──(wake_at passes)──▶ claimable
-       │                 │  │ └─wait_run───▶ waiting ──(event or timeout)──▶ claimable
+       │                 │  │ ├─wait_run───▶ waiting ──(event or timeout)──▶ claimable
+       │                 │  │ └─wait_children─▶ waiting ──(last child ends)──▶ claimable
        │                 │  └─update_run_status(pending, lease)──▶ pending (handed back)
        │                 └─(lease lapses)──▶ claimable again, as a reclaim
        └──requeue_run── failed | cancelled        any non-terminal ──cancel──▶ cancelled
@@ -51,6 +52,7 @@ from datetime import datetime, timedelta
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
+    "CHILDREN_WAIT_PREFIX",
     "TERMINAL_STATUSES",
     "ClaimedRun",
     "CreateResult",
@@ -80,6 +82,10 @@ RunStatus: TypeAlias = Literal[
 
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 """Statuses a run never leaves on its own (only :meth:`Storage.requeue_run` does)."""
+
+CHILDREN_WAIT_PREFIX = "reflow:children:"
+"""``waiting_for`` of a run parked by :meth:`Storage.wait_children`: this
+prefix and the step whose children it waits for."""
 
 StepStatus: TypeAlias = Literal["completed", "failed", "skipped", "sleeping", "waiting"]
 """``completed``/``skipped`` steps are never run again; ``failed`` records are
@@ -136,6 +142,10 @@ class RunRecord:
     """When the run must have finished: ``created_at`` plus ``NewRun.deadline``
     (``None``: no deadline). A run that is delayed, sleeping or waiting becomes
     claimable at its deadline at the latest, so the engine can fail it then."""
+    parent_id: str | None = None
+    """For a child run (:meth:`Storage.start_child`): the run that started it."""
+    parent_step: str | None = None
+    """For a child run: the parent's step that started it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +396,10 @@ class Storage(Protocol):
     ) -> bool:
         """Fenced: optionally upsert a last ``step``, then set the terminal
         ``status`` with ``output`` or ``error`` and drop the lease, all in one
-        atomic write. Returns False, writing nothing, if the lease is lost."""
+        atomic write. Returns False, writing nothing, if the lease is lost.
+
+        A child run's end wakes its parent when the parent waits for it
+        (:meth:`wait_children`), in the same write."""
         ...
 
     async def update_run_status(
@@ -403,7 +416,12 @@ class Storage(Protocol):
         back (lease dropped, claimable at once, not counted as a reclaim when
         next claimed); ``failed`` or ``cancelled`` end it. Without a lease it
         applies to any run that is not terminal (``cancel`` uses this), and
-        breaks the current holder's fence. Returns False if nothing changed:
+        breaks the current holder's fence. Cancelling a run (with or without
+        a lease) also cancels, in the same atomic write, every unfinished run
+        below it (its children, their children, and so on), each as if it
+        were cancelled on its own: lease broken, buffered events deleted. A
+        child that ends here wakes its parent when the parent waits for it
+        (:meth:`wait_children`). Returns False if nothing changed:
         the run is missing, terminal, or the lease was lost. Raises
         :class:`~reflow_core.errors.ConfigError`, touching nothing, for
         ``pending`` without a lease or any other target status
@@ -636,6 +654,54 @@ class Storage(Protocol):
         counters, not a scan of the whole store), so it is safe to call on a
         busy store with a long history.
         """
+        ...
+
+    async def start_child(self, lease: Lease, step: str, new: NewRun) -> RunRecord | None:
+        """Fenced on the parent's lease: create ``new`` as a child of the run
+        holding ``lease``, started by its step ``step`` (the child's
+        ``parent_id`` is ``lease.run_id``, its ``parent_step`` is ``step``),
+        atomically with the check of the lease.
+
+        ``new.run_id`` is required and ``new.idempotency_key`` must be
+        ``None`` (:func:`reflow_core.adapter.check_new_child`): the engine
+        derives the id from the parent, the step, the step's attempt and the
+        child's position in it, so a replayed step asks for the same child.
+        If a run with that id exists and is a child of this run at ``step``,
+        it is returned as it is and nothing is written (a replay starts
+        nothing); if it exists otherwise, :class:`~reflow_core.errors.StorageError`
+        is raised and nothing is written. The child is created as
+        :meth:`create_run` creates a run (``pending``, or ``delayed`` with a
+        positive ``new.delay``), except that its ``deadline_at`` is the
+        earlier of ``now + new.deadline`` and the parent's ``deadline_at``
+        (either may be absent): a child never outlives its parent's deadline.
+
+        Returns the child, or ``None``, creating nothing, if the lease is lost.
+        """
+        ...
+
+    async def wait_children(self, lease: Lease, step: StepRecord) -> bool | None:
+        """Fenced: wait until every child the run started at step ``step.name``
+        has ended (``completed``, ``failed`` or ``cancelled``).
+
+        Upserts ``step`` (the engine passes a ``waiting`` record that carries
+        the step's attempt). If no child of the run at that step is
+        unfinished (or it has none), the run keeps its lease and the call
+        returns True. Otherwise the run becomes ``waiting``, with
+        ``waiting_for = CHILDREN_WAIT_PREFIX + step.name``, its lease dropped
+        and ``wake_at`` its ``deadline_at`` (``None`` without one), and the
+        call returns False. The write that ends its last unfinished child at
+        that step (:meth:`finish_run`, or :meth:`update_run_status` to
+        ``failed`` or ``cancelled``, a cascaded cancel included) also makes
+        it claimable at once (``wake_at`` = now), atomically: no child's end
+        can be missed. Returns ``None``, writing nothing, if the lease is lost.
+        """
+        ...
+
+    async def list_children(self, run_id: str) -> list[RunRecord]:
+        """The runs started by :meth:`start_child` from run ``run_id``, in the
+        order they were created (``created_at``, then ``id``). Empty for a run
+        with no children, and for a missing run (a purged parent's children
+        are kept, and keep their ``parent_id``)."""
         ...
 
 
