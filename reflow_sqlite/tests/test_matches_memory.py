@@ -1,7 +1,8 @@
 """The SQLite backend behaves exactly like the in-memory reference backend.
 
 A seeded random sequence of operations (valid and stale leases, lapsing
-leases, sleeps, waits, events, requeues, listings, schedules) runs against
+leases, sleeps, waits, events, requeues, listings, schedules, child runs
+and cancels that cascade to them) runs against
 both backends on one shared virtual clock; every return value and every
 exception must be equal.
 """
@@ -17,6 +18,7 @@ import pytest
 
 from reflow_core.memory import MemoryStorage
 from reflow_core.storage import (
+    CHILDREN_WAIT_PREFIX,
     EventTake,
     Lease,
     NewRun,
@@ -52,6 +54,7 @@ class Scenario:
         self.cursors: list[str] = []
         self.schedule_keys = ["s1", "s2"]
         self.counter = 0
+        self.child_ids: list[str] = []
 
     def pick_run(self) -> str:
         if not self.run_ids or self.rng.random() < 0.05:
@@ -111,6 +114,12 @@ class Scenario:
                 "schedule",
                 "due",
                 "fire",
+                "child",
+                "child",
+                "child",
+                "join",
+                "join",
+                "children",
             ]
         )
         if kind == "create":
@@ -223,6 +232,31 @@ class Scenario:
                 return await s.claim_schedule_slot(key, slot, slot + timedelta(seconds=60), run)
 
             return kind, fire
+        if kind == "child":
+            lease, step = self.pick_lease(), rng.choice(["c1", "c2"])
+            self.counter += 1
+            draw = rng.random()
+            if draw < 0.8 or not self.child_ids:
+                run_id = f"child-{self.counter:04d}"  # a new child
+            elif draw < 0.95:
+                run_id = rng.choice(self.child_ids)  # a replay, or another run's child
+            else:
+                run_id = self.pick_run()  # taken by a run that is no child
+            new = NewRun(
+                rng.choice(WORKFLOWS),
+                '"c"',
+                run_id=run_id,
+                delay=rng.choice([None, None, self.duration()]),
+                deadline=rng.choice([None, None, self.duration()]),
+            )
+            return kind, lambda s: s.start_child(lease, step, new)
+        if kind == "join":
+            lease = self.pick_lease()
+            step = StepRecord(rng.choice(["c1", "c2"]), "waiting", attempts=rng.randint(1, 3))
+            return kind, lambda s: s.wait_children(lease, step)
+        if kind == "children":
+            run_id = self.pick_run()
+            return kind, lambda s: s.list_children(run_id)
         return "advance", lambda s: s.get_run("unused")
 
     def learn(self, kind: str, result: tuple[str, Any]) -> None:
@@ -235,6 +269,9 @@ class Scenario:
             self.run_ids.append(value.id)
         if kind == "claim":
             self.leases.extend(c.lease for c in value)
+        if kind == "child" and value is not None and value.id not in self.run_ids:
+            self.run_ids.append(value.id)
+            self.child_ids.append(value.id)
         if kind == "list" and value.next_cursor:
             self.cursors.append(value.next_cursor)
 
@@ -276,7 +313,7 @@ async def test_random_operations_match_the_memory_backend(opener, clock, seed: i
     memory = MemoryStorage(clock=clock)
     await memory.initialize()
     sqlite = await opener()
-    seen = await Scenario(seed, memory, sqlite, clock).run(1000)
+    seen = await Scenario(seed, memory, sqlite, clock).run(1500)
     # The scenario reached the interesting outcomes, not just refusals.
     for kind in (
         "create",
@@ -293,12 +330,23 @@ async def test_random_operations_match_the_memory_backend(opener, clock, seed: i
         "list",
         "due",
         "fire",
+        "child",
+        "join",
+        "children",
     ):
         assert seen.get(f"{kind}:yes", 0) > 0, (kind, seen)
-    for kind in ("save", "finish", "heartbeat", "take", "fire", "requeue"):
+    for kind in ("save", "finish", "heartbeat", "take", "fire", "requeue", "child", "join"):
         assert seen.get(f"{kind}:no", 0) > 0, (kind, seen)
     assert seen.get("create:raised", 0) > 0
+    assert seen.get("child:raised", 0) > 0
     assert seen.get("status:raised", 0) > 0
     claimed = [r for r in (await sqlite.list_runs(limit=1000)).runs if r.attempts > 0]
     assert claimed
     assert any(r.reclaims > 0 for r in claimed)
+    # Children were parked on, woken by their children's ends, and cancelled
+    # with their parents.
+    runs = (await sqlite.list_runs(limit=1000)).runs
+    assert any(r.parent_id is not None and r.status == "cancelled" for r in runs)
+    assert any(
+        r.waiting_for is not None and r.waiting_for.startswith(CHILDREN_WAIT_PREFIX) for r in runs
+    )

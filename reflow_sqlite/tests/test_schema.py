@@ -12,7 +12,7 @@ import pytest
 
 from reflow_core.adapter import to_epoch_us
 from reflow_core.errors import SchemaVersionError, StorageError
-from reflow_core.storage import NewRun, ScheduleRecord, ScheduleSpec, WorkerInfo
+from reflow_core.storage import NewRun, ScheduleRecord, ScheduleSpec, StepRecord, WorkerInfo
 from reflow_sqlite import _schema as schema_module
 from reflow_sqlite._queries import QUERIES, with_marks
 from reflow_sqlite._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
@@ -348,7 +348,9 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
     store = await opener()
     assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
     after = {(kind, name, table) for kind, name, table, _ in schema_objects(db_path)}
-    assert after == before  # every index and the trigger made again, nothing left over
+    # Every index and the trigger made again, nothing left over; version 6
+    # adds the index of child runs.
+    assert after == before | {("index", "runs_children", "runs")}
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute(f"SELECT {columns} FROM runs ORDER BY created_at, id").fetchall() == rows
@@ -491,3 +493,179 @@ async def test_a_version_4_database_with_runs_is_migrated_forward(
     requeued = await store.get_run(waiter.id)
     assert requeued is not None
     assert (requeued.status, requeued.deadline_at) == ("pending", None)
+
+
+# -- version 6: child runs ---------------------------------------------------------------
+
+
+async def test_a_version_5_database_with_runs_is_migrated_forward(
+    opener, db_path, tmp_path, clock
+) -> None:
+    """Version 6 adds runs.parent_id and runs.parent_step in place (no
+    rebuild) and the partial index of children: the rows written before it
+    are unchanged and have no parent, stay readable and claimable, and can
+    start, wait for and cancel children."""
+    assert SCHEMA_VERSION >= 6
+    start = to_epoch_us(clock.now)
+    columns = (
+        "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims,"
+        " lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at,"
+        " finished_at, deadline_at"
+    )
+    rows = [
+        ("due", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
+         start - 9, None, None, None, start + 90_000_000),
+        ("later", "wf", "delayed", "2", None, None, None, 0, 0, 0, start - 8, start - 8,
+         start + 60_000_000, None, None, None, None),
+        ("parked", "wf", "waiting", "3", None, None, None, 1, 0, 1, start - 5, start - 5,
+         None, "go", None, None, None),
+        ("done", "wf", "failed", "4", None, '"no"', None, 1, 0, 1, start - 4, start - 3,
+         None, None, None, start - 3, None),
+    ]  # fmt: skip
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        for migration in MIGRATIONS[:5]:
+            for statement in migration:
+                raw.execute(statement)
+        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        raw.execute("PRAGMA user_version = 5")
+        raw.executemany(f"INSERT INTO runs ({columns}) VALUES ({','.join('?' * 17)})", rows)
+        raw.execute(
+            "INSERT INTO events (run_id, name, payload, event_id, created_at)"
+            " VALUES ('parked', 'other', '7', NULL, ?)",
+            (start - 5,),
+        )
+        (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()
+    finally:
+        raw.close()
+    # Several processes initializing at once migrate it once.
+    stores = [opener.build() for _ in range(4)]
+    await asyncio.gather(*(s.initialize() for s in stores))
+    store = stores[0]
+    assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    raw = sqlite3.connect(db_path)
+    try:
+        # Altered in place: the same table (no copy), every row as it was.
+        assert raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone() == (
+            root,
+        )
+        assert raw.execute(f"SELECT {columns} FROM runs ORDER BY created_at, id").fetchall() == rows
+        assert raw.execute(
+            "SELECT count(*) FROM runs WHERE parent_id IS NOT NULL OR parent_step IS NOT NULL"
+        ).fetchone() == (0,)
+        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        raw.close()
+    # The same tables, indexes and trigger as a file created at this version.
+    await opener(tmp_path / "fresh.db")
+    assert schema_objects(db_path) == schema_objects(tmp_path / "fresh.db")
+    # A second initialize of the migrated file changes nothing.
+    before = schema_objects(db_path)
+    await opener()
+    assert schema_objects(db_path) == before
+
+    old = await store.get_run("due")
+    assert old is not None
+    assert (old.status, old.parent_id, old.parent_step) == ("pending", None, None)
+    assert await store.list_children("due") == []
+    # The run stored before the upgrade is claimed and starts children, whose
+    # deadline is its own; one ends, the other is what it waits for.
+    lease = timedelta(seconds=30)
+    (claimed,) = await store.claim_runs(["wf"], 1, lease)
+    assert claimed.run.id == "due"
+    first = await store.start_child(claimed.lease, "fan", NewRun("kid", "5", run_id="due/1"))
+    second = await store.start_child(claimed.lease, "fan", NewRun("kid", "6", run_id="due/2"))
+    assert first is not None
+    assert second is not None
+    assert (first.parent_id, first.parent_step, first.deadline_at) == (
+        "due",
+        "fan",
+        old.deadline_at,
+    )
+    assert await store.list_children("due") == [first, second]
+    waited = await store.wait_children(claimed.lease, StepRecord("fan", "waiting", attempts=1))
+    assert waited is False
+    parked = await store.get_run("due")
+    assert parked is not None
+    assert (parked.status, parked.waiting_for) == ("waiting", "reflow:children:fan")
+    kids = await store.claim_runs(["kid"], 2, lease)
+    assert await store.finish_run(kids[0].lease, "completed", output='"a"')
+    assert await store.claim_runs(["wf"], 10, lease) == []
+    assert await store.update_run_status(kids[1].run.id, "failed", lease=kids[1].lease)
+    (woken,) = await store.claim_runs(["wf"], 10, lease)
+    assert (woken.run.id, woken.reclaimed) == ("due", False)
+    # A cancel reaches the children of runs stored before the upgrade too.
+    parked_child = await store.start_child(woken.lease, "more", NewRun("kid", "7", run_id="due/3"))
+    assert parked_child is not None
+    assert await store.update_run_status("due", "cancelled")
+    cancelled = await store.get_run("due/3")
+    assert cancelled is not None
+    assert cancelled.status == "cancelled"
+    # The trigger still drops a cancelled run's buffered events.
+    assert await store.update_run_status("parked", "cancelled")
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("SELECT count(*) FROM events").fetchone() == (0,)
+    finally:
+        raw.close()
+
+
+def test_child_queries_use_the_index_of_children(tmp_path) -> None:
+    """Finding a parent's open children at a step is one seek in the partial
+    index runs_children, the cancel's walk and list_children go through it
+    too; and no statement on the hot path of a run without a parent (a claim,
+    a step save, a sleep, a wait, a hand-back, a wake) writes it."""
+    raw = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for migration in MIGRATIONS:
+            for statement in migration:
+                raw.execute(statement)
+        raw.executemany(
+            "INSERT INTO runs (id, workflow, status, input, created_at, updated_at,"
+            " parent_id, parent_step, finished_at) VALUES (?, 'wf', 'completed', '1', 1, 1,"
+            " ?, ?, 1)",
+            [(f"r{i}", f"r{i - 1}" if i % 10 == 0 else None, "s") for i in range(1, 3000)],
+        )
+        raw.execute("ANALYZE")
+
+        def plan(name: str) -> list[str]:
+            sql = QUERIES[name]
+            return [
+                row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", [None] * sql.count("?"))
+            ]
+
+        seek = (
+            "SEARCH runs USING COVERING INDEX runs_children"
+            " (parent_id=? AND parent_step=? AND finished_at=?)"
+        )
+        assert plan("open_child") == [seek]
+        assert seek in plan("wake_parent")
+        for name in ("cancel_below", "list_children"):
+            on_children = [step for step in plan(name) if "runs_children" in step]
+            assert on_children, plan(name)
+            assert not [step for step in plan(name) if step.startswith("SCAN runs")], plan(name)
+
+        (root,) = raw.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'runs_children'"
+        ).fetchone()
+
+        def writes_the_index(sql: str) -> bool:
+            program = raw.execute(f"EXPLAIN {sql}", [None] * sql.count("?")).fetchall()
+            return any(op[1] == "OpenWrite" and op[3] == root for op in program)
+
+        untouched = [
+            "extend",
+            "hand_back",
+            "sleep",
+            "wait",
+            "wait_ready",
+            "wake",
+            "took_event",
+            "touch",
+            "wait_for_children",
+            "wake_parent",
+        ]
+        assert not writes_the_index(with_marks("claim_update", "ids", 3))
+        assert [name for name in untouched if writes_the_index(QUERIES[name])] == []
+    finally:
+        raw.close()

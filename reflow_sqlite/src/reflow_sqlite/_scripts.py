@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 from reflow_core.adapter import (
+    child_of,
     encode_workflows,
     from_epoch_us,
     is_delayed,
@@ -30,6 +31,7 @@ from reflow_core.adapter import (
 )
 from reflow_core.errors import EventBufferFullError, IdempotencyConflictError, StorageError
 from reflow_core.storage import (
+    CHILDREN_WAIT_PREFIX,
     TERMINAL_STATUSES,
     ClaimedRun,
     CreateResult,
@@ -69,6 +71,7 @@ __all__ = [
     "get_steps",
     "heartbeat",
     "inspect",
+    "list_children",
     "list_runs",
     "list_schedules",
     "list_workers",
@@ -80,10 +83,12 @@ __all__ = [
     "save_step",
     "set_schedule_paused",
     "sleep",
+    "start_child",
     "take",
     "update_status",
     "upsert_schedule",
     "wait",
+    "wait_children",
 ]
 
 _T = TypeVar("_T")
@@ -252,7 +257,20 @@ def finish(
     if step is not None:
         yield (Q["upsert_step"], step.params(lease.run_id, now))
     # Setting finished_at dropped the run's buffered events (a trigger).
+    yield from _ended(now, rows[0])
     return True
+
+
+def _ended(now: int, link: Row) -> Script[None]:
+    """What the end of a run does besides its own row (``link`` is the
+    ``parent_id, parent_step`` the ending statement returned): a child's end
+    wakes its parent if that waits for its last unfinished child at that
+    step. A run without a parent runs no statement here."""
+    parent_id, parent_step = link
+    if parent_id is None or parent_step is None:
+        return
+    waiting_for = CHILDREN_WAIT_PREFIX + parent_step
+    yield (Q["wake_parent"], (now, now, parent_id, waiting_for, parent_id, parent_step))
 
 
 def update_status(
@@ -264,8 +282,16 @@ def update_status(
         rows = yield (Q["hand_back"], (now, now, run_id, lease.epoch, now))
     else:
         rows = yield (Q["end_fenced"], (status, error, now, now, run_id, lease.epoch, now))
-    # Ending a run sets finished_at, which drops its buffered events (a trigger).
-    return bool(rows)
+    if not rows:
+        return False
+    if status == "pending":
+        return True
+    # Ending a run sets finished_at, which drops its buffered events (a
+    # trigger); so does the cancel of every unfinished run below it.
+    if status == "cancelled":
+        yield (Q["cancel_below"], (run_id, now, now))
+    yield from _ended(now, rows[0])
+    return True
 
 
 def sleep(now: int, lease: Lease, step: str, duration_us: int) -> Script[int | None]:
@@ -354,6 +380,67 @@ def take(now: int, lease: Lease, step: str, event: str) -> Script[EventTake | No
     yield (Q["upsert_step"], record.params(lease.run_id, now))
     yield (Q["took_event"], (now, lease.run_id))
     return EventTake(found=True, payload=payload)
+
+
+# -- child runs ------------------------------------------------------------------------
+
+
+def start_child(now: int, lease: Lease, step: str, new: NewRun) -> Script[RunRecord | None]:
+    # The parent's fence first: on a lost lease nothing is read or written.
+    assert new.run_id is not None
+    fenced = yield (Q["parent_deadline"], (lease.run_id, lease.epoch, now))
+    if not fenced:
+        return None
+    rows = yield (Q["get_run"], (new.run_id,))
+    if rows:
+        existing = run_from_row(rows[0], from_epoch_us)
+        if child_of(existing, lease.run_id, step):
+            return existing  # a replayed step: the child it started, as stored
+        raise StorageError(
+            f"run id {new.run_id!r} already exists", operation="start_child", backend=BACKEND
+        )
+    # As create() computes a run's due time, with the deadline capped by the
+    # parent's (reflow_core.adapter.child_deadline).
+    delay_us = span_us(new.delay) if new.delay is not None and is_delayed(new) else 0
+    own = None if new.deadline is None else now + span_us(new.deadline)
+    parent: int | None = fenced[0][0]
+    deadline_us = parent if own is None else own if parent is None else min(own, parent)
+    wake_us = now + delay_us if deadline_us is None else min(now + delay_us, deadline_us)
+    values = (
+        new.run_id,
+        new.workflow,
+        "delayed" if delay_us else "pending",
+        new.input,
+        now,
+        now,
+        wake_us,
+        deadline_us,
+        lease.run_id,
+        step,
+    )
+    rows = yield (Q["insert_child"], values)
+    return run_from_row(rows[0], from_epoch_us)
+
+
+def wait_children(now: int, lease: Lease, step: StepRow) -> Script[bool | None]:
+    fenced = yield (Q["fence_check"], (lease.run_id, lease.epoch, now))
+    if not fenced:
+        return None
+    yield (Q["upsert_step"], step.params(lease.run_id, now))
+    open_child = yield (Q["open_child"], (lease.run_id, step.name))
+    if not open_child:
+        yield (Q["touch"], (now, lease.run_id))
+        return True
+    # Parked until the end of its last open child wakes it (wake_parent, in
+    # the same transaction as that end), or its deadline.
+    waiting_for = CHILDREN_WAIT_PREFIX + step.name
+    yield (Q["wait_for_children"], (waiting_for, now, lease.run_id))
+    return False
+
+
+def list_children(now: int, run_id: str) -> Script[list[RunRecord]]:
+    rows = yield (Q["list_children"], (run_id, run_id))
+    return [run_from_row(row, from_epoch_us) for row in rows]
 
 
 def get_run(now: int, run_id: str) -> Script[RunRecord | None]:

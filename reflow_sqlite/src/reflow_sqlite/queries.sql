@@ -108,11 +108,13 @@ SELECT run_id, {step_columns} FROM steps WHERE run_id IN ({ids}) ORDER BY rowid
 -- name: extend
 UPDATE runs SET lease_expires_at = ?, updated_at = ? WHERE {fence} RETURNING 1
 
+-- Ending a run returns its parent link: a child's end may wake its parent
+-- (wake_parent), a statement only a child pays for.
 -- name: finish
 UPDATE runs SET status = ?, output = ?, error = ?, lease_expires_at = NULL,
     wake_at = NULL, waiting_for = NULL, updated_at = ?, finished_at = ?
 WHERE {fence}
-RETURNING 1
+RETURNING parent_id, parent_step
 
 -- name: hand_back
 UPDATE runs SET status = 'pending', lease_expires_at = NULL, wake_at = ?, updated_at = ?
@@ -123,13 +125,13 @@ RETURNING 1
 UPDATE runs SET status = ?, error = ?, lease_expires_at = NULL, wake_at = NULL,
     waiting_for = NULL, updated_at = ?, finished_at = ?
 WHERE {fence}
-RETURNING 1
+RETURNING parent_id, parent_step
 
 -- name: end_unfenced
 UPDATE runs SET status = ?, error = ?, lease_expires_at = NULL, wake_at = NULL,
     waiting_for = NULL, updated_at = ?, finished_at = ?
 WHERE id = ? AND {not_terminal}
-RETURNING 1
+RETURNING parent_id, parent_step
 
 -- name: sleep
 UPDATE runs SET status = 'sleeping', wake_at = {due_by_deadline}, lease_expires_at = NULL,
@@ -175,6 +177,69 @@ workflow = ?
 
 -- name: list_after
 (created_at, id) < (?, ?)
+
+-- -- child runs ------------------------------------------------------------
+
+-- The parent's fence, and its deadline_at (a child's is at the latest the
+-- parent's). Parameters: the fence's.
+-- name: parent_deadline
+SELECT deadline_at FROM runs WHERE {fence}
+
+-- A child is created as insert_run creates a run, with its parent link and
+-- no idempotency key.
+-- name: insert_child
+INSERT INTO runs (id, workflow, status, input, created_at, updated_at, wake_at, deadline_at,
+    parent_id, parent_step)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+RETURNING {run_columns}
+
+-- Whether the run has a child at the step that has not ended: one seek in
+-- runs_children. Parameters: the parent's id, the step.
+-- name: open_child
+SELECT 1 FROM runs WHERE parent_id = ? AND parent_step = ? AND finished_at IS NULL LIMIT 1
+
+-- wait_children with an unfinished child: parked until the last one ends
+-- (wake_parent) or its deadline. Parameters: waiting_for, now, run id.
+-- name: wait_for_children
+UPDATE runs SET status = 'waiting', waiting_for = ?, wake_at = deadline_at,
+    lease_expires_at = NULL, updated_at = ?
+WHERE id = ?
+
+-- name: touch
+UPDATE runs SET updated_at = ? WHERE id = ?
+
+-- The end of a child: its parent, if it waits for the children of that step
+-- and none of them is unfinished any more, is claimable at once. Parameters:
+-- now, now, the parent's id, the children prefix and the step, the parent's
+-- id again, the step.
+-- name: wake_parent
+UPDATE runs SET wake_at = ?, updated_at = ?
+WHERE id = ? AND status = 'waiting' AND waiting_for = ?
+    AND NOT EXISTS (
+        SELECT 1 FROM runs WHERE parent_id = ? AND parent_step = ? AND finished_at IS NULL
+    )
+
+-- Cancelling a run cancels every unfinished run below it, each as a cancel
+-- of its own would (the trigger drops its buffered events). The walk goes
+-- through finished runs too: a completed child's children are still below.
+-- UNION (not UNION ALL) ends the walk even if ids ever formed a cycle.
+-- Parameters: the cancelled run's id, now, now.
+-- name: cancel_below
+WITH RECURSIVE below (id) AS (
+    SELECT id FROM runs WHERE parent_id = ?
+    UNION
+    SELECT runs.id FROM runs JOIN below ON runs.parent_id = below.id
+)
+UPDATE runs SET status = 'cancelled', lease_expires_at = NULL, wake_at = NULL,
+    waiting_for = NULL, updated_at = ?, finished_at = ?
+WHERE id IN (SELECT id FROM below) AND {not_terminal}
+
+-- A missing run has no children, even if runs still name it as their
+-- parent (a purged parent's children are kept). Parameters: the run id twice.
+-- name: list_children
+SELECT {run_columns} FROM runs
+WHERE parent_id = ? AND EXISTS (SELECT 1 FROM runs WHERE id = ?)
+ORDER BY created_at, id
 
 -- -- steps -------------------------------------------------------------------
 

@@ -196,6 +196,23 @@ END;
 -- existing runs have no deadline.
 ALTER TABLE runs ADD COLUMN deadline_at INTEGER;
 
+-- Version 6: child runs.
+-- name: v6
+-- A run started by another run's step (Storage.start_child) names its parent
+-- and that step; NULL for every other run. Added in place like deadline_at:
+-- existing runs have no parent.
+ALTER TABLE runs ADD COLUMN parent_id TEXT;
+ALTER TABLE runs ADD COLUMN parent_step TEXT;
+-- A parent's children: by step and whether they have ended (finished_at is
+-- set exactly when a run ends), so the end of a child finds in one seek
+-- whether another child at its step is still unfinished, and a cancel walks
+-- the runs below it. Partial: runs without a parent have no entry in it,
+-- so creating, ending and requeueing them adds or moves none (SQLite only
+-- tests "parent_id IS NOT NULL" on their row), and claims, step saves,
+-- sleeps and waits write none of its columns.
+CREATE INDEX runs_children ON runs (parent_id, parent_step, finished_at)
+    WHERE parent_id IS NOT NULL;
+
 -- -- what the trigger of versions 2 and 4 runs --------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those

@@ -30,6 +30,7 @@ import aiosqlite
 
 from reflow_core.adapter import (
     Lifecycle,
+    check_child_start,
     check_duration,
     check_list_limit,
     check_new_run,
@@ -489,6 +490,33 @@ class SQLiteStorage:
         check_text(step, "step")
         check_text(event, "event")
         return await self._call("take_event", lambda now: scripts.take(now, lease, step, event))
+
+    # -- child runs ------------------------------------------------------------------
+
+    async def start_child(self, lease: Lease, step: str, new: NewRun) -> RunRecord | None:
+        """Fenced on the parent's lease: create ``new`` as a child of its run at
+        ``step``, or return the child a replay of that step already started;
+        ``None`` if the lease is lost. The child's ``deadline_at`` is at the
+        latest its parent's."""
+        check_child_start(lease, step, new)
+        return await self._call(
+            "start_child", lambda now: scripts.start_child(now, lease, step, new)
+        )
+
+    async def wait_children(self, lease: Lease, step: StepRecord) -> bool | None:
+        """Fenced: save ``step``; True if no child of the run at that step is
+        unfinished, else park the run ``waiting`` until the end of its last
+        one (which wakes it in the same transaction) and return False."""
+        check_text(step.name, "step")
+        row = StepRow.of(step)
+        return await self._call("wait_children", lambda now: scripts.wait_children(now, lease, row))
+
+    async def list_children(self, run_id: str) -> list[RunRecord]:
+        """The run's children in creation order (none for a missing run)."""
+        check_text(run_id, "run_id")
+        return await self._call(
+            "list_children", lambda now: scripts.list_children(now, run_id), "read"
+        )
 
     async def now(self) -> datetime:
         """The storage clock (the ``clock`` option, else the local clock), in
