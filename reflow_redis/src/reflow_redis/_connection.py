@@ -59,6 +59,9 @@ _SCRIPTS = (
     "set_paused",
     "workers",
     "queue_stats",
+    "start_child",
+    "wait_children",
+    "list_children",
 )
 _T = TypeVar("_T")
 

@@ -4,7 +4,8 @@ A run is a hash whose short field names the scripts write (``st`` status,
 ``wf`` workflow, ``in``/``out``/``err``, ``att``/``rec``/``ep`` counters,
 ``c``/``u``/``w``/``l``/``dl`` times in epoch microseconds (``dl`` the run's
 deadline, absent without one), ``wt`` the awaited event, ``idem`` the
-idempotency key, ``id`` the run's own id); a step is one field of the run's
+idempotency key, ``id`` the run's own id, ``pa``/``ps`` a child run's parent
+and the parent's step that started it, absent for other runs); a step is one field of the run's
 steps hash, ``seq|done|status|wake|json``. Anything under the prefix that
 does not read this way raises :class:`_BadData`, which the storage reports as
 a :class:`~reflow_core.errors.StorageError` naming the operation.
@@ -109,6 +110,8 @@ def _run_record(run_id: str, fields: Mapping[str, str]) -> RunRecord:
             waiting_for=fields.get("wt") or None,
             lease_expires_at=_time(fields.get("l"), where) if status == "running" else None,
             deadline_at=_time(fields.get("dl"), where),
+            parent_id=fields.get("pa"),
+            parent_step=fields.get("ps"),
         )
     except KeyError as exc:
         raise _BadData(f"{where} lacks a field Reflow writes") from exc

@@ -25,6 +25,8 @@ key                            type     holds
 ``P:evids:<id>``               set      event ids seen (delivery dedupe)
 ``P:parked:<workflow>``        zset     sleeping (0), waiting (1 in ``due``, 2 not), delayed (3)
 ``P:workflows``                set      workflows that may have unfinished runs
+``P:children:<id>``            zset     a parent's children, ``<created µs>:<id>`` (score 0)
+``P:open:<n>.<id>:<step>``     set      a parent's unfinished children started at ``step``
 ``P:sched:<key>``              hash     a schedule (``p`` = ``1`` while paused)
 ``P:schedule-due``             zset     schedules by next slot (paused ones left out)
 ``P:schedule-keys``            zset     schedule keys, for listing in order
@@ -53,6 +55,7 @@ from redis.backoff import NoBackoff
 
 from reflow_core.adapter import (
     Lifecycle,
+    check_child_start,
     check_duration,
     check_finish_status,
     check_list_limit,
@@ -643,3 +646,53 @@ class RedisStorage(_Schedules, _Workers):
             return int(deleted), int(looked) >= size
 
         return await purge_in_batches(delete, batch, limit)
+
+    # -- children ------------------------------------------------------------------
+
+    async def start_child(self, lease: Lease, step: str, new: NewRun) -> RunRecord | None:
+        """Create ``new`` as a child of the run holding ``lease``, fenced on
+        that lease, in one script call; a retry finds the child it made."""
+        check_child_start(lease, step, new)
+        assert new.run_id is not None
+        reply = await self._call(
+            "start_child",
+            "start_child",
+            [
+                lease.run_id,
+                lease.epoch,
+                step,
+                new.run_id,
+                new.workflow,
+                new.input,
+                _delay_arg(new),
+                _deadline_arg(new),
+            ],
+            retry=True,
+        )
+        if reply is None or reply is False:
+            return None
+        if int(reply[0]) == -1:
+            raise StorageError(
+                f"run id {new.run_id!r} already exists", operation="start_child", backend=BACKEND
+            )
+        return self._stored_run("start_child", reply[1])
+
+    async def wait_children(self, lease: Lease, step: StepRecord) -> bool | None:
+        check_text(step.name, "step")
+        reply = await self._call(
+            "wait_children", "wait_children", [lease.run_id, lease.epoch, *_step_args(step)]
+        )
+        if reply is None or reply is False:
+            return None
+        return bool(int(reply))
+
+    async def list_children(self, run_id: str) -> list[RunRecord]:
+        check_text(run_id, "run_id")
+        reply = await self._call("list_children", "list_children", [run_id], retry=True)
+        try:
+            return [
+                _run_record(_text(child_id, "list_children"), _pairs(flat, "child run"))
+                for child_id, flat in reply
+            ]
+        except _BadData as exc:
+            raise self._bad("list_children", exc) from exc

@@ -25,7 +25,13 @@ local function lease_key(id) return k('lease', id) end
 local function ev_key(id, name) return k('ev', #id .. '.' .. id, name) end
 local function evnames_key(id) return k('evnames', id) end
 local function evids_key(id) return k('evids', id) end
+-- A parent's children, score 0, members idx_member(created, child id): in
+-- creation order, then by id.
+local function children_key(id) return k('children', id) end
+-- The unfinished children a parent started at one step (its wait_children set).
+local function open_key(id, step) return k('open', #id .. '.' .. id, step) end
 local TERMINAL = {completed = true, failed = true, cancelled = true}
+local CHILDREN = 'reflow:children:'  -- waiting_for of a run parked by wait_children
 
 local function wake(wf, delay_us)
   if NOTIFY then
@@ -39,17 +45,19 @@ end
 local function idx_member(created, id) return string.rep('0', 17 - #created) .. created .. ':' .. id end
 
 -- The fence: running under this epoch with a live lease. Returns the
--- workflow, or nil. The lease is the PX key (the server clock expires it);
--- under a test clock its recorded expiry is compared instead.
+-- workflow, or nil; then the parent's id and step of a child run ('pa', 'ps';
+-- false for a run without a parent), read in the same HMGET. The lease is the
+-- PX key (the server clock expires it); under a test clock its recorded
+-- expiry is compared instead.
 local function fence(id, epoch)
-  local r = redis.call('HMGET', run_key(id), 'st', 'ep', 'wf', 'l')
+  local r = redis.call('HMGET', run_key(id), 'st', 'ep', 'wf', 'l', 'pa', 'ps')
   if r[1] ~= 'running' or r[2] ~= epoch then return nil end
   if FAKE then
     if not r[4] or tonumber(r[4]) <= NOW then return nil end
   elseif redis.call('GET', lease_key(id)) ~= epoch then
     return nil
   end
-  return r[3]
+  return r[3], r[5], r[6]
 end
 
 local function set_lease(id, wf, epoch, span)
@@ -100,10 +108,11 @@ local function drop_events(id)
   redis.call('DEL', evnames_key(id))
 end
 
--- Delete one finished run and everything that points at it.
+-- Delete one finished run and everything that points at it. Its children
+-- stay (keeping their 'pa'); its lists of them go.
 local function purge_one(id)
   local rk = run_key(id)
-  local r = redis.call('HMGET', rk, 'wf', 'c', 'idem', 'st')
+  local r = redis.call('HMGET', rk, 'wf', 'c', 'idem', 'st', 'pa')
   if r[4] and not TERMINAL[r[4]] then
     redis.call('ZREM', k('finished'), id)
     return 0
@@ -112,6 +121,19 @@ local function purge_one(id)
     local member = idx_member(r[2], id)
     redis.call('ZREM', k('idx'), member)
     redis.call('ZREM', k('idx', 'wf', r[1]), member)
+    if r[5] then redis.call('ZREM', children_key(r[5]), member) end
+    local ck = children_key(id)
+    if redis.call('EXISTS', ck) == 1 then
+      local steps = {}
+      for _, m in ipairs(redis.call('ZRANGE', ck, 0, -1)) do
+        local ps = redis.call('HGET', run_key(string.sub(m, 19)), 'ps')
+        if ps and not steps[ps] then
+          steps[ps] = true
+          redis.call('DEL', open_key(id, ps))
+        end
+      end
+      redis.call('DEL', ck)
+    end
     if r[3] and r[3] ~= '' and redis.call('HGET', k('idem', r[1]), r[3]) == id then
       redis.call('HDEL', k('idem', r[1]), r[3])
     end
@@ -147,12 +169,13 @@ end
 
 -- Create a pending run, or with a positive delay (us) a delayed one, due
 -- then; or find the run holding the idempotency key (whatever the delay).
--- With a deadline (us after now; '' none) the run's 'dl' is now plus it,
+-- With a deadline (us after now; '' none) the run's 'dl' is now plus it, or
+-- cap (us, a child's parent's deadline; nil or '' none) if that is earlier,
 -- and a delayed run is due at the earlier of its delay's end and that.
 -- Returns {1, now} when created (the client knows every other field),
 -- {0, run} for an existing one, {-1} when the id is taken. A delayed run is
 -- in P:due at its due time, like a sleeping run, and in P:parked with score 3.
-local function create_run(id, wf, input, idem, delay, deadline)
+local function create_run(id, wf, input, idem, delay, deadline, cap)
   if idem ~= '' then
     local existing = redis.call('HGET', k('idem', wf), idem)
     if existing then
@@ -166,6 +189,7 @@ local function create_run(id, wf, input, idem, delay, deadline)
   delay = tonumber(delay) or 0
   local dl = ''
   if deadline and deadline ~= '' then dl = num(NOW + tonumber(deadline)) end
+  if cap and cap ~= '' and (dl == '' or tonumber(cap) < tonumber(dl)) then dl = cap end
   local status, due = 'pending', now
   if delay > 0 then status, due = 'delayed', due_by_deadline(num(NOW + delay), dl) end
   redis.call('HSET', rk, 'id', id, 'wf', wf, 'st', status, 'in', input, 'idem', idem, 'att', 0,
@@ -182,11 +206,64 @@ local function create_run(id, wf, input, idem, delay, deadline)
   return {1, now}
 end
 
+-- A child run ended (its 'pa' and 'ps'; pa false or nil for a run without a
+-- parent, which costs nothing more): it leaves its parent's open set at its
+-- step, and when that empties while the parent waits for the step
+-- (wait_children), the parent is due now, as deliver_event wakes a waiting run.
+local function child_ended(id, pa, ps)
+  if not pa or pa == '' or not ps then return end
+  local open = open_key(pa, ps)
+  redis.call('SREM', open, id)
+  if redis.call('EXISTS', open) == 1 then return end
+  local prk = run_key(pa)
+  local p = redis.call('HMGET', prk, 'st', 'wt', 'wf')
+  if p[1] ~= 'waiting' or p[2] ~= CHILDREN .. ps then return end
+  redis.call('HSET', prk, 'w', num(NOW), 'u', num(NOW))
+  redis.call('ZADD', k('due', p[3]), num(NOW), pa)
+  redis.call('ZADD', k('parked', p[3]), 1, pa)
+  wake(p[3], 0)
+end
+
+-- Cancel every unfinished run below run id, as a cancel of each would:
+-- lease broken, out of the due and parked indexes, buffered events dropped,
+-- indexed as finished, out of its parent's open set. The descendants are
+-- found first (depth first, each once), then cancelled, so nothing a
+-- retention purge does meanwhile hides one. Their parents are the cancelled
+-- run or runs below it, so no parent wakes.
+local function cancel_below(id)
+  local doomed, seen, stack = {}, {[id] = true}, {id}
+  while #stack > 0 do
+    local top = table.remove(stack)
+    local members = redis.call('ZRANGE', children_key(top), 0, -1)
+    for i = #members, 1, -1 do
+      local cid = string.sub(members[i], 19)
+      if not seen[cid] then
+        seen[cid] = true
+        stack[#stack + 1] = cid
+      end
+    end
+    if top ~= id then doomed[#doomed + 1] = top end
+  end
+  for _, cid in ipairs(doomed) do
+    local crk = run_key(cid)
+    local c = redis.call('HMGET', crk, 'st', 'wf', 'pa', 'ps')
+    if c[1] and not TERMINAL[c[1]] then
+      drop_lease(cid, c[2])
+      redis.call('HSET', crk, 'st', 'cancelled', 'w', '', 'wt', '', 'u', num(NOW))
+      redis.call('ZREM', k('due', c[2]), cid)
+      redis.call('ZREM', k('parked', c[2]), cid)
+      drop_events(cid)
+      finished(cid)
+      if c[3] and c[4] then redis.call('SREM', open_key(c[3], c[4]), cid) end
+    end
+  end
+end
+
 -- finish_run from ARGV[b..b+9]: id, epoch, status, output ('' none), error
 -- ('' none), '1' if a step follows, then its name, status, wake and body.
 local function finish_one(b)
   local id = ARGV[b]
-  local wf = fence(id, ARGV[b + 1])
+  local wf, pa, ps = fence(id, ARGV[b + 1])
   if not wf then return 0 end
   if ARGV[b + 5] == '1' then
     put_step(id, ARGV[b + 6], ARGV[b + 7], ARGV[b + 8], ARGV[b + 9])
@@ -198,5 +275,6 @@ local function finish_one(b)
   drop_lease(id, wf)
   drop_events(id)
   finished(id)
+  child_ended(id, pa, ps)
   return 1
 end

@@ -1,7 +1,9 @@
--- requeue_run. ARGV[5]: id. A requeued run has no deadline ('dl' goes).
+-- requeue_run. ARGV[5]: id. A requeued run has no deadline ('dl' goes). A
+-- requeued child is unfinished again: back in its parent's open set (while
+-- the parent lists it: a purged parent's list is gone).
 local id = ARGV[5]
 local rk = run_key(id)
-local r = redis.call('HMGET', rk, 'st', 'wf')
+local r = redis.call('HMGET', rk, 'st', 'wf', 'pa', 'ps', 'c')
 if r[1] ~= 'failed' and r[1] ~= 'cancelled' then return 0 end
 redis.call('HSET', rk, 'st', 'pending', 'rec', 0, 'w', num(NOW), 'wt', '', 'u', num(NOW))
 redis.call('HDEL', rk, 'err', 'l', 'dl')
@@ -14,5 +16,8 @@ end
 redis.call('ZREM', k('finished'), id)
 redis.call('ZADD', k('due', r[2]), num(NOW), id)
 redis.call('SADD', k('workflows'), r[2])
+if r[3] and r[4] and redis.call('ZSCORE', children_key(r[3]), idx_member(r[5], id)) then
+  redis.call('SADD', open_key(r[3], r[4]), id)
+end
 wake(r[2], 0)
 return 1

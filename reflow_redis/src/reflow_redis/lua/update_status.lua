@@ -1,13 +1,15 @@
 -- update_run_status. ARGV[5..8]: id, target status, epoch ('' = unfenced), error ('' none).
+-- Cancelling also cancels every unfinished run below (cancel_below); a child
+-- that ends here wakes its parent if that waits for it (child_ended).
 local id, target, epoch, err = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local rk = run_key(id)
-local wf
+local wf, pa, ps
 if epoch == '' then
-  local r = redis.call('HMGET', rk, 'st', 'wf')
+  local r = redis.call('HMGET', rk, 'st', 'wf', 'pa', 'ps')
   if not r[1] or TERMINAL[r[1]] then return 0 end
-  wf = r[2]
+  wf, pa, ps = r[2], r[3], r[4]
 else
-  wf = fence(id, epoch)
+  wf, pa, ps = fence(id, epoch)
   if not wf then return 0 end
 end
 drop_lease(id, wf)
@@ -22,5 +24,9 @@ if err ~= '' then redis.call('HSET', rk, 'err', err) end
 redis.call('ZREM', k('due', wf), id)
 redis.call('ZREM', k('parked', wf), id)
 drop_events(id)
+-- Before finished(), whose retention purge could delete a long-finished
+-- child's list of its own children.
+if target == 'cancelled' then cancel_below(id) end
 finished(id)
+child_ended(id, pa, ps)
 return 1
