@@ -11,7 +11,7 @@ import pytest
 from psycopg import sql
 
 from reflow_core import SchemaVersionError, StorageError, open_storage
-from reflow_core.storage import NewRun, ScheduleSpec
+from reflow_core.storage import NewRun, ScheduleSpec, StepRecord
 from reflow_postgres import PostgresStorage
 from reflow_postgres import _schema as schema_module
 from reflow_postgres._schema import SCHEMA_VERSION
@@ -412,5 +412,102 @@ async def test_a_version_3_schema_with_runs_is_migrated_forward(
         assert second.run.id == record.id
         assert second.run.deadline_at == record.deadline_at
         assert await stores[3].claim_runs(["wf"], 10, timedelta(seconds=30)) == []
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_a_version_4_schema_with_runs_is_migrated_forward(
+    postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 5 adds runs.parent_id and runs.parent_step (nullable, no
+    default: the table is not rewritten), the partial index runs_children
+    and the functions a child's end calls. Every run stored before is no
+    child, keeps its status, due time and deadline, and has no children;
+    workers starting together migrate once. A run stored before then starts
+    children, waits for them and is woken by the last one's end."""
+    assert SCHEMA_VERSION >= 5
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 4)
+    old = PostgresStorage.from_url(postgres_url)
+    await old.initialize()
+    await old.close()
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, attempts, waiting_for,"
+            " created_at, updated_at, wake_at, deadline_at) VALUES"
+            " ('old-pending', 'wf', 'pending', '1', 0, NULL, now(), now(),"
+            "  now() - interval '1 hour', now() + interval '1 hour'),"
+            " ('old-waiting', 'wf', 'waiting', '1', 1, 'go', now(), now(), NULL, NULL),"
+            " ('old-delayed', 'wf', 'sleeping', '1', 0, NULL, now(), now(),"
+            "  now() + interval '1 hour', NULL)"
+        ).format(ident)
+    )
+    before = {
+        row[0]: row[1:]
+        for row in admin.execute(
+            sql.SQL("SELECT id, status, wake_at, deadline_at FROM {}.runs").format(ident)
+        )
+    }
+    relfile = (
+        "SELECT c.relfilenode FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = 'runs'"
+    )
+    file_before = admin.execute(relfile, (schema,)).fetchone()
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", SCHEMA_VERSION)
+    stores = [PostgresStorage.from_url(postgres_url) for _ in range(4)]
+    await asyncio.gather(*(s.initialize() for s in stores))
+    store = stores[0]
+    try:
+        versions = admin.execute(
+            sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(ident)
+        ).fetchall()
+        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+        assert admin.execute(relfile, (schema,)).fetchone() == file_before  # not rewritten
+        columns = admin.execute(
+            "SELECT column_name, data_type, is_nullable, column_default"
+            " FROM information_schema.columns WHERE table_schema = %s AND table_name = 'runs'"
+            " AND column_name IN ('parent_id', 'parent_step') ORDER BY column_name",
+            (schema,),
+        ).fetchall()
+        assert columns == [
+            ("parent_id", "text", "YES", None),
+            ("parent_step", "text", "YES", None),
+        ]
+        [index] = admin.execute(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = 'runs_children'",
+            (schema,),
+        ).fetchall()
+        assert "WHERE (parent_id IS NOT NULL)" in str(index[0])
+        after = {
+            row[0]: row[1:]
+            for row in admin.execute(
+                sql.SQL("SELECT id, status, wake_at, deadline_at FROM {}.runs").format(ident)
+            )
+        }
+        assert after == before
+        olds = {r.id: r for r in (await store.list_runs(workflow="wf")).runs}
+        assert {i: (r.status, r.parent_id, r.parent_step) for i, r in olds.items()} == {
+            "old-pending": ("pending", None, None),
+            "old-waiting": ("waiting", None, None),
+            "old-delayed": ("delayed", None, None),
+        }
+        assert await store.list_children("old-pending") == []
+
+        [parent] = await stores[1].claim_runs(["wf"], 10, timedelta(seconds=30))
+        assert parent.run.id == "old-pending"
+        child = await stores[1].start_child(
+            parent.lease, "fan", NewRun("kid", "2", run_id="old-pending.0")
+        )
+        assert child is not None
+        assert (child.parent_id, child.parent_step) == ("old-pending", "fan")
+        assert child.deadline_at == olds["old-pending"].deadline_at  # the parent's
+        assert await stores[2].list_children("old-pending") == [child]
+        step = StepRecord("fan", "waiting")
+        assert await stores[1].wait_children(parent.lease, step) is False
+        [kid] = await stores[3].claim_runs(["kid"], 10, timedelta(seconds=30))
+        assert await stores[3].finish_run(kid.lease, "completed", output="3")
+        [woken] = await store.claim_runs(["wf"], 10, timedelta(seconds=30))
+        assert woken.run.id == "old-pending"
+        assert await store.wait_children(woken.lease, step) is True
     finally:
         await asyncio.gather(*(s.close() for s in stores))

@@ -4,6 +4,7 @@ commit, and each keeps its own outcome."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, TypeAlias
@@ -179,31 +180,9 @@ class BatchedWrites:
     # -- finishes ------------------------------------------------------------------
 
     async def _finish_batch(self, items: Sequence[Finish]) -> list[bool]:
-        db = self._db
         if len(items) == 1:
-            lease, status, output, error, step = items[0]
-            values: dict[str, Any] = {
-                "id": lease.run_id,
-                "epoch": lease.epoch,
-                "status": status,
-                "output": output,
-                "error": error,
-            }
-            if step is not None:
-                values.update(step_params(step))
-            params = db.params(**values)
-            statement = db.sql["finish" if step is None else "finish_with_step"]
-
-            async def one(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
-                cur = await conn.execute(statement, params)
-                ok = cur.rowcount == 1
-                if not ok and attempt > 0:
-                    # Did the try whose connection dropped land after all?
-                    cur = await conn.execute(db.sql["finished_already"], values)
-                    ok = await cur.fetchone() is not None
-                return [ok]
-
-            return await db.run("finish_run", one, retry=True)
+            return [await self._finish_alone(items[0])]
+        db = self._db
         steps = [item[4] for item in items]
         batch = db.params(
             ids=[lease.run_id for lease, *_ in items],
@@ -220,18 +199,51 @@ class BatchedWrites:
             wakes=[None if step is None else step.wake_at for step in steps],
         )
 
+        retried = False
+
         async def many(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
+            nonlocal retried
+            retried = attempt > 0
             cur = await conn.execute(db.sql["finish_many"], batch)
             done = {row[0] for row in await cur.fetchall()}
-            results = [item[0].run_id in done for item in items]
-            if attempt > 0:
-                for i, (lease, status, *_) in enumerate(items):
-                    if not results[i]:
-                        cur = await conn.execute(
-                            db.sql["finished_already"],
-                            {"id": lease.run_id, "epoch": lease.epoch, "status": status},
-                        )
-                        results[i] = await cur.fetchone() is not None
-            return results
+            return [item[0].run_id in done for item in items]
 
-        return await db.run("finish_run", many, retry=True)
+        results = await db.run("finish_run", many, retry=True)
+        # The batch leaves out child runs (see finish_many); they end alone
+        # (as does a run whose lease was lost, which fails again, or, after a
+        # retry, whose first try landed, which finished_already finds).
+        alone = [i for i, done in enumerate(results) if not done]
+        outcomes = await asyncio.gather(
+            *(self._finish_alone(items[i], retried=retried) for i in alone)
+        )
+        for i, outcome in zip(alone, outcomes, strict=True):
+            results[i] = outcome
+        return results
+
+    async def _finish_alone(self, item: Finish, retried: bool = False) -> bool:
+        """One finish in a statement of its own: ``finish``, or
+        ``finish_with_step``; a child run's end wakes its waiting parent."""
+        db = self._db
+        lease, status, output, error, step = item
+        values: dict[str, Any] = {
+            "id": lease.run_id,
+            "epoch": lease.epoch,
+            "status": status,
+            "output": output,
+            "error": error,
+        }
+        if step is not None:
+            values.update(step_params(step))
+        params = db.params(**values)
+        statement = db.sql["finish" if step is None else "finish_with_step"]
+
+        async def one(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
+            cur = await conn.execute(statement, params)
+            ok = cur.rowcount == 1
+            if not ok and (retried or attempt > 0):
+                # Did a try whose connection dropped land after all?
+                cur = await conn.execute(db.sql["finished_already"], values)
+                ok = await cur.fetchone() is not None
+            return ok
+
+        return await db.run("finish_run", one, retry=True)

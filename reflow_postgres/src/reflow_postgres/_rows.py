@@ -52,7 +52,7 @@ def step_params(step: StepRecord) -> dict[str, Any]:
 
 
 def claimed_run(row: Sequence[Any]) -> ClaimedRun:
-    """A row of the ``claim`` statement: the run's columns (16, in
+    """A row of the ``claim`` statement: the run's columns (18, in
     :data:`~reflow_core.adapter.RUN_COLUMNS` order), whether its lease had
     lapsed, its sort key, and its steps as JSON arrays in
     :data:`~reflow_core.adapter.STEP_COLUMNS` order with times in epoch

@@ -30,6 +30,17 @@ Design notes (see docs/postgres.md):
   the earlier of its own wake-up time and its deadline (``wake_at``), so
   ``runs_due``, the claim and ``next_due`` find it unchanged. Added nullable
   with no default, so the migration rewrites nothing.
+* ``runs.parent_id``/``parent_step`` (version 5) link a child run to the run
+  and step that started it; added nullable with no default, so the
+  migration rewrites nothing. ``runs_children`` (partial: child runs only,
+  keyed by parent, step and status) lists a parent's children, drives the
+  cancel cascade, and answers "is a child of this step still open" by
+  reading the open ones only. A child's end locks its parent first
+  (``lock_parent``, called in the ending statement's WHERE clause, before
+  the child's own row is locked: parents before children, the order the
+  cancel cascade locks in too) and then calls ``child_ended``, whose own
+  snapshot sees every sibling end committed before that lock, so two
+  siblings ending at once cannot both miss being the last.
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

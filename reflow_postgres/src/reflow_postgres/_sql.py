@@ -17,6 +17,7 @@ from typing import Any
 from psycopg import sql
 
 from reflow_core.adapter import RUN_COLUMNS, SCHEDULE_COLUMNS, WORKER_COLUMNS, load_queries
+from reflow_core.storage import CHILDREN_WAIT_PREFIX
 
 __all__ = ["Statements", "channel_name", "list_runs_query", "statements"]
 
@@ -40,17 +41,20 @@ def statements(schema: str, *, notify: bool, test_clock: bool) -> Statements:
     ``test_clock`` binds the clock as the ``now`` parameter instead of
     reading the server's.
     """
+    channel = sql.Literal(channel_name(schema)).as_string(None)
     slots = {
         "schema": sql.Identifier(schema).as_string(None),
         "now": "%(now)s::timestamptz" if test_clock else "now()",
-        "channel": sql.Literal(channel_name(schema)).as_string(None),
+        "channel": channel,
+        "wake_channel": channel,
+        "children_prefix": sql.Literal(CHILDREN_WAIT_PREFIX).as_string(None),
         "run_columns": RUN_COLUMNS,
         "run_columns_r": _RUN_COLUMNS_R,
         "schedule_columns": SCHEDULE_COLUMNS,
         "worker_columns": WORKER_COLUMNS,
     }
     if not notify:
-        slots.update(notify="NULL", notify_ins="NULL", notify_at="NULL")
+        slots.update(notify="NULL", notify_ins="NULL", notify_at="NULL", wake_channel="NULL::text")
     queries = load_queries(__package__, "queries.sql", slots)
     return MappingProxyType({name: text.encode() for name, text in queries.items()})
 

@@ -7,6 +7,9 @@
 -- * {now}: the storage clock: now() (the server's clock, the default), or
 --   the bound parameter %(now)s::timestamptz when a test clock is configured;
 -- * {channel}: the notification channel, quoted by psycopg as a literal;
+--   {wake_channel} is the same, or NULL::text when notifications are off;
+-- * {children_prefix}: reflow_core.storage.CHILDREN_WAIT_PREFIX, quoted by
+--   psycopg as a literal (the waiting_for of a run waiting for its children);
 -- * {run_columns}, {run_columns_r} (each prefixed with r.),
 --   {schedule_columns} and {worker_columns}: the column orders of
 --   reflow_core.adapter's row mappers.
@@ -44,7 +47,7 @@ id, workflow, {protocol_status} AS status, input, output, error, idempotency_key
 reclaims, lease_epoch, created_at, updated_at,
 CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END AS wake_at,
 waiting_for, CASE WHEN lease_expires_at > {latest} THEN {latest} ELSE lease_expires_at END
-    AS lease_expires_at, deadline_at
+    AS lease_expires_at, deadline_at, parent_id, parent_step
 
 -- name: step_read_columns
 -- The step columns of reflow_core.adapter.STEP_COLUMNS, wake_at capped.
@@ -109,6 +112,28 @@ CASE WHEN r.buffered > 0 THEN {schema}.drop_buffered_events(r.id, {now}) END
 
 -- name: drop_buffered_f
 CASE WHEN f.buffered > 0 THEN {schema}.drop_buffered_events(f.id, {now}) END
+
+-- A child run's end wakes its parent when the parent waits for its children
+-- at the child's step and this was the last of them still open. The
+-- statement that ends a run locks its parent first, in its WHERE clause
+-- (lock_parent, evaluated after the fence and before the run's own row is
+-- locked: parents before children, as the cancel cascade locks them), and
+-- then calls the schema's function child_ended, whose queries take a
+-- snapshot of their own: two children of one parent ending at once are
+-- serialized by the parent's lock, and the second sees the end of the first
+-- (see schema.sql). A run that is no child costs these statements a test of
+-- parent_id IS NULL and nothing else: its parent is never looked up.
+
+-- name: lock_parent
+(parent_id IS NULL OR {schema}.lock_parent(parent_id))
+
+-- name: child_ended_r
+CASE WHEN r.parent_id IS NOT NULL THEN {schema}.child_ended(r.parent_id,
+    {children_prefix} || r.parent_step, r.parent_step, r.id, {now}, {wake_channel}) END
+
+-- name: child_ended_f
+CASE WHEN f.parent_id IS NOT NULL THEN {schema}.child_ended(f.parent_id,
+    {children_prefix} || f.parent_step, f.parent_step, f.id, {now}, {wake_channel}) END
 
 -- The notifications that wake idle workers (the storage puts NULL in their
 -- place when notifications are off). The payload names the workflow, so only
@@ -226,21 +251,24 @@ WITH t AS (
 UPDATE {schema}.runs AS r SET status = %(status)s, output = %(output)s,
     error = %(error)s, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
     updated_at = {now}, finished_at = {now}
-WHERE {fence} RETURNING {drop_buffered_r}
+WHERE {fence} AND {lock_parent} RETURNING {drop_buffered_r}, {child_ended_r}
 
 -- name: finish_with_step
 WITH f AS (
     UPDATE {schema}.runs SET status = %(status)s, output = %(output)s, error = %(error)s,
         lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},
         finished_at = {now}
-    WHERE {fence} RETURNING id, buffered
+    WHERE {fence} AND {lock_parent} RETURNING id, buffered, parent_id, parent_step
 ), st AS (
     {insert_step}
     SELECT f.id, {step_values} FROM f {upsert_step}
-) SELECT 1, {drop_buffered_f} FROM f
+) SELECT 1, {drop_buffered_f}, {child_ended_f} FROM f
 
 -- name: finish_many
 -- Many runs' ends in one statement (group commit), each fenced on its own.
+-- Child runs are left out (their ends lock their parents first, which rows
+-- of one statement could do in conflicting orders): the caller ends those
+-- missing from the result one by one with finish or finish_with_step.
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::text[], %(epochs)s::bigint[], %(run_statuses)s::text[],
         %(run_outputs)s::text[], %(run_errors)s::text[], %(has_step)s::boolean[],
@@ -253,7 +281,7 @@ WITH t AS (
         error = t.run_error, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
         updated_at = {now}, finished_at = {now}
     FROM t WHERE r.id = t.id AND r.status = 'running' AND r.lease_epoch = t.epoch
-        AND r.lease_expires_at > {now}
+        AND r.lease_expires_at > {now} AND r.parent_id IS NULL
     RETURNING r.id, r.buffered
 ), ins AS (
     {insert_step}
@@ -276,13 +304,39 @@ WITH u AS (
 UPDATE {schema}.runs AS r SET status = %(status)s, error = %(error)s,
     lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},
     finished_at = {now}
-WHERE {fence} RETURNING {drop_buffered_r}
+WHERE {fence} AND {lock_parent} RETURNING {drop_buffered_r}, {child_ended_r}
 
 -- name: end_unfenced
 UPDATE {schema}.runs AS r SET status = %(status)s, error = %(error)s,
     lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},
     finished_at = {now}
-WHERE id = %(id)s AND status NOT IN {terminal} RETURNING {drop_buffered_r}
+WHERE id = %(id)s AND status NOT IN {terminal} AND {lock_parent}
+RETURNING {drop_buffered_r}, {child_ended_r}
+
+-- name: cancel_below
+-- The cancel cascade, after end_fenced or end_unfenced cancelled run id, in
+-- the same transaction: every unfinished run below it, cancelled as a cancel
+-- of each would (lease broken, buffered events dropped), not woken parents
+-- (theirs are cancelled too). Rows are locked top down (by depth), as child
+-- ends lock parents before children, so neither waits for the other in a
+-- cycle. Its snapshot is taken after the run's own lock, so it sees every
+-- child the run started; a child started by a run below, committed after
+-- this snapshot but before that run was locked here, is found by the next
+-- call: the caller repeats it until it cancels nothing (a run it cancelled
+-- starts no child after: start_child waits for its lock, then finds it
+-- cancelled). Returns how many it cancelled.
+WITH RECURSIVE d AS (
+    SELECT id, 1 AS depth FROM {schema}.runs WHERE parent_id = %(id)s
+    UNION ALL
+    SELECT c.id, d.depth + 1 FROM {schema}.runs AS c JOIN d ON c.parent_id = d.id
+), l AS (
+    SELECT r.id FROM {schema}.runs AS r JOIN d ON r.id = d.id
+    WHERE r.status NOT IN {terminal} ORDER BY d.depth, r.id FOR NO KEY UPDATE OF r
+), u AS (
+    UPDATE {schema}.runs AS r SET status = 'cancelled', lease_expires_at = NULL,
+        wake_at = NULL, waiting_for = NULL, updated_at = {now}, finished_at = {now}
+    FROM l WHERE r.id = l.id RETURNING {drop_buffered_r}
+) SELECT count(*) FROM u
 
 -- name: sleep
 -- The step keeps its own wake_at (fixed when the sleep is first reached) and
@@ -390,6 +444,61 @@ WITH seen AS (
     RETURNING workflow, status = 'waiting' AND waiting_for = %(event)s AS woke
 ), woken AS (SELECT {notify} FROM u WHERE u.woke
 ) SELECT seen.dup, go.ok, (SELECT count(*) FROM woken) FROM seen, go
+
+-- Child runs --------------------------------------------------------------------
+
+-- name: start_child
+-- Fenced on the parent's lease, whose row it locks (FOR SHARE: children
+-- start side by side, but a cancel of the parent waits for them, and one
+-- that came first makes the fence fail here, so its cascade misses no
+-- child). The child is created as create creates a run, with the parent's
+-- link and a deadline no later than the parent's (least() skips NULLs). A
+-- run that exists with the id is left alone. Returns one row: the child's
+-- columns and whether this statement inserted it (all NULL when it did not),
+-- then whether the lease held.
+WITH p AS (
+    SELECT deadline_at FROM {schema}.runs WHERE {fence} FOR SHARE
+), v AS (
+    SELECT least({now} + %(deadline)s::interval, p.deadline_at) AS deadline_at FROM p
+), ins AS (
+    INSERT INTO {schema}.runs (id, workflow, status, input, created_at, updated_at, wake_at,
+        deadline_at, parent_id, parent_step)
+    SELECT %(child)s::text, %(workflow)s::text, {new_status}, %(input)s::text, {now}, {now},
+        least({now} + coalesce(%(delay)s::interval, interval '0'), v.deadline_at),
+        v.deadline_at, %(id)s::text, %(step)s::text FROM v
+    ON CONFLICT (id) DO NOTHING
+    RETURNING {read_columns}, true AS inserted
+) SELECT ins.*, EXISTS (SELECT 1 FROM p), CASE WHEN ins.id IS NOT NULL THEN {notify_ins} END
+FROM (SELECT) AS one LEFT JOIN ins ON true
+
+-- name: wait_children
+-- Runs after lock_fenced, so its snapshot sees every child end committed
+-- before (a child's end locks its parent first, see lock_parent): the run
+-- keeps its lease if none of its children at the step is open, else waits,
+-- due at its deadline (NULL: none) unless its last child wakes it first.
+WITH open AS (
+    SELECT EXISTS (SELECT 1 FROM {schema}.runs WHERE parent_id = %(id)s
+        AND parent_step = %(name)s
+        AND status IN ('pending', 'running', 'sleeping', 'waiting')) AS busy
+), u AS (
+    UPDATE {schema}.runs SET
+        status = CASE WHEN o.busy THEN 'waiting' ELSE status END,
+        waiting_for = CASE WHEN o.busy THEN %(waiting_for)s ELSE waiting_for END,
+        wake_at = CASE WHEN o.busy THEN deadline_at ELSE wake_at END,
+        lease_expires_at = CASE WHEN o.busy THEN NULL ELSE lease_expires_at END,
+        updated_at = {now}
+    FROM open AS o WHERE id = %(id)s RETURNING workflow, wake_at
+), st AS (
+    {insert_step}
+    VALUES (%(id)s, {step_values}) {upsert_step}
+) SELECT NOT o.busy, CASE WHEN o.busy AND u.wake_at IS NOT NULL THEN {notify_at} END
+FROM open AS o, u
+
+-- name: list_children
+-- Through runs_children; none for a missing run, whose children may remain.
+SELECT {read_columns} FROM {schema}.runs
+WHERE parent_id = %(id)s AND EXISTS (SELECT 1 FROM {schema}.runs WHERE id = %(id)s)
+ORDER BY created_at, id
 
 -- name: get_steps
 SELECT {step_read_columns} FROM {schema}.steps WHERE run_id = %(id)s ORDER BY seq

@@ -250,3 +250,71 @@ CREATE INDEX workers_expires ON {schema}.workers (expires_at)
 -- and its deadline (runs.wake_at), so runs_due and the claim find it
 -- unchanged.
 ALTER TABLE {schema}.runs ADD COLUMN deadline_at timestamptz
+
+
+-- Version 5: child runs ----------------------------------------------------------------
+
+-- name: v5_01_runs_parent
+-- A child run's parent and the parent's step that started it (both NULL for
+-- a run that is not a child). Nullable without a default: added without
+-- rewriting the table, and every run that exists is no child. Never changed
+-- once a run is created, and a purged parent's children keep them.
+ALTER TABLE {schema}.runs ADD COLUMN parent_id text COLLATE "C",
+    ADD COLUMN parent_step text COLLATE "C"
+
+-- name: v5_02_runs_children
+-- A parent's children: listed, cancelled with it, and, by step and status,
+-- whether one at a step is still open (the check every child's end makes,
+-- which thus reads the open children of that step only, however many have
+-- ended). Runs that are no child are not in it, so their writes never touch
+-- it; status changes of a child are not HOT updates anyway (status is in the
+-- predicate of runs_due).
+CREATE INDEX runs_children ON {schema}.runs (parent_id, parent_step, status)
+    WHERE parent_id IS NOT NULL
+
+-- name: v5_03_lock_parent
+-- Called in the WHERE clause of a statement that ends a child run, before
+-- that statement locks the child's row: the parent's row is locked first
+-- (parents before children, the order of the cancel cascade too, so the two
+-- never deadlock), which serializes the ends of a parent's children with
+-- each other and with the parent's wait_children. Always true (a purged
+-- parent is simply not there).
+CREATE FUNCTION {schema}.lock_parent(parent text)
+    RETURNS boolean LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM 1 FROM {schema}.runs WHERE id = parent FOR NO KEY UPDATE;
+    RETURN true;
+END
+$$
+
+-- name: v5_04_child_ended
+-- Called by the statement that ended child run child of parent (whose row
+-- lock_parent took first), in its transaction: wakes the parent (due at
+-- at) if it waits for its children at that step (waiting_for, the
+-- protocol's prefix and the step) and no other child of that step is still
+-- open. Its queries take a snapshot of their own, taken after the parent's
+-- lock was granted, so they see every child end committed before. Sends a
+-- notification on channel (NULL: none) when it wakes the parent. Returns 1
+-- when it woke the parent, else 0.
+CREATE FUNCTION {schema}.child_ended(parent text, waiting text, step text, child text,
+    at timestamptz, channel text)
+    RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    flow text;
+BEGIN
+    UPDATE {schema}.runs AS p SET wake_at = at, updated_at = at
+        WHERE p.id = parent AND p.status = 'waiting' AND p.waiting_for = waiting
+        AND NOT EXISTS (SELECT 1 FROM {schema}.runs AS c
+            WHERE c.parent_id = parent AND c.parent_step = step AND c.id <> child
+            AND c.status IN ('pending', 'running', 'sleeping', 'waiting'))
+        RETURNING p.workflow INTO flow;
+    IF flow IS NULL THEN
+        RETURN 0;
+    END IF;
+    IF channel IS NOT NULL THEN
+        PERFORM pg_notify(channel,
+            '0|' || CASE WHEN octet_length(flow) <= 4000 THEN flow ELSE '' END);
+    END IF;
+    RETURN 1;
+END
+$$

@@ -14,7 +14,11 @@ from a :class:`psycopg_pool.AsyncConnectionPool` in autocommit mode (see
   :mod:`._batches`);
 * enqueues (delayed ones included), hand-backs, requeues, events that wake
   a run and sleeps send a ``NOTIFY`` (a hint, never the source of truth) that wakes idle workers;
-  see :class:`~reflow_postgres.listener.Listener`.
+  see :class:`~reflow_postgres.listener.Listener`;
+* child runs (``start_child``) carry ``parent_id``/``parent_step``; a child's
+  end locks its parent's row first and wakes the parent in the same statement
+  when it waits for its last open child (``wait_children``); cancelling a run
+  cancels every unfinished run below it in the same transaction.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import psycopg
 from reflow_core.adapter import (
     as_utc,
     check_aware,
+    check_child_start,
     check_duration,
     check_finish_status,
     check_list_limit,
@@ -40,6 +45,7 @@ from reflow_core.adapter import (
     check_status_update,
     check_text,
     check_worker,
+    child_of,
     decode_cursor,
     encode_workflows,
     new_run_id,
@@ -55,9 +61,11 @@ from reflow_core.errors import (
     EventBufferFullError,
     IdempotencyConflictError,
     ReflowError,
+    StorageError,
 )
 from reflow_core.options import redact
 from reflow_core.storage import (
+    CHILDREN_WAIT_PREFIX,
     ClaimedRun,
     CreateResult,
     EventTake,
@@ -77,9 +85,9 @@ from reflow_core.storage import (
 )
 
 from ._batches import BatchedWrites
-from ._connections import Connections
+from ._connections import BACKEND, Connections
 from ._options import DEFAULT_SCHEMA, check_keyword_options, parse_postgres_url, settings
-from ._rows import INSERTED, claimed_run, deadline_param, delay_param
+from ._rows import INSERTED, claimed_run, deadline_param, delay_param, step_params
 from ._schema import SCHEMA_VERSION, migrate
 from ._sql import Statements, channel_name, list_runs_query, statements
 from .listener import Listener
@@ -346,8 +354,19 @@ class PostgresStorage:
             params = self._db.params(id=run_id, epoch=lease.epoch, status=status, error=error)
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
-            cur = await conn.execute(self._sql[name], params)
-            return cur.rowcount == 1
+            if status != "cancelled":
+                cur = await conn.execute(self._sql[name], params)
+                return cur.rowcount == 1
+            async with conn.transaction():
+                cur = await conn.execute(self._sql[name], params)
+                if cur.rowcount != 1:
+                    return False
+                # The cascade, until a pass finds nothing more (see cancel_below).
+                while True:
+                    cur = await conn.execute(self._sql["cancel_below"], params)
+                    row = await cur.fetchone()
+                    if row is None or not row[0]:
+                        return True
 
         return await self._db.run("update_run_status", body)
 
@@ -445,6 +464,80 @@ class PostgresStorage:
                 return EventTake(found=True, payload=payload)
 
         return await self._db.run("take_event", body, retry=True)
+
+    # -- child runs --------------------------------------------------------------------
+
+    async def start_child(self, lease: Lease, step: str, new: NewRun) -> RunRecord | None:
+        """Create ``new`` as a child of the run holding ``lease``: one
+        statement, fenced on the parent's lease (whose row it locks, so a
+        cancel of the parent never misses the child), that sends the same
+        wake-up as :meth:`create_run`. A replayed start finds the child it
+        created and returns it unchanged."""
+        check_child_start(lease, step, new)
+        child_id = new.run_id
+        assert child_id is not None
+        params = self._db.params(
+            id=lease.run_id,
+            epoch=lease.epoch,
+            child=child_id,
+            step=step,
+            workflow=new.workflow,
+            input=new.input,
+            delay=delay_param(new),
+            deadline=deadline_param(new),
+        )
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> RunRecord | None:
+            cur = await conn.execute(self._sql["start_child"], params)
+            row = await cur.fetchone()
+            assert row is not None
+            if not row[INSERTED + 1]:
+                return None  # the lease is lost
+            if row[0] is not None:
+                return run_from_row(row, as_utc)
+            existing = await self._db.fetch_run(conn, child_id)
+            if existing is not None and child_of(existing, lease.run_id, step):
+                return existing
+            raise StorageError(
+                f"run id {child_id!r} already exists", operation="start_child", backend=BACKEND
+            )
+
+        # A retry after a lost reply finds the child its first try created.
+        return await self._db.run("start_child", body, retry=True)
+
+    async def wait_children(self, lease: Lease, step: StepRecord) -> bool | None:
+        """Fenced: lock the run, then, in a statement that sees every child
+        end committed before the lock, save ``step`` and keep the lease (no
+        child at the step is open) or wait for the last one to end."""
+        check_text(step.name, "step")
+        params = self._db.params(
+            id=lease.run_id,
+            epoch=lease.epoch,
+            waiting_for=CHILDREN_WAIT_PREFIX + step.name,
+            **step_params(step),
+        )
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool | None:
+            async with conn.transaction():
+                cur = await conn.execute(self._sql["lock_fenced"], params)
+                if await cur.fetchone() is None:
+                    return None
+                cur = await conn.execute(self._sql["wait_children"], params)
+                row = await cur.fetchone()
+                assert row is not None
+                return bool(row[0])
+
+        return await self._db.run("wait_children", body)
+
+    async def list_children(self, run_id: str) -> list[RunRecord]:
+        """The run's children, oldest first, through the ``runs_children`` index."""
+        check_text(run_id, "run_id")
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[RunRecord]:
+            cur = await conn.execute(self._sql["list_children"], {"id": run_id})
+            return [run_from_row(row, as_utc) for row in await cur.fetchall()]
+
+        return await self._db.run("list_children", body, retry=True)
 
     async def now(self) -> datetime:
         """The server's ``now()``: the clock every lease, sleep, wait and due
