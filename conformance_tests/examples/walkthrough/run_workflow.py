@@ -2,8 +2,8 @@
 
     python run_workflow.py tutorial-sqlite:///walkthrough.db
 
-Two steps, a durable sleep and a wait for an event: every kind of write the
-engine makes goes through the adapter.
+Steps, a child run, a durable sleep and a wait for an event: every kind of
+write the engine makes goes through the adapter.
 """
 
 import asyncio
@@ -16,13 +16,20 @@ def reserve(ctx: StepContext[dict[str, int], None]) -> int:
     return ctx.input["seats"]
 
 
-def confirm(ctx: StepContext[dict[str, int], dict[str, str]]) -> str:
-    return f"{ctx.input['seats']} seats, paid by {ctx.prev['payer']}"
+def issue(ctx: StepContext[int, int]) -> str:
+    return f"{ctx.input} tickets"
 
+
+def confirm(ctx: StepContext[dict[str, int], dict[str, str]]) -> str:
+    return f"{ctx.steps['tickets']}, paid by {ctx.prev['payer']}"
+
+
+tickets = workflow("tickets").step("issue", issue)
 
 booking = (
     workflow("booking")
     .step("reserve", reserve)
+    .child("tickets", tickets)  # a child run: this run waits for it, holding no lease
     .sleep("hold", "200ms")  # the run sleeps in the store, holding no lease
     .wait_for_event("paid", timeout="30s")  # and waits there for an event
     .step("confirm", confirm)
@@ -31,7 +38,9 @@ booking = (
 
 async def main(url: str) -> None:
     storage = open_storage(url)  # found through the entry point named after the URL's scheme
-    async with Engine(storage=storage, workflows=[booking], poll_interval="0.1s") as engine:
+    async with Engine(
+        storage=storage, workflows=[booking, tickets], poll_interval="0.1s"
+    ) as engine:
         run = await engine.enqueue(booking, {"seats": 2}, idempotency_key="booking-1")
         await engine.send_event(run.id, "paid", {"payer": "ada"}, event_id="payment-1")
         print(await engine.result(run.id, timeout=30))

@@ -39,6 +39,7 @@ from reflow_core.errors import (
     StorageError,
 )
 from reflow_core.storage import (
+    CHILDREN_WAIT_PREFIX,
     TERMINAL_STATUSES,
     ClaimedRun,
     CreateResult,
@@ -70,9 +71,10 @@ APPLICATION_ID = 1414878290
 # them all, an older one those it lacks. Never edit a released one: append.
 MIGRATIONS = (
     (  # Version 1: runs, steps, events and schedules.
-        # The first fifteen columns are kit.RUN_COLUMNS, in its order (its last,
-        # deadline_at, comes in version 4), so that reflow_core.adapter.run_from_row
-        # maps a row without a line of ours.
+        # The first fifteen columns are kit.RUN_COLUMNS, in its order (its last
+        # three come later: deadline_at in version 4, parent_id and parent_step
+        # in version 5), so that reflow_core.adapter.run_from_row maps a row
+        # without a line of ours.
         """CREATE TABLE runs (
             id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
             input TEXT NOT NULL, output TEXT, error TEXT, idempotency_key TEXT,
@@ -124,8 +126,17 @@ MIGRATIONS = (
         "CREATE INDEX runs_unfinished ON runs (workflow, status, wake_at)"
         " WHERE status IN ('delayed', 'pending', 'running', 'sleeping', 'waiting')",
     ),
-    (  # Version 4: run deadlines, the last of kit.RUN_COLUMNS (NULL: none).
+    (  # Version 4: run deadlines (NULL: none).
         "ALTER TABLE runs ADD COLUMN deadline_at INTEGER",
+    ),
+    (  # Version 5: child runs, the last two of kit.RUN_COLUMNS (NULL: not a child).
+        # Added in place: the runs already in the file are nobody's children.
+        "ALTER TABLE runs ADD COLUMN parent_id TEXT",
+        "ALTER TABLE runs ADD COLUMN parent_step TEXT",
+        # A parent's children, by step: what a child's end, wait_children, a
+        # cancel's walk down the tree and list_children look up. Partial: the
+        # runs that are nobody's children never write it.
+        "CREATE INDEX runs_children ON runs (parent_id, parent_step) WHERE parent_id IS NOT NULL",
     ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -190,6 +201,25 @@ LIST_RUNS = kit.render_sql(
     " AND (:statuses IS NULL OR status IN (SELECT value FROM json_each(:statuses)))"
     " AND (:after_at IS NULL OR (created_at, id) < (:after_at, :after_id))"
     " ORDER BY created_at DESC, id DESC LIMIT :limit",
+    COLUMNS,
+)
+# The fence of _fence, as a read: the run, if its lease still holds.
+HELD_RUN = kit.render_sql(
+    "SELECT {run} FROM runs WHERE id = :id AND status = 'running' AND lease_epoch = :epoch"
+    " AND lease_expires_at > :now",
+    COLUMNS,
+)
+# A child of run :parent, started at its step :step, that has not ended: one
+# seek in the index runs_children.
+UNFINISHED_CHILD = (
+    "SELECT 1 FROM runs WHERE parent_id = :parent AND parent_step = :step"
+    " AND status NOT IN ('completed', 'failed', 'cancelled')"
+)
+# A missing run has no children, even if runs still name it as their parent
+# (a purged parent's children are kept, with their parent_id).
+LIST_CHILDREN = kit.render_sql(
+    "SELECT {run} FROM runs WHERE parent_id = :id AND EXISTS (SELECT 1 FROM runs WHERE id = :id)"
+    " ORDER BY created_at, id",
     COLUMNS,
 )
 # --8<-- [end:schema]
@@ -331,25 +361,33 @@ class TutorialStorage:
         # delayed until now + delay, or until its deadline if that is sooner.
         # The row holds exactly that record.
         run = kit.new_run_record(run_id, new, kit.from_epoch_us(now))
+        self._insert_run(cur, run)
+        return CreateResult(run, created=True)
+
+    @staticmethod
+    def _insert_run(cur: sqlite3.Cursor, run: RunRecord) -> None:
+        """Write the record of a new run (from ``kit.new_run_record``) as its row:
+        never claimed, so no output, error or lease, and zero counts."""
         assert run.wake_at is not None  # a new run always has a due time
         deadline = None if run.deadline_at is None else kit.to_epoch_us(run.deadline_at)
         cur.execute(
             "INSERT INTO runs (id, workflow, status, input, idempotency_key, attempts, reclaims,"
-            " lease_epoch, created_at, updated_at, wake_at, deadline_at)"
-            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?)",
+            " lease_epoch, created_at, updated_at, wake_at, deadline_at, parent_id, parent_step)"
+            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?)",
             (
-                run_id,
-                new.workflow,
+                run.id,
+                run.workflow,
                 run.status,
-                new.input,
-                new.idempotency_key,
-                now,
-                now,
+                run.input,
+                run.idempotency_key,
+                kit.to_epoch_us(run.created_at),
+                kit.to_epoch_us(run.updated_at),
                 kit.to_epoch_us(run.wake_at),
                 deadline,
+                run.parent_id,  # both None, except for a child (start_child)
+                run.parent_step,
             ),
         )
-        return CreateResult(run, created=True)
 
     async def get_run(self, run_id: str) -> RunRecord | None:
         kit.check_text(run_id, "run_id")
@@ -497,6 +535,8 @@ class TutorialStorage:
                 )
             else:
                 _end(cur, run_id, now, status, None, error)
+                if status == "cancelled":  # and every unfinished run below it, same write
+                    _cancel_below(cur, run_id, now)
             return True
 
         return await self._tx("update_run_status", body)
@@ -651,6 +691,70 @@ class TutorialStorage:
         return await self._tx("take_event", body)
 
     # --8<-- [end:events]
+
+    # --8<-- [start:children]
+    async def start_child(self, lease: Lease, step: str, new: NewRun) -> RunRecord | None:
+        # The parent's id, the step and the child: a run_id is required (the
+        # engine derives it from the parent and the step), a key refused.
+        kit.check_child_start(lease, step, new)
+        child_id = new.run_id
+        assert child_id is not None  # check_child_start made sure
+
+        def body(cur: sqlite3.Cursor, now: int) -> RunRecord | None:
+            # Fenced, but by a read: starting a child writes the child, not the
+            # parent. Under the write lock, the lease cannot be lost before COMMIT.
+            held = cur.execute(
+                HELD_RUN, {"id": lease.run_id, "epoch": lease.epoch, "now": now}
+            ).fetchone()
+            if held is None:
+                return None
+            row = cur.execute(GET_RUN, (child_id,)).fetchone()
+            if row is not None:
+                existing = _run(row)
+                if kit.child_of(existing, lease.run_id, step):
+                    return existing  # a replayed step: the child it started, untouched
+                message = f"run id {child_id!r} already exists"
+                raise StorageError(message, operation="start_child", backend=BACKEND)
+            # Created as create_run creates a run, plus the link to its parent;
+            # the kit caps its deadline by the parent's (kit.child_deadline).
+            child = kit.new_run_record(
+                child_id, new, kit.from_epoch_us(now), parent=_run(held), parent_step=step
+            )
+            self._insert_run(cur, child)
+            return child
+
+        return await self._tx("start_child", body)
+
+    async def wait_children(self, lease: Lease, step: StepRecord) -> bool | None:
+        kit.check_text(step.name, "step")
+
+        def body(cur: sqlite3.Cursor, now: int) -> bool | None:
+            if not self._fence(cur, lease, now):
+                return None
+            _put_step(cur, lease.run_id, step, now)  # the engine's "waiting" record
+            unfinished = {"parent": lease.run_id, "step": step.name}
+            if not cur.execute(UNFINISHED_CHILD, unfinished).fetchone():
+                return True  # every child has ended (or none was started): go on, lease kept
+            # Parked with no lease. The end of its last child makes it due
+            # (_wake_parent); until then only its deadline, if it has one, does.
+            cur.execute(
+                "UPDATE runs SET status = 'waiting', waiting_for = ?, wake_at = deadline_at,"
+                " lease_expires_at = NULL WHERE id = ?",
+                (CHILDREN_WAIT_PREFIX + step.name, lease.run_id),
+            )
+            return False
+
+        return await self._tx("wait_children", body)
+
+    async def list_children(self, run_id: str) -> list[RunRecord]:
+        kit.check_text(run_id, "run_id")
+
+        def body(cur: sqlite3.Cursor, now: int) -> list[RunRecord]:
+            return [_run(row) for row in cur.execute(LIST_CHILDREN, {"id": run_id})]
+
+        return await self._tx("list_children", body, write=False)
+
+    # --8<-- [end:children]
 
     # --8<-- [start:schedules]
     async def upsert_schedule(self, spec: ScheduleSpec) -> ScheduleRecord:
@@ -889,14 +993,56 @@ def _due(cur: sqlite3.Cursor, run_id: str, wake_at: int | None) -> int | None:
     return None if due is None else kit.to_epoch_us(due)
 
 
+# --8<-- [start:ending]
 def _end(
     cur: sqlite3.Cursor, run_id: str, now: int, status: str, output: str | None, error: str | None
 ) -> None:
     """End a run: no lease, no deadline, a finish time for purges, and its
-    buffered events dropped in the same transaction (its event ids stay)."""
-    cur.execute(
+    buffered events dropped in the same transaction (its event ids stay).
+    The end of a child may wake its parent, in that transaction too."""
+    parent_id, parent_step = cur.execute(
         "UPDATE runs SET status = ?, output = ?, error = ?, lease_expires_at = NULL,"
-        " wake_at = NULL, waiting_for = NULL, finished_at = ?, updated_at = ? WHERE id = ?",
+        " wake_at = NULL, waiting_for = NULL, finished_at = ?, updated_at = ? WHERE id = ?"
+        " RETURNING parent_id, parent_step",
         (status, output, error, now, now, run_id),
-    )
+    ).fetchone()
     cur.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+    if parent_id is not None:
+        _wake_parent(cur, parent_id, parent_step, now)
+
+
+def _wake_parent(cur: sqlite3.Cursor, parent_id: str, step: str, now: int) -> None:
+    """A child that ``parent_id`` started at ``step`` has just ended: if the
+    parent waits for that step's children and none is left unfinished, it is
+    due at once. This runs in the transaction that ends the child, and
+    wait_children checks for unfinished children in the one that parks the
+    parent: whichever commits second sees the other's write, so no end is missed."""
+    cur.execute(
+        "UPDATE runs SET wake_at = :now, updated_at = :now"
+        " WHERE id = :parent AND status = 'waiting' AND waiting_for = :waiting_for"
+        " AND NOT EXISTS (SELECT 1 FROM runs WHERE parent_id = :parent AND parent_step = :step"
+        "  AND status NOT IN ('completed', 'failed', 'cancelled'))",  # no UNFINISHED_CHILD
+        {"now": now, "parent": parent_id, "step": step, "waiting_for": CHILDREN_WAIT_PREFIX + step},
+    )
+
+
+def _cancel_below(cur: sqlite3.Cursor, run_id: str, now: int) -> None:
+    """Cancel every unfinished run below ``run_id`` (its children, theirs, and
+    so on), each ended as a cancel of its own would end it. The walk goes
+    through finished runs too: a completed child's children are still below.
+    Every parent here is cancelled or finished when this returns, so a wake
+    that one of these ends gives its parent is undone by that parent's own cancel."""
+    below = cur.execute(
+        # UNION, not UNION ALL: the walk ends even if ids ever formed a cycle.
+        "WITH RECURSIVE below (id) AS ("
+        " SELECT id FROM runs WHERE parent_id = ?"
+        " UNION SELECT runs.id FROM runs JOIN below ON runs.parent_id = below.id)"
+        " SELECT id FROM runs WHERE id IN below"
+        " AND status NOT IN ('completed', 'failed', 'cancelled')",
+        (run_id,),
+    ).fetchall()  # read them all before the first write
+    for (child_id,) in below:
+        _end(cur, child_id, now, "cancelled", None, None)
+
+
+# --8<-- [end:ending]
