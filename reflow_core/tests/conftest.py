@@ -138,6 +138,17 @@ def storage(db: Database) -> Storage:
     return db.connect()
 
 
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A storage URL of the test's own on each real backend, for worker
+    processes: a SQLite file, a PostgreSQL schema or a Redis key prefix."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    fixture = {"postgres": "postgres_url", "redis": "redis_url"}[request.param]
+    url: str = request.getfixturevalue(fixture)
+    return url
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     """A storage clock that moves only when the test advances it."""

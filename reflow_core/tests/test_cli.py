@@ -244,6 +244,37 @@ def test_show_a_completed_run_with_input_and_output(url: str) -> None:
     assert "add" in text
 
 
+def test_show_the_links_between_a_parent_and_its_children(url: str) -> None:
+    parent_wf = workflow("parent").child("make", OK, lambda ctx: {"n": 41})
+
+    async def work() -> tuple[str, str]:
+        engine = Engine(
+            storage=url, workflows=[parent_wf, OK], worker=False, load_entry_points=False
+        )
+        async with engine:
+            run = await engine.enqueue(parent_wf)
+            await engine.tick()  # the parent starts its child, and waits
+            waiting = await engine.get_run_status(run.id)
+            assert waiting.status == "waiting"
+            (child,) = waiting.children
+            return run.id, child.id
+
+    parent_id, child_id = asyncio.run(work())
+    waiting = reflow("--url", url, "runs", "show", parent_id).stdout
+    assert "the child runs of step 'make'" in waiting
+    assert "children (1)" in waiting
+    assert child_id in waiting
+    (data,) = lines(reflow("--url", url, "--json", "runs", "show", parent_id))
+    assert data["parent_id"] is None
+    assert [(c["id"], c["workflow"], c["step"], c["status"]) for c in data["children"]] == [
+        (child_id, "ok", "make", "pending")
+    ]
+    child_text = reflow("--url", url, "runs", "show", child_id).stdout
+    assert f"{parent_id} (step make)" in child_text
+    (child,) = lines(reflow("--url", url, "--json", "runs", "show", child_id))
+    assert (child["parent_id"], child["parent_step"], child["children"]) == (parent_id, "make", [])
+
+
 def test_show_a_missing_run_is_exit_status_1_on_one_line(sqlite_url: str) -> None:
     result = reflow("--url", sqlite_url, "runs", "show", "nope")
     assert result.exit_code == 1

@@ -11,14 +11,10 @@ from, and that no item saved before the kill ran again.
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import subprocess
-import sys
 import textwrap
-import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +28,15 @@ from reflow_conformance.testsupport import (
     RUNS_COMPLETE,
     SAVED_ONCE,
     STEP_FROM_EXECUTION,
+    AppFleet,
     Execution,
     Outcome,
     Save,
-    Workers,
-    child_env,
     enqueue_runs,
+    now_and_then,
     read_outcome_at,
 )
-from reflow_core import codec, open_storage
-from reflow_core.storage import RunRecord
+from reflow_core import codec
 
 _APP = textwrap.dedent(
     """
@@ -88,48 +83,20 @@ def _item(index: int) -> str:
     return f"{MAP}[{index}]"
 
 
-@pytest.fixture(params=["sqlite", "postgres", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A storage URL of the test's own, on each backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/store.db"
-    fixture = {"postgres": "postgres_url", "redis": "redis_url"}[request.param]
-    url: str = request.getfixturevalue(fixture)
-    return url
+@pytest.fixture
+def store(store_url: str) -> str:
+    """A storage URL of the test's own, on each real backend."""
+    return store_url
 
 
-class MapFleet:
-    """``reflow worker`` processes serving the ``map`` scenario on one store.
-
-    Their logs are read through :class:`Workers`, which also watches them
-    (a worker that exits unasked fails the wait) and kills what is left.
-    """
+class MapFleet(AppFleet):
+    """``reflow worker`` processes serving the ``map`` scenario on one store."""
 
     def __init__(self, tmp_path: Path, store: str) -> None:
-        self.root = tmp_path
-        self.store = store
-        logs = tmp_path / "logs"
-        logs.mkdir()
-        (tmp_path / "mapcrash_app.py").write_text(_APP)
-        self.workers = Workers(store, logs, workflow=_WORKFLOW)
+        super().__init__(tmp_path, store, module="mapcrash_app", source=_APP, workflow=_WORKFLOW)
 
-    def start(self, item_delay: float) -> subprocess.Popen[bytes]:
-        env = {
-            **child_env(),
-            "APP_LOGDIR": str(self.workers.logdir),
-            "APP_STORE": self.store,
-            "APP_WORKFLOW": _WORKFLOW,
-            "APP_ITEM_DELAY": str(item_delay),
-        }
-        argv = [
-            *(sys.executable, "-m", "reflow_core", "worker", "mapcrash_app:make"),
-            *("--app-dir", str(self.root), "--log-format", "json"),
-        ]
-        n = len(self.workers.procs)
-        with (self.workers.logdir / f"stderr-{n}.txt").open("wb") as err:
-            proc = subprocess.Popen(argv, stderr=err, env=env, cwd=self.root)
-        self.workers.procs.append(proc)
-        return proc
+    def start_map(self, item_delay: float) -> subprocess.Popen[bytes]:
+        return self.start(workflow=_WORKFLOW, item_delay=str(item_delay))
 
     def items_saved_by(self, proc: subprocess.Popen[bytes]) -> int:
         """How many item saves ``proc`` has logged as acknowledged."""
@@ -139,26 +106,6 @@ class MapFleet:
             if line["kind"] == "saved" and line["step"].startswith(f"{MAP}[")
         )
 
-    def run(self, run_id: str) -> RunRecord | None:
-        async def get() -> RunRecord | None:
-            storage = open_storage(self.store)
-            await storage.initialize()
-            try:
-                return await storage.get_run(run_id)
-            finally:
-                await storage.close()
-
-        return asyncio.run(get())
-
-    def stop(self, proc: subprocess.Popen[bytes]) -> None:
-        """SIGTERM: the worker drains and exits 0."""
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(20)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(self.workers.failure(f"{proc.pid} did not stop")) from None
-        assert code == 0, self.workers.failure(f"{proc.pid} exited with {code}")
-
 
 @pytest.fixture
 def fleet(tmp_path: Path, store: str) -> Iterator[MapFleet]:
@@ -166,20 +113,7 @@ def fleet(tmp_path: Path, store: str) -> Iterator[MapFleet]:
     try:
         yield made
     finally:
-        made.workers.cleanup()
-
-
-def _now_and_then(condition: Callable[[], bool], seconds: float) -> Callable[[], bool]:
-    """``condition``, asked at most every ``seconds`` (False in between)."""
-    asked = [0.0]
-
-    def check() -> bool:
-        if time.monotonic() - asked[0] < seconds:
-            return False
-        asked[0] = time.monotonic()
-        return condition()
-
-    return check
+        made.cleanup()
 
 
 def _check_map(
@@ -287,7 +221,7 @@ def test_a_worker_killed_mid_map_leaves_only_its_unsaved_items_to_run_again(
     inputs = enqueue_runs(fleet.store, _WORKFLOW, 1)
     ((run_id, _input),) = inputs.items()
 
-    victim = fleet.start(_VICTIM_DELAY)
+    victim = fleet.start_map(_VICTIM_DELAY)
     workers.wait_for(
         f"{_KILL_AFTER} items saved", lambda: fleet.items_saved_by(victim) >= _KILL_AFTER
     )
@@ -299,13 +233,13 @@ def test_a_worker_killed_mid_map_leaves_only_its_unsaved_items_to_run_again(
     )
     assert at_kill.runs[run_id].status == "running"
 
-    rescuer = fleet.start(_RESCUER_DELAY)
+    rescuer = fleet.start_map(_RESCUER_DELAY)
 
     def completed() -> bool:
         record = fleet.run(run_id)
         return record is not None and record.status == "completed"
 
-    workers.wait_for("the run to complete", _now_and_then(completed, 0.2), timeout=20)
+    workers.wait_for("the run to complete", now_and_then(completed, 0.2), timeout=20)
     fleet.stop(rescuer)
 
     outcome = read_outcome_at(fleet.store, _WORKFLOW, inputs)

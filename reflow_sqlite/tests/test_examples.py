@@ -83,3 +83,32 @@ def test_map_reduce_urls(tmp_path: Path) -> None:
         "largest page: 6",
         "40 page results saved as steps fetch[0] ... fetch[39]",
     ]
+
+
+@pytest.mark.slow
+def test_order_with_shipment(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(DEMO.with_name("order_with_shipment.py")),
+            "--db",
+            str(tmp_path / "o.db"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout.splitlines()
+    assert len(out) == 6, out
+    assert out[0].startswith("order ")
+    parent = out[0].split()[1].rstrip(":")
+    assert out[0] == f"order {parent}: waiting for child {parent}:ship:1:0 (shipment)"
+    assert out[1] == "shipment: booked, waiting for the carrier's pick-up"
+    assert out[2] == "order: order A-1 shipped, tracking PC-A-1"
+    assert out[3] == f"shipment {parent}:ship:1:0: completed, parent {parent}"
+    assert out[4] == "second order: failed at step 'ship' with reflow_core.errors.ChildFailedError"
+    assert out[5].startswith("  child run ")
+    assert out[5].endswith(
+        ":ship:1:0 of workflow 'shipment' failed at step 'book': "
+        "ValueError: no carrier delivers to 'nowhere in particular'"
+    )

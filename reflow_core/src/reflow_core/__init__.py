@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from .codec import JSONValue, WaitTimedOut
-from .context import CancelSignal, FailureContext, StepContext
-from .engine import Clock, Engine, Run, RunList, StepResult, SystemClock
+from .context import CancelSignal, ChildHandle, FailureContext, StepContext
+from .engine import ChildRun, Clock, Engine, Run, RunList, StepResult, SystemClock
 from .errors import (
     BackendNotFoundError,
+    ChildFailedError,
     ConfigError,
     CorruptDataError,
     DuplicateStepError,
@@ -65,6 +66,9 @@ __all__ = [
     "BackendNotFoundError",
     "Branch",
     "CancelSignal",
+    "ChildFailedError",
+    "ChildHandle",
+    "ChildRun",
     "Clock",
     "ConfigError",
     "CorruptDataError",

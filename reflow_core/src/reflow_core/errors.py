@@ -56,6 +56,7 @@ __all__ = [
     "MAX_TRACEBACK_FRAMES",
     "BackendNotFoundError",
     "CauseInfo",
+    "ChildFailedError",
     "ConfigError",
     "CorruptDataError",
     "DuplicateStepError",
@@ -585,6 +586,37 @@ class MapTooLargeError(RunError):
         self.limit = limit
 
 
+class ChildFailedError(RunError):
+    """A child run awaited by a step (``ctx.start_child(...).result()`` or a
+    ``.child(...)`` step) failed or was cancelled. ``child_run_id``,
+    ``workflow`` and ``status`` say which child and how it ended; ``info`` is
+    its stored failure (``None`` for a cancellation), whose traceback, when
+    there is one, is chained as ``__cause__``. The awaiting step fails with
+    it and is retried by its own retry policy, each attempt starting a new
+    child."""
+
+    code = "child_failed"
+
+    def __init__(
+        self,
+        child_run_id: str,
+        workflow: str,
+        status: str,
+        info: ErrorInfo | None,
+        *,
+        run_id: str | None = None,
+    ) -> None:
+        what = "was cancelled" if status == "cancelled" or info is None else _failed(info)
+        super().__init__(f"child run {child_run_id} of workflow {workflow!r} {what}", run_id=run_id)
+        self.child_run_id = child_run_id
+        self.workflow = workflow
+        self.status = status
+        self.info = info
+        stored = None if info is None else info.get("traceback")
+        if isinstance(stored, str) and stored:
+            self.__cause__ = RemoteTraceback(stored)
+
+
 class ReclaimLimitError(RunError):
     """The run's lease lapsed more times than ``max_reclaims`` allows.
 
@@ -636,23 +668,28 @@ class RunFailedError(RunError):
     code = "run_failed"
 
     def __init__(self, run_id: str, info: ErrorInfo) -> None:
-        step = info.get("step")
-        where = f" at step {step!r}" if step else ""
-        error_type = info.get("type")
-        message = info.get("message", "")
-        if error_type:
-            short = error_type.removeprefix("builtins.")
-            message = f"{short}: {message}" if message and message != short else short
-        super().__init__(f"run {run_id} failed{where}: {message}", run_id=run_id)
+        super().__init__(f"run {run_id} {_failed(info)}", run_id=run_id)
         self.info = info
-        self.step = step
+        self.step = info.get("step")
         self.error_code = info.get("code", "step_failed")
-        self.error_type = error_type
+        self.error_type = info.get("type")
         stored = info.get("traceback")
         self.traceback = stored if isinstance(stored, str) and stored else None
         self.causes: list[CauseInfo] = list(info.get("causes") or [])
         if self.traceback is not None:
             self.__cause__ = RemoteTraceback(self.traceback)
+
+
+def _failed(info: ErrorInfo) -> str:
+    """``failed at step 'x': Type: message``, from a stored failure."""
+    step = info.get("step")
+    where = f" at step {step!r}" if step else ""
+    error_type = info.get("type")
+    message = info.get("message", "")
+    if error_type:
+        short = error_type.removeprefix("builtins.")
+        message = f"{short}: {message}" if message and message != short else short
+    return f"failed{where}: {message}"
 
 
 class RunCancelledError(RunError):

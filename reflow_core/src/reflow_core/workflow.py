@@ -630,6 +630,57 @@ class Workflow(Generic[InputT, PrevT]):
             )
         )
 
+    def child(
+        self,
+        name: str,
+        workflow: Workflow[Any, OutT],
+        input: Callable[[StepContext[InputT, PrevT]], Any] | None = None,
+        *,
+        retry: Retry | None = None,
+        timeout: Duration | None = None,
+    ) -> Workflow[InputT, OutT]:
+        """Append a step that runs ``workflow`` as a child run and takes its
+        output: the common case of :meth:`StepContext.start_child
+        <reflow_core.context.StepContext.start_child>`.
+
+        The child's input is ``input(ctx)`` (a plain or ``async`` function
+        of the step's context), or ``ctx.prev`` without it. While the child
+        runs, this run waits durably: it is released, no worker slot is
+        held, and it resumes when the child ends, on any worker. A child
+        that fails or is cancelled fails this step with
+        :class:`~reflow_core.errors.ChildFailedError`; with ``retry``, each
+        new attempt starts a new child. ``timeout`` bounds the child run as
+        its workflow's own ``timeout`` does (the earlier counts). Cancelling
+        this run cancels the child.
+        """
+        self._check_name(name)
+        if not isinstance(workflow, Workflow):
+            raise ConfigError(
+                f"workflow {self._name!r}, child {name!r}: workflow must be a Workflow, "
+                f"not {type(workflow).__name__}",
+                option="workflow",
+            )
+        if input is not None and not callable(input):
+            raise ConfigError(
+                f"workflow {self._name!r}, child {name!r}: input must be a callable of the "
+                "step's context (for example lambda ctx: {'order': ctx.input['id']}) or None",
+                option="input",
+            )
+        if timeout is not None:
+            to_seconds(timeout, option=f"child {name!r} timeout", allow_zero=False)
+        child = workflow
+        make_input = input
+
+        async def run_child(ctx: StepContext[Any, Any]) -> Any:
+            value = ctx.prev if make_input is None else make_input(ctx)
+            if inspect.isawaitable(value):
+                value = await value
+            handle = await ctx.start_child(child, value, timeout=timeout)
+            return await handle.result()
+
+        run_child.__qualname__ = run_child.__name__ = f"child:{workflow.name}"
+        return self._then(_define_step(self._name, name, run_child, retry, None))
+
     def on_failure(
         self, handler: Callable[[FailureContext[InputT]], Any]
     ) -> Workflow[InputT, PrevT]:

@@ -70,6 +70,7 @@ from ._check import (
     read_outcome_at,
 )
 from ._engine import collect_events, engine_on
+from ._fleet import AppFleet, now_and_then
 from ._log import Execution, ExecutionLog, Save, read_log
 from ._processes import Workers, child_env
 from ._runner import FakeClock, run_async_tests, wait_until
@@ -83,6 +84,7 @@ __all__ = [
     "NAP_SECONDS",
     "SCENARIOS",
     "STEPS",
+    "AppFleet",
     "Execution",
     "ExecutionLog",
     "FakeClock",
@@ -96,6 +98,7 @@ __all__ = [
     "create_runs",
     "engine_on",
     "enqueue_runs",
+    "now_and_then",
     "read_log",
     "read_outcome",
     "read_outcome_at",

@@ -14,7 +14,14 @@ from rich.text import Text
 from reflow_core._durations import describe, to_seconds
 from reflow_core.engine import Engine
 from reflow_core.errors import ConfigError, RunNotFoundError
-from reflow_core.storage import TERMINAL_STATUSES, RunRecord, RunStatus, StepRecord, Storage
+from reflow_core.storage import (
+    CHILDREN_WAIT_PREFIX,
+    TERMINAL_STATUSES,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    Storage,
+)
 from reflow_core.workflow import RESERVED_PREFIX
 
 from ._common import (
@@ -71,6 +78,8 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         "waiting_for": record.waiting_for,
         "deadline_at": record.deadline_at,
         "idempotency_key": record.idempotency_key,
+        "parent_id": record.parent_id,
+        "parent_step": record.parent_step,
     }
 
 
@@ -237,16 +246,21 @@ def show(state: State, run_id: str) -> None:
 
     Prints the run's input, its output or error, and each saved step with
     its status, attempts, when it finished (or wakes) and its error, with
-    the traceback and cause chain stored when it failed."""
+    the traceback and cause chain stored when it failed; for a run that
+    started child runs, each child with its step and status, and for a
+    child run, its parent."""
 
-    async def work() -> tuple[RunRecord, dict[str, StepRecord], datetime]:
+    async def work() -> tuple[RunRecord, dict[str, StepRecord], list[RunRecord], datetime]:
         async with state.storage() as store:
             record = await store.get_run(run_id)
             if record is None:
                 raise RunNotFoundError(run_id)
-            return record, await store.get_step_results(run_id), await store.now()
+            steps = await store.get_step_results(run_id)
+            list_children = getattr(store, "list_children", None)
+            children = [] if list_children is None else await list_children(run_id)
+            return record, steps, children, await store.now()
 
-    record, steps, now = run_async(work)
+    record, steps, children, now = run_async(work)
     values: dict[str, Any] = {}
     problems: list[str] = []
     for what in ("input", "output", "error"):
@@ -261,6 +275,16 @@ def show(state: State, run_id: str) -> None:
                 "lease_expires_at": record.lease_expires_at,
                 **values,
                 "steps": [_step_json(s) for s in visible],
+                "children": [
+                    {
+                        "id": c.id,
+                        "workflow": c.workflow,
+                        "step": c.parent_step,
+                        "status": c.status,
+                        "created_at": c.created_at,
+                    }
+                    for c in children
+                ],
                 **({"read_error": "; ".join(problems)} if problems else {}),
             }
         )
@@ -272,7 +296,12 @@ def show(state: State, run_id: str) -> None:
     head.add_row("run", record.id)
     head.add_row("workflow", record.workflow)
     head.add_row("status", _status(record.status))
-    if record.waiting_for:
+    if record.parent_id:
+        head.add_row("parent", f"{record.parent_id} (step {record.parent_step})")
+    if record.waiting_for and record.waiting_for.startswith(CHILDREN_WAIT_PREFIX):
+        waited = record.waiting_for.removeprefix(CHILDREN_WAIT_PREFIX)
+        head.add_row("waiting for", f"the child runs of step {waited!r}")
+    elif record.waiting_for:
         head.add_row("waiting for", record.waiting_for)
     if record.wake_at:
         head.add_row("wakes", f"{stamp(record.wake_at)} ({relative(record.wake_at, now)})")
@@ -300,6 +329,20 @@ def show(state: State, run_id: str) -> None:
         brief = any(s.name == failed_step and s.error is not None for s in visible)
         out.print(Text("\nerror", style="bold red"))
         out.print("\n".join(_error_lines(error, brief=brief)), markup=False, soft_wrap=True)
+    if children:
+        kids = Table(box=None, pad_edge=False, header_style="bold")
+        for column in ("CHILD", "WORKFLOW", "STEP", "STATUS", "CREATED"):
+            kids.add_column(column, no_wrap=True)
+        for child in children:
+            kids.add_row(
+                child.id,
+                child.workflow,
+                child.parent_step or "",
+                _status(child.status),
+                relative(child.created_at, now),
+            )
+        out.print(Text(f"\nchildren ({len(children)})", style="bold"))
+        state.show(kids)
     if not visible:
         out.print(Text("\nno steps saved", style="dim"))
         return

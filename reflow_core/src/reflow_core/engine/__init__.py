@@ -12,7 +12,9 @@ The package is cut along the engine's four jobs:
   heartbeats, start, stop and drain;
 * ``engine.driver`` and ``engine.units``:
   driving one run, with one executor per kind of unit (step, sleep, wait,
-  parallel group), retries and fenced writes;
+  parallel group, map), retries and fenced writes;
+* ``engine.children``: starting child runs from a step, with ids that a
+  replayed step finds again;
 * ``engine.views``: the read-only :class:`Run`,
   :class:`StepResult`, :class:`RunList` and the :class:`Clock`.
 """
@@ -20,13 +22,14 @@ The package is cut along the engine's four jobs:
 from __future__ import annotations
 
 from .core import MAX_LEASE, MIN_HEARTBEAT, MIN_LEASE, POLL_INTERVAL_RANGE, Engine
-from .views import Clock, Run, RunList, StepResult, SystemClock
+from .views import ChildRun, Clock, Run, RunList, StepResult, SystemClock
 
 __all__ = [
     "MAX_LEASE",
     "MIN_HEARTBEAT",
     "MIN_LEASE",
     "POLL_INTERVAL_RANGE",
+    "ChildRun",
     "Clock",
     "Engine",
     "Run",

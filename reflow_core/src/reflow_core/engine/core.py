@@ -297,6 +297,7 @@ class Engine:
             retention=self._retention,
             unserved_after=unserved_after,
         )
+        self._driver.wake_worker = self._worker.wake.set
 
     # -- configuration -----------------------------------------------------
 
@@ -573,18 +574,22 @@ class Engine:
         return None if record is None else Run.from_record(record)
 
     async def get_run_status(self, run_id: str) -> Run:
-        """The run and its saved steps. Raises :class:`RunNotFoundError`."""
+        """The run, its saved steps and the child runs it started (its
+        ``parent_id`` names its own parent). Raises :class:`RunNotFoundError`."""
         await self._ensure_initialized("get_run_status")
         record = await self._storage.get_run(run_id)
         if record is None:
             raise RunNotFoundError(run_id)
         steps = await self._storage.get_step_results(run_id)
-        return Run.from_record(record, steps)
+        list_children = getattr(self._storage, "list_children", None)
+        children = [] if list_children is None else await list_children(run_id)
+        return Run.from_record(record, steps, children)
 
     async def cancel(self, run_id: str) -> bool:
-        """Cancel a run that has not finished. Returns False if it is missing or
-        already finished. A step running in this engine is interrupted at
-        once; a worker elsewhere stops at its next heartbeat or write."""
+        """Cancel a run that has not finished, and every unfinished child run
+        below it, in one write. Returns False if it is missing or already
+        finished. A step running in this engine is interrupted at once; a
+        worker elsewhere stops at its next heartbeat or write."""
         await self._ensure_initialized("cancel")
         error = codec.encode({"code": "run_cancelled", "message": "cancelled", "step": None})
         changed = await self._storage.update_run_status(run_id, "cancelled", error=error)
@@ -593,6 +598,7 @@ class Engine:
             state.interrupt("cancelled")
         if changed:
             self._notify_finished(run_id)
+            self._worker.wake.set()  # a parent waiting for it may be claimable now
             if self._observers.active:
                 record = await self._storage.get_run(run_id)
                 if record is not None:

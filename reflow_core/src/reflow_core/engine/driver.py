@@ -21,8 +21,9 @@ from functools import partial
 from typing import Any
 
 from reflow_core import codec
-from reflow_core.context import CancelSignal, FailureContext, StepContext
+from reflow_core.context import CancelSignal, ChildStarter, FailureContext, StepContext
 from reflow_core.errors import (
+    ConfigError,
     CorruptDataError,
     ErrorInfo,
     HookError,
@@ -66,6 +67,10 @@ _WRITE_RETRY_PAUSES = (0.05, 0.25, 1.0)
 
 _CURRENT: Any = object()
 """``Execution.context``'s default ``prev``: the run's current one."""
+
+
+def _nothing() -> None:
+    pass
 
 
 class LeaseLost(Exception):
@@ -149,6 +154,7 @@ class Execution:
         *,
         in_parallel: bool = False,
         prev: Any = _CURRENT,
+        children: ChildStarter | None = None,
     ) -> StepContext[Any, Any]:
         return StepContext(
             run_id=self.record.id,
@@ -160,6 +166,7 @@ class Execution:
             steps=self._view,
             signal=signal,
             in_parallel=in_parallel,
+            _children=children,
         )
 
 
@@ -187,6 +194,9 @@ class RunDriver:
         self.clock = clock
         self.observers = observers
         self.notify_finished = notify_finished
+        self.wake_worker: Callable[[], None] = _nothing
+        """Tells this engine's worker to claim now (set by the engine): a run
+        it serves may have become claimable (a child started or ended)."""
         self.executor: ThreadPoolExecutor | None = None
         """The worker threads that run plain ``def`` steps and handlers; the
         worker creates it when it starts and shuts it down when it stops."""
@@ -338,6 +348,30 @@ class RunDriver:
         )
         run.state.renewed_at = max(run.state.renewed_at, started)
 
+    async def wait_children(self, run: Execution, record: StepRecord) -> bool:
+        """Fenced :meth:`~reflow_core.storage.Storage.wait_children`: True if
+        the step's children have all ended (the run keeps its lease), False
+        if the run was released until they have."""
+        wait = getattr(self.storage, "wait_children", None)
+        if wait is None:
+            raise ConfigError(
+                f"the storage {type(self.storage).__name__} does not implement child runs "
+                "(start_child, wait_children, list_children)",
+                option="start_child",
+            )
+        ready: list[bool] = []
+
+        async def write() -> bool:
+            outcome = await wait(run.lease, record)
+            if outcome is None:
+                return False
+            ready.append(bool(outcome))
+            return True
+
+        await self.fenced(write, run.record.id)
+        run.saved[record.name] = record
+        return ready[-1]
+
     async def pass_through(self, run: Execution, record: StepRecord) -> bool:
         """Save a step that leaves ``prev`` unchanged; finish if it was the last."""
         if run.last:
@@ -356,6 +390,8 @@ class RunDriver:
         )
         await self.emit(RunCompleted(run.record.id, run.record.workflow, codec.decode(output)))
         self.notify_finished(run.record.id)
+        if run.record.parent_id is not None:
+            self.wake_worker()  # its parent may be claimable now
 
     async def fail(
         self,
@@ -386,6 +422,8 @@ class RunDriver:
         )
         await self.emit(RunFailed(run.record.id, run.record.workflow, info, step))
         self.notify_finished(run.record.id)
+        if run.record.parent_id is not None:
+            self.wake_worker()  # its parent may be claimable now
 
     async def _finish_owed_failure(self, run: Execution, owed: StepRecord, reclaimed: bool) -> None:
         """A run that failed while its ``on_failure`` handler had not returned

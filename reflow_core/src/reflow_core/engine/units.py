@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from reflow_core import codec
 from reflow_core.codec import WaitTimedOut
-from reflow_core.context import CancelSignal, CompleteRun, StepContext
+from reflow_core.context import AwaitChildren, CancelSignal, CompleteRun, StepContext
 from reflow_core.errors import (
     MapTooLargeError,
     ParallelCompleteError,
@@ -40,7 +40,7 @@ from reflow_core.events import (
     StepSkipped,
     StepStarted,
 )
-from reflow_core.storage import StepRecord
+from reflow_core.storage import CHILDREN_WAIT_PREFIX, StepRecord
 from reflow_core.workflow import (
     RESERVED_PREFIX,
     MapDefinition,
@@ -51,6 +51,7 @@ from reflow_core.workflow import (
     WaitDefinition,
 )
 
+from .children import Children
 from .driver import _CURRENT, WHEN_PREFIX, Execution, LeaseLost
 from .views import read_stored
 
@@ -141,8 +142,14 @@ class StepUnit:
             decision = StepRecord(WHEN_PREFIX + step.name, "completed", output=codec.encode(True))
             await driver.save(run, decision)
             run.saved[decision.name] = decision
+        # A step parked until its children ended goes on with the attempt
+        # that started them: it finds the same children.
+        first = saved.attempts if saved is not None and saved.status == "waiting" else 1
         try:
-            result, attempts = await self.attempts(run, step)
+            outcome = await self._attempts_awaiting_children(run, step, first)
+            if outcome is None:
+                return True  # released until its children end
+            result, attempts = outcome
             text = codec.encode(result)
         except CompleteRun as signal:
             try:
@@ -176,6 +183,34 @@ class StepUnit:
         run.advance(step.name, value)
         return False
 
+    async def _attempts_awaiting_children(
+        self, run: Execution, step: StepDefinition, first: int
+    ) -> tuple[Any, int] | None:
+        """:meth:`attempts`, parking the run when the handler awaits a child
+        that has not ended (``None``: the run was released until the step's
+        children have all ended); if they all have by then, the same attempt
+        is run again at once."""
+        driver = self.driver
+        while True:
+            try:
+                return await self.attempts(run, step, first=first)
+            except AwaitChildren as pause:
+                first = pause.attempt
+                record = StepRecord(step.name, "waiting", attempts=first)
+                if await driver.wait_children(run, record):
+                    continue
+                record_ = run.record
+                await driver.emit(
+                    RunWaiting(
+                        record_.id,
+                        record_.workflow,
+                        step.name,
+                        CHILDREN_WAIT_PREFIX + step.name,
+                        record_.deadline_at,
+                    )
+                )
+                return None
+
     async def attempts(
         self,
         run: Execution,
@@ -183,11 +218,13 @@ class StepUnit:
         *,
         in_parallel: bool = False,
         prev: Any = _CURRENT,
+        first: int = 1,
     ) -> tuple[Any, int]:
         """Run the step's handler until it succeeds or its retry policy gives
         up; returns its result and the number of attempts. ``prev`` is the
-        handler's ``ctx.prev`` (default: the run's)."""
-        attempt = 0
+        handler's ``ctx.prev`` (default: the run's); ``first`` the number of
+        the first attempt (a step resumed after waiting for its children)."""
+        attempt = first - 1
         state = run.state
         while True:
             attempt += 1
@@ -195,7 +232,10 @@ class StepUnit:
             state.signals.add(signal)
             if state.stop_reason is not None:
                 signal._fire(state.stop_reason)
-            ctx = run.context(step.name, attempt, signal, in_parallel=in_parallel, prev=prev)
+            children = None if in_parallel else Children(self.driver, run, step.name, attempt)
+            ctx = run.context(
+                step.name, attempt, signal, in_parallel=in_parallel, prev=prev, children=children
+            )
             await self.driver.emit(
                 StepStarted(run.record.id, run.record.workflow, step.name, attempt)
             )
@@ -203,6 +243,9 @@ class StepUnit:
                 return await self._invoke(step, ctx, signal), attempt
             except CompleteRun as done:
                 done.attempts = attempt
+                raise
+            except AwaitChildren as pause:
+                pause.attempt = attempt
                 raise
             except (asyncio.CancelledError, ParallelCompleteError):
                 raise

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -13,7 +13,7 @@ from reflow_core.errors import CorruptDataError, ErrorInfo, SerializationError
 from reflow_core.storage import RunRecord, RunStatus, StepRecord, StepStatus
 from reflow_core.workflow import RESERVED_PREFIX
 
-__all__ = ["Clock", "Run", "RunList", "StepResult", "SystemClock", "read_stored"]
+__all__ = ["ChildRun", "Clock", "Run", "RunList", "StepResult", "SystemClock", "read_stored"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,18 @@ class StepResult:
     error: ErrorInfo | None
     attempts: int
     completed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRun:
+    """A child run, as its parent's :attr:`Run.children` lists it."""
+
+    id: str
+    workflow: str
+    step: str
+    """The parent's step that started it."""
+    status: RunStatus
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +60,14 @@ class Run:
     """When the run must have finished (its workflow's ``timeout`` or its
     enqueue ``deadline``), ``None`` for no deadline."""
     steps: Mapping[str, StepResult] = field(default_factory=dict)
+    parent_id: str | None = None
+    """For a child run: the run that started it (``ctx.start_child`` or a
+    ``.child`` step)."""
+    parent_step: str | None = None
+    """For a child run: the parent's step that started it."""
+    children: tuple[ChildRun, ...] = ()
+    """The runs this run started as children, oldest first; filled by
+    :meth:`Engine.get_run_status` (empty elsewhere)."""
     read_error: str | None = None
     """Set when a stored value of this run (its input, output, error or a
     step's) cannot be decoded: which one and why. That value reads as
@@ -56,7 +76,12 @@ class Run:
     :class:`~reflow_core.errors.CorruptDataError`."""
 
     @classmethod
-    def from_record(cls, record: RunRecord, steps: Mapping[str, StepRecord] | None = None) -> Run:
+    def from_record(
+        cls,
+        record: RunRecord,
+        steps: Mapping[str, StepRecord] | None = None,
+        children: Sequence[RunRecord] = (),
+    ) -> Run:
         problems: list[str] = []
 
         def read(text: str | None, what: str) -> Any:
@@ -95,6 +120,12 @@ class Run:
             wake_at=record.wake_at,
             deadline_at=record.deadline_at,
             steps=decoded_steps,
+            parent_id=record.parent_id,
+            parent_step=record.parent_step,
+            children=tuple(
+                ChildRun(c.id, c.workflow, c.parent_step or "", c.status, c.created_at)
+                for c in children
+            ),
             read_error="; ".join(problems) or None,
         )
 
