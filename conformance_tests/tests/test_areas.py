@@ -15,7 +15,10 @@ from reflow_conformance import AREAS, AdapterFactory, AreaNotImplemented, Harnes
 from reflow_conformance.cli import build_args
 from reflow_core.memory import MemoryStorage
 from reflow_core.storage import (
+    Lease,
+    NewRun,
     QueueStats,
+    RunRecord,
     ScheduleRecord,
     ScheduleSpec,
     Storage,
@@ -38,6 +41,9 @@ class _Stub(MemoryStorage):
         raise NotImplementedError
 
     async def queue_stats(self, workflows: Collection[str] | None = None) -> list[QueueStats]:
+        raise NotImplementedError
+
+    async def start_child(self, lease: Lease, step: str, new: NewRun) -> RunRecord | None:
         raise NotImplementedError
 
 
@@ -69,6 +75,7 @@ def test_the_areas_and_their_methods() -> None:
         ),
         "workers": ("announce_worker", "list_workers", "remove_worker"),
         "queue_stats": ("queue_stats",),
+        "children": ("start_child", "wait_children", "list_children"),
     }
 
 
@@ -79,7 +86,7 @@ def test_every_area_method_is_a_storage_method() -> None:
 
 
 def test_unknown_names_are_refused_listing_the_known_ones() -> None:
-    known = "queue_stats, schedules, workers"
+    known = "children, queue_stats, schedules, workers"
     with pytest.raises(ValueError, match=rf"unknown area 'schedule'; the known ones are: {known}"):
         _factory(without={"schedule"})
     with pytest.raises(ValueError, match=r"unknown capability 'mp'.*: multiprocess"):
@@ -102,7 +109,7 @@ def test_the_command_passes_without_to_pytest_and_refuses_unknown_areas(
     assert args[-1] == "-x"
     with pytest.raises(SystemExit):
         build_args(["--url", "memory://x", "--without", "schedule"])
-    choices = "'queue_stats', 'schedules', 'workers'"
+    choices = "'children', 'queue_stats', 'schedules', 'workers'"
     assert f"invalid choice: 'schedule' (choose from {choices})" in capsys.readouterr().err
     args = build_args(["--url", "memory://x", "--without", "workers", "--without", "queue_stats"])
     assert {"--reflow-without=workers", "--reflow-without=queue_stats"} <= set(args)
@@ -121,6 +128,8 @@ def _failure(factory: AdapterFactory, call: str) -> BaseException:
             return await s.announce_worker(WorkerInfo("w", "h", 1, (), 1, 0), timedelta(1))
         if call == "queue_stats":
             return await s.queue_stats(["wf"])
+        if call == "start_child":
+            return await s.start_child(Lease("p", 1), "s", NewRun("wf", "null", run_id="c"))
         raise NotImplementedError
 
     try:
@@ -146,7 +155,12 @@ def test_an_undeclared_area_is_named_with_how_to_declare_it() -> None:
 
 
 @pytest.mark.parametrize(
-    ("call", "area"), [("announce_worker", "workers"), ("queue_stats", "queue_stats")]
+    ("call", "area"),
+    [
+        ("announce_worker", "workers"),
+        ("queue_stats", "queue_stats"),
+        ("start_child", "children"),
+    ],
 )
 def test_the_newer_areas_are_named_too(call: str, area: str) -> None:
     failure = _failure(_factory(), call)

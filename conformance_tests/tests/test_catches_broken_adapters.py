@@ -78,6 +78,7 @@ _WORKERS = ("test_workers",)
 _STATS = ("test_queue_stats",)
 _DELAYED = ("test_delayed",)
 _DEADLINES = ("test_deadlines",)
+_CHILDREN = ("test_children",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -167,6 +168,12 @@ CASES = [
     Case(
         "deadline_by_client_clock", (P.RUN_DEADLINE_FROM_STORAGE_CLOCK,), _DEADLINES, machine=True
     ),
+    Case("child_twice", (P.CHILD_START_ONCE,), _CHILDREN),
+    Case("unfenced_child", (P.CHILD_FENCED,), _CHILDREN),
+    Case("cancel_no_cascade", (P.CANCEL_CASCADES,), _CHILDREN),
+    Case("child_end_no_wake", (P.CHILD_END_WAKES,), _CHILDREN),
+    Case("wakes_on_first_child", (P.CHILD_WAKE_LAST,), _CHILDREN),
+    Case("child_outlives_parent", (P.CHILD_DEADLINE,), _CHILDREN),
 ]
 
 

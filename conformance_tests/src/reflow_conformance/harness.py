@@ -50,6 +50,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     ),
     "workers": ("announce_worker", "list_workers", "remove_worker"),
     "queue_stats": ("queue_stats",),
+    "children": ("start_child", "wait_children", "list_children"),
 }
 """Areas of the contract, each with its storage methods, that an adapter under
 construction may declare it does not implement yet (``AdapterFactory(without=...)``,

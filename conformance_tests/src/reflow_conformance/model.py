@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from reflow_core.storage import TERMINAL_STATUSES, RunStatus, StepStatus
+from reflow_core.storage import CHILDREN_WAIT_PREFIX, TERMINAL_STATUSES, RunStatus, StepStatus
 
 __all__ = [
     "CreateOutcome",
@@ -106,6 +106,12 @@ class ModelRun:
     steps: dict[str, ModelStep] = field(default_factory=dict)
     events: dict[str, deque[str]] = field(default_factory=dict)
     event_ids: set[str] = field(default_factory=set)
+    parent_id: str | None = None
+    """For a child run (``start_child``): the run that started it."""
+    parent_step: str | None = None
+    """For a child run: the parent's step that started it."""
+    children: list[str] = field(default_factory=list)
+    """The runs it started with ``start_child``, in the order it started them."""
 
     @property
     def terminal(self) -> bool:
@@ -218,6 +224,69 @@ class Model:
             self.idempotency[(workflow, key)] = run_id
         return run
 
+    def start_child(
+        self, parent_id: str, epoch: int, step: str, child_id: str
+    ) -> ModelRun | Literal["existing", "taken"] | None:
+        """Fenced ``start_child``, before the adapter has made the child: the
+        parent if the child is to be created (the caller then adopts it with
+        :meth:`add_child`), ``"existing"`` if the id names the parent's child at
+        ``step`` (returned as it is), ``"taken"`` if it names another run
+        (``StorageError``), ``None`` if the lease is lost."""
+        parent = self.live(parent_id, epoch)
+        if parent is None:
+            return None
+        existing = self.runs.get(child_id)
+        if existing is None:
+            return parent
+        if existing.parent_id == parent_id and existing.parent_step == step:
+            return "existing"
+        return "taken"
+
+    def add_child(
+        self, child_id: str, workflow: str, input: str, parent_id: str, step: str
+    ) -> ModelRun:
+        """Adopt the child the adapter created: pending (the machine starts no
+        delayed child), linked to its parent, whose deadline it inherits
+        (the caller sets ``deadline_at`` from what the adapter stored)."""
+        run = self.add_run(child_id, workflow, input, None)
+        run.parent_id = parent_id
+        run.parent_step = step
+        self.runs[parent_id].children.append(child_id)
+        return run
+
+    def open_children(self, run_id: str, step: str) -> list[str]:
+        """The run's children at ``step`` that have not ended."""
+        return [
+            child
+            for child in self.runs[run_id].children
+            if self.runs[child].parent_step == step and not self.runs[child].terminal
+        ]
+
+    def wait_children(self, run_id: str, epoch: int, step: str, record: ModelStep) -> bool | None:
+        """Fenced ``wait_children``: upsert the step; True (the lease kept) if
+        no child at ``step`` is unfinished, else False with the run waiting
+        (not due: only its last child's end, or its deadline, wakes it).
+        ``None`` if the lease is lost."""
+        run = self.live(run_id, epoch)
+        if run is None:
+            return None
+        run.steps[step] = record
+        if not self.open_children(run_id, step):
+            return True
+        run.status = "waiting"
+        run.waiting_for = CHILDREN_WAIT_PREFIX + step
+        run.lease = None
+        run.due = False
+        return False
+
+    def below(self, run_id: str) -> list[str]:
+        """Every run below ``run_id`` (children, their children, ...), depth first."""
+        found: list[str] = []
+        for child in self.runs[run_id].children:
+            found.append(child)
+            found.extend(self.below(child))
+        return found
+
     def claim(self, run_id: str, lease: LeaseState) -> bool:
         """One run handed out by ``claim_runs``; returns whether it is a reclaim."""
         run = self.runs[run_id]
@@ -281,21 +350,39 @@ class Model:
     def end_fenced(
         self, run_id: str, epoch: int, status: Literal["failed", "cancelled"], error: str | None
     ) -> bool:
-        """Fenced ``update_run_status(failed|cancelled, lease=...)``."""
+        """Fenced ``update_run_status(failed|cancelled, lease=...)``; a cancel
+        cascades (:meth:`cascade`)."""
         run = self.live(run_id, epoch)
         if run is None:
             return False
         self._end(run, status, error)
+        if status == "cancelled":
+            self.cascade(run_id)
         return True
+
+    def doomed(self, run_id: str) -> list[str]:
+        """The runs a cancel of ``run_id`` would cancel below it: the unfinished ones."""
+        return [i for i in self.below(run_id) if not self.runs[i].terminal]
+
+    def cascade(self, run_id: str) -> None:
+        """What cancelling ``run_id`` does below it, in the same write: every
+        unfinished run below is cancelled, its lease broken and its events
+        dropped, its error left as it was."""
+        for below_id in self.doomed(run_id):
+            run = self.runs[below_id]
+            self._end(run, "cancelled", run.error)
 
     def cancel(
         self, run_id: str, status: Literal["failed", "cancelled"], error: str | None
     ) -> bool:
-        """Unfenced ``update_run_status``: ends any run that is not terminal."""
+        """Unfenced ``update_run_status``: ends any run that is not terminal;
+        a cancel cascades (:meth:`cascade`)."""
         run = self.runs.get(run_id)
         if run is None or run.terminal:
             return False
         self._end(run, status, error)
+        if status == "cancelled":
+            self.cascade(run_id)
         return True
 
     def _end(self, run: ModelRun, status: RunStatus, error: str | None) -> None:
@@ -307,6 +394,15 @@ class Model:
         run.due = False
         run.waiting_for = None
         run.events.clear()
+        parent = None if run.parent_id is None else self.runs.get(run.parent_id)
+        if (
+            parent is not None
+            and run.parent_step is not None
+            and parent.status == "waiting"
+            and parent.waiting_for == CHILDREN_WAIT_PREFIX + run.parent_step
+            and not self.open_children(parent.id, run.parent_step)
+        ):
+            parent.due = True
 
     def sleep(self, run_id: str, epoch: int, name: str, deadline: Deadline) -> ModelStep | None:
         """Fenced ``sleep_run``: the step's sleeping record (kept if it was

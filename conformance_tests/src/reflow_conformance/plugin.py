@@ -97,6 +97,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_records",
             "test_delayed",
             "test_deadlines",
+            "test_children",
             "test_listing",
             "test_sleep_wait",
             "test_events",

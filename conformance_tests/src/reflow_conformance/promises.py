@@ -284,3 +284,54 @@ RUN_DEADLINE_ARGS = (
     "create_run and claim_schedule_slot refuse a deadline that is not a timedelta from 0 to "
     "100 years with ConfigError, and write nothing"
 )
+CHILD_START = (
+    "start_child creates the child as create_run would (pending, or delayed with a delay; zero "
+    "attempts, reclaims and epoch), linked to its parent: parent_id is the lease's run, "
+    "parent_step the step given"
+)
+CHILD_START_ONCE = (
+    "start_child with the id of an existing child of the same run and step returns that child "
+    "as stored and writes nothing: a replayed step never starts a second child"
+)
+CHILD_ID_TAKEN = (
+    "start_child with a run id taken by a run that is not that parent's child at that step "
+    "raises StorageError and writes nothing"
+)
+CHILD_FENCED = (
+    "start_child and wait_children on a lost lease (lapsed, superseded, cancelled, finished) "
+    "return None and write nothing"
+)
+CHILD_DEADLINE = (
+    "a child's deadline_at is the earlier of the storage's now plus NewRun.deadline and its "
+    "parent's deadline_at; None only when both are absent"
+)
+CHILD_WAIT_READY = (
+    "wait_children when every child of the run at that step has ended (or there is none) "
+    "returns True, saves the step record and leaves the run running under its lease"
+)
+CHILD_WAIT_PARKS = (
+    "wait_children while a child at that step is unfinished returns False, saves the step "
+    "record, and leaves the run waiting, its lease dropped, waiting_for the children prefix and "
+    "the step, not claimable before a child ends (or its deadline)"
+)
+CHILD_END_WAKES = (
+    "the write that ends a waiting parent's last unfinished child at that step (finish_run, or "
+    "update_run_status to failed or cancelled) makes the parent claimable at once, as a first "
+    "claim under a new lease"
+)
+CHILD_WAKE_LAST = (
+    "a waiting parent stays unclaimable while another child of it at that step is unfinished; "
+    "children at other steps neither hold nor wake it"
+)
+CANCEL_CASCADES = (
+    "cancelling a run cancels every unfinished run below it (children, grandchildren) in the "
+    "same write, breaking their leases; finished ones are left as they are"
+)
+CHILDREN_LISTED = (
+    "list_children returns the run's children, as stored, in creation order (created_at, then "
+    "id); nothing for a run without children or a missing run"
+)
+CHILD_ARGS = (
+    "start_child refuses a NewRun without a run_id, with an idempotency_key, or with bad names "
+    "or durations, with ConfigError, and writes nothing"
+)

@@ -1,7 +1,7 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
 Each class in the modules of this package (one per area of the contract:
-``claims``, ``delays``, ``deadlines``, ``leases``, ``runs``, ``records``, ``events``,
+``claims``, ``children``, ``delays``, ``deadlines``, ``leases``, ``runs``, ``records``, ``events``,
 ``retention``, ``schedules``, and ``workers`` for the worker registry and
 queue statistics)
 is the in-memory reference backend (or, where the bug lives in a query, the
@@ -39,6 +39,14 @@ from reflow_core.memory import MemoryStorage
 from reflow_sqlite import SQLiteStorage
 
 from ._common import correct, correct_millisecond_clock
+from .children import (
+    cancel_no_cascade,
+    child_end_no_wake,
+    child_outlives_parent,
+    child_twice,
+    unfenced_child,
+    wakes_on_first_child,
+)
 from .claims import (
     claims_backlog_first,
     claims_newest_first,
@@ -127,8 +135,12 @@ __all__ = [
     "FACTORIES",
     "NO_SHRINK_PROFILE",
     "UNFINISHED",
+    "cancel_no_cascade",
     "caps_sleep_step",
     "caseless_step_names",
+    "child_end_no_wake",
+    "child_outlives_parent",
+    "child_twice",
     "claims_backlog_first",
     "claims_delayed_early",
     "claims_newest_first",
@@ -188,8 +200,10 @@ __all__ = [
     "stats_delayed_as_pending",
     "stats_skip_idle",
     "unbounded_events",
+    "unfenced_child",
     "updated_at_stale",
     "upsert_unpauses",
+    "wakes_on_first_child",
     "workers_by_host_clock",
     "workers_by_id",
 ]
@@ -276,6 +290,12 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         caps_sleep_step,
         requeue_keeps_deadline,
         deadline_by_client_clock,
+        child_twice,
+        unfenced_child,
+        cancel_no_cascade,
+        child_end_no_wake,
+        wakes_on_first_child,
+        child_outlives_parent,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

@@ -12,6 +12,7 @@ Each module lists its test classes in ``__all__``.
 from __future__ import annotations
 
 from .test_arguments import *  # noqa: F403
+from .test_children import *  # noqa: F403
 from .test_claims import *  # noqa: F403
 from .test_clock import *  # noqa: F403
 from .test_codec import *  # noqa: F403

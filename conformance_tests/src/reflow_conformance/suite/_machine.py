@@ -289,6 +289,8 @@ class MachineBase(RuleBasedStateMachine):
             ("lease_epoch", run.epoch, record.lease_epoch),
             ("workflow", run.workflow, record.workflow),
             ("idempotency_key", run.idempotency_key, record.idempotency_key),
+            ("parent_id", run.parent_id, record.parent_id),
+            ("parent_step", run.parent_step, record.parent_step),
         ):
             if want != got:
                 found.append(f"{field} is {got!r}, expected {want!r}")

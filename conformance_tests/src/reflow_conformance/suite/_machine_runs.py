@@ -1,7 +1,8 @@
 """The stateful machine's rules for runs and their leases: creating runs
-(idempotency keys included), claiming and reclaiming them, heartbeats, saved
-steps, finishing, handing back, cancelling, sleeps, waits, resuming a sleep
-or wait reached before, and requeues."""
+(idempotency keys included, and children of running runs), claiming and
+reclaiming them, heartbeats, saved steps, finishing, handing back,
+cancelling (down to the runs below), sleeps, waits, resuming a sleep or wait
+reached before, and requeues."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from ._machine import (
     values,
     why,
 )
+from ._util import check_times
 
 __all__ = ["RunRules"]
 
@@ -78,6 +80,9 @@ class RunRules(MachineBase):
     def create(
         self, wf: int, value: object, key: str | None, delay: timedelta | None = None
     ) -> str | MultipleResults[str]:
+        parent = self._child_parent(key, delay)
+        if parent is not None:
+            return self._start_child(parent, wf, value)
         workflow = self.workflows[wf]
         text = encoded(value)
         expected = self.model.create(workflow, text, key)
@@ -158,6 +163,80 @@ class RunRules(MachineBase):
         note(f"{story} -> new {label}")
         self._check_run(run_id, P.CREATE_SHAPE)
         return run_id
+
+    def _child_parent(self, key: str | None, delay: timedelta | None) -> Lease | None:
+        """The live lease a create starts its run under, as a child, or ``None``.
+
+        A keyless create of a pending run (no delay, or a zero one) starts a
+        child of the first run held by a live lease, if there is one: the rule
+        draws nothing more, so the examples it generates (and the broken
+        adapters they catch) stay as they were."""
+        if key is not None or delay or not self.reflow.implements("children"):
+            return None
+        for run in self.model:
+            if self.model.live(run.id, run.epoch) is not None:
+                return Lease(run.id, run.epoch)
+        return None
+
+    def _start_child(self, lease: Lease, wf: int, value: object) -> str:
+        """``start_child`` of a new pending run, at the first step, under a live lease."""
+        workflow = self.workflows[wf]
+        text = encoded(value)
+        step = STEP_NAMES[0]
+        child_id = self._new_run_id()
+        parent = self.model.runs[lease.run_id]
+        story = (
+            f"{self._lease(lease)} starts a child in {'AB'[wf]} at step {step!r} "
+            f"input={show(value)}"
+        )
+        expected = self.model.start_child(lease.run_id, lease.epoch, step, child_id)
+        assert expected is parent, f"{story}: the model expected {expected!r}"
+        new = NewRun(workflow, text, run_id=child_id)
+        record = self._run(self.storage.start_child(lease, step, new))
+        note(f"{story} -> " + ("refused" if record is None else "started"))
+        promise(record is not None, P.LIVE_LEASE_ACCEPTED, f"{story}: returned None")
+        assert record is not None
+        check_times(record, f"the child {child_id} as start_child returned it")
+        shape = (
+            record.id,
+            record.status,
+            record.attempts,
+            record.reclaims,
+            record.lease_epoch,
+            record.parent_id,
+            record.parent_step,
+        )
+        promise(
+            shape == (child_id, "pending", 0, 0, 0, lease.run_id, step),
+            P.CHILD_START,
+            f"{story}: got {record!r}",
+        )
+        promise(
+            same_instant(record.deadline_at, parent.deadline_at),
+            P.CHILD_DEADLINE,
+            f"{story}: a child without a deadline has deadline_at {record.deadline_at}, "
+            f"its parent's is {parent.deadline_at}",
+        )
+        added = self.model.add_child(child_id, workflow, text, lease.run_id, step)
+        added.deadline_at = record.deadline_at
+        note(f"... the child is {added.label}")
+        self._check_run(child_id, P.CHILD_START)
+        self._check_run(lease.run_id, P.CHILD_START)
+        listed = [r.id for r in self._run(self.storage.list_children(lease.run_id))]
+        promise(
+            listed == parent.children,
+            P.CHILDREN_LISTED,
+            f"{parent.label} lists children {self._labels(listed)}, "
+            f"expected {self._labels(parent.children)}",
+        )
+        return child_id
+
+    def _check_cascade(self, doomed: list[str], what: str) -> None:
+        """The runs a cancel cascaded to read back cancelled, as the model has them."""
+        if doomed:
+            note(f"... {what} cascades to {self._labels(doomed)}")
+        for run_id in doomed:
+            self._check_run(run_id, P.CANCEL_CASCADES)
 
     def _claim(self, which: tuple[int, ...], limit: int, lease: timedelta) -> list[ClaimedRun]:
         names = [self.workflows[i] for i in which]
@@ -338,12 +417,16 @@ class RunRules(MachineBase):
         reason: object,
     ) -> Lease:
         """Hand a run back (``pending``) or end it, fenced by its lease."""
+        doomed: list[str] = []
         if status == "pending":
             error = None
             expected = self.model.hand_back(lease.run_id, lease.epoch)
             story = f"{self._lease(lease)} hands its run back"
         else:
             error = None if reason is None else encoded(reason)
+            live = self.model.live(lease.run_id, lease.epoch) is not None
+            if live and status == "cancelled":
+                doomed = self.model.doomed(lease.run_id)
             expected = self.model.end_fenced(lease.run_id, lease.epoch, status, error)
             story = f"{self._lease(lease)} ends its run {status} ({show(reason)})"
         got = self._run(
@@ -352,6 +435,8 @@ class RunRules(MachineBase):
         note(f"{story} -> {got}")
         self._fenced(lease, expected, got, f"update_run_status({status!r}, lease=...)")
         self._check_fenced(lease, expected, P.HAND_BACK if status == "pending" else P.CANCEL)
+        if expected and got:
+            self._check_cascade(doomed, f"the cancel of {self._lease(lease)}")
         return lease
 
     @rule(
@@ -363,6 +448,8 @@ class RunRules(MachineBase):
         """End a run from outside, without its lease."""
         error = None if reason is None else encoded(reason)
         before = self.model.runs[run_id].status
+        cascading = status == "cancelled" and not self.model.runs[run_id].terminal
+        doomed = self.model.doomed(run_id) if cascading else []
         expected = self.model.cancel(run_id, status, error)
         got = self._run(self.storage.update_run_status(run_id, status, error=error))
         note(f"end {self.model.label(run_id)} ({before}) {status} from outside -> {got}")
@@ -372,6 +459,7 @@ class RunRules(MachineBase):
             f"update_run_status({status!r}) on a {before} run returned {got}",
         )
         self._check_run(run_id, P.CANCEL if expected else P.TERMINAL_UNCHANGED)
+        self._check_cascade(doomed, f"the cancel of {self.model.label(run_id)}")
 
     @rule(
         target=SPENT,
