@@ -4,7 +4,8 @@ Every adapter in ``broken_adapters`` is a backend of this repository (memory,
 or SQLite for a claim-query bug) with one promise broken. Each runs through the
 suite the way a third party runs it
 (``pytest --pyargs reflow_conformance.suite --reflow-storage=module:factory``,
-in a fresh interpreter), restricted with ``-k`` to the modules that check that
+in a fresh interpreter; the runs the session selected go side by side, a few
+at a time, see :class:`SuiteRuns`), restricted with ``-k`` to the modules that check that
 promise, plus the stateful machine where it finds the breakage on its own. The
 run must fail, and its report must say ``broken promise: <the promise>``. The
 unbroken backend, run through the same way, must pass: the failures come from
@@ -20,6 +21,11 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +33,6 @@ import pytest
 
 from reflow_conformance import promises as P
 from reflow_conformance.harness import area_skip_reason
-
-pytest_plugins = ["pytester"]
 
 _HERE = Path(__file__).resolve().parent
 _MODULE = "broken_adapters"
@@ -177,14 +181,16 @@ CASES = [
 ]
 
 
-def _run_suite(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, factory: str, *args: str
-) -> pytest.RunResult:
-    """Run the suite against ``broken_adapters:<factory>`` in a fresh interpreter."""
-    path = os.environ.get("PYTHONPATH")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(_HERE), path])))
-    monkeypatch.setenv("COLUMNS", "1000")  # short summary lines keep the whole promise
-    return pytester.runpytest_subprocess(
+_PARALLEL = 3
+"""Suite runs at once: each is half waiting (on leases and sleeps of real
+time), so three keep two cores busy."""
+
+
+def _command(factory: str, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pytest",
         "-p",
         "no:cacheprovider",
         "-p",
@@ -195,8 +201,99 @@ def _run_suite(
         "reflow_conformance.suite",
         f"--reflow-storage={_MODULE}:{factory}",
         *args,
-        timeout=_TIMEOUT,
-    )
+    ]
+
+
+class SuiteRuns:
+    """Runs of the suite against ``broken_adapters:<factory>``, each in a
+    fresh interpreter and a directory of its own, started for every test of
+    this module the session selected as soon as the first one asks, at most
+    :data:`_PARALLEL` at once; a test then waits for its own."""
+
+    def __init__(self, root: Path, planned: list[tuple[str, ...]]) -> None:
+        self._root = root
+        self._pool = ThreadPoolExecutor(max_workers=_PARALLEL, thread_name_prefix="suite-run")
+        self._runs: dict[tuple[str, ...], Future[pytest.RunResult]] = {}
+        for key in planned:
+            self._start(key)
+
+    def _start(self, key: tuple[str, ...]) -> Future[pytest.RunResult]:
+        if key not in self._runs:
+            self._runs[key] = self._pool.submit(self._run, key, len(self._runs))
+        return self._runs[key]
+
+    def _run(self, key: tuple[str, ...], n: int) -> pytest.RunResult:
+        where = self._root / f"run-{n}"
+        where.mkdir()
+        path = os.environ.get("PYTHONPATH")
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(_HERE), path])),
+            "COLUMNS": "1000",  # short summary lines keep the whole promise
+            "PY_COLORS": "0",
+        }
+        env.pop("PYTEST_ADDOPTS", None)
+        started = time.monotonic()
+        try:
+            done = subprocess.run(
+                [*_command(*key), f"--basetemp={where / 'tmp'}"],
+                cwd=where,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as late:
+            out = late.stdout if isinstance(late.stdout, str) else ""
+            raise AssertionError(f"the suite run {key} took over {_TIMEOUT} s:\n{out}") from None
+        return pytest.RunResult(
+            done.returncode,
+            done.stdout.splitlines(),
+            done.stderr.splitlines(),
+            time.monotonic() - started,
+        )
+
+    def result(self, factory: str, *args: str) -> pytest.RunResult:
+        return self._start((factory, *args)).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _planned(item: pytest.Item) -> tuple[str, ...] | None:
+    """The suite run a test of this module asks for (``None``: it runs none)."""
+    name = getattr(item, "originalname", item.name)
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if name == "test_a_broken_adapter_fails_naming_its_promise":
+        case: Case = params["case"]
+        return (case.factory, "-k", case.selection)
+    if name == "test_the_unbroken_adapter_passes":
+        control: str = params["control"]
+        modules = _CONTROLS[control]
+        return (control, *(("-k", _select(modules)) if modules else ()))
+    if name == "test_an_adapter_declaring_an_area_missing_passes_the_rest":
+        return ("no_schedules_declared", "-rs")
+    if name == "test_an_undeclared_missing_area_fails_naming_it":
+        return ("no_schedules", "-k", _select(_SCHEDULE_MODULES))
+    return None
+
+
+@pytest.fixture(scope="module")
+def suite_runs(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SuiteRuns]:
+    here = request.module.__file__
+    planned = [
+        key
+        for item in request.session.items
+        if item.path == Path(here) and (key := _planned(item)) is not None
+    ]
+    runs = SuiteRuns(tmp_path_factory.mktemp("suite-runs"), planned)
+    try:
+        yield runs
+    finally:
+        runs.close()
 
 
 def _failures(result: pytest.RunResult) -> dict[str, str]:
@@ -206,10 +303,8 @@ def _failures(result: pytest.RunResult) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.factory)
-def test_a_broken_adapter_fails_naming_its_promise(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, case: Case
-) -> None:
-    result = _run_suite(pytester, monkeypatch, case.factory, "-k", case.selection)
+def test_a_broken_adapter_fails_naming_its_promise(suite_runs: SuiteRuns, case: Case) -> None:
+    result = suite_runs.result(case.factory, "-k", case.selection)
     report = result.stdout.str()
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) >= 1, f"the suite passed {case.factory}:\n{report}"
@@ -238,12 +333,10 @@ _CONTROLS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("control", sorted(_CONTROLS))
-def test_the_unbroken_adapter_passes(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, control: str
-) -> None:
+def test_the_unbroken_adapter_passes(suite_runs: SuiteRuns, control: str) -> None:
     modules = _CONTROLS[control]
     selection = ("-k", _select(modules)) if modules else ()
-    result = _run_suite(pytester, monkeypatch, control, *selection)
+    result = suite_runs.result(control, *selection)
     report = result.stdout.str()
     assert result.ret == pytest.ExitCode.OK, report
     assert result.parseoutcomes().get("passed", 0) > 0, report
@@ -264,13 +357,11 @@ _SKIPPED = re.compile(r"^SKIPPED \[\d+\] (\S+?):\d+: (.*)$", re.MULTILINE)
 
 
 @pytest.mark.slow
-def test_an_adapter_declaring_an_area_missing_passes_the_rest(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_adapter_declaring_an_area_missing_passes_the_rest(suite_runs: SuiteRuns) -> None:
     """The whole suite passes an adapter that lacks schedules and says so: every
     test of schedules is skipped with one reason, the tests that touch them in
     part test the rest, and the summary says what was not tested."""
-    result = _run_suite(pytester, monkeypatch, "no_schedules_declared", "-rs")
+    result = suite_runs.result("no_schedules_declared", "-rs")
     report = result.stdout.str()
     assert result.ret == pytest.ExitCode.OK, report
     outcomes = result.parseoutcomes()
@@ -287,14 +378,12 @@ def test_an_adapter_declaring_an_area_missing_passes_the_rest(
 
 
 @pytest.mark.slow
-def test_an_undeclared_missing_area_fails_naming_it(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_undeclared_missing_area_fails_naming_it(suite_runs: SuiteRuns) -> None:
     """The same adapter, not declaring it: the tests that touch schedules fail,
     each naming the area and how to declare it (never a bare
     NotImplementedError from deep inside an unrelated test), and the summary
     says so once."""
-    result = _run_suite(pytester, monkeypatch, "no_schedules", "-k", _select(_SCHEDULE_MODULES))
+    result = suite_runs.result("no_schedules", "-k", _select(_SCHEDULE_MODULES))
     report = result.stdout.str()
     outcomes = result.parseoutcomes()
     assert outcomes.get("errors", 0) == 0, report
