@@ -29,10 +29,10 @@ Crawl = dict[str, list[str]]
 
 
 def fetch(ctx: StepContext[Crawl, str]) -> dict[str, Any]:
-    """A plain ``def``: it runs in a worker thread, ``ctx.prev`` is one URL."""
-    with urllib.request.urlopen(ctx.prev, timeout=5) as response:
+    """A plain ``def``: it runs in a worker thread, ``ctx.item`` is one URL."""
+    with urllib.request.urlopen(ctx.item, timeout=5) as response:
         text = response.read().decode()
-    return {"url": ctx.prev, "words": len(text.split())}
+    return {"url": ctx.item, "words": len(text.split())}
 
 
 def reduce(ctx: StepContext[Crawl, list[dict[str, Any]]]) -> dict[str, Any]:

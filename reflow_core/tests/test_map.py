@@ -68,7 +68,7 @@ async def test_items_from_an_earlier_step_with_a_plain_def_handler(storage: Stor
     wf = (
         workflow("pages")
         .step("list", lambda ctx: ["a", "bb", "ccc"])
-        .map("measure", lambda ctx: ctx.prev, lambda ctx: {"page": ctx.prev, "len": len(ctx.prev)})
+        .map("measure", lambda ctx: ctx.prev, lambda ctx: {"page": ctx.item, "len": len(ctx.prev)})
     )
     async with _engine(storage, wf) as engine:
         run = await engine.enqueue(wf)
@@ -202,3 +202,16 @@ def test_item_names_cannot_clash_and_options_are_checked() -> None:
         workflow("w").map("m", lambda ctx: [], lambda ctx: None, max_items=True)
     with pytest.raises(ConfigError, match="items must be a callable"):
         workflow("w").map("m", [1, 2], lambda ctx: None)  # type: ignore[arg-type]
+
+
+async def test_ctx_item_is_set_only_in_a_map_item(storage: Storage) -> None:
+    def outside(ctx: StepContext[Any, Any]) -> Any:
+        return ctx.item
+
+    wf = workflow("no-item").step("plain", outside)
+    async with _engine(storage, wf) as engine:
+        run = await engine.enqueue(wf)
+        with pytest.raises(RunFailedError) as caught:
+            await engine.result(run.id, timeout=10)
+    assert caught.value.error_type == "reflow_core.errors.ConfigError"
+    assert "ctx.item is set only in an item of .map()" in str(caught.value)

@@ -227,6 +227,20 @@ class StepContext(Generic[InputT_co, PrevT_co]):
     in_parallel: bool = field(default=False, repr=False)
     """True inside a branch of ``.parallel(...)`` or an item of ``.map(...)``."""
     _children: ChildStarter | None = field(default=None, repr=False, compare=False)
+    _is_item: bool = field(default=False, repr=False, compare=False)
+
+    @property
+    def item(self) -> PrevT_co:
+        """In an item of ``.map(...)``: the item this handler call is for
+        (the same value as ``prev``). Raises
+        :class:`~reflow_core.errors.ConfigError` anywhere else."""
+        if not self._is_item:
+            raise ConfigError(
+                f"step {self.step!r}: ctx.item is set only in an item of .map(); "
+                "use ctx.prev for the previous step's output",
+                option="item",
+            )
+        return self.prev
 
     async def start_child(
         self,

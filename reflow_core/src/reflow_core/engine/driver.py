@@ -167,6 +167,7 @@ class Execution:
             signal=signal,
             in_parallel=in_parallel,
             _children=children,
+            _is_item=prev is not _CURRENT,
         )
 
 
