@@ -174,3 +174,16 @@ async def test_a_reclaimed_run_says_so(
         f"run {run.id} of workflow 'reclaimed' resumed after its worker was lost (attempt 2)"
     )
     assert first.reflow["reclaimed"] is True  # type: ignore[attr-defined]
+
+
+async def test_a_run_waiting_for_its_children_says_so(
+    storage: Storage, caplog: pytest.LogCaptureFixture
+) -> None:
+    child = workflow("logged-child").step("work", lambda ctx: 1)
+    parent = workflow("logged-parent").child("spawn", child)
+    caplog.set_level(logging.DEBUG, logger=DEFAULT_LOGGER)
+    async with engine_on(storage, parent, child, plugins=[LoggingPlugin()]) as engine:
+        run = await engine.enqueue(parent)
+        assert await engine.tick() == 1
+    waiting = [r.getMessage() for r in records(caplog) if "waiting" in r.getMessage()]
+    assert waiting == [f"run {run.id} waiting at step 'spawn' for its child runs to end"]

@@ -160,7 +160,10 @@ class RunSleeping:
 class RunWaiting:
     """The run reached a wait with no event buffered for it and was
     released until the event ``event`` arrives, or ``deadline`` passes
-    (``None``: no timeout)."""
+    (``None``: no timeout); or a step awaits child runs that have not all
+    ended, and the run was released until they have (``event`` is then
+    :data:`~reflow_core.storage.CHILDREN_WAIT_PREFIX` and the step, and
+    ``deadline`` ``None``)."""
 
     hook: ClassVar[str] = "reflow_run_waiting"
     run_id: str

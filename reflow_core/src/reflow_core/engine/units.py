@@ -206,7 +206,7 @@ class StepUnit:
                         record_.workflow,
                         step.name,
                         CHILDREN_WAIT_PREFIX + step.name,
-                        record_.deadline_at,
+                        None,
                     )
                 )
                 return None

@@ -43,6 +43,7 @@ from reflow_core.events import (
     StepStarted,
 )
 from reflow_core.hookspecs import hookimpl
+from reflow_core.storage import CHILDREN_WAIT_PREFIX
 
 __all__ = ["DEFAULT_LOGGER", "LoggingPlugin"]
 
@@ -186,6 +187,16 @@ class LoggingPlugin:
 
     @hookimpl
     def reflow_run_waiting(self, event: RunWaiting) -> None:
+        if event.event.startswith(CHILDREN_WAIT_PREFIX):
+            self._log(
+                self.level,
+                "run_waiting",
+                event,
+                "run %s waiting at step %r for its child runs to end",
+                event.run_id,
+                event.step,
+            )
+            return
         until = "no timeout" if event.deadline is None else f"until {event.deadline.isoformat()}"
         self._log(
             self.level,
