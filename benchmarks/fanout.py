@@ -1,4 +1,5 @@
-"""A fan-out with ``.map()`` against the same work as separate runs, on each backend.
+"""A fan-out with ``.map()`` and with child runs, against the same work as
+separate runs, on each backend.
 
     python benchmarks/fanout.py [--items 10000] [--concurrency 100] [--passes 3]
                                 [--backends memory sqlite postgres redis]
@@ -11,14 +12,22 @@ file, PostgreSQL schema or Redis key prefix, as ``throughput.py`` makes them):
   ``.map("item", ..., concurrency=C)`` over N items; each item returns a small
   dict and is saved as its own step. Timed from the worker's start to the
   run's durable completion: ``items/s``.
+* ``children``: one run whose step starts N child runs of the one-step
+  workflow (``ctx.start_child``, all at once with ``asyncio.gather``) and
+  awaits them all, the engine at
+  ``concurrency=C``: the parent waits without a slot, the children run on
+  the same worker. Timed from the worker's start to the parent's durable
+  completion: ``children/s``.
 * ``runs`` (the baseline): N runs of a one-step workflow whose step returns
   the same dict, enqueued first, the engine at ``concurrency=C``. Timed the
   same way: ``runs/s``.
 
-Both variants alternate, their order swapped every pass, after one warm-up
-round of each; figures are medians with the spread, and the ratio of the
-medians (map over runs). An item costs one fenced step save; a separate run
-costs a create, a claim and a finish.
+The variants take turns, their order rotated every pass, after one warm-up
+round of each; figures are medians with the spread, and the ratio of each
+median to the runs' median. An item costs one fenced step save; a separate
+run costs a create, a claim and a finish; a child costs a fenced start, a
+claim and a finish that checks whether it was its parent's last open child
+(the parent's resumed step reads its ended children in one call).
 """
 
 from __future__ import annotations
@@ -68,6 +77,35 @@ async def map_pass(backend: Backend, items: int, concurrency: int) -> float:
     engine = Engine(storage=storage, workflows=[wf], lease="60s", poll_interval="50ms")
     await storage.initialize()
     await engine.enqueue(wf)
+    started = time.perf_counter()
+    await engine.start()
+    await done.event.wait()
+    took = time.perf_counter() - started
+    await engine.stop()
+    await storage.close()
+    await backend.dispose(storage)
+    return items / took
+
+
+async def children_pass(backend: Backend, items: int, concurrency: int) -> float:
+    one = workflow("bench-one").step("item", _item)
+
+    async def spawn(ctx: Any) -> int:
+        handles = await asyncio.gather(*(ctx.start_child(one, i) for i in range(items)))
+        return len([await handle.result() for handle in handles])
+
+    parent = workflow("bench-parent").step("spawn", spawn)
+    storage = backend.make()
+    done = _Completion(storage, items + 1)  # the children, then their parent
+    engine = Engine(
+        storage=storage,
+        workflows=[parent, one],
+        concurrency=concurrency,
+        lease="60s",
+        poll_interval="50ms",
+    )
+    await storage.initialize()
+    await engine.enqueue(parent)
     started = time.perf_counter()
     await engine.start()
     await done.event.wait()
@@ -144,20 +182,21 @@ async def main() -> None:
                 print(await server_settings(database))
                 backend = postgres_backend(database, args.pool_size)
             warm = min(args.items, 500)
-            await map_pass(backend, warm, args.concurrency)
-            await runs_pass(backend, warm, args.concurrency)
-            mapped: list[float] = []
-            separate: list[float] = []
+            variants = {"map": map_pass, "children": children_pass, "runs": runs_pass}
+            rates: dict[str, list[float]] = {name: [] for name in variants}
+            for variant in variants.values():
+                await variant(backend, warm, args.concurrency)
+            names = list(variants)
             for n in range(args.passes):
-                order = (map_pass, runs_pass) if n % 2 == 0 else (runs_pass, map_pass)
-                for variant in order:
-                    rate = await variant(backend, args.items, args.concurrency)
-                    (mapped if variant is map_pass else separate).append(rate)
-            ratio = statistics.median(mapped) / statistics.median(separate)
+                for name in names[n % 3 :] + names[: n % 3]:
+                    rates[name].append(await variants[name](backend, args.items, args.concurrency))
+            baseline = statistics.median(rates["runs"])
             print(f"\n{backend.label}")
-            print(f"  map   items/s {_median(mapped)}")
-            print(f"  runs  runs/s  {_median(separate)}")
-            print(f"  map / runs    {ratio:.2f}x")
+            print(f"  map       items/s    {_median(rates['map'])}")
+            print(f"  children  children/s {_median(rates['children'])}")
+            print(f"  runs      runs/s     {_median(rates['runs'])}")
+            print(f"  map / runs           {statistics.median(rates['map']) / baseline:.2f}x")
+            print(f"  children / runs      {statistics.median(rates['children']) / baseline:.2f}x")
 
 
 if __name__ == "__main__":

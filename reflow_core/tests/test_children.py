@@ -300,3 +300,26 @@ def test_child_is_checked_when_the_workflow_is_defined() -> None:
         base.child("c", LABEL, {"order": 1})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="timeout"):
         base.child("c", LABEL, timeout="-1s")
+
+
+async def test_children_started_together_get_ids_in_the_order_they_were_asked_for(
+    storage: Storage,
+) -> None:
+    entries: list[int] = []
+
+    async def ship(ctx: StepContext[Any, Any]) -> list[str]:
+        entries.append(ctx.attempt)
+        handles = await asyncio.gather(*(ctx.start_child(LABEL, {"order": n}) for n in range(6)))
+        return [await handle.result() for handle in handles]
+
+    batch = workflow("together").step("ship", ship)
+    async with _engine(storage, batch, LABEL) as engine:
+        run = await engine.enqueue(batch)
+        assert await engine.result(run.id, timeout=15) == [f"label-{n}" for n in range(6)]
+        children = await storage.list_children(run.id)
+    assert entries == [1, 1]
+    by_id = {child.id: child for child in children}
+    assert len(by_id) == 6
+    for n in range(6):
+        child = by_id[f"{run.id}:ship:1:{n}"]
+        assert child.output == f'"label-{n}"'

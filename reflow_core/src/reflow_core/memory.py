@@ -89,6 +89,8 @@ class _State:
     workers: dict[str, WorkerRecord] = field(default_factory=dict)
     children: dict[str, list[str]] = field(default_factory=dict)
     """Each parent's children's ids, in the order they were started."""
+    open_children: dict[str, dict[str, set[str]]] = field(default_factory=dict)
+    """Each parent's children that have not ended, by the step that started them."""
 
 
 _named: dict[str, _State] = {}
@@ -120,6 +122,7 @@ class MemoryStorage:
         self._unfinished = state.unfinished
         self._workers = state.workers
         self._children = state.children
+        self._open = state.open_children
         self._life = Lifecycle("memory")
 
     def __repr__(self) -> str:
@@ -149,10 +152,17 @@ class MemoryStorage:
 
     def _track(self, record: RunRecord) -> None:
         ids = self._unfinished.setdefault(record.workflow, set())
-        if record.status in TERMINAL_STATUSES:
+        ended = record.status in TERMINAL_STATUSES
+        if ended:
             ids.discard(record.id)
         else:
             ids.add(record.id)
+        if record.parent_id is not None and record.parent_step is not None:
+            steps = self._open.setdefault(record.parent_id, {})
+            if ended:
+                steps.get(record.parent_step, set()).discard(record.id)
+            else:
+                steps.setdefault(record.parent_step, set()).add(record.id)
 
     def _store_step(self, entry: _Run, step: StepRecord, now: datetime) -> None:
         entry.steps[step.name] = dataclasses.replace(step, completed_at=now)
@@ -186,14 +196,7 @@ class MemoryStorage:
 
     def _open_children(self, parent_id: str, step: str) -> bool:
         """Whether the run has a child at ``step`` that has not ended."""
-        for child_id in self._children.get(parent_id, ()):
-            child = self._runs.get(child_id)
-            if child is None:
-                continue
-            rec = child.record
-            if rec.parent_step == step and rec.status not in TERMINAL_STATUSES:
-                return True
-        return False
+        return bool(self._open.get(parent_id, {}).get(step))
 
     def _cancel_below(self, run_id: str, now: datetime) -> None:
         """Cancel every unfinished run below ``run_id``, depth first."""
@@ -636,6 +639,7 @@ class MemoryStorage:
             for _, run_id in doomed:
                 record = self._runs.pop(run_id).record
                 self._children.pop(run_id, None)
+                self._open.pop(run_id, None)
                 if record.idempotency_key is not None:
                     key = (record.workflow, record.idempotency_key)
                     if self._idem.get(key) == run_id:

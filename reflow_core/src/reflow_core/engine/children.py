@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from reflow_core.errors import (
     StepCancelledError,
     StorageError,
 )
-from reflow_core.storage import NewRun, RunRecord
+from reflow_core.storage import TERMINAL_STATUSES, NewRun, RunRecord
 from reflow_core.workflow import Workflow, to_plain_input
 
 from .views import read_stored
@@ -25,7 +26,7 @@ from .views import read_stored
 if TYPE_CHECKING:
     from .driver import Execution, RunDriver
 
-__all__ = ["Children", "child_run_id"]
+__all__ = ["Children", "child_run_id", "ended_children"]
 
 logger = logging.getLogger("reflow.engine")
 
@@ -44,14 +45,25 @@ class Children:
     """Starts the child runs of one attempt of one step (a
     :class:`~reflow_core.context.ChildStarter`)."""
 
-    __slots__ = ("_attempt", "_count", "_driver", "_run", "_step")
+    __slots__ = ("_attempt", "_count", "_driver", "_ended", "_run", "_step")
 
-    def __init__(self, driver: RunDriver, run: Execution, step: str, attempt: int) -> None:
+    def __init__(
+        self,
+        driver: RunDriver,
+        run: Execution,
+        step: str,
+        attempt: int,
+        ended: Mapping[str, RunRecord] | None = None,
+    ) -> None:
         self._driver = driver
         self._run = run
         self._step = step
         self._attempt = attempt
         self._count = 0
+        self._ended = ended or {}
+        """Children of the step known to have ended (read in one call when the
+        step resumes after waiting for them): starting one again needs no
+        round trip, since an ended child is returned as it is."""
 
     async def start(
         self,
@@ -78,10 +90,14 @@ class Children:
         if workflow.timeout is not None:
             deadline = workflow.timeout if deadline is None else min(deadline, workflow.timeout)
         later = None if delay is None else to_seconds(delay, option="start_child delay")
+        child_id = child_run_id(run.record.id, self._step, self._attempt, index)
+        ended = self._ended.get(child_id)
+        if ended is not None and ended.workflow == workflow.name:
+            return ended
         new = NewRun(
             workflow=workflow.name,
             input=text,
-            run_id=child_run_id(run.record.id, self._step, self._attempt, index),
+            run_id=child_id,
             delay=None if later is None else timedelta(seconds=later),
             deadline=None if deadline is None else timedelta(seconds=deadline),
         )
@@ -128,3 +144,17 @@ class Children:
         except SerializationError:
             return {"code": "corrupt_data", "message": "the child's stored error cannot be read"}
         return info if isinstance(info, dict) else None  # type: ignore[return-value]
+
+
+async def ended_children(driver: RunDriver, run: Execution, step: str) -> dict[str, RunRecord]:
+    """The ended children of ``step``, by id, in one read: what a step that
+    resumes after waiting for its children will start again."""
+    list_children = getattr(driver.storage, "list_children", None)
+    if list_children is None:
+        return {}
+    children: list[RunRecord] = await list_children(run.record.id)
+    return {
+        child.id: child
+        for child in children
+        if child.parent_step == step and child.status in TERMINAL_STATUSES
+    }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -40,7 +41,7 @@ from reflow_core.events import (
     StepSkipped,
     StepStarted,
 )
-from reflow_core.storage import CHILDREN_WAIT_PREFIX, StepRecord
+from reflow_core.storage import CHILDREN_WAIT_PREFIX, RunRecord, StepRecord
 from reflow_core.workflow import (
     RESERVED_PREFIX,
     MapDefinition,
@@ -51,7 +52,7 @@ from reflow_core.workflow import (
     WaitDefinition,
 )
 
-from .children import Children
+from .children import Children, ended_children
 from .driver import _CURRENT, WHEN_PREFIX, Execution, LeaseLost
 from .views import read_stored
 
@@ -191,13 +192,17 @@ class StepUnit:
         children have all ended); if they all have by then, the same attempt
         is run again at once."""
         driver = self.driver
+        resumed = run.saved.get(step.name)
+        waited = resumed is not None and resumed.status == "waiting"
         while True:
+            ended = await ended_children(driver, run, step.name) if waited else None
             try:
-                return await self.attempts(run, step, first=first)
+                return await self.attempts(run, step, first=first, ended=ended)
             except AwaitChildren as pause:
                 first = pause.attempt
                 record = StepRecord(step.name, "waiting", attempts=first)
                 if await driver.wait_children(run, record):
+                    waited = True
                     continue
                 record_ = run.record
                 await driver.emit(
@@ -219,6 +224,7 @@ class StepUnit:
         in_parallel: bool = False,
         prev: Any = _CURRENT,
         first: int = 1,
+        ended: Mapping[str, RunRecord] | None = None,
     ) -> tuple[Any, int]:
         """Run the step's handler until it succeeds or its retry policy gives
         up; returns its result and the number of attempts. ``prev`` is the
@@ -232,7 +238,9 @@ class StepUnit:
             state.signals.add(signal)
             if state.stop_reason is not None:
                 signal._fire(state.stop_reason)
-            children = None if in_parallel else Children(self.driver, run, step.name, attempt)
+            children = (
+                None if in_parallel else Children(self.driver, run, step.name, attempt, ended)
+            )
             ctx = run.context(
                 step.name, attempt, signal, in_parallel=in_parallel, prev=prev, children=children
             )
