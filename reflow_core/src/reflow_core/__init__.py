@@ -53,6 +53,7 @@ from .events import (
     StepSkipped,
     StepStarted,
 )
+from .limits import Limit
 from .memory import MemoryStorage
 from .registry import available_backends, open_storage
 from .retry import Retry
@@ -83,6 +84,7 @@ __all__ = [
     "IdempotencyConflictError",
     "JSONValue",
     "LeaseExpiredError",
+    "Limit",
     "MapTooLargeError",
     "MemoryStorage",
     "NonRetryableError",

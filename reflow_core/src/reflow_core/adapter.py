@@ -32,6 +32,9 @@ from typing import Any, cast
 from ._durations import MAX_DURATION, describe
 from .errors import ConfigError, StorageError
 from .storage import (
+    MAX_RUN_LIMITS,
+    PRIORITY_RANGE,
+    ConcurrencyLimit,
     Lease,
     NewRun,
     QueueStats,
@@ -57,6 +60,7 @@ __all__ = [
     "check_child_start",
     "check_duration",
     "check_finish_status",
+    "check_limits",
     "check_list_limit",
     "check_new_child",
     "check_new_run",
@@ -75,6 +79,8 @@ __all__ = [
     "encode_workflows",
     "from_epoch_us",
     "is_delayed",
+    "limit_columns",
+    "limits_from_columns",
     "load_queries",
     "new_run_id",
     "new_run_record",
@@ -152,7 +158,8 @@ def as_utc(value: datetime) -> datetime:
 RUN_COLUMNS = (
     "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims, "
     "lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at, deadline_at, "
-    "parent_id, parent_step"
+    "parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2, limit_max2, "
+    "blocked_by"
 )
 """The column order :func:`run_from_row` reads (the :class:`RunRecord` fields)."""
 STEP_COLUMNS = "name, status, output, error, attempts, wake_at, completed_at"
@@ -189,7 +196,69 @@ def run_from_row(row: Sequence[Any], time: TimeReader) -> RunRecord:
         deadline_at=None if deadline is None else time(deadline),
         parent_id=row[16],
         parent_step=row[17],
+        priority=row[18],
+        limits=limits_from_columns(row[19], row[20], row[21], row[22]),
+        blocked_by=row[23],
     )
+
+
+def limit_columns(
+    limits: Sequence[ConcurrencyLimit],
+) -> tuple[str | None, int | None, str | None, int | None]:
+    """A run's limits as the four columns ``limit_key1, limit_max1,
+    limit_key2, limit_max2`` (``None`` where it has fewer)."""
+    padded: list[ConcurrencyLimit | None] = [*limits, None, None]
+    first, second = padded[0], padded[1]
+    return (
+        None if first is None else first.key,
+        None if first is None else first.max,
+        None if second is None else second.key,
+        None if second is None else second.max,
+    )
+
+
+def limits_from_columns(
+    key1: str | None, max1: int | None, key2: str | None, max2: int | None
+) -> tuple[ConcurrencyLimit, ...]:
+    """Inverse of :func:`limit_columns`."""
+    found = []
+    if key1 is not None and max1 is not None:
+        found.append(ConcurrencyLimit(key1, max1))
+    if key2 is not None and max2 is not None:
+        found.append(ConcurrencyLimit(key2, max2))
+    return tuple(found)
+
+
+def check_limits(priority: object, limits: object) -> None:
+    """Refuse, with :class:`~reflow_core.errors.ConfigError`, a priority that
+    is not an int within :data:`~reflow_core.storage.PRIORITY_RANGE`, and
+    limits that are not a tuple of at most
+    :data:`~reflow_core.storage.MAX_RUN_LIMITS`
+    :class:`~reflow_core.storage.ConcurrencyLimit` with distinct, valid keys
+    and a ``max`` of at least 1."""
+    low, high = PRIORITY_RANGE
+    if isinstance(priority, bool) or not isinstance(priority, int) or not low <= priority <= high:
+        raise ConfigError(
+            f"priority must be an int from {low} to {high}, got {priority!r}", option="priority"
+        )
+    if not isinstance(limits, tuple) or len(limits) > MAX_RUN_LIMITS:
+        raise ConfigError(
+            f"limits must be a tuple of at most {MAX_RUN_LIMITS} ConcurrencyLimit, got {limits!r}",
+            option="limits",
+        )
+    keys = set()
+    for limit in limits:
+        if not isinstance(limit, ConcurrencyLimit):
+            raise ConfigError(f"limits must hold ConcurrencyLimit, not {limit!r}", option="limits")
+        check_text(limit.key, "limit key")
+        if isinstance(limit.max, bool) or not isinstance(limit.max, int) or limit.max < 1:
+            raise ConfigError(
+                f"the max of limit {limit.key!r} must be an int of at least 1, got {limit.max!r}",
+                option="limits",
+            )
+        if limit.key in keys:
+            raise ConfigError(f"limit key {limit.key!r} is given twice", option="limits")
+        keys.add(limit.key)
 
 
 def step_from_row(row: Sequence[Any], time: TimeReader) -> StepRecord:
@@ -366,6 +435,8 @@ def new_run_record(
         deadline_at=deadline_at,
         parent_id=None if parent is None else parent.id,
         parent_step=parent_step,
+        priority=new.priority,
+        limits=new.limits,
     )
 
 
@@ -670,6 +741,7 @@ def check_new_run(new: NewRun) -> None:
         check_duration(new.delay, "delay")
     if new.deadline is not None:
         check_duration(new.deadline, "deadline")
+    check_limits(new.priority, new.limits)
 
 
 def check_new_child(new: NewRun) -> None:

@@ -91,6 +91,10 @@ class _State:
     """Each parent's children's ids, in the order they were started."""
     open_children: dict[str, dict[str, set[str]]] = field(default_factory=dict)
     """Each parent's children that have not ended, by the step that started them."""
+    running_by_key: dict[str, set[str]] = field(default_factory=dict)
+    """The running runs holding each concurrency limit key."""
+    blocked_by_key: dict[str, set[str]] = field(default_factory=dict)
+    """The runs each full limit key blocks."""
 
 
 _named: dict[str, _State] = {}
@@ -123,6 +127,8 @@ class MemoryStorage:
         self._workers = state.workers
         self._children = state.children
         self._open = state.open_children
+        self._holding = state.running_by_key
+        self._blocked = state.blocked_by_key
         self._life = Lifecycle("memory")
 
     def __repr__(self) -> str:
@@ -147,8 +153,39 @@ class MemoryStorage:
         return entry
 
     def _update(self, entry: _Run, now: datetime, **changes: object) -> None:
-        entry.record = dataclasses.replace(entry.record, updated_at=now, **changes)  # type: ignore[arg-type]
+        before = entry.record
+        if "status" in changes and changes["status"] != "pending":
+            changes.setdefault("blocked_by", None)  # only a pending run is blocked
+        entry.record = dataclasses.replace(before, updated_at=now, **changes)  # type: ignore[arg-type]
         self._track(entry.record)
+        after = entry.record
+        if before.blocked_by != after.blocked_by:
+            if before.blocked_by is not None:
+                self._blocked.get(before.blocked_by, set()).discard(after.id)
+            if after.blocked_by is not None:
+                self._blocked.setdefault(after.blocked_by, set()).add(after.id)
+        held = before.status == "running"
+        if held != (after.status == "running"):
+            for limit in after.limits:
+                holders = self._holding.setdefault(limit.key, set())
+                if held:
+                    holders.discard(after.id)
+                else:
+                    holders.add(after.id)
+            if held:  # it stopped running: each of its slots may let a blocked run go
+                for limit in after.limits:
+                    self._unblock(limit.key, now)
+
+    def _unblock(self, key: str, now: datetime) -> None:
+        """Make claimable the run blocked by ``key`` that a claim would take first."""
+        blocked = self._blocked.get(key)
+        if not blocked:
+            return
+        first = min(
+            (self._runs[run_id].record for run_id in blocked),
+            key=lambda r: (-r.priority, r.wake_at or now, r.id),
+        )
+        self._update(self._runs[first.id], now, blocked_by=None)
 
     def _track(self, record: RunRecord) -> None:
         ids = self._unfinished.setdefault(record.workflow, set())
@@ -249,15 +286,25 @@ class MemoryStorage:
             self._idem[(new.workflow, new.idempotency_key)] = run_id
         return CreateResult(record, created=True)
 
-    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
-        """Sort key of a claimable run (lapsed leases first), or None."""
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
+        """Sort key of a claimable run (lapsed leases first, then by priority
+        and due time), or None."""
         if rec.status == "running":
             if rec.lease_expires_at is not None and rec.lease_expires_at <= now:
-                return (0, rec.lease_expires_at)
+                return (0, 0, rec.lease_expires_at)
+            return None
+        if rec.blocked_by is not None:
             return None
         due = rec.status in ("pending", "delayed", "sleeping", "waiting")
         if due and rec.wake_at is not None and rec.wake_at <= now:
-            return (1, rec.wake_at)
+            return (1, -rec.priority, rec.wake_at)
+        return None
+
+    def _full(self, rec: RunRecord) -> str | None:
+        """The key of the first of the run's limits that is full, or None."""
+        for limit in rec.limits:
+            if len(self._holding.get(limit.key, ())) >= limit.max:
+                return limit.key
         return None
 
     async def claim_runs(
@@ -271,7 +318,7 @@ class MemoryStorage:
             return []
         now = self._clock()
         wanted = set(workflows)
-        due: list[tuple[tuple[int, datetime], str]] = []
+        due: list[tuple[tuple[int, int, datetime], str]] = []
         for run_id, entry in self._runs.items():
             rec = entry.record
             if rec.workflow not in wanted:
@@ -281,10 +328,16 @@ class MemoryStorage:
                 due.append((key, run_id))
         due.sort()
         claimed: list[ClaimedRun] = []
-        for (kind, _), run_id in due[:limit]:
+        for (kind, _, _), run_id in due:
+            if len(claimed) >= limit:
+                break
             entry = self._runs[run_id]
             reclaimed = kind == 0
             rec = entry.record
+            full = None if reclaimed else self._full(rec)
+            if full is not None:
+                self._update(entry, now, blocked_by=full)
+                continue
             self._update(
                 entry,
                 now,

@@ -53,8 +53,11 @@ from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
     "CHILDREN_WAIT_PREFIX",
+    "MAX_RUN_LIMITS",
+    "PRIORITY_RANGE",
     "TERMINAL_STATUSES",
     "ClaimedRun",
+    "ConcurrencyLimit",
     "CreateResult",
     "EventTake",
     "Lease",
@@ -93,6 +96,23 @@ dropped by a requeue; ``sleeping``/``waiting`` mark a sleep or wait that was
 reached and carry its fixed deadline in ``wake_at``."""
 
 
+MAX_RUN_LIMITS = 2
+"""How many concurrency limits one run may hold (the engine uses one for the
+workflow's ``max_running`` and one for its ``Limit`` key)."""
+
+PRIORITY_RANGE = (-1_000_000, 1_000_000)
+"""The priorities a run may have, both ends included."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConcurrencyLimit:
+    """At most ``max`` runs holding ``key`` may be running at once, across
+    every worker of the store (:meth:`Storage.claim_runs`)."""
+
+    key: str
+    max: int
+
+
 @dataclass(frozen=True, slots=True)
 class NewRun:
     """A run to create. ``input`` is encoded text from :func:`reflow_core.codec.encode`."""
@@ -108,6 +128,12 @@ class NewRun:
     deadline: timedelta | None = None
     """The run must finish within this long after creation, by the storage's
     clock: stored as ``RunRecord.deadline_at``. The engine fails a run past it."""
+    priority: int = 0
+    """Claims take due runs of a higher priority first (within
+    :data:`PRIORITY_RANGE`)."""
+    limits: tuple[ConcurrencyLimit, ...] = ()
+    """The concurrency limits the run is held to while it runs: at most
+    :data:`MAX_RUN_LIMITS`, with distinct keys."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +172,14 @@ class RunRecord:
     """For a child run (:meth:`Storage.start_child`): the run that started it."""
     parent_step: str | None = None
     """For a child run: the parent's step that started it."""
+    priority: int = 0
+    """As created (``NewRun.priority``)."""
+    limits: tuple[ConcurrencyLimit, ...] = ()
+    """As created (``NewRun.limits``), in the order given."""
+    blocked_by: str | None = None
+    """For a pending run a claim passed over because one of its limits was
+    full: that limit's key. The run is not claimable until a run holding the
+    key stops running (:meth:`Storage.claim_runs`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,9 +394,29 @@ class Storage(Protocol):
         and ``reclaims`` incremented when the claim took over a lapsed lease
         (``ClaimedRun.reclaimed``). ``waiting_for`` is kept and ``wake_at`` is
         cleared. Runs with lapsed leases are taken before any other claimable
-        run, so a backlog cannot starve a dead worker's runs; a workflow's
-        other runs go by due time (``wake_at``), earliest first, so a steady
-        stream of new runs cannot starve old ones.
+        run, so a backlog cannot starve a dead worker's runs; the other runs
+        go by ``priority``, highest first, and within a priority by due time
+        (``wake_at``), earliest first, so a steady stream of new runs cannot
+        starve old ones of their priority (a steady stream of higher ones can).
+
+        Concurrency limits: a run with ``limits`` is taken only if, for each
+        of them, fewer than ``max`` runs holding its ``key`` are ``running``
+        (lapsed leases included; runs taken earlier in the same call count).
+        A claimable run a claim passes over because a limit is full becomes
+        *blocked*: ``blocked_by`` is that limit's key, and no claim takes it,
+        or needs to look at it, until a run holding that key stops running.
+        The write that stops it (``finish_run``, ``update_run_status`` of
+        any kind, ``sleep_run``, ``wait_run`` or ``wait_children`` that
+        release it) unblocks, in the same atomic write, the blocked run of
+        that key that a claim would take first (by priority, then due
+        time), for each key the stopped run held: its ``blocked_by`` is
+        cleared and it is claimable again. A cancelled or requeued run is
+        never blocked. A lapsed lease is taken over whatever the limits: the
+        run still holds its slots, which pass to the new holder, so a dead
+        worker's slot is free again once its lease has lapsed. Claims of
+        runs that share a key are serialized with each other and with the
+        writes that stop such runs, so no interleaving ever has more than
+        ``max`` of them running.
 
         No run is ever held by two live leases: concurrent claimers, in this
         process or others, get disjoint runs. Each ``ClaimedRun`` carries the

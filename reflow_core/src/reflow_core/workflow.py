@@ -27,6 +27,7 @@ from .adapter import check_text
 from .codec import WaitTimedOut
 from .context import FailureContext, StepContext
 from .errors import ConfigError, DuplicateStepError, ValidationError
+from .limits import FlowControl, Limit, check_priority
 from .retry import NO_RETRY, Retry
 
 __all__ = [
@@ -263,7 +264,7 @@ def to_plain_input(value: Any) -> Any:
 class Workflow(Generic[InputT, PrevT]):
     """An immutable, named chain of steps. Build one with :func:`workflow`."""
 
-    __slots__ = ("_name", "_on_failure", "_schema", "_steps", "_timeout", "_validator")
+    __slots__ = ("_flow", "_name", "_on_failure", "_schema", "_steps", "_timeout", "_validator")
 
     def __init__(
         self,
@@ -273,6 +274,7 @@ class Workflow(Generic[InputT, PrevT]):
         steps: tuple[Node, ...] = (),
         on_failure: FailureHandler | None = None,
         timeout: float | None = None,
+        flow: FlowControl | None = None,
     ) -> None:
         self._name = name
         self._schema = schema
@@ -280,6 +282,13 @@ class Workflow(Generic[InputT, PrevT]):
         self._steps = steps
         self._on_failure = on_failure
         self._timeout = timeout
+        self._flow = flow or FlowControl()
+
+    @property
+    def flow(self) -> FlowControl:
+        """Its flow control: the default priority of its runs, its
+        ``max_running`` and its concurrency :class:`~reflow_core.limits.Limit`."""
+        return self._flow
 
     @property
     def timeout(self) -> float | None:
@@ -364,6 +373,7 @@ class Workflow(Generic[InputT, PrevT]):
             (*self._steps, node),
             self._on_failure,
             self._timeout,
+            self._flow,
         )
 
     @overload
@@ -702,33 +712,66 @@ class Workflow(Generic[InputT, PrevT]):
             self._steps,
             cast(FailureHandler, handler),
             self._timeout,
+            self._flow,
         )
 
 
 @overload
 def workflow(
-    name: str, input: None = None, *, timeout: Duration | None = None
+    name: str,
+    input: None = None,
+    *,
+    timeout: Duration | None = None,
+    priority: int = 0,
+    max_running: int | None = None,
+    concurrency: Limit | None = None,
 ) -> Workflow[Any, Any]: ...
 
 
 @overload
-def workflow(name: str, input: type[T], *, timeout: Duration | None = None) -> Workflow[T, T]: ...
-
-
-@overload
 def workflow(
-    name: str, input: SupportsValidatePython[T], *, timeout: Duration | None = None
+    name: str,
+    input: type[T],
+    *,
+    timeout: Duration | None = None,
+    priority: int = 0,
+    max_running: int | None = None,
+    concurrency: Limit | None = None,
 ) -> Workflow[T, T]: ...
 
 
 @overload
 def workflow(
-    name: str, input: Callable[[Any], T], *, timeout: Duration | None = None
+    name: str,
+    input: SupportsValidatePython[T],
+    *,
+    timeout: Duration | None = None,
+    priority: int = 0,
+    max_running: int | None = None,
+    concurrency: Limit | None = None,
+) -> Workflow[T, T]: ...
+
+
+@overload
+def workflow(
+    name: str,
+    input: Callable[[Any], T],
+    *,
+    timeout: Duration | None = None,
+    priority: int = 0,
+    max_running: int | None = None,
+    concurrency: Limit | None = None,
 ) -> Workflow[T, T]: ...
 
 
 def workflow(
-    name: str, input: object = None, *, timeout: Duration | None = None
+    name: str,
+    input: object = None,
+    *,
+    timeout: Duration | None = None,
+    priority: int = 0,
+    max_running: int | None = None,
+    concurrency: Limit | None = None,
 ) -> Workflow[Any, Any]:
     """Start building a workflow named ``name``.
 
@@ -742,6 +785,14 @@ def workflow(
     it was enqueued (by the storage's clock) fails with
     :class:`~reflow_core.errors.RunDeadlineError`, whether a step is running
     (it is cancelled) or the run is delayed, sleeping or waiting.
+
+    Flow control, enforced by the storage inside every claim, across every
+    worker: ``priority`` is the default priority of its runs (claims take
+    higher ones first; ``enqueue(priority=...)`` overrides it);
+    ``max_running`` bounds how many of its runs run at once; ``concurrency``,
+    a :class:`~reflow_core.limits.Limit`, bounds how many runs with one key
+    computed from the input run at once. A run holds its slots while it is
+    running, not while it sleeps or waits.
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("workflow name must be a non-empty string", option="name")
@@ -751,4 +802,19 @@ def workflow(
         if timeout is None
         else to_seconds(timeout, option=f"workflow {name!r} timeout", allow_zero=False)
     )
-    return Workflow(name, input, _make_validator(input, name), timeout=seconds)
+    where = f"workflow {name!r}"
+    check_priority(priority, where)
+    if max_running is not None and (
+        isinstance(max_running, bool) or not isinstance(max_running, int) or max_running < 1
+    ):
+        raise ConfigError(
+            f"{where}: max_running must be an int of at least 1 or None, got {max_running!r}",
+            option="max_running",
+        )
+    if concurrency is not None and not isinstance(concurrency, Limit):
+        raise ConfigError(
+            f"{where}: concurrency must be a Limit, not {type(concurrency).__name__}",
+            option="concurrency",
+        )
+    flow = FlowControl(priority, max_running, concurrency)
+    return Workflow(name, input, _make_validator(input, name), timeout=seconds, flow=flow)

@@ -34,6 +34,7 @@ from reflow_core.errors import (
     WorkflowNotFoundError,
 )
 from reflow_core.events import ErrorCallback, Event, Observers, RunCancelled
+from reflow_core.limits import check_priority
 from reflow_core.registry import DISABLE_AUTOLOAD_ENV, load_observer_entry_points, open_storage
 from reflow_core.schedules import Schedule, Scheduler, parse_recurrence, set_paused
 from reflow_core.storage import (
@@ -509,6 +510,7 @@ class Engine:
         delay: Duration | None = None,
         run_at: datetime | None = None,
         deadline: Duration | datetime | None = None,
+        priority: int | None = None,
     ) -> Run:
         """Create a run of ``workflow`` (an object or a registered name).
 
@@ -531,14 +533,20 @@ class Engine:
         counts): a run that has not finished by then fails with
         :class:`~reflow_core.errors.RunDeadlineError`, its step in flight
         cancelled, or at once if it is delayed, sleeping or waiting then.
+
+        ``priority`` (default: the workflow's) orders it among due runs:
+        claims take higher priorities first. The workflow's ``max_running``
+        and concurrency ``Limit`` (its key computed from this input) hold
+        it while it runs; see :func:`~reflow_core.workflow.workflow`.
         """
         wf = self._resolve(workflow)
         if idempotency_key is not None:
             check_text(idempotency_key, "idempotency_key")
         later = _later(delay, run_at)
         due = _deadline(deadline)
+        rank = wf.flow.priority if priority is None else check_priority(priority, "enqueue")
         raw = to_plain_input(input)
-        wf.validate_input(raw)
+        limits = wf.flow.limits(wf.name, wf.validate_input(raw))
         text = codec.encode(raw)
         await self._ensure_initialized("enqueue")
         if isinstance(later, datetime) or isinstance(due, datetime):
@@ -557,6 +565,8 @@ class Engine:
                 idempotency_key=idempotency_key,
                 delay=later,
                 deadline=due,
+                priority=rank,
+                limits=limits,
             )
         )
         if result.created and wf.name in self._workflows:

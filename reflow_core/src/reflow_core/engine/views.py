@@ -10,7 +10,7 @@ from typing import Any
 
 from reflow_core import codec
 from reflow_core.errors import CorruptDataError, ErrorInfo, SerializationError
-from reflow_core.storage import RunRecord, RunStatus, StepRecord, StepStatus
+from reflow_core.storage import ConcurrencyLimit, RunRecord, RunStatus, StepRecord, StepStatus
 from reflow_core.workflow import RESERVED_PREFIX
 
 __all__ = ["ChildRun", "Clock", "Run", "RunList", "StepResult", "SystemClock", "read_stored"]
@@ -65,6 +65,14 @@ class Run:
     ``.child`` step)."""
     parent_step: str | None = None
     """For a child run: the parent's step that started it."""
+    priority: int = 0
+    """Claims take due runs of a higher priority first."""
+    limits: tuple[ConcurrencyLimit, ...] = ()
+    """The concurrency limits it holds while it runs (its workflow's
+    ``max_running``, its ``Limit`` key)."""
+    blocked_by: str | None = None
+    """Why a pending run is not running yet: the key of the limit a claim
+    found full. A run holding that key stopping lets it go."""
     children: tuple[ChildRun, ...] = ()
     """The runs this run started as children, oldest first; filled by
     :meth:`Engine.get_run_status` (empty elsewhere)."""
@@ -122,6 +130,9 @@ class Run:
             steps=decoded_steps,
             parent_id=record.parent_id,
             parent_step=record.parent_step,
+            priority=record.priority,
+            limits=record.limits,
+            blocked_by=record.blocked_by,
             children=tuple(
                 ChildRun(c.id, c.workflow, c.parent_step or "", c.status, c.created_at)
                 for c in children

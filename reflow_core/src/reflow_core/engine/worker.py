@@ -21,10 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
+from reflow_core import codec
 from reflow_core.errors import ReflowError
 from reflow_core.schedules import Scheduler
 from reflow_core.storage import (
     ClaimedRun,
+    ConcurrencyLimit,
     RunRecord,
     Storage,
     WakeupSource,
@@ -251,6 +253,17 @@ class Worker:
 
     # -- claiming -----------------------------------------------------------
 
+    def _run_shape(self, name: str, text: str) -> tuple[int, tuple[ConcurrencyLimit, ...]]:
+        """The priority and limits of a scheduled run of workflow ``name``
+        with encoded input ``text`` (no key limit for an input that no
+        longer validates: the run fails when it is claimed)."""
+        wf = self._workflows[name]
+        try:
+            limits = wf.flow.limits(name, wf.validate_input(codec.decode(text)))
+        except ReflowError:
+            limits = wf.flow.workflow_limits(name)
+        return wf.flow.priority, limits
+
     async def tick(self) -> int:
         """Fire due schedules, claim one batch, run it to the end; how many runs."""
         self.ensure_background()
@@ -282,7 +295,7 @@ class Worker:
         try:
             deadlines = {n: w.timeout for n, w in self._workflows.items() if w.timeout is not None}
             fired = await self._scheduler.fire_due(
-                self._storage, self._workflows, _SCHEDULE_BATCH, deadlines
+                self._storage, self._workflows, _SCHEDULE_BATCH, deadlines, self._run_shape
             )
         except ReflowError as exc:
             logger.warning("firing schedules failed (%s); retrying at the next poll", exc)
