@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from reflow_core import Engine, open_storage, workflow
+from reflow_core import Engine, Limit, open_storage, workflow
 from reflow_core.cli import _common, build_cli
 from reflow_core.cli._plugins import register_commands
 from reflow_core.cli.reference import BEGIN, END, render
@@ -273,6 +274,34 @@ def test_show_the_links_between_a_parent_and_its_children(url: str) -> None:
     assert f"{parent_id} (step make)" in child_text
     (child,) = lines(reflow("--url", url, "--json", "runs", "show", child_id))
     assert (child["parent_id"], child["parent_step"], child["children"]) == (parent_id, "make", [])
+
+
+def test_ls_and_show_say_why_a_run_waits_for_a_slot(url: str) -> None:
+    exclusive = workflow("exclusive", concurrency=Limit(key=lambda i: i, max=1), priority=2)
+    exclusive = exclusive.step("s", lambda ctx: None)
+
+    async def work() -> tuple[str, str]:
+        engine = Engine(storage=url, workflows=[exclusive], worker=False, load_entry_points=False)
+        async with engine:
+            holder = await engine.enqueue(exclusive, "k")
+            waiter = await engine.enqueue(exclusive, "k")
+            # One claim: the holder starts (and is left running), the waiter is blocked.
+            claimed = await engine.storage.claim_runs(["exclusive"], 5, timedelta(minutes=5))
+            assert [c.run.id for c in claimed] == [holder.id]
+            return holder.id, waiter.id
+
+    holder_id, waiter_id = asyncio.run(work())
+    listed = reflow("--url", url, "runs", "ls").stdout
+    assert "pending (blocked)" in listed
+    text = reflow("--url", url, "runs", "show", waiter_id).stdout
+    assert "limit 'exclusive:k', at most 1 at once: waits for a running run to stop" in text
+    assert "exclusive:k (max 1)" in text
+    (data,) = lines(reflow("--url", url, "--json", "runs", "show", waiter_id))
+    assert data["blocked_by"] == "exclusive:k"
+    assert data["priority"] == 2
+    assert data["limits"] == [{"key": "exclusive:k", "max": 1}]
+    (held,) = lines(reflow("--url", url, "--json", "runs", "show", holder_id))
+    assert (held["status"], held["blocked_by"]) == ("running", None)
 
 
 def test_show_a_missing_run_is_exit_status_1_on_one_line(sqlite_url: str) -> None:

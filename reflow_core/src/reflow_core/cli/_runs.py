@@ -80,6 +80,9 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         "idempotency_key": record.idempotency_key,
         "parent_id": record.parent_id,
         "parent_step": record.parent_step,
+        "priority": record.priority,
+        "limits": [{"key": limit.key, "max": limit.max} for limit in record.limits],
+        "blocked_by": record.blocked_by,
     }
 
 
@@ -156,10 +159,13 @@ def ls(
                 column, no_wrap=True, justify="right" if column == "ATTEMPTS" else "left"
             )
         for record in records:
+            shown = _status(record.status)
+            if record.blocked_by:
+                shown.append(" (blocked)", style="dim")
             table.add_row(
                 record.id,
                 record.workflow,
-                _status(record.status),
+                shown,
                 str(record.attempts),
                 relative(record.created_at, now),
                 relative(record.updated_at, now),
@@ -298,6 +304,18 @@ def show(state: State, run_id: str) -> None:
     head.add_row("status", _status(record.status))
     if record.parent_id:
         head.add_row("parent", f"{record.parent_id} (step {record.parent_step})")
+    if record.blocked_by:
+        full = next((lim for lim in record.limits if lim.key == record.blocked_by), None)
+        most = "" if full is None else f", at most {full.max} at once"
+        head.add_row(
+            "blocked by", f"limit {record.blocked_by!r}{most}: waits for a running run to stop"
+        )
+    if record.priority:
+        head.add_row("priority", str(record.priority))
+    if record.limits:
+        head.add_row(
+            "limits", ", ".join(f"{limit.key} (max {limit.max})" for limit in record.limits)
+        )
     if record.waiting_for and record.waiting_for.startswith(CHILDREN_WAIT_PREFIX):
         waited = record.waiting_for.removeprefix(CHILDREN_WAIT_PREFIX)
         head.add_row("waiting for", f"the child runs of step {waited!r}")

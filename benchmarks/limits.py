@@ -1,0 +1,157 @@
+"""Claims behind full concurrency limits, against the unlimited claim, on each backend.
+
+    python benchmarks/limits.py [--keys 10000] [--full 9000] [--runs 10000] [--batch 100]
+                                [--passes 3] [--backends memory sqlite postgres redis]
+                                [--postgres-url ...] [--redis-url ...] [--pool-size 25]
+
+Each pass builds two stores the same size and times the claims alone:
+
+* ``limited``: ``--full`` keys (9,000 of ``--keys`` 10,000) are at their
+  limit (``max=1``, one running run each), and each of them has one more
+  run waiting, created first, so the claims meet them first; ``--runs``
+  runs (10,000) spread over the other keys (1,000, with room for all of
+  them). Timed: claiming every claimable run in batches of ``--batch``,
+  until a claim takes none (the 9,000 waiting runs are blocked on the way).
+* ``unlimited`` (the baseline): the same number of running and pending runs,
+  without limits. Timed: the same claims.
+
+Figures are claims/s, medians over the passes with the spread, and the
+ratio (limited over unlimited); the variants alternate, their order swapped
+every pass. The target: the limited claim no worse than 2x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from throughput import (
+    DEFAULT_REDIS_URL,
+    Backend,
+    add_postgres_options,
+    cancel_on_sigterm,
+    postgres_backend,
+    redis_backend,
+    redis_settings,
+    scratch_database,
+    server_settings,
+    sqlite_backend,
+)
+
+from reflow_core import codec, open_storage
+from reflow_core.storage import ConcurrencyLimit, NewRun, Storage
+
+_WF = "bench-limits"
+_LEASE = timedelta(minutes=10)
+
+
+def _new(key: str | None, max_: int = 1) -> NewRun:
+    limits = () if key is None else (ConcurrencyLimit(key, max_),)
+    return NewRun(workflow=_WF, input=codec.encode(None), limits=limits)
+
+
+async def _create(storage: Storage, runs: list[NewRun], width: int = 50) -> None:
+    for start in range(0, len(runs), width):
+        await asyncio.gather(*(storage.create_run(new) for new in runs[start : start + width]))
+
+
+async def _claim_all(storage: Storage, batch: int) -> tuple[int, float]:
+    taken = 0
+    started = time.perf_counter()
+    while True:
+        claimed = await storage.claim_runs([_WF], batch, _LEASE)
+        if not claimed:
+            break
+        taken += len(claimed)
+    return taken, time.perf_counter() - started
+
+
+async def one_pass(backend: Backend, args: argparse.Namespace, limited: bool) -> float:
+    storage = backend.make()
+    await storage.initialize()
+    try:
+        free = args.keys - args.full
+        full_keys = [f"full-{n}" for n in range(args.full)]
+        holders = [_new(key if limited else None) for key in full_keys]
+        await _create(storage, holders)
+        held, _ = await _claim_all(storage, 500)  # the full keys' running runs
+        assert held == args.full, held
+        waiting = [_new(key if limited else None) for key in full_keys]
+        await _create(storage, waiting)
+        per_key = args.runs // free + 1
+        work = [_new(f"free-{n % free}" if limited else None, per_key) for n in range(args.runs)]
+        await _create(storage, work)
+        taken, took = await _claim_all(storage, args.batch)
+        # The baseline's waiting runs have no limit to wait for: they are claimed too.
+        expected = args.runs if limited else args.runs + args.full
+        assert taken == expected, (taken, expected)
+        return taken / took
+    finally:
+        await storage.close()
+        await backend.dispose(storage)
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):>9,.0f} (spread {min(values):,.0f}-{max(values):,.0f})"
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--full", type=int, default=9_000)
+    parser.add_argument("--runs", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["memory", "sqlite", "postgres", "redis"],
+        choices=["memory", "sqlite", "postgres", "redis"],
+    )
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    add_postgres_options(parser)
+    args = parser.parse_args()
+    cancel_on_sigterm()
+    print(
+        f"python {sys.version.split()[0]}, {args.keys} keys of which {args.full} full, "
+        f"{args.runs} claimable runs, claims of {args.batch}, {args.passes} passes, medians"
+    )
+    async with contextlib.AsyncExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reflow-limits-")))
+        for name in args.backends:
+            if name == "memory":
+                backend = Backend("memory", lambda: open_storage("memory://"))
+            elif name == "sqlite":
+                backend = sqlite_backend("NORMAL", tmp)
+            elif name == "redis":
+                print(await redis_settings(args.redis_url))
+                backend = redis_backend(args.redis_url, args.pool_size)
+            else:
+                database = await stack.enter_async_context(
+                    scratch_database(args.postgres_url, f"reflow_bench_limits_{os.getpid()}")
+                )
+                print(await server_settings(database))
+                backend = postgres_backend(database, args.pool_size)
+            rates: dict[bool, list[float]] = {True: [], False: []}
+            for n in range(args.passes):
+                for limited in (True, False) if n % 2 == 0 else (False, True):
+                    rates[limited].append(await one_pass(backend, args, limited))
+            ratio = statistics.median(rates[True]) / statistics.median(rates[False])
+            print(f"\n{backend.label}")
+            print(f"  limited    claims/s {_median(rates[True])}")
+            print(f"  unlimited  claims/s {_median(rates[False])}")
+            print(f"  limited / unlimited {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
