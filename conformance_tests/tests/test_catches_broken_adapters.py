@@ -83,6 +83,7 @@ _STATS = ("test_queue_stats",)
 _DELAYED = ("test_delayed",)
 _DEADLINES = ("test_deadlines",)
 _CHILDREN = ("test_children",)
+_LIMITS = ("test_limits",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -106,7 +107,11 @@ CASES = [
     # The machine sees it only through a deliver, an end, a requeue and a take
     # in one sequence: about one seed in three.
     Case("events_outlive_run", (P.EVENTS_END_WITH_RUN,), _EVENTS),
-    Case("schedule_slot_twice", (P.SCHEDULE_SLOT_ONCE,), ("test_schedules",), machine=True),
+    # The machine met these two by chance: its fixed examples pick runs by
+    # their place among the run ids, which are random past the millisecond,
+    # so how many runs a backend creates within one millisecond decides what
+    # the examples do (the module tests catch both wherever they run).
+    Case("schedule_slot_twice", (P.SCHEDULE_SLOT_ONCE,), ("test_schedules",)),
     Case("skewed_now", (P.STORAGE_CLOCK,), ("test_clock",)),
     Case("lax_run_ids", (P.BAD_TEXT_REFUSED,), ("test_arguments",)),
     Case("clamped_sleeps", (P.DURATION_BOUNDS,), ("test_arguments",)),
@@ -161,7 +166,7 @@ CASES = [
     Case("stats_by_prefix", (P.STATS_ISOLATION,), _STATS),
     Case("stats_skip_idle", (P.STATS_ENTRIES,), _STATS),
     Case("oldest_by_creation", (P.STATS_OLDEST_PENDING,), _STATS),
-    Case("claims_delayed_early", (P.DELAYED_NOT_CLAIMABLE,), _DELAYED, machine=True),
+    Case("claims_delayed_early", (P.DELAYED_NOT_CLAIMABLE,), _DELAYED),
     Case("delayed_as_pending", (P.CREATE_DELAYED,), _DELAYED, machine=True),
     Case("delay_by_client_clock", (P.DELAY_FROM_STORAGE_CLOCK,), _DELAYED, machine=True),
     Case("stats_delayed_as_pending", (P.STATS_DELAYED,), _DELAYED),
@@ -178,6 +183,13 @@ CASES = [
     Case("child_end_no_wake", (P.CHILD_END_WAKES,), _CHILDREN),
     Case("wakes_on_first_child", (P.CHILD_WAKE_LAST,), _CHILDREN),
     Case("child_outlives_parent", (P.CHILD_DEADLINE,), _CHILDREN),
+    Case("ignores_limits", (P.LIMIT_NEVER_EXCEEDED,), _LIMITS),
+    Case("priority_ignored", (P.PRIORITY_ORDER,), _LIMITS),
+    Case("no_unblock", (P.LIMIT_UNBLOCKED,), _LIMITS),
+    Case("unblocks_last", (P.LIMIT_UNBLOCKED,), _LIMITS),
+    Case("reclaim_checks_limits", (P.LIMIT_RECLAIM,), _LIMITS),
+    Case("blocked_after_cancel", (P.LIMIT_CANCEL_CLEARS,), _LIMITS),
+    Case("loses_turn", (P.LIMIT_TURN_PASSED,), _LIMITS),
 ]
 
 

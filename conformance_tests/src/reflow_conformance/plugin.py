@@ -98,6 +98,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_delayed",
             "test_deadlines",
             "test_children",
+            "test_limits",
             "test_listing",
             "test_sleep_wait",
             "test_events",
@@ -119,7 +120,15 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_codec::TestRoundTrip::test_any_plain_value_round_trips_everywhere",
         ),
     ),
-    ("concurrency", ("test_races", "test_connections", "test_retention")),
+    (
+        "concurrency",
+        (
+            "test_races",
+            "test_connections",
+            "test_limits::TestConcurrencyLimits::test_concurrent_claimers_never_exceed_a_limit",
+            "test_retention",
+        ),
+    ),
     ("processes", ("test_processes", "test_process_crash")),
     ("stateful", ("test_stateful",)),
 )

@@ -335,3 +335,47 @@ CHILD_ARGS = (
     "start_child refuses a NewRun without a run_id, with an idempotency_key, or with bad names "
     "or durations, with ConfigError, and writes nothing"
 )
+PRIORITY_ORDER = (
+    "a claim takes due runs by priority, highest first, then by due time, earliest first; "
+    "runs with lapsed leases before all of them"
+)
+PRIORITY_STORED = (
+    "a run's priority reads back as created (0 by default), by create_run, start_child and "
+    "claim_schedule_slot alike, and no later write changes it"
+)
+LIMITS_STORED = (
+    "a run's concurrency limits read back as created, in the order given (none by default), "
+    "by create_run, start_child and claim_schedule_slot alike, and no later write changes them"
+)
+LIMIT_NEVER_EXCEEDED = (
+    "never more than max runs holding a limit's key are running at once (lapsed leases "
+    "included), runs taken earlier in the same claim counting, whatever the connections"
+)
+LIMIT_BLOCKED = (
+    "a claimable run a claim passes over because one of its limits is full has blocked_by "
+    "that key, and no claim takes it while it is blocked, even after its turn has come"
+)
+LIMIT_UNBLOCKED = (
+    "the write that stops a run holding a key (finish_run, update_run_status of any kind, "
+    "a cancel or its cascade, sleep_run, wait_run or wait_children that park it) lets go "
+    "exactly the blocked run of that key a claim would take first: blocked_by None, "
+    "claimable at once"
+)
+LIMIT_RECLAIM = (
+    "a run with a lapsed lease is reclaimed whatever its limits (it still holds its slots) "
+    "and is never blocked"
+)
+LIMIT_CANCEL_CLEARS = (
+    "a cancelled run has blocked_by None, and a requeued run is pending with blocked_by None"
+)
+LIMIT_ARGS = (
+    "create_run, start_child and claim_schedule_slot refuse a priority outside "
+    "PRIORITY_RANGE or not an int, and limits that are not a tuple of at most MAX_RUN_LIMITS "
+    "ConcurrencyLimit with distinct good keys and a max of at least 1, with ConfigError, "
+    "writing nothing"
+)
+LIMIT_TURN_PASSED = (
+    "a run that is not blocked and ends without running (cancelled or failed without a lease, "
+    "a run let go by a slot before any claim took it) lets the first blocked run of each of "
+    "its keys that has room go, in the same write, so a freed slot is never lost"
+)

@@ -1,9 +1,9 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
 Each class in the modules of this package (one per area of the contract:
-``claims``, ``children``, ``delays``, ``deadlines``, ``leases``, ``runs``, ``records``, ``events``,
-``retention``, ``schedules``, and ``workers`` for the worker registry and
-queue statistics)
+``claims``, ``children``, ``delays``, ``deadlines``, ``leases``, ``limits``,
+``runs``, ``records``, ``events``, ``retention``, ``schedules``, and ``workers``
+for the worker registry and queue statistics)
 is the in-memory reference backend (or, where the bug lives in a query, the
 SQLite backend) with exactly one promise of the storage
 contract broken, the way a real adapter might get it wrong (a claim query
@@ -83,6 +83,15 @@ from .leases import (
     skewed_now,
     split_fence,
 )
+from .limits import (
+    blocked_after_cancel,
+    ignores_limits,
+    loses_turn,
+    no_unblock,
+    priority_ignored,
+    reclaim_checks_limits,
+    unblocks_last,
+)
 from .records import (
     created_at_moves,
     lease_outlives_run,
@@ -135,6 +144,7 @@ __all__ = [
     "FACTORIES",
     "NO_SHRINK_PROFILE",
     "UNFINISHED",
+    "blocked_after_cancel",
     "cancel_no_cascade",
     "caps_sleep_step",
     "caseless_step_names",
@@ -160,6 +170,7 @@ __all__ = [
     "fast_client_clock",
     "fires_paused",
     "ignores_deadline",
+    "ignores_limits",
     "immortal_leases",
     "key_freed_when_run_ends",
     "lax_run_ids",
@@ -167,14 +178,17 @@ __all__ = [
     "leases_lapse_at_random",
     "limit_per_workflow",
     "lists_lapsed_workers",
+    "loses_turn",
     "lossy_requeue",
     "naive_reads",
     "no_fencing",
     "no_idempotency",
     "no_schedules",
     "no_schedules_declared",
+    "no_unblock",
     "oldest_by_creation",
     "pending_without_wake_at",
+    "priority_ignored",
     "purge_by_creation_time",
     "purge_ignores_limit",
     "purge_keeps_event_ids",
@@ -182,6 +196,7 @@ __all__ = [
     "purge_leaves_steps",
     "purge_miscounts",
     "purges_unfinished",
+    "reclaim_checks_limits",
     "reclaims_first_workflow_only",
     "requeue_keeps_deadline",
     "run_id_overwrites",
@@ -199,6 +214,7 @@ __all__ = [
     "stats_count_finished",
     "stats_delayed_as_pending",
     "stats_skip_idle",
+    "unblocks_last",
     "unbounded_events",
     "unfenced_child",
     "updated_at_stale",
@@ -296,6 +312,13 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         child_end_no_wake,
         wakes_on_first_child,
         child_outlives_parent,
+        ignores_limits,
+        loses_turn,
+        priority_ignored,
+        no_unblock,
+        unblocks_last,
+        reclaim_checks_limits,
+        blocked_after_cancel,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

@@ -32,10 +32,10 @@ class DoubleClaim(MemoryStorage):
     lease is still live stays claimable (after every other claimable run), as
     if the claim query forgot to exclude live leases."""
 
-    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
         key = super()._due(rec, now)
         if key is None and rec.status == "running" and rec.lease_expires_at is not None:
-            return (2, rec.lease_expires_at)
+            return (2, 0, rec.lease_expires_at)
         return key
 
 
@@ -59,7 +59,7 @@ class ReclaimsFirstWorkflowOnly(MemoryStorage):
         self._first = next(iter(workflows), None)
         return await super().claim_runs(workflows, limit, lease)
 
-    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
         if rec.status == "running" and rec.workflow != self._first:
             return None
         return super()._due(rec, now)
@@ -160,11 +160,11 @@ class ClaimsNewestFirst(MemoryStorage):
     scanned backwards) would; under a steady stream of new runs the oldest
     wait forever."""
 
-    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
         key = super()._due(rec, now)
         if key is None or key[0] == 0:
             return key
-        return (1, datetime.max.replace(tzinfo=key[1].tzinfo) - (key[1] - _EPOCH))
+        return (1, key[1], datetime.max.replace(tzinfo=key[2].tzinfo) - (key[2] - _EPOCH))
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

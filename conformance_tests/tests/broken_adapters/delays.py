@@ -21,9 +21,9 @@ class ClaimsDelayedEarly(MemoryStorage):
     ('sleeping', 'waiting') AND wake_at <= now)`` would; a run delayed by an
     hour starts at once."""
 
-    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
-        if rec.status == "delayed" and rec.wake_at is not None:
-            return (1, min(rec.wake_at, now))
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
+        if rec.status == "delayed" and rec.wake_at is not None and rec.blocked_by is None:
+            return (1, -rec.priority, min(rec.wake_at, now))
         return super()._due(rec, now)
 
 

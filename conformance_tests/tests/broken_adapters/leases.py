@@ -41,7 +41,7 @@ class ImmortalLeases(MemoryStorage):
     claim query forgot the lapsed-lease clause. The lapsed holder's writes are
     still refused, so such a run is stranded for good."""
 
-    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
         if rec.status == "running":
             return None
         return super()._due(rec, now)
@@ -170,9 +170,9 @@ class LeasesLapseAtRandom(MemoryStorage):
             return None
         return entry
 
-    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
         if rec.status == "running" and self._lapsed(rec, now):
-            return (0, rec.lease_expires_at or now)
+            return (0, 0, rec.lease_expires_at or now)
         return super()._due(rec, now)
 
 

@@ -62,9 +62,9 @@ class PendingWithoutWakeAt(MemoryStorage):
             entry.record = dataclasses.replace(entry.record, wake_at=None)
         return changed
 
-    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, datetime] | None:
-        if rec.status == "pending" and rec.wake_at is None:
-            return (1, rec.updated_at)
+    def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
+        if rec.status == "pending" and rec.wake_at is None and rec.blocked_by is None:
+            return (1, -rec.priority, rec.updated_at)
         return super()._due(rec, now)
 
 

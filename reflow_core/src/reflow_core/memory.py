@@ -175,6 +175,20 @@ class MemoryStorage:
             if held:  # it stopped running: each of its slots may let a blocked run go
                 for limit in after.limits:
                     self._unblock(limit.key, now)
+        elif (
+            after.status in TERMINAL_STATUSES
+            and before.status not in TERMINAL_STATUSES
+            and before.blocked_by is None
+        ):
+            self._pass_turn(after, now)
+
+    def _pass_turn(self, ended: RunRecord, now: datetime) -> None:
+        """A run that was free to be claimed ended without running (a run let
+        go by a slot, cancelled before a claim took it): pass its turn on,
+        where its keys have room."""
+        for limit in ended.limits:
+            if len(self._holding.get(limit.key, ())) < limit.max:
+                self._unblock(limit.key, now)
 
     def _unblock(self, key: str, now: datetime) -> None:
         """Make claimable the run blocked by ``key`` that a claim would take first."""

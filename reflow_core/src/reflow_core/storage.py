@@ -177,9 +177,10 @@ class RunRecord:
     limits: tuple[ConcurrencyLimit, ...] = ()
     """As created (``NewRun.limits``), in the order given."""
     blocked_by: str | None = None
-    """For a pending run a claim passed over because one of its limits was
-    full: that limit's key. The run is not claimable until a run holding the
-    key stops running (:meth:`Storage.claim_runs`)."""
+    """For a due run (pending, or delayed, sleeping or waiting past its
+    ``wake_at``) that a claim passed over because one of its limits was
+    full: the key of the first full one, in the order of ``limits``. The run
+    is not claimable until that key has room again (:meth:`Storage.claim_runs`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,8 +411,12 @@ class Storage(Protocol):
         release it) unblocks, in the same atomic write, the blocked run of
         that key that a claim would take first (by priority, then due
         time), for each key the stopped run held: its ``blocked_by`` is
-        cleared and it is claimable again. A cancelled or requeued run is
-        never blocked. A lapsed lease is taken over whatever the limits: the
+        cleared and it is claimable again. A run that was not blocked and
+        ends without running (cancelled or failed without a lease: a run let
+        go that way before any claim took it, say) passes its turn on: for
+        each of its keys that has room, the write that ends it unblocks the
+        key's first blocked run. A cancelled or requeued run is never
+        blocked. A lapsed lease is taken over whatever the limits: the
         run still holds its slots, which pass to the new holder, so a dead
         worker's slot is free again once its lease has lapsed. Claims of
         runs that share a key are serialized with each other and with the

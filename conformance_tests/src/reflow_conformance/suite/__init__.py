@@ -22,6 +22,7 @@ from .test_delayed import *  # noqa: F403
 from .test_event_buffer import *  # noqa: F403
 from .test_events import *  # noqa: F403
 from .test_leases import *  # noqa: F403
+from .test_limits import *  # noqa: F403
 from .test_listing import *  # noqa: F403
 from .test_lookalikes import *  # noqa: F403
 from .test_process_crash import *  # noqa: F403
