@@ -2,7 +2,8 @@
 
 A seeded random sequence of operations (valid and stale leases, lapsing
 leases, sleeps, waits, events, requeues, listings, schedules, child runs
-and cancels that cascade to them) runs against
+and cancels that cascade to them, priorities and concurrency limits that
+block and unblock runs) runs against
 both backends on one shared virtual clock; every return value and every
 exception must be equal.
 """
@@ -19,6 +20,7 @@ import pytest
 from reflow_core.memory import MemoryStorage
 from reflow_core.storage import (
     CHILDREN_WAIT_PREFIX,
+    ConcurrencyLimit,
     EventTake,
     Lease,
     NewRun,
@@ -31,6 +33,16 @@ from reflow_core.storage import (
 WORKFLOWS = ["a", "b"]
 EVENTS = ["go", "stop"]
 STATUSES = ["pending", "running", "sleeping", "waiting", "completed", "failed", "cancelled"]
+PRIORITIES = [0, 0, 0, 1, -1, 7]
+LIMITS: list[tuple[ConcurrencyLimit, ...]] = [
+    (),
+    (),
+    (ConcurrencyLimit("x", 1),),
+    (ConcurrencyLimit("y", 2),),
+    (ConcurrencyLimit("x", 2),),  # the same key with another max
+    (ConcurrencyLimit("x", 1), ConcurrencyLimit("y", 2)),
+    (ConcurrencyLimit("y", 1), ConcurrencyLimit("z", 1)),
+]
 
 
 async def call(fn: Callable[[], Awaitable[Any]]) -> tuple[str, Any]:
@@ -55,6 +67,10 @@ class Scenario:
         self.schedule_keys = ["s1", "s2"]
         self.counter = 0
         self.child_ids: list[str] = []
+        self.blocked: set[str] = set()
+        """Runs seen blocked (by get_run or list_runs)."""
+        self.unblocked: set[str] = set()
+        """Runs seen blocked, then not blocked."""
 
     def pick_run(self) -> str:
         if not self.run_ids or self.rng.random() < 0.05:
@@ -130,6 +146,8 @@ class Scenario:
                 rng.choice(['"x"', '"y"']),
                 idempotency_key=key,
                 run_id=rng.choice([f"run-{self.counter:04d}"] * 9 + ["run-0001"]),
+                priority=rng.choice(PRIORITIES),
+                limits=rng.choice(LIMITS),
             )
             return kind, lambda s: s.create_run(new)
         if kind == "claim":
@@ -248,6 +266,8 @@ class Scenario:
                 run_id=run_id,
                 delay=rng.choice([None, None, self.duration()]),
                 deadline=rng.choice([None, None, self.duration()]),
+                priority=rng.choice(PRIORITIES),
+                limits=rng.choice(LIMITS),
             )
             return kind, lambda s: s.start_child(lease, step, new)
         if kind == "join":
@@ -274,6 +294,14 @@ class Scenario:
             self.child_ids.append(value.id)
         if kind == "list" and value.next_cursor:
             self.cursors.append(value.next_cursor)
+        records = [value] if kind == "get" and value is not None else []
+        if kind == "list":
+            records = list(value.runs)
+        for record in records:
+            if record.blocked_by is not None:
+                self.blocked.add(record.id)
+            elif record.id in self.blocked:
+                self.unblocked.add(record.id)
 
     async def run(self, steps: int) -> dict[str, int]:
         seen: dict[str, int] = {}
@@ -286,6 +314,10 @@ class Scenario:
             actual = await call(lambda op=op: op(self.sqlite))
             assert actual == expected, f"step {index}: {kind} differs"
             self.learn(kind, expected)
+            if index % 10 == 0:  # every run as stored, blocked_by included
+                everything = await self.memory.list_runs(limit=1000)
+                assert await self.sqlite.list_runs(limit=1000) == everything, f"step {index}"
+                self.learn("list", ("ok", everything))
             label = f"{kind}:{self.verdict(expected)}"
             seen[label] = seen.get(label, 0) + 1
         return seen
@@ -313,7 +345,8 @@ async def test_random_operations_match_the_memory_backend(opener, clock, seed: i
     memory = MemoryStorage(clock=clock)
     await memory.initialize()
     sqlite = await opener()
-    seen = await Scenario(seed, memory, sqlite, clock).run(1500)
+    scenario = Scenario(seed, memory, sqlite, clock)
+    seen = await scenario.run(1500)
     # The scenario reached the interesting outcomes, not just refusals.
     for kind in (
         "create",
@@ -350,3 +383,6 @@ async def test_random_operations_match_the_memory_backend(opener, clock, seed: i
     assert any(
         r.waiting_for is not None and r.waiting_for.startswith(CHILDREN_WAIT_PREFIX) for r in runs
     )
+    # Claims blocked runs at full limits, and later writes unblocked some.
+    assert scenario.blocked
+    assert scenario.unblocked

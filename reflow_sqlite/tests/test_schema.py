@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,11 +14,21 @@ import pytest
 
 from reflow_core.adapter import to_epoch_us
 from reflow_core.errors import SchemaVersionError, StorageError
-from reflow_core.storage import NewRun, ScheduleRecord, ScheduleSpec, StepRecord, WorkerInfo
+from reflow_core.storage import (
+    ConcurrencyLimit,
+    NewRun,
+    ScheduleRecord,
+    ScheduleSpec,
+    StepRecord,
+    WorkerInfo,
+)
+from reflow_sqlite import SQLiteStorage
 from reflow_sqlite import _schema as schema_module
 from reflow_sqlite._queries import QUERIES, with_marks
 from reflow_sqlite._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from reflow_sqlite._scripts import Script
+
+from .conftest import Opener
 
 
 def pragmas(path: Path) -> tuple[int, int, str]:
@@ -33,6 +45,80 @@ def pragmas(path: Path) -> tuple[int, int, str]:
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file in the directory with its bytes."""
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def query(path: Path, sql: str) -> list[tuple[object, ...]]:
+    """The rows of one statement, read on a connection of its own."""
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute(sql).fetchall()
+    finally:
+        raw.close()
+
+
+def schema_objects(path: Path) -> list[tuple[str, str, str, str]]:
+    """Every object of the file's schema, with the statement that made it."""
+    raw = sqlite3.connect(path)
+    try:
+        return raw.execute(
+            "SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master ORDER BY name"
+        ).fetchall()
+    finally:
+        raw.close()
+
+
+@contextmanager
+def old_database(path: Path, version: int) -> Iterator[sqlite3.Connection]:
+    """A file with the schema of an older version (its migrations applied and
+    its marks set), open in autocommit mode for the test to write rows."""
+    assert version < SCHEMA_VERSION
+    raw = sqlite3.connect(path, isolation_level=None)
+    try:
+        for migration in MIGRATIONS[:version]:
+            for statement in migration:
+                raw.execute(statement)
+        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        raw.execute(f"PRAGMA user_version = {version}")
+        yield raw
+    finally:
+        raw.close()
+
+
+def insert_runs(raw: sqlite3.Connection, columns: str, rows: list[tuple[object, ...]]) -> None:
+    raw.executemany(f"INSERT INTO runs ({columns}) VALUES ({','.join('?' * len(rows[0]))})", rows)
+
+
+def runs_root(raw: sqlite3.Connection) -> int:
+    """The first page of the runs table: a rebuild moves it."""
+    (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()
+    return int(root)
+
+
+async def migrate(opener: Opener, db_path: Path, processes: int = 1) -> SQLiteStorage:
+    """Opens the old file with this version (with several processes
+    initializing at once), checks it is marked as migrated and returns the
+    first storage."""
+    stores = [opener.build() for _ in range(processes)]
+    await asyncio.gather(*(s.initialize() for s in stores))
+    assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    return stores[0]
+
+
+def assert_runs_kept(
+    path: Path, columns: str, rows: list[tuple[object, ...]], root: int | None = None
+) -> None:
+    """Every run is as it was written (with root, in the same table: altered
+    in place, not copied) and the file is sound."""
+    if root is not None:
+        assert query(path, "SELECT rootpage FROM sqlite_master WHERE name = 'runs'") == [(root,)]
+    assert query(path, f"SELECT {columns} FROM runs ORDER BY created_at, id") == rows
+    assert query(path, "PRAGMA integrity_check") == [("ok",)]
+
+
+async def assert_schema_as_new(opener: Opener, db_path: Path, tmp_path: Path) -> None:
+    """The same tables, indexes and trigger as a file created at this version."""
+    await opener(tmp_path / "fresh.db")
+    assert schema_objects(db_path) == schema_objects(tmp_path / "fresh.db")
 
 
 async def test_a_new_file_gets_the_marked_schema_in_wal_mode(opener, db_path) -> None:
@@ -155,14 +241,8 @@ async def test_missing_directory_is_a_storage_error(opener, tmp_path) -> None:
 async def test_a_version_2_database_with_a_schedule_is_migrated_forward(
     opener, db_path, clock
 ) -> None:
-    assert SCHEMA_VERSION >= 3
     start = to_epoch_us(clock.now)
-    raw = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        for statement in (*MIGRATIONS[0], *MIGRATIONS[1]):
-            raw.execute(statement)
-        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        raw.execute("PRAGMA user_version = 2")
+    with old_database(db_path, 2) as raw:
         raw.execute(
             "INSERT INTO schedules VALUES ('nightly', 'wf', '1', 'every:60', ?, ?, ?)",
             (start - 1, start - 100, start - 50),
@@ -172,10 +252,7 @@ async def test_a_version_2_database_with_a_schedule_is_migrated_forward(
             " VALUES ('open', 'wf', 'pending', '1', ?, ?, ?)",
             (start - 10, start - 10, start - 10),
         )
-    finally:
-        raw.close()
-    store = await opener()
-    assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    store = await migrate(opener, db_path)
     schedule = ScheduleRecord(
         key="nightly",
         workflow="wf",
@@ -242,13 +319,18 @@ def test_queue_stats_reads_only_the_index_of_unfinished_runs(tmp_path) -> None:
             assert on_runs, steps
             assert all("USING INDEX runs_unfinished" in step for step in on_runs), steps
         claims = [
-            plan(with_marks("claim_due", "workflows", 1), (0, "wf1", 5)),
+            plan(with_marks("claim_due", "workflows", 1), (0, "wf1", 5, 0, "wf1", 5)),
             plan(with_marks("claim_lapsed", "workflows", 1), (0, "wf1", 5)),
         ]
-        assert claims == [
-            ["SEARCH runs USING INDEX runs_due (wake_at<?)"],
-            ["SEARCH runs USING INDEX runs_lease (lease_expires_at<?)"],
-        ]
+        # Pending runs in claim order from runs_pending (a scan, or a skip-scan
+        # over few priorities), never sorted; due timed runs from runs_due.
+        pending, timed = (
+            step for step in claims[0] if step.startswith(("SCAN runs", "SEARCH runs"))
+        )
+        assert pending.split(" (")[0].endswith("runs USING INDEX runs_pending"), claims[0]
+        assert timed == "SEARCH runs USING INDEX runs_due (wake_at<?)", claims[0]
+        assert claims[0].index("USE TEMP B-TREE FOR ORDER BY") > claims[0].index(timed)
+        assert claims[1] == ["SEARCH runs USING INDEX runs_lease (lease_expires_at<?)"]
     finally:
         raw.close()
 
@@ -282,15 +364,12 @@ def test_only_creating_and_ending_a_run_write_the_stats_index() -> None:
 # -- version 4: delayed runs -------------------------------------------------------------
 
 
-def schema_objects(path: Path) -> list[tuple[str, str, str, str]]:
-    """Every object of the file's schema, with the statement that made it."""
-    raw = sqlite3.connect(path)
-    try:
-        return raw.execute(
-            "SELECT type, name, tbl_name, coalesce(sql, '') FROM sqlite_master ORDER BY name"
-        ).fetchall()
-    finally:
-        raw.close()
+# The columns of runs from version 1 to 4 (version 5 adds deadline_at).
+RUN_COLUMNS = (
+    "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims,"
+    " lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at,"
+    " finished_at"
+)
 
 
 async def test_a_version_3_database_with_runs_is_migrated_forward(
@@ -299,13 +378,7 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
     """Version 4 rebuilds runs (a CHECK constraint cannot be altered): every
     row comes through unchanged, the indexes and the trigger are back as a new
     file has them, and delayed runs are stored, counted and claimed."""
-    assert SCHEMA_VERSION >= 4
     start = to_epoch_us(clock.now)
-    columns = (
-        "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims,"
-        " lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at,"
-        " finished_at"
-    )
     rows = [
         ("due", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
          start - 9, None, None, None),
@@ -320,14 +393,8 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
         ("done", "wf", "completed", "6", '"ok"', None, None, 1, 0, 1, start - 4, start - 3,
          None, None, None, start - 3),
     ]  # fmt: skip
-    raw = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        for migration in MIGRATIONS[:3]:
-            for statement in migration:
-                raw.execute(statement)
-        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        raw.execute("PRAGMA user_version = 3")
-        raw.executemany(f"INSERT INTO runs ({columns}) VALUES ({','.join('?' * 16)})", rows)
+    with old_database(db_path, 3) as raw:
+        insert_runs(raw, RUN_COLUMNS, rows)
         raw.execute(
             "INSERT INTO steps VALUES ('asleep', 'nap', 'sleeping', NULL, NULL, 1, ?, ?)",
             (start - 2, start - 6),
@@ -342,24 +409,15 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
                 "INSERT INTO runs (id, workflow, status, input, created_at, updated_at)"
                 " VALUES ('x', 'wf', 'delayed', '1', 1, 1)"
             )
-    finally:
-        raw.close()
     before = {(kind, name, table) for kind, name, table, _ in schema_objects(db_path)}
-    store = await opener()
-    assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+    store = await migrate(opener, db_path)
     after = {(kind, name, table) for kind, name, table, _ in schema_objects(db_path)}
     # Every index and the trigger made again, nothing left over; version 6
-    # adds the index of child runs.
-    assert after == before | {("index", "runs_children", "runs")}
-    raw = sqlite3.connect(db_path)
-    try:
-        assert raw.execute(f"SELECT {columns} FROM runs ORDER BY created_at, id").fetchall() == rows
-        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    finally:
-        raw.close()
-    # The same tables, indexes and trigger as a file created at this version.
-    await opener(tmp_path / "fresh.db")
-    assert schema_objects(db_path) == schema_objects(tmp_path / "fresh.db")
+    # adds the index of child runs, version 7 those of priorities and limits.
+    added = ["runs_children", "runs_pending", "runs_blocked", "runs_holding1", "runs_holding2"]
+    assert after == before | {("index", name, "runs") for name in added}
+    assert_runs_kept(db_path, RUN_COLUMNS, rows)
+    await assert_schema_as_new(opener, db_path, tmp_path)
 
     # The rebuilt table keeps its idempotency keys and serves delayed runs.
     again = await store.create_run(NewRun("wf", "1", idempotency_key="key"))
@@ -382,11 +440,7 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
     assert [c.run.id for c in await store.claim_runs(["wf"], 10, lease)] == [delayed.id]
     # The trigger is back: ending a run drops its buffered events.
     assert await store.update_run_status("parked", "cancelled")
-    raw = sqlite3.connect(db_path)
-    try:
-        assert raw.execute("SELECT count(*) FROM events").fetchone() == (0,)
-    finally:
-        raw.close()
+    assert query(db_path, "SELECT count(*) FROM events") == [(0,)]
 
 
 # -- version 5: run deadlines ------------------------------------------------------------
@@ -398,13 +452,7 @@ async def test_a_version_4_database_with_runs_is_migrated_forward(
     """Version 5 adds runs.deadline_at in place (no rebuild): the rows written
     before it are unchanged and have no deadline, and new runs get one, which
     bounds when a delayed, sleeping or waiting run becomes claimable."""
-    assert SCHEMA_VERSION >= 5
     start = to_epoch_us(clock.now)
-    columns = (
-        "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims,"
-        " lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at,"
-        " finished_at"
-    )
     rows = [
         ("due", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
          start - 9, None, None, None),
@@ -415,35 +463,14 @@ async def test_a_version_4_database_with_runs_is_migrated_forward(
         ("done", "wf", "failed", "4", None, '"no"', None, 1, 0, 1, start - 4, start - 3,
          None, None, None, start - 3),
     ]  # fmt: skip
-    raw = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        for migration in MIGRATIONS[:4]:
-            for statement in migration:
-                raw.execute(statement)
-        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        raw.execute("PRAGMA user_version = 4")
-        raw.executemany(f"INSERT INTO runs ({columns}) VALUES ({','.join('?' * 16)})", rows)
-        (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()
-    finally:
-        raw.close()
-    store = await opener()
-    assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
-    raw = sqlite3.connect(db_path)
-    try:
-        # Altered in place: the same table (no copy), every row as it was.
-        assert raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone() == (
-            root,
-        )
-        assert raw.execute(f"SELECT {columns} FROM runs ORDER BY created_at, id").fetchall() == rows
-        assert raw.execute(
-            "SELECT count(*) FROM runs WHERE deadline_at IS NOT NULL"
-        ).fetchone() == (0,)
-        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    finally:
-        raw.close()
-    # The same tables, indexes and trigger as a file created at this version.
-    await opener(tmp_path / "fresh.db")
-    assert schema_objects(db_path) == schema_objects(tmp_path / "fresh.db")
+    with old_database(db_path, 4) as raw:
+        insert_runs(raw, RUN_COLUMNS, rows)
+        root = runs_root(raw)
+    store = await migrate(opener, db_path)
+    # Altered in place: the same table (no copy), every row as it was.
+    assert_runs_kept(db_path, RUN_COLUMNS, rows, root)
+    assert query(db_path, "SELECT count(*) FROM runs WHERE deadline_at IS NOT NULL") == [(0,)]
+    await assert_schema_as_new(opener, db_path, tmp_path)
 
     old = await store.get_run("later")
     assert old is not None
@@ -505,13 +532,8 @@ async def test_a_version_5_database_with_runs_is_migrated_forward(
     rebuild) and the partial index of children: the rows written before it
     are unchanged and have no parent, stay readable and claimable, and can
     start, wait for and cancel children."""
-    assert SCHEMA_VERSION >= 6
     start = to_epoch_us(clock.now)
-    columns = (
-        "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims,"
-        " lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at,"
-        " finished_at, deadline_at"
-    )
+    columns = f"{RUN_COLUMNS}, deadline_at"
     rows = [
         ("due", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
          start - 9, None, None, None, start + 90_000_000),
@@ -522,43 +544,22 @@ async def test_a_version_5_database_with_runs_is_migrated_forward(
         ("done", "wf", "failed", "4", None, '"no"', None, 1, 0, 1, start - 4, start - 3,
          None, None, None, start - 3, None),
     ]  # fmt: skip
-    raw = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        for migration in MIGRATIONS[:5]:
-            for statement in migration:
-                raw.execute(statement)
-        raw.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-        raw.execute("PRAGMA user_version = 5")
-        raw.executemany(f"INSERT INTO runs ({columns}) VALUES ({','.join('?' * 17)})", rows)
+    with old_database(db_path, 5) as raw:
+        insert_runs(raw, columns, rows)
         raw.execute(
             "INSERT INTO events (run_id, name, payload, event_id, created_at)"
             " VALUES ('parked', 'other', '7', NULL, ?)",
             (start - 5,),
         )
-        (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone()
-    finally:
-        raw.close()
+        root = runs_root(raw)
     # Several processes initializing at once migrate it once.
-    stores = [opener.build() for _ in range(4)]
-    await asyncio.gather(*(s.initialize() for s in stores))
-    store = stores[0]
-    assert pragmas(db_path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
-    raw = sqlite3.connect(db_path)
-    try:
-        # Altered in place: the same table (no copy), every row as it was.
-        assert raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'runs'").fetchone() == (
-            root,
-        )
-        assert raw.execute(f"SELECT {columns} FROM runs ORDER BY created_at, id").fetchall() == rows
-        assert raw.execute(
-            "SELECT count(*) FROM runs WHERE parent_id IS NOT NULL OR parent_step IS NOT NULL"
-        ).fetchone() == (0,)
-        assert raw.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-    finally:
-        raw.close()
-    # The same tables, indexes and trigger as a file created at this version.
-    await opener(tmp_path / "fresh.db")
-    assert schema_objects(db_path) == schema_objects(tmp_path / "fresh.db")
+    store = await migrate(opener, db_path, processes=4)
+    # Altered in place: the same table (no copy), every row as it was.
+    assert_runs_kept(db_path, columns, rows, root)
+    assert query(
+        db_path, "SELECT count(*) FROM runs WHERE parent_id IS NOT NULL OR parent_step IS NOT NULL"
+    ) == [(0,)]
+    await assert_schema_as_new(opener, db_path, tmp_path)
     # A second initialize of the migrated file changes nothing.
     before = schema_objects(db_path)
     await opener()
@@ -603,11 +604,7 @@ async def test_a_version_5_database_with_runs_is_migrated_forward(
     assert cancelled.status == "cancelled"
     # The trigger still drops a cancelled run's buffered events.
     assert await store.update_run_status("parked", "cancelled")
-    raw = sqlite3.connect(db_path)
-    try:
-        assert raw.execute("SELECT count(*) FROM events").fetchone() == (0,)
-    finally:
-        raw.close()
+    assert query(db_path, "SELECT count(*) FROM events") == [(0,)]
 
 
 def test_child_queries_use_the_index_of_children(tmp_path) -> None:
@@ -669,3 +666,73 @@ def test_child_queries_use_the_index_of_children(tmp_path) -> None:
         assert [name for name in untouched if writes_the_index(QUERIES[name])] == []
     finally:
         raw.close()
+
+
+# -- version 7: priorities and concurrency limits ----------------------------------------
+
+
+async def test_a_version_6_database_with_runs_is_migrated_forward(
+    opener, db_path, tmp_path, clock
+) -> None:
+    """Version 7 adds runs.priority (0), the limit columns and blocked_by
+    (NULL) in place (no rebuild), moves pending runs to an index of their
+    own in claim order and adds the indexes of blocked runs and of limit
+    holders: the rows written before it are unchanged, have priority 0, no
+    limits and are not blocked, and are claimed, by due time, after runs of
+    a higher priority and alongside runs held to limits."""
+    start = to_epoch_us(clock.now)
+    columns = f"{RUN_COLUMNS}, deadline_at, parent_id, parent_step"
+    rows = [
+        ("old-early", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
+         start - 9, None, None, None, None, None, None),
+        ("old-late", "wf", "pending", "2", None, None, None, 0, 0, 0, start - 8, start - 8,
+         start - 8, None, None, None, None, None, None),
+        ("old-sleeper", "wf", "sleeping", "3", None, None, None, 1, 0, 1, start - 7, start - 7,
+         start - 1, None, None, None, None, None, None),
+        ("old-later", "wf", "delayed", "4", None, None, None, 0, 0, 0, start - 6, start - 6,
+         start + 60_000_000, None, None, None, None, None, None),
+        ("old-done", "wf", "completed", "5", '"ok"', None, None, 1, 0, 1, start - 5, start - 4,
+         None, None, None, start - 4, None, None, None),
+    ]  # fmt: skip
+    with old_database(db_path, 6) as raw:
+        insert_runs(raw, columns, rows)
+        root = runs_root(raw)
+    store = await migrate(opener, db_path, processes=4)
+    assert_runs_kept(db_path, columns, rows, root)
+    assert query(
+        db_path,
+        "SELECT count(*) FROM runs WHERE priority <> 0 OR limit_key1 IS NOT NULL"
+        " OR limit_max1 IS NOT NULL OR limit_key2 IS NOT NULL OR limit_max2 IS NOT NULL"
+        " OR blocked_by IS NOT NULL",
+    ) == [(0,)]
+    await assert_schema_as_new(opener, db_path, tmp_path)
+    before = schema_objects(db_path)
+    await opener()
+    assert schema_objects(db_path) == before
+
+    old = await store.get_run("old-early")
+    assert old is not None
+    assert (old.priority, old.limits, old.blocked_by) == (0, (), None)
+    # A new run of a higher priority goes first, then the old runs by due
+    # time, the due sleeper among them; two new runs share a limit of one.
+    lease = timedelta(seconds=30)
+    one = (ConcurrencyLimit("k", 1),)
+    await store.create_run(NewRun("wf", "6", run_id="new-urgent", priority=5))
+    await store.create_run(NewRun("wf", "7", run_id="new-1-held", priority=1, limits=one))
+    await store.create_run(NewRun("wf", "8", run_id="new-2-blocked", priority=1, limits=one))
+    claimed = await store.claim_runs(["wf"], 10, lease)
+    assert [c.run.id for c in claimed] == [
+        "new-urgent",
+        "new-1-held",
+        "old-early",
+        "old-late",
+        "old-sleeper",
+    ]
+    blocked = await store.get_run("new-2-blocked")
+    assert blocked is not None
+    assert (blocked.status, blocked.blocked_by) == ("pending", "k")
+    # The end of the holder unblocks it, in the same write.
+    held = next(c for c in claimed if c.run.id == "new-1-held")
+    assert await store.finish_run(held.lease, "completed", output="1")
+    (next_one,) = await store.claim_runs(["wf"], 10, lease)
+    assert (next_one.run.id, next_one.run.blocked_by) == ("new-2-blocked", None)

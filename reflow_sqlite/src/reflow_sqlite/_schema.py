@@ -98,7 +98,9 @@ def _migration(version: int) -> Sequence[str]:
     return tuple(_bind_trigger(s, where) for s in split_statements(_SQL[f"v{version}"], where))
 
 
-MIGRATIONS: Sequence[Sequence[str]] = tuple(_migration(version) for version in (1, 2, 3, 4, 5, 6))
+MIGRATIONS: Sequence[Sequence[str]] = tuple(
+    _migration(version) for version in (1, 2, 3, 4, 5, 6, 7)
+)
 """``MIGRATIONS[n]``: the statements that take schema version ``n`` to ``n + 1``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

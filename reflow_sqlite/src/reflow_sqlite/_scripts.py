@@ -20,6 +20,7 @@ from reflow_core.adapter import (
     encode_workflows,
     from_epoch_us,
     is_delayed,
+    limit_columns,
     queue_stats_from_counts,
     run_from_row,
     run_page,
@@ -160,6 +161,8 @@ def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
                 now,
                 wake_us,
                 deadline_us,
+                new.priority,
+                *limit_columns(new.limits),
             ),
         )
     except sqlite3.IntegrityError as exc:
@@ -178,32 +181,82 @@ def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
     return CreateResult(existing, created=False)
 
 
+MAX_LOOK = 1000
+"""The most due runs a claim reads at once when blocked runs make it look again."""
+
+Candidate: TypeAlias = tuple[str, int, int, str | None, int | None, str | None, int | None]
+"""A due run as ``claim_due`` reads it: id, priority, wake_at and its limit columns."""
+
+
 def claim(
     now: int, workflows: Sequence[str], limit: int, lease_us: int
 ) -> Script[list[ClaimedRun]]:
-    # Lapsed leases first, then everything else by due time (see queries.sql).
+    # Lapsed leases first, whatever the limits (the run still holds its
+    # slots, which pass to the new holder); then due runs by priority and
+    # due time (see queries.sql).
     lapsed_rows = yield (
         with_marks("claim_lapsed", "workflows", len(workflows)),
         (now, *workflows, limit),
     )
-    lapsed = [row[0] for row in lapsed_rows]
-    due: list[str] = []
-    if len(lapsed) < limit:
-        due_rows = yield (
+    ids = [row[0] for row in lapsed_rows]
+    reclaimed = set(ids)
+    unwritten = list(ids)  # chosen, not yet made running
+    updated: list[Row] = []
+    held: dict[str, int] = {}  # running holders of each limit key met, chosen ones included
+    need = limit - len(ids)
+    look = need
+    while need > 0:
+        rows = yield (
             with_marks("claim_due", "workflows", len(workflows)),
-            (now, *workflows, limit - len(lapsed)),
+            (now, *workflows, look, now, *workflows, look),
         )
-        due = [row[0] for row in due_rows]
-    ids = lapsed + due
+        candidates: list[Candidate] = sorted(rows, key=lambda r: (-r[1], r[2], r[0]))[:look]
+        blocked = 0
+        for run_id, _, _, key1, max1, key2, max2 in candidates:
+            if need == 0:
+                break
+            limits = [(k, m) for k, m in ((key1, max1), (key2, max2)) if k is not None]
+            full: str | None = None
+            for key, most in limits:
+                if key not in held:
+                    counted = yield (Q["holders"], (key, key))
+                    held[key] = int(counted[0][0])
+                if held[key] >= (most or 0):
+                    full = key
+                    break
+            if full is not None:
+                # Blocked: out of the due indexes until a holder of the key stops.
+                yield (Q["block"], (full, now, run_id))
+                blocked += 1
+                continue
+            for key, _ in limits:
+                held[key] += 1
+            ids.append(run_id)
+            unwritten.append(run_id)
+            need -= 1
+        if need == 0 or len(candidates) < look or not blocked:
+            break
+        # Some were blocked and more may be due: make the chosen running (so
+        # they leave the due indexes, as the blocked ones did) and look again,
+        # further this time.
+        updated += yield (
+            with_marks("claim_update", "ids", len(unwritten)),
+            (now + lease_us, now, *unwritten),
+        )
+        unwritten = []
+        look = min(max(need, 2 * look), MAX_LOOK)
+    if unwritten:
+        updated += yield (
+            with_marks("claim_update", "ids", len(unwritten)),
+            (now + lease_us, now, *unwritten),
+        )
     if not ids:
         return []
-    updated = yield (with_marks("claim_update", "ids", len(ids)), (now + lease_us, now, *ids))
     step_rows = yield (with_marks("claim_steps", "ids", len(ids)), ids)
     steps: dict[str, dict[str, StepRecord]] = {run_id: {} for run_id in ids}
     for row in step_rows:
         steps[row[0]][row[1]] = step_from_row(row[1:], from_epoch_us)
     records = {row[0]: run_from_row(row, from_epoch_us) for row in updated}
-    reclaimed = set(lapsed)
     return [
         ClaimedRun(
             run=records[run_id],
@@ -213,6 +266,15 @@ def claim(
         )
         for run_id in ids
     ]
+
+
+def _stopped(now: int, keys: Sequence[str | None]) -> Script[None]:
+    """A running run holding the limit ``keys`` (``None`` where it holds
+    fewer) stopped running: for each key, the blocked run a claim would take
+    first is claimable again. A run without limits runs no statement here."""
+    for key in keys:
+        if key is not None:
+            yield (Q["unblock"], (now, key))
 
 
 def heartbeat(now: int, lease: Lease, extend_us: int) -> Script[bool]:
@@ -257,7 +319,8 @@ def finish(
     if step is not None:
         yield (Q["upsert_step"], step.params(lease.run_id, now))
     # Setting finished_at dropped the run's buffered events (a trigger).
-    yield from _ended(now, rows[0])
+    yield from _stopped(now, rows[0][2:])
+    yield from _ended(now, rows[0][:2])
     return True
 
 
@@ -277,21 +340,78 @@ def update_status(
     now: int, run_id: str, status: str, lease: Lease | None, error: str | None
 ) -> Script[bool]:
     if lease is None:
+        # Any unfinished run: what it unblocks depends on what it was.
+        before = yield (Q["run_limits"], (run_id,))
         rows = yield (Q["end_unfenced"], (status, error, now, now, run_id))
+        if rows:
+            yield from _let_go(now, before[0])
     elif status == "pending":
         rows = yield (Q["hand_back"], (now, now, run_id, lease.epoch, now))
+        if rows:
+            yield from _stopped(now, rows[0])
+        return bool(rows)
     else:
         rows = yield (Q["end_fenced"], (status, error, now, now, run_id, lease.epoch, now))
+        if rows:
+            yield from _stopped(now, rows[0][2:])
     if not rows:
         return False
-    if status == "pending":
-        return True
     # Ending a run sets finished_at, which drops its buffered events (a
     # trigger); so does the cancel of every unfinished run below it.
     if status == "cancelled":
-        yield (Q["cancel_below"], (run_id, now, now))
-    yield from _ended(now, rows[0])
+        yield from _cancel_below(now, run_id)
+    yield from _ended(now, rows[0][:2])
     return True
+
+
+def _let_go(now: int, before: Row) -> Script[None]:
+    """An unfinished run ended without a lease (``before``: its
+    ``run_limits`` as it was): a running one stopped, and unblocks a run of
+    each key; one that was free to be claimed passes its turn on, to the
+    first blocked run of each of its keys that has room; a blocked one was
+    holding no turn."""
+    status, blocked_by, key1, max1, key2, max2 = before
+    if status == "running":
+        yield from _stopped(now, (key1, key2))
+        return
+    if blocked_by is not None:
+        return
+    for key, most in ((key1, max1), (key2, max2)):
+        if key is not None:
+            counted = yield (Q["holders"], (key, key))
+            if counted[0][0] < most:
+                yield (Q["unblock"], (now, key))
+
+
+def _cancel_below(now: int, run_id: str) -> Script[None]:
+    """Cancel every unfinished run below ``run_id``. In one statement,
+    unless one of them holds a limit: then one run at a time, depth first
+    in creation order (as the cancel of each on its own would), each ending
+    as :func:`_let_go` says, as it is when its turn comes."""
+    rows = yield (Q["below_order"], (run_id,))
+    unfinished = [row for row in rows if row[2] not in TERMINAL_STATUSES]
+    if not unfinished:
+        return
+    if not any(row[3] is not None or row[4] is not None for row in unfinished):
+        yield (Q["cancel_below"], (run_id, now, now))
+        return
+    children: dict[str, list[Row]] = {}
+    for row in rows:
+        children.setdefault(row[1], []).append(row)
+    seen: set[str] = set()
+    stack = list(reversed(children.get(run_id, [])))
+    while stack:
+        row = stack.pop()
+        child_id, _, child_status, _, _ = row
+        if child_id in seen:
+            continue
+        seen.add(child_id)
+        if child_status not in TERMINAL_STATUSES:
+            # Read as it is now: an earlier end in this cascade may have unblocked it.
+            before = yield (Q["run_limits"], (child_id,))
+            yield (Q["cancel_one"], (now, now, child_id))
+            yield from _let_go(now, before[0])
+        stack.extend(reversed(children.get(child_id, [])))
 
 
 def sleep(now: int, lease: Lease, step: str, duration_us: int) -> Script[int | None]:
@@ -306,6 +426,7 @@ def sleep(now: int, lease: Lease, step: str, duration_us: int) -> Script[int | N
     fenced = yield (Q["sleep"], (wake_at, wake_at, now, lease.run_id, lease.epoch, now))
     if not fenced:
         return None
+    yield from _stopped(now, fenced[0])
     if first:
         record = StepRow(step, "sleeping", None, None, 1, wake_at)
         yield (Q["upsert_step"], record.params(lease.run_id, now))
@@ -330,6 +451,8 @@ def wait(
         # Due at the wait's deadline, or at the run's deadline_at if earlier
         # (or the wait has none); the step keeps the wait's own deadline.
         fenced = yield (Q["wait"], (event, deadline, deadline, now, lease.run_id, lease.epoch, now))
+        if fenced:
+            yield from _stopped(now, fenced[0])
     if not fenced:
         return None
     if first:
@@ -417,6 +540,8 @@ def start_child(now: int, lease: Lease, step: str, new: NewRun) -> Script[RunRec
         deadline_us,
         lease.run_id,
         step,
+        new.priority,
+        *limit_columns(new.limits),
     )
     rows = yield (Q["insert_child"], values)
     return run_from_row(rows[0], from_epoch_us)
@@ -434,7 +559,8 @@ def wait_children(now: int, lease: Lease, step: StepRow) -> Script[bool | None]:
     # Parked until the end of its last open child wakes it (wake_parent, in
     # the same transaction as that end), or its deadline.
     waiting_for = CHILDREN_WAIT_PREFIX + step.name
-    yield (Q["wait_for_children"], (waiting_for, now, lease.run_id))
+    rows = yield (Q["wait_for_children"], (waiting_for, now, lease.run_id))
+    yield from _stopped(now, rows[0])
     return False
 
 

@@ -64,8 +64,8 @@ PRAGMA wal_checkpoint(TRUNCATE)
 -- the delay, or the deadline_at if that is earlier).
 -- name: insert_run
 INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at,
-    deadline_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+    deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (workflow, idempotency_key) DO NOTHING
 RETURNING {run_columns}
 
@@ -76,10 +76,9 @@ SELECT {run_columns} FROM runs WHERE workflow = ? AND idempotency_key = ?
 SELECT {run_columns} FROM runs WHERE id = ?
 
 -- Lapsed leases first, so a backlog cannot starve a dead worker's runs, then
--- everything else by due time (a due delayed run like a due sleeping one);
--- ties broken by id. Both queries walk a partial index in order and stop at
--- the limit: claim_due's status list is the WHERE of runs_due, word for word
--- (SQLite uses a partial index only for a query that implies its WHERE). The unary "+" keeps the
+-- everything else by priority (highest first), then due time (a due delayed
+-- run like a due sleeping one); ties broken by id. claim_lapsed walks
+-- runs_lease in order and stops at the limit. The unary "+" keeps the
 -- planner off the (workflow, idempotency_key) index, which would make it
 -- read and sort every run of the workflow, history included.
 -- name: claim_lapsed
@@ -87,11 +86,52 @@ SELECT id FROM runs
 WHERE status = 'running' AND lease_expires_at <= ? AND +workflow IN ({workflows})
 ORDER BY lease_expires_at, id LIMIT ?
 
+-- The due runs a claim looks at, in two parts the claim merges (each in
+-- claim order, up to the same count): pending runs walk runs_pending, which
+-- is in claim order, and stop at the count, however long the backlog; due
+-- delayed, sleeping and waiting runs are read from runs_due by due time
+-- (only those due, never the ones sleeping into the future) and sorted.
+-- Each WHERE names its index's WHERE word for word (SQLite uses a partial
+-- index only for a query that implies its WHERE), so blocked runs, which
+-- neither index holds, are never read. Each row: the id, priority, wake_at
+-- and limit columns. Parameters: now, the workflows, the count, and the
+-- same again.
 -- name: claim_due
-SELECT id FROM runs
-WHERE status IN ('delayed', 'pending', 'sleeping', 'waiting') AND wake_at <= ?
-    AND +workflow IN ({workflows})
-ORDER BY wake_at, id LIMIT ?
+SELECT * FROM (
+    SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2 FROM runs
+    WHERE status = 'pending' AND blocked_by IS NULL AND wake_at <= ?
+        AND +workflow IN ({workflows})
+    ORDER BY priority DESC, wake_at, id LIMIT ?
+)
+UNION ALL
+SELECT * FROM (
+    SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2 FROM runs
+    WHERE status IN ('delayed', 'sleeping', 'waiting') AND blocked_by IS NULL AND wake_at <= ?
+        AND +workflow IN ({workflows})
+    ORDER BY priority DESC, wake_at, id LIMIT ?
+)
+
+-- How many running runs (lapsed leases included) hold a limit key: two
+-- index-only seeks, in runs_holding1 and runs_holding2. Parameters: the
+-- key, the key again.
+-- name: holders
+SELECT (SELECT count(*) FROM runs WHERE status = 'running' AND limit_key1 = ?)
+     + (SELECT count(*) FROM runs WHERE status = 'running' AND limit_key2 = ?)
+
+-- A claimable run passed over because its limit of that key is full: it
+-- leaves runs_pending or runs_due for runs_blocked. Parameters: the key,
+-- now, the run id.
+-- name: block
+UPDATE runs SET blocked_by = ?, updated_at = ? WHERE id = ?
+
+-- A run holding the key stopped running: the run blocked by it that a
+-- claim would take first (one seek in runs_blocked) is claimable again.
+-- Parameters: now, the key.
+-- name: unblock
+UPDATE runs SET blocked_by = NULL, updated_at = ?
+WHERE id = (
+    SELECT id FROM runs WHERE blocked_by = ? ORDER BY priority DESC, wake_at, id LIMIT 1
+)
 
 -- Column references on the right-hand side see the row before the update,
 -- so a lapsed lease (status still 'running') counts as a reclaim.
@@ -108,42 +148,52 @@ SELECT run_id, {step_columns} FROM steps WHERE run_id IN ({ids}) ORDER BY rowid
 -- name: extend
 UPDATE runs SET lease_expires_at = ?, updated_at = ? WHERE {fence} RETURNING 1
 
--- Ending a run returns its parent link: a child's end may wake its parent
--- (wake_parent), a statement only a child pays for.
+-- Every write that stops a running run returns its limit keys (NULL for
+-- none): it unblocks a run of each (unblock), a statement only a run with
+-- limits pays for. Ending a run also returns its parent link: a child's end
+-- may wake its parent (wake_parent), a statement only a child pays for. A
+-- running run is never blocked, so the fenced writes leave blocked_by be.
 -- name: finish
 UPDATE runs SET status = ?, output = ?, error = ?, lease_expires_at = NULL,
     wake_at = NULL, waiting_for = NULL, updated_at = ?, finished_at = ?
 WHERE {fence}
-RETURNING parent_id, parent_step
+RETURNING parent_id, parent_step, limit_key1, limit_key2
 
 -- name: hand_back
 UPDATE runs SET status = 'pending', lease_expires_at = NULL, wake_at = ?, updated_at = ?
 WHERE {fence}
-RETURNING 1
+RETURNING limit_key1, limit_key2
 
 -- name: end_fenced
 UPDATE runs SET status = ?, error = ?, lease_expires_at = NULL, wake_at = NULL,
     waiting_for = NULL, updated_at = ?, finished_at = ?
 WHERE {fence}
-RETURNING parent_id, parent_step
+RETURNING parent_id, parent_step, limit_key1, limit_key2
 
+-- The run may be in any status but a terminal one: it ends unblocked. What
+-- it was is read first (run_limits): a running run unblocks a run of each
+-- key, one that was free to be claimed passes its turn on. Parameters:
+-- status, error, now, now, run id.
 -- name: end_unfenced
 UPDATE runs SET status = ?, error = ?, lease_expires_at = NULL, wake_at = NULL,
-    waiting_for = NULL, updated_at = ?, finished_at = ?
+    waiting_for = NULL, updated_at = ?, finished_at = ?, blocked_by = NULL
 WHERE id = ? AND {not_terminal}
-RETURNING parent_id, parent_step
+RETURNING parent_id, parent_step, limit_key1, limit_key2
+
+-- name: run_limits
+SELECT status, blocked_by, limit_key1, limit_max1, limit_key2, limit_max2 FROM runs WHERE id = ?
 
 -- name: sleep
 UPDATE runs SET status = 'sleeping', wake_at = {due_by_deadline}, lease_expires_at = NULL,
     updated_at = ?
 WHERE {fence}
-RETURNING 1
+RETURNING limit_key1, limit_key2
 
 -- name: wait
 UPDATE runs SET status = 'waiting', waiting_for = ?, wake_at = {due_by_deadline},
     lease_expires_at = NULL, updated_at = ?
 WHERE {fence}
-RETURNING 1
+RETURNING limit_key1, limit_key2
 
 -- name: wait_ready
 UPDATE runs SET waiting_for = NULL, updated_at = ? WHERE {fence} RETURNING 1
@@ -189,8 +239,8 @@ SELECT deadline_at FROM runs WHERE {fence}
 -- no idempotency key.
 -- name: insert_child
 INSERT INTO runs (id, workflow, status, input, created_at, updated_at, wake_at, deadline_at,
-    parent_id, parent_step)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2, limit_max2)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 RETURNING {run_columns}
 
 -- Whether the run has a child at the step that has not ended: one seek in
@@ -204,6 +254,7 @@ SELECT 1 FROM runs WHERE parent_id = ? AND parent_step = ? AND finished_at IS NU
 UPDATE runs SET status = 'waiting', waiting_for = ?, wake_at = deadline_at,
     lease_expires_at = NULL, updated_at = ?
 WHERE id = ?
+RETURNING limit_key1, limit_key2
 
 -- name: touch
 UPDATE runs SET updated_at = ? WHERE id = ?
@@ -231,8 +282,29 @@ WITH RECURSIVE below (id) AS (
     SELECT runs.id FROM runs JOIN below ON runs.parent_id = below.id
 )
 UPDATE runs SET status = 'cancelled', lease_expires_at = NULL, wake_at = NULL,
-    waiting_for = NULL, updated_at = ?, finished_at = ?
+    waiting_for = NULL, updated_at = ?, finished_at = ?, blocked_by = NULL
 WHERE id IN (SELECT id FROM below) AND {not_terminal}
+
+-- Every run below a run (as cancel_below walks them), with its parent, in
+-- creation order (rowid), its status and its limit keys: when an unfinished
+-- one holds a limit, the cancel goes one run at a time (run_limits, then
+-- cancel_one), in the order a cancel takes them, so each one's end unblocks
+-- what it would on its own. Parameters: the run id.
+-- name: below_order
+WITH RECURSIVE below (id) AS (
+    SELECT id FROM runs WHERE parent_id = ?
+    UNION
+    SELECT runs.id FROM runs JOIN below ON runs.parent_id = below.id
+)
+SELECT id, parent_id, status, limit_key1, limit_key2 FROM runs
+WHERE id IN (SELECT id FROM below)
+ORDER BY rowid
+
+-- One run of a cascade, cancelled on its own. Parameters: now, now, run id.
+-- name: cancel_one
+UPDATE runs SET status = 'cancelled', lease_expires_at = NULL, wake_at = NULL,
+    waiting_for = NULL, updated_at = ?, finished_at = ?, blocked_by = NULL
+WHERE id = ? AND {not_terminal}
 
 -- A missing run has no children, even if runs still name it as their
 -- parent (a purged parent's children are kept). Parameters: the run id twice.

@@ -213,6 +213,44 @@ ALTER TABLE runs ADD COLUMN parent_step TEXT;
 CREATE INDEX runs_children ON runs (parent_id, parent_step, finished_at)
     WHERE parent_id IS NOT NULL;
 
+-- Version 7: priorities and concurrency limits.
+-- name: v7
+-- A run's priority (NewRun.priority), its at most two concurrency limits
+-- (NewRun.limits, reflow_core.adapter.limit_columns) and, for a claimable
+-- run a claim passed over because a limit was full, that limit's key.
+-- Added in place like deadline_at (a constant default does not rewrite the
+-- rows): existing runs have priority 0, no limits and are not blocked.
+ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN limit_key1 TEXT;
+ALTER TABLE runs ADD COLUMN limit_max1 INTEGER;
+ALTER TABLE runs ADD COLUMN limit_key2 TEXT;
+ALTER TABLE runs ADD COLUMN limit_max2 INTEGER;
+ALTER TABLE runs ADD COLUMN blocked_by TEXT;
+-- Claims take due runs by priority, then due time. Pending runs are always
+-- due, so they get an index in claim order of their own (runs_pending): a
+-- claim walks it from the top and stops at its limit, however long the
+-- backlog. Delayed, sleeping and waiting runs stay in runs_due by due time,
+-- so a claim reads only those already due (never the ones sleeping into the
+-- future) and sorts just them by priority. Blocked runs are in neither
+-- index (the claim queries name the same WHERE, word for word), so no
+-- claim reads them: they wait in runs_blocked, by key in claim order, until
+-- the write that stops a run holding the key unblocks the first of them.
+DROP INDEX runs_due;
+CREATE INDEX runs_pending ON runs (priority DESC, wake_at, id)
+    WHERE status = 'pending' AND blocked_by IS NULL;
+CREATE INDEX runs_due ON runs (wake_at, id)
+    WHERE status IN ('delayed', 'sleeping', 'waiting') AND blocked_by IS NULL;
+CREATE INDEX runs_blocked ON runs (blocked_by, priority DESC, wake_at, id)
+    WHERE blocked_by IS NOT NULL;
+-- The running runs holding each limit key, by the column it is kept in: a
+-- claim counts a key's holders with two index-only seeks (status is in the
+-- index so the count reads no row). Runs without limits are in neither
+-- (SQLite only tests the WHERE on their row).
+CREATE INDEX runs_holding1 ON runs (limit_key1, status)
+    WHERE status = 'running' AND limit_key1 IS NOT NULL;
+CREATE INDEX runs_holding2 ON runs (limit_key2, status)
+    WHERE status = 'running' AND limit_key2 IS NOT NULL;
+
 -- -- what the trigger of versions 2 and 4 runs --------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those

@@ -325,7 +325,10 @@ class SQLiteStorage:
     async def claim_runs(
         self, workflows: Collection[str], limit: int, lease: timedelta
     ) -> list[ClaimedRun]:
-        """Claim up to ``limit`` runs (lapsed leases first, then by due time) with their steps.
+        """Claim up to ``limit`` runs (lapsed leases first, then by priority and
+        due time) with their steps; a run whose concurrency limit is full is
+        marked blocked and passed over, and no claim reads it until a run
+        holding that key stops running.
 
         One call claims at most :data:`MAX_CLAIM` runs.
         """
