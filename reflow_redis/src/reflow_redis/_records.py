@@ -5,7 +5,10 @@ A run is a hash whose short field names the scripts write (``st`` status,
 ``c``/``u``/``w``/``l``/``dl`` times in epoch microseconds (``dl`` the run's
 deadline, absent without one), ``wt`` the awaited event, ``idem`` the
 idempotency key, ``id`` the run's own id, ``pa``/``ps`` a child run's parent
-and the parent's step that started it, absent for other runs); a step is one field of the run's
+and the parent's step that started it, absent for other runs; ``pr`` the
+priority, absent for 0; ``k1``/``m1`` and ``k2``/``m2`` the concurrency
+limits' keys and maxima, absent without; ``bb`` the key blocking a blocked
+run); a step is one field of the run's
 steps hash, ``seq|done|status|wake|json``. Anything under the prefix that
 does not read this way raises :class:`_BadData`, which the storage reports as
 a :class:`~reflow_core.errors.StorageError` naming the operation.
@@ -18,7 +21,15 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, cast, get_args
 
-from reflow_core.adapter import decode_workflows, from_epoch_us, is_delayed, span_us, to_epoch_us
+from reflow_core.adapter import (
+    decode_workflows,
+    from_epoch_us,
+    is_delayed,
+    limit_columns,
+    limits_from_columns,
+    span_us,
+    to_epoch_us,
+)
 from reflow_core.errors import StorageError
 from reflow_core.storage import (
     NewRun,
@@ -112,6 +123,14 @@ def _run_record(run_id: str, fields: Mapping[str, str]) -> RunRecord:
             deadline_at=_time(fields.get("dl"), where),
             parent_id=fields.get("pa"),
             parent_step=fields.get("ps"),
+            priority=_int(fields, "pr", where) if "pr" in fields else 0,
+            limits=limits_from_columns(
+                fields.get("k1"),
+                _int(fields, "m1", where) if "k1" in fields else None,
+                fields.get("k2"),
+                _int(fields, "m2", where) if "k2" in fields else None,
+            ),
+            blocked_by=fields.get("bb") or None,
         )
     except KeyError as exc:
         raise _BadData(f"{where} lacks a field Reflow writes") from exc
@@ -180,6 +199,12 @@ def _deadline_arg(new: NewRun) -> str:
     if new.deadline is None:
         return ""
     return str(span_us(new.deadline))
+
+
+def _limit_args(new: NewRun) -> list[str]:
+    """A run's priority and limits as the create scripts take them: the
+    priority, then key1, max1, key2, max2 (empty where it has fewer)."""
+    return [str(new.priority), *("" if v is None else str(v) for v in limit_columns(new.limits))]
 
 
 def _schedule_record(key: str, fields: Mapping[str, str]) -> ScheduleRecord:

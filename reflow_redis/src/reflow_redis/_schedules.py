@@ -19,7 +19,15 @@ from reflow_core.errors import IdempotencyConflictError
 from reflow_core.storage import NewRun, RunRecord, ScheduleRecord, ScheduleSpec
 
 from ._connection import _Connection
-from ._records import _BadData, _deadline_arg, _delay_arg, _pairs, _schedule_record, _text
+from ._records import (
+    _BadData,
+    _deadline_arg,
+    _delay_arg,
+    _limit_args,
+    _pairs,
+    _schedule_record,
+    _text,
+)
 
 
 class _Schedules(_Connection):
@@ -86,6 +94,7 @@ class _Schedules(_Connection):
                 run.idempotency_key or "",
                 _delay_arg(run),
                 _deadline_arg(run),
+                *_limit_args(run),
             ],
         )
         outcome = int(reply[0])

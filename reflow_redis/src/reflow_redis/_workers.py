@@ -6,8 +6,10 @@ entry's fields. ``workers.lua`` deletes lapsed entries first, then announces,
 lists or removes, so a lapsed entry is never returned, refreshed or counted.
 
 Queue statistics read only indexes of unfinished runs (see
-``queue_stats.lua``): ``P:due:<wf>`` and ``P:running:<wf>``, which the run
-scripts already keep, ``P:parked:<wf>`` (sleeping, waiting and delayed runs, kept
+``queue_stats.lua``): the due sets ``P:due:<wf>`` and ``P:pdue:<pr>:<wf>``
+(the priorities of ``P:prios:<wf>``), ``P:blocked-wf:<wf>`` (runs blocked by
+a full concurrency limit) and ``P:running:<wf>``, which the run scripts
+already keep, ``P:parked:<wf>`` (sleeping, waiting and delayed runs, kept
 by the create, sleep, wait, deliver, claim and cancel scripts) and ``P:workflows``, the
 names of workflows that may have unfinished runs (added on create and
 requeue, dropped lazily by ``queue_stats`` once nothing of a workflow is

@@ -15,7 +15,12 @@ key                            type     holds
 ``P:run:<id>``                 hash     the run: status, input, output, epoch, times...
 ``P:steps:<id>``               hash     step name -> ``seq|done|status|wake|json``
 ``P:lease:<id>``               string   the lease epoch, with a PX time to live
-``P:due:<workflow>``           zset     claimable and delayed runs by due time (µs)
+``P:due:<workflow>``           zset     claimable and delayed runs of priority 0 by due time (µs)
+``P:pdue:<pr>:<workflow>``     zset     the same for priority ``pr`` (not 0)
+``P:prios:<workflow>``         zset     the priorities with a ``pdue`` set (score = member)
+``P:holders:<key>``            set      running runs holding a concurrency limit key
+``P:blocked:<key>``            zset     runs blocked by a full key (-priority; due:id)
+``P:blocked-wf:<workflow>``    zset     a workflow's blocked runs by due time
 ``P:running:<workflow>``       zset     running runs by lease expiry (µs)
 ``P:idem:<workflow>``          hash     idempotency key -> run id
 ``P:idx``, ``P:idx:wf:<wf>``   zset     ``<created µs>:<id>``, for newest-first listing
@@ -122,6 +127,7 @@ from ._records import (
     _deadline_arg,
     _delay_arg,
     _flat,
+    _limit_args,
     _pairs,
     _run_of,
     _run_record,
@@ -337,6 +343,7 @@ class RedisStorage(_Schedules, _Workers):
                     new.idempotency_key or "",
                     _delay_arg(new),
                     _deadline_arg(new),
+                    *_limit_args(new),
                 ],
                 retry=True,
             )
@@ -351,6 +358,7 @@ class RedisStorage(_Schedules, _Workers):
                     new.idempotency_key or "",
                     _delay_arg(new),
                     _deadline_arg(new),
+                    *_limit_args(new),
                 ]
             replies = await self._call("create_run", "create_many", args, retry=True)
         results: list[CreateResult | ReflowError] = []
@@ -666,6 +674,7 @@ class RedisStorage(_Schedules, _Workers):
                 new.input,
                 _delay_arg(new),
                 _deadline_arg(new),
+                *_limit_args(new),
             ],
             retry=True,
         )

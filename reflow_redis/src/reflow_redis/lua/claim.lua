@@ -1,5 +1,15 @@
 -- claim_runs. ARGV[5]: limit, ARGV[6]: lease (us), ARGV[7..]: workflows.
--- Lapsed leases first (oldest expiry first), then due runs by due time.
+-- Lapsed leases first (oldest expiry first), taken over whatever the limits
+-- (the run still holds its slots, which pass on). Then due runs by priority
+-- (highest first), then due time: each workflow's due sets are walked from
+-- its highest priority (P:prios) until it gave as many as are wanted, and
+-- the candidates of every workflow are merged. A candidate with a full limit
+-- (its holders, runs taken earlier here included, number its max) is
+-- blocked: out of its due set, so no later claim reads it until a run
+-- holding the key stops. When blocked candidates left the batch short, the
+-- due sets are read again; at most BLOCK_BUDGET runs are blocked per call
+-- (the rest wait for the next claim), so one call stays short.
+local BLOCK_BUDGET = 20000
 local limit = tonumber(ARGV[5])
 local lease = tonumber(ARGV[6])
 local wfs = {}
@@ -13,37 +23,77 @@ for _, wf in ipairs(wfs) do
     local id = rows[i]
     -- The index says lapsed; the lease key (the server clock) must agree.
     if FAKE or redis.call('EXISTS', lease_key(id)) == 0 then
-      stale[#stale + 1] = {id, wf, tonumber(rows[i + 1]), 1}
+      stale[#stale + 1] = {id, wf, tonumber(rows[i + 1])}
     end
   end
 end
 table.sort(stale, function(a, b) return a[3] < b[3] end)
-local picked = {}
-for i = 1, math.min(#stale, limit) do picked[#picked + 1] = stale[i] end
-
-if #picked < limit then
-  local due = {}
-  local want = limit - #picked
-  for _, wf in ipairs(wfs) do
-    local rows = redis.call('ZRANGE', k('due', wf), '-inf', num(NOW), 'BYSCORE', 'LIMIT', 0, want,
-      'WITHSCORES')
-    for i = 1, #rows, 2 do due[#due + 1] = {rows[i], wf, tonumber(rows[i + 1]), 0} end
-  end
-  table.sort(due, function(a, b) return a[3] < b[3] end)
-  for i = 1, math.min(#due, want) do picked[#picked + 1] = due[i] end
-end
 
 local out = {}
-for _, c in ipairs(picked) do
-  local id, wf, reclaim = c[1], c[2], c[4]
+
+local function take(id, wf, reclaim)
   local rk = run_key(id)
   local epoch = redis.call('HINCRBY', rk, 'ep', 1)
   redis.call('HINCRBY', rk, 'att', 1)
   if reclaim == 1 then redis.call('HINCRBY', rk, 'rec', 1) end
   redis.call('HSET', rk, 'st', 'running', 'w', '')
-  redis.call('ZREM', k('due', wf), id)
   if reclaim == 0 then redis.call('ZREM', k('parked', wf), id) end
   set_lease(id, wf, num(epoch), lease)
   out[#out + 1] = {reclaim, redis.call('HGETALL', rk), redis.call('HGETALL', steps_key(id))}
 end
+
+for i = 1, math.min(#stale, limit) do take(stale[i][1], stale[i][2], 1) end
+
+-- The due sets runs left, to drop emptied priorities from P:prios at the end.
+local left = {}
+local blocked = 0
+while #out < limit and blocked < BLOCK_BUDGET do
+  local want = limit - #out
+  local due = {}
+  for _, wf in ipairs(wfs) do
+    local got = 0
+    for _, set in ipairs(due_sets(wf)) do
+      local rows = redis.call('ZRANGE', set[1], '-inf', num(NOW), 'BYSCORE', 'LIMIT', 0, want - got,
+        'WITHSCORES')
+      for i = 1, #rows, 2 do
+        due[#due + 1] = {rows[i], wf, set[2], tonumber(rows[i + 1]), tonumber(set[2]), set[1]}
+      end
+      got = got + #rows / 2
+      if got >= want then break end
+    end
+  end
+  if #due == 0 then break end
+  table.sort(due, function(a, b)
+    if a[5] ~= b[5] then return a[5] > b[5] end
+    if a[4] ~= b[4] then return a[4] < b[4] end
+    return a[1] < b[1]
+  end)
+  local passed = 0
+  for _, c in ipairs(due) do
+    if #out >= limit then break end
+    local id, wf, pr = c[1], c[2], c[3]
+    redis.call('ZREM', c[6], id)
+    if pr ~= '0' then left[wf .. '\0' .. pr] = {wf, pr} end
+    local r = redis.call('HMGET', run_key(id), 'k1', 'm1', 'k2', 'm2', 'w')
+    local full = false
+    if r[1] then
+      if redis.call('SCARD', k('holders', r[1])) >= tonumber(r[2]) then
+        full = r[1]
+      elseif r[3] and redis.call('SCARD', k('holders', r[3])) >= tonumber(r[4]) then
+        full = r[3]
+      end
+    end
+    if full then
+      block(id, wf, pr, r[5] or num(c[4]), full)
+      passed = passed + 1
+    else
+      if r[1] then redis.call('SADD', k('holders', r[1]), id) end
+      if r[3] then redis.call('SADD', k('holders', r[3]), id) end
+      take(id, wf, 0)
+    end
+  end
+  blocked = blocked + passed
+  if passed == 0 then break end
+end
+for _, set in pairs(left) do due_gone(set[1], set[2]) end
 return out

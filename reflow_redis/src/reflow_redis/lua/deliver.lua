@@ -5,16 +5,20 @@
 -- (nothing is stored).
 local id, name, eid = ARGV[5], ARGV[6], ARGV[8]
 local rk = run_key(id)
-local r = redis.call('HMGET', rk, 'st', 'wt', 'wf')
+local r = redis.call('HMGET', rk, 'st', 'wt', 'wf', 'pr', 'bb')
 if not r[1] or TERMINAL[r[1]] then return 0 end
 if eid ~= '' and redis.call('SISMEMBER', evids_key(id), eid) == 1 then return 1 end
 if ARGV[9] ~= '' and buffered(id) >= tonumber(ARGV[9]) then return 2 end
 if eid ~= '' then redis.call('SADD', evids_key(id), eid) end
 redis.call('RPUSH', ev_key(id, name), ARGV[7])
 redis.call('SADD', evnames_key(id), name)
-if r[1] == 'waiting' and r[2] == name then
+if r[1] == 'waiting' and r[2] == name and r[5] then
+  -- Blocked: it stays so, ranked by its new due time.
+  reblock(id, r[3], r[4], r[5], num(NOW))
+  redis.call('ZADD', k('parked', r[3]), 1, id)
+elseif r[1] == 'waiting' and r[2] == name then
   redis.call('HSET', rk, 'w', num(NOW), 'u', num(NOW))
-  redis.call('ZADD', k('due', r[3]), num(NOW), id)
+  due_add(r[3], r[4], num(NOW), id)
   redis.call('ZADD', k('parked', r[3]), 1, id)
   wake(r[3], 0)
 end

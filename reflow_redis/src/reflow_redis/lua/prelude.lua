@@ -46,18 +46,20 @@ local function idx_member(created, id) return string.rep('0', 17 - #created) .. 
 
 -- The fence: running under this epoch with a live lease. Returns the
 -- workflow, or nil; then the parent's id and step of a child run ('pa', 'ps';
--- false for a run without a parent), read in the same HMGET. The lease is the
+-- false for a run without a parent), its priority ('pr', false for 0) and
+-- its limit keys ('k1', 'k2'; false without), read in the same HMGET, so a
+-- run without limits pays nothing more to release them. The lease is the
 -- PX key (the server clock expires it); under a test clock its recorded
 -- expiry is compared instead.
 local function fence(id, epoch)
-  local r = redis.call('HMGET', run_key(id), 'st', 'ep', 'wf', 'l', 'pa', 'ps')
+  local r = redis.call('HMGET', run_key(id), 'st', 'ep', 'wf', 'l', 'pa', 'ps', 'pr', 'k1', 'k2')
   if r[1] ~= 'running' or r[2] ~= epoch then return nil end
   if FAKE then
     if not r[4] or tonumber(r[4]) <= NOW then return nil end
   elseif redis.call('GET', lease_key(id)) ~= epoch then
     return nil
   end
-  return r[3], r[5], r[6]
+  return r[3], r[5], r[6], r[7], r[8], r[9]
 end
 
 local function set_lease(id, wf, epoch, span)
@@ -71,6 +73,124 @@ local function drop_lease(id, wf)
   redis.call('DEL', lease_key(id))
   redis.call('HDEL', run_key(id), 'l')
   redis.call('ZREM', k('running', wf), id)
+end
+
+-- Priorities. A run's priority is its 'pr' (absent for 0). A due run of
+-- priority 0 is in P:due:<wf>, one of another priority in P:pdue:<pr>:<wf>;
+-- P:prios:<wf> (member and score the priority) lists the priorities other
+-- than 0 whose due set is not empty, so a claim walks only those.
+local function plain(pr) return not pr or pr == '' or pr == '0' end
+local function due_key(wf, pr)
+  if plain(pr) then return k('due', wf) end
+  return k('pdue', pr, wf)
+end
+local function due_add(wf, pr, score, id)
+  if plain(pr) then
+    redis.call('ZADD', k('due', wf), score, id)
+  else
+    redis.call('ZADD', k('pdue', pr, wf), score, id)
+    redis.call('ZADD', k('prios', wf), pr, pr)
+  end
+end
+-- After runs left the due set of (wf, pr): drop an emptied priority from P:prios.
+local function due_gone(wf, pr)
+  if not plain(pr) and redis.call('EXISTS', k('pdue', pr, wf)) == 0 then
+    redis.call('ZREM', k('prios', wf), pr)
+  end
+end
+local function due_rem(wf, pr, id)
+  redis.call('ZREM', due_key(wf, pr), id)
+  due_gone(wf, pr)
+end
+-- The due sets of a workflow, highest priority first: {key, priority}.
+local function due_sets(wf)
+  local out, zero = {}, false
+  for _, pr in ipairs(redis.call('ZRANGE', k('prios', wf), 0, -1, 'REV')) do
+    if not zero and tonumber(pr) < 0 then
+      out[#out + 1] = {k('due', wf), '0'}
+      zero = true
+    end
+    out[#out + 1] = {k('pdue', pr, wf), pr}
+  end
+  if not zero then out[#out + 1] = {k('due', wf), '0'} end
+  return out
+end
+
+-- Concurrency limits. A run's limits are 'k1'/'m1' and 'k2'/'m2' (key and
+-- max; absent without). P:holders:<key> is the set of running runs holding
+-- key (lapsed leases included): its SCARD is the count. A due run a claim
+-- passes over because a limit is full is blocked: out of its due set, 'bb'
+-- the key, in P:blocked:<key> (score minus its priority, member its due time
+-- 'w' zero-padded to 20 digits, ':', its id: the order a claim takes runs)
+-- and in P:blocked-wf:<wf> (by due time; what queue_stats counts).
+local function blocked_member(w, id) return string.rep('0', 20 - #w) .. w .. ':' .. id end
+
+local function block(id, wf, pr, w, key)
+  redis.call('HSET', run_key(id), 'bb', key, 'u', num(NOW))
+  redis.call('ZADD', k('blocked', key), -(tonumber(pr) or 0), blocked_member(w, id))
+  redis.call('ZADD', k('blocked-wf', wf), w, id)
+end
+
+-- A blocked run leaves the blocked indexes (cancelled, or unblocked).
+local function unlist_blocked(id, wf, key, w)
+  redis.call('ZREM', k('blocked', key), blocked_member(w, id))
+  redis.call('ZREM', k('blocked-wf', wf), id)
+  redis.call('HDEL', run_key(id), 'bb')
+end
+
+-- A blocked run's due time changed (an event or its last child woke it):
+-- it stays blocked, ranked by the new time. 'w' must still hold the old one.
+local function reblock(id, wf, pr, key, w)
+  local old = redis.call('HGET', run_key(id), 'w')
+  if old then redis.call('ZREM', k('blocked', key), blocked_member(old, id)) end
+  redis.call('HSET', run_key(id), 'w', w, 'u', num(NOW))
+  redis.call('ZADD', k('blocked', key), -(tonumber(pr) or 0), blocked_member(w, id))
+  redis.call('ZADD', k('blocked-wf', wf), w, id)
+end
+
+-- The run of P:blocked:<key> a claim would take first is due again.
+local function unblock(key)
+  local bk = k('blocked', key)
+  while true do
+    local first = redis.call('ZRANGE', bk, 0, 0)
+    if #first == 0 then return end
+    redis.call('ZREM', bk, first[1])
+    local id = string.match(first[1], '^%d+:(.*)$')
+    if id then
+      local rk = run_key(id)
+      local r = redis.call('HMGET', rk, 'wf', 'pr', 'bb', 'w')
+      if r[1] and r[3] == key then
+        redis.call('HDEL', rk, 'bb')
+        redis.call('HSET', rk, 'u', num(NOW))
+        redis.call('ZREM', k('blocked-wf', r[1]), id)
+        due_add(r[1], r[2], r[4], id)
+        wake(r[1], 0)
+        return
+      end
+    end
+  end
+end
+
+-- A run that was free to be claimed (neither running nor blocked) ended
+-- without running, say one an unblock let go, cancelled before a claim took
+-- it: it passes its turn on to the first blocked run of each of its keys
+-- (k1/m1, k2/m2; false: none) that has room.
+local function pass_turn(k1, m1, k2, m2)
+  if not k1 then return end
+  if redis.call('SCARD', k('holders', k1)) < tonumber(m1) then unblock(k1) end
+  if k2 and redis.call('SCARD', k('holders', k2)) < tonumber(m2) then unblock(k2) end
+end
+
+-- A run holding limit keys k1, k2 (false: none) stopped running: it leaves
+-- their holders, and each key's first blocked run is due again.
+local function release(id, k1, k2)
+  if not k1 then return end
+  redis.call('SREM', k('holders', k1), id)
+  unblock(k1)
+  if k2 then
+    redis.call('SREM', k('holders', k2), id)
+    unblock(k2)
+  end
 end
 
 -- A step is stored as "seq|completed_us|status|wake_us|json" where json is
@@ -112,7 +232,7 @@ end
 -- stay (keeping their 'pa'); its lists of them go.
 local function purge_one(id)
   local rk = run_key(id)
-  local r = redis.call('HMGET', rk, 'wf', 'c', 'idem', 'st', 'pa')
+  local r = redis.call('HMGET', rk, 'wf', 'c', 'idem', 'st', 'pa', 'k1', 'k2')
   if r[4] and not TERMINAL[r[4]] then
     redis.call('ZREM', k('finished'), id)
     return 0
@@ -137,6 +257,9 @@ local function purge_one(id)
     if r[3] and r[3] ~= '' and redis.call('HGET', k('idem', r[1]), r[3]) == id then
       redis.call('HDEL', k('idem', r[1]), r[3])
     end
+    -- Every end of a run left these already; a run of an older version may not have.
+    if r[6] then redis.call('SREM', k('holders', r[6]), id) end
+    if r[7] then redis.call('SREM', k('holders', r[7]), id) end
     for _, name in ipairs(redis.call('SMEMBERS', evnames_key(id))) do
       redis.call('DEL', ev_key(id, name))
     end
@@ -167,15 +290,35 @@ local function due_by_deadline(w, dl)
   return w
 end
 
+-- Park a running run waiting: for wt (an event's name, or CHILDREN and the
+-- step), due at due (us as a string; '' = only what it waits for brings it
+-- back). Its lease goes, and its limit slots (pr, k1, k2 as fence returns
+-- them); it is in its due set at that time with parked 1, or kept out of
+-- the due sets with parked 2.
+local function park_waiting(id, wf, wt, due, pr, k1, k2)
+  redis.call('HSET', run_key(id), 'st', 'waiting', 'wt', wt, 'w', due, 'u', num(NOW))
+  drop_lease(id, wf)
+  release(id, k1, k2)
+  if due ~= '' then
+    due_add(wf, pr, due, id)
+    redis.call('ZADD', k('parked', wf), 1, id)
+    wake(wf, tonumber(due) - NOW)
+  else
+    redis.call('ZADD', k('parked', wf), 2, id)
+  end
+end
+
 -- Create a pending run, or with a positive delay (us) a delayed one, due
 -- then; or find the run holding the idempotency key (whatever the delay).
 -- With a deadline (us after now; '' none) the run's 'dl' is now plus it, or
 -- cap (us, a child's parent's deadline; nil or '' none) if that is earlier,
 -- and a delayed run is due at the earlier of its delay's end and that.
+-- lim is {priority, key1, max1, key2, max2} ('' for 0 / none; nil: none).
 -- Returns {1, now} when created (the client knows every other field),
 -- {0, run} for an existing one, {-1} when the id is taken. A delayed run is
--- in P:due at its due time, like a sleeping run, and in P:parked with score 3.
-local function create_run(id, wf, input, idem, delay, deadline, cap)
+-- in its due set at its due time, like a sleeping run, and in P:parked with
+-- score 3.
+local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
   if idem ~= '' then
     local existing = redis.call('HGET', k('idem', wf), idem)
     if existing then
@@ -192,10 +335,24 @@ local function create_run(id, wf, input, idem, delay, deadline, cap)
   if cap and cap ~= '' and (dl == '' or tonumber(cap) < tonumber(dl)) then dl = cap end
   local status, due = 'pending', now
   if delay > 0 then status, due = 'delayed', due_by_deadline(num(NOW + delay), dl) end
-  redis.call('HSET', rk, 'id', id, 'wf', wf, 'st', status, 'in', input, 'idem', idem, 'att', 0,
-    'rec', 0, 'ep', 0, 'c', now, 'u', now, 'w', due, 'sq', 0)
-  if dl ~= '' then redis.call('HSET', rk, 'dl', dl) end
-  redis.call('ZADD', k('due', wf), due, id)
+  local f = {'id', id, 'wf', wf, 'st', status, 'in', input, 'idem', idem, 'att', 0,
+    'rec', 0, 'ep', 0, 'c', now, 'u', now, 'w', due, 'sq', 0}
+  if dl ~= '' then f[#f + 1] = 'dl'; f[#f + 1] = dl end
+  local pr = ''
+  if lim then
+    if not plain(lim[1]) then
+      pr = lim[1]
+      f[#f + 1] = 'pr'; f[#f + 1] = pr
+    end
+    if lim[2] ~= '' then
+      f[#f + 1] = 'k1'; f[#f + 1] = lim[2]; f[#f + 1] = 'm1'; f[#f + 1] = lim[3]
+      if lim[4] ~= '' then
+        f[#f + 1] = 'k2'; f[#f + 1] = lim[4]; f[#f + 1] = 'm2'; f[#f + 1] = lim[5]
+      end
+    end
+  end
+  redis.call('HSET', rk, unpack(f))
+  due_add(wf, pr, due, id)
   if delay > 0 then redis.call('ZADD', k('parked', wf), 3, id) end
   local member = idx_member(now, id)
   redis.call('ZADD', k('idx'), 0, member)
@@ -216,10 +373,14 @@ local function child_ended(id, pa, ps)
   redis.call('SREM', open, id)
   if redis.call('EXISTS', open) == 1 then return end
   local prk = run_key(pa)
-  local p = redis.call('HMGET', prk, 'st', 'wt', 'wf')
+  local p = redis.call('HMGET', prk, 'st', 'wt', 'wf', 'pr', 'bb')
   if p[1] ~= 'waiting' or p[2] ~= CHILDREN .. ps then return end
+  if p[5] then
+    reblock(pa, p[3], p[4], p[5], num(NOW))
+    return
+  end
   redis.call('HSET', prk, 'w', num(NOW), 'u', num(NOW))
-  redis.call('ZADD', k('due', p[3]), num(NOW), pa)
+  due_add(p[3], p[4], num(NOW), pa)
   redis.call('ZADD', k('parked', p[3]), 1, pa)
   wake(p[3], 0)
 end
@@ -246,11 +407,18 @@ local function cancel_below(id)
   end
   for _, cid in ipairs(doomed) do
     local crk = run_key(cid)
-    local c = redis.call('HMGET', crk, 'st', 'wf', 'pa', 'ps')
+    local c = redis.call('HMGET', crk, 'st', 'wf', 'pa', 'ps', 'pr', 'k1', 'k2', 'bb', 'w', 'm1',
+      'm2')
     if c[1] and not TERMINAL[c[1]] then
       drop_lease(cid, c[2])
+      if c[8] then unlist_blocked(cid, c[2], c[8], c[9]) end
       redis.call('HSET', crk, 'st', 'cancelled', 'w', '', 'wt', '', 'u', num(NOW))
-      redis.call('ZREM', k('due', c[2]), cid)
+      due_rem(c[2], c[5], cid)
+      if c[1] == 'running' then
+        release(cid, c[6], c[7])
+      elseif not c[8] then
+        pass_turn(c[6], c[10], c[7], c[11])
+      end
       redis.call('ZREM', k('parked', c[2]), cid)
       drop_events(cid)
       finished(cid)
@@ -263,7 +431,7 @@ end
 -- ('' none), '1' if a step follows, then its name, status, wake and body.
 local function finish_one(b)
   local id = ARGV[b]
-  local wf, pa, ps = fence(id, ARGV[b + 1])
+  local wf, pa, ps, _, k1, k2 = fence(id, ARGV[b + 1])
   if not wf then return 0 end
   if ARGV[b + 5] == '1' then
     put_step(id, ARGV[b + 6], ARGV[b + 7], ARGV[b + 8], ARGV[b + 9])
@@ -273,6 +441,7 @@ local function finish_one(b)
   if ARGV[b + 3] ~= '' then redis.call('HSET', rk, 'out', ARGV[b + 3]) else redis.call('HDEL', rk, 'out') end
   if ARGV[b + 4] ~= '' then redis.call('HSET', rk, 'err', ARGV[b + 4]) else redis.call('HDEL', rk, 'err') end
   drop_lease(id, wf)
+  release(id, k1, k2)
   drop_events(id)
   finished(id)
   child_ended(id, pa, ps)

@@ -3,16 +3,18 @@
 -- oldest pending wake (us or ''), delayed} per workflow, from indexes of
 -- unfinished runs only:
 --   P:running:<wf>  every running run (lapsed leases included): ZCARD;
---   P:parked:<wf>   sleeping runs (score 0), waiting runs in P:due (1: a
---                   timeout or a run deadline, or woken by an event), waiting
---                   runs with neither (2), delayed runs (3, in P:due too):
---                   ZCOUNT;
---   P:due:<wf>      pending, delayed, sleeping and score-1 waiting runs:
---                   pending is its ZCARD minus the parked ones in it.
--- The oldest pending run is the first pending one in P:due by score (its
--- wake_at); the walk passes only overdue parked runs ahead of it. Without
--- names, a workflow of P:workflows with nothing left in these indexes
--- leaves P:workflows (create and requeue add it again).
+--   P:parked:<wf>   sleeping runs (score 0), waiting runs in a due set or
+--                   blocked (1: a timeout or a run deadline, or woken by an
+--                   event), waiting runs with neither (2), delayed runs (3,
+--                   in a due set or blocked too): ZCOUNT;
+--   P:due:<wf>, P:pdue:<pr>:<wf> (the priorities of P:prios:<wf>) and
+--   P:blocked-wf:<wf>  pending, delayed, sleeping and score-1 waiting runs,
+--                   due or blocked: pending is their ZCARDs minus the parked
+--                   ones in them.
+-- The oldest pending run is the first pending one by score (its wake_at) of
+-- any of these sets; each walk passes only overdue parked runs ahead of it.
+-- Without names, a workflow of P:workflows with nothing left in these
+-- indexes leaves P:workflows (create and requeue add it again).
 local all = ARGV[5] == '1'
 local names = {}
 if all then
@@ -20,10 +22,31 @@ if all then
 else
   for i = 6, #ARGV do names[#names + 1] = ARGV[i] end
 end
+
+-- The score of the first pending run of zset key, or nil. A pending run
+-- is due at or before now, so the walk stops there.
+local function first_pending(key)
+  local start = 0
+  while true do
+    local rows = redis.call('ZRANGE', key, '-inf', num(NOW), 'BYSCORE', 'LIMIT', start, 64,
+      'WITHSCORES')
+    if #rows == 0 then return nil end
+    for i = 1, #rows, 2 do
+      if redis.call('HGET', run_key(rows[i]), 'st') == 'pending' then
+        return tonumber(rows[i + 1])
+      end
+    end
+    start = start + 64
+  end
+end
+
 local out = {}
 for _, wf in ipairs(names) do
-  local due, parked = k('due', wf), k('parked', wf)
-  local in_due = redis.call('ZCARD', due)
+  local parked = k('parked', wf)
+  local sets = {k('blocked-wf', wf)}
+  for _, set in ipairs(due_sets(wf)) do sets[#sets + 1] = set[1] end
+  local in_due = 0
+  for _, key in ipairs(sets) do in_due = in_due + redis.call('ZCARD', key) end
   local running = redis.call('ZCARD', k('running', wf))
   local sleeping = redis.call('ZCOUNT', parked, 0, 0)
   local waiting = redis.call('ZCOUNT', parked, 1, 2)
@@ -31,21 +54,14 @@ for _, wf in ipairs(names) do
   local pending = math.max(0, in_due - sleeping - delayed - redis.call('ZCOUNT', parked, 1, 1))
   local oldest = ''
   if pending > 0 then
-    local start = 0
-    while oldest == '' do
-      local rows = redis.call('ZRANGE', due, start, start + 63, 'WITHSCORES')
-      if #rows == 0 then break end
-      for i = 1, #rows, 2 do
-        if redis.call('HGET', run_key(rows[i]), 'st') == 'pending' then
-          oldest = num(tonumber(rows[i + 1]))
-          break
-        end
-      end
-      start = start + 64
+    local best = nil
+    for _, key in ipairs(sets) do
+      local score = first_pending(key)
+      if score and (not best or score < best) then best = score end
     end
-    -- Every run in P:due was looked at and none is pending (runs parked by
-    -- a version that kept no P:parked): none is.
-    if oldest == '' then pending = 0 end
+    -- Every run of these sets was looked at and none is pending (runs parked
+    -- by a version that kept no P:parked): none is.
+    if best then oldest = num(best) else pending = 0 end
   end
   if all and in_due + running + sleeping + waiting == 0 then
     redis.call('SREM', k('workflows'), wf)

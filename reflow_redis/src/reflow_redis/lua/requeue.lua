@@ -3,10 +3,10 @@
 -- the parent lists it: a purged parent's list is gone).
 local id = ARGV[5]
 local rk = run_key(id)
-local r = redis.call('HMGET', rk, 'st', 'wf', 'pa', 'ps', 'c')
+local r = redis.call('HMGET', rk, 'st', 'wf', 'pa', 'ps', 'c', 'pr')
 if r[1] ~= 'failed' and r[1] ~= 'cancelled' then return 0 end
 redis.call('HSET', rk, 'st', 'pending', 'rec', 0, 'w', num(NOW), 'wt', '', 'u', num(NOW))
-redis.call('HDEL', rk, 'err', 'l', 'dl')
+redis.call('HDEL', rk, 'err', 'l', 'dl', 'bb')
 local sk = steps_key(id)
 local all = redis.call('HGETALL', sk)
 for i = 1, #all, 2 do
@@ -14,7 +14,7 @@ for i = 1, #all, 2 do
   if status == 'failed' then redis.call('HDEL', sk, all[i]) end
 end
 redis.call('ZREM', k('finished'), id)
-redis.call('ZADD', k('due', r[2]), num(NOW), id)
+due_add(r[2], r[6], num(NOW), id)
 redis.call('SADD', k('workflows'), r[2])
 if r[3] and r[4] and redis.call('ZSCORE', children_key(r[3]), idx_member(r[5], id)) then
   redis.call('SADD', open_key(r[3], r[4]), id)

@@ -3,7 +3,7 @@
 -- lease is lost. A waiting run is due at the earlier of the wait's deadline
 -- and the run's ('dl'); with neither, only its event brings it back.
 local id, name, event = ARGV[5], ARGV[7], ARGV[8]
-local wf = fence(id, ARGV[6])
+local wf, _, _, pr, k1, k2 = fence(id, ARGV[6])
 if not wf then return false end
 local old = redis.call('HGET', steps_key(id), name)
 local deadline
@@ -20,16 +20,7 @@ local ready = redis.call('LLEN', ev_key(id, event)) > 0
 if ready then
   redis.call('HSET', rk, 'wt', '', 'u', num(NOW))
 else
-  local due = due_by_deadline(deadline, redis.call('HGET', rk, 'dl'))
-  redis.call('HSET', rk, 'st', 'waiting', 'wt', event, 'w', due, 'u', num(NOW))
-  drop_lease(id, wf)
-  if due ~= '' then
-    redis.call('ZADD', k('due', wf), due, id)
-    redis.call('ZADD', k('parked', wf), 1, id)
-    wake(wf, tonumber(due) - NOW)
-  else
-    redis.call('ZADD', k('parked', wf), 2, id)
-  end
+  park_waiting(id, wf, event, due_by_deadline(deadline, redis.call('HGET', rk, 'dl')), pr, k1, k2)
 end
 if first then put_step(id, name, 'waiting', deadline, '[null,null,1]') end
 return {ready and 1 or 0, deadline}

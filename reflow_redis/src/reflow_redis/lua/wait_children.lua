@@ -4,7 +4,7 @@
 -- them, false when the lease is lost. A parked run is due at its deadline
 -- ('dl', parked 1) or only when its last child ends (parked 2, out of P:due).
 local id, name = ARGV[5], ARGV[7]
-local wf = fence(id, ARGV[6])
+local wf, _, _, pr, k1, k2 = fence(id, ARGV[6])
 if not wf then return false end
 put_step(id, name, ARGV[8], ARGV[9], ARGV[10])
 local rk = run_key(id)
@@ -12,14 +12,5 @@ if redis.call('EXISTS', open_key(id, name)) == 0 then
   redis.call('HSET', rk, 'u', num(NOW))
   return 1
 end
-local due = redis.call('HGET', rk, 'dl') or ''
-redis.call('HSET', rk, 'st', 'waiting', 'wt', CHILDREN .. name, 'w', due, 'u', num(NOW))
-drop_lease(id, wf)
-if due ~= '' then
-  redis.call('ZADD', k('due', wf), due, id)
-  redis.call('ZADD', k('parked', wf), 1, id)
-  wake(wf, tonumber(due) - NOW)
-else
-  redis.call('ZADD', k('parked', wf), 2, id)
-end
+park_waiting(id, wf, CHILDREN .. name, redis.call('HGET', rk, 'dl') or '', pr, k1, k2)
 return 0
