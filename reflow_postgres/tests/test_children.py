@@ -220,7 +220,7 @@ async def test_a_run_that_is_no_child_ends_without_looking_up_a_parent(
     ends = [
         ("finish", {"status": "completed", "output": "1", "error": None}),
         ("finish_with_step", {"status": "completed", "output": "1", "error": None, **step}),
-        ("end_fenced", {"status": "failed", "error": "e"}),
+        ("end_fenced", {"status": "failed", "error": "e", "release": True}),
     ]
     with admin.transaction(force_rollback=True):
         for claimed, (name, values) in zip(plain, ends, strict=True):

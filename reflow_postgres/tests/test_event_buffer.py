@@ -170,6 +170,7 @@ async def test_ending_a_run_that_holds_no_events_never_reads_the_events_table(
             "status": "failed",
             "output": None,
             "error": "1",
+            "release": True,
         }
         with admin.transaction(force_rollback=True):
             row = admin.execute(

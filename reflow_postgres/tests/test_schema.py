@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import psycopg
@@ -11,7 +13,7 @@ import pytest
 from psycopg import sql
 
 from reflow_core import SchemaVersionError, StorageError, open_storage
-from reflow_core.storage import NewRun, ScheduleSpec, StepRecord
+from reflow_core.storage import ConcurrencyLimit, NewRun, ScheduleSpec, StepRecord
 from reflow_postgres import PostgresStorage
 from reflow_postgres import _schema as schema_module
 from reflow_postgres._schema import SCHEMA_VERSION
@@ -24,6 +26,61 @@ def tables(admin: Admin, schema: str) -> set[str]:
         "SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,)
     ).fetchall()
     return {str(row[0]) for row in rows}
+
+
+def assert_every_version_recorded(admin: Admin, schema: str) -> None:
+    """The schema records one row per migration, 1 to SCHEMA_VERSION."""
+    versions = admin.execute(
+        sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(
+            sql.Identifier(schema)
+        )
+    ).fetchall()
+    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]  # one row per migration
+
+
+def runs_file(admin: Admin, schema: str) -> tuple[object, ...] | None:
+    """The file that holds the runs table: rewriting the table gives it a new one."""
+    return admin.execute(
+        "SELECT c.relfilenode FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE n.nspname = %s AND c.relname = 'runs'",
+        (schema,),
+    ).fetchone()
+
+
+async def initialize_old_schema(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, version: int
+) -> None:
+    """Creates the schema as the given older version of the backend did."""
+    assert version < SCHEMA_VERSION
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", version)
+    old = PostgresStorage.from_url(postgres_url)
+    await old.initialize()
+    await old.close()
+
+
+@asynccontextmanager
+async def migrated(
+    postgres_url: str,
+    schema: str,
+    admin: Admin,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    in_place: bool = True,
+) -> AsyncIterator[list[PostgresStorage]]:
+    """Four workers starting together on the old schema migrate it once to
+    SCHEMA_VERSION (with in_place, without rewriting the runs table); yields
+    their stores and closes them after."""
+    file_before = runs_file(admin, schema) if in_place else None
+    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", SCHEMA_VERSION)
+    stores = [PostgresStorage.from_url(postgres_url) for _ in range(4)]
+    await asyncio.gather(*(s.initialize() for s in stores))
+    try:
+        assert_every_version_recorded(admin, schema)
+        if in_place:
+            assert runs_file(admin, schema) == file_before  # not rewritten
+        yield stores
+    finally:
+        await asyncio.gather(*(s.close() for s in stores))
 
 
 async def test_initialize_creates_the_versioned_schema(
@@ -41,12 +98,7 @@ async def test_initialize_creates_the_versioned_schema(
         "workers",
         "reflow_schema",
     }
-    versions = admin.execute(
-        sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(
-            sql.Identifier(schema)
-        )
-    ).fetchall()
-    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]  # one row per migration
+    assert_every_version_recorded(admin, schema)
 
 
 async def test_many_workers_starting_at_once_migrate_once(
@@ -57,12 +109,7 @@ async def test_many_workers_starting_at_once_migrate_once(
     run = await stores[0].create_run(NewRun("wf", '"x"'))
     assert (await stores[7].get_run(run.run.id)) == run.run
     await asyncio.gather(*(s.close() for s in stores))
-    versions = admin.execute(
-        sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(
-            sql.Identifier(schema)
-        )
-    ).fetchall()
-    assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]  # one row per migration
+    assert_every_version_recorded(admin, schema)
 
 
 async def test_a_newer_schema_is_refused_and_left_alone(
@@ -164,10 +211,10 @@ async def test_queue_stats_never_scan_finished_history(
     postgres_url: str, schema: str, admin: Admin
 ) -> None:
     """With many finished runs and a few unfinished ones, queue_stats reads
-    the partial indexes that hold the unfinished runs only (runs_due and
-    runs_running), with and without a list of workflows. Delayed runs are
-    among them: stored as sleeping before their first attempt, they sit in
-    runs_due."""
+    the partial indexes that hold the unfinished runs only (runs_ready,
+    runs_due, runs_blocked and runs_running), with and without a list of
+    workflows. Delayed runs are among them: stored as sleeping before their
+    first attempt, they sit in runs_due."""
     store = PostgresStorage.from_url(postgres_url)
     await store.initialize()
     ident = sql.Identifier(schema)
@@ -208,7 +255,7 @@ async def test_queue_stats_never_scan_finished_history(
             assert scans, name
             assert "Seq Scan" not in scans, (name, scans)
             used = {n.get("Index Name") for n in nodes if n.get("Index Name")}
-            assert used == {"runs_due", "runs_running"}, (name, used)
+            assert used == {"runs_ready", "runs_due", "runs_blocked", "runs_running"}, (name, used)
             top = plan[0]["Plan"]
             assert top["Shared Hit Blocks"] + top.get("Shared Read Blocks", 0) < 100, name
         stats = {s.workflow: s for s in await store.queue_stats()}
@@ -230,11 +277,7 @@ async def test_a_version_2_schema_with_a_schedule_is_migrated_forward(
     the migrated schema (whose runs table, status check and runs_due are
     those of version 1) they are created, counted, listed and claimed when
     due, next to runs stored before."""
-    assert SCHEMA_VERSION >= 3
-    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 2)
-    old = PostgresStorage.from_url(postgres_url)
-    await old.initialize()
-    await old.close()
+    await initialize_old_schema(postgres_url, monkeypatch, 2)
     ident = sql.Identifier(schema)
     assert "workers" not in tables(admin, schema)
     admin.execute(
@@ -257,15 +300,8 @@ async def test_a_version_2_schema_with_a_schedule_is_migrated_forward(
             " FROM {}.schedules"
         ).format(ident)
     ).fetchall()
-    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", SCHEMA_VERSION)
-    stores = [PostgresStorage.from_url(postgres_url) for _ in range(4)]
-    await asyncio.gather(*(s.initialize() for s in stores))
-    store = stores[0]
-    try:
-        versions = admin.execute(
-            sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(ident)
-        ).fetchall()
-        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+    async with migrated(postgres_url, schema, admin, monkeypatch, in_place=False) as stores:
+        store = stores[0]
         assert "workers" in tables(admin, schema)
         [kept] = await store.list_schedules()
         assert not kept.paused
@@ -295,8 +331,6 @@ async def test_a_version_2_schema_with_a_schedule_is_migrated_forward(
         [second] = await stores[2].claim_runs(["wf"], 10, timedelta(seconds=30))
         assert second.run.id == late.run.id
         assert (second.run.status, second.reclaimed) == ("running", False)
-    finally:
-        await asyncio.gather(*(s.close() for s in stores))
 
 
 async def test_renewing_a_lease_is_a_hot_update(
@@ -343,11 +377,7 @@ async def test_a_version_3_schema_with_runs_is_migrated_forward(
     before has no deadline and keeps its status and due time; workers
     starting together migrate once. New runs then get their deadline, and a
     delayed run whose deadline comes first is due at it."""
-    assert SCHEMA_VERSION >= 4
-    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 3)
-    old = PostgresStorage.from_url(postgres_url)
-    await old.initialize()
-    await old.close()
+    await initialize_old_schema(postgres_url, monkeypatch, 3)
     ident = sql.Identifier(schema)
     admin.execute(
         sql.SQL(
@@ -366,21 +396,8 @@ async def test_a_version_3_schema_with_runs_is_migrated_forward(
         row[0]: row[1]
         for row in admin.execute(sql.SQL("SELECT id, wake_at FROM {}.runs").format(ident))
     }
-    relfile = (
-        "SELECT c.relfilenode FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = %s AND c.relname = 'runs'"
-    )
-    file_before = admin.execute(relfile, (schema,)).fetchone()
-    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", SCHEMA_VERSION)
-    stores = [PostgresStorage.from_url(postgres_url) for _ in range(4)]
-    await asyncio.gather(*(s.initialize() for s in stores))
-    store = stores[0]
-    try:
-        versions = admin.execute(
-            sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(ident)
-        ).fetchall()
-        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
-        assert admin.execute(relfile, (schema,)).fetchone() == file_before  # not rewritten
+    async with migrated(postgres_url, schema, admin, monkeypatch) as stores:
+        store = stores[0]
         column = admin.execute(
             "SELECT data_type, is_nullable, column_default FROM information_schema.columns"
             " WHERE table_schema = %s AND table_name = 'runs' AND column_name = 'deadline_at'",
@@ -412,8 +429,6 @@ async def test_a_version_3_schema_with_runs_is_migrated_forward(
         assert second.run.id == record.id
         assert second.run.deadline_at == record.deadline_at
         assert await stores[3].claim_runs(["wf"], 10, timedelta(seconds=30)) == []
-    finally:
-        await asyncio.gather(*(s.close() for s in stores))
 
 
 async def test_a_version_4_schema_with_runs_is_migrated_forward(
@@ -425,11 +440,7 @@ async def test_a_version_4_schema_with_runs_is_migrated_forward(
     child, keeps its status, due time and deadline, and has no children;
     workers starting together migrate once. A run stored before then starts
     children, waits for them and is woken by the last one's end."""
-    assert SCHEMA_VERSION >= 5
-    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", 4)
-    old = PostgresStorage.from_url(postgres_url)
-    await old.initialize()
-    await old.close()
+    await initialize_old_schema(postgres_url, monkeypatch, 4)
     ident = sql.Identifier(schema)
     admin.execute(
         sql.SQL(
@@ -448,21 +459,8 @@ async def test_a_version_4_schema_with_runs_is_migrated_forward(
             sql.SQL("SELECT id, status, wake_at, deadline_at FROM {}.runs").format(ident)
         )
     }
-    relfile = (
-        "SELECT c.relfilenode FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
-        " WHERE n.nspname = %s AND c.relname = 'runs'"
-    )
-    file_before = admin.execute(relfile, (schema,)).fetchone()
-    monkeypatch.setattr(schema_module, "SCHEMA_VERSION", SCHEMA_VERSION)
-    stores = [PostgresStorage.from_url(postgres_url) for _ in range(4)]
-    await asyncio.gather(*(s.initialize() for s in stores))
-    store = stores[0]
-    try:
-        versions = admin.execute(
-            sql.SQL("SELECT version FROM {}.reflow_schema ORDER BY version").format(ident)
-        ).fetchall()
-        assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
-        assert admin.execute(relfile, (schema,)).fetchone() == file_before  # not rewritten
+    async with migrated(postgres_url, schema, admin, monkeypatch) as stores:
+        store = stores[0]
         columns = admin.execute(
             "SELECT column_name, data_type, is_nullable, column_default"
             " FROM information_schema.columns WHERE table_schema = %s AND table_name = 'runs'"
@@ -509,5 +507,91 @@ async def test_a_version_4_schema_with_runs_is_migrated_forward(
         [woken] = await store.claim_runs(["wf"], 10, timedelta(seconds=30))
         assert woken.run.id == "old-pending"
         assert await store.wait_children(woken.lease, step) is True
-    finally:
-        await asyncio.gather(*(s.close() for s in stores))
+
+
+async def test_a_version_5_schema_with_runs_is_migrated_forward(
+    postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 6 adds runs.priority (default 0), the limit columns and
+    blocked_by (nullable, no default: the table is not rewritten), rebuilds
+    runs_due for timed runs only, adds runs_ready, runs_blocked and the
+    holder indexes, and the functions of the limits. Every run stored before
+    has priority 0, no limits and is not blocked, and keeps its status and
+    due time; workers starting together migrate once. Runs stored before
+    are then claimed by priority alongside new ones, and new runs are held
+    to their limits."""
+    await initialize_old_schema(postgres_url, monkeypatch, 5)
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, attempts, waiting_for,"
+            " created_at, updated_at, wake_at, lease_expires_at) VALUES"
+            " ('old-pending', 'wf', 'pending', '1', 0, NULL, now(), now(),"
+            "  now() - interval '1 hour', NULL),"
+            " ('old-running', 'wf', 'running', '1', 1, NULL, now(), now(), NULL,"
+            "  now() + interval '1 hour'),"
+            " ('old-waiting', 'wf', 'waiting', '1', 1, 'go', now(), now(), NULL, NULL),"
+            " ('old-delayed', 'wf', 'sleeping', '1', 0, NULL, now(), now(),"
+            "  now() + interval '1 hour', NULL)"
+        ).format(ident)
+    )
+    read = sql.SQL("SELECT id, status, wake_at, lease_expires_at FROM {}.runs").format(ident)
+    before = {row[0]: row[1:] for row in admin.execute(read)}
+    async with migrated(postgres_url, schema, admin, monkeypatch) as stores:
+        store = stores[0]
+        columns = admin.execute(
+            "SELECT column_name, data_type, is_nullable, column_default"
+            " FROM information_schema.columns WHERE table_schema = %s AND table_name = 'runs'"
+            " AND column_name IN ('priority', 'limit_key1', 'limit_max1', 'limit_key2',"
+            " 'limit_max2', 'blocked_by') ORDER BY column_name",
+            (schema,),
+        ).fetchall()
+        assert columns == [
+            ("blocked_by", "text", "YES", None),
+            ("limit_key1", "text", "YES", None),
+            ("limit_key2", "text", "YES", None),
+            ("limit_max1", "integer", "YES", None),
+            ("limit_max2", "integer", "YES", None),
+            ("priority", "integer", "NO", "0"),
+        ]
+        indexes = {
+            str(row[0]): str(row[1])
+            for row in admin.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s"
+                " AND indexname IN ('runs_due', 'runs_ready', 'runs_blocked',"
+                " 'runs_holding1', 'runs_holding2')",
+                (schema,),
+            )
+        }
+        assert sorted(indexes) == [
+            "runs_blocked",
+            "runs_due",
+            "runs_holding1",
+            "runs_holding2",
+            "runs_ready",
+        ]
+        assert "blocked_by IS NULL" in str(indexes["runs_due"])
+        assert "'pending'" not in str(indexes["runs_due"])
+        assert "priority DESC" in str(indexes["runs_ready"])
+        assert {row[0]: row[1:] for row in admin.execute(read)} == before
+        olds = {r.id: r for r in (await store.list_runs(workflow="wf")).runs}
+        assert {i: (r.status, r.priority, r.limits, r.blocked_by) for i, r in olds.items()} == {
+            "old-pending": ("pending", 0, (), None),
+            "old-running": ("running", 0, (), None),
+            "old-waiting": ("waiting", 0, (), None),
+            "old-delayed": ("delayed", 0, (), None),
+        }
+        urgent = await stores[1].create_run(NewRun("wf", "2", priority=9))
+        claimed = await stores[2].claim_runs(["wf"], 10, timedelta(seconds=30))
+        assert [c.run.id for c in claimed] == [urgent.run.id, "old-pending"]
+        limit = (ConcurrencyLimit("k", 1),)
+        first = await store.create_run(NewRun("lim", "1", limits=limit))
+        second = await store.create_run(NewRun("lim", "2", limits=limit))
+        [held] = await stores[3].claim_runs(["lim"], 10, timedelta(seconds=30))
+        assert held.run.id == first.run.id
+        blocked = await store.get_run(second.run.id)
+        assert blocked is not None
+        assert blocked.blocked_by == "k"
+        assert await stores[3].finish_run(held.lease, "completed", output="1")
+        [then] = await store.claim_runs(["lim"], 10, timedelta(seconds=30))
+        assert then.run.id == second.run.id

@@ -18,7 +18,7 @@ from reflow_core.errors import IdempotencyConflictError, ReflowError, StorageErr
 from reflow_core.storage import CreateResult, Lease, NewRun, StepRecord
 
 from ._connections import BACKEND, Connections
-from ._rows import INSERTED, deadline_param, delay_param, step_params
+from ._rows import INSERTED, deadline_param, delay_param, limit_params, step_params
 
 __all__ = ["MAX_BATCH", "BatchedWrites", "Finish", "Save"]
 
@@ -56,6 +56,7 @@ class BatchedWrites:
         ids = [run_id for run_id, _ in items]
         if len(items) == 1 or len(set(keys)) < len(keys) or len(set(ids)) < len(ids):
             return [await self._create_alone(run_id, new) for run_id, new in items]
+        flow = [limit_params(new) for _, new in items]
         params = db.params(
             ids=ids,
             workflows=[new.workflow for _, new in items],
@@ -63,6 +64,11 @@ class BatchedWrites:
             keys=[new.idempotency_key for _, new in items],
             delays=[delay_param(new) for _, new in items],
             deadlines=[deadline_param(new) for _, new in items],
+            priorities=[new.priority for _, new in items],
+            keys1=[limits["key1"] for limits in flow],
+            maxes1=[limits["max1"] for limits in flow],
+            keys2=[limits["key2"] for limits in flow],
+            maxes2=[limits["max2"] for limits in flow],
         )
         retried = False
 
@@ -111,6 +117,7 @@ class BatchedWrites:
             key=new.idempotency_key,
             delay=delay_param(new),
             deadline=deadline_param(new),
+            **limit_params(new),
         )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> CreateResult:
@@ -209,7 +216,8 @@ class BatchedWrites:
             return [item[0].run_id in done for item in items]
 
         results = await db.run("finish_run", many, retry=True)
-        # The batch leaves out child runs (see finish_many); they end alone
+        # The batch leaves out child runs and runs holding limits (see
+        # finish_many); they end alone
         # (as does a run whose lease was lost, which fails again, or, after a
         # retry, whose first try landed, which finished_already finds).
         alone = [i for i, done in enumerate(results) if not done]

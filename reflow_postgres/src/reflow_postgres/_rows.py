@@ -12,12 +12,21 @@ from reflow_core.adapter import (
     check_aware,
     from_epoch_us,
     is_delayed,
+    limit_columns,
     run_from_row,
     step_from_row,
 )
 from reflow_core.storage import ClaimedRun, Lease, NewRun, StepRecord
 
-__all__ = ["INSERTED", "claimed_run", "deadline_param", "delay_param", "step_params"]
+__all__ = [
+    "INSERTED",
+    "LIMITED",
+    "claimed_run",
+    "deadline_param",
+    "delay_param",
+    "limit_params",
+    "step_params",
+]
 
 _RUN_WIDTH = len(RUN_COLUMNS.split(", "))
 INSERTED = _RUN_WIDTH
@@ -25,6 +34,9 @@ INSERTED = _RUN_WIDTH
 run's columns, then whether this statement inserted it)."""
 _STALE = _RUN_WIDTH
 _STEPS = _RUN_WIDTH + 2
+LIMITED = _RUN_WIDTH + 3
+"""Index, in a row of the ``claim`` statement, of the ids of the picked runs
+that hold limits, left for ``claim_limited``."""
 
 
 def delay_param(new: NewRun) -> timedelta | None:
@@ -37,6 +49,13 @@ def deadline_param(new: NewRun) -> timedelta | None:
     """The ``deadline`` parameter of a statement that creates ``new``: how
     long after creation it must finish (``None``: no deadline)."""
     return new.deadline
+
+
+def limit_params(new: NewRun) -> dict[str, Any]:
+    """The ``priority``, ``key1``, ``max1``, ``key2`` and ``max2`` parameters
+    of a statement that creates ``new`` (``limit_values``)."""
+    key1, max1, key2, max2 = limit_columns(new.limits)
+    return {"priority": new.priority, "key1": key1, "max1": max1, "key2": key2, "max2": max2}
 
 
 def step_params(step: StepRecord) -> dict[str, Any]:
@@ -52,9 +71,9 @@ def step_params(step: StepRecord) -> dict[str, Any]:
 
 
 def claimed_run(row: Sequence[Any]) -> ClaimedRun:
-    """A row of the ``claim`` statement: the run's columns (18, in
-    :data:`~reflow_core.adapter.RUN_COLUMNS` order), whether its lease had
-    lapsed, its sort key, and its steps as JSON arrays in
+    """A row of the ``claim`` or ``claim_limited`` statement: the run's
+    columns (in :data:`~reflow_core.adapter.RUN_COLUMNS` order), whether its
+    lease had lapsed, its sort key, and its steps as JSON arrays in
     :data:`~reflow_core.adapter.STEP_COLUMNS` order with times in epoch
     microseconds."""
     record = run_from_row(row, as_utc)

@@ -41,6 +41,13 @@ Design notes (see docs/postgres.md):
   cancel cascade locks in too) and then calls ``child_ended``, whose own
   snapshot sees every sibling end committed before that lock, so two
   siblings ending at once cannot both miss being the last.
+* ``runs.priority`` and the limit columns (version 6): ``runs_ready`` holds
+  the pending runs in claim order (priority, then due time) and ``runs_due``
+  the timed ones; blocked runs (``blocked_by`` set) are in neither, only in
+  ``runs_blocked``, so a claim never reads them. Claims of runs holding a
+  key and the writes that stop such runs take the key's advisory lock
+  (``lock_limits``) and read the holders (``runs_holding1``/``2``) or the
+  blocked runs after it (``claim_limited``, ``release_limits``).
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

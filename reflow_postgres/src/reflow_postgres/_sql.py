@@ -25,6 +25,7 @@ Statements = Mapping[str, bytes]
 """The rendered statements of one storage by name, as bytes ready for psycopg."""
 
 _RUN_COLUMNS_R = ", ".join(f"r.{column}" for column in RUN_COLUMNS.split(", "))
+_RUN_COLUMNS_C = ", ".join(f"c.{column}" for column in RUN_COLUMNS.split(", "))
 
 
 def channel_name(schema: str) -> str:
@@ -50,6 +51,7 @@ def statements(schema: str, *, notify: bool, test_clock: bool) -> Statements:
         "children_prefix": sql.Literal(CHILDREN_WAIT_PREFIX).as_string(None),
         "run_columns": RUN_COLUMNS,
         "run_columns_r": _RUN_COLUMNS_R,
+        "run_columns_c": _RUN_COLUMNS_C,
         "schedule_columns": SCHEDULE_COLUMNS,
         "worker_columns": WORKER_COLUMNS,
     }

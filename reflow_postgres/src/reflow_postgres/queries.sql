@@ -10,7 +10,7 @@
 --   {wake_channel} is the same, or NULL::text when notifications are off;
 -- * {children_prefix}: reflow_core.storage.CHILDREN_WAIT_PREFIX, quoted by
 --   psycopg as a literal (the waiting_for of a run waiting for its children);
--- * {run_columns}, {run_columns_r} (each prefixed with r.),
+-- * {run_columns}, {run_columns_r} and {run_columns_c} (each prefixed with r. or c.),
 --   {schedule_columns} and {worker_columns}: the column orders of
 --   reflow_core.adapter's row mappers.
 --
@@ -47,7 +47,8 @@ id, workflow, {protocol_status} AS status, input, output, error, idempotency_key
 reclaims, lease_epoch, created_at, updated_at,
 CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END AS wake_at,
 waiting_for, CASE WHEN lease_expires_at > {latest} THEN {latest} ELSE lease_expires_at END
-    AS lease_expires_at, deadline_at, parent_id, parent_step
+    AS lease_expires_at, deadline_at, parent_id, parent_step, priority, limit_key1, limit_max1,
+    limit_key2, limit_max2, blocked_by
 
 -- name: step_read_columns
 -- The step columns of reflow_core.adapter.STEP_COLUMNS, wake_at capped.
@@ -64,7 +65,11 @@ id = %(id)s AND status = 'running' AND lease_epoch = %(epoch)s AND lease_expires
 
 -- name: insert_run
 INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, created_at,
-    updated_at, wake_at, deadline_at)
+    updated_at, wake_at, deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2)
+
+-- name: limit_values
+-- The priority and limits of a new run (reflow_core.adapter.limit_columns).
+%(priority)s::integer, %(key1)s::text, %(max1)s::integer, %(key2)s::text, %(max2)s::integer
 
 -- name: new_status
 -- A new run with a delay (a positive interval, else NULL) is delayed: stored
@@ -135,6 +140,25 @@ CASE WHEN r.parent_id IS NOT NULL THEN {schema}.child_ended(r.parent_id,
 CASE WHEN f.parent_id IS NOT NULL THEN {schema}.child_ended(f.parent_id,
     {children_prefix} || f.parent_step, f.parent_step, f.id, {now}, {wake_channel}) END
 
+-- A write that stops a running run holding concurrency limits (it ends, is
+-- handed back, sleeps or waits) calls the schema's function release_limits
+-- with the run's keys, in its transaction, after it locked the run's row:
+-- under the keys' advisory locks it unblocks, for each key, the blocked run
+-- a claim would take first (see schema.sql). A run without limits costs
+-- these statements a test of limit_key1 IS NULL and nothing else.
+
+-- name: release_r
+CASE WHEN r.limit_key1 IS NOT NULL THEN {schema}.release_limits(
+    ARRAY[r.limit_key1, r.limit_key2], {now}, {wake_channel}) END
+
+-- name: release_f
+CASE WHEN f.limit_key1 IS NOT NULL THEN {schema}.release_limits(
+    ARRAY[f.limit_key1, f.limit_key2], {now}, {wake_channel}) END
+
+-- name: release_u
+CASE WHEN u.limit_key1 IS NOT NULL THEN {schema}.release_limits(
+    ARRAY[u.limit_key1, u.limit_key2], {now}, {wake_channel}) END
+
 -- The notifications that wake idle workers (the storage puts NULL in their
 -- place when notifications are off). The payload names the workflow, so only
 -- its workers wake; a delay (in milliseconds, by the server clock) tells them
@@ -161,7 +185,7 @@ pg_notify({channel}, greatest(0, (extract(epoch FROM u.wake_at - {now}) * 1000):
 WITH ins AS (
     {insert_run}
     VALUES (%(id)s, %(workflow)s, {new_status}, %(input)s, %(key)s, {now}, {now},
-        {new_wake_at}, {now} + %(deadline)s::interval)
+        {new_wake_at}, {now} + %(deadline)s::interval, {limit_values})
     {on_idempotency_key}
 ) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
 
@@ -172,13 +196,16 @@ WITH ins AS (
 -- finds the later ones).
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::text[], %(workflows)s::text[], %(inputs)s::text[],
-        %(keys)s::text[], %(delays)s::interval[], %(deadlines)s::interval[])
-        WITH ORDINALITY AS t(id, workflow, input, key, delay, deadline, ord)
+        %(keys)s::text[], %(delays)s::interval[], %(deadlines)s::interval[],
+        %(priorities)s::integer[], %(keys1)s::text[], %(maxes1)s::integer[],
+        %(keys2)s::text[], %(maxes2)s::integer[])
+        WITH ORDINALITY AS t(id, workflow, input, key, delay, deadline, priority, key1, max1,
+        key2, max2, ord)
 ), ins AS (
     {insert_run}
     SELECT id, workflow, CASE WHEN delay IS NULL THEN 'pending' ELSE 'sleeping' END, input,
         key, {now}, {now}, least({now} + coalesce(delay, interval '0'), {now} + deadline),
-        {now} + deadline FROM t ORDER BY ord
+        {now} + deadline, priority, key1, max1, key2, max2 FROM t ORDER BY ord
     {on_idempotency_key}
 ), woken AS (
     SELECT {notify_ins} FROM (SELECT workflow, min(wake_at) AS wake_at FROM ins
@@ -189,33 +216,73 @@ WITH t AS (
 SELECT {read_columns} FROM {schema}.runs WHERE id = %(id)s
 
 -- name: claim
--- Lapsed leases first, then due runs, each taken with SKIP LOCKED and bounded
--- by the claim limit; the runs come back with their saved steps (times in
+-- Lapsed leases first (whatever the limits), then due runs by priority,
+-- highest first, and due time: pending ones through runs_ready, in that
+-- order, and timed ones (delayed, sleeping, waiting) through runs_due, the
+-- earliest due first; each taken with SKIP LOCKED and bounded by the claim
+-- limit. Blocked runs are in neither index. Runs holding limits among the
+-- picked are left for claim_limited: their ids come back, in claim order,
+-- in the last column (of every row, and of a row of NULLs when nothing else
+-- was claimed). The claimed runs come back with their saved steps (times in
 -- epoch microseconds, as JSON holds them).
 WITH stale AS (
     SELECT id, lease_expires_at AS k FROM {schema}.runs
     WHERE status = 'running' AND lease_expires_at <= {now}
         AND workflow = ANY(%(workflows)s)
     ORDER BY lease_expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
-), due AS (
-    SELECT id, wake_at AS k FROM {schema}.runs
-    WHERE status IN ('pending', 'sleeping', 'waiting') AND wake_at <= {now}
+), ready AS (
+    SELECT id, priority, wake_at AS k, limit_key1 IS NOT NULL AS limited FROM {schema}.runs
+    WHERE status = 'pending' AND blocked_by IS NULL AND wake_at <= {now}
+        AND workflow = ANY(%(workflows)s)
+    ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), timed AS (
+    SELECT id, priority, wake_at AS k, limit_key1 IS NOT NULL AS limited FROM {schema}.runs
+    WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL AND wake_at <= {now}
         AND workflow = ANY(%(workflows)s)
     ORDER BY wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+), due AS (
+    SELECT * FROM ready UNION ALL SELECT * FROM timed
+    ORDER BY priority DESC, k LIMIT %(limit)s
 ), picked AS MATERIALIZED (
-    SELECT id, 1 AS stale, k FROM stale UNION ALL SELECT id, 0, k FROM due
+    SELECT id, 1 AS stale, 0 AS priority, k, false AS limited FROM stale
+    UNION ALL SELECT id, 0, priority, k, limited FROM due
     LIMIT %(limit)s
 ), claimed AS (
     UPDATE {schema}.runs AS r SET status = 'running', lease_epoch = r.lease_epoch + 1,
         attempts = r.attempts + 1, reclaims = r.reclaims + p.stale,
         lease_expires_at = {now} + %(lease)s, wake_at = NULL, updated_at = {now}
-    FROM picked AS p WHERE r.id = p.id
+    FROM picked AS p WHERE r.id = p.id AND NOT p.limited
     RETURNING {run_columns_r}, p.stale, p.k
 ) SELECT c.*, (SELECT json_agg(json_build_array(st.name, st.status, st.output,
         st.error, st.attempts, (extract(epoch FROM st.wake_at) * 1000000)::bigint,
         (extract(epoch FROM st.completed_at) * 1000000)::bigint) ORDER BY st.seq)
+    FROM {schema}.steps AS st WHERE st.run_id = c.id), l.ids
+FROM (SELECT array_agg(id ORDER BY priority DESC, k, id) AS ids FROM picked WHERE limited) AS l
+LEFT JOIN claimed AS c ON true
+ORDER BY c.stale DESC, c.priority DESC, c.k, c.id
+
+-- name: claim_limited
+-- The runs holding limits that claim picked (ids, in claim order), claimed
+-- or blocked by the schema's function claim_limited, in this statement's
+-- transaction (see schema.sql); rows as claim's.
+WITH c AS MATERIALIZED (
+    SELECT * FROM {schema}.claim_limited(%(ids)s::text[], %(lease)s::interval, {now},
+        %(limit)s::integer)
+) SELECT {run_columns_c}, 0 AS stale, NULL::timestamptz AS k,
+    (SELECT json_agg(json_build_array(st.name, st.status, st.output,
+        st.error, st.attempts, (extract(epoch FROM st.wake_at) * 1000000)::bigint,
+        (extract(epoch FROM st.completed_at) * 1000000)::bigint) ORDER BY st.seq)
     FROM {schema}.steps AS st WHERE st.run_id = c.id)
-FROM claimed AS c ORDER BY c.stale DESC, c.k, c.id
+FROM c
+
+-- name: release
+-- The end of a cancel cascade: the keys the runs it stopped held.
+SELECT {schema}.release_limits(%(keys)s::text[], {now}, {wake_channel})
+
+-- name: pass_turn
+-- The end of a cancel cascade: the keys (and maxes) of the runs it ended
+-- that were free to be claimed.
+SELECT {schema}.pass_turn(%(keys)s::text[], %(maxes)s::integer[], {now}, {wake_channel})
 
 -- name: heartbeat
 UPDATE {schema}.runs SET lease_expires_at = {now} + %(extend)s, updated_at = {now}
@@ -251,24 +318,28 @@ WITH t AS (
 UPDATE {schema}.runs AS r SET status = %(status)s, output = %(output)s,
     error = %(error)s, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
     updated_at = {now}, finished_at = {now}
-WHERE {fence} AND {lock_parent} RETURNING {drop_buffered_r}, {child_ended_r}
+WHERE {fence} AND {lock_parent}
+RETURNING {drop_buffered_r}, {child_ended_r}, {release_r}
 
 -- name: finish_with_step
 WITH f AS (
     UPDATE {schema}.runs SET status = %(status)s, output = %(output)s, error = %(error)s,
         lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},
         finished_at = {now}
-    WHERE {fence} AND {lock_parent} RETURNING id, buffered, parent_id, parent_step
+    WHERE {fence} AND {lock_parent}
+    RETURNING id, buffered, parent_id, parent_step, limit_key1, limit_key2
 ), st AS (
     {insert_step}
     SELECT f.id, {step_values} FROM f {upsert_step}
-) SELECT 1, {drop_buffered_f}, {child_ended_f} FROM f
+) SELECT 1, {drop_buffered_f}, {child_ended_f}, {release_f} FROM f
 
 -- name: finish_many
 -- Many runs' ends in one statement (group commit), each fenced on its own.
 -- Child runs are left out (their ends lock their parents first, which rows
--- of one statement could do in conflicting orders): the caller ends those
--- missing from the result one by one with finish or finish_with_step.
+-- of one statement could do in conflicting orders), and so are runs holding
+-- limits (their ends take the keys' locks, which must be taken at once, in
+-- order): the caller ends those missing from the result one by one with
+-- finish or finish_with_step.
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::text[], %(epochs)s::bigint[], %(run_statuses)s::text[],
         %(run_outputs)s::text[], %(run_errors)s::text[], %(has_step)s::boolean[],
@@ -281,7 +352,7 @@ WITH t AS (
         error = t.run_error, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
         updated_at = {now}, finished_at = {now}
     FROM t WHERE r.id = t.id AND r.status = 'running' AND r.lease_epoch = t.epoch
-        AND r.lease_expires_at > {now} AND r.parent_id IS NULL
+        AND r.lease_expires_at > {now} AND r.parent_id IS NULL AND r.limit_key1 IS NULL
     RETURNING r.id, r.buffered
 ), ins AS (
     {insert_step}
@@ -297,21 +368,43 @@ SELECT 1 FROM {schema}.runs WHERE id = %(id)s AND lease_epoch = %(epoch)s
 -- name: hand_back
 WITH u AS (
     UPDATE {schema}.runs SET status = 'pending', lease_expires_at = NULL, wake_at = {now},
-        updated_at = {now} WHERE {fence} RETURNING workflow
-) SELECT {notify} FROM u
+        updated_at = {now} WHERE {fence} RETURNING workflow, limit_key1, limit_key2
+) SELECT {notify}, {release_u} FROM u
+
+-- end_fenced and end_unfenced return the keys the run held if it was
+-- running, and release them (release_limits) unless release is false: a
+-- cancel releases the keys of every run its cascade stopped at its end, all
+-- at once (the statement release), so that it takes the keys' locks in one
+-- go and in order.
 
 -- name: end_fenced
 UPDATE {schema}.runs AS r SET status = %(status)s, error = %(error)s,
     lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},
     finished_at = {now}
-WHERE {fence} AND {lock_parent} RETURNING {drop_buffered_r}, {child_ended_r}
+WHERE {fence} AND {lock_parent}
+RETURNING {drop_buffered_r}, {child_ended_r},
+    CASE WHEN r.limit_key1 IS NOT NULL THEN ARRAY[r.limit_key1, r.limit_key2] END,
+    CASE WHEN %(release)s::boolean THEN {release_r} END
 
 -- name: end_unfenced
+-- o locks the run (its parent first, see lock_parent) and tells whether it
+-- was running (as it is once locked); a blocked run is blocked no more.
+-- A run that was free to be claimed (neither running nor blocked) passes
+-- its turn on (pass_turn), in this statement.
+WITH o AS (
+    SELECT id, status = 'running' AS held, blocked_by IS NULL AS free FROM {schema}.runs
+    WHERE id = %(id)s AND status NOT IN {terminal} AND {lock_parent} FOR NO KEY UPDATE
+)
 UPDATE {schema}.runs AS r SET status = %(status)s, error = %(error)s,
     lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL, updated_at = {now},
-    finished_at = {now}
-WHERE id = %(id)s AND status NOT IN {terminal} AND {lock_parent}
-RETURNING {drop_buffered_r}, {child_ended_r}
+    finished_at = {now}, blocked_by = NULL
+FROM o WHERE r.id = o.id
+RETURNING {drop_buffered_r}, {child_ended_r},
+    CASE WHEN o.held AND r.limit_key1 IS NOT NULL THEN ARRAY[r.limit_key1, r.limit_key2] END,
+    CASE WHEN %(release)s::boolean AND o.held THEN {release_r} END,
+    CASE WHEN NOT o.held AND o.free AND r.limit_key1 IS NOT NULL THEN {schema}.pass_turn(
+        ARRAY[r.limit_key1, r.limit_key2], ARRAY[r.limit_max1, r.limit_max2], {now},
+        {wake_channel}) END
 
 -- name: cancel_below
 -- The cancel cascade, after end_fenced or end_unfenced cancelled run id, in
@@ -324,19 +417,32 @@ RETURNING {drop_buffered_r}, {child_ended_r}
 -- this snapshot but before that run was locked here, is found by the next
 -- call: the caller repeats it until it cancels nothing (a run it cancelled
 -- starts no child after: start_child waits for its lock, then finds it
--- cancelled). Returns how many it cancelled.
+-- cancelled). Returns how many it cancelled, the keys that those that
+-- were running held (for the statement release), and the keys and maxes of
+-- those that were free to be claimed (for the statement pass_turn).
 WITH RECURSIVE d AS (
     SELECT id, 1 AS depth FROM {schema}.runs WHERE parent_id = %(id)s
     UNION ALL
     SELECT c.id, d.depth + 1 FROM {schema}.runs AS c JOIN d ON c.parent_id = d.id
 ), l AS (
-    SELECT r.id FROM {schema}.runs AS r JOIN d ON r.id = d.id
+    SELECT r.id, r.status = 'running' AS held, r.blocked_by IS NULL AS free
+    FROM {schema}.runs AS r JOIN d ON r.id = d.id
     WHERE r.status NOT IN {terminal} ORDER BY d.depth, r.id FOR NO KEY UPDATE OF r
 ), u AS (
     UPDATE {schema}.runs AS r SET status = 'cancelled', lease_expires_at = NULL,
-        wake_at = NULL, waiting_for = NULL, updated_at = {now}, finished_at = {now}
-    FROM l WHERE r.id = l.id RETURNING {drop_buffered_r}
-) SELECT count(*) FROM u
+        wake_at = NULL, waiting_for = NULL, updated_at = {now}, finished_at = {now},
+        blocked_by = NULL
+    FROM l WHERE r.id = l.id
+    RETURNING {drop_buffered_r},
+        CASE WHEN l.held THEN ARRAY[r.limit_key1, r.limit_key2] END AS keys,
+        CASE WHEN NOT l.held AND l.free THEN ARRAY[r.limit_key1, r.limit_key2] END AS turn_keys,
+        CASE WHEN NOT l.held AND l.free THEN ARRAY[r.limit_max1, r.limit_max2] END AS turn_maxes
+) SELECT count(*), (SELECT array_agg(k) FROM u, unnest(u.keys) AS k WHERE k IS NOT NULL),
+    (SELECT array_agg(t.k ORDER BY t.k) FROM u, unnest(u.turn_keys, u.turn_maxes) AS t(k, m)
+        WHERE t.k IS NOT NULL),
+    (SELECT array_agg(t.m ORDER BY t.k) FROM u, unnest(u.turn_keys, u.turn_maxes) AS t(k, m)
+        WHERE t.k IS NOT NULL)
+FROM u
 
 -- name: sleep
 -- The step keeps its own wake_at (fixed when the sleep is first reached) and
@@ -351,12 +457,13 @@ WITH prev AS (
     UPDATE {schema}.runs SET status = 'sleeping',
         wake_at = least(w.step_wake_at, deadline_at),
         lease_expires_at = NULL, updated_at = {now}
-    FROM w WHERE {fence} RETURNING id, workflow, wake_at, w.step_wake_at
+    FROM w WHERE {fence}
+    RETURNING id, workflow, wake_at, w.step_wake_at, limit_key1, limit_key2
 ), st AS (
     {insert_step}
     SELECT u.id, %(name)s::text, 'sleeping', NULL, NULL, 1, u.step_wake_at, {now} FROM u
     WHERE NOT EXISTS (SELECT 1 FROM prev) {upsert_step}
-) SELECT u.step_wake_at, {notify_at} FROM u
+) SELECT u.step_wake_at, {notify_at}, {release_u} FROM u
 
 -- wait_run, take_event and deliver_event lock the run row first, in a
 -- statement of their own: the statements after it then see every event
@@ -388,13 +495,14 @@ WITH prev AS (
         wake_at = CASE WHEN d.ready THEN NULL ELSE least(d.deadline, deadline_at) END,
         lease_expires_at = CASE WHEN d.ready THEN lease_expires_at END,
         updated_at = {now}
-    FROM d WHERE id = %(id)s RETURNING workflow, wake_at
+    FROM d WHERE id = %(id)s RETURNING workflow, wake_at, limit_key1, limit_key2
 ), st AS (
     {insert_step}
     SELECT %(id)s, %(name)s::text, 'waiting', NULL, NULL, 1, d.deadline, {now} FROM d
     WHERE NOT d.seen {upsert_step}
 ) SELECT d.ready, d.deadline,
-    CASE WHEN NOT d.ready AND u.wake_at IS NOT NULL THEN {notify_at} END
+    CASE WHEN NOT d.ready AND u.wake_at IS NOT NULL THEN {notify_at} END,
+    CASE WHEN NOT d.ready THEN {release_u} END
 FROM d, u
 
 -- name: take
@@ -462,10 +570,11 @@ WITH p AS (
     SELECT least({now} + %(deadline)s::interval, p.deadline_at) AS deadline_at FROM p
 ), ins AS (
     INSERT INTO {schema}.runs (id, workflow, status, input, created_at, updated_at, wake_at,
-        deadline_at, parent_id, parent_step)
+        deadline_at, parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2,
+        limit_max2)
     SELECT %(child)s::text, %(workflow)s::text, {new_status}, %(input)s::text, {now}, {now},
         least({now} + coalesce(%(delay)s::interval, interval '0'), v.deadline_at),
-        v.deadline_at, %(id)s::text, %(step)s::text FROM v
+        v.deadline_at, %(id)s::text, %(step)s::text, {limit_values} FROM v
     ON CONFLICT (id) DO NOTHING
     RETURNING {read_columns}, true AS inserted
 ) SELECT ins.*, EXISTS (SELECT 1 FROM p), CASE WHEN ins.id IS NOT NULL THEN {notify_ins} END
@@ -487,11 +596,12 @@ WITH open AS (
         wake_at = CASE WHEN o.busy THEN deadline_at ELSE wake_at END,
         lease_expires_at = CASE WHEN o.busy THEN NULL ELSE lease_expires_at END,
         updated_at = {now}
-    FROM open AS o WHERE id = %(id)s RETURNING workflow, wake_at
+    FROM open AS o WHERE id = %(id)s RETURNING workflow, wake_at, limit_key1, limit_key2
 ), st AS (
     {insert_step}
     VALUES (%(id)s, {step_values}) {upsert_step}
-) SELECT NOT o.busy, CASE WHEN o.busy AND u.wake_at IS NOT NULL THEN {notify_at} END
+) SELECT NOT o.busy, CASE WHEN o.busy AND u.wake_at IS NOT NULL THEN {notify_at} END,
+    CASE WHEN o.busy THEN {release_u} END
 FROM open AS o, u
 
 -- name: list_children
@@ -527,7 +637,7 @@ ORDER BY created_at DESC, id DESC LIMIT %(limit)s
 WITH u AS (
     UPDATE {schema}.runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = {now},
         waiting_for = NULL, lease_expires_at = NULL, updated_at = {now}, finished_at = NULL,
-        buffered = 0, deadline_at = NULL
+        buffered = 0, deadline_at = NULL, blocked_by = NULL
     WHERE id = %(id)s AND status IN ('failed', 'cancelled') RETURNING id, workflow
 ), d AS (
     DELETE FROM {schema}.steps WHERE run_id IN (SELECT id FROM u) AND status = 'failed'
@@ -579,7 +689,7 @@ WITH adv AS (
 ), ins AS (
     {insert_run}
     SELECT %(id)s::text, %(workflow)s::text, {new_status}, %(input)s::text, %(idem)s::text,
-        {now}, {now}, {new_wake_at}, {now} + %(deadline)s::interval FROM adv
+        {now}, {now}, {new_wake_at}, {now} + %(deadline)s::interval, {limit_values} FROM adv
     {on_idempotency_key}
 ) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
 
@@ -627,31 +737,49 @@ DELETE FROM {schema}.workers WHERE id = %(id)s RETURNING expires_at > {now}
 
 -- Queue statistics --------------------------------------------------------------
 
--- queue_stats counts the unfinished runs through the two partial indexes
--- that hold exactly them: runs_due (pending, sleeping, waiting, and delayed,
--- stored as sleeping: see protocol_status) and runs_running. Each branch's WHERE
--- is its index's predicate, so neither reads a finished run, however long
--- the history. Rows are (workflow, status, count, earliest wake_at of the
--- pending ones), as reflow_core.adapter.queue_stats_from_counts takes them.
+-- queue_stats counts the unfinished runs through the partial indexes that
+-- hold exactly them: runs_ready (pending), runs_due (sleeping, waiting, and
+-- delayed, stored as sleeping: see protocol_status), runs_blocked (blocked
+-- ones of those) and runs_running. Each branch's WHERE is its index's
+-- predicate, so none reads a finished run, however long the history. Rows
+-- are (workflow, status, count, earliest wake_at of the pending ones), as
+-- reflow_core.adapter.queue_stats_from_counts takes them.
 
--- name: stats_due
-SELECT workflow, {protocol_status}, count(*),
-    min(CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END)
-        FILTER (WHERE status = 'pending')
-FROM {schema}.runs WHERE status IN ('pending', 'sleeping', 'waiting')
+-- name: stats_ready
+SELECT workflow, status, attempts, wake_at FROM {schema}.runs
+WHERE status = 'pending' AND blocked_by IS NULL
+
+-- name: stats_timed
+SELECT workflow, status, attempts, wake_at FROM {schema}.runs
+WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL
+
+-- name: stats_blocked
+SELECT workflow, status, attempts, wake_at FROM {schema}.runs WHERE blocked_by IS NOT NULL
 
 -- name: stats_running
 SELECT workflow, 'running'::text, count(*), NULL::timestamptz
 FROM {schema}.runs WHERE status = 'running'
 
+-- name: stats_due_of
+-- The unfinished runs that are not running, counted (with u, the union of
+-- their three indexes' branches).
+SELECT workflow, {protocol_status}, count(*),
+    min(CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END)
+        FILTER (WHERE status = 'pending')
+FROM
+
 -- name: queue_stats
-{stats_due} GROUP BY 1, 2
+{stats_due_of} ({stats_ready} UNION ALL {stats_timed} UNION ALL {stats_blocked}) AS u
+GROUP BY 1, 2
 UNION ALL
 {stats_running} GROUP BY workflow
 
 -- name: queue_stats_of
 -- The named workflows only.
-{stats_due} AND workflow = ANY(%(workflows)s) GROUP BY 1, 2
+{stats_due_of} ({stats_ready} AND workflow = ANY(%(workflows)s)
+    UNION ALL {stats_timed} AND workflow = ANY(%(workflows)s)
+    UNION ALL {stats_blocked} AND workflow = ANY(%(workflows)s)) AS u
+GROUP BY 1, 2
 UNION ALL
 {stats_running} AND workflow = ANY(%(workflows)s) GROUP BY workflow
 
@@ -664,5 +792,5 @@ SELECT {now}
 -- name: next_due
 -- Sleeping runs include the delayed ones (see protocol_status).
 SELECT extract(epoch FROM min(wake_at) - {now}) FROM {schema}.runs
-WHERE status IN ('sleeping', 'waiting') AND wake_at > {now}
+WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL AND wake_at > {now}
     AND workflow = ANY(%(workflows)s)

@@ -318,3 +318,194 @@ BEGIN
     RETURN 1;
 END
 $$
+
+
+-- Version 6: run priorities and concurrency limits -----------------------------------
+
+-- name: v6_01_runs_flow_control
+-- A run's priority (a constant default: PostgreSQL 11 and newer add it
+-- without rewriting the table, and every run that exists has priority 0),
+-- the concurrency limits it holds while it runs (at most two, each a key and
+-- a max; never changed once the run is created) and, for a due run a claim
+-- passed over because a limit was full, that limit's key. All nullable
+-- without a default but priority: the table is not rewritten.
+ALTER TABLE {schema}.runs ADD COLUMN priority integer NOT NULL DEFAULT 0,
+    ADD COLUMN limit_key1 text COLLATE "C", ADD COLUMN limit_max1 integer,
+    ADD COLUMN limit_key2 text COLLATE "C", ADD COLUMN limit_max2 integer,
+    ADD COLUMN blocked_by text COLLATE "C"
+
+-- name: v6_02_drop_runs_due
+DROP INDEX {schema}.runs_due
+
+-- name: v6_03_runs_due
+-- Timed runs (delayed, stored as sleeping, sleeping and waiting) by due
+-- time, blocked ones left out. Pending runs moved to runs_ready.
+CREATE INDEX runs_due ON {schema}.runs (wake_at)
+    WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL
+
+-- name: v6_04_runs_ready
+-- Pending runs in the order a claim takes them: priority, highest first,
+-- then due time. Blocked ones left out, so a claim never reads them.
+CREATE INDEX runs_ready ON {schema}.runs (priority DESC, wake_at)
+    WHERE status = 'pending' AND blocked_by IS NULL
+
+-- name: v6_05_runs_blocked
+-- Blocked runs by key, in the order a claim would take them: the one a
+-- stopping holder of the key unblocks is the first entry of its key.
+CREATE INDEX runs_blocked ON {schema}.runs (blocked_by, priority DESC, wake_at, id)
+    WHERE blocked_by IS NOT NULL
+
+-- name: v6_06_runs_holding1
+-- The running holders of a key (by either of their two limits): counting
+-- them is two index lookups. Runs without limits are in neither.
+CREATE INDEX runs_holding1 ON {schema}.runs (limit_key1)
+    WHERE status = 'running' AND limit_key1 IS NOT NULL
+
+-- name: v6_07_runs_holding2
+CREATE INDEX runs_holding2 ON {schema}.runs (limit_key2)
+    WHERE status = 'running' AND limit_key2 IS NOT NULL
+
+-- name: v6_08_lock_limits
+-- Takes the transaction-scoped advisory lock of each key (NULLs skipped), in
+-- the order of the locks themselves, so that two transactions taking locks
+-- of several keys never wait for each other in a cycle. Every claim of a
+-- run holding a key, and every write that stops one, takes it: they are
+-- serialized per key, and each reads the holders after its lock is granted.
+CREATE FUNCTION {schema}.lock_limits(keys text[])
+    RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    h bigint;
+BEGIN
+    FOR h IN SELECT DISTINCT hashtextextended(k, 0) FROM unnest(keys) AS k
+        WHERE k IS NOT NULL ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(h);
+    END LOOP;
+END
+$$
+
+-- name: v6_09_release_limits
+-- Called, in its transaction, by the write that stopped running runs
+-- holding keys (one entry per key a stopped run held, so a key held by two
+-- stopped runs is twice in it): under the keys' locks, makes claimable the
+-- first blocked run of each entry (priority, due time, id: what a claim
+-- would take first), and wakes its workflow's workers on channel (NULL:
+-- none). Its queries take snapshots of their own, after the locks are
+-- granted, so they see every run a claim blocked before. Returns how many
+-- runs it unblocked.
+CREATE FUNCTION {schema}.release_limits(keys text[], at timestamptz, channel text)
+    RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    k text;
+    target text;
+    flow text;
+    freed integer := 0;
+BEGIN
+    PERFORM {schema}.lock_limits(keys);
+    FOREACH k IN ARRAY keys LOOP
+        CONTINUE WHEN k IS NULL;
+        LOOP
+            SELECT id INTO target FROM {schema}.runs WHERE blocked_by = k
+                ORDER BY priority DESC, wake_at, id LIMIT 1;
+            EXIT WHEN target IS NULL;
+            -- Waits for a writer of that run; if it changed meanwhile (a
+            -- cancel), the next one is looked for.
+            UPDATE {schema}.runs SET blocked_by = NULL, updated_at = at
+                WHERE id = target AND blocked_by = k RETURNING workflow INTO flow;
+            IF flow IS NOT NULL THEN
+                freed := freed + 1;
+                IF channel IS NOT NULL THEN
+                    PERFORM pg_notify(channel,
+                        '0|' || CASE WHEN octet_length(flow) <= 4000 THEN flow ELSE '' END);
+                END IF;
+                EXIT;
+            END IF;
+        END LOOP;
+        target := NULL;
+        flow := NULL;
+    END LOOP;
+    RETURN freed;
+END
+$$
+
+-- name: v6_10_claim_limited
+-- The second half of a claim, for the due runs ids (in claim order) that
+-- hold limits: under the locks of all their keys (taken at once, in order),
+-- each, if still claimable and not taken by another claim meanwhile, is
+-- claimed (at most budget of them) if every one of its keys has fewer than
+-- its max running holders (counted after the locks are granted, so claims
+-- made earlier in this call and committed by others count), else blocked
+-- by the first full key. Returns the claimed runs as they now are.
+CREATE FUNCTION {schema}.claim_limited(ids text[], lease interval, at timestamptz,
+    budget integer)
+    RETURNS SETOF {schema}.runs LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    candidate text;
+    rec {schema}.runs%ROWTYPE;
+    over text;
+    taken integer := 0;
+BEGIN
+    PERFORM {schema}.lock_limits(array_agg(k)) FROM {schema}.runs AS r,
+        LATERAL (VALUES (r.limit_key1), (r.limit_key2)) AS v(k)
+        WHERE r.id = ANY(ids) AND k IS NOT NULL;
+    FOREACH candidate IN ARRAY ids LOOP
+        EXIT WHEN taken >= budget;
+        SELECT * INTO rec FROM {schema}.runs WHERE id = candidate AND blocked_by IS NULL
+            AND status IN ('pending', 'sleeping', 'waiting') AND wake_at <= at
+            FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        over := NULL;
+        IF rec.limit_key1 IS NOT NULL AND rec.limit_max1 <= (
+                (SELECT count(*) FROM {schema}.runs WHERE status = 'running'
+                    AND limit_key1 = rec.limit_key1)
+                + (SELECT count(*) FROM {schema}.runs WHERE status = 'running'
+                    AND limit_key2 = rec.limit_key1)) THEN
+            over := rec.limit_key1;
+        ELSIF rec.limit_key2 IS NOT NULL AND rec.limit_max2 <= (
+                (SELECT count(*) FROM {schema}.runs WHERE status = 'running'
+                    AND limit_key1 = rec.limit_key2)
+                + (SELECT count(*) FROM {schema}.runs WHERE status = 'running'
+                    AND limit_key2 = rec.limit_key2)) THEN
+            over := rec.limit_key2;
+        END IF;
+        IF over IS NULL THEN
+            UPDATE {schema}.runs SET status = 'running', lease_epoch = lease_epoch + 1,
+                attempts = attempts + 1, lease_expires_at = at + lease, wake_at = NULL,
+                updated_at = at
+                WHERE id = candidate RETURNING * INTO rec;
+            taken := taken + 1;
+            RETURN NEXT rec;
+        ELSE
+            UPDATE {schema}.runs SET blocked_by = over, updated_at = at WHERE id = candidate;
+        END IF;
+    END LOOP;
+END
+$$
+
+-- name: v6_11_pass_turn
+-- A run that was free to be claimed (neither running nor blocked: one let
+-- go by a slot, say) ended without running: under the locks of its keys,
+-- each of them that has room (fewer running holders than its max, lapsed
+-- leases counted) lets its first blocked run go, as release_limits does, so
+-- a freed slot is never lost with it.
+CREATE FUNCTION {schema}.pass_turn(keys text[], maxes integer[], at timestamptz, channel text)
+    RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    i integer;
+    held integer;
+    room text[] := '{}';
+BEGIN
+    PERFORM {schema}.lock_limits(keys);
+    FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
+        CONTINUE WHEN keys[i] IS NULL OR maxes[i] IS NULL;
+        SELECT count(*) INTO held FROM {schema}.runs
+            WHERE status = 'running' AND (limit_key1 = keys[i] OR limit_key2 = keys[i]);
+        IF held < maxes[i] THEN
+            room := room || keys[i];
+        END IF;
+    END LOOP;
+    IF cardinality(room) = 0 THEN
+        RETURN 0;
+    END IF;
+    RETURN {schema}.release_limits(room, at, channel);
+END
+$$

@@ -18,7 +18,12 @@ from a :class:`psycopg_pool.AsyncConnectionPool` in autocommit mode (see
 * child runs (``start_child``) carry ``parent_id``/``parent_step``; a child's
   end locks its parent's row first and wakes the parent in the same statement
   when it waits for its last open child (``wait_children``); cancelling a run
-  cancels every unfinished run below it in the same transaction.
+  cancels every unfinished run below it in the same transaction;
+* due runs go by priority, then due time; runs holding concurrency limits
+  are claimed (or blocked) under their keys' advisory locks by a second
+  statement, only when the claim picked some, and a write that stops such a
+  run unblocks the first blocked run of each of its keys in its own
+  statement (see docs/postgres.md).
 """
 
 from __future__ import annotations
@@ -87,7 +92,15 @@ from reflow_core.storage import (
 from ._batches import BatchedWrites
 from ._connections import BACKEND, Connections
 from ._options import DEFAULT_SCHEMA, check_keyword_options, parse_postgres_url, settings
-from ._rows import INSERTED, claimed_run, deadline_param, delay_param, step_params
+from ._rows import (
+    INSERTED,
+    LIMITED,
+    claimed_run,
+    deadline_param,
+    delay_param,
+    limit_params,
+    step_params,
+)
 from ._schema import SCHEMA_VERSION, migrate
 from ._sql import Statements, channel_name, list_runs_query, statements
 from .listener import Listener
@@ -285,11 +298,34 @@ class PostgresStorage:
         check_duration(lease, "lease")
         if limit < 1 or not names:
             return []
-        params = self._db.params(workflows=names, limit=min(limit, MAX_CLAIM), lease=lease)
+        wanted = min(limit, MAX_CLAIM)
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[ClaimedRun]:
-            cur = await conn.execute(self._sql["claim"], params)
-            return [claimed_run(row) for row in await cur.fetchall()]
+            claimed: list[ClaimedRun] = []
+            while True:
+                budget = wanted - len(claimed)
+                params = self._db.params(workflows=names, limit=budget, lease=lease)
+                rows = await (await conn.execute(self._sql["claim"], params)).fetchall()
+                claimed.extend(claimed_run(row) for row in rows if row[0] is not None)
+                limited: list[str] = (rows[0][LIMITED] or []) if rows else []
+                budget = wanted - len(claimed)
+                if not limited or budget < 1:
+                    break
+                # The picked runs that hold limits: claimed or blocked under
+                # their keys' locks (see claim_limited in schema.sql).
+                params = self._db.params(ids=limited, limit=budget, lease=lease)
+                cur = await conn.execute(self._sql["claim_limited"], params)
+                taken = [claimed_run(row) for row in await cur.fetchall()]
+                claimed.extend(taken)
+                if len(taken) == len(limited):
+                    break  # none blocked: the claim saw every run it could take
+                # Some were blocked (or taken by another claim meanwhile):
+                # the runs after them may be claimable, as a claim that
+                # passes over blocked runs would find.
+            # Lapsed leases first, then by priority (each statement's own
+            # rows are in claim order already).
+            claimed.sort(key=lambda c: (not c.reclaimed, -c.run.priority))
+            return claimed
 
         # Not retried here: a claim whose reply was lost leaves its runs
         # leased to nobody until the lease lapses; the engine claims again.
@@ -343,15 +379,20 @@ class PostgresStorage:
     ) -> bool:
         check_text(run_id, "run_id")
         check_status_update(status, lease)
+        # A cancel releases the limits of the runs it stops at its end (see
+        # end_fenced in queries.sql); other ends in their own statement.
+        release = status != "cancelled"
         if lease is None:
             name = "end_unfenced"
-            params = self._db.params(id=run_id, status=status, error=error)
+            params = self._db.params(id=run_id, status=status, error=error, release=release)
         elif status == "pending":
             name = "hand_back"
             params = self._db.params(id=run_id, epoch=lease.epoch)
         else:
             name = "end_fenced"
-            params = self._db.params(id=run_id, epoch=lease.epoch, status=status, error=error)
+            params = self._db.params(
+                id=run_id, epoch=lease.epoch, status=status, error=error, release=release
+            )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> bool:
             if status != "cancelled":
@@ -359,14 +400,29 @@ class PostgresStorage:
                 return cur.rowcount == 1
             async with conn.transaction():
                 cur = await conn.execute(self._sql[name], params)
-                if cur.rowcount != 1:
+                row = await cur.fetchone()
+                if row is None:
                     return False
+                held: list[str] = [key for key in row[2] or () if key is not None]
+                turn_keys: list[str] = []
+                turn_maxes: list[int] = []
                 # The cascade, until a pass finds nothing more (see cancel_below).
                 while True:
                     cur = await conn.execute(self._sql["cancel_below"], params)
                     row = await cur.fetchone()
                     if row is None or not row[0]:
-                        return True
+                        break
+                    held.extend(row[1] or ())
+                    turn_keys.extend(row[2] or ())
+                    turn_maxes.extend(row[3] or ())
+                if held:
+                    await conn.execute(self._sql["release"], self._db.params(keys=held))
+                if turn_keys:
+                    await conn.execute(
+                        self._sql["pass_turn"],
+                        self._db.params(keys=turn_keys, maxes=turn_maxes),
+                    )
+                return True
 
         return await self._db.run("update_run_status", body)
 
@@ -485,6 +541,7 @@ class PostgresStorage:
             input=new.input,
             delay=delay_param(new),
             deadline=deadline_param(new),
+            **limit_params(new),
         )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> RunRecord | None:
@@ -697,6 +754,7 @@ class PostgresStorage:
             idem=run.idempotency_key,
             delay=delay_param(run),
             deadline=deadline_param(run),
+            **limit_params(run),
         )
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> RunRecord | None:
