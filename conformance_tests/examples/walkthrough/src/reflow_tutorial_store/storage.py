@@ -42,6 +42,7 @@ from reflow_core.storage import (
     CHILDREN_WAIT_PREFIX,
     TERMINAL_STATUSES,
     ClaimedRun,
+    ConcurrencyLimit,
     CreateResult,
     EventTake,
     Lease,
@@ -71,10 +72,10 @@ APPLICATION_ID = 1414878290
 # them all, an older one those it lacks. Never edit a released one: append.
 MIGRATIONS = (
     (  # Version 1: runs, steps, events and schedules.
-        # The first fifteen columns are kit.RUN_COLUMNS, in its order (its last
-        # three come later: deadline_at in version 4, parent_id and parent_step
-        # in version 5), so that reflow_core.adapter.run_from_row maps a row
-        # without a line of ours.
+        # The first fifteen columns are kit.RUN_COLUMNS, in its order (the
+        # rest come later: deadline_at in version 4, parent_id and parent_step
+        # in version 5, priorities and limits in version 6), so that
+        # reflow_core.adapter.run_from_row maps a row without a line of ours.
         """CREATE TABLE runs (
             id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
             input TEXT NOT NULL, output TEXT, error TEXT, idempotency_key TEXT,
@@ -138,6 +139,36 @@ MIGRATIONS = (
         # runs that are nobody's children never write it.
         "CREATE INDEX runs_children ON runs (parent_id, parent_step) WHERE parent_id IS NOT NULL",
     ),
+    # --8<-- [start:limits-schema]
+    (  # Version 6: priorities and concurrency limits, the rest of kit.RUN_COLUMNS.
+        # The runs already in the file get priority 0, no limit, and are not
+        # blocked: what they had. A run holds at most kit's MAX_RUN_LIMITS (2)
+        # limits, so two pairs of columns hold them (kit.limit_columns).
+        "ALTER TABLE runs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE runs ADD COLUMN limit_key1 TEXT",
+        "ALTER TABLE runs ADD COLUMN limit_max1 INTEGER",
+        "ALTER TABLE runs ADD COLUMN limit_key2 TEXT",
+        "ALTER TABLE runs ADD COLUMN limit_max2 INTEGER",
+        # The key of the full limit a claim passed this run over for (NULL: not blocked).
+        "ALTER TABLE runs ADD COLUMN blocked_by TEXT",
+        # What a claim reads, in the order it takes them: runs with a due time
+        # (pending, delayed, sleeping, waiting; a running or ended run has
+        # none) that are not blocked. Partial, so a backlog of blocked runs is
+        # not in it at all: however many runs wait for a full limit, a claim
+        # never reads past them. It takes over from runs_claim for due runs;
+        # that one still finds the lapsed leases.
+        "CREATE INDEX runs_due ON runs (workflow, priority DESC, wake_at, id)"
+        " WHERE blocked_by IS NULL AND wake_at IS NOT NULL",
+        # The blocked runs of each key, in the order a claim would take them:
+        # letting the first one go is one seek.
+        "CREATE INDEX runs_blocked ON runs (blocked_by, priority DESC, wake_at, id)"
+        " WHERE blocked_by IS NOT NULL",
+        # The running runs holding a key, in either pair of columns: counting
+        # them is two seeks, whatever the size of the history.
+        "CREATE INDEX runs_holding1 ON runs (limit_key1) WHERE status = 'running'",
+        "CREATE INDEX runs_holding2 ON runs (limit_key2) WHERE status = 'running'",
+    ),
+    # --8<-- [end:limits-schema]
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # kit.render_sql fills in our own column lists, never a value: values are bound.
@@ -222,6 +253,40 @@ LIST_CHILDREN = kit.render_sql(
     " ORDER BY created_at, id",
     COLUMNS,
 )
+# --8<-- [start:limits-sql]
+# The claim, in two parts. First the lapsed leases, whatever their priority
+# or limits: a dead worker's runs must not wait behind a backlog.
+LAPSED_RUNS = (
+    "SELECT id FROM runs WHERE workflow IN (SELECT value FROM json_each(:workflows))"
+    " AND status = 'running' AND lease_expires_at <= :now"
+    " ORDER BY lease_expires_at, id LIMIT :limit"
+)
+# Then the due runs that are not blocked, highest priority first, then
+# earliest due, read from the index runs_due (`wake_at <= :now` implies its
+# `wake_at IS NOT NULL`). No test on status: only a run that can be claimed
+# has a due time (a claim and an end clear it), and with one SQLite would
+# rather read runs_claim, which holds the blocked runs too (EXPLAIN QUERY
+# PLAN shows which index a statement reads).
+DUE_RUNS = (
+    "SELECT id, limit_key1, limit_max1, limit_key2, limit_max2 FROM runs"
+    " WHERE workflow IN (SELECT value FROM json_each(:workflows))"
+    " AND blocked_by IS NULL AND wake_at <= :now"
+    " ORDER BY priority DESC, wake_at, id LIMIT :limit"
+)
+# How many runs holding :key are running, lapsed leases included (a lapsed
+# run keeps its slot until it is taken over or stops). A run's keys are
+# distinct, so no run is counted twice.
+HOLDERS = (
+    "SELECT (SELECT count(*) FROM runs WHERE status = 'running' AND limit_key1 = :key)"
+    " + (SELECT count(*) FROM runs WHERE status = 'running' AND limit_key2 = :key)"
+)
+# Let the run blocked by :key that a claim would take first go: one seek in
+# runs_blocked. It is claimable again, and the next claim judges it afresh.
+UNBLOCK_FIRST = (
+    "UPDATE runs SET blocked_by = NULL, updated_at = :now WHERE id = ("
+    " SELECT id FROM runs WHERE blocked_by = :key ORDER BY priority DESC, wake_at, id LIMIT 1)"
+)
+# --8<-- [end:limits-sql]
 # --8<-- [end:schema]
 
 
@@ -367,13 +432,14 @@ class TutorialStorage:
     @staticmethod
     def _insert_run(cur: sqlite3.Cursor, run: RunRecord) -> None:
         """Write the record of a new run (from ``kit.new_run_record``) as its row:
-        never claimed, so no output, error or lease, and zero counts."""
+        never claimed, so no output, error or lease, zero counts, and not blocked."""
         assert run.wake_at is not None  # a new run always has a due time
         deadline = None if run.deadline_at is None else kit.to_epoch_us(run.deadline_at)
         cur.execute(
             "INSERT INTO runs (id, workflow, status, input, idempotency_key, attempts, reclaims,"
-            " lease_epoch, created_at, updated_at, wake_at, deadline_at, parent_id, parent_step)"
-            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?)",
+            " lease_epoch, created_at, updated_at, wake_at, deadline_at, parent_id, parent_step,"
+            " priority, limit_key1, limit_max1, limit_key2, limit_max2)"
+            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.id,
                 run.workflow,
@@ -386,6 +452,8 @@ class TutorialStorage:
                 deadline,
                 run.parent_id,  # both None, except for a child (start_child)
                 run.parent_step,
+                run.priority,  # as given (kit.check_new_run checked it and the limits)
+                *kit.limit_columns(run.limits),  # (key1, max1, key2, max2), None where unused
             ),
         )
 
@@ -415,35 +483,51 @@ class TutorialStorage:
             return []
 
         def body(cur: sqlite3.Cursor, now: int) -> list[ClaimedRun]:
-            # Lapsed leases first (a backlog must not starve a dead worker's
-            # runs), then by due time, oldest first. BEGIN IMMEDIATE already
-            # holds the write lock: no other claimer can pick the same rows.
-            picked = cur.execute(
-                "SELECT id, status = 'running' FROM runs"
-                " WHERE workflow IN (SELECT value FROM json_each(:workflows))"
-                " AND ((status = 'running' AND lease_expires_at <= :now)"
-                "  OR (status IN ('pending', 'delayed', 'sleeping', 'waiting')"
-                "   AND wake_at <= :now))"
-                " ORDER BY status = 'running' DESC, coalesce(lease_expires_at, wake_at), id"
-                " LIMIT :limit",
-                {"workflows": json.dumps(list(workflows)), "now": now, "limit": limit},
-            ).fetchall()
+            # BEGIN IMMEDIATE already holds the write lock: no other claimer
+            # can pick the same rows, and no write that stops a running run
+            # can change the counts below before this claim commits.
+            query = {"workflows": json.dumps(list(workflows)), "now": now}
             claimed = []
-            for run_id, lapsed in picked:
-                # A new epoch fences off every write of the previous holder.
-                cur.execute(
-                    "UPDATE runs SET status = 'running', lease_epoch = lease_epoch + 1,"
-                    " attempts = attempts + 1, reclaims = reclaims + ?, lease_expires_at = ?,"
-                    " wake_at = NULL, updated_at = ? WHERE id = ?",
-                    (lapsed, now + span, now, run_id),
-                )
-                run = _run(cur.execute(GET_RUN, (run_id,)).fetchone())
-                # The saved steps travel with the claim: the worker needs no further read.
-                steps = _steps(cur, run_id)
-                claimed.append(ClaimedRun(run, Lease(run_id, run.lease_epoch), steps, bool(lapsed)))
+            # Lapsed leases first (a backlog must not starve a dead worker's
+            # runs), whatever the limits: the run still holds its slots, and
+            # the new holder takes them over.
+            for (run_id,) in cur.execute(LAPSED_RUNS, {**query, "limit": limit}).fetchall():
+                claimed.append(self._take(cur, run_id, now, span, lapsed=True))
+            # Then the due runs, by priority and due time. One whose limit is
+            # full is blocked instead of taken, and the claim reads on: every
+            # row read is taken or blocked, and neither comes back, so the loop ends.
+            while len(claimed) < limit:
+                wanted = {**query, "limit": limit - len(claimed)}
+                due = cur.execute(DUE_RUNS, wanted).fetchall()  # all read before a write
+                if not due:
+                    break
+                for run_id, *columns in due:
+                    full = _full_limit(cur, kit.limits_from_columns(*columns))
+                    if full is None:
+                        claimed.append(self._take(cur, run_id, now, span, lapsed=False))
+                    else:  # out of runs_due, until a holder of `full` stops running
+                        cur.execute(
+                            "UPDATE runs SET blocked_by = ?, updated_at = ? WHERE id = ?",
+                            (full, now, run_id),
+                        )
             return claimed
 
         return await self._tx("claim_runs", body)
+
+    @staticmethod
+    def _take(cur: sqlite3.Cursor, run_id: str, now: int, span: int, *, lapsed: bool) -> ClaimedRun:
+        """Claim one run: running under a new lease. A new epoch fences off
+        every write of the previous holder; a lapsed lease taken over counts
+        as a reclaim."""
+        cur.execute(
+            "UPDATE runs SET status = 'running', lease_epoch = lease_epoch + 1,"
+            " attempts = attempts + 1, reclaims = reclaims + ?, lease_expires_at = ?,"
+            " wake_at = NULL, updated_at = ? WHERE id = ?",
+            (lapsed, now + span, now, run_id),
+        )
+        run = _run(cur.execute(GET_RUN, (run_id,)).fetchone())
+        # The saved steps travel with the claim: the worker needs no further read.
+        return ClaimedRun(run, Lease(run_id, run.lease_epoch), _steps(cur, run_id), lapsed)
 
     # --8<-- [end:claim]
 
@@ -533,6 +617,7 @@ class TutorialStorage:
                     " WHERE id = ?",
                     (now, run_id),
                 )
+                _unblock(cur, run_id, now)  # it no longer runs: its slots are free
             else:
                 _end(cur, run_id, now, status, None, error)
                 if status == "cancelled":  # and every unfinished run below it, same write
@@ -546,11 +631,12 @@ class TutorialStorage:
 
         def body(cur: sqlite3.Cursor, now: int) -> bool:
             # finished_at = NULL: a requeued run is no longer finished, so no purge takes it.
-            # deadline_at = NULL: nor has it a deadline any more.
+            # deadline_at = NULL: nor has it a deadline any more. It is not
+            # blocked either (an ended run never is): the next claim judges it.
             if not cur.execute(
                 "UPDATE runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = ?,"
                 " waiting_for = NULL, lease_expires_at = NULL, finished_at = NULL,"
-                " deadline_at = NULL, updated_at = ?"
+                " deadline_at = NULL, blocked_by = NULL, updated_at = ?"
                 " WHERE id = ? AND status IN ('failed', 'cancelled')",
                 (now, now, run_id),
             ).rowcount:
@@ -582,6 +668,7 @@ class TutorialStorage:
                 " WHERE id = ?",
                 (_due(cur, lease.run_id, wake_at), lease.run_id),
             )
+            _unblock(cur, lease.run_id, now)  # parked: its slots are free
             return wake_at
 
         wake = await self._tx("sleep_run", body)
@@ -616,6 +703,7 @@ class TutorialStorage:
                 " lease_expires_at = NULL WHERE id = ?",
                 (event, _due(cur, lease.run_id, deadline), lease.run_id),
             )
+            _unblock(cur, lease.run_id, now)  # parked: its slots are free
             return WaitResult(ready=False, deadline=when)
 
         return await self._tx("wait_run", body)
@@ -742,6 +830,7 @@ class TutorialStorage:
                 " lease_expires_at = NULL WHERE id = ?",
                 (CHILDREN_WAIT_PREFIX + step.name, lease.run_id),
             )
+            _unblock(cur, lease.run_id, now)  # parked: its slots are free
             return False
 
         return await self._tx("wait_children", body)
@@ -999,14 +1088,24 @@ def _end(
 ) -> None:
     """End a run: no lease, no deadline, a finish time for purges, and its
     buffered events dropped in the same transaction (its event ids stay).
-    The end of a child may wake its parent, in that transaction too."""
+    The end of a child may wake its parent, in that transaction too, and so
+    may the end of a run with limits let a blocked run go (_unblock,
+    _pass_turn). An ended run is never blocked: a cancel may end a run a
+    claim had blocked."""
+    was, blocked = cur.execute(
+        "SELECT status, blocked_by FROM runs WHERE id = ?", (run_id,)
+    ).fetchone()
     parent_id, parent_step = cur.execute(
         "UPDATE runs SET status = ?, output = ?, error = ?, lease_expires_at = NULL,"
-        " wake_at = NULL, waiting_for = NULL, finished_at = ?, updated_at = ? WHERE id = ?"
-        " RETURNING parent_id, parent_step",
+        " wake_at = NULL, waiting_for = NULL, blocked_by = NULL, finished_at = ?,"
+        " updated_at = ? WHERE id = ? RETURNING parent_id, parent_step",
         (status, output, error, now, now, run_id),
     ).fetchone()
     cur.execute("DELETE FROM events WHERE run_id = ?", (run_id,))
+    if was == "running":  # its slots are free
+        _unblock(cur, run_id, now)
+    elif blocked is None:  # ended before any claim took it (a cancel, a fail without lease)
+        _pass_turn(cur, run_id, now)
     if parent_id is not None:
         _wake_parent(cur, parent_id, parent_step, now)
 
@@ -1046,3 +1145,51 @@ def _cancel_below(cur: sqlite3.Cursor, run_id: str, now: int) -> None:
 
 
 # --8<-- [end:ending]
+
+
+# --8<-- [start:limits]
+def _full_limit(cur: sqlite3.Cursor, limits: tuple[ConcurrencyLimit, ...]) -> str | None:
+    """The key of the first of ``limits`` that is full (``max`` runs holding
+    it are running), or None. The claim calls this under the write lock, after
+    its earlier takes: the runs it has just claimed are running, so they count."""
+    for limit in limits:
+        (holders,) = cur.execute(HOLDERS, {"key": limit.key}).fetchone()
+        if holders >= limit.max:
+            return limit.key
+    return None
+
+
+def _unblock(cur: sqlite3.Cursor, run_id: str, now: int) -> None:
+    """``run_id`` has just stopped running (ended, handed back, or parked in
+    a sleep or a wait), in the transaction that stopped it: each of its
+    limits has a free slot, so for each of its keys the blocked run a claim
+    would take first is claimable again. Only that one: one slot was freed,
+    and a claim that finds the slot taken after all blocks the run again.
+    Being in the same transaction as the stop is what makes it safe: no
+    claim can count the holders between the two."""
+    for limit in _limits_of(cur, run_id):
+        cur.execute(UNBLOCK_FIRST, {"key": limit.key, "now": now})
+
+
+def _pass_turn(cur: sqlite3.Cursor, run_id: str, now: int) -> None:
+    """``run_id`` has just ended without running, and was not blocked: it
+    may have been the run a stop let go, holding the freed slot's turn. So
+    it passes the turn on: for each of its keys that has room, the first
+    blocked run is claimable again. Without this, a cancel of the run let
+    go would leave the runs behind it blocked, with the key free and no
+    holder left whose stop could let them go."""
+    for limit in _limits_of(cur, run_id):
+        (holders,) = cur.execute(HOLDERS, {"key": limit.key}).fetchone()
+        if holders < limit.max:
+            cur.execute(UNBLOCK_FIRST, {"key": limit.key, "now": now})
+
+
+def _limits_of(cur: sqlite3.Cursor, run_id: str) -> tuple[ConcurrencyLimit, ...]:
+    """The run's limits, as created."""
+    row = cur.execute(
+        "SELECT limit_key1, limit_max1, limit_key2, limit_max2 FROM runs WHERE id = ?", (run_id,)
+    ).fetchone()
+    return kit.limits_from_columns(*row)
+
+
+# --8<-- [end:limits]
