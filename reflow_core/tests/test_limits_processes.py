@@ -45,7 +45,7 @@ _APP = textwrap.dedent(
         async def work(ctx):
             key = ctx.input["k"]
             log.write("began", run=ctx.run_id, key=key, at=time.time())
-            await asyncio.sleep(0.004)
+            await asyncio.sleep(0.02)
             log.write("ended", run=ctx.run_id, key=key, at=time.time())
             return key
 
