@@ -83,7 +83,12 @@ def _claim_by_due_time(
     sql = _BY_DUE_TIME.format(marks=",".join("?" * len(workflows)))
     rows = yield sql, (*workflows, now, now, limit)
     lapsed = [(row[0],) for row in rows if row[1]]
-    due = [(row[0],) for row in rows if not row[1]]
+    # As the backend's due query answers: id, priority, due time, limits; the
+    # place in this query's order stands for the due time (none has limits).
+    due = [
+        (row[0], 0, place, None, None, None, None)
+        for place, row in enumerate(r for r in rows if not r[1])
+    ]
     claim = sqlite_scripts.claim(now, workflows, limit, lease_us)
     try:
         request = next(claim)  # the lapsed runs
