@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
@@ -44,20 +43,15 @@ from pathlib import Path
 from typing import Any
 
 from throughput import (
-    DEFAULT_REDIS_URL,
+    BACKENDS,
     Backend,
     _Completion,
-    add_postgres_options,
+    add_backend_options,
     cancel_on_sigterm,
-    postgres_backend,
-    redis_backend,
-    redis_settings,
-    scratch_database,
-    server_settings,
-    sqlite_backend,
+    open_backend,
 )
 
-from reflow_core import Engine, open_storage, workflow
+from reflow_core import Engine, Workflow, workflow
 
 
 async def _item(ctx: Any) -> dict[str, int]:
@@ -70,13 +64,27 @@ def _fanout(items: int, concurrency: int) -> Any:
     )
 
 
-async def map_pass(backend: Backend, items: int, concurrency: int) -> float:
-    wf = _fanout(items, concurrency)
+async def _timed(
+    backend: Backend,
+    workflows: list[Workflow[Any, Any]],
+    concurrency: int,
+    runs: list[tuple[Workflow[Any, Any], Any]],
+    finishes: int,
+) -> float:
+    """Seconds from the worker's start to the ``finishes``-th durable end, on
+    a fresh store holding ``runs``."""
     storage = backend.make()
-    done = _Completion(storage, 1)
-    engine = Engine(storage=storage, workflows=[wf], lease="60s", poll_interval="50ms")
+    done = _Completion(storage, finishes)
+    engine = Engine(
+        storage=storage,
+        workflows=workflows,
+        concurrency=concurrency,
+        lease="60s",
+        poll_interval="50ms",
+    )
     await storage.initialize()
-    await engine.enqueue(wf)
+    for wf, value in runs:
+        await engine.enqueue(wf, value)
     started = time.perf_counter()
     await engine.start()
     await done.event.wait()
@@ -84,7 +92,12 @@ async def map_pass(backend: Backend, items: int, concurrency: int) -> float:
     await engine.stop()
     await storage.close()
     await backend.dispose(storage)
-    return items / took
+    return took
+
+
+async def map_pass(backend: Backend, items: int, concurrency: int) -> float:
+    wf = _fanout(items, concurrency)
+    return items / await _timed(backend, [wf], concurrency, [(wf, None)], 1)
 
 
 async def children_pass(backend: Backend, items: int, concurrency: int) -> float:
@@ -95,49 +108,15 @@ async def children_pass(backend: Backend, items: int, concurrency: int) -> float
         return len([await handle.result() for handle in handles])
 
     parent = workflow("bench-parent").step("spawn", spawn)
-    storage = backend.make()
-    done = _Completion(storage, items + 1)  # the children, then their parent
-    engine = Engine(
-        storage=storage,
-        workflows=[parent, one],
-        concurrency=concurrency,
-        lease="60s",
-        poll_interval="50ms",
-    )
-    await storage.initialize()
-    await engine.enqueue(parent)
-    started = time.perf_counter()
-    await engine.start()
-    await done.event.wait()
-    took = time.perf_counter() - started
-    await engine.stop()
-    await storage.close()
-    await backend.dispose(storage)
+    # The children end, then their parent.
+    took = await _timed(backend, [parent, one], concurrency, [(parent, None)], items + 1)
     return items / took
 
 
 async def runs_pass(backend: Backend, items: int, concurrency: int) -> float:
     wf = workflow("bench-one").step("item", _item)
-    storage = backend.make()
-    done = _Completion(storage, items)
-    engine = Engine(
-        storage=storage,
-        workflows=[wf],
-        concurrency=concurrency,
-        lease="60s",
-        poll_interval="50ms",
-    )
-    await storage.initialize()
-    for i in range(items):
-        await engine.enqueue(wf, i)
-    started = time.perf_counter()
-    await engine.start()
-    await done.event.wait()
-    took = time.perf_counter() - started
-    await engine.stop()
-    await storage.close()
-    await backend.dispose(storage)
-    return items / took
+    runs = [(wf, i) for i in range(items)]
+    return items / await _timed(backend, [wf], concurrency, runs, items)
 
 
 def _median(values: list[float]) -> str:
@@ -151,14 +130,7 @@ async def main() -> None:
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument(
-        "--backends",
-        nargs="+",
-        default=["memory", "sqlite", "postgres", "redis"],
-        choices=["memory", "sqlite", "postgres", "redis"],
-    )
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    add_postgres_options(parser)
+    add_backend_options(parser, BACKENDS)
     args = parser.parse_args()
     cancel_on_sigterm()
     print(
@@ -168,19 +140,7 @@ async def main() -> None:
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reflow-fanout-")))
         for name in args.backends:
-            if name == "memory":
-                backend = Backend("memory", lambda: open_storage("memory://"))
-            elif name == "sqlite":
-                backend = sqlite_backend("NORMAL", tmp)
-            elif name == "redis":
-                print(await redis_settings(args.redis_url))
-                backend = redis_backend(args.redis_url, args.pool_size)
-            else:
-                database = await stack.enter_async_context(
-                    scratch_database(args.postgres_url, f"reflow_bench_fanout_{os.getpid()}")
-                )
-                print(await server_settings(database))
-                backend = postgres_backend(database, args.pool_size)
+            backend = await open_backend(name, args, stack, tmp, database="reflow_bench_fanout")
             warm = min(args.items, 500)
             variants = {"map": map_pass, "children": children_pass, "runs": runs_pass}
             rates: dict[str, list[float]] = {name: [] for name in variants}

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
 import sys
 import tempfile
@@ -34,19 +33,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from throughput import (
-    DEFAULT_REDIS_URL,
+    BACKENDS,
     Backend,
-    add_postgres_options,
+    add_backend_options,
     cancel_on_sigterm,
-    postgres_backend,
-    redis_backend,
-    redis_settings,
-    scratch_database,
-    server_settings,
-    sqlite_backend,
+    open_backend,
 )
 
-from reflow_core import codec, open_storage
+from reflow_core import codec
 from reflow_core.storage import ConcurrencyLimit, NewRun, Storage
 
 _WF = "bench-limits"
@@ -112,14 +106,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument(
-        "--backends",
-        nargs="+",
-        default=["memory", "sqlite", "postgres", "redis"],
-        choices=["memory", "sqlite", "postgres", "redis"],
-    )
-    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
-    add_postgres_options(parser)
+    add_backend_options(parser, BACKENDS)
     args = parser.parse_args()
     cancel_on_sigterm()
     print(
@@ -129,19 +116,7 @@ async def main() -> None:
     async with contextlib.AsyncExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="reflow-limits-")))
         for name in args.backends:
-            if name == "memory":
-                backend = Backend("memory", lambda: open_storage("memory://"))
-            elif name == "sqlite":
-                backend = sqlite_backend("NORMAL", tmp)
-            elif name == "redis":
-                print(await redis_settings(args.redis_url))
-                backend = redis_backend(args.redis_url, args.pool_size)
-            else:
-                database = await stack.enter_async_context(
-                    scratch_database(args.postgres_url, f"reflow_bench_limits_{os.getpid()}")
-                )
-                print(await server_settings(database))
-                backend = postgres_backend(database, args.pool_size)
+            backend = await open_backend(name, args, stack, tmp, database="reflow_bench_limits")
             rates: dict[bool, list[float]] = {True: [], False: []}
             for n in range(args.passes):
                 for limited in (True, False) if n % 2 == 0 else (False, True):

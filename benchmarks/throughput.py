@@ -334,6 +334,46 @@ def redis_backend(server_url: str, pool_size: int) -> Backend:
     return Backend(f"redis (pool {pool_size}, pub/sub wake-ups)", make, dispose)
 
 
+BACKENDS = ["memory", "sqlite", "postgres", "redis"]
+
+
+def add_backend_options(parser: argparse.ArgumentParser, default: list[str]) -> None:
+    """``--backends``, ``--redis-url`` and the PostgreSQL options."""
+    parser.add_argument("--backends", nargs="+", default=default, choices=BACKENDS)
+    parser.add_argument(
+        "--redis-url",
+        default=DEFAULT_REDIS_URL,
+        help="the Redis server (a fresh key prefix per pass, deleted afterwards)",
+    )
+    add_postgres_options(parser)
+
+
+async def open_backend(
+    name: str,
+    args: argparse.Namespace,
+    stack: contextlib.AsyncExitStack,
+    tmp: Path,
+    *,
+    synchronous: str = "NORMAL",
+    database: str = "reflow_bench",
+) -> Backend:
+    """The backend ``name`` of a benchmark run (its server's settings printed;
+    a PostgreSQL scratch database ``<database>_<pid>`` dropped when ``stack``
+    closes)."""
+    if name == "memory":
+        return Backend("memory", lambda: open_storage("memory://"))
+    if name == "sqlite":
+        return sqlite_backend(synchronous, tmp)
+    if name == "redis":
+        print(await redis_settings(args.redis_url))
+        return redis_backend(args.redis_url, args.pool_size)
+    url = await stack.enter_async_context(
+        scratch_database(args.postgres_url, f"{database}_{os.getpid()}")
+    )
+    print(await server_settings(url))
+    return postgres_backend(url, args.pool_size)
+
+
 def cancel_on_sigterm() -> None:
     """Let SIGTERM cancel the running main task (as Ctrl-C does), so the
     databases it created are dropped on the way out."""
@@ -378,19 +418,8 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument(
-        "--backends",
-        nargs="+",
-        default=["memory", "sqlite"],
-        choices=["memory", "sqlite", "postgres", "redis"],
-    )
-    parser.add_argument(
-        "--redis-url",
-        default=DEFAULT_REDIS_URL,
-        help="the Redis server (a fresh key prefix per pass, deleted afterwards)",
-    )
+    add_backend_options(parser, ["memory", "sqlite"])
     parser.add_argument("--synchronous", default="NORMAL")
-    add_postgres_options(parser)
     parser.add_argument(
         "--overlapped",
         action="store_true",
@@ -404,19 +433,9 @@ async def main() -> None:
     async with contextlib.AsyncExitStack() as stack:
         tmpdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="reflow-bench-"))
         for name in args.backends:
-            if name == "memory":
-                backend = Backend("memory", lambda: open_storage("memory://"))
-            elif name == "sqlite":
-                backend = sqlite_backend(args.synchronous, Path(tmpdir))
-            elif name == "redis":
-                print(await redis_settings(args.redis_url))
-                backend = redis_backend(args.redis_url, args.pool_size)
-            else:
-                database = await stack.enter_async_context(
-                    scratch_database(args.postgres_url, f"reflow_bench_{os.getpid()}")
-                )
-                print(await server_settings(database))
-                backend = postgres_backend(database, args.pool_size)
+            backend = await open_backend(
+                name, args, stack, Path(tmpdir), synchronous=args.synchronous
+            )
             label = backend.label
             for steps in args.steps:
                 results = await measure(backend, args.runs, steps, args.passes)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
 
 from reflow_conformance import promises as P
-from reflow_conformance.harness import promise
+from reflow_conformance.harness import area_method, promise
 from reflow_core import codec
+from reflow_core.errors import ConfigError
 from reflow_core.storage import (
     ClaimedRun,
     CreateResult,
@@ -182,3 +184,18 @@ def off_bracket(value: datetime | None, before: datetime, after: datetime) -> st
         f"{value.isoformat()} is not within the readings of now() around the call, "
         f"[{before.isoformat()}, {after.isoformat()}]"
     )
+
+
+async def refused(call: Callable[[], Awaitable[Any]], what: str, name: str) -> None:
+    """``call()`` must raise :class:`~reflow_core.errors.ConfigError` (promise
+    ``name``); an area the adapter lacks is left for the harness to name."""
+    try:
+        await call()
+    except ConfigError:
+        return
+    except Exception as exc:  # the promise is about the kind of error
+        if isinstance(exc, NotImplementedError) and area_method(exc) is not None:
+            raise  # an area the adapter lacks: the harness names it
+        promise(False, name, f"{what}: raised {type(exc).__name__}: {exc}")
+    else:
+        promise(False, name, f"{what}: accepted")

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 
 from reflow_conformance import promises as P
-from reflow_conformance.harness import Harness, area_method, promise
+from reflow_conformance.harness import Harness, promise
 from reflow_conformance.plugin import suite_settings
 from reflow_conformance.strategies import BAD_TEXT, bad_names, names
 from reflow_core import codec
@@ -36,7 +36,7 @@ from reflow_core.storage import (
     WorkerInfo,
 )
 
-from ._util import LONG, claim_one, create
+from ._util import LONG, claim_one, create, refused
 
 pytestmark = pytest.mark.reflow_conformance
 
@@ -57,16 +57,7 @@ _MILLISECOND = timedelta(milliseconds=1)
 async def _refused(
     call: Callable[[], Awaitable[Any]], what: str, name: str = P.BAD_TEXT_REFUSED
 ) -> None:
-    try:
-        await call()
-    except ConfigError:
-        return
-    except Exception as exc:  # the promise is about the kind of error
-        if isinstance(exc, NotImplementedError) and area_method(exc) is not None:
-            raise  # an area the adapter lacks: the harness names it
-        promise(False, name, f"{what}: raised {type(exc).__name__}: {exc}")
-    else:
-        promise(False, name, f"{what}: accepted")
+    await refused(call, what, name)
 
 
 Call = tuple[str, Callable[[], Awaitable[Any]]]

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from reflow_conformance import promises as P
-from reflow_conformance.harness import Harness, area_method, promise
+from reflow_conformance.harness import Harness, promise
 from reflow_core import codec
-from reflow_core.errors import ConfigError, StorageError
+from reflow_core.errors import StorageError
 from reflow_core.storage import (
     CHILDREN_WAIT_PREFIX,
     ClaimedRun,
@@ -41,6 +41,7 @@ from ._util import (
     fenced_writes,
     off_bracket,
     read_run,
+    refused,
     step_differences,
     storage_now,
 )
@@ -148,16 +149,7 @@ async def _finish(s: Storage, wf: str, status: str) -> ClaimedRun:
 
 
 async def _refused(call: Callable[[], Awaitable[Any]], what: str) -> None:
-    try:
-        await call()
-    except ConfigError:
-        return
-    except Exception as exc:  # the promise is about the kind of error
-        if isinstance(exc, NotImplementedError) and area_method(exc) is not None:
-            raise  # an area the adapter lacks: the harness names it
-        promise(False, P.CHILD_ARGS, f"{what}: raised {type(exc).__name__}: {exc}")
-    else:
-        promise(False, P.CHILD_ARGS, f"{what}: accepted")
+    await refused(call, what, P.CHILD_ARGS)
 
 
 class TestChildStart:

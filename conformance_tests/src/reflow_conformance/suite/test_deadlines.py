@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 
 from reflow_conformance import promises as P
-from reflow_conformance.harness import Harness, area_method, promise
+from reflow_conformance.harness import Harness, promise
 from reflow_core import codec
-from reflow_core.errors import ConfigError
 from reflow_core.storage import NewRun, RunRecord, ScheduleSpec, StepRecord, Storage
 
 from ._util import (
@@ -32,6 +31,7 @@ from ._util import (
     claim_only,
     off_bracket,
     read_run,
+    refused,
     storage_now,
 )
 
@@ -108,16 +108,7 @@ async def _kept(s: Storage, run_id: str, fixed: datetime | None, after: str) -> 
 
 
 async def _refused(call: Callable[[], Awaitable[Any]], what: str) -> None:
-    try:
-        await call()
-    except ConfigError:
-        return
-    except Exception as exc:  # the promise is about the kind of error
-        if isinstance(exc, NotImplementedError) and area_method(exc) is not None:
-            raise  # an area the adapter lacks: the harness names it
-        promise(False, P.RUN_DEADLINE_ARGS, f"{what}: raised {type(exc).__name__}: {exc}")
-    else:
-        promise(False, P.RUN_DEADLINE_ARGS, f"{what}: accepted")
+    await refused(call, what, P.RUN_DEADLINE_ARGS)
 
 
 def _slot() -> datetime:

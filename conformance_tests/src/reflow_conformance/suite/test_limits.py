@@ -22,9 +22,8 @@ from typing import Any, Literal
 import pytest
 
 from reflow_conformance import promises as P
-from reflow_conformance.harness import Harness, area_method, promise
+from reflow_conformance.harness import Harness, promise
 from reflow_core import codec
-from reflow_core.errors import ConfigError
 from reflow_core.storage import (
     MAX_RUN_LIMITS,
     PRIORITY_RANGE,
@@ -38,7 +37,7 @@ from reflow_core.storage import (
     Storage,
 )
 
-from ._util import LONG, check_times, claim_only, read_run
+from ._util import LONG, check_times, claim_only, read_run, refused
 
 pytestmark = pytest.mark.reflow_conformance
 
@@ -107,16 +106,7 @@ async def _check_free(s: Storage, run_id: str, name: str, why: str) -> RunRecord
 
 
 async def _refused(call: Callable[[], Awaitable[Any]], what: str) -> None:
-    try:
-        await call()
-    except ConfigError:
-        return
-    except Exception as exc:  # the promise is about the kind of error
-        if isinstance(exc, NotImplementedError) and area_method(exc) is not None:
-            raise  # an area the adapter lacks: the harness names it
-        promise(False, P.LIMIT_ARGS, f"{what}: raised {type(exc).__name__}: {exc}")
-    else:
-        promise(False, P.LIMIT_ARGS, f"{what}: accepted")
+    await refused(call, what, P.LIMIT_ARGS)
 
 
 def _slot() -> datetime:
