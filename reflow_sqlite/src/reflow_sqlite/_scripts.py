@@ -211,6 +211,16 @@ def claim(
             (now, *workflows, look, now, *workflows, look),
         )
         candidates: list[Candidate] = sorted(rows, key=lambda r: (-r[1], r[2], r[0]))[:look]
+        unknown = sorted(
+            {key for row in candidates for key in (row[3], row[5]) if key is not None} - held.keys()
+        )
+        if unknown:  # the running holders of every new key, in one query
+            counted = yield (
+                with_marks("holders_of", "ids", len(unknown)),
+                (*unknown, *unknown),
+            )
+            held.update(dict.fromkeys(unknown, 0))
+            held.update({key: int(count) for key, count in counted})
         blocked = 0
         for run_id, _, _, key1, max1, key2, max2 in candidates:
             if need == 0:
@@ -218,9 +228,6 @@ def claim(
             limits = [(k, m) for k, m in ((key1, max1), (key2, max2)) if k is not None]
             full: str | None = None
             for key, most in limits:
-                if key not in held:
-                    counted = yield (Q["holders"], (key, key))
-                    held[key] = int(counted[0][0])
                 if held[key] >= (most or 0):
                     full = key
                     break

@@ -118,6 +118,16 @@ SELECT * FROM (
 SELECT (SELECT count(*) FROM runs WHERE status = 'running' AND limit_key1 = ?)
      + (SELECT count(*) FROM runs WHERE status = 'running' AND limit_key2 = ?)
 
+-- The running holders of several keys at once (the keys a claim's
+-- candidates hold, each in {ids}, given twice): key, count, for the keys
+-- that have holders.
+-- name: holders_of
+SELECT key, count(*) FROM (
+    SELECT limit_key1 AS key FROM runs WHERE status = 'running' AND limit_key1 IN ({ids})
+    UNION ALL
+    SELECT limit_key2 FROM runs WHERE status = 'running' AND limit_key2 IN ({ids})
+) GROUP BY key
+
 -- A claimable run passed over because its limit of that key is full: it
 -- leaves runs_pending or runs_due for runs_blocked. Parameters: the key,
 -- now, the run id.
