@@ -446,3 +446,24 @@ async def test_priorities_order_pending_and_timed_runs(postgres_url: str) -> Non
         ("2", -2),
     ]
     await store.close()
+
+
+async def test_a_higher_priority_timed_run_goes_before_an_earlier_due_one(
+    postgres_url: str,
+) -> None:
+    """Two runs that slept and are both due: the one of the higher priority
+    is claimed first, though the other fell due earlier (the claim sorts the
+    due timed runs by priority, not only by due time)."""
+    store = PostgresStorage.from_url(postgres_url)
+    await store.initialize()
+    try:
+        low = await store.create_run(NewRun("timed", '"low"', priority=0))
+        high = await store.create_run(NewRun("timed", '"high"', priority=1))
+        claimed = {c.run.id: c for c in await store.claim_runs(["timed"], 2, timedelta(minutes=1))}
+        await store.sleep_run(claimed[low.run.id].lease, "nap", timedelta(0))
+        await asyncio.sleep(0.01)
+        await store.sleep_run(claimed[high.run.id].lease, "nap", timedelta(0))
+        (first,) = await store.claim_runs(["timed"], 1, timedelta(minutes=1))
+        assert first.run.id == high.run.id
+    finally:
+        await store.close()

@@ -22,6 +22,15 @@ test arranges by construction:
   (a delay of a few milliseconds, which the test waits out before it looks
   again) or :attr:`Deadline.FAR_FUTURE` (an hour).
 
+Without a clock the model does not know the order of due times, only that of
+priorities. So it does not choose which blocked run a stopped holder lets go
+when several of the highest priority wait: each write only owes its keys
+unblocks (:attr:`Model.owed`), and :meth:`Model.unblock_choices` says which
+runs must and which may be let go; the test reads back what the adapter did
+and settles it with :meth:`Model.settle`. Likewise a claim is checked against
+what it may do rather than replayed (the test adopts the runs it blocked with
+:meth:`Model.block`).
+
 Run ids come from the adapter (the model adopts them); everything else the
 model decides itself. Values are encoded text as the storage sees it; the
 test compares them decoded, since a store only has to give back text that
@@ -37,7 +46,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
-from reflow_core.storage import CHILDREN_WAIT_PREFIX, TERMINAL_STATUSES, RunStatus, StepStatus
+from reflow_core.storage import (
+    CHILDREN_WAIT_PREFIX,
+    TERMINAL_STATUSES,
+    ConcurrencyLimit,
+    RunStatus,
+    StepStatus,
+)
 
 __all__ = [
     "CreateOutcome",
@@ -47,6 +62,7 @@ __all__ = [
     "ModelRun",
     "ModelSchedule",
     "ModelStep",
+    "UnblockChoice",
 ]
 
 
@@ -112,16 +128,28 @@ class ModelRun:
     """For a child run: the parent's step that started it."""
     children: list[str] = field(default_factory=list)
     """The runs it started with ``start_child``, in the order it started them."""
+    priority: int = 0
+    limits: tuple[ConcurrencyLimit, ...] = ()
+    blocked_by: str | None = None
+    """The key of the full limit a claim passed it over for, until a stop lets it go."""
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
     @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(limit.key for limit in self.limits)
+
+    @property
     def claimable(self) -> bool:
         if self.status == "running":
             return self.lease is LeaseState.LAPSED
-        return self.status in ("pending", "delayed", "sleeping", "waiting") and self.due
+        return (
+            self.status in ("pending", "delayed", "sleeping", "waiting")
+            and self.due
+            and self.blocked_by is None
+        )
 
     def buffered(self, event: str) -> int:
         return len(self.events.get(event, ()))
@@ -141,6 +169,23 @@ class ModelSchedule:
 
 
 @dataclass(frozen=True, slots=True)
+class UnblockChoice:
+    """What the unblocks a write owes a key allow: every run of ``must`` is
+    let go, and ``more`` of ``may`` besides (they tie on priority, and the
+    model does not know their due times)."""
+
+    must: frozenset[str]
+    may: frozenset[str]
+    more: int
+    passed: bool
+    """Every unblock owed is a turn passed on (no holder of the key stopped)."""
+
+    def allows(self, let_go: Collection[str]) -> bool:
+        chosen = set(let_go)
+        return self.must <= chosen <= self.must | self.may and len(chosen - self.must) == self.more
+
+
+@dataclass(frozen=True, slots=True)
 class CreateOutcome:
     """What :meth:`Model.create` expects: a new run, an idempotent hit on
     ``existing``, or a conflict with ``existing``."""
@@ -156,6 +201,9 @@ class Model:
         self.runs: dict[str, ModelRun] = {}
         self.idempotency: dict[tuple[str, str], str] = {}
         self.schedules: dict[str, ModelSchedule] = {}
+        self.owed: dict[str, list[bool]] = {}
+        """Unblocks the last write owes each key, not yet settled: one entry
+        per holder that stopped (False) or turn passed on (True)."""
 
     # -- reading -----------------------------------------------------------
 
@@ -186,6 +234,66 @@ class Model:
             r.id for r in self if r.workflow in workflows and r.status == "running" and r.claimable
         }
 
+    def holders(self, key: str) -> list[str]:
+        """The running runs (lapsed leases included) holding ``key``."""
+        return [r.id for r in self if r.status == "running" and key in r.keys]
+
+    def blocked(self, key: str) -> list[str]:
+        return [r.id for r in self if r.blocked_by == key]
+
+    def limit_of(self, key: str) -> int | None:
+        """The ``max`` of ``key`` (every run the machine gives a key gives it one max)."""
+        for run in self:
+            for limit in run.limits:
+                if limit.key == key:
+                    return limit.max
+        return None
+
+    def full(self, key: str) -> bool:
+        most = self.limit_of(key)
+        return most is not None and len(self.holders(key)) >= most
+
+    def block(self, run_id: str, key: str) -> None:
+        """A claim passed the run over: blocked by ``key`` (one of its keys)."""
+        run = self.runs[run_id]
+        assert run.claimable, f"{run.label} cannot be blocked"
+        assert run.status != "running", f"{run.label} cannot be blocked"
+        assert key in run.keys, f"{run.label} holds no key {key}"
+        run.blocked_by = key
+
+    def unblock_choices(self, key: str) -> UnblockChoice:
+        """What the unblocks owed to ``key`` may let go: the blocked runs by
+        priority, highest first, as many as are owed; those tying with the
+        last one taken are open."""
+        owed = self.owed.get(key, [])
+        blocked = sorted((self.runs[i] for i in self.blocked(key)), key=lambda r: -r.priority)
+        count = min(len(owed), len(blocked))
+        if count == 0:
+            return UnblockChoice(frozenset(), frozenset(), 0, all(owed))
+        edge = blocked[count - 1].priority
+        must = frozenset(r.id for r in blocked if r.priority > edge)
+        may = frozenset(r.id for r in blocked if r.priority == edge)
+        return UnblockChoice(must, may, count - len(must), all(owed))
+
+    def settle(self, key: str, let_go: Collection[str]) -> None:
+        """The adapter let ``let_go`` of ``key``'s blocked runs go (the test
+        has checked the choice with :meth:`unblock_choices`)."""
+        for run_id in let_go:
+            self.runs[run_id].blocked_by = None
+        self.owed.pop(key, None)
+
+    def _stopped(self, run: ModelRun) -> None:
+        """A run holding slots stopped running: each of its keys owes an unblock."""
+        for key in run.keys:
+            self.owed.setdefault(key, []).append(False)
+
+    def _pass_turn(self, run: ModelRun) -> None:
+        """A run that was not blocked ended without running: each of its keys
+        with room owes an unblock."""
+        for limit in run.limits:
+            if len(self.holders(limit.key)) < limit.max:
+                self.owed.setdefault(limit.key, []).append(True)
+
     def matching(self, workflow: str, statuses: Collection[str] | None) -> set[str]:
         return {
             r.id
@@ -211,11 +319,15 @@ class Model:
         input: str,
         key: str | None,
         delay: Deadline | None = None,
+        priority: int = 0,
+        limits: tuple[ConcurrencyLimit, ...] = (),
     ) -> ModelRun:
         """Adopt the run the adapter created: pending, claimable at once; or,
         created with a positive delay, delayed, claimable once it has passed
         (``delay`` says whether it has: the test waits out a short one)."""
         run = ModelRun(run_id, f"r{len(self.runs) + 1}", workflow, input, key)
+        run.priority = priority
+        run.limits = limits
         if delay is not None:
             run.status = "delayed"
             run.due = delay is Deadline.DUE_NOW
@@ -277,6 +389,7 @@ class Model:
         run.waiting_for = CHILDREN_WAIT_PREFIX + step
         run.lease = None
         run.due = False
+        self._stopped(run)
         return False
 
     def below(self, run_id: str) -> list[str]:
@@ -298,6 +411,7 @@ class Model:
         run.reclaims += 1 if reclaimed else 0
         run.lease = lease
         run.due = False
+        run.blocked_by = None
         return reclaimed
 
     def set_lease(self, run_id: str, lease: LeaseState) -> None:
@@ -345,6 +459,7 @@ class Model:
         run.status = "pending"
         run.lease = None
         run.due = True
+        self._stopped(run)
         return True
 
     def end_fenced(
@@ -387,8 +502,17 @@ class Model:
 
     def _end(self, run: ModelRun, status: RunStatus, error: str | None) -> None:
         """A run reaches a terminal status: its buffered events go with it
-        (the event ids it has seen are kept)."""
+        (the event ids it has seen are kept). A holder's end owes its keys
+        unblocks; the end of a run that was not blocked and did not run
+        passes its turn on."""
+        was = run.status
+        blocked = run.blocked_by is not None
         run.status = status
+        run.blocked_by = None
+        if was == "running":
+            self._stopped(run)
+        elif was not in TERMINAL_STATUSES and not blocked:
+            self._pass_turn(run)
         run.error = error
         run.lease = None
         run.due = False
@@ -416,6 +540,7 @@ class Model:
         run.status = "sleeping"
         run.lease = None
         run.due = step.deadline is Deadline.DUE_NOW
+        self._stopped(run)
         return step
 
     def wait(
@@ -435,6 +560,7 @@ class Model:
         run.waiting_for = event
         run.lease = None
         run.due = step.deadline is Deadline.DUE_NOW
+        self._stopped(run)
         return False, step
 
     def deliver(
@@ -492,6 +618,7 @@ class Model:
         run.reclaims = 0
         run.waiting_for = None
         run.due = True
+        run.blocked_by = None
         if run.deadline_at is not None:
             run.deadline_at = None
             run.deadline_cleared = True

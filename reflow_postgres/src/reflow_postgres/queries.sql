@@ -218,9 +218,10 @@ SELECT {read_columns} FROM {schema}.runs WHERE id = %(id)s
 -- name: claim
 -- Lapsed leases first (whatever the limits), then due runs by priority,
 -- highest first, and due time: pending ones through runs_ready, in that
--- order, and timed ones (delayed, sleeping, waiting) through runs_due, the
--- earliest due first; each taken with SKIP LOCKED and bounded by the claim
--- limit. Blocked runs are in neither index. Runs holding limits among the
+-- order, and timed ones (delayed, sleeping, waiting) that are due through
+-- runs_due (the range up to now: those due at this moment, sorted by
+-- priority and due time); each taken with SKIP LOCKED and bounded by the
+-- claim limit. Blocked runs are in neither index. Runs holding limits among the
 -- picked are left for claim_limited: their ids come back, in claim order,
 -- in the last column (of every row, and of a row of NULLs when nothing else
 -- was claimed). The claimed runs come back with their saved steps (times in
@@ -239,7 +240,7 @@ WITH stale AS (
     SELECT id, priority, wake_at AS k, limit_key1 IS NOT NULL AS limited FROM {schema}.runs
     WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL AND wake_at <= {now}
         AND workflow = ANY(%(workflows)s)
-    ORDER BY wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), due AS (
     SELECT * FROM ready UNION ALL SELECT * FROM timed
     ORDER BY priority DESC, k LIMIT %(limit)s

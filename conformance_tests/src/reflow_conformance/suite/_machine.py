@@ -15,6 +15,11 @@ either zero (due at once) or an hour away (never reached); a run is created
 with no delay, a zero one, a few milliseconds (the create waits them out, so
 the run is due when anything looks) or an hour.
 
+Priorities and concurrency limits are drawn from nothing: a run made by
+``create_run`` takes them from its creation index (:meth:`MachineBase._run_terms`),
+so the draws, and the examples they make, stay as they were. Its keys are
+the machine's own (:attr:`MachineBase.limit_keys`).
+
 Hypothesis rules cannot be coroutines, so each machine owns one
 ``asyncio.Runner`` and one storage opened on it, closed in ``teardown``.
 """
@@ -27,6 +32,7 @@ from collections.abc import Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
+from hypothesis import note
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine
 
@@ -37,7 +43,9 @@ from reflow_conformance.strategies import plain_values, same_plain
 from reflow_core import codec
 from reflow_core.storage import (
     ClaimedRun,
+    ConcurrencyLimit,
     Lease,
+    RunRecord,
     RunStatus,
     ScheduleRecord,
     StepRecord,
@@ -183,6 +191,8 @@ class MachineBase(RuleBasedStateMachine):
         self.workflows = (reflow.unique("wf"), reflow.unique("wf"))
         self.schedule_keys = (reflow.unique("sched"), reflow.unique("sched"))
         self.run_prefix = reflow.unique("run") + "-"
+        self.limit_keys = (reflow.unique("key"), reflow.unique("key"))
+        """Key A (max 1) and key B (max 2), the concurrency limits of this machine's runs."""
         self.lapses_left = LAPSES_PER_MACHINE
         self.touched_missing = False
         self.epochs: dict[str, list[int]] = {}
@@ -223,6 +233,70 @@ class MachineBase(RuleBasedStateMachine):
         """The id for the next run: chosen by the machine, so that runs sort
         in creation order and a replayed example claims the same runs."""
         return f"{self.run_prefix}{len(self.model.runs) + 1:04d}"
+
+    def _run_terms(self) -> tuple[int, tuple[ConcurrencyLimit, ...]]:
+        """The priority and limits of the next run ``create_run`` makes, from
+        its creation index ``n`` alone (nothing is drawn for them): every second
+        run holds key A (max 1), every third key B (max 2), A first when both;
+        runs 3, 7, 11, ... have priority 1, the others 0."""
+        n = len(self.model.runs) + 1
+        limits: list[ConcurrencyLimit] = []
+        if n % 2 == 0:
+            limits.append(ConcurrencyLimit(self.limit_keys[0], 1))
+        if n % 3 == 0:
+            limits.append(ConcurrencyLimit(self.limit_keys[1], 2))
+        return (1 if n % 4 == 3 else 0), tuple(limits)
+
+    def _key(self, key: str | None) -> str:
+        """Key A or B, for notes."""
+        if key in self.limit_keys:
+            return "AB"[self.limit_keys.index(key)]
+        return repr(key)
+
+    def _terms(self, priority: int, limits: tuple[ConcurrencyLimit, ...]) -> str:
+        """A run's priority and limits, for notes (nothing for neither)."""
+        text = "" if not priority else f" priority={priority}"
+        if limits:
+            text += " limits=" + ",".join(f"{self._key(x.key)}<={x.max}" for x in limits)
+        return text
+
+    def _settle(self) -> None:
+        """Read back which blocked runs the last write let go, check that the
+        unblocks it owed allowed them (:meth:`Model.unblock_choices`) and let
+        the model adopt them."""
+        for key in sorted(self.model.owed):
+            choice = self.model.unblock_choices(key)
+            blocked = self.model.blocked(key)
+            let_go: list[str] = []
+            for run_id in blocked:
+                record = self._run(self.storage.get_run(run_id))
+                if record is not None and record.blocked_by != key:
+                    let_go.append(run_id)
+            wanted = sorted(choice.must) + (
+                [f"{choice.more} of {self._labels(sorted(choice.may))}"] if choice.more else []
+            )
+            promise(
+                choice.allows(let_go),
+                P.LIMIT_TURN_PASSED if choice.passed else P.LIMIT_UNBLOCKED,
+                f"key {self._key(key)}: the write let go {self._labels(let_go)} of blocked "
+                f"{self._labels(blocked)}, expected "
+                + (
+                    ", ".join(self.model.label(w) if w in self.model.runs else w for w in wanted)
+                    or "nothing"
+                ),
+            )
+            if let_go:
+                note(f"... key {self._key(key)} lets {self._labels(let_go)} go")
+            self.model.settle(key, let_go)
+
+    def _held(self, records: dict[str, RunRecord | None]) -> dict[str, int]:
+        """How many runs hold each key running (lapsed leases included), by ``records``."""
+        held = dict.fromkeys(self.limit_keys, 0)
+        for run_id, record in records.items():
+            if record is not None and record.status == "running":
+                for key in self.model.runs[run_id].keys:
+                    held[key] = held.get(key, 0) + 1
+        return held
 
     # -- naming, for notes -------------------------------------------------
 
@@ -275,7 +349,9 @@ class MachineBase(RuleBasedStateMachine):
             self._check_run(lease.run_id, P.STALE_LEASE_REFUSED)
 
     def _check_run(self, run_id: str, name: str, steps_name: str | None = None) -> None:
-        """The adapter's record and steps of ``run_id`` equal the model's."""
+        """The adapter's record and steps of ``run_id`` equal the model's
+        (after settling what the last write let go)."""
+        self._settle()
         run = self.model.runs[run_id]
         record = self._run(self.storage.get_run(run_id))
         promise(record is not None, P.NO_LOST_RUNS, f"{run.label} reads back as missing")
@@ -309,6 +385,31 @@ class MachineBase(RuleBasedStateMachine):
             if expires is None or expires < horizon:
                 found.append(f"live lease expires at {expires}, not minutes from now")
         promise(not found, name, f"{run.label}: " + "; ".join(found))
+        promise(
+            record.priority == run.priority,
+            P.PRIORITY_STORED,
+            f"{run.label}: priority {record.priority!r}, created with {run.priority}",
+        )
+        promise(
+            tuple(record.limits) == run.limits,
+            P.LIMITS_STORED,
+            f"{run.label}: limits {record.limits!r}, created with {run.limits!r}",
+        )
+        if record.blocked_by != run.blocked_by:
+            if run.blocked_by is not None:
+                broken = P.LIMIT_BLOCKED
+            elif run.terminal:
+                broken = P.LIMIT_CANCEL_CLEARS
+            elif run.status == "running" and run.reclaims:
+                broken = P.LIMIT_RECLAIM
+            else:
+                broken = P.LIMIT_UNBLOCKED
+            promise(
+                False,
+                broken,
+                f"{run.label} ({run.status}): blocked_by {self._key(record.blocked_by)}, "
+                f"expected {self._key(run.blocked_by) if run.blocked_by else None}",
+            )
         promise(
             same_instant(record.deadline_at, run.deadline_at),
             P.RUN_DEADLINE_REQUEUE if run.deadline_cleared else P.RUN_DEADLINE_KEPT,
@@ -402,6 +503,8 @@ def schedule_matches(
 
 def why(run: ModelRun) -> str:
     """Why a run is, or is not, claimable, in words."""
+    if run.blocked_by is not None:
+        return f"{run.status}, blocked"
     if run.status == "running":
         return "its lease lapsed" if run.lease is LeaseState.LAPSED else "held by a live lease"
     if run.status == "sleeping":
@@ -418,6 +521,8 @@ def why(run: ModelRun) -> str:
 
 def unclaimable_promise(run: ModelRun) -> str:
     """The promise a claim of this (unclaimable) run breaks."""
+    if run.blocked_by is not None:
+        return P.LIMIT_BLOCKED
     if run.status == "running":
         return P.ONE_LIVE_LEASE
     if run.terminal:

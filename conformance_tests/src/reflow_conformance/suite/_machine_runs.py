@@ -90,10 +90,21 @@ class RunRules(MachineBase):
         limit = None if key is None else RUN_DEADLINE
         later = "" if delay is None else f" delay={delay.total_seconds():g}s"
         later += "" if limit is None else f" deadline={limit.total_seconds():g}s"
+        priority, limits = self._run_terms()
+        later += self._terms(priority, limits)
         story = f"create in {'AB'[wf]} key={key} input={show(value)}{later}"
         try:
             chosen = self._new_run_id()
-            new = NewRun(workflow, text, key, chosen, delay=delay, deadline=limit)
+            new = NewRun(
+                workflow,
+                text,
+                key,
+                chosen,
+                delay=delay,
+                deadline=limit,
+                priority=priority,
+                limits=limits,
+            )
             result = self._run(self.storage.create_run(new))
             if deadline is Deadline.DUE_NOW:
                 self._run(asyncio.sleep(SOON_WAIT))  # the short delay passes
@@ -157,7 +168,7 @@ class RunRules(MachineBase):
             P.RUN_DEADLINE_FROM_STORAGE_CLOCK,
             f"created at {run.created_at} with deadline {limit}, deadline_at {run.deadline_at}",
         )
-        added = self.model.add_run(run_id, workflow, text, key, deadline)
+        added = self.model.add_run(run_id, workflow, text, key, deadline, priority, limits)
         added.deadline_at = run.deadline_at
         label = added.label
         note(f"{story} -> new {label}")
@@ -240,8 +251,10 @@ class RunRules(MachineBase):
 
     def _claim(self, which: tuple[int, ...], limit: int, lease: timedelta) -> list[ClaimedRun]:
         names = [self.workflows[i] for i in which]
+        self._settle()
         claimable = self.model.claimable(names)
         lapsed = self.model.lapsed(names)
+        full_before = {key for key in self.limit_keys if self.model.full(key)}
         claimed = self._run(self.storage.claim_runs(names, limit, lease))
         ids = [c.run.id for c in claimed]
         wanted = "+".join("AB"[i] for i in which)
@@ -264,21 +277,85 @@ class RunRules(MachineBase):
                 promise(False, P.CLAIM_LIMIT, f"claimed {run_id}, not a run of {wanted}")
             elif run_id not in claimable:
                 promise(False, unclaimable_promise(run), f"claimed {run.label}, {why(run)}")
-        left = sorted(claimable - set(ids))
+        records = {i: self._run(self.storage.get_run(i)) for i in self.model.runs}
+        held = self._held(records)
+        for key in self.limit_keys:
+            most = self.model.limit_of(key)
+            promise(
+                most is None or held[key] <= most,
+                P.LIMIT_NEVER_EXCEEDED,
+                f"after the claim {held[key]} runs hold key {self._key(key)} (max {most}): "
+                + self._labels(
+                    sorted(
+                        i
+                        for i, r in records.items()
+                        if r is not None
+                        and r.status == "running"
+                        and key in self.model.runs[i].keys
+                    )
+                ),
+            )
+        passed: dict[str, str] = {}
+        for run_id in sorted(claimable - set(ids)):
+            record = records[run_id]
+            if record is None or record.blocked_by is None:
+                continue
+            run = self.model.runs[run_id]
+            promise(
+                run.status != "running",
+                P.LIMIT_RECLAIM,
+                f"the claim left lapsed {run.label} blocked by {self._key(record.blocked_by)}",
+            )
+            key = record.blocked_by
+            most = self.model.limit_of(key)
+            earlier = run.keys[: run.keys.index(key)] if key in run.keys else run.keys
+            first = not any(k in full_before for k in earlier)
+            promise(
+                key in run.keys and most is not None and held[key] >= most and first,
+                P.LIMIT_BLOCKED,
+                f"the claim blocked {run.label}{self._terms(run.priority, run.limits)} by key "
+                f"{self._key(key)}, which {held.get(key, 0)} runs hold (max {most})",
+            )
+            passed[run_id] = key
+        if passed:
+            note(
+                "... passing over "
+                + ", ".join(
+                    f"{self.model.label(i)} (key {self._key(k)})" for i, k in passed.items()
+                )
+            )
+        left = sorted(claimable - set(ids) - set(passed))
         if left and len(ids) < limit:
-            # Fewer than `limit` means nothing else was claimable.
+            # Fewer than `limit` means nothing else was claimable: every run
+            # left was passed over, blocked.
+            first_left = self.model.runs[left[0]]
+            full = [k for k in first_left.keys if held.get(k, 0) >= (self.model.limit_of(k) or 0)]
             promise(
                 False,
-                claimable_promise(self.model.runs[left[0]]),
+                P.LIMIT_BLOCKED
+                if full and first_left.status != "running"
+                else claimable_promise(first_left),
                 f"claimed {self._labels(ids)} with limit {limit}, leaving "
                 + ", ".join(f"{self.model.label(i)} ({why(self.model.runs[i])})" for i in left),
             )
         skipped = lapsed - set(ids)
         if skipped:
             promise(
-                all(i in lapsed for i in ids),
+                all(i in lapsed for i in ids) and not passed,
                 P.RECLAIM_PREFERRED,
-                f"claimed {self._labels(ids)} before lapsed {self._labels(sorted(skipped))}",
+                f"claimed {self._labels(ids)} and passed over {self._labels(sorted(passed))} "
+                f"before lapsed {self._labels(sorted(skipped))}",
+            )
+        taken = [i for i in ids if i in claimable and i not in lapsed]
+        waiting = [i for i in left if i not in lapsed]
+        if taken and waiting:
+            low = min(self.model.runs[i].priority for i in taken)
+            high = max(self.model.runs[i].priority for i in waiting)
+            promise(
+                high <= low,
+                P.PRIORITY_ORDER,
+                f"claimed {self._labels(ids)} (lowest priority {low}), leaving "
+                f"{self._labels(waiting)} (highest priority {high})",
             )
         for c in claimed:
             run = self.model.runs[c.run.id]
@@ -306,6 +383,8 @@ class RunRules(MachineBase):
             self._check_claimed_steps(c, run)
             self.model.claim(run.id, LeaseState.LIVE)
             self.epochs.setdefault(run.id, []).append(c.lease.epoch)
+        for run_id, key in passed.items():
+            self.model.block(run_id, key)
         return claimed
 
     @rule(
