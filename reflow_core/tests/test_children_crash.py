@@ -12,7 +12,6 @@ result was saved before the kill ran again.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import textwrap
 from collections import Counter, defaultdict
@@ -30,9 +29,10 @@ from reflow_conformance.testsupport import (
     Execution,
     Save,
     now_and_then,
+    with_storage,
 )
-from reflow_core import codec, open_storage
-from reflow_core.storage import NewRun, RunRecord, StepRecord
+from reflow_core import codec
+from reflow_core.storage import NewRun, RunRecord, StepRecord, Storage
 
 _CHILDREN = 50
 _PARENT = "fleet-parent"
@@ -122,32 +122,22 @@ class _Tree:
 
     @classmethod
     def read(cls, store: str, parent_id: str) -> _Tree:
-        async def work() -> _Tree:
-            storage = open_storage(store)
-            await storage.initialize()
-            try:
-                parent = await storage.get_run(parent_id)
-                assert parent is not None
-                children = await storage.list_children(parent_id)
-                steps = {c.id: await storage.get_step_results(c.id) for c in children}
-                return cls(parent, children, steps)
-            finally:
-                await storage.close()
+        async def work(storage: Storage) -> _Tree:
+            parent = await storage.get_run(parent_id)
+            assert parent is not None
+            children = await storage.list_children(parent_id)
+            steps = {c.id: await storage.get_step_results(c.id) for c in children}
+            return cls(parent, children, steps)
 
-        return asyncio.run(work())
+        return with_storage(store, work)
 
 
 def _enqueue_parent(store: str) -> str:
-    async def work() -> str:
-        storage = open_storage(store)
-        await storage.initialize()
-        try:
-            created = await storage.create_run(NewRun(workflow=_PARENT, input=codec.encode(None)))
-            return created.run.id
-        finally:
-            await storage.close()
+    async def work(storage: Storage) -> str:
+        created = await storage.create_run(NewRun(workflow=_PARENT, input=codec.encode(None)))
+        return created.run.id
 
-    return asyncio.run(work())
+    return with_storage(store, work)
 
 
 def _check(

@@ -11,7 +11,6 @@ once its leases lapsed, not lost.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import textwrap
 import time
@@ -22,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from reflow_conformance.testsupport import AppFleet, now_and_then
-from reflow_core import codec, open_storage
-from reflow_core.storage import ConcurrencyLimit, NewRun
+from reflow_conformance.testsupport import AppFleet, now_and_then, with_storage
+from reflow_core import codec
+from reflow_core.storage import ConcurrencyLimit, NewRun, Storage
 
 _RUNS = 2_000
 _KEYS = 50
@@ -81,41 +80,31 @@ def fleet(tmp_path: Path, server_store: str) -> Iterator[AppFleet]:
 
 
 def _enqueue(store: str) -> list[str]:
-    async def work() -> list[str]:
-        storage = open_storage(store)
-        await storage.initialize()
-        try:
-            ids = []
-            for n in range(_RUNS):
-                key = f"k{n % _KEYS}"
-                new = NewRun(
-                    workflow=_WORKFLOW,
-                    input=codec.encode({"k": key}),
-                    limits=(ConcurrencyLimit(f"{_WORKFLOW}:{key}", 1),),
-                )
-                ids.append((await storage.create_run(new)).run.id)
-            return ids
-        finally:
-            await storage.close()
+    async def work(storage: Storage) -> list[str]:
+        ids = []
+        for n in range(_RUNS):
+            key = f"k{n % _KEYS}"
+            new = NewRun(
+                workflow=_WORKFLOW,
+                input=codec.encode({"k": key}),
+                limits=(ConcurrencyLimit(f"{_WORKFLOW}:{key}", 1),),
+            )
+            ids.append((await storage.create_run(new)).run.id)
+        return ids
 
-    return asyncio.run(work())
+    return with_storage(store, work)
 
 
 def _all_completed(store: str) -> bool:
-    async def work() -> bool:
-        storage = open_storage(store)
-        await storage.initialize()
-        try:
-            page = await storage.list_runs(
-                workflow=_WORKFLOW,
-                status=["pending", "running", "delayed", "failed", "cancelled"],
-                limit=1,
-            )
-            return not page.runs
-        finally:
-            await storage.close()
+    async def work(storage: Storage) -> bool:
+        page = await storage.list_runs(
+            workflow=_WORKFLOW,
+            status=["pending", "running", "delayed", "failed", "cancelled"],
+            limit=1,
+        )
+        return not page.runs
 
-    return asyncio.run(work())
+    return with_storage(store, work)
 
 
 @pytest.mark.slow

@@ -68,6 +68,7 @@ from ._check import (
     enqueue_runs,
     read_outcome,
     read_outcome_at,
+    with_storage,
 )
 from ._engine import collect_events, engine_on
 from ._fleet import AppFleet, now_and_then
@@ -104,4 +105,5 @@ __all__ = [
     "read_outcome_at",
     "run_async_tests",
     "wait_until",
+    "with_storage",
 ]

@@ -73,7 +73,10 @@ async def read_outcome(storage: Storage, workflow: str, inputs: dict[str, Any]) 
     return Outcome(runs, steps, inputs)
 
 
-def _with_storage(target: str, body: Callable[[Storage], Awaitable[T]]) -> T:
+def with_storage(target: str, body: Callable[[Storage], Awaitable[T]]) -> T:
+    """``body`` on an initialized storage of the store ``target`` names (a
+    URL or ``"module:callable"``), from synchronous code; closed after."""
+
     async def main() -> T:
         storage = load_factory(target).make()
         await storage.initialize()
@@ -87,12 +90,12 @@ def _with_storage(target: str, body: Callable[[Storage], Awaitable[T]]) -> T:
 
 def enqueue_runs(target: str, workflow: str, count: int) -> dict[str, Any]:
     """:func:`create_runs` on the store ``target`` names, from synchronous code."""
-    return _with_storage(target, lambda s: create_runs(s, workflow, count))
+    return with_storage(target, lambda s: create_runs(s, workflow, count))
 
 
 def read_outcome_at(target: str, workflow: str, inputs: dict[str, Any]) -> Outcome:
     """:func:`read_outcome` on the store ``target`` names, from synchronous code."""
-    return _with_storage(target, lambda s: read_outcome(s, workflow, inputs))
+    return with_storage(target, lambda s: read_outcome(s, workflow, inputs))
 
 
 RUNS_COMPLETE = "every run completes, those a killed worker held once their leases lapse"

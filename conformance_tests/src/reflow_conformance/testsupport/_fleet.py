@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import subprocess
 import sys
@@ -10,9 +9,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from reflow_core import open_storage
 from reflow_core.storage import RunRecord
 
+from ._check import with_storage
 from ._processes import Workers, child_env
 
 __all__ = ["AppFleet", "now_and_then"]
@@ -60,16 +59,7 @@ class AppFleet:
 
     def run(self, run_id: str) -> RunRecord | None:
         """The run as stored now."""
-
-        async def get() -> RunRecord | None:
-            storage = open_storage(self.store)
-            await storage.initialize()
-            try:
-                return await storage.get_run(run_id)
-            finally:
-                await storage.close()
-
-        return asyncio.run(get())
+        return with_storage(self.store, lambda storage: storage.get_run(run_id))
 
     def stop(self, proc: subprocess.Popen[bytes]) -> None:
         """SIGTERM: the worker drains and exits 0."""
