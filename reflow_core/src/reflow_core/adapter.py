@@ -20,6 +20,7 @@ layouts are the same on every backend, and no backend carries a copy:
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import re
@@ -32,12 +33,17 @@ from typing import Any, cast
 from ._durations import MAX_DURATION, describe
 from .errors import ConfigError, StorageError
 from .storage import (
+    MAX_RATE,
+    MAX_RATE_PERIOD,
     MAX_RUN_LIMITS,
+    MAX_RUN_RATES,
     PRIORITY_RANGE,
+    RATE_BLOCK_PREFIX,
     ConcurrencyLimit,
     Lease,
     NewRun,
     QueueStats,
+    RateLimit,
     RunPage,
     RunRecord,
     RunStatus,
@@ -66,12 +72,14 @@ __all__ = [
     "check_new_run",
     "check_purge",
     "check_purge_limit",
+    "check_rates",
     "check_stats_workflows",
     "check_status_update",
     "check_text",
     "check_worker",
     "child_deadline",
     "child_of",
+    "debounced_record",
     "decode_cursor",
     "decode_workflows",
     "due_by_deadline",
@@ -79,6 +87,7 @@ __all__ = [
     "encode_workflows",
     "from_epoch_us",
     "is_delayed",
+    "is_open_for_debounce",
     "limit_columns",
     "limits_from_columns",
     "load_queries",
@@ -86,6 +95,9 @@ __all__ = [
     "new_run_record",
     "purge_in_batches",
     "queue_stats_from_counts",
+    "rate_block",
+    "rate_columns",
+    "rates_from_columns",
     "render_sql",
     "run_from_row",
     "run_page",
@@ -159,7 +171,8 @@ RUN_COLUMNS = (
     "id, workflow, status, input, output, error, idempotency_key, attempts, reclaims, "
     "lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at, deadline_at, "
     "parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2, limit_max2, "
-    "blocked_by"
+    "blocked_by, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, "
+    "debounce_key"
 )
 """The column order :func:`run_from_row` reads (the :class:`RunRecord` fields)."""
 STEP_COLUMNS = "name, status, output, error, attempts, wake_at, completed_at"
@@ -199,6 +212,8 @@ def run_from_row(row: Sequence[Any], time: TimeReader) -> RunRecord:
         priority=row[18],
         limits=limits_from_columns(row[19], row[20], row[21], row[22]),
         blocked_by=row[23],
+        rates=rates_from_columns(*row[24:30]),
+        debounce_key=row[30],
     )
 
 
@@ -229,6 +244,115 @@ def limits_from_columns(
     return tuple(found)
 
 
+def rate_columns(
+    rates: Sequence[RateLimit],
+) -> tuple[str | None, int | None, int | None, str | None, int | None, int | None]:
+    """A run's rate limits as the six columns ``rate_key1, rate_max1,
+    rate_period1, rate_key2, rate_max2, rate_period2`` (periods in
+    microseconds; ``None`` where it has fewer)."""
+    padded: list[RateLimit | None] = [*rates, None, None]
+    first, second = padded[0], padded[1]
+    return (
+        None if first is None else first.key,
+        None if first is None else first.max,
+        None if first is None else span_us(first.period),
+        None if second is None else second.key,
+        None if second is None else second.max,
+        None if second is None else span_us(second.period),
+    )
+
+
+def rates_from_columns(
+    key1: str | None,
+    max1: int | None,
+    period1: int | None,
+    key2: str | None,
+    max2: int | None,
+    period2: int | None,
+) -> tuple[RateLimit, ...]:
+    """Inverse of :func:`rate_columns`."""
+    found = []
+    if key1 is not None and max1 is not None and period1 is not None:
+        found.append(RateLimit(key1, max1, timedelta(microseconds=period1)))
+    if key2 is not None and max2 is not None and period2 is not None:
+        found.append(RateLimit(key2, max2, timedelta(microseconds=period2)))
+    return tuple(found)
+
+
+def check_rates(rates: object) -> None:
+    """Refuse, with :class:`~reflow_core.errors.ConfigError`, rates that are
+    not a tuple of at most :data:`~reflow_core.storage.MAX_RUN_RATES`
+    :class:`~reflow_core.storage.RateLimit` with distinct, valid keys, a
+    ``max`` from 1 to :data:`~reflow_core.storage.MAX_RATE` and a ``period``
+    of whole milliseconds from 1 ms to
+    :data:`~reflow_core.storage.MAX_RATE_PERIOD`."""
+    if not isinstance(rates, tuple) or len(rates) > MAX_RUN_RATES:
+        raise ConfigError(
+            f"rates must be a tuple of at most {MAX_RUN_RATES} RateLimit, got {rates!r}",
+            option="rates",
+        )
+    keys = set()
+    for rate in rates:
+        if not isinstance(rate, RateLimit):
+            raise ConfigError(f"rates must hold RateLimit, not {rate!r}", option="rates")
+        check_text(rate.key, "rate key")
+        if (
+            isinstance(rate.max, bool)
+            or not isinstance(rate.max, int)
+            or not 1 <= rate.max <= MAX_RATE
+        ):
+            raise ConfigError(
+                f"the max of rate {rate.key!r} must be an int from 1 to {MAX_RATE}, "
+                f"got {rate.max!r}",
+                option="rates",
+            )
+        period = rate.period
+        if (
+            not isinstance(period, timedelta)
+            or not timedelta(milliseconds=1) <= period <= MAX_RATE_PERIOD
+            or period.microseconds % 1000
+        ):
+            raise ConfigError(
+                f"the period of rate {rate.key!r} must be a timedelta of whole milliseconds "
+                f"from 1 ms to {MAX_RATE_PERIOD}, got {period!r}",
+                option="rates",
+            )
+        if rate.key in keys:
+            raise ConfigError(f"rate key {rate.key!r} is given twice", option="rates")
+        keys.add(rate.key)
+
+
+def rate_block(key: str) -> str:
+    """``blocked_by`` of a run blocked by the rate limit with ``key``."""
+    return RATE_BLOCK_PREFIX + key
+
+
+def debounced_record(open_run: RunRecord, new: NewRun, now: datetime) -> RunRecord:
+    """``open_run`` (the workflow's open run with ``new.debounce_key``) as a
+    debounced create at ``now`` leaves it: ``new``'s input, priority, limits
+    and rates, unblocked, due ``new.delay`` from now (never after its
+    deadline), its id, creation and deadline kept."""
+    delayed = is_delayed(new)
+    wake_at = now + new.delay if delayed and new.delay is not None else now
+    return dataclasses.replace(
+        open_run,
+        status="delayed" if delayed else "pending",
+        input=new.input,
+        priority=new.priority,
+        limits=new.limits,
+        rates=new.rates,
+        blocked_by=None,
+        wake_at=due_by_deadline(wake_at, open_run.deadline_at),
+        updated_at=now,
+    )
+
+
+def is_open_for_debounce(record: RunRecord) -> bool:
+    """Whether a debounced create replaces ``record``: pending or delayed and
+    never claimed."""
+    return record.status in ("pending", "delayed") and record.attempts == 0
+
+
 def check_limits(priority: object, limits: object) -> None:
     """Refuse, with :class:`~reflow_core.errors.ConfigError`, a priority that
     is not an int within :data:`~reflow_core.storage.PRIORITY_RANGE`, and
@@ -251,6 +375,11 @@ def check_limits(priority: object, limits: object) -> None:
         if not isinstance(limit, ConcurrencyLimit):
             raise ConfigError(f"limits must hold ConcurrencyLimit, not {limit!r}", option="limits")
         check_text(limit.key, "limit key")
+        if limit.key.startswith(RATE_BLOCK_PREFIX):
+            raise ConfigError(
+                f"limit key {limit.key!r}: keys starting with {RATE_BLOCK_PREFIX!r} are reserved",
+                option="limits",
+            )
         if isinstance(limit.max, bool) or not isinstance(limit.max, int) or limit.max < 1:
             raise ConfigError(
                 f"the max of limit {limit.key!r} must be an int of at least 1, got {limit.max!r}",
@@ -437,6 +566,8 @@ def new_run_record(
         parent_step=parent_step,
         priority=new.priority,
         limits=new.limits,
+        rates=new.rates,
+        debounce_key=new.debounce_key,
     )
 
 
@@ -742,6 +873,14 @@ def check_new_run(new: NewRun) -> None:
     if new.deadline is not None:
         check_duration(new.deadline, "deadline")
     check_limits(new.priority, new.limits)
+    check_rates(new.rates)
+    if new.debounce_key is not None:
+        check_text(new.debounce_key, "debounce_key")
+        if new.idempotency_key is not None:
+            raise ConfigError(
+                "a run takes a debounce_key or an idempotency_key, not both",
+                option="debounce_key",
+            )
 
 
 def check_new_child(new: NewRun) -> None:
@@ -756,6 +895,8 @@ def check_new_child(new: NewRun) -> None:
             "a child run takes no idempotency_key: its run_id makes starting it idempotent",
             option="idempotency_key",
         )
+    if new.debounce_key is not None:
+        raise ConfigError("a child run takes no debounce_key", option="debounce_key")
 
 
 def check_child_start(lease: Lease, step: str, new: NewRun) -> None:

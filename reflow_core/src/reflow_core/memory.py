@@ -13,6 +13,7 @@ connections to one database would be), until the process exits.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import threading
 from collections import deque
@@ -36,12 +37,15 @@ from .adapter import (
     check_text,
     check_worker,
     child_of,
+    debounced_record,
     decode_cursor,
     due_by_deadline,
+    is_open_for_debounce,
     new_run_id,
     new_run_record,
     purge_in_batches,
     queue_stats_from_counts,
+    rate_block,
     run_page,
     utcnow,
 )
@@ -55,6 +59,7 @@ from .storage import (
     Lease,
     NewRun,
     QueueStats,
+    RateLimit,
     RunPage,
     RunRecord,
     RunStatus,
@@ -95,6 +100,12 @@ class _State:
     """The running runs holding each concurrency limit key."""
     blocked_by_key: dict[str, set[str]] = field(default_factory=dict)
     """The runs each full limit key blocks."""
+    rate_claims: dict[str, list[datetime]] = field(default_factory=dict)
+    """Each rate key's claim times within its period, oldest first."""
+    rate_waits: dict[str, datetime] = field(default_factory=dict)
+    """When each rate key with blocked runs has room again."""
+    debounce: dict[tuple[str, str], str] = field(default_factory=dict)
+    """The run each ``(workflow, debounce_key)`` last created or updated."""
 
 
 _named: dict[str, _State] = {}
@@ -129,6 +140,9 @@ class MemoryStorage:
         self._open = state.open_children
         self._holding = state.running_by_key
         self._blocked = state.blocked_by_key
+        self._rate_claims = state.rate_claims
+        self._rate_waits = state.rate_waits
+        self._debounce = state.debounce
         self._life = Lifecycle("memory")
 
     def __repr__(self) -> str:
@@ -200,6 +214,67 @@ class MemoryStorage:
             key=lambda r: (-r.priority, r.wake_at or now, r.id),
         )
         self._update(self._runs[first.id], now, blocked_by=None)
+
+    def _in_window(self, rate: RateLimit, now: datetime) -> list[datetime]:
+        """The claims of runs holding ``rate.key`` in the window of its period ending now."""
+        times = self._rate_claims.get(rate.key, [])
+        return times[bisect.bisect_right(times, now - rate.period) :]
+
+    def _rate_full(self, rec: RunRecord, now: datetime) -> tuple[RateLimit, datetime] | None:
+        """The first of the run's rates whose window is full, and when it has
+        room again; or None."""
+        for rate in rec.rates:
+            window = self._in_window(rate, now)
+            if len(window) >= rate.max:
+                return rate, window[len(window) - rate.max] + rate.period
+        return None
+
+    def _record_claim(self, rec: RunRecord, now: datetime) -> None:
+        """Note a claim of ``rec`` at ``now`` for each of its rate keys."""
+        for rate in rec.rates:
+            times = self._rate_claims.setdefault(rate.key, [])
+            del times[: bisect.bisect_right(times, now - rate.period)]
+            times.append(now)
+
+    def _release_rates(self, now: datetime) -> None:
+        """Unblock, for each rate key whose window has room again, as many of
+        its first blocked runs as there is room for."""
+        for key, at in list(self._rate_waits.items()):
+            if at > now:
+                continue
+            del self._rate_waits[key]
+            blocked = self._blocked.get(rate_block(key))
+            if not blocked:
+                continue
+            rate = next(r for r in self._runs[next(iter(blocked))].record.rates if r.key == key)
+            window = self._in_window(rate, now)
+            for _ in range(rate.max - len(window)):
+                if not blocked:
+                    break
+                self._unblock(rate_block(key), now)
+            if blocked:
+                self._rate_waits[key] = (window[0] if window else now) + rate.period
+
+    def _debounced(self, new: NewRun, now: datetime) -> RunRecord | None:
+        """Update and return the workflow's open run with ``new.debounce_key``, if any."""
+        if new.debounce_key is None:
+            return None
+        entry = self._runs.get(self._debounce.get((new.workflow, new.debounce_key), ""))
+        if entry is None or not is_open_for_debounce(entry.record):
+            return None
+        after = debounced_record(entry.record, new, now)
+        self._update(
+            entry,
+            now,
+            status=after.status,
+            input=after.input,
+            priority=after.priority,
+            limits=after.limits,
+            rates=after.rates,
+            blocked_by=None,
+            wake_at=after.wake_at,
+        )
+        return entry.record
 
     def _track(self, record: RunRecord) -> None:
         ids = self._unfinished.setdefault(record.workflow, set())
@@ -290,6 +365,9 @@ class MemoryStorage:
                     raise IdempotencyConflictError(new.workflow, new.idempotency_key, existing.id)
                 return CreateResult(existing, created=False)
         now = self._clock()
+        debounced = self._debounced(new, now)
+        if debounced is not None:
+            return CreateResult(debounced, created=False)
         run_id = new.run_id or new_run_id()
         if run_id in self._runs:
             raise StorageError(f"run id {run_id!r} already exists", operation="create_run")
@@ -298,6 +376,8 @@ class MemoryStorage:
         self._track(record)
         if new.idempotency_key is not None:
             self._idem[(new.workflow, new.idempotency_key)] = run_id
+        if new.debounce_key is not None:
+            self._debounce[(new.workflow, new.debounce_key)] = run_id
         return CreateResult(record, created=True)
 
     def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
@@ -331,6 +411,7 @@ class MemoryStorage:
         if limit <= 0:
             return []
         now = self._clock()
+        self._release_rates(now)
         wanted = set(workflows)
         due: list[tuple[tuple[int, int, datetime], str]] = []
         for run_id, entry in self._runs.items():
@@ -352,6 +433,15 @@ class MemoryStorage:
             if full is not None:
                 self._update(entry, now, blocked_by=full)
                 continue
+            rate_full = self._rate_full(rec, now)
+            if rate_full is not None:
+                if not reclaimed:  # a lapsed lease stays as it is, for a later claim
+                    rate, room_at = rate_full
+                    self._update(entry, now, blocked_by=rate_block(rate.key))
+                    waits = self._rate_waits
+                    waits[rate.key] = min(waits.get(rate.key, room_at), room_at)
+                continue
+            self._record_claim(rec, now)
             self._update(
                 entry,
                 now,
@@ -711,6 +801,10 @@ class MemoryStorage:
                     key = (record.workflow, record.idempotency_key)
                     if self._idem.get(key) == run_id:
                         del self._idem[key]
+                if record.debounce_key is not None:
+                    key = (record.workflow, record.debounce_key)
+                    if self._debounce.get(key) == run_id:
+                        del self._debounce[key]
             await asyncio.sleep(0)
             return len(doomed), len(doomed) == size
 

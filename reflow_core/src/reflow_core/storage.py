@@ -53,8 +53,12 @@ from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
     "CHILDREN_WAIT_PREFIX",
+    "MAX_RATE",
+    "MAX_RATE_PERIOD",
     "MAX_RUN_LIMITS",
+    "MAX_RUN_RATES",
     "PRIORITY_RANGE",
+    "RATE_BLOCK_PREFIX",
     "TERMINAL_STATUSES",
     "ClaimedRun",
     "ConcurrencyLimit",
@@ -63,6 +67,7 @@ __all__ = [
     "Lease",
     "NewRun",
     "QueueStats",
+    "RateLimit",
     "RunPage",
     "RunRecord",
     "RunStatus",
@@ -113,6 +118,34 @@ class ConcurrencyLimit:
     max: int
 
 
+MAX_RUN_RATES = 2
+"""How many rate limits one run may hold (the engine uses one for the
+workflow's ``rate`` and one for its ``Limit`` key)."""
+
+MAX_RATE = 10_000
+"""The largest ``max`` of a :class:`RateLimit`: a backend keeps up to that
+many claim times per key."""
+
+MAX_RATE_PERIOD = timedelta(days=7)
+"""The longest ``period`` of a :class:`RateLimit`."""
+
+RATE_BLOCK_PREFIX = "reflow:rate:"
+"""``blocked_by`` of a run blocked by a rate limit: this prefix and the
+rate's key (a concurrency limit's key never starts with it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``max`` claims of runs holding ``key`` in any window of
+    ``period``, across every worker of the store, by the storage's clock
+    (:meth:`Storage.claim_runs`). ``period`` is whole milliseconds, from
+    1 ms to :data:`MAX_RATE_PERIOD`; ``max`` is from 1 to :data:`MAX_RATE`."""
+
+    key: str
+    max: int
+    period: timedelta
+
+
 @dataclass(frozen=True, slots=True)
 class NewRun:
     """A run to create. ``input`` is encoded text from :func:`reflow_core.codec.encode`."""
@@ -134,6 +167,15 @@ class NewRun:
     limits: tuple[ConcurrencyLimit, ...] = ()
     """The concurrency limits the run is held to while it runs: at most
     :data:`MAX_RUN_LIMITS`, with distinct keys."""
+    rates: tuple[RateLimit, ...] = ()
+    """The rate limits every claim of the run is held to: at most
+    :data:`MAX_RUN_RATES`, with distinct keys."""
+    debounce_key: str | None = None
+    """Debounce: while the workflow has an *open* run with this key (pending
+    or delayed, never claimed), :meth:`Storage.create_run` replaces that
+    run's input, priority and limits with these and makes it due ``delay``
+    from now, instead of creating another run. Not with an
+    ``idempotency_key``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +221,13 @@ class RunRecord:
     blocked_by: str | None = None
     """For a due run (pending, or delayed, sleeping or waiting past its
     ``wake_at``) that a claim passed over because one of its limits was
-    full: the key of the first full one, in the order of ``limits``. The run
-    is not claimable until that key has room again (:meth:`Storage.claim_runs`)."""
+    full: the key of the first full one, in the order of ``limits`` then
+    ``rates`` (a rate's key behind :data:`RATE_BLOCK_PREFIX`). The run is
+    not claimable until that key has room again (:meth:`Storage.claim_runs`)."""
+    rates: tuple[RateLimit, ...] = ()
+    """As created (``NewRun.rates``), in the order given."""
+    debounce_key: str | None = None
+    """As created (``NewRun.debounce_key``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,6 +427,19 @@ class Storage(Protocol):
         keys and ids are compared by code points (no case folding, padding or
         normalization). The returned record has
         ``attempts == reclaims == lease_epoch == 0``.
+
+        With a ``debounce_key``, at most one *open* run (``pending`` or
+        ``delayed`` and never claimed: ``attempts == 0``) exists per
+        ``(workflow, debounce_key)``, even under concurrent calls. If one
+        exists, it is updated instead of creating a run: its ``input``,
+        ``priority``, ``limits`` and ``rates`` become the new ones,
+        ``blocked_by`` is cleared, and it is due ``new.delay`` from now
+        (``delayed``, or ``pending`` and due at once without a delay; never
+        later than its deadline); its id, ``created_at`` and ``deadline_at``
+        stay, and it is returned with ``created=False``. Once a claim has
+        taken the run, or it has ended, the key is free: the next create
+        makes a new run. A ``debounce_key`` with an ``idempotency_key``
+        raises :class:`~reflow_core.errors.ConfigError`.
         """
         ...
 
@@ -422,6 +482,22 @@ class Storage(Protocol):
         runs that share a key are serialized with each other and with the
         writes that stop such runs, so no interleaving ever has more than
         ``max`` of them running.
+
+        Rate limits: a run with ``rates`` is taken (a lapsed lease too) only
+        if, for each of them, fewer than ``max`` claims of runs holding its
+        ``key`` were made in the window of ``period`` ending now (claims
+        earlier in the same call count); each claim made records one claim
+        at now for each of the run's rate keys. A due run a claim passes over
+        because a rate is full becomes blocked, ``blocked_by`` being
+        :data:`RATE_BLOCK_PREFIX` and the key (a lapsed lease is left as it
+        is, for a later claim). No claim takes it, or needs to look at it,
+        until the key's window has room again: the first claim made at or
+        after the time the oldest claim in the window leaves it unblocks
+        the key's first blocked runs (by priority, then due time), as many
+        as the window has room for, before choosing runs, whatever
+        workflows it asks for. So no window of ``period`` ever holds more
+        than ``max`` claims of runs holding the key, and a run waiting for
+        a rate costs no claim anything until it can go.
 
         No run is ever held by two live leases: concurrent claimers, in this
         process or others, get disjoint runs. Each ``ClaimedRun`` carries the
