@@ -53,7 +53,7 @@ from .events import (
     StepSkipped,
     StepStarted,
 )
-from .limits import Limit
+from .limits import Limit, Rate
 from .memory import MemoryStorage
 from .registry import available_backends, open_storage
 from .retry import Retry
@@ -89,6 +89,7 @@ __all__ = [
     "MemoryStorage",
     "NonRetryableError",
     "ParallelCompleteError",
+    "Rate",
     "ReclaimLimitError",
     "ReflowError",
     "RemoteTraceback",

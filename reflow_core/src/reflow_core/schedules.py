@@ -61,7 +61,8 @@ from . import codec
 from ._durations import Duration, to_seconds
 from .adapter import check_text
 from .errors import ConfigError, IdempotencyConflictError
-from .storage import ConcurrencyLimit, NewRun, RunRecord, ScheduleRecord, Storage
+from .limits import RunShape
+from .storage import NewRun, RunRecord, ScheduleRecord, Storage
 
 __all__ = [
     "Recurrence",
@@ -417,12 +418,12 @@ class Scheduler:
         workflows: Collection[str],
         limit: int,
         deadlines: Mapping[str, float] | None = None,
-        shape: Callable[[str, str], tuple[int, tuple[ConcurrencyLimit, ...]]] | None = None,
+        shape: Callable[[str, str], RunShape] | None = None,
     ) -> list[RunRecord]:
         """Fire up to ``limit`` due schedules of ``workflows``, and return the
         runs created (each with the deadline, in seconds after its creation,
         that ``deadlines`` gives its workflow: the workflow's ``timeout``;
-        and the priority and concurrency limits ``shape`` gives a run of that
+        and the priority and limits ``shape`` gives a run of that
         workflow with that encoded input).
 
         It reads the storage's clock (:meth:`storage_now`) when it has slots
@@ -453,14 +454,15 @@ class Scheduler:
                 logger.warning("schedule %r cannot be fired: %s", record.key, exc)
                 continue
             limit_s = None if deadlines is None else deadlines.get(record.workflow)
-            priority, limits = (0, ()) if shape is None else shape(record.workflow, record.input)
+            flow = RunShape() if shape is None else shape(record.workflow, record.input)
             run = NewRun(
                 workflow=record.workflow,
                 input=record.input,
                 idempotency_key=slot_key(record.key, slot),
                 deadline=None if limit_s is None else timedelta(seconds=limit_s),
-                priority=priority,
-                limits=limits,
+                priority=flow.priority,
+                limits=flow.limits,
+                rates=flow.rates,
             )
             try:
                 fired = await storage.claim_schedule_slot(record.key, slot, following, run)

@@ -27,7 +27,7 @@ from .adapter import check_text
 from .codec import WaitTimedOut
 from .context import FailureContext, StepContext
 from .errors import ConfigError, DuplicateStepError, ValidationError
-from .limits import FlowControl, Limit, check_priority
+from .limits import FlowControl, Limit, Rate, check_priority, parse_rate
 from .retry import NO_RETRY, Retry
 
 __all__ = [
@@ -287,7 +287,7 @@ class Workflow(Generic[InputT, PrevT]):
     @property
     def flow(self) -> FlowControl:
         """Its flow control: the default priority of its runs, its
-        ``max_running`` and its concurrency :class:`~reflow_core.limits.Limit`."""
+        ``max_running``, its ``rate`` and its :class:`~reflow_core.limits.Limit`."""
         return self._flow
 
     @property
@@ -725,6 +725,7 @@ def workflow(
     priority: int = 0,
     max_running: int | None = None,
     concurrency: Limit | None = None,
+    rate: str | Rate | None = None,
 ) -> Workflow[Any, Any]: ...
 
 
@@ -737,6 +738,7 @@ def workflow(
     priority: int = 0,
     max_running: int | None = None,
     concurrency: Limit | None = None,
+    rate: str | Rate | None = None,
 ) -> Workflow[T, T]: ...
 
 
@@ -749,6 +751,7 @@ def workflow(
     priority: int = 0,
     max_running: int | None = None,
     concurrency: Limit | None = None,
+    rate: str | Rate | None = None,
 ) -> Workflow[T, T]: ...
 
 
@@ -761,6 +764,7 @@ def workflow(
     priority: int = 0,
     max_running: int | None = None,
     concurrency: Limit | None = None,
+    rate: str | Rate | None = None,
 ) -> Workflow[T, T]: ...
 
 
@@ -772,6 +776,7 @@ def workflow(
     priority: int = 0,
     max_running: int | None = None,
     concurrency: Limit | None = None,
+    rate: str | Rate | None = None,
 ) -> Workflow[Any, Any]:
     """Start building a workflow named ``name``.
 
@@ -789,10 +794,14 @@ def workflow(
     Flow control, enforced by the storage inside every claim, across every
     worker: ``priority`` is the default priority of its runs (claims take
     higher ones first; ``enqueue(priority=...)`` overrides it);
-    ``max_running`` bounds how many of its runs run at once; ``concurrency``,
-    a :class:`~reflow_core.limits.Limit`, bounds how many runs with one key
-    computed from the input run at once. A run holds its slots while it is
-    running, not while it sleeps or waits.
+    ``max_running`` bounds how many of its runs run at once; ``rate``
+    (``"100/m"``, ``"5/s"``, ``"10/30s"``) bounds how many of its runs start
+    in any window of that period; ``concurrency``, a
+    :class:`~reflow_core.limits.Limit`, bounds how many runs with one key
+    computed from the input run at once, and how often they start. A run
+    holds its slots while it is running, not while it sleeps or waits; every
+    start counts against a rate, a resume after a sleep, a wait or a crash
+    included.
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("workflow name must be a non-empty string", option="name")
@@ -816,5 +825,6 @@ def workflow(
             f"{where}: concurrency must be a Limit, not {type(concurrency).__name__}",
             option="concurrency",
         )
-    flow = FlowControl(priority, max_running, concurrency)
+    pace = None if rate is None else parse_rate(rate, f"{where} rate")
+    flow = FlowControl(priority, max_running, concurrency, pace)
     return Workflow(name, input, _make_validator(input, name), timeout=seconds, flow=flow)

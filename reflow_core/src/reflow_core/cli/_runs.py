@@ -14,8 +14,10 @@ from rich.text import Text
 from reflow_core._durations import describe, to_seconds
 from reflow_core.engine import Engine
 from reflow_core.errors import ConfigError, RunNotFoundError
+from reflow_core.limits import Rate, hold_reason
 from reflow_core.storage import (
     CHILDREN_WAIT_PREFIX,
+    RATE_BLOCK_PREFIX,
     TERMINAL_STATUSES,
     RunRecord,
     RunStatus,
@@ -57,6 +59,7 @@ STATUS_STYLES = {
 _PAGE = 500
 """Runs read per page while selecting runs for a bulk change."""
 _PURGE_BATCH = 500
+_MS = timedelta(milliseconds=1)
 """Runs deleted per call of ``purge_finished`` (the progress advances by these)."""
 
 
@@ -83,6 +86,16 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         "priority": record.priority,
         "limits": [{"key": limit.key, "max": limit.max} for limit in record.limits],
         "blocked_by": record.blocked_by,
+        "rates": [
+            {
+                "key": rate.key,
+                "max": rate.max,
+                "period_ms": rate.period // timedelta(milliseconds=1),
+            }
+            for rate in record.rates
+        ],
+        "debounce_key": record.debounce_key,
+        "held_back": hold_reason(record),
     }
 
 
@@ -161,7 +174,10 @@ def ls(
         for record in records:
             shown = _status(record.status)
             if record.blocked_by:
-                shown.append(" (blocked)", style="dim")
+                why = "rate" if record.blocked_by.startswith(RATE_BLOCK_PREFIX) else "blocked"
+                shown.append(f" ({why})", style="dim")
+            elif hold_reason(record):
+                shown.append(" (debounced)", style="dim")
             table.add_row(
                 record.id,
                 record.workflow,
@@ -304,17 +320,19 @@ def show(state: State, run_id: str) -> None:
     head.add_row("status", _status(record.status))
     if record.parent_id:
         head.add_row("parent", f"{record.parent_id} (step {record.parent_step})")
-    if record.blocked_by:
-        full = next((lim for lim in record.limits if lim.key == record.blocked_by), None)
-        most = "" if full is None else f", at most {full.max} at once"
-        head.add_row(
-            "blocked by", f"limit {record.blocked_by!r}{most}: waits for a running run to stop"
-        )
+    hold = hold_reason(record)
+    if hold:
+        head.add_row("held back", hold)
     if record.priority:
         head.add_row("priority", str(record.priority))
     if record.limits:
         head.add_row(
             "limits", ", ".join(f"{limit.key} (max {limit.max})" for limit in record.limits)
+        )
+    if record.rates:
+        head.add_row(
+            "rates",
+            ", ".join(f"{rate.key} ({Rate(rate.max, rate.period)})" for rate in record.rates),
         )
     if record.waiting_for and record.waiting_for.startswith(CHILDREN_WAIT_PREFIX):
         waited = record.waiting_for.removeprefix(CHILDREN_WAIT_PREFIX)

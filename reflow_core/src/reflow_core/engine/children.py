@@ -82,7 +82,7 @@ class Children:
         index = self._count
         self._count += 1
         raw = to_plain_input(input)
-        limits = workflow.flow.limits(workflow.name, workflow.validate_input(raw))
+        shape = workflow.flow.shape(workflow.name, workflow.validate_input(raw))
         text = codec.encode(raw)
         deadline = None
         if timeout is not None:
@@ -100,8 +100,9 @@ class Children:
             run_id=child_id,
             delay=None if later is None else timedelta(seconds=later),
             deadline=None if deadline is None else timedelta(seconds=deadline),
-            priority=workflow.flow.priority,
-            limits=limits,
+            priority=shape.priority,
+            limits=shape.limits,
+            rates=shape.rates,
         )
         storage = self._driver.storage
         start = getattr(storage, "start_child", None)

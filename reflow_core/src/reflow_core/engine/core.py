@@ -93,6 +93,35 @@ def _later(delay: Duration | None, run_at: datetime | None) -> timedelta | datet
     return timedelta(seconds=to_seconds(delay, option="delay", allow_zero=True))
 
 
+def _debounce(
+    key: str | None,
+    debounce: Duration | None,
+    idempotency_key: str | None,
+    later: timedelta | datetime | None,
+) -> timedelta:
+    """``enqueue``'s ``debounce_key`` and ``debounce``, checked: the delay of
+    the debounced run."""
+    if key is None or debounce is None:
+        raise ConfigError(
+            "give debounce_key= and debounce= together (debounce_key='...', debounce='5s')",
+            option="debounce_key" if key is None else "debounce",
+        )
+    check_text(key, "debounce_key")
+    if idempotency_key is not None:
+        raise ConfigError(
+            "give debounce_key= or idempotency_key=, not both: a debounced run's input "
+            "is replaced by the last one sent",
+            option="debounce_key",
+        )
+    if later is not None:
+        raise ConfigError(
+            "give debounce= or delay=/run_at=, not both: a debounced run starts once its "
+            "key has been quiet for the debounce",
+            option="debounce",
+        )
+    return timedelta(seconds=to_seconds(debounce, option="debounce", allow_zero=True))
+
+
 def _deadline(deadline: Duration | datetime | None) -> timedelta | datetime | None:
     """``enqueue``'s ``deadline``, checked: a positive duration or an aware datetime."""
     if deadline is None:
@@ -511,6 +540,8 @@ class Engine:
         run_at: datetime | None = None,
         deadline: Duration | datetime | None = None,
         priority: int | None = None,
+        debounce_key: str | None = None,
+        debounce: Duration | None = None,
     ) -> Run:
         """Create a run of ``workflow`` (an object or a registered name).
 
@@ -537,16 +568,27 @@ class Engine:
         ``priority`` (default: the workflow's) orders it among due runs:
         claims take higher priorities first. The workflow's ``max_running``
         and concurrency ``Limit`` (its key computed from this input) hold
-        it while it runs; see :func:`~reflow_core.workflow.workflow`.
+        it while it runs, and its ``rate`` and the ``Limit``'s rate bound how
+        often it may start; see :func:`~reflow_core.workflow.workflow`.
+
+        ``debounce_key`` with ``debounce`` (a duration) debounces a burst:
+        while the workflow has a run with that key that no worker has
+        started yet, enqueueing again replaces that run's input with this one
+        and starts the wait over, so the run starts once the key has been
+        quiet for ``debounce``, with the last input sent. The same run is
+        returned each time (its ``created`` is False after the first). Not
+        with ``idempotency_key``, ``delay`` or ``run_at``.
         """
         wf = self._resolve(workflow)
         if idempotency_key is not None:
             check_text(idempotency_key, "idempotency_key")
         later = _later(delay, run_at)
+        if debounce_key is not None or debounce is not None:
+            later = _debounce(debounce_key, debounce, idempotency_key, later)
         due = _deadline(deadline)
-        rank = wf.flow.priority if priority is None else check_priority(priority, "enqueue")
+        rank = None if priority is None else check_priority(priority, "enqueue")
         raw = to_plain_input(input)
-        limits = wf.flow.limits(wf.name, wf.validate_input(raw))
+        shape = wf.flow.shape(wf.name, wf.validate_input(raw), rank)
         text = codec.encode(raw)
         await self._ensure_initialized("enqueue")
         if isinstance(later, datetime) or isinstance(due, datetime):
@@ -565,14 +607,16 @@ class Engine:
                 idempotency_key=idempotency_key,
                 delay=later,
                 deadline=due,
-                priority=rank,
-                limits=limits,
+                priority=shape.priority,
+                limits=shape.limits,
+                rates=shape.rates,
+                debounce_key=debounce_key,
             )
         )
-        if result.created and wf.name in self._workflows:
-            record = result.run
+        record = result.run
+        if (result.created or record.debounce_key is not None) and wf.name in self._workflows:
             if record.status == "delayed" and record.wake_at is not None:
-                self._worker.wake_in((record.wake_at - record.created_at).total_seconds())
+                self._worker.wake_in((record.wake_at - record.updated_at).total_seconds())
             else:
                 self._worker.wake.set()
         return Run.from_record(result.run)

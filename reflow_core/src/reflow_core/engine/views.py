@@ -10,7 +10,15 @@ from typing import Any
 
 from reflow_core import codec
 from reflow_core.errors import CorruptDataError, ErrorInfo, SerializationError
-from reflow_core.storage import ConcurrencyLimit, RunRecord, RunStatus, StepRecord, StepStatus
+from reflow_core.limits import hold_reason
+from reflow_core.storage import (
+    ConcurrencyLimit,
+    RateLimit,
+    RunRecord,
+    RunStatus,
+    StepRecord,
+    StepStatus,
+)
 from reflow_core.workflow import RESERVED_PREFIX
 
 __all__ = ["ChildRun", "Clock", "Run", "RunList", "StepResult", "SystemClock", "read_stored"]
@@ -72,7 +80,16 @@ class Run:
     ``max_running``, its ``Limit`` key)."""
     blocked_by: str | None = None
     """Why a pending run is not running yet: the key of the limit a claim
-    found full. A run holding that key stopping lets it go."""
+    found full (a rate's behind ``reflow:rate:``). A run holding that key
+    stopping lets it go, or, for a rate, the window having room again."""
+    rates: tuple[RateLimit, ...] = ()
+    """The rate limits every start of it counts against (its workflow's
+    ``rate``, its ``Limit``'s rate)."""
+    debounce_key: str | None = None
+    """The ``debounce_key`` it was enqueued with."""
+    hold: str | None = None
+    """Why it is not running yet, in words, when a limit, a rate or a
+    debounce holds it back (:func:`~reflow_core.limits.hold_reason`)."""
     children: tuple[ChildRun, ...] = ()
     """The runs this run started as children, oldest first; filled by
     :meth:`Engine.get_run_status` (empty elsewhere)."""
@@ -133,6 +150,9 @@ class Run:
             priority=record.priority,
             limits=record.limits,
             blocked_by=record.blocked_by,
+            rates=record.rates,
+            debounce_key=record.debounce_key,
+            hold=hold_reason(record),
             children=tuple(
                 ChildRun(c.id, c.workflow, c.parent_step or "", c.status, c.created_at)
                 for c in children

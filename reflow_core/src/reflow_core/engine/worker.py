@@ -23,10 +23,10 @@ from typing import Any
 
 from reflow_core import codec
 from reflow_core.errors import ReflowError
+from reflow_core.limits import RunShape
 from reflow_core.schedules import Scheduler
 from reflow_core.storage import (
     ClaimedRun,
-    ConcurrencyLimit,
     RunRecord,
     Storage,
     WakeupSource,
@@ -253,16 +253,15 @@ class Worker:
 
     # -- claiming -----------------------------------------------------------
 
-    def _run_shape(self, name: str, text: str) -> tuple[int, tuple[ConcurrencyLimit, ...]]:
+    def _run_shape(self, name: str, text: str) -> RunShape:
         """The priority and limits of a scheduled run of workflow ``name``
         with encoded input ``text`` (no key limit for an input that no
         longer validates: the run fails when it is claimed)."""
         wf = self._workflows[name]
         try:
-            limits = wf.flow.limits(name, wf.validate_input(codec.decode(text)))
+            return wf.flow.shape(name, wf.validate_input(codec.decode(text)))
         except ReflowError:
-            limits = wf.flow.workflow_limits(name)
-        return wf.flow.priority, limits
+            return wf.flow.workflow_shape(name)
 
     async def tick(self) -> int:
         """Fire due schedules, claim one batch, run it to the end; how many runs."""

@@ -294,12 +294,23 @@ class TestEngine:
         input: Any = None,
         *,
         idempotency_key: str | None = None,
+        priority: int | None = None,
+        debounce_key: str | None = None,
+        debounce: Duration | None = None,
     ) -> Run:
         """Enqueue a run without driving it (it runs at the next :meth:`drive`,
-        :meth:`advance`, :meth:`send_event` or :meth:`run`)."""
+        :meth:`advance`, :meth:`send_event` or :meth:`run`); the options are
+        :meth:`Engine.enqueue`'s."""
         if isinstance(workflow, Workflow):
             self.register(workflow)
-        return await self._engine.enqueue(workflow, input, idempotency_key=idempotency_key)
+        return await self._engine.enqueue(
+            workflow,
+            input,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            debounce_key=debounce_key,
+            debounce=debounce,
+        )
 
     async def drive(self, run_id: str, *, advance: bool = False) -> RunResult[Any]:
         """Run whatever is due until run ``run_id`` finishes or cannot go on,
