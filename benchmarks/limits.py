@@ -1,7 +1,8 @@
-"""Claims behind full concurrency limits, against the unlimited claim, on each backend.
+"""Claims behind full concurrency limits or rates, against the unlimited claim, on each backend.
 
-    python benchmarks/limits.py [--keys 10000] [--full 9000] [--runs 10000] [--batch 100]
-                                [--passes 3] [--backends memory sqlite postgres redis]
+    python benchmarks/limits.py [--kind concurrency|rate] [--keys 10000] [--full 9000]
+                                [--runs 10000] [--batch 100] [--passes 3]
+                                [--backends memory sqlite postgres redis]
                                 [--postgres-url ...] [--redis-url ...] [--pool-size 25]
 
 Each pass builds two stores the same size and times the claims alone:
@@ -13,6 +14,9 @@ Each pass builds two stores the same size and times the claims alone:
   (10,000) spread over the other keys (1,000, with room for all of them).
   Timed: claiming them in batches of ``--batch``, with the 9,000 blocked
   runs still there.
+  With ``--kind rate`` the limits are rates instead: ``max`` starts per
+  hour, so a full key has used its one start and its waiting run is
+  blocked until the hour is over.
 * ``unlimited`` (the baseline): the same runs without limits (the untimed
   round takes the 9,000 waiting runs). Timed: the same claims.
 
@@ -42,15 +46,19 @@ from throughput import (
 )
 
 from reflow_core import codec
-from reflow_core.storage import ConcurrencyLimit, NewRun, Storage
+from reflow_core.storage import ConcurrencyLimit, NewRun, RateLimit, Storage
 
 _WF = "bench-limits"
 _LEASE = timedelta(minutes=10)
+_HOUR = timedelta(hours=1)
 
 
-def _new(key: str | None, max_: int = 1) -> NewRun:
-    limits = () if key is None else (ConcurrencyLimit(key, max_),)
-    return NewRun(workflow=_WF, input=codec.encode(None), limits=limits)
+def _new(key: str | None, max_: int = 1, kind: str = "concurrency") -> NewRun:
+    if key is None:
+        return NewRun(workflow=_WF, input=codec.encode(None))
+    if kind == "rate":
+        return NewRun(workflow=_WF, input=codec.encode(None), rates=(RateLimit(key, max_, _HOUR),))
+    return NewRun(workflow=_WF, input=codec.encode(None), limits=(ConcurrencyLimit(key, max_),))
 
 
 async def _create(storage: Storage, runs: list[NewRun], width: int = 50) -> None:
@@ -79,16 +87,19 @@ async def one_pass(
     try:
         free = args.keys - args.full
         full_keys = [f"full-{n}" for n in range(args.full)]
-        await _create(storage, [_new(key if limited else None) for key in full_keys])
+        kind = args.kind
+        await _create(storage, [_new(key if limited else None, 1, kind) for key in full_keys])
         held, _ = await _claim_all(storage, 500)  # the full keys' running runs
         assert held == args.full, held
-        await _create(storage, [_new(key if limited else None) for key in full_keys])
+        await _create(storage, [_new(key if limited else None, 1, kind) for key in full_keys])
         # Untimed: the claims meet the waiting runs first; with limits they
         # are blocked (and never looked at again), without they are taken.
         met, meeting = await _claim_all(storage, 500)
         assert met == (0 if limited else args.full), met
         per_key = args.runs // free + 1
-        work = [_new(f"free-{n % free}" if limited else None, per_key) for n in range(args.runs)]
+        work = [
+            _new(f"free-{n % free}" if limited else None, per_key, kind) for n in range(args.runs)
+        ]
         await _create(storage, work)
         taken, took = await _claim_all(storage, args.batch)
         assert taken == args.runs, (taken, args.runs)
@@ -106,6 +117,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--kind", choices=["concurrency", "rate"], default="concurrency")
     parser.add_argument("--keys", type=int, default=10_000)
     parser.add_argument("--full", type=int, default=9_000)
     parser.add_argument("--runs", type=int, default=10_000)
@@ -115,7 +127,8 @@ async def main() -> None:
     args = parser.parse_args()
     cancel_on_sigterm()
     print(
-        f"python {sys.version.split()[0]}, {args.keys} keys of which {args.full} full, "
+        f"python {sys.version.split()[0]}, {args.kind} limits, {args.keys} keys of which "
+        f"{args.full} full, "
         f"{args.runs} claimable runs, claims of {args.batch}, {args.passes} passes, medians"
     )
     async with contextlib.AsyncExitStack() as stack:

@@ -1,12 +1,15 @@
-"""A concurrency limit held by real worker processes: three ``reflow worker``
-processes on one PostgreSQL or Redis store, 2,000 runs over 50 keys with at
-most one run per key at a time, and one of the workers SIGKILLed half-way.
+"""A concurrency limit and a rate held by real worker processes: three
+``reflow worker`` processes on one PostgreSQL or Redis store, 2,000 runs over
+50 keys with at most one run per key at a time (or at most 5 starts per key
+in any second), and one of the workers SIGKILLed half-way.
 
 Each run's step logs when it starts and when it returns to its process's
 execution log, so the logs give every execution's interval; the intervals of
 one key must never overlap, the killed worker's unfinished ones counted up to
 its death. Every run completes, so the killed worker's slots were taken over
-once its leases lapsed, not lost.
+once its leases lapsed, not lost. With the rate, no window of the logged
+starts of one key, the killed worker's and the takeovers of its runs
+included, holds more starts than the rate allows.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import textwrap
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +27,16 @@ import pytest
 
 from reflow_conformance.testsupport import AppFleet, now_and_then, with_storage
 from reflow_core import codec
-from reflow_core.storage import ConcurrencyLimit, NewRun, Storage
+from reflow_core.storage import ConcurrencyLimit, NewRun, RateLimit, Storage
 
 _RUNS = 2_000
 _KEYS = 50
 _WORKFLOW = "limited"
+_RATE = 5
+"""Starts per key per second in the rate test: its 40 runs of a key take 8 s."""
 
-_APP = textwrap.dedent(
-    f"""
+_APP_TEMPLATE = textwrap.dedent(
+    """
     import asyncio
     import os
     import time
@@ -49,7 +55,7 @@ _APP = textwrap.dedent(
             return key
 
         wf = workflow(
-            {_WORKFLOW!r}, input=dict, concurrency=Limit(key=lambda i: i["k"], max=1)
+            {workflow!r}, input=dict, concurrency=Limit(key=lambda i: i["k"], {limit})
         ).step("work", work)
         return Engine(
             storage=open_storage(os.environ["APP_STORE"]),
@@ -70,24 +76,42 @@ def server_store(request: pytest.FixtureRequest) -> str:
     return url
 
 
+def _fleet(tmp_path: Path, store: str, workflow: str, limit: str) -> AppFleet:
+    source = _APP_TEMPLATE.replace("{workflow!r}", repr(workflow)).replace("{limit}", limit)
+    return AppFleet(tmp_path, store, module=f"{workflow}_app", source=source)
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, server_store: str) -> Iterator[AppFleet]:
-    made = AppFleet(tmp_path, server_store, module="limited_app", source=_APP)
+    made = _fleet(tmp_path, server_store, _WORKFLOW, "max=1")
     try:
         yield made
     finally:
         made.cleanup()
 
 
-def _enqueue(store: str) -> list[str]:
+@pytest.fixture
+def rated_fleet(tmp_path: Path, server_store: str) -> Iterator[AppFleet]:
+    made = _fleet(tmp_path, server_store, "rated", f'rate="{_RATE}/s"')
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+def _enqueue(store: str, workflow: str = _WORKFLOW) -> list[str]:
     async def work(storage: Storage) -> list[str]:
         ids = []
         for n in range(_RUNS):
             key = f"k{n % _KEYS}"
+            limits: tuple[ConcurrencyLimit, ...] = ()
+            rates: tuple[RateLimit, ...] = ()
+            if workflow == _WORKFLOW:
+                limits = (ConcurrencyLimit(f"{workflow}:{key}", 1),)
+            else:
+                rates = (RateLimit(f"{workflow}:{key}", _RATE, timedelta(seconds=1)),)
             new = NewRun(
-                workflow=_WORKFLOW,
-                input=codec.encode({"k": key}),
-                limits=(ConcurrencyLimit(f"{_WORKFLOW}:{key}", 1),),
+                workflow=workflow, input=codec.encode({"k": key}), limits=limits, rates=rates
             )
             ids.append((await storage.create_run(new)).run.id)
         return ids
@@ -95,10 +119,10 @@ def _enqueue(store: str) -> list[str]:
     return with_storage(store, work)
 
 
-def _all_completed(store: str) -> bool:
+def _all_completed(store: str, workflow: str = _WORKFLOW) -> bool:
     async def work(storage: Storage) -> bool:
         page = await storage.list_runs(
-            workflow=_WORKFLOW,
+            workflow=workflow,
             status=["pending", "running", "delayed", "failed", "cancelled"],
             limit=1,
         )
@@ -149,3 +173,45 @@ def test_one_run_per_key_across_three_workers_one_of_them_killed(fleet: AppFleet
     done = {run for spans in intervals.values() for (_, _, run, pid) in spans}
     assert len(done) == _RUNS
     print(f"killed with {len(began)} runs in flight")  # shown with -s
+
+
+@pytest.mark.slow
+def test_a_rate_per_key_across_three_workers_one_of_them_killed(rated_fleet: AppFleet) -> None:
+    fleet = rated_fleet
+    workers = fleet.workers
+    _enqueue(fleet.store, "rated")
+    procs = [fleet.start() for _ in range(3)]
+    victim = procs[0]
+
+    def ended() -> int:
+        return sum(1 for line in workers.lines() if line["kind"] == "ended")
+
+    workers.wait_for("a third of the runs done", lambda: ended() >= _RUNS // 3, timeout=60)
+    workers.kill(victim)
+    workers.wait_for(
+        "every run to complete",
+        now_and_then(lambda: _all_completed(fleet.store, "rated"), 0.5),
+        120,
+    )
+    for proc in procs[1:]:
+        fleet.stop(proc)
+
+    starts: dict[str, list[float]] = defaultdict(list)
+    runs = set()
+    for line in workers.lines():
+        if line["kind"] == "began":
+            starts[line["key"]].append(line["at"])
+            runs.add(line["run"])
+    assert len(runs) == _RUNS
+    # A step begins a little after its claim; windows this much shorter than
+    # the second keep that delay's spread from faking a breach.
+    window = 1.0 - 0.2
+    breaches = []
+    for key, times in starts.items():
+        times.sort()
+        for first, later in zip(times, times[_RATE:], strict=False):
+            if later - first < window:
+                breaches.append((key, first, later))
+    assert not breaches, f"more than {_RATE} starts of one key in a window: {breaches[:5]}"
+    retried = sum(len(times) for times in starts.values()) - _RUNS
+    print(f"{retried} runs of the killed worker started again")  # shown with -s

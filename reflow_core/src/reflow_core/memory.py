@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
+import heapq
 import threading
 from collections import deque
 from collections.abc import Callable, Collection
@@ -104,6 +105,8 @@ class _State:
     """Each rate key's claim times within its period, oldest first."""
     rate_waits: dict[str, datetime] = field(default_factory=dict)
     """When each rate key with blocked runs has room again."""
+    rate_heap: list[tuple[datetime, str]] = field(default_factory=list)
+    """``rate_waits`` by time (entries no longer in it are skipped)."""
     debounce: dict[tuple[str, str], str] = field(default_factory=dict)
     """The run each ``(workflow, debounce_key)`` last created or updated."""
 
@@ -142,6 +145,7 @@ class MemoryStorage:
         self._blocked = state.blocked_by_key
         self._rate_claims = state.rate_claims
         self._rate_waits = state.rate_waits
+        self._rate_heap = state.rate_heap
         self._debounce = state.debounce
         self._life = Lifecycle("memory")
 
@@ -239,9 +243,11 @@ class MemoryStorage:
     def _release_rates(self, now: datetime) -> None:
         """Unblock, for each rate key whose window has room again, as many of
         its first blocked runs as there is room for."""
-        for key, at in list(self._rate_waits.items()):
-            if at > now:
-                continue
+        heap = self._rate_heap
+        while heap and heap[0][0] <= now:
+            at, key = heapq.heappop(heap)
+            if self._rate_waits.get(key) != at:
+                continue  # moved earlier since, or gone
             del self._rate_waits[key]
             blocked = self._blocked.get(rate_block(key))
             if not blocked:
@@ -253,7 +259,15 @@ class MemoryStorage:
                     break
                 self._unblock(rate_block(key), now)
             if blocked:
-                self._rate_waits[key] = (window[0] if window else now) + rate.period
+                self._wait_for_room(key, (window[0] if window else now) + rate.period)
+
+    def _wait_for_room(self, key: str, at: datetime) -> None:
+        """Note that rate ``key`` has blocked runs and room again at ``at``
+        (the earlier of that and a time already noted)."""
+        noted = self._rate_waits.get(key)
+        if noted is None or at < noted:
+            self._rate_waits[key] = at
+            heapq.heappush(self._rate_heap, (at, key))
 
     def _debounced(self, new: NewRun, now: datetime) -> RunRecord | None:
         """Update and return the workflow's open run with ``new.debounce_key``, if any."""
@@ -438,8 +452,7 @@ class MemoryStorage:
                 if not reclaimed:  # a lapsed lease stays as it is, for a later claim
                     rate, room_at = rate_full
                     self._update(entry, now, blocked_by=rate_block(rate.key))
-                    waits = self._rate_waits
-                    waits[rate.key] = min(waits.get(rate.key, room_at), room_at)
+                    self._wait_for_room(rate.key, room_at)
                 continue
             self._record_claim(rec, now)
             self._update(
