@@ -294,7 +294,8 @@ def test_ls_and_show_say_why_a_run_waits_for_a_slot(url: str) -> None:
     listed = reflow("--url", url, "runs", "ls").stdout
     assert "pending (blocked)" in listed
     text = reflow("--url", url, "runs", "show", waiter_id).stdout
-    assert "limit 'exclusive:k', at most 1 at once: waits for a running run to stop" in text
+    assert "held back" in text
+    assert "blocked by limit 'exclusive:k' (at most 1 at once): waits for a running run" in text
     assert "exclusive:k (max 1)" in text
     (data,) = lines(reflow("--url", url, "--json", "runs", "show", waiter_id))
     assert data["blocked_by"] == "exclusive:k"
@@ -302,6 +303,40 @@ def test_ls_and_show_say_why_a_run_waits_for_a_slot(url: str) -> None:
     assert data["limits"] == [{"key": "exclusive:k", "max": 1}]
     (held,) = lines(reflow("--url", url, "--json", "runs", "show", holder_id))
     assert (held["status"], held["blocked_by"]) == ("running", None)
+
+
+def test_ls_and_show_say_when_a_rate_or_a_debounce_holds_a_run_back(url: str) -> None:
+    rated = workflow("rated", rate="1/1h").step("s", lambda ctx: None)
+    settled = workflow("settled").step("s", lambda ctx: None)
+
+    async def work() -> tuple[str, str]:
+        engine = Engine(
+            storage=url, workflows=[rated, settled], worker=False, load_entry_points=False
+        )
+        async with engine:
+            first = await engine.enqueue(rated, 1)
+            second = await engine.enqueue(rated, 2)
+            claimed = await engine.storage.claim_runs(["rated"], 5, timedelta(minutes=5))
+            assert [c.run.id for c in claimed] == [first.id]
+            await engine.enqueue(settled, 1, debounce_key="doc-1", debounce="1h")
+            debounced = await engine.enqueue(settled, 2, debounce_key="doc-1", debounce="1h")
+            return second.id, debounced.id
+
+    rated_id, debounced_id = asyncio.run(work())
+    listed = reflow("--url", url, "runs", "ls").stdout
+    assert "pending (rate)" in listed
+    assert "delayed (debounced)" in listed
+    text = reflow("--url", url, "runs", "show", rated_id).stdout
+    assert "blocked by rate 'reflow:workflow:rated' (1/1h): waits for its window" in text
+    assert "reflow:workflow:rated (1/1h)" in text
+    (data,) = lines(reflow("--url", url, "--json", "runs", "show", rated_id))
+    assert data["blocked_by"] == "reflow:rate:reflow:workflow:rated"
+    assert data["rates"] == [{"key": "reflow:workflow:rated", "max": 1, "period_ms": 3_600_000}]
+    assert data["held_back"].startswith("blocked by rate")
+    text = reflow("--url", url, "runs", "show", debounced_id).stdout
+    assert "debounced by key 'doc-1': starts at" in text
+    (data,) = lines(reflow("--url", url, "--json", "runs", "show", debounced_id))
+    assert (data["debounce_key"], data["input"]) == ("doc-1", 2)
 
 
 def test_show_a_missing_run_is_exit_status_1_on_one_line(sqlite_url: str) -> None:
