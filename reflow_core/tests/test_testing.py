@@ -246,6 +246,35 @@ async def test_cancelled_run_raises_run_cancelled() -> None:
             result.raise_for_status()
 
 
+# -- rates and debounce -----------------------------------------------------------
+
+
+async def test_a_rate_and_a_debounce_pass_as_the_clock_moves() -> None:
+    wf = workflow("nightly-export", rate="1/1h").step("export", echo)
+    async with TestEngine() as t:
+        first = await t.run(wf, {"n": 1})
+        assert first.status == "completed"
+        second = await t.run(wf, {"n": 2})
+        assert second.status == "pending"
+        assert second.blocked_reason == (
+            "pending, blocked by rate 'reflow:workflow:nightly-export' (1/1h): waits for "
+            "its window to have room"
+        )
+        assert await t.advance("59m") == []
+        finished = await t.advance("1m")
+        assert [(r.id, r.status) for r in finished] == [(second.id, "completed")]
+
+        burst = [await t.enqueue(wf, {"n": n}, debounce_key="k", debounce="10m") for n in range(3)]
+        assert len({run.id for run in burst}) == 1
+        waiting = await t.get(burst[0].id)
+        assert waiting.blocked_reason == (
+            "delayed, debounced by key 'k': starts at 2026-01-01T01:10:00+00:00, unless "
+            "enqueued again with that key first; advance the clock to start it"
+        )
+        await t.advance("1h")
+        assert (await t.get(burst[0].id)).output == {"n": 2}
+
+
 # -- sleeps ---------------------------------------------------------------------
 
 

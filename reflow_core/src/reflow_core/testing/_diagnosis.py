@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from reflow_core.engine import Run
+from reflow_core.limits import hold_reason
 from reflow_core.storage import RunRecord
 
 
@@ -62,6 +63,17 @@ def blocked_reason(record: RunRecord, run: Run, driving: Driving) -> str:
                 f"waiting for event {event!r} (timeout at {_when(wake, now)}); send it "
                 "with send_event(), or advance the clock past the timeout"
             )
+        return _unclaimed(record, text, wake, driving)
+    hold = hold_reason(record)
+    if hold is not None and record.blocked_by is not None:
+        return f"{status}, {hold}"
+    if status == "delayed":
+        wake = record.wake_at
+        text = f"delayed until {_when(wake, now)}" if wake is not None else "delayed"
+        if hold is not None:
+            text = f"delayed, {hold}"
+        if wake is not None and wake > now:
+            text += "; advance the clock to start it"
         return _unclaimed(record, text, wake, driving)
     if status == "pending":
         return _unclaimed(record, "pending", record.wake_at or now, driving)
