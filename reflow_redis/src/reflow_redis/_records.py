@@ -7,8 +7,10 @@ deadline, absent without one), ``wt`` the awaited event, ``idem`` the
 idempotency key, ``id`` the run's own id, ``pa``/``ps`` a child run's parent
 and the parent's step that started it, absent for other runs; ``pr`` the
 priority, absent for 0; ``k1``/``m1`` and ``k2``/``m2`` the concurrency
-limits' keys and maxima, absent without; ``bb`` the key blocking a blocked
-run); a step is one field of the run's
+limits' keys and maxima, ``rk1``/``rm1``/``rp1`` and ``rk2``/``rm2``/``rp2``
+the rate limits' keys, maxima and periods (µs), absent without; ``bb`` the
+key blocking a blocked run; ``db`` the debounce key, absent without); a step
+is one field of the run's
 steps hash, ``seq|done|status|wake|json``. Anything under the prefix that
 does not read this way raises :class:`_BadData`, which the storage reports as
 a :class:`~reflow_core.errors.StorageError` naming the operation.
@@ -27,6 +29,8 @@ from reflow_core.adapter import (
     is_delayed,
     limit_columns,
     limits_from_columns,
+    rate_columns,
+    rates_from_columns,
     span_us,
     to_epoch_us,
 )
@@ -131,6 +135,15 @@ def _run_record(run_id: str, fields: Mapping[str, str]) -> RunRecord:
                 _int(fields, "m2", where) if "k2" in fields else None,
             ),
             blocked_by=fields.get("bb") or None,
+            rates=rates_from_columns(
+                fields.get("rk1"),
+                _int(fields, "rm1", where) if "rk1" in fields else None,
+                _int(fields, "rp1", where) if "rk1" in fields else None,
+                fields.get("rk2"),
+                _int(fields, "rm2", where) if "rk2" in fields else None,
+                _int(fields, "rp2", where) if "rk2" in fields else None,
+            ),
+            debounce_key=fields.get("db") or None,
         )
     except KeyError as exc:
         raise _BadData(f"{where} lacks a field Reflow writes") from exc
@@ -202,9 +215,16 @@ def _deadline_arg(new: NewRun) -> str:
 
 
 def _limit_args(new: NewRun) -> list[str]:
-    """A run's priority and limits as the create scripts take them: the
-    priority, then key1, max1, key2, max2 (empty where it has fewer)."""
-    return [str(new.priority), *("" if v is None else str(v) for v in limit_columns(new.limits))]
+    """A run's priority, limits, rates and debounce key as the create scripts
+    take them: the priority, then the limits' key1, max1, key2, max2, the
+    rates' key1, max1, period1 (µs), key2, max2, period2 (empty where it has
+    fewer), then the debounce key (empty for none)."""
+    return [
+        str(new.priority),
+        *("" if v is None else str(v) for v in limit_columns(new.limits)),
+        *("" if v is None else str(v) for v in rate_columns(new.rates)),
+        new.debounce_key or "",
+    ]
 
 
 def _schedule_record(key: str, fields: Mapping[str, str]) -> ScheduleRecord:

@@ -21,6 +21,9 @@ key                            type     holds
 ``P:holders:<key>``            set      running runs holding a concurrency limit key
 ``P:blocked:<key>``            zset     runs blocked by a full key (-priority; due:id)
 ``P:blocked-wf:<workflow>``    zset     a workflow's blocked runs by due time
+``P:rate:<key>``               zset     claims of runs holding a rate key, by time (µs)
+``P:rate-waits``               zset     rate keys with blocked runs, by when they have room
+``P:debounce:<workflow>``      hash     debounce key -> the run last created with it
 ``P:running:<workflow>``       zset     running runs by lease expiry (µs)
 ``P:idem:<workflow>``          hash     idempotency key -> run id
 ``P:idx``, ``P:idx:wf:<wf>``   zset     ``<created µs>:<id>``, for newest-first listing
@@ -317,7 +320,8 @@ class RedisStorage(_Schedules, _Workers):
 
     async def create_run(self, new: NewRun) -> CreateResult:
         """Create a pending run, or a delayed one with a positive ``new.delay``
-        (due at the earlier of the delay's end and ``new.deadline``).
+        (due at the earlier of the delay's end and ``new.deadline``); with a
+        ``debounce_key`` whose run is still open, update that run instead.
         Concurrent creates share one script call; each keeps its own outcome,
         idempotency conflict included."""
         check_new_run(new)
@@ -384,6 +388,8 @@ class RedisStorage(_Schedules, _Workers):
         record = self._stored_run("create_run", reply[1])
         if record.id == run_id:  # our own first try, whose reply was lost
             return CreateResult(record, created=True)
+        if outcome == 2:  # the open run of the debounce key, updated
+            return CreateResult(record, created=False)
         if record.input != new.input:
             assert new.idempotency_key is not None
             raise IdempotencyConflictError(new.workflow, new.idempotency_key, record.id)

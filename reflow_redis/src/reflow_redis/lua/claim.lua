@@ -9,11 +9,18 @@
 -- holding the key stops. When blocked candidates left the batch short, the
 -- due sets are read again; at most BLOCK_BUDGET runs are blocked per call
 -- (the rest wait for the next claim), so one call stays short.
+-- Rate limits: first the due rate waits are released (release_rates), then
+-- a run with rates is taken only while each of its windows has room (claims
+-- made earlier here count); a due run finding one full is blocked by it
+-- (rate_block), a lapsed lease is left as it is. Each run taken records a
+-- claim at now for each of its rate keys.
 local BLOCK_BUDGET = 20000
 local limit = tonumber(ARGV[5])
 local lease = tonumber(ARGV[6])
 local wfs = {}
 for i = 7, #ARGV do wfs[#wfs + 1] = ARGV[i] end
+
+release_rates()
 
 local stale = {}
 for _, wf in ipairs(wfs) do
@@ -31,9 +38,11 @@ table.sort(stale, function(a, b) return a[3] < b[3] end)
 
 local out = {}
 
-local function take(id, wf, reclaim)
+-- Take run id; its rate fields are r[i..i+5] (see rate_full).
+local function take(id, wf, reclaim, r, i)
   local rk = run_key(id)
   local epoch = redis.call('HINCRBY', rk, 'ep', 1)
+  rate_claims(r, i, id, num(epoch))
   redis.call('HINCRBY', rk, 'att', 1)
   if reclaim == 1 then redis.call('HINCRBY', rk, 'rec', 1) end
   redis.call('HSET', rk, 'st', 'running', 'w', '')
@@ -42,7 +51,11 @@ local function take(id, wf, reclaim)
   out[#out + 1] = {reclaim, redis.call('HGETALL', rk), redis.call('HGETALL', steps_key(id))}
 end
 
-for i = 1, math.min(#stale, limit) do take(stale[i][1], stale[i][2], 1) end
+for _, run in ipairs(stale) do
+  if #out >= limit then break end
+  local r = redis.call('HMGET', run_key(run[1]), 'rk1', 'rm1', 'rp1', 'rk2', 'rm2', 'rp2')
+  if not rate_full(r, 1) then take(run[1], run[2], 1, r, 1) end
+end
 
 -- The due sets runs left, to drop emptied priorities from P:prios at the end.
 local left = {}
@@ -74,7 +87,8 @@ while #out < limit and blocked < BLOCK_BUDGET do
     local id, wf, pr = c[1], c[2], c[3]
     redis.call('ZREM', c[6], id)
     if pr ~= '0' then left[wf .. '\0' .. pr] = {wf, pr} end
-    local r = redis.call('HMGET', run_key(id), 'k1', 'm1', 'k2', 'm2', 'w')
+    local r = redis.call('HMGET', run_key(id), 'k1', 'm1', 'k2', 'm2', 'w', 'rk1', 'rm1', 'rp1',
+      'rk2', 'rm2', 'rp2')
     local full = false
     if r[1] then
       if redis.call('SCARD', k('holders', r[1])) >= tonumber(r[2]) then
@@ -83,13 +97,18 @@ while #out < limit and blocked < BLOCK_BUDGET do
         full = r[3]
       end
     end
+    local rate, room = false, nil
+    if not full then rate, room = rate_full(r, 6) end
     if full then
       block(id, wf, pr, r[5] or num(c[4]), full)
+      passed = passed + 1
+    elseif rate then
+      rate_block(id, wf, pr, r[5] or num(c[4]), rate, room)
       passed = passed + 1
     else
       if r[1] then redis.call('SADD', k('holders', r[1]), id) end
       if r[3] then redis.call('SADD', k('holders', r[3]), id) end
-      take(id, wf, 0)
+      take(id, wf, 0, r, 6)
     end
   end
   blocked = blocked + passed

@@ -1,6 +1,7 @@
--- claim_schedule_slot. ARGV[5..18]: key, slot (us), next run (us), run id,
+-- claim_schedule_slot. ARGV[5..25]: key, slot (us), next run (us), run id,
 -- workflow, input, idempotency key, delay (us; '' or 0 none: schedules give
--- none), deadline (us after now; '' none), priority, key1, max1, key2, max2
+-- none), deadline (us after now; '' none), priority, key1, max1, key2, max2,
+-- rate key1, max1, period1 (us), rate key2, max2, period2, debounce key
 -- ('' none). Returns {0} if the slot is gone or
 -- the schedule is paused, {-2, run} when the key's run has other input
 -- (nothing changed), else create_run's reply.
@@ -20,5 +21,4 @@ if existing then
 end
 redis.call('HSET', sk, 'next', ARGV[7], 'u', num(NOW))
 redis.call('ZADD', k('schedule-due'), ARGV[7], key)
-return create_run(ARGV[8], wf, input, idem, ARGV[12], ARGV[13], nil,
-  {ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18]})
+return create_run(ARGV[8], wf, input, idem, ARGV[12], ARGV[13], nil, lim_args(14))

@@ -1,5 +1,5 @@
--- create_run. ARGV[5..15]: id, workflow, input, idempotency key ('' for none),
+-- create_run. ARGV[5..22]: id, workflow, input, idempotency key ('' for none),
 -- delay (us; '' or 0 for none), deadline (us after now; '' for none),
--- priority, then the limits: key1, max1, key2, max2 ('' for none).
-return create_run(ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], nil,
-  {ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[15]})
+-- priority, the limits: key1, max1, key2, max2, the rates: key1, max1,
+-- period1 (us), key2, max2, period2, and the debounce key ('' for none).
+return create_run(ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], nil, lim_args(11))

@@ -149,11 +149,12 @@ local function reblock(id, wf, pr, key, w)
 end
 
 -- The run of P:blocked:<key> a claim would take first is due again.
+-- Returns true, or nil when no run is blocked by key.
 local function unblock(key)
   local bk = k('blocked', key)
   while true do
     local first = redis.call('ZRANGE', bk, 0, 0)
-    if #first == 0 then return end
+    if #first == 0 then return nil end
     redis.call('ZREM', bk, first[1])
     local id = string.match(first[1], '^%d+:(.*)$')
     if id then
@@ -165,7 +166,115 @@ local function unblock(key)
         redis.call('ZREM', k('blocked-wf', r[1]), id)
         due_add(r[1], r[2], r[4], id)
         wake(r[1], 0)
-        return
+        return true
+      end
+    end
+  end
+end
+
+-- Rate limits. A run's rates are 'rk1'/'rm1'/'rp1' and 'rk2'/'rm2'/'rp2'
+-- (key, max, period in us; absent without). P:rate:<key> holds the claims of
+-- runs holding key (score the claim time, member the time, run id and epoch),
+-- trimmed to the period as claims are added and, by the server clock,
+-- expiring once its newest claim left the window. A due run a claim passes
+-- over because a rate is full is blocked like one of a full limit, its 'bb'
+-- RATE and the key; P:rate-waits (member the key, score a time) holds when
+-- each such key's window has room again: the first claim at or after it
+-- unblocks as many of the key's first blocked runs as there is room for.
+local RATE = 'reflow:rate:'
+local function rate_key(key) return k('rate', key) end
+
+-- When the window of key (max, period us) has room again, or nil if it has now.
+local function rate_room(key, max, period)
+  local rk = rate_key(key)
+  local low = '(' .. num(NOW - period)
+  local n = redis.call('ZCOUNT', rk, low, '+inf')
+  if n < max then return nil end
+  local row = redis.call('ZRANGE', rk, low, '+inf', 'BYSCORE', 'LIMIT', n - max, 1, 'WITHSCORES')
+  return tonumber(row[2]) + period
+end
+
+-- The first full rate of a run whose fields rk1, rm1, rp1, rk2, rm2, rp2 are
+-- r[i..i+5]: its key and when it has room; false when none is full.
+local function rate_full(r, i)
+  if not r[i] then return false end
+  local at = rate_room(r[i], tonumber(r[i + 1]), tonumber(r[i + 2]))
+  if at then return r[i], at end
+  if r[i + 3] then
+    at = rate_room(r[i + 3], tonumber(r[i + 4]), tonumber(r[i + 5]))
+    if at then return r[i + 3], at end
+  end
+  return false
+end
+
+local function rate_claim(key, period, member)
+  local rk = rate_key(key)
+  redis.call('ZREMRANGEBYSCORE', rk, '-inf', num(NOW - period))
+  redis.call('ZADD', rk, num(NOW), member)
+  if not FAKE then
+    local ms = math.ceil(period / 1000) + 1
+    if redis.call('PTTL', rk) < ms then redis.call('PEXPIRE', rk, ms) end
+  end
+end
+
+-- A claim of run id under epoch, whose rate fields are r[i..i+5] as for
+-- rate_full: one claim at now for each of its rate keys.
+local function rate_claims(r, i, id, epoch)
+  if not r[i] then return end
+  local member = num(NOW) .. ':' .. id .. ':' .. epoch
+  rate_claim(r[i], tonumber(r[i + 2]), member)
+  if r[i + 3] then rate_claim(r[i + 3], tonumber(r[i + 5]), member) end
+end
+
+-- A claim passed over a due run because the rate of key is full until at:
+-- blocked, and the key's wait is at the latest then.
+local function rate_block(id, wf, pr, w, key, at)
+  block(id, wf, pr, w, RATE .. key)
+  if redis.call('ZADD', k('rate-waits'), 'LT', 'CH', num(at), key) == 1 then wake(wf, at - NOW) end
+end
+
+-- The max and period of rate key, from the first run it blocks; nil when it
+-- blocks none.
+local function blocked_rate(key)
+  local bb = RATE .. key
+  local bk = k('blocked', bb)
+  while true do
+    local first = redis.call('ZRANGE', bk, 0, 0)
+    if #first == 0 then return nil end
+    local id = string.match(first[1], '^%d+:(.*)$')
+    local r = {}
+    if id then r = redis.call('HMGET', run_key(id), 'bb', 'rk1', 'rm1', 'rp1', 'rk2', 'rm2', 'rp2') end
+    if r[1] == bb and r[2] == key then return tonumber(r[3]), tonumber(r[4]) end
+    if r[1] == bb and r[5] == key then return tonumber(r[6]), tonumber(r[7]) end
+    if r[1] == bb then
+      unblock(bb)  -- blocked by a rate it no longer holds: free to go
+    else
+      redis.call('ZREM', bk, first[1])
+    end
+  end
+end
+
+-- What every claim does first: for each rate key whose wait is due, unblock
+-- as many of its first blocked runs as its window has room for, and while
+-- some stay blocked, wait again until the oldest claim in the window leaves it.
+local function release_rates()
+  local waits = k('rate-waits')
+  local due = redis.call('ZRANGE', waits, '-inf', num(NOW), 'BYSCORE')
+  for _, key in ipairs(due) do
+    redis.call('ZREM', waits, key)
+    local max, period = blocked_rate(key)
+    if max then
+      local rk = rate_key(key)
+      local low = '(' .. num(NOW - period)
+      for _ = 1, max - redis.call('ZCOUNT', rk, low, '+inf') do
+        if not unblock(RATE .. key) then break end
+      end
+      if redis.call('EXISTS', k('blocked', RATE .. key)) == 1 then
+        local oldest = redis.call('ZRANGE', rk, low, '+inf', 'BYSCORE', 'LIMIT', 0, 1, 'WITHSCORES')
+        local at = NOW + period
+        if #oldest > 0 then at = tonumber(oldest[2]) + period end
+        redis.call('ZADD', waits, num(at), key)
+        wake('', at - NOW)
       end
     end
   end
@@ -232,7 +341,7 @@ end
 -- stay (keeping their 'pa'); its lists of them go.
 local function purge_one(id)
   local rk = run_key(id)
-  local r = redis.call('HMGET', rk, 'wf', 'c', 'idem', 'st', 'pa', 'k1', 'k2')
+  local r = redis.call('HMGET', rk, 'wf', 'c', 'idem', 'st', 'pa', 'k1', 'k2', 'db')
   if r[4] and not TERMINAL[r[4]] then
     redis.call('ZREM', k('finished'), id)
     return 0
@@ -256,6 +365,9 @@ local function purge_one(id)
     end
     if r[3] and r[3] ~= '' and redis.call('HGET', k('idem', r[1]), r[3]) == id then
       redis.call('HDEL', k('idem', r[1]), r[3])
+    end
+    if r[8] and redis.call('HGET', k('debounce', r[1]), r[8]) == id then
+      redis.call('HDEL', k('debounce', r[1]), r[8])
     end
     -- Every end of a run left these already; a run of an older version may not have.
     if r[6] then redis.call('SREM', k('holders', r[6]), id) end
@@ -308,14 +420,70 @@ local function park_waiting(id, wf, wt, due, pr, k1, k2)
   end
 end
 
+-- The fields of a run's priority, limits and rates, from lim (see
+-- create_run), appended to the HSET arguments f. Returns the priority ('' for 0).
+local function limit_fields(f, lim)
+  local pr = ''
+  if not plain(lim[1]) then
+    pr = lim[1]
+    f[#f + 1] = 'pr'; f[#f + 1] = pr
+  end
+  if lim[2] ~= '' then
+    f[#f + 1] = 'k1'; f[#f + 1] = lim[2]; f[#f + 1] = 'm1'; f[#f + 1] = lim[3]
+    if lim[4] ~= '' then
+      f[#f + 1] = 'k2'; f[#f + 1] = lim[4]; f[#f + 1] = 'm2'; f[#f + 1] = lim[5]
+    end
+  end
+  if lim[6] and lim[6] ~= '' then
+    f[#f + 1] = 'rk1'; f[#f + 1] = lim[6]; f[#f + 1] = 'rm1'; f[#f + 1] = lim[7]
+    f[#f + 1] = 'rp1'; f[#f + 1] = lim[8]
+    if lim[9] ~= '' then
+      f[#f + 1] = 'rk2'; f[#f + 1] = lim[9]; f[#f + 1] = 'rm2'; f[#f + 1] = lim[10]
+      f[#f + 1] = 'rp2'; f[#f + 1] = lim[11]
+    end
+  end
+  return pr
+end
+
+-- Debounce: P:debounce:<wf> maps a debounce key to the run last created
+-- with it. If that run is open (pending or delayed, never claimed), it takes
+-- the new input, priority, limits and rates, leaves the blocked indexes, and
+-- is due delay (us, 0 none) from now, never after its deadline: returns its
+-- fields. Else nil.
+local function debounce(wf, key, input, delay, lim)
+  local id = redis.call('HGET', k('debounce', wf), key)
+  if not id then return nil end
+  local rk = run_key(id)
+  local r = redis.call('HMGET', rk, 'st', 'att', 'pr', 'bb', 'w', 'dl')
+  if (r[1] ~= 'pending' and r[1] ~= 'delayed') or r[2] ~= '0' then return nil end
+  if r[4] then unlist_blocked(id, wf, r[4], r[5]) else due_rem(wf, r[3], id) end
+  redis.call('HDEL', rk, 'pr', 'k1', 'm1', 'k2', 'm2', 'rk1', 'rm1', 'rp1', 'rk2', 'rm2', 'rp2')
+  local status, due = 'pending', num(NOW)
+  if delay > 0 then status, due = 'delayed', num(NOW + delay) end
+  due = due_by_deadline(due, r[6])
+  local f = {'st', status, 'in', input, 'w', due, 'u', num(NOW)}
+  local pr = limit_fields(f, lim)
+  redis.call('HSET', rk, unpack(f))
+  due_add(wf, pr, due, id)
+  if delay > 0 then
+    redis.call('ZADD', k('parked', wf), 3, id)
+  else
+    redis.call('ZREM', k('parked', wf), id)
+  end
+  wake(wf, tonumber(due) - NOW)
+  return redis.call('HGETALL', rk)
+end
+
 -- Create a pending run, or with a positive delay (us) a delayed one, due
 -- then; or find the run holding the idempotency key (whatever the delay).
 -- With a deadline (us after now; '' none) the run's 'dl' is now plus it, or
 -- cap (us, a child's parent's deadline; nil or '' none) if that is earlier,
 -- and a delayed run is due at the earlier of its delay's end and that.
--- lim is {priority, key1, max1, key2, max2} ('' for 0 / none; nil: none).
+-- lim is {priority, key1, max1, key2, max2, rate key1, max1, period1 (us),
+-- rate key2, max2, period2, debounce key} ('' for 0 / none; nil: none).
 -- Returns {1, now} when created (the client knows every other field),
--- {0, run} for an existing one, {-1} when the id is taken. A delayed run is
+-- {0, run} for an existing one, {2, run} for the open run a debounce key
+-- updated instead (debounce), {-1} when the id is taken. A delayed run is
 -- in its due set at its due time, like a sleeping run, and in P:parked with
 -- score 3.
 local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
@@ -326,10 +494,15 @@ local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
       if #found > 0 then return {0, found} end
     end
   end
+  delay = tonumber(delay) or 0
+  local db = lim and lim[12] or ''
+  if db ~= '' then
+    local found = debounce(wf, db, input, delay, lim)
+    if found then return {2, found} end
+  end
   local rk = run_key(id)
   if redis.call('EXISTS', rk) == 1 then return {-1} end
   local now = num(NOW)
-  delay = tonumber(delay) or 0
   local dl = ''
   if deadline and deadline ~= '' then dl = num(NOW + tonumber(deadline)) end
   if cap and cap ~= '' and (dl == '' or tonumber(cap) < tonumber(dl)) then dl = cap end
@@ -339,18 +512,8 @@ local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
     'rec', 0, 'ep', 0, 'c', now, 'u', now, 'w', due, 'sq', 0}
   if dl ~= '' then f[#f + 1] = 'dl'; f[#f + 1] = dl end
   local pr = ''
-  if lim then
-    if not plain(lim[1]) then
-      pr = lim[1]
-      f[#f + 1] = 'pr'; f[#f + 1] = pr
-    end
-    if lim[2] ~= '' then
-      f[#f + 1] = 'k1'; f[#f + 1] = lim[2]; f[#f + 1] = 'm1'; f[#f + 1] = lim[3]
-      if lim[4] ~= '' then
-        f[#f + 1] = 'k2'; f[#f + 1] = lim[4]; f[#f + 1] = 'm2'; f[#f + 1] = lim[5]
-      end
-    end
-  end
+  if lim then pr = limit_fields(f, lim) end
+  if db ~= '' then f[#f + 1] = 'db'; f[#f + 1] = db end
   redis.call('HSET', rk, unpack(f))
   due_add(wf, pr, due, id)
   if delay > 0 then redis.call('ZADD', k('parked', wf), 3, id) end
@@ -358,9 +521,17 @@ local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
   redis.call('ZADD', k('idx'), 0, member)
   redis.call('ZADD', k('idx', 'wf', wf), 0, member)
   if idem ~= '' then redis.call('HSET', k('idem', wf), idem, id) end
+  if db ~= '' then redis.call('HSET', k('debounce', wf), db, id) end
   redis.call('SADD', k('workflows'), wf)
   wake(wf, tonumber(due) - NOW)
   return {1, now}
+end
+
+-- The lim table of create_run from ARGV[b..b+11].
+local function lim_args(b)
+  local lim = {}
+  for i = 0, 11 do lim[i + 1] = ARGV[b + i] end
+  return lim
 end
 
 -- A child run ended (its 'pa' and 'ps'; pa false or nil for a run without a

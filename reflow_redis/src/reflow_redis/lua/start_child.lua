@@ -1,6 +1,7 @@
--- start_child. ARGV[5..17]: parent id, parent epoch, step, child id, workflow,
+-- start_child. ARGV[5..24]: parent id, parent epoch, step, child id, workflow,
 -- input, delay (us; '' or 0 none), deadline (us after now; '' none),
--- priority, key1, max1, key2, max2 ('' none).
+-- priority, key1, max1, key2, max2, rate key1, max1, period1 (us), rate
+-- key2, max2, period2, debounce key ('' none: a child takes none).
 -- Fenced on the parent's lease. Returns false when the lease is lost, {0,
 -- child} when the id is already this parent's child at this step (nothing
 -- written), {-1} when it is taken otherwise, {1, child} when created as
@@ -19,7 +20,7 @@ if #found > 0 then
   return {-1}
 end
 local made = create_run(id, ARGV[9], ARGV[10], '', ARGV[11], ARGV[12],
-  redis.call('HGET', run_key(parent), 'dl'), {ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17]})
+  redis.call('HGET', run_key(parent), 'dl'), lim_args(13))
 local rk = run_key(id)
 redis.call('HSET', rk, 'pa', parent, 'ps', step)
 redis.call('ZADD', children_key(parent), 0, idx_member(made[2], id))
