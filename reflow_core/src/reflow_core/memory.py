@@ -775,9 +775,18 @@ class MemoryStorage:
             return False
         now = self._clock()
         entry.steps = {k: v for k, v in entry.steps.items() if v.status != "failed"}
+        debounce_key = entry.record.debounce_key
+        if debounce_key is not None and entry.record.attempts == 0:
+            pointer = (entry.record.workflow, debounce_key)
+            other = self._runs.get(self._debounce.get(pointer, ""))
+            if other is not None and other is not entry and is_open_for_debounce(other.record):
+                debounce_key = None  # that run holds the key
+            else:
+                self._debounce[pointer] = run_id
         self._update(
             entry,
             now,
+            debounce_key=debounce_key,
             status="pending",
             error=None,
             reclaims=0,

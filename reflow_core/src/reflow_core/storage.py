@@ -677,8 +677,11 @@ class Storage(Protocol):
         cleared (a requeued run has no deadline). The run holds no
         buffered events (they were deleted when it ended), so a wait it
         reaches again waits for an event sent after the requeue; the event
-        ids it saw before are still known. Returns False, changing nothing,
-        for a missing run or one in another status.
+        ids it saw before are still known. A run never claimed that has a
+        ``debounce_key`` is open again for debounced creates, unless another
+        open run of its workflow holds that key: then its ``debounce_key``
+        is cleared. Returns False, changing nothing, for a missing run or
+        one in another status.
         """
         ...
 
