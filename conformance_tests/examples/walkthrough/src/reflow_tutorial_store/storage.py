@@ -48,6 +48,7 @@ from reflow_core.storage import (
     Lease,
     NewRun,
     QueueStats,
+    RateLimit,
     RunPage,
     RunRecord,
     RunStatus,
@@ -74,8 +75,9 @@ MIGRATIONS = (
     (  # Version 1: runs, steps, events and schedules.
         # The first fifteen columns are kit.RUN_COLUMNS, in its order (the
         # rest come later: deadline_at in version 4, parent_id and parent_step
-        # in version 5, priorities and limits in version 6), so that
-        # reflow_core.adapter.run_from_row maps a row without a line of ours.
+        # in version 5, priorities and limits in version 6, rates and the
+        # debounce key in version 7), so that reflow_core.adapter.run_from_row
+        # maps a row without a line of ours.
         """CREATE TABLE runs (
             id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
             input TEXT NOT NULL, output TEXT, error TEXT, idempotency_key TEXT,
@@ -169,6 +171,33 @@ MIGRATIONS = (
         "CREATE INDEX runs_holding2 ON runs (limit_key2) WHERE status = 'running'",
     ),
     # --8<-- [end:limits-schema]
+    # --8<-- [start:rates-schema]
+    (  # Version 7: rate limits and debounce, the last of kit.RUN_COLUMNS.
+        # A run holds at most kit's MAX_RUN_RATES (2) rates: two triples of
+        # columns (kit.rate_columns), periods in microseconds. The runs
+        # already in the file get none, and no debounce key.
+        "ALTER TABLE runs ADD COLUMN rate_key1 TEXT",
+        "ALTER TABLE runs ADD COLUMN rate_max1 INTEGER",
+        "ALTER TABLE runs ADD COLUMN rate_period1 INTEGER",
+        "ALTER TABLE runs ADD COLUMN rate_key2 TEXT",
+        "ALTER TABLE runs ADD COLUMN rate_max2 INTEGER",
+        "ALTER TABLE runs ADD COLUMN rate_period2 INTEGER",
+        "ALTER TABLE runs ADD COLUMN debounce_key TEXT",
+        # One row per claim of a run holding a rate key: what a claim counts
+        # in the window of a period. A claim deletes the rows of a key that
+        # have left the window as it adds its own, so a key keeps about `max`.
+        "CREATE TABLE rate_claims (key TEXT NOT NULL, at INTEGER NOT NULL)",
+        "CREATE INDEX rate_claims_key ON rate_claims (key, at)",
+        # For each rate key with runs blocked by it: when its window has room
+        # again. Each claim first lets go the blocked runs of the keys due.
+        "CREATE TABLE rate_waits (key TEXT PRIMARY KEY, at INTEGER NOT NULL)",
+        # At most one open run (never claimed, pending or delayed) per
+        # workflow and debounce key: the condition is kit.is_open_for_debounce.
+        # A claim (attempts = 1) or an end takes the run out, freeing the key.
+        "CREATE UNIQUE INDEX runs_debounce ON runs (workflow, debounce_key)"
+        " WHERE debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'delayed')",
+    ),
+    # --8<-- [end:rates-schema]
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # kit.render_sql fills in our own column lists, never a value: values are bound.
@@ -255,11 +284,14 @@ LIST_CHILDREN = kit.render_sql(
 )
 # --8<-- [start:limits-sql]
 # The claim, in two parts. First the lapsed leases, whatever their priority
-# or limits: a dead worker's runs must not wait behind a backlog.
+# or limits: a dead worker's runs must not wait behind a backlog. Not
+# whatever their rates: one over a rate is left for a later claim, so the
+# claim reads them all rather than the first :limit.
 LAPSED_RUNS = (
-    "SELECT id FROM runs WHERE workflow IN (SELECT value FROM json_each(:workflows))"
+    "SELECT id, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2"
+    " FROM runs WHERE workflow IN (SELECT value FROM json_each(:workflows))"
     " AND status = 'running' AND lease_expires_at <= :now"
-    " ORDER BY lease_expires_at, id LIMIT :limit"
+    " ORDER BY lease_expires_at, id"
 )
 # Then the due runs that are not blocked, highest priority first, then
 # earliest due, read from the index runs_due (`wake_at <= :now` implies its
@@ -268,7 +300,8 @@ LAPSED_RUNS = (
 # rather read runs_claim, which holds the blocked runs too (EXPLAIN QUERY
 # PLAN shows which index a statement reads).
 DUE_RUNS = (
-    "SELECT id, limit_key1, limit_max1, limit_key2, limit_max2 FROM runs"
+    "SELECT id, limit_key1, limit_max1, limit_key2, limit_max2,"
+    " rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2 FROM runs"
     " WHERE workflow IN (SELECT value FROM json_each(:workflows))"
     " AND blocked_by IS NULL AND wake_at <= :now"
     " ORDER BY priority DESC, wake_at, id LIMIT :limit"
@@ -287,6 +320,36 @@ UNBLOCK_FIRST = (
     " SELECT id FROM runs WHERE blocked_by = :key ORDER BY priority DESC, wake_at, id LIMIT 1)"
 )
 # --8<-- [end:limits-sql]
+# --8<-- [start:rates-sql]
+# The claims of runs holding :key in the window of a period that ends now
+# (those after :since = now - period), newest first, past the first :skip:
+# there is such a row if the window holds more than :skip claims.
+NTH_CLAIM = (
+    "SELECT at FROM rate_claims WHERE key = :key AND at > :since"
+    " ORDER BY at DESC LIMIT 1 OFFSET :skip"
+)
+# How many claims that window holds, and the oldest of them.
+WINDOW = "SELECT count(*), min(at) FROM rate_claims WHERE key = :key AND at > :since"
+# Note when :key has room again (the earlier time, if one is noted already).
+WAIT_FOR_RATE = (
+    "INSERT INTO rate_waits (key, at) VALUES (:key, :at)"
+    " ON CONFLICT (key) DO UPDATE SET at = min(at, excluded.at)"
+)
+# Let the first :room runs blocked by :block (kit.rate_block of a key) go,
+# in the order a claim would take them: a seek in runs_blocked.
+UNBLOCK_SOME = (
+    "UPDATE runs SET blocked_by = NULL, updated_at = :now WHERE id IN ("
+    " SELECT id FROM runs WHERE blocked_by = :block"
+    " ORDER BY priority DESC, wake_at, id LIMIT :room)"
+)
+# The workflow's open run with a debounce key: the condition of the index
+# runs_debounce, so this is one seek in it.
+OPEN_DEBOUNCED = kit.render_sql(
+    "SELECT {run} FROM runs WHERE workflow = ? AND debounce_key = ?"
+    " AND attempts = 0 AND status IN ('pending', 'delayed')",
+    COLUMNS,
+)
+# --8<-- [end:rates-sql]
 # --8<-- [end:schema]
 
 
@@ -420,6 +483,10 @@ class TutorialStorage:
                 if existing.input != new.input:  # canonical text: equal values, equal text
                     raise IdempotencyConflictError(new.workflow, new.idempotency_key, existing.id)
                 return CreateResult(existing, created=False)
+        if new.debounce_key is not None:
+            row = cur.execute(OPEN_DEBOUNCED, (new.workflow, new.debounce_key)).fetchone()
+            if row is not None:  # the open run takes the new input instead
+                return CreateResult(_debounce(cur, _run(row), new, now), created=False)
         run_id = new.run_id or kit.new_run_id()
         # The kit builds the new run's record: pending and due at once
         # (wake_at = created_at = now), or, created with a positive delay,
@@ -438,8 +505,10 @@ class TutorialStorage:
         cur.execute(
             "INSERT INTO runs (id, workflow, status, input, idempotency_key, attempts, reclaims,"
             " lease_epoch, created_at, updated_at, wake_at, deadline_at, parent_id, parent_step,"
-            " priority, limit_key1, limit_max1, limit_key2, limit_max2)"
-            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " priority, limit_key1, limit_max1, limit_key2, limit_max2, rate_key1, rate_max1,"
+            " rate_period1, rate_key2, rate_max2, rate_period2, debounce_key)"
+            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.id,
                 run.workflow,
@@ -454,6 +523,8 @@ class TutorialStorage:
                 run.parent_step,
                 run.priority,  # as given (kit.check_new_run checked it and the limits)
                 *kit.limit_columns(run.limits),  # (key1, max1, key2, max2), None where unused
+                *kit.rate_columns(run.rates),  # (key1, max1, period1, key2, ...), likewise
+                run.debounce_key,
             ),
         )
 
@@ -487,28 +558,42 @@ class TutorialStorage:
             # can pick the same rows, and no write that stops a running run
             # can change the counts below before this claim commits.
             query = {"workflows": json.dumps(list(workflows)), "now": now}
-            claimed = []
+            claimed: list[ClaimedRun] = []
+            # The runs blocked by a rate whose window has room again go back
+            # among the due runs first, whatever workflows this claim asks for.
+            _release_rates(cur, now)
             # Lapsed leases first (a backlog must not starve a dead worker's
             # runs), whatever the limits: the run still holds its slots, and
-            # the new holder takes them over.
-            for (run_id,) in cur.execute(LAPSED_RUNS, {**query, "limit": limit}).fetchall():
-                claimed.append(self._take(cur, run_id, now, span, lapsed=True))
-            # Then the due runs, by priority and due time. One whose limit is
-            # full is blocked instead of taken, and the claim reads on: every
-            # row read is taken or blocked, and neither comes back, so the loop ends.
+            # the new holder takes them over. A rate holds them too: one over
+            # its rate is left as it is, for a later claim.
+            for run_id, *rates in cur.execute(LAPSED_RUNS, query).fetchall():
+                if len(claimed) == limit:
+                    break
+                if _full_rate(cur, kit.rates_from_columns(*rates), now) is None:
+                    claimed.append(self._take(cur, run_id, now, span, lapsed=True))
+            # Then the due runs, by priority and due time. One whose limit or
+            # rate is full is blocked instead of taken, and the claim reads on:
+            # every row read is taken or blocked, and neither comes back, so
+            # the loop ends.
             while len(claimed) < limit:
                 wanted = {**query, "limit": limit - len(claimed)}
                 due = cur.execute(DUE_RUNS, wanted).fetchall()  # all read before a write
                 if not due:
                     break
                 for run_id, *columns in due:
-                    full = _full_limit(cur, kit.limits_from_columns(*columns))
-                    if full is None:
+                    blocked_by = _full_limit(cur, kit.limits_from_columns(*columns[:4]))
+                    if blocked_by is None:  # the limits have room: now the rates
+                        over = _full_rate(cur, kit.rates_from_columns(*columns[4:]), now)
+                        if over is not None:  # blocked until the window has room
+                            rate, room_at = over
+                            blocked_by = kit.rate_block(rate.key)
+                            cur.execute(WAIT_FOR_RATE, {"key": rate.key, "at": room_at})
+                    if blocked_by is None:
                         claimed.append(self._take(cur, run_id, now, span, lapsed=False))
-                    else:  # out of runs_due, until a holder of `full` stops running
+                    else:  # out of runs_due, until a holder stops or the window has room
                         cur.execute(
                             "UPDATE runs SET blocked_by = ?, updated_at = ? WHERE id = ?",
-                            (full, now, run_id),
+                            (blocked_by, now, run_id),
                         )
             return claimed
 
@@ -518,7 +603,7 @@ class TutorialStorage:
     def _take(cur: sqlite3.Cursor, run_id: str, now: int, span: int, *, lapsed: bool) -> ClaimedRun:
         """Claim one run: running under a new lease. A new epoch fences off
         every write of the previous holder; a lapsed lease taken over counts
-        as a reclaim."""
+        as a reclaim. The claim counts in the window of each of the run's rates."""
         cur.execute(
             "UPDATE runs SET status = 'running', lease_epoch = lease_epoch + 1,"
             " attempts = attempts + 1, reclaims = reclaims + ?, lease_expires_at = ?,"
@@ -526,6 +611,7 @@ class TutorialStorage:
             (lapsed, now + span, now, run_id),
         )
         run = _run(cur.execute(GET_RUN, (run_id,)).fetchone())
+        _record_claim(cur, run, now)
         # The saved steps travel with the claim: the worker needs no further read.
         return ClaimedRun(run, Lease(run_id, run.lease_epoch), _steps(cur, run_id), lapsed)
 
@@ -633,10 +719,18 @@ class TutorialStorage:
             # finished_at = NULL: a requeued run is no longer finished, so no purge takes it.
             # deadline_at = NULL: nor has it a deadline any more. It is not
             # blocked either (an ended run never is): the next claim judges it.
+            # A run never claimed is open again for debounced creates with its
+            # key, unless another open run holds that key by now (runs_debounce
+            # keeps one): then it gives the key up, and the other stays the one.
             if not cur.execute(
                 "UPDATE runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = ?,"
                 " waiting_for = NULL, lease_expires_at = NULL, finished_at = NULL,"
-                " deadline_at = NULL, blocked_by = NULL, updated_at = ?"
+                " deadline_at = NULL, blocked_by = NULL, updated_at = ?,"
+                " debounce_key = CASE WHEN attempts = 0 AND EXISTS ("
+                "  SELECT 1 FROM runs AS open WHERE open.workflow = runs.workflow"
+                "  AND open.debounce_key = runs.debounce_key AND open.attempts = 0"
+                "  AND open.status IN ('pending', 'delayed'))"
+                " THEN NULL ELSE debounce_key END"
                 " WHERE id = ? AND status IN ('failed', 'cancelled')",
                 (now, now, run_id),
             ).rowcount:
@@ -1193,3 +1287,84 @@ def _limits_of(cur: sqlite3.Cursor, run_id: str) -> tuple[ConcurrencyLimit, ...]
 
 
 # --8<-- [end:limits]
+
+
+# --8<-- [start:rates]
+def _full_rate(
+    cur: sqlite3.Cursor, rates: tuple[RateLimit, ...], now: int
+) -> tuple[RateLimit, int] | None:
+    """The first of ``rates`` whose window (the period ending now) already
+    holds ``max`` claims, and when it has room again: when the ``max``-th
+    latest of them leaves it. None if every one has room. The claims made
+    earlier in the same claim are in the table already, so they count."""
+    for rate in rates:
+        period = kit.span_us(rate.period)
+        query = {"key": rate.key, "since": now - period, "skip": rate.max - 1}
+        row = cur.execute(NTH_CLAIM, query).fetchone()
+        if row is not None:
+            return rate, row[0] + period
+    return None
+
+
+def _record_claim(cur: sqlite3.Cursor, run: RunRecord, now: int) -> None:
+    """Note a claim of ``run`` at ``now`` for each of its rate keys, and
+    forget that key's claims that have left the window."""
+    for rate in run.rates:
+        since = now - kit.span_us(rate.period)
+        cur.execute("DELETE FROM rate_claims WHERE key = ? AND at <= ?", (rate.key, since))
+        cur.execute("INSERT INTO rate_claims (key, at) VALUES (?, ?)", (rate.key, now))
+
+
+def _release_rates(cur: sqlite3.Cursor, now: int) -> None:
+    """At the start of each claim: for each rate key whose noted time has
+    come, let its first blocked runs go, as many as its window has room for.
+    If some are still blocked, note when the oldest claim in the window
+    leaves it, and look again then."""
+    due = cur.execute("SELECT key FROM rate_waits WHERE at <= ?", (now,)).fetchall()
+    for (key,) in due:
+        cur.execute("DELETE FROM rate_waits WHERE key = ?", (key,))
+        block = kit.rate_block(key)
+        first = cur.execute(
+            "SELECT rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2"
+            " FROM runs WHERE blocked_by = ? LIMIT 1",
+            (block,),
+        ).fetchone()
+        if first is None:  # its blocked runs have gone meanwhile (ended, or debounced)
+            continue
+        rate = next(rate for rate in kit.rates_from_columns(*first) if rate.key == key)
+        period = kit.span_us(rate.period)
+        count, oldest = cur.execute(WINDOW, {"key": key, "since": now - period}).fetchone()
+        if count < rate.max:
+            cur.execute(UNBLOCK_SOME, {"block": block, "room": rate.max - count, "now": now})
+        if cur.execute("SELECT 1 FROM runs WHERE blocked_by = ?", (block,)).fetchone():
+            at = (now if oldest is None else oldest) + period
+            cur.execute(WAIT_FOR_RATE, {"key": key, "at": at})
+
+
+def _debounce(cur: sqlite3.Cursor, open_run: RunRecord, new: NewRun, now: int) -> RunRecord:
+    """A debounced create: ``open_run`` takes ``new``'s input, priority,
+    limits and rates, is no longer blocked, and is due ``new.delay`` from
+    now (never after its deadline). The kit computes the record; the row
+    is written to match it."""
+    run = kit.debounced_record(open_run, new, kit.from_epoch_us(now))
+    assert run.wake_at is not None  # pending or delayed: it has a due time
+    cur.execute(
+        "UPDATE runs SET status = ?, input = ?, priority = ?, limit_key1 = ?, limit_max1 = ?,"
+        " limit_key2 = ?, limit_max2 = ?, rate_key1 = ?, rate_max1 = ?, rate_period1 = ?,"
+        " rate_key2 = ?, rate_max2 = ?, rate_period2 = ?, blocked_by = NULL, wake_at = ?,"
+        " updated_at = ? WHERE id = ?",
+        (
+            run.status,
+            run.input,
+            run.priority,
+            *kit.limit_columns(run.limits),
+            *kit.rate_columns(run.rates),
+            kit.to_epoch_us(run.wake_at),
+            now,
+            run.id,
+        ),
+    )
+    return run
+
+
+# --8<-- [end:rates]
