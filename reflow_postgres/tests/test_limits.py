@@ -197,11 +197,13 @@ async def test_a_claim_behind_many_full_keys_never_reads_their_blocked_runs(
     before = admin.execute(
         sql.SQL("SELECT max(updated_at) FROM {}.runs WHERE id LIKE 'blocked%%'").format(ident)
     ).fetchone()
-    params = {"workflows": ["wf"], "limit": 10, "lease": LEASE}
+    params = {"workflows": ["wf"], "limit": 10, "lease": LEASE, "probe": True, "skip": []}
     with admin.transaction(force_rollback=True):  # EXPLAIN ANALYZE really claims
         top, *nodes = _explain(admin, store._sql["claim"].decode(), params)
     scans = {(n.get("Node Type"), n.get("Index Name")) for n in nodes if n.get("Index Name")}
-    assert not [n for n in nodes if n.get("Node Type") == "Seq Scan"], nodes
+    # No table is scanned whole but the empty rate_waits (no blocks to read).
+    seq = [n for n in nodes if n.get("Node Type") == "Seq Scan"]
+    assert all(n.get("Relation Name") == "rate_waits" for n in seq), seq
     ready = [n for n in nodes if n.get("Index Name") == "runs_ready"]
     assert ready
     assert all(int(str(n["Actual Rows"])) <= 10 for n in ready), ready

@@ -13,7 +13,14 @@ import pytest
 from psycopg import sql
 
 from reflow_core import SchemaVersionError, StorageError, open_storage
-from reflow_core.storage import ConcurrencyLimit, NewRun, ScheduleSpec, StepRecord
+from reflow_core.storage import (
+    RATE_BLOCK_PREFIX,
+    ConcurrencyLimit,
+    NewRun,
+    RateLimit,
+    ScheduleSpec,
+    StepRecord,
+)
 from reflow_postgres import PostgresStorage
 from reflow_postgres import _schema as schema_module
 from reflow_postgres._schema import SCHEMA_VERSION
@@ -96,6 +103,8 @@ async def test_initialize_creates_the_versioned_schema(
         "events",
         "schedules",
         "workers",
+        "rate_claims",
+        "rate_waits",
         "reflow_schema",
     }
     assert_every_version_recorded(admin, schema)
@@ -184,7 +193,13 @@ async def test_the_claim_never_scans_finished_history(
         await store.create_run(NewRun("wf", "1", delay=timedelta(hours=1)))
     admin.execute(sql.SQL("ANALYZE {}.runs").format(ident))
     statement = store._sql["claim"].decode()
-    params = {"workflows": ["wf"], "limit": 10, "lease": timedelta(seconds=30)}
+    params = {
+        "workflows": ["wf"],
+        "limit": 10,
+        "lease": timedelta(seconds=30),
+        "probe": True,
+        "skip": [],
+    }
     with admin.transaction(force_rollback=True):  # EXPLAIN ANALYZE really claims
         row = admin.execute(
             ("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement).encode(), params
@@ -595,3 +610,92 @@ async def test_a_version_5_schema_with_runs_is_migrated_forward(
         assert await stores[3].finish_run(held.lease, "completed", output="1")
         [then] = await store.claim_runs(["lim"], 10, timedelta(seconds=30))
         assert then.run.id == second.run.id
+
+
+async def test_a_version_6_schema_with_runs_is_migrated_forward(
+    postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 7 adds the rate columns and debounce_key (nullable, no
+    default: the table is not rewritten), the unique index of open runs by
+    debounce key, the tables of rate claims and rate waits, and the
+    functions of the rates. Every run stored before has no rates and no
+    debounce key, and keeps its status, due time, limits and block; workers
+    starting together migrate once. New runs are then held to their rates
+    and debounced, next to runs stored before."""
+    await initialize_old_schema(postgres_url, monkeypatch, 6)
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, attempts, waiting_for,"
+            " created_at, updated_at, wake_at, lease_expires_at, priority, limit_key1,"
+            " limit_max1, blocked_by) VALUES"
+            " ('old-pending', 'wf', 'pending', '1', 0, NULL, now(), now(),"
+            "  now() - interval '1 hour', NULL, 3, NULL, NULL, NULL),"
+            " ('old-running', 'wf', 'running', '1', 1, NULL, now(), now(), NULL,"
+            "  now() + interval '1 hour', 0, 'k', 1, NULL),"
+            " ('old-blocked', 'wf', 'pending', '1', 0, NULL, now(), now(),"
+            "  now() - interval '1 hour', NULL, 0, 'k', 1, 'k'),"
+            " ('old-delayed', 'wf', 'sleeping', '1', 0, NULL, now(), now(),"
+            "  now() + interval '1 hour', NULL, 0, NULL, NULL, NULL)"
+        ).format(ident)
+    )
+    read = sql.SQL(
+        "SELECT id, status, wake_at, lease_expires_at, priority, limit_key1, blocked_by"
+        " FROM {}.runs"
+    ).format(ident)
+    before = {row[0]: row[1:] for row in admin.execute(read)}
+    assert "rate_claims" not in tables(admin, schema)
+    async with migrated(postgres_url, schema, admin, monkeypatch) as stores:
+        store = stores[0]
+        assert {"rate_claims", "rate_waits"} <= tables(admin, schema)
+        columns = admin.execute(
+            "SELECT column_name, data_type, is_nullable, column_default"
+            " FROM information_schema.columns WHERE table_schema = %s AND table_name = 'runs'"
+            " AND (column_name LIKE 'rate%%' OR column_name = 'debounce_key')"
+            " ORDER BY column_name",
+            (schema,),
+        ).fetchall()
+        assert columns == [
+            ("debounce_key", "text", "YES", None),
+            ("rate_key1", "text", "YES", None),
+            ("rate_key2", "text", "YES", None),
+            ("rate_max1", "integer", "YES", None),
+            ("rate_max2", "integer", "YES", None),
+            ("rate_period1", "bigint", "YES", None),
+            ("rate_period2", "bigint", "YES", None),
+        ]
+        indexes = {
+            str(row[0]): str(row[1])
+            for row in admin.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s"
+                " AND indexname IN ('runs_debounce', 'rate_claims_key', 'rate_waits_due')",
+                (schema,),
+            )
+        }
+        assert sorted(indexes) == ["rate_claims_key", "rate_waits_due", "runs_debounce"]
+        assert "UNIQUE" in indexes["runs_debounce"]
+        assert "attempts = 0" in indexes["runs_debounce"]
+        assert {row[0]: row[1:] for row in admin.execute(read)} == before
+        olds = {r.id: r for r in (await store.list_runs(workflow="wf")).runs}
+        assert {i: (r.status, r.rates, r.debounce_key, r.blocked_by) for i, r in olds.items()} == {
+            "old-pending": ("pending", (), None, None),
+            "old-running": ("running", (), None, None),
+            "old-blocked": ("pending", (), None, "k"),
+            "old-delayed": ("delayed", (), None, None),
+        }
+
+        rate = (RateLimit("r", 1, timedelta(hours=1)),)
+        first = await stores[1].create_run(NewRun("wf", "2", rates=rate))
+        second = await stores[1].create_run(NewRun("wf", "3", rates=rate))
+        claimed = await stores[2].claim_runs(["wf"], 10, timedelta(seconds=30))
+        assert [c.run.id for c in claimed] == ["old-pending", first.run.id]
+        assert claimed[1].run.rates == rate
+        held = await store.get_run(second.run.id)
+        assert held is not None
+        assert held.blocked_by == RATE_BLOCK_PREFIX + "r"
+
+        one = await stores[3].create_run(NewRun("wf", "a", debounce_key="d"))
+        two = await stores[3].create_run(NewRun("wf", "b", debounce_key="d"))
+        assert one.created
+        assert not two.created
+        assert (two.run.id, two.run.input, two.run.debounce_key) == (one.run.id, "b", "d")

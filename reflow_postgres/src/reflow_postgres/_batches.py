@@ -51,6 +51,22 @@ class BatchedWrites:
     # -- creates -------------------------------------------------------------------
 
     async def _create_batch(self, items: Sequence[Create]) -> list[CreateResult | ReflowError]:
+        """Creates with a debounce key each in a statement of their own (one
+        statement cannot update an open run twice), the others together."""
+        debounced = [i for i, (_, new) in enumerate(items) if new.debounce_key is not None]
+        if not debounced:
+            return await self._create_many(items)
+        results: list[CreateResult | ReflowError | None] = [None] * len(items)
+        for i in debounced:
+            results[i] = await self._create_alone(*items[i])
+        rest = [i for i, (_, new) in enumerate(items) if new.debounce_key is None]
+        if rest:
+            outcomes = await self._create_many([items[i] for i in rest])
+            for i, outcome in zip(rest, outcomes, strict=True):
+                results[i] = outcome
+        return [outcome for outcome in results if outcome is not None]
+
+    async def _create_many(self, items: Sequence[Create]) -> list[CreateResult | ReflowError]:
         db = self._db
         keys = [(n.workflow, n.idempotency_key) for _, n in items if n.idempotency_key]
         ids = [run_id for run_id, _ in items]
@@ -69,6 +85,12 @@ class BatchedWrites:
             maxes1=[limits["max1"] for limits in flow],
             keys2=[limits["key2"] for limits in flow],
             maxes2=[limits["max2"] for limits in flow],
+            rkeys1=[limits["rkey1"] for limits in flow],
+            rmaxes1=[limits["rmax1"] for limits in flow],
+            rperiods1=[limits["rperiod1"] for limits in flow],
+            rkeys2=[limits["rkey2"] for limits in flow],
+            rmaxes2=[limits["rmax2"] for limits in flow],
+            rperiods2=[limits["rperiod2"] for limits in flow],
         )
         retried = False
 
@@ -120,10 +142,12 @@ class BatchedWrites:
             **limit_params(new),
         )
 
+        statement = db.sql["create" if new.debounce_key is None else "create_debounced"]
+
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> CreateResult:
             again = retried or attempt > 0
             try:
-                cur = await conn.execute(db.sql["create"], params)
+                cur = await conn.execute(statement, params)
             except pg_errors.UniqueViolation as exc:
                 if exc.diag.constraint_name != "runs_pkey":
                     raise
@@ -140,6 +164,8 @@ class BatchedWrites:
             if row[INSERTED] or (again and record.id == run_id):
                 # Created now, or by our own first try before its reply was lost.
                 return CreateResult(record, created=True)
+            if new.debounce_key is not None:
+                return CreateResult(record, created=False)  # the open run, updated
             if record.input != new.input:
                 assert new.idempotency_key is not None
                 raise IdempotencyConflictError(new.workflow, new.idempotency_key, record.id)

@@ -13,6 +13,7 @@ from reflow_core.adapter import (
     from_epoch_us,
     is_delayed,
     limit_columns,
+    rate_columns,
     run_from_row,
     step_from_row,
 )
@@ -21,6 +22,7 @@ from reflow_core.storage import ClaimedRun, Lease, NewRun, StepRecord
 __all__ = [
     "INSERTED",
     "LIMITED",
+    "RATE_DUE",
     "claimed_run",
     "deadline_param",
     "delay_param",
@@ -36,7 +38,10 @@ _STALE = _RUN_WIDTH
 _STEPS = _RUN_WIDTH + 2
 LIMITED = _RUN_WIDTH + 3
 """Index, in a row of the ``claim`` statement, of the ids of the picked runs
-that hold limits, left for ``claim_limited``."""
+that hold limits or rates, left for ``claim_limited``."""
+RATE_DUE = _RUN_WIDTH + 4
+"""Index, in a row of the ``claim`` statement, of whether its probe found a
+rate wait due (then it claimed nothing)."""
 
 
 def delay_param(new: NewRun) -> timedelta | None:
@@ -52,10 +57,26 @@ def deadline_param(new: NewRun) -> timedelta | None:
 
 
 def limit_params(new: NewRun) -> dict[str, Any]:
-    """The ``priority``, ``key1``, ``max1``, ``key2`` and ``max2`` parameters
-    of a statement that creates ``new`` (``limit_values``)."""
+    """The ``priority``, ``key1``, ``max1``, ``key2`` and ``max2`` (limits),
+    ``rkey1``, ``rmax1``, ``rperiod1``, ``rkey2``, ``rmax2`` and ``rperiod2``
+    (rates, periods in microseconds) and ``debounce`` parameters of a
+    statement that creates ``new`` (``limit_values``)."""
     key1, max1, key2, max2 = limit_columns(new.limits)
-    return {"priority": new.priority, "key1": key1, "max1": max1, "key2": key2, "max2": max2}
+    rkey1, rmax1, rperiod1, rkey2, rmax2, rperiod2 = rate_columns(new.rates)
+    return {
+        "priority": new.priority,
+        "key1": key1,
+        "max1": max1,
+        "key2": key2,
+        "max2": max2,
+        "rkey1": rkey1,
+        "rmax1": rmax1,
+        "rperiod1": rperiod1,
+        "rkey2": rkey2,
+        "rmax2": rmax2,
+        "rperiod2": rperiod2,
+        "debounce": new.debounce_key,
+    }
 
 
 def step_params(step: StepRecord) -> dict[str, Any]:

@@ -48,6 +48,16 @@ Design notes (see docs/postgres.md):
   key and the writes that stop such runs take the key's advisory lock
   (``lock_limits``) and read the holders (``runs_holding1``/``2``) or the
   blocked runs after it (``claim_limited``, ``release_limits``).
+* The rate columns, ``debounce_key``, ``rate_claims`` and ``rate_waits``
+  (version 7): runs holding rates go through the claim's second statement
+  (``claim_held``) like runs holding limits; under each rate key's advisory
+  lock (a key space of its own) it reads the key's claims
+  (``rate_claims_key``), blocks a due run whose rate is full (``blocked_by``
+  is the protocol's prefix and the key, so it is in ``runs_blocked`` only)
+  and sets the key's wait. Each claim probes ``rate_waits_due`` first and,
+  when a wait is due, ``release_rates`` unblocks the runs the window has room
+  for. ``runs_debounce`` (unique, open runs with a debounce key only) is the
+  arbiter of a debounced create's ``INSERT ... ON CONFLICT DO UPDATE``.
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

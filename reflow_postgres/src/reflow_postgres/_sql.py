@@ -17,7 +17,7 @@ from typing import Any
 from psycopg import sql
 
 from reflow_core.adapter import RUN_COLUMNS, SCHEDULE_COLUMNS, WORKER_COLUMNS, load_queries
-from reflow_core.storage import CHILDREN_WAIT_PREFIX
+from reflow_core.storage import CHILDREN_WAIT_PREFIX, RATE_BLOCK_PREFIX
 
 __all__ = ["Statements", "channel_name", "list_runs_query", "statements"]
 
@@ -46,9 +46,11 @@ def statements(schema: str, *, notify: bool, test_clock: bool) -> Statements:
     slots = {
         "schema": sql.Identifier(schema).as_string(None),
         "now": "%(now)s::timestamptz" if test_clock else "now()",
+        "locked_now": "%(now)s::timestamptz" if test_clock else "NULL::timestamptz",
         "channel": channel,
         "wake_channel": channel,
         "children_prefix": sql.Literal(CHILDREN_WAIT_PREFIX).as_string(None),
+        "rate_prefix": sql.Literal(RATE_BLOCK_PREFIX).as_string(None),
         "run_columns": RUN_COLUMNS,
         "run_columns_r": _RUN_COLUMNS_R,
         "run_columns_c": _RUN_COLUMNS_C,

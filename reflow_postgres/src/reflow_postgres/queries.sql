@@ -6,10 +6,14 @@
 -- * {schema}: the schema, quoted by psycopg as an identifier;
 -- * {now}: the storage clock: now() (the server's clock, the default), or
 --   the bound parameter %(now)s::timestamptz when a test clock is configured;
+--   {locked_now} is NULL::timestamptz instead of now() (a function that
+--   takes locks reads the server's clock once they are granted);
 -- * {channel}: the notification channel, quoted by psycopg as a literal;
 --   {wake_channel} is the same, or NULL::text when notifications are off;
 -- * {children_prefix}: reflow_core.storage.CHILDREN_WAIT_PREFIX, quoted by
 --   psycopg as a literal (the waiting_for of a run waiting for its children);
+-- * {rate_prefix}: reflow_core.storage.RATE_BLOCK_PREFIX, quoted by psycopg
+--   as a literal (blocked_by of a run blocked by a rate limit, before the key);
 -- * {run_columns}, {run_columns_r} and {run_columns_c} (each prefixed with r. or c.),
 --   {schedule_columns} and {worker_columns}: the column orders of
 --   reflow_core.adapter's row mappers.
@@ -48,7 +52,8 @@ reclaims, lease_epoch, created_at, updated_at,
 CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END AS wake_at,
 waiting_for, CASE WHEN lease_expires_at > {latest} THEN {latest} ELSE lease_expires_at END
     AS lease_expires_at, deadline_at, parent_id, parent_step, priority, limit_key1, limit_max1,
-    limit_key2, limit_max2, blocked_by
+    limit_key2, limit_max2, blocked_by, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2,
+    rate_period2, debounce_key
 
 -- name: step_read_columns
 -- The step columns of reflow_core.adapter.STEP_COLUMNS, wake_at capped.
@@ -64,12 +69,16 @@ id = %(id)s AND status = 'running' AND lease_epoch = %(epoch)s AND lease_expires
 ('completed', 'failed', 'cancelled')
 
 -- name: insert_run
-INSERT INTO {schema}.runs (id, workflow, status, input, idempotency_key, created_at,
-    updated_at, wake_at, deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2)
+INSERT INTO {schema}.runs AS r (id, workflow, status, input, idempotency_key, created_at,
+    updated_at, wake_at, deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2,
+    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, debounce_key)
 
 -- name: limit_values
--- The priority and limits of a new run (reflow_core.adapter.limit_columns).
-%(priority)s::integer, %(key1)s::text, %(max1)s::integer, %(key2)s::text, %(max2)s::integer
+-- The priority, limits, rates and debounce key of a new run
+-- (reflow_core.adapter.limit_columns and rate_columns; periods in microseconds).
+%(priority)s::integer, %(key1)s::text, %(max1)s::integer, %(key2)s::text, %(max2)s::integer,
+%(rkey1)s::text, %(rmax1)s::integer, %(rperiod1)s::bigint, %(rkey2)s::text, %(rmax2)s::integer,
+%(rperiod2)s::bigint, %(debounce)s::text
 
 -- name: new_status
 -- A new run with a delay (a positive interval, else NULL) is delayed: stored
@@ -88,6 +97,27 @@ least({now} + coalesce(%(delay)s::interval, interval '0'), {now} + %(deadline)s:
 -- inserted false.
 ON CONFLICT (workflow, idempotency_key) WHERE idempotency_key IS NOT NULL
 DO UPDATE SET idempotency_key = EXCLUDED.idempotency_key
+RETURNING {read_columns}, (xmax = 0) AS inserted
+
+-- name: on_debounce_key
+-- Debounce: the workflow's open run with the same debounce key (pending, or
+-- delayed: stored as sleeping, and never claimed; the predicate of
+-- runs_debounce) is updated in place instead: the new input, priority,
+-- limits and rates, unblocked, due the delay from now (or at its own
+-- deadline if that comes first; least() skips a NULL), its id, creation and
+-- deadline kept; it comes back with inserted false. Concurrent creates with
+-- the key are serialized by the index: one inserts, the others update.
+ON CONFLICT (workflow, debounce_key)
+    WHERE debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'sleeping')
+DO UPDATE SET status = EXCLUDED.status, input = EXCLUDED.input,
+    priority = EXCLUDED.priority, limit_key1 = EXCLUDED.limit_key1,
+    limit_max1 = EXCLUDED.limit_max1, limit_key2 = EXCLUDED.limit_key2,
+    limit_max2 = EXCLUDED.limit_max2, rate_key1 = EXCLUDED.rate_key1,
+    rate_max1 = EXCLUDED.rate_max1, rate_period1 = EXCLUDED.rate_period1,
+    rate_key2 = EXCLUDED.rate_key2, rate_max2 = EXCLUDED.rate_max2,
+    rate_period2 = EXCLUDED.rate_period2, blocked_by = NULL,
+    wake_at = least({now} + coalesce(%(delay)s::interval, interval '0'), r.deadline_at),
+    updated_at = {now}
 RETURNING {read_columns}, (xmax = 0) AS inserted
 
 -- name: insert_step
@@ -189,23 +219,37 @@ WITH ins AS (
     {on_idempotency_key}
 ) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
 
+-- name: create_debounced
+-- create for a run with a debounce key (never batched: one statement cannot
+-- update a row twice). The notification says when the run is due, whether
+-- it was inserted or updated.
+WITH ins AS (
+    {insert_run}
+    VALUES (%(id)s, %(workflow)s, {new_status}, %(input)s, %(key)s, {now}, {now},
+        {new_wake_at}, {now} + %(deadline)s::interval, {limit_values})
+    {on_debounce_key}
+) SELECT ins.*, {notify_ins} FROM ins
+
 -- name: create_many
 -- Many creates in one statement (group commit); the caller makes sure no two
--- share an id or an idempotency key. One notification per workflow, for the
+-- share an id or an idempotency key, and that none has a debounce key. One notification per workflow, for the
 -- first of its new runs to fall due (0 when one is due at once; next_due
 -- finds the later ones).
 WITH t AS (
     SELECT * FROM unnest(%(ids)s::text[], %(workflows)s::text[], %(inputs)s::text[],
         %(keys)s::text[], %(delays)s::interval[], %(deadlines)s::interval[],
         %(priorities)s::integer[], %(keys1)s::text[], %(maxes1)s::integer[],
-        %(keys2)s::text[], %(maxes2)s::integer[])
+        %(keys2)s::text[], %(maxes2)s::integer[], %(rkeys1)s::text[], %(rmaxes1)s::integer[],
+        %(rperiods1)s::bigint[], %(rkeys2)s::text[], %(rmaxes2)s::integer[],
+        %(rperiods2)s::bigint[])
         WITH ORDINALITY AS t(id, workflow, input, key, delay, deadline, priority, key1, max1,
-        key2, max2, ord)
+        key2, max2, rkey1, rmax1, rperiod1, rkey2, rmax2, rperiod2, ord)
 ), ins AS (
     {insert_run}
     SELECT id, workflow, CASE WHEN delay IS NULL THEN 'pending' ELSE 'sleeping' END, input,
         key, {now}, {now}, least({now} + coalesce(delay, interval '0'), {now} + deadline),
-        {now} + deadline, priority, key1, max1, key2, max2 FROM t ORDER BY ord
+        {now} + deadline, priority, key1, max1, key2, max2, rkey1, rmax1, rperiod1, rkey2,
+        rmax2, rperiod2, NULL FROM t ORDER BY ord
     {on_idempotency_key}
 ), woken AS (
     SELECT {notify_ins} FROM (SELECT workflow, min(wake_at) AS wake_at FROM ins
@@ -221,31 +265,45 @@ SELECT {read_columns} FROM {schema}.runs WHERE id = %(id)s
 -- order, and timed ones (delayed, sleeping, waiting) that are due through
 -- runs_due (the range up to now: those due at this moment, sorted by
 -- priority and due time); each taken with SKIP LOCKED and bounded by the
--- claim limit. Blocked runs are in neither index. Runs holding limits among the
--- picked are left for claim_limited: their ids come back, in claim order,
--- in the last column (of every row, and of a row of NULLs when nothing else
--- was claimed). The claimed runs come back with their saved steps (times in
--- epoch microseconds, as JSON holds them).
-WITH stale AS (
-    SELECT id, lease_expires_at AS k FROM {schema}.runs
+-- claim limit. Blocked runs are in neither index. Runs holding limits or
+-- rates among the picked (lapsed leases holding rates too) are left for
+-- claim_held: their ids come back, in claim order, in the column after the
+-- steps (of every row, and of a row of NULLs when nothing else was
+-- claimed). The claimed runs come back with their saved steps (times in
+-- epoch microseconds, as JSON holds them). Lapsed leases in skip (held by
+-- a full rate, seen by this claim already) are passed over.
+--
+-- With probe true, a claim first looks whether a rate wait is due (an
+-- index probe of rate_waits_due, next to nothing when none is): if one is,
+-- it claims nothing and says so in the last column, and the caller runs
+-- release_rates and claims again, so that the runs it releases compete
+-- with the others.
+WITH gate AS MATERIALIZED (
+    SELECT %(probe)s::boolean
+        AND EXISTS (SELECT 1 FROM {schema}.rate_waits WHERE due_at <= {now}) AS due
+), stale AS (
+    SELECT id, lease_expires_at AS k, rate_key1 IS NOT NULL AS limited FROM {schema}.runs
     WHERE status = 'running' AND lease_expires_at <= {now}
-        AND workflow = ANY(%(workflows)s)
+        AND workflow = ANY(%(workflows)s) AND id <> ALL(%(skip)s::text[])
+        AND NOT (SELECT due FROM gate)
     ORDER BY lease_expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), ready AS (
-    SELECT id, priority, wake_at AS k, limit_key1 IS NOT NULL AS limited FROM {schema}.runs
+    SELECT id, priority, wake_at AS k, limit_key1 IS NOT NULL OR rate_key1 IS NOT NULL
+        AS limited FROM {schema}.runs
     WHERE status = 'pending' AND blocked_by IS NULL AND wake_at <= {now}
-        AND workflow = ANY(%(workflows)s)
+        AND workflow = ANY(%(workflows)s) AND NOT (SELECT due FROM gate)
     ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), timed AS (
-    SELECT id, priority, wake_at AS k, limit_key1 IS NOT NULL AS limited FROM {schema}.runs
+    SELECT id, priority, wake_at AS k, limit_key1 IS NOT NULL OR rate_key1 IS NOT NULL
+        AS limited FROM {schema}.runs
     WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL AND wake_at <= {now}
-        AND workflow = ANY(%(workflows)s)
+        AND workflow = ANY(%(workflows)s) AND NOT (SELECT due FROM gate)
     ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), due AS (
     SELECT * FROM ready UNION ALL SELECT * FROM timed
     ORDER BY priority DESC, k LIMIT %(limit)s
 ), picked AS MATERIALIZED (
-    SELECT id, 1 AS stale, 0 AS priority, k, false AS limited FROM stale
+    SELECT id, 1 AS stale, 0 AS priority, k, limited FROM stale
     UNION ALL SELECT id, 0, priority, k, limited FROM due
     LIMIT %(limit)s
 ), claimed AS (
@@ -257,24 +315,30 @@ WITH stale AS (
 ) SELECT c.*, (SELECT json_agg(json_build_array(st.name, st.status, st.output,
         st.error, st.attempts, (extract(epoch FROM st.wake_at) * 1000000)::bigint,
         (extract(epoch FROM st.completed_at) * 1000000)::bigint) ORDER BY st.seq)
-    FROM {schema}.steps AS st WHERE st.run_id = c.id), l.ids
-FROM (SELECT array_agg(id ORDER BY priority DESC, k, id) AS ids FROM picked WHERE limited) AS l
+    FROM {schema}.steps AS st WHERE st.run_id = c.id), l.ids, (SELECT due FROM gate)
+FROM (SELECT array_agg(id ORDER BY stale DESC, priority DESC, k, id) AS ids FROM picked
+    WHERE limited) AS l
 LEFT JOIN claimed AS c ON true
 ORDER BY c.stale DESC, c.priority DESC, c.k, c.id
 
 -- name: claim_limited
--- The runs holding limits that claim picked (ids, in claim order), claimed
--- or blocked by the schema's function claim_limited, in this statement's
--- transaction (see schema.sql); rows as claim's.
+-- The runs holding limits or rates that claim picked (ids, in claim
+-- order), claimed or blocked by the schema's function claim_held, in this
+-- statement's transaction (see schema.sql); rows as claim's.
 WITH c AS MATERIALIZED (
-    SELECT * FROM {schema}.claim_limited(%(ids)s::text[], %(lease)s::interval, {now},
-        %(limit)s::integer)
-) SELECT {run_columns_c}, 0 AS stale, NULL::timestamptz AS k,
+    SELECT (h.run).*, h.stale FROM {schema}.claim_held(%(ids)s::text[], %(lease)s::interval,
+        {locked_now}, %(limit)s::integer, {rate_prefix}) AS h
+) SELECT {run_columns_c}, c.stale, NULL::timestamptz AS k,
     (SELECT json_agg(json_build_array(st.name, st.status, st.output,
         st.error, st.attempts, (extract(epoch FROM st.wake_at) * 1000000)::bigint,
         (extract(epoch FROM st.completed_at) * 1000000)::bigint) ORDER BY st.seq)
     FROM {schema}.steps AS st WHERE st.run_id = c.id)
 FROM c
+
+-- name: release_rates
+-- Run before a claim when its probe found a rate wait due (see claim and
+-- the schema's function release_rates).
+SELECT {schema}.release_rates({now}, {rate_prefix}, {wake_channel})
 
 -- name: release
 -- The end of a cancel cascade: the keys the runs it stopped held.
@@ -572,7 +636,8 @@ WITH p AS (
 ), ins AS (
     INSERT INTO {schema}.runs (id, workflow, status, input, created_at, updated_at, wake_at,
         deadline_at, parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2,
-        limit_max2)
+        limit_max2, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2,
+        debounce_key)
     SELECT %(child)s::text, %(workflow)s::text, {new_status}, %(input)s::text, {now}, {now},
         least({now} + coalesce(%(delay)s::interval, interval '0'), v.deadline_at),
         v.deadline_at, %(id)s::text, %(step)s::text, {limit_values} FROM v
@@ -634,12 +699,19 @@ ORDER BY created_at DESC, id DESC LIMIT %(limit)s
 -- name: requeue
 -- A requeued run starts with an empty buffer (its events were dropped when it
 -- ended; runs.buffered is only kept up to date while a run lives) and has no
--- deadline.
+-- deadline. A run never claimed that holds a debounce key is open again, for
+-- debounced creates, unless another open run holds the key already: then it
+-- lets go of its key (runs_debounce holds one open run per key).
 WITH u AS (
-    UPDATE {schema}.runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = {now},
-        waiting_for = NULL, lease_expires_at = NULL, updated_at = {now}, finished_at = NULL,
-        buffered = 0, deadline_at = NULL, blocked_by = NULL
-    WHERE id = %(id)s AND status IN ('failed', 'cancelled') RETURNING id, workflow
+    UPDATE {schema}.runs AS r SET status = 'pending', error = NULL, reclaims = 0,
+        wake_at = {now}, waiting_for = NULL, lease_expires_at = NULL, updated_at = {now},
+        finished_at = NULL, buffered = 0, deadline_at = NULL, blocked_by = NULL,
+        debounce_key = CASE WHEN r.debounce_key IS NOT NULL AND r.attempts = 0
+            AND EXISTS (SELECT 1 FROM {schema}.runs AS o WHERE o.workflow = r.workflow
+                AND o.debounce_key = r.debounce_key AND o.attempts = 0
+                AND o.status IN ('pending', 'sleeping'))
+            THEN NULL ELSE r.debounce_key END
+    WHERE r.id = %(id)s AND r.status IN ('failed', 'cancelled') RETURNING r.id, r.workflow
 ), d AS (
     DELETE FROM {schema}.steps WHERE run_id IN (SELECT id FROM u) AND status = 'failed'
 ) SELECT {notify} FROM u
@@ -693,6 +765,19 @@ WITH adv AS (
         {now}, {now}, {new_wake_at}, {now} + %(deadline)s::interval, {limit_values} FROM adv
     {on_idempotency_key}
 ) SELECT ins.*, CASE WHEN ins.inserted THEN {notify_ins} END FROM ins
+
+-- name: claim_slot_debounced
+-- claim_slot for a run with a debounce key: it updates the workflow's open
+-- run with the key, if there is one, as create_debounced does.
+WITH adv AS (
+    UPDATE {schema}.schedules SET next_run_at = %(next_run_at)s, updated_at = {now}
+    WHERE key = %(key)s AND next_run_at = %(slot)s AND NOT paused RETURNING key
+), ins AS (
+    {insert_run}
+    SELECT %(id)s::text, %(workflow)s::text, {new_status}, %(input)s::text, %(idem)s::text,
+        {now}, {now}, {new_wake_at}, {now} + %(deadline)s::interval, {limit_values} FROM adv
+    {on_debounce_key}
+) SELECT ins.*, {notify_ins} FROM ins
 
 
 -- name: set_schedule_paused
@@ -791,7 +876,11 @@ UNION ALL
 SELECT {now}
 
 -- name: next_due
--- Sleeping runs include the delayed ones (see protocol_status).
-SELECT extract(epoch FROM min(wake_at) - {now}) FROM {schema}.runs
-WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL AND wake_at > {now}
-    AND workflow = ANY(%(workflows)s)
+-- Sleeping runs include the delayed ones (see protocol_status). A rate wait
+-- (of any workflow's runs: it names no workflow) wakes the workers when it
+-- falls due, so the next claim releases the runs it holds.
+SELECT extract(epoch FROM least(
+    (SELECT min(wake_at) FROM {schema}.runs
+        WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL AND wake_at > {now}
+        AND workflow = ANY(%(workflows)s)),
+    (SELECT min(due_at) FROM {schema}.rate_waits WHERE due_at > {now})) - {now})

@@ -509,3 +509,264 @@ BEGIN
     RETURN {schema}.release_limits(room, at, channel);
 END
 $$
+
+
+-- Version 7: rate limits and debounce -------------------------------------------------
+
+-- name: v7_01_runs_rates
+-- The rate limits a run's claims are held to (at most two, each a key, a
+-- max and a period in microseconds; never changed once the run is created
+-- but by a debounced create) and the run's debounce key. All nullable
+-- without a default: the table is not rewritten, and every run that exists
+-- has no rates and no debounce key.
+ALTER TABLE {schema}.runs ADD COLUMN rate_key1 text COLLATE "C",
+    ADD COLUMN rate_max1 integer, ADD COLUMN rate_period1 bigint,
+    ADD COLUMN rate_key2 text COLLATE "C", ADD COLUMN rate_max2 integer,
+    ADD COLUMN rate_period2 bigint, ADD COLUMN debounce_key text COLLATE "C"
+
+-- name: v7_02_runs_debounce
+-- At most one open run (pending, or delayed: stored as sleeping before its
+-- first attempt) per (workflow, debounce key): the arbiter of a debounced
+-- create's INSERT ... ON CONFLICT, which updates the open run in place.
+-- Runs without a debounce key are not in it, so their writes never touch it.
+CREATE UNIQUE INDEX runs_debounce ON {schema}.runs (workflow, debounce_key)
+    WHERE debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'sleeping')
+
+-- name: v7_03_rate_claims
+-- One row per claim of a run holding a rate key, for each of its keys, at
+-- the claim's time. A claim deletes its key's rows older than its period,
+-- so a key keeps about as many rows as its max.
+CREATE TABLE {schema}.rate_claims (
+    key        text COLLATE "C" NOT NULL,
+    claimed_at timestamptz NOT NULL
+)
+
+-- name: v7_04_rate_claims_key
+CREATE INDEX rate_claims_key ON {schema}.rate_claims (key, claimed_at)
+
+-- name: v7_05_rate_waits
+-- For each rate key that blocks runs: when its window has room again. The
+-- first claim at or after due_at releases the key's first blocked runs.
+CREATE TABLE {schema}.rate_waits (
+    key    text COLLATE "C" PRIMARY KEY,
+    due_at timestamptz NOT NULL
+)
+
+-- name: v7_06_rate_waits_due
+-- The probe every claim makes (is a wait due?) reads this index only.
+CREATE INDEX rate_waits_due ON {schema}.rate_waits (due_at)
+
+-- name: v7_07_lock_rates
+-- Takes the transaction-scoped advisory lock of each rate key (NULLs
+-- skipped), in the order of the locks. Rate keys use the two-integer key
+-- space of advisory locks, which never meets the bigint one of lock_limits,
+-- and a claim takes them after its limits' locks, so no two transactions
+-- wait for each other in a cycle. Every claim of a run holding a rate key
+-- takes its lock, and reads the key's claims after it is granted.
+CREATE FUNCTION {schema}.lock_rates(keys text[])
+    RETURNS void LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    h integer;
+BEGIN
+    FOR h IN SELECT DISTINCT hashtext(k) FROM unnest(keys) AS k
+        WHERE k IS NOT NULL ORDER BY 1 LOOP
+        PERFORM pg_advisory_xact_lock(hashtext('reflow:rate'), h);
+    END LOOP;
+END
+$$
+
+-- name: v7_08_release_rates
+-- Called at the start of a claim when a rate wait is due (its own
+-- statement, before the claim chooses runs): for each key whose wait is due
+-- and whose lock is free (a key another transaction holds is left for the
+-- next claim), deletes the wait and unblocks the key's first blocked runs
+-- (blocked_by is prefix and key; by priority, due time, id), as many as its
+-- window (the max and period of the first of them) has room for, waking
+-- their workflows' workers on channel (NULL: none). If blocked runs remain,
+-- the wait is set again for when the oldest claim in the window leaves it
+-- (or a period from now). Returns how many runs it unblocked.
+CREATE FUNCTION {schema}.release_rates(stamp timestamptz, prefix text, channel text)
+    RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    k text;
+    b text;
+    rmax integer;
+    rperiod interval;
+    held integer;
+    oldest timestamptz;
+    room integer;
+    n integer;
+    flows text[];
+    flow text;
+    freed integer := 0;
+BEGIN
+    FOR k IN SELECT w.key FROM {schema}.rate_waits AS w WHERE w.due_at <= stamp
+        ORDER BY w.key LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext('reflow:rate'), hashtext(k));
+        DELETE FROM {schema}.rate_waits AS w WHERE w.key = k AND w.due_at <= stamp;
+        CONTINUE WHEN NOT FOUND;
+        b := prefix || k;
+        SELECT CASE WHEN r.rate_key1 = k THEN r.rate_max1 ELSE r.rate_max2 END,
+            CASE WHEN r.rate_key1 = k THEN r.rate_period1 ELSE r.rate_period2 END
+                * interval '1 microsecond'
+            INTO rmax, rperiod FROM {schema}.runs AS r WHERE r.blocked_by = b
+            ORDER BY r.priority DESC, r.wake_at, r.id LIMIT 1;
+        CONTINUE WHEN rmax IS NULL OR rperiod IS NULL;
+        SELECT count(*), min(c.claimed_at) INTO held, oldest FROM {schema}.rate_claims AS c
+            WHERE c.key = k AND c.claimed_at > stamp - rperiod;
+        room := rmax - held;
+        WHILE room > 0 LOOP
+            -- Waits for a writer of those runs; one that changed meanwhile
+            -- (a cancel) is passed over, and the next ones are looked for.
+            WITH f AS (
+                SELECT r.id FROM {schema}.runs AS r WHERE r.blocked_by = b
+                ORDER BY r.priority DESC, r.wake_at, r.id LIMIT room FOR UPDATE
+            ), u AS (
+                UPDATE {schema}.runs AS r SET blocked_by = NULL, updated_at = stamp
+                FROM f WHERE r.id = f.id AND r.blocked_by = b RETURNING r.workflow
+            ) SELECT count(*), array_agg(DISTINCT u.workflow) INTO n, flows FROM u;
+            EXIT WHEN n = 0;
+            room := room - n;
+            freed := freed + n;
+            IF channel IS NOT NULL THEN
+                FOREACH flow IN ARRAY flows LOOP
+                    PERFORM pg_notify(channel,
+                        '0|' || CASE WHEN octet_length(flow) <= 4000 THEN flow ELSE '' END);
+                END LOOP;
+            END IF;
+        END LOOP;
+        IF EXISTS (SELECT 1 FROM {schema}.runs AS r WHERE r.blocked_by = b) THEN
+            INSERT INTO {schema}.rate_waits AS w (key, due_at)
+                VALUES (k, coalesce(oldest, stamp) + rperiod)
+                ON CONFLICT (key) DO UPDATE SET due_at = least(w.due_at, EXCLUDED.due_at);
+        END IF;
+        rmax := NULL;
+        rperiod := NULL;
+    END LOOP;
+    RETURN freed;
+END
+$$
+
+-- name: v7_09_claim_held
+-- The second half of a claim, for the picked runs ids (in claim order:
+-- lapsed leases first) that hold concurrency limits or rate limits, at
+-- stamp (NULL: the server's clock read once the locks are granted, so that
+-- the claims of a rate key, serialized by its lock, have rising times): under
+-- the locks of all their limit keys, then of all their rate keys (each set
+-- taken at once, in order), each, if still claimable (due and not blocked,
+-- or a lapsed lease) and not taken by another claim meanwhile, is claimed
+-- (at most budget of them) if every one of its limit keys has fewer than
+-- its max running holders (a lapsed lease is not asked: it holds its
+-- slots) and every one of its rate keys fewer than its max claims in the
+-- window of its period ending at stamp (claims of this call included).
+-- Else a due run is blocked by the first full key (a rate's key behind
+-- prefix, and the key's wait set for when its window has room), and a
+-- lapsed lease left as it is. A claim records one claim at stamp for each
+-- rate key of the run, and deletes that key's claims older than its
+-- period. Returns the claimed runs as they now are, and whether each was a
+-- lapsed lease.
+CREATE FUNCTION {schema}.claim_held(ids text[], lease interval, stamp timestamptz,
+    budget integer, prefix text)
+    RETURNS TABLE (run {schema}.runs, stale integer) LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    candidate text;
+    rec {schema}.runs%ROWTYPE;
+    over text;
+    lapsed boolean;
+    i integer;
+    rk text;
+    rm integer;
+    rp interval;
+    nth timestamptz;
+    room_at timestamptz;
+    taken integer := 0;
+BEGIN
+    PERFORM {schema}.lock_limits(array_agg(v.k)) FROM {schema}.runs AS r,
+        LATERAL (VALUES (r.limit_key1), (r.limit_key2)) AS v(k)
+        WHERE r.id = ANY(ids) AND v.k IS NOT NULL;
+    PERFORM {schema}.lock_rates(array_agg(v.k)) FROM {schema}.runs AS r,
+        LATERAL (VALUES (r.rate_key1), (r.rate_key2)) AS v(k)
+        WHERE r.id = ANY(ids) AND v.k IS NOT NULL;
+    stamp := coalesce(stamp, clock_timestamp());
+    FOREACH candidate IN ARRAY ids LOOP
+        EXIT WHEN taken >= budget;
+        SELECT * INTO rec FROM {schema}.runs AS r WHERE r.id = candidate
+            AND ((r.blocked_by IS NULL AND r.status IN ('pending', 'sleeping', 'waiting')
+                AND r.wake_at <= stamp)
+                OR (r.status = 'running' AND r.lease_expires_at <= stamp))
+            FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
+        lapsed := rec.status = 'running';
+        over := NULL;
+        IF NOT lapsed THEN
+            IF rec.limit_key1 IS NOT NULL AND rec.limit_max1 <= (
+                    (SELECT count(*) FROM {schema}.runs AS r WHERE r.status = 'running'
+                        AND r.limit_key1 = rec.limit_key1)
+                    + (SELECT count(*) FROM {schema}.runs AS r WHERE r.status = 'running'
+                        AND r.limit_key2 = rec.limit_key1)) THEN
+                over := rec.limit_key1;
+            ELSIF rec.limit_key2 IS NOT NULL AND rec.limit_max2 <= (
+                    (SELECT count(*) FROM {schema}.runs AS r WHERE r.status = 'running'
+                        AND r.limit_key1 = rec.limit_key2)
+                    + (SELECT count(*) FROM {schema}.runs AS r WHERE r.status = 'running'
+                        AND r.limit_key2 = rec.limit_key2)) THEN
+                over := rec.limit_key2;
+            END IF;
+        END IF;
+        IF over IS NOT NULL THEN
+            UPDATE {schema}.runs AS r SET blocked_by = over, updated_at = stamp
+                WHERE r.id = candidate;
+            CONTINUE;
+        END IF;
+        -- The rates: a window is full when its max-th newest claim is in it;
+        -- it has room again when that claim leaves it.
+        FOR i IN 1 .. 2 LOOP
+            IF i = 1 THEN
+                rk := rec.rate_key1;
+                rm := rec.rate_max1;
+                rp := rec.rate_period1 * interval '1 microsecond';
+            ELSE
+                rk := rec.rate_key2;
+                rm := rec.rate_max2;
+                rp := rec.rate_period2 * interval '1 microsecond';
+            END IF;
+            CONTINUE WHEN rk IS NULL OR rm IS NULL OR rp IS NULL;
+            nth := NULL;
+            SELECT c.claimed_at INTO nth FROM {schema}.rate_claims AS c WHERE c.key = rk
+                ORDER BY c.claimed_at DESC OFFSET rm - 1 LIMIT 1;
+            IF nth IS NOT NULL AND nth > stamp - rp THEN
+                over := rk;
+                room_at := nth + rp;
+                EXIT;
+            END IF;
+        END LOOP;
+        IF over IS NOT NULL THEN
+            IF NOT lapsed THEN
+                UPDATE {schema}.runs AS r SET blocked_by = prefix || over, updated_at = stamp
+                    WHERE r.id = candidate;
+                INSERT INTO {schema}.rate_waits AS w (key, due_at) VALUES (over, room_at)
+                    ON CONFLICT (key) DO UPDATE SET due_at = least(w.due_at, EXCLUDED.due_at);
+            END IF;
+            CONTINUE;
+        END IF;
+        IF rec.rate_key1 IS NOT NULL THEN
+            DELETE FROM {schema}.rate_claims AS c WHERE c.key = rec.rate_key1
+                AND c.claimed_at <= stamp - rec.rate_period1 * interval '1 microsecond';
+            INSERT INTO {schema}.rate_claims (key, claimed_at) VALUES (rec.rate_key1, stamp);
+        END IF;
+        IF rec.rate_key2 IS NOT NULL THEN
+            DELETE FROM {schema}.rate_claims AS c WHERE c.key = rec.rate_key2
+                AND c.claimed_at <= stamp - rec.rate_period2 * interval '1 microsecond';
+            INSERT INTO {schema}.rate_claims (key, claimed_at) VALUES (rec.rate_key2, stamp);
+        END IF;
+        UPDATE {schema}.runs AS r SET status = 'running', lease_epoch = r.lease_epoch + 1,
+            attempts = r.attempts + 1, reclaims = r.reclaims + CASE WHEN lapsed THEN 1 ELSE 0 END,
+            lease_expires_at = stamp + lease, wake_at = NULL, updated_at = stamp
+            WHERE r.id = candidate RETURNING * INTO rec;
+        taken := taken + 1;
+        run := rec;
+        stale := CASE WHEN lapsed THEN 1 ELSE 0 END;
+        RETURN NEXT;
+    END LOOP;
+END
+$$

@@ -23,7 +23,11 @@ from a :class:`psycopg_pool.AsyncConnectionPool` in autocommit mode (see
   are claimed (or blocked) under their keys' advisory locks by a second
   statement, only when the claim picked some, and a write that stops such a
   run unblocks the first blocked run of each of its keys in its own
-  statement (see docs/postgres.md).
+  statement (see docs/postgres.md);
+* runs holding rate limits are claimed (or blocked) by that second
+  statement too, under their rate keys' advisory locks; a claim that finds
+  a rate wait due releases the runs it holds first; a debounced create is
+  one ``INSERT ... ON CONFLICT DO UPDATE`` on the open run with its key.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ from ._options import DEFAULT_SCHEMA, check_keyword_options, parse_postgres_url,
 from ._rows import (
     INSERTED,
     LIMITED,
+    RATE_DUE,
     claimed_run,
     deadline_param,
     delay_param,
@@ -302,10 +307,21 @@ class PostgresStorage:
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[ClaimedRun]:
             claimed: list[ClaimedRun] = []
+            probe = True
+            passed: list[str] = []  # lapsed leases a full rate keeps, seen already
             while True:
                 budget = wanted - len(claimed)
-                params = self._db.params(workflows=names, limit=budget, lease=lease)
+                params = self._db.params(
+                    workflows=names, limit=budget, lease=lease, probe=probe, skip=passed
+                )
                 rows = await (await conn.execute(self._sql["claim"], params)).fetchall()
+                if probe and rows and rows[0][RATE_DUE]:
+                    # A rate wait is due: its runs are released before the
+                    # claim chooses (see release_rates in schema.sql).
+                    await conn.execute(self._sql["release_rates"], self._db.params())
+                    probe = False
+                    continue
+                probe = False
                 claimed.extend(claimed_run(row) for row in rows if row[0] is not None)
                 limited: list[str] = (rows[0][LIMITED] or []) if rows else []
                 budget = wanted - len(claimed)
@@ -319,6 +335,8 @@ class PostgresStorage:
                 claimed.extend(taken)
                 if len(taken) == len(limited):
                     break  # none blocked: the claim saw every run it could take
+                got = {c.run.id for c in taken}
+                passed.extend(run_id for run_id in limited if run_id not in got)
                 # Some were blocked (or taken by another claim meanwhile):
                 # the runs after them may be claimable, as a claim that
                 # passes over blocked runs would find.
@@ -757,14 +775,16 @@ class PostgresStorage:
             **limit_params(run),
         )
 
+        slot_statement = "claim_slot" if run.debounce_key is None else "claim_slot_debounced"
+
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> RunRecord | None:
             async with conn.transaction():
-                cur = await conn.execute(self._sql["claim_slot"], params)
+                cur = await conn.execute(self._sql[slot_statement], params)
                 row = await cur.fetchone()
                 if row is None:
                     return None
                 record = run_from_row(row, as_utc)
-                if not row[INSERTED] and record.input != run.input:
+                if not row[INSERTED] and run.debounce_key is None and record.input != run.input:
                     assert run.idempotency_key is not None
                     raise IdempotencyConflictError(run.workflow, run.idempotency_key, record.id)
                 return record
