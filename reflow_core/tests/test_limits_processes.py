@@ -7,9 +7,10 @@ Each run's step logs when it starts and when it returns to its process's
 execution log, so the logs give every execution's interval; the intervals of
 one key must never overlap, the killed worker's unfinished ones counted up to
 its death. Every run completes, so the killed worker's slots were taken over
-once its leases lapsed, not lost. With the rate, no window of the logged
-starts of one key, the killed worker's and the takeovers of its runs
-included, holds more starts than the rate allows.
+once its leases lapsed, not lost. With the rate, each worker logs every
+claim it makes at the storage clock's time of the claim: no window of a
+second holds more claims of one key than the rate allows, the killed
+worker's and the takeovers of its runs included.
 """
 
 from __future__ import annotations
@@ -44,6 +45,27 @@ _APP_TEMPLATE = textwrap.dedent(
     from reflow_conformance.testsupport import ExecutionLog
     from reflow_core import Engine, Limit, open_storage, workflow
 
+    # The store, with every claim logged at the storage clock's time of the
+    # claim (its lease's end less the lease).
+    class ClaimLog:
+
+        def __init__(self, inner, log):
+            self._inner = inner
+            self._log = log
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        async def subscribe_wakeups(self, workflows, wake):
+            return await self._inner.subscribe_wakeups(workflows, wake)
+
+        async def claim_runs(self, workflows, limit, lease):
+            claimed = await self._inner.claim_runs(workflows, limit, lease)
+            for c in claimed:
+                at = (c.run.lease_expires_at - lease).timestamp()
+                self._log.write("claimed", run=c.run.id, key=c.run.rates[0].key, at=at)
+            return claimed
+
     def make():
         log = ExecutionLog(os.environ["APP_LOGDIR"])
 
@@ -57,8 +79,11 @@ _APP_TEMPLATE = textwrap.dedent(
         wf = workflow(
             {workflow!r}, input=dict, concurrency=Limit(key=lambda i: i["k"], {limit})
         ).step("work", work)
+        storage = open_storage(os.environ["APP_STORE"])
+        if os.environ.get("APP_LOG_CLAIMS"):
+            storage = ClaimLog(storage, log)
         return Engine(
-            storage=open_storage(os.environ["APP_STORE"]),
+            storage=storage,
             workflows=[wf],
             concurrency=16,
             lease="1s",
@@ -180,7 +205,7 @@ def test_a_rate_per_key_across_three_workers_one_of_them_killed(rated_fleet: App
     fleet = rated_fleet
     workers = fleet.workers
     _enqueue(fleet.store, "rated")
-    procs = [fleet.start() for _ in range(3)]
+    procs = [fleet.start(log_claims="1") for _ in range(3)]
     victim = procs[0]
 
     def ended() -> int:
@@ -196,22 +221,23 @@ def test_a_rate_per_key_across_three_workers_one_of_them_killed(rated_fleet: App
     for proc in procs[1:]:
         fleet.stop(proc)
 
-    starts: dict[str, list[float]] = defaultdict(list)
+    claims: dict[str, list[float]] = defaultdict(list)
     runs = set()
     for line in workers.lines():
-        if line["kind"] == "began":
-            starts[line["key"]].append(line["at"])
+        if line["kind"] == "claimed":
+            claims[line["key"]].append(line["at"])
             runs.add(line["run"])
     assert len(runs) == _RUNS
-    # A step begins a little after its claim; windows this much shorter than
-    # the second keep that delay's spread from faking a breach.
-    window = 1.0 - 0.2
+    assert len(claims) == _KEYS
+    # The claim times are the storage clock's (each lease's end less the
+    # lease), so the window is checked exactly: a window of the period ending
+    # at a claim holds the claims after one period before it.
     breaches = []
-    for key, times in starts.items():
+    for key, times in claims.items():
         times.sort()
         for first, later in zip(times, times[_RATE:], strict=False):
-            if later - first < window:
+            if later - first < 1.0 - 1e-6:
                 breaches.append((key, first, later))
-    assert not breaches, f"more than {_RATE} starts of one key in a window: {breaches[:5]}"
-    retried = sum(len(times) for times in starts.values()) - _RUNS
-    print(f"{retried} runs of the killed worker started again")  # shown with -s
+    assert not breaches, f"more than {_RATE} claims of one key in a second: {breaches[:5]}"
+    retried = sum(len(times) for times in claims.values()) - _RUNS
+    print(f"{retried} runs of the killed worker claimed again")  # shown with -s
