@@ -16,7 +16,9 @@ from reflow_core.adapter import to_epoch_us
 from reflow_core.errors import SchemaVersionError, StorageError
 from reflow_core.storage import (
     ConcurrencyLimit,
+    Lease,
     NewRun,
+    RateLimit,
     ScheduleRecord,
     ScheduleSpec,
     StepRecord,
@@ -413,9 +415,23 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
     store = await migrate(opener, db_path)
     after = {(kind, name, table) for kind, name, table, _ in schema_objects(db_path)}
     # Every index and the trigger made again, nothing left over; version 6
-    # adds the index of child runs, version 7 those of priorities and limits.
-    added = ["runs_children", "runs_pending", "runs_blocked", "runs_holding1", "runs_holding2"]
-    assert after == before | {("index", name, "runs") for name in added}
+    # adds the index of child runs, version 7 those of priorities and
+    # limits, version 8 that of debounced runs and the tables of rate limits.
+    added = [
+        "runs_children",
+        "runs_pending",
+        "runs_blocked",
+        "runs_holding1",
+        "runs_holding2",
+        "runs_debounce",
+    ]
+    rate_tables = {
+        ("table", "rate_claims", "rate_claims"),
+        ("index", "rate_claims_key", "rate_claims"),
+        ("table", "rate_waits", "rate_waits"),
+        ("index", "rate_waits_at", "rate_waits"),
+    }
+    assert after == before | {("index", name, "runs") for name in added} | rate_tables
     assert_runs_kept(db_path, RUN_COLUMNS, rows)
     await assert_schema_as_new(opener, db_path, tmp_path)
 
@@ -736,3 +752,82 @@ async def test_a_version_6_database_with_runs_is_migrated_forward(
     assert await store.finish_run(held.lease, "completed", output="1")
     (next_one,) = await store.claim_runs(["wf"], 10, lease)
     assert (next_one.run.id, next_one.run.blocked_by) == ("new-2-blocked", None)
+
+
+# -- version 8: rate limits and debounce -------------------------------------------------
+
+
+async def test_a_version_7_database_with_runs_is_migrated_forward(
+    opener, db_path, tmp_path, clock
+) -> None:
+    """Version 8 adds the rate columns and debounce_key (NULL) in place (no
+    rebuild), the tables of rate claims and rate waits and the unique index
+    of open debounced runs: the rows written before it are unchanged, have
+    no rates and no debounce key, stay claimable (a blocked one stays
+    blocked by its limit), and new runs hold rates and debounce keys."""
+    start = to_epoch_us(clock.now)
+    columns = (
+        f"{RUN_COLUMNS}, deadline_at, parent_id, parent_step, priority, limit_key1,"
+        " limit_max1, limit_key2, limit_max2, blocked_by"
+    )
+    rows = [
+        ("old-due", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
+         start - 9, None, None, None, None, None, None, 2, None, None, None, None, None),
+        ("old-held", "wf", "running", "2", None, None, None, 1, 0, 1, start - 8, start - 8,
+         None, None, start + 600_000_000, None, None, None, None, 0, "k", 1, None, None, None),
+        ("old-blocked", "wf", "pending", "3", None, None, None, 0, 0, 0, start - 7, start - 7,
+         start - 7, None, None, None, None, None, None, 0, "k", 1, None, None, "k"),
+        ("old-later", "wf", "delayed", "4", None, None, None, 0, 0, 0, start - 6, start - 6,
+         start + 600_000_000, None, None, None, None, None, None, 0, None, None, None, None,
+         None),
+        ("old-done", "wf", "completed", "5", '"ok"', None, None, 1, 0, 1, start - 5, start - 4,
+         None, None, None, start - 4, None, None, None, 0, None, None, None, None, None),
+    ]  # fmt: skip
+    with old_database(db_path, 7) as raw:
+        insert_runs(raw, columns, rows)
+        root = runs_root(raw)
+    store = await migrate(opener, db_path, processes=4)
+    assert_runs_kept(db_path, columns, rows, root)
+    assert query(
+        db_path,
+        "SELECT count(*) FROM runs WHERE rate_key1 IS NOT NULL OR rate_max1 IS NOT NULL"
+        " OR rate_period1 IS NOT NULL OR rate_key2 IS NOT NULL OR rate_max2 IS NOT NULL"
+        " OR rate_period2 IS NOT NULL OR debounce_key IS NOT NULL",
+    ) == [(0,)]
+    assert query(db_path, "SELECT count(*) FROM rate_claims") == [(0,)]
+    assert query(db_path, "SELECT count(*) FROM rate_waits") == [(0,)]
+    await assert_schema_as_new(opener, db_path, tmp_path)
+    before = schema_objects(db_path)
+    await opener()
+    assert schema_objects(db_path) == before
+
+    for run_id in ("old-due", "old-held", "old-blocked", "old-later", "old-done"):
+        old = await store.get_run(run_id)
+        assert old is not None
+        assert (old.rates, old.debounce_key) == ((), None)
+    # New runs: a rate of two a minute shared by three, and a debounced run
+    # whose second create replaces its input.
+    lease = timedelta(minutes=5)
+    two = (RateLimit("r", 2, timedelta(minutes=1)),)
+    for i in range(3):
+        await store.create_run(NewRun("wf", str(10 + i), run_id=f"new-{i}", rates=two))
+    first = await store.create_run(NewRun("wf", "20", debounce_key="d", priority=-1))
+    again = await store.create_run(NewRun("wf", "21", debounce_key="d", priority=-1))
+    assert first.created
+    assert (again.created, again.run.id, again.run.input) == (False, first.run.id, "21")
+    claimed = await store.claim_runs(["wf"], 10, lease)
+    assert [c.run.id for c in claimed] == ["old-due", "new-0", "new-1", first.run.id]
+    held_back = await store.get_run("new-2")
+    assert held_back is not None
+    assert (held_back.blocked_by, held_back.rates) == ("reflow:rate:r", two)
+    still = await store.get_run("old-blocked")
+    assert still is not None
+    assert still.blocked_by == "k"
+    # The window has room a minute after the first claims: new-2 goes then.
+    clock.advance(59)
+    assert await store.claim_runs(["wf"], 10, lease) == []
+    clock.advance(1)
+    assert [c.run.id for c in await store.claim_runs(["wf"], 10, lease)] == ["new-2"]
+    # The end of the old holder still unblocks the run its limit blocked.
+    assert await store.finish_run(Lease("old-held", 1), "completed", output="1")
+    assert [c.run.id for c in await store.claim_runs(["wf"], 10, lease)] == ["old-blocked"]

@@ -17,11 +17,14 @@ from typing import Any, TypeAlias, TypeVar
 
 from reflow_core.adapter import (
     child_of,
+    debounced_record,
     encode_workflows,
     from_epoch_us,
     is_delayed,
     limit_columns,
     queue_stats_from_counts,
+    rate_block,
+    rate_columns,
     run_from_row,
     run_page,
     schedule_from_row,
@@ -144,6 +147,10 @@ def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
     # With a deadline, deadline_at is that long after now, and a delayed run
     # is due at the earlier of the two (reflow_core.adapter.due_by_deadline).
     # An idempotent hit returns the existing run as it is, whatever the delay.
+    if new.debounce_key is not None:
+        debounced = yield from _debounce(now, new)
+        if debounced is not None:
+            return CreateResult(debounced, created=False)
     delay_us = span_us(new.delay) if new.delay is not None and is_delayed(new) else 0
     status = "delayed" if delay_us else "pending"
     deadline_us = None if new.deadline is None else now + span_us(new.deadline)
@@ -163,6 +170,8 @@ def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
                 deadline_us,
                 new.priority,
                 *limit_columns(new.limits),
+                *rate_columns(new.rates),
+                new.debounce_key,
             ),
         )
     except sqlite3.IntegrityError as exc:
@@ -181,24 +190,170 @@ def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
     return CreateResult(existing, created=False)
 
 
+def _debounce(now: int, new: NewRun) -> Script[RunRecord | None]:
+    """A create with a debounce key: the workflow's open run with that key,
+    updated as :func:`reflow_core.adapter.debounced_record` says, or ``None``
+    if there is none (the create inserts a run). The create's transaction
+    holds the write lock, so no other write comes between the read and the
+    update; runs_debounce keeps at most one open run per key."""
+    rows = yield (Q["open_debounced"], (new.workflow, new.debounce_key))
+    if not rows:
+        return None
+    after = debounced_record(run_from_row(rows[0], from_epoch_us), new, from_epoch_us(now))
+    wake_us = None if after.wake_at is None else to_epoch_us(after.wake_at)
+    values = (
+        after.status,
+        after.input,
+        after.priority,
+        *limit_columns(after.limits),
+        *rate_columns(after.rates),
+        wake_us,
+        now,
+        after.id,
+    )
+    updated = yield (Q["debounce_run"], values)
+    return run_from_row(updated[0], from_epoch_us)
+
+
 MAX_LOOK = 1000
 """The most due runs a claim reads at once when blocked runs make it look again."""
 
-Candidate: TypeAlias = tuple[str, int, int, str | None, int | None, str | None, int | None]
-"""A due run as ``claim_due`` reads it: id, priority, wake_at and its limit columns."""
+Candidate: TypeAlias = tuple[Any, ...]
+"""A due run as ``claim_due`` reads it: id, priority, wake_at, its four limit
+columns and its six rate columns."""
+
+Rate: TypeAlias = tuple[str, int, int]
+"""A rate limit as a claim uses it: key, max, period in microseconds."""
+
+
+def _rates_of(columns: Sequence[Any]) -> list[Rate]:
+    """The rates of a run from its six rate columns (none for most runs)."""
+    key1, max1, period1, key2, max2, period2 = columns
+    rates: list[Rate] = []
+    if key1 is not None and max1 is not None and period1 is not None:
+        rates.append((key1, int(max1), int(period1)))
+    if key2 is not None and max2 is not None and period2 is not None:
+        rates.append((key2, int(max2), int(period2)))
+    return rates
+
+
+@dataclass(slots=True)
+class _Rates:
+    """What one claim knows of the rate keys it met: the claims stored in
+    each key's window (read once per key and period), the claims it made of
+    each key (recorded when it ends), and when a full key has room again."""
+
+    stored: dict[tuple[str, int], int]
+    made: dict[str, int]
+    trim: dict[str, int]
+    room: dict[tuple[str, int], int]
+    waits: dict[str, int]
+
+
+def _release_rates(now: int) -> Script[None]:
+    """Before a claim chooses runs: for each rate key whose wait has come,
+    make claimable as many of its first blocked runs as its window has room
+    for, and wait again for the rest (from the oldest claim in the window, a
+    period on). One probe of rate_waits_at when no key is due."""
+    due = yield (Q["due_rate_waits"], (now,))
+    for (key,) in due:
+        yield (Q["drop_rate_wait"], (key,))
+        block = rate_block(key)
+        first = yield (Q["first_blocked_rates"], (block,))
+        rate = next((r for r in _rates_of(first[0]) if r[0] == key), None) if first else None
+        if rate is None:
+            continue
+        _, most, period = rate
+        window = yield (Q["rate_window"], (key, now - period))
+        count, oldest = window[0]
+        room = most - int(count)
+        if room > 0:
+            freed = yield (Q["unblock_some"], (now, block, room))
+            if len(freed) < room:
+                continue  # none left blocked
+        left = yield (Q["first_blocked_rates"], (block,))
+        if left:
+            yield (Q["set_rate_wait"], (key, (now if oldest is None else oldest) + period))
+
+
+def _rate_full(now: int, rates: Sequence[Rate], state: _Rates) -> Script[tuple[str, int] | None]:
+    """The first of a run's rates whose window is full (claims this claim
+    made count), and when it has room again: a period after the claim that
+    leaves the window then; or ``None``."""
+    for key, most, period in rates:
+        slot = (key, period)
+        if slot not in state.stored:
+            window = yield (Q["rate_window"], (key, now - period))
+            state.stored[slot] = int(window[0][0])
+        stored = state.stored[slot]
+        total = stored + state.made.get(key, 0)
+        if total < most:
+            continue
+        if slot not in state.room:
+            nth = total - most
+            if nth < stored:
+                rows = yield (Q["rate_nth"], (key, now - period, nth))
+                state.room[slot] = int(rows[0][0]) + period
+            else:  # one of this claim's own, made now
+                state.room[slot] = now + period
+        return key, state.room[slot]
+    return None
+
+
+def _took(rates: Sequence[Rate], state: _Rates) -> None:
+    """Count a claim of a run with ``rates`` (recorded by :func:`_record_rates`)."""
+    for key, _, period in rates:
+        state.made[key] = state.made.get(key, 0) + 1
+        state.trim[key] = min(state.trim.get(key, period), period)
+
+
+def _record_rates(now: int, state: _Rates) -> Script[None]:
+    """Write what the claim did to the rate keys: its claims, at now, after
+    the key's claims that left the window; and the waits of keys it blocked
+    runs of."""
+    for key, count in state.made.items():
+        yield (Q["trim_rate_claims"], (key, now - state.trim[key]))
+        yield (Q["record_rate_claims"], (count, key, now))
+    for key, at in state.waits.items():
+        yield (Q["wait_rate"], (key, at))
 
 
 def claim(
     now: int, workflows: Sequence[str], limit: int, lease_us: int
 ) -> Script[list[ClaimedRun]]:
-    # Lapsed leases first, whatever the limits (the run still holds its
-    # slots, which pass to the new holder); then due runs by priority and
+    # Rate keys whose window has room again release their blocked runs
+    # first, whatever the workflows. Then lapsed leases, whatever the
+    # concurrency limits (the run still holds its slots, which pass to the
+    # new holder) but not past a full rate; then due runs by priority and
     # due time (see queries.sql).
-    lapsed_rows = yield (
-        with_marks("claim_lapsed", "workflows", len(workflows)),
-        (now, *workflows, limit),
-    )
-    ids = [row[0] for row in lapsed_rows]
+    yield from _release_rates(now)
+    rates = _Rates({}, {}, {}, {}, {})
+    ids: list[str] = []
+    seen: set[str] = set()
+    skipped = 0  # lapsed leases a full rate holds back
+    look = limit
+    while True:
+        lapsed_rows = yield (
+            with_marks("claim_lapsed", "workflows", len(workflows)),
+            (now, *workflows, look),
+        )
+        for row in lapsed_rows:
+            if len(ids) == limit:
+                break
+            if row[0] in seen:
+                continue
+            seen.add(row[0])
+            held_to = _rates_of(row[1:7])
+            if held_to:
+                over = yield from _rate_full(now, held_to, rates)
+                if over is not None:
+                    skipped += 1  # left as it is, for a later claim
+                    continue
+                _took(held_to, rates)
+            ids.append(row[0])
+        if len(ids) == limit or len(lapsed_rows) < look or limit + skipped <= look:
+            break
+        look = limit + skipped  # more lapsed leases beyond those held back
     reclaimed = set(ids)
     unwritten = list(ids)  # chosen, not yet made running
     updated: list[Row] = []
@@ -222,9 +377,10 @@ def claim(
             held.update(dict.fromkeys(unknown, 0))
             held.update({key: int(count) for key, count in counted})
         blocked = 0
-        for run_id, _, _, key1, max1, key2, max2 in candidates:
+        for row in candidates:
             if need == 0:
                 break
+            run_id, _, _, key1, max1, key2, max2 = row[:7]
             limits = [(k, m) for k, m in ((key1, max1), (key2, max2)) if k is not None]
             full: str | None = None
             for key, most in limits:
@@ -236,6 +392,17 @@ def claim(
                 yield (Q["block"], (full, now, run_id))
                 blocked += 1
                 continue
+            held_to = _rates_of(row[7:13]) if row[7] is not None else []
+            if held_to:
+                rate_full = yield from _rate_full(now, held_to, rates)
+                if rate_full is not None:
+                    # Blocked: out of the due indexes until the key's wait comes.
+                    key, room_at = rate_full
+                    yield (Q["block"], (rate_block(key), now, run_id))
+                    rates.waits[key] = min(rates.waits.get(key, room_at), room_at)
+                    blocked += 1
+                    continue
+                _took(held_to, rates)
             for key, _ in limits:
                 held[key] += 1
             ids.append(run_id)
@@ -257,6 +424,8 @@ def claim(
             with_marks("claim_update", "ids", len(unwritten)),
             (now + lease_us, now, *unwritten),
         )
+    if rates.made or rates.waits:
+        yield from _record_rates(now, rates)
     if not ids:
         return []
     step_rows = yield (with_marks("claim_steps", "ids", len(ids)), ids)
@@ -549,6 +718,7 @@ def start_child(now: int, lease: Lease, step: str, new: NewRun) -> Script[RunRec
         step,
         new.priority,
         *limit_columns(new.limits),
+        *rate_columns(new.rates),
     )
     rows = yield (Q["insert_child"], values)
     return run_from_row(rows[0], from_epoch_us)

@@ -64,9 +64,31 @@ PRAGMA wal_checkpoint(TRUNCATE)
 -- the delay, or the deadline_at if that is earlier).
 -- name: insert_run
 INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at,
-    deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2,
+    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, debounce_key)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (workflow, idempotency_key) DO NOTHING
+RETURNING {run_columns}
+
+-- The workflow's open run with a debounce key (pending or delayed, never
+-- claimed): one seek in runs_debounce, whose WHERE this one names word for
+-- word. Parameters: the workflow, the debounce key.
+-- name: open_debounced
+SELECT {run_columns} FROM runs
+WHERE workflow = ? AND debounce_key = ?
+    AND debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'delayed')
+
+-- A debounced create: the open run takes the new input, priority, limits
+-- and rates, is no longer blocked and is due again (status and wake_at as
+-- reflow_core.adapter.debounced_record computes them); its id, created_at
+-- and deadline_at stay. Parameters: status, input, priority, the four limit
+-- columns, the six rate columns, wake_at, now, the run id.
+-- name: debounce_run
+UPDATE runs SET status = ?, input = ?, priority = ?,
+    limit_key1 = ?, limit_max1 = ?, limit_key2 = ?, limit_max2 = ?,
+    rate_key1 = ?, rate_max1 = ?, rate_period1 = ?, rate_key2 = ?, rate_max2 = ?,
+    rate_period2 = ?, blocked_by = NULL, wake_at = ?, updated_at = ?
+WHERE id = ?
 RETURNING {run_columns}
 
 -- name: run_by_key
@@ -81,8 +103,9 @@ SELECT {run_columns} FROM runs WHERE id = ?
 -- runs_lease in order and stops at the limit. The unary "+" keeps the
 -- planner off the (workflow, idempotency_key) index, which would make it
 -- read and sort every run of the workflow, history included.
+-- Each row: the id and the rate columns (a lapsed lease is held to its rates).
 -- name: claim_lapsed
-SELECT id FROM runs
+SELECT id, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2 FROM runs
 WHERE status = 'running' AND lease_expires_at <= ? AND +workflow IN ({workflows})
 ORDER BY lease_expires_at, id LIMIT ?
 
@@ -93,19 +116,21 @@ ORDER BY lease_expires_at, id LIMIT ?
 -- (only those due, never the ones sleeping into the future) and sorted.
 -- Each WHERE names its index's WHERE word for word (SQLite uses a partial
 -- index only for a query that implies its WHERE), so blocked runs, which
--- neither index holds, are never read. Each row: the id, priority, wake_at
--- and limit columns. Parameters: now, the workflows, the count, and the
--- same again.
+-- neither index holds, are never read. Each row: the id, priority, wake_at,
+-- limit columns and rate columns. Parameters: now, the workflows, the
+-- count, and the same again.
 -- name: claim_due
 SELECT * FROM (
-    SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2 FROM runs
+    SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2,
+        rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2 FROM runs
     WHERE status = 'pending' AND blocked_by IS NULL AND wake_at <= ?
         AND +workflow IN ({workflows})
     ORDER BY priority DESC, wake_at, id LIMIT ?
 )
 UNION ALL
 SELECT * FROM (
-    SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2 FROM runs
+    SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2,
+        rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2 FROM runs
     WHERE status IN ('delayed', 'sleeping', 'waiting') AND blocked_by IS NULL AND wake_at <= ?
         AND +workflow IN ({workflows})
     ORDER BY priority DESC, wake_at, id LIMIT ?
@@ -142,6 +167,66 @@ UPDATE runs SET blocked_by = NULL, updated_at = ?
 WHERE id = (
     SELECT id FROM runs WHERE blocked_by = ? ORDER BY priority DESC, wake_at, id LIMIT 1
 )
+
+-- -- rate limits -------------------------------------------------------------
+
+-- The rate keys whose blocked runs may go again: one probe of rate_waits_at,
+-- empty (and cheap) when no key waits. Parameters: now.
+-- name: due_rate_waits
+SELECT key FROM rate_waits WHERE at <= ? ORDER BY at, key
+
+-- name: drop_rate_wait
+DELETE FROM rate_waits WHERE key = ?
+
+-- A key's wait, set when it is released and some of its runs stay blocked.
+-- Parameters: the key, the time.
+-- name: set_rate_wait
+INSERT INTO rate_waits (key, at) VALUES (?, ?)
+ON CONFLICT (key) DO UPDATE SET at = excluded.at
+
+-- A claim blocked runs of the key: the wait is the earlier of the one
+-- already set and the given time. Parameters: the key, the time.
+-- name: wait_rate
+INSERT INTO rate_waits (key, at) VALUES (?, ?)
+ON CONFLICT (key) DO UPDATE SET at = min(at, excluded.at)
+
+-- The rate columns of the blocked run of a key that a claim would take
+-- first (one seek in runs_blocked; none when no run is blocked by it).
+-- Parameters: the blocked_by value.
+-- name: first_blocked_rates
+SELECT rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2 FROM runs
+WHERE blocked_by = ? ORDER BY priority DESC, wake_at, id LIMIT 1
+
+-- The first blocked runs of a key, as many as its window has room for, are
+-- claimable again. Parameters: now, the blocked_by value, the count.
+-- name: unblock_some
+UPDATE runs SET blocked_by = NULL, updated_at = ?
+WHERE id IN (
+    SELECT id FROM runs WHERE blocked_by = ? ORDER BY priority DESC, wake_at, id LIMIT ?
+)
+RETURNING 1
+
+-- A key's claims in the window of a period ending now: how many, and the
+-- oldest (an index-only range scan of rate_claims_key). Parameters: the
+-- key, now minus the period.
+-- name: rate_window
+SELECT count(*), min(at) FROM rate_claims WHERE key = ? AND at > ?
+
+-- The n-th oldest claim of a key in the window (from 0): when the window
+-- has room again, a period after it. Parameters: the key, now minus the
+-- period, n.
+-- name: rate_nth
+SELECT at FROM rate_claims WHERE key = ? AND at > ? ORDER BY at LIMIT 1 OFFSET ?
+
+-- A claim trims its key's claims that left every window. Parameters: the
+-- key, now minus the period.
+-- name: trim_rate_claims
+DELETE FROM rate_claims WHERE key = ? AND at <= ?
+
+-- Records n claims of a key at a time. Parameters: n, the key, the time.
+-- name: record_rate_claims
+WITH RECURSIVE n (i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)
+INSERT INTO rate_claims (key, at) SELECT ?, ? FROM n
 
 -- Column references on the right-hand side see the row before the update,
 -- so a lapsed lease (status still 'running') counts as a reclaim.
@@ -217,11 +302,21 @@ SELECT status, waiting_for FROM runs WHERE id = ?
 -- name: wake
 UPDATE runs SET wake_at = ?, updated_at = ? WHERE id = ?
 
--- A requeued run has no deadline.
+-- A requeued run has no deadline. A run that was never claimed and has a
+-- debounce key would be open again: if another open run of its workflow
+-- holds that key (runs_debounce keeps one), it gives the key up, so the
+-- other stays the one a debounced create updates. Parameters: now, now,
+-- the run id.
 -- name: requeue
 UPDATE runs SET status = 'pending', error = NULL, reclaims = 0, wake_at = ?,
     waiting_for = NULL, lease_expires_at = NULL, updated_at = ?, finished_at = NULL,
-    deadline_at = NULL
+    deadline_at = NULL,
+    debounce_key = CASE WHEN debounce_key IS NOT NULL AND attempts = 0 AND EXISTS (
+        SELECT 1 FROM runs AS other
+        WHERE other.workflow = runs.workflow AND other.debounce_key = runs.debounce_key
+            AND other.debounce_key IS NOT NULL AND other.attempts = 0
+            AND other.status IN ('pending', 'delayed')
+    ) THEN NULL ELSE debounce_key END
 WHERE id = ? AND status IN ('failed', 'cancelled')
 RETURNING 1
 
@@ -249,8 +344,9 @@ SELECT deadline_at FROM runs WHERE {fence}
 -- no idempotency key.
 -- name: insert_child
 INSERT INTO runs (id, workflow, status, input, created_at, updated_at, wake_at, deadline_at,
-    parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2, limit_max2)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2, limit_max2,
+    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 RETURNING {run_columns}
 
 -- Whether the run has a child at the step that has not ended: one seek in

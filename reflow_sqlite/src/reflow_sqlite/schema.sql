@@ -251,6 +251,48 @@ CREATE INDEX runs_holding1 ON runs (limit_key1, status)
 CREATE INDEX runs_holding2 ON runs (limit_key2, status)
     WHERE status = 'running' AND limit_key2 IS NOT NULL;
 
+-- Version 8: rate limits and debounce.
+-- name: v8
+-- A run's at most two rate limits (NewRun.rates,
+-- reflow_core.adapter.rate_columns: key, max and period in microseconds)
+-- and its debounce key (NewRun.debounce_key). Added in place like
+-- deadline_at (nullable, no default: no row is rewritten): existing runs
+-- have no rates and no debounce key. A run a claim passed over because a
+-- rate was full is blocked like one passed over for a concurrency limit
+-- (blocked_by is "reflow:rate:" and the key), so it leaves runs_pending and
+-- runs_due for runs_blocked, and no claim reads it until it is released.
+ALTER TABLE runs ADD COLUMN rate_key1 TEXT;
+ALTER TABLE runs ADD COLUMN rate_max1 INTEGER;
+ALTER TABLE runs ADD COLUMN rate_period1 INTEGER;
+ALTER TABLE runs ADD COLUMN rate_key2 TEXT;
+ALTER TABLE runs ADD COLUMN rate_max2 INTEGER;
+ALTER TABLE runs ADD COLUMN rate_period2 INTEGER;
+ALTER TABLE runs ADD COLUMN debounce_key TEXT;
+-- The claims of runs holding each rate key, by time: a claim counts a key's
+-- window with one index-only range scan, and deletes the key's claims older
+-- than its period as it records its own, so the table holds at most a
+-- window's worth of claims per key.
+CREATE TABLE rate_claims (
+    key TEXT    NOT NULL,
+    at  INTEGER NOT NULL
+);
+CREATE INDEX rate_claims_key ON rate_claims (key, at);
+-- For each rate key with blocked runs: when its window has room again. A
+-- claim looks for the waits that are due (one probe of rate_waits_at, empty
+-- when no rate key waits) and releases their keys' first blocked runs.
+-- WITHOUT ROWID: the key is the table's own order, so rate_waits_at holds
+-- (at, key) and the probe reads no row.
+CREATE TABLE rate_waits (
+    key TEXT    PRIMARY KEY,
+    at  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX rate_waits_at ON rate_waits (at);
+-- At most one open run (pending or delayed, never claimed) per workflow and
+-- debounce key: a debounced create finds it with one seek and updates it.
+-- Runs without a debounce key are not in it.
+CREATE UNIQUE INDEX runs_debounce ON runs (workflow, debounce_key)
+    WHERE debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'delayed');
+
 -- -- what the trigger of versions 2 and 4 runs --------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those
