@@ -679,6 +679,8 @@ DECLARE
     rp interval;
     nth timestamptz;
     room_at timestamptz;
+    trim1 boolean;
+    trim2 boolean;
     taken integer := 0;
 BEGIN
     PERFORM {schema}.lock_limits(array_agg(v.k)) FROM {schema}.runs AS r,
@@ -720,6 +722,8 @@ BEGIN
         END IF;
         -- The rates: a window is full when its max-th newest claim is in it;
         -- it has room again when that claim leaves it.
+        trim1 := false;
+        trim2 := false;
         FOR i IN 1 .. 2 LOOP
             IF i = 1 THEN
                 rk := rec.rate_key1;
@@ -734,6 +738,7 @@ BEGIN
             nth := NULL;
             SELECT c.claimed_at INTO nth FROM {schema}.rate_claims AS c WHERE c.key = rk
                 ORDER BY c.claimed_at DESC OFFSET rm - 1 LIMIT 1;
+            IF i = 1 THEN trim1 := nth IS NOT NULL; ELSE trim2 := nth IS NOT NULL; END IF;
             IF nth IS NOT NULL AND nth > stamp - rp THEN
                 over := rk;
                 room_at := nth + rp;
@@ -749,14 +754,20 @@ BEGIN
             END IF;
             CONTINUE;
         END IF;
+        -- Record the claim; a key that held max claims already drops those
+        -- that have left the window (one that held fewer has none to drop).
         IF rec.rate_key1 IS NOT NULL THEN
-            DELETE FROM {schema}.rate_claims AS c WHERE c.key = rec.rate_key1
-                AND c.claimed_at <= stamp - rec.rate_period1 * interval '1 microsecond';
+            IF trim1 THEN
+                DELETE FROM {schema}.rate_claims AS c WHERE c.key = rec.rate_key1
+                    AND c.claimed_at <= stamp - rec.rate_period1 * interval '1 microsecond';
+            END IF;
             INSERT INTO {schema}.rate_claims (key, claimed_at) VALUES (rec.rate_key1, stamp);
         END IF;
         IF rec.rate_key2 IS NOT NULL THEN
-            DELETE FROM {schema}.rate_claims AS c WHERE c.key = rec.rate_key2
-                AND c.claimed_at <= stamp - rec.rate_period2 * interval '1 microsecond';
+            IF trim2 THEN
+                DELETE FROM {schema}.rate_claims AS c WHERE c.key = rec.rate_key2
+                    AND c.claimed_at <= stamp - rec.rate_period2 * interval '1 microsecond';
+            END IF;
             INSERT INTO {schema}.rate_claims (key, claimed_at) VALUES (rec.rate_key2, stamp);
         END IF;
         UPDATE {schema}.runs AS r SET status = 'running', lease_epoch = r.lease_epoch + 1,
