@@ -84,6 +84,7 @@ _DELAYED = ("test_delayed",)
 _DEADLINES = ("test_deadlines",)
 _CHILDREN = ("test_children",)
 _LIMITS = ("test_limits",)
+_RATES = ("test_rates",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -190,6 +191,14 @@ CASES = [
     Case("reclaim_checks_limits", (P.LIMIT_RECLAIM,), _LIMITS, machine=True),
     Case("blocked_after_cancel", (P.LIMIT_CANCEL_CLEARS,), _LIMITS),
     Case("loses_turn", (P.LIMIT_TURN_PASSED,), _LIMITS),
+    Case("ignores_rates", (P.RATE_NEVER_EXCEEDED,), _RATES, machine=True),
+    Case("rate_window_off_by_one", (P.RATE_NEVER_EXCEEDED,), _RATES, machine=True),
+    Case("never_releases_rates", (P.RATE_RELEASED,), _RATES),
+    Case("releases_one_at_a_time", (P.RATE_RELEASED,), _RATES),
+    Case("debounce_creates_new", (P.DEBOUNCE_REPLACES, P.DEBOUNCE_ONE_OPEN), _RATES),
+    Case("debounce_keeps_first", (P.DEBOUNCE_REPLACES,), _RATES),
+    Case("requeue_keeps_debounce_key", (P.DEBOUNCE_REQUEUE,), _RATES),
+    Case("debounce_replaces_claimed", (P.DEBOUNCE_AFTER_CLAIM,), _RATES),
 ]
 
 

@@ -31,6 +31,11 @@ and settles it with :meth:`Model.settle`. Likewise a claim is checked against
 what it may do rather than replayed (the test adopts the runs it blocked with
 :meth:`Model.block`).
 
+Rate limits are counted, not timed: the machine gives its rates a period far
+longer than any test, so every claim of a run holding a rate's key stays in
+its window (:attr:`Model.rate_claims`), a full rate never has room again,
+and the runs it blocks stay blocked until they end.
+
 Run ids come from the adapter (the model adopts them); everything else the
 model decides itself. Values are encoded text as the storage sees it; the
 test compares them decoded, since a store only has to give back text that
@@ -48,8 +53,10 @@ from typing import Literal
 
 from reflow_core.storage import (
     CHILDREN_WAIT_PREFIX,
+    RATE_BLOCK_PREFIX,
     TERMINAL_STATUSES,
     ConcurrencyLimit,
+    RateLimit,
     RunStatus,
     StepStatus,
 )
@@ -130,8 +137,10 @@ class ModelRun:
     """The runs it started with ``start_child``, in the order it started them."""
     priority: int = 0
     limits: tuple[ConcurrencyLimit, ...] = ()
+    rates: tuple[RateLimit, ...] = ()
     blocked_by: str | None = None
-    """The key of the full limit a claim passed it over for, until a stop lets it go."""
+    """The key of the full limit a claim passed it over for, until a stop lets
+    it go; or ``RATE_BLOCK_PREFIX`` and the key of its full rate, for good."""
 
     @property
     def terminal(self) -> bool:
@@ -204,6 +213,8 @@ class Model:
         self.owed: dict[str, list[bool]] = {}
         """Unblocks the last write owes each key, not yet settled: one entry
         per holder that stopped (False) or turn passed on (True)."""
+        self.rate_claims: dict[str, int] = {}
+        """The claims of runs holding each rate key: all in its window."""
 
     # -- reading -----------------------------------------------------------
 
@@ -249,16 +260,33 @@ class Model:
                     return limit.max
         return None
 
+    def rate_of(self, key: str) -> RateLimit | None:
+        """The rate of ``key`` (every run the machine gives a rate key gives it one rate)."""
+        for run in self:
+            for rate in run.rates:
+                if rate.key == key:
+                    return rate
+        return None
+
+    def rate_full(self, run_id: str) -> str | None:
+        """The key of the first of the run's rates whose window is full, or None."""
+        for rate in self.runs[run_id].rates:
+            if self.rate_claims.get(rate.key, 0) >= rate.max:
+                return rate.key
+        return None
+
     def full(self, key: str) -> bool:
         most = self.limit_of(key)
         return most is not None and len(self.holders(key)) >= most
 
     def block(self, run_id: str, key: str) -> None:
-        """A claim passed the run over: blocked by ``key`` (one of its keys)."""
+        """A claim passed the run over: blocked by ``key`` (one of its limit
+        keys, or the rate prefix and one of its rate keys)."""
         run = self.runs[run_id]
         assert run.claimable, f"{run.label} cannot be blocked"
         assert run.status != "running", f"{run.label} cannot be blocked"
-        assert key in run.keys, f"{run.label} holds no key {key}"
+        rates = [RATE_BLOCK_PREFIX + rate.key for rate in run.rates]
+        assert key in run.keys or key in rates, f"{run.label} holds no key {key}"
         run.blocked_by = key
 
     def unblock_choices(self, key: str) -> UnblockChoice:
@@ -321,6 +349,7 @@ class Model:
         delay: Deadline | None = None,
         priority: int = 0,
         limits: tuple[ConcurrencyLimit, ...] = (),
+        rates: tuple[RateLimit, ...] = (),
     ) -> ModelRun:
         """Adopt the run the adapter created: pending, claimable at once; or,
         created with a positive delay, delayed, claimable once it has passed
@@ -328,6 +357,7 @@ class Model:
         run = ModelRun(run_id, f"r{len(self.runs) + 1}", workflow, input, key)
         run.priority = priority
         run.limits = limits
+        run.rates = rates
         if delay is not None:
             run.status = "delayed"
             run.due = delay is Deadline.DUE_NOW
@@ -401,9 +431,12 @@ class Model:
         return found
 
     def claim(self, run_id: str, lease: LeaseState) -> bool:
-        """One run handed out by ``claim_runs``; returns whether it is a reclaim."""
+        """One run handed out by ``claim_runs``; returns whether it is a
+        reclaim. It counts as a claim of each of its rate keys."""
         run = self.runs[run_id]
         assert run.claimable, f"{run.label} is not claimable"
+        for rate in run.rates:
+            self.rate_claims[rate.key] = self.rate_claims.get(rate.key, 0) + 1
         reclaimed = run.status == "running"
         run.status = "running"
         run.epoch += 1

@@ -379,3 +379,61 @@ LIMIT_TURN_PASSED = (
     "a run let go by a slot before any claim took it) lets the first blocked run of each of "
     "its keys that has room go, in the same write, so a freed slot is never lost"
 )
+RATES_STORED = (
+    "a run's rate limits read back as created, in the order given (none by default), and its "
+    "debounce_key as given (None by default), by create_run, start_child and "
+    "claim_schedule_slot alike, and no claim or later write changes them"
+)
+RATE_NEVER_EXCEEDED = (
+    "no window of a rate's period holds more than max claims of runs holding its key, "
+    "claims in one call and claims of runs of other workflows counting, whatever the "
+    "connections"
+)
+RATE_BLOCKED = (
+    "a due run a claim passes over because one of its rates is full has blocked_by "
+    "RATE_BLOCK_PREFIX and that key (a full limit's key first), and no claim takes it "
+    "while the rate's window stays full"
+)
+RATE_RELEASED = (
+    "once a rate's window has room again, the next claim, whatever workflows it asks for, "
+    "lets go the key's first blocked runs, by priority then due time, as many as there is "
+    "room for, and the others stay blocked"
+)
+RATE_RECLAIM = (
+    "a run with a lapsed lease is reclaimed only while its rates have room, the reclaim "
+    "counting as a claim; otherwise it is left as it is, running on its lapsed lease and "
+    "not blocked, for a later claim"
+)
+RATE_OTHERS_UNDELAYED = (
+    "runs blocked by a rate take no place in a claim: a claim of limit n takes n other "
+    "claimable runs however many blocked runs of a higher priority are due"
+)
+RATE_ARGS = (
+    "create_run, start_child and claim_schedule_slot refuse rates that are not a tuple of "
+    "at most MAX_RUN_RATES RateLimit with distinct good keys, a max from 1 to MAX_RATE (not "
+    "a bool) and a period of whole milliseconds from 1 ms to MAX_RATE_PERIOD, and a limit "
+    "key starting with RATE_BLOCK_PREFIX, with ConfigError, writing nothing"
+)
+DEBOUNCE_REPLACES = (
+    "a create with the workflow and debounce_key of an open run (pending or delayed, never "
+    "claimed) returns that run with created=False, holding the new input, priority, limits "
+    "and rates, not blocked, due the new delay from now (never after its deadline), its id, "
+    "created_at and deadline_at kept, and makes no other run"
+)
+DEBOUNCE_AFTER_CLAIM = (
+    "once a claim has taken a debounced run, or it has ended, the next create with its key "
+    "makes a new run; runs of other workflows, other debounce keys or none are never replaced"
+)
+DEBOUNCE_REQUEUE = (
+    "requeue_run of a debounced run never claimed makes it open for its key again, unless "
+    "another open run of its workflow holds the key: then its debounce_key is cleared and "
+    "creates with the key keep replacing the other"
+)
+DEBOUNCE_ONE_OPEN = (
+    "concurrent creates with one workflow and debounce_key, on several connections, "
+    "leave exactly one open run, which all of them return"
+)
+DEBOUNCE_ARGS = (
+    "create_run and claim_schedule_slot refuse a debounce_key with an idempotency_key, or a "
+    "bad debounce_key, and start_child any debounce_key, with ConfigError, writing nothing"
+)

@@ -1,7 +1,7 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
 Each class in the modules of this package (one per area of the contract:
-``claims``, ``children``, ``delays``, ``deadlines``, ``leases``, ``limits``,
+``claims``, ``children``, ``delays``, ``deadlines``, ``leases``, ``limits``, ``rates``,
 ``runs``, ``records``, ``events``, ``retention``, ``schedules``, and ``workers``
 for the worker registry and queue statistics)
 is the in-memory reference backend (or, where the bug lives in a query, the
@@ -92,6 +92,16 @@ from .limits import (
     reclaim_checks_limits,
     unblocks_last,
 )
+from .rates import (
+    debounce_creates_new,
+    debounce_keeps_first,
+    debounce_replaces_claimed,
+    ignores_rates,
+    never_releases_rates,
+    rate_window_off_by_one,
+    releases_one_at_a_time,
+    requeue_keeps_debounce_key,
+)
 from .records import (
     created_at_moves,
     lease_outlives_run,
@@ -159,6 +169,9 @@ __all__ = [
     "correct_millisecond_clock",
     "created_at_moves",
     "deadline_by_client_clock",
+    "debounce_creates_new",
+    "debounce_keeps_first",
+    "debounce_replaces_claimed",
     "delay_by_client_clock",
     "delayed_as_pending",
     "double_claim",
@@ -171,6 +184,7 @@ __all__ = [
     "fires_paused",
     "ignores_deadline",
     "ignores_limits",
+    "ignores_rates",
     "immortal_leases",
     "key_freed_when_run_ends",
     "lax_run_ids",
@@ -181,6 +195,7 @@ __all__ = [
     "loses_turn",
     "lossy_requeue",
     "naive_reads",
+    "never_releases_rates",
     "no_fencing",
     "no_idempotency",
     "no_schedules",
@@ -196,9 +211,12 @@ __all__ = [
     "purge_leaves_steps",
     "purge_miscounts",
     "purges_unfinished",
+    "rate_window_off_by_one",
     "reclaim_checks_limits",
     "reclaims_first_workflow_only",
+    "releases_one_at_a_time",
     "requeue_keeps_deadline",
+    "requeue_keeps_debounce_key",
     "run_id_overwrites",
     "schedule_forgets_created_at",
     "schedule_slot_twice",
@@ -319,6 +337,14 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         unblocks_last,
         reclaim_checks_limits,
         blocked_after_cancel,
+        ignores_rates,
+        rate_window_off_by_one,
+        never_releases_rates,
+        releases_one_at_a_time,
+        debounce_creates_new,
+        debounce_keeps_first,
+        requeue_keeps_debounce_key,
+        debounce_replaces_claimed,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

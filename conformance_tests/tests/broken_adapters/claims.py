@@ -23,6 +23,7 @@ from reflow_core.storage import (
 )
 from reflow_sqlite import SQLiteStorage
 from reflow_sqlite import _scripts as sqlite_scripts
+from reflow_sqlite._queries import with_marks
 
 from ._common import _store
 
@@ -82,16 +83,20 @@ def _claim_by_due_time(
     backend's own script, told which of them were lapsed."""
     sql = _BY_DUE_TIME.format(marks=",".join("?" * len(workflows)))
     rows = yield sql, (*workflows, now, now, limit)
-    lapsed = [(row[0],) for row in rows if row[1]]
-    # As the backend's due query answers: id, priority, due time, limits; the
-    # place in this query's order stands for the due time (none has limits).
+    # As the backend's queries answer: a lapsed lease's id and rates; a due
+    # run's id, priority, due time, limits and rates. The place in this
+    # query's order stands for the due time (none has limits or rates).
+    lapsed = [(row[0], *[None] * 6) for row in rows if row[1]]
     due = [
-        (row[0], 0, place, None, None, None, None)
-        for place, row in enumerate(r for r in rows if not r[1])
+        (row[0], 0, place, *[None] * 10) for place, row in enumerate(r for r in rows if not r[1])
     ]
     claim = sqlite_scripts.claim(now, workflows, limit, lease_us)
+    lapsed_query = with_marks("claim_lapsed", "workflows", len(workflows))
     try:
-        request = next(claim)  # the lapsed runs
+        request = next(claim)
+        while request[0] != lapsed_query:  # the release of due rate waits, as the backend's
+            answer = yield request
+            request = claim.send(answer)
         request = claim.send(lapsed)
         if len(lapsed) < limit:  # then the others
             request = claim.send(due)

@@ -9,7 +9,7 @@ from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Literal
 
-from reflow_core.adapter import check_duration, check_text
+from reflow_core.adapter import check_duration, check_text, rate_block
 from reflow_core.memory import MemoryStorage
 from reflow_core.storage import ClaimedRun, Lease, RunRecord
 
@@ -93,6 +93,7 @@ class ReclaimChecksLimits(MemoryStorage):
         if limit <= 0:
             return []
         now = self._clock()
+        self._release_rates(now)
         wanted = set(workflows)
         due = []
         for run_id, entry in self._runs.items():
@@ -113,6 +114,15 @@ class ReclaimChecksLimits(MemoryStorage):
                 if not reclaimed:
                     self._update(entry, now, blocked_by=full)
                 continue
+            rate_full = self._rate_full(rec, now)
+            if rate_full is not None:
+                if not reclaimed:
+                    rate, room_at = rate_full
+                    self._update(entry, now, blocked_by=rate_block(rate.key))
+                    waits = self._rate_waits
+                    waits[rate.key] = min(waits.get(rate.key, room_at), room_at)
+                continue
+            self._record_claim(rec, now)
             self._update(
                 entry,
                 now,

@@ -290,6 +290,20 @@ class MemoryStorage:
         )
         return entry.record
 
+    def _requeued_debounce_key(self, entry: _Run) -> str | None:
+        """The debounce key of a run being requeued: a run never claimed
+        takes its key back, unless another open run holds it."""
+        record = entry.record
+        key = record.debounce_key
+        if key is None or record.attempts > 0:
+            return key
+        pointer = (record.workflow, key)
+        other = self._runs.get(self._debounce.get(pointer, ""))
+        if other is not None and other is not entry and is_open_for_debounce(other.record):
+            return None  # that run holds the key
+        self._debounce[pointer] = record.id
+        return key
+
     def _track(self, record: RunRecord) -> None:
         ids = self._unfinished.setdefault(record.workflow, set())
         ended = record.status in TERMINAL_STATUSES
@@ -775,18 +789,10 @@ class MemoryStorage:
             return False
         now = self._clock()
         entry.steps = {k: v for k, v in entry.steps.items() if v.status != "failed"}
-        debounce_key = entry.record.debounce_key
-        if debounce_key is not None and entry.record.attempts == 0:
-            pointer = (entry.record.workflow, debounce_key)
-            other = self._runs.get(self._debounce.get(pointer, ""))
-            if other is not None and other is not entry and is_open_for_debounce(other.record):
-                debounce_key = None  # that run holds the key
-            else:
-                self._debounce[pointer] = run_id
         self._update(
             entry,
             now,
-            debounce_key=debounce_key,
+            debounce_key=self._requeued_debounce_key(entry),
             status="pending",
             error=None,
             reclaims=0,

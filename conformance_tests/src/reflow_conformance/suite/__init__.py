@@ -29,6 +29,7 @@ from .test_process_crash import *  # noqa: F403
 from .test_processes import *  # noqa: F403
 from .test_queue_stats import *  # noqa: F403
 from .test_races import *  # noqa: F403
+from .test_rates import *  # noqa: F403
 from .test_records import *  # noqa: F403
 from .test_retention import *  # noqa: F403
 from .test_runs import *  # noqa: F403

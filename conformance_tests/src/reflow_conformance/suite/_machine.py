@@ -18,7 +18,10 @@ the run is due when anything looks) or an hour.
 Priorities and concurrency limits are drawn from nothing: a run made by
 ``create_run`` takes them from its creation index (:meth:`MachineBase._run_terms`),
 so the draws, and the examples they make, stay as they were. Its keys are
-the machine's own (:attr:`MachineBase.limit_keys`).
+the machine's own (:attr:`MachineBase.limit_keys`). So is its rate limit
+(:attr:`MachineBase.rate_key`, of max :data:`RATE_MAX` per :data:`RATE_PERIOD`,
+a period no test lasts): its window fills once and never has room again, so
+the runs it blocks stay blocked, and a lapsed lease over it stays lapsed.
 
 Hypothesis rules cannot be coroutines, so each machine owns one
 ``asyncio.Runner`` and one storage opened on it, closed in ``teardown``.
@@ -42,9 +45,11 @@ from reflow_conformance.model import Deadline, LeaseState, Model, ModelRun, Mode
 from reflow_conformance.strategies import plain_values, same_plain
 from reflow_core import codec
 from reflow_core.storage import (
+    RATE_BLOCK_PREFIX,
     ClaimedRun,
     ConcurrencyLimit,
     Lease,
+    RateLimit,
     RunRecord,
     RunStatus,
     ScheduleRecord,
@@ -64,6 +69,8 @@ __all__ = [
     "LEASES",
     "LONG",
     "MILLISECOND",
+    "RATE_MAX",
+    "RATE_PERIOD",
     "RECURRENCES",
     "RUNS",
     "RUN_DEADLINE",
@@ -110,6 +117,11 @@ RUN_DEADLINE = timedelta(days=2)
 (a keyless one has none; nothing is drawn for it): later than any sleep or
 wait it asks for, so it caps none, and it must read back unchanged until a
 requeue clears it."""
+RATE_MAX = 2
+"""The max of the machine's rate limit."""
+RATE_PERIOD = timedelta(hours=1)
+"""The period of the machine's rate limit: longer than any test, so no claim
+ever leaves its window."""
 LAPSES_PER_MACHINE = 1
 """Each lapse sleeps for real (most of the time a machine takes, and what makes
 shrinking slow); this bounds it."""
@@ -193,6 +205,8 @@ class MachineBase(RuleBasedStateMachine):
         self.run_prefix = reflow.unique("run") + "-"
         self.limit_keys = (reflow.unique("key"), reflow.unique("key"))
         """Key A (max 1) and key B (max 2), the concurrency limits of this machine's runs."""
+        self.rate_key = reflow.unique("rate")
+        """Key R, the rate limit of this machine's runs."""
         self.lapses_left = LAPSES_PER_MACHINE
         self.touched_missing = False
         self.epochs: dict[str, list[int]] = {}
@@ -234,30 +248,41 @@ class MachineBase(RuleBasedStateMachine):
         in creation order and a replayed example claims the same runs."""
         return f"{self.run_prefix}{len(self.model.runs) + 1:04d}"
 
-    def _run_terms(self) -> tuple[int, tuple[ConcurrencyLimit, ...]]:
-        """The priority and limits of the next run ``create_run`` makes, from
-        its creation index ``n`` alone (nothing is drawn for them): every second
-        run holds key A (max 1), every third key B (max 2), A first when both;
-        runs 3, 7, 11, ... have priority 1, the others 0."""
+    def _run_terms(self) -> tuple[int, tuple[ConcurrencyLimit, ...], tuple[RateLimit, ...]]:
+        """The priority, limits and rates of the next run ``create_run``
+        makes, from its creation index ``n`` alone (nothing is drawn for
+        them): every second run holds key A (max 1), every third key B (max
+        2), A first when both; every odd run holds rate R (max
+        :data:`RATE_MAX`); runs 3, 7, 11, ... have priority 1, the others 0."""
         n = len(self.model.runs) + 1
         limits: list[ConcurrencyLimit] = []
         if n % 2 == 0:
             limits.append(ConcurrencyLimit(self.limit_keys[0], 1))
         if n % 3 == 0:
             limits.append(ConcurrencyLimit(self.limit_keys[1], 2))
-        return (1 if n % 4 == 3 else 0), tuple(limits)
+        rates = (RateLimit(self.rate_key, RATE_MAX, RATE_PERIOD),) if n % 2 == 1 else ()
+        return (1 if n % 4 == 3 else 0), tuple(limits), rates
 
     def _key(self, key: str | None) -> str:
-        """Key A or B, for notes."""
+        """Key A or B, or rate R, for notes."""
         if key in self.limit_keys:
             return "AB"[self.limit_keys.index(key)]
+        if key == RATE_BLOCK_PREFIX + self.rate_key:
+            return "rate R"
         return repr(key)
 
-    def _terms(self, priority: int, limits: tuple[ConcurrencyLimit, ...]) -> str:
-        """A run's priority and limits, for notes (nothing for neither)."""
+    def _terms(
+        self,
+        priority: int,
+        limits: tuple[ConcurrencyLimit, ...],
+        rates: tuple[RateLimit, ...] = (),
+    ) -> str:
+        """A run's priority, limits and rates, for notes (nothing for none)."""
         text = "" if not priority else f" priority={priority}"
         if limits:
             text += " limits=" + ",".join(f"{self._key(x.key)}<={x.max}" for x in limits)
+        if rates:
+            text += " rate=R<=" + ",".join(str(x.max) for x in rates)
         return text
 
     def _settle(self) -> None:
@@ -395,15 +420,29 @@ class MachineBase(RuleBasedStateMachine):
             P.LIMITS_STORED,
             f"{run.label}: limits {record.limits!r}, created with {run.limits!r}",
         )
+        promise(
+            tuple(record.rates) == run.rates and record.debounce_key is None,
+            P.RATES_STORED,
+            f"{run.label}: rates {record.rates!r}, debounce_key {record.debounce_key!r}, "
+            f"created with {run.rates!r} and no debounce_key",
+        )
         if record.blocked_by != run.blocked_by:
+            rated = any(
+                b is not None and b.startswith(RATE_BLOCK_PREFIX)
+                for b in (record.blocked_by, run.blocked_by)
+            )
             if run.blocked_by is not None:
-                broken = P.LIMIT_BLOCKED
+                broken = P.RATE_BLOCKED if rated else P.LIMIT_BLOCKED
             elif run.terminal:
                 broken = P.LIMIT_CANCEL_CLEARS
+            elif run.status == "running" and rated:
+                # Passed over for its rate: as a reclaim, or as if no live lease held it.
+                lapsed = run.lease is LeaseState.LAPSED
+                broken = P.RATE_RECLAIM if lapsed else P.ONE_LIVE_LEASE
             elif run.status == "running" and run.reclaims:
                 broken = P.LIMIT_RECLAIM
             else:
-                broken = P.LIMIT_UNBLOCKED
+                broken = P.RATE_BLOCKED if rated else P.LIMIT_UNBLOCKED
             promise(
                 False,
                 broken,
@@ -522,7 +561,8 @@ def why(run: ModelRun) -> str:
 def unclaimable_promise(run: ModelRun) -> str:
     """The promise a claim of this (unclaimable) run breaks."""
     if run.blocked_by is not None:
-        return P.LIMIT_BLOCKED
+        rated = run.blocked_by.startswith(RATE_BLOCK_PREFIX)
+        return P.RATE_BLOCKED if rated else P.LIMIT_BLOCKED
     if run.status == "running":
         return P.ONE_LIVE_LEASE
     if run.terminal:

@@ -18,7 +18,7 @@ from reflow_conformance import promises as P
 from reflow_conformance.harness import promise
 from reflow_conformance.model import Deadline, LeaseState
 from reflow_core.errors import IdempotencyConflictError
-from reflow_core.storage import ClaimedRun, Lease, NewRun
+from reflow_core.storage import RATE_BLOCK_PREFIX, ClaimedRun, Lease, NewRun
 
 from ._machine import (
     DELAYS,
@@ -27,6 +27,7 @@ from ._machine import (
     LEASES,
     LONG,
     MILLISECOND,
+    RATE_MAX,
     RUN_DEADLINE,
     RUNS,
     SOON_WAIT,
@@ -90,8 +91,8 @@ class RunRules(MachineBase):
         limit = None if key is None else RUN_DEADLINE
         later = "" if delay is None else f" delay={delay.total_seconds():g}s"
         later += "" if limit is None else f" deadline={limit.total_seconds():g}s"
-        priority, limits = self._run_terms()
-        later += self._terms(priority, limits)
+        priority, limits, rates = self._run_terms()
+        later += self._terms(priority, limits, rates)
         story = f"create in {'AB'[wf]} key={key} input={show(value)}{later}"
         try:
             chosen = self._new_run_id()
@@ -104,6 +105,7 @@ class RunRules(MachineBase):
                 deadline=limit,
                 priority=priority,
                 limits=limits,
+                rates=rates,
             )
             result = self._run(self.storage.create_run(new))
             if deadline is Deadline.DUE_NOW:
@@ -168,7 +170,7 @@ class RunRules(MachineBase):
             P.RUN_DEADLINE_FROM_STORAGE_CLOCK,
             f"created at {run.created_at} with deadline {limit}, deadline_at {run.deadline_at}",
         )
-        added = self.model.add_run(run_id, workflow, text, key, deadline, priority, limits)
+        added = self.model.add_run(run_id, workflow, text, key, deadline, priority, limits, rates)
         added.deadline_at = run.deadline_at
         label = added.label
         note(f"{story} -> new {label}")
@@ -255,6 +257,7 @@ class RunRules(MachineBase):
         claimable = self.model.claimable(names)
         lapsed = self.model.lapsed(names)
         full_before = {key for key in self.limit_keys if self.model.full(key)}
+        rated_before = self.model.rate_claims.get(self.rate_key, 0)
         claimed = self._run(self.storage.claim_runs(names, limit, lease))
         ids = [c.run.id for c in claimed]
         wanted = "+".join("AB"[i] for i in which)
@@ -277,6 +280,14 @@ class RunRules(MachineBase):
                 promise(False, P.CLAIM_LIMIT, f"claimed {run_id}, not a run of {wanted}")
             elif run_id not in claimable:
                 promise(False, unclaimable_promise(run), f"claimed {run.label}, {why(run)}")
+        rated = [i for i in ids if self.model.runs[i].rates]
+        promise(
+            rated_before + len(rated) <= RATE_MAX,
+            P.RATE_NEVER_EXCEEDED,
+            f"with {rated_before} claims of rate R (max {RATE_MAX}) in its window, the claim "
+            f"took {self._labels(rated)}, which hold it",
+        )
+        rate_full = rated_before + len(rated) >= RATE_MAX
         records = {i: self._run(self.storage.get_run(i)) for i in self.model.runs}
         held = self._held(records)
         for key in self.limit_keys:
@@ -301,12 +312,25 @@ class RunRules(MachineBase):
             if record is None or record.blocked_by is None:
                 continue
             run = self.model.runs[run_id]
+            key = record.blocked_by
+            by_rate = key == RATE_BLOCK_PREFIX + self.rate_key
             promise(
                 run.status != "running",
-                P.LIMIT_RECLAIM,
+                P.RATE_RECLAIM if by_rate else P.LIMIT_RECLAIM,
                 f"the claim left lapsed {run.label} blocked by {self._key(record.blocked_by)}",
             )
-            key = record.blocked_by
+            if by_rate:
+                limits_full = [k for k in run.keys if k in full_before]
+                promise(
+                    bool(run.rates) and rate_full and not limits_full,
+                    P.RATE_BLOCKED,
+                    f"the claim blocked {run.label}"
+                    f"{self._terms(run.priority, run.limits, run.rates)} by rate R, "
+                    f"which {rated_before + len(rated)} claims fill (max {RATE_MAX})"
+                    + (f", with key {self._key(limits_full[0])} full" if limits_full else ""),
+                )
+                passed[run_id] = key
+                continue
             most = self.model.limit_of(key)
             earlier = run.keys[: run.keys.index(key)] if key in run.keys else run.keys
             first = not any(k in full_before for k in earlier)
@@ -324,21 +348,26 @@ class RunRules(MachineBase):
                     f"{self.model.label(i)} (key {self._key(k)})" for i, k in passed.items()
                 )
             )
-        left = sorted(claimable - set(ids) - set(passed))
+        # A lapsed lease over a full rate is left as it is, for a later claim.
+        over = {i for i in lapsed - set(ids) if rate_full and self.model.runs[i].rates}
+        left = sorted(claimable - set(ids) - set(passed) - over)
         if left and len(ids) < limit:
             # Fewer than `limit` means nothing else was claimable: every run
             # left was passed over, blocked.
             first_left = self.model.runs[left[0]]
             full = [k for k in first_left.keys if held.get(k, 0) >= (self.model.limit_of(k) or 0)]
+            over_rate = rate_full and bool(first_left.rates)
             promise(
                 False,
                 P.LIMIT_BLOCKED
                 if full and first_left.status != "running"
+                else P.RATE_BLOCKED
+                if over_rate and first_left.status != "running"
                 else claimable_promise(first_left),
                 f"claimed {self._labels(ids)} with limit {limit}, leaving "
                 + ", ".join(f"{self.model.label(i)} ({why(self.model.runs[i])})" for i in left),
             )
-        skipped = lapsed - set(ids)
+        skipped = lapsed - set(ids) - over
         if skipped:
             promise(
                 all(i in lapsed for i in ids) and not passed,
