@@ -207,3 +207,23 @@ def test_rate_options_are_checked_when_the_workflow_is_defined() -> None:
         RateLimit(WORKFLOW_LIMIT_PREFIX + "w", 100, timedelta(minutes=1)),
         RateLimit("partner:acme", 5, timedelta(seconds=1)),
     )
+
+
+@pytest.mark.parametrize("server", ["postgres", "redis"])
+async def test_idle_workers_are_woken_when_a_rate_has_room(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """With a poll of a minute, runs held back by a rate of one a second
+    still start a second apart: the store tells idle workers when the
+    window has room, as it does when a sleep ends."""
+    url: str = request.getfixturevalue(f"{server}_url")
+    wf = workflow("paced", rate="1/1s").step("go", lambda ctx: time.monotonic())
+    async with Engine(
+        storage=url, workflows=[wf], poll_interval="60s", load_entry_points=False
+    ) as engine:
+        began = time.monotonic()
+        runs = [await engine.enqueue(wf, n) for n in range(3)]
+        started = [await engine.result(run.id, timeout=30) - began for run in runs]
+    assert started[1] >= 0.9
+    assert started[2] >= 1.9
+    assert started[2] < 10, started  # woken, not polled

@@ -169,9 +169,17 @@ def _noise_texts(caplog: pytest.LogCaptureFixture) -> str:
     """What the same failure shows with no password: a password that is part
     of it (``127``, ``refused``) cannot be told from it."""
     if not _noise:
-        _noise.extend(
-            _texts(lambda: PostgresStorage(f"postgresql://app@{UNREACHABLE}/app?{FAST}"), caplog)
-        )
+        url = f"postgresql://app@{UNREACHABLE}/app"
+
+        def opened() -> PostgresStorage:
+            store = open_storage(f"{url}?{FAST}")
+            assert isinstance(store, PostgresStorage)
+            return store
+
+        # Both ways in, as the cases build them: their errors need not be
+        # worded alike.
+        _noise.extend(_texts(lambda: PostgresStorage(url, pool_timeout=0.05), caplog))
+        _noise.extend(_texts(opened, caplog))
     return "\n".join(_noise)
 
 

@@ -327,7 +327,7 @@ ORDER BY c.stale DESC, c.priority DESC, c.k, c.id
 -- statement's transaction (see schema.sql); rows as claim's.
 WITH c AS MATERIALIZED (
     SELECT (h.run).*, h.stale FROM {schema}.claim_held(%(ids)s::text[], %(lease)s::interval,
-        {locked_now}, %(limit)s::integer, {rate_prefix}) AS h
+        {locked_now}, %(limit)s::integer, {rate_prefix}, {wake_channel}) AS h
 ) SELECT {run_columns_c}, c.stale, NULL::timestamptz AS k,
     (SELECT json_agg(json_build_array(st.name, st.status, st.output,
         st.error, st.attempts, (extract(epoch FROM st.wake_at) * 1000000)::bigint,

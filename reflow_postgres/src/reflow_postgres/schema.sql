@@ -584,7 +584,8 @@ $$
 -- window (the max and period of the first of them) has room for, waking
 -- their workflows' workers on channel (NULL: none). If blocked runs remain,
 -- the wait is set again for when the oldest claim in the window leaves it
--- (or a period from now). Returns how many runs it unblocked.
+-- (or a period from now), and the first one's workflow told of it on
+-- channel. Returns how many runs it unblocked.
 CREATE FUNCTION {schema}.release_rates(stamp timestamptz, prefix text, channel text)
     RETURNS integer LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
@@ -635,10 +636,20 @@ BEGIN
                 END LOOP;
             END IF;
         END LOOP;
-        IF EXISTS (SELECT 1 FROM {schema}.runs AS r WHERE r.blocked_by = b) THEN
+        flow := NULL;
+        SELECT r.workflow INTO flow FROM {schema}.runs AS r WHERE r.blocked_by = b
+            ORDER BY r.priority DESC, r.wake_at, r.id LIMIT 1;
+        IF flow IS NOT NULL THEN
             INSERT INTO {schema}.rate_waits AS w (key, due_at)
                 VALUES (k, coalesce(oldest, stamp) + rperiod)
                 ON CONFLICT (key) DO UPDATE SET due_at = least(w.due_at, EXCLUDED.due_at);
+            -- Idle workers of the first run left blocked look again then.
+            IF channel IS NOT NULL THEN
+                PERFORM pg_notify(channel,
+                    greatest(0, ceil(extract(epoch FROM coalesce(oldest, stamp) + rperiod
+                        - stamp) * 1000))::bigint
+                    || '|' || CASE WHEN octet_length(flow) <= 4000 THEN flow ELSE '' END);
+            END IF;
         END IF;
         rmax := NULL;
         rperiod := NULL;
@@ -664,9 +675,10 @@ $$
 -- lapsed lease left as it is. A claim records one claim at stamp for each
 -- rate key of the run, and deletes that key's claims older than its
 -- period. Returns the claimed runs as they now are, and whether each was a
--- lapsed lease.
+-- lapsed lease. A rate wait set or moved earlier notifies channel (unless
+-- NULL) with a hint for the blocked run's workflow, due when it has room.
 CREATE FUNCTION {schema}.claim_held(ids text[], lease interval, stamp timestamptz,
-    budget integer, prefix text)
+    budget integer, prefix text, channel text)
     RETURNS TABLE (run {schema}.runs, stale integer) LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     candidate text;
@@ -679,6 +691,7 @@ DECLARE
     rp interval;
     nth timestamptz;
     room_at timestamptz;
+    noted timestamptz;
     trim1 boolean;
     trim2 boolean;
     taken integer := 0;
@@ -749,8 +762,19 @@ BEGIN
             IF NOT lapsed THEN
                 UPDATE {schema}.runs AS r SET blocked_by = prefix || over, updated_at = stamp
                     WHERE r.id = candidate;
-                INSERT INTO {schema}.rate_waits AS w (key, due_at) VALUES (over, room_at)
-                    ON CONFLICT (key) DO UPDATE SET due_at = least(w.due_at, EXCLUDED.due_at);
+                noted := NULL;
+                SELECT w.due_at INTO noted FROM {schema}.rate_waits AS w WHERE w.key = over;
+                IF noted IS NULL OR room_at < noted THEN
+                    INSERT INTO {schema}.rate_waits AS w (key, due_at) VALUES (over, room_at)
+                        ON CONFLICT (key) DO UPDATE SET due_at = least(w.due_at, EXCLUDED.due_at);
+                    -- Idle workers of the run's workflow look again when it has room.
+                    IF channel IS NOT NULL THEN
+                        PERFORM pg_notify(channel,
+                            greatest(0, ceil(extract(epoch FROM room_at - stamp) * 1000))::bigint
+                            || '|' || CASE WHEN octet_length(rec.workflow) <= 4000
+                                THEN rec.workflow ELSE '' END);
+                    END IF;
+                END IF;
             END IF;
             CONTINUE;
         END IF;
