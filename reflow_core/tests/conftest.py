@@ -14,12 +14,15 @@
   test, on the test's own loop.
 * Any error logged by the engine for an unexpected exception, and any
   exception asyncio reports as never retrieved, fails the test.
+* :func:`blocked_status` waits for a run to be held back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
+import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from reflow_conformance.testsupport import FakeClock, run_async_tests
-from reflow_core import MemoryStorage, open_storage
+from reflow_core import Engine, MemoryStorage, Run, open_storage
 from reflow_core.storage import Storage
 
 ASYNC_TEST_TIMEOUT = 30.0
@@ -189,3 +192,14 @@ def _no_unexpected_errors(request: pytest.FixtureRequest) -> Iterator[None]:
         if r.name == "asyncio" or r.exc_info is not None
     ]
     assert not bad, "unexpected errors were logged:\n" + "\n".join(bad)
+
+
+async def blocked_status(engine: Engine, run_id: str, timeout: float = 10.0) -> Run:
+    """The run's status once it is blocked (``blocked_by`` set), or as it is
+    after ``timeout`` seconds if it never is."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = await engine.get_run_status(run_id)
+        if status.blocked_by is not None or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(0.05)

@@ -10,7 +10,6 @@ they wait, and bad options refused before anything is written.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import pytest
@@ -18,6 +17,8 @@ import pytest
 from reflow_core import ConfigError, Engine, Limit, StepContext, ValidationError, workflow
 from reflow_core.limits import WORKFLOW_LIMIT_PREFIX
 from reflow_core.storage import ConcurrencyLimit, Storage
+
+from .conftest import blocked_status
 
 
 def _engine(storage: Storage, *workflows: Any, **options: Any) -> Engine:
@@ -133,12 +134,7 @@ async def test_a_run_waiting_for_a_slot_says_why(storage: Storage) -> None:
     async with _engine(storage, wf, concurrency=4) as engine:
         first = await engine.enqueue(wf, {"k": "x"})
         second = await engine.enqueue(wf, {"k": "x"})
-        deadline = time.monotonic() + 10
-        while True:
-            status = await engine.get_run_status(second.id)
-            if status.blocked_by is not None or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        status = await blocked_status(engine, second.id)
         assert status.status == "pending"
         assert status.blocked_by == "exclusive:x"
         release.set()

@@ -20,6 +20,8 @@ from reflow_core import ConfigError, Engine, Limit, Rate, StepContext, workflow
 from reflow_core.limits import WORKFLOW_LIMIT_PREFIX, parse_rate
 from reflow_core.storage import RATE_BLOCK_PREFIX, ConcurrencyLimit, RateLimit, Storage
 
+from .conftest import blocked_status
+
 
 def _engine(storage: Storage, *workflows: Any, **options: Any) -> Engine:
     options.setdefault("close_storage", False)
@@ -91,12 +93,7 @@ async def test_a_run_held_back_by_a_rate_says_why(storage: Storage) -> None:
         first = await engine.enqueue(wf, 1)
         await engine.result(first.id, timeout=10)
         second = await engine.enqueue(wf, 2)
-        deadline = time.monotonic() + 10
-        while True:
-            status = await engine.get_run_status(second.id)
-            if status.blocked_by is not None or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+        status = await blocked_status(engine, second.id)
         assert status.status == "pending"
         assert status.blocked_by == RATE_BLOCK_PREFIX + WORKFLOW_LIMIT_PREFIX + "slow-api"
         assert status.hold is not None

@@ -12,7 +12,6 @@ its workflow's workers; runs without limits never pay for any of it.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import threading
 from collections.abc import Awaitable, Callable
@@ -24,24 +23,9 @@ from psycopg import sql
 from reflow_core.storage import ClaimedRun, ConcurrencyLimit, NewRun, StepRecord
 from reflow_postgres import PostgresStorage
 
-Admin = psycopg.Connection[tuple[object, ...]]
+from ._plans import Admin, assert_index_lookup, blocked_runs, blocks, explain_claim
+
 LEASE = timedelta(seconds=60)
-
-
-def _plan_nodes(plan: dict[str, object]) -> list[dict[str, object]]:
-    nodes = [plan]
-    for child in plan.get("Plans", []):  # type: ignore[attr-defined]
-        nodes.extend(_plan_nodes(child))
-    return nodes
-
-
-def _explain(admin: Admin, statement: str, params: dict[str, object]) -> list[dict[str, object]]:
-    row = admin.execute(
-        ("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement).encode(), params
-    ).fetchone()
-    assert row is not None
-    plan = row[0] if isinstance(row[0], list) else json.loads(str(row[0]))
-    return [plan[0]["Plan"], *_plan_nodes(plan[0]["Plan"])[1:]]
 
 
 def _limit(key: str, most: int = 1) -> tuple[ConcurrencyLimit, ...]:
@@ -194,12 +178,8 @@ async def test_a_claim_behind_many_full_keys_never_reads_their_blocked_runs(
         ).format(ident)
     )
     admin.execute(sql.SQL("ANALYZE {}.runs").format(ident))
-    before = admin.execute(
-        sql.SQL("SELECT max(updated_at) FROM {}.runs WHERE id LIKE 'blocked%%'").format(ident)
-    ).fetchone()
-    params = {"workflows": ["wf"], "limit": 10, "lease": LEASE, "probe": True, "skip": []}
-    with admin.transaction(force_rollback=True):  # EXPLAIN ANALYZE really claims
-        top, *nodes = _explain(admin, store._sql["claim"].decode(), params)
+    before = blocked_runs(admin, schema)
+    top, *nodes = explain_claim(admin, store, LEASE)
     scans = {(n.get("Node Type"), n.get("Index Name")) for n in nodes if n.get("Index Name")}
     # No table is scanned whole but the empty rate_waits (no blocks to read).
     seq = [n for n in nodes if n.get("Node Type") == "Seq Scan"]
@@ -208,7 +188,7 @@ async def test_a_claim_behind_many_full_keys_never_reads_their_blocked_runs(
     assert ready
     assert all(int(str(n["Actual Rows"])) <= 10 for n in ready), ready
     assert ("Index Scan", "runs_due") in scans or ("Index Only Scan", "runs_due") in scans
-    assert int(str(top["Shared Hit Blocks"])) + int(str(top.get("Shared Read Blocks", 0))) < 200
+    assert blocks(top) < 200
 
     # What claim_limited and release_limits run, for a key: index lookups.
     for query, index in (
@@ -226,23 +206,12 @@ async def test_a_claim_behind_many_full_keys_never_reads_their_blocked_runs(
             "runs_blocked",
         ),
     ):
-        top, *nodes = _explain(admin, sql.SQL(query).format(ident).as_string(admin), {"k": "full7"})
-        used = {n.get("Index Name") for n in [top, *nodes]} - {None}
-        assert used == {index}, (query, used)
-        assert int(str(top["Shared Hit Blocks"])) + int(str(top.get("Shared Read Blocks", 0))) < 20
+        assert_index_lookup(admin, schema, query, {"k": "full7"}, index)
 
     claimed = await store.claim_runs(["wf"], 10, LEASE)
     assert len(claimed) == 10
     assert all(c.run.id.startswith("free") for c in claimed)
-    after = admin.execute(
-        sql.SQL(
-            "SELECT max(updated_at), count(*) FILTER (WHERE blocked_by IS NOT NULL)"
-            " FROM {}.runs WHERE id LIKE 'blocked%%'"
-        ).format(ident)
-    ).fetchone()
-    assert after is not None
-    assert before is not None
-    assert after == (before[0], 9000)  # untouched
+    assert blocked_runs(admin, schema) == (before[0], 9000)  # untouched
     await store.close()
 
 

@@ -11,37 +11,16 @@ debounced creates from many connections at once leave one open run.
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 from psycopg import sql
 
 from reflow_core.storage import RATE_BLOCK_PREFIX, NewRun, RateLimit, ScheduleSpec
 from reflow_postgres import PostgresStorage
 
-Admin = psycopg.Connection[tuple[object, ...]]
+from ._plans import Admin, assert_index_lookup, blocked_runs, blocks, explain_claim
+
 LEASE = timedelta(seconds=60)
-
-
-def _plan_nodes(plan: dict[str, object]) -> list[dict[str, object]]:
-    nodes = [plan]
-    for child in plan.get("Plans", []):  # type: ignore[attr-defined]
-        nodes.extend(_plan_nodes(child))
-    return nodes
-
-
-def _explain(admin: Admin, statement: str, params: dict[str, object]) -> list[dict[str, object]]:
-    row = admin.execute(
-        ("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement).encode(), params
-    ).fetchone()
-    assert row is not None
-    plan = row[0] if isinstance(row[0], list) else json.loads(str(row[0]))
-    return [plan[0]["Plan"], *_plan_nodes(plan[0]["Plan"])[1:]]
-
-
-def _blocks(node: dict[str, object]) -> int:
-    return int(str(node["Shared Hit Blocks"])) + int(str(node.get("Shared Read Blocks", 0)))
 
 
 class Clock:
@@ -99,12 +78,8 @@ async def test_a_claim_behind_many_rate_blocked_runs_never_reads_them(
     )
     for table in ("runs", "rate_claims", "rate_waits"):
         admin.execute(sql.SQL("ANALYZE {}.{}").format(ident, sql.Identifier(table)))
-    before = admin.execute(
-        sql.SQL("SELECT max(updated_at) FROM {}.runs WHERE id LIKE 'blocked%%'").format(ident)
-    ).fetchone()
-    params = {"workflows": ["wf"], "limit": 10, "lease": LEASE, "probe": True, "skip": []}
-    with admin.transaction(force_rollback=True):  # EXPLAIN ANALYZE really claims
-        top, *nodes = _explain(admin, store._sql["claim"].decode(), params)
+    before = blocked_runs(admin, schema)
+    top, *nodes = explain_claim(admin, store, LEASE)
     assert not [n for n in nodes if n.get("Node Type") == "Seq Scan"], nodes
     ready = [n for n in nodes if n.get("Index Name") == "runs_ready"]
     assert ready
@@ -113,7 +88,7 @@ async def test_a_claim_behind_many_rate_blocked_runs_never_reads_them(
     assert probe
     assert all(n.get("Index Name") == "rate_waits_due" for n in probe), probe
     assert all(int(str(n["Actual Rows"])) == 0 for n in probe), probe
-    assert _blocks(top) < 200
+    assert blocks(top) < 200
 
     # What claim_held and release_rates run, for a key: index lookups.
     for query, index in (
@@ -128,27 +103,13 @@ async def test_a_claim_behind_many_rate_blocked_runs_never_reads_them(
             "runs_blocked",
         ),
     ):
-        top, *nodes = _explain(
-            admin,
-            sql.SQL(query).format(ident).as_string(admin),
-            {"k": "full7", "b": RATE_BLOCK_PREFIX + "full7"},
-        )
-        used = {n.get("Index Name") for n in [top, *nodes]} - {None}
-        assert used == {index}, (query, used)
-        assert _blocks(top) < 20
+        params = {"k": "full7", "b": RATE_BLOCK_PREFIX + "full7"}
+        assert_index_lookup(admin, schema, query, params, index)
 
     claimed = await store.claim_runs(["wf"], 10, LEASE)
     assert len(claimed) == 10
     assert all(c.run.id.startswith("free") for c in claimed)
-    after = admin.execute(
-        sql.SQL(
-            "SELECT max(updated_at), count(*) FILTER (WHERE blocked_by IS NOT NULL)"
-            " FROM {}.runs WHERE id LIKE 'blocked%%'"
-        ).format(ident)
-    ).fetchone()
-    assert after is not None
-    assert before is not None
-    assert after == (before[0], 9000)  # untouched
+    assert blocked_runs(admin, schema) == (before[0], 9000)  # untouched
     await store.close()
 
 

@@ -14,12 +14,15 @@ import asyncio
 import random
 from collections import Counter
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 from datetime import timedelta
 
 import redis
 
 from reflow_core.storage import ConcurrencyLimit, Lease, NewRun
 from reflow_redis import RedisStorage
+
+from ._clocked_store import open_store
 
 LEASE = timedelta(seconds=30)
 
@@ -28,9 +31,8 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def limit_keys(raw: redis.Redis, prefix: str) -> set[str]:
-    """The priority, holder and blocked keys under the prefix, without the tag."""
-    tag = "{" + prefix + "}"
+def limit_keys(raw: redis.Redis, tag: str) -> set[str]:
+    """The priority, holder and blocked keys under the tag, without it."""
     found = set()
     for kind in ("pdue", "prios", "holders", "blocked", "blocked-wf"):
         pattern = f"{tag}:{kind}:*"
@@ -42,18 +44,10 @@ def members(raw: redis.Redis, key: str) -> list[str]:
     return [_text(m) for m in raw.zrange(key, 0, -1)]
 
 
-async def _open(redis_url: str) -> RedisStorage:
-    store = RedisStorage.from_url(redis_url)
-    await store.initialize()
-    return store
-
-
 async def test_the_layout_of_priorities_and_limits_and_its_cleanup(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
-    tag = "{" + prefix + "}"
-    store = await _open(redis_url)
-    try:
+    async with open_store(redis_url) as store:
         one = (ConcurrencyLimit("k:1", 1),)
         await store.create_run(NewRun("wf", "1", run_id="low", priority=-3))
         await store.create_run(NewRun("wf", "2", run_id="zero"))
@@ -61,7 +55,7 @@ async def test_the_layout_of_priorities_and_limits_and_its_cleanup(
         await store.create_run(
             NewRun("wf", "4", run_id="two", priority=5, limits=(*one, ConcurrencyLimit("b", 2)))
         )
-        assert limit_keys(raw, prefix) == {"pdue:5:wf", "pdue:-3:wf", "prios:wf"}
+        assert limit_keys(raw, tag) == {"pdue:5:wf", "pdue:-3:wf", "prios:wf"}
         assert members(raw, f"{tag}:prios:wf") == ["-3", "5"]
         assert members(raw, f"{tag}:due:wf") == ["zero"]
         assert raw.hmget(f"{tag}:run:two", "pr", "k1", "m1", "k2", "m2") == [
@@ -78,7 +72,7 @@ async def test_the_layout_of_priorities_and_limits_and_its_cleanup(
         assert high.run.id == "high"
         claimed = await store.claim_runs(["wf"], 2, LEASE)
         assert [c.run.id for c in claimed] == ["zero", "low"]
-        assert limit_keys(raw, prefix) == {"holders:k:1", "blocked:k:1", "blocked-wf:wf"}
+        assert limit_keys(raw, tag) == {"holders:k:1", "blocked:k:1", "blocked-wf:wf"}
         assert raw.smembers(f"{tag}:holders:k:1") == {b"high"}
         entries: list[tuple[bytes, float]] = list(
             raw.zrange(f"{tag}:blocked:k:1", 0, -1, withscores=True)  # type: ignore[arg-type]
@@ -97,7 +91,7 @@ async def test_the_layout_of_priorities_and_limits_and_its_cleanup(
 
         # Finishing the holder unblocks "two" in the same script.
         assert await store.finish_run(high.lease, "completed", output="5")
-        assert limit_keys(raw, prefix) == {"pdue:5:wf", "prios:wf"}
+        assert limit_keys(raw, tag) == {"pdue:5:wf", "prios:wf"}
         assert raw.hget(f"{tag}:run:two", "bb") is None
         [two] = await store.claim_runs(["wf"], 5, LEASE)
         assert two.run.id == "two"
@@ -106,20 +100,16 @@ async def test_the_layout_of_priorities_and_limits_and_its_cleanup(
         assert raw.smembers(f"{tag}:holders:b") == {b"two"}
         for done in (two, *claimed):
             assert await store.finish_run(done.lease, "completed", output="6")
-        assert limit_keys(raw, prefix) == set()
+        assert limit_keys(raw, tag) == set()
         assert await store.purge_finished(timedelta(0)) == 4
         assert set(raw.scan_iter(match=f"{tag}:run:*")) == set()
-        assert limit_keys(raw, prefix) == set()
-    finally:
-        await store.close()
+        assert limit_keys(raw, tag) == set()
 
 
 async def test_every_stop_of_a_holder_releases_it_and_cancel_unlists_the_blocked(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
-    tag = "{" + prefix + "}"
-    store = await _open(redis_url)
-    try:
+    async with open_store(redis_url) as store:
         key = (ConcurrencyLimit("k", 1),)
         for i in range(6):
             await store.create_run(NewRun("wf", str(i), run_id=f"r{i}", limits=key))
@@ -155,8 +145,6 @@ async def test_every_stop_of_a_holder_releases_it_and_cancel_unlists_the_blocked
         assert lease.run_id == "r5"
         assert await store.update_run_status(lease.run_id, "cancelled")
         assert raw.scard(f"{tag}:holders:k") == 0
-    finally:
-        await store.close()
 
 
 async def _create_all(store: RedisStorage, runs: Sequence[NewRun]) -> None:
@@ -165,13 +153,11 @@ async def _create_all(store: RedisStorage, runs: Sequence[NewRun]) -> None:
 
 
 async def test_a_claim_never_reads_runs_blocked_by_full_keys(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
     """9,000 keys at their limit, 1,000 free: the first claim moves the 9,000
     blocked runs out of the due set; later claims never read them again."""
-    tag = "{" + prefix + "}"
-    store = await _open(redis_url)
-    try:
+    async with open_store(redis_url) as store:
         full = 9000
         await _create_all(
             store,
@@ -210,8 +196,6 @@ async def test_a_claim_never_reads_runs_blocked_by_full_keys(
         assert sorted(c.run.id for c in again) == [f"n{i}" for i in range(10)]
         assert raw.zcard(f"{tag}:blocked-wf:wf") == full
         assert raw.zcard(f"{tag}:due:wf") == 0
-    finally:
-        await store.close()
 
 
 async def test_concurrent_claimers_and_finishers_never_exceed_a_limit(redis_url: str) -> None:
@@ -225,8 +209,8 @@ async def test_concurrent_claimers_and_finishers_never_exceed_a_limit(redis_url:
         if i % 4 == 0:
             limits += (ConcurrencyLimit(keys[(i + 1) % 3], 1),)
         runs.append(NewRun(f"wf{i % 2}", str(i), run_id=f"r{i}", priority=i % 3, limits=limits))
-    stores = [await _open(redis_url) for _ in range(4)]
-    try:
+    async with AsyncExitStack() as opened:
+        stores = [await opened.enter_async_context(open_store(redis_url)) for _ in range(4)]
         await _create_all(stores[0], runs)
         holding: Counter[str] = Counter()
         worst = 0
@@ -266,6 +250,3 @@ async def test_concurrent_claimers_and_finishers_never_exceed_a_limit(redis_url:
             assert record is not None
             assert record.status == "completed"
             assert record.blocked_by is None
-    finally:
-        for store in stores:
-            await store.close()

@@ -18,7 +18,8 @@ from datetime import UTC, datetime, timedelta
 import redis
 
 from reflow_core.storage import ConcurrencyLimit, NewRun, RateLimit
-from reflow_redis import RedisStorage
+
+from ._clocked_store import Clock, open_store
 
 LEASE = timedelta(seconds=30)
 START = datetime(2030, 1, 1, tzinfo=UTC)
@@ -37,9 +38,8 @@ def scored(raw: redis.Redis, key: str) -> list[tuple[str, int]]:
     return [(_text(member), int(score)) for member, score in rows]
 
 
-def rate_keys(raw: redis.Redis, prefix: str) -> set[str]:
-    """The rate, rate-wait, blocked and debounce keys under the prefix, without the tag."""
-    tag = "{" + prefix + "}"
+def rate_keys(raw: redis.Redis, tag: str) -> set[str]:
+    """The rate, rate-wait, blocked and debounce keys under the tag, without it."""
     found = set()
     for pattern in ("rate:*", "rate-waits", "blocked:*", "blocked-wf:*", "debounce:*"):
         found |= {
@@ -50,13 +50,10 @@ def rate_keys(raw: redis.Redis, prefix: str) -> set[str]:
 
 
 async def test_the_layout_of_rates_and_their_release_after_the_window(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
-    tag = "{" + prefix + "}"
-    moment = [START]
-    store = RedisStorage.from_url(redis_url, clock=lambda: moment[0])
-    await store.initialize()
-    try:
+    clock = Clock(START)
+    async with open_store(redis_url, clock) as store:
         second = timedelta(seconds=1)
         rates = (RateLimit("api", 2, second), RateLimit("b", 5, timedelta(minutes=1)))
         for i in range(4):
@@ -82,7 +79,7 @@ async def test_the_layout_of_rates_and_their_release_after_the_window(
         now = _us(START)
         assert [score for _, score in scored(raw, f"{tag}:rate:api")] == [now, now]
         assert len(scored(raw, f"{tag}:rate:b")) == 2
-        assert rate_keys(raw, prefix) == {
+        assert rate_keys(raw, tag) == {
             "rate:api",
             "rate:b",
             "rate-waits",
@@ -100,12 +97,12 @@ async def test_the_layout_of_rates_and_their_release_after_the_window(
         assert await store._next_due(["other"]) == 1.0  # the wait wakes any worker
 
         # Until the window has room, claims leave them be.
-        moment[0] = START + second - timedelta(microseconds=1)
+        clock.now = START + second - timedelta(microseconds=1)
         assert await store.claim_runs(["wf"], 5, LEASE) == []
         assert scored(raw, f"{tag}:rate-waits") == [("api", now + 1_000_000)]
 
         # The first claim from then on releases both, whatever it asks for.
-        moment[0] = START + second
+        clock.now = START + second
         assert await store.claim_runs(["other"], 5, LEASE) == []
         assert raw.exists(f"{tag}:rate-waits", f"{tag}:blocked:reflow:rate:api") == 0
         assert raw.hget(f"{tag}:run:r2", "bb") is None
@@ -115,29 +112,24 @@ async def test_the_layout_of_rates_and_their_release_after_the_window(
         later = _us(START + second)
         assert [score for _, score in scored(raw, f"{tag}:rate:api")] == [later, later]
         assert len(scored(raw, f"{tag}:rate:b")) == 4
-    finally:
-        await store.close()
 
 
 async def test_a_release_lets_go_only_as_many_as_the_window_has_room_for(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
-    tag = "{" + prefix + "}"
-    moment = [START]
-    store = RedisStorage.from_url(redis_url, clock=lambda: moment[0])
-    await store.initialize()
-    try:
+    clock = Clock(START)
+    async with open_store(redis_url, clock) as store:
         rate = (RateLimit("k", 2, timedelta(seconds=10)),)
         for i in range(5):
             await store.create_run(NewRun("wf", str(i), run_id=f"r{i}", rates=rate, priority=i))
         [a] = await store.claim_runs(["wf"], 1, LEASE)
         assert a.run.id == "r4"  # highest priority first
-        moment[0] = START + timedelta(seconds=4)
+        clock.now = START + timedelta(seconds=4)
         claimed = await store.claim_runs(["wf"], 5, LEASE)
         assert [c.run.id for c in claimed] == ["r3"]
         # Full from 4 s: room again at 10 s, when the first claim leaves.
         assert scored(raw, f"{tag}:rate-waits") == [("k", _us(START) + 10_000_000)]
-        moment[0] = START + timedelta(seconds=10)
+        clock.now = START + timedelta(seconds=10)
         assert await store.claim_runs(["other"], 1, LEASE) == []
         # One room: the first blocked (priority 2) goes, the rest wait for
         # the next claim in the window to leave it (4 s + 10 s).
@@ -146,23 +138,18 @@ async def test_a_release_lets_go_only_as_many_as_the_window_has_room_for(
         assert scored(raw, f"{tag}:rate-waits") == [("k", _us(START) + 14_000_000)]
         [b] = await store.claim_runs(["wf"], 5, LEASE)
         assert b.run.id == "r2"
-    finally:
-        await store.close()
 
 
 async def test_claim_keys_expire_with_their_window_by_the_server_clock(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
-    tag = "{" + prefix + "}"
-    store = RedisStorage.from_url(redis_url)
-    await store.initialize()
-    try:
+    async with open_store(redis_url) as store:
         rate = (RateLimit("short", 1, timedelta(milliseconds=200)),)
         for i in range(2):
             await store.create_run(NewRun("wf", str(i), run_id=f"r{i}", rates=rate))
         [first] = await store.claim_runs(["wf"], 5, LEASE)
         assert 0 < raw.pttl(f"{tag}:rate:short") <= 201
-        assert rate_keys(raw, prefix) >= {"rate:short", "rate-waits"}
+        assert rate_keys(raw, tag) >= {"rate:short", "rate-waits"}
         await asyncio.sleep(0.25)
         assert raw.exists(f"{tag}:rate:short") == 0
         [second] = await store.claim_runs(["wf"], 5, LEASE)
@@ -170,34 +157,25 @@ async def test_claim_keys_expire_with_their_window_by_the_server_clock(
         for done in (first, second):
             assert await store.finish_run(done.lease, "completed", output="1")
         await asyncio.sleep(0.25)
-        assert rate_keys(raw, prefix) == set()
-    finally:
-        await store.close()
+        assert rate_keys(raw, tag) == set()
 
 
 async def test_runs_without_rates_leave_no_rate_keys(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
-    store = RedisStorage.from_url(redis_url)
-    await store.initialize()
-    try:
+    async with open_store(redis_url) as store:
         for i in range(3):
             await store.create_run(NewRun("wf", str(i), limits=(ConcurrencyLimit("c", 5),)))
         claimed = await store.claim_runs(["wf"], 5, LEASE)
         assert len(claimed) == 3
-        assert rate_keys(raw, prefix) == set()
-    finally:
-        await store.close()
+        assert rate_keys(raw, tag) == set()
 
 
 async def test_cancel_and_a_lapsed_lease_over_its_rate(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
-    tag = "{" + prefix + "}"
-    moment = [START]
-    store = RedisStorage.from_url(redis_url, clock=lambda: moment[0])
-    await store.initialize()
-    try:
+    clock = Clock(START)
+    async with open_store(redis_url, clock) as store:
         rate = (RateLimit("k", 1, timedelta(minutes=1)),)
         for i in range(3):
             await store.create_run(NewRun("wf", str(i), run_id=f"r{i}", rates=rate))
@@ -210,7 +188,7 @@ async def test_cancel_and_a_lapsed_lease_over_its_rate(
         ]
         assert raw.hget(f"{tag}:run:r1", "bb") is None
         # r0's lease lapses: the window is still full, so it stays lapsed.
-        moment[0] = START + timedelta(seconds=5)
+        clock.now = START + timedelta(seconds=5)
         assert await store.claim_runs(["wf"], 5, LEASE) == []
         lapsed = await store.get_run("r0")
         assert lapsed is not None
@@ -218,25 +196,20 @@ async def test_cancel_and_a_lapsed_lease_over_its_rate(
         assert lapsed.lease_epoch == 1
         assert lapsed.blocked_by is None
         # Once the window has room, the lapsed lease goes first.
-        moment[0] = START + timedelta(minutes=1)
+        clock.now = START + timedelta(minutes=1)
         [again] = await store.claim_runs(["wf"], 5, LEASE)
         assert again.run.id == "r0"
         assert again.reclaimed
         # r2 was released, then blocked again by the reclaim's claim.
         assert raw.hget(f"{tag}:run:r2", "bb") == b"reflow:rate:k"
         assert scored(raw, f"{tag}:rate-waits") == [("k", _us(START) + 120_000_000)]
-    finally:
-        await store.close()
 
 
 async def test_debounce_pointer_updates_in_place_and_purge_drops_it(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
-    tag = "{" + prefix + "}"
-    moment = [START]
-    store = RedisStorage.from_url(redis_url, clock=lambda: moment[0])
-    await store.initialize()
-    try:
+    clock = Clock(START)
+    async with open_store(redis_url, clock) as store:
         first = await store.create_run(
             NewRun("wf", "1", debounce_key="d", delay=timedelta(minutes=1), priority=3)
         )
@@ -253,7 +226,7 @@ async def test_debounce_pointer_updates_in_place_and_purge_drops_it(
         assert other.run.id != run_id
 
         # A debounce moves the run to its new priority and due time, pending.
-        moment[0] = START + timedelta(seconds=10)
+        clock.now = START + timedelta(seconds=10)
         again = await store.create_run(
             NewRun("wf", "2", debounce_key="d", rates=(RateLimit("k", 1, timedelta(seconds=1)),))
         )
@@ -282,25 +255,20 @@ async def test_debounce_pointer_updates_in_place_and_purge_drops_it(
 
         # Purging the old run leaves the new pointer; purging the new one drops it.
         assert await store.finish_run(claimed.lease, "completed", output="1")
-        moment[0] += timedelta(seconds=1)
+        clock.now += timedelta(seconds=1)
         assert await store.purge_finished(timedelta(0)) == 1
         assert raw.hget(f"{tag}:debounce:wf", "d") == fresh.run.id.encode()
         assert await store.update_run_status(fresh.run.id, "cancelled")
-        moment[0] += timedelta(seconds=1)
+        clock.now += timedelta(seconds=1)
         assert await store.purge_finished(timedelta(0)) == 1
         assert raw.exists(f"{tag}:debounce:wf") == 0
-    finally:
-        await store.close()
 
 
 async def test_a_debounce_takes_a_blocked_run_out_of_the_blocked_indexes(
-    redis_url: str, prefix: str, raw: redis.Redis
+    redis_url: str, tag: str, raw: redis.Redis
 ) -> None:
-    tag = "{" + prefix + "}"
-    moment = [START]
-    store = RedisStorage.from_url(redis_url, clock=lambda: moment[0])
-    await store.initialize()
-    try:
+    clock = Clock(START)
+    async with open_store(redis_url, clock) as store:
         rate = (RateLimit("k", 1, timedelta(minutes=1)),)
         await store.create_run(NewRun("wf", "0", run_id="0", rates=rate))
         blocked = await store.create_run(NewRun("wf", "1", debounce_key="d", rates=rate))
@@ -320,9 +288,7 @@ async def test_a_debounce_takes_a_blocked_run_out_of_the_blocked_indexes(
         assert scored(raw, f"{tag}:pdue:-2:wf") == [(run_id, _us(START) + 5_000_000)]
         assert scored(raw, f"{tag}:parked:wf") == [(run_id, 3)]
         # The leftover wait finds nothing blocked and goes.
-        moment[0] = START + timedelta(minutes=1)
+        clock.now = START + timedelta(minutes=1)
         [run] = await store.claim_runs(["wf"], 5, LEASE)
         assert run.run.id == run_id
         assert raw.exists(f"{tag}:rate-waits") == 0
-    finally:
-        await store.close()

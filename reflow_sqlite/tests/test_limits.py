@@ -78,9 +78,25 @@ def fill(raw: sqlite3.Connection, *, blocked: bool) -> None:
     raw.execute("ANALYZE")
 
 
-def claim_cost(raw: sqlite3.Connection) -> tuple[list[str], int]:
+def plan(raw: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> list[str]:
+    """The steps of ``sql``'s query plan."""
+    return [row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+
+
+def check_claim_plan(raw: sqlite3.Connection) -> None:
+    """The claim's plan: pending runs from runs_pending in claim order, due
+    timed runs from runs_due."""
+    steps = plan(raw, with_marks("claim_due", "workflows", 1), (NOW, "wf", 5) * 2)
+    on_runs = [step for step in steps if step.startswith(("SCAN runs", "SEARCH runs"))]
+    assert len(on_runs) == 2, steps
+    assert "USING INDEX runs_pending" in on_runs[0], steps
+    assert on_runs[1] == "SEARCH runs USING INDEX runs_due (wake_at<?)", steps
+
+
+def claim_cost(raw: sqlite3.Connection, seen: list[str] | None = None) -> tuple[list[str], int]:
     """Claim every free run in one call: the ids claimed, and the virtual
-    machine instructions SQLite ran for it (a measure of the rows visited)."""
+    machine instructions SQLite ran for it (a measure of the rows visited);
+    ``seen`` collects the statements it ran."""
     steps = 0
 
     def count() -> int:
@@ -90,7 +106,7 @@ def claim_cost(raw: sqlite3.Connection) -> tuple[list[str], int]:
 
     raw.set_progress_handler(count, 1)
     try:
-        claimed = run(raw, scripts.claim(NOW, ["wf"], FREE + 10, LEASE_US))
+        claimed = run(raw, scripts.claim(NOW, ["wf"], FREE + 10, LEASE_US), seen)
     finally:
         raw.set_progress_handler(None, 1)
     assert isinstance(claimed, list)
@@ -109,14 +125,8 @@ def test_a_claim_never_reads_blocked_runs() -> None:
         ).fetchall()
         assert len(before) == KEYS_AT_LIMIT
 
-        # The claim's plan: pending runs from runs_pending in claim order, due
-        # timed runs from runs_due; neither holds a blocked run.
-        sql = with_marks("claim_due", "workflows", 1)
-        plan = [row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", (NOW, "wf", 5) * 2)]
-        on_runs = [step for step in plan if step.startswith(("SCAN runs", "SEARCH runs"))]
-        assert len(on_runs) == 2, plan
-        assert "USING INDEX runs_pending" in on_runs[0], plan
-        assert on_runs[1] == "SEARCH runs USING INDEX runs_due (wake_at<?)", plan
+        # Neither index the claim reads holds a blocked run.
+        check_claim_plan(raw)
         for name in ("runs_pending", "runs_due"):
             (where,) = raw.execute("SELECT sql FROM sqlite_master WHERE name = ?", (name,))
             assert "blocked_by IS NULL" in where[0]

@@ -15,18 +15,13 @@ from datetime import timedelta
 from reflow_core.adapter import rate_block
 from reflow_core.storage import NewRun, RateLimit
 from reflow_sqlite import _scripts as scripts
-from reflow_sqlite._queries import QUERIES, with_marks
+from reflow_sqlite._queries import QUERIES
 
-from .test_limits import LEASE_US, NOW, database, run
+from .test_limits import FREE, LEASE_US, NOW, check_claim_plan, claim_cost, database, plan, run
 
 RATE_BLOCKED = 10_000
-FREE = 1_000
 KEYS = 10
 PERIOD_US = 60_000_000
-
-
-def plan(raw: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> list[str]:
-    return [row[3] for row in raw.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
 
 
 def fill(raw: sqlite3.Connection, *, blocked: bool) -> None:
@@ -60,26 +55,6 @@ def fill(raw: sqlite3.Connection, *, blocked: bool) -> None:
     raw.execute("ANALYZE")
 
 
-def claim_cost(raw: sqlite3.Connection) -> tuple[list[str], int, list[str]]:
-    """Claim every free run in one call: the ids claimed, the virtual machine
-    instructions SQLite ran for it, and the statements it ran."""
-    steps = 0
-
-    def count() -> int:
-        nonlocal steps
-        steps += 1
-        return 0
-
-    seen: list[str] = []
-    raw.set_progress_handler(count, 1)
-    try:
-        claimed = run(raw, scripts.claim(NOW, ["wf"], FREE + 10, LEASE_US), seen)
-    finally:
-        raw.set_progress_handler(None, 1)
-    assert isinstance(claimed, list)
-    return sorted(c.run.id for c in claimed), steps, seen
-
-
 def test_a_claim_never_reads_rate_blocked_runs() -> None:
     """With 10,000 runs blocked by full rates, of the highest priority, a
     claim that takes the 1,000 free runs costs what it costs without them:
@@ -96,13 +71,10 @@ def test_a_claim_never_reads_rate_blocked_runs() -> None:
         assert plan(raw, QUERIES["due_rate_waits"], (NOW,)) == [
             "SEARCH rate_waits USING COVERING INDEX rate_waits_at (at<?)"
         ]
-        steps = plan(raw, with_marks("claim_due", "workflows", 1), (NOW, "wf", 5) * 2)
-        on_runs = [step for step in steps if step.startswith(("SCAN runs", "SEARCH runs"))]
-        assert len(on_runs) == 2, steps
-        assert "USING INDEX runs_pending" in on_runs[0], steps
-        assert on_runs[1] == "SEARCH runs USING INDEX runs_due (wake_at<?)", steps
+        check_claim_plan(raw)
 
-        claimed, cost, seen = claim_cost(raw)
+        seen: list[str] = []
+        claimed, cost = claim_cost(raw, seen)
         assert claimed == [f"free-{i:05d}" for i in range(FREE)]
         after = raw.execute(
             "SELECT id, updated_at, blocked_by FROM runs WHERE blocked_by IS NOT NULL"
@@ -111,7 +83,8 @@ def test_a_claim_never_reads_rate_blocked_runs() -> None:
         assert raw.execute("SELECT count(*) FROM rate_waits").fetchone() == (KEYS,)
     with database() as raw:
         fill(raw, blocked=False)
-        claimed_alone, cost_alone, seen_alone = claim_cost(raw)
+        seen_alone: list[str] = []
+        claimed_alone, cost_alone = claim_cost(raw, seen_alone)
         assert claimed_alone == claimed
     assert seen == seen_alone
     # Reading 10,000 more index entries (and their rows) would cost far more

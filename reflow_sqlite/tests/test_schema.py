@@ -123,6 +123,33 @@ async def assert_schema_as_new(opener: Opener, db_path: Path, tmp_path: Path) ->
     assert schema_objects(db_path) == schema_objects(tmp_path / "fresh.db")
 
 
+async def migrate_rows_in_place(
+    opener: Opener,
+    db_path: Path,
+    tmp_path: Path,
+    version: int,
+    columns: str,
+    rows: list[tuple[object, ...]],
+    unset: str,
+) -> SQLiteStorage:
+    """Writes ``rows`` to a file of ``version`` and migrates it, with several
+    processes initializing at once: the runs are kept in the same table, none
+    has a column of ``unset`` (a condition on the new columns) set, the
+    schema is as new and a second initialize changes nothing. The first
+    storage."""
+    with old_database(db_path, version) as raw:
+        insert_runs(raw, columns, rows)
+        root = runs_root(raw)
+    store = await migrate(opener, db_path, processes=4)
+    assert_runs_kept(db_path, columns, rows, root)
+    assert query(db_path, f"SELECT count(*) FROM runs WHERE {unset}") == [(0,)]
+    await assert_schema_as_new(opener, db_path, tmp_path)
+    before = schema_objects(db_path)
+    await opener()
+    assert schema_objects(db_path) == before
+    return store
+
+
 async def test_a_new_file_gets_the_marked_schema_in_wal_mode(opener, db_path) -> None:
     store = await opener()
     await store.initialize()  # idempotent
@@ -710,21 +737,11 @@ async def test_a_version_6_database_with_runs_is_migrated_forward(
         ("old-done", "wf", "completed", "5", '"ok"', None, None, 1, 0, 1, start - 5, start - 4,
          None, None, None, start - 4, None, None, None),
     ]  # fmt: skip
-    with old_database(db_path, 6) as raw:
-        insert_runs(raw, columns, rows)
-        root = runs_root(raw)
-    store = await migrate(opener, db_path, processes=4)
-    assert_runs_kept(db_path, columns, rows, root)
-    assert query(
-        db_path,
-        "SELECT count(*) FROM runs WHERE priority <> 0 OR limit_key1 IS NOT NULL"
-        " OR limit_max1 IS NOT NULL OR limit_key2 IS NOT NULL OR limit_max2 IS NOT NULL"
-        " OR blocked_by IS NOT NULL",
-    ) == [(0,)]
-    await assert_schema_as_new(opener, db_path, tmp_path)
-    before = schema_objects(db_path)
-    await opener()
-    assert schema_objects(db_path) == before
+    unset = (
+        "priority <> 0 OR limit_key1 IS NOT NULL OR limit_max1 IS NOT NULL"
+        " OR limit_key2 IS NOT NULL OR limit_max2 IS NOT NULL OR blocked_by IS NOT NULL"
+    )
+    store = await migrate_rows_in_place(opener, db_path, tmp_path, 6, columns, rows, unset)
 
     old = await store.get_run("old-early")
     assert old is not None
@@ -783,23 +800,14 @@ async def test_a_version_7_database_with_runs_is_migrated_forward(
         ("old-done", "wf", "completed", "5", '"ok"', None, None, 1, 0, 1, start - 5, start - 4,
          None, None, None, start - 4, None, None, None, 0, None, None, None, None, None),
     ]  # fmt: skip
-    with old_database(db_path, 7) as raw:
-        insert_runs(raw, columns, rows)
-        root = runs_root(raw)
-    store = await migrate(opener, db_path, processes=4)
-    assert_runs_kept(db_path, columns, rows, root)
-    assert query(
-        db_path,
-        "SELECT count(*) FROM runs WHERE rate_key1 IS NOT NULL OR rate_max1 IS NOT NULL"
-        " OR rate_period1 IS NOT NULL OR rate_key2 IS NOT NULL OR rate_max2 IS NOT NULL"
-        " OR rate_period2 IS NOT NULL OR debounce_key IS NOT NULL",
-    ) == [(0,)]
+    unset = (
+        "rate_key1 IS NOT NULL OR rate_max1 IS NOT NULL OR rate_period1 IS NOT NULL"
+        " OR rate_key2 IS NOT NULL OR rate_max2 IS NOT NULL OR rate_period2 IS NOT NULL"
+        " OR debounce_key IS NOT NULL"
+    )
+    store = await migrate_rows_in_place(opener, db_path, tmp_path, 7, columns, rows, unset)
     assert query(db_path, "SELECT count(*) FROM rate_claims") == [(0,)]
     assert query(db_path, "SELECT count(*) FROM rate_waits") == [(0,)]
-    await assert_schema_as_new(opener, db_path, tmp_path)
-    before = schema_objects(db_path)
-    await opener()
-    assert schema_objects(db_path) == before
 
     for run_id in ("old-due", "old-held", "old-blocked", "old-later", "old-done"):
         old = await store.get_run(run_id)

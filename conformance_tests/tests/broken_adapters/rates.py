@@ -7,7 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from reflow_core.adapter import debounced_record, rate_block
+from reflow_core.adapter import rate_block
 from reflow_core.memory import MemoryStorage
 from reflow_core.storage import NewRun, RateLimit, RunRecord
 
@@ -100,21 +100,9 @@ class DebounceKeepsFirst(MemoryStorage):
     idempotency key would; the run starts with the first trigger's input,
     not the last one's, and at the first one's time."""
 
-    def _debounced(self, new: NewRun, now: datetime) -> RunRecord | None:
-        if new.debounce_key is None:
-            return None
-        entry = self._runs.get(self._debounce.get((new.workflow, new.debounce_key), ""))
-        if (
-            entry is None
-            or entry.record.attempts
-            or entry.record.status
-            not in (
-                "pending",
-                "delayed",
-            )
-        ):
-            return None
-        return entry.record
+    def _replace_debounced(self, entry: Any, new: NewRun, now: datetime) -> RunRecord:
+        record: RunRecord = entry.record
+        return record
 
 
 def debounce_keeps_first() -> MemoryStorage:
@@ -128,25 +116,8 @@ class DebounceReplacesClaimed(MemoryStorage):
     the attempts would; a run retried after a hand-back has its input
     rewritten under the steps it already saved."""
 
-    def _debounced(self, new: NewRun, now: datetime) -> RunRecord | None:
-        if new.debounce_key is None:
-            return None
-        entry = self._runs.get(self._debounce.get((new.workflow, new.debounce_key), ""))
-        if entry is None or entry.record.status not in ("pending", "delayed"):
-            return None
-        after = debounced_record(entry.record, new, now)
-        self._update(
-            entry,
-            now,
-            status=after.status,
-            input=after.input,
-            priority=after.priority,
-            limits=after.limits,
-            rates=after.rates,
-            blocked_by=None,
-            wake_at=after.wake_at,
-        )
-        return entry.record
+    def _replaced_by_debounce(self, record: RunRecord) -> bool:
+        return record.status in ("pending", "delayed")
 
 
 def debounce_replaces_claimed() -> MemoryStorage:

@@ -274,8 +274,16 @@ class MemoryStorage:
         if new.debounce_key is None:
             return None
         entry = self._runs.get(self._debounce.get((new.workflow, new.debounce_key), ""))
-        if entry is None or not is_open_for_debounce(entry.record):
+        if entry is None or not self._replaced_by_debounce(entry.record):
             return None
+        return self._replace_debounced(entry, new, now)
+
+    def _replaced_by_debounce(self, record: RunRecord) -> bool:
+        """Whether a debounced create replaces ``record``, the open run of its key."""
+        return is_open_for_debounce(record)
+
+    def _replace_debounced(self, entry: _Run, new: NewRun, now: datetime) -> RunRecord:
+        """Rewrite the open run ``entry`` as the debounced create ``new`` asks."""
         after = debounced_record(entry.record, new, now)
         self._update(
             entry,

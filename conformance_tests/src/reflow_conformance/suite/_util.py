@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from reflow_conformance import promises as P
-from reflow_conformance.harness import area_method, promise
+from reflow_conformance.harness import Harness, area_method, promise
 from reflow_core import codec
 from reflow_core.errors import ConfigError
 from reflow_core.storage import (
@@ -17,6 +18,7 @@ from reflow_core.storage import (
     Lease,
     NewRun,
     RunRecord,
+    ScheduleSpec,
     StepRecord,
     Storage,
 )
@@ -199,3 +201,70 @@ async def refused(call: Callable[[], Awaitable[Any]], what: str, name: str) -> N
         promise(False, name, f"{what}: raised {type(exc).__name__}: {exc}")
     else:
         promise(False, name, f"{what}: accepted")
+
+
+def far_slot() -> datetime:
+    """A schedule slot in whole milliseconds a day from now: not due during a test."""
+    value = datetime.now(UTC) + timedelta(days=1)
+    return value.replace(microsecond=value.microsecond // 1000 * 1000)
+
+
+BadArgs = Sequence[tuple[str, dict[str, Any]]]
+"""What is wrong, and the ``NewRun`` arguments that are wrong so."""
+
+
+async def refused_creates(storage: Storage, workflow: str, bad: BadArgs, name: str) -> None:
+    """``create_run`` refuses each of ``bad``, with no idempotency key, a fresh
+    one and the key of an existing run alike, and writes nothing: the
+    workflow holds only that run, unchanged (promise ``name``)."""
+    value = codec.encode("v")
+    kept = (await storage.create_run(NewRun(workflow, value, idempotency_key="kept"))).run
+    for what, args in bad:
+        for key in (None, "fresh", "kept"):
+            new = NewRun(workflow, value, idempotency_key=key, **args)
+            call = functools.partial(storage.create_run, new)
+            await refused(call, f"create_run({what}, {key=})", name)
+    runs = [r.id for r in (await storage.list_runs(workflow=workflow)).runs]
+    promise(runs == [kept.id], name, f"refused creates left the runs {runs}")
+    promise(
+        await storage.get_run(kept.id) == kept,
+        name,
+        "a refused create with the key of an existing run changed it",
+    )
+
+
+async def refused_starts(
+    reflow: Harness, storage: Storage, parent: str, child: str, bad: BadArgs, name: str
+) -> ClaimedRun:
+    """``start_child`` of a run of ``child`` refuses each of ``bad`` (``what``
+    being the whole description), writing no child (promise ``name``): the
+    claim of the run of ``parent`` it creates to start them from."""
+    await storage.create_run(NewRun(parent, codec.encode("v")))
+    held = await claim_only(storage, parent, P.NEW_RUN_CLAIMABLE)
+    for what, args in bad:
+        new = NewRun(child, codec.encode("v"), run_id=reflow.unique("c"), **args)
+        await refused(functools.partial(storage.start_child, held.lease, "spawn", new), what, name)
+    children = await storage.list_children(held.run.id)
+    promise(not children, name, f"refused starts made {children}")
+    return held
+
+
+async def refused_slots(
+    reflow: Harness, storage: Storage, workflow: str, bad: BadArgs, name: str
+) -> None:
+    """``claim_schedule_slot`` of a schedule of ``workflow`` refuses each of
+    ``bad`` (``what`` being the whole description) and leaves the schedule
+    where it was (promise ``name``); the schedule is deleted after."""
+    key, slot = reflow.unique("sched"), far_slot()
+    await storage.upsert_schedule(ScheduleSpec(key, workflow, codec.encode("v"), "every:60", slot))
+    try:
+        for what, args in bad:
+            new = NewRun(workflow, codec.encode("v"), idempotency_key=f"{key}@{slot}", **args)
+            call = functools.partial(
+                storage.claim_schedule_slot, key, slot, slot + timedelta(minutes=1), new
+            )
+            await refused(call, what, name)
+        found = [r.next_run_at for r in await storage.list_schedules() if r.key == key]
+        promise(found == [slot], name, f"the schedule moved to {found}")
+    finally:
+        await storage.delete_schedule(key)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -29,6 +29,7 @@ from ._util import (
     check_times,
     claim_one,
     claim_only,
+    far_slot,
     off_bracket,
     read_run,
     refused,
@@ -109,12 +110,6 @@ async def _kept(s: Storage, run_id: str, fixed: datetime | None, after: str) -> 
 
 async def _refused(call: Callable[[], Awaitable[Any]], what: str) -> None:
     await refused(call, what, P.RUN_DEADLINE_ARGS)
-
-
-def _slot() -> datetime:
-    """A schedule slot in whole milliseconds a day from now: not due during a test."""
-    value = datetime.now(UTC) + timedelta(days=1)
-    return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 def _slot_run(workflow: str, key: str, slot: datetime, deadline: Any) -> NewRun:
@@ -435,7 +430,7 @@ class TestRunDeadlines:
         """``claim_schedule_slot`` creates the slot's run with the deadline of
         the ``NewRun`` it is given, as ``create_run`` does; without one, none."""
         key, wf = reflow.unique("sched"), reflow.unique()
-        slot = _slot()
+        slot = far_slot()
         later = slot + timedelta(minutes=1)
 
         async def body(s: Storage) -> None:
@@ -499,7 +494,7 @@ class TestRunDeadlines:
             if not reflow.implements("schedules"):
                 return
             key, fired_wf = reflow.unique("sched"), reflow.unique()
-            slot = _slot()
+            slot = far_slot()
             spec = ScheduleSpec(key, fired_wf, codec.encode(None), "every:60", slot)
             await s.upsert_schedule(spec)
             try:

@@ -13,10 +13,8 @@ write the test makes itself."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
-from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 import pytest
@@ -37,7 +35,16 @@ from reflow_core.storage import (
     Storage,
 )
 
-from ._util import LONG, check_times, claim_only, read_run, refused
+from ._util import (
+    LONG,
+    check_times,
+    claim_only,
+    far_slot,
+    read_run,
+    refused_creates,
+    refused_slots,
+    refused_starts,
+)
 
 pytestmark = pytest.mark.reflow_conformance
 
@@ -103,16 +110,6 @@ async def _check_free(s: Storage, run_id: str, name: str, why: str) -> RunRecord
         f"{why}: {run_id} ({run.status}) has blocked_by {run.blocked_by!r}, expected None",
     )
     return run
-
-
-async def _refused(call: Callable[[], Awaitable[Any]], what: str) -> None:
-    await refused(call, what, P.LIMIT_ARGS)
-
-
-def _slot() -> datetime:
-    """A schedule slot in whole milliseconds a day from now: not due during a test."""
-    value = datetime.now(UTC) + timedelta(days=1)
-    return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
 def _stored(
@@ -234,7 +231,7 @@ class TestPriorities:
                 cases.append((child_id, 4, limits))
                 await s.finish_run(held.lease, "completed", output=codec.encode(parent.id))
             if reflow.implements("schedules"):
-                key, slot = reflow.unique("sched"), _slot()
+                key, slot = reflow.unique("sched"), far_slot()
                 spec = ScheduleSpec(key, cwf, codec.encode(None), "every:60", slot)
                 await s.upsert_schedule(spec)
                 try:
@@ -302,35 +299,13 @@ class TestPriorities:
         ] + [(f"limits={v!r}", {"limits": v}) for v in bad_limits]
 
         async def body(s: Storage) -> None:
-            value = codec.encode("v")
-            kept = (await s.create_run(NewRun(wf, value, idempotency_key="kept"))).run
-            for what, args in bad:
-                for key in (None, "fresh", "kept"):
-                    new = NewRun(wf, value, idempotency_key=key, **args)
-                    await _refused(
-                        functools.partial(s.create_run, new), f"create_run({what}, key={key!r})"
-                    )
-            runs = [r.id for r in (await s.list_runs(workflow=wf)).runs]
-            promise(runs == [kept.id], P.LIMIT_ARGS, f"refused creates left the runs {runs}")
-            promise(
-                await s.get_run(kept.id) == kept,
-                P.LIMIT_ARGS,
-                "a refused create with the key of an existing run changed it",
-            )
+            await refused_creates(s, wf, bad, P.LIMIT_ARGS)
             for priority in (low, high):
-                made = (await s.create_run(NewRun(wf, value, priority=priority))).run
+                made = (await s.create_run(NewRun(wf, codec.encode("v"), priority=priority))).run
                 _stored(made, priority, (), f"a run of priority {priority}")
             if reflow.implements("children"):
-                await s.create_run(NewRun(pwf, value))
-                held = await claim_only(s, pwf, P.NEW_RUN_CLAIMABLE)
-                for what, args in bad:
-                    new = NewRun(cwf, value, run_id=reflow.unique("c"), **args)
-                    await _refused(
-                        functools.partial(s.start_child, held.lease, "spawn", new),
-                        f"start_child({what})",
-                    )
-                children = await s.list_children(held.run.id)
-                promise(not children, P.LIMIT_ARGS, f"refused starts made {children}")
+                starts = [(f"start_child({what})", args) for what, args in bad]
+                held = await refused_starts(reflow, s, pwf, cwf, starts, P.LIMIT_ARGS)
                 stored = await read_run(s, held.run.id)
                 promise(
                     stored.status == "running" and stored.lease_epoch == held.lease.epoch,
@@ -338,21 +313,8 @@ class TestPriorities:
                     f"refused starts left the parent {stored.status!r} at {stored.lease_epoch}",
                 )
             if reflow.implements("schedules"):
-                key, slot = reflow.unique("sched"), _slot()
-                await s.upsert_schedule(ScheduleSpec(key, cwf, value, "every:60", slot))
-                try:
-                    for what, args in bad:
-                        new = NewRun(cwf, value, idempotency_key=f"{key}@{slot}", **args)
-                        await _refused(
-                            functools.partial(
-                                s.claim_schedule_slot, key, slot, slot + timedelta(minutes=1), new
-                            ),
-                            f"claim_schedule_slot with a NewRun of {what}",
-                        )
-                    found = [r.next_run_at for r in await s.list_schedules() if r.key == key]
-                    promise(found == [slot], P.LIMIT_ARGS, f"the schedule moved to {found}")
-                finally:
-                    await s.delete_schedule(key)
+                slots = [(f"claim_schedule_slot with a NewRun of {w}", a) for w, a in bad]
+                await refused_slots(reflow, s, cwf, slots, P.LIMIT_ARGS)
                 runs = [r.id for r in (await s.list_runs(workflow=cwf)).runs]
                 promise(not runs, P.LIMIT_ARGS, f"refused starts and slots made {runs}")
 

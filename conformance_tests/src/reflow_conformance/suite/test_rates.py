@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import pytest
@@ -44,7 +44,20 @@ from reflow_core.storage import (
     Storage,
 )
 
-from ._util import LONG, SLACK, check_times, claim_only, off_bracket, read_run, refused, storage_now
+from ._util import (
+    LONG,
+    SLACK,
+    check_times,
+    claim_only,
+    far_slot,
+    off_bracket,
+    read_run,
+    refused,
+    refused_creates,
+    refused_slots,
+    refused_starts,
+    storage_now,
+)
 
 pytestmark = pytest.mark.reflow_conformance
 
@@ -181,12 +194,6 @@ async def _check_free(s: Storage, run_id: str, name: str, why: str) -> RunRecord
     return run
 
 
-def _slot() -> datetime:
-    """A schedule slot in whole milliseconds a day from now: not due during a test."""
-    value = datetime.now(UTC) + timedelta(days=1)
-    return value.replace(microsecond=value.microsecond // 1000 * 1000)
-
-
 def _stored(run: RunRecord, rates: tuple[RateLimit, ...], debounce: str | None, where: str) -> None:
     promise(
         tuple(run.rates) == rates,
@@ -238,7 +245,7 @@ class TestRateLimits:
                 cases.append((child_id, rates, None))
                 await s.finish_run(held.lease, "completed", output=codec.encode(1))
             if reflow.implements("schedules"):
-                key, slot = reflow.unique("sched"), _slot()
+                key, slot = reflow.unique("sched"), far_slot()
                 await s.upsert_schedule(
                     ScheduleSpec(key, cwf, codec.encode(None), "every:60", slot)
                 )
@@ -315,56 +322,20 @@ class TestRateLimits:
             )
         ]
 
-        async def call(c: Callable[[], Awaitable[Any]], what: str) -> None:
-            await refused(c, what, P.RATE_ARGS)
-
         async def body(s: Storage) -> None:
-            value = codec.encode("v")
-            kept = (await s.create_run(NewRun(wf, value, idempotency_key="kept"))).run
-            for what, args in bad:
-                for key in (None, "fresh", "kept"):
-                    new = NewRun(wf, value, idempotency_key=key, **args)
-                    await call(functools.partial(s.create_run, new), f"create_run({what}, {key=})")
-            runs = [r.id for r in (await s.list_runs(workflow=wf)).runs]
-            promise(runs == [kept.id], P.RATE_ARGS, f"refused creates left the runs {runs}")
-            promise(
-                await s.get_run(kept.id) == kept,
-                P.RATE_ARGS,
-                "a refused create with the key of an existing run changed it",
-            )
+            await refused_creates(s, wf, bad, P.RATE_ARGS)
             ends = (
                 RateLimit(reflow.unique("rate"), 1, timedelta(milliseconds=1)),
                 RateLimit(reflow.unique("rate"), MAX_RATE, MAX_RATE_PERIOD),
             )
-            made = (await s.create_run(NewRun(wf, value, rates=ends))).run
+            made = (await s.create_run(NewRun(wf, codec.encode("v"), rates=ends))).run
             _stored(made, ends, None, "a run with rates at the ends of the ranges")
             if reflow.implements("children"):
-                await s.create_run(NewRun(pwf, value))
-                held = await claim_only(s, pwf, P.NEW_RUN_CLAIMABLE)
-                for what, args in bad:
-                    new = NewRun(cwf, value, run_id=reflow.unique("c"), **args)
-                    await call(
-                        functools.partial(s.start_child, held.lease, "spawn", new),
-                        f"start_child({what})",
-                    )
-                children = await s.list_children(held.run.id)
-                promise(not children, P.RATE_ARGS, f"refused starts made {children}")
+                starts = [(f"start_child({what})", args) for what, args in bad]
+                await refused_starts(reflow, s, pwf, cwf, starts, P.RATE_ARGS)
             if reflow.implements("schedules"):
-                key, slot = reflow.unique("sched"), _slot()
-                await s.upsert_schedule(ScheduleSpec(key, cwf, value, "every:60", slot))
-                try:
-                    for what, args in bad:
-                        new = NewRun(cwf, value, idempotency_key=f"{key}@{slot}", **args)
-                        await call(
-                            functools.partial(
-                                s.claim_schedule_slot, key, slot, slot + timedelta(minutes=1), new
-                            ),
-                            f"claim_schedule_slot with a NewRun of {what}",
-                        )
-                    found = [r.next_run_at for r in await s.list_schedules() if r.key == key]
-                    promise(found == [slot], P.RATE_ARGS, f"the schedule moved to {found}")
-                finally:
-                    await s.delete_schedule(key)
+                slots = [(f"claim_schedule_slot with a NewRun of {w}", a) for w, a in bad]
+                await refused_slots(reflow, s, cwf, slots, P.RATE_ARGS)
             runs = [r.id for r in (await s.list_runs(workflow=cwf)).runs]
             promise(not runs, P.RATE_ARGS, f"refused starts and slots made {runs}")
 
@@ -1099,30 +1070,13 @@ class TestDebounce:
                 "a refused create with the debounce key of an open run changed it",
             )
             if reflow.implements("children"):
-                await s.create_run(NewRun(pwf, value))
-                held = await claim_only(s, pwf, P.NEW_RUN_CLAIMABLE)
-                new = NewRun(cwf, value, run_id=reflow.unique("c"), debounce_key=key)
-                await call(
-                    functools.partial(s.start_child, held.lease, "spawn", new),
-                    "start_child with a debounce_key",
-                )
-                children = await s.list_children(held.run.id)
-                promise(not children, P.DEBOUNCE_ARGS, f"a refused start made {children}")
+                start = [("start_child with a debounce_key", {"debounce_key": key})]
+                await refused_starts(reflow, s, pwf, cwf, start, P.DEBOUNCE_ARGS)
             if reflow.implements("schedules"):
-                sched, slot = reflow.unique("sched"), _slot()
-                await s.upsert_schedule(ScheduleSpec(sched, cwf, value, "every:60", slot))
-                try:
-                    new = NewRun(cwf, value, idempotency_key=f"{sched}@{slot}", debounce_key=key)
-                    await call(
-                        functools.partial(
-                            s.claim_schedule_slot, sched, slot, slot + timedelta(minutes=1), new
-                        ),
-                        "claim_schedule_slot with a debounce_key and an idempotency key",
-                    )
-                    found = [r.next_run_at for r in await s.list_schedules() if r.key == sched]
-                    promise(found == [slot], P.DEBOUNCE_ARGS, f"the schedule moved to {found}")
-                finally:
-                    await s.delete_schedule(sched)
+                what = "claim_schedule_slot with a debounce_key and an idempotency key"
+                await refused_slots(
+                    reflow, s, cwf, [(what, {"debounce_key": key})], P.DEBOUNCE_ARGS
+                )
             runs = [r.id for r in (await s.list_runs(workflow=cwf)).runs]
             promise(not runs, P.DEBOUNCE_ARGS, f"refused starts and slots made {runs}")
 
