@@ -33,6 +33,8 @@ from typing import Any, cast
 from ._durations import MAX_DURATION, describe
 from .errors import ConfigError, StorageError
 from .storage import (
+    MAX_HEADER_BYTES,
+    MAX_HEADERS,
     MAX_RATE,
     MAX_RATE_PERIOD,
     MAX_RUN_LIMITS,
@@ -66,6 +68,7 @@ __all__ = [
     "check_child_start",
     "check_duration",
     "check_finish_status",
+    "check_headers",
     "check_limits",
     "check_list_limit",
     "check_new_child",
@@ -86,6 +89,8 @@ __all__ = [
     "encode_cursor",
     "encode_workflows",
     "from_epoch_us",
+    "headers_column",
+    "headers_from_column",
     "is_delayed",
     "is_open_for_debounce",
     "limit_columns",
@@ -172,7 +177,7 @@ RUN_COLUMNS = (
     "lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at, deadline_at, "
     "parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2, limit_max2, "
     "blocked_by, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, "
-    "debounce_key"
+    "debounce_key, headers"
 )
 """The column order :func:`run_from_row` reads (the :class:`RunRecord` fields)."""
 STEP_COLUMNS = "name, status, output, error, attempts, wake_at, completed_at"
@@ -214,6 +219,7 @@ def run_from_row(row: Sequence[Any], time: TimeReader) -> RunRecord:
         blocked_by=row[23],
         rates=rates_from_columns(*row[24:30]),
         debounce_key=row[30],
+        headers=headers_from_column(row[31]),
     )
 
 
@@ -322,6 +328,61 @@ def check_rates(rates: object) -> None:
         keys.add(rate.key)
 
 
+_HEADER_NAME = re.compile(r"[a-z0-9_.-]{1,64}")
+
+
+def check_headers(headers: object) -> None:
+    """Refuse, with :class:`~reflow_core.errors.ConfigError`, headers that
+    are not a mapping of at most :data:`~reflow_core.storage.MAX_HEADERS`
+    names of 1-64 characters from ``a-z 0-9 - _ .`` to values of printable
+    ASCII (space to ``~``), within
+    :data:`~reflow_core.storage.MAX_HEADER_BYTES` in all. A value is never
+    shown in the error (it may be a secret)."""
+    if not isinstance(headers, Mapping):
+        raise ConfigError(
+            f"headers must be a mapping of str to str, not {type(headers).__name__}",
+            option="headers",
+        )
+    if len(headers) > MAX_HEADERS:
+        raise ConfigError(
+            f"a run carries at most {MAX_HEADERS} headers, got {len(headers)}", option="headers"
+        )
+    size = 0
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(
+                f"header name {name!r} must be 1-64 characters from a-z 0-9 - _ .",
+                option="headers",
+            )
+        if not isinstance(value, str) or not all(" " <= char <= "~" for char in value):
+            raise ConfigError(
+                f"the value of header {name!r} must be a str of printable ASCII",
+                option="headers",
+            )
+        size += len(name) + len(value)
+    if size > MAX_HEADER_BYTES:
+        raise ConfigError(
+            f"a run's headers weigh at most {MAX_HEADER_BYTES} bytes, got {size}",
+            option="headers",
+        )
+
+
+def headers_column(headers: Mapping[str, str]) -> str | None:
+    """A run's headers as one text column: a JSON object with sorted names,
+    or ``None`` for none."""
+    if not headers:
+        return None
+    return json.dumps(dict(sorted(headers.items())), separators=(",", ":"))
+
+
+def headers_from_column(text: str | None) -> dict[str, str]:
+    """Inverse of :func:`headers_column`."""
+    if not text:
+        return {}
+    loaded = json.loads(text)
+    return {str(name): str(value) for name, value in loaded.items()}
+
+
 def rate_block(key: str) -> str:
     """``blocked_by`` of a run blocked by the rate limit with ``key``."""
     return RATE_BLOCK_PREFIX + key
@@ -329,8 +390,8 @@ def rate_block(key: str) -> str:
 
 def debounced_record(open_run: RunRecord, new: NewRun, now: datetime) -> RunRecord:
     """``open_run`` (the workflow's open run with ``new.debounce_key``) as a
-    debounced create at ``now`` leaves it: ``new``'s input, priority, limits
-    and rates, unblocked, due ``new.delay`` from now (never after its
+    debounced create at ``now`` leaves it: ``new``'s input, priority, limits,
+    rates and headers, unblocked, due ``new.delay`` from now (never after its
     deadline), its id, creation and deadline kept."""
     delayed = is_delayed(new)
     wake_at = now + new.delay if delayed and new.delay is not None else now
@@ -341,6 +402,7 @@ def debounced_record(open_run: RunRecord, new: NewRun, now: datetime) -> RunReco
         priority=new.priority,
         limits=new.limits,
         rates=new.rates,
+        headers=dict(new.headers),
         blocked_by=None,
         wake_at=due_by_deadline(wake_at, open_run.deadline_at),
         updated_at=now,
@@ -568,6 +630,7 @@ def new_run_record(
         limits=new.limits,
         rates=new.rates,
         debounce_key=new.debounce_key,
+        headers=dict(new.headers),
     )
 
 
@@ -874,6 +937,7 @@ def check_new_run(new: NewRun) -> None:
         check_duration(new.deadline, "deadline")
     check_limits(new.priority, new.limits)
     check_rates(new.rates)
+    check_headers(new.headers)
     if new.debounce_key is not None:
         check_text(new.debounce_key, "debounce_key")
         if new.idempotency_key is not None:

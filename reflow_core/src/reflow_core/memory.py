@@ -293,6 +293,7 @@ class MemoryStorage:
             priority=after.priority,
             limits=after.limits,
             rates=after.rates,
+            headers=after.headers,
             blocked_by=None,
             wake_at=after.wake_at,
         )

@@ -53,6 +53,8 @@ from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 __all__ = [
     "CHILDREN_WAIT_PREFIX",
+    "MAX_HEADERS",
+    "MAX_HEADER_BYTES",
     "MAX_RATE",
     "MAX_RATE_PERIOD",
     "MAX_RUN_LIMITS",
@@ -118,6 +120,12 @@ class ConcurrencyLimit:
     max: int
 
 
+MAX_HEADERS = 16
+"""How many headers one run may carry (:attr:`NewRun.headers`)."""
+
+MAX_HEADER_BYTES = 8192
+"""The most a run's headers may weigh: names and values, in UTF-8 bytes."""
+
 MAX_RUN_RATES = 2
 """How many rate limits one run may hold (the engine uses one for the
 workflow's ``rate`` and one for its ``Limit`` key)."""
@@ -170,6 +178,12 @@ class NewRun:
     rates: tuple[RateLimit, ...] = ()
     """The rate limits every claim of the run is held to: at most
     :data:`MAX_RUN_RATES`, with distinct keys."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Propagation headers stored with the run as given: what an enqueuer
+    hands on to the workers that run it (W3C ``traceparent``,
+    ``tracestate``, ``baggage``). At most :data:`MAX_HEADERS`, names of
+    1-64 characters from ``a-z 0-9 - _ .``, values of printable ASCII, all
+    of it within :data:`MAX_HEADER_BYTES`."""
     debounce_key: str | None = None
     """Debounce: while the workflow has an *open* run with this key (pending
     or delayed, never claimed), :meth:`Storage.create_run` replaces that
@@ -228,6 +242,8 @@ class RunRecord:
     """As created (``NewRun.rates``), in the order given."""
     debounce_key: str | None = None
     """As created (``NewRun.debounce_key``)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """As created (``NewRun.headers``); a debounced create replaces them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +448,7 @@ class Storage(Protocol):
         ``delayed`` and never claimed: ``attempts == 0``) exists per
         ``(workflow, debounce_key)``, even under concurrent calls. If one
         exists, it is updated instead of creating a run: its ``input``,
-        ``priority``, ``limits`` and ``rates`` become the new ones,
+        ``priority``, ``limits``, ``rates`` and ``headers`` become the new ones,
         ``blocked_by`` is cleared, and it is due ``new.delay`` from now
         (``delayed``, or ``pending`` and due at once without a delay; never
         later than its deadline); its id, ``created_at`` and ``deadline_at``
