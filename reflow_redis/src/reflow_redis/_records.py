@@ -9,11 +9,12 @@ and the parent's step that started it, absent for other runs; ``pr`` the
 priority, absent for 0; ``k1``/``m1`` and ``k2``/``m2`` the concurrency
 limits' keys and maxima, ``rk1``/``rm1``/``rp1`` and ``rk2``/``rm2``/``rp2``
 the rate limits' keys, maxima and periods (µs), absent without; ``bb`` the
-key blocking a blocked run; ``db`` the debounce key, absent without); a step
-is one field of the run's
-steps hash, ``seq|done|status|wake|json``. Anything under the prefix that
-does not read this way raises :class:`_BadData`, which the storage reports as
-a :class:`~reflow_core.errors.StorageError` naming the operation.
+key blocking a blocked run; ``db`` the debounce key, absent without; ``hd``
+the propagation headers as one JSON object, absent without); a step is one
+field of the run's steps hash, ``seq|done|status|wake|json``. Anything under
+the prefix that does not read this way raises :class:`_BadData`, which the
+storage reports as a :class:`~reflow_core.errors.StorageError` naming the
+operation.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any, cast, get_args
 from reflow_core.adapter import (
     decode_workflows,
     from_epoch_us,
+    headers_column,
+    headers_from_column,
     is_delayed,
     limit_columns,
     limits_from_columns,
@@ -144,9 +147,18 @@ def _run_record(run_id: str, fields: Mapping[str, str]) -> RunRecord:
                 _int(fields, "rp2", where) if "rk2" in fields else None,
             ),
             debounce_key=fields.get("db") or None,
+            headers=_headers(fields.get("hd"), where),
         )
     except KeyError as exc:
         raise _BadData(f"{where} lacks a field Reflow writes") from exc
+
+
+def _headers(text: str | None, where: str) -> dict[str, str]:
+    try:
+        headers = headers_from_column(text)
+    except (ValueError, AttributeError) as exc:
+        raise _BadData(f"{where} has malformed headers") from exc
+    return headers
 
 
 def _run_of(fields: Mapping[str, str]) -> RunRecord:
@@ -215,15 +227,17 @@ def _deadline_arg(new: NewRun) -> str:
 
 
 def _limit_args(new: NewRun) -> list[str]:
-    """A run's priority, limits, rates and debounce key as the create scripts
-    take them: the priority, then the limits' key1, max1, key2, max2, the
-    rates' key1, max1, period1 (µs), key2, max2, period2 (empty where it has
-    fewer), then the debounce key (empty for none)."""
+    """A run's priority, limits, rates, debounce key and headers as the
+    create scripts take them: the priority, then the limits' key1, max1,
+    key2, max2, the rates' key1, max1, period1 (µs), key2, max2, period2
+    (empty where it has fewer), then the debounce key (empty for none), then
+    the headers' JSON text (empty for none)."""
     return [
         str(new.priority),
         *("" if v is None else str(v) for v in limit_columns(new.limits)),
         *("" if v is None else str(v) for v in rate_columns(new.rates)),
         new.debounce_key or "",
+        headers_column(new.headers) or "",
     ]
 
 

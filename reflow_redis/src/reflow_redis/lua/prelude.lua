@@ -420,8 +420,9 @@ local function park_waiting(id, wf, wt, due, pr, k1, k2)
   end
 end
 
--- The fields of a run's priority, limits and rates, from lim (see
--- create_run), appended to the HSET arguments f. Returns the priority ('' for 0).
+-- The fields of a run's priority, limits, rates and headers ('hd', the
+-- headers' JSON text, absent without), from lim (see create_run), appended
+-- to the HSET arguments f. Returns the priority ('' for 0).
 local function limit_fields(f, lim)
   local pr = ''
   if not plain(lim[1]) then
@@ -442,14 +443,15 @@ local function limit_fields(f, lim)
       f[#f + 1] = 'rp2'; f[#f + 1] = lim[11]
     end
   end
+  if lim[13] and lim[13] ~= '' then f[#f + 1] = 'hd'; f[#f + 1] = lim[13] end
   return pr
 end
 
 -- Debounce: P:debounce:<wf> maps a debounce key to the run last created
 -- with it. If that run is open (pending or delayed, never claimed), it takes
--- the new input, priority, limits and rates, leaves the blocked indexes, and
--- is due delay (us, 0 none) from now, never after its deadline: returns its
--- fields. Else nil.
+-- the new input, priority, limits, rates and headers, leaves the blocked
+-- indexes, and is due delay (us, 0 none) from now, never after its
+-- deadline: returns its fields. Else nil.
 local function debounce(wf, key, input, delay, lim)
   local id = redis.call('HGET', k('debounce', wf), key)
   if not id then return nil end
@@ -457,7 +459,8 @@ local function debounce(wf, key, input, delay, lim)
   local r = redis.call('HMGET', rk, 'st', 'att', 'pr', 'bb', 'w', 'dl')
   if (r[1] ~= 'pending' and r[1] ~= 'delayed') or r[2] ~= '0' then return nil end
   if r[4] then unlist_blocked(id, wf, r[4], r[5]) else due_rem(wf, r[3], id) end
-  redis.call('HDEL', rk, 'pr', 'k1', 'm1', 'k2', 'm2', 'rk1', 'rm1', 'rp1', 'rk2', 'rm2', 'rp2')
+  redis.call('HDEL', rk, 'pr', 'k1', 'm1', 'k2', 'm2', 'rk1', 'rm1', 'rp1', 'rk2', 'rm2', 'rp2',
+    'hd')
   local status, due = 'pending', num(NOW)
   if delay > 0 then status, due = 'delayed', num(NOW + delay) end
   due = due_by_deadline(due, r[6])
@@ -480,7 +483,8 @@ end
 -- cap (us, a child's parent's deadline; nil or '' none) if that is earlier,
 -- and a delayed run is due at the earlier of its delay's end and that.
 -- lim is {priority, key1, max1, key2, max2, rate key1, max1, period1 (us),
--- rate key2, max2, period2, debounce key} ('' for 0 / none; nil: none).
+-- rate key2, max2, period2, debounce key, headers (JSON text)} ('' for 0 /
+-- none; nil: none).
 -- Returns {1, now} when created (the client knows every other field),
 -- {0, run} for an existing one, {2, run} for the open run a debounce key
 -- updated instead (debounce), {-1} when the id is taken. A delayed run is
@@ -527,10 +531,10 @@ local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
   return {1, now}
 end
 
--- The lim table of create_run from ARGV[b..b+11].
+-- The lim table of create_run from ARGV[b..b+12].
 local function lim_args(b)
   local lim = {}
-  for i = 0, 11 do lim[i + 1] = ARGV[b + i] end
+  for i = 0, 12 do lim[i + 1] = ARGV[b + i] end
   return lim
 end
 
