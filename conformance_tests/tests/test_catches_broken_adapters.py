@@ -85,6 +85,7 @@ _DEADLINES = ("test_deadlines",)
 _CHILDREN = ("test_children",)
 _LIMITS = ("test_limits",)
 _RATES = ("test_rates",)
+_HEADERS = ("test_headers",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -199,6 +200,8 @@ CASES = [
     Case("debounce_keeps_first", (P.DEBOUNCE_REPLACES,), _RATES),
     Case("requeue_keeps_debounce_key", (P.DEBOUNCE_REQUEUE,), _RATES),
     Case("debounce_replaces_claimed", (P.DEBOUNCE_AFTER_CLAIM,), _RATES),
+    Case("drops_headers", (P.HEADERS_STORED,), _HEADERS),
+    Case("debounce_keeps_headers", (P.HEADERS_STORED,), _HEADERS),
 ]
 
 

@@ -100,6 +100,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_children",
             "test_limits",
             "test_rates",
+            "test_headers",
             "test_listing",
             "test_sleep_wait",
             "test_events",

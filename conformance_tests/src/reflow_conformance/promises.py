@@ -437,3 +437,13 @@ DEBOUNCE_ARGS = (
     "create_run and claim_schedule_slot refuse a debounce_key with an idempotency_key, or a "
     "bad debounce_key, and start_child any debounce_key, with ConfigError, writing nothing"
 )
+HEADERS_STORED = (
+    "a run's headers read back as given, names and values exactly ({} by default), by "
+    "create_run, start_child and claim_schedule_slot alike; no claim, step save, sleep, wait, "
+    "finish or requeue changes them, and a debounced create replaces them with its own"
+)
+HEADERS_ARGS = (
+    "create_run, start_child and claim_schedule_slot refuse headers that are not a mapping of "
+    "at most MAX_HEADERS names matching [a-z0-9_.-]{1,64} to printable-ASCII values, within "
+    "MAX_HEADER_BYTES in all, with ConfigError, writing nothing"
+)

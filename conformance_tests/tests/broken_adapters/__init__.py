@@ -1,8 +1,8 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
 Each class in the modules of this package (one per area of the contract:
-``claims``, ``children``, ``delays``, ``deadlines``, ``leases``, ``limits``, ``rates``,
-``runs``, ``records``, ``events``, ``retention``, ``schedules``, and ``workers``
+``claims``, ``children``, ``delays``, ``deadlines``, ``headers``, ``leases``, ``limits``,
+``rates``, ``runs``, ``records``, ``events``, ``retention``, ``schedules``, and ``workers``
 for the worker registry and queue statistics)
 is the in-memory reference backend (or, where the bug lives in a query, the
 SQLite backend) with exactly one promise of the storage
@@ -75,6 +75,7 @@ from .events import (
     events_twice,
     unbounded_events,
 )
+from .headers import debounce_keeps_headers, drops_headers
 from .leases import (
     fast_client_clock,
     immortal_leases,
@@ -171,10 +172,12 @@ __all__ = [
     "deadline_by_client_clock",
     "debounce_creates_new",
     "debounce_keeps_first",
+    "debounce_keeps_headers",
     "debounce_replaces_claimed",
     "delay_by_client_clock",
     "delayed_as_pending",
     "double_claim",
+    "drops_headers",
     "due_paused",
     "event_crosses_runs",
     "events_dropped_on_pause",
@@ -345,6 +348,8 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         debounce_keeps_first,
         requeue_keeps_debounce_key,
         debounce_replaces_claimed,
+        drops_headers,
+        debounce_keeps_headers,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""
