@@ -839,3 +839,73 @@ async def test_a_version_7_database_with_runs_is_migrated_forward(
     # The end of the old holder still unblocks the run its limit blocked.
     assert await store.finish_run(Lease("old-held", 1), "completed", output="1")
     assert [c.run.id for c in await store.claim_runs(["wf"], 10, lease)] == ["old-blocked"]
+
+
+# -- version 9: propagation headers ------------------------------------------------------
+
+
+async def test_a_version_8_database_with_runs_is_migrated_forward(
+    opener, db_path, tmp_path, clock
+) -> None:
+    """Version 9 adds runs.headers (NULL) in place (no rebuild): the rows
+    written before it are unchanged and carry no headers, and new runs keep
+    theirs, as created, as a debounced create replaces them, and as a child
+    or a schedule's slot starts them."""
+    start = to_epoch_us(clock.now)
+    columns = (
+        f"{RUN_COLUMNS}, deadline_at, parent_id, parent_step, priority, limit_key1,"
+        " limit_max1, limit_key2, limit_max2, blocked_by, rate_key1, rate_max1, rate_period1,"
+        " rate_key2, rate_max2, rate_period2, debounce_key"
+    )
+    rows = [
+        ("old-due", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
+         start - 9, None, None, None, None, None, None, 0, None, None, None, None, None,
+         None, None, None, None, None, None, None),
+        ("old-open", "wf", "pending", "2", None, None, None, 0, 0, 0, start - 8, start - 8,
+         start - 8, None, None, None, None, None, None, 0, None, None, None, None, None,
+         None, None, None, None, None, None, "d"),
+        ("old-done", "wf", "completed", "3", '"ok"', None, None, 1, 0, 1, start - 5, start - 4,
+         None, None, None, start - 4, None, None, None, 0, None, None, None, None, None,
+         None, None, None, None, None, None, None),
+    ]  # fmt: skip
+    store = await migrate_rows_in_place(
+        opener, db_path, tmp_path, 8, columns, rows, "headers IS NOT NULL"
+    )
+
+    for run_id in ("old-due", "old-open", "old-done"):
+        old = await store.get_run(run_id)
+        assert old is not None
+        assert old.headers == {}
+    # A debounced create replaces the old open run's headers.
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    again = await store.create_run(NewRun("wf", "4", debounce_key="d", headers=trace))
+    assert (again.created, again.run.id, again.run.headers) == (False, "old-open", trace)
+    # New runs keep theirs, stored as one JSON object with sorted names.
+    both = {"tracestate": "k=v", **trace}
+    new = (await store.create_run(NewRun("wf", "5", run_id="new", headers=both))).run
+    assert new.headers == both
+    assert query(db_path, "SELECT headers FROM runs WHERE id = 'new'") == [
+        ('{"traceparent":"' + trace["traceparent"] + '","tracestate":"k=v"}',)
+    ]
+    bare = (await store.create_run(NewRun("wf", "6", run_id="bare"))).run
+    assert bare.headers == {}
+    assert query(db_path, "SELECT headers FROM runs WHERE id = 'bare'") == [(None,)]
+    claims = await store.claim_runs(["wf"], 10, timedelta(minutes=1))
+    (claimed,) = [c for c in claims if c.run.id == "new"]
+    assert claimed.run.headers == both
+    child = await store.start_child(
+        claimed.lease, "spawn", NewRun("wf", "7", run_id="new-child", headers=trace)
+    )
+    assert child is not None
+    assert child.headers == trace
+    assert [c.headers for c in await store.list_children("new")] == [trace]
+    slot = clock.now
+    await store.upsert_schedule(ScheduleSpec("every", "wf", "8", "every:3600", slot))
+    fired = await store.claim_schedule_slot(
+        "every", slot, slot + timedelta(hours=1), NewRun("wf", "8", headers=trace)
+    )
+    assert fired is not None
+    assert fired.headers == trace
+    listed = {run.id: run.headers for run in (await store.list_runs()).runs}
+    assert listed["old-done"] == {}
+    assert listed["new"] == both

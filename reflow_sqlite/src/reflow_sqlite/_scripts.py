@@ -20,6 +20,7 @@ from reflow_core.adapter import (
     debounced_record,
     encode_workflows,
     from_epoch_us,
+    headers_column,
     is_delayed,
     limit_columns,
     queue_stats_from_counts,
@@ -172,6 +173,7 @@ def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
                 *limit_columns(new.limits),
                 *rate_columns(new.rates),
                 new.debounce_key,
+                headers_column(new.headers),
             ),
         )
     except sqlite3.IntegrityError as exc:
@@ -207,6 +209,7 @@ def _debounce(now: int, new: NewRun) -> Script[RunRecord | None]:
         after.priority,
         *limit_columns(after.limits),
         *rate_columns(after.rates),
+        headers_column(after.headers),
         wake_us,
         now,
         after.id,
@@ -719,6 +722,7 @@ def start_child(now: int, lease: Lease, step: str, new: NewRun) -> Script[RunRec
         new.priority,
         *limit_columns(new.limits),
         *rate_columns(new.rates),
+        headers_column(new.headers),
     )
     rows = yield (Q["insert_child"], values)
     return run_from_row(rows[0], from_epoch_us)

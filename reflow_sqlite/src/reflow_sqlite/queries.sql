@@ -65,8 +65,9 @@ PRAGMA wal_checkpoint(TRUNCATE)
 -- name: insert_run
 INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at,
     deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2,
-    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, debounce_key)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, debounce_key,
+    headers)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (workflow, idempotency_key) DO NOTHING
 RETURNING {run_columns}
 
@@ -78,16 +79,16 @@ SELECT {run_columns} FROM runs
 WHERE workflow = ? AND debounce_key = ?
     AND debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'delayed')
 
--- A debounced create: the open run takes the new input, priority, limits
--- and rates, is no longer blocked and is due again (status and wake_at as
--- reflow_core.adapter.debounced_record computes them); its id, created_at
--- and deadline_at stay. Parameters: status, input, priority, the four limit
--- columns, the six rate columns, wake_at, now, the run id.
+-- A debounced create: the open run takes the new input, priority, limits,
+-- rates and headers, is no longer blocked and is due again (status and
+-- wake_at as reflow_core.adapter.debounced_record computes them); its id,
+-- created_at and deadline_at stay. Parameters: status, input, priority, the
+-- four limit columns, the six rate columns, headers, wake_at, now, the run id.
 -- name: debounce_run
 UPDATE runs SET status = ?, input = ?, priority = ?,
     limit_key1 = ?, limit_max1 = ?, limit_key2 = ?, limit_max2 = ?,
     rate_key1 = ?, rate_max1 = ?, rate_period1 = ?, rate_key2 = ?, rate_max2 = ?,
-    rate_period2 = ?, blocked_by = NULL, wake_at = ?, updated_at = ?
+    rate_period2 = ?, headers = ?, blocked_by = NULL, wake_at = ?, updated_at = ?
 WHERE id = ?
 RETURNING {run_columns}
 
@@ -345,8 +346,8 @@ SELECT deadline_at FROM runs WHERE {fence}
 -- name: insert_child
 INSERT INTO runs (id, workflow, status, input, created_at, updated_at, wake_at, deadline_at,
     parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2, limit_max2,
-    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, headers)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 RETURNING {run_columns}
 
 -- Whether the run has a child at the step that has not ended: one seek in

@@ -293,6 +293,14 @@ CREATE INDEX rate_waits_at ON rate_waits (at);
 CREATE UNIQUE INDEX runs_debounce ON runs (workflow, debounce_key)
     WHERE debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'delayed');
 
+-- Version 9: propagation headers.
+-- name: v9
+-- A run's propagation headers (NewRun.headers) as one JSON object with
+-- sorted names (reflow_core.adapter.headers_column), NULL for none; a
+-- debounced create replaces them. Added in place like deadline_at
+-- (nullable, no default: no row is rewritten): existing runs have none.
+ALTER TABLE runs ADD COLUMN headers TEXT;
+
 -- -- what the trigger of versions 2 and 4 runs --------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those

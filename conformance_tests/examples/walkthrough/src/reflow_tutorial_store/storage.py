@@ -76,8 +76,8 @@ MIGRATIONS = (
         # The first fifteen columns are kit.RUN_COLUMNS, in its order (the
         # rest come later: deadline_at in version 4, parent_id and parent_step
         # in version 5, priorities and limits in version 6, rates and the
-        # debounce key in version 7), so that reflow_core.adapter.run_from_row
-        # maps a row without a line of ours.
+        # debounce key in version 7, headers in version 8), so that
+        # reflow_core.adapter.run_from_row maps a row without a line of ours.
         """CREATE TABLE runs (
             id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
             input TEXT NOT NULL, output TEXT, error TEXT, idempotency_key TEXT,
@@ -172,7 +172,7 @@ MIGRATIONS = (
     ),
     # --8<-- [end:limits-schema]
     # --8<-- [start:rates-schema]
-    (  # Version 7: rate limits and debounce, the last of kit.RUN_COLUMNS.
+    (  # Version 7: rate limits and debounce, the next of kit.RUN_COLUMNS.
         # A run holds at most kit's MAX_RUN_RATES (2) rates: two triples of
         # columns (kit.rate_columns), periods in microseconds. The runs
         # already in the file get none, and no debounce key.
@@ -198,6 +198,11 @@ MIGRATIONS = (
         " WHERE debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'delayed')",
     ),
     # --8<-- [end:rates-schema]
+    (  # Version 8: propagation headers, the last of kit.RUN_COLUMNS: one JSON
+        # object (kit.headers_column), NULL for none, as the runs already in
+        # the file have.
+        "ALTER TABLE runs ADD COLUMN headers TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # kit.render_sql fills in our own column lists, never a value: values are bound.
@@ -506,9 +511,9 @@ class TutorialStorage:
             "INSERT INTO runs (id, workflow, status, input, idempotency_key, attempts, reclaims,"
             " lease_epoch, created_at, updated_at, wake_at, deadline_at, parent_id, parent_step,"
             " priority, limit_key1, limit_max1, limit_key2, limit_max2, rate_key1, rate_max1,"
-            " rate_period1, rate_key2, rate_max2, rate_period2, debounce_key)"
+            " rate_period1, rate_key2, rate_max2, rate_period2, debounce_key, headers)"
             " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " ?, ?, ?, ?, ?, ?, ?)",
+            " ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.id,
                 run.workflow,
@@ -525,6 +530,7 @@ class TutorialStorage:
                 *kit.limit_columns(run.limits),  # (key1, max1, key2, max2), None where unused
                 *kit.rate_columns(run.rates),  # (key1, max1, period1, key2, ...), likewise
                 run.debounce_key,
+                kit.headers_column(run.headers),  # JSON text, None for no headers
             ),
         )
 
@@ -1343,22 +1349,23 @@ def _release_rates(cur: sqlite3.Cursor, now: int) -> None:
 
 def _debounce(cur: sqlite3.Cursor, open_run: RunRecord, new: NewRun, now: int) -> RunRecord:
     """A debounced create: ``open_run`` takes ``new``'s input, priority,
-    limits and rates, is no longer blocked, and is due ``new.delay`` from
-    now (never after its deadline). The kit computes the record; the row
-    is written to match it."""
+    limits, rates and headers, is no longer blocked, and is due
+    ``new.delay`` from now (never after its deadline). The kit computes the
+    record; the row is written to match it."""
     run = kit.debounced_record(open_run, new, kit.from_epoch_us(now))
     assert run.wake_at is not None  # pending or delayed: it has a due time
     cur.execute(
         "UPDATE runs SET status = ?, input = ?, priority = ?, limit_key1 = ?, limit_max1 = ?,"
         " limit_key2 = ?, limit_max2 = ?, rate_key1 = ?, rate_max1 = ?, rate_period1 = ?,"
-        " rate_key2 = ?, rate_max2 = ?, rate_period2 = ?, blocked_by = NULL, wake_at = ?,"
-        " updated_at = ? WHERE id = ?",
+        " rate_key2 = ?, rate_max2 = ?, rate_period2 = ?, headers = ?, blocked_by = NULL,"
+        " wake_at = ?, updated_at = ? WHERE id = ?",
         (
             run.status,
             run.input,
             run.priority,
             *kit.limit_columns(run.limits),
             *kit.rate_columns(run.rates),
+            kit.headers_column(run.headers),
             kit.to_epoch_us(run.wake_at),
             now,
             run.id,
