@@ -6,7 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -699,3 +699,139 @@ async def test_a_version_6_schema_with_runs_is_migrated_forward(
         assert one.created
         assert not two.created
         assert (two.run.id, two.run.input, two.run.debounce_key) == (one.run.id, "b", "d")
+
+
+async def test_a_version_7_schema_with_runs_is_migrated_forward(
+    postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 8 adds runs.headers (nullable, no default: the table is not
+    rewritten). Every run stored before has no headers and keeps its status,
+    due time, limits, rates, block and debounce key; workers starting
+    together migrate once. New runs keep their headers however they are
+    created, a debounced create replaces them, and claims return them,
+    through claim_held too, whose rows (of the table's row type) gain the
+    column with the table, even in a session that ran it before."""
+    await initialize_old_schema(postgres_url, monkeypatch, 7)
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, attempts, created_at, updated_at,"
+            " wake_at, lease_expires_at, priority, limit_key1, limit_max1, rate_key1, rate_max1,"
+            " rate_period1, blocked_by, debounce_key) VALUES"
+            " ('old-pending', 'wf', 'pending', '1', 0, now(), now(),"
+            "  now() - interval '1 hour', NULL, 3, NULL, NULL, NULL, NULL, NULL, NULL, 'd'),"
+            " ('old-running', 'wf', 'running', '1', 1, now(), now(), NULL,"
+            "  now() + interval '1 hour', 0, 'k', 1, NULL, NULL, NULL, NULL, NULL),"
+            " ('old-rated', 'wf', 'pending', '1', 0, now(), now(),"
+            "  now() - interval '1 hour', NULL, 0, NULL, NULL, 'r', 1, 3600000000, NULL, NULL),"
+            " ('old-held', 'held', 'pending', '1', 0, now(), now(),"
+            "  now() - interval '1 hour', NULL, 0, NULL, NULL, 'h', 5, 3600000000, NULL, NULL),"
+            " ('old-held2', 'held', 'pending', '1', 0, now(), now(),"
+            "  now() - interval '1 hour', NULL, 0, NULL, NULL, 'h', 5, 3600000000, NULL, NULL)"
+        ).format(ident)
+    )
+    read = sql.SQL(
+        "SELECT id, status, wake_at, lease_expires_at, priority, limit_key1, rate_key1,"
+        " blocked_by, debounce_key FROM {}.runs WHERE id <> 'old-held'"
+    ).format(ident)
+    before = {row[0]: row[1:] for row in admin.execute(read)}
+    claim_held = sql.SQL(
+        "SELECT (h.run).id, to_jsonb(h.run) FROM {}.claim_held(%s::text[],"
+        " interval '30 seconds', NULL::timestamptz, 10, %s, NULL::text) AS h"
+    ).format(ident)
+    # This session runs claim_held on the old schema, then again on the new one.
+    [(held_id, held_row)] = admin.execute(claim_held, (["old-held"], RATE_BLOCK_PREFIX)).fetchall()
+    assert held_id == "old-held"
+    assert isinstance(held_row, dict)
+    assert "headers" not in held_row
+    async with migrated(postgres_url, schema, admin, monkeypatch) as stores:
+        store = stores[0]
+        columns = admin.execute(
+            "SELECT column_name, data_type, is_nullable, column_default"
+            " FROM information_schema.columns WHERE table_schema = %s AND table_name = 'runs'"
+            " AND column_name = 'headers'",
+            (schema,),
+        ).fetchall()
+        assert columns == [("headers", "text", "YES", None)]
+        assert {row[0]: row[1:] for row in admin.execute(read)} == before
+        olds = {r.id: r for r in (await store.list_runs(workflow="wf")).runs}
+        assert {i: r.headers for i, r in olds.items()} == {
+            "old-pending": {},
+            "old-running": {},
+            "old-rated": {},
+        }
+        assert olds["old-pending"].debounce_key == "d"
+
+        admin.execute(
+            sql.SQL("UPDATE {}.runs SET headers = %s WHERE id = 'old-held2'").format(ident),
+            ('{"traceparent":"t"}',),
+        )
+        [(held_id, held_row)] = admin.execute(
+            claim_held, (["old-held2"], RATE_BLOCK_PREFIX)
+        ).fetchall()
+        assert held_id == "old-held2"
+        assert isinstance(held_row, dict)
+        assert held_row["headers"] == '{"traceparent":"t"}'
+        assert held_row["status"] == "running"
+
+        trace = {"traceparent": "00-abc-def-01", "baggage": "a=1"}
+        # One at a time, and many together (their creates share a statement).
+        alone = await stores[1].create_run(NewRun("new", "1", headers=trace))
+        many = await asyncio.gather(
+            *(
+                stores[1].create_run(NewRun("new", str(i), headers={"tracestate": str(i)}))
+                for i in range(5)
+            )
+        )
+        bare = await stores[1].create_run(NewRun("new", "x"))
+        assert alone.run.headers == trace
+        assert [c.run.headers for c in many] == [{"tracestate": str(i)} for i in range(5)]
+        assert bare.run.headers == {}
+        for created in (alone, *many, bare):
+            assert await store.get_run(created.run.id) == created.run
+
+        # A debounced create replaces them, absent ones included.
+        one = await stores[2].create_run(NewRun("wf", "a", debounce_key="e", headers=trace))
+        two = await stores[2].create_run(
+            NewRun("wf", "b", debounce_key="e", headers={"baggage": "b=2"})
+        )
+        assert not two.created
+        assert two.run.id == one.run.id
+        assert two.run.headers == {"baggage": "b=2"}
+        three = await stores[2].create_run(NewRun("wf", "c", debounce_key="e"))
+        assert three.run.headers == {}
+        four = await stores[2].create_run(NewRun("wf", "a", debounce_key="d", headers=trace))
+        assert (four.created, four.run.id, four.run.headers) == (False, "old-pending", trace)
+
+        # Claimed through claim (no rates) and claim_held (rates), with children.
+        rate = (RateLimit("q", 5, timedelta(hours=1)),)
+        rated = await store.create_run(NewRun("claims", "r", rates=rate, headers=trace))
+        plain = await store.create_run(NewRun("claims", "p", headers={"baggage": "p"}))
+        claimed = await stores[3].claim_runs(["claims"], 10, timedelta(seconds=30))
+        assert {c.run.id: c.run.headers for c in claimed} == {
+            rated.run.id: trace,
+            plain.run.id: {"baggage": "p"},
+        }
+        parent = next(c for c in claimed if c.run.id == plain.run.id)
+        child = await stores[3].start_child(
+            parent.lease, "spawn", NewRun("kids", "c", run_id="kid-1", headers=trace)
+        )
+        assert child is not None
+        assert child.headers == trace
+        assert await store.get_run("kid-1") == child
+        assert [c.headers for c in await store.list_children(plain.run.id)] == [trace]
+
+        # A schedule's slot creates its run with the run's headers.
+        slot = datetime(2020, 1, 1, tzinfo=UTC)
+        schedule = await store.upsert_schedule(
+            ScheduleSpec("every", "sched", "1", "every:3600", slot)
+        )
+        fired = await store.claim_schedule_slot(
+            "every",
+            schedule.next_run_at,
+            schedule.next_run_at + timedelta(hours=1),
+            NewRun("sched", "1", idempotency_key="slot-1", headers=trace),
+        )
+        assert fired is not None
+        assert fired.headers == trace
+        assert await store.get_run(fired.id) == fired

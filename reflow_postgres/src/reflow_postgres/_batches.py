@@ -91,6 +91,7 @@ class BatchedWrites:
             rkeys2=[limits["rkey2"] for limits in flow],
             rmaxes2=[limits["rmax2"] for limits in flow],
             rperiods2=[limits["rperiod2"] for limits in flow],
+            headers=[limits["headers"] for limits in flow],
         )
         retried = False
 

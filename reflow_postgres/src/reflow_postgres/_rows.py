@@ -11,6 +11,7 @@ from reflow_core.adapter import (
     as_utc,
     check_aware,
     from_epoch_us,
+    headers_column,
     is_delayed,
     limit_columns,
     rate_columns,
@@ -59,8 +60,9 @@ def deadline_param(new: NewRun) -> timedelta | None:
 def limit_params(new: NewRun) -> dict[str, Any]:
     """The ``priority``, ``key1``, ``max1``, ``key2`` and ``max2`` (limits),
     ``rkey1``, ``rmax1``, ``rperiod1``, ``rkey2``, ``rmax2`` and ``rperiod2``
-    (rates, periods in microseconds) and ``debounce`` parameters of a
-    statement that creates ``new`` (``limit_values``)."""
+    (rates, periods in microseconds), ``debounce`` and ``headers`` (a JSON
+    object, or ``None`` for none) parameters of a statement that creates
+    ``new`` (``limit_values``)."""
     key1, max1, key2, max2 = limit_columns(new.limits)
     rkey1, rmax1, rperiod1, rkey2, rmax2, rperiod2 = rate_columns(new.rates)
     return {
@@ -76,6 +78,7 @@ def limit_params(new: NewRun) -> dict[str, Any]:
         "rmax2": rmax2,
         "rperiod2": rperiod2,
         "debounce": new.debounce_key,
+        "headers": headers_column(new.headers),
     }
 
 

@@ -58,6 +58,14 @@ Design notes (see docs/postgres.md):
   when a wait is due, ``release_rates`` unblocks the runs the window has room
   for. ``runs_debounce`` (unique, open runs with a debounce key only) is the
   arbiter of a debounced create's ``INSERT ... ON CONFLICT DO UPDATE``.
+* ``runs.headers`` (version 8): a run's propagation headers as one text
+  column (``reflow_core.adapter.headers_column``: a JSON object, or NULL for
+  none), written by every statement that inserts a run and replaced by a
+  debounced create. Added nullable with no default, so the migration
+  rewrites nothing; unindexed, so it costs the write path nothing more.
+  ``claim_held`` returns whole ``runs`` rows, whose type is the table's row
+  type: it gains the column with the table, and ``claim_limited`` reads
+  those rows by column name (``{run_columns_c}``), so no function changes.
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

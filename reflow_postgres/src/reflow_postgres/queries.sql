@@ -53,7 +53,7 @@ CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END AS wake_at,
 waiting_for, CASE WHEN lease_expires_at > {latest} THEN {latest} ELSE lease_expires_at END
     AS lease_expires_at, deadline_at, parent_id, parent_step, priority, limit_key1, limit_max1,
     limit_key2, limit_max2, blocked_by, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2,
-    rate_period2, debounce_key
+    rate_period2, debounce_key, headers
 
 -- name: step_read_columns
 -- The step columns of reflow_core.adapter.STEP_COLUMNS, wake_at capped.
@@ -71,14 +71,16 @@ id = %(id)s AND status = 'running' AND lease_epoch = %(epoch)s AND lease_expires
 -- name: insert_run
 INSERT INTO {schema}.runs AS r (id, workflow, status, input, idempotency_key, created_at,
     updated_at, wake_at, deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2,
-    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, debounce_key)
+    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, debounce_key,
+    headers)
 
 -- name: limit_values
--- The priority, limits, rates and debounce key of a new run
--- (reflow_core.adapter.limit_columns and rate_columns; periods in microseconds).
+-- The priority, limits, rates, debounce key and headers of a new run
+-- (reflow_core.adapter.limit_columns, rate_columns and headers_column;
+-- periods in microseconds, headers a JSON object or NULL).
 %(priority)s::integer, %(key1)s::text, %(max1)s::integer, %(key2)s::text, %(max2)s::integer,
 %(rkey1)s::text, %(rmax1)s::integer, %(rperiod1)s::bigint, %(rkey2)s::text, %(rmax2)s::integer,
-%(rperiod2)s::bigint, %(debounce)s::text
+%(rperiod2)s::bigint, %(debounce)s::text, %(headers)s::text
 
 -- name: new_status
 -- A new run with a delay (a positive interval, else NULL) is delayed: stored
@@ -103,7 +105,7 @@ RETURNING {read_columns}, (xmax = 0) AS inserted
 -- Debounce: the workflow's open run with the same debounce key (pending, or
 -- delayed: stored as sleeping, and never claimed; the predicate of
 -- runs_debounce) is updated in place instead: the new input, priority,
--- limits and rates, unblocked, due the delay from now (or at its own
+-- limits, rates and headers, unblocked, due the delay from now (or at its own
 -- deadline if that comes first; least() skips a NULL), its id, creation and
 -- deadline kept; it comes back with inserted false. Concurrent creates with
 -- the key are serialized by the index: one inserts, the others update.
@@ -115,7 +117,7 @@ DO UPDATE SET status = EXCLUDED.status, input = EXCLUDED.input,
     limit_max2 = EXCLUDED.limit_max2, rate_key1 = EXCLUDED.rate_key1,
     rate_max1 = EXCLUDED.rate_max1, rate_period1 = EXCLUDED.rate_period1,
     rate_key2 = EXCLUDED.rate_key2, rate_max2 = EXCLUDED.rate_max2,
-    rate_period2 = EXCLUDED.rate_period2, blocked_by = NULL,
+    rate_period2 = EXCLUDED.rate_period2, headers = EXCLUDED.headers, blocked_by = NULL,
     wake_at = least({now} + coalesce(%(delay)s::interval, interval '0'), r.deadline_at),
     updated_at = {now}
 RETURNING {read_columns}, (xmax = 0) AS inserted
@@ -241,15 +243,15 @@ WITH t AS (
         %(priorities)s::integer[], %(keys1)s::text[], %(maxes1)s::integer[],
         %(keys2)s::text[], %(maxes2)s::integer[], %(rkeys1)s::text[], %(rmaxes1)s::integer[],
         %(rperiods1)s::bigint[], %(rkeys2)s::text[], %(rmaxes2)s::integer[],
-        %(rperiods2)s::bigint[])
+        %(rperiods2)s::bigint[], %(headers)s::text[])
         WITH ORDINALITY AS t(id, workflow, input, key, delay, deadline, priority, key1, max1,
-        key2, max2, rkey1, rmax1, rperiod1, rkey2, rmax2, rperiod2, ord)
+        key2, max2, rkey1, rmax1, rperiod1, rkey2, rmax2, rperiod2, headers, ord)
 ), ins AS (
     {insert_run}
     SELECT id, workflow, CASE WHEN delay IS NULL THEN 'pending' ELSE 'sleeping' END, input,
         key, {now}, {now}, least({now} + coalesce(delay, interval '0'), {now} + deadline),
         {now} + deadline, priority, key1, max1, key2, max2, rkey1, rmax1, rperiod1, rkey2,
-        rmax2, rperiod2, NULL FROM t ORDER BY ord
+        rmax2, rperiod2, NULL, headers FROM t ORDER BY ord
     {on_idempotency_key}
 ), woken AS (
     SELECT {notify_ins} FROM (SELECT workflow, min(wake_at) AS wake_at FROM ins
@@ -637,7 +639,7 @@ WITH p AS (
     INSERT INTO {schema}.runs (id, workflow, status, input, created_at, updated_at, wake_at,
         deadline_at, parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2,
         limit_max2, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2,
-        debounce_key)
+        debounce_key, headers)
     SELECT %(child)s::text, %(workflow)s::text, {new_status}, %(input)s::text, {now}, {now},
         least({now} + coalesce(%(delay)s::interval, interval '0'), v.deadline_at),
         v.deadline_at, %(id)s::text, %(step)s::text, {limit_values} FROM v

@@ -805,3 +805,16 @@ BEGIN
     END LOOP;
 END
 $$
+
+
+-- Version 8: propagation headers ------------------------------------------------------
+
+-- name: v8_01_runs_headers
+-- The propagation headers a run was created with (trace context, baggage):
+-- reflow_core.adapter.headers_column, a JSON object with sorted names, or
+-- NULL for none; replaced only by a debounced create. Nullable without a
+-- default: the table is not rewritten, and every run that exists has none.
+-- The functions that return whole runs rows (claim_held, claim_limited)
+-- return the new column too: their row type is the table's, and claim
+-- reads their rows by column name.
+ALTER TABLE {schema}.runs ADD COLUMN headers text
