@@ -24,6 +24,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, ErrorInfo, HookError
+from .tracing import Scopes, TracingSpecs
 
 __all__ = [
     "Event",
@@ -220,6 +221,9 @@ class Observers:
         self.on_error = on_error
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs.LifecycleSpecs)
+        self.pm.add_hookspecs(TracingSpecs)
+        self.scopes = Scopes(self.pm)
+        """The tracing hooks: headers at creation, scopes around runs and steps."""
         self._streams: list[_Subscription] = []
         self._hooked: set[str] = set()
 
@@ -239,6 +243,7 @@ class Observers:
         self._hooked = {
             name for name in _EVENT_HOOKS if getattr(self.pm.hook, name).get_hookimpls()
         }
+        self.scopes.refresh()
 
     @property
     def active(self) -> bool:

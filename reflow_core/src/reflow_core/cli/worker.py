@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import datetime
 import importlib
-import json
 import logging
 import os
 import signal
@@ -36,7 +35,7 @@ from typing import Any
 import click
 
 from reflow_core.engine import Engine
-from reflow_core.plugins.logging import LoggingPlugin
+from reflow_core.plugins.logging import JsonFormatter, LoggingPlugin, RunContextFilter, step_fields
 from reflow_core.supervisor import WORKER_INDEX_ENV, RestartPolicy, Supervisor
 
 __all__ = ["AppLoadError", "JsonFormatter", "TextFormatter", "load_app", "worker"]
@@ -109,46 +108,22 @@ def load_app(app: str, app_dir: str | None = ".") -> Engine:
 # -- logging ----------------------------------------------------------------------
 
 
-def _base_fields(record: logging.LogRecord) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
-            timespec="milliseconds"
-        ),
-        "level": record.levelname.lower(),
-        "logger": record.name,
-        "pid": record.process,
-    }
-    index = os.environ.get(WORKER_INDEX_ENV)
-    if index:
-        fields["worker"] = int(index) if index.isdigit() else index
-    return fields
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object a line: ``time``, ``level``, ``logger``, ``pid``,
-    ``worker`` (a supervised child's slot), ``message``, the record's
-    structured fields (``extra={"reflow": {...}}``), and ``exception``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields = _base_fields(record)
-        fields["message"] = record.getMessage()
-        extra = getattr(record, "reflow", None)
-        if isinstance(extra, dict):
-            for key, value in extra.items():
-                fields.setdefault(key, value)
-        if record.exc_info:
-            fields["exception"] = self.formatException(record.exc_info)
-        return json.dumps(fields, default=str, separators=(",", ":"))
-
-
 class TextFormatter(logging.Formatter):
-    """``time level logger [pid] message``, on one line; a traceback
-    follows on its own lines."""
+    """``time level logger [pid] message``, on one line, and ``(run ID step
+    NAME#ATTEMPT)`` for a record made in a step; a traceback follows on its
+    own lines."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = _base_fields(record)
-        who = f"{fields['pid']}" + (f" w{fields['worker']}" if "worker" in fields else "")
-        line = f"{fields['time']} {record.levelname:<7} {record.name} [{who}] {record.getMessage()}"
+        when = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+        index = os.environ.get(WORKER_INDEX_ENV)
+        who = f"{record.process}" + (f" w{index}" if index else "")
+        line = (
+            f"{when.isoformat(timespec='milliseconds')} {record.levelname:<7} {record.name} "
+            f"[{who}] {record.getMessage()}"
+        )
+        step = step_fields(record)
+        if step:
+            line += f" (run {step['run_id']} step {step['step']}#{step['attempt']})"
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -158,6 +133,7 @@ def configure_logging(log_format: str, level: str) -> None:
     """Send every record at ``level`` and above to stderr, one line per event."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.addFilter(RunContextFilter())
     handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
     for existing in list(root.handlers):

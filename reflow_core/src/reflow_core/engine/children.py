@@ -103,6 +103,7 @@ class Children:
             priority=shape.priority,
             limits=shape.limits,
             rates=shape.rates,
+            headers=self._driver.observers.scopes.headers(workflow.name),
         )
         storage = self._driver.storage
         start = getattr(storage, "start_child", None)

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, NoReturn, Self
@@ -449,6 +449,7 @@ class Engine:
         await self._ensure_initialized("start")
         await self._worker.start()
         self._started = True
+        self._observers.scopes.worker_started(self)
 
     async def stop(self, timeout: Duration | None = None) -> None:
         """Stop claiming, let in-flight runs finish for up to ``timeout``
@@ -458,6 +459,8 @@ class Engine:
         never marked failed; any engine can pick them up.
         """
         grace = self._drain_timeout if timeout is None else to_seconds(timeout, option="timeout")
+        if self.running:
+            self._observers.scopes.worker_stopping(self)
         await self._worker.stop(grace)
         self._observers.close_streams()
 
@@ -542,6 +545,7 @@ class Engine:
         priority: int | None = None,
         debounce_key: str | None = None,
         debounce: Duration | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> Run:
         """Create a run of ``workflow`` (an object or a registered name).
 
@@ -578,6 +582,11 @@ class Engine:
         quiet for ``debounce``, with the last input sent. The same run is
         returned each time (its ``created`` is False after the first). Not
         with ``idempotency_key``, ``delay`` or ``run_at``.
+
+        ``headers`` are stored with the run, over those the tracing plugins
+        give (the current trace context): at most 16 names from ``a-z 0-9 -
+        _ .`` to printable ASCII values (see
+        :attr:`~reflow_core.storage.NewRun.headers`).
         """
         wf = self._resolve(workflow)
         if idempotency_key is not None:
@@ -611,6 +620,7 @@ class Engine:
                 limits=shape.limits,
                 rates=shape.rates,
                 debounce_key=debounce_key,
+                headers=self._observers.scopes.headers(wf.name, headers),
             )
         )
         record = result.run

@@ -43,6 +43,7 @@ from reflow_core.events import (
     RunStarted,
 )
 from reflow_core.storage import ClaimedRun, Lease, RunRecord, StepRecord, Storage
+from reflow_core.tracing import RunScope
 from reflow_core.workflow import RESERVED_PREFIX, Workflow, _is_async_callable
 
 from .views import Clock, read_stored
@@ -215,6 +216,21 @@ class RunDriver:
     # -- the run -------------------------------------------------------------
 
     async def drive(self, claimed: ClaimedRun, state: InFlight) -> None:
+        """Drive a claimed run to its next stop, inside the tracing plugins'
+        scope for this execution."""
+        record = claimed.run
+        scope = RunScope(
+            record.id,
+            record.workflow,
+            record.attempts,
+            claimed.reclaimed,
+            record.headers,
+            record.parent_id,
+        )
+        with self.observers.scopes.run(scope):
+            await self._drive(claimed, state)
+
+    async def _drive(self, claimed: ClaimedRun, state: InFlight) -> None:
         record = claimed.run
         wf = self.workflows.get(record.workflow)
         if wf is None:  # claimed only for our workflows; be safe anyway

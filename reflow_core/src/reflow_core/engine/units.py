@@ -11,7 +11,9 @@ Writes and endings go through the :class:`~reflow_core.engine.driver.RunDriver`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -42,6 +44,7 @@ from reflow_core.events import (
     StepStarted,
 )
 from reflow_core.storage import CHILDREN_WAIT_PREFIX, RunRecord, StepRecord
+from reflow_core.tracing import StepKind, StepScope
 from reflow_core.workflow import (
     RESERVED_PREFIX,
     MapDefinition,
@@ -247,8 +250,12 @@ class StepUnit:
             await self.driver.emit(
                 StepStarted(run.record.id, run.record.workflow, step.name, attempt)
             )
+            kind: StepKind = "step" if not in_parallel else "branch" if prev is _CURRENT else "item"
+            scope = StepScope(run.record.id, run.record.workflow, step.name, attempt, kind)
             try:
-                return await self._invoke(step, ctx, signal), attempt
+                with self.driver.observers.scopes.step(scope):
+                    result = await self._invoke(step, ctx, signal)
+                return result, attempt
             except CompleteRun as done:
                 done.attempts = attempt
                 raise
@@ -318,7 +325,9 @@ class StepUnit:
                 raise StepTimeoutError(step.name, timeout or 0.0) from None
         loop = asyncio.get_running_loop()
         assert self.driver.executor is not None
-        future = loop.run_in_executor(self.driver.executor, step.handler, ctx)
+        # The step's context (its current step, a plugin's span) goes with it.
+        call = functools.partial(contextvars.copy_context().run, step.handler, ctx)
+        future = loop.run_in_executor(self.driver.executor, call)
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:

@@ -278,7 +278,10 @@ class Worker:
         if free <= 0 or not self._workflows:
             return []
         limit = min(free, self._claim_batch)
-        claimed = await self._storage.claim_runs(list(self._workflows), limit, self._lease)
+        names = list(self._workflows)
+        began = time.perf_counter()
+        claimed = await self._storage.claim_runs(names, limit, self._lease)
+        self._driver.observers.scopes.claimed(names, len(claimed), time.perf_counter() - began)
         self._more_work = len(claimed) == limit
         return claimed
 

@@ -19,12 +19,28 @@ Failed runs are logged at ``ERROR``, failed step attempts (with the delay
 until the next attempt, or ``giving up``) and reclaimed runs at
 ``WARNING``; everything else at ``level``. The records of failures end with
 the stored traceback of the exception.
+
+Inside a step, :class:`RunContextFilter` puts the run, workflow, step and
+attempt on every record a handler it is added to sees, whoever logs it (the
+step's own ``logging.getLogger(__name__)``, a library it calls); and
+:class:`JsonFormatter` writes each record as one JSON object a line, with
+those fields and the ``reflow`` ones of the lifecycle records::
+
+    handler = logging.StreamHandler()
+    handler.addFilter(RunContextFilter())
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger().addHandler(handler)
+
+``reflow worker --log-format json`` sets up the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import json
 import logging
+import os
 from typing import Any
 
 from reflow_core.errors import ErrorInfo
@@ -44,8 +60,86 @@ from reflow_core.events import (
 )
 from reflow_core.hookspecs import hookimpl
 from reflow_core.storage import CHILDREN_WAIT_PREFIX
+from reflow_core.supervisor import WORKER_INDEX_ENV
+from reflow_core.tracing import current_step
 
-__all__ = ["DEFAULT_LOGGER", "LoggingPlugin"]
+__all__ = ["DEFAULT_LOGGER", "JsonFormatter", "LoggingPlugin", "RunContextFilter", "step_fields"]
+
+STEP_FIELDS = ("reflow_run_id", "reflow_workflow", "reflow_step", "reflow_attempt")
+"""The attributes :class:`RunContextFilter` sets on a record (``None`` outside a step)."""
+
+
+class RunContextFilter(logging.Filter):
+    """Adds ``reflow_run_id``, ``reflow_workflow``, ``reflow_step`` and
+    ``reflow_attempt`` to every record it sees: the step attempt executing
+    where the record was made (``None`` outside a step), for a format such
+    as ``"%(message)s [run %(reflow_run_id)s step %(reflow_step)s]"`` or for
+    :class:`JsonFormatter`. It lets every record through. Add it to a
+    handler, not a logger: a logger's filters see only its own records."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "reflow_run_id", None) is not None:
+            return True  # set where it was made (a queue handler's copy, say)
+        scope = current_step()
+        record.reflow_run_id = None if scope is None else scope.run_id
+        record.reflow_workflow = None if scope is None else scope.workflow
+        record.reflow_step = None if scope is None else scope.step
+        record.reflow_attempt = None if scope is None else scope.attempt
+        return True
+
+
+def step_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """``run_id``, ``workflow``, ``step`` and ``attempt`` of the step a
+    record was made in (from :class:`RunContextFilter`, or the current step
+    when formatted), or nothing outside a step."""
+    run_id = getattr(record, "reflow_run_id", None)
+    if run_id is not None:
+        return {
+            "run_id": run_id,
+            "workflow": getattr(record, "reflow_workflow", None),
+            "step": getattr(record, "reflow_step", None),
+            "attempt": getattr(record, "reflow_attempt", None),
+        }
+    scope = current_step()
+    if scope is None:
+        return {}
+    return {
+        "run_id": scope.run_id,
+        "workflow": scope.workflow,
+        "step": scope.step,
+        "attempt": scope.attempt,
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ``time`` (UTC, milliseconds), ``level``,
+    ``logger``, ``pid``, ``worker`` (a supervised worker's slot), ``message``;
+    ``run_id``, ``workflow``, ``step`` and ``attempt`` for a record made in a
+    step; the structured fields of a lifecycle record (``extra={"reflow":
+    {...}}``); and ``exception``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+        }
+        index = os.environ.get(WORKER_INDEX_ENV)
+        if index:
+            fields["worker"] = int(index) if index.isdigit() else index
+        fields["message"] = record.getMessage()
+        fields.update(step_fields(record))
+        extra = getattr(record, "reflow", None)
+        if isinstance(extra, dict):
+            for key, value in extra.items():
+                fields.setdefault(key, value)
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        return json.dumps(fields, default=str, separators=(",", ":"))
+
 
 DEFAULT_LOGGER = "reflow.runs"
 """The logger :class:`LoggingPlugin` writes to unless given another."""

@@ -1,0 +1,194 @@
+"""Where a run and a step execute, for tracing and logging plugins.
+
+The engine opens a *scope* around each execution of a claimed run (from the
+claim to the run's next stop: its end, a sleep, a wait, a lost lease) and
+around each attempt of a step, a parallel branch or a map item. Plugins that
+implement :class:`TracingSpecs` hooks return a context manager for a scope;
+the engine enters it in the task that runs the run or the step, so what the
+context manager sets in :mod:`contextvars` (an OpenTelemetry span made
+current, say) is what the step's code sees, in a worker thread too for a
+plain ``def`` step. An exception that ends a scope reaches the context
+manager's ``__exit__``: a step attempt that raised, a cancellation, or the
+engine's own signals (a run that parks to wait for its children), which
+derive from :class:`BaseException` and are not failures.
+
+:func:`current_step` says, from inside a step (and from anything it calls),
+which run, step and attempt is executing: what
+:class:`~reflow_core.logging.RunContextFilter` puts on log records.
+
+Plugins also give the headers a run is created with
+(``reflow_enqueue_headers``): what a tracing plugin hands on from the
+enqueuer to the workers (W3C ``traceparent``), stored with the run as
+plain text (:attr:`~reflow_core.storage.NewRun.headers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pluggy
+
+from .errors import ConfigError
+from .hookspecs import PROJECT_NAME
+
+__all__ = ["RunScope", "StepKind", "StepScope", "TracingSpecs", "current_step"]
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+
+StepKind = Literal["step", "branch", "item"]
+"""A step of the chain, a branch of a ``.parallel`` group, an item of a ``.map``."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunScope:
+    """One execution of a claimed run: from its claim to its next stop."""
+
+    run_id: str
+    workflow: str
+    attempt: int
+    """How many times the run has been claimed, this claim included."""
+    reclaimed: bool
+    """Whether this claim took over a lapsed lease (its worker died)."""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """The headers the run was created with."""
+    parent_id: str | None = None
+    """For a child run: the run that started it."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepScope:
+    """One attempt of a step, a parallel branch or a map item."""
+
+    run_id: str
+    workflow: str
+    step: str
+    """Its name; a map item's is the map's name and its index (``resize[3]``)."""
+    attempt: int
+    kind: StepKind = "step"
+
+
+_current_step: ContextVar[StepScope | None] = ContextVar("reflow_current_step", default=None)
+
+
+def current_step() -> StepScope | None:
+    """The step attempt executing in this task (or worker thread), or
+    ``None`` outside any step."""
+    return _current_step.get()
+
+
+class TracingSpecs:
+    """The hooks a tracing plugin may implement (added in 0.2)."""
+
+    @hookspec
+    def reflow_enqueue_headers(self, workflow: str) -> Mapping[str, str] | None:
+        """Headers to store with a run of ``workflow`` being created:
+        called by ``Engine.enqueue`` and ``ctx.start_child`` in the caller's
+        context, so a tracing plugin returns the current trace context
+        (``{"traceparent": ...}``). The headers of every plugin are merged;
+        a name two give is the later plugin's."""
+
+    @hookspec
+    def reflow_run_scope(self, scope: RunScope) -> contextlib.AbstractContextManager[Any] | None:
+        """A context manager to enter around this execution of a claimed run,
+        or ``None``."""
+
+    @hookspec
+    def reflow_step_scope(self, scope: StepScope) -> contextlib.AbstractContextManager[Any] | None:
+        """A context manager to enter around this attempt of a step, branch
+        or item, or ``None``."""
+
+    @hookspec
+    def reflow_claimed(self, workflows: list[str], runs: int, seconds: float) -> None:
+        """A worker's claim for ``workflows`` took ``runs`` runs (maybe none)
+        in ``seconds`` (the storage round trip)."""
+
+    @hookspec
+    def reflow_worker_started(self, engine: Any) -> None:
+        """``engine``'s worker started (called in its event loop): a plugin
+        may start a task of its own, reading ``engine.queue_stats()``, say."""
+
+    @hookspec
+    def reflow_worker_stopping(self, engine: Any) -> None:
+        """``engine``'s worker is about to stop: end what ``reflow_worker_started`` began."""
+
+
+class Scopes:
+    """An engine's tracing hooks, called only when a plugin implements them."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
+        self._headers = False
+        self._runs = False
+        self._steps = False
+        self._claims = False
+
+    def refresh(self) -> None:
+        """Note which hooks the registered plugins implement."""
+        hook = self._pm.hook
+        self._headers = bool(hook.reflow_enqueue_headers.get_hookimpls())
+        self._runs = bool(hook.reflow_run_scope.get_hookimpls())
+        self._steps = bool(hook.reflow_step_scope.get_hookimpls())
+        self._claims = bool(hook.reflow_claimed.get_hookimpls())
+
+    def claimed(self, workflows: list[str], runs: int, seconds: float) -> None:
+        """Tell the plugins about a claim."""
+        if self._claims:
+            self._pm.hook.reflow_claimed(workflows=workflows, runs=runs, seconds=seconds)
+
+    def worker_started(self, engine: Any) -> None:
+        self._pm.hook.reflow_worker_started(engine=engine)
+
+    def worker_stopping(self, engine: Any) -> None:
+        self._pm.hook.reflow_worker_stopping(engine=engine)
+
+    def headers(self, workflow: str, given: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The headers of a run of ``workflow`` being created: the plugins',
+        then ``given`` over them."""
+        merged: dict[str, str] = {}
+        if self._headers:
+            # pluggy calls the last registered first; the later plugin wins
+            for found in reversed(self._pm.hook.reflow_enqueue_headers(workflow=workflow)):
+                if found is not None:
+                    if not isinstance(found, Mapping):
+                        raise ConfigError(
+                            "a reflow_enqueue_headers hook returned "
+                            f"{type(found).__name__}, not a mapping of str to str",
+                            option="headers",
+                        )
+                    merged.update(found)
+        if given:
+            merged.update(given)
+        return merged
+
+    @contextlib.contextmanager
+    def run(self, scope: RunScope) -> Iterator[None]:
+        """Enter every plugin's context manager for a run's execution."""
+        if not self._runs:
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            for manager in reversed(self._pm.hook.reflow_run_scope(scope=scope)):
+                if manager is not None:
+                    stack.enter_context(manager)
+            yield
+
+    @contextlib.contextmanager
+    def step(self, scope: StepScope) -> Iterator[None]:
+        """Make ``scope`` the current step and enter every plugin's context
+        manager for it."""
+        token = _current_step.set(scope)
+        try:
+            if not self._steps:
+                yield
+                return
+            with contextlib.ExitStack() as stack:
+                for manager in reversed(self._pm.hook.reflow_step_scope(scope=scope)):
+                    if manager is not None:
+                        stack.enter_context(manager)
+                yield
+        finally:
+            _current_step.reset(token)
