@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -9,7 +10,8 @@ import pytest
 
 from reflow_conformance.testsupport import engine_on
 from reflow_core import Retry, StepContext, workflow
-from reflow_core.plugins.logging import DEFAULT_LOGGER, LoggingPlugin
+from reflow_core.cli.worker import configure_logging
+from reflow_core.plugins.logging import DEFAULT_LOGGER, LoggingPlugin, RunContextFilter
 from reflow_core.storage import Storage
 
 SECRET = "4111-1111-1111-1111"
@@ -187,3 +189,85 @@ async def test_a_run_waiting_for_its_children_says_so(
         assert await engine.tick() == 1
     waiting = [r.getMessage() for r in records(caplog) if "waiting" in r.getMessage()]
     assert waiting == [f"run {run.id} waiting at step 'spawn' for its child runs to end"]
+
+
+# -- records made in a step -------------------------------------------------------------
+
+
+class _Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_records_made_in_a_step_carry_the_run_step_and_attempt(storage: Storage) -> None:
+    app = logging.getLogger("reflow.tests.app")
+    keep = _Keep()
+    keep.addFilter(RunContextFilter())
+    app.addHandler(keep)
+    app.setLevel(logging.INFO)
+
+    async def charge(ctx: StepContext[Any, Any]) -> str:
+        app.info("charging")
+        if ctx.attempt == 1:
+            raise ConnectionError("gateway timeout")
+        return "ok"
+
+    def ship(ctx: StepContext[Any, Any]) -> str:  # a plain def step: a worker thread
+        app.info("shipping")
+        return "shipped"
+
+    wf = (
+        workflow("order")
+        .step("charge", charge, retry=Retry(max_attempts=2, initial_delay=0))
+        .step("ship", ship)
+    )
+    try:
+        async with engine_on(storage, wf) as engine:
+            run = await engine.enqueue(wf, None)
+            app.info("enqueued")
+            assert await engine.tick() == 1
+    finally:
+        app.removeHandler(keep)
+    seen = [
+        (r.getMessage(), r.reflow_run_id, r.reflow_workflow, r.reflow_step, r.reflow_attempt)  # type: ignore[attr-defined]
+        for r in keep.records
+    ]
+    assert seen == [
+        ("enqueued", None, None, None, None),
+        ("charging", run.id, "order", "charge", 1),
+        ("charging", run.id, "order", "charge", 2),
+        ("shipping", run.id, "order", "ship", 1),
+    ]
+
+
+async def test_json_lines_carry_the_step_of_the_record(
+    storage: Storage, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def work(ctx: StepContext[Any, Any]) -> None:
+        logging.getLogger("reflow.tests.app").warning("card %s declined", "ending 42")
+
+    wf = workflow("pay").step("work", work)
+    configure_logging("json", "warning")
+    try:
+        async with engine_on(storage, wf) as engine:
+            run = await engine.enqueue(wf, None)
+            assert await engine.tick() == 1
+    finally:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if handler.get_name() == "reflow-worker":
+                root.removeHandler(handler)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    (line,) = [line for line in lines if line["logger"] == "reflow.tests.app"]
+    assert line["message"] == "card ending 42 declined"
+    assert (line["run_id"], line["workflow"], line["step"], line["attempt"]) == (
+        run.id,
+        "pay",
+        "work",
+        1,
+    )
+    assert line["level"] == "warning"
