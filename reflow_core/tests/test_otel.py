@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -300,3 +301,9 @@ def test_the_documented_names_are_the_ones_recorded() -> None:
         "reflow.queue.oldest_pending_age",
     }
     assert "reflow.run.outcome" in ATTRIBUTES
+
+
+def test_the_docs_list_every_attribute_and_metric() -> None:
+    page = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    missing = [name for name in [*ATTRIBUTES, *METRICS] if f"| `{name}` |" not in page]
+    assert not missing, f"docs/observability.md does not list {missing}"
