@@ -26,7 +26,7 @@ engine loads plugins from entry points):
   the timed window the providers are flushed (untimed) and the pass checks
   that the exporter got the N*(K+2) spans (the batch processor drops spans
   when its queue is full; the pass fails if more than 1% are missing) and
-  that the ``reflow.step.attempts`` counter counted N*K attempts.
+  that the ``reflow.step.duration`` histogram counted N*K attempts.
 * ``without``: the same engine without the plugin.
 
 After one warm-up round of both (200 runs each), the variants alternate,
@@ -91,11 +91,11 @@ class Telemetry:
         if data is None:
             return 0
         return sum(
-            point.value  # type: ignore[union-attr]
+            point.count  # type: ignore[union-attr]
             for resource in data.resource_metrics
             for scope in resource.scope_metrics
             for metric in scope.metrics
-            if metric.name == "reflow.step.attempts"
+            if metric.name == "reflow.step.duration"
             for point in metric.data.data_points
         )
 

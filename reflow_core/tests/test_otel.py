@@ -227,7 +227,7 @@ async def test_map_items_are_spans_and_metrics_count_them_by_map(telemetry: Tele
     items = [s for s in telemetry.finished() if s.name.startswith("step thumb[")]
     assert sorted(s.name for s in items) == ["step thumb[0]", "step thumb[1]", "step thumb[2]"]
     assert {s.attributes["reflow.step.kind"] for s in items if s.attributes} == {"item"}
-    assert telemetry.total("reflow.step.attempts", **{"reflow.step.name": "thumb"}) == 3
+    assert telemetry.total("reflow.step.duration", **{"reflow.step.name": "thumb"}) == 3
 
 
 async def test_metrics_after_a_known_workload(storage: Storage, telemetry: Telemetry) -> None:
@@ -260,7 +260,7 @@ async def test_metrics_after_a_known_workload(storage: Storage, telemetry: Telem
     assert telemetry.total("reflow.run.completed", **{"reflow.workflow": "ok"}) == 4
     assert telemetry.total("reflow.run.failed", **{"reflow.workflow": "ok"}) == 1
     assert telemetry.total("reflow.run.cancelled", **{"reflow.workflow": "later"}) == 2
-    assert telemetry.total("reflow.step.attempts", **{"reflow.step.name": "work"}) == 5
+    assert telemetry.total("reflow.step.duration", **{"reflow.step.name": "work"}) == 5
     assert telemetry.total("reflow.step.failures", **{"error.type": "ValueError"}) == 1
     assert telemetry.total("reflow.step.duration", **{"reflow.step.outcome": "completed"}) == 4
     assert telemetry.total("reflow.claim.duration") >= 1
@@ -293,7 +293,6 @@ def test_the_documented_names_are_the_ones_recorded() -> None:
         "reflow.run.failed",
         "reflow.run.cancelled",
         "reflow.run.reclaimed",
-        "reflow.step.attempts",
         "reflow.step.failures",
         "reflow.step.duration",
         "reflow.claim.duration",

@@ -238,11 +238,10 @@ def test_one_trace_from_the_request_through_a_reclaim_on_another_process(
     fleet.stop(second)
 
     def of_the_run(pid: int) -> list[dict[str, Any]]:
-        return [
-            span
-            for span in _spans(workers.logdir, pid)
-            if span["attributes"].get("reflow.run.id") == run_id
-        ]
+        """The run's spans a worker exported: its executions and their steps."""
+        spans = _spans(workers.logdir, pid)
+        runs = {s["span_id"] for s in spans if s["attributes"].get("reflow.run.id") == run_id}
+        return [s for s in spans if s["span_id"] in runs or s["parent_id"] in runs]
 
     killed = of_the_run(first.pid)
     took_over = of_the_run(second.pid)

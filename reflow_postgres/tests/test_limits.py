@@ -138,7 +138,11 @@ async def test_many_claimers_and_stoppers_never_exceed_a_limit(
     maxes = {"k0": 1, "k1": 1, "k2": 1, "shared": 2}
     assert seen_by_sampler
     assert all(count <= maxes[key] for key, count in seen_by_sampler), seen_by_sampler
-    assert worst == maxes  # every key was used up to its max
+    assert worst.keys() == maxes.keys()
+    assert all(worst[key] <= most for key, most in maxes.items()), worst
+    # the keys were contended: at least one was used up to its max (on a busy
+    # machine the eight claimers may not all overlap on the shared key)
+    assert any(worst[key] == most for key, most in maxes.items()), worst
 
 
 async def test_a_claim_behind_many_full_keys_never_reads_their_blocked_runs(

@@ -42,9 +42,10 @@ import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
+from types import TracebackType
 from typing import Any
 
-from opentelemetry import metrics, propagate, trace
+from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -103,11 +104,10 @@ METRICS = {
     "reflow.run.failed": "counter {run}: runs failed for good (reflow.workflow, error.type)",
     "reflow.run.cancelled": "counter {run}: runs cancelled through an engine (reflow.workflow)",
     "reflow.run.reclaimed": "counter {run}: lapsed leases taken over (reflow.workflow)",
-    "reflow.step.attempts": "counter {attempt}: step attempts ended (reflow.workflow, "
-    "reflow.step.name, reflow.step.kind, reflow.step.outcome)",
     "reflow.step.failures": "counter {attempt}: step attempts that raised (reflow.workflow, "
     "reflow.step.name, error.type)",
-    "reflow.step.duration": "histogram s: step attempt durations (as reflow.step.attempts)",
+    "reflow.step.duration": "histogram s: step attempts, their count and durations "
+    "(reflow.workflow, reflow.step.name, reflow.step.kind, reflow.step.outcome)",
     "reflow.claim.duration": "histogram s: claims' storage round trips (reflow.claim.empty)",
     "reflow.queue.runs": "gauge {run}: unfinished runs (reflow.workflow, reflow.run.status)",
     "reflow.queue.oldest_pending_age": "gauge s: how long the oldest pending run has waited "
@@ -157,9 +157,11 @@ class OpenTelemetryPlugin:
         self._failed = counter("reflow.run.failed", "{run}", "runs failed for good")
         self._cancelled = counter("reflow.run.cancelled", "{run}", "runs cancelled")
         self._reclaimed = counter("reflow.run.reclaimed", "{run}", "lapsed leases taken over")
-        self._attempts = counter("reflow.step.attempts", "{attempt}", "step attempts ended")
         self._failures = counter("reflow.step.failures", "{attempt}", "step attempts that raised")
-        self._duration = meter.create_histogram("reflow.step.duration", "s", "step attempt time")
+        self._duration = meter.create_histogram(
+            "reflow.step.duration", "s", "step attempts' durations; its count is their number"
+        )
+        self._measured: dict[tuple[str, str, str, str], dict[str, Any]] = {}
         self._claims = meter.create_histogram("reflow.claim.duration", "s", "claim round trips")
         meter.create_observable_gauge(
             "reflow.queue.runs", [self._observe_runs], "{run}", "unfinished runs by status"
@@ -179,12 +181,13 @@ class OpenTelemetryPlugin:
     @hookimpl
     def reflow_enqueue_headers(self, workflow: str) -> Mapping[str, str] | None:
         carrier: dict[str, str] = {}
-        with self._tracer.start_as_current_span(
+        span = self._tracer.start_span(
             f"enqueue {workflow}",
             kind=SpanKind.PRODUCER,
             attributes={"reflow.workflow": workflow},
-        ):
-            propagate.inject(carrier)
+        )
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        span.end()
         try:
             check_headers(carrier)
         except ConfigError as exc:  # a propagator's header Reflow cannot store
@@ -230,51 +233,7 @@ class OpenTelemetryPlugin:
 
     @hookimpl
     def reflow_step_scope(self, scope: StepScope) -> contextlib.AbstractContextManager[Any]:
-        return self._step_span(scope)
-
-    @contextlib.contextmanager
-    def _step_span(self, scope: StepScope) -> Iterator[None]:
-        name = scope.step.split("[", 1)[0] if scope.kind == "item" else scope.step
-        measured = {
-            "reflow.workflow": scope.workflow,
-            "reflow.step.name": name,
-            "reflow.step.kind": scope.kind,
-        }
-        outcome = "completed"
-        began = time.perf_counter()
-        with self._tracer.start_as_current_span(
-            f"step {scope.step}",
-            attributes={
-                "reflow.workflow": scope.workflow,
-                "reflow.run.id": scope.run_id,
-                "reflow.step.name": scope.step,
-                "reflow.step.attempt": scope.attempt,
-                "reflow.step.kind": scope.kind,
-            },
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            try:
-                yield
-            except CompleteRun:
-                raise  # ctx.complete(): the run ends here, with an output
-            except AwaitChildren:
-                outcome = "waiting_children"
-                raise
-            except asyncio.CancelledError:
-                outcome = "cancelled"
-                raise
-            except Exception as exc:
-                outcome = "failed"
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                self._failures.add(1, {**measured, "error.type": _error_type(exc)})
-                raise
-            finally:
-                span.set_attribute("reflow.step.outcome", outcome)
-                counted = {**measured, "reflow.step.outcome": outcome}
-                self._attempts.add(1, counted)
-                self._duration.record(time.perf_counter() - began, counted)
+        return _StepSpan(self, scope)
 
     def _on_run(self, run_id: str) -> Span | None:
         """The span of the run's execution in this process, if it is open."""
@@ -389,3 +348,74 @@ class OpenTelemetryPlugin:
             since = stats.oldest_pending_since
             age = 0.0 if since is None or now is None else max(0.0, (now - since).total_seconds())
             yield Observation(age, {"reflow.workflow": stats.workflow})
+
+
+class _StepSpan:
+    """The span of one step attempt, current while the step runs (a class,
+    not a generator: it is entered for every step attempt)."""
+
+    __slots__ = ("_began", "_plugin", "_scope", "_span", "_token")
+
+    def __init__(self, plugin: OpenTelemetryPlugin, scope: StepScope) -> None:
+        self._plugin = plugin
+        self._scope = scope
+
+    def __enter__(self) -> None:
+        scope = self._scope
+        self._span = span = self._plugin._tracer.start_span(
+            f"step {scope.step}",
+            # The workflow and the run are the parent run span's.
+            attributes={
+                "reflow.step.name": scope.step,
+                "reflow.step.attempt": scope.attempt,
+                "reflow.step.kind": scope.kind,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        self._token = context.attach(trace.set_span_in_context(span))
+        self._began = time.perf_counter()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        took = time.perf_counter() - self._began
+        context.detach(self._token)
+        span = self._span
+        plugin = self._plugin
+        scope = self._scope
+        if error is None or isinstance(error, CompleteRun):
+            outcome = "completed"  # ctx.complete() ends the run here, with an output
+        elif isinstance(error, AwaitChildren):
+            outcome = "waiting_children"
+        elif isinstance(error, Exception):
+            outcome = "failed"
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        else:
+            outcome = "cancelled"
+        span.set_attribute("reflow.step.outcome", outcome)
+        span.end()
+        name = scope.step.split("[", 1)[0] if scope.kind == "item" else scope.step
+        key = (scope.workflow, name, scope.kind, outcome)
+        measured = plugin._measured.get(key)
+        if measured is None:
+            measured = plugin._measured[key] = {
+                "reflow.workflow": scope.workflow,
+                "reflow.step.name": name,
+                "reflow.step.kind": scope.kind,
+                "reflow.step.outcome": outcome,
+            }
+        plugin._duration.record(took, measured)
+        if outcome == "failed" and error is not None:
+            plugin._failures.add(
+                1,
+                {
+                    "reflow.workflow": scope.workflow,
+                    "reflow.step.name": name,
+                    "error.type": _error_type(error),
+                },
+            )

@@ -25,10 +25,11 @@ plain text (:attr:`~reflow_core.storage.NewRun.headers`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import TracebackType
+from typing import Any, Literal, cast
 
 import pluggy
 
@@ -116,28 +117,94 @@ class TracingSpecs:
         """``engine``'s worker is about to stop: end what ``reflow_worker_started`` began."""
 
 
+class _StepScope:
+    """Makes a step current and enters the plugins' context managers (a
+    class, not a generator: it is entered for every step attempt)."""
+
+    __slots__ = ("_inner", "_scope", "_token")
+
+    def __init__(
+        self, scope: StepScope, inner: contextlib.AbstractContextManager[Any] | None
+    ) -> None:
+        self._scope = scope
+        self._inner = inner
+        self._token: Token[StepScope | None] | None = None
+
+    def __enter__(self) -> None:
+        self._token = _current_step.set(self._scope)
+        if self._inner is not None:
+            try:
+                self._inner.__enter__()
+            except BaseException:
+                _current_step.reset(self._token)
+                raise
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        try:
+            if self._inner is not None:
+                self._inner.__exit__(kind, error, trace)  # never swallows the exception
+        finally:
+            if self._token is not None:
+                _current_step.reset(self._token)
+
+
+class _Together:
+    """Several plugins' context managers, entered in order, exited in reverse."""
+
+    __slots__ = ("_managers", "_stack")
+
+    def __init__(self, managers: list[contextlib.AbstractContextManager[Any]]) -> None:
+        self._managers = managers
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> None:
+        with contextlib.ExitStack() as entering:
+            for manager in self._managers:
+                entering.enter_context(manager)
+            self._stack = entering.pop_all()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.__exit__(*exc)  # never swallows the exception
+
+
+_Impl = Callable[..., Any]
+
+
 class Scopes:
-    """An engine's tracing hooks, called only when a plugin implements them."""
+    """An engine's tracing hooks, called only when a plugin implements them.
+
+    The implementations are called directly (in pluggy's order, the last
+    registered first), not through pluggy's hook caller: the step scope is
+    opened for every step attempt."""
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self._pm = pm
-        self._headers = False
-        self._runs = False
-        self._steps = False
-        self._claims = False
+        self._headers: list[_Impl] = []
+        self._runs: list[_Impl] = []
+        self._steps: list[_Impl] = []
+        self._claims: list[_Impl] = []
 
     def refresh(self) -> None:
         """Note which hooks the registered plugins implement."""
         hook = self._pm.hook
-        self._headers = bool(hook.reflow_enqueue_headers.get_hookimpls())
-        self._runs = bool(hook.reflow_run_scope.get_hookimpls())
-        self._steps = bool(hook.reflow_step_scope.get_hookimpls())
-        self._claims = bool(hook.reflow_claimed.get_hookimpls())
+
+        def impls(caller: Any) -> list[_Impl]:
+            return [impl.function for impl in reversed(caller.get_hookimpls())]
+
+        self._headers = impls(hook.reflow_enqueue_headers)
+        self._runs = impls(hook.reflow_run_scope)
+        self._steps = impls(hook.reflow_step_scope)
+        self._claims = impls(hook.reflow_claimed)
 
     def claimed(self, workflows: list[str], runs: int, seconds: float) -> None:
         """Tell the plugins about a claim."""
-        if self._claims:
-            self._pm.hook.reflow_claimed(workflows=workflows, runs=runs, seconds=seconds)
+        for impl in self._claims:
+            impl(workflows=workflows, runs=runs, seconds=seconds)
 
     def worker_started(self, engine: Any) -> None:
         self._pm.hook.reflow_worker_started(engine=engine)
@@ -149,46 +216,40 @@ class Scopes:
         """The headers of a run of ``workflow`` being created: the plugins',
         then ``given`` over them."""
         merged: dict[str, str] = {}
-        if self._headers:
-            # pluggy calls the last registered first; the later plugin wins
-            for found in reversed(self._pm.hook.reflow_enqueue_headers(workflow=workflow)):
-                if found is not None:
-                    if not isinstance(found, Mapping):
-                        raise ConfigError(
-                            "a reflow_enqueue_headers hook returned "
-                            f"{type(found).__name__}, not a mapping of str to str",
-                            option="headers",
-                        )
-                    merged.update(found)
+        # pluggy's order is the last registered first; the later plugin wins
+        for impl in reversed(self._headers):
+            found = impl(workflow=workflow)
+            if found is None:
+                continue
+            if not isinstance(found, Mapping):
+                raise ConfigError(
+                    f"a reflow_enqueue_headers hook returned {type(found).__name__}, "
+                    "not a mapping of str to str",
+                    option="headers",
+                )
+            merged.update(found)
         if given:
             merged.update(given)
         return merged
 
-    @contextlib.contextmanager
-    def run(self, scope: RunScope) -> Iterator[None]:
-        """Enter every plugin's context manager for a run's execution."""
-        if not self._runs:
-            yield
-            return
-        with contextlib.ExitStack() as stack:
-            for manager in reversed(self._pm.hook.reflow_run_scope(scope=scope)):
-                if manager is not None:
-                    stack.enter_context(manager)
-            yield
+    def _managers(
+        self, impls: list[_Impl], **kwargs: Any
+    ) -> contextlib.AbstractContextManager[Any] | None:
+        managers = [m for m in (impl(**kwargs) for impl in impls) if m is not None]
+        if not managers:
+            return None
+        if len(managers) == 1:
+            return cast("contextlib.AbstractContextManager[Any]", managers[0])
+        return _Together(managers)
 
-    @contextlib.contextmanager
-    def step(self, scope: StepScope) -> Iterator[None]:
+    def run(self, scope: RunScope) -> contextlib.AbstractContextManager[Any]:
+        """The plugins' context managers for a run's execution, entered together."""
+        if not self._runs:
+            return contextlib.nullcontext()
+        return self._managers(self._runs, scope=scope) or contextlib.nullcontext()
+
+    def step(self, scope: StepScope) -> contextlib.AbstractContextManager[Any]:
         """Make ``scope`` the current step and enter every plugin's context
         manager for it."""
-        token = _current_step.set(scope)
-        try:
-            if not self._steps:
-                yield
-                return
-            with contextlib.ExitStack() as stack:
-                for manager in reversed(self._pm.hook.reflow_step_scope(scope=scope)):
-                    if manager is not None:
-                        stack.enter_context(manager)
-                yield
-        finally:
-            _current_step.reset(token)
+        inner = self._managers(self._steps, scope=scope) if self._steps else None
+        return _StepScope(scope, inner)
