@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import time
@@ -68,6 +69,16 @@ _WRITE_RETRY_PAUSES = (0.05, 0.25, 1.0)
 
 _CURRENT: Any = object()
 """``Execution.context``'s default ``prev``: the run's current one."""
+
+
+def in_thread(
+    executor: ThreadPoolExecutor | None, function: Callable[[Any], Any], arg: Any
+) -> asyncio.Future[Any]:
+    """``function(arg)`` in the worker threads, as plain ``def`` steps and
+    handlers run, with the caller's context (its current step, a tracing
+    plugin's span) copied to the thread."""
+    call = partial(contextvars.copy_context().run, function, arg)
+    return asyncio.get_running_loop().run_in_executor(executor, call)
 
 
 def _nothing() -> None:
@@ -494,8 +505,7 @@ class RunDriver:
             else:
                 # In a worker thread, as a plain def step is: a slow handler
                 # must not stall the event loop and every run's heartbeat.
-                loop = asyncio.get_running_loop()
-                result = await loop.run_in_executor(self.executor, handler, ctx)
+                result = await in_thread(self.executor, handler, ctx)
             if inspect.isawaitable(result):
                 await result
         except Exception as error:

@@ -11,9 +11,7 @@ Writes and endings go through the :class:`~reflow_core.engine.driver.RunDriver`.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
-import functools
 import inspect
 from collections.abc import Mapping
 from datetime import datetime, timedelta
@@ -56,7 +54,7 @@ from reflow_core.workflow import (
 )
 
 from .children import Children, ended_children
-from .driver import _CURRENT, WHEN_PREFIX, Execution, LeaseLost
+from .driver import _CURRENT, WHEN_PREFIX, Execution, LeaseLost, in_thread
 from .views import read_stored
 
 if TYPE_CHECKING:
@@ -323,11 +321,8 @@ class StepUnit:
             except TimeoutError:
                 signal._fire("timeout")
                 raise StepTimeoutError(step.name, timeout or 0.0) from None
-        loop = asyncio.get_running_loop()
         assert self.driver.executor is not None
-        # The step's context (its current step, a plugin's span) goes with it.
-        call = functools.partial(contextvars.copy_context().run, step.handler, ctx)
-        future = loop.run_in_executor(self.driver.executor, call)
+        future = in_thread(self.driver.executor, step.handler, ctx)
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
