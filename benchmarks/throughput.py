@@ -48,7 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,13 +111,25 @@ async def _nothing(storage: Storage) -> None:
 
 
 async def one_pass(
-    make_storage: Callable[[], Storage], runs: int, steps: int, dispose: Dispose = _nothing
+    make_storage: Callable[[], Storage],
+    runs: int,
+    steps: int,
+    dispose: Dispose = _nothing,
+    plugins: Sequence[object] = (),
 ) -> PassResult:
+    """Enqueue ``runs`` runs, then time the worker draining them; ``plugins``
+    (none by default) are the engine's only plugins."""
     wf = build_workflow(steps)
     storage = make_storage()
     done = _Completion(storage, runs)
     engine = Engine(
-        storage=storage, workflows=[wf], concurrency=25, lease="60s", poll_interval="50ms"
+        storage=storage,
+        workflows=[wf],
+        concurrency=25,
+        lease="60s",
+        poll_interval="50ms",
+        plugins=list(plugins),
+        load_entry_points=False,
     )
     await storage.initialize()
     t0 = time.perf_counter()

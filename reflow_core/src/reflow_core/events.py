@@ -250,6 +250,11 @@ class Observers:
         """Whether anyone listens: a lifecycle hook implementation or a stream."""
         return bool(self._streams) or bool(self._hooked)
 
+    def wants(self, kind: type[Event]) -> bool:
+        """Whether anyone listens for events of ``kind``: lets the engine skip
+        building the per-step events no plugin or stream would see."""
+        return bool(self._streams) or kind.hook in self._hooked
+
     async def _call(self, name: str, kwargs: dict[str, Any]) -> list[BaseException]:
         failures: list[BaseException] = []
         caller = getattr(self.pm.hook, name)

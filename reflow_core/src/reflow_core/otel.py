@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -197,39 +197,7 @@ class OpenTelemetryPlugin:
 
     @hookimpl
     def reflow_run_scope(self, scope: RunScope) -> contextlib.AbstractContextManager[Any]:
-        return self._run_span(scope)
-
-    @contextlib.contextmanager
-    def _run_span(self, scope: RunScope) -> Iterator[None]:
-        parent = propagate.extract(scope.headers) if scope.headers else None
-        attributes: dict[str, Any] = {
-            "reflow.workflow": scope.workflow,
-            "reflow.run.id": scope.run_id,
-            "reflow.run.attempt": scope.attempt,
-            "reflow.run.reclaimed": scope.reclaimed,
-        }
-        if scope.parent_id is not None:
-            attributes["reflow.run.parent_id"] = scope.parent_id
-        with self._tracer.start_as_current_span(
-            f"run {scope.workflow}",
-            context=parent,
-            kind=SpanKind.CONSUMER,
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            self._runs[scope.run_id] = span
-            try:
-                yield
-            except asyncio.CancelledError:
-                span.set_attribute("reflow.run.outcome", "interrupted")
-                raise
-            except Exception as exc:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-                raise
-            finally:
-                self._runs.pop(scope.run_id, None)
+        return _RunSpan(self, scope)
 
     @hookimpl
     def reflow_step_scope(self, scope: StepScope) -> contextlib.AbstractContextManager[Any]:
@@ -348,6 +316,53 @@ class OpenTelemetryPlugin:
             since = stats.oldest_pending_since
             age = 0.0 if since is None or now is None else max(0.0, (now - since).total_seconds())
             yield Observation(age, {"reflow.workflow": stats.workflow})
+
+
+class _RunSpan:
+    """The span of one execution of a run, current while it executes."""
+
+    __slots__ = ("_plugin", "_scope", "_span", "_token")
+
+    def __init__(self, plugin: OpenTelemetryPlugin, scope: RunScope) -> None:
+        self._plugin = plugin
+        self._scope = scope
+
+    def __enter__(self) -> None:
+        scope = self._scope
+        attributes: dict[str, Any] = {
+            "reflow.workflow": scope.workflow,
+            "reflow.run.id": scope.run_id,
+            "reflow.run.attempt": scope.attempt,
+            "reflow.run.reclaimed": scope.reclaimed,
+        }
+        if scope.parent_id is not None:
+            attributes["reflow.run.parent_id"] = scope.parent_id
+        self._span = span = self._plugin._tracer.start_span(
+            f"run {scope.workflow}",
+            context=propagate.extract(scope.headers) if scope.headers else None,
+            kind=SpanKind.CONSUMER,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        )
+        self._token = context.attach(trace.set_span_in_context(span))
+        self._plugin._runs[scope.run_id] = span
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        self._plugin._runs.pop(self._scope.run_id, None)
+        context.detach(self._token)
+        if isinstance(error, asyncio.CancelledError):
+            span.set_attribute("reflow.run.outcome", "interrupted")
+        elif isinstance(error, Exception):
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span.end()
 
 
 class _StepSpan:

@@ -251,5 +251,9 @@ class Scopes:
     def step(self, scope: StepScope) -> contextlib.AbstractContextManager[Any]:
         """Make ``scope`` the current step and enter every plugin's context
         manager for it."""
-        inner = self._managers(self._steps, scope=scope) if self._steps else None
-        return _StepScope(scope, inner)
+        steps = self._steps
+        if not steps:
+            return _StepScope(scope, None)
+        if len(steps) == 1:  # the usual case, without the list
+            return _StepScope(scope, steps[0](scope=scope))
+        return _StepScope(scope, self._managers(steps, scope=scope))

@@ -175,9 +175,10 @@ class StepUnit:
             return True
         record = StepRecord(step.name, "completed", output=text, attempts=attempts)
         value = codec.decode(text)
-        await driver.emit(
-            StepCompleted(run.record.id, run.record.workflow, step.name, value, attempts)
-        )
+        if driver.observers.wants(StepCompleted):
+            await driver.emit(
+                StepCompleted(run.record.id, run.record.workflow, step.name, value, attempts)
+            )
         if run.last:
             await driver.complete(run, text, record)
             return True
@@ -245,9 +246,10 @@ class StepUnit:
             ctx = run.context(
                 step.name, attempt, signal, in_parallel=in_parallel, prev=prev, children=children
             )
-            await self.driver.emit(
-                StepStarted(run.record.id, run.record.workflow, step.name, attempt)
-            )
+            if self.driver.observers.wants(StepStarted):
+                await self.driver.emit(
+                    StepStarted(run.record.id, run.record.workflow, step.name, attempt)
+                )
             kind: StepKind = "step" if not in_parallel else "branch" if prev is _CURRENT else "item"
             scope = StepScope(run.record.id, run.record.workflow, step.name, attempt, kind)
             try:
