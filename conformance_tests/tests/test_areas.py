@@ -15,6 +15,7 @@ from reflow_conformance import AREAS, AdapterFactory, AreaNotImplemented, Harnes
 from reflow_conformance.cli import build_args
 from reflow_core.memory import MemoryStorage
 from reflow_core.storage import (
+    FinishedMinute,
     Lease,
     NewRun,
     QueueStats,
@@ -44,6 +45,9 @@ class _Stub(MemoryStorage):
         raise NotImplementedError
 
     async def start_child(self, lease: Lease, step: str, new: NewRun) -> RunRecord | None:
+        raise NotImplementedError
+
+    async def finished_history(self, minutes: int) -> list[FinishedMinute]:
         raise NotImplementedError
 
 
@@ -76,6 +80,7 @@ def test_the_areas_and_their_methods() -> None:
         "workers": ("announce_worker", "list_workers", "remove_worker"),
         "queue_stats": ("queue_stats",),
         "children": ("start_child", "wait_children", "list_children"),
+        "dashboard": ("find_runs_by_key", "list_buffered_events", "finished_history"),
     }
 
 
@@ -86,7 +91,7 @@ def test_every_area_method_is_a_storage_method() -> None:
 
 
 def test_unknown_names_are_refused_listing_the_known_ones() -> None:
-    known = "children, queue_stats, schedules, workers"
+    known = "children, dashboard, queue_stats, schedules, workers"
     with pytest.raises(ValueError, match=rf"unknown area 'schedule'; the known ones are: {known}"):
         _factory(without={"schedule"})
     with pytest.raises(ValueError, match=r"unknown capability 'mp'.*: multiprocess"):
@@ -109,7 +114,7 @@ def test_the_command_passes_without_to_pytest_and_refuses_unknown_areas(
     assert args[-1] == "-x"
     with pytest.raises(SystemExit):
         build_args(["--url", "memory://x", "--without", "schedule"])
-    choices = "'children', 'queue_stats', 'schedules', 'workers'"
+    choices = "'children', 'dashboard', 'queue_stats', 'schedules', 'workers'"
     assert f"invalid choice: 'schedule' (choose from {choices})" in capsys.readouterr().err
     args = build_args(["--url", "memory://x", "--without", "workers", "--without", "queue_stats"])
     assert {"--reflow-without=workers", "--reflow-without=queue_stats"} <= set(args)
@@ -130,6 +135,8 @@ def _failure(factory: AdapterFactory, call: str) -> BaseException:
             return await s.queue_stats(["wf"])
         if call == "start_child":
             return await s.start_child(Lease("p", 1), "s", NewRun("wf", "null", run_id="c"))
+        if call == "finished_history":
+            return await s.finished_history(60)
         raise NotImplementedError
 
     try:
@@ -160,6 +167,7 @@ def test_an_undeclared_area_is_named_with_how_to_declare_it() -> None:
         ("announce_worker", "workers"),
         ("queue_stats", "queue_stats"),
         ("start_child", "children"),
+        ("finished_history", "dashboard"),
     ],
 )
 def test_the_newer_areas_are_named_too(call: str, area: str) -> None:

@@ -835,3 +835,53 @@ async def test_a_version_7_schema_with_runs_is_migrated_forward(
         assert fired is not None
         assert fired.headers == trace
         assert await store.get_run(fired.id) == fired
+
+
+async def test_a_version_8_schema_with_runs_is_migrated_forward(
+    postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 9 adds the partial index runs_key_created (runs with an
+    idempotency key, by key, then creation), and nothing else: the table is
+    not rewritten, every run stored before keeps what it had, and workers
+    starting together migrate once. Runs stored before are then found by
+    their key, newest first, next to new ones, and the key still makes a
+    create idempotent within its workflow."""
+    await initialize_old_schema(postgres_url, monkeypatch, 8)
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, idempotency_key, attempts,"
+            " created_at, updated_at, wake_at, finished_at) VALUES"
+            " ('old-a', 'wf1', 'pending', '1', 'k', 0, now() - interval '2 hours',"
+            "  now() - interval '2 hours', now() - interval '2 hours', NULL),"
+            " ('old-b', 'wf2', 'completed', '2', 'k', 1, now() - interval '1 hour',"
+            "  now() - interval '1 hour', NULL, now() - interval '1 hour'),"
+            " ('old-c', 'wf1', 'pending', '3', NULL, 0, now(), now(), now(), NULL),"
+            " ('old-d', 'wf1', 'pending', '4', 'other', 0, now(), now(), now(), NULL)"
+        ).format(ident)
+    )
+    read = sql.SQL(
+        "SELECT id, workflow, status, idempotency_key, created_at, updated_at, wake_at,"
+        " finished_at FROM {}.runs"
+    ).format(ident)
+    before = {row[0]: row[1:] for row in admin.execute(read)}
+    index_of = "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = %s"
+    assert admin.execute(index_of, (schema, "runs_key_created")).fetchone() is None
+    async with migrated(postgres_url, schema, admin, monkeypatch) as stores:
+        store = stores[0]
+        index = admin.execute(index_of, (schema, "runs_key_created")).fetchone()
+        assert index is not None
+        assert "(idempotency_key, created_at, id)" in str(index[0])
+        assert "WHERE (idempotency_key IS NOT NULL)" in str(index[0])
+        assert {row[0]: row[1:] for row in admin.execute(read)} == before
+
+        assert [r.id for r in await store.find_runs_by_key("k")] == ["old-b", "old-a"]
+        assert [r.id for r in await stores[1].find_runs_by_key("other")] == ["old-d"]
+        again = await stores[2].create_run(NewRun("wf1", "1", idempotency_key="k"))
+        assert (again.created, again.run.id) == (False, "old-a")
+        new = await stores[2].create_run(NewRun("wf3", "5", idempotency_key="k"))
+        assert new.created
+        found = await stores[3].find_runs_by_key("k")
+        assert [r.id for r in found] == [new.run.id, "old-b", "old-a"]
+        assert [r.status for r in found] == ["pending", "completed", "pending"]
+        assert [r.id for r in await store.find_runs_by_key("k", limit=1)] == [new.run.id]

@@ -1,7 +1,8 @@
 """Bounded event buffers on Redis, checked in the keys themselves.
 
-A run that ends drops its buffered events (``P:ev:...`` lists and
-``P:evnames:<id>``) in the script that ends it; the ids it has seen
+A run that ends drops its buffered events (the ``P:ev:...`` lists, their
+``P:evm:...`` arrival lists, and ``P:evnames:<id>``) in the script that ends
+it; the ids it has seen
 (``P:evids:<id>``) stay, so a redelivery of an id stays a no-op.
 ``P:evnames:<id>`` lists only names with a non-empty buffer, so counting a
 run's buffer against the cap is bounded by what is buffered.
@@ -27,13 +28,15 @@ def _text(value: object) -> str:
 
 
 def event_keys(raw: redis.Redis, prefix: str, run_id: str) -> dict[str, str]:
-    """Every event key of a run, by kind (``ev:<name>``, ``evnames``, ``evids``) -> type."""
+    """Every event key of a run, by kind (``ev:<name>``, ``evm:<name>``,
+    ``evnames``, ``evids``) -> type."""
     tag = "{" + prefix + "}"
     found: dict[str, str] = {}
     for key in raw.scan_iter(match=f"{tag}:ev*", count=1000):
         name = _text(key)
         if f".{run_id}:" in name:
-            found["ev:" + name.rsplit(":", 1)[1]] = _text(raw.type(key))
+            kind = name[len(tag) + 1 :].split(":", 1)[0]
+            found[kind + ":" + name.rsplit(":", 1)[1]] = _text(raw.type(key))
         elif name.endswith(f":{run_id}"):
             found[name[len(tag) + 1 :].split(":", 1)[0]] = _text(raw.type(key))
     return found
@@ -60,10 +63,12 @@ async def test_a_completed_run_leaves_no_buffered_event_in_redis(
         assert await engine.send_event(run.id, "go", "a retry", event_id="keep")
         assert event_keys(raw, prefix, run.id) == {
             "ev:go": "list",
+            "evm:go": "list",
             "evnames": "set",
             "evids": "set",
         }
         assert raw.llen(f"{{{prefix}}}:ev:{len(run.id)}.{run.id}:go") == 1000
+        assert raw.llen(f"{{{prefix}}}:evm:{len(run.id)}.{run.id}:go") == 1000
         assert await engine.tick() == 1
         assert await engine.result(run.id, timeout=10) == 0
     finally:
@@ -88,7 +93,14 @@ async def test_every_way_of_ending_a_run_drops_its_buffer(
         await store.deliver_event(run_id, "e", '"plain"')
         await store.deliver_event(run_id, "e", '"with id"', event_id="x")
         await store.deliver_event(run_id, "other", '"other"')
-        assert set(event_keys(raw, prefix, run_id)) == {"ev:e", "ev:other", "evnames", "evids"}
+        assert set(event_keys(raw, prefix, run_id)) == {
+            "ev:e",
+            "evm:e",
+            "ev:other",
+            "evm:other",
+            "evnames",
+            "evids",
+        }
         if how == "failed":
             assert await store.finish_run(held.lease, "failed", error='"boom"')
         elif how == "failed with lease":
@@ -102,7 +114,7 @@ async def test_every_way_of_ending_a_run_drops_its_buffer(
         assert await store.deliver_event(run_id, "e", '"late"', event_id="x", max_buffered=1)
         assert event_keys(raw, prefix, run_id) == {"evids": "set"}
         assert await store.deliver_event(run_id, "e", '"fresh"', max_buffered=1)
-        assert set(event_keys(raw, prefix, run_id)) == {"ev:e", "evnames", "evids"}
+        assert set(event_keys(raw, prefix, run_id)) == {"ev:e", "evm:e", "evnames", "evids"}
     finally:
         await store.close()
 

@@ -3,7 +3,8 @@
 A seeded random sequence of operations (valid and stale leases, lapsing
 leases, sleeps, waits, events, requeues, listings, schedules, child runs
 and cancels that cascade to them, priorities and concurrency limits that
-block and unblock runs) runs against
+block and unblock runs, and the dashboard's reads: runs by key, buffered
+events, finishes per minute) runs against
 both backends on one shared virtual clock; every return value and every
 exception must be equal.
 """
@@ -58,6 +59,7 @@ class Scenario:
 
     def __init__(self, seed: int, memory: Storage, sqlite: Storage, clock: Any) -> None:
         self.rng = random.Random(seed)
+        self.reads = random.Random(-seed)
         self.memory = memory
         self.sqlite = sqlite
         self.clock = clock
@@ -279,6 +281,21 @@ class Scenario:
             return kind, lambda s: s.list_children(run_id)
         return "advance", lambda s: s.get_run("unused")
 
+    def read(self) -> tuple[str, Callable[[Storage], Awaitable[Any]]]:
+        """One of the dashboard's reads, drawn from a generator of its own,
+        so the operations drawn for a seed are the same with or without them."""
+        rng = self.reads
+        kind = rng.choice(["bykey", "buffered", "buffered", "history"])
+        if kind == "bykey":
+            key, limit = rng.choice(["k1", "k2", "k3"]), rng.randint(1, 4)
+            return kind, lambda s: s.find_runs_by_key(key, limit=limit)
+        if kind == "buffered":
+            run_id = rng.choice(self.run_ids) if self.run_ids else "missing-run"
+            limit = rng.randint(1, 4)
+            return kind, lambda s: s.list_buffered_events(run_id, limit=limit)
+        minutes = rng.choice([1, 2, 3, 10, 60, 1440])
+        return kind, lambda s: s.finished_history(minutes)
+
     def learn(self, kind: str, result: tuple[str, Any]) -> None:
         status, value = result
         if status != "ok":
@@ -314,9 +331,17 @@ class Scenario:
             actual = await call(lambda op=op: op(self.sqlite))
             assert actual == expected, f"step {index}: {kind} differs"
             self.learn(kind, expected)
+            if self.reads.random() < 0.3:
+                read, op = self.read()
+                result = await call(lambda op=op: op(self.memory))
+                assert await call(lambda op=op: op(self.sqlite)) == result, f"step {index}: {read}"
+                label = f"{read}:{self.verdict(result)}"
+                seen[label] = seen.get(label, 0) + 1
             if index % 10 == 0:  # every run as stored, blocked_by included
                 everything = await self.memory.list_runs(limit=1000)
                 assert await self.sqlite.list_runs(limit=1000) == everything, f"step {index}"
+                history = await self.memory.finished_history(1440)
+                assert await self.sqlite.finished_history(1440) == history, f"step {index}"
                 self.learn("list", ("ok", everything))
             label = f"{kind}:{self.verdict(expected)}"
             seen[label] = seen.get(label, 0) + 1
@@ -366,6 +391,9 @@ async def test_random_operations_match_the_memory_backend(opener, clock, seed: i
         "child",
         "join",
         "children",
+        "bykey",
+        "buffered",
+        "history",
     ):
         assert seen.get(f"{kind}:yes", 0) > 0, (kind, seen)
     for kind in ("save", "finish", "heartbeat", "take", "fire", "requeue", "child", "join"):

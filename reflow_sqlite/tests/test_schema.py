@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from reflow_core.adapter import to_epoch_us
+from reflow_core.adapter import from_epoch_us, minute_of, to_epoch_us
 from reflow_core.errors import SchemaVersionError, StorageError
 from reflow_core.storage import (
     ConcurrencyLimit,
+    FinishedMinute,
     Lease,
     NewRun,
     RateLimit,
@@ -443,7 +444,8 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
     after = {(kind, name, table) for kind, name, table, _ in schema_objects(db_path)}
     # Every index and the trigger made again, nothing left over; version 6
     # adds the index of child runs, version 7 those of priorities and
-    # limits, version 8 that of debounced runs and the tables of rate limits.
+    # limits, version 8 that of debounced runs and the tables of rate limits,
+    # version 10 that of runs by idempotency key.
     added = [
         "runs_children",
         "runs_pending",
@@ -451,6 +453,7 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
         "runs_holding1",
         "runs_holding2",
         "runs_debounce",
+        "runs_key",
     ]
     rate_tables = {
         ("table", "rate_claims", "rate_claims"),
@@ -909,3 +912,57 @@ async def test_a_version_8_database_with_runs_is_migrated_forward(
     listed = {run.id: run.headers for run in (await store.list_runs()).runs}
     assert listed["old-done"] == {}
     assert listed["new"] == both
+
+
+# -- version 10: the reads of a dashboard ------------------------------------------------
+
+
+async def test_a_version_9_database_with_runs_is_migrated_forward(
+    opener, db_path, tmp_path, clock
+) -> None:
+    """Version 10 adds only the index of runs by idempotency key: the rows
+    written before it are unchanged, and the runs, events and finishes
+    stored before the upgrade are found by the dashboard's reads."""
+    start = to_epoch_us(clock.now)
+    columns = f"{RUN_COLUMNS}, deadline_at, parent_id, parent_step, priority, headers"
+    rows = [
+        ("old-a", "a", "completed", "1", '"ok"', None, "key", 1, 0, 1, start - 90_000_000,
+         start - 70_000_000, None, None, None, start - 70_000_000, None, None, None, 0, None),
+        ("old-b", "b", "waiting", "2", None, None, "key", 1, 0, 1, start - 80_000_000,
+         start - 80_000_000, None, "go", None, None, None, None, None, 0, None),
+        ("old-c", "c", "failed", "3", None, '"no"', "other", 1, 0, 1, start - 60_000_000,
+         start - 5, None, None, None, start - 5, None, None, None, 0, None),
+    ]  # fmt: skip
+    with old_database(db_path, 9) as raw:
+        insert_runs(raw, columns, rows)
+        raw.executemany(
+            "INSERT INTO events (run_id, name, payload, event_id, created_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            [("old-b", "go", '"1"', "x", start - 3), ("old-b", "other", '"2"', None, start - 2)],
+        )
+        root = runs_root(raw)
+    store = await migrate(opener, db_path, processes=4)
+    assert_runs_kept(db_path, columns, rows, root)
+    await assert_schema_as_new(opener, db_path, tmp_path)
+    before = schema_objects(db_path)
+    await opener()
+    assert schema_objects(db_path) == before
+
+    assert [r.id for r in await store.find_runs_by_key("key")] == ["old-b", "old-a"]
+    assert [r.id for r in await store.find_runs_by_key("other")] == ["old-c"]
+    events = await store.list_buffered_events("old-b")
+    assert [(e.event, e.payload, e.event_id) for e in events] == [
+        ("go", '"1"', "x"),
+        ("other", '"2"', None),
+    ]
+    # The clock stands at a whole minute: old-a completed 70 s before it,
+    # old-c failed a few microseconds before it.
+    assert await store.finished_history(3) == [
+        FinishedMinute(minute_of(from_epoch_us(start - 70_000_000)), 1, 0, 0),
+        FinishedMinute(minute_of(from_epoch_us(start - 5)), 0, 1, 0),
+    ]
+    assert await store.finished_history(1) == []
+    # A new run with a key of an old one is found with it, newest first.
+    clock.advance(1)
+    new = (await store.create_run(NewRun("d", "4", idempotency_key="key"))).run
+    assert [r.id for r in await store.find_runs_by_key("key")] == [new.id, "old-b", "old-a"]

@@ -51,6 +51,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "workers": ("announce_worker", "list_workers", "remove_worker"),
     "queue_stats": ("queue_stats",),
     "children": ("start_child", "wait_children", "list_children"),
+    "dashboard": ("find_runs_by_key", "list_buffered_events", "finished_history"),
 }
 """Areas of the contract, each with its storage methods, that an adapter under
 construction may declare it does not implement yet (``AdapterFactory(without=...)``,

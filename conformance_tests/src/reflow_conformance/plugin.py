@@ -108,6 +108,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_schedules",
             "test_workers",
             "test_queue_stats",
+            "test_dashboard_reads",
             "test_codec",
         ),
     ),
@@ -120,6 +121,10 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_listing::TestPagination::test_pages_with_any_limit_and_filter",
             "test_events::TestEventOrder::test_takes_follow_delivery_order_per_run_and_name",
             "test_codec::TestRoundTrip::test_any_plain_value_round_trips_everywhere",
+            "test_dashboard_reads::TestRunsByKey::test_runs_created_together_are_ordered_by_id",
+            "test_dashboard_reads::TestBufferedEvents::test_listing_follows_deliveries_and_takes",
+            "test_dashboard_reads::TestHistoryWindow::test_a_window_is_the_last_minutes_of_the_whole_day",
+            "test_dashboard_reads::TestDashboardArguments::test_any_minutes_outside_the_range_are_refused",
         ),
     ),
     (
@@ -132,7 +137,16 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_retention",
         ),
     ),
-    ("processes", ("test_processes", "test_process_crash")),
+    (
+        "processes",
+        (
+            "test_processes",
+            "test_process_crash",
+            # Waits for the storage clock's next minute.
+            "test_dashboard_reads::TestHistoryWindow"
+            "::test_a_run_that_finished_before_the_window_is_not_counted",
+        ),
+    ),
     ("stateful", ("test_stateful",)),
 )
 """The order the suite's tests run in, cheapest first, so that with ``-x`` a

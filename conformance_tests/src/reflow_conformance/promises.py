@@ -447,3 +447,45 @@ HEADERS_ARGS = (
     "at most MAX_HEADERS names matching [a-z0-9_.-]{1,64} to printable-ASCII values, within "
     "MAX_HEADER_BYTES in all, with ConfigError, writing nothing"
 )
+RUNS_BY_KEY = (
+    "find_runs_by_key returns the stored runs created with that idempotency key, of every "
+    "workflow and in every status, as stored, and no others: nothing for a key no stored run "
+    "has, nor for a purged run"
+)
+RUNS_BY_KEY_ORDER = (
+    "find_runs_by_key lists runs newest first (created_at, then id), at most `limit`: "
+    "the newest `limit` of them"
+)
+BUFFERED_LISTED = (
+    "list_buffered_events returns exactly the run's events not taken yet, each with its name, "
+    "payload and event_id as delivered: a taken event, a repeated event id or another run's "
+    "event is not listed"
+)
+BUFFERED_ORDER = (
+    "list_buffered_events lists a run's buffered events in arrival order across their names "
+    "(the order take_event takes them in), the first `limit` of them"
+)
+BUFFERED_ENDED = (
+    "list_buffered_events returns nothing for a missing run or a finished one, and a requeued "
+    "run lists only what was delivered after its requeue"
+)
+HISTORY_COUNTS = (
+    "finished_history counts every stored finished run once, by its status, in the minute it "
+    "finished (its updated_at as it ended) by the storage clock; the minutes come oldest "
+    "first, each once, as aware UTC datetimes with zero seconds"
+)
+HISTORY_WINDOW = (
+    "finished_history(minutes) covers the current minute by the storage clock and the "
+    "minutes - 1 before it and nothing else: a run that finished before them is not counted, "
+    "and minutes in which no run finished are left out"
+)
+HISTORY_REQUEUE = (
+    "a requeued run no longer counts in finished_history, and counts again, with its new "
+    "status, in the minute it finishes again"
+)
+HISTORY_PURGE = "a purged run no longer counts in finished_history"
+DASHBOARD_ARGS = (
+    "find_runs_by_key and list_buffered_events refuse a limit that is not an int of at least 1 "
+    "(a bool too), finished_history refuses minutes that are not an int from 1 to "
+    "MAX_HISTORY_MINUTES, and all three a bad key or run id, with ConfigError, writing nothing"
+)

@@ -1,9 +1,9 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
 Each class in the modules of this package (one per area of the contract:
-``claims``, ``children``, ``delays``, ``deadlines``, ``headers``, ``leases``, ``limits``,
-``rates``, ``runs``, ``records``, ``events``, ``retention``, ``schedules``, and ``workers``
-for the worker registry and queue statistics)
+``claims``, ``children``, ``dashboard``, ``delays``, ``deadlines``, ``headers``, ``leases``,
+``limits``, ``rates``, ``runs``, ``records``, ``events``, ``retention``, ``schedules``, and
+``workers`` for the worker registry and queue statistics)
 is the in-memory reference backend (or, where the bug lives in a query, the
 SQLite backend) with exactly one promise of the storage
 contract broken, the way a real adapter might get it wrong (a claim query
@@ -54,6 +54,12 @@ from .claims import (
     limit_per_workflow,
     reclaims_first_workflow_only,
     sleep_resets_attempts,
+)
+from .dashboard import (
+    buffered_by_name,
+    history_counts_purged,
+    history_counts_requeued,
+    key_oldest_first,
 )
 from .deadlines import (
     caps_sleep_step,
@@ -156,6 +162,7 @@ __all__ = [
     "NO_SHRINK_PROFILE",
     "UNFINISHED",
     "blocked_after_cancel",
+    "buffered_by_name",
     "cancel_no_cascade",
     "caps_sleep_step",
     "caseless_step_names",
@@ -185,11 +192,14 @@ __all__ = [
     "events_twice",
     "fast_client_clock",
     "fires_paused",
+    "history_counts_purged",
+    "history_counts_requeued",
     "ignores_deadline",
     "ignores_limits",
     "ignores_rates",
     "immortal_leases",
     "key_freed_when_run_ends",
+    "key_oldest_first",
     "lax_run_ids",
     "lease_outlives_run",
     "leases_lapse_at_random",
@@ -350,6 +360,10 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         debounce_replaces_claimed,
         drops_headers,
         debounce_keeps_headers,
+        key_oldest_first,
+        buffered_by_name,
+        history_counts_requeued,
+        history_counts_purged,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

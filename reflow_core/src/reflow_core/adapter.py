@@ -35,6 +35,7 @@ from .errors import ConfigError, StorageError
 from .storage import (
     MAX_HEADER_BYTES,
     MAX_HEADERS,
+    MAX_HISTORY_MINUTES,
     MAX_RATE,
     MAX_RATE_PERIOD,
     MAX_RUN_LIMITS,
@@ -42,6 +43,7 @@ from .storage import (
     PRIORITY_RANGE,
     RATE_BLOCK_PREFIX,
     ConcurrencyLimit,
+    FinishedMinute,
     Lease,
     NewRun,
     QueueStats,
@@ -66,6 +68,7 @@ __all__ = [
     "as_utc",
     "check_aware",
     "check_child_start",
+    "check_count",
     "check_duration",
     "check_finish_status",
     "check_headers",
@@ -88,14 +91,17 @@ __all__ = [
     "due_by_deadline",
     "encode_cursor",
     "encode_workflows",
+    "finished_minutes_from_counts",
     "from_epoch_us",
     "headers_column",
     "headers_from_column",
+    "history_start",
     "is_delayed",
     "is_open_for_debounce",
     "limit_columns",
     "limits_from_columns",
     "load_queries",
+    "minute_of",
     "new_run_id",
     "new_run_record",
     "purge_in_batches",
@@ -591,6 +597,52 @@ def queue_stats_from_counts(
     ]
 
 
+_MINUTE = timedelta(minutes=1)
+
+
+def minute_of(value: datetime) -> datetime:
+    """The start of the minute ``value`` falls in, in UTC (seconds and
+    microseconds zero): the minute a run that finished at ``value`` counts in."""
+    return as_utc(value).replace(second=0, microsecond=0)
+
+
+def history_start(now: datetime, minutes: int) -> datetime:
+    """The first minute :meth:`~reflow_core.storage.Storage.finished_history`
+    reports for ``minutes`` at ``now`` (the storage's now): the current
+    minute and the ``minutes - 1`` before it. ``minutes`` is checked with
+    :func:`check_count` against :data:`~reflow_core.storage.MAX_HISTORY_MINUTES`."""
+    minutes = check_count(minutes, "minutes", most=MAX_HISTORY_MINUTES)
+    return minute_of(now) - (minutes - 1) * _MINUTE
+
+
+HistoryRow = tuple[datetime, str, int]
+"""``(minute, status, count)``: how many runs finished with ``status`` in the
+minute starting at ``minute``, as a backend counts them."""
+
+
+def finished_minutes_from_counts(rows: Iterable[HistoryRow]) -> list[FinishedMinute]:
+    """Assemble :class:`FinishedMinute` entries, oldest first, from per-minute,
+    per-status counts (a minute or status may come in several rows; minutes
+    whose counts are all zero are left out)."""
+    counts: dict[datetime, dict[str, int]] = {}
+    for minute, status, count in rows:
+        if count <= 0:
+            continue
+        if status not in ("completed", "failed", "cancelled"):
+            raise StorageError(f"finished_history counted a run of status {status!r}")
+        by_status = counts.setdefault(minute_of(minute), {})
+        by_status[status] = by_status.get(status, 0) + count
+    return [
+        FinishedMinute(
+            minute=minute,
+            completed=by_status.get("completed", 0),
+            failed=by_status.get("failed", 0),
+            cancelled=by_status.get("cancelled", 0),
+        )
+        for minute, by_status in sorted(counts.items())
+    ]
+
+
 def new_run_record(
     run_id: str,
     new: NewRun,
@@ -850,6 +902,24 @@ def check_list_limit(limit: object) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise ConfigError(f"limit must be a positive int, got {limit!r}", option="limit")
     return limit
+
+
+def check_count(value: object, what: str, *, most: int | None = None) -> int:
+    """Refuse a count argument (the ``limit`` of
+    :meth:`~reflow_core.storage.Storage.find_runs_by_key` and
+    :meth:`~reflow_core.storage.Storage.list_buffered_events`, the ``minutes``
+    of :meth:`~reflow_core.storage.Storage.finished_history`) that is not an
+    int of at least 1, or above ``most`` when given, naming ``what`` and the
+    value. Returns ``value``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 1
+        or (most is not None and value > most)
+    ):
+        wanted = "of at least 1" if most is None else f"from 1 to {most}"
+        raise ConfigError(f"{what} must be an int {wanted}, got {value!r}", option=what)
+    return value
 
 
 def check_finish_status(status: str) -> None:

@@ -18,16 +18,18 @@ import dataclasses
 import heapq
 import threading
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
+from itertools import islice
+from typing import Literal, NamedTuple
 
 from .adapter import (
     Lifecycle,
     as_utc,
     check_aware,
     check_child_start,
+    check_count,
     check_duration,
     check_list_limit,
     check_new_run,
@@ -41,7 +43,10 @@ from .adapter import (
     debounced_record,
     decode_cursor,
     due_by_deadline,
+    finished_minutes_from_counts,
+    history_start,
     is_open_for_debounce,
+    minute_of,
     new_run_id,
     new_run_record,
     purge_in_batches,
@@ -53,10 +58,13 @@ from .adapter import (
 from .errors import EventBufferFullError, IdempotencyConflictError, StorageError
 from .storage import (
     CHILDREN_WAIT_PREFIX,
+    MAX_HISTORY_MINUTES,
     TERMINAL_STATUSES,
+    BufferedEvent,
     ClaimedRun,
     CreateResult,
     EventTake,
+    FinishedMinute,
     Lease,
     NewRun,
     QueueStats,
@@ -75,11 +83,23 @@ from .storage import (
 __all__ = ["MemoryStorage"]
 
 
+class _Buffered(NamedTuple):
+    """An event buffered for a run: its place in the run's arrival order,
+    its payload and the id it was delivered with."""
+
+    arrival: int
+    payload: str
+    event_id: str | None
+
+
 @dataclass(slots=True)
 class _Run:
     record: RunRecord
     steps: dict[str, StepRecord] = field(default_factory=dict)
-    events: dict[str, deque[str]] = field(default_factory=dict)
+    events: dict[str, deque[_Buffered]] = field(default_factory=dict)
+    """The events buffered and not taken yet, by name, each name's oldest first."""
+    arrivals: int = 0
+    """How many events were ever buffered for the run: the next one's ``arrival``."""
     event_ids: set[str] = field(default_factory=set)
     finished_at: datetime | None = None
     """When the run last reached a terminal status (``None`` while it has not)."""
@@ -109,6 +129,12 @@ class _State:
     """``rate_waits`` by time (entries no longer in it are skipped)."""
     debounce: dict[tuple[str, str], str] = field(default_factory=dict)
     """The run each ``(workflow, debounce_key)`` last created or updated."""
+    by_key: dict[str, set[str]] = field(default_factory=dict)
+    """The runs created with each idempotency key, of every workflow."""
+    finished_by_minute: dict[datetime, set[str]] = field(default_factory=dict)
+    """The runs that ended in each minute (by the storage clock). An id stays
+    when its run is requeued or deleted: a read skips it unless the run is
+    still finished, in that minute."""
 
 
 _named: dict[str, _State] = {}
@@ -147,6 +173,8 @@ class MemoryStorage:
         self._rate_waits = state.rate_waits
         self._rate_heap = state.rate_heap
         self._debounce = state.debounce
+        self._by_key = state.by_key
+        self._finished = state.finished_by_minute
         self._life = Lifecycle("memory")
 
     def __repr__(self) -> str:
@@ -177,6 +205,8 @@ class MemoryStorage:
         entry.record = dataclasses.replace(before, updated_at=now, **changes)  # type: ignore[arg-type]
         self._track(entry.record)
         after = entry.record
+        if after.status in TERMINAL_STATUSES and before.status not in TERMINAL_STATUSES:
+            self._finished.setdefault(minute_of(now), set()).add(after.id)
         if before.blocked_by != after.blocked_by:
             if before.blocked_by is not None:
                 self._blocked.get(before.blocked_by, set()).discard(after.id)
@@ -330,6 +360,36 @@ class MemoryStorage:
     def _store_step(self, entry: _Run, step: StepRecord, now: datetime) -> None:
         entry.steps[step.name] = dataclasses.replace(step, completed_at=now)
 
+    def _finished_in(self, minute: datetime) -> list[RunRecord]:
+        """The runs stored and finished that ended in ``minute``; ids of runs
+        requeued or deleted since are dropped from the minute's index."""
+        ids = self._finished.get(minute)
+        if not ids:
+            return []
+        found = []
+        for run_id in list(ids):
+            entry = self._runs.get(run_id)
+            if (
+                entry is None
+                or entry.record.status not in TERMINAL_STATUSES
+                or entry.finished_at is None
+                or minute_of(entry.finished_at) != minute
+            ):
+                ids.discard(run_id)
+            else:
+                found.append(entry.record)
+        if not ids:
+            del self._finished[minute]
+        return found
+
+    def _forget_key(self, key: str, run_id: str) -> None:
+        """Drop a deleted run from the runs of its idempotency key."""
+        ids = self._by_key.get(key)
+        if ids is not None:
+            ids.discard(run_id)
+            if not ids:
+                del self._by_key[key]
+
     def _buffered(self, entry: _Run) -> int:
         """How many events the run holds that no wait has taken yet, of any name."""
         return sum(len(queue) for queue in entry.events.values())
@@ -413,6 +473,7 @@ class MemoryStorage:
         self._track(record)
         if new.idempotency_key is not None:
             self._idem[(new.workflow, new.idempotency_key)] = run_id
+            self._by_key.setdefault(new.idempotency_key, set()).add(run_id)
         if new.debounce_key is not None:
             self._debounce[(new.workflow, new.debounce_key)] = run_id
         return CreateResult(record, created=True)
@@ -667,7 +728,8 @@ class MemoryStorage:
             raise EventBufferFullError(run_id, event, max_buffered)
         if event_id is not None:
             entry.event_ids.add(event_id)
-        entry.events.setdefault(event, deque()).append(payload)
+        entry.events.setdefault(event, deque()).append(_Buffered(entry.arrivals, payload, event_id))
+        entry.arrivals += 1
         now = self._clock()
         if entry.record.status == "waiting" and entry.record.waiting_for == event:
             self._update(entry, now, wake_at=now)
@@ -687,7 +749,7 @@ class MemoryStorage:
         queue = entry.events.get(event)
         if not queue:
             return EventTake(found=False)
-        payload = queue.popleft()
+        payload = queue.popleft().payload
         self._store_step(entry, StepRecord(step, "completed", output=payload), now)
         self._update(entry, now, waiting_for=None)
         return EventTake(found=True, payload=payload)
@@ -810,6 +872,8 @@ class MemoryStorage:
             lease_expires_at=None,
             deadline_at=None,
         )
+        if entry.finished_at is not None:  # it no longer counts in the minute it ended in
+            self._finished.get(minute_of(entry.finished_at), set()).discard(run_id)
         entry.finished_at = None
         return True
 
@@ -830,14 +894,17 @@ class MemoryStorage:
                 and entry.finished_at < cutoff
                 and entry.record.status in TERMINAL_STATUSES
             )[:size]
-            for _, run_id in doomed:
+            for finished_at, run_id in doomed:
                 record = self._runs.pop(run_id).record
+                if finished_at is not None:
+                    self._finished.get(minute_of(finished_at), set()).discard(run_id)
                 self._children.pop(run_id, None)
                 self._open.pop(run_id, None)
                 if record.idempotency_key is not None:
                     key = (record.workflow, record.idempotency_key)
                     if self._idem.get(key) == run_id:
                         del self._idem[key]
+                    self._forget_key(record.idempotency_key, run_id)
                 if record.debounce_key is not None:
                     key = (record.workflow, record.debounce_key)
                     if self._debounce.get(key) == run_id:
@@ -971,3 +1038,46 @@ class MemoryStorage:
                 since = record.wake_at if record.status == "pending" else None
                 rows.append((workflow, record.status, 1, since))
         return queue_stats_from_counts(rows, names)
+
+    # -- dashboard reads ---------------------------------------------------
+
+    async def find_runs_by_key(self, idempotency_key: str, *, limit: int = 20) -> list[RunRecord]:
+        self._check_open("find_runs_by_key")
+        check_text(idempotency_key, "idempotency_key")
+        check_count(limit, "limit")
+        found = []
+        for run_id in self._by_key.get(idempotency_key, ()):
+            entry = self._runs.get(run_id)
+            if entry is not None and entry.record.idempotency_key == idempotency_key:
+                found.append(entry.record)
+        found.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        return found[:limit]
+
+    async def list_buffered_events(self, run_id: str, *, limit: int = 100) -> list[BufferedEvent]:
+        self._check_open("list_buffered_events")
+        check_text(run_id, "run_id")
+        check_count(limit, "limit")
+        entry = self._runs.get(run_id)
+        if entry is None or entry.record.status in TERMINAL_STATUSES:
+            return []
+
+        def named(name: str, queue: deque[_Buffered]) -> Iterator[tuple[int, str, _Buffered]]:
+            return ((item.arrival, name, item) for item in queue)
+
+        arrived = heapq.merge(*(named(name, queue) for name, queue in entry.events.items()))
+        return [
+            BufferedEvent(event=name, payload=item.payload, event_id=item.event_id)
+            for _, name, item in islice(arrived, limit)
+        ]
+
+    async def finished_history(self, minutes: int) -> list[FinishedMinute]:
+        self._check_open("finished_history")
+        check_count(minutes, "minutes", most=MAX_HISTORY_MINUTES)
+        now = self._clock()
+        minute, last = history_start(now, minutes), minute_of(now)
+        rows: list[tuple[datetime, str, int]] = []
+        while minute <= last:
+            for record in self._finished_in(minute):
+                rows.append((minute, record.status, 1))
+            minute += timedelta(minutes=1)
+        return finished_minutes_from_counts(rows)

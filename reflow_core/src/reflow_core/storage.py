@@ -55,6 +55,7 @@ __all__ = [
     "CHILDREN_WAIT_PREFIX",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
+    "MAX_HISTORY_MINUTES",
     "MAX_RATE",
     "MAX_RATE_PERIOD",
     "MAX_RUN_LIMITS",
@@ -62,10 +63,12 @@ __all__ = [
     "PRIORITY_RANGE",
     "RATE_BLOCK_PREFIX",
     "TERMINAL_STATUSES",
+    "BufferedEvent",
     "ClaimedRun",
     "ConcurrencyLimit",
     "CreateResult",
     "EventTake",
+    "FinishedMinute",
     "Lease",
     "NewRun",
     "QueueStats",
@@ -398,6 +401,34 @@ class QueueStats:
     oldest_pending_since: datetime | None
     """The earliest ``wake_at`` of its pending runs: since when the longest-waiting
     claimable run has waited for a worker (``None`` when none is pending)."""
+
+
+MAX_HISTORY_MINUTES = 1440
+"""How far back :meth:`Storage.finished_history` reaches: one day of minutes."""
+
+
+@dataclass(frozen=True, slots=True)
+class BufferedEvent:
+    """An event delivered to a run and not taken yet (:meth:`Storage.list_buffered_events`)."""
+
+    event: str
+    """Its name."""
+    payload: str
+    """Encoded text, as delivered."""
+    event_id: str | None = None
+    """The id it was delivered with, if any."""
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedMinute:
+    """The runs that finished in one minute (:meth:`Storage.finished_history`)."""
+
+    minute: datetime
+    """The minute's start by the storage clock (aware UTC, seconds and
+    microseconds zero)."""
+    completed: int
+    failed: int
+    cancelled: int
 
 
 @runtime_checkable
@@ -808,6 +839,37 @@ class Storage(Protocol):
         counters, not a scan of the whole store), so it is safe to call on a
         busy store with a long history.
         """
+        ...
+
+    async def find_runs_by_key(self, idempotency_key: str, *, limit: int = 20) -> list[RunRecord]:
+        """The runs created with ``idempotency_key``, of any workflow (a key
+        is unique within a workflow), newest first (``created_at``, then
+        ``id``), ``limit`` at most. Empty when no stored run has the key. A
+        lookup by an index, never a scan. ``limit`` below 1 raises
+        :class:`~reflow_core.errors.ConfigError`."""
+        ...
+
+    async def list_buffered_events(self, run_id: str, *, limit: int = 100) -> list[BufferedEvent]:
+        """The events delivered to run ``run_id`` and not taken yet, of every
+        name, in arrival order (the order :meth:`take_event` takes them in),
+        ``limit`` at most. Empty for a missing run and for a finished one (its
+        buffered events were deleted when it ended). ``limit`` below 1 raises
+        :class:`~reflow_core.errors.ConfigError`."""
+        ...
+
+    async def finished_history(self, minutes: int) -> list[FinishedMinute]:
+        """The runs that finished in each of the last ``minutes`` minutes by
+        the storage clock, the current minute included, counted by status.
+
+        A run counts in the minute it finished (``updated_at`` when it became
+        ``completed``, ``failed`` or ``cancelled``), while it is stored and
+        finished: a purged run and a requeued one no longer count (a requeued
+        run counts again when it finishes again). Minutes with no finished
+        run are left out; the rest come oldest first. ``minutes`` is 1 to
+        :data:`MAX_HISTORY_MINUTES`; anything else raises
+        :class:`~reflow_core.errors.ConfigError`. The cost grows with the
+        minutes asked for and the runs that finished in them, never with
+        the rest of the history (an index or counters, not a scan)."""
         ...
 
     async def start_child(self, lease: Lease, step: str, new: NewRun) -> RunRecord | None:

@@ -66,6 +66,15 @@ Design notes (see docs/postgres.md):
   ``claim_held`` returns whole ``runs`` rows, whose type is the table's row
   type: it gains the column with the table, and ``claim_limited`` reads
   those rows by column name (``{run_columns_c}``), so no function changes.
+* ``runs_key_created`` (version 9): the runs created with an idempotency
+  key, by key, then ``created_at`` and ``id``, so ``find_runs_by_key`` reads
+  one key's newest entries and stops at its limit (``runs_idempotency``
+  leads with the workflow). Partial, and on columns no write changes after
+  a run's creation, so only a keyed create pays for it. The other reads of
+  the dashboard need no index of their own: ``list_buffered_events`` reads
+  a run's entries of ``events_buffered``, and ``finished_history`` a range
+  of ``runs_finished`` (``finished_at`` is set when a run ends, in the
+  statement that ends it, and cleared by a requeue).
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

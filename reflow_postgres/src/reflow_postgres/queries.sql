@@ -872,6 +872,44 @@ UNION ALL
 {stats_running} AND workflow = ANY(%(workflows)s) GROUP BY workflow
 
 
+-- Dashboard reads ---------------------------------------------------------------
+
+-- name: find_by_key
+-- The runs created with an idempotency key, of every workflow, newest first:
+-- one walk of runs_key_created, backwards from the key's newest entry,
+-- stopped at the limit.
+SELECT {read_columns} FROM {schema}.runs WHERE idempotency_key = %(key)s
+ORDER BY created_at DESC, id DESC LIMIT %(limit)s
+
+-- name: list_buffered
+-- A run's untaken events, of every name, in arrival order: by id, since the
+-- deliveries to a run are serialized by its row's lock (see deliver), which
+-- is the order take takes each name's events in. b reads the run's entries
+-- of events_buffered (MATERIALIZED, so that the planner never walks the
+-- primary key in id order hoping to meet them early); a finished run holds
+-- none, since the statement that ended it dropped them.
+WITH b AS MATERIALIZED (
+    SELECT id, name, payload, event_id FROM {schema}.events
+    WHERE run_id = %(id)s AND taken_at IS NULL
+) SELECT name, payload, event_id FROM b ORDER BY id LIMIT %(limit)s
+
+-- name: finished_history
+-- The runs that finished in each of the last %(minutes)s minutes by the
+-- storage clock, the current one included, counted by status: rows of
+-- (minute, status, count), minutes truncated in UTC (the connection's TimeZone
+-- does not matter), as reflow_core.adapter.finished_minutes_from_counts
+-- takes them. One range of runs_finished: finished_at is set by the
+-- statement that ends a run and cleared by a requeue (a purged run is gone),
+-- so the cost follows the runs that finished in the window, never the rest
+-- of the history.
+SELECT date_trunc('minute', finished_at, 'UTC'), status, count(*) FROM {schema}.runs
+WHERE finished_at >= date_trunc('minute', {now}, 'UTC')
+        - (%(minutes)s::integer - 1) * interval '1 minute'
+    AND finished_at < date_trunc('minute', {now}, 'UTC') + interval '1 minute'
+    AND status IN {terminal}
+GROUP BY 1, 2
+
+
 -- The clock and wake-ups --------------------------------------------------------
 
 -- name: now

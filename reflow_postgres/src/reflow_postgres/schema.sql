@@ -818,3 +818,18 @@ $$
 -- return the new column too: their row type is the table's, and claim
 -- reads their rows by column name.
 ALTER TABLE {schema}.runs ADD COLUMN headers text
+
+
+-- Version 9: runs by idempotency key --------------------------------------------------
+
+-- name: v9_01_runs_key_created
+-- The runs created with an idempotency key, by key, then newest first:
+-- find_runs_by_key walks one key's entries backwards and stops at its
+-- limit. runs_idempotency (workflow first, the arbiter of an idempotent
+-- create) cannot serve a lookup by key alone. Runs without a key are not in
+-- it, and none of its columns ever changes once a run is created, so it
+-- costs a keyed create one index entry and every other write nothing
+-- (renewals stay HOT updates). Building it reads the table once, blocking
+-- writes to runs meanwhile.
+CREATE INDEX runs_key_created ON {schema}.runs (idempotency_key, created_at, id)
+    WHERE idempotency_key IS NOT NULL

@@ -27,7 +27,11 @@ from a :class:`psycopg_pool.AsyncConnectionPool` in autocommit mode (see
 * runs holding rate limits are claimed (or blocked) by that second
   statement too, under their rate keys' advisory locks; a claim that finds
   a rate wait due releases the runs it holds first; a debounced create is
-  one ``INSERT ... ON CONFLICT DO UPDATE`` on the open run with its key.
+  one ``INSERT ... ON CONFLICT DO UPDATE`` on the open run with its key;
+* the dashboard's reads are one statement each, each reading one index: runs
+  by idempotency key (``runs_key_created``), a run's buffered events
+  (``events_buffered``) and the runs finished per minute by the storage
+  clock (``runs_finished``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from reflow_core.adapter import (
     as_utc,
     check_aware,
     check_child_start,
+    check_count,
     check_duration,
     check_finish_status,
     check_list_limit,
@@ -57,6 +62,7 @@ from reflow_core.adapter import (
     child_of,
     decode_cursor,
     encode_workflows,
+    finished_minutes_from_counts,
     new_run_id,
     purge_in_batches,
     queue_stats_from_counts,
@@ -75,9 +81,12 @@ from reflow_core.errors import (
 from reflow_core.options import redact
 from reflow_core.storage import (
     CHILDREN_WAIT_PREFIX,
+    MAX_HISTORY_MINUTES,
+    BufferedEvent,
     ClaimedRun,
     CreateResult,
     EventTake,
+    FinishedMinute,
     Lease,
     NewRun,
     QueueStats,
@@ -114,6 +123,10 @@ __all__ = ["PostgresStorage", "parse_postgres_url"]
 
 MAX_CLAIM = 1000
 """One claim takes at most this many runs, so a claim transaction stays short."""
+
+_MAX_LIMIT = 2**63 - 1
+"""The largest ``LIMIT`` PostgreSQL takes (a ``bigint``): a larger limit of a
+read asks for every row anyway."""
 
 
 class PostgresStorage:
@@ -871,3 +884,52 @@ class PostgresStorage:
             return queue_stats_from_counts(rows, names)
 
         return await self._db.run("queue_stats", body, retry=True)
+
+    # -- dashboard reads ---------------------------------------------------------------
+
+    async def find_runs_by_key(self, idempotency_key: str, *, limit: int = 20) -> list[RunRecord]:
+        """The runs created with ``idempotency_key``, of every workflow,
+        newest first: one walk of the ``runs_key_created`` index, stopped at
+        ``limit``."""
+        check_text(idempotency_key, "idempotency_key")
+        params = {"key": idempotency_key, "limit": min(check_count(limit, "limit"), _MAX_LIMIT)}
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[RunRecord]:
+            cur = await conn.execute(self._sql["find_by_key"], params)
+            return [run_from_row(row, as_utc) for row in await cur.fetchall()]
+
+        return await self._db.run("find_runs_by_key", body, retry=True)
+
+    async def list_buffered_events(self, run_id: str, *, limit: int = 100) -> list[BufferedEvent]:
+        """The run's untaken events in arrival order, read through the
+        partial index ``events_buffered`` (a finished run holds none: its
+        end dropped them)."""
+        check_text(run_id, "run_id")
+        params = {"id": run_id, "limit": min(check_count(limit, "limit"), _MAX_LIMIT)}
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[BufferedEvent]:
+            cur = await conn.execute(self._sql["list_buffered"], params)
+            return [
+                BufferedEvent(event=name, payload=payload, event_id=event_id)
+                for name, payload, event_id in await cur.fetchall()
+            ]
+
+        return await self._db.run("list_buffered_events", body, retry=True)
+
+    async def finished_history(self, minutes: int) -> list[FinishedMinute]:
+        """Runs finished per minute, by status, over the last ``minutes``
+        minutes of the storage clock (the server's ``now()``, or the test
+        clock), counted in one range of the ``runs_finished`` index:
+        ``finished_at``, which the statement that ends a run sets, is when it
+        finished."""
+        params = self._db.params(minutes=check_count(minutes, "minutes", most=MAX_HISTORY_MINUTES))
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[FinishedMinute]:
+            cur = await conn.execute(self._sql["finished_history"], params)
+            rows = [
+                (as_utc(minute), str(status), int(count))
+                for minute, status, count in await cur.fetchall()
+            ]
+            return finished_minutes_from_counts(rows)
+
+        return await self._db.run("finished_history", body, retry=True)

@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from reflow_core.adapter import Lifecycle, new_run_record, to_epoch_us
-from reflow_core.errors import ConfigError, ReflowError, StorageError
+from reflow_core.errors import ConfigError, ReflowError, SchemaVersionError, StorageError
 from reflow_core.options import redact
 from reflow_core.storage import NewRun, RunRecord
 
@@ -34,6 +34,12 @@ logger = logging.getLogger("reflow.redis")
 
 BACKEND = "redis"
 _RETRIES_ON_BROKEN = 2
+LAYOUT_VERSION = 2
+"""The version of the key layout this code writes, kept in ``P:version``
+(a prefix without it holds version 1: every release before the key).
+Version 2 added ``P:bykey:<key>``, ``P:done:<status>`` and ``P:evm:...``."""
+MIGRATION_BATCH = 1000
+"""Runs one call of ``migrate.lua`` indexes at most, so it never holds Redis for long."""
 _SCRIPTS = (
     "create",
     "create_many",
@@ -62,6 +68,10 @@ _SCRIPTS = (
     "start_child",
     "wait_children",
     "list_children",
+    "find_by_key",
+    "list_events",
+    "history",
+    "migrate",
 )
 _T = TypeVar("_T")
 
@@ -154,6 +164,43 @@ class _Connection:
             raise self._start_error(exc) from exc
         return client, scripts
 
+    async def _migrate(self) -> None:
+        """Bring the data under the prefix to :data:`LAYOUT_VERSION`, a batch
+        of runs per script call (see ``migrate.lua``); refuse, changing
+        nothing, a layout newer than this code's."""
+        batches = 0
+        while True:
+            reply, _ = await self._call_counting(
+                "initialize",
+                "migrate",
+                [LAYOUT_VERSION, MIGRATION_BATCH],
+                retry=True,
+                check=False,
+            )
+            try:
+                state, version = int(reply[0]), _text(reply[1], "initialize")
+            except (TypeError, ValueError, IndexError, _BadData) as exc:
+                raise self._bad("initialize", _BadData(f"a malformed reply: {reply!r}")) from exc
+            if state == -1:
+                raise SchemaVersionError(
+                    f"the prefix {self._prefix!r} holds Reflow's Redis layout version "
+                    f"{version}, but this reflow-redis supports up to version "
+                    f"{LAYOUT_VERSION}; upgrade reflow-redis",
+                    operation="initialize",
+                    backend=BACKEND,
+                )
+            if state == -2:
+                raise self._bad("initialize", _BadData(f"P:version holds {version!r}"))
+            if state == 0:
+                if batches:
+                    logger.info("indexed the runs under %r for layout %s", self._prefix, version)
+                return
+            batches += 1
+            if batches == 1:
+                logger.info(
+                    "indexing the runs under %r for layout %s", self._prefix, LAYOUT_VERSION
+                )
+
     def _where(self) -> tuple[str, str]:
         """The server and the database the URL names, without credentials."""
         try:
@@ -224,11 +271,19 @@ class _Connection:
         return reply
 
     async def _call_counting(
-        self, operation: str, script: str, args: Sequence[Any], *, retry: bool
+        self,
+        operation: str,
+        script: str,
+        args: Sequence[Any],
+        *,
+        retry: bool,
+        check: bool = True,
     ) -> tuple[Any, int]:
         """:meth:`_call`, also saying how many tries lost their connection
-        (a try that lost it may have run)."""
-        self._lifecycle.check(operation)
+        (a try that lost it may have run). ``check=False`` skips the
+        lifecycle check, for ``initialize`` itself."""
+        if check:
+            self._lifecycle.check(operation)
         attempt = reloads = 0
         while True:
             try:

@@ -10,7 +10,8 @@ priority, absent for 0; ``k1``/``m1`` and ``k2``/``m2`` the concurrency
 limits' keys and maxima, ``rk1``/``rm1``/``rp1`` and ``rk2``/``rm2``/``rp2``
 the rate limits' keys, maxima and periods (µs), absent without; ``bb`` the
 key blocking a blocked run; ``db`` the debounce key, absent without; ``hd``
-the propagation headers as one JSON object, absent without); a step is one
+the propagation headers as one JSON object, absent without; ``es`` how many
+events were buffered for the run, absent before the first); a step is one
 field of the run's steps hash, ``seq|done|status|wake|json``. Anything under
 the prefix that does not read this way raises :class:`_BadData`, which the
 storage reports as a :class:`~reflow_core.errors.StorageError` naming the

@@ -26,9 +26,12 @@ key                            type     holds
 ``P:debounce:<workflow>``      hash     debounce key -> the run last created with it
 ``P:running:<workflow>``       zset     running runs by lease expiry (µs)
 ``P:idem:<workflow>``          hash     idempotency key -> run id
+``P:bykey:<key>``              zset     runs of an idempotency key, every workflow (as ``P:idx``)
 ``P:idx``, ``P:idx:wf:<wf>``   zset     ``<created µs>:<id>``, for newest-first listing
 ``P:finished``                 zset     finished runs by finish time, for retention
+``P:done:<status>``            zset     finished runs of one status by finish time
 ``P:ev:<n>.<id>:<name>``       list     buffered events of one name
+``P:evm:<n>.<id>:<name>``      list     their arrivals: ``<n>`` or ``<n>|<event id>``
 ``P:evnames:<id>``             set      event names with a buffer
 ``P:evids:<id>``               set      event ids seen (delivery dedupe)
 ``P:parked:<workflow>``        zset     sleeping (0), waiting (1 in ``due``, 2 not), delayed (3)
@@ -41,17 +44,24 @@ key                            type     holds
 ``P:workers``                  zset     worker ids by when their entry lapses (µs)
 ``P:worker:<id>``              hash     a worker's announced fields and times
 ``P:wake``                     channel  wake-up hints (``<delay ms>|<workflow>``)
+``P:version``                  string   the layout's version (absent: 1)
+``P:migrating``                string   the last run indexed by an unfinished migration
 =============================  =======  ===============================================
+
+``initialize`` brings a prefix written by an older version to this layout
+(``migrate.lua``, a batch of runs per call) and refuses a newer one.
 
 Connecting, loading and calling the scripts live in ``_connection.py``,
 decoding replies into records in ``_records.py``, the options in
 ``_options.py``, the schedule operations in ``_schedules.py`` and the pub/sub
 listener in ``_listener.py``, the worker registry and queue statistics in
-``_workers.py``.
+``_workers.py``, and the dashboard's reads (runs by idempotency key,
+buffered events, finished runs per minute) in ``_dashboard.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -112,6 +122,7 @@ from reflow_core.storage import (
 )
 
 from ._connection import BACKEND, _hgetall
+from ._dashboard import _Dashboard
 from ._listener import _Listener
 from ._options import (
     DEFAULT_PREFIX,
@@ -153,7 +164,7 @@ _MAX_UNSURE_FINISHES = 10_000
 """Leases whose finish failed without a reply that are remembered, at most."""
 
 
-class RedisStorage(_Schedules, _Workers):
+class RedisStorage(_Schedules, _Workers, _Dashboard):
     """Reflow storage on Redis 6.2 or newer (7 recommended).
 
     Build it with :func:`reflow_core.open_storage` or :meth:`from_url`.
@@ -221,6 +232,8 @@ class RedisStorage(_Schedules, _Workers):
         self._unsure_finishes: dict[tuple[str, int], None] = {}
         """Leases (run id, epoch) whose finish failed without a reply, oldest first."""
         self._scripts = {}
+        self._starting = asyncio.Lock()
+        """Held by ``initialize``: a second call waits for the first's migration."""
         self._listener: _Listener | None = None
         self._listener_client: aioredis.Redis | None = None
         self._lifecycle = Lifecycle(BACKEND)
@@ -262,12 +275,23 @@ class RedisStorage(_Schedules, _Workers):
     # -- lifecycle -------------------------------------------------------------------
 
     async def initialize(self) -> None:
-        """Connect, check the server, and load the scripts. Idempotent."""
+        """Connect, check the server, load the scripts, and bring the data
+        under the prefix to this version's layout (``P:version``; a newer
+        one raises :class:`~reflow_core.errors.SchemaVersionError`, changing
+        nothing). Idempotent."""
         self._lifecycle.check_open()
-        if self._client is not None:
-            return
-        self._client, self._scripts = await self._connect()
-        self._lifecycle.initialized = True
+        async with self._starting:
+            if self._client is not None:
+                return
+            client, scripts = await self._connect()
+            self._client, self._scripts = client, scripts
+            try:
+                await self._migrate()
+            except BaseException:
+                self._client = None
+                await client.aclose()
+                raise
+            self._lifecycle.initialized = True
 
     async def close(self) -> None:
         """Stop listening and close the connections. Idempotent."""

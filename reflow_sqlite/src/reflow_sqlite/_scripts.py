@@ -19,6 +19,7 @@ from reflow_core.adapter import (
     child_of,
     debounced_record,
     encode_workflows,
+    finished_minutes_from_counts,
     from_epoch_us,
     headers_column,
     is_delayed,
@@ -38,9 +39,11 @@ from reflow_core.errors import EventBufferFullError, IdempotencyConflictError, S
 from reflow_core.storage import (
     CHILDREN_WAIT_PREFIX,
     TERMINAL_STATUSES,
+    BufferedEvent,
     ClaimedRun,
     CreateResult,
     EventTake,
+    FinishedMinute,
     Lease,
     NewRun,
     QueueStats,
@@ -58,6 +61,7 @@ from ._queries import QUERIES as Q
 from ._queries import fill, with_marks
 
 __all__ = [
+    "MINUTE_US",
     "PURGE_CHUNK",
     "BatchItemFailed",
     "Params",
@@ -65,13 +69,16 @@ __all__ = [
     "Script",
     "StepRow",
     "announce_worker",
+    "buffered_events",
     "claim",
     "claim_slot",
     "create",
     "delete_schedule",
     "deliver",
     "due_schedules",
+    "find_by_key",
     "finish",
+    "finished_history",
     "get_run",
     "get_steps",
     "heartbeat",
@@ -101,6 +108,9 @@ Params: TypeAlias = Sequence[object]
 Row: TypeAlias = tuple[Any, ...]
 Script: TypeAlias = Generator[tuple[str, Params], list[Row], _T]
 """A database operation: yields statements, receives their rows, returns a value."""
+
+MINUTE_US = 60_000_000
+"""A minute in the microseconds the database keeps times in."""
 
 PURGE_CHUNK = 500
 """Run ids per ``IN (...)`` list when a purge deletes a batch (one parameter each)."""
@@ -898,3 +908,24 @@ def queue_stats(now: int, workflows: Sequence[str] | None) -> Script[list[QueueS
         for workflow, status, count, since in rows
     ]
     return queue_stats_from_counts(counts, workflows)
+
+
+def find_by_key(now: int, key: str, limit: int) -> Script[list[RunRecord]]:
+    rows = yield (Q["find_by_key"], (key, limit))
+    return [run_from_row(row, from_epoch_us) for row in rows]
+
+
+def buffered_events(now: int, run_id: str, limit: int) -> Script[list[BufferedEvent]]:
+    rows = yield (Q["buffered_events"], (run_id, limit))
+    return [BufferedEvent(event=name, payload=payload, event_id=eid) for name, payload, eid in rows]
+
+
+def finished_history(now: int, minutes: int) -> Script[list[FinishedMinute]]:
+    """The runs that finished from ``minutes - 1`` minutes before the current
+    one (by ``now``) to the end of the current one, counted by minute and status."""
+    current = now // MINUTE_US
+    span = ((current - minutes + 1) * MINUTE_US, (current + 1) * MINUTE_US)
+    rows = yield (Q["finished_history"], span)
+    return finished_minutes_from_counts(
+        (from_epoch_us(minute * MINUTE_US), status, count) for minute, status, count in rows
+    )

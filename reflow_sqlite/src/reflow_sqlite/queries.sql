@@ -484,6 +484,36 @@ DELETE FROM events WHERE run_id IN ({ids})
 -- name: purge_runs
 DELETE FROM runs WHERE id IN ({ids})
 
+-- -- dashboard reads ---------------------------------------------------------
+
+-- The runs created with a key, of every workflow, newest first: a seek in
+-- runs_key, walked backwards, that stops at the limit (never a sort, never
+-- a scan; INDEXED BY makes that a guarantee). Parameters: the key, the limit.
+-- name: find_by_key
+SELECT {run_columns} FROM runs INDEXED BY runs_key
+WHERE idempotency_key = ?
+ORDER BY created_at DESC, id DESC LIMIT ?
+
+-- A run's buffered events of every name, in arrival order (the order of
+-- their ids, which take_event takes them in): a seek in the partial index
+-- events_buffered, which holds buffered events only, then a sort of the
+-- run's buffered events alone. A finished run has none (its end retired
+-- them). Parameters: the run id, the limit.
+-- name: buffered_events
+SELECT name, payload, event_id FROM events INDEXED BY events_buffered
+WHERE run_id = ? AND taken_at IS NULL
+ORDER BY id LIMIT ?
+
+-- The runs that finished in a span of time, counted by minute (of
+-- finished_at, in microseconds: 60000000 to a minute) and status: a range
+-- of the partial index runs_finished, which holds finished runs only, so
+-- the cost is the runs that finished in the span, never the rest of the
+-- history. Parameters: the span's start (included), its end (excluded).
+-- name: finished_history
+SELECT finished_at / 60000000, status, count(*) FROM runs INDEXED BY runs_finished
+WHERE finished_at >= ? AND finished_at < ? AND status IN ('completed', 'failed', 'cancelled')
+GROUP BY 1, 2
+
 -- -- schedules ---------------------------------------------------------------
 
 -- name: get_schedule

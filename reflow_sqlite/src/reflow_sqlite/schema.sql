@@ -301,6 +301,20 @@ CREATE UNIQUE INDEX runs_debounce ON runs (workflow, debounce_key)
 -- (nullable, no default: no row is rewritten): existing runs have none.
 ALTER TABLE runs ADD COLUMN headers TEXT;
 
+-- Version 10: the reads of a dashboard.
+-- name: v10
+-- The runs created with each idempotency key, of every workflow, newest
+-- first: find_runs_by_key seeks the key and reads its runs in order, as
+-- many as it asks for (the UNIQUE (workflow, idempotency_key) index cannot
+-- be sought by the key alone). Partial: runs without a key are not in it.
+-- Keyed on columns nothing writes after the create (a debounced run has no
+-- key), so only creating and deleting a run touches it. The other reads
+-- need no index of their own: a run's buffered events are found through
+-- events_buffered, and the runs that finished in a span of minutes through
+-- runs_finished.
+CREATE INDEX runs_key ON runs (idempotency_key, created_at, id)
+    WHERE idempotency_key IS NOT NULL;
+
 -- -- what the trigger of versions 2 and 4 runs --------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those

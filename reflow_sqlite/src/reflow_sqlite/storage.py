@@ -31,6 +31,7 @@ import aiosqlite
 from reflow_core.adapter import (
     Lifecycle,
     check_child_start,
+    check_count,
     check_duration,
     check_list_limit,
     check_new_run,
@@ -52,9 +53,12 @@ from reflow_core.batching import GroupCommit
 from reflow_core.errors import ConfigError, StorageError
 from reflow_core.options import unknown_option
 from reflow_core.storage import (
+    MAX_HISTORY_MINUTES,
+    BufferedEvent,
     ClaimedRun,
     CreateResult,
     EventTake,
+    FinishedMinute,
     Lease,
     NewRun,
     QueueStats,
@@ -99,6 +103,8 @@ __all__ = ["SQLiteStorage", "parse_sqlite_url"]
 _MAX_BATCH = 256
 # One claim takes at most this many runs (each id is one SQL parameter).
 MAX_CLAIM = 10_000
+# A read's LIMIT is bound as a 64-bit integer: a larger limit asks for every row.
+_MAX_LIMIT = 2**63 - 1
 
 _T = TypeVar("_T")
 _NOTADB_CODES = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
@@ -687,3 +693,36 @@ class SQLiteStorage:
         if names is not None and not names:
             return []
         return await self._call("queue_stats", lambda now: scripts.queue_stats(now, names), "read")
+
+    # -- dashboard reads ---------------------------------------------------------------
+
+    async def find_runs_by_key(self, idempotency_key: str, *, limit: int = 20) -> list[RunRecord]:
+        """The runs created with ``idempotency_key``, of every workflow, newest
+        first: a seek in the partial index ``runs_key`` that stops at ``limit``."""
+        self._life.check("find_runs_by_key")
+        check_text(idempotency_key, "idempotency_key")
+        rows = min(check_count(limit, "limit"), _MAX_LIMIT)
+        return await self._call(
+            "find_runs_by_key", lambda now: scripts.find_by_key(now, idempotency_key, rows), "read"
+        )
+
+    async def list_buffered_events(self, run_id: str, *, limit: int = 100) -> list[BufferedEvent]:
+        """The run's events not taken yet, of every name, in arrival order,
+        read through the partial index ``events_buffered`` (none for a
+        missing or finished run)."""
+        self._life.check("list_buffered_events")
+        check_text(run_id, "run_id")
+        rows = min(check_count(limit, "limit"), _MAX_LIMIT)
+        return await self._call(
+            "list_buffered_events", lambda now: scripts.buffered_events(now, run_id, rows), "read"
+        )
+
+    async def finished_history(self, minutes: int) -> list[FinishedMinute]:
+        """The runs that finished in each of the last ``minutes`` minutes by the
+        storage clock, by status: a range of the partial index ``runs_finished``
+        (the runs that finished in those minutes, never the rest of the history)."""
+        self._life.check("finished_history")
+        check_count(minutes, "minutes", most=MAX_HISTORY_MINUTES)
+        return await self._call(
+            "finished_history", lambda now: scripts.finished_history(now, minutes), "read"
+        )

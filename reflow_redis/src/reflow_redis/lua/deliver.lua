@@ -2,7 +2,8 @@
 -- cap on the run's buffered events ('' none). Returns 0 when the run is
 -- missing or finished, 1 when the event is stored or its id was seen before,
 -- 2 when the run already holds as many buffered events as the cap allows
--- (nothing is stored).
+-- (nothing is stored). The event's arrival (the run's 'es' counter, and its
+-- id) goes to P:evm, for list_buffered_events.
 local id, name, eid = ARGV[5], ARGV[6], ARGV[8]
 local rk = run_key(id)
 local r = redis.call('HMGET', rk, 'st', 'wt', 'wf', 'pr', 'bb')
@@ -11,6 +12,9 @@ if eid ~= '' and redis.call('SISMEMBER', evids_key(id), eid) == 1 then return 1 
 if ARGV[9] ~= '' and buffered(id) >= tonumber(ARGV[9]) then return 2 end
 if eid ~= '' then redis.call('SADD', evids_key(id), eid) end
 redis.call('RPUSH', ev_key(id, name), ARGV[7])
+local arrival = num(redis.call('HINCRBY', rk, 'es', 1))
+if eid ~= '' then arrival = arrival .. '|' .. eid end
+redis.call('RPUSH', evmeta_key(id, name), arrival)
 redis.call('SADD', evnames_key(id), name)
 if r[1] == 'waiting' and r[2] == name and r[5] then
   -- Blocked: it stays so, ranked by its new due time.

@@ -23,6 +23,12 @@ local function run_key(id) return k('run', id) end
 local function steps_key(id) return k('steps', id) end
 local function lease_key(id) return k('lease', id) end
 local function ev_key(id, name) return k('ev', #id .. '.' .. id, name) end
+-- The arrival of each event of ev_key(id, name), in the same order: its
+-- place in the run's arrival order (the run's 'es' counter), then '|' and
+-- its event id when it has one. An event buffered by a version that kept no
+-- such list has none: this list is as long as the newest part of the
+-- buffer, so the buffer's first LLEN(ev) - LLEN(evm) events carry none.
+local function evmeta_key(id, name) return k('evm', #id .. '.' .. id, name) end
 local function evnames_key(id) return k('evnames', id) end
 local function evids_key(id) return k('evids', id) end
 -- A parent's children, score 0, members idx_member(created, child id): in
@@ -31,6 +37,20 @@ local function children_key(id) return k('children', id) end
 -- The unfinished children a parent started at one step (its wait_children set).
 local function open_key(id, step) return k('open', #id .. '.' .. id, step) end
 local TERMINAL = {completed = true, failed = true, cancelled = true}
+-- The runs created with an idempotency key, of every workflow: score 0,
+-- members idx_member(created, id), so the newest come first by lex order.
+-- create_run adds a run, purge_one removes it.
+local function bykey_key(key) return k('bykey', key) end
+-- The finished runs of one terminal status by finish time (us): what
+-- finished_history counts. A run is in the set of its status exactly while
+-- it is stored and finished: finished() adds it, requeue and purge_one
+-- remove it. P:finished holds the same runs, of every status, for purges.
+local function done_key(status) return k('done', status) end
+local function undone(id)
+  redis.call('ZREM', done_key('completed'), id)
+  redis.call('ZREM', done_key('failed'), id)
+  redis.call('ZREM', done_key('cancelled'), id)
+end
 local CHILDREN = 'reflow:children:'  -- waiting_for of a run parked by wait_children
 
 local function wake(wf, delay_us)
@@ -333,7 +353,7 @@ end
 local function drop_events(id)
   local names = redis.call('SMEMBERS', evnames_key(id))
   if #names == 0 then return end
-  for _, name in ipairs(names) do redis.call('DEL', ev_key(id, name)) end
+  for _, name in ipairs(names) do redis.call('DEL', ev_key(id, name), evmeta_key(id, name)) end
   redis.call('DEL', evnames_key(id))
 end
 
@@ -344,6 +364,7 @@ local function purge_one(id)
   local r = redis.call('HMGET', rk, 'wf', 'c', 'idem', 'st', 'pa', 'k1', 'k2', 'db')
   if r[4] and not TERMINAL[r[4]] then
     redis.call('ZREM', k('finished'), id)
+    undone(id)
     return 0
   end
   if r[1] then
@@ -363,8 +384,11 @@ local function purge_one(id)
       end
       redis.call('DEL', ck)
     end
-    if r[3] and r[3] ~= '' and redis.call('HGET', k('idem', r[1]), r[3]) == id then
-      redis.call('HDEL', k('idem', r[1]), r[3])
+    if r[3] and r[3] ~= '' then
+      if redis.call('HGET', k('idem', r[1]), r[3]) == id then
+        redis.call('HDEL', k('idem', r[1]), r[3])
+      end
+      redis.call('ZREM', bykey_key(r[3]), member)
     end
     if r[8] and redis.call('HGET', k('debounce', r[1]), r[8]) == id then
       redis.call('HDEL', k('debounce', r[1]), r[8])
@@ -372,19 +396,20 @@ local function purge_one(id)
     -- Every end of a run left these already; a run of an older version may not have.
     if r[6] then redis.call('SREM', k('holders', r[6]), id) end
     if r[7] then redis.call('SREM', k('holders', r[7]), id) end
-    for _, name in ipairs(redis.call('SMEMBERS', evnames_key(id))) do
-      redis.call('DEL', ev_key(id, name))
-    end
-    redis.call('DEL', evnames_key(id), evids_key(id), steps_key(id), rk)
+    drop_events(id)
+    redis.call('DEL', evids_key(id), steps_key(id), rk)
   end
   redis.call('ZREM', k('finished'), id)
+  undone(id)
   return 1
 end
 
--- A run reached a terminal status: index it by finish time, and with a
--- retention set, expire up to two runs that finished long enough ago.
-local function finished(id)
+-- A run reached terminal status: index it by finish time, for purges and
+-- in the set of its status, and with a retention set, expire up to two runs
+-- that finished long enough ago.
+local function finished(id, status)
   redis.call('ZADD', k('finished'), num(NOW), id)
+  redis.call('ZADD', done_key(status), num(NOW), id)
   if RETENTION > 0 then
     local old = redis.call('ZRANGE', k('finished'), '-inf', '(' .. num(NOW - RETENTION),
       'BYSCORE', 'LIMIT', 0, 2)
@@ -524,7 +549,10 @@ local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
   local member = idx_member(now, id)
   redis.call('ZADD', k('idx'), 0, member)
   redis.call('ZADD', k('idx', 'wf', wf), 0, member)
-  if idem ~= '' then redis.call('HSET', k('idem', wf), idem, id) end
+  if idem ~= '' then
+    redis.call('HSET', k('idem', wf), idem, id)
+    redis.call('ZADD', bykey_key(idem), 0, member)
+  end
   if db ~= '' then redis.call('HSET', k('debounce', wf), db, id) end
   redis.call('SADD', k('workflows'), wf)
   wake(wf, tonumber(due) - NOW)
@@ -596,7 +624,7 @@ local function cancel_below(id)
       end
       redis.call('ZREM', k('parked', c[2]), cid)
       drop_events(cid)
-      finished(cid)
+      finished(cid, 'cancelled')
       if c[3] and c[4] then redis.call('SREM', open_key(c[3], c[4]), cid) end
     end
   end
@@ -618,7 +646,7 @@ local function finish_one(b)
   drop_lease(id, wf)
   release(id, k1, k2)
   drop_events(id)
-  finished(id)
+  finished(id, ARGV[b + 2])
   child_ended(id, pa, ps)
   return 1
 end

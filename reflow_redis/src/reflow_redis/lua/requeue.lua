@@ -29,6 +29,7 @@ for i = 1, #all, 2 do
   if status == 'failed' then redis.call('HDEL', sk, all[i]) end
 end
 redis.call('ZREM', k('finished'), id)
+undone(id)
 due_add(r[2], r[6], num(NOW), id)
 redis.call('SADD', k('workflows'), r[2])
 if r[3] and r[4] and redis.call('ZSCORE', children_key(r[3]), idx_member(r[5], id)) then

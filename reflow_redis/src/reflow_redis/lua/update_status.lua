@@ -41,6 +41,6 @@ drop_events(id)
 -- Before finished(), whose retention purge could delete a long-finished
 -- child's list of its own children.
 if target == 'cancelled' then cancel_below(id) end
-finished(id)
+finished(id, target)
 child_ended(id, pa, ps)
 return 1

@@ -40,11 +40,14 @@ from reflow_core.errors import (
 )
 from reflow_core.storage import (
     CHILDREN_WAIT_PREFIX,
+    MAX_HISTORY_MINUTES,
     TERMINAL_STATUSES,
+    BufferedEvent,
     ClaimedRun,
     ConcurrencyLimit,
     CreateResult,
     EventTake,
+    FinishedMinute,
     Lease,
     NewRun,
     QueueStats,
@@ -203,6 +206,19 @@ MIGRATIONS = (
         # the file have.
         "ALTER TABLE runs ADD COLUMN headers TEXT",
     ),
+    # --8<-- [start:dashboard-schema]
+    (  # Version 9: what a dashboard reads.
+        # The id an event was delivered with, listed with the buffered event
+        # (the events buffered before this version show none: their ids are
+        # in event_ids, which does not say which event had which).
+        "ALTER TABLE events ADD COLUMN event_id TEXT",
+        # The runs of each idempotency key, of every workflow, newest first:
+        # one seek. UNIQUE (workflow, idempotency_key) cannot be sought by
+        # the key alone. Runs created without a key are not in it.
+        "CREATE INDEX runs_key ON runs (idempotency_key, created_at, id)"
+        " WHERE idempotency_key IS NOT NULL",
+    ),
+    # --8<-- [end:dashboard-schema]
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # kit.render_sql fills in our own column lists, never a value: values are bound.
@@ -355,6 +371,26 @@ OPEN_DEBOUNCED = kit.render_sql(
     COLUMNS,
 )
 # --8<-- [end:rates-sql]
+# --8<-- [start:dashboard-sql]
+LARGEST_LIMIT = 2**63 - 1  # the largest LIMIT SQLite binds
+# The runs of :key, newest first, as many as asked: a seek in runs_key,
+# read backwards (`idempotency_key = ?` implies its `IS NOT NULL`).
+RUNS_BY_KEY = kit.render_sql(
+    "SELECT {run} FROM runs WHERE idempotency_key = ? ORDER BY created_at DESC, id DESC LIMIT ?",
+    COLUMNS,
+)
+# A run's buffered events, of every name, in arrival order: a seek in
+# events_run (the table holds buffered events only: a take or the run's end
+# deletes them), then a sort of that run's alone.
+BUFFERED_EVENTS = "SELECT name, payload, event_id FROM events WHERE run_id = ? ORDER BY seq LIMIT ?"
+# The runs that finished from :since to before :until, by minute (60,000,000
+# microseconds) and status: a range of runs_finished, which holds finished
+# runs only, so the rest of the history is never read.
+FINISHED_BY_MINUTE = (
+    "SELECT finished_at / 60000000, status, count(*) FROM runs"
+    " WHERE finished_at >= :since AND finished_at < :until GROUP BY 1, 2"
+)
+# --8<-- [end:dashboard-sql]
 # --8<-- [end:schema]
 
 
@@ -843,8 +879,8 @@ class TutorialStorage:
             if event_id is not None:
                 cur.execute("INSERT INTO event_ids VALUES (?, ?)", (run_id, event_id))
             cur.execute(
-                "INSERT INTO events (run_id, name, payload) VALUES (?, ?, ?)",
-                (run_id, event, payload),
+                "INSERT INTO events (run_id, name, payload, event_id) VALUES (?, ?, ?, ?)",
+                (run_id, event, payload, event_id),
             )
             if tuple(found) == ("waiting", event):  # the run waits for it: due at once
                 cur.execute(
@@ -1131,6 +1167,51 @@ class TutorialStorage:
         return await self._tx("queue_stats", body, write=False)
 
     # --8<-- [end:workers]
+
+    # --8<-- [start:dashboard]
+    async def find_runs_by_key(self, idempotency_key: str, *, limit: int = 20) -> list[RunRecord]:
+        kit.check_text(idempotency_key, "idempotency_key")
+        # The same ConfigError on every backend; SQLite binds at most a 64-bit
+        # integer, and a larger limit asks for every row anyway.
+        limit = min(kit.check_count(limit, "limit"), LARGEST_LIMIT)
+
+        def body(cur: sqlite3.Cursor, now: int) -> list[RunRecord]:
+            return [_run(row) for row in cur.execute(RUNS_BY_KEY, (idempotency_key, limit))]
+
+        return await self._tx("find_runs_by_key", body, write=False)
+
+    async def list_buffered_events(self, run_id: str, *, limit: int = 100) -> list[BufferedEvent]:
+        kit.check_text(run_id, "run_id")
+        limit = min(kit.check_count(limit, "limit"), LARGEST_LIMIT)
+
+        def body(cur: sqlite3.Cursor, now: int) -> list[BufferedEvent]:
+            # A missing run has no events, and neither has a finished one:
+            # _end deleted them in the transaction that ended it.
+            rows = cur.execute(BUFFERED_EVENTS, (run_id, limit))
+            return [BufferedEvent(name, payload, event_id) for name, payload, event_id in rows]
+
+        return await self._tx("list_buffered_events", body, write=False)
+
+    async def finished_history(self, minutes: int) -> list[FinishedMinute]:
+        kit.check_count(minutes, "minutes", most=MAX_HISTORY_MINUTES)
+        minute = 60_000_000  # in microseconds, as the times are stored
+
+        def body(cur: sqlite3.Cursor, now: int) -> list[FinishedMinute]:
+            # The current minute by the store's clock and the minutes - 1
+            # before it; a finish stored later than this minute (by a host
+            # clock that stepped back since) is not in any of them.
+            current = now // minute
+            span = {"since": (current - minutes + 1) * minute, "until": (current + 1) * minute}
+            counts = [
+                (kit.from_epoch_us(at * minute), status, count)
+                for at, status, count in cur.execute(FINISHED_BY_MINUTE, span)
+            ]
+            # The kit assembles the records, oldest first, minutes without a finish left out.
+            return kit.finished_minutes_from_counts(counts)
+
+        return await self._tx("finished_history", body, write=False)
+
+    # --8<-- [end:dashboard]
 
 
 # The kit maps rows in its column order; times are read with kit.from_epoch_us.
