@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._durations import Duration, to_seconds
 from .codec import JSONValue, WaitTimedOut
 from .context import CancelSignal, ChildHandle, FailureContext, StepContext
 from .engine import ChildRun, Clock, Engine, Run, RunList, StepResult, SystemClock
@@ -74,6 +75,7 @@ __all__ = [
     "ConfigError",
     "CorruptDataError",
     "DuplicateStepError",
+    "Duration",
     "Engine",
     "EngineClosedError",
     "Event",
@@ -132,5 +134,6 @@ __all__ = [
     "__version__",
     "available_backends",
     "open_storage",
+    "to_seconds",
     "workflow",
 ]

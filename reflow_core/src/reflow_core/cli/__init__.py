@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from ._common import URL_ENV, State, describe_error
+from ._common import URL_ENV, State, describe_error, pass_state, run_async
 from ._events import events
 from ._fleet import stats, workers
 from ._plugins import COMMANDS_GROUP, register_commands
@@ -29,7 +29,7 @@ from ._schedules import schedules
 from ._storage import storage
 from .worker import worker
 
-__all__ = ["COMMANDS_GROUP", "URL_ENV", "State", "build_cli", "main"]
+__all__ = ["COMMANDS_GROUP", "URL_ENV", "State", "build_cli", "main", "pass_state", "run_async"]
 
 
 class ReflowGroup(click.Group):

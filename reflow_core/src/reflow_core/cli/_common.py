@@ -9,7 +9,6 @@ import json
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -23,8 +22,16 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from reflow_core import codec
-from reflow_core.errors import ReflowError, SerializationError
+from reflow_core.admin import (
+    compact,
+    decode_stored,
+    describe_error,
+    one_line,
+    pretty,
+    relative,
+    stamp,
+    to_jsonable,
+)
 from reflow_core.options import redact, safe_url, url_secrets
 from reflow_core.registry import open_storage
 from reflow_core.storage import Storage
@@ -32,12 +39,17 @@ from reflow_core.storage import Storage
 __all__ = [
     "URL_ENV",
     "State",
+    "compact",
+    "decode_stored",
+    "describe_error",
     "echo_json",
     "fail",
     "one_line",
     "pass_state",
+    "pretty",
     "relative",
     "run_async",
+    "stamp",
     "to_jsonable",
 ]
 
@@ -170,11 +182,6 @@ def fail(message: str) -> NoReturn:
     raise click.ClickException(one_line(message))
 
 
-def one_line(text: str) -> str:
-    """``text`` with its lines joined, for a one-line error."""
-    return " ".join(part.strip() for part in text.splitlines() if part.strip())
-
-
 def run_async(work: Callable[[], Awaitable[T]]) -> T:
     """Run ``work()`` on a fresh event loop (errors are reported by the root group)."""
 
@@ -184,77 +191,9 @@ def run_async(work: Callable[[], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
-def describe_error(exc: BaseException) -> str:
-    """One line saying what went wrong, with the stable code of a Reflow error."""
-    if isinstance(exc, ReflowError):
-        return one_line(f"{exc} [{exc.code}]")
-    text = one_line(str(exc))
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def to_jsonable(value: Any) -> Any:
-    """``value`` as JSON-ready data: datetimes and dates in ISO 8601,
-    durations in seconds, mappings and sequences walked."""
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [to_jsonable(v) for v in value]
-    return value
-
-
 def echo_json(obj: Mapping[str, Any]) -> None:
     """One JSON object on one line of standard output."""
     click.echo(json.dumps(to_jsonable(obj), ensure_ascii=False, sort_keys=False))
-
-
-def decode_stored(text: str | None) -> tuple[Any, str | None]:
-    """A stored value decoded, and why it could not be (then the value is ``None``)."""
-    if text is None:
-        return None, None
-    try:
-        return codec.decode(text), None
-    except SerializationError as exc:
-        return None, exc.reason
-
-
-def pretty(value: Any) -> str:
-    """A decoded value as indented JSON."""
-    return json.dumps(to_jsonable(value), ensure_ascii=False, indent=2)
-
-
-def compact(value: Any, limit: int = 60) -> str:
-    """A decoded value as one line of JSON, cut at ``limit`` characters."""
-    text = json.dumps(to_jsonable(value), ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def relative(moment: datetime | None, now: datetime) -> str:
-    """``moment`` relative to ``now``: ``"5s ago"``, ``"in 3h"``, ``"-"`` for none."""
-    if moment is None:
-        return "-"
-    seconds = (now - moment).total_seconds()
-    ahead = seconds < 0
-    seconds = abs(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            amount = f"{int(seconds // size)}{unit}"
-            break
-    else:
-        amount = f"{int(seconds)}s"
-    if amount == "0s":
-        return "just now"
-    return f"in {amount}" if ahead else f"{amount} ago"
-
-
-def stamp(moment: datetime | None) -> str:
-    """``moment`` in UTC to the second, ``"-"`` for none."""
-    if moment is None:
-        return "-"
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 @contextlib.contextmanager

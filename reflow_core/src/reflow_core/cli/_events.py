@@ -7,15 +7,12 @@ import json
 import click
 
 from reflow_core import codec
+from reflow_core.admin import MAX_BUFFERED
 from reflow_core.errors import SerializationError
 
 from ._common import State, echo_json, fail, pass_state, run_async
 
 __all__ = ["MAX_BUFFERED", "events"]
-
-MAX_BUFFERED = 1000
-"""Unconsumed events a run may hold before a send is refused: the
-:class:`~reflow_core.engine.Engine` default of ``max_buffered_events``."""
 
 
 @click.group()

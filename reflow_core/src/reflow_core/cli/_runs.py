@@ -3,32 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, get_args
+from typing import Any
 
 import click
 from rich.table import Table
 from rich.text import Text
 
 from reflow_core._durations import describe, to_seconds
+from reflow_core.admin import (
+    ACTIVE_STATUSES,
+    RESUMABLE_STATUSES,
+    STATUSES,
+    Outcome,
+    cancel_run,
+    error_lines,
+    error_summary,
+    resume_run,
+    visible_steps,
+)
 from reflow_core.engine import Engine
 from reflow_core.errors import ConfigError, RunNotFoundError
 from reflow_core.limits import Rate, hold_reason
 from reflow_core.storage import (
     CHILDREN_WAIT_PREFIX,
     RATE_BLOCK_PREFIX,
-    TERMINAL_STATUSES,
     RunRecord,
-    RunStatus,
     StepRecord,
     Storage,
 )
-from reflow_core.workflow import RESERVED_PREFIX
 
 from ._common import (
     State,
-    compact,
     decode_stored,
     echo_json,
     fail,
@@ -42,9 +48,6 @@ from ._common import (
 
 __all__ = ["runs"]
 
-STATUSES: tuple[str, ...] = get_args(RunStatus)
-ACTIVE_STATUSES = ("delayed", "pending", "running", "sleeping", "waiting")
-RESUMABLE_STATUSES = ("failed", "cancelled")
 STATUS_STYLES = {
     "delayed": "blue",
     "pending": "yellow",
@@ -194,54 +197,6 @@ def ls(
 # -- show -------------------------------------------------------------------------
 
 
-def _visible_steps(steps: dict[str, StepRecord]) -> list[StepRecord]:
-    """The run's own steps (not the engine's bookkeeping), in the order they
-    were stored, steps not finished yet last."""
-    shown = [s for name, s in steps.items() if not name.startswith(RESERVED_PREFIX)]
-    far = datetime.max.replace(tzinfo=None)
-    return sorted(
-        shown,
-        key=lambda s: s.completed_at.replace(tzinfo=None) if s.completed_at else far,
-    )
-
-
-def _type_name(name: Any) -> str:
-    text = str(name)
-    return text.removeprefix("builtins.")
-
-
-def _error_summary(info: Any) -> str:
-    """``Type: message`` of a stored error."""
-    if not isinstance(info, dict):
-        return compact(info, 200)
-    head = _type_name(info.get("type") or info.get("code") or "error")
-    return f"{head}: {info.get('message', '')}".rstrip()
-
-
-def _error_lines(info: Any, *, brief: bool = False) -> list[str]:
-    """A stored error (an ``ErrorInfo`` mapping) as lines for people;
-    ``brief``: without its traceback and causes."""
-    if not isinstance(info, dict):
-        return [compact(info, 200)]
-    lines = [_error_summary(info)]
-    extra = [
-        f"{key} {info[key]}" for key in ("code", "step", "attempts") if info.get(key) is not None
-    ]
-    if extra:
-        lines.append("(" + ", ".join(extra) + ")")
-    if brief:
-        return lines
-    traceback = info.get("traceback")
-    if isinstance(traceback, str) and traceback:
-        lines += ["", *traceback.rstrip().splitlines()]
-    for cause in info.get("causes") or []:
-        if isinstance(cause, dict):
-            lines.append(
-                f"caused by {_type_name(cause.get('type', '?'))}: {cause.get('message', '')}"
-            )
-    return lines
-
-
 def _step_json(step: StepRecord) -> dict[str, Any]:
     output, output_problem = decode_stored(step.output)
     error, error_problem = decode_stored(step.error)
@@ -289,7 +244,7 @@ def show(state: State, run_id: str) -> None:
         values[what], problem = decode_stored(getattr(record, what))
         if problem:
             problems.append(f"{what}: {problem}")
-    visible = _visible_steps(steps)
+    visible = visible_steps(steps)
     if state.json:
         echo_json(
             {
@@ -364,7 +319,7 @@ def show(state: State, run_id: str) -> None:
         # The traceback of a failed step is shown with the step, below.
         brief = any(s.name == failed_step and s.error is not None for s in visible)
         out.print(Text("\nerror", style="bold red"))
-        out.print("\n".join(_error_lines(error, brief=brief)), markup=False, soft_wrap=True)
+        out.print("\n".join(error_lines(error, brief=brief)), markup=False, soft_wrap=True)
     if children:
         kids = Table(box=None, pad_edge=False, header_style="bold")
         for column in ("CHILD", "WORKFLOW", "STEP", "STATUS", "CREATED"):
@@ -387,7 +342,7 @@ def show(state: State, run_id: str) -> None:
         table.add_column(column, no_wrap=column != "ERROR")
     for step in visible:
         step_error, _ = decode_stored(step.error)
-        summary = "" if step_error is None else _error_summary(step_error)
+        summary = "" if step_error is None else error_summary(step_error)
         table.add_row(
             step.name,
             _status(step.status),
@@ -402,19 +357,10 @@ def show(state: State, run_id: str) -> None:
         step_error, _ = decode_stored(step.error)
         if step_error is not None:
             out.print(Text(f"\nstep {step.name!r} failed", style="bold red"))
-            out.print("\n".join(_error_lines(step_error)), markup=False, soft_wrap=True)
+            out.print("\n".join(error_lines(step_error)), markup=False, soft_wrap=True)
 
 
 # -- cancel / resume ----------------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    """What a bulk change did to one run."""
-
-    run_id: str
-    changed: bool
-    reason: str | None = None
 
 
 async def _select(store: Storage, statuses: Sequence[str], workflow: str | None) -> list[str]:
@@ -441,31 +387,6 @@ def _describe_filter(statuses: Sequence[str], workflow: str | None) -> str:
     return ", ".join(parts)
 
 
-async def _cancel_one(engine: Engine, store: Storage, run_id: str) -> Outcome:
-    record = await store.get_run(run_id)
-    if record is None:
-        return Outcome(run_id, False, "not found")
-    if record.status in TERMINAL_STATUSES:
-        return Outcome(run_id, False, f"already {record.status}")
-    if await engine.cancel(run_id):
-        return Outcome(run_id, True)
-    return Outcome(run_id, False, "finished meanwhile")
-
-
-async def _resume_one(engine: Engine, store: Storage, run_id: str) -> Outcome:
-    del engine
-    record = await store.get_run(run_id)
-    if record is None:
-        return Outcome(run_id, False, "not found")
-    if record.status not in RESUMABLE_STATUSES:
-        return Outcome(run_id, False, f"is {record.status}, not failed or cancelled")
-    # Engine.resume checks that this engine serves the workflow; a command
-    # serves none, so the run is requeued through the storage directly.
-    if await store.requeue_run(run_id):
-        return Outcome(run_id, True)
-    return Outcome(run_id, False, "changed meanwhile")
-
-
 def _change(
     state: State,
     *,
@@ -485,7 +406,11 @@ def _change(
         raise click.UsageError("give run ids or a filter (--status, --workflow), not both")
     if not run_ids and not by_filter:
         raise click.UsageError("give run ids, or select runs with --status and/or --workflow")
-    act = _cancel_one if verb == "cancel" else _resume_one
+
+    async def act(engine: Engine, store: Storage, run_id: str) -> Outcome:
+        if verb == "cancel":
+            return await cancel_run(engine, store, run_id)
+        return await resume_run(store, run_id)
 
     async def work() -> list[Outcome]:
         async with state.storage() as store:

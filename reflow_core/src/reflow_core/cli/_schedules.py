@@ -9,8 +9,8 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from reflow_core._durations import describe
-from reflow_core.schedules import Recurrence, find_schedule, set_paused
+from reflow_core.admin import recurrence_text
+from reflow_core.schedules import find_schedule, set_paused
 from reflow_core.storage import NewRun, RunRecord, ScheduleRecord
 
 from ._common import (
@@ -26,19 +26,6 @@ from ._common import (
 )
 
 __all__ = ["schedules"]
-
-
-def _recurrence(canonical: str) -> str:
-    """A stored recurrence for people: ``every 1h``, ``cron 0 * * * *``."""
-    try:
-        parsed = Recurrence.from_canonical(canonical)
-    except ValueError:
-        return canonical
-    if parsed.cron is not None:
-        return f"cron {parsed.cron}"
-    if parsed.every is not None:
-        return f"every {describe(parsed.every.total_seconds())}"
-    return canonical
 
 
 def _schedule_json(record: ScheduleRecord) -> dict[str, Any]:
@@ -88,7 +75,7 @@ def ls(state: State) -> None:
         table.add_row(
             record.key,
             record.workflow,
-            _recurrence(record.recurrence),
+            recurrence_text(record.recurrence),
             Text("paused", style="yellow") if record.paused else "active",
             "-"
             if record.paused
