@@ -17,6 +17,7 @@ for _name in (
     "reflow_sqlite",
     "reflow_postgres",
     "reflow_redis",
+    "reflow_dashboard",
     "reflow_conformance",
 ):
     importlib.import_module(_name)
