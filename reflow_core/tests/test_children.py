@@ -190,10 +190,14 @@ async def test_child_failed_error_is_what_the_handler_sees(storage: Storage) -> 
 
 async def test_cancelling_a_parent_cancels_its_children_and_theirs(storage: Storage) -> None:
     started = asyncio.Event()
+    interrupted = asyncio.Event()
 
     async def forever(ctx: StepContext[Any, Any]) -> None:
         started.set()
-        await ctx.signal.wait_async()
+        try:
+            await ctx.signal.wait_async()
+        finally:
+            interrupted.set()
 
     leaf = workflow("leaf").step("spin", forever)
     middle = workflow("middle").child("leaf", leaf)
@@ -208,6 +212,9 @@ async def test_cancelling_a_parent_cancels_its_children_and_theirs(storage: Stor
             record = await storage.get_run(run_id)
             assert record is not None
             assert record.status == "cancelled", run_id
+        # The grandchild's step runs in this engine: it is interrupted at
+        # once, not at its next heartbeat (a third of the 30 s lease away).
+        await asyncio.wait_for(interrupted.wait(), 3)
         assert not await engine.cancel(mid.id)
 
 

@@ -652,15 +652,19 @@ class Engine:
     async def cancel(self, run_id: str) -> bool:
         """Cancel a run that has not finished, and every unfinished child run
         below it, in one write. Returns False if it is missing or already
-        finished. A step running in this engine is interrupted at once; a
-        worker elsewhere stops at its next heartbeat or write."""
+        finished. A step of the run or of a child run below it running in
+        this engine is interrupted at once; a worker elsewhere stops at its
+        next heartbeat or write."""
         await self._ensure_initialized("cancel")
         error = codec.encode({"code": "run_cancelled", "message": "cancelled", "step": None})
         changed = await self._storage.update_run_status(run_id, "cancelled", error=error)
-        state = self._worker.inflight.get(run_id)
-        if changed and state is not None:
-            state.interrupt("cancelled")
         if changed:
+            # The run and, cancelled in the same write, its unfinished
+            # descendants (a child's id extends its parent's) that run here.
+            below = f"{run_id}:"
+            for held_id, state in list(self._worker.inflight.items()):
+                if held_id == run_id or held_id.startswith(below):
+                    state.interrupt("cancelled")
             self._notify_finished(run_id)
             self._worker.wake.set()  # a parent waiting for it may be claimable now
             if self._observers.active:
