@@ -39,10 +39,8 @@ _MODULE = "broken_adapters"
 _PROFILE = "reflow-ci-no-shrink"
 """Registered by ``broken_adapters`` when loaded as a plugin."""
 _MACHINE = "test_stateful.py::TestStorageStateMachine::test_stateful_machine"
-_TIMEOUT = 160.0
-"""Seconds one run of the suite may take before the check gives up on it (a
-run of ``test_dashboard_reads`` waits up to a minute for the storage clock's
-next minute)."""
+_TIMEOUT = 100.0
+"""Seconds one run of the suite may take before the check gives up on it."""
 
 _NAMED = re.compile(r"PromiseBroken: broken promise: (.+)$", re.MULTILINE)
 _FAILED = re.compile(r"^FAILED (\S+)(?: - (.*))?$", re.MULTILINE)
@@ -402,7 +400,12 @@ def test_an_adapter_declaring_an_area_missing_passes_the_rest(suite_runs: SuiteR
     for_area = {Path(path).stem for path, why in skips if why == reason}
     assert for_area == {"test_schedules", "test_clock", "test_arguments", "test_deadlines"}, report
     others = {why for _, why in skips if why != reason}
-    assert all("does not declare capability 'multiprocess'" in why for why in others), report
+    # Besides the area: the tests of another process, and the one that waits
+    # for the next minute (this run is not given --reflow-wait-minutes).
+    assert all(
+        "does not declare capability 'multiprocess'" in why or "--reflow-wait-minutes" in why
+        for why in others
+    ), report
     assert "reflow-conformance: NOT tested: schedules" in report, report
     for module in ("test_codec", "test_stateful", "test_clock", "test_arguments", "test_deadlines"):
         assert f"{module}.py::" not in report, f"{module} failed or was skipped:\n{report}"

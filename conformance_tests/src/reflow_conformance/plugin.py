@@ -219,6 +219,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         items[slot] = item
 
 
+WAIT_MINUTES_ENV = "REFLOW_CONFORMANCE_WAIT_MINUTES"
+"""Set (to anything) to run the tests marked ``reflow_waits_minute``, as
+``--reflow-wait-minutes`` does."""
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("reflow-conformance", "Reflow storage conformance suite")
     group.addoption(
@@ -267,6 +272,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="SECONDS",
         help="the lease the suite lets lapse in real time (default 0.3 s)",
     )
+    group.addoption(
+        "--reflow-wait-minutes",
+        action="store_true",
+        default=bool(os.environ.get(WAIT_MINUTES_ENV)),
+        help="also run the tests that wait for the storage clock's next minute (up to a "
+        f"minute of real time each; or set {WAIT_MINUTES_ENV}=1)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -276,6 +288,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "reflow_conformance: a test of the Reflow storage contract")
     config.addinivalue_line(
         "markers", "reflow_requires(capability): skip unless the adapter declares the capability"
+    )
+    config.addinivalue_line(
+        "markers",
+        "reflow_waits_minute: waits for the storage clock's next minute; skipped unless "
+        "--reflow-wait-minutes",
     )
     config.addinivalue_line(
         "markers",
@@ -446,6 +463,13 @@ def reflow(
                 pytest.fail(f"reflow_area({area!r}): unknown area; known: {', '.join(AREAS)}")
             if area in factory.without:
                 pytest.skip(area_skip_reason(factory.name, area))
+    if request.node.get_closest_marker("reflow_waits_minute") and not pytestconfig.getoption(
+        "--reflow-wait-minutes"
+    ):
+        pytest.skip(
+            "waits up to a minute of real time for the storage clock's next minute: "
+            f"run with --reflow-wait-minutes (or {WAIT_MINUTES_ENV}=1)"
+        )
     for marker in request.node.iter_markers("reflow_requires"):
         for capability in marker.args:
             if capability not in factory.capabilities:

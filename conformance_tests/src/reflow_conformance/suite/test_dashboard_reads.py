@@ -10,7 +10,8 @@ run counted in the minute of the ``updated_at`` it reads back as it ended:
 they expect no other client to end, requeue or purge runs in that store
 while they run. One of them purges every run of the store that has
 finished, as the retention tests do, and one waits for the storage clock's
-next minute (up to a minute of real time).
+next minute (up to a minute of real time): it runs only with
+``--reflow-wait-minutes``.
 """
 
 from __future__ import annotations
@@ -397,6 +398,7 @@ class TestHistoryWindow:
 
         check()
 
+    @pytest.mark.reflow_waits_minute
     def test_a_run_that_finished_before_the_window_is_not_counted(self, reflow: Harness) -> None:
         """A run ends; once the storage clock is in a later minute, a window
         that starts after the run's minute leaves it out, and one a minute
