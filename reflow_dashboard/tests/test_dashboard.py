@@ -1027,6 +1027,33 @@ def test_the_runs_stream_says_refresh_when_a_run_is_added(dash: Dash) -> None:
         stream.close()
 
 
+@pytest.mark.parametrize("server", ["postgres", "redis"])
+def test_a_wake_up_hint_refreshes_a_runs_stream_before_its_next_tick(
+    server: str, request: pytest.FixtureRequest
+) -> None:
+    """On a backend that sends wake-up hints, a run another process creates
+    reaches a watched runs list at once, not at the next 30 s poll."""
+    url = request.getfixturevalue(f"{server}_url")
+    storage, other = open_storage(url), open_storage(url)
+    with TestClient(create_app(storage, refresh="30s"), base_url=ORIGIN) as client:
+        dash = Dash(client, storage)
+        dash.call(storage.initialize)
+        dash.call(other.initialize)
+        try:
+            live = dash.page("/runs").one(data_live=None).attrs["data-live"]
+            stream = _Stream(client, live)
+            try:
+                stream.wait_for("id: ")
+                dash.call(other.create_run, NewRun(workflow="hinted", input=codec.encode(1)))
+                seen = stream.wait_for("event: refresh", timeout=10)
+                assert seen[-1] == "event: refresh"
+            finally:
+                stream.close()
+        finally:
+            dash.call(other.close)
+            dash.call(storage.close)
+
+
 def test_a_stream_seen_from_a_stale_page_refreshes_at_once(dash: Dash) -> None:
     stream = _Stream(dash.client, "/live?view=overview&fp=stale")
     try:

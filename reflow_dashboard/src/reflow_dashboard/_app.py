@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterator, Mapping
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -45,7 +45,7 @@ from reflow_core.errors import ReflowError, SerializationError
 from reflow_core.options import redact, url_secrets
 from reflow_core.registry import open_storage
 from reflow_core.schedules import find_schedule, set_paused
-from reflow_core.storage import NewRun, Storage
+from reflow_core.storage import NewRun, Storage, WakeupSource, WakeupSubscription
 
 from . import _views as views
 from ._auth import AUTH_COOKIE, Auth, BasicAuth, TokenAuth
@@ -129,6 +129,22 @@ def _is_fragment(request: Request) -> bool:
     return request.query_params.get("fragment") == "1" or "x-reflow-fragment" in request.headers
 
 
+class _EveryWorkflow(Collection[str]):
+    """The workflows whose wake-up hints the dashboard wants: all of them."""
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())  # no due-time timers of its own: it polls anyway
+
+    def __len__(self) -> int:
+        return 0
+
+
+_EVERY_WORKFLOW = _EveryWorkflow()
+
+
 class Dashboard:
     """The state of one dashboard application: its storage (opened from a
     URL, or the caller's), its settings and the engine its actions use."""
@@ -164,6 +180,11 @@ class Dashboard:
         self._closing: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._prints: dict[str, tuple[float, str]] = {}
+        self._hinted_at = 0.0
+        self._hint = asyncio.Event()
+        self._hints: WakeupSubscription | None = None
+        self._hints_asked = False
+        self._hints_lock = asyncio.Lock()
         self.workflow_names = views.WorkflowNames()
         self._print_locks: dict[str, asyncio.Lock] = {}
 
@@ -203,6 +224,29 @@ class Dashboard:
             self._loop = asyncio.get_running_loop()
         return self._closing
 
+    async def hint(self) -> asyncio.Event:
+        """An event set at the storage's next wake-up hint (a run created,
+        handed back or requeued, an event delivered, a sleep or wait due):
+        live views look again at once rather than at their next tick. On
+        the first call, the dashboard subscribes where the storage sends
+        hints (a :class:`~reflow_core.storage.WakeupSource`); elsewhere the
+        event is never set and polling alone keeps the views current."""
+        if not self._hints_asked:
+            async with self._hints_lock:
+                store = await self.storage()
+                if not self._hints_asked and isinstance(store, WakeupSource):
+                    try:
+                        self._hints = await store.subscribe_wakeups(_EVERY_WORKFLOW, self._hinted)
+                    except ReflowError as exc:  # polling still works
+                        logger.warning("no wake-up hints: %s", self.describe(exc))
+                self._hints_asked = True
+        return self._hint
+
+    def _hinted(self) -> None:
+        self._hinted_at = time.monotonic()
+        woken, self._hint = self._hint, asyncio.Event()
+        woken.set()
+
     def close_streams(self) -> None:
         """End every live stream (from any thread, a signal handler included)."""
         if self._closing is not None and self._loop is not None:
@@ -211,12 +255,17 @@ class Dashboard:
 
     async def startup(self) -> None:
         self._closing = None  # a new start: streams may run again
+        self._hint, self._hints_lock = asyncio.Event(), asyncio.Lock()
         self.closing()
         if self._owned:
             await self.storage()
 
     async def shutdown(self) -> None:
         self.closing().set()
+        hints, self._hints = self._hints, None
+        self._hints_asked = False
+        if hints is not None:
+            await hints.close()
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.close()
@@ -247,7 +296,8 @@ class Dashboard:
         async with lock:
             cached = self._prints.get(key)
             now = time.monotonic()
-            if cached is not None and now - cached[0] < self.refresh * 0.9:
+            fresh = cached is not None and cached[0] >= self._hinted_at
+            if cached is not None and fresh and now - cached[0] < self.refresh * 0.9:
                 return cached[1]
             found = await compute()
             if found is None:
@@ -858,6 +908,8 @@ async def _stream(
     closing = dash.closing()
     started = last_beat = time.monotonic()
     yield f"retry: {RECONNECT_MS}\n: connected\n\n"
+    # Listen for hints before the first look, so that none sent after it is missed.
+    await dash.hint()
     first = True
     while not closing.is_set():
         if await request.is_disconnected():
@@ -886,5 +938,11 @@ async def _stream(
         first = False
         if time.monotonic() - started >= STREAM_LIFETIME:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(closing.wait(), timeout=dash.refresh)
+        # The next tick, or sooner: the storage's next wake-up hint, or the end.
+        hint = await dash.hint()
+        waits = [asyncio.ensure_future(closing.wait()), asyncio.ensure_future(hint.wait())]
+        try:
+            await asyncio.wait(waits, timeout=dash.refresh, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
