@@ -14,6 +14,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,30 @@ import pytest
 
 from reflow_conformance.testsupport import FakeClock, run_async_tests
 from reflow_sqlite import SQLiteStorage
+from reflow_sqlite._schema import MIGRATIONS
 
 ASYNC_TEST_TIMEOUT = 30.0
 CLOCK_START = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+@contextmanager
+def database() -> Iterator[sqlite3.Connection]:
+    """A fresh database in memory with the current schema, in autocommit mode."""
+    raw = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        for migration in MIGRATIONS:
+            for statement in migration:
+                raw.execute(statement)
+        yield raw
+    finally:
+        raw.close()
+
+
+def writes_index(raw: sqlite3.Connection, index: str, sql: str) -> bool:
+    """Whether the program SQLite compiles ``sql`` to opens ``index`` for writing."""
+    (root,) = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (index,)).fetchone()
+    program = raw.execute(f"EXPLAIN {sql}", [None] * sql.count("?")).fetchall()
+    return any(op[1] == "OpenWrite" and op[3] == root for op in program)
 
 
 class Opener:

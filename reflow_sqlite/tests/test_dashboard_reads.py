@@ -12,8 +12,6 @@ the store. Runs under both transaction drivers.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,11 +22,10 @@ from reflow_core.storage import MAX_HISTORY_MINUTES, FinishedMinute, NewRun
 from reflow_sqlite import SQLiteStorage
 from reflow_sqlite import _scripts as scripts
 from reflow_sqlite._queries import QUERIES, with_marks
-from reflow_sqlite._schema import MIGRATIONS
 from reflow_sqlite._scripts import MINUTE_US, Params, Row, Script
 from reflow_sqlite._thread import drive
 
-from .conftest import CLOCK_START, FakeClock, Opener
+from .conftest import CLOCK_START, FakeClock, Opener, database, writes_index
 
 LEASE = timedelta(seconds=30)
 
@@ -218,19 +215,6 @@ NOW = 1_900_000_020_000_000  # microseconds since the epoch, a whole minute
 HISTORY = 30_000
 
 
-@contextmanager
-def database() -> Iterator[sqlite3.Connection]:
-    """A fresh database in memory with the current schema, in autocommit mode."""
-    raw = sqlite3.connect(":memory:", isolation_level=None)
-    try:
-        for migration in MIGRATIONS:
-            for statement in migration:
-                raw.execute(statement)
-        yield raw
-    finally:
-        raw.close()
-
-
 def fill(raw: sqlite3.Connection, *, history: bool) -> None:
     """The runs every read below looks for: ten of the key ``wanted``, of
     ten workflows, one finished in each of the last ten minutes, and the
@@ -338,13 +322,9 @@ def test_only_creating_and_deleting_a_run_write_the_key_index() -> None:
     sleep, wait, hand-back, wake, end or requeue writes one of its columns,
     so SQLite does not even open it for them."""
     with database() as raw:
-        (root,) = raw.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'runs_key'"
-        ).fetchone()
 
         def writes_the_index(sql: str) -> bool:
-            program = raw.execute(f"EXPLAIN {sql}", [None] * sql.count("?")).fetchall()
-            return any(op[1] == "OpenWrite" and op[3] == root for op in program)
+            return writes_index(raw, "runs_key", sql)
 
         untouched = [
             "extend",

@@ -10,33 +10,20 @@ how the SQLite backend does it.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 from reflow_core.storage import ConcurrencyLimit, Lease, NewRun, StepRecord
 from reflow_sqlite import _scripts as scripts
 from reflow_sqlite._queries import with_marks
-from reflow_sqlite._schema import MIGRATIONS
 from reflow_sqlite._scripts import Params, Row, Script, StepRow
 from reflow_sqlite._thread import drive
+
+from .conftest import database
 
 NOW = 1_900_000_000_000_000  # microseconds since the epoch
 LEASE_US = 60_000_000
 KEYS_AT_LIMIT = 9_000
 FREE = 1_000
-
-
-@contextmanager
-def database() -> Iterator[sqlite3.Connection]:
-    """A fresh database in memory with the current schema, in autocommit mode."""
-    raw = sqlite3.connect(":memory:", isolation_level=None)
-    try:
-        for migration in MIGRATIONS:
-            for statement in migration:
-                raw.execute(statement)
-        yield raw
-    finally:
-        raw.close()
 
 
 def run(raw: sqlite3.Connection, script: Script[object], seen: list[str] | None = None) -> object:

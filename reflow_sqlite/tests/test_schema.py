@@ -31,7 +31,7 @@ from reflow_sqlite._queries import QUERIES, with_marks
 from reflow_sqlite._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from reflow_sqlite._scripts import Script
 
-from .conftest import Opener
+from .conftest import Opener, writes_index
 
 
 def pragmas(path: Path) -> tuple[int, int, str]:
@@ -374,13 +374,9 @@ def test_only_creating_and_ending_a_run_write_the_stats_index() -> None:
         for migration in MIGRATIONS:
             for statement in migration:
                 raw.execute(statement)
-        (root,) = raw.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'runs_unfinished'"
-        ).fetchone()
 
         def writes_the_index(sql: str) -> bool:
-            program = raw.execute(f"EXPLAIN {sql}", [None] * sql.count("?")).fetchall()
-            return any(op[1] == "OpenWrite" and op[3] == root for op in program)
+            return writes_index(raw, "runs_unfinished", sql)
 
         untouched = ["extend", "hand_back", "sleep", "wait", "wait_ready", "wake", "took_event"]
         assert not writes_the_index(with_marks("claim_update", "ids", 3))
@@ -688,13 +684,8 @@ def test_child_queries_use_the_index_of_children(tmp_path) -> None:
             assert on_children, plan(name)
             assert not [step for step in plan(name) if step.startswith("SCAN runs")], plan(name)
 
-        (root,) = raw.execute(
-            "SELECT rootpage FROM sqlite_master WHERE name = 'runs_children'"
-        ).fetchone()
-
         def writes_the_index(sql: str) -> bool:
-            program = raw.execute(f"EXPLAIN {sql}", [None] * sql.count("?")).fetchall()
-            return any(op[1] == "OpenWrite" and op[3] == root for op in program)
+            return writes_index(raw, "runs_children", sql)
 
         untouched = [
             "extend",
