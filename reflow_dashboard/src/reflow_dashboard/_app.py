@@ -404,6 +404,19 @@ def _redirect(dash: Dashboard, request: Request, to: str, flash: Flash | None) -
     return response
 
 
+def _sign_in_page(dash: Dashboard, request: Request, problem: str | None = None) -> Response:
+    """The token sign-in page (401), saying what was wrong with the last try."""
+    return _error_page(
+        dash,
+        request,
+        401,
+        "Sign in required",
+        "Enter the dashboard's access token.",
+        login=True,
+        login_error=problem,
+    )
+
+
 def _error_page(
     dash: Dashboard,
     request: Request,
@@ -493,14 +506,7 @@ class _Gate:
                 headers={"www-authenticate": 'Basic realm="Reflow dashboard", charset="UTF-8"'},
             )
         if isinstance(auth, TokenAuth):
-            return _error_page(
-                self.dash,
-                request,
-                401,
-                "Sign in required",
-                "Enter the dashboard's access token.",
-                login=True,
-            )
+            return _sign_in_page(self.dash, request)
         return _error_page(
             self.dash, request, 401, "Not authorized", "You are not allowed to see this page."
         )
@@ -511,15 +517,7 @@ class _Gate:
         if request.method not in ("GET", "HEAD") or not auth.check_token(
             request.query_params["token"]
         ):
-            return _error_page(
-                self.dash,
-                request,
-                401,
-                "Sign in required",
-                "Enter the dashboard's access token.",
-                login=True,
-                login_error="That token is not right.",
-            )
+            return _sign_in_page(self.dash, request, "That token is not right.")
         rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
         target = request.url.path + (f"?{urlencode(rest)}" if rest else "")
         response = RedirectResponse(target, status_code=303)
@@ -816,15 +814,7 @@ def create_app(
         if problem is not None:
             return _error_page(dash, request, 403, "Refused", f"Not signed in: {problem}.")
         if not auth.check_token(str(form.get("token") or "")):
-            return _error_page(
-                dash,
-                request,
-                401,
-                "Sign in required",
-                "Enter the dashboard's access token.",
-                login=True,
-                login_error="That token is not right.",
-            )
+            return _sign_in_page(dash, request, "That token is not right.")
         response = RedirectResponse(target, status_code=303)
         set_cookie(response, request, AUTH_COOKIE, auth.cookie_value, max_age=LOGIN_COOKIE_AGE)
         return response
