@@ -59,25 +59,30 @@ class TestProcessCrash:
         lease = max(2.0, 5 * reflow.short_lease.total_seconds())
         logdir = tmp_path / "logs"
         logdir.mkdir()
+        go_victim = tmp_path / "go-victim"
         go = tmp_path / "go"
         inputs = reflow.run(lambda s: create_runs(s, wf, _RUNS))
 
         workers = Workers(target, logdir, workflow=wf)
         common = [f"--lease={lease:g}s", f"--concurrency={_CONCURRENCY}", "--until-idle=0.5"]
-        common.append(f"--go-file={go}")
         try:
             # The victim runs a few steps normally; after that every step but
             # a run's first blocks, so it ends up holding _CONCURRENCY runs,
-            # each inside a step with the steps before it saved.
-            victim = workers.start(*common, "--block-after", str(_BLOCK_AFTER))
+            # each inside a step with the steps before it saved. It starts
+            # first: on a busy machine the other workers could otherwise take
+            # every run before it claims one (a store's write lock does not
+            # queue its waiters fairly).
+            victim = workers.start(
+                *common, f"--go-file={go_victim}", "--block-after", str(_BLOCK_AFTER)
+            )
             for _ in range(_PROCESSES - 1):
-                workers.start(*common)
+                workers.start(*common, f"--go-file={go}")
             workers.wait_for(
                 "every worker to open the store",
                 lambda: all(workers.logged("opened", proc)() for proc in workers.procs),
                 timeout=_START_TIMEOUT,
             )
-            go.touch()
+            go_victim.touch()
             started = time.monotonic()
 
             def held() -> set[str]:
@@ -87,6 +92,12 @@ class TestProcessCrash:
             workers.wait_for(
                 "the doomed worker to hold its runs mid-step",
                 lambda: len(held()) == _CONCURRENCY,
+                timeout=_START_TIMEOUT,
+            )
+            go.touch()  # the live workers work beside it until it dies, and after
+            workers.wait_for(
+                "the live workers to start",
+                lambda: all(workers.logged("ready", proc)() for proc in workers.procs),
                 timeout=_START_TIMEOUT,
             )
             time.sleep(0.1)  # no other step starts there: every slot is blocked
