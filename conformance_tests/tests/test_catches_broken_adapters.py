@@ -87,6 +87,7 @@ _LIMITS = ("test_limits",)
 _RATES = ("test_rates",)
 _HEADERS = ("test_headers",)
 _DASHBOARD = ("test_dashboard_reads",)
+_BATCHES = ("test_create_many",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -207,6 +208,9 @@ CASES = [
     Case("buffered_by_name", (P.BUFFERED_ORDER,), _DASHBOARD),
     Case("history_counts_requeued", (P.HISTORY_REQUEUE,), _DASHBOARD),
     Case("history_counts_purged", (P.HISTORY_PURGE,), _DASHBOARD),
+    Case("batch_not_atomic", (P.BATCH_ALL_OR_NOTHING,), _BATCHES),
+    Case("batch_blind_to_itself", (P.BATCH_SEES_EARLIER, P.BATCH_OUTCOMES), _BATCHES),
+    Case("batch_raises_conflicts", (P.BATCH_OUTCOMES,), _BATCHES),
 ]
 
 

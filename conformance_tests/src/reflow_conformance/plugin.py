@@ -109,6 +109,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_workers",
             "test_queue_stats",
             "test_dashboard_reads",
+            "test_create_many",
             "test_codec",
         ),
     ),
@@ -125,6 +126,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_dashboard_reads::TestBufferedEvents::test_listing_follows_deliveries_and_takes",
             "test_dashboard_reads::TestHistoryWindow::test_a_window_is_the_last_minutes_of_the_whole_day",
             "test_dashboard_reads::TestDashboardArguments::test_any_minutes_outside_the_range_are_refused",
+            "test_create_many::TestBatchOutcomes::test_any_batch_gives_the_outcomes_of_creates_one_by_one",
         ),
     ),
     (
@@ -134,6 +136,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_connections",
             "test_limits::TestConcurrencyLimits::test_concurrent_claimers_never_exceed_a_limit",
             "test_rates::TestRateRaces::test_concurrent_claimers_never_exceed_a_rate",
+            "test_create_many::TestBatchRaces",
             "test_retention",
         ),
     ),

@@ -489,3 +489,27 @@ DASHBOARD_ARGS = (
     "(a bool too), finished_history refuses minutes that are not an int from 1 to "
     "MAX_HISTORY_MINUTES, and all three a bad key or run id, with ConfigError, writing nothing"
 )
+
+BATCH_OUTCOMES = (
+    "create_runs gives each item, at its index, the outcome create_run would give it if the "
+    "items were created one after another: created, found by its idempotency key, or an "
+    "IdempotencyConflictError returned in its place (that item writes nothing, the others "
+    "are created)"
+)
+BATCH_SEES_EARLIER = (
+    "items of one create_runs batch see the items before them: a repeated idempotency key "
+    "returns the earlier item's run (a different input is a conflict), a repeated debounce "
+    "key updates the run the earlier item made or found"
+)
+BATCH_SHAPE = (
+    "runs made by create_runs are stored and returned as create_run stores them: status, "
+    "due time, deadline, priority, limits, rates and headers"
+)
+BATCH_ALL_OR_NOTHING = (
+    "a create_runs batch refused for any of its items (malformed, a run id taken or given "
+    "twice) or for its size writes nothing"
+)
+BATCH_ARGS = (
+    "create_runs refuses a malformed item with a ConfigError naming its index, and a batch of "
+    "more than MAX_CREATE_BATCH items with a ConfigError"
+)

@@ -1,8 +1,9 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
 Each class in the modules of this package (one per area of the contract:
-``claims``, ``children``, ``dashboard``, ``delays``, ``deadlines``, ``headers``, ``leases``,
-``limits``, ``rates``, ``runs``, ``records``, ``events``, ``retention``, ``schedules``, and
+``batches``, ``claims``, ``children``, ``dashboard``, ``delays``, ``deadlines``, ``headers``,
+``leases``, ``limits``, ``rates``, ``runs``, ``records``, ``events``, ``retention``,
+``schedules``, and
 ``workers`` for the worker registry and queue statistics)
 is the in-memory reference backend (or, where the bug lives in a query, the
 SQLite backend) with exactly one promise of the storage
@@ -39,6 +40,7 @@ from reflow_core.memory import MemoryStorage
 from reflow_sqlite import SQLiteStorage
 
 from ._common import correct, correct_millisecond_clock
+from .batches import batch_blind_to_itself, batch_not_atomic, batch_raises_conflicts
 from .children import (
     cancel_no_cascade,
     child_end_no_wake,
@@ -161,6 +163,9 @@ __all__ = [
     "FACTORIES",
     "NO_SHRINK_PROFILE",
     "UNFINISHED",
+    "batch_blind_to_itself",
+    "batch_not_atomic",
+    "batch_raises_conflicts",
     "blocked_after_cancel",
     "buffered_by_name",
     "cancel_no_cascade",
@@ -369,6 +374,9 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         buffered_by_name,
         history_counts_requeued,
         history_counts_purged,
+        batch_not_atomic,
+        batch_blind_to_itself,
+        batch_raises_conflicts,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

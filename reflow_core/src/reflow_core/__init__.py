@@ -5,7 +5,7 @@ from __future__ import annotations
 from ._durations import Duration, to_seconds
 from .codec import JSONValue, WaitTimedOut
 from .context import CancelSignal, ChildHandle, FailureContext, StepContext
-from .engine import ChildRun, Clock, Engine, Run, RunList, StepResult, SystemClock
+from .engine import ChildRun, Clock, Engine, EnqueueItem, Run, RunList, StepResult, SystemClock
 from .errors import (
     BackendNotFoundError,
     ChildFailedError,
@@ -78,6 +78,7 @@ __all__ = [
     "Duration",
     "Engine",
     "EngineClosedError",
+    "EnqueueItem",
     "Event",
     "EventBufferFullError",
     "EventNotDeclaredError",

@@ -33,6 +33,7 @@ from typing import Any, cast
 from ._durations import MAX_DURATION, describe
 from .errors import ConfigError, StorageError
 from .storage import (
+    MAX_CREATE_BATCH,
     MAX_HEADER_BYTES,
     MAX_HEADERS,
     MAX_HISTORY_MINUTES,
@@ -76,6 +77,7 @@ __all__ = [
     "check_list_limit",
     "check_new_child",
     "check_new_run",
+    "check_new_runs",
     "check_purge",
     "check_purge_limit",
     "check_rates",
@@ -121,17 +123,32 @@ __all__ = [
 ]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
+"""Every 10-bit value as two Crockford base32 characters."""
 
 
 def new_run_id() -> str:
     """A new run id: 26 characters, ULID layout (48-bit millisecond time, 80
     random bits, Crockford base32), so ids sort roughly by creation time."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    v = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    p = _PAIRS  # 13 pairs of characters, 10 bits each; the first holds the top 8 bits
+    return "".join(
+        (
+            p[v >> 120],
+            p[(v >> 110) & 1023],
+            p[(v >> 100) & 1023],
+            p[(v >> 90) & 1023],
+            p[(v >> 80) & 1023],
+            p[(v >> 70) & 1023],
+            p[(v >> 60) & 1023],
+            p[(v >> 50) & 1023],
+            p[(v >> 40) & 1023],
+            p[(v >> 30) & 1023],
+            p[(v >> 20) & 1023],
+            p[(v >> 10) & 1023],
+            p[v & 1023],
+        )
+    )
 
 
 def utcnow() -> datetime:
@@ -1015,6 +1032,33 @@ def check_new_run(new: NewRun) -> None:
                 "a run takes a debounce_key or an idempotency_key, not both",
                 option="debounce_key",
             )
+
+
+def check_new_runs(news: Sequence[NewRun], *, backend: str | None = None) -> None:
+    """What :meth:`~reflow_core.storage.Storage.create_runs` checks before it
+    writes anything: at most :data:`~reflow_core.storage.MAX_CREATE_BATCH`
+    items, :func:`check_new_run` on each (its error names the item's index)
+    and no caller-chosen ``run_id`` twice (a
+    :class:`~reflow_core.errors.StorageError` naming both items)."""
+    if len(news) > MAX_CREATE_BATCH:
+        raise ConfigError(
+            f"create_runs takes at most {MAX_CREATE_BATCH} runs at once, not {len(news)}",
+            option="news",
+        )
+    ids: dict[str, int] = {}
+    for index, new in enumerate(news):
+        try:
+            check_new_run(new)
+        except ConfigError as exc:
+            raise ConfigError(f"item {index}: {exc}", option=exc.option) from exc
+        if new.run_id is not None:
+            first = ids.setdefault(new.run_id, index)
+            if first != index:
+                raise StorageError(
+                    f"items {first} and {index} both ask for run id {new.run_id!r}",
+                    operation="create_runs",
+                    backend=backend,
+                )
 
 
 def check_new_child(new: NewRun) -> None:

@@ -18,7 +18,7 @@ import dataclasses
 import heapq
 import threading
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
@@ -33,6 +33,7 @@ from .adapter import (
     check_duration,
     check_list_limit,
     check_new_run,
+    check_new_runs,
     check_purge,
     check_purge_limit,
     check_stats_workflows,
@@ -454,14 +455,32 @@ class MemoryStorage:
     async def create_run(self, new: NewRun) -> CreateResult:
         self._check_open("create_run")
         check_new_run(new)
+        outcome = self._create(new, self._clock())
+        if isinstance(outcome, IdempotencyConflictError):
+            raise outcome
+        return outcome
+
+    async def create_runs(
+        self, news: Sequence[NewRun]
+    ) -> list[CreateResult | IdempotencyConflictError]:
+        self._check_open("create_runs")
+        check_new_runs(news, backend="memory")
+        for index, new in enumerate(news):
+            if new.run_id is not None and new.run_id in self._runs:
+                raise StorageError(
+                    f"item {index}: run id {new.run_id!r} already exists", operation="create_runs"
+                )
+        now = self._clock()
+        return [self._create(new, now) for new in news]
+
+    def _create(self, new: NewRun, now: datetime) -> CreateResult | IdempotencyConflictError:
         if new.idempotency_key is not None:
             existing_id = self._idem.get((new.workflow, new.idempotency_key))
             if existing_id is not None:
                 existing = self._runs[existing_id].record
                 if existing.input != new.input:
-                    raise IdempotencyConflictError(new.workflow, new.idempotency_key, existing.id)
+                    return IdempotencyConflictError(new.workflow, new.idempotency_key, existing.id)
                 return CreateResult(existing, created=False)
-        now = self._clock()
         debounced = self._debounced(new, now)
         if debounced is not None:
             return CreateResult(debounced, created=False)

@@ -51,8 +51,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
+from reflow_core.errors import IdempotencyConflictError
+
 __all__ = [
     "CHILDREN_WAIT_PREFIX",
+    "MAX_CREATE_BATCH",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
     "MAX_HISTORY_MINUTES",
@@ -403,6 +406,9 @@ class QueueStats:
     claimable run has waited for a worker (``None`` when none is pending)."""
 
 
+MAX_CREATE_BATCH = 1000
+"""How many runs one :meth:`Storage.create_runs` call may create."""
+
 MAX_HISTORY_MINUTES = 1440
 """How far back :meth:`Storage.finished_history` reaches: one day of minutes."""
 
@@ -487,6 +493,36 @@ class Storage(Protocol):
         taken the run, or it has ended, the key is free: the next create
         makes a new run. A ``debounce_key`` with an ``idempotency_key``
         raises :class:`~reflow_core.errors.ConfigError`.
+        """
+        ...
+
+    async def create_runs(
+        self, news: Sequence[NewRun]
+    ) -> list[CreateResult | IdempotencyConflictError]:
+        """Create several runs in one atomic write: one round trip to the
+        store and one commit for the whole batch.
+
+        Each item gets, at its own index, the outcome :meth:`create_run`
+        would give it if the items were created one after another in the
+        batch's order: a :class:`CreateResult`, or the
+        :class:`~reflow_core.errors.IdempotencyConflictError` that
+        ``create_run`` would raise, returned in its place (that item writes
+        nothing; the others are created). Items see the ones before them: an
+        idempotency key given twice with equal inputs returns the first
+        item's run with ``created=False`` (a different input is a conflict),
+        and a debounce key given twice updates the run the first item made
+        or found.
+
+        The batch is written whole or not at all. Every item is checked
+        before anything is written, as ``create_run`` checks it, and a
+        refusal names the item by its index:
+        :class:`~reflow_core.errors.ConfigError` for a malformed item or a
+        batch of more than :data:`MAX_CREATE_BATCH`;
+        :class:`~reflow_core.errors.StorageError` for a caller-chosen
+        ``run_id`` that is taken or given twice in the batch. A store that
+        fails raises :class:`~reflow_core.errors.StorageError` and keeps
+        nothing of the batch. An empty batch returns ``[]`` and touches
+        nothing.
         """
         ...
 

@@ -212,6 +212,11 @@ class Scopes:
     def worker_stopping(self, engine: Any) -> None:
         self._pm.hook.reflow_worker_stopping(engine=engine)
 
+    @property
+    def adds_headers(self) -> bool:
+        """Whether a plugin gives headers to the runs being created."""
+        return bool(self._headers)
+
     def headers(self, workflow: str, given: Mapping[str, str] | None = None) -> dict[str, str]:
         """The headers of a run of ``workflow`` being created: the plugins',
         then ``given`` over them."""

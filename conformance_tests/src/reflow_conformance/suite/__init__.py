@@ -17,6 +17,7 @@ from .test_claims import *  # noqa: F403
 from .test_clock import *  # noqa: F403
 from .test_codec import *  # noqa: F403
 from .test_connections import *  # noqa: F403
+from .test_create_many import *  # noqa: F403
 from .test_dashboard_reads import *  # noqa: F403
 from .test_deadlines import *  # noqa: F403
 from .test_delayed import *  # noqa: F403

@@ -13,6 +13,8 @@ The package is cut along the engine's four jobs:
 * ``engine.driver`` and ``engine.units``:
   driving one run, with one executor per kind of unit (step, sleep, wait,
   parallel group, map), retries and fenced writes;
+* ``engine.enqueue``: the checks of what is enqueued, one run or a batch
+  (:class:`EnqueueItem`);
 * ``engine.children``: starting child runs from a step, with ids that a
   replayed step finds again;
 * ``engine.views``: the read-only :class:`Run`,
@@ -22,6 +24,7 @@ The package is cut along the engine's four jobs:
 from __future__ import annotations
 
 from .core import MAX_LEASE, MIN_HEARTBEAT, MIN_LEASE, POLL_INTERVAL_RANGE, Engine
+from .enqueue import EnqueueItem
 from .views import ChildRun, Clock, Run, RunList, StepResult, SystemClock
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "ChildRun",
     "Clock",
     "Engine",
+    "EnqueueItem",
     "Run",
     "RunList",
     "StepResult",

@@ -16,7 +16,7 @@ import os
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, NoReturn, Self
+from typing import Any, Literal, NoReturn, Self, overload
 
 from reflow_core import codec
 from reflow_core._durations import MAX_DURATION, Duration, to_seconds
@@ -26,6 +26,7 @@ from reflow_core.errors import (
     EngineClosedError,
     ErrorInfo,
     EventNotDeclaredError,
+    IdempotencyConflictError,
     ReflowError,
     ResultTimeoutError,
     RunCancelledError,
@@ -38,7 +39,9 @@ from reflow_core.limits import check_priority
 from reflow_core.registry import DISABLE_AUTOLOAD_ENV, load_observer_entry_points, open_storage
 from reflow_core.schedules import Schedule, Scheduler, parse_recurrence, set_paused
 from reflow_core.storage import (
+    MAX_CREATE_BATCH,
     TERMINAL_STATUSES,
+    CreateResult,
     NewRun,
     QueueStats,
     RunRecord,
@@ -50,6 +53,7 @@ from reflow_core.storage import (
 from reflow_core.workflow import WaitDefinition, Workflow, to_plain_input
 
 from .driver import RunDriver
+from .enqueue import BatchBuilder, Timing
 from .views import Clock, Run, RunList, SystemClock
 from .worker import Worker
 
@@ -75,65 +79,6 @@ POLL_INTERVAL_RANGE = (0.001, 86400.0)
 """The shortest and longest ``poll_interval`` (seconds)."""
 _FINAL_READ_TIMEOUT = 1.0
 """Seconds :meth:`Engine.result` gives the one read of the run that explains a timeout."""
-
-
-def _later(delay: Duration | None, run_at: datetime | None) -> timedelta | datetime | None:
-    """``enqueue``'s ``delay`` or ``run_at``, checked: a timedelta, an aware
-    datetime (turned into a delay on the storage's clock), or ``None``."""
-    if delay is not None and run_at is not None:
-        raise ConfigError("give delay= or run_at=, not both", option="delay")
-    if run_at is not None:
-        if not isinstance(run_at, datetime) or run_at.utcoffset() is None:
-            raise ConfigError(
-                f"run_at must be a timezone-aware datetime, got {run_at!r}", option="run_at"
-            )
-        return run_at
-    if delay is None:
-        return None
-    return timedelta(seconds=to_seconds(delay, option="delay", allow_zero=True))
-
-
-def _debounce(
-    key: str | None,
-    debounce: Duration | None,
-    idempotency_key: str | None,
-    later: timedelta | datetime | None,
-) -> timedelta:
-    """``enqueue``'s ``debounce_key`` and ``debounce``, checked: the delay of
-    the debounced run."""
-    if key is None or debounce is None:
-        raise ConfigError(
-            "give debounce_key= and debounce= together (debounce_key='...', debounce='5s')",
-            option="debounce_key" if key is None else "debounce",
-        )
-    check_text(key, "debounce_key")
-    if idempotency_key is not None:
-        raise ConfigError(
-            "give debounce_key= or idempotency_key=, not both: a debounced run's input "
-            "is replaced by the last one sent",
-            option="debounce_key",
-        )
-    if later is not None:
-        raise ConfigError(
-            "give debounce= or delay=/run_at=, not both: a debounced run starts once its "
-            "key has been quiet for the debounce",
-            option="debounce",
-        )
-    return timedelta(seconds=to_seconds(debounce, option="debounce", allow_zero=True))
-
-
-def _deadline(deadline: Duration | datetime | None) -> timedelta | datetime | None:
-    """``enqueue``'s ``deadline``, checked: a positive duration or an aware datetime."""
-    if deadline is None:
-        return None
-    if isinstance(deadline, datetime):
-        if deadline.utcoffset() is None:
-            raise ConfigError(
-                f"deadline must be a duration or a timezone-aware datetime, got {deadline!r}",
-                option="deadline",
-            )
-        return deadline
-    return timedelta(seconds=to_seconds(deadline, option="deadline", allow_zero=False))
 
 
 def _outcome(record: RunRecord) -> Any:
@@ -226,6 +171,8 @@ class Engine:
     ) -> None:
         self._opened_storage = isinstance(storage, str)
         self._initialized_by: str | None = None
+        self._batches = True
+        """Whether the storage creates batches (``create_runs``); see :meth:`_create_runs`."""
         self._closed = False
         self._started = False
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
@@ -591,24 +538,15 @@ class Engine:
         wf = self._resolve(workflow)
         if idempotency_key is not None:
             check_text(idempotency_key, "idempotency_key")
-        later = _later(delay, run_at)
-        if debounce_key is not None or debounce is not None:
-            later = _debounce(debounce_key, debounce, idempotency_key, later)
-        due = _deadline(deadline)
+        timing = Timing.of(delay, run_at, deadline, debounce_key, debounce, idempotency_key)
         rank = None if priority is None else check_priority(priority, "enqueue")
         raw = to_plain_input(input)
         shape = wf.flow.shape(wf.name, wf.validate_input(raw), rank)
         text = codec.encode(raw)
         await self._ensure_initialized("enqueue")
-        if isinstance(later, datetime) or isinstance(due, datetime):
-            now = await self._storage.now()  # absolute times, on the storage's clock
-            if isinstance(later, datetime):
-                later = max(later - now, timedelta(0))
-            if isinstance(due, datetime):
-                due = max(due - now, timedelta(0))
-        if wf.timeout is not None:
-            limit = timedelta(seconds=wf.timeout)
-            due = limit if due is None else min(due, limit)
+        # Absolute times are read against the storage's clock.
+        now = await self._storage.now() if timing.absolute else None
+        later, due = timing.resolve(now, wf.timeout)
         result = await self._storage.create_run(
             NewRun(
                 workflow=wf.name,
@@ -623,13 +561,149 @@ class Engine:
                 headers=self._observers.scopes.headers(wf.name, headers),
             )
         )
-        record = result.run
-        if (result.created or record.debounce_key is not None) and wf.name in self._workflows:
+        self._wake_for([result.run], wf)
+        return Run.from_record(result.run, created=result.created)
+
+    @overload
+    async def enqueue_many(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        items: Iterable[Any],
+        *,
+        delay: Duration | None = None,
+        run_at: datetime | None = None,
+        deadline: Duration | datetime | None = None,
+        priority: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        return_exceptions: Literal[False] = False,
+    ) -> list[Run]: ...
+
+    @overload
+    async def enqueue_many(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        items: Iterable[Any],
+        *,
+        delay: Duration | None = None,
+        run_at: datetime | None = None,
+        deadline: Duration | datetime | None = None,
+        priority: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        return_exceptions: Literal[True],
+    ) -> list[Run | IdempotencyConflictError]: ...
+
+    async def enqueue_many(
+        self,
+        workflow: Workflow[Any, Any] | str,
+        items: Iterable[Any],
+        *,
+        delay: Duration | None = None,
+        run_at: datetime | None = None,
+        deadline: Duration | datetime | None = None,
+        priority: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Run] | list[Run | IdempotencyConflictError]:
+        """Create a run of ``workflow`` for each of ``items``, in one round
+        trip and one commit per :data:`~reflow_core.storage.MAX_CREATE_BATCH`
+        (1,000) items. Returns the runs in the order of ``items``.
+
+        An item is the run's input, or an :class:`EnqueueItem` holding the
+        input with options of its own (``idempotency_key``, ``delay``,
+        ``run_at``, ``deadline``, ``priority``, ``debounce_key`` and
+        ``debounce``, ``headers``). The keyword arguments apply to every
+        item that does not set its own; they mean what they mean for
+        :meth:`enqueue`.
+
+        Every item is validated and encoded before anything is written: a
+        :class:`~reflow_core.errors.ValidationError`,
+        :class:`~reflow_core.errors.SerializationError` or
+        :class:`~reflow_core.errors.ConfigError` names the item (``item 7:
+        ...``) and nothing is enqueued.
+
+        Each item keeps its own idempotency outcome, as if enqueued one
+        after another: ``run.created`` says whether it made a new run or
+        found the one holding its key. An item whose key holds a run with a
+        different input is not enqueued, and the others are: the first such
+        conflict is raised as
+        :class:`~reflow_core.errors.IdempotencyConflictError` after the
+        batch is written, or, with ``return_exceptions=True``, each is
+        returned in its item's place, as :func:`asyncio.gather` does.
+        """
+        wf = self._resolve(workflow)
+        builder = BatchBuilder(
+            wf,
+            self._observers.scopes,
+            delay=delay,
+            run_at=run_at,
+            deadline=deadline,
+            priority=priority,
+            headers=headers,
+        )
+        builder.extend(items)
+        await self._ensure_initialized("enqueue_many")
+        now = await self._storage.now() if builder.uses_clock else None
+        news = builder.build(now)
+        outcomes: list[Run | IdempotencyConflictError] = []
+        conflicts = 0
+        for start in range(0, len(news), MAX_CREATE_BATCH):
+            results = await self._create_runs(news[start : start + MAX_CREATE_BATCH])
+            self._wake_for(
+                [r.run for r in results if not isinstance(r, IdempotencyConflictError)], wf
+            )
+            for result in results:
+                if isinstance(result, IdempotencyConflictError):
+                    conflicts += 1
+                    outcomes.append(result)
+                else:
+                    outcomes.append(Run.from_record(result.run, created=result.created))
+        if conflicts and not return_exceptions:
+            first = next(o for o in outcomes if isinstance(o, IdempotencyConflictError))
+            first.add_note(
+                f"{conflicts} of {len(outcomes)} items conflicted; the other "
+                f"{len(outcomes) - conflicts} were enqueued (return_exceptions=True returns "
+                "each item's outcome)"
+            )
+            raise first
+        return outcomes
+
+    async def _create_runs(
+        self, news: list[NewRun]
+    ) -> list[CreateResult | IdempotencyConflictError]:
+        """``create_runs`` of the storage, or, on an adapter that declares the
+        ``batches`` area not built yet, one ``create_run`` per item."""
+        if self._batches:
+            try:
+                return await self._storage.create_runs(news)
+            except NotImplementedError:
+                self._batches = False
+                logger.info(
+                    "%s does not implement create_runs: enqueue_many creates one run at a time",
+                    type(self._storage).__name__,
+                )
+        results: list[CreateResult | IdempotencyConflictError] = []
+        for new in news:
+            try:
+                results.append(await self._storage.create_run(new))
+            except IdempotencyConflictError as exc:
+                results.append(exc)
+        return results
+
+    def _wake_for(self, records: Iterable[RunRecord], wf: Workflow[Any, Any]) -> None:
+        """Wake this engine's worker for runs just created or debounced, at
+        once or when the earliest of them falls due."""
+        if wf.name not in self._workflows:
+            return
+        soonest: float | None = None
+        for record in records:
             if record.status == "delayed" and record.wake_at is not None:
-                self._worker.wake_in((record.wake_at - record.updated_at).total_seconds())
-            else:
+                wait = (record.wake_at - record.updated_at).total_seconds()
+                soonest = wait if soonest is None else min(soonest, wait)
+            elif record.status == "pending":
                 self._worker.wake.set()
-        return Run.from_record(result.run)
+                return
+        if soonest is not None:
+            self._worker.wake_in(soonest)
 
     async def get_run(self, run_id: str) -> Run | None:
         """The run without its steps, or ``None`` if there is none."""

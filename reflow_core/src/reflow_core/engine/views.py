@@ -93,6 +93,11 @@ class Run:
     children: tuple[ChildRun, ...] = ()
     """The runs this run started as children, oldest first; filled by
     :meth:`Engine.get_run_status` (empty elsewhere)."""
+    created: bool | None = None
+    """What :meth:`Engine.enqueue` and :meth:`Engine.enqueue_many` did: True
+    when the call created this run, False when it returned a run that
+    already held the idempotency key (or the debounce key it updated);
+    ``None`` on a run read back (:meth:`Engine.get_run`, listings)."""
     read_error: str | None = None
     """Set when a stored value of this run (its input, output, error or a
     step's) cannot be decoded: which one and why. That value reads as
@@ -106,6 +111,8 @@ class Run:
         record: RunRecord,
         steps: Mapping[str, StepRecord] | None = None,
         children: Sequence[RunRecord] = (),
+        *,
+        created: bool | None = None,
     ) -> Run:
         problems: list[str] = []
 
@@ -157,6 +164,7 @@ class Run:
                 ChildRun(c.id, c.workflow, c.parent_step or "", c.status, c.created_at)
                 for c in children
             ),
+            created=created,
             read_error="; ".join(problems) or None,
         )
 

@@ -25,7 +25,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -514,6 +514,28 @@ class TutorialStorage:
     async def create_run(self, new: NewRun) -> CreateResult:
         kit.check_new_run(new)  # names and keys: the same ConfigError on every backend
         return await self._tx("create_run", lambda cur, now: self._create(cur, now, new))
+
+    async def create_runs(
+        self, news: Sequence[NewRun]
+    ) -> list[CreateResult | IdempotencyConflictError]:
+        kit.check_new_runs(news)  # every item checked before anything is written
+        if not news:
+            return []
+
+        def create_all(
+            cur: sqlite3.Cursor, now: int
+        ) -> list[CreateResult | IdempotencyConflictError]:
+            # One transaction: a taken run id rolls the whole batch back, and
+            # each item sees the ones before it, as created one by one.
+            outcomes: list[CreateResult | IdempotencyConflictError] = []
+            for new in news:
+                try:
+                    outcomes.append(self._create(cur, now, new))
+                except IdempotencyConflictError as exc:  # that item writes nothing
+                    outcomes.append(exc)
+            return outcomes
+
+        return await self._tx("create_runs", create_all)
 
     def _create(self, cur: sqlite3.Cursor, now: int, new: NewRun) -> CreateResult:
         if new.idempotency_key is not None:
