@@ -187,9 +187,14 @@ CASES = [
     Case("child_end_no_wake", (P.CHILD_END_WAKES,), _CHILDREN),
     Case("wakes_on_first_child", (P.CHILD_WAKE_LAST,), _CHILDREN),
     Case("child_outlives_parent", (P.CHILD_DEADLINE,), _CHILDREN),
-    Case("ignores_limits", (P.LIMIT_NEVER_EXCEEDED,), _LIMITS, machine=True),
+    # The machine's fixed examples met these two by chance and stopped
+    # meeting them when unrelated code changed (the SQLite backend gained
+    # batch creation), as with schedule_slot_twice above: which of the runs
+    # created together a claim takes decides what its later steps touch.
+    # The limit module tests catch both wherever they run.
+    Case("ignores_limits", (P.LIMIT_NEVER_EXCEEDED,), _LIMITS),
     Case("priority_ignored", (P.PRIORITY_ORDER,), _LIMITS, machine=True),
-    Case("no_unblock", (P.LIMIT_UNBLOCKED,), _LIMITS, machine=True),
+    Case("no_unblock", (P.LIMIT_UNBLOCKED,), _LIMITS),
     Case("unblocks_last", (P.LIMIT_UNBLOCKED,), _LIMITS),
     Case("reclaim_checks_limits", (P.LIMIT_RECLAIM,), _LIMITS, machine=True),
     Case("blocked_after_cancel", (P.LIMIT_CANCEL_CLEARS,), _LIMITS),

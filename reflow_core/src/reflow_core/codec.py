@@ -151,8 +151,42 @@ def _to_json(value: object, path: str, depth: int) -> Any:
     )
 
 
+class _NotPlain(Exception):
+    """Internal: :func:`_fast_json` met something it does not take as it is."""
+
+
+def _fast_json(value: object, depth: int) -> Any:
+    """:func:`_to_json` without the paths its errors name: what every encode
+    runs first. Anything it does not take (an error, a datetime, a tag to
+    escape) raises :class:`_NotPlain`, and :func:`_to_json` does it again."""
+    kind = type(value)
+    if kind is str or kind is int or value is None or value is True or value is False:
+        return value
+    if kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            raise _NotPlain
+        return value
+    if depth >= MAX_DEPTH:
+        raise _NotPlain
+    if kind is list:
+        items: list[object] = value  # type: ignore[assignment]
+        return [_fast_json(item, depth + 1) for item in items]
+    if kind is dict:
+        out: dict[str, Any] = {}
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str or key[:1] == "$":
+                raise _NotPlain
+            out[key] = _fast_json(item, depth + 1)
+        return out
+    raise _NotPlain
+
+
 def _plain(value: object) -> Any:
     """``value`` as JSON-ready data, or a SerializationError naming the path."""
+    try:
+        return _fast_json(value, 0)
+    except (_NotPlain, RecursionError):
+        pass
     try:
         return _to_json(value, "$", 0)
     except _TooDeep as exc:
@@ -205,6 +239,16 @@ def _refuse_constant(name: str) -> Any:
     raise SerializationError(f"stored value contains {name}, which is not JSON")
 
 
+class _Decoder(json.JSONDecoder):
+    """JSON that refuses ``NaN`` and the infinities, as :func:`encode` never writes them."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(parse_constant=_refuse_constant, **options)
+
+
+_decoder = _Decoder()
+
+
 def _from_json(value: Any, depth: int) -> Any:
     kind = type(value)
     if kind is dict or kind is list:
@@ -247,7 +291,8 @@ def decode(text: str | bytes) -> Any:
     or is nested more than :data:`MAX_DEPTH` deep.
     """
     try:
-        value = json.loads(text, parse_constant=_refuse_constant)
+        # One decoder for every call (json.loads with an option builds a new one each time).
+        value = _decoder.decode(text) if type(text) is str else json.loads(text, cls=_Decoder)
         # Tags always contain "$"; text without one needs no second pass.
         if (b"$" in text) if isinstance(text, bytes) else ("$" in text):
             return _from_json(value, 0)

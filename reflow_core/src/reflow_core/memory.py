@@ -16,6 +16,7 @@ import asyncio
 import bisect
 import dataclasses
 import heapq
+import operator
 import threading
 from collections import deque
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -93,6 +94,38 @@ class _Buffered(NamedTuple):
     event_id: str | None
 
 
+_WAKES = frozenset({"pending", "delayed", "sleeping", "waiting"})
+"""Statuses whose runs are claimable once their ``wake_at`` has passed."""
+
+_Due = tuple[tuple[int, int, datetime], str]
+"""A claimable run's sort key (see ``_due``) and its id."""
+
+_RUN_FIELDS = tuple(field.name for field in dataclasses.fields(RunRecord))
+_RUN_VALUES = operator.attrgetter(*_RUN_FIELDS)
+_RUN_INDEX = {name: index for index, name in enumerate(_RUN_FIELDS)}
+
+
+def _replaced(record: RunRecord, changes: dict[str, object]) -> RunRecord:
+    """``dataclasses.replace(record, **changes)``, in half the time: the
+    in-memory backend replaces a run's record on every write."""
+    values = list(_RUN_VALUES(record))
+    for name, value in changes.items():
+        values[_RUN_INDEX[name]] = value
+    return RunRecord(*values)
+
+
+def _in_order(due: list[_Due], first: int) -> Iterator[_Due]:
+    """``sorted(due)``, without sorting all of it when only the ``first``
+    few are wanted (a claim of a few runs among a long backlog)."""
+    head = first + 1  # a claim looks at one more to find it has enough
+    if len(due) <= head:
+        yield from sorted(due)
+        return
+    yield from heapq.nsmallest(head, due)
+    due.sort()
+    yield from islice(due, head, None)
+
+
 @dataclass(slots=True)
 class _Run:
     record: RunRecord
@@ -132,6 +165,17 @@ class _State:
     """The run each ``(workflow, debounce_key)`` last created or updated."""
     by_key: dict[str, set[str]] = field(default_factory=dict)
     """The runs created with each idempotency key, of every workflow."""
+    running: dict[str, set[str]] = field(default_factory=dict)
+    """Ids of each workflow's running runs: where a claim looks for lapsed leases."""
+    future: dict[str, list[tuple[datetime, str, int, RunRecord]]] = field(default_factory=dict)
+    """Each workflow's runs waiting for their ``wake_at`` (pending, delayed,
+    sleeping or waiting, not blocked), as a heap by ``wake_at``. An entry
+    whose record is no longer the run's current one is skipped."""
+    ready: dict[str, list[tuple[int, datetime, str, int, RunRecord]]] = field(default_factory=dict)
+    """Each workflow's due runs, moved from ``future`` by the claims, as a
+    heap in claim order (priority, highest first, then ``wake_at``)."""
+    pushes: list[int] = field(default_factory=lambda: [0])
+    """A counter that keeps heap entries of equal times apart."""
     finished_by_minute: dict[datetime, set[str]] = field(default_factory=dict)
     """The runs that ended in each minute (by the storage clock). An id stays
     when its run is requeued or deleted: a read skips it unless the run is
@@ -176,6 +220,12 @@ class MemoryStorage:
         self._debounce = state.debounce
         self._by_key = state.by_key
         self._finished = state.finished_by_minute
+        self._running = state.running
+        self._future = state.future
+        self._ready = state.ready
+        self._pushes = state.pushes
+        # A subclass that redefines which runs are due gets the plain scan.
+        self._indexed_claims = type(self)._due is MemoryStorage._due
         self._life = Lifecycle("memory")
 
     def __repr__(self) -> str:
@@ -203,7 +253,8 @@ class MemoryStorage:
         before = entry.record
         if "status" in changes and changes["status"] != "pending":
             changes.setdefault("blocked_by", None)  # only a pending run is blocked
-        entry.record = dataclasses.replace(before, updated_at=now, **changes)  # type: ignore[arg-type]
+        changes["updated_at"] = now
+        entry.record = _replaced(before, changes)
         self._track(entry.record)
         after = entry.record
         if after.status in TERMINAL_STATUSES and before.status not in TERMINAL_STATUSES:
@@ -351,6 +402,15 @@ class MemoryStorage:
             ids.discard(record.id)
         else:
             ids.add(record.id)
+        running = self._running.setdefault(record.workflow, set())
+        if record.status == "running":
+            running.add(record.id)
+        else:
+            running.discard(record.id)
+            if record.wake_at is not None and record.blocked_by is None and record.status in _WAKES:
+                self._pushes[0] += 1
+                entry = (record.wake_at, record.id, self._pushes[0], record)
+                heapq.heappush(self._future.setdefault(record.workflow, []), entry)
         if record.parent_id is not None and record.parent_step is not None:
             steps = self._open.setdefault(record.parent_id, {})
             if ended:
@@ -359,7 +419,9 @@ class MemoryStorage:
                 steps.setdefault(record.parent_step, set()).add(record.id)
 
     def _store_step(self, entry: _Run, step: StepRecord, now: datetime) -> None:
-        entry.steps[step.name] = dataclasses.replace(step, completed_at=now)
+        entry.steps[step.name] = StepRecord(
+            step.name, step.status, step.output, step.error, step.attempts, step.wake_at, now
+        )
 
     def _finished_in(self, minute: datetime) -> list[RunRecord]:
         """The runs stored and finished that ended in ``minute``; ids of runs
@@ -511,6 +573,59 @@ class MemoryStorage:
             return (1, -rec.priority, rec.wake_at)
         return None
 
+    def _scanned(self, workflows: set[str], now: datetime, limit: int) -> Iterator[_Due]:
+        """The claimable runs of ``workflows`` in claim order, found by
+        asking :meth:`_due` of every run that has not ended."""
+        due: list[_Due] = []
+        runs = self._runs
+        for name in workflows:
+            for run_id in self._unfinished.get(name, ()):
+                key = self._due(runs[run_id].record, now)
+                if key is not None:
+                    due.append((key, run_id))
+        return _in_order(due, limit)
+
+    def _claimable(self, workflows: set[str], now: datetime) -> Iterator[_Due]:
+        """What :meth:`_scanned` finds, in the same order, from the indexes:
+        the lapsed leases among the running runs, then the due runs of the
+        ``ready`` heaps, topped up from ``future`` with the runs due by now.
+        Whatever the caller takes it must write (claim or block), so that
+        its entry is spent."""
+        runs = self._runs
+        lapsed: list[_Due] = []
+        for name in workflows:
+            for run_id in self._running.get(name, ()):
+                expires = runs[run_id].record.lease_expires_at
+                if expires is not None and expires <= now:
+                    lapsed.append(((0, 0, expires), run_id))
+        lapsed.sort()
+        yield from lapsed
+        heaps: list[list[tuple[int, datetime, str, int, RunRecord]]] = []
+        for name in workflows:
+            future = self._future.get(name)
+            ready = self._ready.setdefault(name, [])
+            while future and future[0][0] <= now:
+                wake_at, run_id, seq, record = heapq.heappop(future)
+                entry = runs.get(run_id)
+                if entry is not None and entry.record is record:
+                    heapq.heappush(ready, (-record.priority, wake_at, run_id, seq, record))
+            heaps.append(ready)
+        while True:
+            best: list[tuple[int, datetime, str, int, RunRecord]] | None = None
+            for ready in heaps:
+                while ready:
+                    run_id, record = ready[0][2], ready[0][4]
+                    entry = runs.get(run_id)
+                    if entry is not None and entry.record is record:
+                        break
+                    heapq.heappop(ready)  # written since: stale
+                if ready and (best is None or ready[0] < best[0]):
+                    best = ready
+            if best is None:
+                return
+            rank, wake_at, run_id, _, _ = heapq.heappop(best)
+            yield (1, rank, wake_at), run_id
+
     def _full(self, rec: RunRecord) -> str | None:
         """The key of the first of the run's limits that is full, or None."""
         for limit in rec.limits:
@@ -529,20 +644,17 @@ class MemoryStorage:
             return []
         now = self._clock()
         self._release_rates(now)
-        wanted = set(workflows)
-        due: list[tuple[tuple[int, int, datetime], str]] = []
-        for run_id, entry in self._runs.items():
-            rec = entry.record
-            if rec.workflow not in wanted:
-                continue
-            key = self._due(rec, now)
-            if key is not None:
-                due.append((key, run_id))
-        due.sort()
         claimed: list[ClaimedRun] = []
-        for (kind, _, _), run_id in due:
-            if len(claimed) >= limit:
+        candidates = (
+            self._claimable(set(workflows), now)
+            if self._indexed_claims
+            else self._scanned(set(workflows), now, limit)
+        )
+        while len(claimed) < limit:
+            found = next(candidates, None)
+            if found is None:
                 break
+            (kind, _, _), run_id = found
             entry = self._runs[run_id]
             reclaimed = kind == 0
             rec = entry.record
