@@ -2,7 +2,8 @@
 
 Most are complete as loaded. A few keep a slot that is filled per call with
 placeholders or a fixed value, never with data: :func:`with_marks` gives
-the text of a statement for a list of ``count`` values, one ``?`` each.
+the text of a statement for a list of ``count`` values, one ``?`` each, and
+:func:`with_rows` for ``count`` rows of ``width`` values each.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from reflow_core.adapter import (
     render_sql,
 )
 
-__all__ = ["PER_CALL_SLOTS", "QUERIES", "fill", "placeholders", "with_marks"]
+__all__ = ["PER_CALL_SLOTS", "QUERIES", "fill", "placeholders", "with_marks", "with_rows"]
 
 PER_CALL_SLOTS = (
     "workflows",
     "ids",
+    "rows",
+    "keys",
     "statuses",
     "where",
     "level",
@@ -61,3 +64,12 @@ def with_marks(name: str, slot: str, count: int) -> str:
     """Statement ``name`` with ``slot`` holding ``count`` placeholders (cached:
     a claim runs the same few shapes again and again)."""
     return fill(name, **{slot: placeholders(count)})
+
+
+@functools.lru_cache(maxsize=64)
+def with_rows(name: str, slot: str, count: int, width: int) -> str:
+    """Statement ``name`` with ``slot`` holding ``count`` rows of ``width``
+    placeholders each, ``(?, ?), (?, ?)`` (cached: a batch insert runs a few
+    fixed shapes)."""
+    row = f"({placeholders(width)})"
+    return fill(name, **{slot: ",".join([row] * count)})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeAlias, TypeVar
 
 from reflow_core.adapter import (
@@ -24,6 +25,7 @@ from reflow_core.adapter import (
     headers_column,
     is_delayed,
     limit_columns,
+    new_run_record,
     queue_stats_from_counts,
     rate_block,
     rate_columns,
@@ -58,12 +60,15 @@ from reflow_core.storage import (
 
 from ._options import BACKEND
 from ._queries import QUERIES as Q
-from ._queries import fill, with_marks
+from ._queries import fill, with_marks, with_rows
 
 __all__ = [
+    "INSERT_CHUNK",
+    "KEY_CHUNK",
     "MINUTE_US",
     "PURGE_CHUNK",
     "BatchItemFailed",
+    "Outcome",
     "Params",
     "Row",
     "Script",
@@ -73,6 +78,7 @@ __all__ = [
     "claim",
     "claim_slot",
     "create",
+    "create_many",
     "delete_schedule",
     "deliver",
     "due_schedules",
@@ -108,6 +114,8 @@ Params: TypeAlias = Sequence[object]
 Row: TypeAlias = tuple[Any, ...]
 Script: TypeAlias = Generator[tuple[str, Params], list[Row], _T]
 """A database operation: yields statements, receives their rows, returns a value."""
+
+_ZERO = timedelta(0)
 
 MINUTE_US = 60_000_000
 """A minute in the microseconds the database keeps times in."""
@@ -226,6 +234,189 @@ def _debounce(now: int, new: NewRun) -> Script[RunRecord | None]:
     )
     updated = yield (Q["debounce_run"], values)
     return run_from_row(updated[0], from_epoch_us)
+
+
+Outcome: TypeAlias = CreateResult | IdempotencyConflictError
+"""What :func:`create_many` gives each item of a batch."""
+
+INSERT_CHUNK = 128
+"""The most runs one statement of :func:`create_many` inserts: larger
+statements save little and take long to compile (a batch that is not a
+multiple of it ends with statements of power-of-two sizes, so a handful
+of shapes serve every batch from the statement cache)."""
+
+KEY_CHUNK = 256
+"""The most idempotency keys one ``runs_by_keys`` statement looks up."""
+
+_INSERT_WIDTH = 21  # the values of one run in insert_runs
+_NO_LIMITS = (None, None, None, None)
+_NO_RATES = (None, None, None, None, None, None)
+
+
+def _shapes(count: int, chunk: int) -> list[int]:
+    """``count`` split into full chunks, then powers of two, largest first."""
+    sizes = [chunk] * (count // chunk)
+    rest = count % chunk
+    while rest:
+        size = 1 << (rest.bit_length() - 1)
+        sizes.append(size)
+        rest -= size
+    return sizes
+
+
+def create_many(now: int, news: Sequence[NewRun], ids: Sequence[str]) -> Script[list[Outcome]]:
+    """:meth:`~reflow_core.storage.Storage.create_runs`: ``news[i]`` gets the
+    outcome :func:`create` would give it with run id ``ids[i]`` if the items
+    were created one after another, all in this one transaction.
+
+    The runs without a debounce key whose idempotency key no earlier item
+    gave (the common case) go in together, a few multi-row inserts in all;
+    the runs holding the keys that turned out to be taken are then read
+    with one query (one per :data:`KEY_CHUNK` keys). A later
+    item with a key already given is judged against the run holding it
+    (made or found by the first). Items with a debounce key go one by one,
+    after those, as :func:`create` does them: they never touch the same
+    runs (a debounced run has no idempotency key, and the runs inserted
+    together have no debounce key), so the outcomes are those of the
+    batch's order.
+    """
+    chosen = [new.run_id for new in news if new.run_id is not None]
+    if chosen:
+        yield from _refuse_taken(news, chosen)
+    leads: list[int] = []  # inserted together
+    keyed: list[tuple[int, str, str]] = []  # leads with an idempotency key, and it
+    first: dict[tuple[str, str], int] = {}  # lead of each (workflow, key)
+    later: list[tuple[int, int]] = []  # an item whose key a lead gave, and that lead
+    debounced: list[int] = []
+    for index, new in enumerate(news):
+        if new.debounce_key is not None:
+            debounced.append(index)
+            continue
+        key = new.idempotency_key
+        if key is not None:
+            lead = first.setdefault((new.workflow, key), index)
+            if lead != index:
+                later.append((index, lead))
+                continue
+            keyed.append((index, new.workflow, key))
+        leads.append(index)
+    inserted = yield from _insert_leads(now, news, ids, leads)
+    outcomes: list[Outcome | None] = [None] * len(news)
+    holders: dict[int, RunRecord] = {}  # the run holding each keyed lead's key
+    if len(inserted) < len(leads):  # some keys were taken: read their runs
+        missing = [lead for lead in keyed if ids[lead[0]] not in inserted]
+        found = yield from _runs_by_keys([(workflow, key) for _, workflow, key in missing])
+        for index, workflow, key in missing:
+            existing = found.get((workflow, key))
+            if existing is None:
+                raise StorageError(
+                    f"item {index}: the run was neither created nor found by its key",
+                    operation="create_runs",
+                    backend=BACKEND,
+                )
+            holders[index] = existing
+            outcomes[index] = _hit(news[index], existing)
+    at = from_epoch_us(now)
+    for index in leads:
+        if outcomes[index] is None:
+            record = new_run_record(ids[index], news[index], at)
+            outcomes[index] = CreateResult(record, created=True)
+            holders[index] = record
+    for index, lead in later:
+        outcomes[index] = _hit(news[index], holders[lead])
+    for index in debounced:
+        outcomes[index] = yield from create(now, news[index], ids[index])
+    results = [outcome for outcome in outcomes if outcome is not None]
+    assert len(results) == len(news)
+    return results
+
+
+def _hit(new: NewRun, existing: RunRecord) -> Outcome:
+    """A create whose idempotency key ``existing`` holds: that run, or a
+    conflict if its input differs."""
+    if existing.input != new.input:
+        assert new.idempotency_key is not None
+        return IdempotencyConflictError(new.workflow, new.idempotency_key, existing.id)
+    return CreateResult(existing, created=False)
+
+
+def _refuse_taken(news: Sequence[NewRun], chosen: Sequence[str]) -> Script[None]:
+    """Raise :class:`StorageError` naming the first item whose caller-chosen
+    run id a stored run has (nothing is written before this)."""
+    rows = yield (with_marks("taken_ids", "ids", len(chosen)), chosen)
+    if not rows:
+        return
+    taken = {row[0] for row in rows}
+    index, run_id = next(
+        (index, new.run_id) for index, new in enumerate(news) if new.run_id in taken
+    )
+    raise StorageError(
+        f"item {index}: run id {run_id!r} already exists",
+        operation="create_runs",
+        backend=BACKEND,
+    )
+
+
+def _insert_leads(
+    now: int, news: Sequence[NewRun], ids: Sequence[str], leads: Sequence[int]
+) -> Script[set[str]]:
+    """Insert the runs ``leads`` indexes (no debounce key, no key given
+    twice) as :func:`create` inserts one; the ids of those inserted (a run
+    whose idempotency key is taken is not)."""
+    params: list[object] = []
+    for index in leads:
+        new = news[index]
+        delay = new.delay
+        deadline = new.deadline
+        if delay is not None and delay > _ZERO:
+            status = "delayed"
+            wake_us = now + span_us(delay)
+        else:
+            status = "pending"
+            wake_us = now
+        deadline_us = None
+        if deadline is not None:
+            deadline_us = now + span_us(deadline)
+            wake_us = min(wake_us, deadline_us)
+        params += (
+            ids[index],
+            new.workflow,
+            status,
+            new.input,
+            new.idempotency_key,
+            now,
+            now,
+            wake_us,
+            deadline_us,
+            new.priority,
+        )
+        params += limit_columns(new.limits) if new.limits else _NO_LIMITS
+        params += rate_columns(new.rates) if new.rates else _NO_RATES
+        params.append(headers_column(new.headers) if new.headers else None)
+    inserted: set[str] = set()
+    start = 0
+    for size in _shapes(len(leads), INSERT_CHUNK):
+        end = start + size * _INSERT_WIDTH
+        rows = yield (
+            with_rows("insert_runs", "rows", size, _INSERT_WIDTH),
+            params[start:end],
+        )
+        inserted.update(row[0] for row in rows)
+        start = end
+    return inserted
+
+
+def _runs_by_keys(keys: Sequence[tuple[str, str]]) -> Script[dict[tuple[str, str], RunRecord]]:
+    """The stored runs holding ``keys`` (workflow and idempotency key), by them."""
+    found: dict[tuple[str, str], RunRecord] = {}
+    start = 0
+    for size in _shapes(len(keys), KEY_CHUNK):
+        params = [value for pair in keys[start : start + size] for value in pair]
+        rows = yield (with_rows("runs_by_keys", "keys", size, 2), params)
+        for row in rows:
+            found[(row[1], row[6])] = run_from_row(row, from_epoch_us)  # workflow, key
+        start += size
+    return found
 
 
 MAX_LOOK = 1000

@@ -71,6 +71,29 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (workflow, idempotency_key) DO NOTHING
 RETURNING {run_columns}
 
+-- create_runs: many runs without a debounce key in one statement, {rows}
+-- holding one "(?, ...)" of the 21 values below per run (as insert_run's,
+-- less debounce_key). A run whose idempotency key is taken is left out;
+-- each row returned is the id of a run inserted.
+-- name: insert_runs
+INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at,
+    deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2,
+    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, headers)
+VALUES {rows}
+ON CONFLICT (workflow, idempotency_key) DO NOTHING
+RETURNING id
+
+-- create_runs: which of the caller-chosen run ids ({ids}) are taken.
+-- name: taken_ids
+SELECT id FROM runs WHERE id IN ({ids})
+
+-- create_runs: the runs holding idempotency keys, {keys} holding one
+-- "(?, ?)" of workflow and key each; one seek per key in the
+-- (workflow, idempotency_key) index (CROSS JOIN keeps the list outside).
+-- name: runs_by_keys
+WITH wanted (w, k) AS (VALUES {keys})
+SELECT {run_columns} FROM wanted CROSS JOIN runs ON workflow = w AND idempotency_key = k
+
 -- The workflow's open run with a debounce key (pending or delayed, never
 -- claimed): one seek in runs_debounce, whose WHERE this one names word for
 -- word. Parameters: the workflow, the debounce key.
