@@ -352,11 +352,16 @@ class _Connection:
         except _BadData as exc:
             raise self._bad(operation, exc) from exc
 
+    def _stamp(self, operation: str, stamp: object) -> datetime:
+        """The server's time a script returned (microseconds since the epoch)."""
+        try:
+            now = _time(_text(stamp, operation), operation)
+        except _BadData as exc:
+            raise self._bad(operation, exc) from exc
+        if now is None:
+            raise self._bad(operation, _BadData("a reply lacks the server's time"))
+        return now
+
     def _new_record(self, run_id: str, new: NewRun, stamp: object) -> RunRecord:
         """The record of a run just created, from what we sent and the server's time."""
-        try:
-            now = _time(_text(stamp, "create"), "create")
-        except _BadData as exc:
-            raise self._bad("create_run", exc) from exc
-        assert now is not None
-        return new_run_record(run_id, new, now)
+        return new_run_record(run_id, new, self._stamp("create_run", stamp))

@@ -227,19 +227,81 @@ def _deadline_arg(new: NewRun) -> str:
     return str(span_us(new.deadline))
 
 
-def _limit_args(new: NewRun) -> list[str]:
-    """A run's priority, limits, rates, debounce key and headers as the
-    create scripts take them: the priority, then the limits' key1, max1,
-    key2, max2, the rates' key1, max1, period1 (µs), key2, max2, period2
-    (empty where it has fewer), then the debounce key (empty for none), then
-    the headers' JSON text (empty for none)."""
+def _option_args(new: NewRun) -> list[str]:
+    """A run's priority, limits, rates and debounce key as the create
+    scripts take them: the priority, then the limits' key1, max1, key2,
+    max2, the rates' key1, max1, period1 (µs), key2, max2, period2 (empty
+    where it has fewer), then the debounce key (empty for none)."""
     return [
         str(new.priority),
         *("" if v is None else str(v) for v in limit_columns(new.limits)),
         *("" if v is None else str(v) for v in rate_columns(new.rates)),
         new.debounce_key or "",
-        headers_column(new.headers) or "",
     ]
+
+
+def _limit_args(new: NewRun) -> list[str]:
+    """:func:`_option_args`, then the headers' JSON text (empty for none)."""
+    return [*_option_args(new), headers_column(new.headers) or ""]
+
+
+def _create_many_args(ids: Sequence[str], news: Sequence[NewRun]) -> list[str]:
+    """The runs ``news`` (with ids ``ids``) as ``create_many.lua`` takes them
+    after the count and the token: a few columns of NUL-joined texts rather
+    than arguments per run, and each distinct set of options (a *shape*:
+    delay, deadline, priority, limits, rates, debounce key) once, so a batch
+    of plain runs costs a handful of arguments."""
+    count = len(news)
+    keys = [new.idempotency_key or "" for new in news]
+    args = [
+        "\0".join(ids),
+        "\0".join([new.workflow for new in news]),
+        "\0".join(keys) if any(keys) else "",
+    ]
+    if any(new.headers for new in news):
+        texts = []
+        last: object = None
+        text = ""
+        for new in news:
+            if new.headers is not last:  # runs of one batch often share one mapping
+                last = new.headers
+                text = headers_column(new.headers) or ""
+            texts.append(text)
+        args.append("\0".join(texts))
+    else:
+        args.append("")
+    odd = [
+        i
+        for i, new in enumerate(news)
+        if new.delay is not None
+        or new.deadline is not None
+        or new.priority
+        or new.limits
+        or new.rates
+        or new.debounce_key is not None
+    ]
+    if odd:
+        shapes: dict[tuple[object, ...], str] = {}
+        marks = [""] * count
+        flat: list[str] = []
+        for i in odd:
+            new = news[i]
+            key = (new.delay, new.deadline, new.priority, new.limits, new.rates, new.debounce_key)
+            mark = shapes.get(key)
+            if mark is None:
+                mark = shapes[key] = str(len(shapes))
+                flat += [_delay_arg(new), _deadline_arg(new), *_option_args(new)]
+            marks[i] = mark
+        args += ["\0".join(marks), str(len(shapes)), *flat]
+    else:
+        args += ["", "0"]
+    inputs = [new.input for new in news]
+    joined = "\0".join(inputs)
+    if joined.count("\0") == count - 1:
+        args.append(joined)
+    else:  # an input holds a NUL: one argument each
+        args += inputs
+    return args
 
 
 def _schedule_record(key: str, fields: Mapping[str, str]) -> ScheduleRecord:

@@ -44,6 +44,7 @@ key                            type     holds
 ``P:workers``                  zset     worker ids by when their entry lapses (µs)
 ``P:worker:<id>``              hash     a worker's announced fields and times
 ``P:wake``                     channel  wake-up hints (``<delay ms>|<workflow>``)
+``P:batch:<token>``            string   a ``create_runs`` batch's reply, for a retry (a minute)
 ``P:version``                  string   the layout's version (absent: 1)
 ``P:migrating``                string   the last run indexed by an unfinished migration
 =============================  =======  ===============================================
@@ -62,8 +63,10 @@ buffered events, finished runs per minute) in ``_dashboard.py``.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
+from itertools import islice
 from typing import Any, Literal
 
 import redis.asyncio as aioredis
@@ -78,12 +81,14 @@ from reflow_core.adapter import (
     check_finish_status,
     check_list_limit,
     check_new_run,
+    check_new_runs,
     check_purge,
     check_purge_limit,
     check_status_update,
     check_text,
     decode_cursor,
     new_run_id,
+    new_run_record,
     purge_in_batches,
     run_page,
     span_us,
@@ -138,6 +143,7 @@ from ._options import (
 )
 from ._records import (
     _BadData,
+    _create_many_args,
     _deadline_arg,
     _delay_arg,
     _flat,
@@ -375,29 +381,77 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
                 ],
                 retry=True,
             )
-            replies = [reply]
-        else:
-            args: list[Any] = [len(items)]
-            for run_id, new in items:
-                args += [
-                    run_id,
-                    new.workflow,
-                    new.input,
-                    new.idempotency_key or "",
-                    _delay_arg(new),
-                    _deadline_arg(new),
-                    *_limit_args(new),
-                ]
-            replies = await self._call("create_run", "create_many", args, retry=True)
-        results: list[CreateResult | ReflowError] = []
-        for (run_id, new), reply in zip(items, replies, strict=True):
             try:
-                results.append(await self._create_outcome(run_id, new, reply))
+                return [await self._create_outcome("create_run", run_id, new, reply)]
             except ReflowError as exc:
-                results.append(exc)
+                return [exc]
+        ids = [run_id for run_id, _ in items]
+        news = [new for _, new in items]
+        reply = await self._call(
+            "create_run",
+            "create_many",
+            [len(items), "", *_create_many_args(ids, news)],
+            retry=True,
+        )
+        return await self._create_many_outcomes("create_run", ids, news, reply)
+
+    async def create_runs(
+        self, news: Sequence[NewRun]
+    ) -> list[CreateResult | IdempotencyConflictError]:
+        """Create ``news`` in one script call (``create_many.lua``), written
+        whole or not at all: the script makes sure no id is taken before it
+        writes anything, then creates the runs in order, and publishes its
+        wake-up hints once. A try again after a lost reply finds the batch's
+        mark (``P:batch:<token>``, kept a minute) and returns the first
+        try's outcomes."""
+        check_new_runs(news, backend=BACKEND)
+        self._lifecycle.check("create_runs")
+        if not news:
+            return []
+        ids = [new.run_id or new_run_id() for new in news]
+        reply = await self._call(
+            "create_runs",
+            "create_many",
+            [len(ids), secrets.token_hex(12), *_create_many_args(ids, news)],
+            retry=True,
+        )
+        if reply[0] == -1:
+            index = int(reply[1])
+            raise StorageError(
+                f"item {index}: run id {ids[index]!r} already exists",
+                operation="create_runs",
+                backend=BACKEND,
+            )
+        outcomes = await self._create_many_outcomes("create_runs", ids, news, reply)
+        results: list[CreateResult | IdempotencyConflictError] = []
+        for outcome in outcomes:
+            if isinstance(outcome, CreateResult | IdempotencyConflictError):
+                results.append(outcome)
+            else:
+                raise outcome
         return results
 
-    async def _create_outcome(self, run_id: str, new: NewRun, reply: Any) -> CreateResult:
+    async def _create_many_outcomes(
+        self, operation: str, ids: Sequence[str], news: Sequence[NewRun], reply: Any
+    ) -> list[CreateResult | ReflowError]:
+        """The outcome of each run of a ``create_many.lua`` reply: the
+        server's time, then 1 for each run created then, or its own reply."""
+        now = self._stamp(operation, reply[0])
+        results: list[CreateResult | ReflowError] = []
+        append = results.append
+        for run_id, new, item in zip(ids, news, islice(reply, 1, None), strict=True):
+            if item == 1:
+                append(CreateResult(new_run_record(run_id, new, now), created=True))
+                continue
+            try:
+                append(await self._create_outcome(operation, run_id, new, item))
+            except ReflowError as exc:
+                append(exc)
+        return results
+
+    async def _create_outcome(
+        self, operation: str, run_id: str, new: NewRun, reply: Any
+    ) -> CreateResult:
         outcome = int(reply[0])
         if outcome == -1:
             existing = await self.get_run(run_id)
@@ -405,11 +459,13 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
                 # A retry of our own create whose reply was lost.
                 return CreateResult(existing, created=True)
             raise StorageError(
-                f"run id {run_id!r} already exists", operation="create_run", backend=BACKEND
+                f"run id {run_id!r} already exists", operation=operation, backend=BACKEND
             )
         if outcome == 1:
-            return CreateResult(self._new_record(run_id, new, reply[1]), created=True)
-        record = self._stored_run("create_run", reply[1])
+            return CreateResult(
+                new_run_record(run_id, new, self._stamp(operation, reply[1])), created=True
+            )
+        record = self._stored_run(operation, reply[1])
         if record.id == run_id:  # our own first try, whose reply was lost
             return CreateResult(record, created=True)
         if outcome == 2:  # the open run of the debounce key, updated

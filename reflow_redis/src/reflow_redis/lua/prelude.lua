@@ -18,7 +18,15 @@ local RETENTION = tonumber(ARGV[3]) or 0
 local NOTIFY = ARGV[4] == '1'
 
 local function num(n) return string.format('%.0f', n) end
-local function k(...) return P .. ':' .. table.concat({...}, ':') end
+-- A key: the prefix and parts joined by ':' (concatenated directly for up
+-- to three parts, the common case, which is several times faster than
+-- building a table).
+local function k(a, b, c, ...)
+  if b == nil then return P .. ':' .. a end
+  if c == nil then return P .. ':' .. a .. ':' .. b end
+  if ... == nil then return P .. ':' .. a .. ':' .. b .. ':' .. c end
+  return P .. ':' .. table.concat({a, b, c, ...}, ':')
+end
 local function run_key(id) return k('run', id) end
 local function steps_key(id) return k('steps', id) end
 local function lease_key(id) return k('lease', id) end
@@ -53,11 +61,48 @@ local function undone(id)
 end
 local CHILDREN = 'reflow:children:'  -- waiting_for of a run parked by wait_children
 
+local function publish_wake(wf, ms)
+  local name = wf
+  if #name > 4000 then name = '' end
+  redis.call('PUBLISH', P .. ':wake', num(ms) .. '|' .. name)
+end
+-- Hints held back by a script that makes many runs due at once (see
+-- hold_wakes): per workflow, in the order first hinted, {now = whether one
+-- is due now, later = the fewest ms until one of the others is}. nil: wake
+-- publishes at once.
+local held, held_order = nil, nil
 local function wake(wf, delay_us)
   if NOTIFY then
-    local name = wf
-    if #name > 4000 then name = '' end
-    redis.call('PUBLISH', P .. ':wake', num(math.max(0, math.floor(delay_us / 1000))) .. '|' .. name)
+    local ms = math.max(0, math.floor(delay_us / 1000))
+    if not held then
+      publish_wake(wf, ms)
+      return
+    end
+    local h = held[wf]
+    if not h then
+      h = {}
+      held[wf] = h
+      held_order[#held_order + 1] = wf
+    end
+    if ms == 0 then
+      h.now = true
+    elseif not h.later or ms < h.later then
+      h.later = ms
+    end
+  end
+end
+-- From here on wake only gathers its hints; publish_held sends them: one
+-- per workflow due now and one for the nearest later due time of each
+-- workflow, whatever the number of runs.
+local function hold_wakes() held, held_order = {}, {} end
+local function publish_held()
+  local gathered, order = held, held_order
+  held, held_order = nil, nil
+  if not gathered then return end
+  for _, wf in ipairs(order) do
+    local h = gathered[wf]
+    if h.now then publish_wake(wf, 0) end
+    if h.later then publish_wake(wf, h.later) end
   end
 end
 
@@ -502,6 +547,34 @@ local function debounce(wf, key, input, delay, lim)
   return redis.call('HGETALL', rk)
 end
 
+-- The creates of one script (create_many.lua) share a batch (new_batch):
+-- batch.wfs holds the workflows already added to P:workflows, and the sorted
+-- set entries of the runs made (listing indexes, due sets, P:prios,
+-- P:parked) wait in batch.z, one list per key, until zadd_held writes them
+-- with one ZADD per key: at the end, and before anything reads those sets
+-- (a debounced create does). With batch.checked the script has made sure
+-- that every id it creates is free, so create_run does not look again.
+local function new_batch() return {wfs = {}, z = {}, z_order = {}} end
+local function zadd_later(batch, key, score, member)
+  local entries = batch.z[key]
+  if not entries then
+    entries = {}
+    batch.z[key] = entries
+    batch.z_order[#batch.z_order + 1] = key
+  end
+  entries[#entries + 1] = score
+  entries[#entries + 1] = member
+end
+local function zadd_held(batch)
+  for _, key in ipairs(batch.z_order) do
+    local entries = batch.z[key]
+    for i = 1, #entries, 4000 do  -- unpack takes a few thousand values at most
+      redis.call('ZADD', key, unpack(entries, i, math.min(i + 3999, #entries)))
+    end
+  end
+  batch.z, batch.z_order = {}, {}
+end
+
 -- Create a pending run, or with a positive delay (us) a delayed one, due
 -- then; or find the run holding the idempotency key (whatever the delay).
 -- With a deadline (us after now; '' none) the run's 'dl' is now plus it, or
@@ -515,7 +588,8 @@ end
 -- updated instead (debounce), {-1} when the id is taken. A delayed run is
 -- in its due set at its due time, like a sleeping run, and in P:parked with
 -- score 3.
-local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
+-- batch: see new_batch (nil for a create of its own).
+local function create_run(id, wf, input, idem, delay, deadline, cap, lim, batch)
   if idem ~= '' then
     local existing = redis.call('HGET', k('idem', wf), idem)
     if existing then
@@ -526,11 +600,12 @@ local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
   delay = tonumber(delay) or 0
   local db = lim and lim[12] or ''
   if db ~= '' then
+    if batch then zadd_held(batch) end
     local found = debounce(wf, db, input, delay, lim)
     if found then return {2, found} end
   end
   local rk = run_key(id)
-  if redis.call('EXISTS', rk) == 1 then return {-1} end
+  if not (batch and batch.checked) and redis.call('EXISTS', rk) == 1 then return {-1} end
   local now = num(NOW)
   local dl = ''
   if deadline and deadline ~= '' then dl = num(NOW + tonumber(deadline)) end
@@ -544,17 +619,35 @@ local function create_run(id, wf, input, idem, delay, deadline, cap, lim)
   if lim then pr = limit_fields(f, lim) end
   if db ~= '' then f[#f + 1] = 'db'; f[#f + 1] = db end
   redis.call('HSET', rk, unpack(f))
-  due_add(wf, pr, due, id)
-  if delay > 0 then redis.call('ZADD', k('parked', wf), 3, id) end
   local member = idx_member(now, id)
-  redis.call('ZADD', k('idx'), 0, member)
-  redis.call('ZADD', k('idx', 'wf', wf), 0, member)
+  if batch then
+    if plain(pr) then
+      zadd_later(batch, k('due', wf), due, id)
+    else
+      local pdue = k('pdue', pr, wf)
+      if not batch.z[pdue] then zadd_later(batch, k('prios', wf), pr, pr) end
+      zadd_later(batch, pdue, due, id)
+    end
+    if delay > 0 then zadd_later(batch, k('parked', wf), 3, id) end
+    zadd_later(batch, k('idx'), 0, member)
+    zadd_later(batch, k('idx', 'wf', wf), 0, member)
+  else
+    due_add(wf, pr, due, id)
+    if delay > 0 then redis.call('ZADD', k('parked', wf), 3, id) end
+    redis.call('ZADD', k('idx'), 0, member)
+    redis.call('ZADD', k('idx', 'wf', wf), 0, member)
+  end
   if idem ~= '' then
     redis.call('HSET', k('idem', wf), idem, id)
     redis.call('ZADD', bykey_key(idem), 0, member)
   end
   if db ~= '' then redis.call('HSET', k('debounce', wf), db, id) end
-  redis.call('SADD', k('workflows'), wf)
+  if not batch then
+    redis.call('SADD', k('workflows'), wf)
+  elseif not batch.wfs[wf] then
+    redis.call('SADD', k('workflows'), wf)
+    batch.wfs[wf] = true
+  end
   wake(wf, tonumber(due) - NOW)
   return {1, now}
 end
