@@ -18,7 +18,15 @@ from reflow_core.errors import IdempotencyConflictError, ReflowError, StorageErr
 from reflow_core.storage import CreateResult, Lease, NewRun, StepRecord
 
 from ._connections import BACKEND, Connections
-from ._rows import INSERTED, deadline_param, delay_param, limit_params, step_params
+from ._rows import (
+    INSERTED,
+    create_rows,
+    deadline_param,
+    delay_param,
+    limit_params,
+    made_record,
+    step_params,
+)
 
 __all__ = ["MAX_BATCH", "BatchedWrites", "Finish", "Save"]
 
@@ -72,27 +80,7 @@ class BatchedWrites:
         ids = [run_id for run_id, _ in items]
         if len(items) == 1 or len(set(keys)) < len(keys) or len(set(ids)) < len(ids):
             return [await self._create_alone(run_id, new) for run_id, new in items]
-        flow = [limit_params(new) for _, new in items]
-        params = db.params(
-            ids=ids,
-            workflows=[new.workflow for _, new in items],
-            inputs=[new.input for _, new in items],
-            keys=[new.idempotency_key for _, new in items],
-            delays=[delay_param(new) for _, new in items],
-            deadlines=[deadline_param(new) for _, new in items],
-            priorities=[new.priority for _, new in items],
-            keys1=[limits["key1"] for limits in flow],
-            maxes1=[limits["max1"] for limits in flow],
-            keys2=[limits["key2"] for limits in flow],
-            maxes2=[limits["max2"] for limits in flow],
-            rkeys1=[limits["rkey1"] for limits in flow],
-            rmaxes1=[limits["rmax1"] for limits in flow],
-            rperiods1=[limits["rperiod1"] for limits in flow],
-            rkeys2=[limits["rkey2"] for limits in flow],
-            rmaxes2=[limits["rmax2"] for limits in flow],
-            rperiods2=[limits["rperiod2"] for limits in flow],
-            headers=[limits["headers"] for limits in flow],
-        )
+        params = db.params(rows=create_rows(ids, [new for _, new in items]))
         retried = False
 
         async def many(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[Any]:
@@ -108,14 +96,15 @@ class BatchedWrites:
                 raise
             # A run id that exists already: find out which, one by one.
             return [await self._create_alone(run_id, new, retried) for run_id, new in items]
-        created = {row[0]: run_from_row(row, as_utc) for row in rows if row[INSERTED]}
+        created = {row[0]: row for row in rows if row[INSERTED]}
         existing = {
             (row[1], row[6]): run_from_row(row, as_utc) for row in rows if not row[INSERTED]
         }
         results: list[CreateResult | ReflowError] = []
         for run_id, new in items:
-            if run_id in created:
-                results.append(CreateResult(created[run_id], created=True))
+            made = created.get(run_id)
+            if made is not None:
+                results.append(CreateResult(made_record(made, new), created=True))
                 continue
             record = existing[(new.workflow, new.idempotency_key)]
             if retried and record.id == run_id:

@@ -233,30 +233,55 @@ WITH ins AS (
 ) SELECT ins.*, {notify_ins} FROM ins
 
 -- name: create_many
--- Many creates in one statement (group commit); the caller makes sure no two
--- share an id or an idempotency key, and that none has a debounce key. One notification per workflow, for the
--- first of its new runs to fall due (0 when one is due at once; next_due
--- finds the later ones).
+-- Many creates in one statement: the creates that group commit gathers, and
+-- a create_runs batch (whole, or one stretch of it). The caller makes sure
+-- no two share an id or an idempotency key, and that none has a debounce key.
+-- %(rows)s is a JSON array with one array per run, in order (see
+-- reflow_postgres._rows.create_rows): id, workflow, input, priority,
+-- idempotency key, then, only when one of them is set, delay and deadline
+-- (interval text), headers, the limit columns and the rate columns; a
+-- field past the end of a shorter array reads as NULL. One JSON text is far
+-- cheaper to send than an array per column, whose every element the client
+-- would escape one by one. Rows are inserted in (workflow, key) order, so
+-- that concurrent statements sharing keys take the keys' locks (an insert's,
+-- or the lock on the run a key finds) in one order: one waits for the other
+-- instead of deadlocking. One notification per workflow, for the first of
+-- its new runs to fall due (0 when one is due at once; next_due finds the
+-- later ones).
 WITH t AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(workflows)s::text[], %(inputs)s::text[],
-        %(keys)s::text[], %(delays)s::interval[], %(deadlines)s::interval[],
-        %(priorities)s::integer[], %(keys1)s::text[], %(maxes1)s::integer[],
-        %(keys2)s::text[], %(maxes2)s::integer[], %(rkeys1)s::text[], %(rmaxes1)s::integer[],
-        %(rperiods1)s::bigint[], %(rkeys2)s::text[], %(rmaxes2)s::integer[],
-        %(rperiods2)s::bigint[], %(headers)s::text[])
-        WITH ORDINALITY AS t(id, workflow, input, key, delay, deadline, priority, key1, max1,
-        key2, max2, rkey1, rmax1, rperiod1, rkey2, rmax2, rperiod2, headers, ord)
+    SELECT r->>0 AS id, r->>1 AS workflow, r->>2 AS input, (r->>3)::integer AS priority,
+        r->>4 AS key, (r->>5)::interval AS delay, (r->>6)::interval AS deadline,
+        r->>7 AS headers, r->>8 AS key1, (r->>9)::integer AS max1, r->>10 AS key2,
+        (r->>11)::integer AS max2, r->>12 AS rkey1, (r->>13)::integer AS rmax1,
+        (r->>14)::bigint AS rperiod1, r->>15 AS rkey2, (r->>16)::integer AS rmax2,
+        (r->>17)::bigint AS rperiod2, ord
+    FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS e(r, ord)
 ), ins AS (
     {insert_run}
     SELECT id, workflow, CASE WHEN delay IS NULL THEN 'pending' ELSE 'sleeping' END, input,
         key, {now}, {now}, least({now} + coalesce(delay, interval '0'), {now} + deadline),
         {now} + deadline, priority, key1, max1, key2, max2, rkey1, rmax1, rperiod1, rkey2,
-        rmax2, rperiod2, NULL, headers FROM t ORDER BY ord
+        rmax2, rperiod2, NULL, headers FROM t ORDER BY workflow, key, ord
     {on_idempotency_key}
 ), woken AS (
     SELECT {notify_ins} FROM (SELECT workflow, min(wake_at) AS wake_at FROM ins
         WHERE inserted GROUP BY workflow) AS ins
 ) SELECT ins.*, (SELECT count(*) FROM woken) FROM ins
+
+-- name: refuse_taken
+-- The first statement of a create_runs batch with caller-chosen run ids
+-- (%(ids)s): a copy of each run that already has one of them, which the
+-- primary key refuses (runs_pkey), so the batch fails and writes nothing,
+-- even for an item that an idempotency or debounce key would otherwise
+-- have matched. The copies leave out the keys of the other unique indexes,
+-- so the primary key is the one that refuses. Inserts nothing when every
+-- id is free.
+INSERT INTO {schema}.runs (id, workflow, status, input, created_at, updated_at)
+SELECT id, workflow, status, input, created_at, updated_at FROM {schema}.runs
+WHERE id = ANY(%(ids)s::text[])
+
+-- name: get_runs
+SELECT {read_columns} FROM {schema}.runs WHERE id = ANY(%(ids)s::text[])
 
 -- name: get_run
 SELECT {read_columns} FROM {schema}.runs WHERE id = %(id)s

@@ -11,7 +11,8 @@ from a :class:`psycopg_pool.AsyncConnectionPool` in autocommit mode (see
 * a step save is one statement that checks the fence, renews the lease and
   upserts the step; the last step and the run's end are one statement too;
   concurrent creates, saves and finishes share a statement (see
-  :mod:`._batches`);
+  :mod:`._batches`); a batch of creates (``create_runs``) is one statement,
+  or one transaction sent in one pipeline (see :mod:`._creates`);
 * enqueues (delayed ones included), hand-backs, requeues, events that wake
   a run and sleeps send a ``NOTIFY`` (a hint, never the source of truth) that wakes idle workers;
   see :class:`~reflow_postgres.listener.Listener`;
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -53,6 +54,7 @@ from reflow_core.adapter import (
     check_finish_status,
     check_list_limit,
     check_new_run,
+    check_new_runs,
     check_purge,
     check_purge_limit,
     check_stats_workflows,
@@ -104,6 +106,7 @@ from reflow_core.storage import (
 
 from ._batches import BatchedWrites
 from ._connections import BACKEND, Connections
+from ._creates import create_runs
 from ._options import DEFAULT_SCHEMA, check_keyword_options, parse_postgres_url, settings
 from ._rows import (
     INSERTED,
@@ -308,6 +311,20 @@ class PostgresStorage:
         if isinstance(outcome, ReflowError):
             raise outcome
         return outcome
+
+    async def create_runs(
+        self, news: Sequence[NewRun]
+    ) -> list[CreateResult | IdempotencyConflictError]:
+        """Create ``news`` in one transaction and, usually, one statement:
+        one round trip and one commit for the whole batch, each item with
+        the outcome ``create_run`` would give it, in order (see
+        :mod:`._creates`). A taken run id fails the batch, which writes
+        nothing, with a :class:`StorageError` naming the item."""
+        check_new_runs(news, backend=BACKEND)
+        self._db.life.check("create_runs")
+        if not news:
+            return []
+        return await create_runs(self._db, news)
 
     async def claim_runs(
         self, workflows: Collection[str], limit: int, lease: timedelta
