@@ -25,7 +25,7 @@ from reflow_core import (
     ValidationError,
     workflow,
 )
-from reflow_core.adapter import new_run_id
+from reflow_core.adapter import new_run_id, new_run_ids
 from reflow_core.storage import MAX_CREATE_BATCH, CreateResult, NewRun, Storage
 
 
@@ -295,3 +295,19 @@ def test_run_ids_are_ulids_that_sort_by_creation_time() -> None:
         assert before <= value >> 80 <= after
     time.sleep(0.002)
     assert new_run_id()[:10] > ids[0][:10]
+
+
+def test_ids_made_together_are_ulids_of_now_in_ascending_order() -> None:
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    before = time.time_ns() // 1_000_000
+    ids = new_run_ids(1000)
+    after = time.time_ns() // 1_000_000
+    assert all(re.fullmatch(f"[0-7][{alphabet}]{{25}}", run_id) for run_id in ids)
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 1000
+    for run_id in ids:
+        stamp = 0
+        for char in run_id[:10]:
+            stamp = stamp * 32 + alphabet.index(char)
+        assert before <= stamp <= after
+    assert new_run_ids(0) == []

@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import re
 import tempfile
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -29,6 +27,7 @@ import pytest
 from psycopg import pq, sql
 
 from reflow_core import codec
+from reflow_core.adapter import new_run_ids
 from reflow_core.errors import IdempotencyConflictError, StorageError
 from reflow_core.storage import (
     ConcurrencyLimit,
@@ -39,7 +38,6 @@ from reflow_core.storage import (
 )
 from reflow_postgres import PostgresStorage
 from reflow_postgres._creates import _send, _send_again
-from reflow_postgres._rows import new_run_ids
 
 Admin = psycopg.Connection[tuple[object, ...]]
 Outcome = CreateResult | IdempotencyConflictError
@@ -462,22 +460,3 @@ async def test_concurrent_batches_sharing_keys_in_other_orders_do_not_deadlock(
     assert count == (rounds * (30 + 4 * 5),)
     for store in stores:
         await store.close()
-
-
-# -- run ids -------------------------------------------------------------------
-
-
-def test_new_run_ids_are_ulids_of_now_in_ascending_order() -> None:
-    before = time.time_ns() // 1_000_000
-    ids = new_run_ids(1000)
-    after = time.time_ns() // 1_000_000
-    digits = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-    assert all(re.fullmatch(f"[{digits}]{{26}}", run_id) for run_id in ids)
-    assert ids == sorted(ids)
-    assert len(set(ids)) == 1000
-    for run_id in ids:
-        stamp = 0
-        for char in run_id[:10]:
-            stamp = stamp * 32 + digits.index(char)
-        assert before <= stamp <= after
-    assert new_run_ids(0) == []

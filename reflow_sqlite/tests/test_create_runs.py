@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from reflow_core.adapter import new_run_ids
 from reflow_core.errors import ConfigError, IdempotencyConflictError, StorageError
 from reflow_core.storage import (
     MAX_CREATE_BATCH,
@@ -27,7 +28,6 @@ from reflow_core.storage import (
 )
 from reflow_sqlite import SQLiteStorage
 from reflow_sqlite._scripts import INSERT_CHUNK
-from reflow_sqlite.storage import new_run_ids
 
 LEASE = timedelta(seconds=30)
 Outcome = CreateResult | IdempotencyConflictError

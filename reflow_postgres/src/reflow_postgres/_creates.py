@@ -39,7 +39,7 @@ from typing import Any, TypeAlias
 import psycopg
 from psycopg import errors as pg_errors
 
-from reflow_core.adapter import as_utc, run_from_row
+from reflow_core.adapter import as_utc, new_run_ids, run_from_row
 from reflow_core.errors import IdempotencyConflictError, StorageError
 from reflow_core.storage import CreateResult, NewRun, RunRecord
 
@@ -51,7 +51,6 @@ from ._rows import (
     delay_param,
     limit_params,
     made_record,
-    new_run_ids,
 )
 
 __all__ = ["Outcome", "create_runs"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -33,7 +31,6 @@ __all__ = [
     "delay_param",
     "limit_params",
     "made_record",
-    "new_run_ids",
     "step_params",
 ]
 
@@ -141,29 +138,6 @@ def create_rows(ids: Sequence[str], news: Sequence[NewRun]) -> str:
 def _interval(span: timedelta) -> str:
     """``span`` as PostgreSQL interval text, in days and seconds."""
     return f"{span.days} days {span.seconds}.{span.microseconds:06d} seconds"
-
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_DIGIT_OF_BYTE = bytes(ord(_CROCKFORD[byte & 31]) for byte in range(256))
-"""The Crockford digit of a byte's five low bits, for ``bytes.translate``."""
-
-
-def new_run_ids(count: int) -> list[str]:
-    """``count`` new run ids in the layout of
-    :func:`~reflow_core.adapter.new_run_id` (48-bit millisecond time, 80
-    random bits, 26 Crockford base32 digits), in ascending order, so a
-    batch's runs sort in the order they were given.
-
-    The first 10 digits hold the two leading zero bits and the time, the
-    same for the whole batch; each of the last 16 is five random bits, the
-    low bits of a random byte, so one ``bytes.translate`` makes the random
-    digits of every id at once."""
-    value = time.time_ns() // 1_000_000
-    prefix = "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(45, -5, -5))
-    digits = os.urandom(16 * count).translate(_DIGIT_OF_BYTE).decode()
-    ids = [prefix + digits[start : start + 16] for start in range(0, 16 * count, 16)]
-    ids.sort()
-    return ids
 
 
 def made_record(row: Sequence[Any], new: NewRun) -> RunRecord:

@@ -45,6 +45,7 @@ from reflow_core.adapter import (
     decode_cursor,
     from_epoch_us,
     new_run_id,
+    new_run_ids,
     purge_in_batches,
     span_us,
     to_epoch_us,
@@ -112,25 +113,6 @@ _NOTADB_CODES = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
 
 _Save = tuple[Lease, StepRow, int]
 """A queued step save: the lease, the step, the lease extension in microseconds."""
-
-
-_CROCKFORD = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_DIGIT_OF_BYTE = bytes.maketrans(bytes(range(256)), bytes(_CROCKFORD[b % 32] for b in range(256)))
-"""Each byte to a Crockford base32 digit by its low five bits: a uniformly
-random byte gives a uniformly random digit."""
-
-
-def new_run_ids(count: int) -> list[str]:
-    """``count`` new run ids laid out as :func:`~reflow_core.adapter.new_run_id`
-    lays one out (this millisecond, then 80 random bits: 16 random digits),
-    in ascending order: a batch's runs get ids in the batch's order, and its
-    inserts append to the indexes that hold the id instead of landing all
-    over their last pages."""
-    stamp = new_run_id()[:10]  # the millisecond, as new_run_id encodes it
-    digits = os.urandom(16 * count).translate(_DIGIT_OF_BYTE).decode("ascii")
-    ids = [stamp + digits[start : start + 16] for start in range(0, 16 * count, 16)]
-    ids.sort()
-    return ids
 
 
 class SQLiteStorage:
