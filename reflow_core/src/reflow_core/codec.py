@@ -41,7 +41,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import SerializationError
 
-__all__ = ["MAX_DEPTH", "JSONValue", "WaitTimedOut", "check_plain", "decode", "encode"]
+__all__ = [
+    "MAX_DEPTH",
+    "JSONValue",
+    "WaitTimedOut",
+    "check_plain",
+    "decode",
+    "encode",
+    "encode_value",
+]
 
 JSONValue: TypeAlias = (
     "bool | int | float | str | datetime | list[JSONValue] | dict[str, JSONValue] | None"
@@ -172,11 +180,18 @@ def _fast_json(value: object, depth: int) -> Any:
         items: list[object] = value  # type: ignore[assignment]
         return [_fast_json(item, depth + 1) for item in items]
     if kind is dict:
+        # Keys in the order the encoder writes them and decode reads them
+        # back, so the tree equals what decoding its text gives.
+        mapping: dict[Any, object] = value  # type: ignore[assignment]
         out: dict[str, Any] = {}
-        for key, item in value.items():  # type: ignore[attr-defined]
+        try:
+            keys = sorted(mapping)
+        except TypeError:  # keys that do not compare: not all str
+            raise _NotPlain from None
+        for key in keys:
             if type(key) is not str or key[:1] == "$":
                 raise _NotPlain
-            out[key] = _fast_json(item, depth + 1)
+            out[key] = _fast_json(mapping[key], depth + 1)
         return out
     raise _NotPlain
 
@@ -212,6 +227,19 @@ def check_plain(value: object) -> None:
 def encode(value: object) -> str:
     """Encode plain data as canonical tagged JSON text."""
     return _encoder.encode(_plain(value))
+
+
+def encode_value(value: object) -> tuple[str, Any]:
+    """``encode(value)``, and the value ``decode`` gives back from that text
+    (fresh lists and dicts, keys in order), without decoding it when the
+    value holds nothing tagged: what a step's result becomes for the steps
+    after it, the same on the first run as on a replay."""
+    try:
+        tree = _fast_json(value, 0)
+    except (_NotPlain, RecursionError):
+        text = encode(value)
+        return text, decode(text)
+    return _encoder.encode(tree), tree
 
 
 def _parse_datetime(text: str) -> datetime:

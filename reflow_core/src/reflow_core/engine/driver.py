@@ -416,7 +416,8 @@ class RunDriver:
             partial(self.storage.finish_run, run.lease, "completed", output=output, step=step),
             run.record.id,
         )
-        await self.emit(RunCompleted(run.record.id, run.record.workflow, codec.decode(output)))
+        if self.observers.active:  # decoding the output is for the listeners
+            await self.emit(RunCompleted(run.record.id, run.record.workflow, codec.decode(output)))
         self.notify_finished(run.record.id)
         if run.record.parent_id is not None:
             self.wake_worker()  # its parent may be claimable now

@@ -152,7 +152,8 @@ class StepUnit:
             if outcome is None:
                 return True  # released until its children end
             result, attempts = outcome
-            text = codec.encode(result)
+            # The text to store, and what the next steps see: what a replay reads back.
+            text, value = codec.encode_value(result)
         except CompleteRun as signal:
             try:
                 text = codec.encode(signal.value)
@@ -174,7 +175,6 @@ class StepUnit:
             await driver.fail(run, exc, step=step.name)
             return True
         record = StepRecord(step.name, "completed", output=text, attempts=attempts)
-        value = codec.decode(text)
         if driver.observers.wants(StepCompleted):
             await driver.emit(
                 StepCompleted(run.record.id, run.record.workflow, step.name, value, attempts)
