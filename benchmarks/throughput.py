@@ -5,7 +5,7 @@
                                     [--synchronous NORMAL]
                                     [--postgres-url postgresql://postgres@127.0.0.1:5432/postgres]
                                     [--redis-url redis://127.0.0.1:6379/0]
-                                    [--pool-size 25] [--overlapped] [--json]
+                                    [--pool-size 25] [--overlapped] [--batch 500] [--json]
 
 For each backend and K, after one warm-up pass, each pass:
 
@@ -15,7 +15,14 @@ For each backend and K, after one warm-up pass, each pass:
 * reports the end-to-end figure (first enqueue to last completion);
 * with ``--overlapped``, also times ``overlapped`` passes: the worker runs
   while 25 concurrent tasks enqueue, from the first enqueue to the last
-  completion (the shape of DBOS's ``start_workflow_async`` benchmark).
+  completion (the shape of DBOS's ``start_workflow_async`` benchmark);
+* with ``--batch B``, also enqueues the N runs through
+  ``Engine.enqueue_many(wf, inputs)``, B inputs per call (``batch
+  enqueue/s``: those calls alone), into a fresh store of its own made before
+  the sequential part of the pass. Those runs are not drained: the drain
+  figures are always those of the runs enqueued one at a time, so they stay
+  comparable with passes without ``--batch``, and the store the drain works
+  on holds only its own N runs.
 
 Every step returns a small dict. Each pass uses a fresh store (a new SQLite
 file, a new PostgreSQL schema). Figures are the best and the median of the
@@ -101,6 +108,15 @@ class PassResult:
     runs_per_s: float
     steps_per_s: float
     end_to_end_runs_per_s: float
+    batch_enqueue_per_s: float | None = None
+    """With a batch size: runs per second through ``Engine.enqueue_many``."""
+
+    def as_dict(self) -> dict[str, float]:
+        """The figures for ``--json`` (``batch_enqueue_per_s`` only when measured)."""
+        figures = dict(self.__dict__)
+        if self.batch_enqueue_per_s is None:
+            del figures["batch_enqueue_per_s"]
+        return figures
 
 
 Dispose = Callable[[Storage], Awaitable[None]]
@@ -110,19 +126,8 @@ async def _nothing(storage: Storage) -> None:
     return None
 
 
-async def one_pass(
-    make_storage: Callable[[], Storage],
-    runs: int,
-    steps: int,
-    dispose: Dispose = _nothing,
-    plugins: Sequence[object] = (),
-) -> PassResult:
-    """Enqueue ``runs`` runs, then time the worker draining them; ``plugins``
-    (none by default) are the engine's only plugins."""
-    wf = build_workflow(steps)
-    storage = make_storage()
-    done = _Completion(storage, runs)
-    engine = Engine(
+def _engine(storage: Storage, wf: Any, plugins: Sequence[object] = ()) -> Engine:
+    return Engine(
         storage=storage,
         workflows=[wf],
         concurrency=25,
@@ -131,6 +136,58 @@ async def one_pass(
         plugins=list(plugins),
         load_entry_points=False,
     )
+
+
+async def batch_enqueue_pass(
+    make_storage: Callable[[], Storage],
+    runs: int,
+    steps: int,
+    batch: int,
+    dispose: Dispose = _nothing,
+) -> float:
+    """Runs per second enqueueing ``runs`` runs through ``Engine.enqueue_many``,
+    ``batch`` inputs per call, into a fresh store (timed from the first call to
+    the last one's return; the runs are not drained). Checks that every run
+    was created."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, not {batch}")
+    wf = build_workflow(steps)
+    storage = make_storage()
+    engine = _engine(storage, wf)
+    await storage.initialize()
+    created = 0
+    t0 = time.perf_counter()
+    for low in range(0, runs, batch):
+        made = await engine.enqueue_many(wf, [{"n": i} for i in range(low, min(low + batch, runs))])
+        created += sum(1 for run in made if run.created)
+    elapsed = time.perf_counter() - t0
+    await storage.close()
+    await dispose(storage)
+    if created != runs:
+        raise RuntimeError(f"enqueue_many created {created} runs of {runs}")
+    return runs / elapsed
+
+
+async def one_pass(
+    make_storage: Callable[[], Storage],
+    runs: int,
+    steps: int,
+    dispose: Dispose = _nothing,
+    plugins: Sequence[object] = (),
+    batch: int | None = None,
+) -> PassResult:
+    """Enqueue ``runs`` runs, then time the worker draining them; ``plugins``
+    (none by default) are the engine's only plugins. With ``batch``, first
+    time :func:`batch_enqueue_pass` on a store of its own."""
+    batch_rate = (
+        None
+        if batch is None
+        else await batch_enqueue_pass(make_storage, runs, steps, batch, dispose)
+    )
+    wf = build_workflow(steps)
+    storage = make_storage()
+    done = _Completion(storage, runs)
+    engine = _engine(storage, wf, plugins)
     await storage.initialize()
     t0 = time.perf_counter()
     for i in range(runs):
@@ -148,6 +205,7 @@ async def one_pass(
         runs_per_s=runs / drain,
         steps_per_s=runs * steps / drain,
         end_to_end_runs_per_s=runs / (t_done - t0),
+        batch_enqueue_per_s=batch_rate,
     )
 
 
@@ -399,10 +457,16 @@ def summarize(values: list[float]) -> str:
     return f"{best:>9,.0f} (median {median:,.0f}, spread {low:,.0f}-{best:,.0f})"
 
 
-async def measure(backend: Backend, runs: int, steps: int, passes: int) -> list[PassResult]:
-    """One warm-up pass, then ``passes`` measured ones."""
-    await one_pass(backend.make, min(runs, 200), steps, backend.dispose)
-    return [await one_pass(backend.make, runs, steps, backend.dispose) for _ in range(passes)]
+async def measure(
+    backend: Backend, runs: int, steps: int, passes: int, batch: int | None = None
+) -> list[PassResult]:
+    """One warm-up pass, then ``passes`` measured ones (with ``batch``, each also
+    times ``Engine.enqueue_many`` in batches of that size)."""
+    await one_pass(backend.make, min(runs, 200), steps, backend.dispose, batch=batch)
+    return [
+        await one_pass(backend.make, runs, steps, backend.dispose, batch=batch)
+        for _ in range(passes)
+    ]
 
 
 async def measure_overlapped(backend: Backend, runs: int, steps: int, passes: int) -> list[float]:
@@ -437,8 +501,16 @@ async def main() -> None:
         action="store_true",
         help="also time enqueues by 25 concurrent tasks while the worker runs",
     )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        metavar="B",
+        help="also time Engine.enqueue_many, B runs per call (off by default)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line per result")
     args = parser.parse_args()
+    if args.batch is not None and args.batch < 1:
+        parser.error("--batch must be at least 1")
     cancel_on_sigterm()
     version = sys.version.split()[0]
     print(f"python {version}, N={args.runs}, concurrency 25, best of {args.passes} after a warm-up")
@@ -450,7 +522,7 @@ async def main() -> None:
             )
             label = backend.label
             for steps in args.steps:
-                results = await measure(backend, args.runs, steps, args.passes)
+                results = await measure(backend, args.runs, steps, args.passes, args.batch)
                 overlapped = (
                     await measure_overlapped(backend, args.runs, steps, args.passes)
                     if args.overlapped
@@ -460,14 +532,22 @@ async def main() -> None:
                     record: dict[str, Any] = {
                         "backend": label,
                         "steps": steps,
-                        "passes": [r.__dict__ for r in results],
+                        "passes": [r.as_dict() for r in results],
                     }
+                    if args.batch is not None:
+                        record["batch"] = args.batch
                     if overlapped:
                         record["overlapped_runs_per_s"] = overlapped
                     print(json.dumps(record), flush=True)
                     continue
                 print(f"\n{label}, K={steps}")
                 print(f"  enqueue/s   {summarize([r.enqueue_per_s for r in results])}")
+                batched = [r.batch_enqueue_per_s for r in results if r.batch_enqueue_per_s]
+                if batched:
+                    print(
+                        f"  batch       {summarize(batched)} enqueue/s"
+                        f" (enqueue_many, {args.batch} per call)"
+                    )
                 print(f"  runs/s      {summarize([r.runs_per_s for r in results])}")
                 print(f"  steps/s     {summarize([r.steps_per_s for r in results])}")
                 print(
