@@ -45,7 +45,6 @@ _SCRIPTS = (
     "create_many",
     "claim",
     "heartbeat",
-    "save_step",
     "save_steps",
     "finish",
     "update_status",

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any, cast, get_args
 
 from reflow_core.adapter import (
@@ -40,6 +41,8 @@ from reflow_core.adapter import (
 )
 from reflow_core.errors import StorageError
 from reflow_core.storage import (
+    ClaimedRun,
+    Lease,
     NewRun,
     RunRecord,
     RunStatus,
@@ -199,16 +202,104 @@ def _step_record(name: str, value: str, run_id: str) -> tuple[int, StepRecord]:
 
 
 def _steps(flat: Sequence[object], run_id: str) -> dict[str, StepRecord]:
-    pairs = _pairs(flat, f"steps of run {run_id!r}")
+    return _steps_of(_pairs(flat, f"steps of run {run_id!r}"), run_id)
+
+
+def _steps_of(pairs: Mapping[str, str], run_id: str) -> dict[str, StepRecord]:
+    """The records of a run's steps hash, in the order they were first saved."""
+    if not pairs:
+        return {}
     ordered = sorted(_step_record(name, value, run_id) for name, value in pairs.items())
     return {record.name: record for _, record in ordered}
+
+
+def _claimed_run(entry: object) -> ClaimedRun:
+    """One run of a ``claim.lua`` reply: one string, ``reclaim``, the number
+    of the run hash's fields and values, those, then the steps hash's, joined
+    by NUL characters; or, when one of them holds a NUL, ``{reclaim, run
+    hash, steps hash}`` (each hash a flat list)."""
+    if isinstance(entry, bytes):
+        parts = _text(entry, "a claimed run").split("\0")
+        size = parts[1] if len(parts) > 1 else ""
+        if not size.isdigit() or int(size) % 2 or int(size) + 2 > len(parts):
+            raise _BadData("a claimed run is not a run and its steps")
+        end = 2 + int(size)
+        if (len(parts) - end) % 2:
+            raise _BadData("a claimed run's steps are not a hash")
+        reclaim = parts[0]
+        fields = dict(zip(parts[2:end:2], parts[3:end:2], strict=True))
+        record = _run_of(fields)
+        steps = _steps_of(dict(zip(parts[end::2], parts[end + 1 :: 2], strict=True)), record.id)
+    else:
+        if not isinstance(entry, list | tuple) or len(entry) != 3:
+            raise _BadData("a claimed run is not a run and its steps")
+        reclaim_flag, run_flat, steps_flat = entry
+        reclaim = _text(reclaim_flag, "a claimed run")
+        record = _run_of(_pairs(run_flat, "claimed run"))
+        steps = _steps(steps_flat, record.id)
+    if reclaim not in ("0", "1"):
+        raise _BadData("a claimed run lacks its reclaim flag")
+    return ClaimedRun(
+        run=record,
+        lease=Lease(record.id, record.lease_epoch),
+        steps=steps,
+        reclaimed=reclaim == "1",
+    )
+
+
+def _step_body(step: StepRecord) -> str:
+    """A step's body as the scripts store it: the JSON text of ``[output,
+    error, attempts]``, exactly as ``json.dumps`` with ``(",", ":")``
+    separators writes it (ASCII, every control character escaped, so it
+    never holds a NUL), built without an encoder object for the usual
+    types."""
+    output, error, attempts = step.output, step.error, step.attempts
+    if (
+        type(attempts) is int
+        and (output is None or type(output) is str)
+        and (error is None or type(error) is str)
+    ):
+        out = "null" if output is None else encode_basestring_ascii(output)
+        err = "null" if error is None else encode_basestring_ascii(error)
+        return f"[{out},{err},{attempts}]"
+    return json.dumps([output, error, attempts], separators=(",", ":"))
 
 
 def _step_args(step: StepRecord) -> list[str]:
     """A step as the scripts take it: name, status, wake time (µs or empty), body."""
     wake = "" if step.wake_at is None else str(to_epoch_us(step.wake_at, "step.wake_at"))
-    body = json.dumps([step.output, step.error, step.attempts], separators=(",", ":"))
-    return [step.name, step.status, wake, body]
+    return [step.name, step.status, wake, _step_body(step)]
+
+
+def _str_arg(value: Any) -> Any:
+    """``value`` as the text redis-py would send for it (an ``int`` as its
+    digits); any other type is left to redis-py (see :func:`_joined`)."""
+    return str(value) if type(value) is int else value
+
+
+def _joined(items: Sequence[Sequence[Any]], width: int) -> list[Any]:
+    """The fields of ``items`` (``width`` each) as the batch scripts take
+    them (``batch_fields`` in ``lua/prelude.lua``): one argument, every field
+    joined by NUL characters, so the client packs one argument per batch
+    rather than ``width`` per item; or, when a field holds a NUL or is not a
+    ``str``, the fields one argument each, as redis-py packs them."""
+    try:
+        text = "\0".join(map("\0".join, items))
+    except TypeError:
+        pass
+    else:
+        if text.count("\0") == len(items) * width - 1:
+            return [text]
+    return [field for item in items for field in item]
+
+
+def _flags(reply: object, count: int, where: str) -> list[bool]:
+    """The outcomes of a batch script that answers with one ``1`` (done) or
+    ``0`` (refused) character per item."""
+    text = _text(reply, where)
+    if len(text) != count or text.strip("01"):
+        raise _BadData(f"{where} answered {text[:40]!r} for {count} items")
+    return [flag == "1" for flag in text]
 
 
 def _delay_arg(new: NewRun) -> str:

@@ -143,17 +143,20 @@ from ._options import (
 )
 from ._records import (
     _BadData,
+    _claimed_run,
     _create_many_args,
     _deadline_arg,
     _delay_arg,
+    _flags,
     _flat,
+    _joined,
     _limit_args,
     _pairs,
-    _run_of,
     _run_record,
     _step_args,
     _step_record,
     _steps,
+    _str_arg,
     _text,
     _time,
 )
@@ -166,6 +169,11 @@ MAX_CLAIM = 1000
 """One claim takes at most this many runs, so one script never blocks Redis for long."""
 _MAX_SAVE_BATCH = 200
 """Concurrent step saves share one script call, at most this many per call."""
+_SAVE_FIELDS = 7
+"""The fields of one save in ``save_steps.lua``: run id, epoch, extend (µs) and the step's four."""
+_FINISH_FIELDS = 10
+"""The fields of one finish in ``finish.lua``: run id, epoch, status, output,
+error, whether a step follows, and the step's four."""
 _MAX_UNSURE_FINISHES = 10_000
 """Leases whose finish failed without a reply that are remembered, at most."""
 
@@ -487,21 +495,10 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
         reply = await self._call(
             "claim_runs", "claim", [min(limit, MAX_CLAIM), span_us(lease), *names]
         )
-        claimed = []
         try:
-            for reclaim, run_flat, steps_flat in reply:
-                record = _run_of(_pairs(run_flat, "claimed run"))
-                claimed.append(
-                    ClaimedRun(
-                        run=record,
-                        lease=Lease(record.id, record.lease_epoch),
-                        steps=_steps(steps_flat, record.id),
-                        reclaimed=bool(int(reclaim)),
-                    )
-                )
+            return [_claimed_run(entry) for entry in reply]
         except _BadData as exc:
             raise self._bad("claim_runs", exc) from exc
-        return claimed
 
     async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
         check_duration(extend, "extend")
@@ -517,18 +514,27 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
         check_duration(extend, "extend")
         self._lifecycle.check("save_step_result")
         return await self._saves.submit(
-            [lease.run_id, lease.epoch, span_us(extend), *_step_args(step)]
+            [
+                _str_arg(lease.run_id),
+                _str_arg(lease.epoch),
+                str(span_us(extend)),
+                *_step_args(step),
+            ]
         )
 
     async def _save_batch(self, items: Sequence[list[Any]]) -> list[bool]:
-        if len(items) == 1:
-            reply = await self._call("save_step_result", "save_step", items[0], retry=True)
-            return [bool(reply)]
-        args: list[Any] = [len(items)]
-        for item in items:
-            args.extend(item)
-        reply = await self._call("save_step_result", "save_steps", args, retry=True)
-        return [bool(int(flag)) for flag in reply]
+        """One ``save_steps.lua`` call for the saves ``items`` (a lone one
+        too), their fields in one argument (see :func:`_joined`)."""
+        reply = await self._call(
+            "save_step_result",
+            "save_steps",
+            [len(items), *_joined(items, _SAVE_FIELDS)],
+            retry=True,
+        )
+        try:
+            return _flags(reply, len(items), "save_steps")
+        except _BadData as exc:
+            raise self._bad("save_step_result", exc) from exc
 
     async def finish_run(
         self,
@@ -542,17 +548,26 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
         check_finish_status(status)
         if step is not None:
             check_text(step.name, "step")
-        args: list[Any] = [lease.run_id, lease.epoch, status, output or "", error or ""]
+        args: list[Any] = [
+            _str_arg(lease.run_id),
+            _str_arg(lease.epoch),
+            status,
+            output or "",
+            error or "",
+        ]
         args += ["1", *_step_args(step)] if step is not None else ["0", "", "", "", ""]
         self._lifecycle.check("finish_run")
         return await self._finishes.submit((lease, status, args))
 
     async def _finish_batch(self, items: Sequence[tuple[Lease, str, list[Any]]]) -> list[bool]:
-        flat: list[Any] = [len(items)]
-        for _, _, args in items:
-            flat.extend(args)
+        """One ``finish.lua`` call for the finishes ``items``, their fields
+        in one argument (see :func:`_joined`); an output or error holding a
+        NUL sends the batch's fields one argument each."""
+        fields = _joined([args for _, _, args in items], _FINISH_FIELDS)
         try:
-            reply, attempt = await self._call_counting("finish_run", "finish", flat, retry=True)
+            reply, attempt = await self._call_counting(
+                "finish_run", "finish", [len(items), *fields], retry=True
+            )
         except StorageError as exc:
             if isinstance(exc.__cause__, rex.ConnectionError | rex.TimeoutError):
                 # The script may still run when the server answers (a stall
@@ -562,7 +577,12 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
                 while len(self._unsure_finishes) > _MAX_UNSURE_FINISHES:
                     del self._unsure_finishes[next(iter(self._unsure_finishes))]
             raise
-        results = [bool(int(flag)) for flag in reply]
+        try:
+            results = _flags(reply, len(items), "finish")
+        except _BadData as exc:
+            raise self._bad("finish_run", exc) from exc
+        if not attempt and not self._unsure_finishes:
+            return results  # no try of these finishes may have landed unseen
         for i, (lease, status, _) in enumerate(items):
             key = (lease.run_id, lease.epoch)
             lost_before = key in self._unsure_finishes

@@ -38,6 +38,20 @@ table.sort(stale, function(a, b) return a[3] < b[3] end)
 
 local out = {}
 
+-- A claimed run as the reply carries it: one string, reclaim, the number of
+-- the run hash's fields and values, those, then the steps hash's, joined by
+-- NUL characters (one reply item for the client to read rather than one per
+-- field and value); when one of them holds a NUL, {reclaim, run, steps}.
+local function claimed(reclaim, run, steps)
+  if #run == 0 then return {reclaim, run, steps} end
+  local text = table.concat(run, '\0')
+  if #steps > 0 then text = text .. '\0' .. table.concat(steps, '\0') end
+  -- One NUL between each two of the values: any other was in a value.
+  local _, nuls = string.gsub(text, '%z', '')
+  if nuls ~= #run + #steps - 1 then return {reclaim, run, steps} end
+  return reclaim .. '\0' .. #run .. '\0' .. text
+end
+
 -- Take run id; its rate fields are r[i..i+5] (see rate_full).
 local function take(id, wf, reclaim, r, i)
   local rk = run_key(id)
@@ -48,7 +62,7 @@ local function take(id, wf, reclaim, r, i)
   redis.call('HSET', rk, 'st', 'running', 'w', '')
   if reclaim == 0 then redis.call('ZREM', k('parked', wf), id) end
   set_lease(id, wf, num(epoch), lease)
-  out[#out + 1] = {reclaim, redis.call('HGETALL', rk), redis.call('HGETALL', steps_key(id))}
+  out[#out + 1] = claimed(reclaim, redis.call('HGETALL', rk), redis.call('HGETALL', steps_key(id)))
 end
 
 for _, run in ipairs(stale) do

@@ -18,6 +18,31 @@ local RETENTION = tonumber(ARGV[3]) or 0
 local NOTIFY = ARGV[4] == '1'
 
 local function num(n) return string.format('%.0f', n) end
+
+-- The count fields of a batch's items, from ARGV[at] on: the client joins
+-- them with NUL characters into ARGV[at] alone (one argument is far cheaper
+-- for it to send than one per field), or, when a field holds a NUL, sends
+-- them one argument each. A batch that does not hold count fields is an error.
+local function batch_fields(count, at)
+  local out = {}
+  if #ARGV ~= at or count == 1 then
+    if #ARGV ~= at + count - 1 then error('reflow: a batch without the fields it announces') end
+    for i = 1, count do out[i] = ARGV[at + i - 1] end
+    return out
+  end
+  local text, pos = ARGV[at], 1
+  for i = 1, count - 1 do
+    local stop = string.find(text, '\0', pos, true)
+    if not stop then error('reflow: a batch without the fields it announces') end
+    out[i] = string.sub(text, pos, stop - 1)
+    pos = stop + 1
+  end
+  if string.find(text, '\0', pos, true) then
+    error('reflow: a batch without the fields it announces')
+  end
+  out[count] = string.sub(text, pos)
+  return out
+end
 -- A key: the prefix and parts joined by ':' (concatenated directly for up
 -- to three parts, the common case, which is several times faster than
 -- building a table).
@@ -723,23 +748,25 @@ local function cancel_below(id)
   end
 end
 
--- finish_run from ARGV[b..b+9]: id, epoch, status, output ('' none), error
--- ('' none), '1' if a step follows, then its name, status, wake and body.
-local function finish_one(b)
-  local id = ARGV[b]
-  local wf, pa, ps, _, k1, k2 = fence(id, ARGV[b + 1])
-  if not wf then return 0 end
-  if ARGV[b + 5] == '1' then
-    put_step(id, ARGV[b + 6], ARGV[b + 7], ARGV[b + 8], ARGV[b + 9])
+-- finish_run of the run whose fields are a[b + 1..b + 10]: id, epoch,
+-- status, output ('' none), error ('' none), '1' if a step follows, then
+-- its name, status, wake and body. Returns '1', or '0' when the fence refused it.
+local function finish_one(a, b)
+  local id = a[b + 1]
+  local wf, pa, ps, _, k1, k2 = fence(id, a[b + 2])
+  if not wf then return '0' end
+  if a[b + 6] == '1' then
+    put_step(id, a[b + 7], a[b + 8], a[b + 9], a[b + 10])
   end
   local rk = run_key(id)
-  redis.call('HSET', rk, 'st', ARGV[b + 2], 'u', num(NOW), 'w', '', 'wt', '')
-  if ARGV[b + 3] ~= '' then redis.call('HSET', rk, 'out', ARGV[b + 3]) else redis.call('HDEL', rk, 'out') end
-  if ARGV[b + 4] ~= '' then redis.call('HSET', rk, 'err', ARGV[b + 4]) else redis.call('HDEL', rk, 'err') end
+  local status = a[b + 3]
+  redis.call('HSET', rk, 'st', status, 'u', num(NOW), 'w', '', 'wt', '')
+  if a[b + 4] ~= '' then redis.call('HSET', rk, 'out', a[b + 4]) else redis.call('HDEL', rk, 'out') end
+  if a[b + 5] ~= '' then redis.call('HSET', rk, 'err', a[b + 5]) else redis.call('HDEL', rk, 'err') end
   drop_lease(id, wf)
   release(id, k1, k2)
   drop_events(id)
-  finished(id, ARGV[b + 2])
+  finished(id, status)
   child_ended(id, pa, ps)
-  return 1
+  return '1'
 end

@@ -1,17 +1,22 @@
--- Several save_step_result calls in one script (group commit). ARGV[5]: how
--- many; then 7 arguments per save, as in save_step.lua. Returns one 0/1 each.
+-- save_step_result: the saves of concurrent calls (of many runs in flight)
+-- in one script (group commit), a lone save too. ARGV[5]: n, how many; then
+-- 7 fields per save, as batch_fields reads them: id, epoch, extend (us),
+-- step name, status, wake (us or ''), body (json [output, error, attempts]).
+-- Each save is fenced on its own, then renews its lease and writes its step.
+-- Returns one character per save, in order: '1' saved, '0' refused.
 local n = tonumber(ARGV[5])
+local a = batch_fields(n * 7, 6)
 local out = {}
 for i = 0, n - 1 do
-  local b = 6 + i * 7
-  local id, epoch = ARGV[b], ARGV[b + 1]
+  local b = i * 7
+  local id, epoch = a[b + 1], a[b + 2]
   local wf = fence(id, epoch)
   if wf then
-    set_lease(id, wf, epoch, tonumber(ARGV[b + 2]))
-    put_step(id, ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6])
-    out[#out + 1] = 1
+    set_lease(id, wf, epoch, tonumber(a[b + 3]))
+    put_step(id, a[b + 4], a[b + 5], a[b + 6], a[b + 7])
+    out[i + 1] = '1'
   else
-    out[#out + 1] = 0
+    out[i + 1] = '0'
   end
 end
-return out
+return table.concat(out)
