@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from datetime import timedelta
 from typing import Any, TypeAlias
 
 import psycopg
@@ -15,16 +14,20 @@ from psycopg import errors as pg_errors
 from reflow_core.adapter import as_utc, run_from_row
 from reflow_core.batching import GroupCommit
 from reflow_core.errors import IdempotencyConflictError, ReflowError, StorageError
-from reflow_core.storage import CreateResult, Lease, NewRun, StepRecord
+from reflow_core.storage import CreateResult, NewRun
 
 from ._connections import BACKEND, Connections
 from ._rows import (
     INSERTED,
+    Finish,
+    Save,
     create_rows,
     deadline_param,
     delay_param,
+    finish_rows,
     limit_params,
     made_record,
+    save_rows,
     step_params,
 )
 
@@ -32,10 +35,6 @@ __all__ = ["MAX_BATCH", "BatchedWrites", "Finish", "Save"]
 
 MAX_BATCH = 200
 """Concurrent writes share one statement, at most this many per statement."""
-Save: TypeAlias = tuple[Lease, StepRecord, timedelta]
-"""One save_step_result call: lease, step, lease extension."""
-Finish: TypeAlias = tuple[Lease, str, str | None, str | None, StepRecord | None]
-"""One finish_run call: lease, status, output, error, last step."""
 Create: TypeAlias = tuple[str, NewRun]
 """One create_run call: the run id to create, and the run."""
 
@@ -181,22 +180,12 @@ class BatchedWrites:
                 return [cur.rowcount == 1]
 
             return await db.run("save_step_result", one, retry=True)
-        batch = db.params(
-            ids=[lease.run_id for lease, _, _ in items],
-            epochs=[lease.epoch for lease, _, _ in items],
-            extends=[extend for _, _, extend in items],
-            names=[step.name for _, step, _ in items],
-            statuses=[step.status for _, step, _ in items],
-            outputs=[step.output for _, step, _ in items],
-            errors=[step.error for _, step, _ in items],
-            attempts=[step.attempts for _, step, _ in items],
-            wakes=[step.wake_at for _, step, _ in items],
-        )
+        batch = db.params(rows=save_rows(items))
 
         async def many(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[bool]:
             cur = await conn.execute(db.sql["save_steps"], batch)
-            saved = {row[0] for row in await cur.fetchall()}
-            return [lease.run_id in saved for lease, _, _ in items]
+            saved = {(row[0], row[1]) for row in await cur.fetchall()}
+            return [(lease.run_id, lease.epoch) in saved for lease, _, _ in items]
 
         return await db.run("save_step_result", many, retry=True)
 
@@ -206,21 +195,7 @@ class BatchedWrites:
         if len(items) == 1:
             return [await self._finish_alone(items[0])]
         db = self._db
-        steps = [item[4] for item in items]
-        batch = db.params(
-            ids=[lease.run_id for lease, *_ in items],
-            epochs=[lease.epoch for lease, *_ in items],
-            run_statuses=[item[1] for item in items],
-            run_outputs=[item[2] for item in items],
-            run_errors=[item[3] for item in items],
-            has_step=[step is not None for step in steps],
-            names=[None if step is None else step.name for step in steps],
-            statuses=[None if step is None else step.status for step in steps],
-            outputs=[None if step is None else step.output for step in steps],
-            errors=[None if step is None else step.error for step in steps],
-            attempts=[None if step is None else step.attempts for step in steps],
-            wakes=[None if step is None else step.wake_at for step in steps],
-        )
+        batch = db.params(rows=finish_rows(items))
 
         retried = False
 
@@ -228,8 +203,8 @@ class BatchedWrites:
             nonlocal retried
             retried = attempt > 0
             cur = await conn.execute(db.sql["finish_many"], batch)
-            done = {row[0] for row in await cur.fetchall()}
-            return [item[0].run_id in done for item in items]
+            done = {(row[0], row[1]) for row in await cur.fetchall()}
+            return [(lease.run_id, lease.epoch) in done for lease, *_ in items]
 
         results = await db.run("finish_run", many, retry=True)
         # The batch leaves out child runs and runs holding limits (see

@@ -389,22 +389,29 @@ SELECT f.id, {step_values} FROM f {upsert_step}
 
 -- name: save_steps
 -- Many runs' step saves in one statement (group commit): each row is fenced
--- on its own, and the ids whose fence held come back.
+-- on its own, and the run id and epoch of each lease that held come back (a
+-- save under a stale epoch of a run that the same batch saves under its live
+-- one is neither written nor told it was). %(rows)s is a JSON array with one
+-- array per save, in order (see reflow_postgres._rows.save_rows): run id,
+-- lease epoch, lease extension (interval text), and the step's name,
+-- status, output, error, attempts and wake-up time (timestamptz text, or
+-- null). One JSON text is far cheaper to send than an array per column,
+-- whose every element the client would adapt one by one.
 WITH t AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(epochs)s::bigint[], %(extends)s::interval[],
-        %(names)s::text[], %(statuses)s::text[], %(outputs)s::text[], %(errors)s::text[],
-        %(attempts)s::integer[], %(wakes)s::timestamptz[])
-        AS t(id, epoch, extend, name, status, output, error, attempts, wake_at)
+    SELECT r->>0 AS id, (r->>1)::bigint AS epoch, (r->>2)::interval AS extend,
+        r->>3 AS name, r->>4 AS status, r->>5 AS output, r->>6 AS error,
+        (r->>7)::integer AS attempts, (r->>8)::timestamptz AS wake_at
+    FROM jsonb_array_elements(%(rows)s::jsonb) AS e(r)
 ), f AS (
     UPDATE {schema}.runs AS r SET lease_expires_at = {now} + t.extend, updated_at = {now}
     FROM t WHERE r.id = t.id AND r.status = 'running' AND r.lease_epoch = t.epoch
         AND r.lease_expires_at > {now}
-    RETURNING r.id
+    RETURNING r.id, r.lease_epoch
 ), ins AS (
     {insert_step}
     SELECT t.id, t.name, t.status, t.output, t.error, t.attempts, t.wake_at, {now}
-    FROM t JOIN f ON f.id = t.id {upsert_step}
-) SELECT id FROM f
+    FROM t JOIN f ON f.id = t.id AND f.lease_epoch = t.epoch {upsert_step}
+) SELECT id, lease_epoch FROM f
 
 -- name: finish
 UPDATE {schema}.runs AS r SET status = %(status)s, output = %(output)s,
@@ -426,31 +433,35 @@ WITH f AS (
 ) SELECT 1, {drop_buffered_f}, {child_ended_f}, {release_f} FROM f
 
 -- name: finish_many
--- Many runs' ends in one statement (group commit), each fenced on its own.
+-- Many runs' ends in one statement (group commit), each fenced on its own:
+-- the run id and epoch of each lease that held come back (as in save_steps).
 -- Child runs are left out (their ends lock their parents first, which rows
 -- of one statement could do in conflicting orders), and so are runs holding
 -- limits (their ends take the keys' locks, which must be taken at once, in
 -- order): the caller ends those missing from the result one by one with
--- finish or finish_with_step.
+-- finish or finish_with_step. %(rows)s is a JSON array with one array per
+-- finish, in order (see reflow_postgres._rows.finish_rows): run id, lease
+-- epoch, the run's status, output and error, then, for a finish that saves
+-- a last step, the step's fields as in save_steps (a field past the end of
+-- a shorter array reads as NULL: no step has no name).
 WITH t AS (
-    SELECT * FROM unnest(%(ids)s::text[], %(epochs)s::bigint[], %(run_statuses)s::text[],
-        %(run_outputs)s::text[], %(run_errors)s::text[], %(has_step)s::boolean[],
-        %(names)s::text[], %(statuses)s::text[], %(outputs)s::text[], %(errors)s::text[],
-        %(attempts)s::integer[], %(wakes)s::timestamptz[])
-        AS t(id, epoch, run_status, run_output, run_error, has_step, name, status, output,
-        error, attempts, wake_at)
+    SELECT r->>0 AS id, (r->>1)::bigint AS epoch, r->>2 AS run_status,
+        r->>3 AS run_output, r->>4 AS run_error, r->>5 IS NOT NULL AS has_step,
+        r->>5 AS name, r->>6 AS status, r->>7 AS output, r->>8 AS error,
+        (r->>9)::integer AS attempts, (r->>10)::timestamptz AS wake_at
+    FROM jsonb_array_elements(%(rows)s::jsonb) AS e(r)
 ), f AS (
     UPDATE {schema}.runs AS r SET status = t.run_status, output = t.run_output,
         error = t.run_error, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
         updated_at = {now}, finished_at = {now}
     FROM t WHERE r.id = t.id AND r.status = 'running' AND r.lease_epoch = t.epoch
         AND r.lease_expires_at > {now} AND r.parent_id IS NULL AND r.limit_key1 IS NULL
-    RETURNING r.id, r.buffered
+    RETURNING r.id, r.lease_epoch, r.buffered
 ), ins AS (
     {insert_step}
     SELECT t.id, t.name, t.status, t.output, t.error, t.attempts, t.wake_at, {now}
-    FROM t JOIN f ON f.id = t.id WHERE t.has_step {upsert_step}
-) SELECT f.id, {drop_buffered_f} FROM f
+    FROM t JOIN f ON f.id = t.id AND f.lease_epoch = t.epoch WHERE t.has_step {upsert_step}
+) SELECT f.id, f.lease_epoch, {drop_buffered_f} FROM f
 
 -- name: finished_already
 -- Did a finish whose connection dropped land after all?
