@@ -103,6 +103,8 @@ _Due = tuple[tuple[int, int, datetime], str]
 _RUN_FIELDS = tuple(field.name for field in dataclasses.fields(RunRecord))
 _RUN_VALUES = operator.attrgetter(*_RUN_FIELDS)
 _RUN_INDEX = {name: index for index, name in enumerate(_RUN_FIELDS)}
+_UPDATED_AT = _RUN_INDEX["updated_at"]
+_LEASE_EXPIRES_AT = _RUN_INDEX["lease_expires_at"]
 
 
 def _replaced(record: RunRecord, changes: dict[str, object]) -> RunRecord:
@@ -226,6 +228,7 @@ class MemoryStorage:
         self._pushes = state.pushes
         # A subclass that redefines which runs are due gets the plain scan.
         self._indexed_claims = type(self)._due is MemoryStorage._due
+        self._plain_updates = type(self)._update is MemoryStorage._update
         self._life = Lifecycle("memory")
 
     def __repr__(self) -> str:
@@ -248,6 +251,18 @@ class MemoryStorage:
         if rec.lease_expires_at is None or rec.lease_expires_at <= now:
             return None
         return entry
+
+    def _renew(self, entry: _Run, now: datetime, expires: datetime) -> None:
+        """A running run's lease renewed: nothing but its ``updated_at`` and
+        ``lease_expires_at`` changes, so no index does (unless a subclass
+        redefines ``_update``, which then sees it as any write)."""
+        if not self._plain_updates:
+            self._update(entry, now, lease_expires_at=expires)
+            return
+        values = list(_RUN_VALUES(entry.record))
+        values[_UPDATED_AT] = now
+        values[_LEASE_EXPIRES_AT] = expires
+        entry.record = RunRecord(*values)
 
     def _update(self, entry: _Run, now: datetime, **changes: object) -> None:
         before = entry.record
@@ -697,7 +712,7 @@ class MemoryStorage:
         entry = self._live(lease, now)
         if entry is None:
             return False
-        self._update(entry, now, lease_expires_at=now + extend)
+        self._renew(entry, now, now + extend)
         return True
 
     async def save_step_result(self, lease: Lease, step: StepRecord, extend: timedelta) -> bool:
@@ -709,7 +724,7 @@ class MemoryStorage:
         if entry is None:
             return False
         self._store_step(entry, step, now)
-        self._update(entry, now, lease_expires_at=now + extend)
+        self._renew(entry, now, now + extend)
         return True
 
     async def finish_run(
