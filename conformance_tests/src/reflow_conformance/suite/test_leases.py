@@ -14,7 +14,7 @@ from reflow_core import codec
 from reflow_core.errors import ConfigError
 from reflow_core.storage import Lease, StepRecord, Storage
 
-from ._util import STALE_EVENT, claim_one, claim_only, create, fenced_writes, read_run
+from ._util import LONG, STALE_EVENT, claim_one, claim_only, create, fenced_writes, read_run
 
 pytestmark = pytest.mark.reflow_conformance
 
@@ -130,6 +130,10 @@ class TestReclaim:
         reflow.run(body)
 
 
+def _step(name: str, value: object) -> StepRecord:
+    return StepRecord(name, "completed", output=codec.encode(value))
+
+
 class TestFencing:
     def test_a_superseded_lease_is_refused_and_writes_nothing(self, reflow: Harness) -> None:
         wf = reflow.unique()
@@ -161,6 +165,57 @@ class TestFencing:
                 f"refused writes changed the steps: {sorted(steps_after)}",
             )
             await _holder_still_works(other, new.lease, reflow)
+
+        reflow.run(body)
+
+    def test_a_superseded_lease_writing_together_with_its_successor_is_refused(
+        self, reflow: Harness
+    ) -> None:
+        # The same run's old and new attempts save and finish at the same
+        # moment through one storage, as a worker that reclaimed its own
+        # lapsed run while the old attempt still ran would: a backend that
+        # groups concurrent writes must still fence each by its lease.
+        wf = reflow.unique()
+
+        async def body(s: Storage) -> None:
+            run_id = (await create(s, wf)).run.id
+            old = await claim_one(s, wf, reflow.short_lease)
+            await reflow.lapse()
+            new = await claim_only(s, wf, P.RECLAIM_AFTER_LAPSE)
+            saves = await asyncio.gather(
+                s.save_step_result(old.lease, _step("s", "stale"), LONG),
+                s.save_step_result(new.lease, _step("s", "live"), LONG),
+                s.save_step_result(old.lease, _step("t", "stale"), LONG),
+            )
+            promise(
+                list(saves) == [False, True, False],
+                P.STALE_LEASE_REFUSED,
+                f"saves from the old, new and old lease, together, answered {saves}",
+            )
+            steps = await s.get_step_results(run_id)
+            outputs = {name: codec.decode(step.output or "null") for name, step in steps.items()}
+            promise(
+                outputs == {"s": "live"},
+                P.STALE_LEASE_REFUSED,
+                f"after saves from both leases together the run holds {outputs}",
+            )
+            ends = await asyncio.gather(
+                s.finish_run(old.lease, "failed", error=codec.encode("stale")),
+                s.finish_run(new.lease, "completed", output=codec.encode("live")),
+            )
+            promise(
+                list(ends) == [False, True],
+                P.STALE_LEASE_REFUSED,
+                f"finishes from the old and new lease, together, answered {ends}",
+            )
+            run = await s.get_run(run_id)
+            assert run is not None
+            promise(
+                (run.status, run.output) == ("completed", codec.encode("live")),
+                P.STALE_LEASE_REFUSED,
+                f"after finishes from both leases together the run is {run.status} "
+                f"with output {run.output}",
+            )
 
         reflow.run(body)
 
