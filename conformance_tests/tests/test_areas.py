@@ -6,15 +6,17 @@ declared and not) is in ``test_catches_broken_adapters``."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from reflow_conformance import AREAS, AdapterFactory, AreaNotImplemented, Harness, load_factory
 from reflow_conformance.cli import build_args
+from reflow_core.errors import IdempotencyConflictError
 from reflow_core.memory import MemoryStorage
 from reflow_core.storage import (
+    CreateResult,
     FinishedMinute,
     Lease,
     NewRun,
@@ -50,6 +52,11 @@ class _Stub(MemoryStorage):
     async def finished_history(self, minutes: int) -> list[FinishedMinute]:
         raise NotImplementedError
 
+    async def create_runs(
+        self, news: Sequence[NewRun]
+    ) -> list[CreateResult | IdempotencyConflictError]:
+        raise NotImplementedError
+
 
 def _factory(
     without: Collection[str] = frozenset(), capabilities: Collection[str] = frozenset()
@@ -81,6 +88,7 @@ def test_the_areas_and_their_methods() -> None:
         "queue_stats": ("queue_stats",),
         "children": ("start_child", "wait_children", "list_children"),
         "dashboard": ("find_runs_by_key", "list_buffered_events", "finished_history"),
+        "batches": ("create_runs",),
     }
 
 
@@ -91,7 +99,7 @@ def test_every_area_method_is_a_storage_method() -> None:
 
 
 def test_unknown_names_are_refused_listing_the_known_ones() -> None:
-    known = "children, dashboard, queue_stats, schedules, workers"
+    known = "batches, children, dashboard, queue_stats, schedules, workers"
     with pytest.raises(ValueError, match=rf"unknown area 'schedule'; the known ones are: {known}"):
         _factory(without={"schedule"})
     with pytest.raises(ValueError, match=r"unknown capability 'mp'.*: multiprocess"):
@@ -114,7 +122,7 @@ def test_the_command_passes_without_to_pytest_and_refuses_unknown_areas(
     assert args[-1] == "-x"
     with pytest.raises(SystemExit):
         build_args(["--url", "memory://x", "--without", "schedule"])
-    choices = "'children', 'dashboard', 'queue_stats', 'schedules', 'workers'"
+    choices = "'batches', 'children', 'dashboard', 'queue_stats', 'schedules', 'workers'"
     assert f"invalid choice: 'schedule' (choose from {choices})" in capsys.readouterr().err
     args = build_args(["--url", "memory://x", "--without", "workers", "--without", "queue_stats"])
     assert {"--reflow-without=workers", "--reflow-without=queue_stats"} <= set(args)
@@ -137,6 +145,8 @@ def _failure(factory: AdapterFactory, call: str) -> BaseException:
             return await s.start_child(Lease("p", 1), "s", NewRun("wf", "null", run_id="c"))
         if call == "finished_history":
             return await s.finished_history(60)
+        if call == "create_runs":
+            return await s.create_runs([NewRun("wf", "null")])
         raise NotImplementedError
 
     try:
@@ -168,6 +178,7 @@ def test_an_undeclared_area_is_named_with_how_to_declare_it() -> None:
         ("queue_stats", "queue_stats"),
         ("start_child", "children"),
         ("finished_history", "dashboard"),
+        ("create_runs", "batches"),
     ],
 )
 def test_the_newer_areas_are_named_too(call: str, area: str) -> None:

@@ -136,7 +136,8 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_connections",
             "test_limits::TestConcurrencyLimits::test_concurrent_claimers_never_exceed_a_limit",
             "test_rates::TestRateRaces::test_concurrent_claimers_never_exceed_a_rate",
-            "test_create_many::TestBatchRaces",
+            "test_create_many::TestBatchRaces"
+            "::test_concurrent_batches_with_shared_keys_make_one_run_per_key",
             "test_retention",
         ),
     ),
