@@ -3,7 +3,7 @@
     python benchmarks/dispatch_latency.py [--backends postgres postgres-poll redis sqlite]
                                           [--samples 200] [--poll-samples 30]
                                           [--poll-interval 1] [--gap 0.05 0.15]
-                                          [--poll-gap LOW HIGH] [--json]
+                                          [--poll-gap LOW HIGH] [--breakdown] [--json]
                                           [--postgres-url postgresql://postgres@127.0.0.1:5432/postgres]
 
 Two engines share one store through two storage objects, as two processes
@@ -32,6 +32,19 @@ last claim, and the previous sample's claim is what starts that interval, so
 with gaps much shorter than the interval a sample waits about
 ``poll_interval - gap`` (near 900 ms with the defaults), not half an interval;
 ``--poll-gap 0.05 1.05`` spreads the arrivals over a whole interval instead.
+
+``--breakdown`` also says where a sample's time goes, each stage's median
+(and 90th percentile) counted from the same moment, just before
+``enqueue()``, and timed through the storages' public methods:
+
+* ``create_run``: the producer's storage is called (the engine's work
+  before it: validation, encoding) and returns (the store's write and
+  commit, and the reply);
+* ``hint``: the worker's storage delivers the wake-up (the callback given
+  to ``subscribe_wakeups``), the first one after ``enqueue()`` was called;
+* ``claim sent`` / ``claim back``: the worker's ``claim_runs`` call that
+  returned the run is made, and returns;
+* ``step``: the step starts (the sample's latency).
 
 PostgreSQL runs in a database of its own, ``reflow_latency_<pid>``, with a
 fresh schema per backend; the database is dropped at the end, also on failure.
@@ -64,10 +77,13 @@ from throughput import (
 )
 
 from reflow_core import Engine, Storage, open_storage, workflow
+from reflow_core.storage import ClaimedRun, CreateResult, NewRun
 
 WARM_UP = 5
 STEP_TIMEOUT = 30.0
 """A sample whose step has not started after this many seconds fails the benchmark."""
+STAGES = ("create_run called", "create_run returned", "hint", "claim sent", "claim back", "step")
+"""The stages ``--breakdown`` reports, in the order a sample passes them."""
 
 
 @dataclass
@@ -89,6 +105,8 @@ class Result:
     max_ms: float
     enqueue_p50_ms: float
     from_return_p50_ms: float
+    stages: dict[str, list[float]] | None = None
+    """For ``--breakdown``: :func:`stage_figures` of the samples."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -114,7 +132,75 @@ class _Finished:
         storage.finish_run = finish_run  # type: ignore[method-assign]
 
 
-async def measure(config: Config, samples: int, poll: float, gap: tuple[float, float]) -> Result:
+class _Stamps:
+    """Times the stages of each sample through the storages' public methods
+    (see ``--breakdown``): the producer's ``create_run``, the worker's
+    wake-up callback and its ``claim_runs``."""
+
+    def __init__(self, producer: Storage, worker: Storage) -> None:
+        self.creates: list[tuple[float, float]] = []
+        self.hints: list[float] = []
+        self.claims: dict[str, tuple[float, float]] = {}
+        create_run = producer.create_run
+        claim_runs = worker.claim_runs
+
+        async def timed_create(new: NewRun) -> CreateResult:
+            began = time.perf_counter()
+            result = await create_run(new)
+            self.creates.append((began, time.perf_counter()))
+            return result
+
+        async def timed_claim(*args: Any, **kwargs: Any) -> list[ClaimedRun]:
+            began = time.perf_counter()
+            claimed = await claim_runs(*args, **kwargs)
+            ended = time.perf_counter()
+            for c in claimed:
+                self.claims[c.run.id] = (began, ended)
+            return claimed
+
+        producer.create_run = timed_create  # type: ignore[method-assign]
+        worker.claim_runs = timed_claim  # type: ignore[method-assign]
+        subscribe = getattr(worker, "subscribe_wakeups", None)
+        if subscribe is not None:
+
+            async def timed_subscribe(workflows: Any, wake: Any) -> Any:
+                def stamped() -> None:
+                    self.hints.append(time.perf_counter())
+                    wake()
+
+                return await subscribe(workflows, stamped)
+
+            worker.subscribe_wakeups = timed_subscribe  # type: ignore[attr-defined]
+
+    def start(self) -> None:
+        self.creates.clear()
+        self.hints.clear()
+
+    def sample(self, t_call: float, run_id: str, t_step: float) -> dict[str, float]:
+        """The stages of the sample that began at ``t_call``, in ms after it."""
+        ms: dict[str, float] = {}
+        if self.creates:
+            began, ended = self.creates[0]
+            ms["create_run called"] = (began - t_call) * 1000
+            ms["create_run returned"] = (ended - t_call) * 1000
+        hints = [t for t in self.hints if t >= t_call]
+        if hints:
+            ms["hint"] = (hints[0] - t_call) * 1000
+        claim = self.claims.pop(run_id, None)
+        if claim is not None:
+            ms["claim sent"] = (claim[0] - t_call) * 1000
+            ms["claim back"] = (claim[1] - t_call) * 1000
+        ms["step"] = (t_step - t_call) * 1000
+        return ms
+
+
+async def measure(
+    config: Config,
+    samples: int,
+    poll: float,
+    gap: tuple[float, float],
+    breakdown: bool = False,
+) -> Result:
     started: dict[int, asyncio.Future[float]] = {}
 
     async def first(ctx: Any) -> dict[str, int]:
@@ -125,11 +211,12 @@ async def measure(config: Config, samples: int, poll: float, gap: tuple[float, f
         return {"n": ctx.input["n"]}
 
     wf: Any = workflow("latency").step("s0", first)
-    producer = Engine(
-        storage=open_storage(config.url), workflows=[wf], worker=False, poll_interval=poll
-    )
+    producer_storage = open_storage(config.url)
+    producer = Engine(storage=producer_storage, workflows=[wf], worker=False, poll_interval=poll)
     worker_storage = open_storage(config.url)
     finished = _Finished(worker_storage)
+    stamps = _Stamps(producer_storage, worker_storage) if breakdown else None
+    stages: list[dict[str, float]] = []
     worker = Engine(
         storage=worker_storage, workflows=[wf], concurrency=25, lease="60s", poll_interval=poll
     )
@@ -144,15 +231,19 @@ async def measure(config: Config, samples: int, poll: float, gap: tuple[float, f
             future: asyncio.Future[float] = loop.create_future()
             started[n] = future
             finished.event.clear()
+            if stamps is not None:
+                stamps.start()
             t_call = time.perf_counter()
-            await producer.enqueue(wf, {"n": n})
+            run = await producer.enqueue(wf, {"n": n})
             t_return = time.perf_counter()
             t_step = await asyncio.wait_for(future, STEP_TIMEOUT)
             await asyncio.wait_for(finished.event.wait(), STEP_TIMEOUT)
+            sample = {} if stamps is None else stamps.sample(t_call, run.id, t_step)
             if n >= 0:
                 latencies.append((t_step - t_call) * 1000)
                 enqueues.append((t_return - t_call) * 1000)
                 from_return.append((t_step - t_return) * 1000)
+                stages.append(sample)
     return Result(
         name=config.name,
         label=config.label,
@@ -163,7 +254,35 @@ async def measure(config: Config, samples: int, poll: float, gap: tuple[float, f
         max_ms=max(latencies),
         enqueue_p50_ms=statistics.median(enqueues),
         from_return_p50_ms=statistics.median(from_return),
+        stages=stage_figures(stages) if breakdown else None,
     )
+
+
+def stage_figures(samples: list[dict[str, float]]) -> dict[str, list[float]]:
+    """For each stage: its p50 and p90 in ms after the enqueue call; the p50
+    and p90 of its time after the stage before it, taken in each sample
+    that saw both (stages that overlap give a negative figure: a hint that
+    comes before the producer has read its reply); how many samples saw it."""
+    figures: dict[str, list[float]] = {}
+    previous: str | None = None
+    for stage in STAGES:
+        seen = [s[stage] for s in samples if stage in s]
+        if not seen:
+            continue
+        steps = [
+            s[stage] - (s[previous] if previous else 0.0)
+            for s in samples
+            if stage in s and (previous is None or previous in s)
+        ]
+        figures[stage] = [
+            percentile(seen, 50),
+            percentile(seen, 90),
+            percentile(steps, 50) if steps else float("nan"),
+            percentile(steps, 90) if steps else float("nan"),
+            len(seen),
+        ]
+        previous = stage
+    return figures
 
 
 def report(result: Result) -> None:
@@ -173,6 +292,19 @@ def report(result: Result) -> None:
         f" {result.from_return_p50_ms:>16.1f}",
         flush=True,
     )
+
+
+def report_stages(result: Result) -> None:
+    """The ``--breakdown`` table of one backend (see :func:`stage_figures`)."""
+    print(
+        f"  {'stage':<22} {'p50 ms':>8} {'p90 ms':>8} {'after previous p50':>19}"
+        f" {'p90':>7} {'samples':>8}"
+    )
+    for stage, (p50, p90, step50, step90, seen) in (result.stages or {}).items():
+        print(
+            f"  {stage:<22} {p50:>8.2f} {p90:>8.2f} {step50:>+19.2f} {step90:>+7.2f} {int(seen):>8}"
+        )
+    print(flush=True)
 
 
 async def delete_prefix(server_url: str, prefix: str) -> None:
@@ -214,6 +346,9 @@ async def main() -> None:
         help="idle gap range for polling backends (default: --gap)",
     )
     add_postgres_options(parser)
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also print where each sample's time goes"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line per result")
     args = parser.parse_args()
     cancel_on_sigterm()
@@ -268,11 +403,13 @@ async def main() -> None:
             pause = (
                 (args.poll_gap[0], args.poll_gap[1]) if config.polling and args.poll_gap else gap
             )
-            result = await measure(config, samples, args.poll_interval, pause)
+            result = await measure(config, samples, args.poll_interval, pause, args.breakdown)
             if args.json:
                 print(json.dumps(result.__dict__), flush=True)
             else:
                 report(result)
+                if args.breakdown:
+                    report_stages(result)
 
 
 if __name__ == "__main__":

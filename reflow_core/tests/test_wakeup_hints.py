@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Collection
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from reflow_core import Engine, MemoryStorage, codec, workflow
-from reflow_core.storage import ClaimedRun, NewRun, WakeupSource
+from reflow_core.schedules import parse_recurrence
+from reflow_core.storage import ClaimedRun, NewRun, ScheduleRecord, ScheduleSpec, WakeupSource
 from reflow_core.wakeups import WakeupHub
 
 
@@ -40,6 +41,21 @@ class HintingMemory(MemoryStorage):
                 store.closed_subscriptions += 1
 
         return Subscription()
+
+
+class LookingMemory(HintingMemory):
+    """Also notes when the worker looks for due schedules; a look takes
+    ``look_takes`` seconds, as a round trip to a slow store would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks: list[float] = []
+        self.look_takes = 0.0
+
+    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+        self.looks.append(time.monotonic())
+        await asyncio.sleep(self.look_takes)
+        return await super().due_schedules(limit)
 
 
 def test_the_memory_backend_sends_no_hints_but_the_test_double_does() -> None:
@@ -146,3 +162,49 @@ async def test_the_last_unsubscribe_stops_such_a_listener_too() -> None:
     await asyncio.wait({task}, timeout=2)
     assert task.done()
     assert hub.listens == 1
+
+
+async def test_a_hint_claims_before_a_due_look_at_the_schedules() -> None:
+    store = LookingMemory()
+    started: list[tuple[float, Any]] = []
+
+    async def step(ctx: Any) -> None:
+        started.append((time.monotonic(), ctx.input))
+
+    wf = workflow("first").step("a", step)
+    async with Engine(
+        storage=store, workflows=[wf], poll_interval="30s", close_storage=False
+    ) as engine:
+        await asyncio.sleep(0.05)  # the first look and claim found nothing; now idle
+        assert len(store.looks) == 1
+        # A look is due at the next turn (as a poll interval after the last
+        # one), it takes a while, and it will fire a schedule another engine
+        # stored.
+        engine._worker._scheduler._checked_at = time.monotonic() - 60
+        store.look_takes = 0.3
+        await store.upsert_schedule(
+            ScheduleSpec(
+                key="elsewhere",
+                workflow="first",
+                input=codec.encode("scheduled"),
+                recurrence=parse_recurrence(every="1h").canonical,
+                next_run_at=datetime.now(UTC) - timedelta(seconds=1),
+            )
+        )
+        await store.create_run(NewRun("first", codec.encode("hinted")))  # as another process
+        hinted = time.monotonic()
+        assert store.wake is not None
+        store.wake()
+        for _ in range(200):
+            if len(started) == 2:
+                break
+            await asyncio.sleep(0.01)
+        [(first, first_input), (second, second_input)] = started
+        assert first_input == "hinted"
+        # Claimed and started at once, before the look was sent ...
+        assert first - hinted < 0.2
+        assert len(store.looks) == 2
+        assert store.claims[1] < first < store.looks[1]
+        # ... which still fired the schedule, and its run was claimed at once.
+        assert second_input == "scheduled"
+        assert store.looks[1] + 0.3 <= second < store.looks[1] + 0.5

@@ -326,14 +326,22 @@ class Worker:
     async def _dispatch_loop(self) -> None:
         failures = 0
         while not self._stopping:
-            await self._fire_schedules()
             if len(self.inflight) >= self._concurrency:
                 # Wake up for due schedules even while every slot is busy.
+                await self._fire_schedules()
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._schedule_wait(self._poll)):
                         await self._slot_freed.wait()
                 continue
+            # A wake-up (a storage hint, a local enqueue, a freed slot with
+            # work waiting) says work is there: claim it first, and look at
+            # the schedules (a round trip once per poll interval) after the
+            # claimed runs have started. A timed look (the poll, a schedule
+            # slot) fires the schedules first, so their runs join this claim.
+            woken = self.wake.is_set()
+            if not woken:
+                await self._fire_schedules()
             self.wake.clear()
             try:
                 claimed = await self._claim()
@@ -363,6 +371,12 @@ class Worker:
                 self._last_empty_claim = time.monotonic()
             for c in claimed:
                 self._spawn(c)
+            if woken and not self._stopping:
+                if claimed:
+                    # Let the claimed runs reach their first await before
+                    # a look at the schedules sends anything.
+                    await asyncio.sleep(0)
+                await self._fire_schedules()
             if not self._more_work:
                 # The queue looked empty: wait for local work, the next poll
                 # or the next schedule slot known here.
