@@ -11,7 +11,6 @@ hook (and to the ``reflow.engine`` logger).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import weakref
@@ -23,6 +22,7 @@ from typing import Any, ClassVar, TypeAlias
 import pluggy
 
 from . import hookspecs
+from ._tasks import cancel_and_wait
 from .errors import ConfigError, ErrorInfo, HookError
 from .tracing import Scopes, TracingSpecs
 
@@ -315,9 +315,7 @@ class Observers:
             else:
                 await asyncio.wait({put, consumer}, return_when=asyncio.FIRST_COMPLETED)
                 if not put.done():
-                    put.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await put
+                    await cancel_and_wait(put)
             if put.done() and not put.cancelled():
                 sub.wakeup.set()
                 return

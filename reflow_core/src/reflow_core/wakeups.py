@@ -25,6 +25,8 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Collection
 
+from ._tasks import cancel_and_wait
+
 __all__ = ["WakeupHub", "hint_payload"]
 
 logger = logging.getLogger("reflow.wakeups")
@@ -144,8 +146,7 @@ class WakeupHub:
         task = self._task
         self._stop()
         if task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     def _stop(self) -> None:
         self._stopped = True

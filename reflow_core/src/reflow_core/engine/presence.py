@@ -17,7 +17,6 @@ is noted once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -25,6 +24,7 @@ import socket
 from collections.abc import Callable
 from datetime import timedelta
 
+from reflow_core._tasks import cancel_and_wait
 from reflow_core.errors import ReflowError
 from reflow_core.storage import Storage, WorkerInfo
 
@@ -134,9 +134,7 @@ class Presence:
         cannot be reached, the entry lapses by itself after one lease)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         joined, self._joined = self._joined, False
         if self._unsupported or not joined:
             return

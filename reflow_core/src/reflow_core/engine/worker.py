@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from reflow_core import codec
+from reflow_core._tasks import cancel_and_wait
 from reflow_core.errors import ReflowError
 from reflow_core.limits import RunShape
 from reflow_core.schedules import Scheduler
@@ -214,14 +215,10 @@ class Worker:
             self._due_timer = None
         self._slot_freed.set()
         if self._purger is not None:
-            self._purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purger
+            await cancel_and_wait(self._purger)
             self._purger = None
         if self._unserved_checker is not None:
-            self._unserved_checker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._unserved_checker
+            await cancel_and_wait(self._unserved_checker)
             self._unserved_checker = None
         if self._dispatcher is not None:
             # Let a claim in progress complete instead of cancelling it: the
@@ -229,9 +226,7 @@ class Worker:
             # handed back below, not left leased to nobody. The loop exits at
             # its next check of _stopping; a claim that outlasts a lease is moot.
             await asyncio.wait({self._dispatcher}, timeout=self._lease.total_seconds())
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+            await cancel_and_wait(self._dispatcher)
             self._dispatcher = None
         tasks = [s.task for s in self.inflight.values() if s.task is not None]
         if tasks and grace > 0:
@@ -242,9 +237,7 @@ class Worker:
         if tasks:
             await asyncio.wait(tasks)
         if self._heartbeater is not None:
-            self._heartbeater.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeater
+            await cancel_and_wait(self._heartbeater)
             self._heartbeater = None
         await self.presence.leave()
         if self._driver.executor is not None:
