@@ -88,7 +88,7 @@ def test_the_areas_and_their_methods() -> None:
         "queue_stats": ("queue_stats",),
         "children": ("start_child", "wait_children", "list_children"),
         "dashboard": ("find_runs_by_key", "list_buffered_events", "finished_history"),
-        "batches": ("create_runs",),
+        "batches": ("create_runs", "get_runs"),
     }
 
 

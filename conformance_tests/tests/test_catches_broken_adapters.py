@@ -88,6 +88,7 @@ _RATES = ("test_rates",)
 _HEADERS = ("test_headers",)
 _DASHBOARD = ("test_dashboard_reads",)
 _BATCHES = ("test_create_many",)
+_GET_RUNS = ("test_get_runs",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -216,6 +217,8 @@ CASES = [
     Case("batch_not_atomic", (P.BATCH_ALL_OR_NOTHING,), _BATCHES),
     Case("batch_blind_to_itself", (P.BATCH_SEES_EARLIER, P.BATCH_OUTCOMES), _BATCHES),
     Case("batch_raises_conflicts", (P.BATCH_OUTCOMES,), _BATCHES),
+    Case("get_runs_capped", (P.GET_RUNS,), _GET_RUNS),
+    Case("get_runs_lists_missing", (P.GET_RUNS,), _GET_RUNS),
 ]
 
 

@@ -191,3 +191,18 @@ async def test_workers_stats_and_paused_schedules_live_in_the_prefix_slot(cluste
     keys = list(client.scan_iter(match="{" + prefix + "}*", target_nodes="all"))
     assert {client.keyslot(k) for k in keys} == {client.keyslot(prefix)}
     client.close()
+
+
+async def test_get_runs_reads_the_prefix_slot(cluster: str) -> None:
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    store = RedisStorage.from_url(f"{cluster}&prefix={prefix}")
+    await store.initialize()
+    try:
+        ids = [(await store.create_run(NewRun("wf", str(n)))).run.id for n in range(20)]
+        [claimed] = await store.claim_runs(["wf"], 1, timedelta(seconds=5))
+        asked = [*ids, "missing", ids[0]]
+        expected = {run_id: await store.get_run(run_id) for run_id in ids}
+        assert await store.get_runs(asked) == expected
+        assert (await store.get_runs([claimed.run.id]))[claimed.run.id].status == "running"
+    finally:
+        await store.close()

@@ -52,7 +52,7 @@ AREAS: dict[str, tuple[str, ...]] = {
     "queue_stats": ("queue_stats",),
     "children": ("start_child", "wait_children", "list_children"),
     "dashboard": ("find_runs_by_key", "list_buffered_events", "finished_history"),
-    "batches": ("create_runs",),
+    "batches": ("create_runs", "get_runs"),
 }
 """Areas of the contract, each with its storage methods, that an adapter under
 construction may declare it does not implement yet (``AdapterFactory(without=...)``,

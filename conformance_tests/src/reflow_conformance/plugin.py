@@ -110,6 +110,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_queue_stats",
             "test_dashboard_reads",
             "test_create_many",
+            "test_get_runs",
             "test_codec",
         ),
     ),
@@ -127,6 +128,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_dashboard_reads::TestHistoryWindow::test_a_window_is_the_last_minutes_of_the_whole_day",
             "test_dashboard_reads::TestDashboardArguments::test_any_minutes_outside_the_range_are_refused",
             "test_create_many::TestBatchOutcomes::test_any_batch_gives_the_outcomes_of_creates_one_by_one",
+            "test_get_runs::TestGetRuns::test_any_ids_read_as_get_run_reads_each",
         ),
     ),
     (

@@ -513,3 +513,11 @@ BATCH_ARGS = (
     "create_runs refuses a malformed item with a ConfigError naming its index, and a batch of "
     "more than MAX_CREATE_BATCH items with a ConfigError"
 )
+GET_RUNS = (
+    "get_runs returns the stored runs among the ids given, each as get_run reads it, by id; "
+    "a missing run is left out, an id given twice is read once, no ids read nothing"
+)
+GET_RUNS_ARGS = (
+    "get_runs refuses one string instead of a collection of ids, an id check_text refuses and "
+    "more than MAX_GET_RUNS distinct ids with a ConfigError"
+)

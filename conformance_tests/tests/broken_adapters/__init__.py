@@ -40,7 +40,13 @@ from reflow_core.memory import MemoryStorage
 from reflow_sqlite import SQLiteStorage
 
 from ._common import correct, correct_millisecond_clock
-from .batches import batch_blind_to_itself, batch_not_atomic, batch_raises_conflicts
+from .batches import (
+    batch_blind_to_itself,
+    batch_not_atomic,
+    batch_raises_conflicts,
+    get_runs_capped,
+    get_runs_lists_missing,
+)
 from .children import (
     cancel_no_cascade,
     child_end_no_wake,
@@ -197,6 +203,8 @@ __all__ = [
     "events_twice",
     "fast_client_clock",
     "fires_paused",
+    "get_runs_capped",
+    "get_runs_lists_missing",
     "history_counts_purged",
     "history_counts_requeued",
     "ignores_deadline",
@@ -377,6 +385,8 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         batch_not_atomic,
         batch_blind_to_itself,
         batch_raises_conflicts,
+        get_runs_capped,
+        get_runs_lists_missing,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

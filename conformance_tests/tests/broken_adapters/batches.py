@@ -1,16 +1,19 @@
-"""Adapters that break a promise of batch creation (``create_runs``): a
-batch written item by item, items that do not see the ones before them, and
-conflicts raised instead of returned in their place."""
+"""Adapters that break a promise of the batch operations: for
+``create_runs``, a batch written item by item, items that do not see the
+ones before them, and conflicts raised instead of returned in their place;
+for ``get_runs``, a read capped at a hundred ids and missing runs answered
+for."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
+from typing import Any
 
-from reflow_core.adapter import check_new_runs
+from reflow_core.adapter import check_new_runs, check_run_ids
 from reflow_core.errors import IdempotencyConflictError
 from reflow_core.memory import MemoryStorage
-from reflow_core.storage import CreateResult, NewRun
+from reflow_core.storage import CreateResult, NewRun, RunRecord
 
 from ._common import _store
 
@@ -90,3 +93,32 @@ class BatchRaisesConflicts(MemoryStorage):
 
 def batch_raises_conflicts() -> MemoryStorage:
     return BatchRaisesConflicts(name=_store("batch_raises_conflicts"))
+
+
+class GetRunsCapped(MemoryStorage):
+    """Breaks *get_runs returns every stored run among the ids*: only the
+    first hundred ids are read, as a query with a forgotten ``LIMIT 100``
+    (or one page of a paginated read) would."""
+
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        ids = check_run_ids(run_ids)[:100]
+        return await super().get_runs(ids)
+
+
+def get_runs_capped() -> MemoryStorage:
+    return GetRunsCapped(name=_store("get_runs_capped"))
+
+
+class GetRunsListsMissing(MemoryStorage):
+    """Breaks *a missing run is left out*: every id asked for gets an entry,
+    a missing run's a record of nothing (``None``), as an adapter that
+    zips the ids with the rows it read would."""
+
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        found = await super().get_runs(run_ids)
+        answer: dict[str, Any] = {run_id: found.get(run_id) for run_id in check_run_ids(run_ids)}
+        return answer
+
+
+def get_runs_lists_missing() -> MemoryStorage:
+    return GetRunsListsMissing(name=_store("get_runs_lists_missing"))

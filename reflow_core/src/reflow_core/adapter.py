@@ -34,6 +34,7 @@ from ._durations import MAX_DURATION, describe
 from .errors import ConfigError, StorageError
 from .storage import (
     MAX_CREATE_BATCH,
+    MAX_GET_RUNS,
     MAX_HEADER_BYTES,
     MAX_HEADERS,
     MAX_HISTORY_MINUTES,
@@ -81,6 +82,7 @@ __all__ = [
     "check_purge",
     "check_purge_limit",
     "check_rates",
+    "check_run_ids",
     "check_stats_workflows",
     "check_status_update",
     "check_text",
@@ -1082,6 +1084,25 @@ def check_new_runs(news: Sequence[NewRun], *, backend: str | None = None) -> Non
                     operation="create_runs",
                     backend=backend,
                 )
+
+
+def check_run_ids(run_ids: Collection[str]) -> list[str]:
+    """What :meth:`~reflow_core.storage.Storage.get_runs` checks before it
+    reads: each id a text :func:`check_text` takes, at most
+    :data:`~reflow_core.storage.MAX_GET_RUNS` of them (a
+    :class:`~reflow_core.errors.ConfigError` otherwise). Returns the
+    distinct ids, in the order first given."""
+    if isinstance(run_ids, str):
+        raise ConfigError(
+            "run_ids must be a collection of run ids, not one string", option="run_ids"
+        )
+    ids = list(dict.fromkeys(check_text(run_id, "run_id") for run_id in run_ids))
+    if len(ids) > MAX_GET_RUNS:
+        raise ConfigError(
+            f"get_runs reads at most {MAX_GET_RUNS} runs at once, not {len(ids)}",
+            option="run_ids",
+        )
+    return ids
 
 
 def check_new_child(new: NewRun) -> None:

@@ -37,6 +37,7 @@ from .adapter import (
     check_new_runs,
     check_purge,
     check_purge_limit,
+    check_run_ids,
     check_stats_workflows,
     check_status_update,
     check_text,
@@ -536,6 +537,15 @@ class MemoryStorage:
         if isinstance(outcome, IdempotencyConflictError):
             raise outcome
         return outcome
+
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        self._check_open("get_runs")
+        found: dict[str, RunRecord] = {}
+        for run_id in check_run_ids(run_ids):
+            entry = self._runs.get(run_id)
+            if entry is not None:
+                found[run_id] = entry.record
+        return found
 
     async def create_runs(
         self, news: Sequence[NewRun]

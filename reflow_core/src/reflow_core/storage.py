@@ -56,6 +56,7 @@ from reflow_core.errors import IdempotencyConflictError
 __all__ = [
     "CHILDREN_WAIT_PREFIX",
     "MAX_CREATE_BATCH",
+    "MAX_GET_RUNS",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
     "MAX_HISTORY_MINUTES",
@@ -409,6 +410,9 @@ class QueueStats:
 MAX_CREATE_BATCH = 1000
 """How many runs one :meth:`Storage.create_runs` call may create."""
 
+MAX_GET_RUNS = 1000
+"""How many runs one :meth:`Storage.get_runs` call may read."""
+
 MAX_HISTORY_MINUTES = 1440
 """How far back :meth:`Storage.finished_history` reaches: one day of minutes."""
 
@@ -732,6 +736,17 @@ class Storage(Protocol):
 
     async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
         """The run's saved steps by name (empty for a missing run)."""
+        ...
+
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        """The stored runs among ``run_ids``, by id, each as :meth:`get_run`
+        reads it, in one round trip: what an engine's waiters on many runs
+        share. A run that does not exist (never created, or purged) is
+        absent from the answer; an id given twice is read once. At most
+        :data:`MAX_GET_RUNS` ids; more, or an id :func:`~reflow_core.adapter.check_text`
+        refuses, raise :class:`~reflow_core.errors.ConfigError` before the
+        store is read. No ids, no read: ``{}``.
+        """
         ...
 
     async def list_runs(

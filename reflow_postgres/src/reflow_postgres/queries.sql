@@ -281,6 +281,8 @@ SELECT id, workflow, status, input, created_at, updated_at FROM {schema}.runs
 WHERE id = ANY(%(ids)s::text[])
 
 -- name: get_runs
+-- One statement for any number of ids (get_runs, and the checks a create_runs
+-- retry makes), served by the primary key; a missing id has no row.
 SELECT {read_columns} FROM {schema}.runs WHERE id = ANY(%(ids)s::text[])
 
 -- name: get_run

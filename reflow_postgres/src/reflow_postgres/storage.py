@@ -29,6 +29,8 @@ from a :class:`psycopg_pool.AsyncConnectionPool` in autocommit mode (see
   statement too, under their rate keys' advisory locks; a claim that finds
   a rate wait due releases the runs it holds first; a debounced create is
   one ``INSERT ... ON CONFLICT DO UPDATE`` on the open run with its key;
+* a batched read of runs (``get_runs``, up to 1000 ids) is one statement,
+  ``id = ANY(...)``, served by the primary key;
 * the dashboard's reads are one statement each, each reading one index: runs
   by idempotency key (``runs_key_created``), a run's buffered events
   (``events_buffered``) and the runs finished per minute by the storage
@@ -57,6 +59,7 @@ from reflow_core.adapter import (
     check_new_runs,
     check_purge,
     check_purge_limit,
+    check_run_ids,
     check_stats_workflows,
     check_status_update,
     check_text,
@@ -664,6 +667,23 @@ class PostgresStorage:
             return await self._db.fetch_run(conn, run_id)
 
         return await self._db.run("get_run", body, retry=True)
+
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        """The stored runs among ``run_ids``, in the order first given, as
+        :meth:`get_run` reads them: one statement (``id = ANY(...)``, served by
+        the primary key) in one round trip, whatever the number of ids (at
+        most :data:`~reflow_core.storage.MAX_GET_RUNS`). No ids, no read."""
+        ids = check_run_ids(run_ids)
+        self._db.life.check("get_runs")
+        if not ids:
+            return {}
+
+        async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> dict[str, RunRecord]:
+            cur = await conn.execute(self._sql["get_runs"], {"ids": ids})
+            found = {row[0]: run_from_row(row, as_utc) for row in await cur.fetchall()}
+            return {run_id: found[run_id] for run_id in ids if run_id in found}
+
+        return await self._db.run("get_runs", body, retry=True)
 
     async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
         check_text(run_id, "run_id")

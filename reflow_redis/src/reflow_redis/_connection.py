@@ -54,6 +54,7 @@ _SCRIPTS = (
     "take",
     "requeue",
     "list_runs",
+    "get_runs",
     "next_due",
     "now",
     "purge",

@@ -84,6 +84,7 @@ from reflow_core.adapter import (
     check_new_runs,
     check_purge,
     check_purge_limit,
+    check_run_ids,
     check_status_update,
     check_text,
     decode_cursor,
@@ -697,6 +698,24 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
         if not flat:
             return None
         return self._run_reply("get_run", run_id, _flat(flat))
+
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        """One ``get_runs.lua`` call for every id: each run's hash read as
+        :meth:`get_run` reads it, all in one consistent snapshot."""
+        self._lifecycle.check("get_runs")
+        ids = check_run_ids(run_ids)
+        if not ids:
+            return {}
+        reply = await self._call(
+            "get_runs", "get_runs", [len(ids), *_joined([[i] for i in ids], 1)], retry=True
+        )
+        if not isinstance(reply, list | tuple) or len(reply) != len(ids):
+            raise self._bad("get_runs", _BadData("get_runs did not answer for every id"))
+        return {
+            run_id: self._run_reply("get_runs", run_id, flat)
+            for run_id, flat in zip(ids, reply, strict=True)
+            if flat
+        }
 
     async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
         check_text(run_id, "run_id")

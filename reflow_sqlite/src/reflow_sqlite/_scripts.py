@@ -86,6 +86,7 @@ __all__ = [
     "finish",
     "finished_history",
     "get_run",
+    "get_runs",
     "get_steps",
     "heartbeat",
     "inspect",
@@ -954,6 +955,18 @@ def list_children(now: int, run_id: str) -> Script[list[RunRecord]]:
 def get_run(now: int, run_id: str) -> Script[RunRecord | None]:
     rows = yield (Q["get_run"], (run_id,))
     return run_from_row(rows[0], from_epoch_us) if rows else None
+
+
+def get_runs(now: int, run_ids: Sequence[str]) -> Script[dict[str, RunRecord]]:
+    """The runs among ``run_ids`` (distinct, at most ``MAX_GET_RUNS``), by id
+    in the order given, read with one statement. The ids are padded to a
+    power of two by repeating the last one, so the statement comes in a few
+    shapes only (eleven for a thousand ids), well under SQLite's variable limit."""
+    size = 1 << (len(run_ids) - 1).bit_length()
+    params = [*run_ids, *[run_ids[-1]] * (size - len(run_ids))]
+    rows = yield (with_marks("get_runs", "ids", size), params)
+    found = {record.id: record for record in (run_from_row(row, from_epoch_us) for row in rows)}
+    return {run_id: found[run_id] for run_id in run_ids if run_id in found}
 
 
 def get_steps(now: int, run_id: str) -> Script[dict[str, StepRecord]]:

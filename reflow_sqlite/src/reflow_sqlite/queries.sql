@@ -121,6 +121,12 @@ SELECT {run_columns} FROM runs WHERE workflow = ? AND idempotency_key = ?
 -- name: get_run
 SELECT {run_columns} FROM runs WHERE id = ?
 
+-- get_runs: the runs among {ids}, one seek in the primary key per id. The
+-- ids are padded (by repeating one) to a power of two, so the statement has
+-- a few shapes only; an id given twice in IN () matches its run once.
+-- name: get_runs
+SELECT {run_columns} FROM runs WHERE id IN ({ids})
+
 -- Lapsed leases first, so a backlog cannot starve a dead worker's runs, then
 -- everything else by priority (highest first), then due time (a due delayed
 -- run like a due sleeping one); ties broken by id. claim_lapsed walks

@@ -38,6 +38,7 @@ from reflow_core.adapter import (
     check_new_runs,
     check_purge,
     check_purge_limit,
+    check_run_ids,
     check_stats_workflows,
     check_status_update,
     check_text,
@@ -563,6 +564,17 @@ class SQLiteStorage:
         """The run, or ``None``."""
         check_text(run_id, "run_id")
         return await self._call("get_run", lambda now: scripts.get_run(now, run_id), "read")
+
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        """The stored runs among ``run_ids``, by id, each as :meth:`get_run`
+        reads it: one ``SELECT ... WHERE id IN (...)`` for the whole set (at
+        most :data:`~reflow_core.storage.MAX_GET_RUNS` ids), so every run is
+        read from the same snapshot. Missing runs are absent; no ids, no read."""
+        self._life.check("get_runs")
+        ids = check_run_ids(run_ids)
+        if not ids:
+            return {}
+        return await self._call("get_runs", lambda now: scripts.get_runs(now, ids), "read")
 
     async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
         """The run's saved steps by name, in the order they were first saved."""

@@ -229,6 +229,9 @@ COLUMNS = {
     "worker": kit.WORKER_COLUMNS,
 }
 GET_RUN = kit.render_sql("SELECT {run} FROM runs WHERE id = ?", COLUMNS)
+GET_RUNS = kit.render_sql(
+    "SELECT {run} FROM runs WHERE id IN (SELECT value FROM json_each(?))", COLUMNS
+)
 GET_RUN_BY_KEY = kit.render_sql(
     "SELECT {run} FROM runs WHERE workflow = ? AND idempotency_key = ?", COLUMNS
 )
@@ -600,6 +603,19 @@ class TutorialStorage:
             return None if row is None else _run(row)
 
         return await self._tx("get_run", body, write=False)
+
+    async def get_runs(self, run_ids: Collection[str]) -> dict[str, RunRecord]:
+        ids = kit.check_run_ids(run_ids)  # distinct, checked, at most MAX_GET_RUNS
+        if not ids:
+            return {}
+
+        def body(cur: sqlite3.Cursor, now: int) -> dict[str, RunRecord]:
+            # One read transaction: every run as of the same moment. json_each
+            # takes the whole list as one parameter, however long it is.
+            rows = cur.execute(GET_RUNS, (json.dumps(ids),)).fetchall()
+            return {run.id: run for run in map(_run, rows)}
+
+        return await self._tx("get_runs", body, write=False)
 
     async def get_step_results(self, run_id: str) -> dict[str, StepRecord]:
         kit.check_text(run_id, "run_id")
