@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from reflow_conformance.testsupport import engine_on
 from reflow_core import (
     ConfigError,
     Engine,
+    EngineClosedError,
     RunCancelledError,
     RunFailedError,
     RunNotFoundError,
@@ -22,7 +24,8 @@ from reflow_core.storage import Storage
 
 
 class CountingGetRun:
-    """Delegates to a real storage, counting ``get_run`` calls."""
+    """Delegates to a real storage, counting the reads of runs by id
+    (``get_run`` and ``get_runs`` calls)."""
 
     def __init__(self, inner: Storage) -> None:
         self._inner = inner
@@ -34,6 +37,10 @@ class CountingGetRun:
     async def get_run(self, run_id: str) -> Any:
         self.get_run_calls += 1
         return await self._inner.get_run(run_id)
+
+    async def get_runs(self, run_ids: Any) -> Any:
+        self.get_run_calls += 1
+        return await self._inner.get_runs(run_ids)
 
 
 # -- resume ---------------------------------------------------------------------
@@ -268,7 +275,7 @@ async def test_result_is_woken_at_once_without_busy_polling(storage: Storage) ->
         output = await waiter
         returned_at = time.monotonic()
         # Nothing is kept per awaited run once its waiters have left.
-        assert engine._finished == {}
+        assert engine._watcher._waiting == {}
     assert output == "done"
     assert returned_at - finished_at[0] < 0.25  # woken by the finish, not a poll
     # Backing off from 10 ms towards the 10 s poll interval: a handful of
@@ -312,3 +319,94 @@ async def test_several_waiters_on_one_run_are_all_woken(storage: Storage) -> Non
         began = time.monotonic()
         assert await asyncio.gather(*waiters) == ["done"] * 3
         assert time.monotonic() - began < 0.25
+
+
+# -- many waiters ----------------------------------------------------------------
+
+
+async def test_many_waiters_share_one_read_per_tick(storage: Storage) -> None:
+    counting = CountingGetRun(storage)
+    release = asyncio.Event()
+
+    async def gated(ctx: StepContext[Any, Any]) -> int:
+        await release.wait()
+        return int(ctx.input["n"]) * 2
+
+    wf = workflow("many-awaited").step("double", gated)
+    engine = Engine(
+        storage=counting,  # type: ignore[arg-type]
+        workflows=[wf],
+        close_storage=False,
+        concurrency=50,
+        poll_interval="1s",
+    )
+    async with engine:
+        runs = await engine.enqueue_many(wf, [{"n": n} for n in range(500)])
+        waiters = [asyncio.create_task(engine.result(run.id, timeout=30)) for run in runs]
+        await asyncio.sleep(0.5)
+        before = counting.get_run_calls
+        release.set()
+        outputs = await asyncio.gather(*waiters)
+        reads = counting.get_run_calls - before
+        assert engine._watcher._waiting == {}
+    assert outputs == [2 * n for n in range(500)]
+    # 500 waiters, and the reads are the reader's ticks, not one per waiter.
+    assert before <= 12, before
+    assert reads < 200, reads
+
+
+async def test_waiters_on_a_missing_or_purged_run_are_told(storage: Storage) -> None:
+    wf = workflow("gone-awaited").step("a", lambda ctx: 1)
+    async with engine_on(storage, wf, poll_interval="50ms") as engine:
+        with pytest.raises(RunNotFoundError):
+            await engine.result("no-such-run", timeout=5)
+        run = await engine.enqueue(wf)
+        waiter = asyncio.create_task(engine.result(run.id, timeout=5))
+        await asyncio.sleep(0.1)
+        assert not waiter.done()
+        # Gone while awaited (as a purge or an operator deleting it would).
+        await engine.cancel(run.id)
+        with pytest.raises(RunCancelledError):
+            await waiter
+        deleted = await engine.storage.purge_finished(timedelta(0))
+        assert deleted >= 1
+        with pytest.raises(RunNotFoundError):
+            await engine.result(run.id, timeout=5)
+
+
+class WithoutGetRuns:
+    """A real storage whose adapter has not built ``get_runs`` yet."""
+
+    def __init__(self, inner: Storage) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def get_runs(self, run_ids: Any) -> Any:
+        raise NotImplementedError
+
+
+async def test_without_get_runs_waiters_read_one_run_at_a_time(storage: Storage) -> None:
+    wf = workflow("one-by-one").step("a", lambda ctx: ctx.input["n"])
+    engine = Engine(
+        storage=WithoutGetRuns(storage),  # type: ignore[arg-type]
+        workflows=[wf],
+        close_storage=False,
+        poll_interval="50ms",
+    )
+    async with engine:
+        runs = await engine.enqueue_many(wf, [{"n": n} for n in range(5)])
+        outputs = await asyncio.gather(*(engine.result(r.id, timeout=10) for r in runs))
+    assert outputs == [0, 1, 2, 3, 4]
+
+
+async def test_a_waiter_on_a_closed_engine_is_told_it_closed(storage: Storage) -> None:
+    wf = workflow("closing-awaited").step("a", lambda ctx: 1)
+    engine = Engine(storage=storage, workflows=[wf], worker=False, poll_interval="50ms")
+    run = await engine.enqueue(wf)
+    waiter = asyncio.create_task(engine.result(run.id, timeout=10))
+    await asyncio.sleep(0.1)
+    await engine.close()
+    with pytest.raises(EngineClosedError):
+        await waiter

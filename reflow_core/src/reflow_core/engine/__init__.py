@@ -15,6 +15,7 @@ The package is cut along the engine's four jobs:
   parallel group, map), retries and fenced writes;
 * ``engine.enqueue``: the checks of what is enqueued, one run or a batch
   (:class:`EnqueueItem`);
+* ``engine.watch``: one reader for every :meth:`Engine.result` waiter;
 * ``engine.children``: starting child runs from a step, with ids that a
   replayed step finds again;
 * ``engine.views``: the read-only :class:`Run`,

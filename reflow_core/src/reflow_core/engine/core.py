@@ -55,6 +55,7 @@ from reflow_core.workflow import WaitDefinition, Workflow, to_plain_input
 from .driver import RunDriver
 from .enqueue import BatchBuilder, Timing
 from .views import Clock, Run, RunList, SystemClock
+from .watch import RunWatcher
 from .worker import Worker
 
 __all__ = ["MAX_LEASE", "MIN_HEARTBEAT", "MIN_LEASE", "POLL_INTERVAL_RANGE", "Engine"]
@@ -245,7 +246,7 @@ class Engine:
         self._default_schedules: dict[str, tuple[str, str]] = {}
         """Input and recurrence of the schedules this engine stored under a
         default key, so that two different ones do not replace each other."""
-        self._finished: dict[str, set[asyncio.Event]] = {}
+        self._watcher = RunWatcher(self._storage, self._poll)
         """The events of the ``result`` calls waiting on each run, one per call."""
 
         self._initialized = False
@@ -420,6 +421,7 @@ class Engine:
         try:
             await self.stop()
         finally:
+            await self._watcher.close()
             if self._close_storage:
                 self._closed = True
                 await self._storage.close()
@@ -967,38 +969,26 @@ class Engine:
         ``pending``, why it may not have been picked up. The run itself goes
         on. A run finished by this engine wakes the waiter at once; one
         finished elsewhere is noticed by a read that backs off to
-        ``poll_interval``.
+        ``poll_interval``, shared by every waiter of this engine (one
+        :meth:`~reflow_core.storage.Storage.get_runs` round trip for all the
+        runs awaited, at most once per 10 ms). A missing or purged run raises
+        :class:`~reflow_core.errors.RunNotFoundError`; closing the engine
+        ends the wait with :class:`~reflow_core.errors.EngineClosedError`.
         """
         seconds = None if timeout is None else to_seconds(timeout, option="timeout")
         await self._ensure_initialized("result")
-        finished = asyncio.Event()
-        self._finished.setdefault(run_id, set()).add(finished)
-        pause = 0.01
+        # One reader for every waiter of this engine (see RunWatcher).
+        future = self._watcher.watch(run_id)
         waiting = asyncio.timeout(seconds)
         record: RunRecord | None = None
         try:
-            try:
-                async with waiting:
-                    while True:
-                        finished.clear()  # before the read, so a finish during it is seen
-                        record = await self._storage.get_run(run_id)
-                        if record is None:
-                            raise RunNotFoundError(run_id)
-                        if record.status in TERMINAL_STATUSES:
-                            return _outcome(record)
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(pause):
-                                await finished.wait()
-                        pause = min(pause * 2, self._poll)
-            except TimeoutError:
-                if not waiting.expired():
-                    raise
+            async with waiting:
+                return _outcome(await future)
+        except TimeoutError:
+            if not waiting.expired():
+                raise
         finally:
-            waiters = self._finished.get(run_id)
-            if waiters is not None:
-                waiters.discard(finished)
-                if not waiters:
-                    del self._finished[run_id]
+            self._watcher.forget(run_id, future)
         # Timed out: one more read says where the run stands now.
         assert seconds is not None
         gone = False
@@ -1081,8 +1071,7 @@ class Engine:
         return list(self._observers.pm.get_plugins())
 
     def _notify_finished(self, run_id: str) -> None:
-        for waiter in self._finished.get(run_id, ()):
-            waiter.set()
+        self._watcher.finished(run_id)
 
     # -- worker ------------------------------------------------------------
 
