@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
-import tempfile
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import pq, sql
+from psycopg import sql
 
 from reflow_core import codec
 from reflow_core.adapter import new_run_ids
@@ -38,6 +35,8 @@ from reflow_core.storage import (
 )
 from reflow_postgres import PostgresStorage
 from reflow_postgres._creates import _send, _send_again
+
+from ._trace import Trace
 
 Admin = psycopg.Connection[tuple[object, ...]]
 Outcome = CreateResult | IdempotencyConflictError
@@ -144,48 +143,11 @@ async def test_a_failing_statement_writes_nothing_of_the_batch(
 # -- one transaction, one round trip -------------------------------------------
 
 
-class _Trace:
-    """The protocol messages the client sends on the pool's only
-    connection while the block runs (libpq's own trace of it)."""
-
-    def __init__(self, store: PostgresStorage) -> None:
-        self._store = store
-        self.sent: list[tuple[str, str]] = []
-
-    async def run(self, work: Callable[[], Awaitable[Any]]) -> Any:
-        async def connection(conn: psycopg.AsyncConnection[Any], attempt: int) -> Any:
-            return conn
-
-        conn = await self._store._db.run("trace", connection)
-        with tempfile.TemporaryFile("w+") as file:
-            # libpq closes the file it traces to: it gets a copy of the descriptor.
-            conn.pgconn.trace(os.dup(file.fileno()))
-            conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-            try:
-                result = await work()
-            finally:
-                conn.pgconn.untrace()
-            file.seek(0)
-            for line in file.read().splitlines():
-                fields = line.split("\t")
-                if fields[0] == "F":
-                    self.sent.append((fields[2], fields[3] if len(fields) > 3 else ""))
-        return result
-
-    @property
-    def syncs(self) -> int:
-        """Round trips: the client waits for the server only at a Sync."""
-        return sum(1 for kind, _ in self.sent if kind == "Sync")
-
-    def statements(self, text: str) -> int:
-        return sum(1 for kind, body in self.sent if kind == "Parse" and f'"{text}"' in body)
-
-
 async def test_the_usual_batch_is_one_statement_in_one_round_trip(
     postgres_url: str, schema: str, admin: Admin
 ) -> None:
     store = await _open(postgres_url, pool_min_size=1, pool_max_size=1)
-    trace = _Trace(store)
+    trace = Trace(store)
     news = [_new(n, idempotency_key=f"k{n}" if n % 2 else None) for n in range(500)]
     outcomes = await trace.run(lambda: store.create_runs(news))
     assert trace.syncs == 1
@@ -205,7 +167,7 @@ async def test_a_mixed_batch_is_one_transaction_in_one_round_trip(
     created or updated was last written by one transaction."""
     store = await _open(postgres_url, pool_min_size=1, pool_max_size=1)
     opened = await store.create_run(_new("open", debounce_key="d", delay=HOUR))
-    trace = _Trace(store)
+    trace = Trace(store)
     news = [
         _new(1, idempotency_key="a"),
         _new(1, idempotency_key="a"),
@@ -230,7 +192,7 @@ async def test_a_batch_bypasses_the_group_commit_of_create_run(postgres_url: str
     """A batch larger than the group's statement (200) is still one
     statement, and never waits behind, or joins, other callers' creates."""
     store = await _open(postgres_url, pool_min_size=1, pool_max_size=1)
-    trace = _Trace(store)
+    trace = Trace(store)
     outcomes = await trace.run(lambda: store.create_runs([_new(n) for n in range(1000)]))
     assert len(outcomes) == 1000
     assert trace.syncs == 1

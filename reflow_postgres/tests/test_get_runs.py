@@ -11,15 +11,10 @@ ids refused by the check, send nothing.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import pq
 
 from reflow_core import codec
 from reflow_core.errors import ConfigError, StorageError
@@ -33,6 +28,8 @@ from reflow_core.storage import (
 )
 from reflow_postgres import PostgresStorage
 
+from ._trace import Trace
+
 HOUR = timedelta(hours=1)
 
 
@@ -44,45 +41,6 @@ async def _open(url: str, **options: Any) -> PostgresStorage:
     store = PostgresStorage.from_url(url, **options)
     await store.initialize()
     return store
-
-
-class _Trace:
-    """The protocol messages the client sends on the pool's only
-    connection while the block runs (libpq's own trace of it)."""
-
-    def __init__(self, store: PostgresStorage) -> None:
-        self._store = store
-        self.sent: list[tuple[str, str]] = []
-
-    async def run(self, work: Callable[[], Awaitable[Any]]) -> Any:
-        async def connection(conn: psycopg.AsyncConnection[Any], attempt: int) -> Any:
-            return conn
-
-        conn = await self._store._db.run("trace", connection)
-        with tempfile.TemporaryFile("w+") as file:
-            # libpq closes the file it traces to: it gets a copy of the descriptor.
-            conn.pgconn.trace(os.dup(file.fileno()))
-            conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS | pq.Trace.REGRESS_MODE)
-            try:
-                result = await work()
-            finally:
-                conn.pgconn.untrace()
-            file.seek(0)
-            for line in file.read().splitlines():
-                fields = line.split("\t")
-                if fields[0] == "F":
-                    self.sent.append((fields[2], fields[3] if len(fields) > 3 else ""))
-        return result
-
-    @property
-    def syncs(self) -> int:
-        """Round trips: the client waits for the server only at a Sync."""
-        return sum(1 for kind, _ in self.sent if kind == "Sync")
-
-    @property
-    def statements(self) -> int:
-        """Statements sent, by extended protocol (Execute) or simple Query."""
-        return sum(1 for kind, _ in self.sent if kind in ("Execute", "Query"))
 
 
 async def _runs_in_every_status(store: PostgresStorage) -> list[str]:
@@ -164,19 +122,19 @@ async def test_a_thousand_ids_are_one_statement_in_one_round_trip(postgres_url: 
     asked = ids + [f"missing-{n}" for n in range(MAX_GET_RUNS - len(ids))]
     assert len(asked) == MAX_GET_RUNS
     expected = {record.id: record for record in (await store.list_runs(limit=1000)).runs}
-    trace = _Trace(store)
+    trace = Trace(store)
     answer = await trace.run(lambda: store.get_runs(asked))
     assert answer == expected
     assert list(answer) == ids
     assert trace.syncs == 1
-    assert trace.statements == 1
+    assert trace.executed == 1
     await store.close()
 
 
 async def test_no_ids_and_refused_ids_send_nothing(postgres_url: str) -> None:
     store = await _open(postgres_url, pool_min_size=1, pool_max_size=1)
     run_id = (await store.create_run(_new(1))).run.id
-    trace = _Trace(store)
+    trace = Trace(store)
     assert await trace.run(lambda: store.get_runs([])) == {}
     refused: list[Any] = [
         run_id,  # one id as a string, not a collection of them
