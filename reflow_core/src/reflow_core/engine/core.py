@@ -980,7 +980,6 @@ class Engine:
         # One reader for every waiter of this engine (see RunWatcher).
         future = self._watcher.watch(run_id)
         waiting = asyncio.timeout(seconds)
-        record: RunRecord | None = None
         try:
             async with waiting:
                 return _outcome(await future)
@@ -992,11 +991,11 @@ class Engine:
         # Timed out: one more read says where the run stands now.
         assert seconds is not None
         gone = False
+        record: RunRecord | None = None
         with contextlib.suppress(ReflowError, TimeoutError):
             async with asyncio.timeout(_FINAL_READ_TIMEOUT):
-                latest = await self._storage.get_run(run_id)
-                gone = latest is None
-                record = latest or record
+                record = await self._storage.get_run(run_id)
+                gone = record is None
         if gone:
             raise RunNotFoundError(run_id)
         if record is not None and record.status in TERMINAL_STATUSES:
