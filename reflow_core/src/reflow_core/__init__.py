@@ -5,7 +5,17 @@ from __future__ import annotations
 from ._durations import Duration, to_seconds
 from .codec import JSONValue, WaitTimedOut
 from .context import CancelSignal, ChildHandle, FailureContext, StepContext
-from .engine import ChildRun, Clock, Engine, EnqueueItem, Run, RunList, StepResult, SystemClock
+from .engine import (
+    ChildRun,
+    Clock,
+    Engine,
+    EnqueueItem,
+    Run,
+    RunList,
+    StepResult,
+    SystemClock,
+    WaitedRuns,
+)
 from .errors import (
     BackendNotFoundError,
     ChildFailedError,
@@ -130,6 +140,7 @@ __all__ = [
     "ValidationError",
     "WaitTimedOut",
     "WaitTimeoutError",
+    "WaitedRuns",
     "Workflow",
     "WorkflowNotFoundError",
     "__version__",

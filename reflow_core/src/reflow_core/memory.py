@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import dataclasses
 import heapq
 import operator
@@ -183,6 +184,56 @@ class _State:
     """The runs that ended in each minute (by the storage clock). An id stays
     when its run is requeued or deleted: a read skips it unless the run is
     still finished, in that minute."""
+    finish_listeners: list[_FinishListener] = field(default_factory=list)
+    """The subscriptions of :meth:`MemoryStorage.subscribe_finishes`."""
+
+
+class _FinishListener:
+    """One finish subscription: the ids of runs that ended are gathered and
+    handed to ``notify`` once per turn of the subscriber's event loop, from
+    that loop, whichever thread ended them."""
+
+    def __init__(
+        self,
+        listeners: list[_FinishListener],
+        loop: asyncio.AbstractEventLoop,
+        notify: Callable[[Collection[str] | None], None],
+    ) -> None:
+        self._listeners = listeners
+        self._loop = loop
+        self._notify = notify
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+
+    def add(self, run_id: str) -> None:
+        with self._lock:
+            self._pending.append(run_id)
+            if len(self._pending) > 1:
+                return  # a flush is already due
+        try:
+            same_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            same_loop = False
+        try:
+            if same_loop:
+                self._loop.call_soon(self._flush)
+            else:
+                self._loop.call_soon_threadsafe(self._flush)
+        except RuntimeError:  # the subscriber's loop is closed
+            self._listeners_remove()
+
+    def _flush(self) -> None:
+        with self._lock:
+            ids, self._pending = self._pending, []
+        if ids and self in self._listeners:
+            self._notify(ids)
+
+    def _listeners_remove(self) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(self)
+
+    async def close(self) -> None:
+        self._listeners_remove()
 
 
 _named: dict[str, _State] = {}
@@ -227,6 +278,7 @@ class MemoryStorage:
         self._future = state.future
         self._ready = state.ready
         self._pushes = state.pushes
+        self._finish_listeners = state.finish_listeners
         # A subclass that redefines which runs are due gets the plain scan.
         self._indexed_claims = type(self)._due is MemoryStorage._due
         self._plain_updates = type(self)._update is MemoryStorage._update
@@ -275,6 +327,8 @@ class MemoryStorage:
         after = entry.record
         if after.status in TERMINAL_STATUSES and before.status not in TERMINAL_STATUSES:
             self._finished.setdefault(minute_of(now), set()).add(after.id)
+            if self._finish_listeners:
+                self._hint_finished(after)
         if before.blocked_by != after.blocked_by:
             if before.blocked_by is not None:
                 self._blocked.get(before.blocked_by, set()).discard(after.id)
@@ -297,6 +351,24 @@ class MemoryStorage:
             and before.blocked_by is None
         ):
             self._pass_turn(after, now)
+
+    def _hint_finished(self, record: RunRecord) -> None:
+        """Tell the finish subscribers of this store that ``record``'s run ended."""
+        for listener in list(self._finish_listeners):
+            listener.add(record.id)
+
+    async def subscribe_finishes(
+        self, notify: Callable[[Collection[str] | None], None]
+    ) -> _FinishListener:
+        """Call ``notify(run_ids)`` on the caller's event loop after runs of
+        this store (a named store: of every ``MemoryStorage`` sharing it)
+        ended, however they ended (see
+        :class:`~reflow_core.storage.FinishSource`). Nothing is lost in a
+        process, so ``notify(None)`` never comes."""
+        self._check_open("subscribe_finishes")
+        listener = _FinishListener(self._finish_listeners, asyncio.get_running_loop(), notify)
+        self._finish_listeners.append(listener)
+        return listener
 
     def _pass_turn(self, ended: RunRecord, now: datetime) -> None:
         """A run that was free to be claimed ended without running (a run let

@@ -72,6 +72,7 @@ __all__ = [
     "ConcurrencyLimit",
     "CreateResult",
     "EventTake",
+    "FinishSource",
     "FinishedMinute",
     "Lease",
     "NewRun",
@@ -1002,5 +1003,34 @@ class WakeupSource(Protocol):
         backend may drop them under load but must keep the claim the only
         judge of what is runnable. After reconnecting, a backend calls
         ``wake()`` once, since hints sent meanwhile are gone.
+        """
+        ...
+
+
+@runtime_checkable
+class FinishSource(Protocol):
+    """Optional: a backend that tells waiting engines when runs end.
+
+    Without it, an engine notices a run finished by another process by
+    reading it again, at most every ``poll_interval``. A backend with a
+    channel between processes implements this so that
+    :meth:`~reflow_core.engine.Engine.result` and
+    :meth:`~reflow_core.engine.Engine.wait` return milliseconds after the
+    end, wherever the run ran. The engine subscribes while it has waiters.
+    """
+
+    async def subscribe_finishes(
+        self, notify: Callable[[Collection[str] | None], None]
+    ) -> WakeupSubscription:
+        """Call ``notify(run_ids)`` (on the subscriber's event loop, never
+        blocking) after runs reached a terminal status (completed, failed or
+        cancelled, in any way: a finish, a cancel, a cancel cascade), in any
+        process using this store; ``notify(None)`` when runs may have ended
+        unseen (after the channel was subscribed anew, since hints sent
+        meanwhile are gone, or for a run whose id a hint could not carry).
+
+        Hints only, sent by the statement or script that ended the runs,
+        after it took effect: the engine reads the runs again, so a spurious
+        hint costs one read and a lost one at most a poll interval.
         """
         ...

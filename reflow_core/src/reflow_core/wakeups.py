@@ -15,6 +15,15 @@ worker started are found too. A backend subclasses it and implements
 :meth:`WakeupHub.connected_now` and feeds every message to
 :meth:`WakeupHub.hint` until the connection fails; the hub then reconnects with
 jittered back-off.
+
+A second channel carries *finish hints*: the ids of runs that reached a
+terminal status, one per line (:func:`finish_payloads`), sent by the same
+statement or script that ended them. Engines waiting for results subscribe
+with :meth:`WakeupHub.subscribe_finishes`; the backend's listener then also
+listens to that channel and feeds its messages to
+:meth:`WakeupHub.finish_hint`. Each channel is listened to only while
+someone subscribes to it, so workers that wait for no result never receive
+the finishes of the fleet.
 """
 
 from __future__ import annotations
@@ -23,11 +32,11 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from ._tasks import cancel_and_wait
 
-__all__ = ["WakeupHub", "hint_payload"]
+__all__ = ["FINISH_SEPARATOR", "WakeupHub", "finish_payloads", "hint_payload", "parse_finish_hint"]
 
 logger = logging.getLogger("reflow.wakeups")
 
@@ -45,6 +54,44 @@ def hint_payload(workflow: str, delay_ms: int = 0) -> str:
     return f"{max(0, int(delay_ms))}|{workflow}"
 
 
+FINISH_SEPARATOR = "\n"
+"""What separates the run ids of a finish hint."""
+MAX_FINISH_ID = 1000
+"""Run ids longer than this (in UTF-8 bytes) are sent as an empty entry."""
+MAX_FINISH_PAYLOAD = 7900
+"""The longest finish hint, in UTF-8 bytes (PostgreSQL's ``NOTIFY`` takes 8000)."""
+
+
+def finish_payloads(run_ids: Iterable[str]) -> list[str]:
+    """The finish hints telling that ``run_ids`` ended: their ids joined by
+    :data:`FINISH_SEPARATOR`, as few hints as fit :data:`MAX_FINISH_PAYLOAD`.
+    An id that holds the separator or is longer than :data:`MAX_FINISH_ID`
+    is sent as an empty entry, which tells listeners to look at every run
+    they wait for."""
+    payloads: list[str] = []
+    chunk: list[str] = []
+    size = 0
+    for run_id in run_ids:
+        length = len(run_id.encode())
+        if length > MAX_FINISH_ID or FINISH_SEPARATOR in run_id:
+            run_id, length = "", 0
+        if chunk and size + length + 1 > MAX_FINISH_PAYLOAD:
+            payloads.append(FINISH_SEPARATOR.join(chunk))
+            chunk, size = [], 0
+        chunk.append(run_id)
+        size += length + 1
+    if chunk:
+        payloads.append(FINISH_SEPARATOR.join(chunk))
+    return payloads
+
+
+def parse_finish_hint(payload: str) -> list[str] | None:
+    """The run ids a finish hint names, or ``None`` when it holds an empty
+    entry (some run ended whose id could not be sent: look at them all)."""
+    ids = payload.split(FINISH_SEPARATOR)
+    return None if "" in ids else ids
+
+
 class _Subscription:
     def __init__(
         self, hub: WakeupHub, workflows: Collection[str], wake: Callable[[], None]
@@ -55,6 +102,15 @@ class _Subscription:
 
     async def close(self) -> None:
         self._hub.unsubscribe(self)
+
+
+class _FinishSubscription:
+    def __init__(self, hub: WakeupHub, notify: Callable[[Collection[str] | None], None]) -> None:
+        self._hub = hub
+        self.notify = notify
+
+    async def close(self) -> None:
+        self._hub.unsubscribe_finishes(self)
 
 
 class WakeupHub:
@@ -76,6 +132,8 @@ class WakeupHub:
         self._describe = describe
         self._enabled = enabled
         self._subs: list[_Subscription] = []
+        self._finish_subs: list[_FinishSubscription] = []
+        self._listening = (False, False)
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -91,9 +149,18 @@ class WakeupHub:
     # -- for the backend --------------------------------------------------------
 
     async def listen(self) -> None:
-        """Connect, subscribe, call :meth:`connected_now`, then feed messages
-        to :meth:`hint` until the connection fails (raise) or forever."""
+        """Connect, subscribe to the channels :meth:`channels_wanted` asks
+        for, call :meth:`connected_now`, then feed wake-up messages to
+        :meth:`hint` and finish messages to :meth:`finish_hint` until the
+        connection fails (raise) or forever."""
         raise NotImplementedError
+
+    def channels_wanted(self) -> tuple[bool, bool]:
+        """Whether to listen to the wake-up channel, and to the finish channel:
+        each only while someone subscribes to it. The hub connects again if
+        a subscriber comes to a channel the connection does not listen to."""
+        self._listening = (bool(self._subs), bool(self._finish_subs))
+        return self._listening
 
     def connected_now(self) -> None:
         """Call once subscribed: anything sent meanwhile was lost, so everyone looks now."""
@@ -103,6 +170,7 @@ class WakeupHub:
         self._backoff = 0.1
         self.connected.set()
         self._wake(None)
+        self._tell_finished(None)
         self._refresh_soon()
 
     def hint(self, payload: str) -> None:
@@ -120,6 +188,11 @@ class WakeupHub:
         elif workflow == "" or any(workflow in sub.workflows for sub in self._subs):
             self._arm(delay)
 
+    def finish_hint(self, payload: str) -> None:
+        """Act on one message of the finish channel: the ids of runs that
+        ended, one per line (see :func:`finish_payloads`)."""
+        self._tell_finished(parse_finish_hint(payload))
+
     # -- subscriptions --------------------------------------------------------------
 
     async def subscribe(
@@ -127,22 +200,54 @@ class WakeupHub:
     ) -> _Subscription:
         sub = _Subscription(self, workflows, wake)
         self._subs.append(sub)
-        if self._enabled and (self._task is None or self._task.done()):
-            self._stopped = False
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"reflow-wakeups-{self._describe}"
-            )
+        await self._ensure_listening()
         return sub
+
+    async def subscribe_finishes(
+        self, notify: Callable[[Collection[str] | None], None]
+    ) -> _FinishSubscription:
+        """Call ``notify(run_ids)`` with the ids of runs that ended, and
+        ``notify(None)`` when any run may have ended unseen (the channel was
+        subscribed anew, or a hint could not name its run)."""
+        sub = _FinishSubscription(self, notify)
+        self._finish_subs.append(sub)
+        await self._ensure_listening()
+        return sub
+
+    async def _ensure_listening(self) -> None:
+        if not self._enabled:
+            return
+        task = self._task
+        if task is not None and not task.done():
+            wakes, finishes = self._listening
+            if (wakes or not self._subs) and (finishes or not self._finish_subs):
+                return
+            # A channel the connection does not listen to is wanted now:
+            # connect again (connected_now then tells everyone to look).
+            self._task = None
+            self.connected.clear()
+            await cancel_and_wait(task)
+        self._stopped = False
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"reflow-wakeups-{self._describe}"
+        )
 
     def unsubscribe(self, sub: _Subscription) -> None:
         with contextlib.suppress(ValueError):
             self._subs.remove(sub)
-        if not self._subs:
+        if not self._subs and not self._finish_subs:
+            self._stop()
+
+    def unsubscribe_finishes(self, sub: _FinishSubscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._finish_subs.remove(sub)
+        if not self._subs and not self._finish_subs:
             self._stop()
 
     async def close(self) -> None:
         """Drop every subscription and stop listening."""
         self._subs.clear()
+        self._finish_subs.clear()
         task = self._task
         self._stop()
         if task is not None:
@@ -170,6 +275,13 @@ class WakeupHub:
                     # A subscriber's failure is its own: the channel, and
                     # every other subscriber's hints, go on.
                     logger.exception("a wake-up subscriber failed on a hint")
+
+    def _tell_finished(self, run_ids: Collection[str] | None) -> None:
+        for sub in list(self._finish_subs):
+            try:
+                sub.notify(run_ids)
+            except Exception:
+                logger.exception("a finish subscriber failed on a hint")
 
     def _workflows(self) -> list[str]:
         names: set[str] = set()

@@ -15,18 +15,20 @@ The package is cut along the engine's four jobs:
   parallel group, map), retries and fenced writes;
 * ``engine.enqueue``: the checks of what is enqueued, one run or a batch
   (:class:`EnqueueItem`);
-* ``engine.watch``: one reader for every :meth:`Engine.result` waiter;
+* ``engine.watch``: one reader for every :meth:`Engine.result` and
+  :meth:`Engine.wait` waiter, woken by finish hints;
 * ``engine.children``: starting child runs from a step, with ids that a
   replayed step finds again;
 * ``engine.views``: the read-only :class:`Run`,
-  :class:`StepResult`, :class:`RunList` and the :class:`Clock`.
+  :class:`StepResult`, :class:`RunList`, :class:`WaitedRuns` and the
+  :class:`Clock`.
 """
 
 from __future__ import annotations
 
 from .core import MAX_LEASE, MIN_HEARTBEAT, MIN_LEASE, POLL_INTERVAL_RANGE, Engine
 from .enqueue import EnqueueItem
-from .views import ChildRun, Clock, Run, RunList, StepResult, SystemClock
+from .views import ChildRun, Clock, Run, RunList, StepResult, SystemClock, WaitedRuns
 
 __all__ = [
     "MAX_LEASE",
@@ -41,4 +43,5 @@ __all__ = [
     "RunList",
     "StepResult",
     "SystemClock",
+    "WaitedRuns",
 ]

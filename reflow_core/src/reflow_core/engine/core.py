@@ -54,8 +54,8 @@ from reflow_core.workflow import WaitDefinition, Workflow, to_plain_input
 
 from .driver import RunDriver
 from .enqueue import BatchBuilder, Timing
-from .views import Clock, Run, RunList, SystemClock
-from .watch import RunWatcher
+from .views import Clock, Run, RunList, SystemClock, WaitedRuns
+from .watch import ReturnWhen, RunWatcher, check_wait_args, wait_records
 from .worker import Worker
 
 __all__ = ["MAX_LEASE", "MIN_HEARTBEAT", "MIN_LEASE", "POLL_INTERVAL_RANGE", "Engine"]
@@ -1001,6 +1001,40 @@ class Engine:
         if record is not None and record.status in TERMINAL_STATUSES:
             return _outcome(record)
         raise self._result_timeout(run_id, seconds, record) from None
+
+    async def wait(
+        self,
+        run_ids: Iterable[str],
+        *,
+        return_when: ReturnWhen = "ALL_COMPLETED",
+        timeout: Duration | None = None,
+    ) -> WaitedRuns:
+        """Wait for runs to finish, as :func:`asyncio.wait` waits for tasks:
+        ``done, pending = await engine.wait(ids)``.
+
+        ``return_when`` is ``"ALL_COMPLETED"`` (the default), ``"FIRST_COMPLETED"``
+        (as soon as any has finished) or ``"FIRST_EXCEPTION"`` (as soon as any
+        has failed or was cancelled, or all have finished); asyncio's
+        constants of those names work too. ``done`` holds the finished runs
+        as :class:`Run` views, failed and cancelled ones included (nothing is
+        raised for them: look at ``run.status``), in the order given;
+        ``pending`` the ids of the others. After ``timeout`` it returns what
+        it has, without raising; the runs go on.
+
+        The waits share :meth:`result`'s reader: one batched read for every
+        run this engine waits for, woken at once by a finish hint on backends
+        that send them (PostgreSQL, Redis), so any number of runs costs one
+        read per tick. Raises :class:`~reflow_core.errors.RunNotFoundError`
+        for a run that does not exist (or was purged), and
+        :class:`~reflow_core.errors.EngineClosedError` if the engine closes.
+        """
+        ids = check_wait_args(run_ids, return_when)
+        seconds = None if timeout is None else to_seconds(timeout, option="timeout")
+        await self._ensure_initialized("wait")
+        if not ids:
+            return WaitedRuns([], [])
+        records, pending = await wait_records(self._watcher, ids, return_when, seconds)
+        return WaitedRuns([Run.from_record(record) for record in records], pending)
 
     def _result_timeout(
         self, run_id: str, seconds: float, record: RunRecord | None

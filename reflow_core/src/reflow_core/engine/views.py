@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from reflow_core import codec
 from reflow_core.errors import CorruptDataError, ErrorInfo, SerializationError
@@ -21,7 +21,16 @@ from reflow_core.storage import (
 )
 from reflow_core.workflow import RESERVED_PREFIX
 
-__all__ = ["ChildRun", "Clock", "Run", "RunList", "StepResult", "SystemClock", "read_stored"]
+__all__ = [
+    "ChildRun",
+    "Clock",
+    "Run",
+    "RunList",
+    "StepResult",
+    "SystemClock",
+    "WaitedRuns",
+    "read_stored",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +187,16 @@ def read_stored(text: str | None, what: str, run_id: str) -> Any:
         return codec.decode(text)
     except SerializationError as exc:
         raise CorruptDataError(what, exc.reason, run_id=run_id) from exc
+
+
+class WaitedRuns(NamedTuple):
+    """What :meth:`Engine.wait` returns: ``done, pending = await engine.wait(ids)``."""
+
+    done: list[Run]
+    """The runs that finished (completed, failed or cancelled), in the order
+    their ids were given; nothing is raised for a failed or cancelled one."""
+    pending: list[str]
+    """The ids of the runs not finished yet, in the order given."""
 
 
 class Clock:
