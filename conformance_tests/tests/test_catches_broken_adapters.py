@@ -89,6 +89,7 @@ _HEADERS = ("test_headers",)
 _DASHBOARD = ("test_dashboard_reads",)
 _BATCHES = ("test_create_many",)
 _GET_RUNS = ("test_get_runs",)
+_FINISHES = ("test_finish_hints",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -219,6 +220,8 @@ CASES = [
     Case("batch_raises_conflicts", (P.BATCH_OUTCOMES,), _BATCHES),
     Case("get_runs_capped", (P.GET_RUNS,), _GET_RUNS),
     Case("get_runs_lists_missing", (P.GET_RUNS,), _GET_RUNS),
+    Case("hints_miss_cancels", (P.FINISH_HINTED,), _FINISHES),
+    Case("hints_miss_cascade", (P.FINISH_HINTED,), _FINISHES),
 ]
 
 

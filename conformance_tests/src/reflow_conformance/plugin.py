@@ -111,6 +111,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_dashboard_reads",
             "test_create_many",
             "test_get_runs",
+            "test_finish_hints",
             "test_codec",
         ),
     ),

@@ -521,3 +521,10 @@ GET_RUNS_ARGS = (
     "get_runs refuses one string instead of a collection of ids, an id check_text refuses and "
     "more than MAX_GET_RUNS distinct ids with a ConfigError"
 )
+FINISH_HINTED = (
+    "a store that sends finish hints (FinishSource) tells every subscriber of every run that "
+    "ends, however it ends (finished completed or failed, with or without a last step, "
+    "cancelled pending or running, cancelled by its parent's cascade): it names the run, or "
+    "calls notify(None) after the end, within 5 seconds"
+)
+FINISH_HINT_CLOSED = "a closed finish subscription is told nothing more"

@@ -1,7 +1,8 @@
 """Deliberately broken storage adapters, to prove the conformance suite catches them.
 
 Each class in the modules of this package (one per area of the contract:
-``batches``, ``claims``, ``children``, ``dashboard``, ``delays``, ``deadlines``, ``headers``,
+``batches``, ``claims``, ``children``, ``dashboard``, ``delays``, ``deadlines``,
+``finishes`` (finish hints), ``headers``,
 ``leases``, ``limits``, ``rates``, ``runs``, ``records``, ``events``, ``retention``,
 ``schedules``, and
 ``workers`` for the worker registry and queue statistics)
@@ -89,6 +90,7 @@ from .events import (
     events_twice,
     unbounded_events,
 )
+from .finishes import hints_miss_cancels, hints_miss_cascade
 from .headers import debounce_keeps_headers, drops_headers
 from .leases import (
     fast_client_clock,
@@ -205,6 +207,8 @@ __all__ = [
     "fires_paused",
     "get_runs_capped",
     "get_runs_lists_missing",
+    "hints_miss_cancels",
+    "hints_miss_cascade",
     "history_counts_purged",
     "history_counts_requeued",
     "ignores_deadline",
@@ -387,6 +391,8 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         batch_raises_conflicts,
         get_runs_capped,
         get_runs_lists_missing,
+        hints_miss_cancels,
+        hints_miss_cascade,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

@@ -23,6 +23,7 @@ from .test_deadlines import *  # noqa: F403
 from .test_delayed import *  # noqa: F403
 from .test_event_buffer import *  # noqa: F403
 from .test_events import *  # noqa: F403
+from .test_finish_hints import *  # noqa: F403
 from .test_get_runs import *  # noqa: F403
 from .test_headers import *  # noqa: F403
 from .test_leases import *  # noqa: F403
