@@ -967,11 +967,13 @@ class Engine:
         :class:`~reflow_core.errors.ResultTimeoutError` (a ``TimeoutError``)
         after ``timeout``, naming the run's status then and, for a run still
         ``pending``, why it may not have been picked up. The run itself goes
-        on. A run finished by this engine wakes the waiter at once; one
-        finished elsewhere is noticed by a read that backs off to
-        ``poll_interval``, shared by every waiter of this engine (one
-        :meth:`~reflow_core.storage.Storage.get_runs` round trip for all the
-        runs awaited, at most once per 10 ms). A missing or purged run raises
+        on. A run finished by this engine wakes the waiter at once, and so
+        does one finished by any process on a store that sends finish hints
+        (:class:`~reflow_core.storage.FinishSource`: PostgreSQL, Redis);
+        otherwise the run is read again after a pause that backs off to
+        ``poll_interval``. The reads are shared by every waiter of this
+        engine (one :meth:`~reflow_core.storage.Storage.get_runs` round trip
+        for the runs due, at most once per 10 ms). A missing or purged run raises
         :class:`~reflow_core.errors.RunNotFoundError`; closing the engine
         ends the wait with :class:`~reflow_core.errors.EngineClosedError`.
         """

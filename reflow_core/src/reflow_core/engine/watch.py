@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 from collections.abc import Collection, Iterable, Sequence
 from typing import Literal, get_args
@@ -38,17 +39,29 @@ second, whatever the number of waiters."""
 
 
 class RunWatcher:
-    """Reads the runs waited for, all at once, until each has finished.
+    """Reads the runs waited for, together, until each has finished.
 
-    A new waiter, a run this engine finished, or a finish hint naming a run
-    waited for makes the next read come at once (after :data:`MIN_GAP`);
-    otherwise the pause between reads doubles up to ``poll`` seconds, as one
-    waiter's did on its own."""
+    Each run waited for is read when its waiter comes, then again after a
+    pause that doubles from :data:`MIN_GAP` up to ``poll`` seconds, as one
+    waiter's polling did on its own; the runs due are read in one batch per
+    tick. A run this engine finished, or one a finish hint names, is read at
+    the next tick (at most :data:`MIN_GAP` away), alone or with the others
+    due then: the runs read are those that may have changed, so that
+    thousands of waiters cost a read of the runs that finished, not of all
+    of them, every tick."""
 
     def __init__(self, storage: Storage, poll: float) -> None:
         self._storage = storage
         self._poll = poll
         self._waiting: dict[str, list[asyncio.Future[RunRecord]]] = {}
+        self._pause: dict[str, float] = {}
+        """Each run's current pause between reads."""
+        self._next: dict[str, float] = {}
+        """When each run is read next (loop time), unless it is sooner dirty."""
+        self._schedule: list[tuple[float, str]] = []
+        """``_next`` as a heap; an entry that no longer matches it is skipped."""
+        self._dirty: set[str] = set()
+        """Runs to read at the next tick: new waiters, finished here or hinted."""
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._batches = True
@@ -58,6 +71,8 @@ class RunWatcher:
         """Finish hints that named a run waited for (for tests and metrics)."""
         self.reads = 0
         """Round trips made (for tests and metrics)."""
+        self.runs_read = 0
+        """Runs asked for, over all round trips (for tests and metrics)."""
 
     def watch(self, run_id: str) -> asyncio.Future[RunRecord]:
         """A future of the run's record once it has finished; it fails with
@@ -65,8 +80,11 @@ class RunWatcher:
         or with the storage's error if a read fails."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[RunRecord] = loop.create_future()
-        self._waiting.setdefault(run_id, []).append(future)
-        self._kick.set()
+        futures = self._waiting.setdefault(run_id, [])
+        futures.append(future)
+        if len(futures) == 1:
+            self._pause[run_id] = MIN_GAP
+        self._mark(run_id)
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._read_loop())
         return future
@@ -79,19 +97,36 @@ class RunWatcher:
         with contextlib.suppress(ValueError):
             futures.remove(future)
         if not futures:
-            del self._waiting[run_id]
+            self._drop(run_id)
+
+    def _drop(self, run_id: str) -> None:
+        self._waiting.pop(run_id, None)
+        self._pause.pop(run_id, None)
+        self._next.pop(run_id, None)
+        self._dirty.discard(run_id)
+
+    def _mark(self, run_id: str) -> None:
+        self._dirty.add(run_id)
+        self._kick.set()
 
     def finished(self, run_id: str) -> None:
         """This engine finished ``run_id``: read it now if someone waits for it."""
         if run_id in self._waiting:
-            self._kick.set()
+            self._mark(run_id)
 
     def _hinted(self, run_ids: Collection[str] | None) -> None:
-        """A finish hint from the store: read now if it concerns a run waited for."""
+        """A finish hint from the store: read now the runs it names that are
+        waited for (all of them for ``None``: runs may have ended unseen)."""
         if not self._waiting:
             return
-        if run_ids is None or any(run_id in self._waiting for run_id in run_ids):
+        named = (
+            list(self._waiting)
+            if run_ids is None
+            else [run_id for run_id in run_ids if run_id in self._waiting]
+        )
+        if named:
             self.hinted += 1
+            self._dirty.update(named)
             self._kick.set()
 
     async def _subscribe(self) -> None:
@@ -121,55 +156,84 @@ class RunWatcher:
 
     def _fail_all(self, error: BaseException) -> None:
         waiting, self._waiting = self._waiting, {}
+        self._pause.clear()
+        self._next.clear()
+        self._schedule.clear()
+        self._dirty.clear()
         for futures in waiting.values():
             for future in futures:
                 if not future.done():
                     future.set_exception(error)
 
+    def _due(self, now: float) -> list[str]:
+        """The runs to read now: the dirty ones and those whose pause ended."""
+        due = self._dirty
+        self._dirty = set()
+        schedule = self._schedule
+        while schedule and schedule[0][0] <= now:
+            at, run_id = heapq.heappop(schedule)
+            if self._next.get(run_id) == at:
+                due.add(run_id)
+        return [run_id for run_id in due if run_id in self._waiting]
+
     async def _read_loop(self) -> None:
         await self._subscribe()
-        pause = MIN_GAP
+        loop = asyncio.get_running_loop()
         while self._waiting:
             self._kick.clear()
-            ids = list(self._waiting)
+            ids = self._due(loop.time())
+            if not ids:
+                timeout = None
+                if self._schedule:
+                    timeout = max(self._schedule[0][0] - loop.time(), 0)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._kick.wait()
+                continue
             try:
                 records = await self._read(ids)
             except Exception as exc:
                 # Each waiter would have met this error on its own read.
                 self._fail_all(exc)
                 return
+            now = loop.time()
             for run_id in ids:
                 record = records.get(run_id)
                 if record is not None and record.status not in TERMINAL_STATUSES:
+                    pause = self._pause.get(run_id)
+                    if pause is not None:  # still waited for: read again later
+                        at = now + pause
+                        self._next[run_id] = at
+                        heapq.heappush(self._schedule, (at, run_id))
+                        self._pause[run_id] = min(pause * 2, self._poll)
                     continue
-                for future in self._waiting.pop(run_id, ()):
+                futures = self._waiting.get(run_id, [])
+                self._drop(run_id)
+                for future in futures:
                     if future.done():
                         continue
                     if record is None:
                         future.set_exception(RunNotFoundError(run_id))
                     else:
                         future.set_result(record)
-            if not self._waiting:
-                return
-            await asyncio.sleep(MIN_GAP)
-            if self._kick.is_set():
-                pause = MIN_GAP
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(pause - MIN_GAP, 0)):
-                    await self._kick.wait()
-            pause = MIN_GAP if self._kick.is_set() else min(pause * 2, self._poll)
+            if len(self._schedule) > 2 * len(self._next) + 64:
+                # Entries of runs no longer waited for, or read sooner: drop them.
+                self._schedule = [(at, i) for at, i in self._schedule if self._next.get(i) == at]
+                heapq.heapify(self._schedule)
+            await asyncio.sleep(MIN_GAP)  # the tick: what comes meanwhile is read together
 
     async def _read(self, ids: Sequence[str]) -> dict[str, RunRecord]:
-        self.reads += 1
         found: dict[str, RunRecord] = {}
+        self.runs_read += len(ids)
         if self._batches:
             try:
                 for start in range(0, len(ids), MAX_GET_RUNS):
+                    self.reads += 1
                     found.update(await self._storage.get_runs(ids[start : start + MAX_GET_RUNS]))
                 return found
             except NotImplementedError:
                 self._batches = False  # an adapter without the batches area
+        self.reads += 1
         for run_id in ids:
             record = await self._storage.get_run(run_id)
             if record is not None:
