@@ -304,3 +304,26 @@ async def test_a_hub_with_only_finish_subscribers_does_not_listen_for_wakeups() 
     assert hub.connections == [(False, True)]
     await sub.close()
     assert not hub.connected.is_set()  # the last subscriber gone, the hub stopped
+
+
+async def test_waiters_cost_reads_of_the_runs_that_finished_not_of_all_of_them() -> None:
+    wf = workflow("h-many").step("a", lambda ctx: ctx.input)
+    store = MemoryStorage()
+    async with engine_on(store, wf, concurrency=10, poll_interval="30s") as engine:
+        runs = await engine.enqueue_many(wf, list(range(300)))
+        waits = [asyncio.ensure_future(engine.result(run.id)) for run in runs]
+        await asyncio.sleep(0.3)  # the first reads; each run's pause has grown past 100 ms
+        watcher = engine._watcher
+        before_runs, before_reads = watcher.runs_read, watcher.reads
+        for _ in range(10):
+            assert await engine.tick() == 10  # ten runs finished here, each tick
+            await asyncio.sleep(0.02)
+        finished = [n for n, task in enumerate(waits) if task.done()]
+        assert len(finished) == 100
+        assert all(waits[n].result() == n for n in finished)
+        # About the hundred runs that finished, plus the backoff reads of the
+        # others that came due meanwhile (at most one each over this time).
+        assert watcher.runs_read - before_runs < 100 + 300
+        assert watcher.reads - before_reads <= 25
+        for task in waits:
+            task.cancel()
