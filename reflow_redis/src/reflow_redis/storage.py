@@ -44,6 +44,7 @@ key                            type     holds
 ``P:workers``                  zset     worker ids by when their entry lapses (µs)
 ``P:worker:<id>``              hash     a worker's announced fields and times
 ``P:wake``                     channel  wake-up hints (``<delay ms>|<workflow>``)
+``P:done``                     channel  finish hints (ids of runs that ended, one per line)
 ``P:batch:<token>``            string   a ``create_runs`` batch's reply, for a retry (a minute)
 ``P:version``                  string   the layout's version (absent: 1)
 ``P:migrating``                string   the last run indexed by an unfinished migration
@@ -186,9 +187,9 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
     ``prefix`` namespaces every key (inside a hash tag, so one application's
     keys share a cluster slot); ``max_connections`` bounds the connection
     pool, and ``pool_timeout`` is how long an operation waits for a free
-    connection. ``notify`` publishes wake-up hints and ``listen`` lets
-    engines on this storage subscribe to them (one extra connection, outside
-    the pool).
+    connection. ``notify`` publishes wake-up hints and finish hints, and
+    ``listen`` lets engines on this storage subscribe to them (one extra
+    connection, outside the pool, shared by both).
     ``retention`` (a duration) deletes finished runs that long after they
     finished, a couple at a time as other runs finish; without it finished
     runs stay until :meth:`purge_finished` removes them. ``clock`` replaces
@@ -287,6 +288,11 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
         """The pub/sub channel of wake-up hints."""
         return f"{self._tag}:wake"
 
+    @property
+    def finish_channel(self) -> str:
+        """The pub/sub channel of finish hints: the ids of runs that ended."""
+        return f"{self._tag}:done"
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def initialize(self) -> None:
@@ -330,6 +336,30 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
         :class:`~reflow_core.storage.WakeupSource`), from the ``P:wake``
         pub/sub channel, with timers for sleeps and wait timeouts."""
         self._lifecycle.check("subscribe_wakeups")
+        return await self._hub().subscribe(workflows, wake)
+
+    async def subscribe_finishes(
+        self, notify: Callable[[Collection[str] | None], None]
+    ) -> WakeupSubscription:
+        """Call ``notify(run_ids)`` when runs reach a terminal status in any
+        process using this prefix (see
+        :class:`~reflow_core.storage.FinishSource`), from the ``P:done``
+        pub/sub channel: the script that ended them (a finish, a batch of
+        finishes, a cancel and its cascade to the children, a failure)
+        publishes their ids as it ends, one message per script.
+        ``notify(None)`` when runs may have ended unseen: after the channel
+        was subscribed anew, or for an id a hint cannot carry (longer than
+        1,000 bytes, or holding a newline).
+
+        The listener is the one :meth:`subscribe_wakeups` uses: a worker
+        listening for wake-ups alone connects again to take this channel
+        too. With ``notify`` off no hint is sent; with ``listen`` off
+        ``notify`` is never called and waiters poll."""
+        self._lifecycle.check("subscribe_finishes")
+        return await self._hub().subscribe_finishes(notify)
+
+    def _hub(self) -> _Listener:
+        """The listener of wake-up and finish hints, built on first use."""
         if self._listener is None:
             # Its own connection, outside the pool: a subscription holds it for good.
             listening = aioredis.Redis.from_url(
@@ -343,11 +373,12 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
             self._listener = _Listener(
                 client=listening,
                 channel=self.channel,
+                finish_channel=self.finish_channel,
                 next_due=self._next_due,
                 secrets=self._secrets,
                 enabled=self._listen,
             )
-        return await self._listener.subscribe(workflows, wake)
+        return self._listener
 
     async def _next_due(self, workflows: list[str]) -> float | None:
         reply = await self._call("next_due", "next_due", workflows, retry=True)

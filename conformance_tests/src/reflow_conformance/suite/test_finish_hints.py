@@ -124,8 +124,8 @@ class TestFinishHints:
                 await s.finish_run(
                     claimed[held[1]].lease, "failed", error=codec.encode("boom"), step=step
                 )
-                for run_id, status in ((held[2], "cancelled"), (pending[0], "cancelled")):
-                    promise(await s.update_run_status(run_id, status), P.CANCEL, run_id)
+                for run_id in (held[2], pending[0]):
+                    promise(await s.update_run_status(run_id, "cancelled"), P.CANCEL, run_id)
                 error = codec.encode({"code": "x", "message": "gone", "step": None})
                 await s.update_run_status(pending[1], "failed", error=error)
                 await _expect(hints, ended, everything)

@@ -474,10 +474,54 @@ local function purge_one(id)
   return 1
 end
 
+-- Finish hints. With NOTIFY, finished() gathers the ids of the runs a
+-- script ended and publish_finished() sends them on P:done: the ids joined
+-- by "\n", as few messages as fit MAX_FINISH_PAYLOAD bytes (never one per
+-- run), an id longer than MAX_FINISH_ID bytes or holding "\n" sent as an
+-- empty entry, which tells listeners to look at every run they wait for
+-- (the format of reflow_core.wakeups.finish_payloads).
+--
+-- Every script that can end runs (finish.lua, update_status.lua) calls
+-- publish_finished() last, after its final write. A script that fails
+-- midway is not rolled back, but whatever it published is delivered all
+-- the same: publishing as each run ends would tell waiters of runs while
+-- the script could still fail after them, with the caller told the
+-- operation failed. Published at the end, a hint leaves only once every
+-- write of the script took place; a script that fails sends none (the
+-- runs it did end are seen by the waiters' next poll).
+--
+-- The PUBLISH is a pcall: a hint is never worth failing the script for,
+-- and an ACL user allowed the wake channel alone (&P:wake, as deployments
+-- set up before finish hints were) may not publish on P:done. The runs
+-- still end; their waiters poll.
+local MAX_FINISH_ID, MAX_FINISH_PAYLOAD = 1000, 7900
+local ended = nil
+if NOTIFY then ended = {} end
+local function publish_finished()
+  local ids = ended
+  if not ids or #ids == 0 then return end
+  ended = {}
+  local channel = P .. ':done'
+  local chunk, size = {}, 0
+  for _, id in ipairs(ids) do
+    local len = #id
+    if len > MAX_FINISH_ID or string.find(id, '\n', 1, true) then id, len = '', 0 end
+    if #chunk > 0 and size + len + 1 > MAX_FINISH_PAYLOAD then
+      redis.pcall('PUBLISH', channel, table.concat(chunk, '\n'))
+      chunk, size = {}, 0
+    end
+    chunk[#chunk + 1] = id
+    size = size + len + 1
+  end
+  redis.pcall('PUBLISH', channel, table.concat(chunk, '\n'))
+end
+
 -- A run reached terminal status: index it by finish time, for purges and
 -- in the set of its status, and with a retention set, expire up to two runs
--- that finished long enough ago.
+-- that finished long enough ago. With NOTIFY its id waits for
+-- publish_finished().
 local function finished(id, status)
+  if ended then ended[#ended + 1] = id end
   redis.call('ZADD', k('finished'), num(NOW), id)
   redis.call('ZADD', done_key(status), num(NOW), id)
   if RETENTION > 0 then

@@ -3,7 +3,8 @@
 -- that ends here wakes its parent if that waits for it (child_ended). A run
 -- that was running releases its limit slots (release); a blocked run that
 -- ends leaves the blocked indexes; any other run that ends passes its turn
--- on (pass_turn).
+-- on (pass_turn). The run and the runs cancelled below it are named in
+-- finish hints on P:done (publish_finished).
 local id, target, epoch, err = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local rk = run_key(id)
 local wf, pa, ps, pr, k1, k2
@@ -43,4 +44,5 @@ drop_events(id)
 if target == 'cancelled' then cancel_below(id) end
 finished(id, target)
 child_ended(id, pa, ps)
+publish_finished()  -- last: see publish_finished
 return 1
