@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from typing import Literal, get_args
 
@@ -29,13 +30,26 @@ from reflow_core.storage import (
     WakeupSubscription,
 )
 
-__all__ = ["MIN_GAP", "RETURN_WHEN", "ReturnWhen", "RunWatcher", "check_wait_args", "wait_records"]
+__all__ = [
+    "BURST",
+    "MIN_GAP",
+    "RETURN_WHEN",
+    "ReturnWhen",
+    "RunWatcher",
+    "check_wait_args",
+    "wait_records",
+]
 
 logger = logging.getLogger("reflow.engine")
 
 MIN_GAP = 0.01
-"""Seconds between two reads at the least: the tick that bounds the reads a
-second, whatever the number of waiters."""
+"""Seconds between two reads, on average over :data:`BURST` reads at the
+least: the tick that bounds the reads a second, whatever the number of
+waiters."""
+BURST = 3
+"""Reads that may follow one another without a gap after a quiet spell, so
+that a run read when its waiter came and hinted a few milliseconds later is
+read again at once."""
 
 
 class RunWatcher:
@@ -43,9 +57,11 @@ class RunWatcher:
 
     Each run waited for is read when its waiter comes, then again after a
     pause that doubles from :data:`MIN_GAP` up to ``poll`` seconds, as one
-    waiter's polling did on its own; the runs due are read in one batch per
-    tick. A run this engine finished, or one a finish hint names, is read at
-    the next tick (at most :data:`MIN_GAP` away), alone or with the others
+    waiter's polling did on its own (straight to ``poll`` on a store that
+    sends finish hints, where those reads only cover lost hints); the runs
+    due are read in one batch per tick. A run this engine finished, or one a
+    finish hint names, is read at once, or at the next tick when reads come
+    faster than :data:`BURST` in as many ticks, alone or with the others
     due then: the runs read are those that may have changed, so that
     thousands of waiters cost a read of the runs that finished, not of all
     of them, every tick."""
@@ -53,6 +69,7 @@ class RunWatcher:
     def __init__(self, storage: Storage, poll: float) -> None:
         self._storage = storage
         self._poll = poll
+        self._read_starts: deque[float] = deque(maxlen=BURST)
         self._waiting: dict[str, list[asyncio.Future[RunRecord]]] = {}
         self._pause: dict[str, float] = {}
         """Each run's current pause between reads."""
@@ -176,12 +193,25 @@ class RunWatcher:
                 due.add(run_id)
         return [run_id for run_id in due if run_id in self._waiting]
 
+    def _ready(self, now: float) -> bool:
+        """Whether some run is to be read now."""
+        return bool(self._dirty) or bool(self._schedule and self._schedule[0][0] <= now)
+
     async def _read_loop(self) -> None:
         await self._subscribe()
         loop = asyncio.get_running_loop()
         while self._waiting:
             self._kick.clear()
-            ids = self._due(loop.time())
+            now = loop.time()
+            starts = self._read_starts
+            if len(starts) == BURST and self._ready(now):
+                # At most BURST reads per BURST ticks: what comes meanwhile
+                # is read together.
+                allowed = starts[0] + BURST * MIN_GAP
+                if allowed > now:
+                    await asyncio.sleep(allowed - now)
+                    continue
+            ids = self._due(now)
             if not ids:
                 timeout = None
                 if self._schedule:
@@ -190,6 +220,7 @@ class RunWatcher:
                     async with asyncio.timeout(timeout):
                         await self._kick.wait()
                 continue
+            starts.append(now)
             try:
                 records = await self._read(ids)
             except Exception as exc:
@@ -202,6 +233,8 @@ class RunWatcher:
                 if record is not None and record.status not in TERMINAL_STATUSES:
                     pause = self._pause.get(run_id)
                     if pause is not None:  # still waited for: read again later
+                        if self._hints is not None:
+                            pause = self._poll  # the hints tell when; this covers lost ones
                         at = now + pause
                         self._next[run_id] = at
                         heapq.heappush(self._schedule, (at, run_id))
@@ -220,7 +253,6 @@ class RunWatcher:
                 # Entries of runs no longer waited for, or read sooner: drop them.
                 self._schedule = [(at, i) for at, i in self._schedule if self._next.get(i) == at]
                 heapq.heapify(self._schedule)
-            await asyncio.sleep(MIN_GAP)  # the tick: what comes meanwhile is read together
 
     async def _read(self, ids: Sequence[str]) -> dict[str, RunRecord]:
         found: dict[str, RunRecord] = {}
