@@ -2,7 +2,7 @@
 
 :func:`statements` fills the slots of the file (see its header) with this
 package's own values, never with user data: the schema quoted by psycopg as
-an identifier, the channel quoted by psycopg as a literal, the clock
+an identifier, the channels quoted by psycopg as literals, the clock
 expression and the column orders of :mod:`reflow_core.adapter`'s row
 mappers. Every value a statement uses is a bound ``%(name)s`` parameter.
 """
@@ -19,7 +19,7 @@ from psycopg import sql
 from reflow_core.adapter import RUN_COLUMNS, SCHEDULE_COLUMNS, WORKER_COLUMNS, load_queries
 from reflow_core.storage import CHILDREN_WAIT_PREFIX, RATE_BLOCK_PREFIX
 
-__all__ = ["Statements", "channel_name", "list_runs_query", "statements"]
+__all__ = ["Statements", "channel_name", "finish_channel_name", "list_runs_query", "statements"]
 
 Statements = Mapping[str, bytes]
 """The rendered statements of one storage by name, as bytes ready for psycopg."""
@@ -33,12 +33,18 @@ def channel_name(schema: str) -> str:
     return f"reflow:{schema}"[:63]
 
 
+def finish_channel_name(schema: str) -> str:
+    """The channel of ``schema``'s finish hints (the ids of runs that ended)."""
+    return f"reflow-done:{schema}"[:63]
+
+
 @functools.lru_cache(maxsize=32)
 def statements(schema: str, *, notify: bool, test_clock: bool) -> Statements:
     """Every statement of ``queries.sql`` for ``schema``, loaded once per
     configuration.
 
-    ``notify`` off puts ``NULL`` in place of the notifications;
+    ``notify`` off puts ``NULL`` in place of the notifications, wake-ups
+    and finish hints alike;
     ``test_clock`` binds the clock as the ``now`` parameter instead of
     reading the server's.
     """
@@ -49,6 +55,7 @@ def statements(schema: str, *, notify: bool, test_clock: bool) -> Statements:
         "locked_now": "%(now)s::timestamptz" if test_clock else "NULL::timestamptz",
         "channel": channel,
         "wake_channel": channel,
+        "done_channel": sql.Literal(finish_channel_name(schema)).as_string(None),
         "children_prefix": sql.Literal(CHILDREN_WAIT_PREFIX).as_string(None),
         "rate_prefix": sql.Literal(RATE_BLOCK_PREFIX).as_string(None),
         "run_columns": RUN_COLUMNS,
@@ -58,7 +65,15 @@ def statements(schema: str, *, notify: bool, test_clock: bool) -> Statements:
         "worker_columns": WORKER_COLUMNS,
     }
     if not notify:
-        slots.update(notify="NULL", notify_ins="NULL", notify_at="NULL", wake_channel="NULL::text")
+        slots.update(
+            notify="NULL",
+            notify_ins="NULL",
+            notify_at="NULL",
+            wake_channel="NULL::text",
+            notify_done_r="NULL",
+            notify_done_f="NULL",
+            notify_done_many="NULL::bigint",
+        )
     queries = load_queries(__package__, "queries.sql", slots)
     return MappingProxyType({name: text.encode() for name, text in queries.items()})
 

@@ -9,6 +9,14 @@ holds one dedicated connection per storage, outside the pool, and hands each
 notification to the hub, which wakes the subscribers it concerns or arms a
 timer.
 
+Statements that end runs (a finish, a batched finish, a cancel and its
+cascade, a failure) send *finish hints* on a second channel, ``reflow-done:``
+and the schema: the ids of the runs they ended, one per line (the format of
+:func:`reflow_core.wakeups.finish_payloads`; a batch sends one hint per
+chunk of ids, not one per run). The connection listens to each channel only
+while someone subscribes to it (:meth:`~reflow_core.wakeups.WakeupHub.channels_wanted`),
+so workers that wait for no result never receive the finishes of the fleet.
+
 Notifications are hints. The engine coalesces a burst of them into one claim
 (its wake-up is an ``asyncio.Event``), and a worker with no free slot does not
 claim at all. After a reconnect (the server restarted, the network dropped)
@@ -40,6 +48,7 @@ class Listener(WakeupHub):
         conninfo: str,
         kwargs: Mapping[str, Any],
         channel: str,
+        finish_channel: str,
         next_due: Callable[[list[str]], Awaitable[float | None]],
         secrets: Collection[str] = (),
         enabled: bool = True,
@@ -49,17 +58,26 @@ class Listener(WakeupHub):
         self._conninfo = conninfo
         self._kwargs = {**kwargs, "autocommit": True}
         self._channel = channel
+        self._finish_channel = finish_channel
         self._secrets = secrets
         self._liveness = liveness
 
     async def listen(self) -> None:
         conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
         async with conn:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+            wakes, finishes = self.channels_wanted()
+            wanted = [self._channel] if wakes else []
+            if finishes:
+                wanted.append(self._finish_channel)
+            for channel in wanted:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
             self.connected_now()
             while True:
                 async for note in conn.notifies(timeout=self._liveness):
-                    self.hint(note.payload)
+                    if note.channel == self._channel:
+                        self.hint(note.payload)
+                    elif note.channel == self._finish_channel:
+                        self.finish_hint(note.payload)
                 await conn.execute("SELECT 1")
 
     def describe_error(self, exc: BaseException) -> str:

@@ -10,6 +10,9 @@
 --   takes locks reads the server's clock once they are granted);
 -- * {channel}: the notification channel, quoted by psycopg as a literal;
 --   {wake_channel} is the same, or NULL::text when notifications are off;
+-- * {done_channel}: the channel of finish hints, quoted by psycopg as a
+--   literal (only inside the notify_done fragments, which are NULL when
+--   notifications are off);
 -- * {children_prefix}: reflow_core.storage.CHILDREN_WAIT_PREFIX, quoted by
 --   psycopg as a literal (the waiting_for of a run waiting for its children);
 -- * {rate_prefix}: reflow_core.storage.RATE_BLOCK_PREFIX, quoted by psycopg
@@ -209,6 +212,38 @@ pg_notify({channel}, greatest(0, ceil(extract(epoch FROM ins.wake_at - {now}) * 
 -- name: notify_at
 pg_notify({channel}, greatest(0, (extract(epoch FROM u.wake_at - {now}) * 1000)::bigint)::text
     || '|' || CASE WHEN octet_length(u.workflow) <= 4000 THEN u.workflow ELSE '' END)
+
+-- The finish hints that tell engines waiting for results that a run ended
+-- (the storage puts NULL in their place when notifications are off): on the
+-- finish channel, the ids of the runs, one per line, in the format of
+-- reflow_core.wakeups.finish_payloads, sent by the statement that ends them
+-- and delivered when it commits. An id longer than 1000 bytes or holding a
+-- newline goes as an empty entry, which tells listeners to look at every
+-- run they wait for. A statement that ends one run sends its id; one that
+-- ends many reads them from its CTE ended (column id) and sends one hint
+-- per chunk of at most 7900 bytes (PostgreSQL takes 8000), in one pass: an
+-- entry goes to chunk (bytes up to its end, separators counted, - 1) / 6900,
+-- so a chunk holds the entries that end in its 6900 bytes, of which only
+-- the first (at most 1001 bytes with its separator) may begin before them.
+
+-- name: notify_done_r
+pg_notify({done_channel},
+    CASE WHEN octet_length(r.id) <= 1000 AND strpos(r.id, E'\n') = 0 THEN r.id ELSE '' END)
+
+-- name: notify_done_f
+pg_notify({done_channel},
+    CASE WHEN octet_length(f.id) <= 1000 AND strpos(f.id, E'\n') = 0 THEN f.id ELSE '' END)
+
+-- name: notify_done_many
+-- A scalar subquery: the number of hints sent.
+(SELECT count(pg_notify({done_channel}, c.payload)) FROM (
+    SELECT string_agg(s.entry, E'\n' ORDER BY s.id) AS payload FROM (
+        SELECT e.id, e.entry,
+            (sum(octet_length(e.entry) + 1) OVER (ORDER BY e.id) - 1) / 6900 AS chunk
+        FROM (SELECT id, CASE WHEN octet_length(id) <= 1000 AND strpos(id, E'\n') = 0
+            THEN id ELSE '' END AS entry FROM ended) AS e
+    ) AS s GROUP BY s.chunk
+) AS c)
 
 
 -- Runs --------------------------------------------------------------------------
@@ -420,7 +455,7 @@ UPDATE {schema}.runs AS r SET status = %(status)s, output = %(output)s,
     error = %(error)s, lease_expires_at = NULL, wake_at = NULL, waiting_for = NULL,
     updated_at = {now}, finished_at = {now}
 WHERE {fence} AND {lock_parent}
-RETURNING {drop_buffered_r}, {child_ended_r}, {release_r}
+RETURNING {drop_buffered_r}, {child_ended_r}, {release_r}, {notify_done_r}
 
 -- name: finish_with_step
 WITH f AS (
@@ -432,7 +467,7 @@ WITH f AS (
 ), st AS (
     {insert_step}
     SELECT f.id, {step_values} FROM f {upsert_step}
-) SELECT 1, {drop_buffered_f}, {child_ended_f}, {release_f} FROM f
+) SELECT 1, {drop_buffered_f}, {child_ended_f}, {release_f}, {notify_done_f} FROM f
 
 -- name: finish_many
 -- Many runs' ends in one statement (group commit), each fenced on its own:
@@ -445,7 +480,8 @@ WITH f AS (
 -- finish, in order (see reflow_postgres._rows.finish_rows): run id, lease
 -- epoch, the run's status, output and error, then, for a finish that saves
 -- a last step, the step's fields as in save_steps (a field past the end of
--- a shorter array reads as NULL: no step has no name).
+-- a shorter array reads as NULL: no step has no name). One finish hint for
+-- the runs it ended (a chunk of them), not one per run.
 WITH t AS (
     SELECT r->>0 AS id, (r->>1)::bigint AS epoch, r->>2 AS run_status,
         r->>3 AS run_output, r->>4 AS run_error, r->>5 IS NOT NULL AS has_step,
@@ -463,7 +499,8 @@ WITH t AS (
     {insert_step}
     SELECT t.id, t.name, t.status, t.output, t.error, t.attempts, t.wake_at, {now}
     FROM t JOIN f ON f.id = t.id AND f.lease_epoch = t.epoch WHERE t.has_step {upsert_step}
-) SELECT f.id, f.lease_epoch, {drop_buffered_f} FROM f
+), ended AS (SELECT id FROM f
+) SELECT f.id, f.lease_epoch, {drop_buffered_f}, {notify_done_many} FROM f
 
 -- name: finished_already
 -- Did a finish whose connection dropped land after all?
@@ -489,7 +526,7 @@ UPDATE {schema}.runs AS r SET status = %(status)s, error = %(error)s,
 WHERE {fence} AND {lock_parent}
 RETURNING {drop_buffered_r}, {child_ended_r},
     CASE WHEN r.limit_key1 IS NOT NULL THEN ARRAY[r.limit_key1, r.limit_key2] END,
-    CASE WHEN %(release)s::boolean THEN {release_r} END
+    CASE WHEN %(release)s::boolean THEN {release_r} END, {notify_done_r}
 
 -- name: end_unfenced
 -- o locks the run (its parent first, see lock_parent) and tells whether it
@@ -509,7 +546,8 @@ RETURNING {drop_buffered_r}, {child_ended_r},
     CASE WHEN %(release)s::boolean AND o.held THEN {release_r} END,
     CASE WHEN NOT o.held AND o.free AND r.limit_key1 IS NOT NULL THEN {schema}.pass_turn(
         ARRAY[r.limit_key1, r.limit_key2], ARRAY[r.limit_max1, r.limit_max2], {now},
-        {wake_channel}) END
+        {wake_channel}) END,
+    {notify_done_r}
 
 -- name: cancel_below
 -- The cancel cascade, after end_fenced or end_unfenced cancelled run id, in
@@ -524,7 +562,8 @@ RETURNING {drop_buffered_r}, {child_ended_r},
 -- starts no child after: start_child waits for its lock, then finds it
 -- cancelled). Returns how many it cancelled, the keys that those that
 -- were running held (for the statement release), and the keys and maxes of
--- those that were free to be claimed (for the statement pass_turn).
+-- those that were free to be claimed (for the statement pass_turn), and
+-- sends one finish hint for the runs it cancelled (a chunk of them).
 WITH RECURSIVE d AS (
     SELECT id, 1 AS depth FROM {schema}.runs WHERE parent_id = %(id)s
     UNION ALL
@@ -538,15 +577,17 @@ WITH RECURSIVE d AS (
         wake_at = NULL, waiting_for = NULL, updated_at = {now}, finished_at = {now},
         blocked_by = NULL
     FROM l WHERE r.id = l.id
-    RETURNING {drop_buffered_r},
+    RETURNING r.id, {drop_buffered_r},
         CASE WHEN l.held THEN ARRAY[r.limit_key1, r.limit_key2] END AS keys,
         CASE WHEN NOT l.held AND l.free THEN ARRAY[r.limit_key1, r.limit_key2] END AS turn_keys,
         CASE WHEN NOT l.held AND l.free THEN ARRAY[r.limit_max1, r.limit_max2] END AS turn_maxes
+), ended AS (SELECT id FROM u
 ) SELECT count(*), (SELECT array_agg(k) FROM u, unnest(u.keys) AS k WHERE k IS NOT NULL),
     (SELECT array_agg(t.k ORDER BY t.k) FROM u, unnest(u.turn_keys, u.turn_maxes) AS t(k, m)
         WHERE t.k IS NOT NULL),
     (SELECT array_agg(t.m ORDER BY t.k) FROM u, unnest(u.turn_keys, u.turn_maxes) AS t(k, m)
-        WHERE t.k IS NOT NULL)
+        WHERE t.k IS NOT NULL),
+    {notify_done_many}
 FROM u
 
 -- name: sleep

@@ -15,7 +15,9 @@ from a :class:`psycopg_pool.AsyncConnectionPool` in autocommit mode (see
   or one transaction sent in one pipeline (see :mod:`._creates`);
 * enqueues (delayed ones included), hand-backs, requeues, events that wake
   a run and sleeps send a ``NOTIFY`` (a hint, never the source of truth) that wakes idle workers;
-  see :class:`~reflow_postgres.listener.Listener`;
+  see :class:`~reflow_postgres.listener.Listener`; every statement that ends
+  runs sends their ids as a finish hint on a second channel, which engines
+  waiting for results listen to (:meth:`PostgresStorage.subscribe_finishes`);
 * child runs (``start_child``) carry ``parent_id``/``parent_step``; a child's
   end locks its parent's row first and wakes the parent in the same statement
   when it waits for its last open child (``wait_children``); cancelling a run
@@ -122,7 +124,7 @@ from ._rows import (
     step_params,
 )
 from ._schema import SCHEMA_VERSION, migrate
-from ._sql import Statements, channel_name, list_runs_query, statements
+from ._sql import Statements, channel_name, finish_channel_name, list_runs_query, statements
 from .listener import Listener
 
 __all__ = ["PostgresStorage", "parse_postgres_url"]
@@ -146,11 +148,11 @@ class PostgresStorage:
     ``pool_timeout`` is how long an operation waits for a connection before
     failing with :class:`~reflow_core.errors.StorageError`.
 
-    ``notify`` sends a ``NOTIFY`` when work becomes ready, and ``listen``
-    lets engines on this storage wait for them (one extra connection per
-    storage); each works without the other (a producer may notify without
-    listening). Turn ``listen`` off behind a transaction-mode pooler, where
-    LISTEN does not work, and the engine polls. ``prepare_threshold`` is
+    ``notify`` sends a ``NOTIFY`` when work becomes ready or runs end, and
+    ``listen`` lets engines on this storage wait for them (one extra
+    connection per storage); each works without the other (a producer may
+    notify without listening). Turn ``listen`` off behind a transaction-mode
+    pooler, where LISTEN does not work, and the engine polls. ``prepare_threshold`` is
     psycopg's (``None`` disables server-side prepared statements, needed
     behind a transaction-mode PgBouncer unless it is 1.21 or newer with
     ``max_prepared_statements`` set). ``clock`` replaces the server clock,
@@ -188,6 +190,7 @@ class PostgresStorage:
         self._schema = self._settings.schema
         self._kwargs = self._settings.kwargs
         self._channel = channel_name(self._schema)
+        self._finish_channel = finish_channel_name(self._schema)
         self._sql: Statements = statements(
             self._schema, notify=self._settings.notify, test_clock=clock is not None
         )
@@ -222,6 +225,11 @@ class PostgresStorage:
     def channel(self) -> str:
         """The ``LISTEN``/``NOTIFY`` channel of this schema."""
         return self._channel
+
+    @property
+    def finish_channel(self) -> str:
+        """The channel of this schema's finish hints (see :meth:`subscribe_finishes`)."""
+        return self._finish_channel
 
     @property
     def schema_version(self) -> int:
@@ -276,16 +284,44 @@ class PostgresStorage:
         subscription never fires and engines rely on polling.
         """
         self._db.life.check("subscribe_wakeups")
+        return await self._the_listener().subscribe(workflows, wake)
+
+    async def subscribe_finishes(
+        self, notify: Callable[[Collection[str] | None], None]
+    ) -> WakeupSubscription:
+        """Call ``notify(run_ids)`` with the ids of runs that ended (completed,
+        failed or cancelled, in any way and in any process using this
+        schema), and ``notify(None)`` when runs may have ended unseen: after
+        the connection was subscribed anew, or for a run whose id a hint
+        cannot carry (longer than 1000 bytes, or holding a newline).
+
+        The statement that ends runs sends the hint (``NOTIFY`` on
+        :attr:`finish_channel`), delivered when it commits: one per run it
+        ends, or one per chunk of at most 7900 bytes of ids for a batch. The
+        subscription shares the listening connection of
+        :meth:`subscribe_wakeups`, which listens to each channel only while
+        someone subscribes to it (and reconnects to add one). Hints only:
+        the engine reads the runs again. With ``listen`` off the
+        subscription never fires; with ``notify`` off this storage's
+        statements send no hint (those of storages with it on are heard).
+        """
+        self._db.life.check("subscribe_finishes")
+        return await self._the_listener().subscribe_finishes(notify)
+
+    def _the_listener(self) -> Listener:
+        """This storage's listening connection, made on first use (it
+        connects once someone subscribes)."""
         if self._listener is None:
             self._listener = Listener(
                 conninfo=self._settings.conninfo,
                 kwargs=self._kwargs,
                 channel=self._channel,
+                finish_channel=self._finish_channel,
                 next_due=self._next_due,
                 secrets=self._settings.secrets,
                 enabled=self._settings.listen,
             )
-        return await self._listener.subscribe(workflows, wake)
+        return self._listener
 
     async def _next_due(self, workflows: list[str]) -> float | None:
         """Seconds until the next delayed, sleeping or waiting run of ``workflows`` falls due."""
