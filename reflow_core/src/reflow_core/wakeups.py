@@ -134,6 +134,9 @@ class WakeupHub:
         self._subs: list[_Subscription] = []
         self._finish_subs: list[_FinishSubscription] = []
         self._listening = (False, False)
+        self._handover: tuple[asyncio.Task[None], tuple[bool, bool]] | None = None
+        """The connection a new one replaces, and the channels it listens to,
+        until the new one is subscribed."""
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
@@ -163,14 +166,25 @@ class WakeupHub:
         return self._listening
 
     def connected_now(self) -> None:
-        """Call once subscribed: anything sent meanwhile was lost, so everyone looks now."""
+        """Call once subscribed: anything sent meanwhile was lost, so everyone
+        looks now; except on the channels of a connection this one replaces
+        that listened until now (it is closed here)."""
+        covered = (False, False)
+        handover, self._handover = self._handover, None
+        if handover is not None:
+            old, channels = handover
+            if not old.done():
+                covered = channels
+            old.cancel()
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True
         self._backoff = 0.1
         self.connected.set()
-        self._wake(None)
-        self._tell_finished(None)
+        if not covered[0]:
+            self._wake(None)
+        if not covered[1]:
+            self._tell_finished(None)
         self._refresh_soon()
 
     def hint(self, payload: str) -> None:
@@ -222,11 +236,14 @@ class WakeupHub:
             wakes, finishes = self._listening
             if (wakes or not self._subs) and (finishes or not self._finish_subs):
                 return
-            # A channel the connection does not listen to is wanted now:
-            # connect again (connected_now then tells everyone to look).
+            # A channel the connection does not listen to is wanted now: a
+            # new connection listens to both, and the old one goes on until
+            # the new one is subscribed (connected_now closes it), so that
+            # no hint on the old one's channels is lost meanwhile.
+            if self._handover is not None:
+                self._handover[0].cancel()  # the older of two handovers
+            self._handover = (task, self._listening)
             self._task = None
-            self.connected.clear()
-            await cancel_and_wait(task)
         self._stopped = False
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"reflow-wakeups-{self._describe}"
@@ -248,16 +265,20 @@ class WakeupHub:
         """Drop every subscription and stop listening."""
         self._subs.clear()
         self._finish_subs.clear()
-        task = self._task
+        tasks = [self._task, self._handover[0] if self._handover else None]
         self._stop()
-        if task is not None:
-            await cancel_and_wait(task)
+        for task in tasks:
+            if task is not None:
+                await cancel_and_wait(task)
 
     def _stop(self) -> None:
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
             self._task = None
+        if self._handover is not None:
+            self._handover[0].cancel()
+            self._handover = None
         if self._refreshing is not None:
             self._refreshing.cancel()
             self._refreshing = None
@@ -340,6 +361,10 @@ class WakeupHub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if task is not self._task:
+                    # Replaced by a connection that listens to more channels:
+                    # that one's connected_now sees this one ended early.
+                    return
                 self.connected.clear()
                 if self._stopped or (task is not None and task.cancelling()):
                     # A driver turned our cancellation into a connection
