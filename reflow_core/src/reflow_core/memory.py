@@ -232,6 +232,11 @@ class _FinishListener:
         with contextlib.suppress(ValueError):
             self._listeners.remove(self)
 
+    @property
+    def live(self) -> bool:
+        """Always: nothing comes between a store of this process and its subscribers."""
+        return True
+
     async def close(self) -> None:
         self._listeners_remove()
 

@@ -1032,5 +1032,12 @@ class FinishSource(Protocol):
         Hints only, sent by the statement or script that ended the runs,
         after it took effect: the engine reads the runs again, so a spurious
         hint costs one read and a lost one at most a poll interval.
+
+        The subscription may have a ``live`` attribute, true while hints
+        reach it (the channel is subscribed). While it is false (listening
+        is off, the connection is being made again) the engine reads the
+        runs it waits for with a back-off from 10 ms, as without hints;
+        while it is true, only every ``poll_interval``. Without the
+        attribute the subscription counts as live.
         """
         ...

@@ -109,6 +109,12 @@ class _FinishSubscription:
         self._hub = hub
         self.notify = notify
 
+    @property
+    def live(self) -> bool:
+        """Whether hints reach this subscription now: the channel is
+        subscribed (not with listening off, nor while reconnecting)."""
+        return self._hub.connected.is_set()
+
     async def close(self) -> None:
         self._hub.unsubscribe_finishes(self)
 

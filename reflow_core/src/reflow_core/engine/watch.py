@@ -57,8 +57,8 @@ class RunWatcher:
 
     Each run waited for is read when its waiter comes, then again after a
     pause that doubles from :data:`MIN_GAP` up to ``poll`` seconds, as one
-    waiter's polling did on its own (straight to ``poll`` on a store that
-    sends finish hints, where those reads only cover lost hints); the runs
+    waiter's polling did on its own (straight to ``poll`` while a store's
+    finish hints reach it, when those reads only cover lost hints); the runs
     due are read in one batch per tick. A run this engine finished, or one a
     finish hint names, is read at once, or at the next tick when reads come
     faster than :data:`BURST` in as many ticks, alone or with the others
@@ -233,7 +233,7 @@ class RunWatcher:
                 if record is not None and record.status not in TERMINAL_STATUSES:
                     pause = self._pause.get(run_id)
                     if pause is not None:  # still waited for: read again later
-                        if self._hints is not None:
+                        if self._hints is not None and getattr(self._hints, "live", True):
                             pause = self._poll  # the hints tell when; this covers lost ones
                         at = now + pause
                         self._next[run_id] = at
