@@ -25,9 +25,10 @@ from reflow_core import (
     RunNotFoundError,
     StepContext,
     WaitedRuns,
+    codec,
     workflow,
 )
-from reflow_core.storage import FinishSource, Storage
+from reflow_core.storage import FinishSource, NewRun, Storage
 from reflow_core.wakeups import (
     MAX_FINISH_PAYLOAD,
     WakeupHub,
@@ -333,3 +334,45 @@ async def test_waiters_cost_reads_of_the_runs_that_finished_not_of_all_of_them()
         assert watcher.reads - before_reads <= 25
         for task in waits:
             task.cancel()
+
+
+class WithoutHints:
+    """A real in-memory store that sends no finish hints, as SQLite sends none."""
+
+    def __init__(self, inner: MemoryStorage) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "subscribe_finishes":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+async def test_without_hints_runs_this_engine_runs_are_not_polled_but_others_are() -> None:
+    gate = asyncio.Event()
+
+    async def held(ctx: StepContext[Any, Any]) -> str:
+        await gate.wait()
+        return "here"
+
+    served = workflow("h-served").step("a", held)
+    store: Any = WithoutHints(MemoryStorage())
+    async with Engine(
+        storage=store, workflows=[served], poll_interval="30s", close_storage=False
+    ) as engine:
+        assert not isinstance(engine._storage, FinishSource)
+        mine = [await engine.enqueue(served) for _ in range(20)]
+        # A run of a workflow this engine does not run: another process would.
+        other = await store.create_run(NewRun("h-elsewhere", codec.encode(None)))
+        waits = [asyncio.ensure_future(engine.result(run.id)) for run in mine]
+        theirs = asyncio.ensure_future(engine.result(other.run.id))
+        await asyncio.sleep(0.1)  # the first reads of each, and the back-off's first
+        watcher = engine._watcher
+        before = watcher.runs_read
+        await asyncio.sleep(0.6)
+        # Only the run nobody here runs was read again (10, 20, 40 ... ms apart).
+        assert 3 <= watcher.runs_read - before <= 8
+        gate.set()
+        assert await asyncio.wait_for(asyncio.gather(*waits), 5) == ["here"] * 20
+        assert not theirs.done()
+        theirs.cancel()

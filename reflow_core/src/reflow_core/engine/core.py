@@ -246,7 +246,7 @@ class Engine:
         self._default_schedules: dict[str, tuple[str, str]] = {}
         """Input and recurrence of the schedules this engine stored under a
         default key, so that two different ones do not replace each other."""
-        self._watcher = RunWatcher(self._storage, self._poll)
+        self._watcher = RunWatcher(self._storage, self._poll, self._runs_here)
         """The events of the ``result`` calls waiting on each run, one per call."""
 
         self._initialized = False
@@ -971,7 +971,9 @@ class Engine:
         does one finished by any process on a store that sends finish hints
         (:class:`~reflow_core.storage.FinishSource`: PostgreSQL, Redis);
         otherwise the run is read again after a pause that backs off to
-        ``poll_interval``. The reads are shared by every waiter of this
+        ``poll_interval`` (at once ``poll_interval`` for a run of a workflow
+        this engine's running worker runs, whose end here wakes the waiter
+        anyway). The reads are shared by every waiter of this
         engine (one :meth:`~reflow_core.storage.Storage.get_runs` round trip
         for the runs due, at most once per 10 ms). A missing or purged run raises
         :class:`~reflow_core.errors.RunNotFoundError`; closing the engine
@@ -1104,6 +1106,10 @@ class Engine:
         """The observer plugins registered so far (those found through entry
         points are added when the engine starts)."""
         return list(self._observers.pm.get_plugins())
+
+    def _runs_here(self, workflow: str) -> bool:
+        """Whether this engine's running worker runs ``workflow``'s runs."""
+        return self._worker.running and workflow in self._worker.served
 
     def _notify_finished(self, run_id: str) -> None:
         self._watcher.finished(run_id)

@@ -16,7 +16,7 @@ import contextlib
 import heapq
 import logging
 from collections import deque
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Literal, get_args
 
 from reflow_core.adapter import check_text
@@ -57,8 +57,9 @@ class RunWatcher:
 
     Each run waited for is read when its waiter comes, then again after a
     pause that doubles from :data:`MIN_GAP` up to ``poll`` seconds, as one
-    waiter's polling did on its own (straight to ``poll`` while a store's
-    finish hints reach it, when those reads only cover lost hints); the runs
+    waiter's polling did on its own (straight to ``poll`` when its end will
+    be told: a store's finish hints reach this reader, or the engine's own
+    worker runs the run's workflow; those reads only cover the rest); the runs
     due are read in one batch per tick. A run this engine finished, or one a
     finish hint names, is read at once, or at the next tick when reads come
     faster than :data:`BURST` in as many ticks, alone or with the others
@@ -66,9 +67,12 @@ class RunWatcher:
     thousands of waiters cost a read of the runs that finished, not of all
     of them, every tick."""
 
-    def __init__(self, storage: Storage, poll: float) -> None:
+    def __init__(
+        self, storage: Storage, poll: float, runs_here: Callable[[str], bool] | None = None
+    ) -> None:
         self._storage = storage
         self._poll = poll
+        self._runs_here = runs_here
         self._read_starts: deque[float] = deque(maxlen=BURST)
         self._waiting: dict[str, list[asyncio.Future[RunRecord]]] = {}
         self._pause: dict[str, float] = {}
@@ -193,6 +197,14 @@ class RunWatcher:
                 due.add(run_id)
         return [run_id for run_id in due if run_id in self._waiting]
 
+    def _told_of(self, workflow: str) -> bool:
+        """Whether the end of a run of ``workflow`` will be told to this
+        reader: the store's finish hints reach it, or this engine's worker
+        runs the workflow and tells of the ends it makes itself."""
+        if self._hints is not None and getattr(self._hints, "live", True):
+            return True
+        return self._runs_here is not None and self._runs_here(workflow)
+
     def _ready(self, now: float) -> bool:
         """Whether some run is to be read now."""
         return bool(self._dirty) or bool(self._schedule and self._schedule[0][0] <= now)
@@ -233,8 +245,8 @@ class RunWatcher:
                 if record is not None and record.status not in TERMINAL_STATUSES:
                     pause = self._pause.get(run_id)
                     if pause is not None:  # still waited for: read again later
-                        if self._hints is not None and getattr(self._hints, "live", True):
-                            pause = self._poll  # the hints tell when; this covers lost ones
+                        if self._told_of(record.workflow):
+                            pause = self._poll  # its end is told: this covers a lost hint
                         at = now + pause
                         self._next[run_id] = at
                         heapq.heappush(self._schedule, (at, run_id))
