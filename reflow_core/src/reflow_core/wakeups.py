@@ -33,6 +33,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Collection, Iterable
+from typing import Any
 
 from ._tasks import cancel_and_wait
 
@@ -141,6 +142,8 @@ class WakeupHub:
         self._finish_subs: list[_FinishSubscription] = []
         self._listening = (False, False)
         self._handover: tuple[asyncio.Task[None], tuple[bool, bool]] | None = None
+        self._subscribed: asyncio.Task[Any] | None = None
+        """The connection (its task) that last subscribed."""
         """The connection a new one replaces, and the channels it listens to,
         until the new one is subscribed."""
         self._task: asyncio.Task[None] | None = None
@@ -176,15 +179,17 @@ class WakeupHub:
         looks now; except on the channels of a connection this one replaces
         that listened until now (it is closed here)."""
         covered = (False, False)
-        handover, self._handover = self._handover, None
-        if handover is not None:
+        handover = self._handover
+        if handover is not None and handover[0] is not asyncio.current_task():
+            self._handover = None
             old, channels = handover
-            if not old.done():
-                covered = channels
+            if old is self._subscribed and not old.done():
+                covered = channels  # it was subscribed, and still is
             old.cancel()
         if self._ever_connected:
             self.reconnects += 1
         self._ever_connected = True
+        self._subscribed = asyncio.current_task()
         self._backoff = 0.1
         self.connected.set()
         if not covered[0]:
@@ -251,6 +256,10 @@ class WakeupHub:
             self._handover = (task, self._listening)
             self._task = None
         self._stopped = False
+        # What the new connection will listen to, so that a subscriber coming
+        # before it connects does not connect again: listen() reads the
+        # subscriptions as they are when it subscribes (channels_wanted).
+        self._listening = (bool(self._subs), bool(self._finish_subs))
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"reflow-wakeups-{self._describe}"
         )
@@ -367,6 +376,8 @@ class WakeupHub:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if task is self._subscribed:
+                    self._subscribed = None
                 if task is not self._task:
                     # Replaced by a connection that listens to more channels:
                     # that one's connected_now sees this one ended early.
