@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from reflow_core.storage import ConcurrencyLimit, Lease, NewRun, StepRecord
 from reflow_sqlite import _scripts as scripts
-from reflow_sqlite._queries import with_marks
+from reflow_sqlite._queries import per_workflow
 from reflow_sqlite._scripts import Params, Row, Script, StepRow
 from reflow_sqlite._thread import drive
 
@@ -73,11 +73,12 @@ def plan(raw: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> list[
 def check_claim_plan(raw: sqlite3.Connection) -> None:
     """The claim's plan: pending runs from runs_pending in claim order, due
     timed runs from runs_due."""
-    steps = plan(raw, with_marks("claim_due", "workflows", 1), (NOW, "wf", 5) * 2)
+    steps = plan(raw, per_workflow("claim_due", 1), ("wf", NOW, 5, "wf", NOW, 5, 5))
     on_runs = [step for step in steps if step.startswith(("SCAN runs", "SEARCH runs"))]
-    assert len(on_runs) == 2, steps
-    assert "USING INDEX runs_pending" in on_runs[0], steps
-    assert on_runs[1] == "SEARCH runs USING INDEX runs_due (wake_at<?)", steps
+    assert on_runs == [
+        "SEARCH runs USING INDEX runs_pending (workflow=?)",
+        "SEARCH runs USING INDEX runs_due (workflow=? AND wake_at<?)",
+    ], steps
 
 
 def claim_cost(raw: sqlite3.Connection, seen: list[str] | None = None) -> tuple[list[str], int]:

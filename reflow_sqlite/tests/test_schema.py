@@ -27,7 +27,7 @@ from reflow_core.storage import (
 )
 from reflow_sqlite import SQLiteStorage
 from reflow_sqlite import _schema as schema_module
-from reflow_sqlite._queries import QUERIES, with_marks
+from reflow_sqlite._queries import QUERIES, per_workflow, with_marks
 from reflow_sqlite._schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from reflow_sqlite._scripts import Script
 
@@ -349,18 +349,19 @@ def test_queue_stats_reads_only_the_index_of_unfinished_runs(tmp_path) -> None:
             assert on_runs, steps
             assert all("USING INDEX runs_unfinished" in step for step in on_runs), steps
         claims = [
-            plan(with_marks("claim_due", "workflows", 1), (0, "wf1", 5, 0, "wf1", 5)),
-            plan(with_marks("claim_lapsed", "workflows", 1), (0, "wf1", 5)),
+            plan(per_workflow("claim_due", 1), ("wf1", 0, 5, "wf1", 0, 5, 5)),
+            plan(with_marks("claim_lapsed", "workflows", 1), ("wf1", 0, 5)),
         ]
-        # Pending runs in claim order from runs_pending (a scan, or a skip-scan
-        # over few priorities), never sorted; due timed runs from runs_due.
+        # Pending runs in claim order from runs_pending, never sorted; due
+        # timed runs from runs_due (test_claim_plans has the whole plans).
         pending, timed = (
             step for step in claims[0] if step.startswith(("SCAN runs", "SEARCH runs"))
         )
-        assert pending.split(" (")[0].endswith("runs USING INDEX runs_pending"), claims[0]
-        assert timed == "SEARCH runs USING INDEX runs_due (wake_at<?)", claims[0]
-        assert claims[0].index("USE TEMP B-TREE FOR ORDER BY") > claims[0].index(timed)
-        assert claims[1] == ["SEARCH runs USING INDEX runs_lease (lease_expires_at<?)"]
+        assert pending == "SEARCH runs USING INDEX runs_pending (workflow=?)", claims[0]
+        assert timed == "SEARCH runs USING INDEX runs_due (workflow=? AND wake_at<?)", claims[0]
+        assert claims[1] == [
+            "SEARCH runs USING INDEX runs_lease (workflow=? AND lease_expires_at<?)"
+        ]
     finally:
         raw.close()
 
@@ -441,7 +442,8 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
     # Every index and the trigger made again, nothing left over; version 6
     # adds the index of child runs, version 7 those of priorities and
     # limits, version 8 that of debounced runs and the tables of rate limits,
-    # version 10 that of runs by idempotency key.
+    # version 10 that of runs by idempotency key, version 11 that of due
+    # schedules by workflow.
     added = [
         "runs_children",
         "runs_pending",
@@ -457,7 +459,8 @@ async def test_a_version_3_database_with_runs_is_migrated_forward(
         ("table", "rate_waits", "rate_waits"),
         ("index", "rate_waits_at", "rate_waits"),
     }
-    assert after == before | {("index", name, "runs") for name in added} | rate_tables
+    by_workflow = {("index", "schedules_workflow_due", "schedules")}
+    assert after == before | {("index", name, "runs") for name in added} | rate_tables | by_workflow
     assert_runs_kept(db_path, RUN_COLUMNS, rows)
     await assert_schema_as_new(opener, db_path, tmp_path)
 
@@ -957,3 +960,103 @@ async def test_a_version_9_database_with_runs_is_migrated_forward(
     clock.advance(1)
     new = (await store.create_run(NewRun("d", "4", idempotency_key="key"))).run
     assert [r.id for r in await store.find_runs_by_key("key")] == [new.id, "old-b", "old-a"]
+
+
+# -- version 11: claims per workflow -----------------------------------------------------
+
+
+async def test_a_version_10_database_with_runs_is_migrated_forward(
+    opener, db_path, tmp_path, clock
+) -> None:
+    """Version 11 makes the claim indexes again, keyed by workflow, and adds
+    the index of due schedules by workflow: the rows written before it are
+    unchanged, in the same table, and the runs and schedules stored before
+    the upgrade are claimed and found in the same order as before."""
+    start = to_epoch_us(clock.now)
+    columns = (
+        f"{RUN_COLUMNS}, deadline_at, parent_id, parent_step, priority, limit_key1,"
+        " limit_max1, blocked_by"
+    )
+
+    def run(
+        run_id: str,
+        workflow: str,
+        status: str,
+        wake: int | None = None,
+        lease: int | None = None,
+        priority: int = 0,
+        key: str | None = None,
+        blocked: str | None = None,
+    ) -> tuple[object, ...]:
+        attempts = 0 if status == "pending" else 1
+        return (run_id, workflow, status, "1", None, None, None, attempts, 0, attempts,
+                start - 100, start - 100, wake, None, lease, None, None, None, None, priority,
+                key, None if key is None else 1, blocked)  # fmt: skip
+
+    rows = sorted(
+        [
+            run("a-early", "a", "pending", start - 50),
+            run("a-high", "a", "pending", start - 10, priority=3),
+            run("a-late", "a", "pending", start - 5),
+            run("a-asleep", "a", "sleeping", start - 20, priority=1),
+            run("a-future", "a", "sleeping", start + 60_000_000, priority=9),
+            run("a-lapsed", "a", "running", lease=start - 1),
+            run("a-live", "a", "running", lease=start + 60_000_000),
+            run("a-held", "a", "running", lease=start + 60_000_000, key="k"),
+            run("a-blocked", "a", "pending", start - 90, priority=9, key="k", blocked="k"),
+            run("b-old", "b", "pending", start - 99, priority=9),
+            run("b-lapsed", "b", "running", lease=start - 99),
+        ]
+    )
+    with old_database(db_path, 10) as raw:
+        insert_runs(raw, columns, rows)
+        raw.executemany(
+            "INSERT INTO schedules (key, workflow, input, recurrence, next_run_at, created_at,"
+            " updated_at, paused) VALUES (?, ?, '1', 'every:60', ?, 1, 1, ?)",
+            [
+                ("a-due", "a", start - 5, 0),
+                ("a-first", "a", start - 9, 0),
+                ("a-paused", "a", start - 99, 1),
+                ("a-later", "a", start + 1, 0),
+                ("b-due", "b", start - 99, 0),
+            ],
+        )
+        root = runs_root(raw)
+    store = await migrate(opener, db_path, processes=4)
+    assert_runs_kept(db_path, columns, rows, root)
+    await assert_schema_as_new(opener, db_path, tmp_path)
+    before = schema_objects(db_path)
+    await opener()
+    assert schema_objects(db_path) == before
+    indexes = dict(
+        query(
+            db_path, "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+        )
+    )
+    for name in ("runs_pending", "runs_due", "runs_lease", "schedules_workflow_due"):
+        assert "(workflow," in str(indexes[name]), indexes[name]
+
+    # Only a's due schedules, earliest first; every workflow's without workflows.
+    assert [s.key for s in await store.due_schedules(10, ["a"])] == ["a-first", "a-due"]
+    assert [s.key for s in await store.due_schedules(1, ["a", "c"])] == ["a-first"]
+    assert await store.due_schedules(10, []) == []
+    assert [s.key for s in await store.due_schedules(10)] == ["b-due", "a-first", "a-due"]
+    # A claim of a: the lapsed lease first, then by priority and due time;
+    # never b's runs, nor the blocked, live or future ones.
+    claims = await store.claim_runs(["a"], 10, timedelta(minutes=1))
+    assert [(c.run.id, c.reclaimed) for c in claims] == [
+        ("a-lapsed", True),
+        ("a-high", False),
+        ("a-asleep", False),
+        ("a-early", False),
+        ("a-late", False),
+    ]
+    assert await store.claim_runs(["a"], 10, timedelta(minutes=1)) == []
+    # The blocked run is released by its key's holder stopping, and claimed.
+    assert await store.update_run_status("a-held", "cancelled")
+    (released,) = await store.claim_runs(["a", "c"], 10, timedelta(minutes=1))
+    assert released.run.id == "a-blocked"
+    assert [c.run.id for c in await store.claim_runs(["b"], 10, timedelta(minutes=1))] == [
+        "b-lapsed",
+        "b-old",
+    ]

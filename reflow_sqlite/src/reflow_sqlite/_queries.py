@@ -2,8 +2,9 @@
 
 Most are complete as loaded. A few keep a slot that is filled per call with
 placeholders or a fixed value, never with data: :func:`with_marks` gives
-the text of a statement for a list of ``count`` values, one ``?`` each, and
-:func:`with_rows` for ``count`` rows of ``width`` values each.
+the text of a statement for a list of ``count`` values, one ``?`` each,
+:func:`with_rows` for ``count`` rows of ``width`` values each, and
+:func:`per_workflow` for ``count`` workflows, one subquery each.
 """
 
 from __future__ import annotations
@@ -19,13 +20,22 @@ from reflow_core.adapter import (
     render_sql,
 )
 
-__all__ = ["PER_CALL_SLOTS", "QUERIES", "fill", "placeholders", "with_marks", "with_rows"]
+__all__ = [
+    "PER_CALL_SLOTS",
+    "QUERIES",
+    "fill",
+    "per_workflow",
+    "placeholders",
+    "with_marks",
+    "with_rows",
+]
 
 PER_CALL_SLOTS = (
     "workflows",
     "ids",
     "rows",
     "keys",
+    "arms",
     "statuses",
     "where",
     "level",
@@ -73,3 +83,15 @@ def with_rows(name: str, slot: str, count: int, width: int) -> str:
     fixed shapes)."""
     row = f"({placeholders(width)})"
     return fill(name, **{slot: ",".join([row] * count)})
+
+
+@functools.lru_cache(maxsize=64)
+def per_workflow(name: str, count: int) -> str:
+    """Statement ``name`` for ``count`` workflows: its ``{arms}`` slot holds
+    statement ``name + "_arm"`` ``count`` times, joined by ``UNION ALL`` (one
+    subquery per workflow, each reading the head of that workflow's rows
+    through its index), and its ``{workflows}`` slot, if any, ``count``
+    placeholders (cached: an engine serves the same workflows claim after
+    claim)."""
+    arm = QUERIES[f"{name}_arm"]
+    return fill(name, arms="\nUNION ALL\n".join([arm] * count), workflows=placeholders(count))

@@ -60,13 +60,14 @@ from reflow_core.storage import (
 
 from ._options import BACKEND
 from ._queries import QUERIES as Q
-from ._queries import fill, with_marks, with_rows
+from ._queries import fill, per_workflow, with_marks, with_rows
 
 __all__ = [
     "INSERT_CHUNK",
     "KEY_CHUNK",
     "MINUTE_US",
     "PURGE_CHUNK",
+    "WORKFLOW_CHUNK",
     "BatchItemFailed",
     "Outcome",
     "Params",
@@ -523,6 +524,27 @@ def _record_rates(now: int, state: _Rates) -> Script[None]:
         yield (Q["wait_rate"], (key, at))
 
 
+WORKFLOW_CHUNK = 100
+"""The most workflows one statement of :func:`_heads` reads: each adds a
+subquery to a compound SELECT, and SQLite allows 500 of them."""
+
+
+def _heads(name: str, workflows: Sequence[str], now: int, count: int) -> Script[list[Row]]:
+    """The rows of :func:`~reflow_sqlite._queries.per_workflow` statement
+    ``name`` (``claim_due`` or ``due_schedules_of``) for ``workflows`` at
+    ``now``, up to ``count``: one statement, or one per
+    :data:`WORKFLOW_CHUNK` workflows, whose rows the caller merges (each
+    statement's are in order and at most ``count``)."""
+    rows: list[Row] = []
+    for start in range(0, len(workflows), WORKFLOW_CHUNK):
+        chunk = workflows[start : start + WORKFLOW_CHUNK]
+        params = [value for workflow in chunk for value in (workflow, now, count)]
+        if name == "claim_due":  # and the due timed runs of the chunk's workflows
+            params += (*chunk, now, count)
+        rows += yield (per_workflow(name, len(chunk)), (*params, count))
+    return rows
+
+
 def claim(
     now: int, workflows: Sequence[str], limit: int, lease_us: int
 ) -> Script[list[ClaimedRun]]:
@@ -540,7 +562,7 @@ def claim(
     while True:
         lapsed_rows = yield (
             with_marks("claim_lapsed", "workflows", len(workflows)),
-            (now, *workflows, look),
+            (*workflows, now, look),
         )
         for row in lapsed_rows:
             if len(ids) == limit:
@@ -566,10 +588,7 @@ def claim(
     need = limit - len(ids)
     look = need
     while need > 0:
-        rows = yield (
-            with_marks("claim_due", "workflows", len(workflows)),
-            (now, *workflows, look, now, *workflows, look),
-        )
+        rows = yield from _heads("claim_due", workflows, now, look)
         candidates: list[Candidate] = sorted(rows, key=lambda r: (-r[1], r[2], r[0]))[:look]
         unknown = sorted(
             {key for row in candidates for key in (row[3], row[5]) if key is not None} - held.keys()
@@ -1048,8 +1067,20 @@ def list_schedules(now: int) -> Script[list[ScheduleRecord]]:
     return [schedule_from_row(row, from_epoch_us) for row in rows]
 
 
-def due_schedules(now: int, limit: int) -> Script[list[ScheduleRecord]]:
-    rows = yield (Q["due_schedules"], (now, limit))
+def due_schedules(
+    now: int, limit: int, workflows: Sequence[str] | None
+) -> Script[list[ScheduleRecord]]:
+    """The due schedules, earliest first then by key, up to ``limit``; with
+    ``workflows``, of those workflows only, read through
+    schedules_workflow_due a workflow at a time (see queries.sql)."""
+    if workflows is None:
+        rows = yield (Q["due_schedules"], (now, limit))
+    elif not workflows:
+        return []
+    else:
+        rows = yield from _heads("due_schedules_of", workflows, now, limit)
+        if len(workflows) > WORKFLOW_CHUNK:  # several statements' rows, merged
+            rows = sorted(rows, key=lambda row: (row[4], row[0]))[:limit]
     return [schedule_from_row(row, from_epoch_us) for row in rows]
 
 

@@ -5,7 +5,9 @@
 -- {worker_columns} are the column orders of reflow_core.adapter; {fence},
 -- {not_terminal} and {due_by_deadline} are the fragments below. A few statements keep a slot
 -- filled per call, with "?" placeholders or a fixed value only:
--- {workflows}, {ids} and {statuses} (one "?" per value of a list), {where}
+-- {workflows}, {ids} and {statuses} (one "?" per value of a list), {arms}
+-- (the statement of the same name and "_arm", once per workflow, joined by
+-- UNION ALL), {where}
 -- (the optional filters of list_runs), {level}, {application_id} and
 -- {version} (pragmas, which take no parameters).
 
@@ -129,42 +131,63 @@ SELECT {run_columns} FROM runs WHERE id IN ({ids})
 
 -- Lapsed leases first, so a backlog cannot starve a dead worker's runs, then
 -- everything else by priority (highest first), then due time (a due delayed
--- run like a due sleeping one); ties broken by id. claim_lapsed walks
--- runs_lease in order and stops at the limit. The unary "+" keeps the
--- planner off the (workflow, idempotency_key) index, which would make it
--- read and sort every run of the workflow, history included.
--- Each row: the id and the rate columns (a lapsed lease is held to its rates).
+-- run like a due sleeping one); ties broken by id. claim_lapsed seeks
+-- runs_lease once per workflow ({workflows}, one "?" each) and reads only
+-- its lapsed leases (never the running runs whose lease is live, nor any
+-- run of another workflow), then sorts them: lapsed leases are runs that
+-- were claimed, so there are never more than the dead workers held.
+-- INDEXED BY makes the index a guarantee (the planner could otherwise take
+-- another index that leads with the workflow, and read and sort every run
+-- of it, history included). Each row: the id and the rate columns (a
+-- lapsed lease is held to its rates). Parameters: the workflows, now, the
+-- count.
 -- name: claim_lapsed
-SELECT id, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2 FROM runs
-WHERE status = 'running' AND lease_expires_at <= ? AND +workflow IN ({workflows})
+SELECT id, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2
+FROM runs INDEXED BY runs_lease
+WHERE workflow IN ({workflows}) AND status = 'running' AND lease_expires_at <= ?
 ORDER BY lease_expires_at, id LIMIT ?
 
--- The due runs a claim looks at, in two parts the claim merges (each in
--- claim order, up to the same count): pending runs walk runs_pending, which
--- is in claim order, and stop at the count, however long the backlog; due
--- delayed, sleeping and waiting runs are read from runs_due by due time
--- (only those due, never the ones sleeping into the future) and sorted.
--- Each WHERE names its index's WHERE word for word (SQLite uses a partial
--- index only for a query that implies its WHERE), so blocked runs, which
--- neither index holds, are never read. Each row: the id, priority, wake_at,
--- limit columns and rate columns. Parameters: now, the workflows, the
--- count, and the same again.
+-- The due runs a claim looks at, in claim order, up to a count, in two
+-- parts merged (heads) and cut at the count again. Pending runs: {arms}
+-- holds claim_due_arm once per workflow served, joined by UNION ALL; each
+-- arm walks runs_pending from the workflow's first entry, which is in claim
+-- order, and stops at the count, however long the workflow's backlog. Due
+-- delayed, sleeping and waiting runs: one seek per workflow ({workflows},
+-- one "?" each) in runs_due, which is by due time, reads only those due
+-- (never the ones sleeping into the future) and sorts them. So a claim
+-- never reads a run of a workflow it does not serve, and reads its own
+-- pending runs only as far as it takes. Each WHERE names its index's WHERE
+-- word for word (SQLite uses a partial index only for a query that implies
+-- it), so blocked runs, which neither index holds, are never read; INDEXED
+-- BY makes the index a guarantee. The arms are merged in a table of their
+-- own (MATERIALIZED), which costs one sort of the rows they read; merged
+-- as a compound SELECT, every arm would open a sort of its own. Each row:
+-- the id, priority, wake_at, limit columns and rate columns. Parameters:
+-- for each workflow, it, now and the count; then the workflows, now, the
+-- count; then the count.
+-- name: claim_due_arm
+SELECT * FROM (
+    SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2,
+        rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2
+    FROM runs INDEXED BY runs_pending
+    WHERE workflow = ? AND status = 'pending' AND blocked_by IS NULL AND wake_at <= ?
+    ORDER BY priority DESC, wake_at, id LIMIT ?
+)
+
 -- name: claim_due
-SELECT * FROM (
-    SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2,
-        rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2 FROM runs
-    WHERE status = 'pending' AND blocked_by IS NULL AND wake_at <= ?
-        AND +workflow IN ({workflows})
-    ORDER BY priority DESC, wake_at, id LIMIT ?
+WITH heads AS MATERIALIZED (
+    {arms}
+    UNION ALL
+    SELECT * FROM (
+        SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2,
+            rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2
+        FROM runs INDEXED BY runs_due
+        WHERE workflow IN ({workflows}) AND status IN ('delayed', 'sleeping', 'waiting')
+            AND blocked_by IS NULL AND wake_at <= ?
+        ORDER BY priority DESC, wake_at, id LIMIT ?
+    )
 )
-UNION ALL
-SELECT * FROM (
-    SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2,
-        rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2 FROM runs
-    WHERE status IN ('delayed', 'sleeping', 'waiting') AND blocked_by IS NULL AND wake_at <= ?
-        AND +workflow IN ({workflows})
-    ORDER BY priority DESC, wake_at, id LIMIT ?
-)
+SELECT * FROM heads ORDER BY priority DESC, wake_at, id LIMIT ?
 
 -- How many running runs (lapsed leases included) hold a limit key: two
 -- index-only seeks, in runs_holding1 and runs_holding2. Parameters: the
@@ -566,6 +589,26 @@ SELECT {schedule_columns} FROM schedules ORDER BY key
 -- name: due_schedules
 SELECT {schedule_columns} FROM schedules WHERE next_run_at <= ? AND paused = 0
 ORDER BY next_run_at, key LIMIT ?
+
+-- The due schedules of some workflows only, earliest first, then by key, up
+-- to a count: {arms} holds due_schedules_of_arm once per workflow, joined by
+-- UNION ALL; each arm seeks the workflow in schedules_workflow_due (whose
+-- WHERE, paused = 0, it names), which is in due order, and stops at the
+-- count, so the due schedules of other workflows are never read. Merged in
+-- a table of their own and cut at the count again, as claim_due's heads.
+-- Parameters: for each workflow, it, now and the count; then the count.
+-- name: due_schedules_of_arm
+SELECT * FROM (
+    SELECT {schedule_columns} FROM schedules INDEXED BY schedules_workflow_due
+    WHERE workflow = ? AND paused = 0 AND next_run_at <= ?
+    ORDER BY next_run_at, key LIMIT ?
+)
+
+-- name: due_schedules_of
+WITH heads AS MATERIALIZED (
+    {arms}
+)
+SELECT * FROM heads ORDER BY next_run_at, key LIMIT ?
 
 -- A paused schedule fires no slot.
 -- name: advance_schedule

@@ -315,6 +315,34 @@ ALTER TABLE runs ADD COLUMN headers TEXT;
 CREATE INDEX runs_key ON runs (idempotency_key, created_at, id)
     WHERE idempotency_key IS NOT NULL;
 
+-- Version 11: claims per workflow.
+-- name: v11
+-- The claim indexes lead with the workflow, so a claim seeks each workflow
+-- it serves and reads only the head of that workflow's queue: pending runs
+-- of workflows it does not serve are never read, however many and however
+-- old, and a deep backlog of its own is read only as far as the claim
+-- takes. runs_pending and runs_due keep their WHERE of version 7 word for
+-- word (the claim queries name it too), so blocked runs stay out of both.
+-- Lapsed leases likewise, by workflow: a workflow nobody serves any more
+-- keeps its lapsed leases out of every claim. Nothing but the index
+-- entries changes: a claim, hand-back, sleep or wait writes the same
+-- entries as before, one column wider.
+DROP INDEX runs_pending;
+CREATE INDEX runs_pending ON runs (workflow, priority DESC, wake_at, id)
+    WHERE status = 'pending' AND blocked_by IS NULL;
+DROP INDEX runs_due;
+CREATE INDEX runs_due ON runs (workflow, wake_at, id)
+    WHERE status IN ('delayed', 'sleeping', 'waiting') AND blocked_by IS NULL;
+DROP INDEX runs_lease;
+CREATE INDEX runs_lease ON runs (workflow, lease_expires_at, id)
+    WHERE status = 'running';
+-- The due schedules of each workflow, earliest first: an engine reads those
+-- of the workflows it serves (due_schedules_of) with a seek per workflow,
+-- never the schedules of others. Paused schedules are never due, so they
+-- are not in it.
+CREATE INDEX schedules_workflow_due ON schedules (workflow, next_run_at, key)
+    WHERE paused = 0;
+
 -- -- what the trigger of versions 2 and 4 runs --------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those

@@ -664,13 +664,20 @@ class SQLiteStorage:
         """Every schedule, ordered by key."""
         return await self._call("list_schedules", scripts.list_schedules, "read")
 
-    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
-        """Schedules due by the storage clock, earliest first."""
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        """Schedules due by the storage clock, earliest first (then by key);
+        with ``workflows``, of those workflows only, read through the index
+        ``schedules_workflow_due`` a workflow at a time, so the due
+        schedules of other workflows are never read."""
         self._life.check("due_schedules")
-        if limit <= 0:
+        names = check_stats_workflows(workflows)
+        if limit <= 0 or names == []:
             return []
+        limit = min(limit, _MAX_LIMIT)
         return await self._call(
-            "due_schedules", lambda now: scripts.due_schedules(now, limit), "read"
+            "due_schedules", lambda now: scripts.due_schedules(now, limit, names), "read"
         )
 
     async def claim_schedule_slot(
