@@ -8,6 +8,7 @@ the tests folder is not a package one can import from by name.
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 
 import psycopg
@@ -33,6 +34,32 @@ def explain(admin: Admin, statement: str, params: dict[str, object]) -> list[Nod
     row = admin.execute(
         ("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + statement).encode(), params
     ).fetchone()
+    assert row is not None
+    plan = row[0] if isinstance(row[0], list) else json.loads(str(row[0]))
+    return [plan[0]["Plan"], *plan_nodes(plan[0]["Plan"])[1:]]
+
+
+def explain_generic(admin: Admin, statement: str, params: dict[str, object]) -> list[Node]:
+    """As :func:`explain`, with the generic plan of ``statement``: the one a
+    server-side prepared statement (psycopg prepares a statement after a few
+    runs) may keep using whatever its parameters. Call it in a transaction
+    rolled back after: the statement runs."""
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", statement)))
+    numbered = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m[1]) + 1}", statement)
+    admin.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+    admin.execute(("PREPARE generic_plan AS " + numbered).encode())
+    try:
+        values = ", ".join(["%s"] * len(names))
+        row = (
+            psycopg.ClientCursor(admin)
+            .execute(
+                f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE generic_plan({values})",
+                [params[name] for name in names],
+            )
+            .fetchone()
+        )
+    finally:
+        admin.execute("DEALLOCATE generic_plan")
     assert row is not None
     plan = row[0] if isinstance(row[0], list) else json.loads(str(row[0]))
     return [plan[0]["Plan"], *plan_nodes(plan[0]["Plan"])[1:]]

@@ -885,3 +885,87 @@ async def test_a_version_8_schema_with_runs_is_migrated_forward(
         assert [r.id for r in found] == [new.run.id, "old-b", "old-a"]
         assert [r.status for r in found] == ["pending", "completed", "pending"]
         assert [r.id for r in await store.find_runs_by_key("k", limit=1)] == [new.run.id]
+
+
+async def test_a_version_9_schema_with_runs_is_migrated_forward(
+    postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 10 rebuilds runs_ready and runs_due with the workflow first
+    (same names, same predicates) and adds schedules_workflow_due: the table
+    is not rewritten, every run and schedule stored before keeps what it
+    had, and workers starting together migrate once. Runs stored before are
+    then claimed in claim order (lapsed leases, then priority and due time,
+    pending and timed runs together), never those of another workflow;
+    next_due finds the workflow's next timed run and due_schedules the due
+    schedules of the workflows it is given."""
+    await initialize_old_schema(postgres_url, monkeypatch, 9)
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, attempts, priority, created_at,"
+            " updated_at, wake_at, lease_expires_at, lease_epoch) VALUES"
+            " ('other', 'wf2', 'pending', '1', 0, 9, now() - interval '2 hours',"
+            "  now() - interval '2 hours', now() - interval '2 hours', NULL, 0),"
+            " ('low', 'wf', 'pending', '2', 0, 0, now() - interval '20 minutes',"
+            "  now() - interval '20 minutes', now() - interval '20 minutes', NULL, 0),"
+            " ('high', 'wf', 'pending', '3', 0, 5, now() - interval '1 minute',"
+            "  now() - interval '1 minute', now() - interval '1 minute', NULL, 0),"
+            " ('woke', 'wf', 'sleeping', '4', 1, 0, now() - interval '1 hour',"
+            "  now() - interval '1 hour', now() - interval '30 minutes', NULL, 1),"
+            " ('later', 'wf', 'waiting', '5', 1, 0, now() - interval '1 hour',"
+            "  now() - interval '1 hour', now() + interval '1 hour', NULL, 1),"
+            " ('lapsed', 'wf', 'running', '6', 1, 0, now() - interval '1 hour',"
+            "  now() - interval '1 hour', NULL, now() - interval '1 minute', 1)"
+        ).format(ident)
+    )
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.schedules (key, workflow, input, recurrence, next_run_at,"
+            " created_at, updated_at, paused) VALUES"
+            " ('theirs', 'wf2', '1', 'every:60', now() - interval '2 hours', now(), now(), false),"
+            " ('ours', 'wf', '1', 'every:60', now() - interval '1 hour', now(), now(), false),"
+            " ('held', 'wf', '1', 'every:60', now() - interval '3 hours', now(), now(), true)"
+        ).format(ident)
+    )
+    read = sql.SQL(
+        "SELECT id, workflow, status, priority, attempts, created_at, updated_at, wake_at"
+        " FROM {}.runs"
+    ).format(ident)
+    before = {row[0]: row[1:] for row in admin.execute(read)}
+    index_of = "SELECT indexdef FROM pg_indexes WHERE schemaname = %s AND indexname = %s"
+    assert admin.execute(index_of, (schema, "schedules_workflow_due")).fetchone() is None
+    async with migrated(postgres_url, schema, admin, monkeypatch) as stores:
+        store = stores[0]
+        indexes = {}
+        for name in ("runs_ready", "runs_due", "schedules_workflow_due"):
+            row = admin.execute(index_of, (schema, name)).fetchone()
+            assert row is not None, name
+            indexes[name] = str(row[0])
+        assert "(workflow, priority DESC, wake_at)" in indexes["runs_ready"]
+        assert (
+            "WHERE ((status = 'pending'::text) AND (blocked_by IS NULL))" in (indexes["runs_ready"])
+        )
+        assert "(workflow, wake_at)" in indexes["runs_due"]
+        assert "blocked_by IS NULL" in indexes["runs_due"]
+        assert "'sleeping'" in indexes["runs_due"]
+        assert "(workflow, next_run_at, key)" in indexes["schedules_workflow_due"]
+        assert "WHERE (NOT paused)" in indexes["schedules_workflow_due"]
+        assert {row[0]: row[1:] for row in admin.execute(read)} == before
+
+        claimed = await store.claim_runs(["wf"], 10, timedelta(seconds=30))
+        assert [(c.run.id, c.reclaimed) for c in claimed] == [
+            ("lapsed", True),
+            ("high", False),
+            ("woke", False),
+            ("low", False),
+        ]
+        assert await stores[1].claim_runs(["wf"], 10, timedelta(seconds=30)) == []
+        due = await stores[1]._next_due(["wf"])
+        assert due is not None
+        assert 3500 < due <= 3600
+        [other] = await stores[2].claim_runs(["wf2", "wf"], 10, timedelta(seconds=30))
+        assert other.run.id == "other"
+
+        assert [s.key for s in await store.due_schedules(10, ["wf"])] == ["ours"]
+        assert [s.key for s in await store.due_schedules(10)] == ["theirs", "ours"]
+        assert [s.key for s in await store.due_schedules(1, ["wf2", "wf"])] == ["theirs"]

@@ -75,6 +75,13 @@ Design notes (see docs/postgres.md):
   a run's entries of ``events_buffered``, and ``finished_history`` a range
   of ``runs_finished`` (``finished_at`` is set when a run ends, in the
   statement that ends it, and cleared by a requeue).
+* ``runs_ready`` and ``runs_due`` lead with the workflow (version 10,
+  rebuilt under the same names and predicates), and so does
+  ``schedules_workflow_due``: the claim, ``next_due`` and an engine's
+  ``due_schedules`` read one range per served workflow (``LATERAL`` over
+  the workflow names) and stop at their limit, so runs and schedules of
+  other workflows are never read, and a workflow's own backlog only up to
+  the limit.
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

@@ -323,13 +323,24 @@ SELECT {read_columns} FROM {schema}.runs WHERE id = ANY(%(ids)s::text[])
 -- name: get_run
 SELECT {read_columns} FROM {schema}.runs WHERE id = %(id)s
 
+-- name: flows
+-- The workflows named in %(workflows)s, each once (the list may repeat
+-- one): a statement reads each one's range of an index that leads with the
+-- workflow (LATERAL over w), never the runs or schedules of other workflows.
+(SELECT DISTINCT unnest(%(workflows)s::text[]) AS name) AS w
+
 -- name: claim
 -- Lapsed leases first (whatever the limits), then due runs by priority,
--- highest first, and due time: pending ones through runs_ready, in that
--- order, and timed ones (delayed, sleeping, waiting) that are due through
--- runs_due (the range up to now: those due at this moment, sorted by
+-- highest first, and due time. For each workflow served (LATERAL over
+-- flows), its pending runs from the head of its range of runs_ready, in
+-- that order, and its timed ones (delayed, sleeping, waiting) that are due
+-- from its range of runs_due up to now (those due at this moment, sorted by
 -- priority and due time); each taken with SKIP LOCKED and bounded by the
--- claim limit. Blocked runs are in neither index. Runs holding limits or
+-- claim limit, so a workflow's backlog is read only as far as the limit and
+-- other workflows' runs not at all. The first limit of them all, merged,
+-- are the claim's: each workflow's first limit holds every one of those.
+-- A row locked and not picked is let go when the statement commits.
+-- Blocked runs are in neither index. Runs holding limits or
 -- rates among the picked (lapsed leases holding rates too) are left for
 -- claim_held: their ids come back, in claim order, in the column after the
 -- steps (of every row, and of a row of NULLs when nothing else was
@@ -352,17 +363,23 @@ WITH gate AS MATERIALIZED (
         AND NOT (SELECT due FROM gate)
     ORDER BY lease_expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), ready AS (
-    SELECT id, priority, wake_at AS k, limit_key1 IS NOT NULL OR rate_key1 IS NOT NULL
-        AS limited FROM {schema}.runs
-    WHERE status = 'pending' AND blocked_by IS NULL AND wake_at <= {now}
-        AND workflow = ANY(%(workflows)s) AND NOT (SELECT due FROM gate)
-    ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    SELECT r.* FROM {flows} CROSS JOIN LATERAL (
+        SELECT id, priority, wake_at AS k,
+            limit_key1 IS NOT NULL OR rate_key1 IS NOT NULL AS limited
+        FROM {schema}.runs
+        WHERE workflow = w.name AND status = 'pending' AND blocked_by IS NULL
+            AND wake_at <= {now}
+        ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    ) AS r WHERE NOT (SELECT due FROM gate)
 ), timed AS (
-    SELECT id, priority, wake_at AS k, limit_key1 IS NOT NULL OR rate_key1 IS NOT NULL
-        AS limited FROM {schema}.runs
-    WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL AND wake_at <= {now}
-        AND workflow = ANY(%(workflows)s) AND NOT (SELECT due FROM gate)
-    ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    SELECT r.* FROM {flows} CROSS JOIN LATERAL (
+        SELECT id, priority, wake_at AS k,
+            limit_key1 IS NOT NULL OR rate_key1 IS NOT NULL AS limited
+        FROM {schema}.runs
+        WHERE workflow = w.name AND status IN ('sleeping', 'waiting') AND blocked_by IS NULL
+            AND wake_at <= {now}
+        ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
+    ) AS r WHERE NOT (SELECT due FROM gate)
 ), due AS (
     SELECT * FROM ready UNION ALL SELECT * FROM timed
     ORDER BY priority DESC, k LIMIT %(limit)s
@@ -766,7 +783,13 @@ SELECT {step_read_columns} FROM {schema}.steps WHERE run_id = %(id)s ORDER BY se
 SELECT {read_columns} FROM {schema}.runs
 
 -- name: list_by_status
-{protocol_status} = ANY(%(statuses)s)
+-- %(stored)s holds the stored statuses of %(statuses)s (delayed is stored as
+-- sleeping): a condition on the column itself, whose statistics tell the
+-- planner how many runs have the status (so that, for the pending runs of a
+-- long queue, it walks runs_created from the newest and stops at the limit
+-- rather than reading and sorting the whole table); protocol_status then
+-- tells delayed runs from sleeping ones.
+status = ANY(%(stored)s::text[]) AND {protocol_status} = ANY(%(statuses)s)
 
 -- name: list_by_workflow
 workflow = %(workflow)s
@@ -832,6 +855,16 @@ SELECT {schedule_columns} FROM {schema}.schedules ORDER BY key
 -- Walks schedules_due, which holds the schedules that are not paused.
 SELECT {schedule_columns} FROM {schema}.schedules WHERE next_run_at <= {now} AND NOT paused
 ORDER BY next_run_at, key LIMIT %(limit)s
+
+-- name: due_schedules_of
+-- The due schedules of the named workflows only: for each of them, the head
+-- of its range of schedules_workflow_due (not paused), up to the limit; the
+-- first limit of them all, merged. Schedules of other workflows are never read.
+SELECT s.* FROM {flows} CROSS JOIN LATERAL (
+    SELECT {schedule_columns} FROM {schema}.schedules
+    WHERE workflow = w.name AND next_run_at <= {now} AND NOT paused
+    ORDER BY next_run_at, key LIMIT %(limit)s
+) AS s ORDER BY s.next_run_at, s.key LIMIT %(limit)s
 
 -- name: claim_slot
 -- Advances the schedule from the slot and creates its run, in one statement:
@@ -995,11 +1028,14 @@ GROUP BY 1, 2
 SELECT {now}
 
 -- name: next_due
--- Sleeping runs include the delayed ones (see protocol_status). A rate wait
--- (of any workflow's runs: it names no workflow) wakes the workers when it
--- falls due, so the next claim releases the runs it holds.
+-- Sleeping runs include the delayed ones (see protocol_status): the first
+-- entry after now of each workflow's range of runs_due. A rate wait (of any
+-- workflow's runs: it names no workflow) wakes the workers when it falls
+-- due, so the next claim releases the runs it holds.
 SELECT extract(epoch FROM least(
-    (SELECT min(wake_at) FROM {schema}.runs
-        WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL AND wake_at > {now}
-        AND workflow = ANY(%(workflows)s)),
+    (SELECT min(n.wake_at) FROM {flows} CROSS JOIN LATERAL (
+        SELECT wake_at FROM {schema}.runs
+        WHERE workflow = w.name AND status IN ('sleeping', 'waiting') AND blocked_by IS NULL
+            AND wake_at > {now}
+        ORDER BY wake_at LIMIT 1) AS n),
     (SELECT min(due_at) FROM {schema}.rate_waits WHERE due_at > {now})) - {now})

@@ -833,3 +833,39 @@ ALTER TABLE {schema}.runs ADD COLUMN headers text
 -- writes to runs meanwhile.
 CREATE INDEX runs_key_created ON {schema}.runs (idempotency_key, created_at, id)
     WHERE idempotency_key IS NOT NULL
+
+
+-- Version 10: claims per workflow ------------------------------------------------------
+-- The claim reads each served workflow's head through its own range of the
+-- queue indexes (see queries.sql), so runs of other workflows, however many
+-- and however old, are never read, and a workflow's own backlog is read only
+-- as far as the claim's limit. runs_ready and runs_due are rebuilt with the
+-- workflow first (same predicates, same names); building them reads the
+-- table once, blocking writes to runs meanwhile.
+
+-- name: v10_01_drop_runs_ready
+DROP INDEX {schema}.runs_ready
+
+-- name: v10_02_runs_ready
+-- Pending runs of a workflow in the order a claim takes them: priority,
+-- highest first, then due time. A claim walks one workflow's entries from
+-- their head and stops at its limit.
+CREATE INDEX runs_ready ON {schema}.runs (workflow, priority DESC, wake_at)
+    WHERE status = 'pending' AND blocked_by IS NULL
+
+-- name: v10_03_drop_runs_due
+DROP INDEX {schema}.runs_due
+
+-- name: v10_04_runs_due
+-- Timed runs of a workflow (delayed, stored as sleeping, sleeping and
+-- waiting) by due time, blocked ones left out: a claim reads the range due
+-- by now of each workflow it serves (never the runs that sleep or wait for
+-- later, however many), next_due the first entry after now.
+CREATE INDEX runs_due ON {schema}.runs (workflow, wake_at)
+    WHERE status IN ('sleeping', 'waiting') AND blocked_by IS NULL
+
+-- name: v10_05_schedules_workflow_due
+-- Due schedules of a workflow that are not paused, earliest first: the
+-- due_schedules of an engine reads the range of each workflow it serves.
+CREATE INDEX schedules_workflow_due ON {schema}.schedules (workflow, next_run_at, key)
+    WHERE NOT paused

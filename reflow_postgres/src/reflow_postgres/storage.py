@@ -745,6 +745,7 @@ class PostgresStorage:
         params: dict[str, Any] = {"limit": limit + 1}
         if status is not None:
             params["statuses"] = list(status)
+            params["stored"] = sorted({"sleeping" if s == "delayed" else s for s in status})
         if workflow is not None:
             params["workflow"] = workflow
         if after is not None:
@@ -832,13 +833,22 @@ class PostgresStorage:
 
         return await self._db.run("list_schedules", body, retry=True)
 
-    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
-        if limit < 1:
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        """With ``workflows``, the due schedules of those workflows only, each
+        read from its own range of an index, so due schedules of other
+        workflows, however many, cost nothing."""
+        names = check_stats_workflows(workflows)
+        if limit < 1 or names == []:
             return []
-        params = self._db.params(limit=limit)
+        if names is None:
+            name, params = "due_schedules", self._db.params(limit=limit)
+        else:
+            name, params = "due_schedules_of", self._db.params(limit=limit, workflows=names)
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[ScheduleRecord]:
-            cur = await conn.execute(self._sql["due_schedules"], params)
+            cur = await conn.execute(self._sql[name], params)
             return [schedule_from_row(row, as_utc) for row in await cur.fetchall()]
 
         return await self._db.run("due_schedules", body, retry=True)
