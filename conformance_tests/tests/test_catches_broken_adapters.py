@@ -161,6 +161,7 @@ CASES = [
     Case("claims_newest_first", (P.DUE_ORDER,), ("test_claims",)),
     Case("sleep_resets_attempts", (P.ONLY_CLAIMS_COUNT,), ("test_claims",)),
     Case("due_paused", (P.SCHEDULE_PAUSED_NOT_DUE,), ("test_schedules",)),
+    Case("due_limit_before_workflows", (P.SCHEDULE_DUE_FILTERED,), ("test_schedules",)),
     Case("upsert_unpauses", (P.SCHEDULE_PAUSE_KEPT,), ("test_schedules",)),
     Case("fires_paused", (P.SCHEDULE_PAUSED_NO_FIRE,), ("test_schedules",)),
     Case("lists_lapsed_workers", (P.WORKER_LAPSED_UNLISTED,), _WORKERS),

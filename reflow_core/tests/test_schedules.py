@@ -480,6 +480,30 @@ async def test_due_schedules_of_other_workflows_do_not_hide_ours(
     assert [r.idempotency_key for r in fired] == [f"schedule:mine:{ms(due) + 1000}"]
 
 
+async def test_due_schedules_of_unserved_workflows_never_starve_ours(
+    store: Storage, clock: Any
+) -> None:
+    """1,700 due schedules of workflows nobody serves, all earlier than ours:
+    more than a page of them ahead of it, however the engine pages. The
+    storage filters by workflow, so ours fires at the first look."""
+    await store.initialize()
+    due = clock() - timedelta(hours=1)
+    for i in range(1700):
+        await store.upsert_schedule(
+            ScheduleSpec(f"foreign-{i:04}", f"unserved-{i % 7}", '"x"', "every:3600000", due)
+        )
+    mine = due + timedelta(minutes=30)
+    await store.upsert_schedule(ScheduleSpec("mine", "plain", '"x"', "every:3600000", mine))
+    assert [s.key for s in await store.due_schedules(100, ["plain", "report"])] == ["mine"]
+    assert len(await store.due_schedules(2000)) == 1701
+    engine = make_engine(store, plain, report, clock=clock)
+    async with engines(engine):
+        assert await engine.tick() == 1
+    [run] = await all_runs(store)
+    assert (run.workflow, run.idempotency_key) == ("plain", slot_key("mine", mine))
+    assert len(await store.due_schedules(2000)) == 1700
+
+
 async def test_a_client_engine_fires_nothing(store: Storage, clock: Any) -> None:
     engine = make_engine(store, plain, clock=clock, worker=False, poll_interval="20ms")
     async with engine:
@@ -548,11 +572,11 @@ class FlakySchedules:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def due_schedules(self, limit: int) -> Any:
+    async def due_schedules(self, limit: int, workflows: Any = None) -> Any:
         if self.left > 0:
             self.left -= 1
             raise StorageError("connection dropped", operation="due_schedules", backend="test")
-        return await self._inner.due_schedules(limit)
+        return await self._inner.due_schedules(limit, workflows)
 
 
 async def test_firing_errors_are_logged_and_retried(
@@ -572,6 +596,74 @@ async def test_firing_errors_are_logged_and_retried(
             assert engine.running
     assert flaky.left == 0
     assert sum("firing schedules failed" in r.getMessage() for r in caplog.records) == 2
+
+
+class LimitOnlySchedules(FlakySchedules):
+    """An adapter written before ``due_schedules`` took ``workflows``: it
+    takes ``limit`` alone and gives the due schedules of every workflow."""
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner, failures=0)
+        self.calls: list[int] = []
+
+    async def due_schedules(self, limit: int) -> Any:  # type: ignore[override]
+        self.calls.append(limit)
+        return await self._inner.due_schedules(limit)
+
+
+class FilteringSchedules(FlakySchedules):
+    """An adapter of this version, noting the workflows it is asked for."""
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner, failures=0)
+        self.asked: list[Any] = []
+
+    async def due_schedules(self, limit: int, workflows: Any = None) -> Any:
+        self.asked.append(workflows)
+        return await self._inner.due_schedules(limit, workflows)
+
+
+async def test_the_scheduler_passes_its_workflows_to_the_storage(
+    store: Storage, clock: Any
+) -> None:
+    await store.initialize()
+    due = clock() - timedelta(minutes=1)
+    await store.upsert_schedule(ScheduleSpec("theirs", "elsewhere", '"x"', "every:60000", due))
+    await store.upsert_schedule(ScheduleSpec("mine", "plain", '"x"', "every:60000", due))
+    filtering = FilteringSchedules(store)
+    scheduler = Scheduler(interval=1.0)
+    fired = await scheduler.fire_due(filtering, {"report": 1, "plain": 2}, 5)  # type: ignore[arg-type]
+    assert [r.idempotency_key for r in fired] == [f"schedule:mine:{ms(due)}"]
+    assert filtering.asked == [["plain", "report"]]
+
+
+async def test_an_adapter_without_the_workflows_parameter_still_fires_ours(
+    store: Storage, clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Decided once, by the signature (one warning): every look asks it for
+    due schedules of every workflow and keeps this engine's, looking further
+    while other workflows' fill the page."""
+    await store.initialize()
+    due = clock() - timedelta(minutes=1)
+    for i in range(3):
+        await store.upsert_schedule(
+            ScheduleSpec(f"foreign-{i}", "elsewhere", '"x"', "every:60000", due)
+        )
+    await store.upsert_schedule(
+        ScheduleSpec("mine", "plain", '"x"', "every:60000", due + timedelta(seconds=1))
+    )
+    old = LimitOnlySchedules(store)
+    scheduler = Scheduler(interval=1.0)
+    with caplog.at_level(logging.WARNING, logger="reflow.schedules"):
+        fired = await scheduler.fire_due(old, {"plain"}, 2)  # type: ignore[arg-type]
+        assert [r.idempotency_key for r in fired] == [f"schedule:mine:{ms(due) + 1000}"]
+        assert old.calls == [2, 8]  # a page of foreign ones, then four times as far
+        clock.advance(60)
+        again = await scheduler.fire_due(old, {"plain"}, 2)  # type: ignore[arg-type]
+    assert [r.workflow for r in again] == ["plain"]
+    assert old.calls == [2, 8, 2, 8]
+    warned = [r for r in caplog.records if "takes no workflows" in r.getMessage()]
+    assert len(warned) == 1
 
 
 # -- clock skew -------------------------------------------------------------------
@@ -616,9 +708,9 @@ class CountingChecks:
         self.now_calls += 1
         return await self._inner.now()
 
-    async def due_schedules(self, limit: int) -> Any:
+    async def due_schedules(self, limit: int, workflows: Any = None) -> Any:
         self.due_calls += 1
-        return await self._inner.due_schedules(limit)
+        return await self._inner.due_schedules(limit, workflows)
 
 
 @pytest.mark.parametrize("skew", SKEWS)
@@ -732,7 +824,7 @@ class SchedulesNotBuilt(FlakySchedules):
     """A storage whose adapter has not built schedules yet: ``due_schedules``
     raises ``NotImplementedError`` (not a ReflowError) every time."""
 
-    async def due_schedules(self, limit: int) -> Any:
+    async def due_schedules(self, limit: int, workflows: Any = None) -> Any:
         self.left += 1
         raise NotImplementedError("due_schedules")
 
@@ -766,8 +858,8 @@ class ClaimBreaksOnce(FlakySchedules):
     """``claim_runs`` raises ``RuntimeError`` (an adapter bug) on its first
     ``failures`` calls; schedules work."""
 
-    async def due_schedules(self, limit: int) -> Any:
-        return await self._inner.due_schedules(limit)
+    async def due_schedules(self, limit: int, workflows: Any = None) -> Any:
+        return await self._inner.due_schedules(limit, workflows)
 
     async def claim_runs(self, *args: Any, **kwargs: Any) -> Any:
         if self.left > 0:

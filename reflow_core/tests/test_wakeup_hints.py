@@ -52,10 +52,12 @@ class LookingMemory(HintingMemory):
         self.looks: list[float] = []
         self.look_takes = 0.0
 
-    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
         self.looks.append(time.monotonic())
         await asyncio.sleep(self.look_takes)
-        return await super().due_schedules(limit)
+        return await super().due_schedules(limit, workflows)
 
 
 def test_the_memory_backend_sends_no_hints_but_the_test_double_does() -> None:

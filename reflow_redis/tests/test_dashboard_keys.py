@@ -33,6 +33,7 @@ START = datetime(2030, 1, 1, 12, 0, 30, tzinfo=UTC)
 """Half a minute into a minute, so a test can move within it or past it."""
 MINUTE = timedelta(minutes=1)
 TERMINAL = ("completed", "failed", "cancelled")
+CURRENT = str(connection.LAYOUT_VERSION).encode()
 
 
 def _text(value: object) -> str:
@@ -297,7 +298,7 @@ async def test_initialize_indexes_a_store_of_the_previous_version(
         {"key0": {"r0", "r1", "r2"}, "key1": {"r3", "r4", "r5"}, "key2": {"r6", "r7"}},
         {"r0": "failed", "r3": "completed", "r6": "completed", "r5": "cancelled", "r4": "failed"},
     )
-    assert raw.get(f"{tag}:version") == b"2"
+    assert raw.get(f"{tag}:version") == CURRENT
     _drop_v2_indexes(raw, tag)
     monkeypatch.setattr(connection, "MIGRATION_BATCH", 2)  # nine runs: five batches
     stores = [RedisStorage.from_url(redis_url, clock=clock) for _ in range(2)]
@@ -305,7 +306,7 @@ async def test_initialize_indexes_a_store_of_the_previous_version(
         # Two processes starting at once share the walk.
         await asyncio.gather(*(s.initialize() for s in stores))
         assert check_indexes(raw, tag) == before
-        assert raw.get(f"{tag}:version") == b"2"
+        assert raw.get(f"{tag}:version") == CURRENT
         assert raw.exists(f"{tag}:migrating") == 0
         for store in stores:
             assert await store.finished_history(60) == history
@@ -332,7 +333,7 @@ async def test_an_interrupted_backfill_resumes_where_it_stopped(
     assert raw.exists(f"{tag}:version") == 0
     async with open_store(redis_url, clock):
         assert check_indexes(raw, tag) == before
-    assert raw.get(f"{tag}:version") == b"2"
+    assert raw.get(f"{tag}:version") == CURRENT
     assert raw.exists(f"{tag}:migrating") == 0
 
 
@@ -350,7 +351,10 @@ def _snapshot(raw: redis.Redis, tag: str) -> dict[bytes, bytes | None]:
     return {key: raw.dump(key) for key in keys}  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("stored", ["3", "not a version", "1.5", "0"])
+NEWER = str(connection.LAYOUT_VERSION + 1)
+
+
+@pytest.mark.parametrize("stored", [NEWER, "not a version", "1.5", "0"])
 async def test_a_newer_or_unknown_layout_is_refused_and_left_alone(
     redis_url: str, tag: str, raw: redis.Redis, stored: str
 ) -> None:
@@ -361,11 +365,11 @@ async def test_a_newer_or_unknown_layout_is_refused_and_left_alone(
     raw.delete(f"{tag}:bykey:k", f"{tag}:done:cancelled")  # would be written by a backfill
     before = _snapshot(raw, tag)
     store = RedisStorage.from_url(redis_url)
-    expected = SchemaVersionError if stored == "3" else StorageError
+    expected = SchemaVersionError if stored == NEWER else StorageError
     with pytest.raises(expected) as caught:
         await store.initialize()
-    if stored == "3":
-        assert "version 3" in str(caught.value)
+    if stored == NEWER:
+        assert f"version {NEWER}" in str(caught.value)
         assert "upgrade reflow-redis" in str(caught.value)
     assert _snapshot(raw, tag) == before
     with pytest.raises(StorageError, match="not initialized"):

@@ -74,6 +74,11 @@ SCHEDULE_STORED = "a schedule reads back as registered; a changed recurrence rep
 SCHEDULE_DELETE = "deleting a schedule removes it and says whether there was one"
 SCHEDULE_ORDER = "schedules are listed by key"
 SCHEDULE_DUE = "due_schedules gives the schedules due by now, earliest first, at most `limit`"
+SCHEDULE_DUE_FILTERED = (
+    "due_schedules with `workflows` gives only the due schedules of those workflows, earliest "
+    "first then by key, up to `limit` (none for an empty collection); without, those of every "
+    "workflow"
+)
 SCHEDULE_SLOT_FIRES = "firing a schedule's current slot creates its run and moves the schedule on"
 TEXT_KEPT = "names, run ids and keys of any text without NUL or lone surrogates are kept exactly"
 BAD_TEXT_REFUSED = (

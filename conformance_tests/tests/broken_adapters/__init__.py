@@ -147,6 +147,7 @@ from .runs import (
     stale_reads,
 )
 from .schedules import (
+    due_limit_before_workflows,
     due_paused,
     fires_paused,
     no_schedules,
@@ -198,6 +199,7 @@ __all__ = [
     "delayed_as_pending",
     "double_claim",
     "drops_headers",
+    "due_limit_before_workflows",
     "due_paused",
     "event_crosses_runs",
     "events_dropped_on_pause",
@@ -339,6 +341,7 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         schedule_slot_twice,
         schedule_forgets_created_at,
         due_paused,
+        due_limit_before_workflows,
         upsert_unpauses,
         fires_paused,
         lists_lapsed_workers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from datetime import datetime
 
 from reflow_conformance import AdapterFactory
@@ -51,7 +52,9 @@ class NoSchedules(MemoryStorage):
     async def list_schedules(self) -> list[ScheduleRecord]:
         raise NotImplementedError
 
-    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
         raise NotImplementedError
 
     async def claim_schedule_slot(
@@ -100,15 +103,41 @@ class DuePaused(MemoryStorage):
     would. (``claim_schedule_slot`` still refuses a paused schedule, so
     nothing fires; a worker just looks at it on every poll.)"""
 
-    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
         now = self._clock()
-        due = [s for s in self._schedules.values() if s.next_run_at <= now]
+        due = [
+            s
+            for s in self._schedules.values()
+            if s.next_run_at <= now and (workflows is None or s.workflow in workflows)
+        ]
         due.sort(key=lambda s: (s.next_run_at, s.key))
         return due[: max(limit, 0)]
 
 
 def due_paused() -> MemoryStorage:
     return DuePaused(name=_store("due_paused"))
+
+
+class DueLimitBeforeWorkflows(MemoryStorage):
+    """Breaks *due_schedules with workflows gives only theirs, up to the
+    limit*: it takes the first ``limit`` due schedules of every workflow and
+    then keeps those of ``workflows``, as the engine once did on its side, so
+    enough due schedules of other workflows leave a page short or empty
+    while schedules of the workflows asked for are due."""
+
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        page = await super().due_schedules(limit)
+        if workflows is None:
+            return page
+        return [s for s in page if s.workflow in workflows]
+
+
+def due_limit_before_workflows() -> MemoryStorage:
+    return DueLimitBeforeWorkflows(name=_store("due_limit_before_workflows"))
 
 
 class UpsertUnpauses(MemoryStorage):

@@ -1178,10 +1178,20 @@ class MemoryStorage:
         self._check_open("list_schedules")
         return [self._schedules[k] for k in sorted(self._schedules)]
 
-    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
         self._check_open("due_schedules")
+        names = check_stats_workflows(workflows)
+        if limit < 1 or names == []:
+            return []
+        wanted = None if names is None else set(names)
         now = self._clock()
-        due = [s for s in self._schedules.values() if s.next_run_at <= now and not s.paused]
+        due = [
+            s
+            for s in self._schedules.values()
+            if s.next_run_at <= now and not s.paused and (wanted is None or s.workflow in wanted)
+        ]
         due.sort(key=lambda s: (s.next_run_at, s.key))
         return due[:limit]
 

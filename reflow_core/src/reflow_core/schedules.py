@@ -48,6 +48,7 @@ paused are skipped: resuming moves a due schedule to its first slot after now.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping
@@ -359,6 +360,7 @@ class Scheduler:
         self._checked_at: float | None = None
         self._known: dict[str, datetime] = {}
         self._more = False
+        self._filtering: tuple[Storage, bool] | None = None
 
     @property
     def offset(self) -> timedelta:
@@ -495,10 +497,22 @@ class Scheduler:
     ) -> list[ScheduleRecord]:
         """Due schedules of ``workflows``, earliest first, at most ``limit``.
 
-        The storage lists due schedules of every workflow; when schedules of
-        workflows this engine does not run fill the page, look further (up to
-        16 times ``limit``) so they cannot hide ours.
+        The storage filters by workflow (``due_schedules(limit, workflows)``),
+        so due schedules of workflows this engine does not serve, however
+        many, never fill the page: one read.
+
+        A third-party adapter written before the ``workflows`` parameter (its
+        ``due_schedules`` takes ``limit`` alone, as its signature shows; read
+        once per storage, with a warning) is read as before: due schedules of
+        every workflow, this engine's kept, and when other workflows' fill
+        the page it looks further, up to 16 times ``limit``. Past that many
+        due schedules of other workflows ahead of them, this engine's wait
+        until those are fired, paused or deleted.
         """
+        if self._filtering is None or self._filtering[0] is not storage:
+            self._filtering = (storage, _takes_workflows(storage))
+        if self._filtering[1]:
+            return await storage.due_schedules(limit, sorted(workflows))
         page = limit
         while True:
             due = await storage.due_schedules(page)
@@ -506,3 +520,26 @@ class Scheduler:
             if len(due) < page or len(mine) >= limit or page >= 16 * limit:
                 return mine[:limit]
             page *= 4
+
+
+def _takes_workflows(storage: Storage) -> bool:
+    """Whether ``storage.due_schedules`` can be passed ``workflows`` (every
+    adapter of this version; not one written before the parameter), judged
+    by its signature. A signature that cannot be read counts as this
+    version's."""
+    method = storage.due_schedules
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(1, ())
+    except TypeError:
+        logger.warning(
+            "%s.due_schedules takes no workflows: due schedules of every workflow "
+            "are read and this engine's kept, so other workflows' can delay them; "
+            "update the adapter to due_schedules(limit, workflows=None)",
+            type(storage).__name__,
+        )
+        return False
+    return True

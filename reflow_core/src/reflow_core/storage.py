@@ -821,9 +821,22 @@ class Storage(Protocol):
         """Every schedule, ordered by key."""
         ...
 
-    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
-        """Schedules whose ``next_run_at`` is at or before now, earliest first:
-        ``min(limit, number due)`` of them (none for ``limit`` below 1)."""
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        """Schedules whose ``next_run_at`` is at or before now, earliest first
+        (then by key): ``min(limit, number due)`` of them (none for ``limit``
+        below 1).
+
+        With ``workflows``, only the due schedules of those workflows, still
+        earliest first and up to ``limit``: the due schedules of other
+        workflows never take a place in the page, however many there are
+        (the engine passes the workflows it serves, so schedules of workflows
+        nobody serves cannot keep its own from firing). An empty collection
+        gives none; ``None`` (the default) gives those of every workflow.
+        A backend should find them by an index keyed by workflow rather than
+        walk the due schedules of other workflows.
+        """
         ...
 
     async def claim_schedule_slot(

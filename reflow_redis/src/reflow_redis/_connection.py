@@ -34,12 +34,14 @@ logger = logging.getLogger("reflow.redis")
 
 BACKEND = "redis"
 _RETRIES_ON_BROKEN = 2
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 """The version of the key layout this code writes, kept in ``P:version``
 (a prefix without it holds version 1: every release before the key).
-Version 2 added ``P:bykey:<key>``, ``P:done:<status>`` and ``P:evm:...``."""
+Version 2 added ``P:bykey:<key>``, ``P:done:<status>`` and ``P:evm:...``;
+version 3 ``P:schedule-due:<workflow>``."""
 MIGRATION_BATCH = 1000
-"""Runs one call of ``migrate.lua`` indexes at most, so it never holds Redis for long."""
+"""Runs (or schedules) one call of ``migrate.lua`` indexes at most, so it
+never holds Redis for long."""
 _SCRIPTS = (
     "create",
     "create_many",
@@ -61,6 +63,7 @@ _SCRIPTS = (
     "upsert_schedule",
     "delete_schedule",
     "list_schedules",
+    "due_schedules",
     "claim_slot",
     "set_paused",
     "workers",
@@ -166,7 +169,7 @@ class _Connection:
 
     async def _migrate(self) -> None:
         """Bring the data under the prefix to :data:`LAYOUT_VERSION`, a batch
-        of runs per script call (see ``migrate.lua``); refuse, changing
+        of runs or schedules per script call (see ``migrate.lua``); refuse, changing
         nothing, a layout newer than this code's."""
         batches = 0
         while True:

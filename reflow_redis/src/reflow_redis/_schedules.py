@@ -2,19 +2,31 @@
 
 A schedule is a hash ``P:sched:<key>`` (``wf``, ``in``, ``rec``, ``next``,
 ``c``, ``u``, and ``p`` = ``1`` while paused), indexed by its next slot in
-``P:schedule-due`` and by key in ``P:schedule-keys``. Firing a slot
-(``claim_slot.lua``) advances the schedule and creates the slot's run in one
-script, or does neither. A paused schedule is out of ``P:schedule-due``
-(``set_paused.lua`` takes it out and puts it back in the same script), so
-``due_schedules`` never reads it; ``claim_slot.lua`` refuses it too.
+``P:schedule-due`` (every workflow's) and ``P:schedule-due:<workflow>`` (its
+workflow's), and by key in ``P:schedule-keys``. ``due_schedules`` with
+``workflows`` reads the index of each workflow named and merges them, so the
+due schedules of other workflows are never walked, however many; without,
+it reads ``P:schedule-due``. Firing a slot (``claim_slot.lua``) advances the
+schedule and creates the slot's run in one script, or does neither. A paused
+schedule is out of both due indexes (``set_paused.lua`` takes it out and puts
+it back in the same script), so ``due_schedules`` never reads it;
+``claim_slot.lua`` refuses it too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from reflow_core.adapter import check_aware, check_new_run, check_text, new_run_id, to_epoch_us
+from reflow_core.adapter import (
+    check_aware,
+    check_new_run,
+    check_stats_workflows,
+    check_text,
+    new_run_id,
+    to_epoch_us,
+)
 from reflow_core.errors import IdempotencyConflictError
 from reflow_core.storage import NewRun, RunRecord, ScheduleRecord, ScheduleSpec
 
@@ -66,13 +78,20 @@ class _Schedules(_Connection):
         return bool(await self._call("delete_schedule", "delete_schedule", [key]))
 
     async def list_schedules(self) -> list[ScheduleRecord]:
-        reply = await self._call("list_schedules", "list_schedules", [""], retry=True)
+        reply = await self._call("list_schedules", "list_schedules", [], retry=True)
         return self._schedules("list_schedules", reply)
 
-    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
-        if limit < 1:
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        names = check_stats_workflows(workflows)
+        if limit < 1 or names == []:
             return []
-        reply = await self._call("due_schedules", "list_schedules", [limit], retry=True)
+        if names is None:
+            args: list[Any] = [limit, "1"]
+        else:
+            args = [limit, "0", *names]
+        reply = await self._call("due_schedules", "due_schedules", args, retry=True)
         return self._schedules("due_schedules", reply)
 
     async def claim_schedule_slot(

@@ -40,6 +40,7 @@ key                            type     holds
 ``P:open:<n>.<id>:<step>``     set      a parent's unfinished children started at ``step``
 ``P:sched:<key>``              hash     a schedule (``p`` = ``1`` while paused)
 ``P:schedule-due``             zset     schedules by next slot (paused ones left out)
+``P:schedule-due:<workflow>``  zset     the same, of one workflow's schedules
 ``P:schedule-keys``            zset     schedule keys, for listing in order
 ``P:workers``                  zset     worker ids by when their entry lapses (µs)
 ``P:worker:<id>``              hash     a worker's announced fields and times
@@ -47,11 +48,11 @@ key                            type     holds
 ``P:done``                     channel  finish hints (ids of runs that ended, one per line)
 ``P:batch:<token>``            string   a ``create_runs`` batch's reply, for a retry (a minute)
 ``P:version``                  string   the layout's version (absent: 1)
-``P:migrating``                string   the last run indexed by an unfinished migration
+``P:migrating``                string   the last run or schedule an unfinished migration indexed
 =============================  =======  ===============================================
 
 ``initialize`` brings a prefix written by an older version to this layout
-(``migrate.lua``, a batch of runs per call) and refuses a newer one.
+(``migrate.lua``, a batch of runs or schedules per call) and refuses a newer one.
 
 Connecting, loading and calling the scripts live in ``_connection.py``,
 decoding replies into records in ``_records.py``, the options in

@@ -8,12 +8,16 @@ looks only at them, and deletes them when it is done."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from reflow_conformance import promises as P
 from reflow_conformance.harness import Harness, promise
+from reflow_conformance.plugin import suite_settings
 from reflow_core import codec
 from reflow_core.storage import NewRun, RunRecord, ScheduleRecord, ScheduleSpec, Storage
 
@@ -27,6 +31,8 @@ EVERY_MINUTE = "every:60"
 EVERY_HOUR = "every:3600"
 _FAR_PAST = datetime(1971, 3, 4, 5, 6, 7, 890_000, tzinfo=UTC)
 """Due by any clock, and earlier than anything a scheduler writes."""
+_EARLIEST = datetime(1970, 1, 3, 4, 5, 6, 789_000, tzinfo=UTC)
+"""Earlier still: schedules due before any other test's."""
 
 
 def _whole_ms(value: datetime) -> datetime:
@@ -220,6 +226,93 @@ class TestDueSchedules:
                 await s.delete_schedule(key)
 
         reflow.run(body)
+
+    def test_due_schedules_of_some_workflows(self, reflow: Harness) -> None:
+        """Three workflows' due schedules (two at one slot, to order by key),
+        one not due and one paused, behind more due schedules of a fourth
+        workflow than a page holds; read for any set of workflows (a list,
+        a tuple or a frozenset, empty too, or a name no schedule has), or
+        for every workflow, with any limit."""
+        prefix = reflow.unique("sched")
+        wf_a, wf_b, wf_c, crowd, absent = (reflow.unique() for _ in range(5))
+        ms = timedelta(milliseconds=1)
+        plan: dict[str, tuple[str, datetime]] = {
+            f"{prefix}-k0": (wf_a, _EARLIEST),
+            f"{prefix}-k1": (wf_b, _EARLIEST),
+            f"{prefix}-k2": (wf_a, _EARLIEST + ms),
+            f"{prefix}-k3": (wf_c, _EARLIEST + timedelta(hours=2)),
+            f"{prefix}-k4": (wf_b, _EARLIEST + ms),
+            f"{prefix}-k5": (wf_a, _EARLIEST + 5 * ms),
+            f"{prefix}-k6": (wf_c, _EARLIEST),
+        }
+        plan.update(
+            (f"{prefix}-crowd{i:02}", (crowd, _EARLIEST - timedelta(days=1) + i * ms))
+            for i in range(12)
+        )
+        later, paused = f"{prefix}-later", f"{prefix}-paused"
+        due = sorted(plan, key=lambda key: (plan[key][1], key))
+
+        async def setup(s: Storage) -> None:
+            for key, (wf, at) in plan.items():
+                await s.upsert_schedule(ScheduleSpec(key, wf, codec.encode(key), EVERY_HOUR, at))
+            await s.upsert_schedule(
+                ScheduleSpec(later, wf_a, codec.encode(1), EVERY_HOUR, _future())
+            )
+            await s.upsert_schedule(
+                ScheduleSpec(paused, wf_b, codec.encode(2), EVERY_HOUR, _EARLIEST)
+            )
+            await s.set_schedule_paused(paused, True)
+
+        async def cleanup(s: Storage) -> None:
+            for key in [*plan, later, paused]:
+                await s.delete_schedule(key)
+
+        reflow.run(setup)
+        kinds: list[Callable[[set[str]], Collection[str]]] = [list, tuple, frozenset]
+        names = st.sets(st.sampled_from([wf_a, wf_b, wf_c, crowd, absent]))
+
+        @suite_settings()
+        @given(
+            limit=st.integers(1, 25),
+            wanted=st.one_of(st.none(), names),
+            kind=st.sampled_from(kinds),
+        )
+        def check(
+            limit: int, wanted: set[str] | None, kind: Callable[[set[str]], Collection[str]]
+        ) -> None:
+            async def body(s: Storage) -> None:
+                if wanted is None:
+                    got = await s.due_schedules(limit)
+                    expected = due[:limit]
+                    # Ours are due before any other test's: the first of the page.
+                    keys = [r.key for r in got][: len(expected)]
+                    asked = f"due_schedules({limit})"
+                else:
+                    got = await s.due_schedules(limit, kind(wanted))
+                    expected = [key for key in due if plan[key][0] in wanted][:limit]
+                    keys = [r.key for r in got]
+                    asked = f"due_schedules({limit}, {sorted(wanted)} as a {kind.__name__})"
+                promise(
+                    keys == expected and len(got) <= limit,
+                    P.SCHEDULE_DUE_FILTERED,
+                    f"{asked} gave {[(r.key, r.workflow, r.next_run_at) for r in got]}, "
+                    f"expected {[(key, *plan[key]) for key in expected]}",
+                )
+                for record in got:
+                    if record.key in plan:
+                        wf, at = plan[record.key]
+                        spec = ScheduleSpec(
+                            record.key, wf, codec.encode(record.key), EVERY_HOUR, at
+                        )
+                        diff = _differences(record, spec)
+                        promise(not diff, P.SCHEDULE_STORED, "; ".join(diff))
+
+            reflow.run(body)
+
+        try:
+            check()
+        finally:
+            reflow.run(cleanup)
 
 
 class TestClaimSlot:

@@ -7,7 +7,7 @@
 -- (nothing changed), else create_run's reply.
 local key = ARGV[5]
 local sk = k('sched', key)
-local cur = redis.call('HMGET', sk, 'next', 'p')
+local cur = redis.call('HMGET', sk, 'next', 'p', 'wf')
 if cur[1] ~= ARGV[6] or cur[2] == '1' then return {0} end
 local wf, input, idem = ARGV[9], ARGV[10], ARGV[11]
 local existing = redis.call('HGET', k('idem', wf), idem)
@@ -20,5 +20,5 @@ if existing then
   end
 end
 redis.call('HSET', sk, 'next', ARGV[7], 'u', num(NOW))
-redis.call('ZADD', k('schedule-due'), ARGV[7], key)
+index_schedule(key, cur[3] or nil, ARGV[7])
 return create_run(ARGV[8], wf, input, idem, ARGV[12], ARGV[13], nil, lim_args(14))

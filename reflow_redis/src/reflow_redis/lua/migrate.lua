@@ -14,6 +14,12 @@
 -- Each run is indexed from what it is when its batch runs, and the scripts
 -- of version 2 keep the indexes of the runs they touch, so runs created,
 -- finished, requeued or purged meanwhile end up indexed right either way.
+--
+-- Version 3 indexes each schedule's next slot in its workflow's
+-- P:schedule-due:<workflow> too (beside P:schedule-due), paused ones left
+-- out as there. The schedules are walked in P:schedule-keys order the same
+-- way, after the runs when a store is at version 1; the scripts of version 3
+-- keep the index of every schedule they touch.
 local want, batch = tonumber(ARGV[5]), tonumber(ARGV[6])
 local stored = redis.call('GET', k('version'))
 local have = 1
@@ -23,28 +29,47 @@ if stored then
 end
 if have > want then return {-1, num(have)} end
 if have == want then return {0, num(have)} end
-local idx = k('idx')
 local lower = '-'
 local cursor = redis.call('GET', k('migrating'))
 if cursor then lower = '(' .. cursor end
-local members = redis.call('ZRANGE', idx, lower, '+', 'BYLEX', 'LIMIT', 0, batch)
-for _, member in ipairs(members) do
-  local id = string.sub(member, 19)
-  local r = redis.call('HMGET', run_key(id), 'st', 'idem', 'u')
-  if r[1] then
-    if r[2] and r[2] ~= '' then redis.call('ZADD', bykey_key(r[2]), 0, member) end
-    if TERMINAL[r[1]] then
-      -- When it finished, as purges judge it; a run no purge index holds
-      -- (an early release's) by its last change.
-      local at = redis.call('ZSCORE', k('finished'), id) or r[3]
-      if at then redis.call('ZADD', done_key(r[1]), at, id) end
+-- The end of a step: the layout is version v; done when that is the one wanted.
+local function reached(v)
+  redis.call('SET', k('version'), num(v))
+  redis.call('DEL', k('migrating'))
+  if v == want then return {0, num(v)} end
+  return {1, num(v)}
+end
+if have == 1 then
+  local members = redis.call('ZRANGE', k('idx'), lower, '+', 'BYLEX', 'LIMIT', 0, batch)
+  for _, member in ipairs(members) do
+    local id = string.sub(member, 19)
+    local r = redis.call('HMGET', run_key(id), 'st', 'idem', 'u')
+    if r[1] then
+      if r[2] and r[2] ~= '' then redis.call('ZADD', bykey_key(r[2]), 0, member) end
+      if TERMINAL[r[1]] then
+        -- When it finished, as purges judge it; a run no purge index holds
+        -- (an early release's) by its last change.
+        local at = redis.call('ZSCORE', k('finished'), id) or r[3]
+        if at then redis.call('ZADD', done_key(r[1]), at, id) end
+      end
+    end
+  end
+  if #members < batch then return reached(2) end
+  redis.call('SET', k('migrating'), members[#members])
+  return {1, num(have)}
+end
+-- have == 2
+local keys = redis.call('ZRANGE', k('schedule-keys'), lower, '+', 'BYLEX', 'LIMIT', 0, batch)
+for _, key in ipairs(keys) do
+  local s = redis.call('HMGET', k('sched', key), 'wf', 'next', 'p')
+  if s[1] and s[2] then
+    if s[3] == '1' then
+      index_schedule(key, s[1], nil)
+    else
+      index_schedule(key, s[1], s[2])
     end
   end
 end
-if #members < batch then
-  redis.call('SET', k('version'), num(want))
-  redis.call('DEL', k('migrating'))
-  return {0, num(want)}
-end
-redis.call('SET', k('migrating'), members[#members])
+if #keys < batch then return reached(3) end
+redis.call('SET', k('migrating'), keys[#keys])
 return {1, num(have)}

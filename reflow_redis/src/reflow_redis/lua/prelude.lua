@@ -814,3 +814,21 @@ local function finish_one(a, b)
   child_ended(id, pa, ps)
   return '1'
 end
+-- A schedule's due indexes, both by next slot (us), a paused schedule in
+-- neither: P:schedule-due (every workflow's, for due_schedules without
+-- workflows) and P:schedule-due:<workflow> (its workflow's, so a read for
+-- some workflows never walks the due schedules of others). index_schedule
+-- puts schedule key of workflow wf at next_run in both, or, with next_run
+-- nil, takes it out of both; old_wf (nil or wf: none) is a workflow whose
+-- index it leaves.
+local function sched_due_key(wf) return k('schedule-due', wf) end
+local function index_schedule(key, wf, next_run, old_wf)
+  if old_wf and old_wf ~= wf then redis.call('ZREM', sched_due_key(old_wf), key) end
+  if next_run then
+    redis.call('ZADD', k('schedule-due'), next_run, key)
+    if wf then redis.call('ZADD', sched_due_key(wf), next_run, key) end
+  else
+    redis.call('ZREM', k('schedule-due'), key)
+    if wf then redis.call('ZREM', sched_due_key(wf), key) end
+  end
+end

@@ -239,8 +239,10 @@ GET_STEPS = kit.render_sql("SELECT {step} FROM steps WHERE run_id = ?", COLUMNS)
 GET_STEP = kit.render_sql("SELECT {step} FROM steps WHERE run_id = ? AND name = ?", COLUMNS)
 LIST_SCHEDULES = kit.render_sql("SELECT {schedule} FROM schedules ORDER BY key", COLUMNS)
 DUE_SCHEDULES = kit.render_sql(
-    "SELECT {schedule} FROM schedules WHERE next_run_at <= ? AND NOT paused"
-    " ORDER BY next_run_at, key LIMIT ?",
+    # :workflows NULL: every workflow's; else a JSON list of names.
+    "SELECT {schedule} FROM schedules WHERE next_run_at <= :now AND NOT paused"
+    " AND (:workflows IS NULL OR workflow IN (SELECT value FROM json_each(:workflows)))"
+    " ORDER BY next_run_at, key LIMIT :limit",
     COLUMNS,
 )
 UPSERT_SCHEDULE = kit.render_sql(
@@ -1046,12 +1048,16 @@ class TutorialStorage:
 
         return await self._tx("list_schedules", body, write=False)
 
-    async def due_schedules(self, limit: int) -> list[ScheduleRecord]:
-        if limit < 1:
+    async def due_schedules(
+        self, limit: int, workflows: Collection[str] | None = None
+    ) -> list[ScheduleRecord]:
+        names = kit.check_stats_workflows(workflows)  # checked, sorted, without repeats
+        if limit < 1 or names == []:
             return []
+        query = {"limit": limit, "workflows": None if names is None else json.dumps(names)}
 
         def body(cur: sqlite3.Cursor, now: int) -> list[ScheduleRecord]:
-            rows = cur.execute(DUE_SCHEDULES, (now, limit))  # due by the store's clock
+            rows = cur.execute(DUE_SCHEDULES, {**query, "now": now})  # due by the store's clock
             return [_schedule(row) for row in rows]
 
         return await self._tx("due_schedules", body, write=False)
