@@ -1060,3 +1060,23 @@ async def test_a_version_10_database_with_runs_is_migrated_forward(
         "b-lapsed",
         "b-old",
     ]
+
+
+async def test_many_storages_opening_a_new_file_at_once_all_open_it(
+    opener: Opener, tmp_path: Path
+) -> None:
+    """Switching a new file to WAL takes a lock SQLite does not wait for:
+    storages initializing it at once try again instead of failing, and one
+    closed while another's initialize is still running waits for it."""
+    for round_ in range(10):
+        path = tmp_path / f"fresh-{round_}.db"
+        stores = [opener.build(path) for _ in range(8)]
+        await asyncio.gather(*(store.initialize() for store in stores))
+        assert pragmas(path)[:2] == (APPLICATION_ID, SCHEMA_VERSION)
+        late = opener.build(path)
+        opening = asyncio.ensure_future(late.initialize())
+        await asyncio.sleep(0)
+        await late.close()  # waits for the initialize, then closes
+        await opening
+        await asyncio.gather(*(store.close() for store in stores))
+        assert query(path, "PRAGMA journal_mode") == [("wal",)]

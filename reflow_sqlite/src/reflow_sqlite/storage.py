@@ -292,15 +292,46 @@ class SQLiteStorage:
                 ) from cause
             raise
         needs_migration = check_identity(self._path, *identity)
-        await self._call(
-            "initialize", lambda now: configure_script(now, self._path, self._synchronous), "read"
-        )
+        await self._configure()
         if needs_migration:
             await self._call("initialize", lambda now: migrate_script(now, self._path), "write")
 
+    async def _configure(self) -> None:
+        """WAL mode and the synchronous level. Switching a file to WAL takes
+        a lock SQLite does not wait for (its busy handler is not called), so
+        processes opening a new file at once may find it held: the switch is
+        tried again, with a short back-off, for up to the busy timeout."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + self._busy_timeout_ms / 1000
+        pause = 0.005
+        while True:
+            try:
+                await self._call(
+                    "initialize",
+                    lambda now: configure_script(now, self._path, self._synchronous),
+                    "read",
+                )
+                return
+            except StorageError as exc:
+                cause = exc.__cause__
+                code = getattr(cause, "sqlite_errorcode", None) or 0
+                locked = isinstance(cause, sqlite3.OperationalError) and (code & 0xFF) in (
+                    sqlite3.SQLITE_BUSY,
+                    sqlite3.SQLITE_LOCKED,
+                )
+                if not locked or loop.time() + pause > until:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
     async def close(self) -> None:
         """Flush pending step saves, checkpoint the WAL into the file
-        (``wal_checkpoint(TRUNCATE)``) and close the connection. Idempotent."""
+        (``wal_checkpoint(TRUNCATE)``) and close the connection. Idempotent;
+        a close during :meth:`initialize` waits for it to end first."""
+        async with self._init_lock:
+            await self._close()
+
+    async def _close(self) -> None:
         if self._life.closed or self._conn is None:
             self._life.closed = True
             return
