@@ -4,6 +4,7 @@ cancellation of the one stopping it is not swallowed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -86,4 +87,52 @@ async def test_a_timeout_around_an_engine_stop_is_not_swallowed() -> None:
         async with asyncio.timeout(0.5):
             await engine.stop()
     hold.set()
+    await engine.close()
+
+
+async def test_a_loop_whose_storage_swallows_the_cancellation_still_stops() -> None:
+    """A driver that swallows the cancellation reaching it mid-call (redis-py
+    on Python 3.11 does) and answers anyway: the engine's background loops
+    act on the request at their next turn, so stop() returns."""
+    from typing import Any
+
+    from reflow_core import Engine, MemoryStorage, workflow
+
+    calls: list[str] = []
+
+    class Swallowing(MemoryStorage):
+        async def list_runs(self, *args: Any, **kwargs: Any) -> Any:
+            calls.append("list_runs")
+            try:
+                await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
+                pass  # swallowed, as the driver does
+            return await super().list_runs(*args, **kwargs)
+
+        async def purge_finished(self, *args: Any, **kwargs: Any) -> int:
+            calls.append("purge_finished")
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.2)
+            return await super().purge_finished(*args, **kwargs)
+
+        async def announce_worker(self, *args: Any, **kwargs: Any) -> Any:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.05)
+            return await super().announce_worker(*args, **kwargs)
+
+    wf = workflow("tasks-swallow").step("noop", lambda ctx: None)
+    engine = Engine(
+        storage=Swallowing(),
+        workflows=[wf],
+        poll_interval="10ms",
+        warn_unserved_after=0.1,
+        retention="1s",
+    )
+    await engine.start()
+    for _ in range(200):  # until both loops are inside their storage calls
+        if {"list_runs", "purge_finished"} <= set(calls):
+            break
+        await asyncio.sleep(0.005)
+    assert {"list_runs", "purge_finished"} <= set(calls)
+    await asyncio.wait_for(engine.stop(), 5)
     await engine.close()

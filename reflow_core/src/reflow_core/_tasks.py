@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-__all__ = ["cancel_and_wait"]
+__all__ = ["cancel_and_wait", "raise_if_cancelled"]
 
 
 async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
@@ -25,3 +25,17 @@ async def cancel_and_wait(task: asyncio.Future[Any]) -> None:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise
+
+
+def raise_if_cancelled() -> None:
+    """Raise ``CancelledError`` if the current task was asked to stop.
+
+    A driver may swallow the cancellation that reaches it mid-call (redis-py
+    on Python 3.11 does while it sends a command) and return, or raise an
+    error of its own instead; a background loop that then went on would keep
+    whoever stops it (``cancel_and_wait``) waiting forever. Each loop calls
+    this once a turn: the request stays on the task (``cancelling()``) until
+    it is acted on."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

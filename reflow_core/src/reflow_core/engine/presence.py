@@ -24,7 +24,7 @@ import socket
 from collections.abc import Callable
 from datetime import timedelta
 
-from reflow_core._tasks import cancel_and_wait
+from reflow_core._tasks import cancel_and_wait, raise_if_cancelled
 from reflow_core.errors import ReflowError
 from reflow_core.storage import Storage, WorkerInfo
 
@@ -127,6 +127,7 @@ class Presence:
     async def _loop(self) -> None:
         while not self._unsupported:
             await self.announce()
+            raise_if_cancelled()
             await asyncio.sleep(self._every)
 
     async def leave(self) -> None:

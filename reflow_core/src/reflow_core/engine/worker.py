@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from reflow_core import codec
-from reflow_core._tasks import cancel_and_wait
+from reflow_core._tasks import cancel_and_wait, raise_if_cancelled
 from reflow_core.errors import ReflowError
 from reflow_core.limits import RunShape
 from reflow_core.schedules import Scheduler
@@ -319,6 +319,7 @@ class Worker:
     async def _dispatch_loop(self) -> None:
         failures = 0
         while not self._stopping:
+            raise_if_cancelled()
             if len(self.inflight) >= self._concurrency:
                 # Wake up for due schedules even while every slot is busy.
                 await self._fire_schedules()
@@ -428,6 +429,7 @@ class Worker:
         interval = min(_PURGE_EVERY, max(keep.total_seconds() / 10, self._poll))
         pause = min(interval, self._poll)  # a first pass soon after start
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(pause * random.uniform(0.9, 1.1))
             pause = interval
             try:
@@ -451,6 +453,7 @@ class Worker:
         interval = min(_UNSERVED_CHECK_EVERY, max(after / 5, self._poll))
         pause = min(interval, self._poll)  # a first look soon after start
         while True:
+            raise_if_cancelled()
             await asyncio.sleep(pause * random.uniform(0.9, 1.1))
             pause = interval
             try:
@@ -521,6 +524,7 @@ class Worker:
             due = [s for s in self.inflight.values() if now - s.renewed_at >= self._heartbeat]
             if due:
                 await asyncio.gather(*(self._renew(s) for s in due))
+            raise_if_cancelled()
             pending = [s.renewed_at + self._heartbeat for s in self.inflight.values()]
             wait = min(pending, default=now + self._heartbeat) - time.monotonic()
             await asyncio.sleep(min(max(wait, 0.01), self._heartbeat))
