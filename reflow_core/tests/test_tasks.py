@@ -103,10 +103,8 @@ async def test_a_loop_whose_storage_swallows_the_cancellation_still_stops() -> N
     class Swallowing(MemoryStorage):
         async def list_runs(self, *args: Any, **kwargs: Any) -> Any:
             calls.append("list_runs")
-            try:
+            with contextlib.suppress(asyncio.CancelledError):  # swallowed, as the driver does
                 await asyncio.sleep(0.2)
-            except asyncio.CancelledError:
-                pass  # swallowed, as the driver does
             return await super().list_runs(*args, **kwargs)
 
         async def purge_finished(self, *args: Any, **kwargs: Any) -> int:
