@@ -91,6 +91,7 @@ from typing import Any
 
 import psycopg
 from throughput import (
+    _Completion,
     add_postgres_options,
     build_workflow,
     cancel_on_sigterm,
@@ -276,31 +277,6 @@ async def counts(storage: Storage, name: str) -> tuple[int, int]:
     return stats.pending + stats.delayed, stats.running + stats.sleeping + stats.waiting
 
 
-class Completions:
-    """Counts the runs the storage's ``finish_run`` completes (the instance's
-    method wrapped until :meth:`close`) and wakes :meth:`reached`."""
-
-    def __init__(self, storage: Storage, goal: int) -> None:
-        self.storage = storage
-        self.goal = goal
-        self.done = 0
-        self.event = asyncio.Event()
-        original = storage.finish_run
-
-        async def finish_run(*args: Any, **kwargs: Any) -> bool:
-            ok = await original(*args, **kwargs)
-            if ok:
-                self.done += 1
-                if self.done >= self.goal:
-                    self.event.set()
-            return ok
-
-        storage.finish_run = finish_run  # type: ignore[method-assign]
-
-    def close(self) -> None:
-        del self.storage.finish_run
-
-
 @dataclass
 class Stop:
     """An ``Engine.stop()`` after a drain (untimed for the figures)."""
@@ -311,7 +287,7 @@ class Stop:
 async def drain(storage: Storage, wf: Any, runs: int) -> tuple[float, Stop]:
     """Runs/s of one engine from its start to the ``runs``-th completion, and
     its ``stop()``."""
-    done = Completions(storage, runs)
+    done = _Completion(storage, runs)
     engine = Engine(
         storage=storage,
         workflows=[wf],

@@ -91,6 +91,10 @@ class _Completion:
 
         storage.finish_run = finish_run  # type: ignore[method-assign]
 
+    def close(self) -> None:
+        """Unwrap ``finish_run`` (for a storage that outlives the count)."""
+        del self.storage.finish_run
+
 
 def build_workflow(steps: int) -> Any:
     async def step(ctx: Any) -> dict[str, int]:
