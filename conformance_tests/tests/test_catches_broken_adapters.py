@@ -90,6 +90,7 @@ _DASHBOARD = ("test_dashboard_reads",)
 _BATCHES = ("test_create_many",)
 _GET_RUNS = ("test_get_runs",)
 _FINISHES = ("test_finish_hints",)
+_VERSIONS = ("test_versions",)
 
 CASES = [
     Case("double_claim", (P.ONE_LIVE_LEASE,), ("test_claims",), machine=True),
@@ -223,6 +224,9 @@ CASES = [
     Case("get_runs_lists_missing", (P.GET_RUNS,), _GET_RUNS),
     Case("hints_miss_cancels", (P.FINISH_HINTED,), _FINISHES),
     Case("hints_miss_cascade", (P.FINISH_HINTED,), _FINISHES),
+    Case("claims_ignore_versions", (P.CLAIM_VERSIONS_SERVED,), _VERSIONS),
+    Case("version_lost_on_debounce", (P.VERSION_STORED,), _VERSIONS),
+    Case("lapsed_lease_ignores_versions", (P.CLAIM_VERSIONS_SERVED,), _VERSIONS),
 ]
 
 

@@ -101,6 +101,7 @@ COST_TIERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "test_limits",
             "test_rates",
             "test_headers",
+            "test_versions",
             "test_listing",
             "test_sleep_wait",
             "test_events",

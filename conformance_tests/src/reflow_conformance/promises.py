@@ -533,3 +533,22 @@ FINISH_HINTED = (
     "calls notify(None) after the end, within 5 seconds"
 )
 FINISH_HINT_CLOSED = "a closed finish subscription is told nothing more"
+VERSION_STORED = (
+    "a run's version and fingerprint read back as created (version 1 and fingerprint None by "
+    "default), from create_run, create_runs, start_child, get_run, get_runs, list_runs and "
+    "the claim alike; no claim or later write changes them, and a debounced create replaces "
+    "them with its own"
+)
+CLAIM_VERSIONS_SERVED = (
+    "a claim with `versions` takes only runs of the versions listed for the workflows it "
+    "keys, and runs of any version of the others; it leaves every other run as it was "
+    "(status, attempts, lease_epoch, blocked_by and wake_at), a lapsed lease included, and "
+    "however many of them come first they never keep a served run from being taken, which "
+    "it takes in priority order across the versions served"
+)
+CLAIM_VERSIONS_CHECKED = (
+    "claim_runs refuses `versions` naming a workflow it is not asked for, or giving one an "
+    "empty collection or a version that is not an int from 1 to MAX_VERSION (a bool, a str), "
+    "and create_run a bad version or a fingerprint that is not 1 to MAX_FINGERPRINT "
+    "characters of 0-9 a-z, with ConfigError, claiming and writing nothing"
+)

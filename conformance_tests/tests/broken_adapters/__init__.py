@@ -4,7 +4,7 @@ Each class in the modules of this package (one per area of the contract:
 ``batches``, ``claims``, ``children``, ``dashboard``, ``delays``, ``deadlines``,
 ``finishes`` (finish hints), ``headers``,
 ``leases``, ``limits``, ``rates``, ``runs``, ``records``, ``events``, ``retention``,
-``schedules``, and
+``schedules``, ``versions``, and
 ``workers`` for the worker registry and queue statistics)
 is the in-memory reference backend (or, where the bug lives in a query, the
 SQLite backend) with exactly one promise of the storage
@@ -156,6 +156,11 @@ from .schedules import (
     schedule_slot_twice,
     upsert_unpauses,
 )
+from .versions import (
+    claims_ignore_versions,
+    lapsed_lease_ignores_versions,
+    version_lost_on_debounce,
+)
 from .workers import (
     lists_lapsed_workers,
     oldest_by_creation,
@@ -185,6 +190,7 @@ __all__ = [
     "child_twice",
     "claims_backlog_first",
     "claims_delayed_early",
+    "claims_ignore_versions",
     "claims_newest_first",
     "clamped_sleeps",
     "correct",
@@ -219,6 +225,7 @@ __all__ = [
     "immortal_leases",
     "key_freed_when_run_ends",
     "key_oldest_first",
+    "lapsed_lease_ignores_versions",
     "lax_run_ids",
     "lease_outlives_run",
     "leases_lapse_at_random",
@@ -269,6 +276,7 @@ __all__ = [
     "unfenced_child",
     "updated_at_stale",
     "upsert_unpauses",
+    "version_lost_on_debounce",
     "wakes_on_first_child",
     "workers_by_host_clock",
     "workers_by_id",
@@ -396,6 +404,9 @@ FACTORIES: dict[str, Callable[[], MemoryStorage | SQLiteStorage]] = {
         get_runs_lists_missing,
         hints_miss_cancels,
         hints_miss_cascade,
+        claims_ignore_versions,
+        version_lost_on_debounce,
+        lapsed_lease_ignores_versions,
     )
 }
 """Every broken adapter's factory by name (``correct`` is not among them)."""

@@ -6,11 +6,12 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from reflow_core.adapter import (
+    check_claim_versions,
     check_duration,
     check_text,
     span_us,
@@ -54,11 +55,16 @@ class ReclaimsFirstWorkflowOnly(MemoryStorage):
     _first: str | None = None
 
     async def claim_runs(
-        self, workflows: Collection[str], limit: int, lease: timedelta
+        self,
+        workflows: Collection[str],
+        limit: int,
+        lease: timedelta,
+        *,
+        versions: Mapping[str, Collection[int]] | None = None,
     ) -> list[ClaimedRun]:
         # No await before the claim's own loop, so no other claim interleaves.
         self._first = next(iter(workflows), None)
-        return await super().claim_runs(workflows, limit, lease)
+        return await super().claim_runs(workflows, limit, lease, versions=versions)
 
     def _due(self, rec: RunRecord, now: datetime) -> tuple[int, int, datetime] | None:
         if rec.status == "running" and rec.workflow != self._first:
@@ -152,11 +158,18 @@ class LimitPerWorkflow(MemoryStorage):
     workflows and holds their leases with nothing to run them."""
 
     async def claim_runs(
-        self, workflows: Collection[str], limit: int, lease: timedelta
+        self,
+        workflows: Collection[str],
+        limit: int,
+        lease: timedelta,
+        *,
+        versions: Mapping[str, Collection[int]] | None = None,
     ) -> list[ClaimedRun]:
+        check_claim_versions(workflows, versions)
         claimed: list[ClaimedRun] = []
         for name in dict.fromkeys(workflows):
-            claimed += await super().claim_runs([name], limit, lease)
+            served = None if versions is None or name not in versions else {name: versions[name]}
+            claimed += await super().claim_runs([name], limit, lease, versions=served)
         return claimed
 
 

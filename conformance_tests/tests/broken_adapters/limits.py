@@ -5,11 +5,17 @@ run a holder's end lets go."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import datetime, timedelta
 from typing import Literal
 
-from reflow_core.adapter import check_duration, check_text, rate_block
+from reflow_core.adapter import (
+    check_claim_versions,
+    check_duration,
+    check_text,
+    rate_block,
+    serves_version,
+)
 from reflow_core.memory import MemoryStorage
 from reflow_core.storage import ClaimedRun, Lease, RunRecord
 
@@ -84,11 +90,17 @@ class ReclaimChecksLimits(MemoryStorage):
     lapsed holder against its own slot would; a dead worker's run is stuck."""
 
     async def claim_runs(
-        self, workflows: Collection[str], limit: int, lease: timedelta
+        self,
+        workflows: Collection[str],
+        limit: int,
+        lease: timedelta,
+        *,
+        versions: Mapping[str, Collection[int]] | None = None,
     ) -> list[ClaimedRun]:
         self._check_open("claim_runs")
         for name in workflows:
             check_text(name, "workflow")
+        served = check_claim_versions(workflows, versions)
         check_duration(lease, "lease")
         if limit <= 0:
             return []
@@ -97,7 +109,7 @@ class ReclaimChecksLimits(MemoryStorage):
         wanted = set(workflows)
         due = []
         for run_id, entry in self._runs.items():
-            if entry.record.workflow in wanted:
+            if entry.record.workflow in wanted and serves_version(served, entry.record):
                 key = self._due(entry.record, now)
                 if key is not None:
                     due.append((key, run_id))

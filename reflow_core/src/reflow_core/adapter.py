@@ -34,6 +34,7 @@ from ._durations import MAX_DURATION, describe
 from .errors import ConfigError, StorageError
 from .storage import (
     MAX_CREATE_BATCH,
+    MAX_FINGERPRINT,
     MAX_GET_RUNS,
     MAX_HEADER_BYTES,
     MAX_HEADERS,
@@ -42,6 +43,7 @@ from .storage import (
     MAX_RATE_PERIOD,
     MAX_RUN_LIMITS,
     MAX_RUN_RATES,
+    MAX_VERSION,
     PRIORITY_RANGE,
     RATE_BLOCK_PREFIX,
     ConcurrencyLimit,
@@ -70,8 +72,10 @@ __all__ = [
     "as_utc",
     "check_aware",
     "check_child_start",
+    "check_claim_versions",
     "check_count",
     "check_duration",
+    "check_fingerprint",
     "check_finish_status",
     "check_headers",
     "check_limits",
@@ -86,6 +90,7 @@ __all__ = [
     "check_stats_workflows",
     "check_status_update",
     "check_text",
+    "check_version",
     "check_worker",
     "child_deadline",
     "child_of",
@@ -118,6 +123,7 @@ __all__ = [
     "run_from_row",
     "run_page",
     "schedule_from_row",
+    "serves_version",
     "span_us",
     "step_from_row",
     "to_epoch_us",
@@ -225,7 +231,7 @@ RUN_COLUMNS = (
     "lease_epoch, created_at, updated_at, wake_at, waiting_for, lease_expires_at, deadline_at, "
     "parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2, limit_max2, "
     "blocked_by, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, "
-    "debounce_key, headers"
+    "debounce_key, headers, version, fingerprint"
 )
 """The column order :func:`run_from_row` reads (the :class:`RunRecord` fields)."""
 STEP_COLUMNS = "name, status, output, error, attempts, wake_at, completed_at"
@@ -268,6 +274,8 @@ def run_from_row(row: Sequence[Any], time: TimeReader) -> RunRecord:
         rates=rates_from_columns(*row[24:30]),
         debounce_key=row[30],
         headers=headers_from_column(row[31]),
+        version=row[32],
+        fingerprint=row[33],
     )
 
 
@@ -451,6 +459,8 @@ def debounced_record(open_run: RunRecord, new: NewRun, now: datetime) -> RunReco
         limits=new.limits,
         rates=new.rates,
         headers=dict(new.headers),
+        version=new.version,
+        fingerprint=new.fingerprint,
         blocked_by=None,
         wake_at=due_by_deadline(wake_at, open_run.deadline_at),
         updated_at=now,
@@ -725,6 +735,8 @@ def new_run_record(
         rates=new.rates,
         debounce_key=new.debounce_key,
         headers=dict(new.headers),
+        version=new.version,
+        fingerprint=new.fingerprint,
     )
 
 
@@ -1050,6 +1062,9 @@ def check_new_run(new: NewRun) -> None:
     check_limits(new.priority, new.limits)
     check_rates(new.rates)
     check_headers(new.headers)
+    check_version(new.version, "version")
+    if new.fingerprint is not None:
+        check_fingerprint(new.fingerprint)
     if new.debounce_key is not None:
         check_text(new.debounce_key, "debounce_key")
         if new.idempotency_key is not None:
@@ -1057,6 +1072,80 @@ def check_new_run(new: NewRun) -> None:
                 "a run takes a debounce_key or an idempotency_key, not both",
                 option="debounce_key",
             )
+
+
+def check_version(value: object, what: str) -> int:
+    """Refuse, with :class:`~reflow_core.errors.ConfigError`, a workflow
+    version that is not an int from 1 to :data:`~reflow_core.storage.MAX_VERSION`."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
+        raise ConfigError(
+            f"{what} must be an int from 1 to {MAX_VERSION}, got {value!r}", option="version"
+        )
+    return value
+
+
+_FINGERPRINT_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def check_fingerprint(value: object) -> str:
+    """Refuse, with :class:`~reflow_core.errors.ConfigError`, a fingerprint
+    that is not 1 to :data:`~reflow_core.storage.MAX_FINGERPRINT` characters
+    of ``0-9 a-z``."""
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= MAX_FINGERPRINT
+        or not _FINGERPRINT_CHARS.issuperset(value)
+    ):
+        shown = repr(value) if isinstance(value, str) and len(value) <= 80 else type(value).__name__
+        raise ConfigError(
+            f"fingerprint must be 1 to {MAX_FINGERPRINT} characters of 0-9 a-z, got {shown}",
+            option="fingerprint",
+        )
+    return value
+
+
+def check_claim_versions(
+    workflows: Collection[str], versions: Mapping[str, Collection[int]] | None
+) -> dict[str, tuple[int, ...]] | None:
+    """What :meth:`~reflow_core.storage.Storage.claim_runs` checks of its
+    ``versions`` before it claims anything: a mapping whose keys are among
+    ``workflows``, each to a non-empty collection of versions
+    (:func:`check_version`). Returns it with each collection sorted and
+    without repeats, or ``None`` for ``None``; raises
+    :class:`~reflow_core.errors.ConfigError` naming the offending entry."""
+    if versions is None:
+        return None
+    if not isinstance(versions, Mapping):
+        raise ConfigError(
+            f"versions must be a mapping of workflow to versions, not {type(versions).__name__}",
+            option="versions",
+        )
+    names = set(workflows)
+    out: dict[str, tuple[int, ...]] = {}
+    for workflow, served in versions.items():
+        if workflow not in names:
+            raise ConfigError(
+                f"versions names workflow {workflow!r}, which the claim does not ask for",
+                option="versions",
+            )
+        if isinstance(served, (str, bytes)) or not isinstance(served, Collection) or not served:
+            raise ConfigError(
+                f"versions[{workflow!r}] must be a non-empty collection of ints, got {served!r}",
+                option="versions",
+            )
+        out[workflow] = tuple(
+            sorted({check_version(v, f"versions[{workflow!r}] item") for v in served})
+        )
+    return out
+
+
+def serves_version(versions: Mapping[str, Collection[int]] | None, record: RunRecord) -> bool:
+    """Whether a claim with ``versions`` (checked by :func:`check_claim_versions`)
+    may take ``record``: its workflow is not a key, or its version is listed."""
+    if versions is None:
+        return True
+    served = versions.get(record.workflow)
+    return served is None or record.version in served
 
 
 def check_new_runs(news: Sequence[NewRun], *, backend: str | None = None) -> None:

@@ -20,7 +20,7 @@ import heapq
 import operator
 import threading
 from collections import deque
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import islice
@@ -31,6 +31,7 @@ from .adapter import (
     as_utc,
     check_aware,
     check_child_start,
+    check_claim_versions,
     check_count,
     check_duration,
     check_list_limit,
@@ -57,6 +58,7 @@ from .adapter import (
     queue_stats_from_counts,
     rate_block,
     run_page,
+    serves_version,
     utcnow,
 )
 from .errors import EventBufferFullError, IdempotencyConflictError, StorageError
@@ -101,6 +103,10 @@ _WAKES = frozenset({"pending", "delayed", "sleeping", "waiting"})
 
 _Due = tuple[tuple[int, int, datetime], str]
 """A claimable run's sort key (see ``_due``) and its id."""
+
+_Versions = Mapping[str, tuple[int, ...]] | None
+"""The versions a claim serves, by workflow, as ``check_claim_versions`` gives
+them (``None``: every version of every workflow)."""
 
 _RUN_FIELDS = tuple(field.name for field in dataclasses.fields(RunRecord))
 _RUN_VALUES = operator.attrgetter(*_RUN_FIELDS)
@@ -175,9 +181,12 @@ class _State:
     """Each workflow's runs waiting for their ``wake_at`` (pending, delayed,
     sleeping or waiting, not blocked), as a heap by ``wake_at``. An entry
     whose record is no longer the run's current one is skipped."""
-    ready: dict[str, list[tuple[int, datetime, str, int, RunRecord]]] = field(default_factory=dict)
-    """Each workflow's due runs, moved from ``future`` by the claims, as a
-    heap in claim order (priority, highest first, then ``wake_at``)."""
+    ready: dict[str, dict[int, list[tuple[int, datetime, str, int, RunRecord]]]] = field(
+        default_factory=dict
+    )
+    """Each workflow's due runs, moved from ``future`` by the claims, by
+    version, each a heap in claim order (priority, highest first, then
+    ``wake_at``): a claim serving some versions looks only at theirs."""
     pushes: list[int] = field(default_factory=lambda: [0])
     """A counter that keeps heap entries of equal times apart."""
     finished_by_minute: dict[datetime, set[str]] = field(default_factory=dict)
@@ -469,6 +478,8 @@ class MemoryStorage:
             limits=after.limits,
             rates=after.rates,
             headers=after.headers,
+            version=after.version,
+            fingerprint=after.fingerprint,
             blocked_by=None,
             wake_at=after.wake_at,
         )
@@ -675,54 +686,77 @@ class MemoryStorage:
             return (1, -rec.priority, rec.wake_at)
         return None
 
-    def _scanned(self, workflows: set[str], now: datetime, limit: int) -> Iterator[_Due]:
-        """The claimable runs of ``workflows`` in claim order, found by
-        asking :meth:`_due` of every run that has not ended."""
+    def _scanned(
+        self, workflows: set[str], now: datetime, limit: int, versions: _Versions
+    ) -> Iterator[_Due]:
+        """The claimable runs of ``workflows`` (of the versions served) in
+        claim order, found by asking :meth:`_due` of every run that has not
+        ended."""
         due: list[_Due] = []
         runs = self._runs
         for name in workflows:
             for run_id in self._unfinished.get(name, ()):
-                key = self._due(runs[run_id].record, now)
+                record = runs[run_id].record
+                if not serves_version(versions, record):
+                    continue
+                key = self._due(record, now)
                 if key is not None:
                     due.append((key, run_id))
         return _in_order(due, limit)
 
-    def _claimable(self, workflows: set[str], now: datetime) -> Iterator[_Due]:
+    def _claimable(self, workflows: set[str], now: datetime, versions: _Versions) -> Iterator[_Due]:
         """What :meth:`_scanned` finds, in the same order, from the indexes:
         the lapsed leases among the running runs, then the due runs of the
-        ``ready`` heaps, topped up from ``future`` with the runs due by now.
-        Whatever the caller takes it must write (claim or block), so that
-        its entry is spent."""
+        ``ready`` heaps of the versions served, topped up from ``future``
+        with the runs due by now. The heaps of the versions not served are
+        not looked at, so however many of their runs are due, they take no
+        place in the claim. Whatever the caller takes it must write (claim
+        or block), so that its entry is spent."""
         runs = self._runs
         lapsed: list[_Due] = []
         for name in workflows:
+            served = None if versions is None else versions.get(name)
             for run_id in self._running.get(name, ()):
-                expires = runs[run_id].record.lease_expires_at
-                if expires is not None and expires <= now:
+                record = runs[run_id].record
+                expires = record.lease_expires_at
+                if (
+                    expires is not None
+                    and expires <= now
+                    and (served is None or record.version in served)
+                ):
                     lapsed.append(((0, 0, expires), run_id))
         lapsed.sort()
         yield from lapsed
         heaps: list[list[tuple[int, datetime, str, int, RunRecord]]] = []
         for name in workflows:
             future = self._future.get(name)
-            ready = self._ready.setdefault(name, [])
+            ready = self._ready.setdefault(name, {})
             while future and future[0][0] <= now:
                 wake_at, run_id, seq, record = heapq.heappop(future)
                 entry = runs.get(run_id)
                 if entry is not None and entry.record is record:
-                    heapq.heappush(ready, (-record.priority, wake_at, run_id, seq, record))
-            heaps.append(ready)
+                    heap = ready.get(record.version)
+                    if heap is None:
+                        heap = ready[record.version] = []
+                    heapq.heappush(heap, (-record.priority, wake_at, run_id, seq, record))
+            for version in [version for version, heap in ready.items() if not heap]:
+                del ready[version]
+            served = None if versions is None else versions.get(name)
+            if served is None:
+                heaps.extend(ready.values())
+            else:
+                heaps.extend(ready[version] for version in served if version in ready)
         while True:
             best: list[tuple[int, datetime, str, int, RunRecord]] | None = None
-            for ready in heaps:
-                while ready:
-                    run_id, record = ready[0][2], ready[0][4]
+            for ready_heap in heaps:
+                while ready_heap:
+                    run_id, record = ready_heap[0][2], ready_heap[0][4]
                     entry = runs.get(run_id)
                     if entry is not None and entry.record is record:
                         break
-                    heapq.heappop(ready)  # written since: stale
-                if ready and (best is None or ready[0] < best[0]):
-                    best = ready
+                    heapq.heappop(ready_heap)  # written since: stale
+                if ready_heap and (best is None or ready_heap[0] < best[0]):
+                    best = ready_heap
             if best is None:
                 return
             rank, wake_at, run_id, _, _ = heapq.heappop(best)
@@ -736,11 +770,17 @@ class MemoryStorage:
         return None
 
     async def claim_runs(
-        self, workflows: Collection[str], limit: int, lease: timedelta
+        self,
+        workflows: Collection[str],
+        limit: int,
+        lease: timedelta,
+        *,
+        versions: Mapping[str, Collection[int]] | None = None,
     ) -> list[ClaimedRun]:
         self._check_open("claim_runs")
         for name in workflows:
             check_text(name, "workflow")
+        served = check_claim_versions(workflows, versions) or None
         check_duration(lease, "lease")
         if limit <= 0:
             return []
@@ -748,9 +788,9 @@ class MemoryStorage:
         self._release_rates(now)
         claimed: list[ClaimedRun] = []
         candidates = (
-            self._claimable(set(workflows), now)
+            self._claimable(set(workflows), now, served)
             if self._indexed_claims
-            else self._scanned(set(workflows), now, limit)
+            else self._scanned(set(workflows), now, limit, served)
         )
         while len(claimed) < limit:
             found = next(candidates, None)

@@ -55,7 +55,9 @@ from reflow_core.errors import IdempotencyConflictError
 
 __all__ = [
     "CHILDREN_WAIT_PREFIX",
+    "HOLD_EVENT",
     "MAX_CREATE_BATCH",
+    "MAX_FINGERPRINT",
     "MAX_GET_RUNS",
     "MAX_HEADERS",
     "MAX_HEADER_BYTES",
@@ -64,6 +66,7 @@ __all__ = [
     "MAX_RATE_PERIOD",
     "MAX_RUN_LIMITS",
     "MAX_RUN_RATES",
+    "MAX_VERSION",
     "PRIORITY_RANGE",
     "RATE_BLOCK_PREFIX",
     "TERMINAL_STATUSES",
@@ -101,6 +104,10 @@ RunStatus: TypeAlias = Literal[
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 """Statuses a run never leaves on its own (only :meth:`Storage.requeue_run` does)."""
 
+HOLD_EVENT = "reflow:release"
+"""``waiting_for`` of a run held after a change of its workflow's definition:
+the event that lets it go on (sent by ``Engine.release``)."""
+
 CHILDREN_WAIT_PREFIX = "reflow:children:"
 """``waiting_for`` of a run parked by :meth:`Storage.wait_children`: this
 prefix and the step whose children it waits for."""
@@ -127,6 +134,12 @@ class ConcurrencyLimit:
     key: str
     max: int
 
+
+MAX_VERSION = 2**31 - 1
+"""The highest workflow version a run may carry (versions start at 1)."""
+
+MAX_FINGERPRINT = 64
+"""The longest fingerprint a run may carry, in characters."""
 
 MAX_HEADERS = 16
 """How many headers one run may carry (:attr:`NewRun.headers`)."""
@@ -198,6 +211,15 @@ class NewRun:
     run's input, priority and limits with these and makes it due ``delay``
     from now, instead of creating another run. Not with an
     ``idempotency_key``."""
+    version: int = 1
+    """The version of the workflow definition that enqueued the run (1 to
+    :data:`MAX_VERSION`): claims can be limited to the versions a worker
+    serves (``claim_runs(versions=...)``). A debounced create replaces it."""
+    fingerprint: str | None = None
+    """The hash of that definition's shape (its ordered steps, sleeps,
+    waits, groups and maps), 1 to :data:`MAX_FINGERPRINT` characters of
+    ``0-9 a-z``, or ``None``. Stored as given and never read by the storage;
+    a debounced create replaces it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +274,11 @@ class RunRecord:
     """As created (``NewRun.debounce_key``)."""
     headers: Mapping[str, str] = field(default_factory=dict)
     """As created (``NewRun.headers``); a debounced create replaces them."""
+    version: int = 1
+    """As created (``NewRun.version``; 1 for runs stored before versions
+    existed); a debounced create replaces it."""
+    fingerprint: str | None = None
+    """As created (``NewRun.fingerprint``); a debounced create replaces it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,9 +559,24 @@ class Storage(Protocol):
         ...
 
     async def claim_runs(
-        self, workflows: Collection[str], limit: int, lease: timedelta
+        self,
+        workflows: Collection[str],
+        limit: int,
+        lease: timedelta,
+        *,
+        versions: Mapping[str, Collection[int]] | None = None,
     ) -> list[ClaimedRun]:
         """Claim up to ``limit`` claimable runs of the given workflows.
+
+        Versions: for a workflow that is a key of ``versions``, only runs
+        whose ``version`` is one of ``versions[workflow]`` are taken; its
+        other runs are left exactly as they are (not blocked, not changed,
+        a lapsed lease not taken over) for a claim that serves their
+        version, and they never keep a served run from being taken, however
+        many of them come first. A workflow that is not a key takes runs of
+        any version. ``versions`` must name only workflows in ``workflows``,
+        each with at least one version
+        (:func:`reflow_core.adapter.check_claim_versions`).
 
         Claimable means: ``pending``; ``delayed``, ``sleeping`` or ``waiting``
         with ``wake_at`` at or before now; or ``running`` with a lapsed lease.

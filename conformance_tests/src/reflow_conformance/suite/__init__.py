@@ -42,4 +42,5 @@ from .test_schedules import *  # noqa: F403
 from .test_sleep_wait import *  # noqa: F403
 from .test_stateful import *  # noqa: F403
 from .test_steps import *  # noqa: F403
+from .test_versions import *  # noqa: F403
 from .test_workers import *  # noqa: F403

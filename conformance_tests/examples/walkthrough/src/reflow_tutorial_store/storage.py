@@ -25,7 +25,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -79,8 +79,9 @@ MIGRATIONS = (
         # The first fifteen columns are kit.RUN_COLUMNS, in its order (the
         # rest come later: deadline_at in version 4, parent_id and parent_step
         # in version 5, priorities and limits in version 6, rates and the
-        # debounce key in version 7, headers in version 8), so that
-        # reflow_core.adapter.run_from_row maps a row without a line of ours.
+        # debounce key in version 7, headers in version 8, version and
+        # fingerprint in version 10), so that reflow_core.adapter.run_from_row
+        # maps a row without a line of ours.
         """CREATE TABLE runs (
             id TEXT PRIMARY KEY, workflow TEXT NOT NULL, status TEXT NOT NULL,
             input TEXT NOT NULL, output TEXT, error TEXT, idempotency_key TEXT,
@@ -201,7 +202,7 @@ MIGRATIONS = (
         " WHERE debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'delayed')",
     ),
     # --8<-- [end:rates-schema]
-    (  # Version 8: propagation headers, the last of kit.RUN_COLUMNS: one JSON
+    (  # Version 8: propagation headers, the next of kit.RUN_COLUMNS: one JSON
         # object (kit.headers_column), NULL for none, as the runs already in
         # the file have.
         "ALTER TABLE runs ADD COLUMN headers TEXT",
@@ -219,6 +220,14 @@ MIGRATIONS = (
         " WHERE idempotency_key IS NOT NULL",
     ),
     # --8<-- [end:dashboard-schema]
+    (  # Version 10: workflow versions, the last two of kit.RUN_COLUMNS: the
+        # version of the definition that enqueued a run (NewRun.version), 1
+        # for the runs already in the file, and the hash of its shape
+        # (NewRun.fingerprint), NULL for none, as they have. No index: a claim
+        # that serves some versions only filters the rows its indexes lead it to.
+        "ALTER TABLE runs ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE runs ADD COLUMN fingerprint TEXT",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 # kit.render_sql fills in our own column lists, never a value: values are bound.
@@ -316,7 +325,7 @@ LIST_CHILDREN = kit.render_sql(
 LAPSED_RUNS = (
     "SELECT id, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2"
     " FROM runs WHERE workflow IN (SELECT value FROM json_each(:workflows))"
-    " AND status = 'running' AND lease_expires_at <= :now"
+    " AND status = 'running' AND lease_expires_at <= :now{served}"
     " ORDER BY lease_expires_at, id"
 )
 # Then the due runs that are not blocked, highest priority first, then
@@ -329,9 +338,29 @@ DUE_RUNS = (
     "SELECT id, limit_key1, limit_max1, limit_key2, limit_max2,"
     " rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2 FROM runs"
     " WHERE workflow IN (SELECT value FROM json_each(:workflows))"
-    " AND blocked_by IS NULL AND wake_at <= :now"
+    " AND blocked_by IS NULL AND wake_at <= :now{served}"
     " ORDER BY priority DESC, wake_at, id LIMIT :limit"
 )
+# The {served} of both, for a claim given versions: :versions is a JSON
+# object, from each workflow whose versions the claim limits to the list of
+# those it serves. A run of a workflow it names, of a version not listed,
+# is passed over in the same walk of the same index, before the LIMIT:
+# never read as claimable, so never taken, blocked or changed (a lapsed
+# lease included), and however many come first, the LIMIT counts the served
+# runs alone. A claim of every version fills {served} with nothing: the
+# statements it runs are the ones above, as they were before versions existed.
+SERVED = (
+    " AND (workflow NOT IN (SELECT key FROM json_each(:versions))"
+    " OR (workflow, version) IN (SELECT served.key, listed.value"
+    "  FROM json_each(:versions) AS served, json_each(served.value) AS listed))"
+)
+CLAIM_READS = {  # (lapsed, due), by whether the claim was given versions
+    False: (kit.render_sql(LAPSED_RUNS, {"served": ""}), kit.render_sql(DUE_RUNS, {"served": ""})),
+    True: (
+        kit.render_sql(LAPSED_RUNS, {"served": SERVED}),
+        kit.render_sql(DUE_RUNS, {"served": SERVED}),
+    ),
+}
 # How many runs holding :key are running, lapsed leases included (a lapsed
 # run keeps its slot until it is taken over or stops). A run's keys are
 # distinct, so no run is counted twice.
@@ -574,9 +603,9 @@ class TutorialStorage:
             "INSERT INTO runs (id, workflow, status, input, idempotency_key, attempts, reclaims,"
             " lease_epoch, created_at, updated_at, wake_at, deadline_at, parent_id, parent_step,"
             " priority, limit_key1, limit_max1, limit_key2, limit_max2, rate_key1, rate_max1,"
-            " rate_period1, rate_key2, rate_max2, rate_period2, debounce_key, headers)"
-            " VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-            " ?, ?, ?, ?, ?, ?, ?, ?)",
+            " rate_period1, rate_key2, rate_max2, rate_period2, debounce_key, headers, version,"
+            " fingerprint) VALUES (?, ?, ?, ?, ?, 0, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run.id,
                 run.workflow,
@@ -594,6 +623,8 @@ class TutorialStorage:
                 *kit.rate_columns(run.rates),  # (key1, max1, period1, key2, ...), likewise
                 run.debounce_key,
                 kit.headers_column(run.headers),  # JSON text, None for no headers
+                run.version,  # as given (kit.check_new_run checked both), 1 by default
+                run.fingerprint,
             ),
         )
 
@@ -627,19 +658,32 @@ class TutorialStorage:
 
     # --8<-- [start:claim]
     async def claim_runs(
-        self, workflows: Collection[str], limit: int, lease: timedelta
+        self,
+        workflows: Collection[str],
+        limit: int,
+        lease: timedelta,
+        *,
+        versions: Mapping[str, Collection[int]] | None = None,
     ) -> list[ClaimedRun]:
+        # versions is checked first: a bad one is refused before anything
+        # else is looked at. served maps each workflow it names to its
+        # versions (sorted, without repeats), or is None.
+        served = kit.check_claim_versions(workflows, versions)
         for name in workflows:
             kit.check_text(name, "workflow")
         span = kit.span_us(kit.check_duration(lease, "lease"))
         if limit < 1 or not workflows:
             return []
+        # Versions limit what the claim reads, nothing else: with them, both
+        # reads take the filter SERVED, and every run they return is served.
+        lapsed_runs, due_runs = CLAIM_READS[bool(served)]
+        filters = {"versions": json.dumps(served)} if served else {}
 
         def body(cur: sqlite3.Cursor, now: int) -> list[ClaimedRun]:
             # BEGIN IMMEDIATE already holds the write lock: no other claimer
             # can pick the same rows, and no write that stops a running run
             # can change the counts below before this claim commits.
-            query = {"workflows": json.dumps(list(workflows)), "now": now}
+            query = {"workflows": json.dumps(list(workflows)), "now": now, **filters}
             claimed: list[ClaimedRun] = []
             # The runs blocked by a rate whose window has room again go back
             # among the due runs first, whatever workflows this claim asks for.
@@ -648,7 +692,7 @@ class TutorialStorage:
             # runs), whatever the limits: the run still holds its slots, and
             # the new holder takes them over. A rate holds them too: one over
             # its rate is left as it is, for a later claim.
-            for run_id, *rates in cur.execute(LAPSED_RUNS, query).fetchall():
+            for run_id, *rates in cur.execute(lapsed_runs, query).fetchall():
                 if len(claimed) == limit:
                     break
                 if _full_rate(cur, kit.rates_from_columns(*rates), now) is None:
@@ -659,7 +703,7 @@ class TutorialStorage:
             # the loop ends.
             while len(claimed) < limit:
                 wanted = {**query, "limit": limit - len(claimed)}
-                due = cur.execute(DUE_RUNS, wanted).fetchall()  # all read before a write
+                due = cur.execute(due_runs, wanted).fetchall()  # all read before a write
                 if not due:
                     break
                 for run_id, *columns in due:
@@ -1474,16 +1518,16 @@ def _release_rates(cur: sqlite3.Cursor, now: int) -> None:
 
 def _debounce(cur: sqlite3.Cursor, open_run: RunRecord, new: NewRun, now: int) -> RunRecord:
     """A debounced create: ``open_run`` takes ``new``'s input, priority,
-    limits, rates and headers, is no longer blocked, and is due
-    ``new.delay`` from now (never after its deadline). The kit computes the
-    record; the row is written to match it."""
+    limits, rates, headers, version and fingerprint, is no longer blocked,
+    and is due ``new.delay`` from now (never after its deadline). The kit
+    computes the record; the row is written to match it."""
     run = kit.debounced_record(open_run, new, kit.from_epoch_us(now))
     assert run.wake_at is not None  # pending or delayed: it has a due time
     cur.execute(
         "UPDATE runs SET status = ?, input = ?, priority = ?, limit_key1 = ?, limit_max1 = ?,"
         " limit_key2 = ?, limit_max2 = ?, rate_key1 = ?, rate_max1 = ?, rate_period1 = ?,"
-        " rate_key2 = ?, rate_max2 = ?, rate_period2 = ?, headers = ?, blocked_by = NULL,"
-        " wake_at = ?, updated_at = ? WHERE id = ?",
+        " rate_key2 = ?, rate_max2 = ?, rate_period2 = ?, headers = ?, version = ?,"
+        " fingerprint = ?, blocked_by = NULL, wake_at = ?, updated_at = ? WHERE id = ?",
         (
             run.status,
             run.input,
@@ -1491,6 +1535,8 @@ def _debounce(cur: sqlite3.Cursor, open_run: RunRecord, new: NewRun, now: int) -
             *kit.limit_columns(run.limits),
             *kit.rate_columns(run.rates),
             kit.headers_column(run.headers),
+            run.version,
+            run.fingerprint,
             kit.to_epoch_us(run.wake_at),
             now,
             run.id,
