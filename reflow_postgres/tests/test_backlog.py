@@ -284,3 +284,104 @@ async def test_the_newest_pending_runs_are_read_from_the_newest(
             assert _plans.blocks(nodes[0]) < 50
     finally:
         await store.close()
+
+
+async def test_a_claim_of_some_versions_passes_the_others_over_and_leaves_them(
+    postgres_url: str, schema: str, admin: Admin
+) -> None:
+    """500 pending runs of version 1 of ``wf`` (and 50,000 of a workflow
+    nobody claims here) ahead of its runs of version
+    2 (one of them holding a rate, so claim_held takes it), a lapsed lease
+    and a due sleeping run of version 1 before everything, and a lapsed
+    lease of version 2: a claim serving version 2 walks the same ranges of
+    runs_ready, runs_due and runs_running as the claim of every version (in
+    the custom and the generic plan), passing the other runs over, and
+    takes the lapsed lease of version 2, then its runs of version 2; every
+    other row of runs is left as it was, none locked, blocked or changed.
+    The claim of every version has no version filter in its statements."""
+    store = PostgresStorage.from_url(postgres_url)
+    await store.initialize()
+    ident = sql.Identifier(schema)
+    try:
+        for name, served in (("claim", "claim_served"), ("claim_limited", "claim_limited_served")):
+            assert b"%(versions)s" not in store._sql[name], name
+            assert b"%(versions)s" in store._sql[served], served
+        hour = "now() - interval '1 hour' + i * interval '1 millisecond'"
+        insert_runs(admin, schema, "old", "unserved", 50_000, "pending", hour)
+        front = "now() - interval '20 minutes' + i * interval '1 millisecond'"
+        insert_runs(admin, schema, "v1-", "wf", 500, "pending", front)
+        admin.execute(
+            sql.SQL(
+                "INSERT INTO {}.runs (id, workflow, status, input, attempts, lease_epoch,"
+                " created_at, updated_at, wake_at, lease_expires_at, version, rate_key1,"
+                " rate_max1, rate_period1) VALUES"
+                " ('v1-lapsed', 'wf', 'running', '1', 1, 1, now(), now(), NULL,"
+                "  now() - interval '1 hour', 1, NULL, NULL, NULL),"
+                " ('v1-asleep', 'wf', 'sleeping', '1', 1, 1, now(), now(),"
+                "  now() - interval '2 hours', NULL, 1, NULL, NULL, NULL),"
+                " ('v1-rated', 'wf', 'pending', '1', 0, 0, now(), now(),"
+                "  now() - interval '1 hour', NULL, 1, 'r', 5, 3600000000),"
+                " ('v2-lapsed', 'wf', 'running', '1', 1, 1, now(), now(), NULL,"
+                "  now() - interval '1 second', 2, NULL, NULL, NULL),"
+                " ('v2', 'wf', 'pending', '1', 0, 0, now(), now(),"
+                "  now() - interval '1 minute', NULL, 2, NULL, NULL, NULL),"
+                " ('v2-rated', 'wf', 'pending', '1', 0, 0, now(), now(),"
+                "  now() - interval '30 seconds', NULL, 2, 'r', 5, 3600000000)"
+            ).format(ident)
+        )
+        admin.execute(sql.SQL("ANALYZE {}.runs").format(ident))
+        every = sql.SQL("SELECT * FROM {}.runs ORDER BY id").format(ident)
+        before = admin.execute(every).fetchall()
+
+        params = {
+            "workflows": ["wf"],
+            "limit": 10,
+            "lease": LEASE,
+            "probe": True,
+            "skip": [],
+            "versions": '{"wf": [2]}',
+        }
+        statement = store._sql["claim_served"].decode()
+        for generic in (False, True):
+            with admin.transaction(force_rollback=True):
+                if generic:
+                    nodes = _plans.explain_generic(admin, statement, params)
+                else:
+                    nodes = _plans.explain(admin, statement, params)
+            scans = [n for n in nodes if "Index Name" in n]
+            used = {str(n["Index Name"]) for n in scans}
+            assert used <= {
+                "runs_ready",
+                "runs_due",
+                "runs_running",
+                "runs_pkey",
+                "steps_pkey",
+                "rate_waits_due",
+            }, used
+            queues = [n for n in scans if n["Index Name"] in ("runs_ready", "runs_due")]
+            assert {str(n["Index Name"]) for n in queues} == {"runs_ready", "runs_due"}
+            for node in queues:
+                assert "workflow =" in str(node["Index Cond"]), node["Index Cond"]
+                assert "wake_at <=" in str(node["Index Cond"]), node["Index Cond"]
+                assert int(str(node["Actual Rows"])) <= 2, node
+            seq = [n for n in nodes if n.get("Node Type") == "Seq Scan"]
+            assert all(n.get("Relation Name") == "rate_waits" for n in seq), seq
+            sorts = [n for n in nodes if n.get("Node Type") in ("Sort", "Incremental Sort")]
+            assert all(int(str(n["Actual Rows"])) <= 20 for n in sorts), sorts
+
+        claimed = await store.claim_runs(["wf"], 1, LEASE, versions={"wf": [2]})
+        assert [(c.run.id, c.reclaimed) for c in claimed] == [("v2-lapsed", True)]
+        claimed = await store.claim_runs(["wf"], 10, LEASE, versions={"wf": [2, 3]})
+        assert [(c.run.id, c.run.version) for c in claimed] == [("v2", 2), ("v2-rated", 2)]
+        assert await store.claim_runs(["wf"], 10, LEASE, versions={"wf": [2]}) == []
+        taken = {"v2-lapsed", "v2", "v2-rated"}
+        after = admin.execute(every).fetchall()
+        assert [row for row in after if row[0] not in taken] == [
+            row for row in before if row[0] not in taken
+        ]
+        # The claim of every version takes the others, the lapsed lease first
+        # (a run holding a rate comes back last: claim_held takes it after).
+        rest = await store.claim_runs(["wf"], 4, LEASE)
+        assert [c.run.id for c in rest] == ["v1-lapsed", "v1-asleep", "v1-0000001", "v1-rated"]
+    finally:
+        await store.close()

@@ -192,7 +192,9 @@ async def test_a_claim_behind_many_full_keys_never_reads_their_blocked_runs(
     assert ready
     assert all(int(str(n["Actual Rows"])) <= 10 for n in ready), ready
     assert ("Index Scan", "runs_due") in scans or ("Index Only Scan", "runs_due") in scans
-    assert blocks(top) < 200
+    # The search for lapsed leases reads the 9,000 running holders' rows
+    # (about 190 pages); reading the 9,000 blocked runs too would double it.
+    assert blocks(top) < 230
 
     # What claim_limited and release_limits run, for a key: index lookups.
     for query, index in (

@@ -969,3 +969,167 @@ async def test_a_version_9_schema_with_runs_is_migrated_forward(
         assert [s.key for s in await store.due_schedules(10, ["wf"])] == ["ours"]
         assert [s.key for s in await store.due_schedules(10)] == ["theirs", "ours"]
         assert [s.key for s in await store.due_schedules(1, ["wf2", "wf"])] == ["theirs"]
+
+
+async def test_a_version_10_schema_with_runs_is_migrated_forward(
+    postgres_url: str, schema: str, admin: Admin, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Version 11 adds runs.version (integer, NOT NULL, default 1) and
+    runs.fingerprint (text, nullable): the table is not rewritten, every run
+    stored before keeps what it had and reads as version 1 with no
+    fingerprint, and workers starting together migrate once. A claim serving
+    another version leaves the old runs as they are, lapsed lease included,
+    and one serving version 1 takes them. New runs keep their version and
+    fingerprint however they are created, a debounced create replaces an
+    old open run's, and claims return them, through claim_held too, whose
+    rows (of the table's row type) gain the columns with the table, even in
+    a session that ran it before."""
+    await initialize_old_schema(postgres_url, monkeypatch, 10)
+    ident = sql.Identifier(schema)
+    admin.execute(
+        sql.SQL(
+            "INSERT INTO {}.runs (id, workflow, status, input, attempts, created_at, updated_at,"
+            " wake_at, lease_expires_at, lease_epoch, rate_key1, rate_max1, rate_period1,"
+            " debounce_key) VALUES"
+            " ('old-due', 'wf', 'pending', '1', 0, now() - interval '1 hour',"
+            "  now() - interval '1 hour', now() - interval '1 hour', NULL, 0, NULL, NULL, NULL,"
+            "  NULL),"
+            " ('old-lapsed', 'wf', 'running', '2', 1, now() - interval '2 hours',"
+            "  now() - interval '2 hours', NULL, now() - interval '1 minute', 1, NULL, NULL,"
+            "  NULL, NULL),"
+            " ('old-open', 'wf', 'pending', '3', 0, now() - interval '30 minutes',"
+            "  now() - interval '30 minutes', now() - interval '30 minutes', NULL, 0, NULL,"
+            "  NULL, NULL, 'd'),"
+            " ('old-held', 'held', 'pending', '4', 0, now(), now(), now() - interval '1 hour',"
+            "  NULL, 0, 'h', 5, 3600000000, NULL),"
+            " ('old-held2', 'held', 'pending', '5', 0, now(), now(), now() - interval '1 hour',"
+            "  NULL, 0, 'h', 5, 3600000000, NULL)"
+        ).format(ident)
+    )
+    read = sql.SQL(
+        "SELECT id, workflow, status, input, attempts, created_at, updated_at, wake_at,"
+        " lease_expires_at, lease_epoch, debounce_key FROM {}.runs WHERE id LIKE 'old-%%'"
+        " AND id <> 'old-held'"
+    ).format(ident)
+    before = {row[0]: row[1:] for row in admin.execute(read)}
+    claim_held = sql.SQL(
+        "SELECT (h.run).id, to_jsonb(h.run) FROM {}.claim_held(%s::text[],"
+        " interval '30 seconds', NULL::timestamptz, 10, %s, NULL::text) AS h"
+    ).format(ident)
+    # This session runs claim_held on the old schema, then again on the new one.
+    [(held_id, held_row)] = admin.execute(claim_held, (["old-held"], RATE_BLOCK_PREFIX)).fetchall()
+    assert held_id == "old-held"
+    assert isinstance(held_row, dict)
+    assert "version" not in held_row
+    async with migrated(postgres_url, schema, admin, monkeypatch) as stores:
+        store = stores[0]
+        columns = admin.execute(
+            "SELECT column_name, data_type, is_nullable, column_default"
+            " FROM information_schema.columns WHERE table_schema = %s AND table_name = 'runs'"
+            " AND column_name IN ('version', 'fingerprint') ORDER BY column_name",
+            (schema,),
+        ).fetchall()
+        assert columns == [
+            ("fingerprint", "text", "YES", None),
+            ("version", "integer", "NO", "1"),
+        ]
+        assert {row[0]: row[1:] for row in admin.execute(read)} == before
+        olds = {r.id: r for r in (await store.list_runs(workflow="wf")).runs}
+        assert {i: (r.version, r.fingerprint) for i, r in olds.items()} == {
+            "old-due": (1, None),
+            "old-lapsed": (1, None),
+            "old-open": (1, None),
+        }
+        lease = timedelta(seconds=30)
+        assert await stores[1].claim_runs(["wf"], 10, lease, versions={"wf": [2]}) == []
+        assert {row[0]: row[1:] for row in admin.execute(read)} == before
+
+        [(held_id, held_row)] = admin.execute(
+            claim_held, (["old-held2"], RATE_BLOCK_PREFIX)
+        ).fetchall()
+        assert held_id == "old-held2"
+        assert isinstance(held_row, dict)
+        assert (held_row["version"], held_row["fingerprint"]) == (1, None)
+        assert held_row["status"] == "running"
+
+        # One at a time, many together (their creates share a statement), in a batch.
+        alone = await stores[1].create_run(NewRun("new", "1", version=2, fingerprint="a2"))
+        many = await asyncio.gather(
+            *(
+                stores[1].create_run(NewRun("new", str(i), version=3 + i, fingerprint=f"m{i}"))
+                for i in range(5)
+            )
+        )
+        batch = await stores[1].create_runs(
+            [
+                NewRun("new", "b", version=9, fingerprint="b9"),
+                NewRun("new", "c", version=2, delay=timedelta(hours=1)),
+                NewRun("new", "x"),
+            ]
+        )
+        bare = await stores[1].create_run(NewRun("new", "x"))
+        assert (alone.run.version, alone.run.fingerprint) == (2, "a2")
+        assert [(c.run.version, c.run.fingerprint) for c in many] == [
+            (3 + i, f"m{i}") for i in range(5)
+        ]
+        made = [o for o in batch if not isinstance(o, Exception)]
+        assert [(o.run.version, o.run.fingerprint) for o in made] == [
+            (9, "b9"),
+            (2, None),
+            (1, None),
+        ]
+        assert (bare.run.version, bare.run.fingerprint) == (1, None)
+        for created in (alone, *many, *made, bare):
+            assert await store.get_run(created.run.id) == created.run
+
+        # A debounced create gives the old open run its version and fingerprint.
+        again = await stores[2].create_run(
+            NewRun("wf", "6", debounce_key="d", version=2, fingerprint="d2")
+        )
+        assert (again.created, again.run.id) == (False, "old-open")
+        assert (again.run.version, again.run.fingerprint) == (2, "d2")
+
+        # Claimed through claim (no rates) and claim_held (rates), with children.
+        rate = (RateLimit("q", 5, timedelta(hours=1)),)
+        rated = await store.create_run(
+            NewRun("claims", "r", rates=rate, version=4, fingerprint="r4")
+        )
+        plain = await store.create_run(NewRun("claims", "p", version=4, fingerprint="p4"))
+        other = await store.create_run(NewRun("claims", "o", version=5, fingerprint="o5"))
+        claimed = await stores[3].claim_runs(["claims"], 10, lease, versions={"claims": [4]})
+        assert {c.run.id: (c.run.version, c.run.fingerprint) for c in claimed} == {
+            rated.run.id: (4, "r4"),
+            plain.run.id: (4, "p4"),
+        }
+        assert await store.get_run(other.run.id) == other.run
+        parent = next(c for c in claimed if c.run.id == plain.run.id)
+        child = await stores[3].start_child(
+            parent.lease, "spawn", NewRun("kids", "c", run_id="kid-1", version=7, fingerprint="k")
+        )
+        assert child is not None
+        assert (child.version, child.fingerprint) == (7, "k")
+        assert await store.get_run("kid-1") == child
+
+        # A schedule's slot creates its run with the run's version.
+        slot = datetime(2020, 1, 1, tzinfo=UTC)
+        schedule = await store.upsert_schedule(
+            ScheduleSpec("every", "sched", "1", "every:3600", slot)
+        )
+        fired = await store.claim_schedule_slot(
+            "every",
+            schedule.next_run_at,
+            schedule.next_run_at + timedelta(hours=1),
+            NewRun("sched", "1", idempotency_key="slot-1", version=6, fingerprint="s6"),
+        )
+        assert fired is not None
+        assert (fired.version, fired.fingerprint) == (6, "s6")
+        assert await store.get_run(fired.id) == fired
+
+        # Version 1 takes the old runs, the lapsed lease first.
+        claimed = await store.claim_runs(["wf"], 10, lease, versions={"wf": [1]})
+        assert [(c.run.id, c.reclaimed) for c in claimed] == [
+            ("old-lapsed", True),
+            ("old-due", False),
+        ]
+        [taken] = await store.claim_runs(["wf"], 10, lease)
+        assert taken.run.id == "old-open"

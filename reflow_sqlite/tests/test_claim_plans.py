@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from reflow_core.storage import ScheduleRecord
 from reflow_sqlite import _scripts as scripts
-from reflow_sqlite._queries import per_workflow, with_marks
+from reflow_sqlite._queries import lapsed_served, per_workflow, with_marks
 from reflow_sqlite._scripts import Params, Row, Script
 from reflow_sqlite._thread import drive
 
@@ -240,3 +240,92 @@ def test_many_workflows_are_read_in_chunks_and_merged() -> None:
         due, _ = run(raw, scripts.due_schedules(NOW, 2, workflows))
         assert isinstance(due, list)
         assert [s.key for s in due if isinstance(s, ScheduleRecord)] == ["wf-s0", "wf-s1"]
+
+
+UNSERVED = 500  # pending runs of version 1 ahead of the run of version 2
+
+
+def test_a_claim_of_some_versions_passes_the_others_over_and_leaves_them() -> None:
+    """500 pending runs of version 1 of ``wf`` ahead of one of version 2,
+    due sleeping runs and a lapsed lease of version 1 before everything, a
+    lapsed lease of version 2, and runs of another version of ``any``, a
+    workflow the claim takes every version of: a claim serving version 2 of
+    ``wf`` takes the lapsed lease of version 2, then the run of version 2
+    and ``any``'s runs, and leaves every other row of runs as it was. Its
+    statements seek the same indexes as the claim of every version (the
+    runs of other versions are passed over on the way), whose statements
+    have no version in them at all."""
+    with database() as raw:
+        rows: list[tuple[object, ...]] = [
+            (f"v1-{i:04d}", "wf", "pending", NOW - 10_000_000 + i, None, 1) for i in range(UNSERVED)
+        ]
+        rows += [
+            ("v2", "wf", "pending", NOW - 1_000_000, None, 2),
+            ("v1-asleep", "wf", "sleeping", NOW - 20_000_000, None, 1),
+            ("v1-lapsed", "wf", "running", None, NOW - 30_000_000, 1),
+            ("v2-lapsed", "wf", "running", None, NOW - 1, 2),
+            ("any-3", "any", "pending", NOW - 5_000_000, None, 3),
+            ("any-asleep", "any", "sleeping", NOW - 4_000_000, None, 1),
+        ]
+        raw.executemany(
+            "INSERT INTO runs (id, workflow, status, wake_at, lease_expires_at, version, input,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, '1', 1, 1)",
+            rows,
+        )
+        raw.execute("ANALYZE")
+        every = "SELECT * FROM runs ORDER BY id"
+        before = raw.execute(every).fetchall()
+
+        served = (1, 0)  # of wf, any
+        due = per_workflow("claim_due", 2, served)
+        params = ["wf", NOW, 2, 25, "any", NOW, 25, "wf", "any", NOW, "wf", 2, 25, 25]
+        steps = plan(raw, due, params)
+        assert [step for step in steps if step.startswith(("SCAN runs", "SEARCH runs"))] == [
+            "SEARCH runs USING INDEX runs_pending (workflow=?)",
+            "SEARCH runs USING INDEX runs_pending (workflow=?)",
+            "SEARCH runs USING INDEX runs_due (workflow=? AND wake_at<?)",
+        ], steps
+        sorts = [i for i, step in enumerate(steps) if step.startswith("USE TEMP B-TREE")]
+        assert len(sorts) == 2, steps  # the due timed runs, then the merged heads
+        lapsed = lapsed_served(served)
+        assert plan(raw, lapsed, ("wf", "any", NOW, "wf", 2, 25))[:1] == [
+            "SEARCH runs USING INDEX runs_lease (workflow=? AND lease_expires_at<?)"
+        ]
+        for count in (1, 2, 5):
+            assert "version" not in per_workflow("claim_due", count)
+            assert per_workflow("claim_due", count) == per_workflow(
+                "claim_due", count, (0,) * count
+            )
+            assert "version" not in with_marks("claim_lapsed", "workflows", count)
+
+        raw.execute("BEGIN IMMEDIATE")
+        claimed = drive(
+            scripts.claim(NOW, ["wf", "any"], 10, LEASE_US, {"wf": (2,)}),
+            lambda sql, params: raw.execute(sql, params).fetchall(),
+        )
+        raw.execute("COMMIT")
+        assert isinstance(claimed, list)
+        assert [(c.run.id, c.run.version, c.reclaimed) for c in claimed] == [
+            ("v2-lapsed", 2, True),
+            ("any-3", 3, False),
+            ("any-asleep", 1, False),
+            ("v2", 2, False),
+        ]
+        taken = {c.run.id for c in claimed}
+        after = raw.execute(every).fetchall()
+        assert [row for row in after if row[0] not in taken] == [
+            row for row in before if row[0] not in taken
+        ]
+        # The claim of every version takes the rest, lapsed lease first.
+        raw.execute("BEGIN IMMEDIATE")
+        rest = drive(
+            scripts.claim(NOW, ["wf", "any"], 10, LEASE_US),
+            lambda sql, params: raw.execute(sql, params).fetchall(),
+        )
+        raw.execute("COMMIT")
+        assert isinstance(rest, list)
+        assert [c.run.id for c in rest] == [
+            "v1-lapsed",
+            "v1-asleep",
+            *[f"v1-{i:04d}" for i in range(8)],
+        ]

@@ -1062,6 +1062,84 @@ async def test_a_version_10_database_with_runs_is_migrated_forward(
     ]
 
 
+# -- version 12: workflow versions -------------------------------------------------------
+
+
+async def test_a_version_11_database_with_runs_is_migrated_forward(
+    opener, db_path, tmp_path, clock
+) -> None:
+    """Version 12 adds runs.version (1) and runs.fingerprint (NULL) in place
+    (no rebuild): the rows written before it are unchanged and read as
+    version 1 with no fingerprint, a claim serving version 1 takes them and
+    one serving another version leaves them, lapsed lease included; new runs
+    keep theirs however they are created, and a debounced create replaces
+    an old open run's."""
+    start = to_epoch_us(clock.now)
+    columns = f"{RUN_COLUMNS}, deadline_at, parent_id, parent_step, priority, debounce_key"
+    rows = [
+        ("old-due", "wf", "pending", "1", None, None, "key", 0, 0, 0, start - 9, start - 9,
+         start - 9, None, None, None, None, None, None, 0, None),
+        ("old-lapsed", "wf", "running", "2", None, None, None, 1, 0, 1, start - 8, start - 8,
+         None, None, start - 1, None, None, None, None, 0, None),
+        ("old-open", "wf", "pending", "3", None, None, None, 0, 0, 0, start - 7, start - 7,
+         start - 7, None, None, None, None, None, None, 0, "d"),
+        ("old-done", "wf", "completed", "4", '"ok"', None, None, 1, 0, 1, start - 5, start - 4,
+         None, None, None, start - 4, None, None, None, 0, None),
+    ]  # fmt: skip
+    store = await migrate_rows_in_place(
+        opener, db_path, tmp_path, 11, columns, rows, "version <> 1 OR fingerprint IS NOT NULL"
+    )
+    assert query(db_path, "SELECT DISTINCT version, fingerprint FROM runs") == [(1, None)]
+    for run_id in ("old-due", "old-lapsed", "old-open", "old-done"):
+        old = await store.get_run(run_id)
+        assert old is not None
+        assert (old.version, old.fingerprint) == (1, None)
+
+    lease = timedelta(minutes=1)
+    # A claim of version 2 only leaves the old runs, lapsed lease included.
+    assert await store.claim_runs(["wf"], 10, lease, versions={"wf": [2]}) == []
+    assert_runs_kept(db_path, columns, rows)
+    # New runs keep their version and fingerprint, one by one and in a batch.
+    made = await store.create_run(NewRun("wf", "5", run_id="new", version=2, fingerprint="a1"))
+    assert (made.run.version, made.run.fingerprint) == (2, "a1")
+    batch = await store.create_runs(
+        [
+            NewRun("wf", "6", run_id="batch-1", version=3, fingerprint="b3"),
+            NewRun("wf", "7", run_id="batch-2"),
+        ]
+    )
+    assert [(o.run.version, o.run.fingerprint) for o in batch if not isinstance(o, Exception)] == [
+        (3, "b3"),
+        (1, None),
+    ]
+    # A debounced create gives the old open run its version and fingerprint.
+    again = await store.create_run(NewRun("wf", "8", debounce_key="d", version=2, fingerprint="c"))
+    assert (again.created, again.run.id) == (False, "old-open")
+    assert (again.run.version, again.run.fingerprint) == (2, "c")
+    assert query(
+        db_path, "SELECT id, version, fingerprint FROM runs WHERE version <> 1 ORDER BY id"
+    ) == [("batch-1", 3, "b3"), ("new", 2, "a1"), ("old-open", 2, "c")]
+    # Version 2 takes its own two runs only (due now, the debounced one
+    # again: by id); version 1 the old ones, lapsed first.
+    claimed = await store.claim_runs(["wf"], 10, lease, versions={"wf": [2]})
+    assert [c.run.id for c in claimed] == ["new", "old-open"]
+    parent = claimed[0]
+    child = await store.start_child(
+        parent.lease, "spawn", NewRun("kids", "9", run_id="kid", version=5, fingerprint="k5")
+    )
+    assert child is not None
+    assert (child.version, child.fingerprint) == (5, "k5")
+    assert [(c.version, c.fingerprint) for c in await store.list_children("new")] == [(5, "k5")]
+    claimed = await store.claim_runs(["wf", "kids"], 10, lease, versions={"wf": [1]})
+    assert [(c.run.id, c.reclaimed) for c in claimed] == [
+        ("old-lapsed", True),
+        ("old-due", False),
+        ("batch-2", False),
+        ("kid", False),
+    ]
+    assert [c.run.id for c in await store.claim_runs(["wf"], 10, lease)] == ["batch-1"]
+
+
 async def test_many_storages_opening_a_new_file_at_once_all_open_it(
     opener: Opener, tmp_path: Path
 ) -> None:

@@ -72,9 +72,9 @@ def deadline_param(new: NewRun) -> timedelta | None:
 def limit_params(new: NewRun) -> dict[str, Any]:
     """The ``priority``, ``key1``, ``max1``, ``key2`` and ``max2`` (limits),
     ``rkey1``, ``rmax1``, ``rperiod1``, ``rkey2``, ``rmax2`` and ``rperiod2``
-    (rates, periods in microseconds), ``debounce`` and ``headers`` (a JSON
-    object, or ``None`` for none) parameters of a statement that creates
-    ``new`` (``limit_values``)."""
+    (rates, periods in microseconds), ``debounce``, ``headers`` (a JSON
+    object, or ``None`` for none), ``version`` and ``fingerprint``
+    parameters of a statement that creates ``new`` (``limit_values``)."""
     key1, max1, key2, max2 = limit_columns(new.limits)
     rkey1, rmax1, rperiod1, rkey2, rmax2, rperiod2 = rate_columns(new.rates)
     return {
@@ -91,6 +91,8 @@ def limit_params(new: NewRun) -> dict[str, Any]:
         "rperiod2": rperiod2,
         "debounce": new.debounce_key,
         "headers": headers_column(new.headers),
+        "version": new.version,
+        "fingerprint": new.fingerprint,
     }
 
 
@@ -103,7 +105,8 @@ def create_rows(ids: Sequence[str], news: Sequence[NewRun]) -> str:
     """The ``rows`` parameter of ``create_many`` for ``news``, created with
     ``ids``: a JSON array with one array per run, in the order and layout
     that statement reads. A run with no delay, deadline, headers, limits or
-    rates (the usual enqueue) sends five fields, the others all eighteen;
+    rates (the usual enqueue) sends seven fields (its version and
+    fingerprint the last two), the others all twenty;
     durations go as interval text in days and seconds, as psycopg sends a
     ``timedelta``. Built in one pass with no per-item calls in the usual
     case: it is the Python cost of every run a batch creates. The JSON is
@@ -115,7 +118,15 @@ def create_rows(ids: Sequence[str], news: Sequence[NewRun]) -> str:
     last_headers: object = None
     last_column: str | None = None
     for run_id, new in zip(ids, news, strict=True):
-        row: list[Any] = [run_id, new.workflow, new.input, new.priority, new.idempotency_key]
+        row: list[Any] = [
+            run_id,
+            new.workflow,
+            new.input,
+            new.priority,
+            new.idempotency_key,
+            new.version,
+            new.fingerprint,
+        ]
         delay = new.delay
         deadline = new.deadline
         headers = new.headers
@@ -260,6 +271,8 @@ def made_record(row: Sequence[Any], new: NewRun) -> RunRecord:
         limits=new.limits,
         rates=new.rates,
         headers=dict(sorted(headers.items())) if headers else {},
+        version=new.version,
+        fingerprint=new.fingerprint,
     )
 
 

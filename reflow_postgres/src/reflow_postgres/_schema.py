@@ -82,6 +82,13 @@ Design notes (see docs/postgres.md):
   the workflow names) and stop at their limit, so runs and schedules of
   other workflows are never read, and a workflow's own backlog only up to
   the limit.
+* ``runs.version`` and ``runs.fingerprint`` (version 11): the version of
+  the workflow definition that enqueued a run and the hash of its shape,
+  written by every statement that inserts a run and replaced by a
+  debounced create. A constant default and a nullable column, so the
+  migration rewrites nothing; unindexed: a claim that serves some versions
+  only filters the rows its walks of the queue indexes read
+  (``claim_served``), and a claim of every version is unchanged.
 * A lease lives in ``lease_expires_at``, which no index covers, and neither
   does ``updated_at``: a heartbeat or a step save that renews the lease is a
   HOT update and writes no index entries. Retention uses ``finished_at``,

@@ -47,6 +47,12 @@ def statements(schema: str, *, notify: bool, test_clock: bool) -> Statements:
     and finish hints alike;
     ``test_clock`` binds the clock as the ``now`` parameter instead of
     reading the server's.
+
+    ``claim`` and ``claim_limited`` come twice: as they are for a claim of
+    every version (``{served}`` empty), and, as ``claim_served`` and
+    ``claim_limited_served``, for a claim that serves some versions only
+    (the file rendered again with ``{served}`` and ``{held_ids}`` filtering
+    the versions; see ``queries.sql``).
     """
     channel = sql.Literal(channel_name(schema)).as_string(None)
     slots = {
@@ -74,7 +80,18 @@ def statements(schema: str, *, notify: bool, test_clock: bool) -> Statements:
             notify_done_f="NULL",
             notify_done_many="NULL::bigint",
         )
-    queries = load_queries(__package__, "queries.sql", slots)
+    queries = load_queries(__package__, "queries.sql", {**slots, "served": ""})
+    versioned = load_queries(
+        __package__,
+        "queries.sql",
+        {
+            **slots,
+            "served": " AND " + queries["version_served"],
+            "held_ids": queries["held_ids_served"],
+        },
+    )
+    queries["claim_served"] = versioned["claim"]
+    queries["claim_limited_served"] = versioned["claim_limited"]
     return MappingProxyType({name: text.encode() for name, text in queries.items()})
 
 

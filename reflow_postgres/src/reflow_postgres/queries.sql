@@ -19,7 +19,11 @@
 --   as a literal (blocked_by of a run blocked by a rate limit, before the key);
 -- * {run_columns}, {run_columns_r} and {run_columns_c} (each prefixed with r. or c.),
 --   {schedule_columns} and {worker_columns}: the column orders of
---   reflow_core.adapter's row mappers.
+--   reflow_core.adapter's row mappers;
+-- * {served}: in claim and claim_limited, what a claim that serves some
+--   versions only adds to their reads (see version_served); empty for a
+--   claim of every version, whose statements are then as they were without
+--   versions (reflow_postgres._sql renders both).
 --
 -- Every value is bound as a %(name)s parameter. Parameters that appear only
 -- in a SELECT list carry an explicit cast, since the server cannot infer
@@ -56,7 +60,7 @@ CASE WHEN wake_at > {latest} THEN {latest} ELSE wake_at END AS wake_at,
 waiting_for, CASE WHEN lease_expires_at > {latest} THEN {latest} ELSE lease_expires_at END
     AS lease_expires_at, deadline_at, parent_id, parent_step, priority, limit_key1, limit_max1,
     limit_key2, limit_max2, blocked_by, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2,
-    rate_period2, debounce_key, headers
+    rate_period2, debounce_key, headers, version, fingerprint
 
 -- name: step_read_columns
 -- The step columns of reflow_core.adapter.STEP_COLUMNS, wake_at capped.
@@ -75,15 +79,16 @@ id = %(id)s AND status = 'running' AND lease_epoch = %(epoch)s AND lease_expires
 INSERT INTO {schema}.runs AS r (id, workflow, status, input, idempotency_key, created_at,
     updated_at, wake_at, deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2,
     rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, debounce_key,
-    headers)
+    headers, version, fingerprint)
 
 -- name: limit_values
--- The priority, limits, rates, debounce key and headers of a new run
--- (reflow_core.adapter.limit_columns, rate_columns and headers_column;
--- periods in microseconds, headers a JSON object or NULL).
+-- The priority, limits, rates, debounce key, headers, version and
+-- fingerprint of a new run (reflow_core.adapter.limit_columns, rate_columns
+-- and headers_column; periods in microseconds, headers a JSON object or NULL).
 %(priority)s::integer, %(key1)s::text, %(max1)s::integer, %(key2)s::text, %(max2)s::integer,
 %(rkey1)s::text, %(rmax1)s::integer, %(rperiod1)s::bigint, %(rkey2)s::text, %(rmax2)s::integer,
-%(rperiod2)s::bigint, %(debounce)s::text, %(headers)s::text
+%(rperiod2)s::bigint, %(debounce)s::text, %(headers)s::text, %(version)s::integer,
+%(fingerprint)s::text
 
 -- name: new_status
 -- A new run with a delay (a positive interval, else NULL) is delayed: stored
@@ -108,7 +113,8 @@ RETURNING {read_columns}, (xmax = 0) AS inserted
 -- Debounce: the workflow's open run with the same debounce key (pending, or
 -- delayed: stored as sleeping, and never claimed; the predicate of
 -- runs_debounce) is updated in place instead: the new input, priority,
--- limits, rates and headers, unblocked, due the delay from now (or at its own
+-- limits, rates, headers, version and fingerprint, unblocked, due the delay
+-- from now (or at its own
 -- deadline if that comes first; least() skips a NULL), its id, creation and
 -- deadline kept; it comes back with inserted false. Concurrent creates with
 -- the key are serialized by the index: one inserts, the others update.
@@ -120,7 +126,8 @@ DO UPDATE SET status = EXCLUDED.status, input = EXCLUDED.input,
     limit_max2 = EXCLUDED.limit_max2, rate_key1 = EXCLUDED.rate_key1,
     rate_max1 = EXCLUDED.rate_max1, rate_period1 = EXCLUDED.rate_period1,
     rate_key2 = EXCLUDED.rate_key2, rate_max2 = EXCLUDED.rate_max2,
-    rate_period2 = EXCLUDED.rate_period2, headers = EXCLUDED.headers, blocked_by = NULL,
+    rate_period2 = EXCLUDED.rate_period2, headers = EXCLUDED.headers,
+    version = EXCLUDED.version, fingerprint = EXCLUDED.fingerprint, blocked_by = NULL,
     wake_at = least({now} + coalesce(%(delay)s::interval, interval '0'), r.deadline_at),
     updated_at = {now}
 RETURNING {read_columns}, (xmax = 0) AS inserted
@@ -273,9 +280,9 @@ WITH ins AS (
 -- no two share an id or an idempotency key, and that none has a debounce key.
 -- %(rows)s is a JSON array with one array per run, in order (see
 -- reflow_postgres._rows.create_rows): id, workflow, input, priority,
--- idempotency key, then, only when one of them is set, delay and deadline
--- (interval text), headers, the limit columns and the rate columns; a
--- field past the end of a shorter array reads as NULL. One JSON text is far
+-- idempotency key, version, fingerprint, then, only when one of them is
+-- set, delay and deadline (interval text), headers, the limit columns and
+-- the rate columns; a field past the end of a shorter array reads as NULL. One JSON text is far
 -- cheaper to send than an array per column, whose every element the client
 -- would escape one by one. Rows are inserted in (workflow, key) order, so
 -- that concurrent statements sharing keys take the keys' locks (an insert's,
@@ -285,18 +292,18 @@ WITH ins AS (
 -- later ones).
 WITH t AS (
     SELECT r->>0 AS id, r->>1 AS workflow, r->>2 AS input, (r->>3)::integer AS priority,
-        r->>4 AS key, (r->>5)::interval AS delay, (r->>6)::interval AS deadline,
-        r->>7 AS headers, r->>8 AS key1, (r->>9)::integer AS max1, r->>10 AS key2,
-        (r->>11)::integer AS max2, r->>12 AS rkey1, (r->>13)::integer AS rmax1,
-        (r->>14)::bigint AS rperiod1, r->>15 AS rkey2, (r->>16)::integer AS rmax2,
-        (r->>17)::bigint AS rperiod2, ord
+        r->>4 AS key, (r->>5)::integer AS version, r->>6 AS fingerprint,
+        (r->>7)::interval AS delay, (r->>8)::interval AS deadline, r->>9 AS headers,
+        r->>10 AS key1, (r->>11)::integer AS max1, r->>12 AS key2, (r->>13)::integer AS max2,
+        r->>14 AS rkey1, (r->>15)::integer AS rmax1, (r->>16)::bigint AS rperiod1,
+        r->>17 AS rkey2, (r->>18)::integer AS rmax2, (r->>19)::bigint AS rperiod2, ord
     FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS e(r, ord)
 ), ins AS (
     {insert_run}
     SELECT id, workflow, CASE WHEN delay IS NULL THEN 'pending' ELSE 'sleeping' END, input,
         key, {now}, {now}, least({now} + coalesce(delay, interval '0'), {now} + deadline),
         {now} + deadline, priority, key1, max1, key2, max2, rkey1, rmax1, rperiod1, rkey2,
-        rmax2, rperiod2, NULL, headers FROM t ORDER BY workflow, key, ord
+        rmax2, rperiod2, NULL, headers, version, fingerprint FROM t ORDER BY workflow, key, ord
     {on_idempotency_key}
 ), woken AS (
     SELECT {notify_ins} FROM (SELECT workflow, min(wake_at) AS wake_at FROM ins
@@ -353,6 +360,12 @@ SELECT {read_columns} FROM {schema}.runs WHERE id = %(id)s
 -- it claims nothing and says so in the last column, and the caller runs
 -- release_rates and claims again, so that the runs it releases compete
 -- with the others.
+--
+-- {served} is empty for a claim of every version. A claim that serves some
+-- versions only (claim_served) adds version_served to the three reads: the
+-- runs of other versions are passed over by the same walks of the same
+-- indexes, before they are locked, so they are neither locked, blocked nor
+-- changed, and the LIMIT of each read counts the runs it serves only.
 WITH gate AS MATERIALIZED (
     SELECT %(probe)s::boolean
         AND EXISTS (SELECT 1 FROM {schema}.rate_waits WHERE due_at <= {now}) AS due
@@ -360,7 +373,7 @@ WITH gate AS MATERIALIZED (
     SELECT id, lease_expires_at AS k, rate_key1 IS NOT NULL AS limited FROM {schema}.runs
     WHERE status = 'running' AND lease_expires_at <= {now}
         AND workflow = ANY(%(workflows)s) AND id <> ALL(%(skip)s::text[])
-        AND NOT (SELECT due FROM gate)
+        AND NOT (SELECT due FROM gate){served}
     ORDER BY lease_expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
 ), ready AS (
     SELECT r.* FROM {flows} CROSS JOIN LATERAL (
@@ -368,7 +381,7 @@ WITH gate AS MATERIALIZED (
             limit_key1 IS NOT NULL OR rate_key1 IS NOT NULL AS limited
         FROM {schema}.runs
         WHERE workflow = w.name AND status = 'pending' AND blocked_by IS NULL
-            AND wake_at <= {now}
+            AND wake_at <= {now}{served}
         ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
     ) AS r WHERE NOT (SELECT due FROM gate)
 ), timed AS (
@@ -377,7 +390,7 @@ WITH gate AS MATERIALIZED (
             limit_key1 IS NOT NULL OR rate_key1 IS NOT NULL AS limited
         FROM {schema}.runs
         WHERE workflow = w.name AND status IN ('sleeping', 'waiting') AND blocked_by IS NULL
-            AND wake_at <= {now}
+            AND wake_at <= {now}{served}
         ORDER BY priority DESC, wake_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED
     ) AS r WHERE NOT (SELECT due FROM gate)
 ), due AS (
@@ -402,12 +415,33 @@ FROM (SELECT array_agg(id ORDER BY stale DESC, priority DESC, k, id) AS ids FROM
 LEFT JOIN claimed AS c ON true
 ORDER BY c.stale DESC, c.priority DESC, c.k, c.id
 
+-- name: version_served
+-- Whether a claim that serves some versions only (%(versions)s: a JSON
+-- object of each workflow it names to the versions it serves) may take a
+-- run of workflow and version: the workflow is not named, or its list
+-- holds the version.
+coalesce((%(versions)s::jsonb -> workflow) @> to_jsonb(version), true)
+
+-- name: held_ids
+-- The ids claim_limited hands to claim_held: those claim picked.
+%(ids)s::text[]
+
+-- name: held_ids_served
+-- The same for a claim that serves some versions only: those of the picked
+-- runs whose version it serves, in claim order, read again when this
+-- statement starts, so that a run whose version a debounced create changed
+-- since claim picked it is left alone.
+ARRAY(SELECT i.id FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS i(id, n)
+    JOIN {schema}.runs AS r ON r.id = i.id WHERE {version_served} ORDER BY i.n)
+
 -- name: claim_limited
 -- The runs holding limits or rates that claim picked (ids, in claim
 -- order), claimed or blocked by the schema's function claim_held, in this
--- statement's transaction (see schema.sql); rows as claim's.
+-- statement's transaction (see schema.sql); rows as claim's. {held_ids}
+-- is held_ids, or held_ids_served for a claim that serves some versions
+-- only (claim_limited_served).
 WITH c AS MATERIALIZED (
-    SELECT (h.run).*, h.stale FROM {schema}.claim_held(%(ids)s::text[], %(lease)s::interval,
+    SELECT (h.run).*, h.stale FROM {schema}.claim_held({held_ids}, %(lease)s::interval,
         {locked_now}, %(limit)s::integer, {rate_prefix}, {wake_channel}) AS h
 ) SELECT {run_columns_c}, c.stale, NULL::timestamptz AS k,
     (SELECT json_agg(json_build_array(st.name, st.status, st.output,
@@ -735,7 +769,7 @@ WITH p AS (
     INSERT INTO {schema}.runs (id, workflow, status, input, created_at, updated_at, wake_at,
         deadline_at, parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2,
         limit_max2, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2,
-        debounce_key, headers)
+        debounce_key, headers, version, fingerprint)
     SELECT %(child)s::text, %(workflow)s::text, {new_status}, %(input)s::text, {now}, {now},
         least({now} + coalesce(%(delay)s::interval, interval '0'), v.deadline_at),
         v.deadline_at, %(id)s::text, %(step)s::text, {limit_values} FROM v

@@ -869,3 +869,19 @@ CREATE INDEX runs_due ON {schema}.runs (workflow, wake_at)
 -- due_schedules of an engine reads the range of each workflow it serves.
 CREATE INDEX schedules_workflow_due ON {schema}.schedules (workflow, next_run_at, key)
     WHERE NOT paused
+
+
+-- Version 11: workflow versions --------------------------------------------------------
+
+-- name: v11_01_runs_version
+-- The version of the workflow definition that enqueued a run (an integer
+-- from 1 to 2**31 - 1) and the hash of that definition's shape (NULL for
+-- none), both replaced only by a debounced create. A constant default and a
+-- nullable column: PostgreSQL 11 and newer add them without rewriting the
+-- table or any index, and every run that exists is version 1 with no
+-- fingerprint. No index: a claim that serves some versions only filters
+-- the rows its walks of runs_ready, runs_due and runs_running read. The
+-- functions that return whole runs rows (claim_held, claim_limited) return
+-- the new columns too, as with headers in version 8.
+ALTER TABLE {schema}.runs ADD COLUMN version integer NOT NULL DEFAULT 1,
+    ADD COLUMN fingerprint text

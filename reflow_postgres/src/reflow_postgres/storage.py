@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -53,6 +54,7 @@ from reflow_core.adapter import (
     as_utc,
     check_aware,
     check_child_start,
+    check_claim_versions,
     check_count,
     check_duration,
     check_finish_status,
@@ -366,13 +368,34 @@ class PostgresStorage:
         return await create_runs(self._db, news)
 
     async def claim_runs(
-        self, workflows: Collection[str], limit: int, lease: timedelta
+        self,
+        workflows: Collection[str],
+        limit: int,
+        lease: timedelta,
+        *,
+        versions: Mapping[str, Collection[int]] | None = None,
     ) -> list[ClaimedRun]:
+        """Claim up to ``limit`` runs: lapsed leases first, then due runs by
+        priority and due time (see ``claim`` in ``queries.sql``). With
+        ``versions``, the statements that serve some versions only
+        (``claim_served``, ``claim_limited_served``) pass the runs of the
+        other versions over in the same walks of the same indexes, before
+        they are locked: they are neither locked, blocked nor changed, and
+        never keep a served run from being taken. Without it, the
+        statements are those of a claim of every version."""
+        served = check_claim_versions(workflows, versions)
         names = [check_text(name, "workflow") for name in workflows]
         check_duration(lease, "lease")
         if limit < 1 or not names:
             return []
         wanted = min(limit, MAX_CLAIM)
+        claim_sql = self._sql["claim"]
+        limited_sql = self._sql["claim_limited"]
+        extra: dict[str, Any] = {}
+        if served:
+            claim_sql = self._sql["claim_served"]
+            limited_sql = self._sql["claim_limited_served"]
+            extra["versions"] = json.dumps({name: list(v) for name, v in served.items()})
 
         async def body(conn: psycopg.AsyncConnection[Any], attempt: int) -> list[ClaimedRun]:
             claimed: list[ClaimedRun] = []
@@ -381,9 +404,9 @@ class PostgresStorage:
             while True:
                 budget = wanted - len(claimed)
                 params = self._db.params(
-                    workflows=names, limit=budget, lease=lease, probe=probe, skip=passed
+                    workflows=names, limit=budget, lease=lease, probe=probe, skip=passed, **extra
                 )
-                rows = await (await conn.execute(self._sql["claim"], params)).fetchall()
+                rows = await (await conn.execute(claim_sql, params)).fetchall()
                 if probe and rows and rows[0][RATE_DUE]:
                     # A rate wait is due: its runs are released before the
                     # claim chooses (see release_rates in schema.sql).
@@ -398,8 +421,8 @@ class PostgresStorage:
                     break
                 # The picked runs that hold limits: claimed or blocked under
                 # their keys' locks (see claim_limited in schema.sql).
-                params = self._db.params(ids=limited, limit=budget, lease=lease)
-                cur = await conn.execute(self._sql["claim_limited"], params)
+                params = self._db.params(ids=limited, limit=budget, lease=lease, **extra)
+                cur = await conn.execute(limited_sql, params)
                 taken = [claimed_run(row) for row in await cur.fetchall()]
                 claimed.extend(taken)
                 if len(taken) == len(limited):

@@ -99,7 +99,7 @@ def _migration(version: int) -> Sequence[str]:
 
 
 MIGRATIONS: Sequence[Sequence[str]] = tuple(
-    _migration(version) for version in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11)
+    _migration(version) for version in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12)
 )
 """``MIGRATIONS[n]``: the statements that take schema version ``n`` to ``n + 1``."""
 

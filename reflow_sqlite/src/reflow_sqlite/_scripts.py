@@ -60,7 +60,7 @@ from reflow_core.storage import (
 
 from ._options import BACKEND
 from ._queries import QUERIES as Q
-from ._queries import fill, per_workflow, with_marks, with_rows
+from ._queries import Served, fill, lapsed_served, per_workflow, with_marks, with_rows
 
 __all__ = [
     "INSERT_CHUNK",
@@ -74,6 +74,7 @@ __all__ = [
     "Row",
     "Script",
     "StepRow",
+    "Versions",
     "announce_worker",
     "buffered_events",
     "claim",
@@ -194,6 +195,8 @@ def create(now: int, new: NewRun, run_id: str) -> Script[CreateResult]:
                 *rate_columns(new.rates),
                 new.debounce_key,
                 headers_column(new.headers),
+                new.version,
+                new.fingerprint,
             ),
         )
     except sqlite3.IntegrityError as exc:
@@ -230,6 +233,8 @@ def _debounce(now: int, new: NewRun) -> Script[RunRecord | None]:
         *limit_columns(after.limits),
         *rate_columns(after.rates),
         headers_column(after.headers),
+        after.version,
+        after.fingerprint,
         wake_us,
         now,
         after.id,
@@ -250,7 +255,7 @@ of shapes serve every batch from the statement cache)."""
 KEY_CHUNK = 256
 """The most idempotency keys one ``runs_by_keys`` statement looks up."""
 
-_INSERT_WIDTH = 21  # the values of one run in insert_runs
+_INSERT_WIDTH = 23  # the values of one run in insert_runs
 _NO_LIMITS = (None, None, None, None)
 _NO_RATES = (None, None, None, None, None, None)
 
@@ -394,7 +399,11 @@ def _insert_leads(
         )
         params += limit_columns(new.limits) if new.limits else _NO_LIMITS
         params += rate_columns(new.rates) if new.rates else _NO_RATES
-        params.append(headers_column(new.headers) if new.headers else None)
+        params += (
+            headers_column(new.headers) if new.headers else None,
+            new.version,
+            new.fingerprint,
+        )
     inserted: set[str] = set()
     start = 0
     for size in _shapes(len(leads), INSERT_CHUNK):
@@ -529,41 +538,96 @@ WORKFLOW_CHUNK = 100
 subquery to a compound SELECT, and SQLite allows 500 of them."""
 
 
-def _heads(name: str, workflows: Sequence[str], now: int, count: int) -> Script[list[Row]]:
+Versions: TypeAlias = dict[str, tuple[int, ...]]
+"""The versions a claim serves of some of its workflows
+(:func:`reflow_core.adapter.check_claim_versions`); a workflow that is not a
+key takes every version."""
+
+
+def _served(workflows: Sequence[str], versions: Versions | None) -> Served | None:
+    """How many versions a claim serves of each of ``workflows`` (0: every
+    version), or ``None`` when it takes every version of every one."""
+    if not versions:
+        return None
+    return tuple(len(versions.get(workflow, ())) for workflow in workflows)
+
+
+def _version_case(workflows: Sequence[str], versions: Versions) -> list[object]:
+    """The parameters of a ``{served}`` over ``workflows``: each one that
+    serves some versions only, then those versions."""
+    return [
+        value
+        for workflow in workflows
+        if workflow in versions
+        for value in (workflow, *versions[workflow])
+    ]
+
+
+def _heads(
+    name: str,
+    workflows: Sequence[str],
+    now: int,
+    count: int,
+    versions: Versions | None = None,
+) -> Script[list[Row]]:
     """The rows of :func:`~reflow_sqlite._queries.per_workflow` statement
     ``name`` (``claim_due`` or ``due_schedules_of``) for ``workflows`` at
     ``now``, up to ``count``: one statement, or one per
     :data:`WORKFLOW_CHUNK` workflows, whose rows the caller merges (each
-    statement's are in order and at most ``count``)."""
+    statement's are in order and at most ``count``). With ``versions``
+    (``claim_due`` only), the runs of a workflow it names are those of the
+    versions it lists."""
     rows: list[Row] = []
+    params: list[object]
     for start in range(0, len(workflows), WORKFLOW_CHUNK):
         chunk = workflows[start : start + WORKFLOW_CHUNK]
-        params = [value for workflow in chunk for value in (workflow, now, count)]
-        if name == "claim_due":  # and the due timed runs of the chunk's workflows
-            params += (*chunk, now, count)
-        rows += yield (per_workflow(name, len(chunk)), (*params, count))
+        served = _served(chunk, versions)
+        if served is None:
+            params = [value for workflow in chunk for value in (workflow, now, count)]
+            if name == "claim_due":  # and the due timed runs of the chunk's workflows
+                params += (*chunk, now, count)
+        else:
+            assert versions is not None
+            params = [
+                value
+                for workflow in chunk
+                for value in (workflow, now, *versions.get(workflow, ()), count)
+            ]
+            params += (*chunk, now, *_version_case(chunk, versions), count)
+        rows += yield (per_workflow(name, len(chunk), served), (*params, count))
     return rows
 
 
 def claim(
-    now: int, workflows: Sequence[str], limit: int, lease_us: int
+    now: int,
+    workflows: Sequence[str],
+    limit: int,
+    lease_us: int,
+    versions: Versions | None = None,
 ) -> Script[list[ClaimedRun]]:
     # Rate keys whose window has room again release their blocked runs
     # first, whatever the workflows. Then lapsed leases, whatever the
     # concurrency limits (the run still holds its slots, which pass to the
     # new holder) but not past a full rate; then due runs by priority and
-    # due time (see queries.sql).
+    # due time (see queries.sql). With versions, the runs of a workflow it
+    # names are those of the versions it lists: the others are never read
+    # as candidates, so none of them is blocked, changed or taken.
     yield from _release_rates(now)
     rates = _Rates({}, {}, {}, {}, {})
     ids: list[str] = []
     seen: set[str] = set()
     skipped = 0  # lapsed leases a full rate holds back
     look = limit
+    served = _served(workflows, versions)
+    if served is None:
+        lapsed_sql = with_marks("claim_lapsed", "workflows", len(workflows))
+        lapsed_params: list[object] = [*workflows, now]
+    else:
+        assert versions is not None
+        lapsed_sql = lapsed_served(served)
+        lapsed_params = [*workflows, now, *_version_case(workflows, versions)]
     while True:
-        lapsed_rows = yield (
-            with_marks("claim_lapsed", "workflows", len(workflows)),
-            (*workflows, now, look),
-        )
+        lapsed_rows = yield (lapsed_sql, (*lapsed_params, look))
         for row in lapsed_rows:
             if len(ids) == limit:
                 break
@@ -588,7 +652,7 @@ def claim(
     need = limit - len(ids)
     look = need
     while need > 0:
-        rows = yield from _heads("claim_due", workflows, now, look)
+        rows = yield from _heads("claim_due", workflows, now, look, versions)
         candidates: list[Candidate] = sorted(rows, key=lambda r: (-r[1], r[2], r[0]))[:look]
         unknown = sorted(
             {key for row in candidates for key in (row[3], row[5]) if key is not None} - held.keys()
@@ -944,6 +1008,8 @@ def start_child(now: int, lease: Lease, step: str, new: NewRun) -> Script[RunRec
         *limit_columns(new.limits),
         *rate_columns(new.rates),
         headers_column(new.headers),
+        new.version,
+        new.fingerprint,
     )
     rows = yield (Q["insert_child"], values)
     return run_from_row(rows[0], from_epoch_us)

@@ -7,7 +7,8 @@
 -- filled per call, with "?" placeholders or a fixed value only:
 -- {workflows}, {ids} and {statuses} (one "?" per value of a list), {arms}
 -- (the statement of the same name and "_arm", once per workflow, joined by
--- UNION ALL), {where}
+-- UNION ALL), {served} (the versions a claim serves: empty when it takes
+-- every version, see claim_lapsed_served and claim_due), {where}
 -- (the optional filters of list_runs), {level}, {application_id} and
 -- {version} (pragmas, which take no parameters).
 
@@ -68,19 +69,20 @@ PRAGMA wal_checkpoint(TRUNCATE)
 INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at,
     deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2,
     rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, debounce_key,
-    headers)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    headers, version, fingerprint)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (workflow, idempotency_key) DO NOTHING
 RETURNING {run_columns}
 
 -- create_runs: many runs without a debounce key in one statement, {rows}
--- holding one "(?, ...)" of the 21 values below per run (as insert_run's,
+-- holding one "(?, ...)" of the 23 values below per run (as insert_run's,
 -- less debounce_key). A run whose idempotency key is taken is left out;
 -- each row returned is the id of a run inserted.
 -- name: insert_runs
 INSERT INTO runs (id, workflow, status, input, idempotency_key, created_at, updated_at, wake_at,
     deadline_at, priority, limit_key1, limit_max1, limit_key2, limit_max2,
-    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, headers)
+    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, headers,
+    version, fingerprint)
 VALUES {rows}
 ON CONFLICT (workflow, idempotency_key) DO NOTHING
 RETURNING id
@@ -105,15 +107,17 @@ WHERE workflow = ? AND debounce_key = ?
     AND debounce_key IS NOT NULL AND attempts = 0 AND status IN ('pending', 'delayed')
 
 -- A debounced create: the open run takes the new input, priority, limits,
--- rates and headers, is no longer blocked and is due again (status and
--- wake_at as reflow_core.adapter.debounced_record computes them); its id,
--- created_at and deadline_at stay. Parameters: status, input, priority, the
--- four limit columns, the six rate columns, headers, wake_at, now, the run id.
+-- rates, headers, version and fingerprint, is no longer blocked and is due
+-- again (status and wake_at as reflow_core.adapter.debounced_record
+-- computes them); its id, created_at and deadline_at stay. Parameters:
+-- status, input, priority, the four limit columns, the six rate columns,
+-- headers, version, fingerprint, wake_at, now, the run id.
 -- name: debounce_run
 UPDATE runs SET status = ?, input = ?, priority = ?,
     limit_key1 = ?, limit_max1 = ?, limit_key2 = ?, limit_max2 = ?,
     rate_key1 = ?, rate_max1 = ?, rate_period1 = ?, rate_key2 = ?, rate_max2 = ?,
-    rate_period2 = ?, headers = ?, blocked_by = NULL, wake_at = ?, updated_at = ?
+    rate_period2 = ?, headers = ?, version = ?, fingerprint = ?, blocked_by = NULL,
+    wake_at = ?, updated_at = ?
 WHERE id = ?
 RETURNING {run_columns}
 
@@ -147,6 +151,18 @@ FROM runs INDEXED BY runs_lease
 WHERE workflow IN ({workflows}) AND status = 'running' AND lease_expires_at <= ?
 ORDER BY lease_expires_at, id LIMIT ?
 
+-- claim_lapsed for a claim that serves some versions only of some of its
+-- workflows: {served} is " AND CASE workflow WHEN ? THEN version IN (?, ...)
+-- ... ELSE 1 END", one WHEN for each such workflow (the workflow, then its
+-- versions), so a lapsed lease of a version not served is passed over in
+-- the same walk of runs_lease (it does not count towards the LIMIT) and
+-- left as it is. Parameters: the workflows, now, those of {served}, the count.
+-- name: claim_lapsed_served
+SELECT id, rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2
+FROM runs INDEXED BY runs_lease
+WHERE workflow IN ({workflows}) AND status = 'running' AND lease_expires_at <= ?{served}
+ORDER BY lease_expires_at, id LIMIT ?
+
 -- The due runs a claim looks at, in claim order, up to a count, in two
 -- parts merged (heads) and cut at the count again. Pending runs: {arms}
 -- holds claim_due_arm once per workflow served, joined by UNION ALL; each
@@ -165,12 +181,21 @@ ORDER BY lease_expires_at, id LIMIT ?
 -- the id, priority, wake_at, limit columns and rate columns. Parameters:
 -- for each workflow, it, now and the count; then the workflows, now, the
 -- count; then the count.
+--
+-- A claim that serves some versions only of a workflow fills the {served}
+-- of its arm with " AND version IN (?, ...)" (its versions, after now),
+-- and the {served} of the due timed runs as claim_lapsed_served's (after
+-- now): a filter on the rows the same walks of the same indexes read, so
+-- the runs of other versions are passed over, never blocked nor changed,
+-- and never take the place of a run it serves (the LIMIT counts the runs
+-- it serves). Empty for a claim of every version: the statement is then
+-- the same as without versions.
 -- name: claim_due_arm
 SELECT * FROM (
     SELECT id, priority, wake_at, limit_key1, limit_max1, limit_key2, limit_max2,
         rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2
     FROM runs INDEXED BY runs_pending
-    WHERE workflow = ? AND status = 'pending' AND blocked_by IS NULL AND wake_at <= ?
+    WHERE workflow = ? AND status = 'pending' AND blocked_by IS NULL AND wake_at <= ?{served}
     ORDER BY priority DESC, wake_at, id LIMIT ?
 )
 
@@ -183,7 +208,7 @@ WITH heads AS MATERIALIZED (
             rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2
         FROM runs INDEXED BY runs_due
         WHERE workflow IN ({workflows}) AND status IN ('delayed', 'sleeping', 'waiting')
-            AND blocked_by IS NULL AND wake_at <= ?
+            AND blocked_by IS NULL AND wake_at <= ?{served}
         ORDER BY priority DESC, wake_at, id LIMIT ?
     )
 )
@@ -398,8 +423,9 @@ SELECT deadline_at FROM runs WHERE {fence}
 -- name: insert_child
 INSERT INTO runs (id, workflow, status, input, created_at, updated_at, wake_at, deadline_at,
     parent_id, parent_step, priority, limit_key1, limit_max1, limit_key2, limit_max2,
-    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, headers)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+    rate_key1, rate_max1, rate_period1, rate_key2, rate_max2, rate_period2, headers,
+    version, fingerprint)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 RETURNING {run_columns}
 
 -- Whether the run has a child at the step that has not ended: one seek in

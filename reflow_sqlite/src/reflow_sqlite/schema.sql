@@ -343,6 +343,19 @@ CREATE INDEX runs_lease ON runs (workflow, lease_expires_at, id)
 CREATE INDEX schedules_workflow_due ON schedules (workflow, next_run_at, key)
     WHERE paused = 0;
 
+-- Version 12: workflow versions.
+-- name: v12
+-- The version of the workflow definition that enqueued a run
+-- (NewRun.version, 1 to 2**31 - 1) and the hash of that definition's shape
+-- (NewRun.fingerprint, NULL for none); a debounced create replaces both. A
+-- claim may take only the versions a worker serves: it adds "version IN
+-- (...)" to its reads of runs_pending, runs_due and runs_lease, a filter on
+-- the rows those indexes lead it to, so no index changes. Added in place
+-- like priority (a constant default does not rewrite the rows): existing
+-- runs are version 1 with no fingerprint.
+ALTER TABLE runs ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+ALTER TABLE runs ADD COLUMN fingerprint TEXT;
+
 -- -- what the trigger of versions 2 and 4 runs --------------------------------
 
 -- A run that ends drops its buffered events: those without an id go, those

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import suppress
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar, cast
@@ -31,6 +31,7 @@ import aiosqlite
 from reflow_core.adapter import (
     Lifecycle,
     check_child_start,
+    check_claim_versions,
     check_count,
     check_duration,
     check_list_limit,
@@ -386,16 +387,29 @@ class SQLiteStorage:
         return await self._call("create_runs", lambda now: scripts.create_many(now, items, ids))
 
     async def claim_runs(
-        self, workflows: Collection[str], limit: int, lease: timedelta
+        self,
+        workflows: Collection[str],
+        limit: int,
+        lease: timedelta,
+        *,
+        versions: Mapping[str, Collection[int]] | None = None,
     ) -> list[ClaimedRun]:
         """Claim up to ``limit`` runs (lapsed leases first, then by priority and
         due time) with their steps; a run whose concurrency limit is full is
         marked blocked and passed over, and no claim reads it until a run
         holding that key stops running.
 
+        With ``versions``, a workflow it names gives only runs of the
+        versions it lists: the claim's reads of the claim indexes pass the
+        others over (a filter on the same walks), so they are neither
+        blocked nor changed, and as many of them as there are never keep a
+        served run from being taken. Without it the statements are those of
+        a claim of every version.
+
         One call claims at most :data:`MAX_CLAIM` runs.
         """
         self._life.check("claim_runs")
+        served = check_claim_versions(workflows, versions)
         names = [check_text(name, "workflow") for name in dict.fromkeys(workflows)]
         check_duration(lease, "lease")
         if limit <= 0 or not names:
@@ -403,7 +417,7 @@ class SQLiteStorage:
         limit = min(limit, MAX_CLAIM)
         lease_us = span_us(lease)
         return await self._call(
-            "claim_runs", lambda now: scripts.claim(now, names, limit, lease_us)
+            "claim_runs", lambda now: scripts.claim(now, names, limit, lease_us, served)
         )
 
     async def heartbeat_run(self, lease: Lease, extend: timedelta) -> bool:
