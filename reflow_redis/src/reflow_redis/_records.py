@@ -11,7 +11,9 @@ limits' keys and maxima, ``rk1``/``rm1``/``rp1`` and ``rk2``/``rm2``/``rp2``
 the rate limits' keys, maxima and periods (µs), absent without; ``bb`` the
 key blocking a blocked run; ``db`` the debounce key, absent without; ``hd``
 the propagation headers as one JSON object, absent without; ``es`` how many
-events were buffered for the run, absent before the first); a step is one
+events were buffered for the run, absent before the first; ``v`` the
+workflow version, absent for 1; ``fp`` the fingerprint, absent without); a
+step is one
 field of the run's steps hash, ``seq|done|status|wake|json``. Anything under
 the prefix that does not read this way raises :class:`_BadData`, which the
 storage reports as a :class:`~reflow_core.errors.StorageError` naming the
@@ -152,6 +154,8 @@ def _run_record(run_id: str, fields: Mapping[str, str]) -> RunRecord:
             ),
             debounce_key=fields.get("db") or None,
             headers=_headers(fields.get("hd"), where),
+            version=_int(fields, "v", where) if "v" in fields else 1,
+            fingerprint=fields.get("fp") or None,
         )
     except KeyError as exc:
         raise _BadData(f"{where} lacks a field Reflow writes") from exc
@@ -331,17 +335,25 @@ def _option_args(new: NewRun) -> list[str]:
     ]
 
 
+def _version_args(new: NewRun) -> list[str]:
+    """A run's version (empty for 1) and fingerprint (empty for none) as the
+    create scripts take them."""
+    return ["" if new.version == 1 else str(new.version), new.fingerprint or ""]
+
+
 def _limit_args(new: NewRun) -> list[str]:
-    """:func:`_option_args`, then the headers' JSON text (empty for none)."""
-    return [*_option_args(new), headers_column(new.headers) or ""]
+    """:func:`_option_args`, then the headers' JSON text (empty for none),
+    then :func:`_version_args`."""
+    return [*_option_args(new), headers_column(new.headers) or "", *_version_args(new)]
 
 
 def _create_many_args(ids: Sequence[str], news: Sequence[NewRun]) -> list[str]:
     """The runs ``news`` (with ids ``ids``) as ``create_many.lua`` takes them
     after the count and the token: a few columns of NUL-joined texts rather
     than arguments per run, and each distinct set of options (a *shape*:
-    delay, deadline, priority, limits, rates, debounce key) once, so a batch
-    of plain runs costs a handful of arguments."""
+    delay, deadline, priority, limits, rates, debounce key, version,
+    fingerprint) once, so a batch of plain runs, or of runs of one version,
+    costs a handful of arguments."""
     count = len(news)
     keys = [new.idempotency_key or "" for new in news]
     args = [
@@ -370,6 +382,8 @@ def _create_many_args(ids: Sequence[str], news: Sequence[NewRun]) -> list[str]:
         or new.limits
         or new.rates
         or new.debounce_key is not None
+        or new.version != 1
+        or new.fingerprint is not None
     ]
     if odd:
         shapes: dict[tuple[object, ...], str] = {}
@@ -377,11 +391,25 @@ def _create_many_args(ids: Sequence[str], news: Sequence[NewRun]) -> list[str]:
         flat: list[str] = []
         for i in odd:
             new = news[i]
-            key = (new.delay, new.deadline, new.priority, new.limits, new.rates, new.debounce_key)
+            key = (
+                new.delay,
+                new.deadline,
+                new.priority,
+                new.limits,
+                new.rates,
+                new.debounce_key,
+                new.version,
+                new.fingerprint,
+            )
             mark = shapes.get(key)
             if mark is None:
                 mark = shapes[key] = str(len(shapes))
-                flat += [_delay_arg(new), _deadline_arg(new), *_option_args(new)]
+                flat += [
+                    _delay_arg(new),
+                    _deadline_arg(new),
+                    *_option_args(new),
+                    *_version_args(new),
+                ]
             marks[i] = mark
         args += ["\0".join(marks), str(len(shapes)), *flat]
     else:

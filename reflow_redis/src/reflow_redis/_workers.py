@@ -7,7 +7,8 @@ lists or removes, so a lapsed entry is never returned, refreshed or counted.
 
 Queue statistics read only indexes of unfinished runs (see
 ``queue_stats.lua``): the due sets ``P:due:<wf>`` and ``P:pdue:<pr>:<wf>``
-(the priorities of ``P:prios:<wf>``), ``P:blocked-wf:<wf>`` (runs blocked by
+(the priorities of ``P:prios:<wf>``) and ``P:vdue:<v>:<pr>:<wf>`` (those of
+``P:vprios:<wf>``), ``P:blocked-wf:<wf>`` (runs blocked by
 a full concurrency limit) and ``P:running:<wf>``, which the run scripts
 already keep, ``P:parked:<wf>`` (sleeping, waiting and delayed runs, kept
 by the create, sleep, wait, deliver, claim and cancel scripts) and ``P:workflows``, the

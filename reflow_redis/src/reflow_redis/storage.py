@@ -18,6 +18,8 @@ key                            type     holds
 ``P:due:<workflow>``           zset     claimable and delayed runs of priority 0 by due time (µs)
 ``P:pdue:<pr>:<workflow>``     zset     the same for priority ``pr`` (not 0)
 ``P:prios:<workflow>``         zset     the priorities with a ``pdue`` set (score = member)
+``P:vdue:<v>:<pr>:<wf>``       zset     the same for version ``v`` (``due``/``pdue``: version 1)
+``P:vprios:<workflow>``        zset     the ``vdue`` sets: ``<v>:<pr>``, score the priority
 ``P:holders:<key>``            set      running runs holding a concurrency limit key
 ``P:blocked:<key>``            zset     runs blocked by a full key (-priority; due:id)
 ``P:blocked-wf:<workflow>``    zset     a workflow's blocked runs by due time
@@ -79,6 +81,7 @@ from redis.backoff import NoBackoff
 from reflow_core.adapter import (
     Lifecycle,
     check_child_start,
+    check_claim_versions,
     check_duration,
     check_finish_status,
     check_list_limit,
@@ -517,16 +520,31 @@ class RedisStorage(_Schedules, _Workers, _Dashboard):
         return CreateResult(record, created=False)
 
     async def claim_runs(
-        self, workflows: Collection[str], limit: int, lease: timedelta
+        self,
+        workflows: Collection[str],
+        limit: int,
+        lease: timedelta,
+        *,
+        versions: Mapping[str, Collection[int]] | None = None,
     ) -> list[ClaimedRun]:
+        """Claim up to ``limit`` runs (see
+        :meth:`~reflow_core.storage.Storage.claim_runs`). With ``versions``,
+        the script walks only the due sets of the versions served
+        (``P:due``/``P:pdue`` hold version 1, ``P:vdue`` the others), so runs
+        of other versions are never read, and reads the version of each
+        lapsed lease it would take over."""
+        served = check_claim_versions(workflows, versions)
         # Each name once: the claim script walks the due set of every name it
         # is given, and a repeated one would hand out the same run again.
         names = list(dict.fromkeys(check_text(name, "workflow") for name in workflows))
         check_duration(lease, "lease")
         if limit < 1 or not names:
             return []
+        spec = ""
+        if served:
+            spec = ";".join(",".join(map(str, served.get(name, ()))) for name in names)
         reply = await self._call(
-            "claim_runs", "claim", [min(limit, MAX_CLAIM), span_us(lease), *names]
+            "claim_runs", "claim", [min(limit, MAX_CLAIM), span_us(lease), spec, *names]
         )
         try:
             return [_claimed_run(entry) for entry in reply]

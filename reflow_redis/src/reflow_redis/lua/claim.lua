@@ -1,9 +1,18 @@
--- claim_runs. ARGV[5]: limit, ARGV[6]: lease (us), ARGV[7..]: workflows.
+-- claim_runs. ARGV[5]: limit, ARGV[6]: lease (us), ARGV[7]: the versions
+-- served, '' for any of every workflow, else one entry per workflow in
+-- their order, joined by ';': '' for any version, else the versions joined
+-- by ','. ARGV[8..]: workflows.
 -- Lapsed leases first (oldest expiry first), taken over whatever the limits
--- (the run still holds its slots, which pass on). Then due runs by priority
--- (highest first), then due time: each workflow's due sets are walked from
--- its highest priority (P:prios) until it gave as many as are wanted, and
--- the candidates of every workflow are merged. A candidate with a full limit
+-- (the run still holds its slots, which pass on); one of a version not
+-- served is passed over and left as it is, however many of them lapsed.
+-- Then due runs by priority (highest first), then due time: each
+-- workflow's due sets of the versions served are walked from its highest
+-- priority (P:prios and P:vprios, see due_sets) until it gave as many as
+-- are wanted (each set of one priority read for as many as that priority
+-- may still give, as its sets come in no order), and the candidates of
+-- every workflow are merged. A run of a version not served is in none of
+-- these sets, so it is never read, blocked or changed here, and never
+-- keeps a served one from being taken. A candidate with a full limit
 -- (its holders, runs taken earlier here included, number its max) is
 -- blocked: out of its due set, so no later claim reads it until a run
 -- holding the key stops. When blocked candidates left the batch short, the
@@ -12,29 +21,31 @@
 -- Rate limits: first the due rate waits are released (release_rates), then
 -- a run with rates is taken only while each of its windows has room (claims
 -- made earlier here count); a due run finding one full is blocked by it
--- (rate_block), a lapsed lease is left as it is. Each run taken records a
--- claim at now for each of its rate keys.
+-- (rate_block), a lapsed lease is left as it is (and read past). Each run
+-- taken records a claim at now for each of its rate keys.
 local BLOCK_BUDGET = 20000
 local limit = tonumber(ARGV[5])
 local lease = tonumber(ARGV[6])
 local wfs = {}
-for i = 7, #ARGV do wfs[#wfs + 1] = ARGV[i] end
-
-release_rates()
-
-local stale = {}
-for _, wf in ipairs(wfs) do
-  local rows = redis.call('ZRANGE', k('running', wf), '-inf', num(NOW), 'BYSCORE', 'LIMIT', 0, limit,
-    'WITHSCORES')
-  for i = 1, #rows, 2 do
-    local id = rows[i]
-    -- The index says lapsed; the lease key (the server clock) must agree.
-    if FAKE or redis.call('EXISTS', lease_key(id)) == 0 then
-      stale[#stale + 1] = {id, wf, tonumber(rows[i + 1])}
+for i = 8, #ARGV do wfs[#wfs + 1] = ARGV[i] end
+-- served[i]: nil for any version of wfs[i], else {[version] = true, n = how many}.
+local served = {}
+if ARGV[7] ~= '' then
+  local i = 0
+  for entry in string.gmatch(ARGV[7] .. ';', '([^;]*);') do
+    i = i + 1
+    if entry ~= '' then
+      local set = {n = 0}
+      for v in string.gmatch(entry, '%d+') do
+        set[v] = true
+        set.n = set.n + 1
+      end
+      served[i] = set
     end
   end
 end
-table.sort(stale, function(a, b) return a[3] < b[3] end)
+
+release_rates()
 
 local out = {}
 
@@ -65,28 +76,73 @@ local function take(id, wf, reclaim, r, i)
   out[#out + 1] = claimed(reclaim, redis.call('HGETALL', rk), redis.call('HGETALL', steps_key(id)))
 end
 
-for _, run in ipairs(stale) do
-  if #out >= limit then break end
-  local r = redis.call('HMGET', run_key(run[1]), 'rk1', 'rm1', 'rp1', 'rk2', 'rm2', 'rp2')
-  if not rate_full(r, 1) then take(run[1], run[2], 1, r, 1) end
+-- Lapsed leases, oldest expiry first. Each workflow's are read until as
+-- many as are wanted could be taken (of a version served, and a rate not
+-- full now), so neither runs of other versions nor runs over a full rate,
+-- however many, hide one that can be. A run whose rate a take before it here
+-- filled is passed over too; then the lapsed leases are read again (those
+-- seen already left out) while the batch is short.
+local seen = {}
+while #out < limit do
+  local want = limit - #out
+  local stale = {}
+  for w, wf in ipairs(wfs) do
+    local only = served[w]
+    local start, got = 0, 0
+    while got < want do
+      local rows = redis.call('ZRANGE', k('running', wf), '-inf', num(NOW), 'BYSCORE', 'LIMIT',
+        start, want, 'WITHSCORES')
+      for i = 1, #rows, 2 do
+        local id = rows[i]
+        -- The index says lapsed; the lease key (the server clock) must agree.
+        if not seen[id] and (FAKE or redis.call('EXISTS', lease_key(id)) == 0) then
+          local r = redis.call('HMGET', run_key(id), 'rk1', 'rm1', 'rp1', 'rk2', 'rm2', 'rp2', 'v')
+          if not only or only[r[7] or '1'] then
+            local free = not rate_full(r, 1)
+            stale[#stale + 1] = {id, wf, tonumber(rows[i + 1]), r, free}
+            if free then got = got + 1 end
+          end
+        end
+      end
+      if #rows < 2 * want then break end
+      start = start + want
+    end
+  end
+  if #stale == 0 then break end
+  table.sort(stale, function(a, b) return a[3] < b[3] end)
+  local again = false
+  for _, run in ipairs(stale) do
+    if #out >= limit then break end
+    seen[run[1]] = true
+    if not rate_full(run[4], 1) then
+      take(run[1], run[2], 1, run[4], 1)
+    elseif run[5] then
+      again = true
+    end
+  end
+  if not again then break end
 end
 
--- The due sets runs left, to drop emptied priorities from P:prios at the end.
+-- The due sets runs left, to drop emptied ones from P:prios or P:vprios at the end.
 local left = {}
 local blocked = 0
 while #out < limit and blocked < BLOCK_BUDGET do
   local want = limit - #out
   local due = {}
-  for _, wf in ipairs(wfs) do
-    local got = 0
-    for _, set in ipairs(due_sets(wf)) do
-      local rows = redis.call('ZRANGE', set[1], '-inf', num(NOW), 'BYSCORE', 'LIMIT', 0, want - got,
-        'WITHSCORES')
+  for w, wf in ipairs(wfs) do
+    -- got: the candidates read; before: those read before the sets of this priority.
+    local got, before, level = 0, 0, nil
+    for _, set in ipairs(due_sets(wf, served[w])) do
+      if set[3] ~= level then
+        if got >= want then break end
+        level, before = set[3], got
+      end
+      local rows = redis.call('ZRANGE', set[1], '-inf', num(NOW), 'BYSCORE', 'LIMIT', 0,
+        want - before, 'WITHSCORES')
       for i = 1, #rows, 2 do
-        due[#due + 1] = {rows[i], wf, set[2], tonumber(rows[i + 1]), tonumber(set[2]), set[1]}
+        due[#due + 1] = {rows[i], wf, set[2], tonumber(rows[i + 1]), set[3], set[1]}
       end
       got = got + #rows / 2
-      if got >= want then break end
     end
   end
   if #due == 0 then break end
@@ -98,31 +154,39 @@ while #out < limit and blocked < BLOCK_BUDGET do
   local passed = 0
   for _, c in ipairs(due) do
     if #out >= limit then break end
-    local id, wf, pr = c[1], c[2], c[3]
+    local id, wf, p, pr = c[1], c[2], c[3], c[5]
     redis.call('ZREM', c[6], id)
-    if pr ~= '0' then left[wf .. '\0' .. pr] = {wf, pr} end
+    if not plain(p) then left[wf .. '\0' .. p] = {wf, p} end
     local r = redis.call('HMGET', run_key(id), 'k1', 'm1', 'k2', 'm2', 'w', 'rk1', 'rm1', 'rp1',
-      'rk2', 'rm2', 'rp2')
-    local full = false
-    if r[1] then
-      if redis.call('SCARD', k('holders', r[1])) >= tonumber(r[2]) then
-        full = r[1]
-      elseif r[3] and redis.call('SCARD', k('holders', r[3])) >= tonumber(r[4]) then
-        full = r[3]
-      end
-    end
-    local rate, room = false, nil
-    if not full then rate, room = rate_full(r, 6) end
-    if full then
-      block(id, wf, pr, r[5] or num(c[4]), full)
-      passed = passed + 1
-    elseif rate then
-      rate_block(id, wf, pr, r[5] or num(c[4]), rate, room)
+      'rk2', 'rm2', 'rp2', 'pr', 'v')
+    -- A run in a set other than its own (put there by a process that knew
+    -- no versions) goes back to its own set, untouched otherwise.
+    local own = part(r[12], r[13])
+    if own ~= p and not (plain(own) and plain(p)) then
+      due_add(wf, own, num(c[4]), id)
       passed = passed + 1
     else
-      if r[1] then redis.call('SADD', k('holders', r[1]), id) end
-      if r[3] then redis.call('SADD', k('holders', r[3]), id) end
-      take(id, wf, 0, r, 6)
+      local full = false
+      if r[1] then
+        if redis.call('SCARD', k('holders', r[1])) >= tonumber(r[2]) then
+          full = r[1]
+        elseif r[3] and redis.call('SCARD', k('holders', r[3])) >= tonumber(r[4]) then
+          full = r[3]
+        end
+      end
+      local rate, room = false, nil
+      if not full then rate, room = rate_full(r, 6) end
+      if full then
+        block(id, wf, pr, r[5] or num(c[4]), full)
+        passed = passed + 1
+      elseif rate then
+        rate_block(id, wf, pr, r[5] or num(c[4]), rate, room)
+        passed = passed + 1
+      else
+        if r[1] then redis.call('SADD', k('holders', r[1]), id) end
+        if r[3] then redis.call('SADD', k('holders', r[3]), id) end
+        take(id, wf, 0, r, 6)
+      end
     end
   end
   blocked = blocked + passed

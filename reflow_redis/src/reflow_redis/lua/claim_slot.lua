@@ -1,10 +1,10 @@
--- claim_schedule_slot. ARGV[5..26]: key, slot (us), next run (us), run id,
+-- claim_schedule_slot. ARGV[5..28]: key, slot (us), next run (us), run id,
 -- workflow, input, idempotency key, delay (us; '' or 0 none: schedules give
 -- none), deadline (us after now; '' none), priority, key1, max1, key2, max2,
 -- rate key1, max1, period1 (us), rate key2, max2, period2, debounce key
--- ('' none), headers (JSON text; '' none). Returns {0} if the slot is gone or
--- the schedule is paused, {-2, run} when the key's run has other input
--- (nothing changed), else create_run's reply.
+-- ('' none), headers (JSON text; '' none), version, fingerprint ('' none).
+-- Returns {0} if the slot is gone or the schedule is paused, {-2, run} when
+-- the key's run has other input (nothing changed), else create_run's reply.
 local key = ARGV[5]
 local sk = k('sched', key)
 local cur = redis.call('HMGET', sk, 'next', 'p', 'wf')

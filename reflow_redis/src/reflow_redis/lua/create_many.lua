@@ -9,10 +9,11 @@
 -- is empty for every item. ARGV[7]: the run ids; ARGV[8]: the workflows;
 -- ARGV[9]: the idempotency keys; ARGV[10]: the headers (JSON text);
 -- ARGV[11]: each item's shape, '' for none (no delay, deadline, priority,
--- limit, rate or debounce key), else its index in the shapes that follow:
--- ARGV[12] how many, then 14 arguments each: delay (us; '' none), deadline
--- (us after now; '' none), priority, key1, max1, key2, max2, rate key1,
--- max1, period1 (us), rate key2, max2, period2, debounce key ('' none).
+-- limit, rate, debounce key, version other than 1 or fingerprint), else its
+-- index in the shapes that follow: ARGV[12] how many, then 16 arguments
+-- each: delay (us; '' none), deadline (us after now; '' none), priority,
+-- key1, max1, key2, max2, rate key1, max1, period1 (us), rate key2, max2,
+-- period2, debounce key ('' none), version, fingerprint ('' none).
 -- Then the inputs: one column, or (when one holds a NUL) one argument each.
 --
 -- create_runs first makes sure no id is taken (none is written otherwise:
@@ -82,7 +83,7 @@ local wfs = column(ARGV[8])
 local idems = optional(ARGV[9])
 local heads = optional(ARGV[10])
 local shapes = optional(ARGV[11])
-local at = 13 + tonumber(ARGV[12]) * 14
+local at = 13 + tonumber(ARGV[12]) * 16
 local inputs
 if #ARGV == at then
   inputs = column(ARGV[at])
@@ -100,11 +101,12 @@ for i = 1, n do
   local shape = shapes and shapes[i] or ''
   local head = heads and heads[i] or ''
   if shape ~= '' then
-    local b = 13 + tonumber(shape) * 14
+    local b = 13 + tonumber(shape) * 16
     delay, deadline = ARGV[b], ARGV[b + 1]
     lim = {}
     for j = 1, 12 do lim[j] = ARGV[b + 1 + j] end
     lim[13] = head
+    lim[14], lim[15] = ARGV[b + 14], ARGV[b + 15]
   elseif head ~= '' then
     lim = {'0', '', '', '', '', '', '', '', '', '', '', '', head}
   end

@@ -6,7 +6,7 @@
 -- id) goes to P:evm, for list_buffered_events.
 local id, name, eid = ARGV[5], ARGV[6], ARGV[8]
 local rk = run_key(id)
-local r = redis.call('HMGET', rk, 'st', 'wt', 'wf', 'pr', 'bb')
+local r = redis.call('HMGET', rk, 'st', 'wt', 'wf', 'pr', 'bb', 'v')
 if not r[1] or TERMINAL[r[1]] then return 0 end
 if eid ~= '' and redis.call('SISMEMBER', evids_key(id), eid) == 1 then return 1 end
 if ARGV[9] ~= '' and buffered(id) >= tonumber(ARGV[9]) then return 2 end
@@ -22,7 +22,7 @@ if r[1] == 'waiting' and r[2] == name and r[5] then
   redis.call('ZADD', k('parked', r[3]), 1, id)
 elseif r[1] == 'waiting' and r[2] == name then
   redis.call('HSET', rk, 'w', num(NOW), 'u', num(NOW))
-  due_add(r[3], r[4], num(NOW), id)
+  due_add(r[3], part(r[4], r[6]), num(NOW), id)
   redis.call('ZADD', k('parked', r[3]), 1, id)
   wake(r[3], 0)
 end

@@ -1,5 +1,5 @@
 -- Microseconds until the next delayed, sleeping or waiting run of ARGV[5..]
--- falls due (in any of its workflow's due sets), or a rate key's window has
+-- falls due (in any of its workflow's due sets, of every version), or a rate key's window has
 -- room for its blocked runs again (P:rate-waits, whatever their workflows:
 -- any claim releases them), or false. Runs blocked by a concurrency limit
 -- need no timer: the write that unblocks one publishes a wake-up hint.

@@ -134,22 +134,33 @@ end
 -- Index member of a run for newest-first listing: zero-padded creation time, then the id.
 local function idx_member(created, id) return string.rep('0', 17 - #created) .. created .. ':' .. id end
 
+-- The due set of a run (see due_add) is named by its part: its priority
+-- 'pr' for version 1 (false, '' or '0' for 0), '<v>:<pr>' for another
+-- version v ('v'; absent for 1), pr '0' for 0.
+local function plain(pr) return not pr or pr == '' or pr == '0' end
+local function part(pr, v)
+  if not v or v == '' or v == '1' then return pr end
+  if plain(pr) then return v .. ':0' end
+  return v .. ':' .. pr
+end
+
 -- The fence: running under this epoch with a live lease. Returns the
 -- workflow, or nil; then the parent's id and step of a child run ('pa', 'ps';
--- false for a run without a parent), its priority ('pr', false for 0) and
--- its limit keys ('k1', 'k2'; false without), read in the same HMGET, so a
--- run without limits pays nothing more to release them. The lease is the
--- PX key (the server clock expires it); under a test clock its recorded
--- expiry is compared instead.
+-- false for a run without a parent), the part naming its due set (its
+-- priority and version: part) and its limit keys ('k1', 'k2'; false
+-- without), read in the same HMGET, so a run without limits pays nothing
+-- more to release them. The lease is the PX key (the server clock expires
+-- it); under a test clock its recorded expiry is compared instead.
 local function fence(id, epoch)
-  local r = redis.call('HMGET', run_key(id), 'st', 'ep', 'wf', 'l', 'pa', 'ps', 'pr', 'k1', 'k2')
+  local r = redis.call('HMGET', run_key(id), 'st', 'ep', 'wf', 'l', 'pa', 'ps', 'pr', 'k1', 'k2',
+    'v')
   if r[1] ~= 'running' or r[2] ~= epoch then return nil end
   if FAKE then
     if not r[4] or tonumber(r[4]) <= NOW then return nil end
   elseif redis.call('GET', lease_key(id)) ~= epoch then
     return nil
   end
-  return r[3], r[5], r[6], r[7], r[8], r[9]
+  return r[3], r[5], r[6], part(r[7], r[10]), r[8], r[9]
 end
 
 local function set_lease(id, wf, epoch, span)
@@ -165,44 +176,76 @@ local function drop_lease(id, wf)
   redis.call('ZREM', k('running', wf), id)
 end
 
--- Priorities. A run's priority is its 'pr' (absent for 0). A due run of
--- priority 0 is in P:due:<wf>, one of another priority in P:pdue:<pr>:<wf>;
+-- Priorities and versions. A run's priority is its 'pr' (absent for 0), its
+-- version its 'v' (absent for 1). A due run of version 1 and priority 0 is in
+-- P:due:<wf>, one of version 1 and another priority in P:pdue:<pr>:<wf>;
 -- P:prios:<wf> (member and score the priority) lists the priorities other
--- than 0 whose due set is not empty, so a claim walks only those.
-local function plain(pr) return not pr or pr == '' or pr == '0' end
-local function due_key(wf, pr)
-  if plain(pr) then return k('due', wf) end
-  return k('pdue', pr, wf)
+-- than 0 whose due set is not empty. A due run of another version v is in
+-- P:vdue:<v>:<pr>:<wf> (pr '0' for 0), and P:vprios:<wf> (member '<v>:<pr>',
+-- score the priority) lists those that are not empty. So a claim walks only
+-- the sets that hold runs, and only those of the versions it serves. Runs
+-- of version 1 live where they did before versions existed.
+local function due_key(wf, p)
+  if plain(p) then return k('due', wf) end
+  if string.find(p, ':', 1, true) then return k('vdue', p, wf) end
+  return k('pdue', p, wf)
 end
-local function due_add(wf, pr, score, id)
-  if plain(pr) then
+-- The index listing the due set of part p (not P:due): its key and p's score there.
+local function part_index(wf, p)
+  local pr = string.match(p, '^%d+:(.*)$')
+  if pr then return k('vprios', wf), pr end
+  return k('prios', wf), p
+end
+local function due_add(wf, p, score, id)
+  if plain(p) then
     redis.call('ZADD', k('due', wf), score, id)
   else
-    redis.call('ZADD', k('pdue', pr, wf), score, id)
-    redis.call('ZADD', k('prios', wf), pr, pr)
+    redis.call('ZADD', due_key(wf, p), score, id)
+    local index, pr = part_index(wf, p)
+    redis.call('ZADD', index, pr, p)
   end
 end
--- After runs left the due set of (wf, pr): drop an emptied priority from P:prios.
-local function due_gone(wf, pr)
-  if not plain(pr) and redis.call('EXISTS', k('pdue', pr, wf)) == 0 then
-    redis.call('ZREM', k('prios', wf), pr)
+-- After runs left the due set of (wf, p): drop an emptied set from its index.
+local function due_gone(wf, p)
+  if not plain(p) and redis.call('EXISTS', due_key(wf, p)) == 0 then
+    local index = part_index(wf, p)
+    redis.call('ZREM', index, p)
   end
 end
-local function due_rem(wf, pr, id)
-  redis.call('ZREM', due_key(wf, pr), id)
-  due_gone(wf, pr)
+local function due_rem(wf, p, id)
+  redis.call('ZREM', due_key(wf, p), id)
+  due_gone(wf, p)
 end
--- The due sets of a workflow, highest priority first: {key, priority}.
-local function due_sets(wf)
-  local out, zero = {}, false
-  for _, pr in ipairs(redis.call('ZRANGE', k('prios', wf), 0, -1, 'REV')) do
-    if not zero and tonumber(pr) < 0 then
-      out[#out + 1] = {k('due', wf), '0'}
-      zero = true
+-- The due sets of a workflow, highest priority first: {key, part, priority}
+-- (sets of one priority in no particular order). served: nil for every
+-- version, else a table whose keys are the versions wanted (strings) and
+-- whose n is how many there are.
+local function due_sets(wf, served)
+  local out = {}
+  if not served or served['1'] then
+    local zero = false
+    for _, pr in ipairs(redis.call('ZRANGE', k('prios', wf), 0, -1, 'REV')) do
+      local n = tonumber(pr)
+      if not zero and n < 0 then
+        out[#out + 1] = {k('due', wf), '0', 0}
+        zero = true
+      end
+      out[#out + 1] = {k('pdue', pr, wf), pr, n}
     end
-    out[#out + 1] = {k('pdue', pr, wf), pr}
+    if not zero then out[#out + 1] = {k('due', wf), '0', 0} end
+    if served and served.n == 1 then return out end
   end
-  if not zero then out[#out + 1] = {k('due', wf), '0'} end
+  local rows = redis.call('ZRANGE', k('vprios', wf), 0, -1, 'REV', 'WITHSCORES')
+  if #rows == 0 then return out end
+  local more = false
+  for i = 1, #rows, 2 do
+    local p = rows[i]
+    if not served or served[string.match(p, '^(%d+):')] then
+      out[#out + 1] = {k('vdue', p, wf), p, tonumber(rows[i + 1])}
+      more = true
+    end
+  end
+  if more then table.sort(out, function(a, b) return a[3] > b[3] end) end
   return out
 end
 
@@ -249,12 +292,12 @@ local function unblock(key)
     local id = string.match(first[1], '^%d+:(.*)$')
     if id then
       local rk = run_key(id)
-      local r = redis.call('HMGET', rk, 'wf', 'pr', 'bb', 'w')
+      local r = redis.call('HMGET', rk, 'wf', 'pr', 'bb', 'w', 'v')
       if r[1] and r[3] == key then
         redis.call('HDEL', rk, 'bb')
         redis.call('HSET', rk, 'u', num(NOW))
         redis.call('ZREM', k('blocked-wf', r[1]), id)
-        due_add(r[1], r[2], r[4], id)
+        due_add(r[1], part(r[2], r[5]), r[4], id)
         wake(r[1], 0)
         return true
       end
@@ -543,15 +586,15 @@ end
 
 -- Park a running run waiting: for wt (an event's name, or CHILDREN and the
 -- step), due at due (us as a string; '' = only what it waits for brings it
--- back). Its lease goes, and its limit slots (pr, k1, k2 as fence returns
--- them); it is in its due set at that time with parked 1, or kept out of
--- the due sets with parked 2.
-local function park_waiting(id, wf, wt, due, pr, k1, k2)
+-- back). Its lease goes, and its limit slots (p, the part of its due set,
+-- k1, k2 as fence returns them); it is in its due set at that time with
+-- parked 1, or kept out of the due sets with parked 2.
+local function park_waiting(id, wf, wt, due, p, k1, k2)
   redis.call('HSET', run_key(id), 'st', 'waiting', 'wt', wt, 'w', due, 'u', num(NOW))
   drop_lease(id, wf)
   release(id, k1, k2)
   if due ~= '' then
-    due_add(wf, pr, due, id)
+    due_add(wf, p, due, id)
     redis.call('ZADD', k('parked', wf), 1, id)
     wake(wf, tonumber(due) - NOW)
   else
@@ -559,15 +602,22 @@ local function park_waiting(id, wf, wt, due, pr, k1, k2)
   end
 end
 
--- The fields of a run's priority, limits, rates and headers ('hd', the
--- headers' JSON text, absent without), from lim (see create_run), appended
--- to the HSET arguments f. Returns the priority ('' for 0).
+-- The fields of a run's priority, limits, rates, headers ('hd', the
+-- headers' JSON text, absent without), version ('v', absent for 1) and
+-- fingerprint ('fp', absent without), from lim (see create_run), appended
+-- to the HSET arguments f. Returns the part of its due set (see part).
 local function limit_fields(f, lim)
-  local pr = ''
+  local pr, v = '', lim[14]
   if not plain(lim[1]) then
     pr = lim[1]
     f[#f + 1] = 'pr'; f[#f + 1] = pr
   end
+  if v and v ~= '' and v ~= '1' then
+    f[#f + 1] = 'v'; f[#f + 1] = v
+  else
+    v = nil
+  end
+  if lim[15] and lim[15] ~= '' then f[#f + 1] = 'fp'; f[#f + 1] = lim[15] end
   if lim[2] ~= '' then
     f[#f + 1] = 'k1'; f[#f + 1] = lim[2]; f[#f + 1] = 'm1'; f[#f + 1] = lim[3]
     if lim[4] ~= '' then
@@ -583,30 +633,31 @@ local function limit_fields(f, lim)
     end
   end
   if lim[13] and lim[13] ~= '' then f[#f + 1] = 'hd'; f[#f + 1] = lim[13] end
-  return pr
+  return part(pr, v)
 end
 
 -- Debounce: P:debounce:<wf> maps a debounce key to the run last created
 -- with it. If that run is open (pending or delayed, never claimed), it takes
--- the new input, priority, limits, rates and headers, leaves the blocked
--- indexes, and is due delay (us, 0 none) from now, never after its
--- deadline: returns its fields. Else nil.
+-- the new input, priority, limits, rates, headers, version and fingerprint,
+-- leaves the blocked indexes, and is due delay (us, 0 none) from now, never
+-- after its deadline, in the due set of its new priority and version:
+-- returns its fields. Else nil.
 local function debounce(wf, key, input, delay, lim)
   local id = redis.call('HGET', k('debounce', wf), key)
   if not id then return nil end
   local rk = run_key(id)
-  local r = redis.call('HMGET', rk, 'st', 'att', 'pr', 'bb', 'w', 'dl')
+  local r = redis.call('HMGET', rk, 'st', 'att', 'pr', 'bb', 'w', 'dl', 'v')
   if (r[1] ~= 'pending' and r[1] ~= 'delayed') or r[2] ~= '0' then return nil end
-  if r[4] then unlist_blocked(id, wf, r[4], r[5]) else due_rem(wf, r[3], id) end
+  if r[4] then unlist_blocked(id, wf, r[4], r[5]) else due_rem(wf, part(r[3], r[7]), id) end
   redis.call('HDEL', rk, 'pr', 'k1', 'm1', 'k2', 'm2', 'rk1', 'rm1', 'rp1', 'rk2', 'rm2', 'rp2',
-    'hd')
+    'hd', 'v', 'fp')
   local status, due = 'pending', num(NOW)
   if delay > 0 then status, due = 'delayed', num(NOW + delay) end
   due = due_by_deadline(due, r[6])
   local f = {'st', status, 'in', input, 'w', due, 'u', num(NOW)}
-  local pr = limit_fields(f, lim)
+  local p = limit_fields(f, lim)
   redis.call('HSET', rk, unpack(f))
-  due_add(wf, pr, due, id)
+  due_add(wf, p, due, id)
   if delay > 0 then
     redis.call('ZADD', k('parked', wf), 3, id)
   else
@@ -619,7 +670,7 @@ end
 -- The creates of one script (create_many.lua) share a batch (new_batch):
 -- batch.wfs holds the workflows already added to P:workflows, and the sorted
 -- set entries of the runs made (listing indexes, due sets, P:prios,
--- P:parked) wait in batch.z, one list per key, until zadd_held writes them
+-- P:vprios, P:parked) wait in batch.z, one list per key, until zadd_held writes them
 -- with one ZADD per key: at the end, and before anything reads those sets
 -- (a debounced create does). With batch.checked the script has made sure
 -- that every id it creates is free, so create_run does not look again.
@@ -650,8 +701,9 @@ end
 -- cap (us, a child's parent's deadline; nil or '' none) if that is earlier,
 -- and a delayed run is due at the earlier of its delay's end and that.
 -- lim is {priority, key1, max1, key2, max2, rate key1, max1, period1 (us),
--- rate key2, max2, period2, debounce key, headers (JSON text)} ('' for 0 /
--- none; nil: none).
+-- rate key2, max2, period2, debounce key, headers (JSON text), version,
+-- fingerprint} ('' for 0 / none / version 1; nil: none; the last two may be
+-- missing).
 -- Returns {1, now} when created (the client knows every other field),
 -- {0, run} for an existing one, {2, run} for the open run a debounce key
 -- updated instead (debounce), {-1} when the id is taken. A delayed run is
@@ -684,24 +736,27 @@ local function create_run(id, wf, input, idem, delay, deadline, cap, lim, batch)
   local f = {'id', id, 'wf', wf, 'st', status, 'in', input, 'idem', idem, 'att', 0,
     'rec', 0, 'ep', 0, 'c', now, 'u', now, 'w', due, 'sq', 0}
   if dl ~= '' then f[#f + 1] = 'dl'; f[#f + 1] = dl end
-  local pr = ''
-  if lim then pr = limit_fields(f, lim) end
+  local p = ''
+  if lim then p = limit_fields(f, lim) end
   if db ~= '' then f[#f + 1] = 'db'; f[#f + 1] = db end
   redis.call('HSET', rk, unpack(f))
   local member = idx_member(now, id)
   if batch then
-    if plain(pr) then
+    if plain(p) then
       zadd_later(batch, k('due', wf), due, id)
     else
-      local pdue = k('pdue', pr, wf)
-      if not batch.z[pdue] then zadd_later(batch, k('prios', wf), pr, pr) end
-      zadd_later(batch, pdue, due, id)
+      local set = due_key(wf, p)
+      if not batch.z[set] then
+        local index, pr = part_index(wf, p)
+        zadd_later(batch, index, pr, p)
+      end
+      zadd_later(batch, set, due, id)
     end
     if delay > 0 then zadd_later(batch, k('parked', wf), 3, id) end
     zadd_later(batch, k('idx'), 0, member)
     zadd_later(batch, k('idx', 'wf', wf), 0, member)
   else
-    due_add(wf, pr, due, id)
+    due_add(wf, p, due, id)
     if delay > 0 then redis.call('ZADD', k('parked', wf), 3, id) end
     redis.call('ZADD', k('idx'), 0, member)
     redis.call('ZADD', k('idx', 'wf', wf), 0, member)
@@ -721,10 +776,10 @@ local function create_run(id, wf, input, idem, delay, deadline, cap, lim, batch)
   return {1, now}
 end
 
--- The lim table of create_run from ARGV[b..b+12].
+-- The lim table of create_run from ARGV[b..b+14].
 local function lim_args(b)
   local lim = {}
-  for i = 0, 12 do lim[i + 1] = ARGV[b + i] end
+  for i = 0, 14 do lim[i + 1] = ARGV[b + i] end
   return lim
 end
 
@@ -738,14 +793,14 @@ local function child_ended(id, pa, ps)
   redis.call('SREM', open, id)
   if redis.call('EXISTS', open) == 1 then return end
   local prk = run_key(pa)
-  local p = redis.call('HMGET', prk, 'st', 'wt', 'wf', 'pr', 'bb')
+  local p = redis.call('HMGET', prk, 'st', 'wt', 'wf', 'pr', 'bb', 'v')
   if p[1] ~= 'waiting' or p[2] ~= CHILDREN .. ps then return end
   if p[5] then
     reblock(pa, p[3], p[4], p[5], num(NOW))
     return
   end
   redis.call('HSET', prk, 'w', num(NOW), 'u', num(NOW))
-  due_add(p[3], p[4], num(NOW), pa)
+  due_add(p[3], part(p[4], p[6]), num(NOW), pa)
   redis.call('ZADD', k('parked', p[3]), 1, pa)
   wake(p[3], 0)
 end
@@ -773,12 +828,12 @@ local function cancel_below(id)
   for _, cid in ipairs(doomed) do
     local crk = run_key(cid)
     local c = redis.call('HMGET', crk, 'st', 'wf', 'pa', 'ps', 'pr', 'k1', 'k2', 'bb', 'w', 'm1',
-      'm2')
+      'm2', 'v')
     if c[1] and not TERMINAL[c[1]] then
       drop_lease(cid, c[2])
       if c[8] then unlist_blocked(cid, c[2], c[8], c[9]) end
       redis.call('HSET', crk, 'st', 'cancelled', 'w', '', 'wt', '', 'u', num(NOW))
-      due_rem(c[2], c[5], cid)
+      due_rem(c[2], part(c[5], c[12]), cid)
       if c[1] == 'running' then
         release(cid, c[6], c[7])
       elseif not c[8] then

@@ -7,7 +7,8 @@
 --                   blocked (1: a timeout or a run deadline, or woken by an
 --                   event), waiting runs with neither (2), delayed runs (3,
 --                   in a due set or blocked too): ZCOUNT;
---   P:due:<wf>, P:pdue:<pr>:<wf> (the priorities of P:prios:<wf>) and
+--   P:due:<wf>, P:pdue:<pr>:<wf> (the priorities of P:prios:<wf>),
+--   P:vdue:<v>:<pr>:<wf> (those of P:vprios:<wf>) and
 --   P:blocked-wf:<wf>  pending, delayed, sleeping and score-1 waiting runs,
 --                   due or blocked: pending is their ZCARDs minus the parked
 --                   ones in them.

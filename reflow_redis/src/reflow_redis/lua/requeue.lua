@@ -5,7 +5,7 @@
 -- names another open run, and then the requeued run lets go of its key.
 local id = ARGV[5]
 local rk = run_key(id)
-local r = redis.call('HMGET', rk, 'st', 'wf', 'pa', 'ps', 'c', 'pr', 'db', 'att')
+local r = redis.call('HMGET', rk, 'st', 'wf', 'pa', 'ps', 'c', 'pr', 'db', 'att', 'v')
 if r[1] ~= 'failed' and r[1] ~= 'cancelled' then return 0 end
 if r[7] and r[8] == '0' then
   local holder = redis.call('HGET', k('debounce', r[2]), r[7])
@@ -30,7 +30,7 @@ for i = 1, #all, 2 do
 end
 redis.call('ZREM', k('finished'), id)
 undone(id)
-due_add(r[2], r[6], num(NOW), id)
+due_add(r[2], part(r[6], r[9]), num(NOW), id)
 redis.call('SADD', k('workflows'), r[2])
 if r[3] and r[4] and redis.call('ZSCORE', children_key(r[3]), idx_member(r[5], id)) then
   redis.call('SADD', open_key(r[3], r[4]), id)

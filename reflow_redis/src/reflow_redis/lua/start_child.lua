@@ -1,8 +1,8 @@
--- start_child. ARGV[5..25]: parent id, parent epoch, step, child id, workflow,
+-- start_child. ARGV[5..27]: parent id, parent epoch, step, child id, workflow,
 -- input, delay (us; '' or 0 none), deadline (us after now; '' none),
 -- priority, key1, max1, key2, max2, rate key1, max1, period1 (us), rate
 -- key2, max2, period2, debounce key ('' none: a child takes none), headers
--- (JSON text; '' none).
+-- (JSON text; '' none), version, fingerprint ('' none).
 -- Fenced on the parent's lease. Returns false when the lease is lost, {0,
 -- child} when the id is already this parent's child at this step (nothing
 -- written), {-1} when it is taken otherwise, {1, child} when created as

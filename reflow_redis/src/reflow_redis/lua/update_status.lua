@@ -7,12 +7,13 @@
 -- finish hints on P:done (publish_finished).
 local id, target, epoch, err = ARGV[5], ARGV[6], ARGV[7], ARGV[8]
 local rk = run_key(id)
-local wf, pa, ps, pr, k1, k2
+local wf, pa, ps, p, k1, k2
 local bb, w, turn = false, false, false
 if epoch == '' then
-  local r = redis.call('HMGET', rk, 'st', 'wf', 'pa', 'ps', 'pr', 'k1', 'k2', 'bb', 'w', 'm1', 'm2')
+  local r = redis.call('HMGET', rk, 'st', 'wf', 'pa', 'ps', 'pr', 'k1', 'k2', 'bb', 'w', 'm1', 'm2',
+    'v')
   if not r[1] or TERMINAL[r[1]] then return 0 end
-  wf, pa, ps, pr = r[2], r[3], r[4], r[5]
+  wf, pa, ps, p = r[2], r[3], r[4], part(r[5], r[12])
   bb, w = r[8], r[9]
   if r[1] == 'running' then
     k1, k2 = r[6], r[7]
@@ -20,14 +21,14 @@ if epoch == '' then
     turn = {r[6], r[10], r[7], r[11]}
   end
 else
-  wf, pa, ps, pr, k1, k2 = fence(id, epoch)
+  wf, pa, ps, p, k1, k2 = fence(id, epoch)
   if not wf then return 0 end
 end
 drop_lease(id, wf)
 if target == 'pending' then
   redis.call('HSET', rk, 'st', 'pending', 'w', num(NOW), 'u', num(NOW))
   release(id, k1, k2)
-  due_add(wf, pr, num(NOW), id)
+  due_add(wf, p, num(NOW), id)
   wake(wf, 0)
   return 1
 end
@@ -35,7 +36,7 @@ if bb then unlist_blocked(id, wf, bb, w) end
 redis.call('HSET', rk, 'st', target, 'w', '', 'wt', '', 'u', num(NOW))
 if err ~= '' then redis.call('HSET', rk, 'err', err) end
 release(id, k1, k2)
-due_rem(wf, pr, id)
+due_rem(wf, p, id)
 if turn then pass_turn(turn[1], turn[2], turn[3], turn[4]) end
 redis.call('ZREM', k('parked', wf), id)
 drop_events(id)

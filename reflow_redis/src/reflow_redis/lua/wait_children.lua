@@ -4,7 +4,7 @@
 -- them, false when the lease is lost. A parked run is due at its deadline
 -- ('dl', parked 1) or only when its last child ends (parked 2, out of P:due).
 local id, name = ARGV[5], ARGV[7]
-local wf, _, _, pr, k1, k2 = fence(id, ARGV[6])
+local wf, _, _, p, k1, k2 = fence(id, ARGV[6])
 if not wf then return false end
 put_step(id, name, ARGV[8], ARGV[9], ARGV[10])
 local rk = run_key(id)
@@ -12,5 +12,5 @@ if redis.call('EXISTS', open_key(id, name)) == 0 then
   redis.call('HSET', rk, 'u', num(NOW))
   return 1
 end
-park_waiting(id, wf, CHILDREN .. name, redis.call('HGET', rk, 'dl') or '', pr, k1, k2)
+park_waiting(id, wf, CHILDREN .. name, redis.call('HGET', rk, 'dl') or '', p, k1, k2)
 return 0
