@@ -27,6 +27,7 @@ from .errors import (
     EventNotDeclaredError,
     HookError,
     IdempotencyConflictError,
+    IncompatibleRunError,
     LeaseExpiredError,
     MapTooLargeError,
     NonRetryableError,
@@ -70,7 +71,7 @@ from .registry import available_backends, open_storage
 from .retry import Retry
 from .schedules import Schedule
 from .storage import Storage
-from .workflow import Branch, Workflow, workflow
+from .workflow import Branch, Policy, Workflow, workflow
 
 __version__ = "0.1.0"
 
@@ -95,6 +96,7 @@ __all__ = [
     "FailureContext",
     "HookError",
     "IdempotencyConflictError",
+    "IncompatibleRunError",
     "JSONValue",
     "LeaseExpiredError",
     "Limit",
@@ -102,6 +104,7 @@ __all__ = [
     "MemoryStorage",
     "NonRetryableError",
     "ParallelCompleteError",
+    "Policy",
     "Rate",
     "ReclaimLimitError",
     "ReflowError",

@@ -66,6 +66,7 @@ __all__ = [
     "EventNotDeclaredError",
     "HookError",
     "IdempotencyConflictError",
+    "IncompatibleRunError",
     "LeaseExpiredError",
     "MapTooLargeError",
     "NonRetryableError",
@@ -615,6 +616,35 @@ class ChildFailedError(RunError):
         stored = None if info is None else info.get("traceback")
         if isinstance(stored, str) and stored:
             self.__cause__ = RemoteTraceback(stored)
+
+
+class IncompatibleRunError(RunError):
+    """A run of another version, or started on an earlier shape of its
+    workflow, that the definition which claimed it cannot continue where the
+    run stands (``workflow(..., on_incompatible="fail")``). ``reason`` says
+    what would go wrong; ``run_version`` and ``version`` are the run's and
+    the definition's versions. Never retried."""
+
+    code = "incompatible_run"
+
+    def __init__(
+        self,
+        workflow: str,
+        run_version: int,
+        version: int,
+        reason: str,
+        *,
+        run_id: str | None = None,
+    ) -> None:
+        super().__init__(
+            f"run of workflow {workflow!r} version {run_version} cannot go on with version "
+            f"{version} of its definition: {reason}",
+            run_id=run_id,
+        )
+        self.workflow = workflow
+        self.run_version = run_version
+        self.version = version
+        self.reason = reason
 
 
 class ReclaimLimitError(RunError):

@@ -21,6 +21,7 @@ from ._durations import describe, to_seconds
 from .adapter import check_text
 from .errors import ConfigError, ValidationError
 from .storage import (
+    HOLD_EVENT,
     MAX_RATE,
     MAX_RATE_PERIOD,
     PRIORITY_RANGE,
@@ -120,11 +121,14 @@ def parse_rate(value: object, where: str = "rate") -> Rate:
 
 @dataclass(frozen=True, slots=True)
 class RunShape:
-    """The priority and the limits a run is created with."""
+    """The priority and the limits a run is created with, and the version
+    and fingerprint of the definition that creates it."""
 
     priority: int = 0
     limits: tuple[ConcurrencyLimit, ...] = ()
     rates: tuple[RateLimit, ...] = ()
+    version: int = 1
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True, init=False)
@@ -242,7 +246,13 @@ class FlowControl:
 def hold_reason(record: RunRecord) -> str | None:
     """Why a run that is due, or about to be, is not running yet, in words:
     a full concurrency limit, a rate with no room, or a debounce still
-    waiting for its key to be quiet; ``None`` for any other run."""
+    waiting for its key to be quiet, or a hold after a change of its
+    workflow's definition; ``None`` for any other run."""
+    if record.status == "waiting" and record.waiting_for == HOLD_EVENT:
+        return (
+            f"held after a change of workflow {record.workflow!r}: release it to go on "
+            "(reflow runs release)"
+        )
     blocked = record.blocked_by
     if blocked is not None and blocked.startswith(RATE_BLOCK_PREFIX):
         key = blocked.removeprefix(RATE_BLOCK_PREFIX)

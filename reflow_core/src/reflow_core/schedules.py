@@ -465,6 +465,8 @@ class Scheduler:
                 priority=flow.priority,
                 limits=flow.limits,
                 rates=flow.rates,
+                version=flow.version,
+                fingerprint=flow.fingerprint,
             )
             try:
                 fired = await storage.claim_schedule_slot(record.key, slot, following, run)

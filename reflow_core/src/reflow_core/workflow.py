@@ -29,6 +29,7 @@ from .context import FailureContext, StepContext
 from .errors import ConfigError, DuplicateStepError, ValidationError
 from .limits import FlowControl, Limit, Rate, check_priority, parse_rate
 from .retry import NO_RETRY, Retry
+from .storage import MAX_VERSION
 
 __all__ = [
     "Branch",
@@ -59,6 +60,10 @@ Validator = Callable[[Any], Any]
 Predicate = Callable[[StepContext[Any, Any]], "bool | Awaitable[bool]"]
 WhenPredicate: TypeAlias = Callable[[StepContext[InputT, PrevT]], "bool | Awaitable[bool]"]
 """A step's ``when=``: a plain or ``async`` function of the context returning a bool."""
+Policy: TypeAlias = Literal["hold", "fail", "continue", "old_version"]
+"""What a definition does with a run it cannot continue as the run stands
+(``workflow(..., on_incompatible=...)``); see ``docs/versions.md``."""
+POLICIES: tuple[str, ...] = ("hold", "fail", "continue", "old_version")
 RESERVED_PREFIX = "reflow:"
 """Step, sleep and wait names may not start with this: the engine keeps its
 own records of a run (decisions, owed handlers) under such names."""
@@ -75,6 +80,11 @@ class StepDefinition:
     retry: Retry
     timeout: float | None
     when: Predicate | None = None
+    was: tuple[str, ...] = ()
+    """Earlier names of the step (``was=``): a run that saved its result
+    under one of them is past this step."""
+    child: str | None = None
+    """For a ``.child()`` step: the name of the workflow it runs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +93,8 @@ class SleepDefinition:
 
     name: str
     seconds: float
+    was: tuple[str, ...] = ()
+    """Earlier names of the sleep (``was=``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +106,8 @@ class WaitDefinition:
     timeout: float | None
     continue_on_timeout: bool = False
     """On timeout, go on with a :class:`~reflow_core.codec.WaitTimedOut` instead of failing."""
+    was: tuple[str, ...] = ()
+    """Earlier names of the wait (``was=``); the event it waits for is its name."""
 
     def validate(self, workflow: str, raw: Any) -> Any:
         return _validate(
@@ -107,6 +121,8 @@ class ParallelDefinition:
 
     name: str
     branches: tuple[StepDefinition, ...]
+    was: tuple[str, ...] = ()
+    """Earlier names of the group (``was=``); its branches have their own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +137,8 @@ class MapDefinition:
     """The handler, retry and timeout of every item (its name is the map's)."""
     concurrency: int
     max_items: int
+    was: tuple[str, ...] = ()
+    """Earlier names of the map (``was=``): items saved as ``old[i]`` count."""
 
     def item_name(self, index: int) -> str:
         return f"{self.name}[{index}]"
@@ -146,6 +164,8 @@ class Branch:
     handler: Callable[[StepContext[Any, Any]], Any]
     retry: Retry | None = None
     timeout: Duration | None = None
+    was: str | Iterable[str] | None = None
+    """Earlier names of the branch, as ``.step(was=...)`` takes them."""
 
 
 def _is_async_callable(fn: object) -> bool:
@@ -264,7 +284,18 @@ def to_plain_input(value: Any) -> Any:
 class Workflow(Generic[InputT, PrevT]):
     """An immutable, named chain of steps. Build one with :func:`workflow`."""
 
-    __slots__ = ("_flow", "_name", "_on_failure", "_schema", "_steps", "_timeout", "_validator")
+    __slots__ = (
+        "_fingerprint",
+        "_flow",
+        "_name",
+        "_on_failure",
+        "_on_incompatible",
+        "_schema",
+        "_steps",
+        "_timeout",
+        "_validator",
+        "_version",
+    )
 
     def __init__(
         self,
@@ -275,6 +306,8 @@ class Workflow(Generic[InputT, PrevT]):
         on_failure: FailureHandler | None = None,
         timeout: float | None = None,
         flow: FlowControl | None = None,
+        version: int = 1,
+        on_incompatible: Policy | None = None,
     ) -> None:
         self._name = name
         self._schema = schema
@@ -283,6 +316,36 @@ class Workflow(Generic[InputT, PrevT]):
         self._on_failure = on_failure
         self._timeout = timeout
         self._flow = flow or FlowControl()
+        self._version = version
+        self._on_incompatible = on_incompatible
+        self._fingerprint: str | None = None
+
+    @property
+    def version(self) -> int:
+        """The version of this definition (``workflow(..., version=...)``),
+        recorded on every run it enqueues. A worker takes runs of the
+        versions it registers; see ``docs/versions.md``."""
+        return self._version
+
+    @property
+    def on_incompatible(self) -> Policy | None:
+        """What happens to a run of another version (or an older shape) that
+        this definition cannot continue as it stands: ``"hold"``, ``"fail"``,
+        ``"continue"``, ``"old_version"``, or ``None`` (hold, and
+        ``reflow deploy-check`` reports it as unplanned)."""
+        return self._on_incompatible
+
+    @property
+    def fingerprint(self) -> str:
+        """A stable hash of the workflow's shape: its units in order (steps,
+        sleeps, waits, parallel groups with their branches, maps, child
+        steps with the workflow they run), by kind and name. Handlers,
+        retries, timeouts and aliases do not count. Recorded on every run."""
+        if self._fingerprint is None:
+            from .versions import fingerprint_of
+
+            self._fingerprint = fingerprint_of(self._steps)
+        return self._fingerprint
 
     @property
     def flow(self) -> FlowControl:
@@ -318,7 +381,8 @@ class Workflow(Generic[InputT, PrevT]):
 
     def __repr__(self) -> str:
         names = ", ".join(s.name for s in self._steps)
-        return f"<Workflow {self._name!r} [{names}]>"
+        version = "" if self._version == 1 else f" v{self._version}"
+        return f"<Workflow {self._name!r}{version} [{names}]>"
 
     def validate_input(self, raw: Any) -> InputT:
         """Validate raw input, raising :class:`~reflow_core.errors.ValidationError`."""
@@ -331,9 +395,44 @@ class Workflow(Generic[InputT, PrevT]):
         names = set()
         for node in self._steps:
             names.add(node.name)
+            names.update(node.was)
             if isinstance(node, ParallelDefinition):
-                names.update(b.name for b in node.branches)
+                for branch in node.branches:
+                    names.add(branch.name)
+                    names.update(branch.was)
         return names
+
+    def _aliases(self, name: str, was: object, taken: set[str] | None = None) -> tuple[str, ...]:
+        """``was=`` as a tuple of names, each checked as a step name is and
+        free in this workflow (not a name or alias of another unit)."""
+        if was is None:
+            return ()
+        items = [was] if isinstance(was, str) else was
+        if not isinstance(items, Iterable):
+            raise ConfigError(
+                f"workflow {self._name!r}, step {name!r}: was must be a name or a list of names, "
+                f"not {type(was).__name__}",
+                option="was",
+            )
+        names: list[str] = []
+        used = self._taken() if taken is None else taken
+        for item in items:
+            if item == name or item in names:
+                raise ConfigError(
+                    f"workflow {self._name!r}, step {name!r}: was={item!r} repeats a name",
+                    option="was",
+                )
+            try:
+                names.append(self._check_name(item, used))
+            except DuplicateStepError:
+                raise ConfigError(
+                    f"workflow {self._name!r}, step {name!r}: was={item!r} is already the name "
+                    "or an earlier name of another step",
+                    option="was",
+                ) from None
+            except ConfigError as exc:
+                raise ConfigError(f"{exc.message} (in was=)", option="was") from None
+        return tuple(names)
 
     def _check_item_names(self, name: str, *, is_map: bool) -> None:
         """A map saves its items as ``name[0]``, ``name[1]``...: no other name
@@ -374,6 +473,8 @@ class Workflow(Generic[InputT, PrevT]):
             self._on_failure,
             self._timeout,
             self._flow,
+            self._version,
+            self._on_incompatible,
         )
 
     @overload
@@ -385,6 +486,7 @@ class Workflow(Generic[InputT, PrevT]):
         retry: Retry | None = None,
         timeout: Duration | None = None,
         when: None = None,
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, OutT]: ...
 
     @overload
@@ -396,6 +498,7 @@ class Workflow(Generic[InputT, PrevT]):
         retry: Retry | None = None,
         timeout: Duration | None = None,
         when: WhenPredicate[InputT, PrevT],
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, OutT | PrevT]: ...
 
     @overload
@@ -407,6 +510,7 @@ class Workflow(Generic[InputT, PrevT]):
         retry: Retry | None = None,
         timeout: Duration | None = None,
         when: None = None,
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, OutT]: ...
 
     @overload
@@ -418,6 +522,7 @@ class Workflow(Generic[InputT, PrevT]):
         retry: Retry | None = None,
         timeout: Duration | None = None,
         when: WhenPredicate[InputT, PrevT],
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, OutT | PrevT]: ...
 
     def step(
@@ -428,6 +533,7 @@ class Workflow(Generic[InputT, PrevT]):
         retry: Retry | None = None,
         timeout: Duration | None = None,
         when: WhenPredicate[InputT, PrevT] | None = None,
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, Any]:
         """Append a step and return the new workflow.
 
@@ -446,20 +552,30 @@ class Workflow(Generic[InputT, PrevT]):
         :class:`~reflow_core.errors.DuplicateStepError` if the name is taken,
         and :class:`~reflow_core.errors.ConfigError` for a name starting with
         the reserved ``reflow:``.
+
+        ``was`` gives the step's earlier names when it is renamed: a run
+        that saved its result under one of them is past this step, so it
+        is not run again (see ``docs/versions.md``).
         """
         self._check_name(name)
-        return self._then(_define_step(self._name, name, handler, retry, timeout, when))
+        aliases = self._aliases(name, was)
+        step = _define_step(self._name, name, handler, retry, timeout, when)
+        return self._then(dataclasses.replace(step, was=aliases))
 
-    def sleep(self, name: str, duration: Duration) -> Workflow[InputT, PrevT]:
+    def sleep(
+        self, name: str, duration: Duration, *, was: str | Iterable[str] | None = None
+    ) -> Workflow[InputT, PrevT]:
         """Append a durable sleep of ``duration``; ``prev`` passes through.
 
         The run is stored as sleeping with its lease released, so no process
         stays busy; any engine resumes it once due. The wake-up time is fixed
-        the first time the run reaches the sleep.
+        the first time the run reaches the sleep. ``was`` gives earlier
+        names, as :meth:`step` takes them.
         """
         self._check_name(name)
+        aliases = self._aliases(name, was)
         seconds = to_seconds(duration, option=f"sleep {name!r} duration")
-        return self._then(SleepDefinition(name, seconds))
+        return self._then(SleepDefinition(name, seconds, aliases))
 
     @overload
     def wait_for_event(
@@ -469,6 +585,7 @@ class Workflow(Generic[InputT, PrevT]):
         schema: None = None,
         timeout: Duration | None = None,
         on_timeout: Literal["fail", "continue"] = "fail",
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, Any]: ...
 
     @overload
@@ -479,6 +596,7 @@ class Workflow(Generic[InputT, PrevT]):
         schema: type[T] | SupportsValidatePython[T] | Callable[[Any], T],
         timeout: Duration | None = None,
         on_timeout: Literal["fail"] = "fail",
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, T]: ...
 
     @overload
@@ -489,6 +607,7 @@ class Workflow(Generic[InputT, PrevT]):
         schema: type[T] | SupportsValidatePython[T] | Callable[[Any], T],
         timeout: Duration,
         on_timeout: Literal["continue"],
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, T | WaitTimedOut]: ...
 
     def wait_for_event(
@@ -498,6 +617,7 @@ class Workflow(Generic[InputT, PrevT]):
         schema: object = None,
         timeout: Duration | None = None,
         on_timeout: Literal["fail", "continue"] = "fail",
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, Any]:
         """Append a wait for the event ``name`` (sent with ``Engine.send_event``).
 
@@ -523,13 +643,16 @@ class Workflow(Generic[InputT, PrevT]):
                 option="on_timeout",
             )
         self._check_name(name)
+        aliases = self._aliases(name, was)
         seconds = (
             None
             if timeout is None
             else to_seconds(timeout, option=f"wait {name!r} timeout", allow_zero=False)
         )
         validator = _make_validator(schema, self._name, "payload")
-        return self._then(WaitDefinition(name, validator, seconds, on_timeout == "continue"))
+        return self._then(
+            WaitDefinition(name, validator, seconds, on_timeout == "continue", aliases)
+        )
 
     def parallel(
         self,
@@ -558,8 +681,13 @@ class Workflow(Generic[InputT, PrevT]):
             self._check_name(branch_name, taken)
             taken.add(branch_name)
             spec = branch if isinstance(branch, Branch) else Branch(branch)
+            aliases = self._aliases(branch_name, spec.was, taken)
+            taken.update(aliases)
             defined.append(
-                _define_step(self._name, branch_name, spec.handler, spec.retry, spec.timeout)
+                dataclasses.replace(
+                    _define_step(self._name, branch_name, spec.handler, spec.retry, spec.timeout),
+                    was=aliases,
+                )
             )
         return self._then(ParallelDefinition(group, tuple(defined)))
 
@@ -574,6 +702,7 @@ class Workflow(Generic[InputT, PrevT]):
         retry: Retry | None = None,
         timeout: Duration | None = None,
         max_items: int = MAX_MAP_ITEMS,
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, list[OutT]]: ...
 
     @overload
@@ -587,6 +716,7 @@ class Workflow(Generic[InputT, PrevT]):
         retry: Retry | None = None,
         timeout: Duration | None = None,
         max_items: int = MAX_MAP_ITEMS,
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, list[OutT]]: ...
 
     def map(
@@ -599,6 +729,7 @@ class Workflow(Generic[InputT, PrevT]):
         retry: Retry | None = None,
         timeout: Duration | None = None,
         max_items: int = MAX_MAP_ITEMS,
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, list[Any]]:
         """Append a fan-out: run ``handler`` once per item of the list that
         ``items(ctx)`` returns (from the input, ``ctx.input``, or an earlier
@@ -616,6 +747,9 @@ class Workflow(Generic[InputT, PrevT]):
         """
         self._check_name(name)
         self._check_item_names(name, is_map=True)
+        aliases = self._aliases(name, was)
+        for alias in aliases:
+            self._check_item_names(alias, is_map=True)
         if not callable(items):
             raise ConfigError(
                 f"workflow {self._name!r}, map {name!r}: items must be a callable returning "
@@ -637,6 +771,7 @@ class Workflow(Generic[InputT, PrevT]):
                 item,
                 concurrency,
                 max_items,
+                aliases,
             )
         )
 
@@ -648,6 +783,7 @@ class Workflow(Generic[InputT, PrevT]):
         *,
         retry: Retry | None = None,
         timeout: Duration | None = None,
+        was: str | Iterable[str] | None = None,
     ) -> Workflow[InputT, OutT]:
         """Append a step that runs ``workflow`` as a child run and takes its
         output: the common case of :meth:`StepContext.start_child
@@ -664,6 +800,7 @@ class Workflow(Generic[InputT, PrevT]):
         this run cancels the child.
         """
         self._check_name(name)
+        aliases = self._aliases(name, was)
         if not isinstance(workflow, Workflow):
             raise ConfigError(
                 f"workflow {self._name!r}, child {name!r}: workflow must be a Workflow, "
@@ -689,7 +826,8 @@ class Workflow(Generic[InputT, PrevT]):
             return await handle.result()
 
         run_child.__qualname__ = run_child.__name__ = f"child:{workflow.name}"
-        return self._then(_define_step(self._name, name, run_child, retry, None))
+        step = _define_step(self._name, name, run_child, retry, None)
+        return self._then(dataclasses.replace(step, was=aliases, child=workflow.name))
 
     def on_failure(
         self, handler: Callable[[FailureContext[InputT]], Any]
@@ -713,6 +851,8 @@ class Workflow(Generic[InputT, PrevT]):
             cast(FailureHandler, handler),
             self._timeout,
             self._flow,
+            self._version,
+            self._on_incompatible,
         )
 
 
@@ -726,6 +866,8 @@ def workflow(
     max_running: int | None = None,
     concurrency: Limit | None = None,
     rate: str | Rate | None = None,
+    version: int = 1,
+    on_incompatible: Policy | None = None,
 ) -> Workflow[Any, Any]: ...
 
 
@@ -739,6 +881,8 @@ def workflow(
     max_running: int | None = None,
     concurrency: Limit | None = None,
     rate: str | Rate | None = None,
+    version: int = 1,
+    on_incompatible: Policy | None = None,
 ) -> Workflow[T, T]: ...
 
 
@@ -752,6 +896,8 @@ def workflow(
     max_running: int | None = None,
     concurrency: Limit | None = None,
     rate: str | Rate | None = None,
+    version: int = 1,
+    on_incompatible: Policy | None = None,
 ) -> Workflow[T, T]: ...
 
 
@@ -765,6 +911,8 @@ def workflow(
     max_running: int | None = None,
     concurrency: Limit | None = None,
     rate: str | Rate | None = None,
+    version: int = 1,
+    on_incompatible: Policy | None = None,
 ) -> Workflow[T, T]: ...
 
 
@@ -777,6 +925,8 @@ def workflow(
     max_running: int | None = None,
     concurrency: Limit | None = None,
     rate: str | Rate | None = None,
+    version: int = 1,
+    on_incompatible: Policy | None = None,
 ) -> Workflow[Any, Any]:
     """Start building a workflow named ``name``.
 
@@ -802,6 +952,22 @@ def workflow(
     holds its slots while it is running, not while it sleeps or waits; every
     start counts against a rate, a resume after a sleep, a wait or a crash
     included.
+
+    ``version`` (an int from 1, default 1) is recorded on every run this
+    definition enqueues; a worker takes only runs of the versions it
+    registers (an engine may register several versions of one workflow:
+    each run goes on with its own). ``on_incompatible`` says what happens to
+    a run of another version, or started on an earlier shape of this one,
+    that this definition cannot continue where the run stands (a step it
+    already ran was renamed without ``was=``, a step was inserted before its
+    position, a step whose result it saved was removed): ``"hold"`` keeps it
+    waiting with the reason until :meth:`Engine.release
+    <reflow_core.Engine.release>`, ``"fail"`` fails it with
+    :class:`~reflow_core.errors.IncompatibleRunError`, ``"continue"`` runs it
+    on this definition anyway, and ``"old_version"`` leaves every run of
+    another version to a worker that registers that version. ``None`` holds
+    such runs, and ``reflow deploy-check`` reports them as unplanned. See
+    ``docs/versions.md``.
     """
     if not isinstance(name, str) or not name.strip():
         raise ConfigError("workflow name must be a non-empty string", option="name")
@@ -827,4 +993,23 @@ def workflow(
         )
     pace = None if rate is None else parse_rate(rate, f"{where} rate")
     flow = FlowControl(priority, max_running, concurrency, pace)
-    return Workflow(name, input, _make_validator(input, name), timeout=seconds, flow=flow)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        raise ConfigError(
+            f"{where}: version must be an int from 1 to {MAX_VERSION}, got {version!r}",
+            option="version",
+        )
+    if on_incompatible is not None and on_incompatible not in POLICIES:
+        raise ConfigError(
+            f"{where}: on_incompatible must be one of {', '.join(map(repr, POLICIES))} or None, "
+            f"got {on_incompatible!r}",
+            option="on_incompatible",
+        )
+    return Workflow(
+        name,
+        input,
+        _make_validator(input, name),
+        timeout=seconds,
+        flow=flow,
+        version=version,
+        on_incompatible=on_incompatible,
+    )

@@ -104,6 +104,8 @@ class Children:
             limits=shape.limits,
             rates=shape.rates,
             headers=self._driver.observers.scopes.headers(workflow.name),
+            version=workflow.version,
+            fingerprint=workflow.fingerprint,
         )
         storage = self._driver.storage
         start = getattr(storage, "start_child", None)

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from datetime import datetime, timedelta
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Literal, NoReturn, Self, overload
 
 from reflow_core import codec
@@ -50,6 +50,7 @@ from reflow_core.storage import (
     Storage,
     WorkerRecord,
 )
+from reflow_core.versions import release_held
 from reflow_core.workflow import WaitDefinition, Workflow, to_plain_input
 
 from .driver import RunDriver
@@ -214,6 +215,9 @@ class Engine:
             )
         self._storage: Storage = open_storage(storage) if isinstance(storage, str) else storage
         self._workflows: dict[str, Workflow[Any, Any]] = {}
+        """The current (highest) version of each registered workflow."""
+        self._versions: dict[str, dict[int, Workflow[Any, Any]]] = {}
+        """Every registered definition, by workflow and version."""
         for wf in workflows:
             self.register(wf)
         self._concurrency = concurrency
@@ -255,6 +259,7 @@ class Engine:
         self._driver = RunDriver(
             storage=self._storage,
             workflows=self._workflows,
+            versions=self._versions,
             lease=self._lease,
             max_reclaims=max_reclaims,
             clock=self._clock,
@@ -264,6 +269,7 @@ class Engine:
         self._worker = Worker(
             storage=self._storage,
             workflows=self._workflows,
+            versions=self._versions,
             driver=self._driver,
             concurrency=concurrency,
             claim_batch=self._claim_batch,
@@ -280,7 +286,13 @@ class Engine:
     # -- configuration -----------------------------------------------------
 
     def register(self, wf: Workflow[Any, Any]) -> None:
-        """Register a workflow so this engine runs it and can enqueue it by name."""
+        """Register a workflow so this engine runs it and can enqueue it by name.
+
+        Several versions of one workflow (``workflow(..., version=N)``) may
+        be registered: the highest is the one enqueued by name, and each
+        run goes on with the definition of its own version. Registering a
+        different definition under a name and version already taken raises
+        :class:`~reflow_core.errors.ConfigError`."""
         if not isinstance(wf, Workflow):
             raise ConfigError(
                 f"workflows must be built with workflow(), got {type(wf).__name__}",
@@ -288,10 +300,18 @@ class Engine:
             )
         if not wf.steps:
             raise ConfigError(f"workflow {wf.name!r} has no steps", option="workflows")
-        existing = self._workflows.get(wf.name)
+        versions = self._versions.setdefault(wf.name, {})
+        existing = versions.get(wf.version)
         if existing is not None and existing is not wf:
-            raise ConfigError(f"two different workflows are named {wf.name!r}", option="workflows")
-        self._workflows[wf.name] = wf
+            raise ConfigError(
+                f"two different workflows are named {wf.name!r} with version {wf.version}; "
+                "give the changed one its own version=",
+                option="workflows",
+            )
+        versions[wf.version] = wf
+        current = self._workflows.get(wf.name)
+        if current is None or wf.version > current.version:
+            self._workflows[wf.name] = wf
 
     @property
     def storage(self) -> Storage:
@@ -474,6 +494,25 @@ class Engine:
 
     # -- client API ----------------------------------------------------------
 
+    def definition_for(self, record: RunRecord) -> Workflow[Any, Any] | None:
+        """The registered definition this engine's worker runs ``record``
+        with: its own version's, or else the current one of its workflow
+        unless that one says ``on_incompatible="old_version"`` or is older
+        than the run. ``None`` when it would not take the run (what
+        ``reflow deploy-check`` reports for each run in flight)."""
+        return self._driver.definition(record)
+
+    @property
+    def workflows(self) -> Mapping[str, Workflow[Any, Any]]:
+        """The current (highest) registered version of each workflow, by name."""
+        return MappingProxyType(self._workflows)
+
+    def _definition(self, record: RunRecord) -> Workflow[Any, Any]:
+        """The registered definition of ``record``'s own version, or the
+        current one of its workflow."""
+        found = self._versions.get(record.workflow, {}).get(record.version)
+        return found if found is not None else self._resolve(record.workflow)
+
     def _resolve(self, wf: Workflow[Any, Any] | str) -> Workflow[Any, Any]:
         if isinstance(wf, Workflow):
             return wf
@@ -561,6 +600,8 @@ class Engine:
                 rates=shape.rates,
                 debounce_key=debounce_key,
                 headers=self._observers.scopes.headers(wf.name, headers),
+                version=wf.version,
+                fingerprint=wf.fingerprint,
             )
         )
         self._wake_for([result.run], wf)
@@ -771,7 +812,7 @@ class Engine:
         record = await self._storage.get_run(run_id)
         if record is None or record.status in TERMINAL_STATUSES:
             return False
-        wf = self._resolve(record.workflow)
+        wf = self._definition(record)
         wait = next(
             (n for n in wf.steps if isinstance(n, WaitDefinition) and n.name == event), None
         )
@@ -809,6 +850,21 @@ class Engine:
         if requeued:
             self._worker.wake.set()
         return requeued
+
+    async def release(self, run_id: str) -> bool:
+        """Let a held run go on: a run that a definition of its workflow
+        held because it cannot continue the run where it stands
+        (``on_incompatible="hold"`` or ``None``; see ``docs/versions.md``). The
+        next worker to claim it goes on with it on the definition it has:
+        its own version's, if that worker registers it, or else the
+        current one, whatever the check says. Releasing it again before a
+        worker takes it changes nothing and returns True. Returns False,
+        changing nothing, for a run that is missing or not held."""
+        await self._ensure_initialized("release")
+        delivered = await release_held(self._storage, run_id)
+        if delivered:
+            self._worker.wake.set()
+        return delivered
 
     async def list_runs(
         self,

@@ -28,6 +28,7 @@ from reflow_core.errors import (
     CorruptDataError,
     ErrorInfo,
     HookError,
+    IncompatibleRunError,
     ReclaimLimitError,
     RunDeadlineError,
     SerializationError,
@@ -42,9 +43,17 @@ from reflow_core.events import (
     RunFailed,
     RunReclaimed,
     RunStarted,
+    RunWaiting,
 )
 from reflow_core.storage import ClaimedRun, Lease, RunRecord, StepRecord, Storage
 from reflow_core.tracing import RunScope
+from reflow_core.versions import (
+    HOLD_EVENT,
+    HOLD_PREFIX,
+    HOLD_REASON,
+    check_replay,
+    remap_saved,
+)
 from reflow_core.workflow import RESERVED_PREFIX, Workflow, _is_async_callable
 
 from .views import Clock, read_stored
@@ -194,6 +203,7 @@ class RunDriver:
         workflows: Mapping[str, Workflow[Any, Any]],
         lease: timedelta,
         max_reclaims: int,
+        versions: Mapping[str, Mapping[int, Workflow[Any, Any]]] | None = None,
         clock: Clock,
         observers: Observers,
         notify_finished: Callable[[str], None],
@@ -202,6 +212,8 @@ class RunDriver:
 
         self.storage = storage
         self.workflows = workflows
+        self.versions: Mapping[str, Mapping[int, Workflow[Any, Any]]] = versions or {}
+        """Every registered definition, by workflow and version."""
         self.lease = lease
         self.max_reclaims = max_reclaims
         self.clock = clock
@@ -243,8 +255,15 @@ class RunDriver:
 
     async def _drive(self, claimed: ClaimedRun, state: InFlight) -> None:
         record = claimed.run
-        wf = self.workflows.get(record.workflow)
-        if wf is None:  # claimed only for our workflows; be safe anyway
+        wf = self.definition(record)
+        if wf is None:  # claimed only for what we serve; be safe anyway
+            logger.warning(
+                "run %s (workflow %r, version %d) was claimed but this worker does not serve "
+                "it: handed back (the storage adapter ignored claim_runs' versions)",
+                record.id,
+                record.workflow,
+                record.version,
+            )
             await self.storage.update_run_status(record.id, "pending", lease=claimed.lease)
             return
         run = Execution(record, claimed.lease, state, wf, dict(claimed.steps))
@@ -275,6 +294,8 @@ class RunDriver:
             # Claimed at (or after) its deadline: delayed, sleeping or waiting
             # runs become claimable then, to be failed here.
             await self.fail(run, RunDeadlineError(deadline, run_id=record.id), step=None)
+            return
+        if record.fingerprint != wf.fingerprint and await self._changed_shape(run):
             return
         if record.attempts == 1:
             await self.emit(RunStarted(record.id, record.workflow, record.attempts, False))
@@ -313,6 +334,80 @@ class RunDriver:
         # Every node was already saved (a trailing one was removed from the
         # definition since): finish with the last output.
         await self.complete(run, codec.encode(run.prev), None)
+
+    def definition(self, record: RunRecord) -> Workflow[Any, Any] | None:
+        """The definition that runs ``record``: its own version's if
+        registered, else the current one, unless that one leaves other
+        versions to other workers (``"old_version"``) or is older than the
+        run; ``None`` when this engine serves neither."""
+        own = self.versions.get(record.workflow, {}).get(record.version)
+        if own is not None:
+            return own
+        current = self.workflows.get(record.workflow)
+        if current is None or record.version > current.version:
+            return None
+        if current.on_incompatible == "old_version" and record.version != current.version:
+            return None
+        return current
+
+    async def _changed_shape(self, run: Execution) -> bool:
+        """For a run started on another shape than its definition's: carry
+        its records saved under earlier names (``was=``) over, check that it
+        can go on where it stands, and if not apply the definition's
+        ``on_incompatible``. True when the run was held or failed here."""
+        wf = run.workflow
+        record = run.record
+        check = check_replay(wf.steps, run.saved)
+        run.saved = remap_saved(wf.steps, run.saved)
+        if check.outcome == "continue":
+            return False
+        reason = check.describe()
+        policy = wf.on_incompatible
+        if policy == "continue":
+            logger.warning(
+                "run %s of workflow %r (version %d) goes on with version %d as "
+                "on_incompatible='continue' says, although %s",
+                record.id,
+                wf.name,
+                record.version,
+                wf.version,
+                reason,
+            )
+            return False
+        if policy == "fail":
+            error = IncompatibleRunError(
+                wf.name, record.version, wf.version, reason, run_id=record.id
+            )
+            await self.fail(run, error, step=None)
+            return True
+        hold = HOLD_PREFIX + wf.fingerprint
+        released = run.saved.get(hold)
+        if released is not None and released.status == "completed":
+            return False
+        if hold not in run.saved:
+            about = {"reason": reason, "version": wf.version, "fingerprint": wf.fingerprint}
+            await self.save(run, StepRecord(HOLD_REASON, "completed", output=codec.encode(about)))
+        result = await self.storage.wait_run(run.lease, hold, HOLD_EVENT, None)
+        self.fence(result is not None)
+        assert result is not None
+        if result.ready:
+            taken = await self.storage.take_event(run.lease, hold, HOLD_EVENT)
+            self.fence(taken is not None)
+            logger.info(
+                "held run %s was released: it goes on with version %d", record.id, wf.version
+            )
+            return False
+        logger.warning(
+            "run %s of workflow %r (version %d) is held: version %d cannot go on with it "
+            "because %s; Engine.release() or `reflow runs release` lets it go on",
+            record.id,
+            wf.name,
+            record.version,
+            wf.version,
+            reason,
+        )
+        await self.emit(RunWaiting(record.id, record.workflow, hold, HOLD_EVENT, None))
+        return True
 
     def _arm_deadline(self, run: Execution, deadline: datetime) -> asyncio.TimerHandle:
         """Interrupt the run (its step's cancel signal fires, its task is

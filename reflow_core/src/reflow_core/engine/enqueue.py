@@ -259,6 +259,8 @@ class BatchBuilder:
             rates=shape.rates,
             debounce_key=debounce_key,
             headers=headers,
+            version=wf.version,
+            fingerprint=wf.fingerprint,
         )
         self._items.append((new, timing))
 

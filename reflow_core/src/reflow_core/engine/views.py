@@ -19,6 +19,7 @@ from reflow_core.storage import (
     StepRecord,
     StepStatus,
 )
+from reflow_core.versions import held_reason
 from reflow_core.workflow import RESERVED_PREFIX
 
 __all__ = [
@@ -98,7 +99,14 @@ class Run:
     """The ``debounce_key`` it was enqueued with."""
     hold: str | None = None
     """Why it is not running yet, in words, when a limit, a rate or a
-    debounce holds it back (:func:`~reflow_core.limits.hold_reason`)."""
+    debounce holds it back (:func:`~reflow_core.limits.hold_reason`), or
+    when a new definition of its workflow held it (:meth:`Engine.release`
+    lets it go on; the reason in full with :meth:`Engine.get_run_status`)."""
+    version: int = 1
+    """The version of the workflow definition that enqueued it."""
+    fingerprint: str | None = None
+    """The fingerprint of that definition's shape (``None`` for a run
+    enqueued without one)."""
     children: tuple[ChildRun, ...] = ()
     """The runs this run started as children, oldest first; filled by
     :meth:`Engine.get_run_status` (empty elsewhere)."""
@@ -168,7 +176,9 @@ class Run:
             blocked_by=record.blocked_by,
             rates=record.rates,
             debounce_key=record.debounce_key,
-            hold=hold_reason(record),
+            hold=held_reason(record, steps) or hold_reason(record),
+            version=record.version,
+            fingerprint=record.fingerprint,
             children=tuple(
                 ChildRun(c.id, c.workflow, c.parent_step or "", c.status, c.created_at)
                 for c in children

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import inspect
 import logging
 import math
 import random
@@ -82,6 +84,7 @@ class Worker:
         storage: Storage,
         workflows: Mapping[str, Workflow[Any, Any]],
         driver: RunDriver,
+        versions: Mapping[str, Mapping[int, Workflow[Any, Any]]] | None = None,
         concurrency: int,
         claim_batch: int,
         lease: timedelta,
@@ -94,6 +97,9 @@ class Worker:
     ) -> None:
         self._storage = storage
         self._workflows = workflows
+        self._versions: Mapping[str, Mapping[int, Workflow[Any, Any]]] = versions or {}
+        self._filters_versions: tuple[Storage, bool] | None = None
+        """The storage, and whether its ``claim_runs`` takes ``versions``."""
         self._driver = driver
         self._concurrency = concurrency
         self._claim_batch = claim_batch
@@ -143,6 +149,19 @@ class Worker:
     def served(self) -> Mapping[str, Workflow[Any, Any]]:
         """The workflows this worker claims runs of."""
         return self._workflows
+
+    def served_versions(self) -> dict[str, range | tuple[int, ...]]:
+        """The versions of each served workflow this worker takes runs of:
+        those it registers, and, unless its current definition says
+        ``on_incompatible="old_version"``, every older one too (each checked
+        when claimed). Never a version newer than its current one."""
+        served: dict[str, range | tuple[int, ...]] = {}
+        for name, wf in self._workflows.items():
+            if wf.on_incompatible == "old_version":
+                served[name] = tuple(self._versions.get(name, {wf.version: wf})) or (wf.version,)
+            else:
+                served[name] = range(1, wf.version + 1)
+        return served
 
     def configure(
         self,
@@ -252,9 +271,10 @@ class Worker:
         longer validates: the run fails when it is claimed)."""
         wf = self._workflows[name]
         try:
-            return wf.flow.shape(name, wf.validate_input(codec.decode(text)))
+            shape = wf.flow.shape(name, wf.validate_input(codec.decode(text)))
         except ReflowError:
-            return wf.flow.workflow_shape(name)
+            shape = wf.flow.workflow_shape(name)
+        return dataclasses.replace(shape, version=wf.version, fingerprint=wf.fingerprint)
 
     async def tick(self) -> int:
         """Fire due schedules, claim one batch, run it to the end; how many runs."""
@@ -273,7 +293,14 @@ class Worker:
         limit = min(free, self._claim_batch)
         names = list(self._workflows)
         began = time.perf_counter()
-        claimed = await self._storage.claim_runs(names, limit, self._lease)
+        if self._filters_versions is None or self._filters_versions[0] is not self._storage:
+            self._filters_versions = (self._storage, _takes_versions(self._storage))
+        if self._filters_versions[1]:
+            claimed = await self._storage.claim_runs(
+                names, limit, self._lease, versions=self.served_versions()
+            )
+        else:
+            claimed = await self._storage.claim_runs(names, limit, self._lease)
         self._driver.observers.scopes.claimed(names, len(claimed), time.perf_counter() - began)
         self._more_work = len(claimed) == limit
         return claimed
@@ -580,3 +607,26 @@ def _pending_since(record: RunRecord) -> datetime:
     if record.wake_at is not None and record.wake_at > record.updated_at:
         return record.wake_at
     return record.updated_at
+
+
+def _takes_versions(storage: Storage) -> bool:
+    """Whether ``storage.claim_runs`` can be passed ``versions`` (every
+    adapter of this release; not one written before the parameter), judged
+    by its signature. A signature that cannot be read counts as this
+    release's. Without it, runs of every version are claimed, and the
+    driver hands back the ones this worker does not serve."""
+    try:
+        signature = inspect.signature(storage.claim_runs)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind((), 1, timedelta(seconds=1), versions=None)
+    except TypeError:
+        logger.warning(
+            "%s.claim_runs takes no versions: runs of every version of a workflow are "
+            "claimed, and those of versions this worker does not serve are handed back; "
+            "update the adapter to claim_runs(workflows, limit, lease, *, versions=None)",
+            type(storage).__name__,
+        )
+        return False
+    return True
