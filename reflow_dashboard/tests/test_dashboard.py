@@ -597,6 +597,43 @@ def test_a_held_back_run_says_why(dash: Dash) -> None:
     assert "held" in badge.attrs["class"].split()
 
 
+def test_a_run_held_after_a_workflow_change_says_why_and_shows_its_version(dash: Dash) -> None:
+    old = workflow("versioned").step("charge", _add).wait_for_event("go").step("ship", _add)
+    new = (
+        workflow("versioned", version=2, on_incompatible="hold")
+        .step("charge", _add)
+        .step("check", _add)
+        .wait_for_event("go")
+        .step("ship", _add)
+    )
+
+    async def work() -> str:
+        run_id = ""
+        for wf in (old, new):
+            async with Engine(
+                storage=dash.storage,
+                workflows=[wf],
+                worker=False,
+                close_storage=False,
+                load_entry_points=False,
+            ) as engine:
+                if wf is old:
+                    run_id = (await engine.enqueue(wf, {})).id
+                else:
+                    assert await dash.storage.deliver_event(run_id, "go", "null")
+                assert await engine.tick() == 1
+        return run_id
+
+    run_id = dash.call(work)
+    page = dash.page(f"/runs/{run_id}")
+    reason = page.one(id="hold-reason").words
+    assert "held by version 2" in reason, reason
+    assert "step 'check' comes before" in reason, reason
+    facts = page.one("dl", class_="facts").words
+    assert f"Version1 {old.fingerprint}" in facts, facts
+    assert "Waiting for" not in facts  # the hold says it
+
+
 def test_fragment_is_the_live_region_only(dash: Dash) -> None:
     run_id = dash.enqueue(OK)
     for path in (f"/runs/{run_id}?fragment=1", "/runs?fragment=1", "/?fragment=1"):

@@ -46,6 +46,7 @@ from reflow_core.storage import (
     Storage,
     WorkerRecord,
 )
+from reflow_core.versions import held_reason, is_held
 
 from ._charts import Chart, build_chart
 
@@ -470,8 +471,8 @@ async def load_run(store: Storage, run_id: str) -> RunView | None:
         steps=_steps(record, steps),
         children=children,
         events=shown_events,
-        held=hold_reason(record),
-        waiting_for=waiting_for,
+        held=held_reason(record, steps) or hold_reason(record),
+        waiting_for=None if is_held(record) else waiting_for,
         limits=[f"{limit.key} (at most {limit.max})" for limit in record.limits],
         rates=[f"{rate.key} ({Rate(rate.max, rate.period)})" for rate in record.rates],
         fingerprint=fingerprint(

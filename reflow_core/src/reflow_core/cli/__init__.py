@@ -21,6 +21,7 @@ from typing import Any
 import click
 
 from ._common import URL_ENV, State, describe_error, pass_state, run_async
+from ._deploy import deploy_check
 from ._events import events
 from ._fleet import stats, workers
 from ._plugins import COMMANDS_GROUP, register_commands
@@ -84,7 +85,7 @@ def build_cli(*, plugins: bool | list[object] = True) -> click.Group:
         ],
     )
     click.version_option(package_name="reflow-core", prog_name="reflow")(root)
-    for command in (runs, events, schedules, workers, stats, storage, worker):
+    for command in (runs, events, schedules, workers, stats, storage, worker, deploy_check):
         root.add_command(command)
     if plugins is not False:
         register_commands(root, None if plugins is True else plugins)

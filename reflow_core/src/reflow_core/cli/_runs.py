@@ -32,6 +32,7 @@ from reflow_core.storage import (
     StepRecord,
     Storage,
 )
+from reflow_core.versions import held_reason, is_held, release_held
 
 from ._common import (
     State,
@@ -99,6 +100,9 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         ],
         "debounce_key": record.debounce_key,
         "held_back": hold_reason(record),
+        "version": record.version,
+        "fingerprint": record.fingerprint,
+        "held": is_held(record),
     }
 
 
@@ -272,10 +276,16 @@ def show(state: State, run_id: str) -> None:
     head.add_column()
     head.add_row("run", record.id)
     head.add_row("workflow", record.workflow)
+    head.add_row(
+        "version", f"{record.version} (fingerprint {record.fingerprint or 'not recorded'})"
+    )
     head.add_row("status", _status(record.status))
+    held = held_reason(record, steps)
+    if held:
+        head.add_row("held", f"{held} (reflow runs release {record.id})")
     if record.parent_id:
         head.add_row("parent", f"{record.parent_id} (step {record.parent_step})")
-    hold = hold_reason(record)
+    hold = None if is_held(record) else hold_reason(record)
     if hold:
         head.add_row("held back", hold)
     if record.priority:
@@ -292,7 +302,7 @@ def show(state: State, run_id: str) -> None:
     if record.waiting_for and record.waiting_for.startswith(CHILDREN_WAIT_PREFIX):
         waited = record.waiting_for.removeprefix(CHILDREN_WAIT_PREFIX)
         head.add_row("waiting for", f"the child runs of step {waited!r}")
-    elif record.waiting_for:
+    elif record.waiting_for and not is_held(record):
         head.add_row("waiting for", record.waiting_for)
     if record.wake_at:
         head.add_row("wakes", f"{stamp(record.wake_at)} ({relative(record.wake_at, now)})")
@@ -497,6 +507,33 @@ def cancel(
         default_statuses=ACTIVE_STATUSES,
         yes=yes,
     )
+
+
+@runs.command("release")
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@pass_state
+def release(state: State, run_ids: Sequence[str]) -> None:
+    """Let held runs go on.
+
+    A run is held when a new definition of its workflow cannot continue it
+    where it stands (a step it ran was renamed without was=, a step was
+    inserted before its position...) and the workflow's on_incompatible is
+    "hold" or unset. Released, it goes on with the definition of the next
+    worker that claims it: its own version's if that worker registers it,
+    else the current one, as it stands. Exit status 1 if a run named is
+    missing or not held.
+    """
+
+    async def work() -> list[str]:
+        async with state.storage() as store:
+            return [run_id for run_id in run_ids if not await release_held(store, run_id)]
+
+    refused = run_async(work)
+    for run_id in run_ids:
+        if run_id not in refused:
+            state.note(f"released {run_id}")
+    if refused:
+        fail(f"not held (or missing): {', '.join(refused)}")
 
 
 @runs.command("resume")

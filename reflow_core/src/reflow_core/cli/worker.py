@@ -271,15 +271,27 @@ def _split_names(value: str | None) -> list[str] | None:
     return names
 
 
-@click.command("worker")
-@click.argument("app")
-@click.option(
+app_dir_option = click.option(
     "--app-dir",
     default=".",
     show_default=True,
     type=click.Path(file_okay=False),
     help="Look for APP's module here first (put on sys.path).",
 )
+"""The ``--app-dir`` option of every command that loads ``APP``."""
+
+
+def load_app_or_fail(app: str, app_dir: str) -> Engine:
+    """:func:`load_app`, its failure as the command's one-line error."""
+    try:
+        return load_app(app, app_dir)
+    except AppLoadError as exc:
+        raise click.ClickException(f"cannot import APP {app!r}: {exc}") from None
+
+
+@click.command("worker")
+@click.argument("app")
+@app_dir_option
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1),
@@ -349,10 +361,7 @@ def worker(
     log_level = log_level.lower()
     configure_logging(log_format, log_level)
     names = _split_names(workflows_option)
-    try:
-        engine = load_app(app, app_dir)
-    except AppLoadError as exc:
-        raise click.ClickException(f"cannot import APP {app!r}: {exc}") from None
+    engine = load_app_or_fail(app, app_dir)
     if names is not None:
         known = engine.workflow_names
         unknown = [name for name in names if name not in known]
