@@ -898,12 +898,14 @@ async def _stream(
     closing = dash.closing()
     started = last_beat = time.monotonic()
     yield f"retry: {RECONNECT_MS}\n: connected\n\n"
-    # Listen for hints before the first look, so that none sent after it is missed.
-    await dash.hint()
     first = True
     while not closing.is_set():
         if await request.is_disconnected():
             return
+        # The hint to wait for is taken before the look, so that one sent
+        # while the view is read, or while what it found is being sent to
+        # the browser, wakes the wait below at once instead of being missed.
+        hint = await dash.hint()
         try:
             current = await dash.fingerprint(key, compute)
         except Exception as exc:  # the storage failed: try again at the next tick
@@ -928,8 +930,7 @@ async def _stream(
         first = False
         if time.monotonic() - started >= STREAM_LIFETIME:
             return
-        # The next tick, or sooner: the storage's next wake-up hint, or the end.
-        hint = await dash.hint()
+        # The next tick, or sooner: a wake-up hint since the look, or the end.
         waits = [asyncio.ensure_future(closing.wait()), asyncio.ensure_future(hint.wait())]
         try:
             await asyncio.wait(waits, timeout=dash.refresh, return_when=asyncio.FIRST_COMPLETED)
