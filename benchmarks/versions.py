@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import sys
@@ -245,8 +246,6 @@ def main() -> None:
     data = asyncio.run(run(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import json
-
     (out / "versions.json").write_text(json.dumps(data, indent=1) + "\n")
     print(table(data))
 

@@ -184,10 +184,12 @@ def check_replay(nodes: Sequence[Node], saved: Mapping[str, StepRecord]) -> Repl
     renamed: dict[str, str] = {}
     orphans: dict[str, datetime] = {}
     history: list[tuple[datetime, int]] = []
+    bases: set[str] = set()
     for record_name, record in saved.items():
         base = _base(record_name)
         if base is None:
             continue
+        bases.add(base)
         at = record.completed_at or _NO_TIME
         if at.tzinfo is not None:
             at = at.replace(tzinfo=None)
@@ -216,10 +218,7 @@ def check_replay(nodes: Sequence[Node], saved: Mapping[str, StepRecord]) -> Repl
         node = nodes[i]
         if i < position and isinstance(node, ParallelDefinition):
             # A group the run is past: a branch it never ran would run now.
-            saved_names = {_base(name) for name in saved}
-            inserted.extend(
-                b.name for b in node.branches if not saved_names.intersection((b.name, *b.was))
-            )
+            inserted.extend(b.name for b in node.branches if bases.isdisjoint((b.name, *b.was)))
     outcome: Outcome = "continue"
     if rerun:
         outcome = "rerun"

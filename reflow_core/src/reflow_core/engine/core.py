@@ -510,8 +510,7 @@ class Engine:
     def _definition(self, record: RunRecord) -> Workflow[Any, Any]:
         """The registered definition of ``record``'s own version, or the
         current one of its workflow."""
-        found = self._versions.get(record.workflow, {}).get(record.version)
-        return found if found is not None else self._resolve(record.workflow)
+        return self._driver.definition(record) or self._resolve(record.workflow)
 
     def _resolve(self, wf: Workflow[Any, Any] | str) -> Workflow[Any, Any]:
         if isinstance(wf, Workflow):
