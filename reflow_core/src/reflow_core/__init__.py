@@ -71,6 +71,7 @@ from .registry import available_backends, open_storage
 from .retry import Retry
 from .schedules import Schedule
 from .storage import Storage
+from .sync import SyncClient
 from .workflow import Branch, Policy, Workflow, workflow
 
 __version__ = "0.1.0"
@@ -139,6 +140,7 @@ __all__ = [
     "StepTimeoutError",
     "Storage",
     "StorageError",
+    "SyncClient",
     "SystemClock",
     "ValidationError",
     "WaitTimedOut",

@@ -314,17 +314,25 @@ class EngineClosedError(ReflowError, RuntimeError):
 
     code = "engine_closed"
 
-    def __init__(self, operation: str) -> None:
-        what = (
-            "`async with engine` was entered again"
-            if operation == "__aenter__"
-            else f"engine.{operation}() was called"
-        )
-        super().__init__(
-            f"{what} after the engine was closed (its `async with` block ended, or "
-            "close() was called, and its storage was closed with it): make the call inside "
-            "`async with engine:`, or create a new Engine"
-        )
+    def __init__(self, operation: str, *, client: bool = False) -> None:
+        if client:
+            message = (
+                f"client.{operation}() was called after the SyncClient was closed (its "
+                "`with` block ended, close() was called, or the interpreter is exiting): "
+                "create a new SyncClient"
+            )
+        else:
+            what = (
+                "`async with engine` was entered again"
+                if operation == "__aenter__"
+                else f"engine.{operation}() was called"
+            )
+            message = (
+                f"{what} after the engine was closed (its `async with` block ended, or "
+                "close() was called, and its storage was closed with it): make the call inside "
+                "`async with engine:`, or create a new Engine"
+            )
+        super().__init__(message)
         self.operation = operation
 
 
