@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -391,3 +392,30 @@ def test_waiting_for_a_run_in_flight(worker: AppFleet) -> None:
         )
         assert client.result(run.id)["double"] == 8
         assert os.getpid() != client.result(run.id)["pid"]
+
+
+def test_closing_ends_the_calls_still_waiting(tmp_path: Path) -> None:
+    """A thread blocked in result() (no worker runs the run) ends with
+    EngineClosedError when another thread closes the client."""
+    client = _client(f"sqlite:///{tmp_path}/s.db")
+    run = client.enqueue(DOUBLE, {"n": 1})
+    ended: list[BaseException] = []
+    waiting = threading.Thread(
+        target=lambda: ended.extend(_raised(lambda: client.result(run.id)))
+    )
+    waiting.start()
+    time.sleep(0.3)
+    assert waiting.is_alive()
+    client.close()
+    waiting.join(10)
+    assert not waiting.is_alive()
+    assert len(ended) == 1
+    assert isinstance(ended[0], EngineClosedError)
+
+
+def _raised(call: Any) -> list[BaseException]:
+    try:
+        call()
+    except BaseException as exc:
+        return [exc]
+    return []

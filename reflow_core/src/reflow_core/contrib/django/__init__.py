@@ -19,6 +19,7 @@ workflows run in ``python manage.py reflow_worker``.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from typing import TYPE_CHECKING, Any
 
 from ._settings import load_workflows, reflow_settings
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["client", "engine", "enqueue_on_commit", "load_workflows", "reflow_settings"]
 
 _client: SyncClient | None = None
+_client_lock = threading.Lock()
 
 
 def client() -> SyncClient:
@@ -38,20 +40,24 @@ def client() -> SyncClient:
     ``REFLOW`` setting at the first call and shared by every thread (and
     rebuilt in a forked child by the client itself)."""
     global _client
-    if _client is None:
-        from reflow_core.sync import SyncClient
+    with _client_lock:
+        if _client is None:
+            from reflow_core.sync import SyncClient
 
-        conf = reflow_settings()
-        _client = SyncClient(conf.storage, workflows=load_workflows(), **conf.client)
-    return _client
+            conf = reflow_settings()
+            _client = SyncClient(conf.storage, workflows=load_workflows(), **conf.client)
+        return _client
 
 
 def _forget_client(*, setting: str, **kwargs: Any) -> None:
     """Django's ``setting_changed`` (sent by ``override_settings`` in tests):
     a changed ``REFLOW`` setting gets a new client at the next call."""
     global _client
-    if setting == "REFLOW" and _client is not None:
+    if setting != "REFLOW":
+        return
+    with _client_lock:
         stale, _client = _client, None
+    if stale is not None:
         stale.close()
 
 
