@@ -22,14 +22,15 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
+import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -137,52 +138,108 @@ def writes_per_step(writes: Writes) -> Counter[int]:
 # -- server restart -------------------------------------------------------------------------
 
 
-def _cluster() -> tuple[str, str] | None:
-    """The local cluster (version, name) the test server runs as, if controllable here."""
-    server = os.environ.get("REFLOW_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/")
-    host = urlsplit(server).hostname
-    if host not in ("127.0.0.1", "localhost") or shutil.which("pg_ctlcluster") is None:
-        return None
-    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
-    if not versions or not os.path.isdir(f"/etc/postgresql/{versions[-1]}/main"):
-        return None
-    return versions[-1], "main"
+class PrivateServer:
+    """A PostgreSQL server of the test's own (``initdb`` into a temporary
+    directory, listening on a free port of 127.0.0.1), so that restarting
+    it disturbs no other test using the shared server. Run as the
+    ``postgres`` user when the tests run as root, which PostgreSQL refuses."""
+
+    def __init__(self) -> None:
+        self.bindir = _bindir()
+        self.root = Path(tempfile.mkdtemp(prefix="reflow-pg-"))
+        self.data = self.root / "data"
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        if os.geteuid() == 0:
+            shutil.chown(self.root, user="postgres", group="postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+        argv = [str(self.bindir / tool), *args]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+    def _ctl(self, action: str, *args: str) -> subprocess.CompletedProcess[str]:
+        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        return self._run(
+            "pg_ctl",
+            action,
+            "-D",
+            str(self.data),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "-l",
+            str(self.root / "server.log"),
+            *args,
+        )
+
+    def start(self) -> None:
+        done = self._ctl("start")
+        assert done.returncode == 0, done.stdout + done.stderr + self.log()
+
+    def restart(self) -> subprocess.CompletedProcess[str]:
+        """A fast shutdown (every connection is ended), then a start."""
+        return self._ctl("restart", "-m", "fast")
+
+    def log(self) -> str:
+        path = self.root / "server.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def stop(self) -> None:
+        self._ctl("stop", "-m", "immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _ctl(cluster: tuple[str, str], action: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["pg_ctlcluster", "--skip-systemctl-redirect", *cluster, action],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
-def _server_ready() -> bool:
-    probe = subprocess.run(
-        ["pg_isready", "-q", "-h", "127.0.0.1", "-t", "2"], check=False, timeout=30
-    )
-    return probe.returncode == 0
-
-
-def _ensure_server_up(cluster: tuple[str, str]) -> None:
-    deadline = time.monotonic() + 60
-    while not _server_ready():
-        _ctl(cluster, "start")
-        assert time.monotonic() < deadline, "PostgreSQL did not come back up"
-        time.sleep(0.5)
-
-
-def test_a_server_restart_mid_load_loses_no_run_and_saves_no_step_twice(
-    workers: Workers, postgres_url: str
-) -> None:
-    cluster = _cluster()
-    if cluster is None:
-        message = "needs a local PostgreSQL cluster controlled with pg_ctlcluster"
+def _bindir() -> Path:
+    """The directory of the newest installed PostgreSQL's ``initdb`` and ``pg_ctl``."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: p.parent)
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    if initdb is None:
+        message = "needs PostgreSQL's server programs (initdb, pg_ctl)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
+    return Path(initdb).parent
+
+
+@pytest.fixture
+def private_server() -> Iterator[PrivateServer]:
+    server = PrivateServer()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def restart_workers(private_server: PrivateServer, tmp_path: Path) -> Iterator[Workers]:
+    """Crash workers on a schema of the private server."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    made = Workers(f"{private_server.url}?schema=restart", logdir)
+    try:
+        yield made
+    finally:
+        made.cleanup()
+
+
+def test_a_server_restart_mid_load_loses_no_run_and_saves_no_step_twice(
+    private_server: PrivateServer, restart_workers: Workers
+) -> None:
+    workers = restart_workers
+    postgres_url = workers.target
     runs = 600
     inputs = enqueue(postgres_url, runs)
     common = ("--lease", "5s", "--concurrency", str(CONCURRENCY), "--until-idle", "0.5")
@@ -196,15 +253,16 @@ def test_a_server_restart_mid_load_loses_no_run_and_saves_no_step_twice(
         workers.wait_for("the load to get going", lambda: ran() >= runs * len(STEPS) // 5)
         before = ran()
         started, began = time.monotonic(), datetime.now(UTC)
-        restart = _ctl(cluster, "restart")
+        restart = private_server.restart()
         took = time.monotonic() - started
-        assert restart.returncode == 0, restart.stderr
+        assert restart.returncode == 0, restart.stdout + restart.stderr + private_server.log()
         after = ran()
         # A good part of the load is left for after the restart.
         assert after <= runs * len(STEPS) * 0.8, "the load was nearly over before the restart"
         workers.finish(timeout=90)
-    finally:
-        _ensure_server_up(cluster)
+    except BaseException:
+        print(private_server.log())
+        raise
 
     with _connect(postgres_url) as conn:
         row = conn.execute("SELECT pg_postmaster_start_time()").fetchone()

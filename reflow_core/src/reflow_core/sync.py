@@ -262,17 +262,16 @@ class SyncClient:
                 _abandoned.append(state)
             return
         try:
-            if state.engine is not None:
-                future = _submit(state.loop, state.engine.close())
-                try:
-                    future.result(self._close_timeout)
-                except concurrent.futures.TimeoutError:
-                    future.cancel()
-                    logger.warning(
-                        "SyncClient: closing the storage took longer than %gs; "
-                        "its connections are dropped",
-                        self._close_timeout,
-                    )
+            future = _submit(state.loop, _shut_down(state.engine))
+            try:
+                future.result(self._close_timeout)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                logger.warning(
+                    "SyncClient: closing the storage took longer than %gs; "
+                    "its connections are dropped",
+                    self._close_timeout,
+                )
         finally:
             state.loop.call_soon_threadsafe(state.loop.stop)
             state.thread.join(self._close_timeout)
@@ -323,23 +322,56 @@ class SyncClient:
     # -- the engine's client API, blocking ---------------------------------------
 
     enqueue = _sync(Engine.enqueue)
+    """Create a run: :meth:`Engine.enqueue <reflow_core.engine.Engine.enqueue>`, blocking."""
     enqueue_many = _sync(Engine.enqueue_many)
+    """Create a run per item in one round trip:
+    :meth:`Engine.enqueue_many <reflow_core.engine.Engine.enqueue_many>`, blocking."""
     get_run = _sync(Engine.get_run)
+    """The run, or ``None``:
+    :meth:`Engine.get_run <reflow_core.engine.Engine.get_run>`, blocking."""
     get_run_status = _sync(Engine.get_run_status)
+    """The run with its steps:
+    :meth:`Engine.get_run_status <reflow_core.engine.Engine.get_run_status>`, blocking."""
     list_runs = _sync(Engine.list_runs)
+    """A page of runs, newest first:
+    :meth:`Engine.list_runs <reflow_core.engine.Engine.list_runs>`, blocking."""
     cancel = _sync(Engine.cancel)
+    """Cancel a run: :meth:`Engine.cancel <reflow_core.engine.Engine.cancel>`, blocking."""
     resume = _sync(Engine.resume)
+    """Queue a failed or cancelled run again:
+    :meth:`Engine.resume <reflow_core.engine.Engine.resume>`, blocking."""
     release = _sync(Engine.release)
+    """Let a held run go on:
+    :meth:`Engine.release <reflow_core.engine.Engine.release>`, blocking."""
     send_event = _sync(Engine.send_event)
+    """Send an event to a run:
+    :meth:`Engine.send_event <reflow_core.engine.Engine.send_event>`, blocking."""
     result = _sync(Engine.result)
+    """Wait for a run's output:
+    :meth:`Engine.result <reflow_core.engine.Engine.result>`, blocking the calling thread."""
     wait = _sync(Engine.wait)
+    """Wait for runs to finish:
+    :meth:`Engine.wait <reflow_core.engine.Engine.wait>`, blocking the calling thread."""
     schedule = _sync(Engine.schedule)
+    """Store a schedule: :meth:`Engine.schedule <reflow_core.engine.Engine.schedule>`, blocking."""
     unschedule = _sync(Engine.unschedule)
+    """Delete a schedule:
+    :meth:`Engine.unschedule <reflow_core.engine.Engine.unschedule>`, blocking."""
     list_schedules = _sync(Engine.list_schedules)
+    """Every schedule:
+    :meth:`Engine.list_schedules <reflow_core.engine.Engine.list_schedules>`, blocking."""
     pause_schedule = _sync(Engine.pause_schedule)
+    """Pause a schedule:
+    :meth:`Engine.pause_schedule <reflow_core.engine.Engine.pause_schedule>`, blocking."""
     resume_schedule = _sync(Engine.resume_schedule)
+    """Resume a schedule:
+    :meth:`Engine.resume_schedule <reflow_core.engine.Engine.resume_schedule>`, blocking."""
     list_workers = _sync(Engine.list_workers)
+    """The live workers:
+    :meth:`Engine.list_workers <reflow_core.engine.Engine.list_workers>`, blocking."""
     queue_stats = _sync(Engine.queue_stats)
+    """Unfinished runs by workflow and status:
+    :meth:`Engine.queue_stats <reflow_core.engine.Engine.queue_stats>`, blocking."""
 
 
 def _serve(loop: asyncio.AbstractEventLoop) -> None:
@@ -383,6 +415,26 @@ def _submit(
 
     loop.call_soon_threadsafe(start)
     return outcome
+
+
+async def _shut_down(engine: Engine | None) -> None:
+    """Close the engine, then end what is left on the loop as
+    :func:`asyncio.run` does at its end: every other task cancelled and
+    awaited (a storage's background reader that its close only cancelled),
+    async generators finalized, the default executor's threads joined."""
+    try:
+        if engine is not None:
+            await engine.close()
+    finally:
+        current = asyncio.current_task()
+        others = [task for task in asyncio.all_tasks() if task is not current]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.gather(*others, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        await loop.shutdown_asyncgens()
+        await loop.shutdown_default_executor()
 
 
 async def _build_on_loop(build: Callable[[], Engine]) -> Engine:
