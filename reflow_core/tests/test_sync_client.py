@@ -400,9 +400,7 @@ def test_closing_ends_the_calls_still_waiting(tmp_path: Path) -> None:
     client = _client(f"sqlite:///{tmp_path}/s.db")
     run = client.enqueue(DOUBLE, {"n": 1})
     ended: list[BaseException] = []
-    waiting = threading.Thread(
-        target=lambda: ended.extend(_raised(lambda: client.result(run.id)))
-    )
+    waiting = threading.Thread(target=lambda: ended.extend(_raised(lambda: client.result(run.id))))
     waiting.start()
     time.sleep(0.3)
     assert waiting.is_alive()

@@ -243,7 +243,7 @@ def test_django_enqueues_on_commit(processes: Processes, web_store: str) -> None
 def test_the_django_worker_command_checks_its_options(tmp_path: Path) -> None:
     env = {**child_env(), "REFLOW_URL": f"sqlite:///{tmp_path}/r.db"}
     env["DJANGO_DB"] = str(tmp_path / "django.sqlite3")
-    done = subprocess.run(  # noqa: S603
+    done = subprocess.run(
         [sys.executable, "manage.py", "reflow_worker", "--workflows", "place_order,nope"],
         env=env,
         cwd=DJANGO,
