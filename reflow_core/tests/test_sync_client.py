@@ -343,17 +343,23 @@ def test_a_call_from_the_clients_own_loop_is_refused(tmp_path: Path) -> None:
     class Reentrant:
         @hookimpl
         def reflow_enqueue_headers(self, workflow: str) -> Mapping[str, str] | None:
-            try:
-                client.list_runs()
-            except RuntimeError as exc:
-                refused.append(exc)
+            for call in (client.list_runs, client.close):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    refused.append(exc)
             return None
 
     client = _client(f"sqlite:///{tmp_path}/s.db", plugins=[Reentrant()])
     with client:
         client.enqueue(DOUBLE, {"n": 1})
-    assert len(refused) == 1
-    assert "own event loop thread" in str(refused[0])
+    assert [str(exc) for exc in refused] == [
+        "SyncClient.list_runs() was called on the client's own event loop thread (from a "
+        "step, a hook or an on_error callback it runs), where it would wait for itself: use "
+        "an Engine and await it there",
+        "SyncClient.close() was called on the client's own event loop thread, where it would "
+        "wait for itself",
+    ]
 
 
 @pytest.mark.parametrize(

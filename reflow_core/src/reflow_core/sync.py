@@ -32,7 +32,7 @@ import os
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar, cast
 
@@ -63,6 +63,8 @@ class _Loop:
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
     engine: Engine | None = None
+    calls: set[concurrent.futures.Future[Any]] = field(default_factory=set)
+    """The outcomes of the calls handed to the loop and not finished yet."""
 
 
 _clients: weakref.WeakSet[SyncClient] = weakref.WeakSet()
@@ -222,7 +224,7 @@ class SyncClient:
                 thread.start()
                 state = self._state = _Loop(os.getpid(), loop, thread)
             if state.engine is None:
-                state.engine = _submit(state.loop, _build_on_loop(self._build)).result()
+                state.engine = _submit(state, _build_on_loop(self._build)).result()
             return state
 
     def _call(self, operation: str, start: Callable[[Engine], Coroutine[Any, Any, T]]) -> T:
@@ -234,7 +236,12 @@ class SyncClient:
                 "for itself: use an Engine and await it there"
             )
         assert state.engine is not None
-        future = _submit(state.loop, start(state.engine))
+        try:
+            future = _submit(state, start(state.engine))
+        except RuntimeError:  # the loop was closed meanwhile
+            if self._closed:
+                raise EngineClosedError(operation, client=True) from None
+            raise
         try:
             return future.result()
         except BaseException:
@@ -251,6 +258,12 @@ class SyncClient:
         :class:`~reflow_core.errors.EngineClosedError`. A call still running
         in another thread ends with that error too. Runs are not affected:
         they are executed by workers, not by the client."""
+        state = self._state
+        if state is not None and threading.current_thread() is state.thread:
+            raise RuntimeError(
+                "SyncClient.close() was called on the client's own event loop thread, "
+                "where it would wait for itself"
+            )
         with self._lock:
             if self._closed:
                 return
@@ -262,7 +275,7 @@ class SyncClient:
                 _abandoned.append(state)
             return
         try:
-            future = _submit(state.loop, _shut_down(state.engine))
+            future = _submit(state, _shut_down(state.engine))
             try:
                 future.result(self._close_timeout)
             except concurrent.futures.TimeoutError:
@@ -277,6 +290,10 @@ class SyncClient:
             state.thread.join(self._close_timeout)
             if not state.thread.is_alive():
                 state.loop.close()
+            # A call handed over as the loop stopped never ran: end its wait.
+            for call in list(state.calls):
+                with contextlib.suppress(concurrent.futures.InvalidStateError):
+                    call.set_exception(EngineClosedError("call", client=True))
 
     def __enter__(self) -> Self:
         return self
@@ -379,16 +396,17 @@ def _serve(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_forever()
 
 
-def _submit(
-    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]
-) -> concurrent.futures.Future[T]:
+def _submit(state: _Loop, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
     """Run ``coro`` as a task on ``loop`` (another thread's) in a copy of
     the calling thread's context, so what the caller's context holds (the
     current trace span, for the tracing plugins' headers) is seen by the
     engine; the returned future has its outcome, and cancelling it cancels
     the task."""
+    loop = state.loop
     context = contextvars.copy_context()
     outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+    state.calls.add(outcome)
+    outcome.add_done_callback(state.calls.discard)
 
     def start() -> None:
         if outcome.cancelled():
@@ -413,7 +431,12 @@ def _submit(
         task.add_done_callback(copy)
         outcome.add_done_callback(cancel)
 
-    loop.call_soon_threadsafe(start)
+    try:
+        loop.call_soon_threadsafe(start)
+    except RuntimeError:
+        state.calls.discard(outcome)
+        coro.close()
+        raise
     return outcome
 
 
