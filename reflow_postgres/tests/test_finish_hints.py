@@ -12,6 +12,7 @@ shape matters, as the server sends them (a plain ``LISTEN`` connection).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Collection
 from datetime import timedelta
@@ -21,11 +22,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
+import reflow_postgres.storage
 from reflow_core import Engine, Retry, RunFailedError, workflow
 from reflow_core.storage import FinishSource, Lease, NewRun, StepRecord
 from reflow_core.wakeups import MAX_FINISH_PAYLOAD, finish_payloads
 from reflow_postgres import PostgresStorage
 from reflow_postgres._sql import channel_name, finish_channel_name
+from reflow_postgres.listener import Listener
 
 LEASE = timedelta(seconds=60)
 PROMPT = 5.0
@@ -525,3 +528,54 @@ async def test_wait_returns_as_runs_end_elsewhere(postgres_url: str) -> None:
         assert took < 1.0
     finally:
         await producer_store.close()
+
+
+class _BusyListener(Listener):
+    """A listener that checks its connection every millisecond, with a
+    check that takes 10 ms: it spends most of its time in that query."""
+
+    health_check = "SELECT pg_sleep(0.01)"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**{**kwargs, "liveness": 0.001})
+
+
+async def test_no_hint_is_lost_while_the_listener_checks_its_connection(
+    postgres_url: str, postgres_database: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between two waits for notifications the listener runs a query to
+    notice a half-open connection. Notifications that arrive during that
+    query are kept for its next wait (psycopg >= 3.2.4 queues them; before,
+    they were dropped): with most hints arriving during the check, every
+    one of 300 still reaches the subscriber."""
+    monkeypatch.setattr(reflow_postgres.storage, "Listener", _BusyListener)
+    store = PostgresStorage.from_url(postgres_url)
+    await store.initialize()
+    heard: set[str] = set()
+    sent = [f"run-{n}" for n in range(300)]
+    all_heard = asyncio.Event()
+
+    def hear(ids: Collection[str] | None) -> None:
+        heard.update(ids or ())
+        if heard.issuperset(sent):
+            all_heard.set()
+
+    sub = await store.subscribe_finishes(hear)
+    try:
+        listener = store._listener
+        assert isinstance(listener, _BusyListener)
+        await asyncio.wait_for(listener.connected.wait(), PROMPT)
+        channel = store._finish_channel
+        async with await psycopg.AsyncConnection.connect(
+            postgres_database, autocommit=True
+        ) as conn:
+            for index, run_id in enumerate(sent):
+                await conn.execute("SELECT pg_notify(%s, %s)", (channel, run_id))
+                if index % 10 == 0:
+                    await asyncio.sleep(0.002)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_heard.wait(), PROMPT)
+        assert sorted(set(sent) - heard) == []
+    finally:
+        await sub.close()
+        await store.close()

@@ -42,6 +42,11 @@ __all__ = ["Listener"]
 class Listener(WakeupHub):
     """The ``LISTEN`` connection of one storage, shared by its subscribers."""
 
+    health_check = "SELECT 1"
+    """The query that checks a silent connection. Notifications that arrive
+    while it runs are queued by psycopg (3.2.4 and later) for the next
+    ``notifies()`` wait, so none is lost to it."""
+
     def __init__(
         self,
         *,
@@ -78,7 +83,7 @@ class Listener(WakeupHub):
                         self.hint(note.payload)
                     elif note.channel == self._finish_channel:
                         self.finish_hint(note.payload)
-                await conn.execute("SELECT 1")
+                await conn.execute(self.health_check)
 
     def describe_error(self, exc: BaseException) -> str:
         return redact(f"{type(exc).__name__}: {exc}".strip(), self._secrets)
