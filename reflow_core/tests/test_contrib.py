@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import tempfile
 import textwrap
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
@@ -200,11 +201,37 @@ nothing = 42
 """
 
 
+_DB_WORKFLOWS_MODULE = """
+from django.db import connection
+
+from reflow_core import workflow
+
+
+def query_then_break(ctx):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    # What a database restart does to the thread's connection, unknown to Django.
+    connection.connection.close()
+    return ctx.prev
+
+
+flow = workflow("db", input=dict)
+for n in range(10):
+    flow = flow.step(f"s{n}", query_then_break)
+"""
+
+
 @pytest.fixture(scope="module")
 def django_setup() -> None:
     if not settings.configured:
         settings.configure(
-            DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+            # A file: Django never closes a connection to an in-memory database.
+            DATABASES={
+                "default": {
+                    "ENGINE": "django.db.backends.sqlite3",
+                    "NAME": str(Path(tempfile.mkdtemp()) / "django.sqlite3"),
+                }
+            },
             INSTALLED_APPS=["reflow_core.contrib.django"],
             REFLOW={"STORAGE": "memory://"},
             USE_TZ=True,
@@ -219,6 +246,7 @@ def reflow_store(
     """A ``REFLOW`` setting on a SQLite store of the test's own, with the
     workflows of a module written for the test."""
     (tmp_path / "shop_flows.py").write_text(textwrap.dedent(_WORKFLOWS_MODULE))
+    (tmp_path / "db_flows.py").write_text(textwrap.dedent(_DB_WORKFLOWS_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
     url = f"sqlite:///{tmp_path}/reflow.db"
     conf = {"STORAGE": url, "WORKFLOWS": ["shop_flows"], "CLIENT": {"poll_interval": "100ms"}}
@@ -312,6 +340,26 @@ def test_the_worker_engine_has_the_settings_workflows_and_options(
         engine = reflow_django.engine()
     assert sorted(engine.workflow_names) == ["first", "second"]
     assert engine.concurrency == 3
+
+
+def test_a_broken_connection_is_replaced_before_the_next_step(reflow_store: str) -> None:
+    """Each step breaks its thread's database connection behind Django's
+    back; the worker's engine closes it after the step, as Django does after
+    a request, so the next step (often in the same thread) opens a new one."""
+    conf = {
+        **settings.REFLOW,
+        "WORKFLOWS": ["db_flows"],
+        "WORKER": {"concurrency": 1, "poll_interval": "50ms"},
+    }
+    with override_settings(REFLOW=conf):
+        engine = reflow_django.engine()
+
+    async def run() -> Any:
+        async with engine:
+            started = await engine.enqueue("db", {})
+            return await engine.result(started.id, timeout="20s")
+
+    assert asyncio.run(run()) == {}
 
 
 @pytest.mark.parametrize(

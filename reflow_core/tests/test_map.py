@@ -8,6 +8,7 @@ results come back in the order of the items.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import Counter
 from typing import Any
 
@@ -161,6 +162,30 @@ async def test_an_item_that_fails_for_good_cancels_the_others_and_fails_the_run(
     assert "item 2 is broken" in str(info.value)
     assert attempts[2] == 2  # retried per item
     assert sorted(cancelled) == [0, 1, 3]
+
+
+async def test_items_failing_at_once_fail_the_run_and_lose_no_exception(
+    storage: Storage,
+) -> None:
+    """Every item fails at the same moment: the run fails on one of them,
+    and no other item's exception is left for asyncio to report as never
+    retrieved (the autouse check fails a test that logs one)."""
+    started = asyncio.Event()
+    waiting: list[int] = []
+
+    async def work(ctx: StepContext[Any, int]) -> int:
+        waiting.append(ctx.prev)
+        if len(waiting) == 4:
+            started.set()
+        await started.wait()
+        raise ValueError(f"item {ctx.prev} is broken")
+
+    wf = workflow("all-failing-map").map("work", lambda ctx: [0, 1, 2, 3], work, concurrency=4)
+    async with _engine(storage, wf) as engine:
+        run = await engine.enqueue(wf)
+        with pytest.raises(RunFailedError, match=r"item \d is broken"):
+            await engine.result(run.id, timeout=10)
+    gc.collect()  # a task whose exception was never retrieved is reported when collected
 
 
 @pytest.mark.parametrize(

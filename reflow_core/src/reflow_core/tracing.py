@@ -103,6 +103,17 @@ class TracingSpecs:
         or item, or ``None``."""
 
     @hookspec
+    def reflow_thread_scope(
+        self, scope: StepScope | None
+    ) -> contextlib.AbstractContextManager[Any] | None:
+        """A context manager to enter in the worker thread around each call
+        of a plain (``def``) step, branch or map item, or ``on_failure``
+        handler, or ``None``. It is entered and exited in that thread, so it
+        can look after what is per thread there (Django's database
+        connections: see ``reflow_core.contrib.django``). ``scope`` is the
+        step attempt, ``None`` for an ``on_failure`` handler."""
+
+    @hookspec
     def reflow_claimed(self, workflows: list[str], runs: int, seconds: float) -> None:
         """A worker's claim for ``workflows`` took ``runs`` runs (maybe none)
         in ``seconds`` (the storage round trip)."""
@@ -187,6 +198,7 @@ class Scopes:
         self._headers: list[_Impl] = []
         self._runs: list[_Impl] = []
         self._steps: list[_Impl] = []
+        self._threads: list[_Impl] = []
         self._claims: list[_Impl] = []
 
     def refresh(self) -> None:
@@ -199,6 +211,7 @@ class Scopes:
         self._headers = impls(hook.reflow_enqueue_headers)
         self._runs = impls(hook.reflow_run_scope)
         self._steps = impls(hook.reflow_step_scope)
+        self._threads = impls(hook.reflow_thread_scope)
         self._claims = impls(hook.reflow_claimed)
 
     def claimed(self, workflows: list[str], runs: int, seconds: float) -> None:
@@ -252,6 +265,19 @@ class Scopes:
         if not self._runs:
             return contextlib.nullcontext()
         return self._managers(self._runs, scope=scope) or contextlib.nullcontext()
+
+    def in_thread(self, function: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """``function`` as a worker thread calls it: inside the plugins'
+        thread scopes, when any plugin has one."""
+        threads = self._threads
+        if not threads:
+            return function
+
+        def call(arg: Any) -> Any:
+            with self._managers(threads, scope=_current_step.get()) or contextlib.nullcontext():
+                return function(arg)
+
+        return call
 
     def step(self, scope: StepScope) -> contextlib.AbstractContextManager[Any]:
         """Make ``scope`` the current step and enter every plugin's context

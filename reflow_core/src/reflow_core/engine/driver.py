@@ -601,7 +601,9 @@ class RunDriver:
             else:
                 # In a worker thread, as a plain def step is: a slow handler
                 # must not stall the event loop and every run's heartbeat.
-                result = await in_thread(self.executor, handler, ctx)
+                result = await in_thread(
+                    self.executor, self.observers.scopes.in_thread(handler), ctx
+                )
             if inspect.isawaitable(result):
                 await result
         except Exception as error:

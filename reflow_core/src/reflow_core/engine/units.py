@@ -324,7 +324,8 @@ class StepUnit:
                 signal._fire("timeout")
                 raise StepTimeoutError(step.name, timeout or 0.0) from None
         assert self.driver.executor is not None
-        future = in_thread(self.driver.executor, step.handler, ctx)
+        handler = self.driver.observers.scopes.in_thread(step.handler)
+        future = in_thread(self.driver.executor, handler, ctx)
         try:
             result = await asyncio.wait_for(asyncio.shield(future), timeout)
         except TimeoutError:
@@ -604,6 +605,11 @@ class MapUnit:
                 task.cancel()
             if workers:
                 await asyncio.wait(workers)
+            for task in workers:
+                if not task.cancelled():
+                    # Retrieved, so asyncio does not log it as lost: every
+                    # failure is in ``failure``, and the first is acted on below.
+                    task.exception()
         if failure:
             index, exc = failure[0]
             name = node.item_name(index)

@@ -22,6 +22,7 @@ import concurrent.futures
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ._connections import DatabaseConnections
 from ._settings import load_workflows, reflow_settings
 
 if TYPE_CHECKING:
@@ -29,7 +30,14 @@ if TYPE_CHECKING:
     from reflow_core.sync import SyncClient
     from reflow_core.workflow import Workflow
 
-__all__ = ["client", "engine", "enqueue_on_commit", "load_workflows", "reflow_settings"]
+__all__ = [
+    "DatabaseConnections",
+    "client",
+    "engine",
+    "enqueue_on_commit",
+    "load_workflows",
+    "reflow_settings",
+]
 
 _client: SyncClient | None = None
 _client_lock = threading.Lock()
@@ -66,7 +74,12 @@ def engine() -> Engine:
     setting, with every workflow of ``WORKFLOWS`` and the ``WORKER``
     options: what ``manage.py reflow_worker`` runs (as ``reflow worker
     reflow_core.contrib.django:engine``). Sets Django up first when it is
-    not yet (a worker process started by the supervisor)."""
+    not yet (a worker process started by the supervisor).
+
+    Its plain (``def``) steps use Django's ORM as a view does: the
+    :class:`DatabaseConnections` plugin closes a step thread's broken or
+    expired (``CONN_MAX_AGE``) connections before and after each step, as
+    Django does around each request."""
     import django
     from django.apps import apps
 
@@ -75,7 +88,9 @@ def engine() -> Engine:
     from reflow_core.engine import Engine
 
     conf = reflow_settings()
-    return Engine(storage=conf.storage, workflows=load_workflows(), **conf.worker)
+    options = dict(conf.worker)
+    plugins = [DatabaseConnections(), *options.pop("plugins", ())]
+    return Engine(storage=conf.storage, workflows=load_workflows(), plugins=plugins, **options)
 
 
 def enqueue_on_commit(
