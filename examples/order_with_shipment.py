@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, TypedDict
 
-from reflow_core import Engine, RunFailedError, StepContext, open_storage, workflow
+from reflow_core import Engine, RunFailedError, StepContext, Workflow, open_storage, workflow
 
 
 class Order(TypedDict):
@@ -90,7 +90,7 @@ async def wait_for_status(engine: Engine, run_id: str, status: str) -> None:
 
 async def main(db: Path) -> int:
     storage = open_storage(f"sqlite:///{db}")
-    flows = [order, shipment]
+    flows: list[Workflow[Any, Any]] = [order, shipment]
     async with Engine(
         storage=storage, workflows=flows, concurrency=1, poll_interval="100ms"
     ) as engine:

@@ -45,7 +45,7 @@ def create_app() -> Flask:
 
     @app.get("/orders/<run_id>/result")
     def order_result(run_id: str) -> Any:
-        timeout = request.args.get("timeout", 10, type=float)
+        timeout = request.args.get("timeout", 10.0, type=float)
         try:
             return reflow.client.result(run_id, timeout=timeout)
         except RunNotFoundError:

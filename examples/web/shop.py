@@ -23,7 +23,7 @@ class Order:
     quantity: int
 
 
-def price(ctx: StepContext[Order, None]) -> dict[str, int]:
+def price(ctx: StepContext[Order, Order]) -> dict[str, int]:
     unit = PRICES.get(ctx.input.item)
     if unit is None:
         # Retrying cannot make an unknown item known.

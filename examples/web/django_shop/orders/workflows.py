@@ -20,7 +20,7 @@ class OrderInput:
     quantity: int
 
 
-def price(ctx: StepContext[OrderInput, None]) -> dict[str, int]:
+def price(ctx: StepContext[OrderInput, OrderInput]) -> dict[str, int]:
     unit = PRICES.get(ctx.input.item)
     if unit is None:
         raise NonRetryableError(f"we do not sell {ctx.input.item!r}")
