@@ -69,3 +69,21 @@ def test_a_map_gives_the_next_step_the_list_of_results() -> None:
     assert status == 0, out
     revealed = 'Revealed type is "reflow_core.workflow.Workflow[dict[str, list[str]], list[int]]"'
     assert revealed in out, out
+
+
+@pytest.mark.slow
+def test_the_blocking_client_keeps_the_engines_signatures() -> None:
+    out, status = _mypy("sync_client.py")
+    assert status == 1, out
+    views = "reflow_core.engine.views"
+    for revealed in (
+        f"{views}.Run",
+        f"list[{views}.Run]",
+        f"list[{views}.Run | reflow_core.errors.IdempotencyConflictError]",
+        f"tuple[list[{views}.Run], list[str], fallback={views}.WaitedRuns]",
+        f"{views}.Run | None",
+    ):
+        assert f'Revealed type is "{revealed}"' in out, out
+    # A wrong argument is caught as it would be on the engine.
+    assert 'Argument "priority" has incompatible type "str"; expected "int | None"' in out, out
+    assert out.count("error:") == 1, out
