@@ -512,6 +512,11 @@ class ParallelUnit:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks)
+            for task in tasks:
+                if not task.cancelled():
+                    # A branch that failed as its siblings were being
+                    # stopped: retrieved, so asyncio does not log it as lost.
+                    task.exception()
         if failure is not None:
             branch, exc = failure
             if isinstance(exc, LeaseLost | asyncio.CancelledError | StorageError):
