@@ -13,7 +13,6 @@ reads its result.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
-from reflow_conformance.testsupport import child_env
+from reflow_conformance.testsupport import child_env, free_port
 from reflow_core import SyncClient
 
 pytestmark = pytest.mark.slow
@@ -42,13 +41,6 @@ def web_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path}/reflow.db"
     url: str = request.getfixturevalue("postgres_url")
     return url
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -156,7 +148,7 @@ def _check_confirmed(output: dict[str, Any], quantity: int, worker: Process) -> 
 
 def test_fastapi(processes: Processes) -> None:
     worker = _worker(processes)
-    port = _free_port()
+    port = free_port()
     base = processes.serve(
         "uvicorn",
         [sys.executable, "-m", "uvicorn", "fastapi_app:app", "--port", str(port)],
@@ -182,7 +174,7 @@ def test_fastapi(processes: Processes) -> None:
 
 def test_flask_under_a_pre_forking_server(processes: Processes) -> None:
     worker = _worker(processes)
-    port = _free_port()
+    port = free_port()
     base = processes.serve("gunicorn", _gunicorn("flask_app:app", port), EXAMPLES, port)
 
     def order_and_wait(quantity: int) -> dict[str, Any]:
@@ -208,7 +200,7 @@ def test_flask_under_a_pre_forking_server(processes: Processes) -> None:
 def test_django_enqueues_on_commit(processes: Processes, web_store: str) -> None:
     processes.run([sys.executable, "manage.py", "migrate", "--noinput"], DJANGO)
     worker = processes.start("worker", [sys.executable, "manage.py", "reflow_worker"], DJANGO)
-    port = _free_port()
+    port = free_port()
     base = processes.serve("gunicorn", _gunicorn("shop_site.wsgi", port), DJANGO, port)
 
     placed = _order(base, "tea", 3)

@@ -17,7 +17,6 @@ import importlib
 import os
 import queue
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +40,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
+from reflow_conformance.testsupport import free_port
 from reflow_core import Engine, MemoryStorage, StepContext, Workflow, codec, open_storage, workflow
 from reflow_core.cli import build_cli
 from reflow_core.storage import FinishedMinute, NewRun, Storage, WorkerInfo
@@ -1305,12 +1305,6 @@ def test_the_command_refuses_a_public_address_without_auth() -> None:
     assert "--url" in no_url.output
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _command(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "reflow_core", *args],
@@ -1334,7 +1328,7 @@ def test_the_command_refuses_a_public_address_as_a_process() -> None:
 def test_the_command_serves_the_dashboard(tmp_path: Path) -> None:
     if _SQLITE_MISSING is not None:
         pytest.skip(f"reflow_sqlite does not import ({_SQLITE_MISSING})")
-    port = _free_port()
+    port = free_port()
     proc = _command(
         "dashboard",
         "--port",

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -43,6 +42,7 @@ from reflow_conformance.testsupport import (
     build,
     check_outcome,
     enqueue_runs,
+    free_port,
     read_outcome_at,
 )
 from reflow_core import Engine, Run
@@ -148,9 +148,7 @@ class PrivateServer:
         self.bindir = _bindir()
         self.root = Path(tempfile.mkdtemp(prefix="reflow-pg-"))
         self.data = self.root / "data"
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = int(sock.getsockname()[1])
+        self.port = free_port()
         if os.geteuid() == 0:
             shutil.chown(self.root, user="postgres", group="postgres")
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")

@@ -73,7 +73,7 @@ from ._check import (
 from ._engine import collect_events, engine_on
 from ._fleet import AppFleet, now_and_then
 from ._log import Execution, ExecutionLog, Save, read_log
-from ._processes import Workers, child_env
+from ._processes import Workers, child_env, free_port
 from ._runner import FakeClock, run_async_tests, wait_until
 from ._worker import main as main
 from ._workflows import MAP, MAP_CONCURRENCY, MAP_ITEMS, NAP_SECONDS, SCENARIOS, STEPS, build
@@ -99,6 +99,7 @@ __all__ = [
     "create_runs",
     "engine_on",
     "enqueue_runs",
+    "free_port",
     "now_and_then",
     "read_log",
     "read_outcome",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,15 @@ from typing import Any
 from ._log import Execution, Save, read_log
 
 __all__ = ["Workers", "child_env"]
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on: bound, then released
+    for a server the test starts (another process could take it meanwhile,
+    which the kernel makes unlikely: it hands out ports in turn)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def child_env() -> dict[str, str]:
