@@ -7,7 +7,8 @@ reads its result.
 - Flask under gunicorn, pre-forked (``--preload``, two processes of four
   threads), with the ``Reflow`` extension's ``SyncClient``;
 - Django under gunicorn, with ``enqueue_on_commit`` (a rolled-back order
-  enqueues nothing) and ``manage.py reflow_worker``.
+  enqueues nothing) and ``manage.py reflow_worker``; on PostgreSQL, Django's
+  own tables are in the same database as Reflow's schema.
 """
 
 from __future__ import annotations
@@ -198,6 +199,10 @@ def test_flask_under_a_pre_forking_server(processes: Processes) -> None:
 
 
 def test_django_enqueues_on_commit(processes: Processes, web_store: str) -> None:
+    if web_store.startswith("postgresql://"):
+        # Django's tables in the same database as Reflow's schema, as many
+        # projects will have them.
+        processes.env["DJANGO_DB"] = web_store.split("?", 1)[0]
     processes.run([sys.executable, "manage.py", "migrate", "--noinput"], DJANGO)
     worker = processes.start("worker", [sys.executable, "manage.py", "reflow_worker"], DJANGO)
     port = free_port()

@@ -2,11 +2,14 @@
 and, once that transaction commits, a Reflow run confirms it.
 
 Environment: ``REFLOW_URL`` (the Reflow store, default a SQLite file here)
-and ``DJANGO_DB`` (Django's own SQLite database).
+and ``DJANGO_DB`` (Django's own database: a SQLite file, or a
+``postgresql://`` URL, which may name the very database Reflow uses: Reflow
+keeps to its own schema).
 """
 
 import os
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -23,14 +26,23 @@ MIDDLEWARE = ["django.middleware.common.CommonMiddleware"]
 ROOT_URLCONF = "shop_site.urls"
 WSGI_APPLICATION = "shop_site.wsgi.application"
 
-DATABASES = {
-    "default": {
-        "ENGINE": "django.db.backends.sqlite3",
-        "NAME": os.environ.get("DJANGO_DB", str(BASE_DIR / "db.sqlite3")),
-        # The web server and the worker both write to it.
-        "OPTIONS": {"timeout": 20},
-    }
-}
+
+def _database(where: str) -> dict[str, object]:
+    if where.startswith(("postgresql://", "postgres://")):
+        url = urlsplit(where)
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": url.path.lstrip("/"),
+            "USER": unquote(url.username or ""),
+            "PASSWORD": unquote(url.password or ""),
+            "HOST": url.hostname or "",
+            "PORT": str(url.port or ""),
+        }
+    # The web server and the worker both write to it.
+    return {"ENGINE": "django.db.backends.sqlite3", "NAME": where, "OPTIONS": {"timeout": 20}}
+
+
+DATABASES = {"default": _database(os.environ.get("DJANGO_DB", str(BASE_DIR / "db.sqlite3")))}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 
