@@ -9,6 +9,7 @@ reads and waits, as a web application's would.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import os
@@ -423,3 +424,17 @@ def _raised(call: Any) -> list[BaseException]:
     except BaseException as exc:
         return [exc]
     return []
+
+
+def test_a_call_from_a_thread_that_runs_an_event_loop(tmp_path: Path) -> None:
+    """As in a notebook: the caller's thread runs a loop of its own, which
+    simply waits for the call."""
+
+    async def inside() -> list[str]:
+        with _client(f"sqlite:///{tmp_path}/s.db") as client:
+            run = client.enqueue(DOUBLE, {"n": 1})
+            return [r.id for r in client.list_runs().runs] + [run.id]
+
+    ids = asyncio.run(inside())
+    assert len(ids) == 2
+    assert ids[0] == ids[1]
