@@ -771,22 +771,23 @@ async def test_cancel_from_another_engine_stops_the_worker_at_its_heartbeat(
 @pytest.mark.parametrize("kind", ["async", "sync"])
 async def test_heartbeats_keep_a_long_step_alive(db: Any, kind: str) -> None:
     async def long_async(ctx: StepContext[Any, Any]) -> str:
-        await asyncio.sleep(0.8)
+        await asyncio.sleep(1.2)
         return "done"
 
     def long_sync(ctx: StepContext[Any, Any]) -> str:
-        time.sleep(0.8)
+        time.sleep(1.2)
         return "done"
 
+    # Five heartbeats a lease: a loaded machine may delay one or two.
     wf = workflow("long").step("long", long_async if kind == "async" else long_sync)
-    worker = make_engine(db.connect(), wf, lease="300ms", heartbeat="100ms")
-    rival = make_engine(db.connect(), wf, lease="300ms", heartbeat="100ms")
+    worker = make_engine(db.connect(), wf, lease="500ms", heartbeat="100ms")
+    rival = make_engine(db.connect(), wf, lease="500ms", heartbeat="100ms")
     try:
         run = await worker.enqueue(wf)
         tick = asyncio.create_task(worker.tick())
         await asyncio.sleep(0.1)
         first = await worker.storage.get_run(run.id)
-        await asyncio.sleep(0.4)  # past the first lease's end
+        await asyncio.sleep(0.6)  # past the first lease's end
         assert await rival.tick() == 0  # the lease is still held
         second = await worker.storage.get_run(run.id)
         assert await tick == 1

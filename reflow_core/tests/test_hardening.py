@@ -170,13 +170,16 @@ async def test_an_output_that_cannot_be_stored_fails_the_run_once(
         return {"x": loop}
 
     wf = workflow("bad-out").step("a", produce).step("b", lambda ctx: "never")
-    async with make_engine(storage, wf, poll_interval="20ms", lease="200ms") as engine:
+    # A lease long enough that a loaded machine never lets it lapse while the
+    # step runs (a lapse would run the step again, rightly), and short enough
+    # to wait out below.
+    async with make_engine(storage, wf, poll_interval="20ms", lease="1s") as engine:
         run = await engine.enqueue(wf)
         with pytest.raises(RunFailedError) as info:
             await engine.result(run.id, timeout="10s")
         assert info.value.error_code == "serialization_error"
         assert info.value.step == "a"
-        await asyncio.sleep(0.4)  # two leases: nothing is left to reclaim
+        await asyncio.sleep(1.3)  # a lease and more: nothing is left to reclaim
         assert calls == [1]
         status = await engine.get_run_status(run.id)
         assert status.status == "failed"

@@ -84,7 +84,11 @@ def assert_reads_the_heads(nodes: list[Node]) -> None:
     # What it read, the claimed rows' writes (an entry in each index of
     # runs for each of them) left out.
     writes = sum(_plans.blocks(n) for n in nodes if n.get("Node Type") == "ModifyTable")
-    assert _plans.blocks(top) - writes < 100, _plans.blocks(top) - writes
+    # A few hundred at most: the dead entries a drain leaves at the head of
+    # runs_ready are stepped over (index and heap pages) until a scan may
+    # mark them dead, which a transaction elsewhere in the database can put
+    # off. Reading the backlog would take thousands.
+    assert _plans.blocks(top) - writes < 300, _plans.blocks(top) - writes
 
 
 async def test_the_claim_reads_only_the_heads_of_its_workflows_under_a_backlog(
