@@ -321,8 +321,11 @@ class SyncClient:
         """Register a workflow, as :meth:`Engine.register
         <reflow_core.engine.Engine.register>` does: it can then be enqueued,
         resumed and sent events by name."""
-        self._add(workflow)
-        state = self._state
+        # Under the lock that building the engine holds: the engine is
+        # either built already (and told here) or built with this workflow.
+        with self._lock:
+            self._add(workflow)
+            state = self._state
         if state is not None and state.engine is not None and state.pid == os.getpid():
             engine = state.engine
 
@@ -472,10 +475,10 @@ def _reset_after_fork() -> None:
 
 
 def _close_at_exit() -> None:
+    # close() leaves a parent's loop alone in a forked child.
     for client in list(_clients):
         with contextlib.suppress(Exception):
-            if client._state is None or client._state.pid == os.getpid():
-                client.close()
+            client.close()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

@@ -150,7 +150,7 @@ def enqueue_on_commit(
         if not future.set_running_or_notify_cancel():
             return
         try:
-            run = the_client.enqueue(chosen, input, **options)
+            run = the_client.enqueue(chosen, raw, **options)
         except Exception as exc:
             future.set_exception(exc)
             raise

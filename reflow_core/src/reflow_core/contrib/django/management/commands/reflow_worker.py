@@ -12,6 +12,17 @@ from django.core.management.base import BaseCommand
 
 from reflow_core.contrib.django import engine
 
+_FORWARDED = (
+    "concurrency",
+    "processes",
+    "workflows",
+    "log_format",
+    "log_level",
+    "max_crashes",
+    "crash_window",
+)
+"""The options passed on to ``reflow worker``."""
+
 
 class Command(BaseCommand):
     help = (
@@ -24,31 +35,25 @@ class Command(BaseCommand):
         parser.add_argument(
             "--processes",
             type=int,
-            default=1,
             help="Worker processes; more than 1 runs a supervisor that restarts them.",
         )
         parser.add_argument("--workflows", metavar="NAME,...", help="Serve only these workflows.")
         parser.add_argument(
             "--log-format",
             choices=["text", "json"],
-            default="text",
             help="One line per event: readable text, or one JSON object.",
         )
         parser.add_argument(
             "--log-level",
             choices=["debug", "info", "warning", "error", "critical"],
-            default="info",
             help="debug also logs every run and step event.",
         )
         parser.add_argument(
             "--max-crashes",
             type=int,
-            default=5,
             help="With --processes > 1: give up after more crashes of children than this ...",
         )
-        parser.add_argument(
-            "--crash-window", type=float, default=60.0, help="... within this many seconds."
-        )
+        parser.add_argument("--crash-window", type=float, help="... within this many seconds.")
 
     def handle(self, *args: Any, **options: Any) -> None:
         from reflow_core.cli.worker import worker
@@ -62,11 +67,8 @@ class Command(BaseCommand):
         app_dir = os.fspath(base) if base is not None else os.getcwd()
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", settings.SETTINGS_MODULE)
         argv = ["reflow_core.contrib.django:engine", "--app-dir", app_dir]
-        for name in ("concurrency", "workflows"):
+        # Only what was given: `reflow worker` has the defaults (and says them).
+        for name in _FORWARDED:
             if options[name] is not None:
-                argv += [f"--{name}", str(options[name])]
-        argv += ["--processes", str(options["processes"])]
-        argv += ["--log-format", options["log_format"], "--log-level", options["log_level"]]
-        argv += ["--max-crashes", str(options["max_crashes"])]
-        argv += ["--crash-window", str(options["crash_window"])]
+                argv += [f"--{name.replace('_', '-')}", str(options[name])]
         worker.main(args=argv, prog_name="manage.py reflow_worker")
